@@ -1,0 +1,5 @@
+import sys
+
+from sealift.cli.main import main
+
+sys.exit(main())

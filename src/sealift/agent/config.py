@@ -1,0 +1,113 @@
+"""The agent's configuration file (TOML), with every field checked at load."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sealift.engine.options import MigrationOptions
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or wrong."""
+
+
+def parse_size(text: str | int) -> int:
+    """'256M' / '4G' / '1048576' -> bytes (binary units, as QEMU's -m)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise ConfigError(f"cannot read size {text!r}; write e.g. 256M, 1G or 4G")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {text!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    listen: tuple[str, int]
+    control_socket: Path
+    state_dir: Path
+    vm_dir: Path
+    identity_dir: Path
+    peers: dict[str, tuple[str, int]] = field(default_factory=dict)
+    allow_insecure: bool = False
+    memory_capacity: int = 16 << 30
+    max_incoming: int = 4
+    handshake_timeout_s: float = 10.0
+    step_timeout_s: float = 30.0
+    resolve_interval_s: float = 2.0
+    migration: MigrationOptions = field(default_factory=MigrationOptions)
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "agent.sqlite3"
+
+    def peer_address(self, host: str) -> tuple[str, int]:
+        try:
+            return self.peers[host]
+        except KeyError:
+            known = ", ".join(sorted(self.peers)) or "none"
+            raise ConfigError(f"unknown host {host!r}: add it under [peers] (known: {known})") from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_dict(raw, base=Path(path).parent)
+
+
+def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
+    def need(key: str) -> object:
+        if key not in raw:
+            raise ConfigError(f"config needs '{key}'")
+        return raw[key]
+
+    def path(key: str, default: str | None = None) -> Path:
+        value = raw.get(key, default)
+        if value is None:
+            raise ConfigError(f"config needs '{key}'")
+        p = Path(str(value))
+        return p if p.is_absolute() else base / p
+
+    name = str(need("name"))
+    if not _HOST_RE.match(name):
+        raise ConfigError(f"host name {name!r} may only use letters, digits, '.' and '-'")
+    peers = {str(host): parse_address(str(addr)) for host, addr in raw.get("peers", {}).items()}
+    try:
+        migration = MigrationOptions.from_dict(raw.get("migration", {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[migration]: {exc}") from None
+    return AgentConfig(
+        name=name,
+        listen=parse_address(str(need("listen"))),
+        control_socket=path("control_socket"),
+        state_dir=path("state_dir"),
+        vm_dir=path("vm_dir", f"/dev/shm/sealift/{name}"),
+        identity_dir=path("identity_dir"),
+        peers=peers,
+        allow_insecure=bool(raw.get("allow_insecure", False)),
+        memory_capacity=parse_size(raw.get("memory_capacity", "16G")),
+        max_incoming=int(raw.get("max_incoming", 4)),
+        handshake_timeout_s=float(raw.get("handshake_timeout_s", 10.0)),
+        step_timeout_s=float(raw.get("step_timeout_s", 30.0)),
+        resolve_interval_s=float(raw.get("resolve_interval_s", 2.0)),
+        migration=migration,
+    )

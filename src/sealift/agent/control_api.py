@@ -1,0 +1,179 @@
+"""The agent's local control API: JSON lines on a unix socket (mode 0600).
+
+One request per connection: a JSON object with an "op". Replies are JSON
+lines; long operations (migrate) stream {"event": ...} lines before the final
+{"ok": true|false, ...} line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from sealift.agent.config import ConfigError, parse_size
+from sealift.engine.options import MigrationOptions, OptionsError
+
+if TYPE_CHECKING:
+    from sealift.agent.daemon import Agent
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+
+Emit = Callable[[dict], None]
+
+
+class RequestError(Exception):
+    """The request is malformed or names something that does not exist."""
+
+
+class ControlServer:
+    def __init__(self, path: Path, agent: "Agent") -> None:
+        self._path = path
+        self._agent = agent
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: root-only control
+        try:
+            sock.bind(str(self._path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        self._sock = sock
+        threading.Thread(target=self._accept_loop, name="control-api", daemon=True).start()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._path.unlink(missing_ok=True)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            stream = conn.makefile("rwb")
+
+            def emit(obj: dict) -> None:
+                stream.write(json.dumps(obj).encode() + b"\n")
+                stream.flush()
+
+            try:
+                line = stream.readline(MAX_REQUEST + 1)
+                if len(line) > MAX_REQUEST:
+                    raise RequestError("request too large")
+                request = json.loads(line or b"{}")
+                if not isinstance(request, dict):
+                    raise RequestError("request must be a JSON object")
+                emit({"ok": True, **self._dispatch(request, emit)})
+            except (RequestError, ConfigError, OptionsError, ValueError, PermissionError, LookupError) as exc:
+                _safe(emit, {"ok": False, "error": str(exc)})
+            except Exception as exc:  # report, never kill the agent
+                log.exception("control request failed")
+                _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__})
+
+    def _dispatch(self, request: dict, emit: Emit) -> dict:
+        op = request.get("op")
+        handler = getattr(self, "_op_" + str(op).replace(".", "_"), None)
+        if handler is None:
+            raise RequestError(f"unknown operation {op!r}")
+        return handler(request, emit)
+
+    # -- operations ---------------------------------------------------------
+
+    def _op_status(self, request: dict, emit: Emit) -> dict:
+        return {"status": self._agent.status()}
+
+    def _op_vm_start(self, request: dict, emit: Emit) -> dict:
+        vm = self._agent.vms.start(
+            name=_field(request, "name", str),
+            memory_bytes=parse_size(request.get("memory", "256M")),
+            workload=str(request.get("workload", "db")),
+            fill_fraction=float(request.get("fill_fraction", 0.5)),
+        )
+        return {"vm": vm.info()}
+
+    def _op_vm_list(self, request: dict, emit: Emit) -> dict:
+        return {"vms": self._agent.vms.list()}
+
+    def _op_vm_info(self, request: dict, emit: Emit) -> dict:
+        return {"vm": self._agent.vms.get(_field(request, "name", str)).info()}
+
+    def _op_vm_check(self, request: dict, emit: Emit) -> dict:
+        vm = self._agent.vms.get(_field(request, "name", str))
+        check = vm.image.check()
+        return {
+            "check": {
+                "pages_checked": check.pages_checked,
+                "bad_page_count": check.bad_page_count,
+                "bad_pages": list(check.bad_pages),
+                "secret_intact": check.secret_intact,
+            }
+        }
+
+    def _op_vm_stop(self, request: dict, emit: Emit) -> dict:
+        name = _field(request, "name", str)
+        self._agent.vms.stop(name)
+        return {"stopped": name}
+
+    def _op_migrations(self, request: dict, emit: Emit) -> dict:
+        records = self._agent.store.migrations(limit=int(request.get("limit", 50)))
+        return {
+            "migrations": [
+                {
+                    "id": r.id,
+                    "vm": r.vm,
+                    "role": r.role,
+                    "peer": r.peer,
+                    "phase": r.phase,
+                    "decision": r.decision,
+                    "created_at": r.created_at,
+                    "error": r.error,
+                }
+                for r in records
+            ]
+        }
+
+    def _op_migrate(self, request: dict, emit: Emit) -> dict:
+        overrides = request.get("options", {})
+        if not isinstance(overrides, dict):
+            raise RequestError("options must be an object")
+        base = self._agent.config.migration.to_dict()
+        options = MigrationOptions.from_dict({**base, **overrides})
+        report = self._agent.migrate(
+            _field(request, "vm", str),
+            _field(request, "to", str),
+            options,
+            progress=lambda event: _safe(emit, {"event": event.kind, **event.data}),
+        )
+        return {"report": report.to_dict()}
+
+
+def _field(request: dict, key: str, kind: type) -> object:
+    value = request.get(key)
+    if not isinstance(value, kind):
+        raise RequestError(f"request needs '{key}' ({kind.__name__})")
+    return value
+
+
+def _safe(emit: Emit, obj: dict) -> None:
+    """The client may have gone away; the operation must go on regardless."""
+    try:
+        emit(obj)
+    except OSError:
+        pass

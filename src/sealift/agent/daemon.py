@@ -1,0 +1,214 @@
+"""The agent daemon: the migration port, the control socket, recovery, resolver."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Callable
+
+from OpenSSL import SSL
+
+from sealift.agent.config import AgentConfig
+from sealift.agent.control_api import ControlServer
+from sealift.agent.incoming import IncomingMigration
+from sealift.agent.outgoing import OutgoingMigration, ProgressCallback
+from sealift.agent.resolver import Resolver, outcome_for
+from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
+from sealift.agent.transport import (
+    DATA_STREAM_MAGIC,
+    INSECURE_CONTROL_MAGIC,
+    TLS_HANDSHAKE_BYTE,
+    ControlChannel,
+    DataSessions,
+    PlainStream,
+    peek_exactly,
+    read_stream_open,
+    tune_bulk_socket,
+)
+from sealift.agent.vms import VmRegistry
+from sealift.backends.builtin.vm import VmError
+from sealift.engine.options import MigrationOptions
+from sealift.engine.report import MigrationReport
+from sealift.security.identity import HostIdentity
+from sealift.security.tls import TlsStream, server_context
+from sealift.wire.control import Role
+from sealift.wire.errors import ProtocolError
+from sealift.wire.messages import Hello, Outcome, OutcomeQuery
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64  # concurrent connections on the migration port
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.identity = HostIdentity.load(config.identity_dir, config.name)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = AgentStore(config.database_path)
+        self.vms = VmRegistry(config, self.store)
+        self.sessions = DataSessions()
+        self._tls_context: SSL.Context = server_context(self.identity)
+        self._active: set[str] = set()
+        self._active_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock)
+        self.control = ControlServer(config.control_socket, self)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        self._listener = socket.create_server(self.config.listen, reuse_port=False, backlog=128)
+        self._spawn(self._accept_loop, "migration-port")
+        self.control.start()
+        self.resolver.start()
+        log.info("agent %s listening on %s:%d, control socket %s", self.config.name, *self.config.listen, self.config.control_socket)
+
+    def serve_forever(self) -> None:
+        self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        self._stopping.wait()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop serving. Guests keep running: they do not belong to this process."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        self.control.stop()
+        self.resolver.stop()
+        self.store.close()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def recover(self) -> None:
+        """After a crash: adopt guests and settle what the crash interrupted."""
+        self.vms.adopt_existing()
+        for record in self.store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving",)):
+            if record.role == "source":
+                # No commit decision was written, so the VM must run here.
+                try:
+                    vm = self.vms.get(record.vm)
+                    if vm.is_paused:
+                        vm.resume()
+                except VmError as exc:
+                    log.error("recovery: cannot resume %s: %s", record.vm, exc)
+                self.store.decide(record.id, "aborted")
+                self.store.set_phase(record.id, "aborted", error="source agent restarted before commit")
+            else:
+                (self.config.vm_dir / f"{record.vm}.img").unlink(missing_ok=True)
+                self.store.set_phase(record.id, "aborted", error="destination agent restarted while receiving")
+        for record in self.store.migrations(limit=1000, phases=("prepared", "committed")):
+            if record.role == "source":
+                try:
+                    self.vms.claim(record.vm)  # paused, in doubt: not available for another migration
+                except VmError:
+                    pass
+            else:
+                self.vms.reserve_incoming(record.id, record.vm, record.memory_bytes)
+
+    # -- migration port -----------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                log.warning("connection from %s refused: %d connections already open", peer, MAX_CONNECTIONS)
+                sock.close()
+                continue
+            threading.Thread(target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}", daemon=True).start()
+
+    def _serve_connection(self, sock: socket.socket, peer: tuple) -> None:
+        try:
+            deadline = time.monotonic() + self.config.handshake_timeout_s
+            first = peek_exactly(sock, 4, deadline)
+            if first[0] == TLS_HANDSHAKE_BYTE:
+                stream = TlsStream.accept(sock, self._tls_context, timeout=max(0.1, deadline - time.monotonic()))
+                self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name))
+            elif first == DATA_STREAM_MAGIC:
+                session_id, _index = read_stream_open(sock)
+                tune_bulk_socket(sock)
+                if not self.sessions.deliver(session_id, sock):
+                    log.warning("data stream from %s names no pending session; closed", peer)
+                    sock.close()
+                return  # the session's thread owns the socket now
+            elif first == INSECURE_CONTROL_MAGIC and self.config.allow_insecure:
+                sock.recv(len(INSECURE_CONTROL_MAGIC))
+                self._serve_control(ControlChannel(PlainStream(sock), Role.SERVER, None))
+            else:
+                log.warning("connection from %s dropped: unknown or disallowed protocol %r", peer, first[:4])
+                sock.close()
+        except (OSError, TimeoutError, ProtocolError, Exception) as exc:  # one bad peer must not hurt the agent
+            log.warning("connection from %s closed: %s", peer, exc)
+            sock.close()
+        finally:
+            self._slots.release()
+
+    def _serve_control(self, channel: ControlChannel) -> None:
+        try:
+            first = channel.recv(self.config.handshake_timeout_s)
+            if isinstance(first, Hello):
+                self._serve_incoming(channel, first)
+            elif isinstance(first, OutcomeQuery):
+                self._serve_outcome(channel, first)
+        finally:
+            channel.close()
+
+    def _serve_incoming(self, channel: ControlChannel, hello: Hello) -> None:
+        with self._active_lock:
+            if hello.migration_id in self._active:
+                return
+            self._active.add(hello.migration_id)
+        try:
+            IncomingMigration(self.config, self.identity, self.store, self.vms, self.sessions, channel, hello).run()
+        finally:
+            with self._active_lock:
+                self._active.discard(hello.migration_id)
+
+    def _serve_outcome(self, channel: ControlChannel, query: OutcomeQuery) -> None:
+        record = self.store.migration(query.migration_id)
+        if record is not None and channel.peer_name is not None and channel.peer_name != record.peer:
+            record = None  # only the other party of a migration may ask about it
+        with self._active_lock:
+            active = query.migration_id in self._active
+        channel.send(Outcome(query.migration_id, outcome_for(record, active)))
+
+    # -- operations (control API) -------------------------------------------
+
+    def migrate(self, vm_name: str, destination: str, options: MigrationOptions, progress: ProgressCallback | None) -> MigrationReport:
+        if not options.secure and not self.config.allow_insecure:
+            raise PermissionError("plaintext migration is disabled on this host (set allow_insecure = true to measure it)")
+        migration = OutgoingMigration(self.config, self.identity, self.store, self.vms, vm_name, destination, options, progress)
+        with self._active_lock:
+            self._active.add(migration.migration_id)
+        try:
+            return migration.run()
+        finally:
+            with self._active_lock:
+                self._active.discard(migration.migration_id)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "host": self.config.name,
+            "pid": os.getpid(),
+            "listen": f"{self.config.listen[0]}:{self.config.listen[1]}",
+            "vms": len(self.vms.list()),
+            "memory_capacity": self.config.memory_capacity,
+            "allow_insecure": self.config.allow_insecure,
+        }

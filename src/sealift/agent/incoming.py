@@ -1,0 +1,223 @@
+"""The destination side of a migration.
+
+The destination checks before it accepts (is the Hello for this host, from
+the host that authenticated, can we hold the VM?), receives into a fresh
+image, verifies the image and device state against the source's signed
+manifest, and promises ("prepared") only after that is on disk. It starts the
+guest only on Commit. A tampered record, a digest mismatch, a dead peer or a
+timeout before Commit discards the image: the source still has the VM.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from sealift.agent.config import AgentConfig
+from sealift.agent.documents import DocumentError, DocumentSigner
+from sealift.agent.store import AgentStore
+from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
+from sealift.agent.vms import AdmissionError, VmRegistry
+from sealift.backends.builtin.image import GuestImage
+from sealift.engine.receiver import ImageReceiver, ReceiveResult
+from sealift.engine.sender import state_digest
+from sealift.security.identity import HostIdentity
+from sealift.security.keys import channel_secret, derive_session_keys
+from sealift.wire.datastream import DataStreamReader
+from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
+from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
+
+log = logging.getLogger(__name__)
+
+
+class IncomingRefused(Exception):
+    """We will not take this VM; the reason goes back to the source."""
+
+
+class IncomingMigration:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: HostIdentity | None,
+        store: AgentStore,
+        vms: VmRegistry,
+        sessions: DataSessions,
+        channel: ControlChannel,
+        hello: Hello,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._vms = vms
+        self._sessions = sessions
+        self._channel = channel
+        self._hello = hello
+        self._signer = DocumentSigner(config.name, identity if channel.secure else None)
+        self._image: GuestImage | None = None
+        self._session_id = secrets.token_bytes(16)
+        self._nonce = secrets.token_bytes(32)
+
+    @property
+    def image_path(self) -> Path:
+        return self._config.vm_dir / f"{self._hello.vm_name}.img"
+
+    def run(self) -> None:
+        hello = self._hello
+        try:
+            self._admit()
+        except (IncomingRefused, AdmissionError) as exc:
+            log.warning("refused migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
+            self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
+            return
+        cpu_started = time.process_time()
+        prepared = False
+        try:
+            self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving", hello.memory_bytes)
+            self._image = GuestImage.create_empty(self.image_path, hello.memory_bytes)
+            self._sessions.expect(self._session_id)
+            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, None))
+            result = self._receive()
+            manifest = self._verify_manifest(result)
+            self._image.write_state(result.device_state or b"")
+            self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
+            prepared = True
+            self._channel.send(Receipt(hello.migration_id, "prepared", self._receipt(manifest, "prepared")))
+            self._await_commit()
+            self._start_guest(manifest, cpu_started)
+        except Exception as exc:
+            if prepared:
+                # The source may have decided to commit: keep the image and ask it.
+                log.warning("migration %s in doubt after prepare (%s); asking %s", hello.migration_id, exc, hello.source_host)
+                self._store.set_phase(hello.migration_id, "prepared", error=str(exc))
+            else:
+                self._discard(str(exc))
+        finally:
+            self._sessions.finish(self._session_id)
+            if not prepared:
+                self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
+
+    # -- steps ----------------------------------------------------------------
+
+    def _admit(self) -> None:
+        hello = self._hello
+        if hello.destination_host != self._config.name:
+            raise IncomingRefused(f"this host is {self._config.name}, not {hello.destination_host}")
+        if hello.backend != "builtin":
+            raise IncomingRefused(f"backend {hello.backend!r} is not supported by this agent")
+        if self._channel.secure:
+            if self._channel.peer_name != hello.source_host:
+                raise IncomingRefused(
+                    f"the source authenticated as {self._channel.peer_name} but claims to be {hello.source_host}"
+                )
+            if not hello.secure:
+                raise IncomingRefused("an authenticated channel must carry a protected data stream")
+        else:
+            if not self._config.allow_insecure:
+                raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
+            if hello.secure:
+                raise IncomingRefused("a protected migration needs the TLS control channel")
+        self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
+
+    def _protection(self) -> RecordProtection:
+        if not self._hello.secure:
+            return NoProtection()
+        secret = channel_secret(self._channel.stream, self._hello.nonce, self._nonce, self._hello.migration_id)  # type: ignore[arg-type]
+        keys = derive_session_keys(secret, self._hello.nonce, self._nonce, self._hello.migration_id)
+        return AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv)
+
+    def _receive(self) -> ReceiveResult:
+        assert self._image is not None
+        protection = self._protection()
+        data = self._sessions.wait(self._session_id, self._config.step_timeout_s)
+        try:
+            data.settimeout(self._config.step_timeout_s)  # a silent peer is a dead peer
+            reader = DataStreamReader(protection, self._image.npages)
+            receiver = ImageReceiver(self._image.pages, reader, with_digest=self._hello.secure)
+            return receiver.run(lambda view: _read_into(data, view))
+        finally:
+            data.close()
+
+    def _verify_manifest(self, result: ReceiveResult) -> dict:
+        reply = self._channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise IncomingRefused(f"the source aborted: {reply.reason}")
+        assert isinstance(reply, Manifest)
+        manifest = self._signer.verify(reply.envelope, "manifest", self._hello.source_host, self._channel)
+        expected = {
+            "migration_id": self._hello.migration_id,
+            "vm": self._hello.vm_name,
+            "source": self._hello.source_host,
+            "destination": self._config.name,
+            "memory_bytes": self._hello.memory_bytes,
+        }
+        for key, value in expected.items():
+            if manifest.get(key) != value:
+                raise DocumentError(f"manifest {key} is {manifest.get(key)!r}, expected {value!r}")
+        if self._hello.secure:
+            if manifest.get("image_digest") != result.image_digest:
+                raise DocumentError(
+                    f"image digest mismatch: received {result.image_digest}, source signed {manifest.get('image_digest')}"
+                )
+            if manifest.get("state_digest") != state_digest(result.device_state or b""):
+                raise DocumentError("device state digest does not match the signed manifest")
+        return manifest
+
+    def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
+        payload = {
+            "migration_id": self._hello.migration_id,
+            "vm": self._hello.vm_name,
+            "source": self._hello.source_host,
+            "destination": self._config.name,
+            "image_digest": manifest.get("image_digest"),
+            "state_digest": manifest.get("state_digest"),
+            "stage": stage,
+            "signed_at": time.time(),
+            **extra,
+        }
+        return self._signer.sign(payload, "receipt")
+
+    def _await_commit(self) -> None:
+        reply = self._channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise IncomingRefused(f"the source aborted: {reply.reason}")
+        assert isinstance(reply, Commit)
+
+    def _start_guest(self, manifest: dict, cpu_started: float) -> None:
+        hello = self._hello
+        self._store.set_phase(hello.migration_id, "committed")
+        assert self._image is not None
+        counter_at_resume = self._image.counter
+        self._image.close()
+        self._image = None
+        vm = self._vms.start_incoming(hello.vm_name, None)
+        self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
+        self._store.set_phase(hello.migration_id, "running")
+        receipt = self._receipt(
+            manifest, "running", counter_at_resume=counter_at_resume, pid=vm.pid, cpu_s=round(time.process_time() - cpu_started, 3)
+        )
+        try:
+            self._channel.send(Receipt(hello.migration_id, "running", receipt))
+        except OSError as exc:
+            # The guest runs here and the source has committed: it will learn by asking.
+            log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
+
+    def _discard(self, reason: str) -> None:
+        log.warning("migration %s of %s from %s failed: %s", self._hello.migration_id, self._hello.vm_name, self._hello.source_host, reason)
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+        self.image_path.unlink(missing_ok=True)
+        try:
+            self._store.set_phase(self._hello.migration_id, "aborted", error=reason)
+        except Exception:
+            log.exception("could not record the abort of %s", self._hello.migration_id)
+        try:
+            self._channel.send(Abort(self._hello.migration_id, reason[:1000]))
+        except Exception:  # the conversation may already be over or the peer gone
+            pass
+
+
+def _read_into(sock: socket.socket, view: memoryview) -> None:
+    recv_exactly_into(sock, view)

@@ -1,0 +1,279 @@
+"""The source side of a migration: the coordinator of the handover.
+
+Order of events (docs/architecture.md, "Migration protocol"): Hello/Accept on
+the control channel, pre-copy rounds and stop-and-copy on the data stream,
+the signed manifest, the destination's signed "prepared" receipt, then the
+durable commit decision, Commit, and the signed "running" receipt. Until the
+commit decision is on disk, any failure resumes the guest here.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from sealift.agent.config import AgentConfig
+from sealift.agent.store import AgentStore
+from sealift.agent.transport import ControlChannel, open_data_stream
+from sealift.agent.vms import BuiltinGuestMemory, VmRegistry
+from sealift.backends.builtin.vm import BuiltinVM
+from sealift.engine.options import MigrationOptions
+from sealift.engine.report import MigrationReport, RoundReport
+from sealift.engine.sender import PrecopyResult, PrecopySender, TransferProgress
+from sealift.security.identity import HostIdentity
+from sealift.security.keys import channel_secret, derive_session_keys
+from sealift.agent.documents import DocumentSigner, receipt_matches
+from sealift.wire.datastream import DataStreamWriter
+from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
+from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
+
+log = logging.getLogger(__name__)
+
+
+class MigrationError(Exception):
+    """A migration failed; the message says why and where the VM runs now."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: str  # "round" | "transfer" | "phase"
+    data: dict[str, object]
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class OutgoingMigration:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: HostIdentity | None,
+        store: AgentStore,
+        vms: VmRegistry,
+        vm_name: str,
+        destination: str,
+        options: MigrationOptions,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._signer = DocumentSigner(config.name, identity if options.secure else None)
+        self._store = store
+        self._vms = vms
+        self._vm_name = vm_name
+        self._destination = destination
+        self._options = options
+        self._progress = progress or (lambda event: None)
+        self.migration_id = secrets.token_hex(16)
+        self.report = MigrationReport(
+            migration_id=self.migration_id,
+            vm=vm_name,
+            source=config.name,
+            destination=destination,
+            transport="tls" if options.secure else "plain",
+        )
+
+    # -- entry point --------------------------------------------------------
+
+    def run(self) -> MigrationReport:
+        if self._destination == self._config.name:
+            raise MigrationError(f"{self._vm_name} already runs on {self._destination}")
+        if not self._options.secure:
+            log.warning("migrating %s IN CLEAR (--insecure): anyone on the network can read and change it", self._vm_name)
+        address = self._config.peer_address(self._destination)
+        vm = self._vms.claim(self._vm_name)
+        self.report.memory_bytes = vm.memory_bytes
+        self._store.create_migration(self.migration_id, vm.name, "source", self._destination, "started", vm.memory_bytes)
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        committed = False
+        channel: ControlChannel | None = None
+        try:
+            self.report.counter_before = vm.counter()
+            channel = ControlChannel.connect(
+                address, self._identity, self._destination, self._options.secure, self._config.handshake_timeout_s
+            )
+            accept = self._hello(channel, vm)
+            result = self._transfer(channel, accept, address, vm)
+            prepared = self._manifest_and_prepare(channel, vm, result)
+            self._store.decide(self.migration_id, "committed")  # point of no return
+            committed = True
+            channel.send(Commit(self.migration_id))
+            self._phase("committed")
+            running = self._await_running(channel)
+            self._vms.release_migrated(vm.name)
+            self._store.set_phase(self.migration_id, "completed")
+            self._finish_report(result, running, prepared, started, cpu_started)
+            return self.report
+        except BaseException as exc:
+            self.report.status = "failed"
+            self.report.total_time_s = round(time.monotonic() - started, 3)
+            self.report.source_cpu_s = round(time.process_time() - cpu_started, 3)
+            if committed:
+                self.report.error = (
+                    f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} "
+                    f"until {self._destination} confirms it runs there (resolved automatically)"
+                )
+                self._store.set_phase(self.migration_id, "committed", error=str(exc))
+            else:
+                self._abort(channel, vm, exc)
+            self._store.save_report(self.migration_id, self.report.to_dict())
+            raise MigrationError(self.report.error) from exc
+        finally:
+            if channel is not None:
+                channel.close()
+
+    # -- steps --------------------------------------------------------------
+
+    def _hello(self, channel: ControlChannel, vm: BuiltinVM) -> Accept:
+        self._nonce = secrets.token_bytes(32)
+        hello = Hello(
+            migration_id=self.migration_id,
+            vm_name=vm.name,
+            source_host=self._config.name,
+            destination_host=self._destination,
+            nonce=self._nonce,
+            memory_bytes=vm.memory_bytes,
+            page_size=4096,
+            secure=self._options.secure,
+            compression=self._options.compression,
+            streams=1,
+            backend="builtin",
+            order=None,
+            psk_proof=None,
+        )
+        channel.send(hello)
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Refuse):
+            raise MigrationError(f"{self._destination} refused the migration: {reply.reason}")
+        assert isinstance(reply, Accept)  # the sans-IO state machine allows nothing else here
+        return reply
+
+    def _protection(self, channel: ControlChannel, accept: Accept) -> RecordProtection:
+        if not self._options.secure:
+            return NoProtection()
+        secret = channel_secret(channel.stream, self._nonce, accept.nonce, self.migration_id)  # type: ignore[arg-type]
+        keys = derive_session_keys(secret, self._nonce, accept.nonce, self.migration_id)
+        return AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv)
+
+    def _transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: BuiltinVM) -> PrecopyResult:
+        protection = self._protection(channel, accept)
+        data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
+        try:
+            writer = DataStreamWriter(protection, vm.image.npages, self._options.compression)
+            self._phase("precopy")
+            sender = PrecopySender(
+                BuiltinGuestMemory(vm),
+                writer,
+                data.sendall,
+                self._options,
+                on_round=self._on_round,
+                with_digest=self._options.secure,
+                on_transfer=self._on_transfer,
+            )
+            result = sender.run()  # leaves the guest paused
+            self.report.counter_at_pause = vm.counter()
+            self._phase("stop-and-copy")
+            return result
+        finally:
+            data.close()
+
+    def _manifest_and_prepare(self, channel: ControlChannel, vm: BuiltinVM, result: PrecopyResult) -> dict:
+        manifest = {
+            "migration_id": self.migration_id,
+            "vm": vm.name,
+            "source": self._config.name,
+            "destination": self._destination,
+            "memory_bytes": vm.memory_bytes,
+            "image_digest": result.image_digest,
+            "state_digest": result.state_digest,
+            "pages_sent": result.pages_sent,
+            "rounds": len(result.rounds),
+            "wire_bytes": result.wire_bytes,
+            "counter_at_pause": self.report.counter_at_pause,
+            "nonce_source": self._nonce.hex(),
+            "signed_at": time.time(),
+        }
+        channel.send(Manifest(self.migration_id, self._signer.sign(manifest, "manifest")))
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise MigrationError(f"{self._destination} aborted: {reply.reason}")
+        assert isinstance(reply, Receipt) and reply.stage == "prepared"
+        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
+        receipt_matches(receipt, manifest, "prepared")
+        self._prepared_receipt = reply.envelope
+        return receipt
+
+    def _await_running(self, channel: ControlChannel) -> dict:
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise MigrationError(f"{self._destination} aborted after commit: {reply.reason}")
+        assert isinstance(reply, Receipt) and reply.stage == "running"
+        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
+        if receipt.get("migration_id") != self.migration_id or receipt.get("stage") != "running":
+            raise MigrationError("the destination's running receipt does not name this migration")
+        self._running_receipt = reply.envelope
+        return receipt
+
+    def _abort(self, channel: ControlChannel | None, vm: BuiltinVM, exc: BaseException) -> None:
+        """Before the commit decision: the guest resumes here, nothing is lost."""
+        reason = str(exc) or type(exc).__name__
+        if channel is not None:
+            try:
+                channel.send(Abort(self.migration_id, reason[:1000]))
+            except Exception:  # the peer may be gone; the abort stands regardless
+                pass
+        resumed = False
+        try:
+            if vm.is_paused:
+                vm.resume()
+            resumed = vm.is_alive
+        finally:
+            self._vms.unclaim(vm.name)
+            self._store.decide(self.migration_id, "aborted")
+            self._store.set_phase(self.migration_id, "aborted", error=reason)
+        where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
+        self.report.error = f"migration to {self._destination} failed: {reason}; {where}"
+        log.warning("%s", self.report.error)
+
+    # -- reporting ----------------------------------------------------------
+
+    def _phase(self, phase: str) -> None:
+        self._store.set_phase(self.migration_id, phase)
+        self._progress(ProgressEvent("phase", {"phase": phase}))
+
+    def _on_round(self, report: RoundReport) -> None:
+        self.report.round_reports.append(report)
+        self._progress(ProgressEvent("round", report.to_dict()))
+
+    def _on_transfer(self, progress: TransferProgress) -> None:
+        self._progress(
+            ProgressEvent(
+                "transfer",
+                {
+                    "round": progress.round,
+                    "pages_done": progress.pages_done,
+                    "pages_total": progress.pages_total,
+                    "wire_bytes": progress.wire_bytes,
+                },
+            )
+        )
+
+    def _finish_report(self, result: PrecopyResult, running: dict, prepared: dict, started: float, cpu_started: float) -> None:
+        now = time.monotonic()
+        report = self.report
+        report.status = "completed"
+        report.total_time_s = round(now - started, 3)
+        report.downtime_ms = round((now - result.paused_at) * 1000.0, 1)
+        report.rounds = len(result.rounds)
+        report.pages_sent = result.pages_sent
+        report.bytes_sent = result.wire_bytes
+        report.image_digest = result.image_digest or None
+        report.stop_reason = result.stop_reason
+        report.counter_after = running.get("counter_at_resume")  # type: ignore[assignment]
+        report.source_cpu_s = round(time.process_time() - cpu_started, 3)
+        report.destination_cpu_s = float(running.get("cpu_s", 0.0))  # type: ignore[arg-type]
+        self._store.save_report(self.migration_id, report.to_dict())

@@ -1,0 +1,183 @@
+"""The VMs an agent owns, backed by the store so they survive an agent restart."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from sealift.agent.config import AgentConfig
+from sealift.agent.store import AgentStore
+from sealift.backends.builtin.vm import BuiltinVM, VmError
+
+log = logging.getLogger(__name__)
+
+
+class AdmissionError(Exception):
+    """The host cannot take this VM (capacity, name clash)."""
+
+
+class BuiltinGuestMemory:
+    """The engine's view of a built-in VM (see engine.sender.GuestMemory)."""
+
+    def __init__(self, vm: BuiltinVM) -> None:
+        self._vm = vm
+
+    @property
+    def pages(self) -> np.ndarray:
+        return self._vm.image.pages
+
+    def dirty_snapshot(self) -> np.ndarray:
+        return self._vm.dirty.snapshot()
+
+    def pause(self) -> None:
+        self._vm.pause()
+
+    def read_device_state(self) -> bytes:
+        return self._vm.image.read_state()
+
+    def set_throttle(self, pct: int) -> None:
+        self._vm.image.set_throttle(pct)
+
+
+class VmRegistry:
+    def __init__(self, config: AgentConfig, store: AgentStore) -> None:
+        self._config = config
+        self._store = store
+        self._lock = threading.Lock()
+        self._vms: dict[str, BuiltinVM] = {}
+        self._busy: set[str] = set()  # VMs with a migration in flight
+        self._reserved: dict[str, int] = {}  # incoming migration id -> bytes
+        config.vm_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def vm_dir(self) -> Path:
+        return self._config.vm_dir
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def adopt_existing(self) -> None:
+        """After a restart: take back the guests that kept running without us."""
+        for record in self._store.vms():
+            if record.pid is None:
+                continue
+            try:
+                vm = BuiltinVM.adopt(self.vm_dir, record.name, record.pid)
+            except VmError as exc:
+                log.warning("VM %s (pid %s) is gone: %s", record.name, record.pid, exc)
+                self._store.set_vm_status(record.name, "lost")
+                continue
+            with self._lock:
+                self._vms[record.name] = vm
+
+    def start(self, name: str, memory_bytes: int, workload: str, fill_fraction: float, seed: int | None = None) -> BuiltinVM:
+        with self._lock:
+            if name in self._vms:
+                raise AdmissionError(f"a VM named {name!r} already runs on {self._config.name}")
+            self._check_capacity_locked(memory_bytes)
+            self._busy.add(name)  # reserve the name while it boots
+        try:
+            vm = BuiltinVM.create(self.vm_dir, name, memory_bytes, profile=workload, fill_fraction=fill_fraction, seed=seed)
+        finally:
+            with self._lock:
+                self._busy.discard(name)
+        self._add(vm, workload)
+        return vm
+
+    def start_incoming(self, name: str, profile: str | None) -> BuiltinVM:
+        vm = BuiltinVM.start_on_image(self.vm_dir, name)
+        self._add(vm, profile)
+        return vm
+
+    def _add(self, vm: BuiltinVM, profile: str | None) -> None:
+        with self._lock:
+            self._vms[vm.name] = vm
+        self._store.put_vm(vm.name, "builtin", vm.pid, vm.memory_bytes, profile, "running")
+
+    def get(self, name: str) -> BuiltinVM:
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is None:
+            raise VmError(f"no VM named {name!r} on {self._config.name}")
+        return vm
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._vms or name in self._busy
+
+    def list(self) -> list[dict[str, object]]:
+        with self._lock:
+            vms = list(self._vms.values())
+            busy = set(self._busy)
+        infos = []
+        for vm in vms:
+            info = vm.info()
+            info["migrating"] = vm.name in busy
+            infos.append(info)
+        return infos
+
+    def stop(self, name: str) -> None:
+        vm = self.get(name)
+        with self._lock:
+            if name in self._busy:
+                raise VmError(f"VM {name!r} is being migrated; wait for the migration to end")
+            self._vms.pop(name, None)
+        vm.destroy()
+        self._store.delete_vm(name)
+
+    def release_migrated(self, name: str) -> None:
+        """The destination runs it now: drop our paused copy for good."""
+        with self._lock:
+            vm = self._vms.pop(name, None)
+            self._busy.discard(name)
+        if vm is not None:
+            vm.destroy()
+        self._store.delete_vm(name)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            vms = list(self._vms.values())
+        for vm in vms:
+            vm.stop()
+
+    # -- migration bookkeeping -----------------------------------------------
+
+    def claim(self, name: str) -> BuiltinVM:
+        vm = self.get(name)
+        with self._lock:
+            if name in self._busy:
+                raise VmError(f"VM {name!r} is already being migrated")
+            self._busy.add(name)
+        return vm
+
+    def unclaim(self, name: str) -> None:
+        with self._lock:
+            self._busy.discard(name)
+
+    def reserve_incoming(self, migration_id: str, name: str, memory_bytes: int) -> None:
+        """Admission control: hold the memory an incoming VM needs, or refuse."""
+        with self._lock:
+            if name in self._vms or name in self._busy:
+                raise AdmissionError(f"a VM named {name!r} already exists on {self._config.name}")
+            incoming = len(self._reserved)
+            if incoming >= self._config.max_incoming:
+                raise AdmissionError(f"{self._config.name} already receives {incoming} migrations (limit {self._config.max_incoming})")
+            self._check_capacity_locked(memory_bytes)
+            self._reserved[migration_id] = memory_bytes
+            self._busy.add(name)
+
+    def unreserve_incoming(self, migration_id: str, name: str) -> None:
+        with self._lock:
+            self._reserved.pop(migration_id, None)
+            self._busy.discard(name)
+
+    def _check_capacity_locked(self, memory_bytes: int) -> None:
+        used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
+        if used + memory_bytes > self._config.memory_capacity:
+            free = self._config.memory_capacity - used
+            raise AdmissionError(
+                f"{self._config.name} has {free >> 20} MiB free of {self._config.memory_capacity >> 20} MiB; "
+                f"the VM needs {memory_bytes >> 20} MiB"
+            )

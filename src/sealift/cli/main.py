@@ -1,0 +1,328 @@
+"""The `sealift` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sealift import __version__
+from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
+from sealift.agent.config import ConfigError, load_config, parse_size
+from sealift.cli.render import MigrationProgress, console, out, report_table, vm_table
+
+DEFAULT_CONFIG = Path("/etc/sealift/agent.toml")
+
+
+class CliError(Exception):
+    """Something the operator can fix; printed without a traceback."""
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    if os.environ.get("SEALIFT_SOCKET"):
+        return Path(os.environ["SEALIFT_SOCKET"])
+    config_path = Path(args.config) if getattr(args, "config", None) else DEFAULT_CONFIG
+    if not config_path.exists():
+        raise CliError(f"no agent config at {config_path}: pass --config FILE or --socket PATH (or set SEALIFT_SOCKET)")
+    return load_config(config_path).control_socket
+
+
+def _client(args: argparse.Namespace) -> AgentClient:
+    return AgentClient(_socket_path(args))
+
+
+def _add_agent_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"agent config file (default {DEFAULT_CONFIG})")
+    parser.add_argument("--socket", help="agent control socket (overrides --config)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from sealift.agent.daemon import Agent
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Agent(load_config(Path(args.config))).serve_forever()
+    return 0
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.init(Path(args.dir), name=args.name)
+    info = {"ca_dir": str(Path(args.dir).resolve()), "certificate": str(Path(args.dir, "ca.pem").resolve()), "name": args.name}
+    if args.json:
+        _print_json(info)
+    else:
+        out.print(f"[green]cluster CA created[/green] in {info['ca_dir']} ({ca.__class__.__name__})")
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.load(Path(args.dir))
+    out_dir = Path(args.out or args.dir)
+    identity = ca.issue_host(args.host, out_dir, days=args.days)
+    info = {"host": args.host, "certificate": str(identity.cert_path), "key": str(identity.key_path), "ca": str(identity.ca_path)}
+    if args.json:
+        _print_json(info)
+    else:
+        out.print(f"[green]issued[/green] host certificate for {args.host}: {identity.cert_path}")
+    return 0
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    reply = _client(args).request(
+        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill
+    )
+    if args.json:
+        _print_json(reply["vm"])
+    else:
+        out.print(vm_table([reply["vm"]]))
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    reply = _client(args).request("vm.list")
+    if args.json:
+        _print_json(reply["vms"])
+    else:
+        out.print(vm_table(reply["vms"]))
+    return 0
+
+
+def cmd_vm_info(args: argparse.Namespace) -> int:
+    reply = _client(args).request("vm.info", name=args.name)
+    if args.json:
+        _print_json(reply["vm"])
+    else:
+        out.print(vm_table([reply["vm"]]))
+    return 0
+
+
+def cmd_vm_check(args: argparse.Namespace) -> int:
+    check = _client(args).request("vm.check", name=args.name)["check"]
+    ok = check["bad_page_count"] == 0 and check["secret_intact"]
+    if args.json:
+        _print_json({**check, "ok": ok})
+    else:
+        color = "green" if ok else "red"
+        out.print(
+            f"[{color}]{args.name}: {check['pages_checked']} pages checked, {check['bad_page_count']} bad, "
+            f"secret {'intact' if check['secret_intact'] else 'ALTERED'}[/{color}]"
+        )
+    return 0 if ok else 1
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    _client(args).request("vm.stop", name=args.name)
+    if args.json:
+        _print_json({"stopped": args.name})
+    else:
+        out.print(f"stopped {args.name}")
+    return 0
+
+
+def migration_options(args: argparse.Namespace) -> dict[str, object]:
+    options: dict[str, object] = {"secure": not args.insecure}
+    if args.downtime_ms is not None:
+        options["downtime_limit_ms"] = args.downtime_ms
+    if args.bandwidth is not None:
+        options["bandwidth_limit_bps"] = parse_size(args.bandwidth)
+    if args.max_rounds is not None:
+        options["max_rounds"] = args.max_rounds
+    if args.compression is not None:
+        options["compression"] = None if args.compression == "none" else args.compression
+    if args.auto_converge:
+        options["auto_converge"] = True
+    if args.no_zero_elision:
+        options["zero_page_elision"] = False
+    return options
+
+
+def add_migration_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--downtime-ms", type=int, help="downtime budget for stop-and-copy (default 300)")
+    parser.add_argument("--bandwidth", help="bandwidth limit per second, e.g. 200M (default unlimited)")
+    parser.add_argument("--max-rounds", type=int, help="maximum pre-copy rounds (default 30)")
+    parser.add_argument("--compression", choices=["zstd", "lz4", "none"], help="compress page data (default none)")
+    parser.add_argument("--auto-converge", action="store_true", help="throttle a guest that dirties faster than the link")
+    parser.add_argument("--no-zero-elision", action="store_true", help="send zero pages too")
+    parser.add_argument("--insecure", action="store_true", help="plaintext baseline: NO encryption or authentication")
+
+
+def warn_insecure() -> None:
+    console.print(
+        "[bold red]WARNING: --insecure sends the VM's memory in clear, without authentication. "
+        "Use it only to measure the baseline or in the lab.[/bold red]"
+    )
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.insecure:
+        warn_insecure()
+    client = _client(args)
+    with MigrationProgress(args.vm, args.to, enabled=not args.json) as progress:
+        try:
+            reply = client.request("migrate", on_event=progress.on_event, vm=args.vm, to=args.to, options=migration_options(args))
+        except AgentRequestFailed as exc:
+            if args.json:
+                _print_json({"status": "failed", "error": str(exc)})
+                return 1
+            raise CliError(str(exc)) from None
+    report = reply["report"]
+    if args.json:
+        _print_json(report)
+    else:
+        out.print(report_table(report))
+    return 0 if report.get("status") == "completed" else 1
+
+
+def cmd_migrations(args: argparse.Namespace) -> int:
+    records = _client(args).request("migrations", limit=args.limit)["migrations"]
+    if args.json:
+        _print_json(records)
+        return 0
+    from rich.table import Table
+
+    table = Table(title="migrations")
+    for col in ("id", "vm", "role", "peer", "phase", "error"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r["id"][:12], r["vm"], r["role"], r["peer"], r["phase"], (r.get("error") or "")[:60])
+    out.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _client(args).request("status")["status"]
+    if args.json:
+        _print_json(status)
+    else:
+        for key, value in status.items():
+            out.print(f"[bold]{key}[/bold]: {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sealift.demo import DemoOptions, run_demo
+
+    if args.insecure:
+        warn_insecure()
+    result = run_demo(
+        DemoOptions(
+            memory=args.memory,
+            workload=args.workload,
+            insecure=args.insecure,
+            show_progress=not args.json,
+            keep=args.keep,
+            migration=migration_options(args),
+        )
+    )
+    if args.json:
+        _print_json(result)
+    return 0 if result.get("status") == "completed" else 1
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sealift", description="Secure live migration of virtual machines.")
+    parser.add_argument("--version", action="version", version=f"sealift {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("agent", help="run the per-host agent")
+    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_agent)
+
+    ca = sub.add_parser("ca", help="the cluster certificate authority").add_subparsers(dest="ca_command", required=True)
+    p = ca.add_parser("init", help="create a cluster CA (ECC P-256)")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--name", default="sealift cluster CA")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_init)
+    p = ca.add_parser("issue", help="issue a host certificate")
+    p.add_argument("host")
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--out", help="where to write the host key and certificate (default: the CA directory)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_issue)
+
+    vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
+    p = vm.add_parser("start", help="start a built-in VM")
+    p.add_argument("name")
+    p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
+    p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
+    p.add_argument("--fill", type=float, default=0.5, help="share of RAM filled with data at boot (default 0.5)")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_vm_start)
+    for name, func, helptext in (
+        ("info", cmd_vm_info, "show one VM"),
+        ("check", cmd_vm_check, "verify a VM's memory from inside (pages and secret)"),
+        ("stop", cmd_vm_stop, "stop a VM and delete its image"),
+    ):
+        p = vm.add_parser(name, help=helptext)
+        p.add_argument("name")
+        _add_agent_flags(p)
+        p.set_defaults(func=func)
+    p = vm.add_parser("list", help="list VMs")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_vm_list)
+
+    p = sub.add_parser("migrate", help="live-migrate a VM to another host")
+    p.add_argument("vm")
+    p.add_argument("--to", required=True, help="destination host name (from the agent's [peers])")
+    add_migration_flags(p)
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("migrations", help="recent migrations on an agent")
+    p.add_argument("--limit", type=int, default=20)
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_migrations)
+
+    p = sub.add_parser("status", help="agent status")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="migrate a running built-in VM between two local agents, securely")
+    p.add_argument("--memory", default="256M")
+    p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--json", action="store_true")
+    add_migration_flags(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, ConfigError, AgentUnavailable, AgentRequestFailed) as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Rich output for people; the same data goes out as JSON with --json."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)  # stdout stays clean for --json
+out = Console()
+
+
+class MigrationProgress:
+    """A live bar per migration: round, pages, MiB/s, dirty pages left, ETA."""
+
+    def __init__(self, vm: str, destination: str, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>8.0f}/{task.total:<8.0f} pages"),
+            TextColumn("{task.fields[rate]:>8} MiB/s"),
+            TextColumn("dirty {task.fields[dirty]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self._title = f"{vm} → {destination}"
+        self._task: TaskID | None = None
+        self._last_bytes = 0
+        self._last_time = time.monotonic()
+        self._rate = 0.0
+        self._dirty = "-"
+
+    def __enter__(self) -> "MigrationProgress":
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self._title, total=1, rate="-", dirty="-", eta="-")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def on_event(self, event: dict) -> None:
+        if self._task is None:
+            return
+        kind = event.get("event")
+        if kind == "transfer":
+            self._transfer(event)
+        elif kind == "round":
+            self._dirty = str(event.get("dirty_pages_left", "-"))
+            label = "stop-and-copy" if event.get("final") else f"round {event['round']}"
+            self._progress.console.log(
+                f"{label}: {event['pages_sent']} pages, {event['bytes_sent'] / 2**20:.1f} MiB in "
+                f"{event['duration_s'] * 1000:.0f} ms ({event['throughput_mib_s']} MiB/s), "
+                f"{event['dirty_pages_left']} dirty left → {event['decision']} ({event['reason']})"
+            )
+        elif kind == "phase":
+            self._progress.update(self._task, description=f"{self._title} [{event['phase']}]")
+
+    def _transfer(self, event: dict) -> None:
+        now = time.monotonic()
+        wire = int(event["wire_bytes"])
+        if now > self._last_time:
+            instant = (wire - self._last_bytes) / (now - self._last_time)
+            self._rate = instant if self._rate == 0 else 0.7 * self._rate + 0.3 * instant
+        self._last_bytes, self._last_time = wire, now
+        done, total = int(event["pages_done"]), max(1, int(event["pages_total"]))
+        remaining = max(0, total - done) * 4096
+        eta = f"{remaining / self._rate:.1f}s" if self._rate > 0 else "-"
+        self._progress.update(
+            self._task,
+            description=f"{self._title} round {event['round']}",
+            completed=done,
+            total=total,
+            rate=f"{self._rate / 2**20:.0f}",
+            dirty=self._dirty,
+            eta=eta,
+        )
+
+
+def report_table(report: dict) -> Table:
+    table = Table(title=f"migration {report.get('migration_id', '')[:12]}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    status = report.get("status", "?")
+    color = "green" if status == "completed" else "red"
+    rows = [
+        ("status", f"[{color}]{status}[/{color}]"),
+        ("vm", f"{report.get('vm')}  {report.get('source')} → {report.get('destination')}"),
+        ("transport", str(report.get("transport"))),
+        ("memory", f"{int(report.get('memory_bytes', 0)) >> 20} MiB"),
+        ("total time", f"{report.get('total_time_s', 0):.3f} s"),
+        ("downtime", f"{report.get('downtime_ms', 0):.1f} ms"),
+        ("rounds", f"{report.get('rounds')} ({report.get('stop_reason') or '-'})"),
+        ("pages sent", str(report.get("pages_sent"))),
+        ("bytes sent", f"{int(report.get('bytes_sent', 0)) / 2**20:.1f} MiB"),
+        ("CPU seconds", f"source {report.get('source_cpu_s', 0):.2f} s, destination {report.get('destination_cpu_s', 0):.2f} s"),
+        ("counter", f"{report.get('counter_before')} at start, {report.get('counter_at_pause')} at pause, "
+                    f"{report.get('counter_after')} after resume"),
+        ("image digest", str(report.get("image_digest") or "-")),
+    ]
+    if report.get("error"):
+        rows.append(("error", f"[red]{report['error']}[/red]"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def vm_table(vms: list[dict]) -> Table:
+    table = Table(title="VMs")
+    for col in ("name", "pid", "memory", "profile", "counter", "state"):
+        table.add_column(col)
+    for vm in vms:
+        state = "migrating" if vm.get("migrating") else ("paused" if vm.get("paused") else ("running" if vm.get("alive") else "dead"))
+        table.add_row(
+            str(vm.get("name")),
+            str(vm.get("pid")),
+            f"{int(vm.get('memory_bytes', 0)) >> 20} MiB",
+            str(vm.get("profile")),
+            str(vm.get("counter")),
+            state,
+        )
+    return table

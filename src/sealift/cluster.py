@@ -1,0 +1,162 @@
+"""A cluster of real agents on this machine: CA, host certificates, configs, processes.
+
+Used by `sealift demo`, the integration tests and the benchmarks, so that all
+three exercise exactly what an operator runs: separate agent processes that
+talk over real sockets with real certificates.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sealift.agent.client import AgentClient, AgentUnavailable
+from sealift.security.identity import ClusterCA
+
+SHM_ROOT = Path("/dev/shm")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    config_path: Path
+    socket_path: Path
+    listen: tuple[str, int]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def client(self) -> AgentClient:
+        return AgentClient(self.socket_path)
+
+
+@dataclass
+class LocalCluster:
+    """Agents named host-a, host-b, ... on 127.0.0.1, in a fresh directory."""
+
+    hosts: tuple[str, ...] = ("host-a", "host-b")
+    allow_insecure: bool = False
+    extra_config: str = ""
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sealift-")))
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vm_root = Path(tempfile.mkdtemp(prefix="sealift-vms-", dir=SHM_ROOT if SHM_ROOT.is_dir() else None))
+        self.pki = self.root / "pki"
+        ca = ClusterCA.init(self.pki)
+        addresses = {host: ("127.0.0.1", free_port()) for host in self.hosts}
+        for host in self.hosts:
+            ca.issue_host(host, self.pki)
+            self.agents[host] = self._write_config(host, addresses)
+
+    def _write_config(self, host: str, addresses: dict[str, tuple[str, int]]) -> AgentProcess:
+        state = self.root / host
+        state.mkdir(parents=True)
+        peers = "\n".join(f'"{peer}" = "{addr[0]}:{addr[1]}"' for peer, addr in addresses.items() if peer != host)
+        config = state / "agent.toml"
+        socket_path = state / "control.sock"
+        config.write_text(
+            f'name = "{host}"\n'
+            f'listen = "{addresses[host][0]}:{addresses[host][1]}"\n'
+            f'control_socket = "{socket_path}"\n'
+            f'state_dir = "{state}"\n'
+            f'vm_dir = "{self.vm_root / host}"\n'
+            f'identity_dir = "{self.pki}"\n'
+            f"allow_insecure = {'true' if self.allow_insecure else 'false'}\n"
+            f"{self.extra_config}\n"
+            f"[peers]\n{peers}\n"
+        )
+        return AgentProcess(host, config, socket_path, addresses[host], state / "agent.log")
+
+    # -- processes ------------------------------------------------------------
+
+    def start(self, host: str | None = None, timeout: float = 20.0) -> None:
+        for name in [host] if host else list(self.agents):
+            agent = self.agents[name]
+            log = open(agent.log_path, "ab")
+            agent.process = subprocess.Popen(
+                [sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+        for name in [host] if host else list(self.agents):
+            self._wait_ready(self.agents[name], timeout)
+
+    def _wait_ready(self, agent: AgentProcess, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if agent.process is not None and agent.process.poll() is not None:
+                raise RuntimeError(f"agent {agent.name} exited: {agent.log_path.read_text()[-2000:]}")
+            try:
+                agent.client.request("status")
+                return
+            except AgentUnavailable:
+                time.sleep(0.05)
+        raise TimeoutError(f"agent {agent.name} did not come up in {timeout:.0f} s; see {agent.log_path}")
+
+    def kill(self, host: str, sig: int = signal.SIGKILL) -> None:
+        process = self.agents[host].process
+        if process is not None and process.poll() is None:
+            process.send_signal(sig)
+            process.wait(timeout=10)
+
+    def client(self, host: str) -> AgentClient:
+        return self.agents[host].client
+
+    def stop(self) -> None:
+        """Stop agents and every guest they started; remove all files."""
+        for agent in self.agents.values():
+            if agent.process is not None and agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGTERM)
+        for agent in self.agents.values():
+            if agent.process is not None:
+                try:
+                    agent.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    agent.process.kill()
+        kill_guests_under(self.vm_root)
+        shutil.rmtree(self.vm_root, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def kill_guests_under(directory: Path) -> None:
+    """Guests outlive agents by design; tear-down must find them by their image path."""
+    needle = str(directory).encode()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sealift.backends.builtin.guest" in cmdline and needle in cmdline:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,1 @@
+"""The pre-copy multi-pass migration engine (Clark et al. 2005)."""

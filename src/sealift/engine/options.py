@@ -1,0 +1,40 @@
+"""Migration options an operator can set, with QEMU-like defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+COMPRESSION_CODECS = ("zstd", "lz4")
+
+
+class OptionsError(ValueError):
+    """A migration option is out of range."""
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    downtime_limit_ms: int = 300
+    bandwidth_limit_bps: int | None = None  # bytes per second; None = unlimited
+    max_rounds: int = 30
+    zero_page_elision: bool = True
+    compression: str | None = None  # off by default, as in QEMU
+    auto_converge: bool = False
+    secure: bool = True  # False only for the measured plaintext baseline
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.downtime_limit_ms <= 60_000:
+            raise OptionsError(f"downtime limit {self.downtime_limit_ms} ms is outside 1..60000 ms")
+        if self.bandwidth_limit_bps is not None and self.bandwidth_limit_bps < 1 << 20:
+            raise OptionsError("bandwidth limit must be at least 1 MiB/s")
+        if not 1 <= self.max_rounds <= 1000:
+            raise OptionsError(f"max rounds {self.max_rounds} is outside 1..1000")
+        if self.compression is not None and self.compression not in COMPRESSION_CODECS:
+            raise OptionsError(f"unknown compression {self.compression!r}; use one of {COMPRESSION_CODECS}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> "MigrationOptions":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)  # type: ignore[arg-type]
