@@ -51,6 +51,9 @@ class LocalCluster:
     hosts: tuple[str, ...] = ("host-a", "host-b")
     allow_insecure: bool = False
     extra_config: str = ""
+    # (from_host, to_host) -> address: route one agent's traffic to a peer
+    # through something in the path (the tests' relay, the lab's attacker).
+    peer_routes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sealift-")))
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
@@ -58,7 +61,8 @@ class LocalCluster:
         self.vm_root = Path(tempfile.mkdtemp(prefix="sealift-vms-", dir=SHM_ROOT if SHM_ROOT.is_dir() else None))
         self.pki = self.root / "pki"
         ca = ClusterCA.init(self.pki)
-        addresses = {host: ("127.0.0.1", free_port()) for host in self.hosts}
+        self.addresses = {host: ("127.0.0.1", free_port()) for host in self.hosts}
+        addresses = self.addresses
         for host in self.hosts:
             ca.issue_host(host, self.pki)
             self.agents[host] = self._write_config(host, addresses)
@@ -66,7 +70,8 @@ class LocalCluster:
     def _write_config(self, host: str, addresses: dict[str, tuple[str, int]]) -> AgentProcess:
         state = self.root / host
         state.mkdir(parents=True)
-        peers = "\n".join(f'"{peer}" = "{addr[0]}:{addr[1]}"' for peer, addr in addresses.items() if peer != host)
+        routes = {peer: self.peer_routes.get((host, peer), addr) for peer, addr in addresses.items() if peer != host}
+        peers = "\n".join(f'"{peer}" = "{addr[0]}:{addr[1]}"' for peer, addr in routes.items())
         config = state / "agent.toml"
         socket_path = state / "control.sock"
         config.write_text(

@@ -83,9 +83,16 @@ class Server:
     def connect_tcp(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=JOIN_TIMEOUT)
 
-    def join(self) -> None:
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self) -> None:
         self._thread.join(JOIN_TIMEOUT)
         assert not self._thread.is_alive(), "server thread did not finish"
+
+    def join(self) -> None:
+        """Wait for the thread, then close the server's stream if it has one."""
+        self.wait()
         if self.stream is not None:
             self.stream.close()
 
@@ -95,7 +102,7 @@ def connected(pki: Pki) -> Iterator[tuple[TlsStream, TlsStream]]:
     """(client host-a, server host-b), handshake done, both open."""
     server = Server(server_context(pki.host_b))
     client = TlsStream.connect(server.connect_tcp(), client_context(pki.host_a), "host-b", timeout=10)
-    server._thread.join(JOIN_TIMEOUT)
+    server.wait()
     assert server.error is None and server.stream is not None
     try:
         yield client, server.stream

@@ -22,6 +22,7 @@ import datetime
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class ClusterCA:
 
     directory: Path
     certificate: x509.Certificate
-    _key: ec.EllipticCurvePrivateKey = field(repr=False)
+    _key: ec.EllipticCurvePrivateKey = field(repr=False, compare=False)
 
     @property
     def key_path(self) -> Path:
@@ -233,7 +234,7 @@ class ClusterCA:
     def _issue_leaf(
         self,
         common_name: str,
-        san: list[x509.GeneralName],
+        san: Sequence[x509.GeneralName],
         public_key: ec.EllipticCurvePublicKey,
         profile: _LeafProfile,
         days: int,

@@ -16,16 +16,24 @@ written from two threads at once. Use one thread per stream, or a lock.
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from OpenSSL import crypto as _crypto
 
-from sealift.security.errors import CertificateError, HandshakeError, PeerIdentityError
+from sealift.security.errors import (
+    CertificateError,
+    HandshakeError,
+    PeerIdentityError,
+    SecurityError,
+)
 from sealift.security.identity import HostIdentity, host_name_of, validate_hostname
 
 _T = TypeVar("_T")
@@ -39,6 +47,8 @@ _ECDHE_GROUPS = b"X25519:P-256"
 _MAX_READ = 16384
 # SSL_write takes an int length.
 _MAX_WRITE = 1 << 30
+# HKDF-Expand limit of the exporter with SHA-256 (the smaller of our suites' hashes).
+_MAX_EXPORT = 255 * 32
 
 # The X.509 verification errors an operator is likely to meet, in words.
 _VERIFY_ERRORS = {
@@ -52,6 +62,15 @@ _VERIFY_ERRORS = {
     22: "certificate chain too long",
     24: "invalid CA certificate",
     26: "certificate is not meant for this purpose (not a host certificate)",
+}
+
+# OpenSSL reasons that need a word of context to be actionable.
+_HINTS = {
+    "unsupported protocol": "the peer does not speak TLS 1.3",
+    "no shared cipher": "the peer offers neither TLS_AES_256_GCM_SHA384 nor TLS_AES_128_GCM_SHA256",
+    "no suitable key share": "the peer offers neither X25519 nor P-256",
+    "tlsv1 alert unknown ca": "the peer does not trust our certificate: is it in another cluster?",
+    "peer did not return a certificate": "a sealift host must present its host certificate",
 }
 
 
@@ -79,6 +98,8 @@ def _context(identity: HostIdentity) -> SSL.Context:
     # No tickets, no session cache: every connection is a full handshake with
     # a fresh ECDHE exchange and certificate check (no resumption, no 0-RTT;
     # early data is also off by OpenSSL's default max_early_data of 0).
+    # OP_IGNORE_UNEXPECTED_EOF stays off: an EOF without close_notify must be
+    # an error (truncation), not a clean end.
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
@@ -111,12 +132,10 @@ def _set_groups(ctx: SSL.Context) -> None:
         set_list = _lib.SSL_CTX_set1_curves_list
         raw_ctx = ctx._context  # noqa: SLF001 - see docstring
     except (ImportError, AttributeError):
-        from cryptography.hazmat.primitives.asymmetric import ec
-
         ctx.set_tmp_ecdh(ec.SECP256R1())
         return
     if set_list(raw_ctx, _ECDHE_GROUPS) != 1:
-        raise HandshakeError(f"this OpenSSL refuses the key-exchange groups {_ECDHE_GROUPS!r}")
+        raise SecurityError(f"this OpenSSL refuses the key-exchange groups {_ECDHE_GROUPS!r}")
 
 
 def _record_verify_failure(
@@ -265,7 +284,7 @@ class TlsStream:
         while sent < len(view):
             chunk = view[sent : sent + _MAX_WRITE]
             try:
-                sent += _io(self._sock, lambda: self._conn.send(chunk), deadline)
+                sent += _io(self._sock, functools.partial(self._conn.send, chunk), deadline)
             except SSL.Error as exc:
                 raise ConnectionError(f"TLS send to {self.peer_name} failed: {_ssl_reason(exc)}") from None
 
@@ -284,7 +303,8 @@ class TlsStream:
         if n < 0:
             raise ValueError(f"n must not be negative, got {n}")
         deadline = self._deadline()
-        buf = bytearray(n)
+        # Collect and join once: one output allocation and copy per call.
+        chunks: list[bytes] = []
         got = 0
         while got < n:
             chunk = self._recv(min(n - got, _MAX_READ), deadline)
@@ -292,13 +312,13 @@ class TlsStream:
                 raise ConnectionError(
                     f"{self.peer_name} closed the connection after {got} of {n} expected bytes"
                 )
-            buf[got : got + len(chunk)] = chunk
+            chunks.append(chunk)
             got += len(chunk)
-        return bytes(buf)
+        return b"".join(chunks)
 
     def _recv(self, n: int, deadline: float | None) -> bytes:
         try:
-            return _io(self._sock, lambda: self._conn.recv(n), deadline)
+            return _io(self._sock, functools.partial(self._conn.recv, n), deadline)
         except SSL.ZeroReturnError:
             return b""  # the peer sent close_notify
         except SSL.Error as exc:
@@ -308,8 +328,8 @@ class TlsStream:
 
     def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
         """RFC 8446 section 7.5 exporter: the same bytes on both ends of this connection only."""
-        if not 1 <= length <= 255 * 48:
-            raise ValueError(f"exporter length must be 1..{255 * 48}, got {length}")
+        if not 1 <= length <= _MAX_EXPORT:
+            raise ValueError(f"exporter length must be 1..{_MAX_EXPORT}, got {length}")
         return self._conn.export_keying_material(label, length, context)
 
     # ---- closing
@@ -402,5 +422,6 @@ def _ssl_reason(exc: SSL.Error) -> str:
         return f"{text} (errno {errno})" if text else "connection error"
     details = exc.args[0] if exc.args else None
     if isinstance(details, list) and details:
-        return "; ".join(str(item[-1]) for item in details if isinstance(item, tuple))
+        reasons = [str(item[-1]) for item in details if isinstance(item, tuple)]
+        return "; ".join(f"{r} ({_HINTS[r]})" if r in _HINTS else r for r in reasons)
     return str(exc) or type(exc).__name__

@@ -25,12 +25,13 @@ before reading it, and never sizes anything from an unchecked peer value.
 
 from __future__ import annotations
 
+import operator
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NoReturn, TypeAlias
 
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]
 import numpy as np
 import zstandard
 
@@ -113,7 +114,9 @@ def decode_stream_open(data: bytes | bytearray | memoryview) -> tuple[bytes, int
     raw = bytes(data)
     magic, session_id, index = STREAM_OPEN.unpack(raw)
     if magic != STREAM_MAGIC:
-        raise ProtocolError(f"not a sealift data stream (magic {magic!r}, expected {STREAM_MAGIC!r})")
+        raise ProtocolError(
+            f"not a sealift data stream (magic {magic!r}, expected {STREAM_MAGIC!r})"
+        )
     if raw[-3:] != b"\0\0\0":
         raise ProtocolError("stream open reserved bytes must be zero")
     if index >= MAX_STREAMS:
@@ -163,9 +166,19 @@ DataEvent: TypeAlias = (
 # Shared checks
 
 
-def _check_npages(npages: int) -> None:
-    if type(npages) is not int or not 1 <= npages <= MAX_NPAGES:
-        raise ProtocolError(f"npages {npages!r} is outside 1..{MAX_NPAGES}")
+def _local_int(name: str, value: object, low: int, high: int) -> int:
+    """An integer argument from local code (numpy integers welcome, bool not)."""
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ProtocolError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if isinstance(value, (bool, np.bool_)) or not low <= number <= high:
+        raise ProtocolError(f"{name} {value!r} is outside {low}..{high}")
+    return number
+
+
+def _check_npages(npages: int) -> int:
+    return _local_int("npages", npages, 1, MAX_NPAGES)
 
 
 def _check_indexes(indexes: np.ndarray, npages: int) -> None:
@@ -199,7 +212,7 @@ class DataStreamWriter:
     def __init__(
         self, protection: RecordProtection, npages: int, compression: str | None = None
     ) -> None:
-        _check_npages(npages)
+        npages = _check_npages(npages)
         if compression not in _CODEC_BY_NAME:
             raise ProtocolError(f"unknown compression {compression!r}")
         self._protection = protection
@@ -227,10 +240,9 @@ class DataStreamWriter:
         return self._ended
 
     def begin_pages(self, count: int) -> tuple[np.ndarray, memoryview]:
-        """Views inside the staging buffer for `count` page indexes and their data, to fill in place."""
+        """Index and data views inside the staging buffer, for the caller to fill in place."""
         self._check_open()
-        if type(count) is not int or not 1 <= count <= MAX_PAGES_PER_RECORD:
-            raise ProtocolError(f"page count {count!r} is outside 1..{MAX_PAGES_PER_RECORD}")
+        count = _local_int("page count", count, 1, MAX_PAGES_PER_RECORD)
         self._pending_pages = count
         data_offset = PAGES_FIXED.size + 4 * count
         data = self._staging_view[data_offset : data_offset + count * PAGE_SIZE]
@@ -239,6 +251,7 @@ class DataStreamWriter:
     def finish_pages(self, count: int) -> memoryview:
         """Seal the PAGES record filled through begin_pages(count)."""
         self._check_open()
+        count = _local_int("page count", count, 1, MAX_PAGES_PER_RECORD)
         if self._pending_pages is None or count != self._pending_pages:
             raise ProtocolError(f"finish_pages({count!r}) without a matching begin_pages")
         self._pending_pages = None
@@ -247,8 +260,9 @@ class DataStreamWriter:
         raw_len = count * PAGE_SIZE
         codec, data_len = self._compress(data_offset, raw_len)
         PAGES_FIXED.pack_into(self._staging, 0, count, codec, data_len)
+        record = self._seal(RecordType.PAGES, data_offset + data_len)
         self.pages_sent += count
-        return self._seal(RecordType.PAGES, data_offset + data_len)
+        return record
 
     def zero_pages(self, indexes: np.ndarray) -> memoryview:
         """A ZERO_PAGES record: these pages are all zeros (1..65536 indexes)."""
@@ -257,7 +271,9 @@ class DataStreamWriter:
         values = np.asarray(indexes)
         count = values.size
         if values.ndim != 1 or not 1 <= count <= MAX_ZERO_PAGES_PER_RECORD:
-            raise ProtocolError(f"zero page count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}")
+            raise ProtocolError(
+                f"zero page count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}"
+            )
         if values.dtype.kind not in "iu" or int(values.min()) < 0:
             raise ProtocolError("zero page indexes must be non-negative integers")
         if int(values.max()) >= self._npages:
@@ -268,17 +284,16 @@ class DataStreamWriter:
         )
         staged[:] = values
         _check_indexes(staged, self._npages)
+        record = self._seal(RecordType.ZERO_PAGES, ZERO_PAGES_FIXED.size + 4 * count)
         self.pages_sent += count
-        return self._seal(RecordType.ZERO_PAGES, ZERO_PAGES_FIXED.size + 4 * count)
+        return record
 
     def round_end(self, round: int, pages: int) -> memoryview:
         """A ROUND_END record: round numbers strictly increase."""
         self._check_open()
         self._pending_pages = None
-        if type(round) is not int or not 0 <= round <= MAX_ROUND:
-            raise ProtocolError(f"round {round!r} is outside 0..{MAX_ROUND}")
-        if type(pages) is not int or not 0 <= pages <= self._npages:
-            raise ProtocolError(f"pages in round {pages!r} is outside 0..{self._npages}")
+        round = _local_int("round", round, 0, MAX_ROUND)
+        pages = _local_int("pages in round", pages, 0, self._npages)
         _check_round(round, self._last_round)
         self._last_round = round
         ROUND_END_PAYLOAD.pack_into(self._staging, 0, round, pages)
@@ -358,7 +373,7 @@ class DataStreamReader:
     HEADER_SIZE = HEADER_SIZE
 
     def __init__(self, protection: RecordProtection, npages: int) -> None:
-        _check_npages(npages)
+        npages = _check_npages(npages)
         self._protection = protection
         self._overhead = protection.overhead
         self._npages = npages
@@ -492,8 +507,8 @@ class DataStreamReader:
             raise ProtocolError(f"{record_type.name} record length {length} is below minimum {low}")
         self._header = header
         self._type = record_type
-        self._length = length
-        return length
+        self._length = int(length)
+        return self._length
 
     def _finish_record(self) -> DataEvent:
         header = self._header
@@ -577,9 +592,13 @@ class DataStreamReader:
     def _parse_zero_pages(self, plain: memoryview) -> ZeroPagesReceived:
         (count,) = ZERO_PAGES_FIXED.unpack_from(plain, 0)
         if not 1 <= count <= MAX_ZERO_PAGES_PER_RECORD:
-            raise ProtocolError(f"ZERO_PAGES count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}")
+            raise ProtocolError(
+                f"ZERO_PAGES count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}"
+            )
         if ZERO_PAGES_FIXED.size + 4 * count != len(plain):
-            raise ProtocolError(f"ZERO_PAGES record of {len(plain)} bytes does not match count {count}")
+            raise ProtocolError(
+                f"ZERO_PAGES record of {len(plain)} bytes does not match count {count}"
+            )
         indexes = _read_indexes(plain, ZERO_PAGES_FIXED.size, count)
         _check_indexes(indexes, self._npages)
         self.pages_received += count

@@ -18,7 +18,5 @@ class ProtocolError(Exception):
 class RecordAuthError(ProtocolError):
     """An AEAD record did not authenticate: tampered, reordered, replayed or wrong key."""
 
-    def __init__(
-        self, reason: str = "record failed authentication: tampered or wrong key"
-    ) -> None:
+    def __init__(self, reason: str = "record failed authentication: tampered or wrong key") -> None:
         super().__init__(reason)

@@ -8,7 +8,7 @@ that exists is a valid message, whether it was built locally or parsed.
 
 The decoder accepts only the canonical encoding (it re-encodes and
 compares), so one message has exactly one byte representation: no
-duplicate keys, no escapes variants, no whitespace games.
+duplicate keys, no escape variants, no whitespace games.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ FRAME_HEADER_SIZE = FRAME_HEADER.size
 PAGE_SIZE = 4096
 MAX_MEMORY_BYTES = 1 << 40  # 1 TiB
 MAX_STREAMS = 8
-MAX_TEXT = 256
 MAX_REASON = 1024
 MAX_ORDER_BYTES = 16 * 1024
 MAX_ENVELOPE_BYTES = 32 * 1024
@@ -67,7 +66,7 @@ class MessageType(IntEnum):
 
 
 # ---------------------------------------------------------------------------
-# Field checks: each returns nothing and raises ProtocolError naming the field.
+# Field checks: each raises ProtocolError naming the field and what it should be.
 
 
 def _fail(field: str, problem: str) -> NoReturn:
@@ -180,8 +179,21 @@ class Hello:
 
     TYPE: ClassVar[MessageType] = MessageType.HELLO
     KEYS: ClassVar[frozenset[str]] = frozenset(
-        "migration_id vm_name source_host destination_host nonce memory_bytes "
-        "page_size secure compression streams backend order psk_proof".split()
+        {
+            "migration_id",
+            "vm_name",
+            "source_host",
+            "destination_host",
+            "nonce",
+            "memory_bytes",
+            "page_size",
+            "secure",
+            "compression",
+            "streams",
+            "backend",
+            "order",
+            "psk_proof",
+        }
     )
 
     migration_id: str
@@ -207,7 +219,10 @@ class Hello:
         _check_int("page_size", self.page_size, PAGE_SIZE, PAGE_SIZE)
         _check_int("memory_bytes", self.memory_bytes, PAGE_SIZE, MAX_MEMORY_BYTES)
         if self.memory_bytes % PAGE_SIZE:
-            _fail("memory_bytes", f"{self.memory_bytes} is not a multiple of the page size {PAGE_SIZE}")
+            _fail(
+                "memory_bytes",
+                f"{self.memory_bytes} is not a multiple of the page size {PAGE_SIZE}",
+            )
         _check_bool("secure", self.secure)
         _check_choice("compression", self.compression, (None, *COMPRESSIONS))
         _check_int("streams", self.streams, 1, MAX_STREAMS)
@@ -506,7 +521,8 @@ def encode_payload(msg: Message) -> bytes:
     payload = canonical_json(msg.to_json())
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise ProtocolError(
-            f"{type(msg).__name__} payload of {len(payload)} bytes exceeds limit {MAX_CONTROL_PAYLOAD}"
+            f"{type(msg).__name__} payload of {len(payload)} bytes "
+            f"exceeds limit {MAX_CONTROL_PAYLOAD}"
         )
     return payload
 
@@ -518,13 +534,16 @@ def encode_frame(msg: Message) -> bytes:
 
 
 def parse_frame_header(header: bytes | bytearray | memoryview) -> tuple[MessageType, int]:
-    """Validate a frame header; returns (type, payload length). Checks happen before any payload is read."""
+    """Validate a frame header before any payload is read; returns (type, payload length)."""
     if len(header) != FRAME_HEADER_SIZE:
-        raise ProtocolError(f"control frame header must be {FRAME_HEADER_SIZE} bytes, got {len(header)}")
+        raise ProtocolError(
+            f"control frame header must be {FRAME_HEADER_SIZE} bytes, got {len(header)}"
+        )
     version, type_code, flags, length = FRAME_HEADER.unpack(header)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"control protocol version {version} is not supported (this host speaks {PROTOCOL_VERSION})"
+            f"control protocol version {version} is not supported "
+            f"(this host speaks {PROTOCOL_VERSION})"
         )
     if type_code not in MESSAGE_CLASSES:
         raise ProtocolError(f"unknown control message type {type_code}")
@@ -538,7 +557,9 @@ def parse_frame_header(header: bytes | bytearray | memoryview) -> tuple[MessageT
 def decode_payload(msg_type: MessageType, payload: bytes) -> Message:
     """Parse and check one payload; only the canonical encoding is accepted."""
     if len(payload) > MAX_CONTROL_PAYLOAD:
-        raise ProtocolError(f"control frame length {len(payload)} exceeds limit {MAX_CONTROL_PAYLOAD}")
+        raise ProtocolError(
+            f"control frame length {len(payload)} exceeds limit {MAX_CONTROL_PAYLOAD}"
+        )
     cls = MESSAGE_CLASSES[msg_type]
     msg = cls.from_json(_parse_json(payload))
     if canonical_json(msg.to_json()) != payload:

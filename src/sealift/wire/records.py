@@ -40,7 +40,7 @@ class RecordProtection(Protocol):
     overhead: int
 
     def seal_into(self, header: bytes, plaintext: memoryview, out: memoryview) -> int:
-        """Write protected(plaintext) into `out` (at least len(plaintext) + overhead); return its length."""
+        """Write protected(plaintext) into `out`, len(plaintext) + overhead bytes; return that."""
         ...
 
     def open_into(self, header: bytes, ciphertext: memoryview, out: memoryview) -> int:

@@ -1,0 +1,141 @@
+"""A TCP relay in the path of a migration: it forwards, records, corrupts and cuts.
+
+This is the attacker of THREATS.md T1/T2/T11 at the transport level: every
+byte between two agents passes through it. It records both directions (to
+search for the guest's secret), can flip a byte or rewrite a pattern in the
+data stream (to tamper with guest memory), and can cut every connection at
+once (a link failure). Loopback only; used by the tests and the lab.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+
+DATA_STREAM_MAGIC = b"SLD1"
+CHUNK = 1 << 20
+
+
+@dataclass
+class Tamper:
+    """What to change in the source-to-destination data stream."""
+
+    flip_offset: int | None = None  # flip one bit of the byte at this stream offset
+    replace: tuple[bytes, bytes] | None = None  # rewrite a pattern (same length) wherever seen
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Relay:
+    def __init__(self, listen: tuple[str, int] = ("127.0.0.1", 0), record_limit: int = 1 << 30) -> None:
+        self._server = socket.create_server(listen)
+        self.address: tuple[str, int] = self._server.getsockname()[:2]
+        self.target: tuple[str, int] | None = None
+        self.tamper: Tamper | None = None
+        self._record_limit = record_limit
+        self._lock = threading.Lock()
+        self._captured = bytearray()
+        self._sockets: list[socket.socket] = []
+        self._cut = False
+        self.connections = 0
+        self.forward_bytes = 0
+        self._thread = threading.Thread(target=self._accept_loop, name="relay", daemon=True)
+        self._thread.start()
+
+    # -- controls ---------------------------------------------------------------
+
+    def captured(self) -> bytes:
+        with self._lock:
+            return bytes(self._captured)
+
+    def cut(self) -> None:
+        """Break every connection and refuse new ones: the link is down."""
+        with self._lock:
+            self._cut = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
+
+    # -- forwarding ---------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                refused = self._cut or self.target is None
+            if refused:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
+        offset = 0
+        is_data_stream: bool | None = None
+        try:
+            while True:
+                chunk = src.recv(CHUNK)
+                if not chunk:
+                    break
+                if forward and is_data_stream is None:
+                    is_data_stream = chunk.startswith(DATA_STREAM_MAGIC)
+                if forward and is_data_stream and self.tamper is not None:
+                    chunk = self._apply_tamper(chunk, offset)
+                offset += len(chunk)
+                self._record(chunk, forward)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _apply_tamper(self, chunk: bytes, offset: int) -> bytes:
+        tamper = self.tamper
+        assert tamper is not None
+        data = bytearray(chunk)
+        if tamper.flip_offset is not None and offset <= tamper.flip_offset < offset + len(data):
+            data[tamper.flip_offset - offset] ^= 0x01
+            tamper.done.set()
+        if tamper.replace is not None:
+            old, new = tamper.replace
+            position = data.find(old)
+            while position >= 0:
+                data[position : position + len(old)] = new
+                tamper.done.set()
+                position = data.find(old, position + len(new))
+        return bytes(data)
+
+    def _record(self, chunk: bytes, forward: bool) -> None:
+        with self._lock:
+            if forward:
+                self.forward_bytes += len(chunk)
+            if len(self._captured) + len(chunk) <= self._record_limit:
+                self._captured += chunk
