@@ -10,7 +10,7 @@ NPAGES = 100  # not a multiple of the block size: exercises the short tail block
 
 
 def fresh_digest(pages: np.ndarray) -> str:
-    digest = ImageDigest(pages)
+    digest = ImageDigest(pages, "xxh3")
     digest.mark_all()
     return digest.digest()
 
@@ -31,7 +31,7 @@ def test_a_single_changed_byte_changes_the_digest() -> None:
 
 def test_stale_marks_cover_only_touched_blocks() -> None:
     pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    digest = ImageDigest(pages)
+    digest = ImageDigest(pages, "xxh3")
     digest.mark_pages(np.array([0, 1, BLOCK_PAGES * 3 + 2], dtype=np.uint32))
     assert digest.stale_blocks() == 2
 
@@ -41,7 +41,7 @@ def test_stale_marks_cover_only_touched_blocks() -> None:
 def test_incremental_digest_tracks_every_write(writes: list[tuple[int, int]]) -> None:
     """Write, mark (after the write), refresh in between: always equals a fresh digest."""
     pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    digest = ImageDigest(pages)
+    digest = ImageDigest(pages, "xxh3")
     for step, (page, value) in enumerate(writes):
         pages[page, :] = value
         digest.mark_pages(np.array([page], dtype=np.uint32))

@@ -112,11 +112,10 @@ class ControlServer:
         return {"vms": self._agent.vms.list()}
 
     def _op_vm_info(self, request: dict, emit: Emit) -> dict:
-        return {"vm": self._agent.vms.get(_field(request, "name", str)).info()}
+        return {"vm": self._agent.vms.info(_field(request, "name", str))}
 
     def _op_vm_check(self, request: dict, emit: Emit) -> dict:
-        vm = self._agent.vms.get(_field(request, "name", str))
-        check = vm.image.check()
+        check = self._agent.vms.check(_field(request, "name", str))
         return {
             "check": {
                 "pages_checked": check.pages_checked,

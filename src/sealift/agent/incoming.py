@@ -22,6 +22,7 @@ from sealift.agent.store import AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
 from sealift.agent.vms import AdmissionError, VmRegistry
 from sealift.backends.builtin.image import GuestImage
+from sealift.backends.builtin.vm import StandbyGuest
 from sealift.engine.receiver import ImageReceiver, ReceiveResult
 from sealift.engine.sender import state_digest
 from sealift.security.identity import HostIdentity
@@ -56,6 +57,7 @@ class IncomingMigration:
         self._hello = hello
         self._signer = DocumentSigner(config.name, identity if channel.secure else None)
         self._image: GuestImage | None = None
+        self._standby: StandbyGuest | None = None
         self._session_id = secrets.token_bytes(16)
         self._nonce = secrets.token_bytes(32)
 
@@ -76,6 +78,8 @@ class IncomingMigration:
         try:
             self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving", hello.memory_bytes)
             self._image = GuestImage.create_empty(self.image_path, hello.memory_bytes)
+            self._image.reserve()  # the memory is ours before we say yes
+            self._standby = StandbyGuest(self._config.vm_dir, hello.vm_name)  # off the downtime path
             self._sessions.expect(self._session_id)
             self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, None))
             result = self._receive()
@@ -95,6 +99,9 @@ class IncomingMigration:
                 self._discard(str(exc))
         finally:
             self._sessions.finish(self._session_id)
+            if self._standby is not None:  # never handed over (in doubt or failed)
+                self._standby.cancel()
+                self._standby = None
             if not prepared:
                 self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
 
@@ -134,7 +141,8 @@ class IncomingMigration:
         try:
             data.settimeout(self._config.step_timeout_s)  # a silent peer is a dead peer
             reader = DataStreamReader(protection, self._image.npages)
-            receiver = ImageReceiver(self._image.pages, reader, with_digest=self._hello.secure)
+            digest = self._hello.image_digest if self._hello.secure else None
+            receiver = ImageReceiver(self._image, reader, digest=digest)
             return receiver.run(lambda view: _read_into(data, view))
         finally:
             data.close()
@@ -191,7 +199,9 @@ class IncomingMigration:
         counter_at_resume = self._image.counter
         self._image.close()
         self._image = None
-        vm = self._vms.start_incoming(hello.vm_name, None)
+        assert self._standby is not None
+        vm = self._vms.adopt_incoming(self._standby.launch())
+        self._standby = None
         self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
         self._store.set_phase(hello.migration_id, "running")
         receipt = self._receipt(
@@ -205,6 +215,9 @@ class IncomingMigration:
 
     def _discard(self, reason: str) -> None:
         log.warning("migration %s of %s from %s failed: %s", self._hello.migration_id, self._hello.vm_name, self._hello.source_host, reason)
+        if self._standby is not None:
+            self._standby.cancel()
+            self._standby = None
         if self._image is not None:
             self._image.close()
             self._image = None

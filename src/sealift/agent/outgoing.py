@@ -144,6 +144,7 @@ class OutgoingMigration:
             backend="builtin",
             order=None,
             psk_proof=None,
+            image_digest=self._options.image_digest if self._options.secure else None,
         )
         channel.send(hello)
         reply = channel.recv(self._config.step_timeout_s)
@@ -228,6 +229,7 @@ class OutgoingMigration:
                 pass
         resumed = False
         try:
+            vm.set_throttle(0)  # auto-converge must not outlive the migration
             if vm.is_paused:
                 vm.resume()
             resumed = vm.is_alive

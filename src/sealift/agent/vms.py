@@ -10,6 +10,7 @@ import numpy as np
 
 from sealift.agent.config import AgentConfig
 from sealift.agent.store import AgentStore
+from sealift.backends.builtin.image import ImageCheck
 from sealift.backends.builtin.vm import BuiltinVM, VmError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ class BuiltinGuestMemory:
 
     def dirty_snapshot(self) -> np.ndarray:
         return self._vm.dirty.snapshot()
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        return self._vm.image.data_ranges()
 
     def pause(self) -> None:
         self._vm.pause()
@@ -91,6 +95,11 @@ class VmRegistry:
         self._add(vm, profile)
         return vm
 
+    def adopt_incoming(self, vm: BuiltinVM) -> BuiltinVM:
+        """A guest started (from standby) on a migrated image joins this host."""
+        self._add(vm, None)
+        return vm
+
     def _add(self, vm: BuiltinVM, profile: str | None) -> None:
         with self._lock:
             self._vms[vm.name] = vm
@@ -107,16 +116,36 @@ class VmRegistry:
         with self._lock:
             return name in self._vms or name in self._busy
 
+    def info(self, name: str) -> dict[str, object]:
+        vm = self.get(name)
+        info = vm.info()
+        with self._lock:
+            info["migrating"] = name in self._busy
+        return info
+
     def list(self) -> list[dict[str, object]]:
         with self._lock:
-            vms = list(self._vms.values())
-            busy = set(self._busy)
+            names = list(self._vms)
         infos = []
-        for vm in vms:
-            info = vm.info()
-            info["migrating"] = vm.name in busy
-            infos.append(info)
+        for name in names:
+            try:
+                infos.append(self.info(name))
+            except VmError:
+                continue  # released or stopped meanwhile
         return infos
+
+    def check(self, name: str) -> ImageCheck:
+        """Verify a VM's memory from inside (paused for the scan, then resumed)."""
+        vm = self.get(name)
+        with self._lock:
+            if name in self._busy:
+                raise VmError(f"VM {name!r} is being migrated; check it when the migration has ended")
+            self._busy.add(name)  # no migration may pause it under us
+        try:
+            return vm.check()
+        finally:
+            with self._lock:
+                self._busy.discard(name)
 
     def stop(self, name: str) -> None:
         vm = self.get(name)

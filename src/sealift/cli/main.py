@@ -152,6 +152,8 @@ def migration_options(args: argparse.Namespace) -> dict[str, object]:
         options["auto_converge"] = True
     if args.no_zero_elision:
         options["zero_page_elision"] = False
+    if args.image_digest is not None:
+        options["image_digest"] = args.image_digest
     return options
 
 
@@ -162,6 +164,10 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", choices=["zstd", "lz4", "none"], help="compress page data (default none)")
     parser.add_argument("--auto-converge", action="store_true", help="throttle a guest that dirties faster than the link")
     parser.add_argument("--no-zero-elision", action="store_true", help="send zero pages too")
+    parser.add_argument(
+        "--image-digest", choices=["xxh3", "blake3"],
+        help="block fingerprint of the end-to-end image check (default xxh3; blake3 is cryptographic, slower)",
+    )
     parser.add_argument("--insecure", action="store_true", help="plaintext baseline: NO encryption or authentication")
 
 

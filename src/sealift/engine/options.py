@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 COMPRESSION_CODECS = ("zstd", "lz4")
+IMAGE_DIGESTS = ("xxh3", "blake3")
 
 
 class OptionsError(ValueError):
@@ -20,6 +21,7 @@ class MigrationOptions:
     compression: str | None = None  # off by default, as in QEMU
     auto_converge: bool = False
     secure: bool = True  # False only for the measured plaintext baseline
+    image_digest: str = "xxh3"  # block fingerprint of the end-to-end image check (engine/digest.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.downtime_limit_ms <= 60_000:
@@ -30,6 +32,8 @@ class MigrationOptions:
             raise OptionsError(f"max rounds {self.max_rounds} is outside 1..1000")
         if self.compression is not None and self.compression not in COMPRESSION_CODECS:
             raise OptionsError(f"unknown compression {self.compression!r}; use one of {COMPRESSION_CODECS}")
+        if self.image_digest not in IMAGE_DIGESTS:
+            raise OptionsError(f"unknown image digest {self.image_digest!r}; use one of {IMAGE_DIGESTS}")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
-from sealift.engine.digest import DigestWorker, ImageDigest
+from sealift.engine.digest import BLOCK_PAGES, DigestWorker, ImageDigest
 from sealift.wire.datastream import (
     DataStreamReader,
     DeviceStateReceived,
@@ -37,11 +37,26 @@ class ReceiveResult:
     round_pages: list[int] = field(default_factory=list)
 
 
+class PageStore(Protocol):
+    """Where received pages go (the destination image)."""
+
+    @property
+    def pages(self) -> np.ndarray: ...  # (npages, 4096) view, read by the digest
+
+    def write_pages(self, first_page: int, data: memoryview) -> None: ...
+
+    def read_pages_into(self, first_page: int, out: memoryview) -> memoryview: ...
+
+
 class ImageReceiver:
-    def __init__(self, pages: np.ndarray, reader: DataStreamReader, with_digest: bool = True) -> None:
-        self._pages = pages
+    def __init__(self, store: PageStore, reader: DataStreamReader, digest: str | None = "xxh3") -> None:
+        self._store = store
         self._reader = reader
-        self._digest = ImageDigest(pages) if with_digest else None
+        self._digest = None
+        if digest is not None:
+            block = memoryview(bytearray(BLOCK_PAGES * PAGE_SIZE))
+            self._digest = ImageDigest(store.pages, digest, lambda first, count: store.read_pages_into(first, block[: count * PAGE_SIZE]))
+        self._zero_run = memoryview(bytes(PAGE_SIZE * 256))
 
     def run(self, read_into: Callable[[memoryview], None]) -> ReceiveResult:
         """Read records with `read_into(view)` (fills view exactly) until END."""
@@ -71,17 +86,17 @@ class ImageReceiver:
 
     def _apply(self, event: object, result: ReceiveResult) -> bool:
         if isinstance(event, PagesReceived):
-            indexes = event.indexes
-            data = np.frombuffer(event.data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            first = int(indexes[0])
-            if int(indexes[-1]) - first == indexes.size - 1:
-                self._pages[first : first + indexes.size] = data
-            else:
-                self._pages[indexes] = data
-            self._mark(indexes)
-            result.pages_received += int(indexes.size)
+            data = event.data
+            for start, end in contiguous_runs(event.indexes):
+                self._store.write_pages(int(event.indexes[start]), data[start * PAGE_SIZE : end * PAGE_SIZE])
+            self._mark(event.indexes)
+            result.pages_received += int(event.indexes.size)
         elif isinstance(event, ZeroPagesReceived):
-            self._pages[event.indexes] = 0
+            for start, end in contiguous_runs(event.indexes):
+                first = int(event.indexes[start])
+                for offset in range(0, end - start, 256):
+                    count = min(256, end - start - offset)
+                    self._store.write_pages(first + offset, self._zero_run[: count * PAGE_SIZE])
             self._mark(event.indexes)
         elif isinstance(event, RoundEnded):
             result.rounds = event.round + 1
@@ -92,6 +107,15 @@ class ImageReceiver:
             return True
         return False
 
-    def _mark(self, indexes: np.ndarray) -> None:
+    def _mark(self, indexes: np.ndarray) -> None:  # after the write: see digest.py
         if self._digest is not None:
             self._digest.mark_pages(indexes)
+
+
+def contiguous_runs(indexes: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) positions in `indexes` (sorted or not) where page numbers are consecutive."""
+    if indexes.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indexes.astype(np.int64)) != 1) + 1
+    bounds = [0, *breaks.tolist(), int(indexes.size)]
+    return list(zip(bounds[:-1], bounds[1:]))

@@ -33,6 +33,8 @@ class GuestMemory(Protocol):
 
     def dirty_snapshot(self) -> np.ndarray: ...  # uint32 generations, a copy
 
+    def data_ranges(self) -> list[tuple[int, int]]: ...  # [lo, hi) page ranges that may hold data
+
     def pause(self) -> None: ...
 
     def read_device_state(self) -> bytes: ...
@@ -109,7 +111,7 @@ class PrecopySender:
         self._round_total = 0
         self._round_start_pages = 0
         self._pacer = _Pacer(options.bandwidth_limit_bps)
-        self._digest = ImageDigest(self._pages) if with_digest else None
+        self._digest = ImageDigest(self._pages, options.image_digest) if with_digest else None
         self._sent_gens = np.zeros(self._npages, dtype=np.uint32)
         self._scratch = np.empty((PAGES_PER_RECORD, PAGE_SIZE), dtype=np.uint8)
 
@@ -198,18 +200,22 @@ class PrecopySender:
         """Every non-zero page (every page without zero-page elision)."""
         self._sent_gens = self._guest.dirty_snapshot()  # before reading any page
         self._begin_round(0, self._npages)
+        # Holes of a sparse image are zero by definition; reading them would
+        # make tmpfs allocate them. Without elision every page goes anyway.
+        ranges = self._guest.data_ranges() if self._options.zero_page_elision else [(0, self._npages)]
         sent = 0
-        for start in range(0, self._npages, SCAN_WINDOW):
-            window = self._pages[start : start + SCAN_WINDOW]
-            if self._options.zero_page_elision:
-                nonzero = window.view(np.uint64).any(axis=1)
-                indexes = (np.flatnonzero(nonzero) + start).astype(np.uint32)
-            else:
-                indexes = np.arange(start, start + window.shape[0], dtype=np.uint32)
-            for first in range(0, indexes.size, PAGES_PER_RECORD):
-                chunk = indexes[first : first + PAGES_PER_RECORD]
-                self._send_known_pages(chunk)
-                sent += chunk.size
+        for low, high in ranges:
+            for start in range(low, high, SCAN_WINDOW):
+                window = self._pages[start : min(high, start + SCAN_WINDOW)]
+                if self._options.zero_page_elision:
+                    nonzero = window.view(np.uint64).any(axis=1)
+                    indexes = (np.flatnonzero(nonzero) + start).astype(np.uint32)
+                else:
+                    indexes = np.arange(start, start + window.shape[0], dtype=np.uint32)
+                for first in range(0, indexes.size, PAGES_PER_RECORD):
+                    chunk = indexes[first : first + PAGES_PER_RECORD]
+                    self._send_known_pages(chunk)
+                    sent += chunk.size
         return sent
 
     def _send_dirty(self) -> int:

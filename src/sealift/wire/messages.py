@@ -38,6 +38,7 @@ NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 
 COMPRESSIONS = ("zstd", "lz4")
+IMAGE_DIGESTS = ("xxh3", "blake3")
 BACKENDS = ("builtin", "qemu")
 RECEIPT_STAGES = ("prepared", "running")
 OUTCOMES = ("committed", "aborted", "unknown")
@@ -193,6 +194,7 @@ class Hello:
             "backend",
             "order",
             "psk_proof",
+            "image_digest",
         }
     )
 
@@ -209,6 +211,7 @@ class Hello:
     backend: str
     order: str | None
     psk_proof: str | None
+    image_digest: str | None = "xxh3"  # block fingerprint both sides compute; None = no digest
 
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)
@@ -230,6 +233,7 @@ class Hello:
         if self.order is not None:
             _check_envelope("order", self.order, MAX_ORDER_BYTES)
         _check_psk_proof(self.psk_proof)
+        _check_choice("image_digest", self.image_digest, (None, *IMAGE_DIGESTS))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -246,6 +250,7 @@ class Hello:
             "backend": self.backend,
             "order": self.order,
             "psk_proof": self.psk_proof,
+            "image_digest": self.image_digest,
         }
 
     @classmethod
@@ -265,6 +270,7 @@ class Hello:
             backend=d["backend"],
             order=d["order"],
             psk_proof=d["psk_proof"],
+            image_digest=d["image_digest"],
         )
 
 

@@ -1,0 +1,1 @@
+"""VM backends: what a VM is to sealift (the built-in guest; QEMU later)."""
