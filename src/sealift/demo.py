@@ -72,6 +72,7 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
             "source_cpu_s": report["source_cpu_s"],
             "destination_cpu_s": report["destination_cpu_s"],
             "image_digest": report["image_digest"],
+            "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "round_reports": report["round_reports"],
             "demo_time_s": round(time.monotonic() - started, 2),
         }

@@ -79,10 +79,10 @@ def test_dirty_generations_count_exactly_the_written_pages(vms: VmPool) -> None:
     c1, g1 = vm.counter(), vm.dirty.snapshot().astype(np.int64)
     params = vm.image.state.workload
     expected = np.zeros(vm.image.npages, dtype=np.int64)
-    for counter in range(c0, c1):  # ticks completed while running
-        expected[pages_for_tick(params, counter)] += 1
+    for counter in range(c0, c1):  # ticks completed while running: +1 before and +1 after each write
+        expected[pages_for_tick(params, counter)] += 2
     maybe = np.zeros(vm.image.npages, dtype=np.int64)
-    maybe[pages_for_tick(params, c1)] = 1  # the tick the pause interrupted, if any
+    maybe[pages_for_tick(params, c1)] = 2  # the tick the pause interrupted, if any
     delta = g1 - g0
     assert np.all(delta >= expected) and np.all(delta <= expected + maybe)
     assert delta[SECRET_PAGE] == 0
@@ -313,3 +313,32 @@ def test_guest_survives_its_agent_and_can_be_adopted(shm_dir: Path) -> None:
         vm.close()
     # Not our child: init reaps it; it must at least not run any more.
     assert _proc_state(pid) in (None, "Z")
+
+
+def test_a_page_is_dirty_before_its_data_changes() -> None:
+    """The pause-between-write-and-mark bug: the generation must move before the data does."""
+    from sealift.backends.builtin.guest import run_tick
+    from sealift.backends.builtin.workload import PROFILES, WorkloadParams
+
+    npages = 256
+    words = np.zeros((npages, 512), dtype=np.uint64)
+    gens = np.zeros(npages, dtype=np.uint32)
+    params = WorkloadParams.for_profile(PROFILES["db"], npages, 7, SECRET_PAGE)
+    seen: list[tuple[int, int]] = []
+
+
+    import sealift.backends.builtin.guest as guest
+
+    real_write = guest.write_pages
+
+    def spying_write(w: np.ndarray, pages: np.ndarray, counter: int) -> None:
+        seen.extend((int(p), int(gens[p])) for p in pages)
+        real_write(w, pages, counter)
+
+    guest.write_pages = spying_write
+    try:
+        pages = run_tick(words, gens, params, counter=1)
+    finally:
+        guest.write_pages = real_write
+    assert seen and all(generation == 1 for _, generation in seen)  # already dirty while writing
+    assert np.all(gens[pages] == 2)  # and again after, for a reader that saw a torn page

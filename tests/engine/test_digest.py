@@ -1,6 +1,7 @@
 """The incremental image digest equals a from-scratch digest of the final contents."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,18 +37,36 @@ def test_stale_marks_cover_only_touched_blocks() -> None:
     assert digest.stale_blocks() == 2
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3", "blake3"])
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 255)), min_size=1, max_size=60))
-def test_incremental_digest_tracks_every_write(writes: list[tuple[int, int]]) -> None:
+def test_incremental_digest_tracks_every_write(algorithm: str, writes: list[tuple[int, int]]) -> None:
     """Write, mark (after the write), refresh in between: always equals a fresh digest."""
     pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    digest = ImageDigest(pages, "xxh3")
+    digest = ImageDigest(pages, algorithm)
     for step, (page, value) in enumerate(writes):
         pages[page, :] = value
         digest.mark_pages(np.array([page], dtype=np.uint32))
         if step % 7 == 0:
             digest.refresh()
-    assert digest.digest() == fresh_digest(pages)
+    assert digest.digest() == fresh_digest(pages, algorithm)
+
+
+def test_algorithms_are_named_in_the_digest() -> None:
+    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
+    assert ImageDigest(pages, "xxh3").digest().startswith("xxh3-64k:")
+    assert ImageDigest(pages, "blake3").digest().startswith("blake3-64k:")
+    with pytest.raises(ValueError):
+        ImageDigest(pages, "md5")
+
+
+def test_a_lost_page_is_caught() -> None:
+    """What the end-to-end check is for: a page the engine failed to send."""
+    rng = np.random.default_rng(2)
+    source = rng.integers(1, 256, size=(NPAGES, 4096), dtype=np.uint8)
+    destination = source.copy()
+    destination[42] = 0  # never arrived
+    assert fresh_digest(source) != fresh_digest(destination)
 
 
 def test_source_and_destination_agree_on_the_same_contents() -> None:

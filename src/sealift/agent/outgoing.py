@@ -98,12 +98,18 @@ class OutgoingMigration:
             )
             accept = self._hello(channel, vm)
             result = self._transfer(channel, accept, address, vm)
+            self._mark("stream_sent", result.paused_at)
             prepared = self._manifest_and_prepare(channel, vm, result)
+            self._mark("prepared_receipt", result.paused_at)
             self._store.decide(self.migration_id, "committed")  # point of no return
             committed = True
             channel.send(Commit(self.migration_id))
+            self._mark("commit_sent", result.paused_at)
             self._phase("committed")
             running = self._await_running(channel)
+            self._mark("running_receipt", result.paused_at)
+            # Downtime ends when the destination's guest runs: its receipt says so.
+            self.report.downtime_ms = self.report.downtime_breakdown_ms["running_receipt"]
             self._vms.release_migrated(vm.name)
             self._store.set_phase(self.migration_id, "completed")
             self._finish_report(result, running, prepared, started, cpu_started)
@@ -243,6 +249,10 @@ class OutgoingMigration:
 
     # -- reporting ----------------------------------------------------------
 
+    def _mark(self, step: str, paused_at: float) -> None:
+        """Milliseconds since the guest paused: where the downtime goes."""
+        self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
+
     def _phase(self, phase: str) -> None:
         self._store.set_phase(self.migration_id, phase)
         self._progress(ProgressEvent("phase", {"phase": phase}))
@@ -269,7 +279,6 @@ class OutgoingMigration:
         report = self.report
         report.status = "completed"
         report.total_time_s = round(now - started, 3)
-        report.downtime_ms = round((now - result.paused_at) * 1000.0, 1)
         report.rounds = len(result.rounds)
         report.pages_sent = result.pages_sent
         report.bytes_sent = result.wire_bytes

@@ -6,19 +6,23 @@ the image (``NAME.dirty``) and is created fresh for every guest process.
 Protocol, the same idea as a hypervisor's dirty bitmap but without a
 clear-and-fetch step:
 
-* Only the guest writes ``gens``. After it has finished writing a page's
-  data it increments that page's generation (``gens[i] += 1``; the boot fill
-  and every tick do this for the pages they wrote). Generations wrap around
-  at 2**32; only equality matters.
+* Only the guest writes ``gens``. It increments a page's generation before
+  it writes the page's data and again after (the boot fill and every tick
+  do this for the pages they write). The increment before is what a
+  hardware dirty log does on the write fault: a pause that lands between the
+  data write and the second increment still finds the page dirty (without
+  it, a migration once lost such a page and the end-to-end image check
+  caught it). The increment after covers a page the engine read while it was
+  being written. Generations wrap around at 2**32; only equality matters.
 * The engine never writes ``gens``. Each pre-copy round it takes
   ``snapshot()``, compares it with the generations of the copies it last
   sent, and (re)sends the pages that differ, recording the snapshot values
   as sent. A page written while the engine reads it gets a newer generation
   after the write, so it differs next round and is sent again.
 * Because there is a single writer, there is no read-modify-write race
-  between guest and engine. The guest writes data before the generation;
-  x86 keeps stores in order, and the final stop-and-copy round runs with
-  the guest stopped (SIGSTOP), so that round sees everything regardless.
+  between guest and engine. x86 keeps stores in order, and the final
+  stop-and-copy round runs with the guest stopped (SIGSTOP), so that round
+  sees every increment made before the stop.
 * Generation 0 means "not written since this log was created", which is
   why the engine's first round sends every non-zero page, not only the ones
   with a non-zero generation.

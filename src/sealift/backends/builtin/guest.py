@@ -140,10 +140,17 @@ def next_tick_start(
 
 
 def run_tick(words: np.ndarray, gens: np.ndarray, params: WorkloadParams, counter: int) -> np.ndarray:
-    """Write the pages of tick ``counter``, then bump their generations. Returns the pages."""
+    """Write the pages of tick ``counter``, bumping their generations around the write.
+
+    Before the write, like a hardware dirty log that marks a page on the
+    write fault: a pause that lands mid-write still finds the page dirty.
+    After the write: a page the engine read while it was being written is
+    dirty again, so its torn copy is always replaced. Returns the pages.
+    """
     pages = pages_for_tick(params, counter)
+    gens[pages] += 1
     write_pages(words, pages, counter)
-    gens[pages] += 1  # after the data: a page's new generation implies its new content
+    gens[pages] += 1
     return pages
 
 
@@ -157,6 +164,7 @@ def boot(
             if should_stop():
                 return False
             chunk_hi = min(hi, chunk_lo + _FILL_CHUNK_PAGES)
+            gens[chunk_lo:chunk_hi] += 1  # around the write: see run_tick
             write_page_range(words, chunk_lo, chunk_hi, 0)
             gens[chunk_lo:chunk_hi] += 1
     gens[state.secret_page] += 1  # installed at image creation; dirty for this log
