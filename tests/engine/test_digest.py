@@ -10,8 +10,8 @@ from sealift.engine.digest import BLOCK_PAGES, ImageDigest
 NPAGES = 100  # not a multiple of the block size: exercises the short tail block
 
 
-def fresh_digest(pages: np.ndarray) -> str:
-    digest = ImageDigest(pages, "xxh3")
+def fresh_digest(pages: np.ndarray, algorithm: str = "xxh3") -> str:
+    digest = ImageDigest(pages, algorithm)
     digest.mark_all()
     return digest.digest()
 
