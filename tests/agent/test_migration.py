@@ -210,8 +210,9 @@ def test_a_corrupted_record_aborts_before_any_byte_reaches_the_image(cluster: Lo
     with pytest.raises(AgentRequestFailed, match="keeps running on host-a"):
         migrate(src)
     assert relay.tamper.done.is_set()
-    dst_record = cluster.client("host-b").request("migrations")["migrations"][0]
-    assert dst_record["phase"] == "aborted"
+    dst = cluster.client("host-b")
+    wait_for(lambda: dst.request("migrations")["migrations"][0]["phase"] == "aborted")
+    dst_record = dst.request("migrations")["migrations"][0]
     assert "authentication" in (dst_record["error"] or "")
     assert_runs_on_source_only(cluster)
 

@@ -81,3 +81,19 @@ def test_source_and_destination_agree_on_the_same_contents() -> None:
     src_digest = ImageDigest(source)
     src_digest.mark_pages(nonzero)
     assert src_digest.digest() == dest_digest.digest()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 40), st.integers(1, 255)), min_size=1, max_size=30))
+def test_storing_received_runs_equals_a_fresh_digest(writes: list[tuple[int, int, int]]) -> None:
+    """Whole blocks hashed from the received data, partial ones re-read: same result."""
+    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
+    digest = ImageDigest(pages, "xxh3")
+    for step, (first, count, value) in enumerate(writes):
+        count = min(count, NPAGES - first)
+        run = np.full((count, 4096), value, dtype=np.uint8)
+        pages[first : first + count] = run
+        digest.store_pages(first, memoryview(run).cast("B"))
+        if step % 5 == 0:
+            digest.refresh()
+    assert digest.digest() == fresh_digest(pages)

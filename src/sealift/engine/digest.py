@@ -92,16 +92,51 @@ class ImageDigest:
 
     def refresh(self, max_blocks: int | None = None) -> int:
         """Re-hash stale blocks (at most `max_blocks`); returns how many."""
-        with self._lock:
-            stale = np.flatnonzero(self._stale)
-            if max_blocks is not None:
-                stale = stale[:max_blocks]
-            self._stale[stale] = False  # clear before reading: see module docstring
-            for block in stale.tolist():
+        stale = np.flatnonzero(self._stale)
+        if max_blocks is not None:
+            stale = stale[:max_blocks]
+        done = 0
+        for block in stale.tolist():
+            # One block at a time under the lock, so `store_blocks` can never
+            # land between our read of a block and our store of its hash.
+            with self._lock:
+                if not self._stale[block]:
+                    continue  # stored meanwhile from received data
+                self._stale[block] = False  # clear before reading: see module docstring
                 first = block * BLOCK_PAGES
                 data = self._read_block(first, min(BLOCK_PAGES, self.npages - first))
                 self._hashes[block] = np.frombuffer(self._hash(data), dtype=np.uint8)
-            return len(stale)
+            done += 1
+        return done
+
+    def store_pages(self, first_page: int, data: memoryview) -> None:
+        """Account for pages just written from `data`: whole blocks are hashed
+        from `data` itself (no read-back), partial blocks are marked stale.
+
+        Only for a side whose image *is* what it received (the destination);
+        the source must hash its live memory, which is what catches a page
+        the engine failed to send.
+        """
+        count = len(data) // PAGE_SIZE
+        end_page = first_page + count
+        first_full = -(-first_page // BLOCK_PAGES)
+        last_full = end_page // BLOCK_PAGES  # exclusive
+        if end_page == self.npages:
+            last_full = self.nblocks  # the short tail block is whole too
+        if first_full >= last_full:
+            self.mark_range(first_page, count)
+            return
+        if first_page < first_full * BLOCK_PAGES:
+            self.mark_range(first_page, first_full * BLOCK_PAGES - first_page)
+        if last_full * BLOCK_PAGES < end_page:
+            self.mark_range(last_full * BLOCK_PAGES, end_page - last_full * BLOCK_PAGES)
+        for block in range(first_full, last_full):
+            start = (block * BLOCK_PAGES - first_page) * PAGE_SIZE
+            length = min(BLOCK_PAGES, self.npages - block * BLOCK_PAGES) * PAGE_SIZE
+            digest = np.frombuffer(self._hash(data[start : start + length]), dtype=np.uint8)
+            with self._lock:
+                self._hashes[block] = digest
+                self._stale[block] = False
 
     def digest(self) -> str:
         """Refresh what is stale and return the image digest."""

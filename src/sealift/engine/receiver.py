@@ -88,8 +88,11 @@ class ImageReceiver:
         if isinstance(event, PagesReceived):
             data = event.data
             for start, end in contiguous_runs(event.indexes):
-                self._store.write_pages(int(event.indexes[start]), data[start * PAGE_SIZE : end * PAGE_SIZE])
-            self._mark(event.indexes)
+                run = data[start * PAGE_SIZE : end * PAGE_SIZE]
+                first = int(event.indexes[start])
+                self._store.write_pages(first, run)
+                if self._digest is not None:
+                    self._digest.store_pages(first, run)  # after the write
             result.pages_received += int(event.indexes.size)
         elif isinstance(event, ZeroPagesReceived):
             for start, end in contiguous_runs(event.indexes):

@@ -10,10 +10,14 @@ On disk (one directory per host, as `issue_host` writes it):
     {host}.pem   the host certificate
     ca.pem       the cluster CA certificate (the only trust anchor)
 
-Certificates for other roles (operators, later) are issued by the same CA from
-a different `_LeafProfile`. Such certificates must carry an extended key usage
-other than serverAuth/clientAuth, so that OpenSSL's purpose check and
-`host_name_of` both refuse them as host identities.
+Operator certificates (`issue_operator`, see `operators.py`) are issued by the
+same CA from another `_LeafProfile`: clientAuth only, no SAN DNS name, a URI
+SAN `sealift:operator:NAME` and the role in the subject's OU. Without a DNS
+name and serverAuth, `host_name_of` refuses them as host identities (and
+OpenSSL's purpose check refuses them as TLS servers).
+
+Revocation (`revoke`, `publish_crl`, see `revocation.py`) writes an X.509 CRL
+signed by the CA into the CA directory (`ca.crl.pem`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -33,6 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sealift.security.errors import CertificateError
+
+if TYPE_CHECKING:  # both modules import this one
+    from sealift.security.operators import OperatorIdentity
 
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.pem"
@@ -231,6 +239,44 @@ class ClusterCA:
             _write_new_file(identity.ca_path, ca_pem, mode=0o644)
         return identity
 
+    def issue_operator(
+        self, name: str, role: str, out_dir: Path, days: int = 365
+    ) -> OperatorIdentity:
+        """Issue an operator certificate with `role` into `out_dir` ({name}.key, {name}.pem, ca.pem).
+
+        `role` is one of "admin", "operator", "auditor". See `operators.py`
+        for how the certificate differs from a host certificate.
+        """
+        from sealift.security import operators  # imports this module: import late
+
+        return operators.issue_operator(self, name, role, out_dir, days=days)
+
+    def revoke(
+        self,
+        serial_or_cert: int | x509.Certificate,
+        reason: str | x509.ReasonFlags = "unspecified",
+        *,
+        crl_days: int = 30,
+    ) -> x509.CertificateRevocationList:
+        """Add a certificate (or serial number) to this CA's CRL and re-sign it.
+
+        Writes {directory}/ca.crl.pem atomically and returns the new CRL;
+        copy that file to every agent. See `revocation.py`.
+        """
+        from sealift.security import revocation  # imports this module: import late
+
+        return revocation.revoke(self, serial_or_cert, reason, crl_days=crl_days)
+
+    def publish_crl(self, *, crl_days: int = 30) -> x509.CertificateRevocationList:
+        """Re-sign the CRL with the same entries and a new expiry (creating it if absent).
+
+        Agents refuse a CRL past its next-update time, so run this (e.g. from
+        cron) well before the current one expires.
+        """
+        from sealift.security import revocation  # imports this module: import late
+
+        return revocation.publish_crl(self, crl_days=crl_days)
+
     def _issue_leaf(
         self,
         common_name: str,
@@ -238,6 +284,8 @@ class ClusterCA:
         public_key: ec.EllipticCurvePublicKey,
         profile: _LeafProfile,
         days: int,
+        *,
+        extra_subject: Sequence[x509.NameAttribute] = (),
     ) -> x509.Certificate:
         now = _now()
         # A leaf never outlives its CA: such a certificate would just fail later.
@@ -245,7 +293,9 @@ class ClusterCA:
         ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject])
+            )
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())

@@ -1,0 +1,56 @@
+#!/bin/busybox sh
+# sealift guest init (PID 1 of the test guest's initramfs).
+#
+# Mounts the kernel's file systems, loads the few modules the Debian kernel
+# builds as modules (virtio PCI and network, listed in dependency order by
+# the image builder), brings up eth0 with a static address from the kernel
+# command line, then runs the workload. PID 1 must never exit (the kernel
+# would panic), so if the workload dies init says so and stays alive.
+#
+# Command line:
+#   sealift.ip=10.0.2.15/24   eth0's address ("none": leave eth0 down)
+#   sealift.gw=10.0.2.2       default gateway ("none": no default route)
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+
+say() { echo "sealift-init: $*"; }
+
+while read -r module; do
+    insmod "/lib/modules/$module" || say "insmod $module failed"
+done < /etc/sealift/modules
+
+ip_addr=10.0.2.15/24
+gateway=10.0.2.2
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        sealift.ip=*) ip_addr="${word#sealift.ip=}" ;;
+        sealift.gw=*) gateway="${word#sealift.gw=}" ;;
+    esac
+done
+
+ip link set lo up
+# The NIC's driver probes asynchronously after insmod: give it a moment.
+tries=0
+while [ ! -e /sys/class/net/eth0 ] && [ "$tries" -lt 50 ]; do
+    sleep 0.1
+    tries=$((tries + 1))
+done
+if [ "$ip_addr" = none ]; then
+    say "network left down (sealift.ip=none)"
+elif [ ! -e /sys/class/net/eth0 ]; then
+    say "no eth0: the VM has no network device"
+else
+    ip addr add "$ip_addr" dev eth0 && ip link set eth0 up
+    [ "$gateway" = none ] || ip route add default via "$gateway"
+    say "eth0 $ip_addr gateway $gateway mac $(cat /sys/class/net/eth0/address)"
+fi
+
+say "starting workload"
+/bin/workload
+say "workload exited with status $?; staying alive"
+while :; do sleep 3600; done

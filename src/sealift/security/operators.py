@@ -1,0 +1,338 @@
+"""Operator identities: the people (or tools) who sign migration orders.
+
+An operator certificate is issued by the cluster CA like a host certificate,
+but can never be taken for one, and a host certificate can never be taken for
+an operator's:
+
+    subject        CN=<name>, OU=<role>           role: admin | operator | auditor
+    subjectAltName URI:sealift:operator:<name>    and nothing else (no DNS name)
+    extKeyUsage    clientAuth only                 (no serverAuth)
+    keyUsage       digitalSignature; basicConstraints CA:FALSE
+
+Why this encoding:
+- The role sits in the subject's OU (one OU, exactly a role name), readable
+  with `openssl x509 -text`, parsed by `cryptography` without hand-made DER.
+  Host certificates have no OU and the CA sets it only here.
+- `host_name_of` needs exactly one SAN DNS name and serverAuth+clientAuth, and
+  `operator_of` needs no DNS name, the `sealift:operator:` URI and clientAuth
+  alone: the two tests cannot both pass on one certificate.
+- clientAuth (not serverAuth) so that a later remote control API can accept
+  operators over mutual TLS. An operator certificate presented on the
+  migration port passes OpenSSL's client purpose check but is refused by
+  `host_name_of` inside `TlsStream.accept`, before any message is read; as a
+  server it fails OpenSSL's purpose check already.
+
+On disk, as `ClusterCA.issue_operator` writes it (same layout as a host):
+
+    {name}.key   PKCS#8 PEM private key, mode 0600
+    {name}.pem   the operator certificate
+    ca.pem       the cluster CA certificate
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sealift.security.errors import CertificateError
+
+# Package-private helpers of identity.py: one implementation of key files,
+# permissions and certificate issuance for hosts and operators alike.
+from sealift.security.identity import (
+    CA_CERT_FILE,
+    _cert_pem,
+    _check_days,
+    _is_ca,
+    _LeafProfile,
+    _load_certificate,
+    _load_private_key,
+    _now,
+    _same_public_key,
+    _write_new_file,
+    _write_private_key,
+)
+
+if TYPE_CHECKING:
+    from sealift.security.identity import ClusterCA
+    from sealift.security.revocation import RevocationList
+
+OPERATOR_URI_PREFIX = "sealift:operator:"
+
+# Letters, digits, '.', '_' and '-', starting and ending with a letter or
+# digit: the name is also a file name and part of a URI.
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+# "ca" would make {name}.key / {name}.pem collide with the CA's own files.
+_RESERVED_NAMES = frozenset({"ca"})
+
+_OPERATOR_PROFILE = _LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+
+
+class Role(enum.StrEnum):
+    """What an operator may do. Which migrations each role may order is policy (policy.py)."""
+
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    AUDITOR = "auditor"  # reads audit logs; may never order a migration
+
+
+ROLES: frozenset[str] = frozenset(role.value for role in Role)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """Who signed something, as the CA certified it."""
+
+    name: str
+    role: Role
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.role.value})"
+
+
+def validate_operator_name(name: str) -> str:
+    """Return `name` if it is a valid operator name, else raise CertificateError."""
+    if not isinstance(name, str) or not _OPERATOR_NAME.fullmatch(name):
+        raise CertificateError(
+            f"invalid operator name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    if name.lower() in _RESERVED_NAMES:
+        raise CertificateError(f"invalid operator name {name!r}: the name is reserved")
+    return name
+
+
+def parse_role(role: str) -> Role:
+    """The Role for `role` ("admin", "operator", "auditor"), else CertificateError."""
+    try:
+        return Role(role)
+    except ValueError:
+        raise CertificateError(
+            f"unknown operator role {role!r}: use one of {', '.join(sorted(ROLES))}"
+        ) from None
+
+
+# --------------------------------------------------------------------------
+# Reading a certificate
+
+
+def operator_of(cert: x509.Certificate) -> Operator:
+    """Return the operator an operator certificate names, after checking its shape.
+
+    Raises CertificateError if `cert` is not a sealift operator certificate
+    (a host or CA certificate, a DNS name, a missing or second URI, another
+    key usage, no role or an unknown one). Does NOT check who issued it, its
+    validity period or revocation: use `verify_operator_certificate` for that.
+    """
+    subject = cert.subject.rfc4514_string() or "(empty subject)"
+    if _is_ca(cert):
+        raise CertificateError(f"certificate {subject} is a CA certificate, not an operator's")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CertificateError(
+            f"certificate {subject} has no subjectAltName: not a sealift operator certificate"
+        ) from None
+    if san.get_values_for_type(x509.DNSName):
+        raise CertificateError(
+            f"certificate {subject} names a DNS host: a host certificate cannot sign as an operator"
+        )
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(list(san)) != 1 or len(uris) != 1 or not uris[0].startswith(OPERATOR_URI_PREFIX):
+        raise CertificateError(
+            f"certificate {subject} must have exactly one subjectAltName, "
+            f"URI:{OPERATOR_URI_PREFIX}NAME, to be a sealift operator certificate"
+        )
+    name = uris[0][len(OPERATOR_URI_PREFIX) :]
+    validate_operator_name(name)
+    if _extended_key_usages(cert) != {ExtendedKeyUsageOID.CLIENT_AUTH}:
+        raise CertificateError(
+            f"certificate {subject} must have the clientAuth extended key usage and no other "
+            "to be a sealift operator certificate"
+        )
+    common_names = _attributes(cert, NameOID.COMMON_NAME)
+    if common_names != [name]:
+        raise CertificateError(
+            f"certificate {subject}: the common name does not match the operator URI {uris[0]!r}"
+        )
+    roles = _attributes(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(roles) != 1:
+        raise CertificateError(
+            f"certificate {subject} must carry exactly one role (subject OU), found {len(roles)}"
+        )
+    return Operator(name=name, role=parse_role(roles[0]))
+
+
+def verify_operator_certificate(
+    cert: x509.Certificate,
+    ca_cert: x509.Certificate,
+    *,
+    revocations: RevocationList | None = None,
+    now: datetime.datetime | None = None,
+) -> Operator:
+    """`operator_of(cert)`, after checking it was issued by `ca_cert`, is valid at `now`
+    and (if `revocations` is given) not revoked.
+
+    Raises CertificateError (or its subclass CertificateRevokedError).
+    """
+    now = _now() if now is None else now
+    operator = operator_of(cert)
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertificateError(
+            f"the certificate of operator {operator.name!r} was not issued by this cluster's CA"
+        ) from None
+    if now < cert.not_valid_before_utc:
+        raise CertificateError(
+            f"the certificate of operator {operator.name!r} is not valid before "
+            f"{_iso(cert.not_valid_before_utc)} (now {_iso(now)}; check the clocks)"
+        )
+    if now > cert.not_valid_after_utc:
+        raise CertificateError(
+            f"the certificate of operator {operator.name!r} expired at "
+            f"{_iso(cert.not_valid_after_utc)} (now {_iso(now)}); issue a new one"
+        )
+    if revocations is not None:
+        revocations.check(cert, what=f"certificate of operator {operator.name!r}")
+    return operator
+
+
+# --------------------------------------------------------------------------
+# Issuing and loading
+
+
+def issue_operator(
+    ca: ClusterCA, name: str, role: str, out_dir: Path, days: int = 365
+) -> OperatorIdentity:
+    """Issue an operator certificate; `ClusterCA.issue_operator` is the public entry point.
+
+    Refuses to overwrite an existing key or certificate, and refuses a
+    directory whose ca.pem belongs to another CA.
+    """
+    validate_operator_name(name)
+    parsed_role = parse_role(role)
+    _check_days(days)
+    out_dir = Path(out_dir)
+    identity = OperatorIdentity(
+        name=name,
+        cert_path=out_dir / f"{name}.pem",
+        key_path=out_dir / f"{name}.key",
+        ca_path=out_dir / CA_CERT_FILE,
+    )
+    for existing in (identity.key_path, identity.cert_path):
+        if existing.exists():
+            raise CertificateError(
+                f"{existing} already exists; refusing to overwrite the identity of "
+                f"operator {name!r}. Remove it first to re-issue (and revoke the old one)."
+            )
+    ca_pem = _cert_pem(ca.certificate)
+    if identity.ca_path.exists() and identity.ca_path.read_bytes() != ca_pem:
+        raise CertificateError(
+            f"{identity.ca_path} holds a different CA certificate; "
+            f"{out_dir} belongs to another cluster"
+        )
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)]
+    role_attribute = x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, parsed_role.value)
+    # Package-private: the CA's signing key never leaves ClusterCA.
+    cert = ca._issue_leaf(  # noqa: SLF001
+        name, san, key.public_key(), _OPERATOR_PROFILE, days, extra_subject=[role_attribute]
+    )
+    _write_private_key(identity.key_path, key)
+    _write_new_file(identity.cert_path, _cert_pem(cert), mode=0o644)
+    if not identity.ca_path.exists():
+        _write_new_file(identity.ca_path, ca_pem, mode=0o644)
+    return identity
+
+
+@dataclass(frozen=True)
+class OperatorIdentity:
+    """Where one operator's key, certificate and the cluster CA certificate live."""
+
+    name: str
+    cert_path: Path
+    key_path: Path
+    ca_path: Path
+
+    @classmethod
+    def load(cls, directory: Path, name: str) -> OperatorIdentity:
+        """Load and check the identity of operator `name` from `directory`.
+
+        Checks that the files exist, the key is private (mode 0600) and
+        matches the certificate, the certificate is an operator certificate
+        for `name` issued by ca.pem, and it is valid now.
+        """
+        validate_operator_name(name)
+        directory = Path(directory)
+        identity = cls(
+            name=name,
+            cert_path=directory / f"{name}.pem",
+            key_path=directory / f"{name}.key",
+            ca_path=directory / CA_CERT_FILE,
+        )
+        identity.check()
+        return identity
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        return _load_private_key(self.key_path)
+
+    def certificate(self) -> x509.Certificate:
+        return _load_certificate(self.cert_path)
+
+    def certificate_pem(self) -> str:
+        return _cert_pem(self.certificate()).decode("ascii")
+
+    def ca_certificate(self) -> x509.Certificate:
+        return _load_certificate(self.ca_path)
+
+    def operator(self) -> Operator:
+        """Name and role, as the certificate states them."""
+        return operator_of(self.certificate())
+
+    def check(self) -> None:
+        """Raise CertificateError unless this identity is complete and consistent."""
+        cert = self.certificate()
+        ca = self.ca_certificate()
+        key = self.private_key()
+        if not _is_ca(ca):
+            raise CertificateError(f"{self.ca_path} is not a CA certificate")
+        try:
+            operator = verify_operator_certificate(cert, ca)
+        except CertificateError as exc:
+            raise CertificateError(f"{self.cert_path}: {exc}") from None
+        if operator.name != self.name:
+            raise CertificateError(
+                f"{self.cert_path} was issued for operator {operator.name!r}, not {self.name!r}"
+            )
+        if not _same_public_key(key, cert):
+            raise CertificateError(f"{self.key_path} does not belong to {self.cert_path}")
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+def _extended_key_usages(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
+def _attributes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str]:
+    return [str(attribute.value) for attribute in cert.subject.get_attributes_for_oid(oid)]
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
