@@ -34,7 +34,7 @@ def migrate_once(cluster: LocalCluster, case: Case, secure: bool, warmup_s: floa
     src, dst = cluster.client("host-a"), cluster.client("host-b")
     src.request("vm.start", name="bench", memory=case.memory, workload=case.workload, fill_fraction=fill)
     time.sleep(warmup_s)
-    report = src.request("migrate", vm="bench", to="host-b", options={"secure": secure})["report"]
+    report = cluster.migrate("bench", "host-a", "host-b", options={"secure": secure})
     dst.request("vm.stop", name="bench")
     if report["status"] != "completed":
         raise RuntimeError(f"migration failed: {report.get('error')}")

@@ -20,6 +20,10 @@ from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentUnavailable
 from sealift.security.identity import ClusterCA
+from sealift.security.operators import OperatorIdentity
+from sealift.security.orders import create_order
+
+OPERATOR = "ops-admin"
 
 SHM_ROOT = Path("/dev/shm")
 
@@ -61,6 +65,9 @@ class LocalCluster:
         self.vm_root = Path(tempfile.mkdtemp(prefix="sealift-vms-", dir=SHM_ROOT if SHM_ROOT.is_dir() else None))
         self.pki = self.root / "pki"
         ca = ClusterCA.init(self.pki)
+        self.ca = ca
+        self.operators = self.root / "operators"
+        self.operator = ca.issue_operator(OPERATOR, "admin", self.operators)
         self.addresses = {host: ("127.0.0.1", free_port()) for host in self.hosts}
         addresses = self.addresses
         for host in self.hosts:
@@ -74,6 +81,11 @@ class LocalCluster:
         peers = "\n".join(f'"{peer}" = "{addr[0]}:{addr[1]}"' for peer, addr in routes.items())
         config = state / "agent.toml"
         socket_path = state / "control.sock"
+        hosts = ", ".join(f'"{h}"' for h in self.hosts)
+        (state / "policy.toml").write_text(
+            "# The demo cluster: admins and operators may move any VM between its hosts.\n"
+            f'[[rule]]\nroles = ["admin", "operator"]\nvms = ["*"]\nfrom = [{hosts}]\nto = [{hosts}]\n'
+        )
         config.write_text(
             f'name = "{host}"\n'
             f'listen = "{addresses[host][0]}:{addresses[host][1]}"\n'
@@ -81,6 +93,7 @@ class LocalCluster:
             f'state_dir = "{state}"\n'
             f'vm_dir = "{self.vm_root / host}"\n'
             f'identity_dir = "{self.pki}"\n'
+            f'policy = "{state / "policy.toml"}"\n'
             f"allow_insecure = {'true' if self.allow_insecure else 'false'}\n"
             f"{self.extra_config}\n"
             f"[peers]\n{peers}\n"
@@ -123,6 +136,17 @@ class LocalCluster:
 
     def client(self, host: str) -> AgentClient:
         return self.agents[host].client
+
+    def order(self, vm: str, source: str, destination: str, ttl_s: float = 300, operator: OperatorIdentity | None = None) -> str:
+        """A signed migration order from the cluster's admin (or `operator`)."""
+        return create_order(operator or self.operator, vm, source, destination, ttl_s=ttl_s)
+
+    def migrate(self, vm: str, source: str, destination: str, options: dict | None = None, on_event=None) -> dict:
+        """Sign an order and run it on the source agent; returns the report."""
+        return self.client(source).request(
+            "migrate", on_event=on_event, vm=vm, to=destination, options=options or {},
+            order=self.order(vm, source, destination),
+        )["report"]
 
     def stop(self) -> None:
         """Stop agents and every guest they started; remove all files."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from sealift.agent.client import AgentRequestFailed
 from sealift.cli.render import MigrationProgress, console, out, report_table
 from sealift.cluster import LocalCluster
+from sealift.security.orders import describe_order
 
 SOURCE, DESTINATION, VM = "host-a", "host-b", "demo-vm"
 
@@ -36,7 +37,7 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
     cluster = LocalCluster(allow_insecure=options.insecure)
     try:
         say(f"[bold]sealift demo[/bold] in {cluster.root}")
-        say(f"  cluster CA and host certificates for {SOURCE}, {DESTINATION} (ECDSA P-256)")
+        say(f"  cluster CA, host certificates for {SOURCE}, {DESTINATION} and an operator certificate (ECDSA P-256)")
         cluster.start()
         say(f"  agents up: {SOURCE} on {cluster.agents[SOURCE].listen}, {DESTINATION} on {cluster.agents[DESTINATION].listen}")
         src, dst = cluster.client(SOURCE), cluster.client(DESTINATION)
@@ -44,9 +45,13 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
         say(f"  started {VM} on {SOURCE}: {options.memory} RAM, workload {options.workload}, pid {vm['pid']}")
         time.sleep(options.warmup_s)  # let the workload dirty memory first
         migration = {"secure": not options.insecure, **options.migration}
+        order = cluster.order(VM, SOURCE, DESTINATION)
+        say(f"  operator {cluster.operator.name} (admin) signed migration order {order_id(order)}: {VM} {SOURCE} → {DESTINATION}")
         with MigrationProgress(VM, DESTINATION, enabled=options.show_progress) as progress:
             try:
-                report = src.request("migrate", on_event=progress.on_event, vm=VM, to=DESTINATION, options=migration)["report"]
+                report = src.request(
+                    "migrate", on_event=progress.on_event, vm=VM, to=DESTINATION, options=migration, order=order
+                )["report"]
             except AgentRequestFailed as exc:
                 return _failed(str(exc), src, options)
         time.sleep(0.3)  # let the guest tick on its new host
@@ -72,6 +77,8 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
             "source_cpu_s": report["source_cpu_s"],
             "destination_cpu_s": report["destination_cpu_s"],
             "image_digest": report["image_digest"],
+            "order_id": report.get("order_id"),
+            "audit_ok": {host: cluster.client(host).request("audit.verify")["verification"]["ok"] for host in (SOURCE, DESTINATION)},
             "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "round_reports": report["round_reports"],
             "demo_time_s": round(time.monotonic() - started, 2),
@@ -92,6 +99,10 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
             say(f"  kept {cluster.root}")
         else:
             cluster.cleanup()
+
+
+def order_id(envelope: str) -> str:
+    return str(describe_order(envelope).get("id", "?"))[:12]
 
 
 def _failed(error: str, src: object, options: DemoOptions) -> dict[str, object]:

@@ -21,6 +21,7 @@ from sealift.lab.relay import Relay, Tamper
 SECRET = DEFAULT_SECRET.encode()
 SECRET_PREFIX = b"The bank amount transferred"
 VM = "vm1"
+CLUSTERS: list[LocalCluster] = []  # the active cluster, for signing orders
 
 
 @pytest.fixture
@@ -38,6 +39,7 @@ def make_cluster(relay: Relay, allow_insecure: bool = False) -> LocalCluster:
     )
     relay.target = cluster.addresses["host-b"]
     cluster.start()
+    CLUSTERS.append(cluster)
     return cluster
 
 
@@ -78,7 +80,10 @@ def assert_runs_on_source_only(cluster: LocalCluster) -> None:
 
 
 def migrate(client: AgentClient, on_event=None, **options: object) -> dict:
-    return client.request("migrate", vm=VM, to="host-b", options=options, on_event=on_event)["report"]
+    """Run a migration of VM from host-a to host-b under a freshly signed order."""
+    assert CLUSTERS, "a cluster fixture must be active"
+    order = CLUSTERS[-1].order(VM, "host-a", "host-b")
+    return client.request("migrate", vm=VM, to="host-b", options=options, order=order, on_event=on_event)["report"]
 
 
 # -- the happy path -------------------------------------------------------------

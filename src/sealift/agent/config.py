@@ -51,6 +51,8 @@ class AgentConfig:
     step_timeout_s: float = 30.0
     resolve_interval_s: float = 2.0
     migration: MigrationOptions = field(default_factory=MigrationOptions)
+    policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
+    crl_path: Path | None = None  # the cluster CA's revocation list
 
     @property
     def database_path(self) -> Path:
@@ -110,4 +112,6 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         step_timeout_s=float(raw.get("step_timeout_s", 30.0)),
         resolve_interval_s=float(raw.get("resolve_interval_s", 2.0)),
         migration=migration,
+        policy_path=path("policy") if "policy" in raw else None,
+        crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from sealift.agent.config import ConfigError, parse_size
 from sealift.engine.options import MigrationOptions, OptionsError
+from sealift.security.errors import SecurityError
 
 if TYPE_CHECKING:
     from sealift.agent.daemon import Agent
@@ -81,7 +82,7 @@ class ControlServer:
                 if not isinstance(request, dict):
                     raise RequestError("request must be a JSON object")
                 emit({"ok": True, **self._dispatch(request, emit)})
-            except (RequestError, ConfigError, OptionsError, ValueError, PermissionError, LookupError) as exc:
+            except (RequestError, ConfigError, OptionsError, ValueError, PermissionError, LookupError, SecurityError) as exc:
                 _safe(emit, {"ok": False, "error": str(exc)})
             except Exception as exc:  # report, never kill the agent
                 log.exception("control request failed")
@@ -154,13 +155,32 @@ class ControlServer:
             raise RequestError("options must be an object")
         base = self._agent.config.migration.to_dict()
         options = MigrationOptions.from_dict({**base, **overrides})
+        order = request.get("order")
+        if order is not None and not isinstance(order, str):
+            raise RequestError("order must be the signed order document (a JSON string)")
         report = self._agent.migrate(
             _field(request, "vm", str),
             _field(request, "to", str),
             options,
+            order=order,
             progress=lambda event: _safe(emit, {"event": event.kind, **event.data}),
         )
         return {"report": report.to_dict()}
+
+    def _op_audit_show(self, request: dict, emit: Emit) -> dict:
+        entries = self._agent.authority.audit.show(limit=int(request.get("limit", 50)), kind=request.get("kind"))
+        return {"entries": [entry.to_dict() for entry in entries]}
+
+    def _op_audit_verify(self, request: dict, emit: Emit) -> dict:
+        result = self._agent.authority.audit.verify()
+        return {
+            "verification": {
+                "ok": result.ok,
+                "entries": result.entries,
+                "head_seq": result.head_seq,
+                "problems": [{"seq": p.seq, "what": p.what} for p in result.problems],
+            }
+        }
 
 
 def _field(request: dict, key: str, kind: type) -> object:

@@ -12,6 +12,7 @@ from typing import Callable
 
 from OpenSSL import SSL
 
+from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
 from sealift.agent.control_api import ControlServer
 from sealift.agent.incoming import IncomingMigration
@@ -59,6 +60,7 @@ class Agent:
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        self.authority = Authority(config, self.identity)
         self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock)
         self.control = ControlServer(config.control_socket, self)
 
@@ -86,6 +88,7 @@ class Agent:
             self._listener.close()
         self.control.stop()
         self.resolver.stop()
+        self.authority.close()
         self.store.close()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -176,7 +179,9 @@ class Agent:
                 return
             self._active.add(hello.migration_id)
         try:
-            IncomingMigration(self.config, self.identity, self.store, self.vms, self.sessions, channel, hello).run()
+            IncomingMigration(
+                self.config, self.identity, self.store, self.vms, self.sessions, channel, hello, self.authority
+            ).run()
         finally:
             with self._active_lock:
                 self._active.discard(hello.migration_id)
@@ -191,10 +196,19 @@ class Agent:
 
     # -- operations (control API) -------------------------------------------
 
-    def migrate(self, vm_name: str, destination: str, options: MigrationOptions, progress: ProgressCallback | None) -> MigrationReport:
+    def migrate(
+        self,
+        vm_name: str,
+        destination: str,
+        options: MigrationOptions,
+        order: str | None,
+        progress: ProgressCallback | None,
+    ) -> MigrationReport:
         if not options.secure and not self.config.allow_insecure:
             raise PermissionError("plaintext migration is disabled on this host (set allow_insecure = true to measure it)")
-        migration = OutgoingMigration(self.config, self.identity, self.store, self.vms, vm_name, destination, options, progress)
+        migration = OutgoingMigration(
+            self.config, self.identity, self.store, self.vms, vm_name, destination, options, self.authority, order, progress
+        )
         with self._active_lock:
             self._active.add(migration.migration_id)
         try:

@@ -16,6 +16,19 @@ from sealift.security.identity import HostIdentity
 from sealift.security.signing import canonical_json, sign_document, verify_document
 
 MAX_UNSIGNED_DOCUMENT = 32 * 1024
+BINDING_LABEL = b"EXPORTER-sealift-document-binding-v1"
+
+
+def channel_binding(channel: ControlChannel, nonce_source: bytes, nonce_dest: bytes, migration_id: str) -> str | None:
+    """A value only the two ends of this very TLS session can compute.
+
+    Manifests and receipts carry it, signed, so a document recorded from one
+    session is worthless in another, even to a peer with a valid certificate.
+    """
+    if not channel.secure:
+        return None
+    context = nonce_source + nonce_dest + migration_id.encode()
+    return channel.stream.export_keying_material(BINDING_LABEL, 32, context).hex()  # type: ignore[attr-defined]
 
 
 class DocumentError(Exception):
@@ -55,7 +68,7 @@ def _parse_unsigned(envelope: str, kind: str) -> dict:
 
 def receipt_matches(receipt: dict, manifest: dict, stage: str) -> None:
     """The destination's receipt must acknowledge exactly what the source sent."""
-    for key in ("migration_id", "vm", "image_digest", "state_digest"):
+    for key in ("migration_id", "vm", "image_digest", "state_digest", "channel_binding"):
         if receipt.get(key) != manifest.get(key):
             raise DocumentError(f"receipt {key} {receipt.get(key)!r} does not match the manifest's {manifest.get(key)!r}")
     if receipt.get("stage") != stage:

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 from sealift.agent.config import AgentConfig
-from sealift.agent.documents import DocumentError, DocumentSigner
+from sealift.agent.authority import Authority
+from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding
+from sealift.security.audit import Kinds
+from sealift.security.errors import SecurityError
 from sealift.agent.store import AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
 from sealift.agent.vms import AdmissionError, VmRegistry
@@ -48,8 +51,10 @@ class IncomingMigration:
         sessions: DataSessions,
         channel: ControlChannel,
         hello: Hello,
+        authority: Authority,
     ) -> None:
         self._config = config
+        self._authority = authority
         self._store = store
         self._vms = vms
         self._sessions = sessions
@@ -59,7 +64,12 @@ class IncomingMigration:
         self._image: GuestImage | None = None
         self._standby: StandbyGuest | None = None
         self._session_id = secrets.token_bytes(16)
+        self._binding: str | None = None
+        self._order_id: str | None = None
         self._nonce = secrets.token_bytes(32)
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
 
     @property
     def image_path(self) -> Path:
@@ -69,8 +79,9 @@ class IncomingMigration:
         hello = self._hello
         try:
             self._admit()
-        except (IncomingRefused, AdmissionError) as exc:
+        except (IncomingRefused, AdmissionError, SecurityError) as exc:
             log.warning("refused migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
+            self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
             self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
             return
         cpu_started = time.process_time()
@@ -81,13 +92,17 @@ class IncomingMigration:
             self._image.reserve()  # the memory is ours before we say yes
             self._standby = StandbyGuest(self._config.vm_dir, hello.vm_name)  # off the downtime path
             self._sessions.expect(self._session_id)
+            self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
             self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, None))
+            self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, memory_bytes=hello.memory_bytes)
             result = self._receive()
             manifest = self._verify_manifest(result)
             self._image.write_state(result.device_state or b"")
             self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
             prepared = True
-            self._channel.send(Receipt(hello.migration_id, "prepared", self._receipt(manifest, "prepared")))
+            receipt = self._receipt(manifest, "prepared")
+            self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
+            self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
             self._await_commit()
             self._start_guest(manifest, cpu_started)
         except Exception as exc:
@@ -120,11 +135,15 @@ class IncomingMigration:
                 )
             if not hello.secure:
                 raise IncomingRefused("an authenticated channel must carry a protected data stream")
+            self._authority.check_peer(self._channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
         else:
             if not self._config.allow_insecure:
                 raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
             if hello.secure:
                 raise IncomingRefused("a protected migration needs the TLS control channel")
+        # Incoming migration control: a valid, unused order naming this peer and this host.
+        verified = self._authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
+        self._order_id = verified.order.id
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
 
     def _protection(self) -> RecordProtection:
@@ -159,6 +178,8 @@ class IncomingMigration:
             "source": self._hello.source_host,
             "destination": self._config.name,
             "memory_bytes": self._hello.memory_bytes,
+            "channel_binding": self._binding,  # made for this very session, not replayed from another
+            "order_id": self._order_id,
         }
         for key, value in expected.items():
             if manifest.get(key) != value:
@@ -170,6 +191,8 @@ class IncomingMigration:
                 )
             if manifest.get("state_digest") != state_digest(result.device_state or b""):
                 raise DocumentError("device state digest does not match the signed manifest")
+        self._audit(Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, verified=self._hello.secure,
+                    manifest=reply.envelope)
         return manifest
 
     def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
@@ -181,6 +204,7 @@ class IncomingMigration:
             "image_digest": manifest.get("image_digest"),
             "state_digest": manifest.get("state_digest"),
             "stage": stage,
+            "channel_binding": self._binding,
             "signed_at": time.time(),
             **extra,
         }
@@ -207,6 +231,7 @@ class IncomingMigration:
         receipt = self._receipt(
             manifest, "running", counter_at_resume=counter_at_resume, pid=vm.pid, cpu_s=round(time.process_time() - cpu_started, 3)
         )
+        self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=vm.pid, receipt=receipt)
         try:
             self._channel.send(Receipt(hello.migration_id, "running", receipt))
         except OSError as exc:
@@ -226,6 +251,7 @@ class IncomingMigration:
             self._store.set_phase(self._hello.migration_id, "aborted", error=reason)
         except Exception:
             log.exception("could not record the abort of %s", self._hello.migration_id)
+        self._audit("migration.aborted", vm=self._hello.vm_name, source=self._hello.source_host, reason=reason)
         try:
             self._channel.send(Abort(self._hello.migration_id, reason[:1000]))
         except Exception:  # the conversation may already be over or the peer gone

@@ -9,6 +9,7 @@ commit decision is on disk, any failure resumes the guest here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -25,12 +26,18 @@ from sealift.engine.report import MigrationReport, RoundReport
 from sealift.engine.sender import PrecopyResult, PrecopySender, TransferProgress
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
-from sealift.agent.documents import DocumentSigner, receipt_matches
+from sealift.agent.authority import Authority
+from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
+from sealift.security.audit import Kinds
 from sealift.wire.datastream import DataStreamWriter
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
 from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
 
 log = logging.getLogger(__name__)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class MigrationError(Exception):
@@ -56,9 +63,13 @@ class OutgoingMigration:
         vm_name: str,
         destination: str,
         options: MigrationOptions,
+        authority: Authority,
+        order: str | None,
         progress: ProgressCallback | None = None,
     ) -> None:
         self._config = config
+        self._authority = authority
+        self._order = order
         self._identity = identity
         self._signer = DocumentSigner(config.name, identity if options.secure else None)
         self._store = store
@@ -84,6 +95,10 @@ class OutgoingMigration:
         if not self._options.secure:
             log.warning("migrating %s IN CLEAR (--insecure): anyone on the network can read and change it", self._vm_name)
         address = self._config.peer_address(self._destination)
+        # Outgoing migration control: nothing happens without a valid, unused order.
+        verified = self._authority.authorize_outgoing(self._order, self._vm_name, self._destination)
+        self.report.order_id = verified.order.id
+        self.report.operator = verified.operator.name
         vm = self._vms.claim(self._vm_name)
         self.report.memory_bytes = vm.memory_bytes
         self._store.create_migration(self.migration_id, vm.name, "source", self._destination, "started", vm.memory_bytes)
@@ -96,6 +111,10 @@ class OutgoingMigration:
             channel = ControlChannel.connect(
                 address, self._identity, self._destination, self._options.secure, self._config.handshake_timeout_s
             )
+            if channel.secure:
+                self._authority.check_peer(channel.stream.peer_certificate, self._destination)  # type: ignore[attr-defined]
+            self._audit("migration.started", vm=vm.name, destination=self._destination, transport=self.report.transport,
+                        order_id=verified.order.id)
             accept = self._hello(channel, vm)
             result = self._transfer(channel, accept, address, vm)
             self._mark("stream_sent", result.paused_at)
@@ -103,6 +122,7 @@ class OutgoingMigration:
             self._mark("prepared_receipt", result.paused_at)
             self._store.decide(self.migration_id, "committed")  # point of no return
             committed = True
+            self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=self._destination)
             channel.send(Commit(self.migration_id))
             self._mark("commit_sent", result.paused_at)
             self._phase("committed")
@@ -113,6 +133,8 @@ class OutgoingMigration:
             self._vms.release_migrated(vm.name)
             self._store.set_phase(self.migration_id, "completed")
             self._finish_report(result, running, prepared, started, cpu_started)
+            self._audit("migration.completed", vm=vm.name, destination=self._destination,
+                        downtime_ms=self.report.downtime_ms, total_time_s=self.report.total_time_s)
             return self.report
         except BaseException as exc:
             self.report.status = "failed"
@@ -148,7 +170,7 @@ class OutgoingMigration:
             compression=self._options.compression,
             streams=1,
             backend="builtin",
-            order=None,
+            order=self._order,
             psk_proof=None,
             image_digest=self._options.image_digest if self._options.secure else None,
         )
@@ -168,6 +190,7 @@ class OutgoingMigration:
 
     def _transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: BuiltinVM) -> PrecopyResult:
         protection = self._protection(channel, accept)
+        self._binding = channel_binding(channel, self._nonce, accept.nonce, self.migration_id)
         data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
         try:
             writer = DataStreamWriter(protection, vm.image.npages, self._options.compression)
@@ -202,16 +225,21 @@ class OutgoingMigration:
             "wire_bytes": result.wire_bytes,
             "counter_at_pause": self.report.counter_at_pause,
             "nonce_source": self._nonce.hex(),
+            "channel_binding": self._binding,
+            "order_id": self.report.order_id,
             "signed_at": time.time(),
         }
-        channel.send(Manifest(self.migration_id, self._signer.sign(manifest, "manifest")))
+        envelope = self._signer.sign(manifest, "manifest")
+        channel.send(Manifest(self.migration_id, envelope))
+        self._audit(Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, state_digest=result.state_digest,
+                    manifest_sha256=_sha256(envelope))
         reply = channel.recv(self._config.step_timeout_s)
         if isinstance(reply, Abort):
             raise MigrationError(f"{self._destination} aborted: {reply.reason}")
         assert isinstance(reply, Receipt) and reply.stage == "prepared"
         receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
         receipt_matches(receipt, manifest, "prepared")
-        self._prepared_receipt = reply.envelope
+        self._audit(Kinds.RECEIPT, stage="prepared", receipt=reply.envelope)
         return receipt
 
     def _await_running(self, channel: ControlChannel) -> dict:
@@ -221,8 +249,10 @@ class OutgoingMigration:
         assert isinstance(reply, Receipt) and reply.stage == "running"
         receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
         if receipt.get("migration_id") != self.migration_id or receipt.get("stage") != "running":
-            raise MigrationError("the destination's running receipt does not name this migration")
-        self._running_receipt = reply.envelope
+            raise DocumentError("the destination's running receipt does not name this migration")
+        if receipt.get("channel_binding") != self._binding:
+            raise DocumentError("the running receipt was not made for this session")
+        self._audit(Kinds.RECEIPT, stage="running", receipt=reply.envelope)
         return receipt
 
     def _abort(self, channel: ControlChannel | None, vm: BuiltinVM, exc: BaseException) -> None:
@@ -245,6 +275,7 @@ class OutgoingMigration:
             self._store.set_phase(self.migration_id, "aborted", error=reason)
         where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
         self.report.error = f"migration to {self._destination} failed: {reason}; {where}"
+        self._audit("migration.aborted", vm=vm.name, destination=self._destination, reason=reason, resumed=resumed)
         log.warning("%s", self.report.error)
 
     # -- reporting ----------------------------------------------------------
@@ -257,8 +288,13 @@ class OutgoingMigration:
         self._store.set_phase(self.migration_id, phase)
         self._progress(ProgressEvent("phase", {"phase": phase}))
 
+    def _audit(self, kind: str, **fields: object) -> None:
+        self._authority.record(kind, migration_id=self.migration_id, **fields)
+
     def _on_round(self, report: RoundReport) -> None:
         self.report.round_reports.append(report)
+        self._audit(Kinds.MIGRATION_ROUND, round=report.round, pages=report.pages_sent, bytes=report.bytes_sent,
+                    dirty_left=report.dirty_pages_left, decision=report.decision)
         self._progress(ProgressEvent("round", report.to_dict()))
 
     def _on_transfer(self, progress: TransferProgress) -> None:

@@ -44,6 +44,8 @@ class MigrationReport:
     source_cpu_s: float = 0.0
     destination_cpu_s: float = 0.0
     stop_reason: str = ""
+    order_id: str | None = None
+    operator: str | None = None
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
     round_reports: list[RoundReport] = field(default_factory=list)
 

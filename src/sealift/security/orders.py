@@ -94,6 +94,10 @@ class OrderError(SecurityError):
         super().__init__(message)
         self.order_id = order_id
 
+    def audit_fields(self) -> dict[str, Any]:
+        """Fields for an `order.refused` audit entry."""
+        return {"order_id": self.order_id, "code": self.code, "reason": str(self)}
+
 
 class MalformedOrderError(OrderError):
     code = "malformed"
@@ -187,6 +191,14 @@ class VerifiedOrder:
     order: MigrationOrder
     operator: Operator
     issuer_certificate: x509.Certificate = field(repr=False, compare=False)
+
+    def audit_fields(self) -> dict[str, Any]:
+        """Fields for an `order.accepted` audit entry: the order and who signed it."""
+        return {
+            **self.order.to_fields(),
+            "role": self.operator.role.value,
+            "issuer_serial": f"{self.issuer_certificate.serial_number:x}",
+        }
 
 
 # --------------------------------------------------------------------------
