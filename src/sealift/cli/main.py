@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sealift import __version__
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
+from sealift.security.errors import SecurityError
 from sealift.agent.config import ConfigError, load_config, parse_size
 from sealift.cli.render import MigrationProgress, console, out, report_table, vm_table
 
@@ -49,6 +50,31 @@ def _add_agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
+def _add_operator_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--operator", help="operator name (default $SEALIFT_OPERATOR)")
+    parser.add_argument(
+        "--operator-dir", help="directory with NAME.key/NAME.pem (default $SEALIFT_OPERATOR_DIR or /etc/sealift/operator)"
+    )
+
+
+def _operator(args: argparse.Namespace):  # -> OperatorIdentity
+    from sealift.security.operators import OperatorIdentity
+
+    name = args.operator or os.environ.get("SEALIFT_OPERATOR")
+    directory = Path(args.operator_dir or os.environ.get("SEALIFT_OPERATOR_DIR", "/etc/sealift/operator"))
+    if not name:
+        raise CliError("which operator signs? pass --operator NAME (and --operator-dir) or set SEALIFT_OPERATOR")
+    return OperatorIdentity.load(directory, name)
+
+
+def _parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = text.strip()
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
 # -- commands -----------------------------------------------------------------
 
 
@@ -84,6 +110,105 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     else:
         out.print(f"[green]issued[/green] host certificate for {args.host}: {identity.cert_path}")
     return 0
+
+
+def cmd_ca_operator(args: argparse.Namespace) -> int:
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.load(Path(args.dir))
+    identity = ca.issue_operator(args.name, args.role, Path(args.out or args.dir), days=args.days)
+    info = {"operator": args.name, "role": args.role, "certificate": str(identity.cert_path), "key": str(identity.key_path)}
+    if args.json:
+        _print_json(info)
+    else:
+        out.print(f"[green]issued[/green] operator certificate for {args.name} (role {args.role}): {identity.cert_path}")
+    return 0
+
+
+def cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.load(Path(args.dir))
+    cert_path = Path(args.certificate)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    crl = ca.revoke(cert, args.reason)
+    info = {"revoked": str(cert_path), "serial": f"{cert.serial_number:x}", "crl": str(Path(args.dir) / "ca.crl.pem"),
+            "entries": len(list(crl))}
+    if args.json:
+        _print_json(info)
+    else:
+        out.print(f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); copy {info['crl']} to every agent's identity_dir")
+    return 0
+
+
+def cmd_order_create(args: argparse.Namespace) -> int:
+    from sealift.security.orders import create_order, describe_order
+
+    envelope = create_order(_operator(args), args.vm, args.source, args.to, ttl_s=_parse_duration(args.ttl))
+    if args.out:
+        Path(args.out).write_text(envelope)
+    if args.json or not args.out:
+        sys.stdout.write(envelope + "\n") if not args.json else _print_json(describe_order(envelope))
+    else:
+        order = describe_order(envelope)
+        out.print(f"[green]order {order['id']}[/green]: {args.vm} {args.source} → {args.to}, expires {order['expires']} → {args.out}")
+    return 0
+
+
+def cmd_order_show(args: argparse.Namespace) -> int:
+    from sealift.security.orders import describe_order
+
+    order = describe_order(Path(args.file).read_text())
+    if args.json:
+        _print_json(order)
+    else:
+        for key, value in order.items():
+            out.print(f"[bold]{key}[/bold]: {value}")
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    entries = _client(args).request("audit.show", limit=args.limit, kind=args.kind)["entries"]
+    if args.json:
+        _print_json(entries)
+        return 0
+    from rich.table import Table
+
+    table = Table(title="audit log")
+    for col in ("seq", "time", "kind", "fields"):
+        table.add_column(col)
+    for entry in entries:
+        fields = {k: v for k, v in (entry.get("fields") or {}).items() if k not in ("receipt", "manifest")}
+        table.add_row(str(entry.get("seq")), str(entry.get("time", entry.get("timestamp", ""))), str(entry.get("kind")),
+                      json.dumps(fields)[:120])
+    out.print(table)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    if args.file:
+        from cryptography import x509
+
+        from sealift.security.audit import verify_export
+
+        key = x509.load_pem_x509_certificate(Path(args.certificate).read_bytes()).public_key()
+        with open(args.file) as lines:
+            result = verify_export(lines, key)
+        verification = {"ok": result.ok, "entries": result.entries,
+                        "problems": [{"seq": p.seq, "what": p.what} for p in result.problems]}
+    else:
+        verification = _client(args).request("audit.verify")["verification"]
+    if args.json:
+        _print_json(verification)
+    elif verification["ok"]:
+        out.print(f"[green]audit log intact[/green]: {verification['entries']} entries, chain and signatures verify")
+    else:
+        out.print(f"[bold red]audit log TAMPERED[/bold red]: {len(verification['problems'])} problem(s)")
+        for problem in verification["problems"]:
+            out.print(f"  entry #{problem['seq']}: {problem['what']}")
+    return 0 if verification["ok"] else 1
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
@@ -178,13 +303,33 @@ def warn_insecure() -> None:
     )
 
 
+def _order_for(args: argparse.Namespace, client: AgentClient) -> tuple[str, str, str]:
+    """The signed order to run, with its VM and destination: from --order, or signed now."""
+    from sealift.security.orders import create_order, describe_order
+
+    if args.order:
+        envelope = Path(args.order).read_text()
+        order = describe_order(envelope)
+        if args.vm and args.vm != order.get("vm"):
+            raise CliError(f"the order is for VM {order.get('vm')!r}, not {args.vm!r}")
+        return envelope, str(order.get("vm")), str(order.get("destination"))
+    if not args.vm or not args.to:
+        raise CliError("name the VM and --to HOST, or pass --order FILE")
+    source = client.request("status")["status"]["host"]
+    return create_order(_operator(args), args.vm, source, args.to, ttl_s=_parse_duration(args.ttl)), args.vm, args.to
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     if args.insecure:
         warn_insecure()
     client = _client(args)
+    order, vm, destination = _order_for(args, client)
+    args.vm, args.to = vm, destination
     with MigrationProgress(args.vm, args.to, enabled=not args.json) as progress:
         try:
-            reply = client.request("migrate", on_event=progress.on_event, vm=args.vm, to=args.to, options=migration_options(args))
+            reply = client.request(
+                "migrate", on_event=progress.on_event, vm=args.vm, to=args.to, options=migration_options(args), order=order
+            )
         except AgentRequestFailed as exc:
             if args.json:
                 _print_json({"status": "failed", "error": str(exc)})
@@ -270,6 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ca_issue)
+    p = ca.add_parser("operator", help="issue an operator certificate with a role")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=["admin", "operator", "auditor"])
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--out", help="where to write the operator's key and certificate (default: the CA directory)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_operator)
+    p = ca.add_parser("revoke", help="revoke a host or operator certificate (updates ca.crl.pem)")
+    p.add_argument("certificate", help="the certificate file to revoke")
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--reason", default="key_compromise")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_revoke)
 
     vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
     p = vm.add_parser("start", help="start a built-in VM")
@@ -292,12 +451,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_flags(p)
     p.set_defaults(func=cmd_vm_list)
 
-    p = sub.add_parser("migrate", help="live-migrate a VM to another host")
-    p.add_argument("vm")
-    p.add_argument("--to", required=True, help="destination host name (from the agent's [peers])")
+    p = sub.add_parser("migrate", help="live-migrate a VM to another host (under a signed order)")
+    p.add_argument("vm", nargs="?")
+    p.add_argument("--to", help="destination host name (from the agent's [peers])")
+    p.add_argument("--order", help="run this signed order (from `sealift order create`)")
+    p.add_argument("--ttl", default="5m", help="lifetime of the order signed in one step (default 5m)")
     add_migration_flags(p)
     _add_agent_flags(p)
+    _add_operator_flags(p)
     p.set_defaults(func=cmd_migrate)
+
+    order = sub.add_parser("order", help="signed migration orders").add_subparsers(dest="order_command", required=True)
+    p = order.add_parser("create", help="sign an order: VM, source, destination, expiry")
+    p.add_argument("vm")
+    p.add_argument("--from", dest="source", required=True, help="source host")
+    p.add_argument("--to", required=True, help="destination host")
+    p.add_argument("--ttl", default="5m", help="how long the order is valid, e.g. 90s, 5m, 2h (default 5m)")
+    p.add_argument("--out", help="write the order here (default: print it)")
+    p.add_argument("--json", action="store_true", help="print the order's fields as JSON")
+    _add_operator_flags(p)
+    p.set_defaults(func=cmd_order_create)
+    p = order.add_parser("show", help="show an order's fields (without verifying it)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_order_show)
+
+    audit = sub.add_parser("audit", help="the agent's signed, hash-chained audit log").add_subparsers(
+        dest="audit_command", required=True
+    )
+    p = audit.add_parser("show", help="recent audit entries")
+    p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--kind", help="only entries of this kind, e.g. order.refused")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_audit_show)
+    p = audit.add_parser("verify", help="check the chain and every signature; names any tampered entry")
+    p.add_argument("--file", help="verify an exported log (JSONL) offline instead of asking the agent")
+    p.add_argument("--certificate", help="with --file: the host certificate whose key signed the log")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("migrations", help="recent migrations on an agent")
     p.add_argument("--limit", type=int, default=20)
@@ -322,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CliError, ConfigError, AgentUnavailable, AgentRequestFailed) as exc:
+    except (CliError, ConfigError, AgentUnavailable, AgentRequestFailed, SecurityError, OSError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 2
     except KeyboardInterrupt:
