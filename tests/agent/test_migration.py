@@ -7,6 +7,7 @@ records it, and in the failure tests cuts or corrupts it.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -230,3 +231,28 @@ def test_plaintext_baseline_accepts_tampered_memory(insecure_cluster: LocalClust
     report = migrate(src, secure=False)
     assert report["status"] == "completed" and relay.tamper.done.is_set()
     assert dst.request("vm.check", name=VM)["check"]["secret_intact"] is False
+
+
+def test_a_recorded_session_replayed_to_the_destination_moves_nothing(cluster: LocalCluster, relay: Relay) -> None:
+    """T4: an attacker on the path records a whole migration and plays it back later."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_vm(src)
+    assert migrate(src)["status"] == "completed"
+    dst.request("vm.stop", name=VM)  # make room, so only the replay's own merit decides
+    recorded = [bytes(s) for s in relay.sessions if s]
+    assert len(recorded) >= 2  # the TLS control connection and the data stream
+    before = len(dst.request("audit.show", limit=500)["entries"])
+    for session in recorded:
+        with socket.create_connection(cluster.addresses["host-b"]) as sock:
+            sock.settimeout(5)
+            try:
+                sock.sendall(session)
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # reset by the agent: fine
+    time.sleep(0.5)
+    assert VM not in vm_names(dst)
+    accepted = dst.request("audit.show", kind="migration.accepted", limit=500)["entries"]
+    assert len(accepted) == 1  # only the genuine migration, never the replay
+    assert len(dst.request("audit.show", limit=500)["entries"]) == before  # nothing even reached the protocol

@@ -35,6 +35,7 @@ class Relay:
         self._record_limit = record_limit
         self._lock = threading.Lock()
         self._captured = bytearray()
+        self.sessions: list[bytearray] = []  # per connection: what the client sent, for replay attacks
         self._sockets: list[socket.socket] = []
         self._cut = False
         self.connections = 0
@@ -90,10 +91,12 @@ class Relay:
             with self._lock:
                 self._sockets += [client, upstream]
                 self.connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+                session = bytearray()
+                self.sessions.append(session)
+            threading.Thread(target=self._pump, args=(client, upstream, True, session), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool, session: bytearray | None = None) -> None:
         offset = 0
         is_data_stream: bool | None = None
         try:
@@ -107,6 +110,8 @@ class Relay:
                     chunk = self._apply_tamper(chunk, offset)
                 offset += len(chunk)
                 self._record(chunk, forward)
+                if session is not None and len(session) < self._record_limit:
+                    session += chunk
                 dst.sendall(chunk)
         except OSError:
             pass
