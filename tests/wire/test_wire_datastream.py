@@ -299,7 +299,7 @@ def pages_payload(
     "header,reason",
     [
         (RECORD_HEADER.pack(0, 0, 0, 12), "unknown record type 0"),
-        (RECORD_HEADER.pack(6, 0, 0, 12), "unknown record type 6"),
+        (RECORD_HEADER.pack(7, 0, 0, 12), "unknown record type 7"),
         (RECORD_HEADER.pack(3, 1, 0, 12), "flags"),
         (RECORD_HEADER.pack(3, 0, 1, 12), "reserved"),
         (
@@ -495,3 +495,32 @@ def test_writer_accepts_numpy_integers_from_local_code() -> None:
         writer.round_end(True, 0)
     with pytest.raises(ProtocolError):
         writer.begin_pages(1.0)  # type: ignore[arg-type]
+
+
+def test_opaque_records_carry_a_hypervisor_stream_intact() -> None:
+    """QEMU's own migration stream rides the channel as OPAQUE records, authenticated in order."""
+    import os
+
+    from sealift.wire.datastream import MAX_OPAQUE, DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
+    from sealift.wire.records import AeadProtection
+
+    key, iv = os.urandom(32), os.urandom(12)
+    writer = DataStreamWriter(AeadProtection(key, iv), npages=1)
+    reader = DataStreamReader(AeadProtection(key, iv), npages=1)
+    payloads = [os.urandom(n) for n in (1, 4096, MAX_OPAQUE, 12345)]
+    wire = bytearray()
+    for payload in payloads:
+        writer.opaque_buffer()[: len(payload)] = payload
+        wire += writer.finish_opaque(len(payload))
+    wire += writer.end()
+    events = reader.receive_data(bytes(wire))
+    assert [bytes(e.data) for e in events if isinstance(e, OpaqueReceived)] == payloads
+    assert isinstance(events[-1], StreamEnded)
+    tampered = bytearray(wire)
+    tampered[20] ^= 1
+    import pytest
+
+    from sealift.wire.errors import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        DataStreamReader(AeadProtection(key, iv), npages=1).receive_data(bytes(tampered))

@@ -49,6 +49,7 @@ HEADER_SIZE = RECORD_HEADER.size
 MAX_PAGES_PER_RECORD = 256
 MAX_ZERO_PAGES_PER_RECORD = 65536
 MAX_DEVICE_STATE = 65536
+MAX_OPAQUE = 1 << 20
 MAX_NPAGES = (1 << 40) // PAGE_SIZE  # 1 TiB of guest memory
 MAX_ROUND = 2**32 - 1
 
@@ -68,6 +69,7 @@ class RecordType(IntEnum):
     ROUND_END = 3
     DEVICE_STATE = 4
     END = 5
+    OPAQUE = 6  # bytes of a hypervisor's own migration stream (QEMU), carried as they are
 
 
 class Codec(IntEnum):
@@ -90,6 +92,7 @@ PLAINTEXT_BOUNDS: dict[RecordType, tuple[int, int]] = {
     RecordType.ROUND_END: (ROUND_END_PAYLOAD.size, ROUND_END_PAYLOAD.size),
     RecordType.DEVICE_STATE: (1, MAX_DEVICE_STATE),
     RecordType.END: (END_PAYLOAD.size, END_PAYLOAD.size),
+    RecordType.OPAQUE: (1, MAX_OPAQUE),
 }
 MAX_PLAINTEXT = max(high for _, high in PLAINTEXT_BOUNDS.values())
 
@@ -157,8 +160,13 @@ class StreamEnded:
     payload_bytes: int
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class OpaqueReceived:
+    data: memoryview  # from finish_record, valid until the next record
+
+
 DataEvent: TypeAlias = (
-    PagesReceived | ZeroPagesReceived | RoundEnded | DeviceStateReceived | StreamEnded
+    PagesReceived | ZeroPagesReceived | RoundEnded | DeviceStateReceived | StreamEnded | OpaqueReceived
 )
 
 
@@ -311,6 +319,18 @@ class DataStreamWriter:
         self._device_state_sent = True
         self._staging_view[:size] = blob
         return self._seal(RecordType.DEVICE_STATE, size)
+
+    def opaque_buffer(self) -> memoryview:
+        """Where the caller puts up to MAX_OPAQUE bytes of an opaque stream (e.g. recv_into)."""
+        self._check_open()
+        self._pending_pages = None
+        return self._staging_view[:MAX_OPAQUE]
+
+    def finish_opaque(self, size: int) -> memoryview:
+        """Seal the first `size` bytes put into opaque_buffer() as one OPAQUE record."""
+        self._check_open()
+        size = _local_int("opaque size", size, 1, MAX_OPAQUE)
+        return self._seal(RecordType.OPAQUE, size)
 
     def end(self) -> memoryview:
         """The authenticated END record; nothing may follow it."""
@@ -537,6 +557,8 @@ class DataStreamReader:
             return self._parse_zero_pages(plain)
         if record_type is RecordType.ROUND_END:
             return self._parse_round_end(plain)
+        if record_type is RecordType.OPAQUE:
+            return OpaqueReceived(data=plain)
         return self._parse_device_state(plain)
 
     def _parse_pages(self, plain: memoryview) -> PagesReceived:
@@ -641,4 +663,6 @@ def _detach(event: DataEvent) -> DataEvent:
     """Copy page data out of the reusable buffer (receive_data returns many events)."""
     if isinstance(event, PagesReceived):
         return PagesReceived(indexes=event.indexes, data=memoryview(bytes(event.data)))
+    if isinstance(event, OpaqueReceived):
+        return OpaqueReceived(data=memoryview(bytes(event.data)))
     return event
