@@ -9,6 +9,7 @@ scratch directory. Nothing is installed into the host's ``/boot``.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ __all__ = [
     "candidate",
     "download",
     "extract",
-    "kernel_for_metapackage",
+    "kernel_from_depends",
+    "show",
 ]
 
 _APT_TIMEOUT_S = 60.0
@@ -55,40 +57,56 @@ def _run(argv: list[str], timeout: float, what: str, cwd: Path | None = None) ->
     return done.stdout
 
 
-def _show(package: str) -> dict[str, str]:
-    """The candidate version's control fields (the version apt would install)."""
-    text = _run(["apt-cache", "show", "--no-all-versions", package], _APT_TIMEOUT_S, f"looking up {package}")
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line or line[0].isspace() or ":" not in line:
-            continue
-        key, value = line.split(":", 1)
-        fields.setdefault(key.strip(), value.strip())
-    if "Version" not in fields:
-        raise DebianError(f"apt knows no candidate for {package}: {_APT_UPDATE_HINT}")
-    return fields
+def show(packages: list[str]) -> dict[str, dict[str, str]]:
+    """Each package's candidate control fields (the version apt would install), in one apt call.
+
+    One call for all, because each ``apt-cache`` run may rebuild its cache
+    (about a second where the binary cache is disabled, as in containers).
+    """
+    text = _run(["apt-cache", "show", "--no-all-versions", *packages], _APT_TIMEOUT_S,
+                "looking up " + ", ".join(packages))  # fmt: skip
+    found: dict[str, dict[str, str]] = {}
+    for paragraph in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in paragraph.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, value = line.split(":", 1)
+                fields.setdefault(key.strip(), value.strip())
+        if "Package" in fields and "Version" in fields:
+            found.setdefault(fields["Package"], fields)
+    missing = [name for name in packages if name not in found]
+    if missing:
+        raise DebianError(f"apt knows no candidate for {', '.join(missing)}: {_APT_UPDATE_HINT}")
+    return found
 
 
 def candidate(package: str) -> DebianPackage:
     """The version of ``package`` that ``apt-get download`` would fetch."""
-    return DebianPackage(package, _show(package)["Version"])
+    return DebianPackage(package, show([package])[package]["Version"])
 
 
-def kernel_for_metapackage(metapackage: str = "linux-image-amd64") -> DebianPackage:
-    """The concrete kernel package (``linux-image-<abi>-amd64``) the metapackage depends on."""
-    depends = _show(metapackage).get("Depends", "")
+def kernel_from_depends(metapackage: str, fields: dict[str, str]) -> DebianPackage:
+    """The concrete kernel package (``linux-image-<abi>-amd64``) a kernel metapackage depends on.
+
+    Debian pins it exactly (``linux-image-6.1.0-56-amd64 (= 6.1.192-2)``);
+    without a pin, the concrete package's candidate is looked up.
+    """
+    depends = fields.get("Depends", "")
     for alternative in re.split(r"[,|]", depends):
-        name = alternative.strip().split(" ", 1)[0]
-        if re.fullmatch(r"linux-image-\d[\w.+-]*", name) and not name.endswith("-unsigned"):
-            return candidate(name)
+        match = re.fullmatch(r"\s*(linux-image-\d[\w.+-]*)\s*(?:\(\s*=\s*([^)\s]+)\s*\))?\s*", alternative)
+        if match and not match.group(1).endswith("-unsigned"):
+            name, version = match.group(1), match.group(2)
+            return DebianPackage(name, version) if version else candidate(name)
     raise DebianError(f"{metapackage} depends on no concrete kernel package (Depends: {depends!r})")
 
 
 def download(packages: list[DebianPackage], into: Path) -> dict[str, Path]:
     """Fetch exactly these versions' ``.deb`` files into ``into``; returns name -> file."""
-    # As root, apt drops privileges to _apt for downloads, which cannot write into
-    # a private scratch directory: download as the calling user instead.
-    argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root"]
+    argv = ["apt-get", "download", "-q"]
+    if os.geteuid() == 0:
+        # As root, apt drops privileges to _apt for downloads, and _apt cannot write
+        # into a private scratch directory: download as root instead.
+        argv += ["-o", "APT::Sandbox::User=root"]
     argv += [f"{pkg.name}={pkg.version}" for pkg in packages]
     _run(argv, _DOWNLOAD_TIMEOUT_S, "downloading " + ", ".join(map(str, packages)), cwd=into)
     found: dict[str, Path] = {}

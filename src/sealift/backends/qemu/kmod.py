@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KernelModule", "ModuleError", "config_value", "module_index", "modules_to_load", "module_bytes"]
+__all__ = ["KernelModule", "ModuleError", "config_value", "module_bytes", "module_index", "modules_to_load"]
 
 
 class ModuleError(Exception):

@@ -50,7 +50,7 @@ else
     say "eth0 $ip_addr gateway $gateway mac $(cat /sys/class/net/eth0/address)"
 fi
 
-say "starting workload"
+say "starting workload ($(grep MemAvailable /proc/meminfo | tr -s ' '))"
 /bin/workload
 say "workload exited with status $?; staying alive"
 while :; do sleep 3600; done

@@ -42,6 +42,7 @@
 #define MAX_RESYNC_NS 1000000000LL  /* further behind than this: stop catching up */
 #define STAMP_BYTES 64u             /* bytes written per dirtied page */
 #define MAX_REQUEST 64              /* request bytes echoed back in an answer */
+#define RESERVE_MIB 16              /* left to the kernel, init and busybox when clamping */
 
 struct config {
     unsigned long mem_mib;
@@ -137,6 +138,36 @@ static void load_config(struct config *cfg, const char *path)
     parse_cmdline(cfg, text);
 }
 
+/* MemAvailable in MiB, or -1 if unknown (e.g. no /proc). */
+static long available_mib(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f == NULL)
+        return -1;
+    char line[128];
+    long kib = -1;
+    while (fgets(line, sizeof line, f) != NULL)
+        if (sscanf(line, "MemAvailable: %ld kB", &kib) == 1)
+            break;
+    fclose(f);
+    return kib < 0 ? -1 : kib / 1024;
+}
+
+/* Asking for more memory than the guest has would only get the workload
+ * OOM-killed: take what there is and say so on the console. */
+static void clamp_memory(struct config *cfg)
+{
+    long available = available_mib();
+    if (available < 0)
+        return;
+    long usable = available > RESERVE_MIB ? available - RESERVE_MIB : 0;
+    if ((long)cfg->mem_mib > usable) {
+        say("sealift-workload: asked for %lu MiB but only %ld MiB are available: using %ld MiB",
+            cfg->mem_mib, available, usable);
+        cfg->mem_mib = (unsigned long)usable;
+    }
+}
+
 static int open_service(unsigned port)
 {
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -185,6 +216,7 @@ int main(int argc, char **argv)
 {
     struct config cfg;
     load_config(&cfg, argc > 1 ? argv[1] : "/proc/cmdline");
+    clamp_memory(&cfg);
 
     /* The secret gets a page of its own, which the workload never writes again. */
     char *secret = mmap(NULL, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

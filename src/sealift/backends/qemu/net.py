@@ -1,0 +1,154 @@
+"""How a QEMU guest is networked, and the guest-side addresses that go with it.
+
+Three shapes:
+
+- ``none``: no NIC (the guest still runs and counts; nothing can probe it);
+- ``user``: QEMU's user-mode network (slirp) with a host UDP port forwarded
+  to the guest's probe service, for tests on one machine (no root network
+  set-up; each VM needs its own host port);
+- ``tap``: a tap device on an existing bridge, the lab's VM network. The
+  guest keeps its address and MAC across a migration, and QEMU's
+  announce-self after the switchover tells the switches where it went.
+
+The MAC is derived from the VM's name, so the source and the destination
+of a migration present the same NIC without having to agree on anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["NetConfig", "NetError", "create_tap", "delete_tap", "mac_for"]
+
+# QEMU's default user network: the guest is 10.0.2.15, the virtual gateway 10.0.2.2.
+USER_GUEST_IP = "10.0.2.15/24"
+USER_GATEWAY = "10.0.2.2"
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+class NetError(Exception):
+    """A network configuration is invalid, or a tap device could not be made."""
+
+
+def mac_for(name: str) -> str:
+    """A stable, locally administered MAC for VM ``name`` (QEMU's 52:54:00 prefix)."""
+    digest = hashlib.sha256(b"sealift-vm-mac:" + name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    mode: Literal["none", "user", "tap"]
+    host_port: int | None = None  # user: the host UDP port forwarded to the guest's service
+    tap: str | None = None  # tap: the tap device (already on its bridge)
+    guest_ip: str = USER_GUEST_IP  # the guest's eth0 address, with prefix length
+    gateway: str | None = USER_GATEWAY
+
+    @classmethod
+    def none(cls) -> NetConfig:
+        return cls("none")
+
+    @classmethod
+    def user(cls, host_port: int) -> NetConfig:
+        return cls("user", host_port=host_port).validated()
+
+    @classmethod
+    def tap_device(cls, tap: str, guest_ip: str, gateway: str | None = None) -> NetConfig:
+        return cls("tap", tap=tap, guest_ip=guest_ip, gateway=gateway).validated()
+
+    def validated(self) -> NetConfig:
+        if self.mode == "user" and not (self.host_port and 0 < self.host_port < 65536):
+            raise NetError(f"user networking needs a host UDP port in 1..65535, not {self.host_port}")
+        if self.mode == "tap" and not (self.tap and _IFNAME_RE.match(self.tap)):
+            raise NetError(f"tap networking needs a valid interface name, not {self.tap!r}")
+        if self.mode != "none":
+            try:
+                ipaddress.ip_interface(self.guest_ip)
+                if self.gateway:
+                    ipaddress.ip_address(self.gateway)
+            except ValueError as exc:
+                raise NetError(f"bad guest address: {exc}") from exc
+        return self
+
+    def qemu_args(self, vm_name: str, service_port: int) -> list[str]:
+        """QEMU's -netdev/-device arguments for this network (none for ``none``)."""
+        if self.mode == "none":
+            return []
+        if self.mode == "user":
+            netdev = f"user,id=net0,hostfwd=udp:127.0.0.1:{self.host_port}-:{service_port}"
+        else:
+            # script=no: the caller made the tap and put it on its bridge.
+            netdev = f"tap,id=net0,ifname={self.tap},script=no,downscript=no"
+        # romfile= (none): the guest boots its kernel directly, PXE would only cost boot time.
+        device = f"virtio-net-pci,netdev=net0,mac={mac_for(vm_name)},romfile="
+        return ["-netdev", netdev, "-device", device]
+
+    def kernel_args(self) -> str:
+        """The guest init's network settings (see guest/init.sh)."""
+        if self.mode == "none":
+            return "sealift.ip=none"
+        return f"sealift.ip={self.guest_ip} sealift.gw={self.gateway or 'none'}"
+
+    def probe_address(self, service_port: int) -> tuple[str, int] | None:
+        """Where a UDP probe from this host reaches the guest's service, if anywhere."""
+        if self.mode == "user" and self.host_port is not None:
+            return ("127.0.0.1", self.host_port)
+        if self.mode == "tap":
+            return (str(ipaddress.ip_interface(self.guest_ip).ip), service_port)
+        return None
+
+    def to_json(self) -> dict[str, object]:
+        return {"mode": self.mode, "host_port": self.host_port, "tap": self.tap,
+                "guest_ip": self.guest_ip, "gateway": self.gateway}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> NetConfig:
+        mode = data.get("mode")
+        if mode not in ("none", "user", "tap"):
+            raise NetError(f"unknown network mode {mode!r}")
+        host_port = data.get("host_port")
+        tap = data.get("tap")
+        gateway = data.get("gateway")
+        return cls(
+            mode=mode,
+            host_port=int(host_port) if isinstance(host_port, int) else None,
+            tap=str(tap) if tap is not None else None,
+            guest_ip=str(data.get("guest_ip", USER_GUEST_IP)),
+            gateway=str(gateway) if gateway is not None else None,
+        )
+
+
+def _ip(*args: str) -> None:
+    try:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    except FileNotFoundError as exc:
+        raise NetError("`ip` is not installed (Debian package iproute2)") from exc
+    if done.returncode != 0:
+        raise NetError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+
+
+def create_tap(tap: str, bridge: str, netns: str | None = None) -> None:
+    """Create tap device ``tap`` on the existing ``bridge`` and bring it up (root only).
+
+    ``netns``: create it inside that network namespace (the lab's hosts).
+    """
+    if not _IFNAME_RE.match(tap) or not _IFNAME_RE.match(bridge):
+        raise NetError(f"bad interface name: {tap!r} or {bridge!r}")
+    prefix = ["-n", netns] if netns else []
+    _ip(*prefix, "tuntap", "add", "dev", tap, "mode", "tap")
+    try:
+        _ip(*prefix, "link", "set", tap, "master", bridge)
+        _ip(*prefix, "link", "set", tap, "up")
+    except NetError:
+        delete_tap(tap, netns)
+        raise
+
+
+def delete_tap(tap: str, netns: str | None = None) -> None:
+    prefix = ["-n", netns] if netns else []
+    _ip(*prefix, "link", "delete", tap)
