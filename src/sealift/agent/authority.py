@@ -24,6 +24,7 @@ from sealift.security.errors import CertificateError
 from sealift.security.identity import HostIdentity
 from sealift.security.orders import MalformedOrderError, OrderError, VerifiedOrder, verify_order
 from sealift.security.policy import Policy
+from sealift.security.psk import PskError, PskSession, PskStore, psk_channel_binding, psk_fingerprint, wrap_key_from_private_key
 from sealift.security.replay import ReplayCache
 from sealift.security.revocation import RevocationList
 
@@ -37,6 +38,8 @@ class Authority:
         self.ca_certificate = identity.ca_certificate()
         self.audit = AuditLog.for_host(config.state_dir, config.name, identity.private_key())
         self.replay = ReplayCache(config.state_dir / "replay.sqlite3")
+        # The optional second factor (seed 002, done safely): keys at rest under the host key.
+        self.psk = PskStore(config.state_dir / "psk.sqlite3", wrap_key_from_private_key(identity.private_key()))
         self._lock = threading.Lock()
         self.policy = self._load_policy()
         self.revocations = self._load_revocations()
@@ -116,6 +119,19 @@ class Authority:
         except Exception:  # the audit log must never be the reason a VM is lost
             log.exception("could not write audit entry %s", kind)
 
+    # -- dynamic PSK ------------------------------------------------------------
+
+    def psk_session(self, peer: str, role: str) -> PskSession | None:
+        """A PSK session if this host shares a key with `peer`; the key is then required."""
+        return PskSession(self.psk, peer, role) if self.psk.has_peer(peer) else None  # type: ignore[arg-type]
+
+    def provision_psk(self, peer: str, key: bytes) -> str:
+        self.psk.provision(peer, key, replace=True)
+        fingerprint = psk_fingerprint(key)
+        self.audit.append(Kinds.KEY_CHANGED, what="psk provisioned", peer=peer, fingerprint=fingerprint)
+        return fingerprint
+
     def close(self) -> None:
+        self.psk.close()
         self.replay.close()
         self.audit.close()

@@ -36,6 +36,19 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """Limits on the migration port, checked before any cryptography (agent/guard.py)."""
+
+    per_peer_rate: float = 20.0  # new connections per second per address
+    per_peer_burst: float = 40.0
+    handshake_rate: float = 10.0  # TLS handshakes per second per address
+    handshake_burst: float = 20.0
+    max_connections_per_peer: int = 16
+    max_connections: int = 64
+    max_incoming_per_peer: int = 2  # concurrent incoming migrations per source host
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     name: str
     listen: tuple[str, int]
@@ -51,6 +64,7 @@ class AgentConfig:
     step_timeout_s: float = 30.0
     resolve_interval_s: float = 2.0
     migration: MigrationOptions = field(default_factory=MigrationOptions)
+    guard: GuardConfig = field(default_factory=lambda: GuardConfig())
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
     crl_path: Path | None = None  # the cluster CA's revocation list
 
@@ -112,6 +126,17 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         step_timeout_s=float(raw.get("step_timeout_s", 30.0)),
         resolve_interval_s=float(raw.get("resolve_interval_s", 2.0)),
         migration=migration,
+        guard=_guard_config(raw.get("guard", {})),
         policy_path=path("policy") if "policy" in raw else None,
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
     )
+
+
+def _guard_config(raw: dict) -> GuardConfig:
+    unknown = set(raw) - set(GuardConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"[guard] has unknown keys: {', '.join(sorted(unknown))}")
+    try:
+        return GuardConfig(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"[guard]: {exc}") from None

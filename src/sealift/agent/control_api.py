@@ -7,6 +7,7 @@ lines; long operations (migrate) stream {"event": ...} lines before the final
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -166,6 +167,17 @@ class ControlServer:
             progress=lambda event: _safe(emit, {"event": event.kind, **event.data}),
         )
         return {"report": report.to_dict()}
+
+    def _op_psk_provision(self, request: dict, emit: Emit) -> dict:
+        from sealift.security.psk import psk_from_hex
+
+        peer = _field(request, "peer", str)
+        fingerprint = self._agent.authority.provision_psk(peer, psk_from_hex(_field(request, "key", str)))
+        return {"peer": peer, "fingerprint": fingerprint}
+
+    def _op_psk_status(self, request: dict, emit: Emit) -> dict:
+        store = self._agent.authority.psk
+        return {"peers": [dataclasses.asdict(store.status(peer)) for peer in store.peers()]}
 
     def _op_audit_show(self, request: dict, emit: Emit) -> dict:
         entries = self._agent.authority.audit.show(limit=int(request.get("limit", 50)), kind=request.get("kind"))

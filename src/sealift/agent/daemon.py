@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -38,11 +39,11 @@ from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
 from sealift.wire.errors import ProtocolError
-from sealift.wire.messages import Hello, Outcome, OutcomeQuery
+from sealift.agent.guard import PeerGuard
+from sealift.wire.messages import Hello, Outcome, OutcomeQuery, Refuse
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 64  # concurrent connections on the migration port
 
 
 class Agent:
@@ -56,7 +57,16 @@ class Agent:
         self._tls_context: SSL.Context = server_context(self.identity)
         self._active: set[str] = set()
         self._active_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        g = config.guard
+        self.guard = PeerGuard(
+            per_peer_rate=g.per_peer_rate,
+            per_peer_burst=g.per_peer_burst,
+            max_concurrent_per_peer=g.max_connections_per_peer,
+            max_concurrent_total=g.max_connections,
+            max_incoming_migrations_per_peer=g.max_incoming_per_peer,
+            handshake_rate=g.handshake_rate,
+            handshake_burst=g.handshake_burst,
+        )
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -131,8 +141,9 @@ class Agent:
                 sock, peer = self._listener.accept()
             except OSError:
                 return
-            if not self._slots.acquire(blocking=False):
-                log.warning("connection from %s refused: %d connections already open", peer, MAX_CONNECTIONS)
+            admission = self.guard.admit_connection(peer[0])  # cheap: before reading a byte
+            if not admission.allowed:
+                log.info("connection from %s refused: %s", peer[0], admission.reason)
                 sock.close()
                 continue
             threading.Thread(target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}", daemon=True).start()
@@ -142,6 +153,11 @@ class Agent:
             deadline = time.monotonic() + self.config.handshake_timeout_s
             first = peek_exactly(sock, 4, deadline)
             if first[0] == TLS_HANDSHAKE_BYTE:
+                admission = self.guard.admit_handshake(peer[0])  # before the expensive ECDHE + ECDSA
+                if not admission.allowed:
+                    log.info("handshake from %s refused: %s", peer[0], admission.reason)
+                    sock.close()
+                    return
                 stream = TlsStream.accept(sock, self._tls_context, timeout=max(0.1, deadline - time.monotonic()))
                 self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name))
             elif first == DATA_STREAM_MAGIC:
@@ -161,13 +177,23 @@ class Agent:
             log.warning("connection from %s closed: %s", peer, exc)
             sock.close()
         finally:
-            self._slots.release()
+            self.guard.release(peer[0])
 
     def _serve_control(self, channel: ControlChannel) -> None:
         try:
             first = channel.recv(self.config.handshake_timeout_s)
             if isinstance(first, Hello):
-                self._serve_incoming(channel, first)
+                host = channel.peer_name or first.source_host
+                admission = self.guard.admit_migration(host)  # per source host, before verifying orders
+                if not admission.allowed:
+                    self.authority.record("migration.refused", migration_id=first.migration_id, source=host,
+                                          reason=admission.reason)
+                    channel.send(Refuse(first.migration_id, admission.reason[:1000]))
+                    return
+                try:
+                    self._serve_incoming(channel, first)
+                finally:
+                    self.guard.release_migration(host)
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
         finally:
@@ -225,4 +251,5 @@ class Agent:
             "vms": len(self.vms.list()),
             "memory_capacity": self.config.memory_capacity,
             "allow_insecure": self.config.allow_insecure,
+            "guard": dataclasses.asdict(self.guard.stats()),
         }

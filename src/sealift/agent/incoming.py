@@ -21,6 +21,7 @@ from sealift.agent.authority import Authority
 from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
+from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.agent.store import AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
 from sealift.agent.vms import AdmissionError, VmRegistry
@@ -66,6 +67,8 @@ class IncomingMigration:
         self._session_id = secrets.token_bytes(16)
         self._binding: str | None = None
         self._order_id: str | None = None
+        self._psk: PskSession | None = None
+        self._psk_binding = b""
         self._nonce = secrets.token_bytes(32)
 
     def _audit(self, kind: str, **fields: object) -> None:
@@ -82,6 +85,8 @@ class IncomingMigration:
         except (IncomingRefused, AdmissionError, SecurityError) as exc:
             log.warning("refused migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
             self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
+            if self._psk is not None:
+                self._psk.close()
             self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
             return
         cpu_started = time.process_time()
@@ -93,7 +98,10 @@ class IncomingMigration:
             self._standby = StandbyGuest(self._config.vm_dir, hello.vm_name)  # off the downtime path
             self._sessions.expect(self._session_id)
             self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
-            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, None))
+            psk_proof = None
+            if self._psk is not None:
+                psk_proof = self._psk.make_proof(self._psk_binding, hello.nonce, self._nonce)
+            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, psk_proof))
             self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, memory_bytes=hello.memory_bytes)
             result = self._receive()
             manifest = self._verify_manifest(result)
@@ -113,6 +121,8 @@ class IncomingMigration:
             else:
                 self._discard(str(exc))
         finally:
+            if self._psk is not None:
+                self._psk.close()
             self._sessions.finish(self._session_id)
             if self._standby is not None:  # never handed over (in doubt or failed)
                 self._standby.cancel()
@@ -144,6 +154,8 @@ class IncomingMigration:
         # Incoming migration control: a valid, unused order naming this peer and this host.
         verified = self._authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
         self._order_id = verified.order.id
+        if self._channel.secure:
+            self._check_psk()
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
 
     def _protection(self) -> RecordProtection:
@@ -215,6 +227,18 @@ class IncomingMigration:
         if isinstance(reply, Abort):
             raise IncomingRefused(f"the source aborted: {reply.reason}")
         assert isinstance(reply, Commit)
+        # Only now does this host know the source checked our Accept and holds the new key.
+        if self._psk is not None and self._psk.commit():
+            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host, epoch=self._psk.epoch)
+
+    def _check_psk(self) -> None:
+        """The optional second factor: if we share a PSK with this host, it must prove it."""
+        self._psk = self._authority.psk_session(self._hello.source_host, "destination")
+        if self._psk is None:
+            return
+        self._psk_binding = psk_channel_binding(self._channel.stream)  # type: ignore[arg-type]
+        self._psk.check_peer_proof(self._hello.psk_proof, self._psk_binding, self._hello.nonce)
+        self._audit("psk.verified", peer=self._hello.source_host, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
 
     def _start_guest(self, manifest: dict, cpu_started: float) -> None:
         hello = self._hello

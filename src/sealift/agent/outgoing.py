@@ -29,6 +29,7 @@ from sealift.security.keys import channel_secret, derive_session_keys
 from sealift.agent.authority import Authority
 from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
 from sealift.security.audit import Kinds
+from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.wire.datastream import DataStreamWriter
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
 from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
@@ -79,6 +80,8 @@ class OutgoingMigration:
         self._options = options
         self._progress = progress or (lambda event: None)
         self.migration_id = secrets.token_hex(16)
+        self._psk: PskSession | None = None
+        self._psk_binding = b""
         self.report = MigrationReport(
             migration_id=self.migration_id,
             vm=vm_name,
@@ -115,6 +118,7 @@ class OutgoingMigration:
                 self._authority.check_peer(channel.stream.peer_certificate, self._destination)  # type: ignore[attr-defined]
             self._audit("migration.started", vm=vm.name, destination=self._destination, transport=self.report.transport,
                         order_id=verified.order.id)
+            self._psk = self._authority.psk_session(self._destination, "source") if channel.secure else None
             accept = self._hello(channel, vm)
             result = self._transfer(channel, accept, address, vm)
             self._mark("stream_sent", result.paused_at)
@@ -128,6 +132,7 @@ class OutgoingMigration:
             self._phase("committed")
             running = self._await_running(channel)
             self._mark("running_receipt", result.paused_at)
+            self._commit_psk()
             # Downtime ends when the destination's guest runs: its receipt says so.
             self.report.downtime_ms = self.report.downtime_breakdown_ms["running_receipt"]
             self._vms.release_migrated(vm.name)
@@ -151,6 +156,8 @@ class OutgoingMigration:
             self._store.save_report(self.migration_id, self.report.to_dict())
             raise MigrationError(self.report.error) from exc
         finally:
+            if self._psk is not None:
+                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             if channel is not None:
                 channel.close()
 
@@ -158,6 +165,10 @@ class OutgoingMigration:
 
     def _hello(self, channel: ControlChannel, vm: BuiltinVM) -> Accept:
         self._nonce = secrets.token_bytes(32)
+        psk_proof = None
+        if self._psk is not None:
+            self._psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+            psk_proof = self._psk.make_proof(self._psk_binding, self._nonce)
         hello = Hello(
             migration_id=self.migration_id,
             vm_name=vm.name,
@@ -171,7 +182,7 @@ class OutgoingMigration:
             streams=1,
             backend="builtin",
             order=self._order,
-            psk_proof=None,
+            psk_proof=psk_proof,
             image_digest=self._options.image_digest if self._options.secure else None,
         )
         channel.send(hello)
@@ -179,6 +190,10 @@ class OutgoingMigration:
         if isinstance(reply, Refuse):
             raise MigrationError(f"{self._destination} refused the migration: {reply.reason}")
         assert isinstance(reply, Accept)  # the sans-IO state machine allows nothing else here
+        if self._psk is not None:
+            # The destination must prove the pair's current PSK too (mutual second factor).
+            self._psk.check_peer_proof(reply.psk_proof, self._psk_binding, self._nonce, reply.nonce)
+            self._audit("psk.verified", peer=self._destination, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
         return reply
 
     def _protection(self, channel: ControlChannel, accept: Accept) -> RecordProtection:
@@ -287,6 +302,10 @@ class OutgoingMigration:
     def _phase(self, phase: str) -> None:
         self._store.set_phase(self.migration_id, phase)
         self._progress(ProgressEvent("phase", {"phase": phase}))
+
+    def _commit_psk(self) -> None:
+        if self._psk is not None and self._psk.commit():
+            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._destination, epoch=self._psk.epoch)
 
     def _audit(self, kind: str, **fields: object) -> None:
         self._authority.record(kind, migration_id=self.migration_id, **fields)
