@@ -98,7 +98,7 @@ def main() -> int:
     cases = [Case(m, w) for m in args.sizes.split(",") for w in args.workloads.split(",")]
     results = []
     started = time.monotonic()
-    with LocalCluster(allow_insecure=True, extra_config='memory_capacity = "20G"') as cluster:
+    with LocalCluster(allow_insecure=True, capacity="20G") as cluster:
         for case in cases:
             results.append(run_case(cluster, case, args.runs, args.warmup, args.fill))
     output = {"cases": results, "runs": args.runs, "wall_s": round(time.monotonic() - started, 1),

@@ -58,6 +58,7 @@ class LocalCluster:
     # (from_host, to_host) -> address: route one agent's traffic to a peer
     # through something in the path (the tests' relay, the lab's attacker).
     peer_routes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    capacity: str = "16G"  # each host's registered capacity in the cluster inventory
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sealift-")))
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
@@ -95,8 +96,10 @@ class LocalCluster:
             f'identity_dir = "{self.pki}"\n'
             f'policy = "{state / "policy.toml"}"\n'
             f"allow_insecure = {'true' if self.allow_insecure else 'false'}\n"
+            f'memory_capacity = "{self.capacity}"\n'
             f"{self.extra_config}\n"
             f"[peers]\n{peers}\n"
+            f"[inventory]\n" + "".join(f'"{h}" = "{self.capacity}"\n' for h in self.hosts)
         )
         return AgentProcess(host, config, socket_path, addresses[host], state / "agent.log")
 

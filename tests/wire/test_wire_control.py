@@ -208,3 +208,23 @@ def test_empty_data_is_a_no_op() -> None:
     server = ControlConnection(Role.SERVER)
     assert server.receive_data(b"") == []
     assert server.state is ControlState.IDLE
+
+
+def test_advert_conversation() -> None:
+    """Client asks for the server's signed advert; one answer, then the conversation is over."""
+    from sealift.wire.control import ControlConnection, Role
+    from sealift.wire.errors import ProtocolError
+    from sealift.wire.messages import Advert, AdvertQuery
+
+    import pytest
+
+    client, server = ControlConnection(Role.CLIENT), ControlConnection(Role.SERVER)
+    query = AdvertQuery("a" * 32)
+    assert server.receive_data(client.send(query)) == [query]
+    answer = Advert("a" * 32, '{"signed": true}')
+    assert client.receive_data(server.send(answer)) == [answer]
+    assert client.closed and server.closed
+    from sealift.wire.messages import encode_frame
+
+    with pytest.raises(ProtocolError, match="may not send Advert"):
+        ControlConnection(Role.CLIENT).receive_data(encode_frame(answer))  # unsolicited

@@ -209,7 +209,7 @@ def test_frame_header_checks() -> None:
         FRAME_HEADER.pack(2, 1, 0, 10): "version 2",
         FRAME_HEADER.pack(0, 1, 0, 10): "version 0",
         FRAME_HEADER.pack(1, 0, 0, 10): "unknown control message type 0",
-        FRAME_HEADER.pack(1, 10, 0, 10): "unknown control message type 10",
+        FRAME_HEADER.pack(1, 12, 0, 10): "unknown control message type 12",
         FRAME_HEADER.pack(1, 1, 1, 10): "flags",
         FRAME_HEADER.pack(1, 1, 0x8000, 10): "flags",
         FRAME_HEADER.pack(1, 1, 0, MAX_CONTROL_PAYLOAD + 1): "exceeds limit 65536",

@@ -65,6 +65,7 @@ class AgentConfig:
     resolve_interval_s: float = 2.0
     migration: MigrationOptions = field(default_factory=MigrationOptions)
     guard: GuardConfig = field(default_factory=lambda: GuardConfig())
+    inventory: dict[str, int] = field(default_factory=dict)  # registered capacity per host (bytes)
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
     crl_path: Path | None = None  # the cluster CA's revocation list
 
@@ -127,6 +128,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         resolve_interval_s=float(raw.get("resolve_interval_s", 2.0)),
         migration=migration,
         guard=_guard_config(raw.get("guard", {})),
+        inventory={str(h): parse_size(v) for h, v in raw.get("inventory", {}).items()},
         policy_path=path("policy") if "policy" in raw else None,
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
     )

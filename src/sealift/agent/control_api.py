@@ -102,8 +102,25 @@ class ControlServer:
         return {"status": self._agent.status()}
 
     def _op_vm_start(self, request: dict, emit: Emit) -> dict:
+        name = _field(request, "name", str)
+        backend = request.get("backend", "builtin")
+        if backend not in ("builtin", "qemu"):
+            raise RequestError(f"unknown backend {backend!r}: use builtin or qemu")
+        if backend == "qemu":
+            if self._agent.vms.exists(name):
+                raise RequestError(f"a built-in VM named {name!r} already runs here")
+            image_cache = request.get("image_cache")
+            vm = self._agent.qemu_vms.start(
+                name,
+                parse_size(request.get("memory", "256M")) >> 20,
+                extra_cmdline=str(request.get("cmdline", "")),
+                image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
+            )
+            return {"vm": self._agent.qemu_vms.info(vm.name)}
+        if self._agent.qemu_vms.has(name):
+            raise RequestError(f"a QEMU VM named {name!r} already runs here")
         vm = self._agent.vms.start(
-            name=_field(request, "name", str),
+            name=name,
             memory_bytes=parse_size(request.get("memory", "256M")),
             workload=str(request.get("workload", "db")),
             fill_fraction=float(request.get("fill_fraction", 0.5)),
@@ -111,10 +128,17 @@ class ControlServer:
         return {"vm": vm.info()}
 
     def _op_vm_list(self, request: dict, emit: Emit) -> dict:
-        return {"vms": self._agent.vms.list()}
+        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list()}
 
     def _op_vm_info(self, request: dict, emit: Emit) -> dict:
-        return {"vm": self._agent.vms.info(_field(request, "name", str))}
+        name = _field(request, "name", str)
+        if self._agent.qemu_vms.has(name):
+            return {"vm": self._agent.qemu_vms.info(name)}
+        return {"vm": self._agent.vms.info(name)}
+
+    def _op_vm_console(self, request: dict, emit: Emit) -> dict:
+        name = _field(request, "name", str)
+        return {"lines": self._agent.qemu_vms.console(name, int(request.get("lines", 20)))}
 
     def _op_vm_check(self, request: dict, emit: Emit) -> dict:
         check = self._agent.vms.check(_field(request, "name", str))
@@ -129,7 +153,10 @@ class ControlServer:
 
     def _op_vm_stop(self, request: dict, emit: Emit) -> dict:
         name = _field(request, "name", str)
-        self._agent.vms.stop(name)
+        if self._agent.qemu_vms.has(name):
+            self._agent.qemu_vms.stop(name)
+        else:
+            self._agent.vms.stop(name)
         return {"stopped": name}
 
     def _op_migrations(self, request: dict, emit: Emit) -> dict:
@@ -155,6 +182,9 @@ class ControlServer:
         if not isinstance(overrides, dict):
             raise RequestError("options must be an object")
         base = self._agent.config.migration.to_dict()
+        transport = overrides.get("transport")
+        if transport is not None and not isinstance(transport, str):
+            raise RequestError("transport must be a string")
         options = MigrationOptions.from_dict({**base, **overrides})
         order = request.get("order")
         if order is not None and not isinstance(order, str):
@@ -165,8 +195,12 @@ class ControlServer:
             options,
             order=order,
             progress=lambda event: _safe(emit, {"event": event.kind, **event.data}),
+            transport=transport,
         )
         return {"report": report.to_dict()}
+
+    def _op_place(self, request: dict, emit: Emit) -> dict:
+        return {"placement": self._agent.place(_field(request, "vm", str))}
 
     def _op_psk_provision(self, request: dict, emit: Emit) -> dict:
         from sealift.security.psk import psk_from_hex

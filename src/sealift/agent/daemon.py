@@ -18,6 +18,8 @@ from sealift.agent.config import AgentConfig
 from sealift.agent.control_api import ControlServer
 from sealift.agent.incoming import IncomingMigration
 from sealift.agent.outgoing import OutgoingMigration, ProgressCallback
+from sealift.agent.qemu_migration import QemuIncomingMigration, QemuOutgoingMigration
+from sealift.agent.qemu_vms import QemuVmRegistry
 from sealift.agent.resolver import Resolver, outcome_for
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
 from sealift.agent.transport import (
@@ -40,7 +42,8 @@ from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
 from sealift.wire.errors import ProtocolError
 from sealift.agent.guard import PeerGuard
-from sealift.wire.messages import Hello, Outcome, OutcomeQuery, Refuse
+from sealift.agent.placement import Placer, our_advert
+from sealift.wire.messages import Advert, AdvertQuery, Hello, Outcome, OutcomeQuery, Refuse
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class Agent:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = AgentStore(config.database_path)
         self.vms = VmRegistry(config, self.store)
+        self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (agent/qemu_vms.py)
+        self.qemu_vms.adopt_existing()
         self.sessions = DataSessions()
         self._tls_context: SSL.Context = server_context(self.identity)
         self._active: set[str] = set()
@@ -71,6 +76,7 @@ class Agent:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.authority = Authority(config, self.identity)
+        self.placer = Placer(config, self.identity)
         self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock)
         self.control = ControlServer(config.control_socket, self)
 
@@ -196,6 +202,9 @@ class Agent:
                     self.guard.release_migration(host)
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
+            elif isinstance(first, AdvertQuery):
+                used = self.vms.memory_in_use()
+                channel.send(Advert(first.migration_id, our_advert(self.config, self.identity, used, len(self.vms.list()))))
         finally:
             channel.close()
 
@@ -205,9 +214,15 @@ class Agent:
                 return
             self._active.add(hello.migration_id)
         try:
-            IncomingMigration(
-                self.config, self.identity, self.store, self.vms, self.sessions, channel, hello, self.authority
-            ).run()
+            if hello.backend == "qemu":
+                QemuIncomingMigration(
+                    self.config, self.identity, self.store, self.vms, self.qemu_vms, self.sessions, channel, hello,
+                    self.authority,
+                ).run()
+            else:
+                IncomingMigration(
+                    self.config, self.identity, self.store, self.vms, self.sessions, channel, hello, self.authority
+                ).run()
         finally:
             with self._active_lock:
                 self._active.discard(hello.migration_id)
@@ -229,19 +244,44 @@ class Agent:
         options: MigrationOptions,
         order: str | None,
         progress: ProgressCallback | None,
+        transport: str | None = None,
     ) -> MigrationReport:
         if not options.secure and not self.config.allow_insecure:
             raise PermissionError("plaintext migration is disabled on this host (set allow_insecure = true to measure it)")
-        migration = OutgoingMigration(
-            self.config, self.identity, self.store, self.vms, vm_name, destination, options, self.authority, order, progress
-        )
+        migration: OutgoingMigration | QemuOutgoingMigration
+        if self.qemu_vms.has(vm_name):
+            migration = QemuOutgoingMigration(
+                self.config, self.identity, self.store, self.qemu_vms, vm_name, destination, options, self.authority,
+                order, progress, transport or ("sealift" if options.secure else "plain"),
+            )
+        else:
+            if transport not in (None, "sealift", "plain"):
+                raise ValueError(f"transport {transport!r} is for QEMU guests only")
+            migration = OutgoingMigration(
+                self.config, self.identity, self.store, self.vms, vm_name, destination, options, self.authority, order,
+                progress,
+            )
         with self._active_lock:
             self._active.add(migration.migration_id)
         try:
             return migration.run()
+        except Exception as exc:
+            if "refused" in str(exc) and "free of" in str(exc):
+                self.placer.admission_refused(destination, str(exc))  # its advert promised room
+            raise
         finally:
             with self._active_lock:
                 self._active.discard(migration.migration_id)
+
+    def place(self, vm_name: str) -> dict[str, object]:
+        """Where should this VM go? Only authenticated, fresh, believable adverts count."""
+        vm = self.vms.get(vm_name)
+        choice = self.placer.choose(vm.memory_bytes)
+        return {
+            "host": choice.host,
+            "reason": choice.reason,
+            "assessments": [dataclasses.asdict(a) for a in choice.assessments],
+        }
 
     def status(self) -> dict[str, object]:
         return {

@@ -228,8 +228,13 @@ class IncomingMigration:
             raise IncomingRefused(f"the source aborted: {reply.reason}")
         assert isinstance(reply, Commit)
         # Only now does this host know the source checked our Accept and holds the new key.
-        if self._psk is not None and self._psk.commit():
-            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host, epoch=self._psk.epoch)
+        if self._psk is not None:
+            try:
+                if self._psk.commit():
+                    self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host,
+                                epoch=self._psk.epoch)
+            except SecurityError as exc:  # the handover matters more than this session's ratchet
+                log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
 
     def _check_psk(self) -> None:
         """The optional second factor: if we share a PSK with this host, it must prove it."""

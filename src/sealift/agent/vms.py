@@ -202,6 +202,10 @@ class VmRegistry:
             self._reserved.pop(migration_id, None)
             self._busy.discard(name)
 
+    def memory_in_use(self) -> int:
+        with self._lock:
+            return sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
+
     def _check_capacity_locked(self, memory_bytes: int) -> None:
         used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
         if used + memory_bytes > self._config.memory_capacity:

@@ -157,6 +157,51 @@ def cmd_order_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_place(args: argparse.Namespace) -> int:
+    placement = _client(args).request("place", vm=args.vm)["placement"]
+    if args.json:
+        _print_json(placement)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"placement of {args.vm}: {placement['host']}")
+    for col in ("host", "eligible", "believed free", "penalty", "reason"):
+        table.add_column(col)
+    for a in placement["assessments"]:
+        table.add_row(a["host"], "yes" if a["eligible"] else "no", f"{a['effective_free'] >> 20} MiB",
+                      f"{a['penalty']:.2f}", a["reason"])
+    out.print(table)
+    return 0
+
+
+def cmd_psk_provision(args: argparse.Namespace) -> int:
+    from sealift.security.psk import new_psk, psk_to_hex
+
+    key = args.key or psk_to_hex(new_psk())
+    reply = _client(args).request("psk.provision", peer=args.peer, key=key)
+    result = {"peer": args.peer, "fingerprint": reply["fingerprint"]}
+    if not args.key:
+        result["key"] = key  # generated here: give the same key to the peer, then forget it
+    if args.json:
+        _print_json(result)
+    else:
+        out.print(f"PSK for {args.peer} provisioned (fingerprint {reply['fingerprint']})")
+        if not args.key:
+            out.print(f"provision the same key on {args.peer}: sealift psk provision <this host> --key {key}")
+    return 0
+
+
+def cmd_psk_status(args: argparse.Namespace) -> int:
+    peers = _client(args).request("psk.status")["peers"]
+    if args.json:
+        _print_json(peers)
+    else:
+        for p in peers:
+            out.print(f"{p['peer']}: epoch {p['epoch']}, fingerprint {p['fingerprint']}"
+                      f"{', pending ratchet' if p['has_pending'] else ''}")
+    return 0
+
+
 def cmd_order_show(args: argparse.Namespace) -> int:
     from sealift.security.orders import describe_order
 
@@ -212,8 +257,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
+    fields: dict[str, object] = {"backend": args.backend}
+    if args.image is not None:
+        fields["image_cache"] = str(Path(args.image).resolve())
     reply = _client(args).request(
-        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill
+        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill, **fields
     )
     if args.json:
         _print_json(reply["vm"])
@@ -315,6 +363,10 @@ def _order_for(args: argparse.Namespace, client: AgentClient) -> tuple[str, str,
         return envelope, str(order.get("vm")), str(order.get("destination"))
     if not args.vm or not args.to:
         raise CliError("name the VM and --to HOST, or pass --order FILE")
+    if args.to == "auto":
+        placement = client.request("place", vm=args.vm)["placement"]
+        console.print(f"placement: {args.vm} → [bold]{placement['host']}[/bold] ({placement['reason']})")
+        args.to = placement["host"]
     source = client.request("status")["status"]["host"]
     return create_order(_operator(args), args.vm, source, args.to, ttl_s=_parse_duration(args.ttl)), args.vm, args.to
 
@@ -382,6 +434,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             show_progress=not args.json,
             keep=args.keep,
             migration=migration_options(args),
+            backend=args.backend,
         )
     )
     if args.json:
@@ -431,8 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ca_revoke)
 
     vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
-    p = vm.add_parser("start", help="start a built-in VM")
+    p = vm.add_parser("start", help="start a VM (built-in, or a real QEMU guest)")
     p.add_argument("name")
+    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"],
+                   help="builtin (default) or qemu (the test guest image, built on first use)")
+    p.add_argument("--image", default=None, help="QEMU guest image cache directory (default: the agent's)")
     p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--fill", type=float, default=0.5, help="share of RAM filled with data at boot (default 0.5)")
@@ -453,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="live-migrate a VM to another host (under a signed order)")
     p.add_argument("vm", nargs="?")
-    p.add_argument("--to", help="destination host name (from the agent's [peers])")
+    p.add_argument("--to", help="destination host name (from the agent's [peers]), or 'auto' to place it")
     p.add_argument("--order", help="run this signed order (from `sealift order create`)")
     p.add_argument("--ttl", default="5m", help="lifetime of the order signed in one step (default 5m)")
     add_migration_flags(p)
@@ -475,6 +531,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_order_show)
+
+    p = sub.add_parser("place", help="choose a destination for a VM from signed resource adverts")
+    p.add_argument("vm")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_place)
+
+    psk = sub.add_parser("psk", help="the optional dynamic pre-shared key per pair of hosts").add_subparsers(
+        dest="psk_command", required=True
+    )
+    p = psk.add_parser("provision", help="set the PSK shared with a peer (generates one if --key is omitted)")
+    p.add_argument("peer")
+    p.add_argument("--key", help="64 hex digits; omit to generate")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_psk_provision)
+    p = psk.add_parser("status", help="epoch and fingerprint per peer (never the key)")
+    _add_agent_flags(p)
+    p.set_defaults(func=cmd_psk_status)
 
     audit = sub.add_parser("audit", help="the agent's signed, hash-chained audit log").add_subparsers(
         dest="audit_command", required=True
@@ -499,7 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_flags(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", help="migrate a running built-in VM between two local agents, securely")
+    p = sub.add_parser("image", help="the QEMU test guest image").add_subparsers(dest="image_command", required=True)
+    p = p.add_parser("build", help="build (or find in the cache) the QEMU guest image")
+    from sealift.backends.qemu.image import add_build_arguments, cli_build
+
+    add_build_arguments(p)
+    p.set_defaults(func=cli_build)
+
+    p = sub.add_parser("demo", help="migrate a running VM (built-in or QEMU) between two local agents, securely")
+    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"])
     p.add_argument("--memory", default="256M")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

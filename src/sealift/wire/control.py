@@ -8,6 +8,7 @@ the peer may say now. The client's first message picks the conversation:
                -> S Receipt(prepared) -> C Commit -> S Receipt(running) -> done
                (Abort from either side at any point after Hello ends it)
     outcome:   C OutcomeQuery -> S Outcome -> done
+    advert:    C AdvertQuery -> S Advert -> done
 
 Any protocol violation moves the connection to FAILED and raises
 ProtocolError; the caller closes the socket. Nothing is accepted after
@@ -26,6 +27,7 @@ from .messages import (
     Message,
     MessageType,
     OutcomeQuery,
+    AdvertQuery,
     Receipt,
     decode_payload,
     encode_frame,
@@ -46,6 +48,7 @@ class ControlState(Enum):
     PREPARED = "prepared"  # client to send Commit
     COMMITTED = "committed"  # server to answer Receipt(running)
     QUERIED = "queried"  # server to answer Outcome
+    ADVERT_QUERIED = "advert_queried"  # server to answer Advert
     DONE = "done"
     REFUSED = "refused"
     ABORTED = "aborted"
@@ -67,6 +70,8 @@ _TRANSITIONS: dict[tuple[ControlState, Role, MessageType], ControlState] = {
     (_ST.PREPARED, _C, _T.COMMIT): _ST.COMMITTED,
     (_ST.COMMITTED, _S, _T.RECEIPT): _ST.DONE,
     (_ST.QUERIED, _S, _T.OUTCOME): _ST.DONE,
+    (_ST.IDLE, _C, _T.ADVERT_QUERY): _ST.ADVERT_QUERIED,
+    (_ST.ADVERT_QUERIED, _S, _T.ADVERT): _ST.DONE,
 }
 for _state in (_ST.HELLO_SENT, _ST.ACCEPTED, _ST.MANIFEST_SENT, _ST.PREPARED, _ST.COMMITTED):
     for _role in Role:
@@ -201,7 +206,7 @@ class ControlConnection:
             raise ProtocolError("Accept nonce equals the Hello nonce (reflection)")
 
     def _advance(self, sender: Role, msg: Message) -> None:
-        if isinstance(msg, (Hello, OutcomeQuery)):
+        if isinstance(msg, (Hello, OutcomeQuery, AdvertQuery)):
             self._migration_id = msg.migration_id
         if isinstance(msg, Hello):
             self._hello = msg

@@ -64,6 +64,8 @@ class MessageType(IntEnum):
     ABORT = 7
     OUTCOME_QUERY = 8
     OUTCOME = 9
+    ADVERT_QUERY = 10
+    ADVERT = 11
 
 
 # ---------------------------------------------------------------------------
@@ -470,13 +472,57 @@ class Outcome:
         return cls(migration_id=d["migration_id"], outcome=d["outcome"])
 
 
+@dataclass(frozen=True, slots=True)
+class AdvertQuery:
+    """Client → server: send me your signed resource advert. `migration_id` is a request id."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ADVERT_QUERY
+    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id"})
+
+    migration_id: str
+
+    def __post_init__(self) -> None:
+        _check_migration_id(self.migration_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"migration_id": self.migration_id}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Self:
+        d = _expect_keys(obj, cls.KEYS, "AdvertQuery")
+        return cls(migration_id=d["migration_id"])
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """Answer to AdvertQuery: the host's signed, timestamped resource advert (opaque to wire)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ADVERT
+    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "envelope"})
+
+    migration_id: str
+    envelope: str
+
+    def __post_init__(self) -> None:
+        _check_migration_id(self.migration_id)
+        _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"migration_id": self.migration_id, "envelope": self.envelope}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Self:
+        d = _expect_keys(obj, cls.KEYS, "Advert")
+        return cls(migration_id=d["migration_id"], envelope=d["envelope"])
+
+
 Message: TypeAlias = (
-    Hello | Accept | Refuse | Manifest | Receipt | Commit | Abort | OutcomeQuery | Outcome
+    Hello | Accept | Refuse | Manifest | Receipt | Commit | Abort | OutcomeQuery | Outcome | AdvertQuery | Advert
 )
 
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Accept, Refuse, Manifest, Receipt, Commit, Abort, OutcomeQuery, Outcome)
+    for cls in (Hello, Accept, Refuse, Manifest, Receipt, Commit, Abort, OutcomeQuery, Outcome, AdvertQuery, Advert)
 }
 
 

@@ -1,0 +1,811 @@
+"""Live migration of a QEMU guest through the sealift channel.
+
+The protocol is the built-in one (docs/architecture.md, "Migration
+protocol"): operator order checked on both sides, mutual TLS control
+channel, AEAD data stream keyed from the TLS exporter, signed manifest,
+"prepared" receipt, the source's durable commit decision, Commit, "running"
+receipt. Only the payload differs: QEMU's own migration stream, carried as
+OPAQUE records.
+
+Source: QEMU migrates to a unix socket in a private directory; the agent
+reads it into the data stream writer. `pause-before-switchover` stops QEMU
+after the guest is paused and before the final state leaves; the agent
+checks the destination is still there, then lets it go on.
+
+Destination: QEMU starts with `-incoming defer` and autostart off, so it
+never runs the guest by itself; the agent feeds it the verified payloads and
+`cont`s it only on Commit.
+
+The first OPAQUE record is a small JSON description of the guest (memory,
+kernel arguments, network shape, image key) so that the destination starts
+an identical machine; it is covered by the stream digest like every byte
+after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import select
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blake3 import blake3
+
+from sealift.agent.authority import Authority
+from sealift.agent.config import AgentConfig
+from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
+from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
+from sealift.agent.qemu_vms import QemuVmRegistry, network_like
+from sealift.agent.store import AgentStore
+from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream, recv_exactly_into
+from sealift.agent.vms import AdmissionError, VmRegistry
+from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.vm import QemuError, QemuVM
+from sealift.engine.options import MigrationOptions
+from sealift.engine.report import MigrationReport, RoundReport
+from sealift.security.audit import Kinds
+from sealift.security.errors import SecurityError
+from sealift.security.identity import HostIdentity
+from sealift.security.keys import channel_secret, derive_session_keys
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
+from sealift.wire.errors import ProtocolError
+from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
+from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+PAGE = 4096
+UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the bottleneck
+POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
+QEMU_CONNECT_TIMEOUT_S = 10.0
+TRANSPORTS = ("sealift", "plain")
+# In-doubt migrations of QEMU guests get their own phase: the resolver only
+# knows built-in guests, and must not act on these (see the report's notes).
+IN_DOUBT = "in-doubt"
+
+
+def stream_digest(hasher: Any) -> str:
+    return "blake3:" + hasher.hexdigest()
+
+
+def _private_dir(prefix: str) -> Path:
+    """A mode 0700 directory with a short path (unix socket paths are limited to 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def _protection(channel: ControlChannel, secure: bool, nonce_s: bytes, nonce_d: bytes, migration_id: str) -> RecordProtection:
+    if not secure:
+        return NoProtection()
+    secret = channel_secret(channel.stream, nonce_s, nonce_d, migration_id)  # type: ignore[arg-type]
+    keys = derive_session_keys(secret, nonce_s, nonce_d, migration_id)
+    return AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv)
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What the destination needs to start a QEMU identical to the source's."""
+
+    memory_mib: int
+    extra_cmdline: str
+    net: dict[str, object]
+    image_key: str
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "GuestSpec":
+        try:
+            raw = json.loads(data)
+            return cls(int(raw["memory_mib"]), str(raw["extra_cmdline"]), dict(raw["net"]), str(raw["image_key"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"the guest description at the head of the QEMU stream is malformed: {exc}") from None
+
+
+# =============================================================================
+# Source
+# =============================================================================
+
+
+class _SourcePump:
+    """Copies QEMU's outgoing stream into OPAQUE records on the data stream (its own thread)."""
+
+    def __init__(self, listener: socket.socket, writer: DataStreamWriter, data: socket.socket, timeout: float) -> None:
+        self._listener = listener
+        self._writer = writer
+        self._data = data
+        self._timeout = timeout
+        self.hasher = blake3()
+        self.stream_bytes = 0  # QEMU bytes (payload)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._conn: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name="qemu-pump-out", daemon=True)
+
+    def send_first(self, payload: bytes) -> None:
+        buf = self._writer.opaque_buffer()
+        buf[: len(payload)] = payload
+        self.hasher.update(payload)
+        self._data.sendall(self._writer.finish_opaque(len(payload)))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._listener.settimeout(QEMU_CONNECT_TIMEOUT_S)
+            conn, _ = self._listener.accept()
+            self._conn = conn
+            conn.settimeout(self._timeout)  # QEMU silent that long: something is wrong
+            while True:
+                buf = self._writer.opaque_buffer()
+                n = conn.recv_into(buf)
+                if n == 0:
+                    break  # QEMU closed its end: the migration stream is complete
+                self.hasher.update(buf[:n])  # before sealing: the digest is over plaintext
+                self.stream_bytes += n
+                self._data.sendall(self._writer.finish_opaque(n))
+            self._data.sendall(self._writer.end())
+        except BaseException as exc:  # handed to the coordinator thread, which decides
+            self.error = exc
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+            self.done.set()
+
+    def stop(self) -> None:
+        """Break QEMU's connection: a source QEMU still migrating then fails and keeps the guest."""
+        if self._conn is not None:
+            try:
+                self._conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=5)
+
+    def wait(self, timeout: float) -> None:
+        if not self.done.wait(timeout):
+            raise MigrationError(f"the QEMU stream did not finish within {timeout:.0f} s of completion")
+        if self.error is not None:
+            raise MigrationError(f"sending the QEMU stream failed: {self.error}") from self.error
+
+
+@dataclass
+class _Transfer:
+    paused_at: float
+    stream_bytes: int
+    digest: str
+    qemu: dict[str, object]
+    wire_bytes: int
+    rounds: int
+
+
+class QemuOutgoingMigration:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: HostIdentity | None,
+        store: AgentStore,
+        qemu_vms: QemuVmRegistry,
+        vm_name: str,
+        destination: str,
+        options: MigrationOptions,
+        authority: Authority,
+        order: str | None,
+        progress: ProgressCallback | None = None,
+        transport: str = "sealift",
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r} for a QEMU guest; use one of {TRANSPORTS}")
+        if transport == "plain" and options.secure:
+            raise ValueError("the 'plain' transport carries guest memory in clear: it needs --insecure")
+        self._config = config
+        self._identity = identity
+        self._store = store
+        self._vms = qemu_vms
+        self._vm_name = vm_name
+        self._destination = destination
+        self._options = options
+        self._authority = authority
+        self._order = order
+        self._progress = progress or (lambda event: None)
+        self._signer = DocumentSigner(config.name, identity if options.secure else None)
+        self._transport = "sealift" if options.secure else "plain"
+        self.migration_id = secrets.token_hex(16)
+        self.report = MigrationReport(
+            migration_id=self.migration_id, vm=vm_name, source=config.name, destination=destination,
+            transport=self._transport,
+        )  # fmt: skip
+        self._binding: str | None = None
+        self._nonce = secrets.token_bytes(32)
+        self._pump: _SourcePump | None = None
+
+    def run(self) -> MigrationReport:
+        if self._destination == self._config.name:
+            raise MigrationError(f"{self._vm_name} already runs on {self._destination}")
+        if not self._options.secure:
+            log.warning("migrating QEMU guest %s IN CLEAR (--insecure)", self._vm_name)
+        address = self._config.peer_address(self._destination)
+        verified = self._authority.authorize_outgoing(self._order, self._vm_name, self._destination)
+        self.report.order_id = verified.order.id
+        self.report.operator = verified.operator.name
+        vm = self._vms.claim(self._vm_name)
+        memory_bytes = vm.memory_mib * MiB
+        self.report.memory_bytes = memory_bytes
+        self._store.create_migration(self.migration_id, vm.name, "source", self._destination, "started", memory_bytes)
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        committed = False
+        channel: ControlChannel | None = None
+        try:
+            self.report.counter_before = vm.counter()
+            channel = ControlChannel.connect(
+                address, self._identity, self._destination, self._options.secure, self._config.handshake_timeout_s
+            )
+            if channel.secure:
+                self._authority.check_peer(channel.stream.peer_certificate, self._destination)  # type: ignore[attr-defined]
+            self._audit("migration.started", vm=vm.name, destination=self._destination, transport=self._transport,
+                        backend="qemu", order_id=verified.order.id)  # fmt: skip
+            accept = self._hello(channel, vm.name, memory_bytes)
+            transfer = self._transfer(channel, accept, address, vm)
+            self._mark("stream_sent", transfer.paused_at)
+            manifest, prepared = self._manifest_and_prepare(channel, vm.name, memory_bytes, transfer)
+            self._mark("prepared_receipt", transfer.paused_at)
+            self._store.decide(self.migration_id, "committed")  # point of no return
+            committed = True
+            self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=self._destination)
+            channel.send(Commit(self.migration_id))
+            self._mark("commit_sent", transfer.paused_at)
+            self._phase("committed")
+            running = self._await_running(channel)
+            self._mark("running_receipt", transfer.paused_at)
+            self.report.downtime_ms = self.report.downtime_breakdown_ms["running_receipt"]
+            self._vms.release_migrated(vm.name)  # only now: the guest runs there
+            self._store.set_phase(self.migration_id, "completed")
+            self._finish_report(transfer, running, started, cpu_started)
+            self._audit("migration.completed", vm=vm.name, destination=self._destination,
+                        downtime_ms=self.report.downtime_ms, total_time_s=self.report.total_time_s)  # fmt: skip
+            return self.report
+        except BaseException as exc:
+            self.report.status = "failed"
+            self.report.total_time_s = round(time.monotonic() - started, 3)
+            if committed:
+                self.report.error = (
+                    f"{exc}; the commit was sent, so {vm.name} stays stopped on {self._config.name} until "
+                    f"{self._destination} is known to run it (QEMU guests: resolve by hand, see `sealift migrations`)"
+                )
+                self._store.set_phase(self.migration_id, IN_DOUBT, error=str(exc))
+            else:
+                self._abort(channel, vm, exc)
+            self._store.save_report(self.migration_id, self.report.to_dict())
+            raise MigrationError(self.report.error) from exc
+        finally:
+            if self._pump is not None:
+                self._pump.stop()
+            if channel is not None:
+                channel.close()
+
+    # -- steps --------------------------------------------------------------------
+
+    def _hello(self, channel: ControlChannel, name: str, memory_bytes: int) -> Accept:
+        hello = Hello(
+            migration_id=self.migration_id, vm_name=name, source_host=self._config.name,
+            destination_host=self._destination, nonce=self._nonce, memory_bytes=memory_bytes, page_size=PAGE,
+            secure=self._options.secure, compression=None, streams=1, backend="qemu", order=self._order,
+            psk_proof=None, image_digest=None,
+        )  # fmt: skip
+        channel.send(hello)
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Refuse):
+            raise MigrationError(f"{self._destination} refused the migration: {reply.reason}")
+        assert isinstance(reply, Accept)  # the sans-IO state machine allows nothing else here
+        return reply
+
+    def _configure(self, vm: QemuVM) -> None:
+        vm.set_migration_capabilities({
+            "pause-before-switchover": True,  # our chance to check the destination before the final state leaves
+            "auto-converge": self._options.auto_converge,
+        })  # fmt: skip
+        vm.set_migration_parameters({
+            "max-bandwidth": self._options.bandwidth_limit_bps or UNCAPPED_BPS,
+            "downtime-limit": self._options.downtime_limit_ms,
+        })  # fmt: skip
+
+    def _transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> _Transfer:
+        protection = _protection(channel, self._options.secure, self._nonce, accept.nonce, self.migration_id)
+        self._binding = channel_binding(channel, self._nonce, accept.nonce, self.migration_id)
+        npages = vm.memory_mib * MiB // PAGE
+        writer = DataStreamWriter(protection, npages, None)
+        sock_dir = _private_dir("sl-qout-")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
+        try:
+            listener.bind(str(sock_dir / "m.sock"))
+            listener.listen(1)
+            pump = self._pump = _SourcePump(listener, writer, data, self._config.step_timeout_s)
+            spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key)
+            pump.send_first(spec.encode())
+            self._configure(vm)
+            pump.start()
+            self._phase("precopy")
+            vm.migrate(f"unix:{sock_dir / 'm.sock'}")
+            info, paused_at = self._follow(vm, pump, data)
+            pump.wait(self._config.step_timeout_s)
+            return _Transfer(
+                paused_at=paused_at, stream_bytes=pump.stream_bytes, digest=stream_digest(pump.hasher),
+                qemu=_qemu_figures(info), wire_bytes=writer.wire_bytes if writer.wire_bytes else pump.stream_bytes,
+                rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
+            )  # fmt: skip
+        finally:
+            data.close()
+            listener.close()
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _follow(self, vm: QemuVM, pump: _SourcePump, data: socket.socket) -> tuple[dict[str, Any], float]:
+        """Poll QEMU until the migration completes; handle the pre-switchover stop."""
+        paused_at: float | None = None
+        last_bytes, last_progress = -1, time.monotonic()
+        last_sync = 0
+        round_started = time.monotonic()
+        while True:
+            if pump.error is not None:
+                raise MigrationError(f"the data stream to {self._destination} failed: {pump.error}")
+            info = vm.query_migrate()
+            status = info.get("status", "none")
+            ram = info.get("ram", {})
+            if status in ("failed", "cancelled"):
+                raise MigrationError(f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}")
+            if status == "pre-switchover":
+                paused_at = _stop_time(vm, time.monotonic())
+                self.report.counter_at_pause = vm.counter()
+                self._phase("stop-and-copy")
+                self._check_destination(data)
+                vm.migrate_continue("pre-switchover")
+            elif status == "completed":
+                if paused_at is None:  # too quick to see pre-switchover: take QEMU's stop event
+                    paused_at = _stop_time(vm, time.monotonic())
+                return info, paused_at
+            sync = int(ram.get("dirty-sync-count", 0))
+            if sync > last_sync:
+                self._on_round(last_sync, ram, round_started)
+                last_sync, round_started = sync, time.monotonic()
+            transferred = int(ram.get("transferred", 0))
+            if transferred != last_bytes:
+                last_bytes, last_progress = transferred, time.monotonic()
+                self._progress(ProgressEvent("transfer", {
+                    "round": sync, "pages_done": min(transferred // PAGE, vm.memory_mib * MiB // PAGE),
+                    "pages_total": vm.memory_mib * MiB // PAGE, "wire_bytes": pump.stream_bytes,
+                }))  # fmt: skip
+            elif time.monotonic() - last_progress > self._config.step_timeout_s and status != "pre-switchover":
+                raise MigrationError(f"QEMU's migration made no progress for {self._config.step_timeout_s:.0f} s ({status})")
+            time.sleep(POLL_S)
+
+    def _check_destination(self, data: socket.socket) -> None:
+        """At pre-switchover: is the destination still there? It never writes on the data stream,
+        so anything readable there means it closed or reset the connection."""
+        readable, _, _ = select.select([data], [], [], 0)
+        if not readable:
+            return  # nothing to read: the connection is open
+        try:
+            peek = data.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            raise MigrationError(f"{self._destination} is gone before the switchover: {exc}") from exc
+        raise MigrationError(f"{self._destination} closed the data stream before the switchover ({peek!r})")
+
+    def _manifest_and_prepare(self, channel: ControlChannel, name: str, memory_bytes: int,
+                              transfer: _Transfer) -> tuple[dict, dict]:  # fmt: skip
+        manifest = {
+            "migration_id": self.migration_id, "vm": name, "source": self._config.name,
+            "destination": self._destination, "memory_bytes": memory_bytes, "backend": "qemu",
+            "image_digest": transfer.digest, "state_digest": None, "stream_bytes": transfer.stream_bytes,
+            "qemu": transfer.qemu, "counter_at_pause": self.report.counter_at_pause,
+            "nonce_source": self._nonce.hex(), "channel_binding": self._binding, "order_id": self.report.order_id,
+            "signed_at": time.time(),
+        }  # fmt: skip
+        envelope = self._signer.sign(manifest, "manifest")
+        channel.send(Manifest(self.migration_id, envelope))
+        self._audit(Kinds.MIGRATION_DIGEST, image_digest=transfer.digest, stream_bytes=transfer.stream_bytes)
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise MigrationError(f"{self._destination} aborted: {reply.reason}")
+        assert isinstance(reply, Receipt) and reply.stage == "prepared"
+        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
+        receipt_matches(receipt, manifest, "prepared")
+        self._audit(Kinds.RECEIPT, stage="prepared", receipt=reply.envelope)
+        return manifest, receipt
+
+    def _await_running(self, channel: ControlChannel) -> dict:
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise MigrationError(f"{self._destination} aborted after commit: {reply.reason}")
+        assert isinstance(reply, Receipt) and reply.stage == "running"
+        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
+        if receipt.get("migration_id") != self.migration_id or receipt.get("stage") != "running":
+            raise DocumentError("the destination's running receipt does not name this migration")
+        if receipt.get("channel_binding") != self._binding:
+            raise DocumentError("the running receipt was not made for this session")
+        self._audit(Kinds.RECEIPT, stage="running", receipt=reply.envelope)
+        return receipt
+
+    def _abort(self, channel: ControlChannel | None, vm: QemuVM, exc: BaseException) -> None:
+        """Before the commit decision: the guest resumes here, nothing is lost."""
+        reason = str(exc) or type(exc).__name__
+        if channel is not None:
+            try:
+                channel.send(Abort(self.migration_id, reason[:1000]))
+            except (OSError, ProtocolError):  # the peer may be gone; the abort stands regardless
+                pass
+        resumed = False
+        try:
+            resumed = resume_source(vm)
+        except QemuError as error:
+            log.error("could not resume %s after the failed migration: %s", vm.name, error)
+        finally:
+            self._vms.unclaim(vm.name)
+            self._store.decide(self.migration_id, "aborted")
+            self._store.set_phase(self.migration_id, "aborted", error=reason)
+        where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
+        self.report.error = f"migration to {self._destination} failed: {reason}; {where}"
+        self._audit("migration.aborted", vm=vm.name, destination=self._destination, reason=reason, resumed=resumed)
+        log.warning("%s", self.report.error)
+
+    # -- reporting -----------------------------------------------------------------
+
+    def _on_round(self, index: int, ram: dict[str, Any], started: float) -> None:
+        duration = max(1e-6, time.monotonic() - started)
+        sent = int(ram.get("transferred", 0))
+        report = RoundReport(
+            round=index, pages_sent=int(ram.get("normal", 0)), bytes_sent=sent, duration_s=round(duration, 3),
+            dirty_pages_left=int(ram.get("remaining", 0)) // PAGE,
+            throughput_mib_s=round(float(ram.get("mbps", 0.0)) / 8.0, 1), decision="continue", reason="qemu dirty sync",
+        )  # fmt: skip
+        self.report.round_reports.append(report)
+        self._progress(ProgressEvent("round", report.to_dict()))
+
+    def _finish_report(self, transfer: _Transfer, running: dict, started: float, cpu_started: float) -> None:
+        report = self.report
+        report.status = "completed"
+        report.total_time_s = round(time.monotonic() - started, 3)
+        report.rounds = transfer.rounds
+        report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
+        report.bytes_sent = transfer.wire_bytes
+        report.image_digest = transfer.digest
+        report.stop_reason = f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime {transfer.qemu.get('downtime_ms')} ms"
+        report.counter_after = running.get("counter_at_resume")  # type: ignore[assignment]
+        report.source_cpu_s = round(time.process_time() - cpu_started, 3)
+        report.destination_cpu_s = float(running.get("cpu_s", 0.0))  # type: ignore[arg-type]
+        self._store.save_report(self.migration_id, report.to_dict())
+
+    def _mark(self, step: str, paused_at: float) -> None:
+        self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
+
+    def _phase(self, phase: str) -> None:
+        self._store.set_phase(self.migration_id, phase)
+        self._progress(ProgressEvent("phase", {"phase": phase}))
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        self._authority.record(kind, migration_id=self.migration_id, **fields)
+
+
+def resume_source(vm: QemuVM, timeout: float = 15.0) -> bool:
+    """Get the source guest running again after a failed migration; True if it runs."""
+    if not vm.alive():
+        return False
+    status = vm.query_migrate().get("status", "none")
+    if status in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
+        # QEMU waiting at pre-switchover never notices a dead link by itself.
+        vm.migrate_cancel()
+        try:
+            vm.wait_migration({"cancelled", "failed", "completed"}, timeout=timeout)
+        except QemuError:
+            pass  # "cancelled" raises in wait_migration when not awaited; either way it ended
+    deadline = time.monotonic() + timeout
+    while vm.status() in ("finish-migrate", "inmigrate") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if vm.status() != "running":
+        vm.resume()  # from paused or postmigrate: QEMU allows cont on both
+    return vm.status() == "running"
+
+
+def _stop_time(vm: QemuVM, fallback: float) -> float:
+    """When the guest stopped (QEMU's STOP event), on our monotonic clock."""
+    for event in reversed(vm.recent_events()):
+        if event.get("event") == "STOP":
+            stamp = event.get("timestamp", {})
+            wall = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+            age = time.time() - wall
+            if 0 <= age < 60:
+                return time.monotonic() - age
+    return fallback
+
+
+def _qemu_figures(info: dict[str, Any]) -> dict[str, object]:
+    ram = info.get("ram", {})
+    return {
+        "total_time_ms": info.get("total-time"),
+        "downtime_ms": info.get("downtime"),
+        "setup_time_ms": info.get("setup-time"),
+        "ram_transferred": ram.get("transferred"),
+        "ram_total": ram.get("total"),
+        "ram_normal_pages": ram.get("normal"),
+        "ram_duplicate_pages": ram.get("duplicate"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+    }
+
+
+# =============================================================================
+# Destination
+# =============================================================================
+
+
+class QemuIncomingRefused(Exception):
+    """We will not take this QEMU guest; the reason goes back to the source."""
+
+
+class QemuIncomingMigration:
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: HostIdentity | None,
+        store: AgentStore,
+        vms: VmRegistry,
+        qemu_vms: QemuVmRegistry,
+        sessions: DataSessions,
+        channel: ControlChannel,
+        hello: Hello,
+        authority: Authority,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._vms = vms
+        self._qemu_vms = qemu_vms
+        self._sessions = sessions
+        self._channel = channel
+        self._hello = hello
+        self._authority = authority
+        self._signer = DocumentSigner(config.name, identity if channel.secure else None)
+        self._session_id = secrets.token_bytes(16)
+        self._nonce = secrets.token_bytes(32)
+        self._binding: str | None = None
+        self._order_id: str | None = None
+        self._qemu: QemuVM | None = None
+        self._hasher = blake3()
+        self._stream_bytes = 0
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
+
+    def run(self) -> None:
+        hello = self._hello
+        try:
+            self._admit()
+        except (QemuIncomingRefused, AdmissionError, SecurityError) as exc:
+            log.warning("refused QEMU migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
+            self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
+            self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
+            return
+        cpu_started = time.process_time()
+        prepared = False
+        try:
+            self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving",
+                                         hello.memory_bytes)  # fmt: skip
+            self._sessions.expect(self._session_id)
+            self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
+            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, None))
+            self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, backend="qemu",
+                        memory_bytes=hello.memory_bytes)  # fmt: skip
+            self._receive()
+            self._wait_incoming_complete()
+            manifest = self._verify_manifest()
+            self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
+            prepared = True
+            receipt = self._receipt(manifest, "prepared")
+            self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
+            self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
+            self._await_commit()
+            self._start_guest(manifest, cpu_started)
+        except Exception as exc:
+            if prepared:
+                # The source may have committed: keep the stopped guest and let an operator settle it.
+                log.warning("QEMU migration %s in doubt after prepare (%s): %s kept stopped", hello.migration_id, exc,
+                            hello.vm_name)  # fmt: skip
+                self._store.set_phase(hello.migration_id, IN_DOUBT, error=str(exc))
+            else:
+                self._discard(str(exc))
+        finally:
+            self._sessions.finish(self._session_id)
+            self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
+            if not prepared or self._qemu is None:
+                self._qemu_vms.unreserve_incoming_name(hello.vm_name)
+
+    # -- steps ----------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        # The same checks, in the same order, as IncomingMigration._admit for built-in guests.
+        hello = self._hello
+        if hello.destination_host != self._config.name:
+            raise QemuIncomingRefused(f"this host is {self._config.name}, not {hello.destination_host}")
+        if self._channel.secure:
+            if self._channel.peer_name != hello.source_host:
+                raise QemuIncomingRefused(
+                    f"the source authenticated as {self._channel.peer_name} but claims to be {hello.source_host}"
+                )
+            if not hello.secure:
+                raise QemuIncomingRefused("an authenticated channel must carry a protected data stream")
+            self._authority.check_peer(self._channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
+        else:
+            if not self._config.allow_insecure:
+                raise QemuIncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
+            if hello.secure:
+                raise QemuIncomingRefused("a protected migration needs the TLS control channel")
+        verified = self._authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
+        self._order_id = verified.order.id
+        # Capacity, concurrency and name clashes with built-in guests: the built-in registry's admission.
+        self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
+        try:
+            self._qemu_vms.reserve_incoming_name(hello.vm_name)
+        except Exception as exc:
+            self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
+            raise AdmissionError(str(exc)) from exc
+
+    def _receive(self) -> None:
+        hello = self._hello
+        protection = _protection(self._channel, hello.secure, hello.nonce, self._nonce, hello.migration_id)
+        data = self._sessions.wait(self._session_id, self._config.step_timeout_s)
+        qemu_sock: socket.socket | None = None
+        sock_dir = _private_dir("sl-qin-")
+        try:
+            data.settimeout(self._config.step_timeout_s)  # a silent peer is a dead peer
+            reader = DataStreamReader(protection, hello.memory_bytes // PAGE)
+            header = bytearray(DataStreamReader.HEADER_SIZE)
+            while True:
+                recv_exactly_into(data, memoryview(header))
+                reader.read_header(header)
+                recv_exactly_into(data, reader.payload_buffer())
+                event = reader.finish_record()
+                if isinstance(event, StreamEnded):
+                    break
+                if not isinstance(event, OpaqueReceived):
+                    raise ProtocolError(f"unexpected {type(event).__name__} in a QEMU migration stream")
+                self._hasher.update(event.data)
+                if qemu_sock is None:
+                    qemu_sock = self._start_qemu(GuestSpec.decode(bytes(event.data)), sock_dir)
+                    continue
+                self._stream_bytes += len(event.data)
+                qemu_sock.sendall(event.data)
+            reader.close()
+            if qemu_sock is None:
+                raise ProtocolError("the QEMU stream ended before it began")
+        finally:
+            data.close()
+            if qemu_sock is not None:
+                qemu_sock.close()
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _start_qemu(self, spec: GuestSpec, sock_dir: Path) -> socket.socket:
+        hello = self._hello
+        if spec.memory_mib * MiB != hello.memory_bytes:
+            raise ProtocolError(f"the guest description says {spec.memory_mib} MiB, the Hello {hello.memory_bytes} bytes")
+        image = self._qemu_vms.image()
+        if spec.image_key != image.key:
+            raise QemuIncomingRefused(
+                f"the source booted guest image {spec.image_key[:16]}, this host has {image.key[:16]}: "
+                f"run `sealift image build` on both hosts from the same inputs"
+            )
+        net = network_like(NetConfig.from_json(spec.net))
+        self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
+        path = sock_dir / "in.sock"
+        self._qemu.migrate_incoming(f"unix:{path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT_S
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise QemuError(f"destination QEMU did not listen on {path} within {QEMU_CONNECT_TIMEOUT_S:.0f} s")
+                time.sleep(0.02)
+        sock.settimeout(self._config.step_timeout_s)
+        return sock
+
+    def _wait_incoming_complete(self) -> None:
+        """QEMU has the whole stream; wait until it has loaded it (it stays paused: autostart off)."""
+        assert self._qemu is not None
+        deadline = time.monotonic() + self._config.step_timeout_s
+        while time.monotonic() < deadline:
+            if not self._qemu.alive():
+                raise QemuError(f"destination QEMU exited while loading the stream: {self._qemu.log_tail()}")
+            status = self._qemu.query_migrate().get("status", "none")
+            if status == "completed" and self._qemu.status() == "paused":
+                return
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"destination QEMU could not load the stream ({status}): {self._qemu.log_tail()}")
+            time.sleep(POLL_S)
+        raise QemuError(f"destination QEMU did not finish loading the stream in {self._config.step_timeout_s:.0f} s")
+
+    def _verify_manifest(self) -> dict:
+        reply = self._channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise QemuIncomingRefused(f"the source aborted: {reply.reason}")
+        assert isinstance(reply, Manifest)
+        manifest = self._signer.verify(reply.envelope, "manifest", self._hello.source_host, self._channel)
+        digest = stream_digest(self._hasher)
+        expected = {
+            "migration_id": self._hello.migration_id,
+            "vm": self._hello.vm_name,
+            "source": self._hello.source_host,
+            "destination": self._config.name,
+            "memory_bytes": self._hello.memory_bytes,
+            "backend": "qemu",
+            "channel_binding": self._binding,
+            "order_id": self._order_id,
+            "image_digest": digest,  # checked on the plaintext path too: it costs nothing here
+            "stream_bytes": self._stream_bytes,
+        }
+        for key, value in expected.items():
+            if manifest.get(key) != value:
+                raise DocumentError(f"manifest {key} is {manifest.get(key)!r}, received {value!r}")
+        self._audit(Kinds.MIGRATION_DIGEST, image_digest=digest, verified=True, manifest=reply.envelope)
+        return manifest
+
+    def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
+        payload = {
+            "migration_id": self._hello.migration_id, "vm": self._hello.vm_name, "source": self._hello.source_host,
+            "destination": self._config.name, "image_digest": manifest.get("image_digest"),
+            "state_digest": manifest.get("state_digest"), "stage": stage, "channel_binding": self._binding,
+            "signed_at": time.time(), **extra,
+        }  # fmt: skip
+        return self._signer.sign(payload, "receipt")
+
+    def _await_commit(self) -> None:
+        reply = self._channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise QemuIncomingRefused(f"the source aborted: {reply.reason}")
+        assert isinstance(reply, Commit)
+
+    def _start_guest(self, manifest: dict, cpu_started: float) -> None:
+        hello = self._hello
+        assert self._qemu is not None
+        self._store.set_phase(hello.migration_id, "committed")
+        self._qemu.resume()
+        self._qemu.announce_self()  # tell the switches where the guest's MAC went
+        self._qemu_vms.adopt_incoming(self._qemu)
+        self._qemu_vms.unreserve_incoming_name(hello.vm_name)
+        self._store.set_phase(hello.migration_id, "running")
+        receipt = self._receipt(manifest, "running", counter_at_resume=manifest.get("counter_at_pause"),
+                                pid=self._qemu.pid, cpu_s=round(time.process_time() - cpu_started, 3))  # fmt: skip
+        self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=self._qemu.pid, receipt=receipt)
+        try:
+            self._channel.send(Receipt(hello.migration_id, "running", receipt))
+        except OSError as exc:
+            log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
+
+    def _discard(self, reason: str) -> None:
+        hello = self._hello
+        log.warning("QEMU migration %s of %s from %s failed: %s", hello.migration_id, hello.vm_name, hello.source_host, reason)
+        if self._qemu is not None:
+            try:
+                self._qemu.kill()  # never a second copy: the source keeps the guest
+            except QemuError as exc:
+                log.error("could not kill the destination QEMU of %s: %s", hello.vm_name, exc)
+            (self._qemu_vms.vm_dir / f"{hello.vm_name}.sealift").unlink(missing_ok=True)
+            self._qemu = None
+        try:
+            self._store.set_phase(hello.migration_id, "aborted", error=reason)
+        except Exception:  # noqa: BLE001 - recording must not stop the abort
+            log.exception("could not record the abort of %s", hello.migration_id)
+        self._audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason)
+        try:
+            self._channel.send(Abort(hello.migration_id, reason[:1000]))
+        except (OSError, ProtocolError):  # the conversation may already be over or the peer gone
+            pass
