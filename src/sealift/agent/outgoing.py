@@ -135,9 +135,11 @@ class OutgoingMigration:
             self._commit_psk()
             # Downtime ends when the destination's guest runs: its receipt says so.
             self.report.downtime_ms = self.report.downtime_breakdown_ms["running_receipt"]
+            # The migration is over when the VM runs there (as QEMU counts it);
+            # freeing our paused copy's memory comes after and is not part of it.
+            self._finish_report(result, running, prepared, started, cpu_started)
             self._vms.release_migrated(vm.name)
             self._store.set_phase(self.migration_id, "completed")
-            self._finish_report(result, running, prepared, started, cpu_started)
             self._audit("migration.completed", vm=vm.name, destination=self._destination,
                         downtime_ms=self.report.downtime_ms, total_time_s=self.report.total_time_s)
             return self.report
