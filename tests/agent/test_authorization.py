@@ -245,6 +245,22 @@ def test_a_revoked_source_host_is_refused_by_the_destination(cluster: LocalClust
     with pytest.raises(AgentRequestFailed):
         migrate(cluster, cluster.order(VM, "host-a", "host-b"))
     assert_vm_runs_on_source(cluster)
+    refused = cluster.client("host-b").request("audit.show", kind="peer.refused")["entries"]
+    assert refused and "revoked" in refused[0]["fields"]["reason"]
+
+
+def test_a_host_without_free_vcpus_refuses_at_admission(tmp_path) -> None:
+    cluster = LocalCluster(extra_config="vcpu_capacity = 1")
+    try:
+        cluster.start()
+        cluster.client("host-a").request("vm.start", name=VM, memory="32M", workload="idle")
+        cluster.client("host-b").request("vm.start", name="resident", memory="32M", workload="idle")
+        with pytest.raises(AgentRequestFailed, match="vCPU"):
+            migrate(cluster, cluster.order(VM, "host-a", "host-b"))
+        info = cluster.client("host-a").request("vm.info", name=VM)["vm"]
+        assert info["alive"] and not info["paused"]
+    finally:
+        cluster.cleanup()
 
 
 def test_a_revoked_operator_is_refused(cluster: LocalCluster) -> None:

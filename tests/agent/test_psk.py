@@ -61,6 +61,8 @@ def test_a_wrong_psk_is_refused_and_the_vm_stays(cluster: LocalCluster) -> None:
         cluster.migrate(VM, "host-a", "host-b")
     info = cluster.client("host-a").request("vm.info", name=VM)["vm"]
     assert info["alive"] and not info["paused"]
+    refused = cluster.client("host-b").request("audit.show", kind="migration.refused")["entries"]
+    assert refused and "psk" in refused[0]["fields"]["reason"].lower()
 
 
 def test_a_destination_with_a_psk_refuses_a_source_without_one(cluster: LocalCluster) -> None:

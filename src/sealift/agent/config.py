@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class AgentConfig:
     peers: dict[str, tuple[str, int]] = field(default_factory=dict)
     allow_insecure: bool = False
     memory_capacity: int = 16 << 30
+    vcpu_capacity: int = 0  # vCPUs this host may run (0 = 4 per core, a common overcommit)
     max_incoming: int = 4
     handshake_timeout_s: float = 10.0
     step_timeout_s: float = 30.0
@@ -122,6 +124,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         peers=peers,
         allow_insecure=bool(raw.get("allow_insecure", False)),
         memory_capacity=parse_size(raw.get("memory_capacity", "16G")),
+        vcpu_capacity=int(raw.get("vcpu_capacity", 0)) or 4 * (os.cpu_count() or 1),
         max_incoming=int(raw.get("max_incoming", 4)),
         handshake_timeout_s=float(raw.get("handshake_timeout_s", 10.0)),
         step_timeout_s=float(raw.get("step_timeout_s", 30.0)),

@@ -207,6 +207,13 @@ class VmRegistry:
             return sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
 
     def _check_capacity_locked(self, memory_bytes: int) -> None:
+        # A built-in guest is one process: one vCPU.
+        vcpus = len(self._vms) + len(self._reserved) + 1
+        if vcpus > self._config.vcpu_capacity:
+            raise AdmissionError(
+                f"{self._config.name} runs {vcpus - 1} vCPUs of {self._config.vcpu_capacity} (vcpu_capacity); "
+                "the VM needs 1 more"
+            )
         used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
         if used + memory_bytes > self._config.memory_capacity:
             free = self._config.memory_capacity - used
