@@ -59,6 +59,7 @@ class LocalCluster:
     # through something in the path (the tests' relay, the lab's attacker).
     peer_routes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     capacity: str = "16G"  # each host's registered capacity in the cluster inventory
+    host_config: dict[str, str] = field(default_factory=dict)  # extra TOML lines for one host
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sealift-")))
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
@@ -96,7 +97,8 @@ class LocalCluster:
             f'identity_dir = "{self.pki}"\n'
             f'policy = "{state / "policy.toml"}"\n'
             f"allow_insecure = {'true' if self.allow_insecure else 'false'}\n"
-            f'memory_capacity = "{self.capacity}"\n'
+            + (f'memory_capacity = "{self.capacity}"\n' if "memory_capacity" not in self.host_config.get(host, "") else "")
+            + f"{self.host_config.get(host, '')}\n"
             f"{self.extra_config}\n"
             f"[peers]\n{peers}\n"
             f"[inventory]\n" + "".join(f'"{h}" = "{self.capacity}"\n' for h in self.hosts)

@@ -107,3 +107,29 @@ def test_an_advert_signed_by_another_host_is_ignored() -> None:
     finally:
         liar.close()
         cluster.cleanup()
+
+
+def test_a_plausible_liar_is_caught_at_admission_and_down_ranked() -> None:
+    """host-c claims 15 GiB free (within its registered 16 GiB) but can hold 64 MiB."""
+    cluster = LocalCluster(
+        hosts=("host-a", "host-b", "host-c"),
+        host_config={
+            "host-b": 'memory_capacity = "1G"',
+            "host-c": 'memory_capacity = "64M"\nlab_advertise_free_memory = "15G"',
+        },
+    )
+    try:
+        cluster.start()
+        src = cluster.client("host-a")
+        src.request("vm.start", name=VM, memory="128M", workload="idle")
+        first = src.request("place", vm=VM)["placement"]
+        assert first["host"] == "host-c"  # the lie is plausible: it wins on paper
+        with pytest.raises(Exception, match="free of"):
+            cluster.migrate(VM, "host-a", "host-c")  # admission re-checks, and refuses
+        second = src.request("place", vm=VM)["placement"]
+        assert second["host"] == "host-b"
+        host_c = next(a for a in second["assessments"] if a["host"] == "host-c")
+        assert host_c["penalty"] > 0
+        assert src.request("vm.info", name=VM)["vm"]["alive"]
+    finally:
+        cluster.cleanup()

@@ -68,6 +68,8 @@ class AgentConfig:
     migration: MigrationOptions = field(default_factory=MigrationOptions)
     guard: GuardConfig = field(default_factory=lambda: GuardConfig())
     inventory: dict[str, int] = field(default_factory=dict)  # registered capacity per host (bytes)
+    # Attack lab only (THREATS.md T7): make this agent lie about its free memory.
+    lab_advertise_free_memory: int | None = None
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
     crl_path: Path | None = None  # the cluster CA's revocation list
 
@@ -132,6 +134,9 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         migration=migration,
         guard=_guard_config(raw.get("guard", {})),
         inventory={str(h): parse_size(v) for h, v in raw.get("inventory", {}).items()},
+        lab_advertise_free_memory=(
+            parse_size(raw["lab_advertise_free_memory"]) if "lab_advertise_free_memory" in raw else None
+        ),
         policy_path=path("policy") if "policy" in raw else None,
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
     )

@@ -29,10 +29,17 @@ ADVERT_LIFETIME_S = 30.0
 def our_advert(config: AgentConfig, identity: HostIdentity, used_memory: int, vms: int) -> str:
     """This host's signed advert: what it can still take, now."""
     cpus = os.cpu_count() or 1
+    capacity = config.memory_capacity
+    if config.lab_advertise_free_memory is not None:  # a liar lies consistently
+        capacity = max(capacity, config.inventory.get(config.name, capacity))
     advert = make_advert(
         host=config.name,
-        capacity_memory=config.memory_capacity,
-        free_memory=max(0, config.memory_capacity - used_memory),
+        capacity_memory=capacity,
+        free_memory=(
+            config.lab_advertise_free_memory  # the lab's lying host
+            if config.lab_advertise_free_memory is not None
+            else max(0, config.memory_capacity - used_memory)
+        ),
         cpu_load=round(os.getloadavg()[0] / cpus, 3),
         vms=vms,
         now=time.time(),
