@@ -6,6 +6,8 @@ single byte reaches the image, so a tampered record never touches guest RAM.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -59,11 +61,19 @@ class ImageReceiver:
         self._zero_run = memoryview(bytes(PAGE_SIZE * 256))
 
     def run(self, read_into: Callable[[memoryview], None]) -> ReceiveResult:
-        """Read records with `read_into(view)` (fills view exactly) until END."""
+        """Read records with `read_into(view)` (fills view exactly) until END.
+
+        Two stages, so the cores overlap: this thread receives and opens
+        (authenticates, decrypts) records; a writer thread puts the pages into
+        the image and fingerprints them. Both stages spend their time in calls
+        that release the GIL (recv_into, AES-GCM, pwrite). Page data is copied
+        into one of a few pooled buffers between them, and order is kept.
+        """
         result = ReceiveResult()
         header = bytearray(self._reader.HEADER_SIZE)
         header_view = memoryview(header)
         worker = DigestWorker(self._digest) if self._digest is not None else None
+        writer = _PageWriter(self._apply_pages)
         try:
             while True:
                 read_into(header_view)
@@ -72,9 +82,16 @@ class ImageReceiver:
                 self._reader.read_header(header_view)
                 read_into(self._reader.payload_buffer())
                 event = self._reader.finish_record()
+                if isinstance(event, PagesReceived):
+                    writer.submit(event, result)
+                    continue
+                if isinstance(event, ZeroPagesReceived):
+                    writer.drain()  # keep the order of writes to the same page
                 if self._apply(event, result):
                     break
+            writer.drain()
         finally:
+            writer.close()
             if worker is not None:
                 worker.stop()
         result.last_record_at = time.monotonic()
@@ -84,15 +101,17 @@ class ImageReceiver:
             result.image_digest = self._digest.digest()
         return result
 
+    def _apply_pages(self, indexes: np.ndarray, data: memoryview) -> None:
+        for start, end in contiguous_runs(indexes):
+            run = data[start * PAGE_SIZE : end * PAGE_SIZE]
+            first = int(indexes[start])
+            self._store.write_pages(first, run)
+            if self._digest is not None:
+                self._digest.store_pages(first, run)  # after the write
+
     def _apply(self, event: object, result: ReceiveResult) -> bool:
         if isinstance(event, PagesReceived):
-            data = event.data
-            for start, end in contiguous_runs(event.indexes):
-                run = data[start * PAGE_SIZE : end * PAGE_SIZE]
-                first = int(event.indexes[start])
-                self._store.write_pages(first, run)
-                if self._digest is not None:
-                    self._digest.store_pages(first, run)  # after the write
+            self._apply_pages(event.indexes, event.data)
             result.pages_received += int(event.indexes.size)
         elif isinstance(event, ZeroPagesReceived):
             for start, end in contiguous_runs(event.indexes):
@@ -113,6 +132,59 @@ class ImageReceiver:
     def _mark(self, indexes: np.ndarray) -> None:  # after the write: see digest.py
         if self._digest is not None:
             self._digest.mark_pages(indexes)
+
+
+class _PageWriter:
+    """The second stage: writes received pages in order from a small buffer pool."""
+
+    DEPTH = 3  # records in flight between the stages
+
+    def __init__(self, apply_pages: Callable[[np.ndarray, memoryview], None]) -> None:
+        self._apply_pages = apply_pages
+        self._free: queue.Queue[memoryview] = queue.Queue()
+        for _ in range(self.DEPTH):
+            self._free.put(memoryview(bytearray(256 * PAGE_SIZE)))
+        self._work: queue.Queue[tuple[np.ndarray, memoryview] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="page-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: PagesReceived, result: ReceiveResult) -> None:
+        self._raise_if_failed()
+        buffer = self._free.get()
+        size = len(event.data)
+        buffer[:size] = event.data  # the reader reuses its buffer for the next record
+        self._work.put((event.indexes, buffer[:size]))
+        result.pages_received += int(event.indexes.size)
+
+    def drain(self) -> None:
+        """Wait until every submitted record is in the image."""
+        self._work.join()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        self._work.put(None)
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            try:
+                if item is None:
+                    return
+                indexes, data = item
+                if self._error is None:
+                    try:
+                        self._apply_pages(indexes, data)
+                    except BaseException as exc:  # surfaced in the receiving thread
+                        self._error = exc
+                self._free.put(memoryview(data.obj))  # the whole pooled buffer again
+            finally:
+                self._work.task_done()
 
 
 def contiguous_runs(indexes: np.ndarray) -> list[tuple[int, int]]:
