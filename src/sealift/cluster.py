@@ -180,7 +180,7 @@ class LocalCluster:
 
 
 def kill_guests_under(directory: Path) -> None:
-    """Guests outlive agents by design; tear-down must find them by their image path."""
+    """Guests (built-in and QEMU) outlive agents by design; tear-down finds them by their paths."""
     needle = str(directory).encode()
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
@@ -189,7 +189,8 @@ def kill_guests_under(directory: Path) -> None:
             cmdline = (pid_dir / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"sealift.backends.builtin.guest" in cmdline and needle in cmdline:
+        is_guest = b"sealift.backends.builtin.guest" in cmdline or b"qemu-system" in cmdline
+        if is_guest and needle in cmdline:
             try:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except ProcessLookupError:

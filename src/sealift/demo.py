@@ -108,7 +108,7 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
 
 
 def order_id(envelope: str) -> str:
-    return str(describe_order(envelope).get("id", "?"))[:12]
+    return str(describe_order(envelope).get("order_id", "?"))[:12]
 
 
 def _failed(error: str, src: object, options: DemoOptions) -> dict[str, object]:

@@ -198,7 +198,12 @@ def test_plain_transport_exposes_the_secret(insecure_cluster: LocalCluster, rela
     report = migrate(insecure_cluster, secure=False, transport="plain")
     assert report["status"] == "completed" and report["transport"] == "plain"
     assert SECRET_PREFIX in relay.captured()
-    assert info(insecure_cluster.client("host-b"))["status"] == "running"
+    after = info(insecure_cluster.client("host-b"))
+    log = insecure_cluster.vm_root / "host-b" / "qemu" / f"{VM}.log"
+    console = log.with_suffix(".console")
+    assert after["status"] == "running", (after, log.read_text()[-1500:] if log.exists() else "no log",
+                                          console.read_text()[-3000:] if console.exists() else "")  # fmt: skip
+    assert wait_counter(insecure_cluster.client("host-b"), report["counter_at_pause"] or 0, 30) > 0
 
 
 def test_flipped_bit_aborts_and_guest_keeps_running_on_source(cluster: LocalCluster, relay: Relay) -> None:

@@ -44,7 +44,7 @@ from sealift.agent.config import AgentConfig
 from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
-from sealift.agent.store import AgentStore
+from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream, recv_exactly_into
 from sealift.agent.vms import AdmissionError, VmRegistry
 from sealift.backends.qemu.net import NetConfig
@@ -68,6 +68,7 @@ UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the 
 POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
 QEMU_CONNECT_TIMEOUT_S = 10.0
 TRANSPORTS = ("sealift", "plain")
+READY = b"R"  # destination -> source on the data stream: "my QEMU listens" (see _await_destination_ready)
 # In-doubt migrations of QEMU guests get their own phase: the resolver only
 # knows built-in guests, and must not act on these (see the report's notes).
 IN_DOUBT = "in-doubt"
@@ -310,10 +311,10 @@ class QemuOutgoingMigration:
         return reply
 
     def _configure(self, vm: QemuVM) -> None:
-        vm.set_migration_capabilities({
-            "pause-before-switchover": True,  # our chance to check the destination before the final state leaves
-            "auto-converge": self._options.auto_converge,
-        })  # fmt: skip
+        capabilities = {"pause-before-switchover": True}  # our chance to check the destination before the switchover
+        if self._options.auto_converge:
+            capabilities["auto-converge"] = True
+        vm.set_migration_capabilities(capabilities)
         vm.set_migration_parameters({
             "max-bandwidth": self._options.bandwidth_limit_bps or UNCAPPED_BPS,
             "downtime-limit": self._options.downtime_limit_ms,
@@ -333,6 +334,7 @@ class QemuOutgoingMigration:
             pump = self._pump = _SourcePump(listener, writer, data, self._config.step_timeout_s)
             spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key)
             pump.send_first(spec.encode())
+            self._await_destination_ready(data)
             self._configure(vm)
             pump.start()
             self._phase("precopy")
@@ -349,6 +351,24 @@ class QemuOutgoingMigration:
             listener.close()
             shutil.rmtree(sock_dir, ignore_errors=True)
 
+    def _await_destination_ready(self, data: socket.socket) -> None:
+        """Start QEMU's migration only once the destination QEMU listens.
+
+        A source QEMU whose stream stalls for its first few hundred ms (the
+        destination still starting its QEMU) sometimes produced a stream the
+        destination guest crashed on (QEMU 7.2, TCG; ~1 run in 5 in the tests).
+        The destination's one READY byte on the data stream's back direction
+        is only a timing gate: forged or dropped, it can delay or fail the
+        migration, never change what is verified.
+        """
+        data.settimeout(self._config.step_timeout_s)
+        try:
+            answer = data.recv(1)
+        except socket.timeout:
+            raise MigrationError(f"{self._destination} did not start its QEMU within {self._config.step_timeout_s:.0f} s") from None
+        if answer != READY:
+            raise MigrationError(f"{self._destination} closed the data stream before its QEMU was ready")
+
     def _follow(self, vm: QemuVM, pump: _SourcePump, data: socket.socket) -> tuple[dict[str, Any], float]:
         """Poll QEMU until the migration completes; handle the pre-switchover stop."""
         paused_at: float | None = None
@@ -363,7 +383,7 @@ class QemuOutgoingMigration:
             ram = info.get("ram", {})
             if status in ("failed", "cancelled"):
                 raise MigrationError(f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}")
-            if status == "pre-switchover":
+            if status == "pre-switchover" and paused_at is None:  # once: QEMU leaves the state asynchronously
                 paused_at = _stop_time(vm, time.monotonic())
                 self.report.counter_at_pause = vm.counter()
                 self._phase("stop-and-copy")
@@ -384,7 +404,7 @@ class QemuOutgoingMigration:
                     "round": sync, "pages_done": min(transferred // PAGE, vm.memory_mib * MiB // PAGE),
                     "pages_total": vm.memory_mib * MiB // PAGE, "wire_bytes": pump.stream_bytes,
                 }))  # fmt: skip
-            elif time.monotonic() - last_progress > self._config.step_timeout_s and status != "pre-switchover":
+            elif time.monotonic() - last_progress > self._config.step_timeout_s:
                 raise MigrationError(f"QEMU's migration made no progress for {self._config.step_timeout_s:.0f} s ({status})")
             time.sleep(POLL_S)
 
@@ -513,6 +533,30 @@ def resume_source(vm: QemuVM, timeout: float = 15.0) -> bool:
     if vm.status() != "running":
         vm.resume()  # from paused or postmigrate: QEMU allows cont on both
     return vm.status() == "running"
+
+
+def recover_after_restart(store: AgentStore, qemu_vms: QemuVmRegistry) -> None:
+    """Before the agent's general recovery: settle QEMU guests a crash caught mid-migration.
+
+    A source without a durable commit decision resumes its guest (QEMU waiting
+    at pre-switchover would otherwise stay paused for ever); a destination that
+    had not yet promised ("receiving") discards its QEMU. In-doubt migrations
+    (prepared / committed) are left alone for an operator.
+    """
+    for record in store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving",)):
+        if not qemu_vms.has(record.vm):
+            continue
+        vm = qemu_vms.get(record.vm)
+        try:
+            if record.role == "source":
+                resumed = resume_source(vm)
+                log.warning("recovery: QEMU guest %s %s after the interrupted migration %s", record.vm,
+                            "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
+            else:
+                qemu_vms.release_migrated(record.vm)  # never promised: the source still has the guest
+                log.warning("recovery: discarded the half-received QEMU guest %s (%s)", record.vm, record.id)
+        except QemuError as exc:
+            log.error("recovery: QEMU guest %s: %s", record.vm, exc)
 
 
 def _stop_time(vm: QemuVM, fallback: float) -> float:
@@ -678,6 +722,7 @@ class QemuIncomingMigration:
                 self._hasher.update(event.data)
                 if qemu_sock is None:
                     qemu_sock = self._start_qemu(GuestSpec.decode(bytes(event.data)), sock_dir)
+                    data.sendall(READY)
                     continue
                 self._stream_bytes += len(event.data)
                 qemu_sock.sendall(event.data)
@@ -703,6 +748,8 @@ class QemuIncomingMigration:
         net = network_like(NetConfig.from_json(spec.net))
         self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
         path = sock_dir / "in.sock"
+        # The same capabilities as the source: QEMU expects both ends to agree.
+        self._qemu.set_migration_capabilities({"pause-before-switchover": True})
         self._qemu.migrate_incoming(f"unix:{path}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT_S
@@ -777,8 +824,7 @@ class QemuIncomingMigration:
         hello = self._hello
         assert self._qemu is not None
         self._store.set_phase(hello.migration_id, "committed")
-        self._qemu.resume()
-        self._qemu.announce_self()  # tell the switches where the guest's MAC went
+        self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
         self._qemu_vms.adopt_incoming(self._qemu)
         self._qemu_vms.unreserve_incoming_name(hello.vm_name)
         self._store.set_phase(hello.migration_id, "running")
