@@ -2,7 +2,7 @@
 
 import pytest
 
-from sealift.engine.convergence import Action, RoundStats, decide
+from sealift.engine.convergence import SCATTERED_SLOWDOWN, Action, RoundStats, decide
 from sealift.engine.options import MigrationOptions, OptionsError
 
 PAGE = 4096
@@ -19,7 +19,8 @@ def test_stops_when_the_rest_fits_the_downtime_budget() -> None:
     decision = decide(history, PAGE, MigrationOptions())
     assert decision.action is Action.STOP_AND_COPY
     assert "downtime" in decision.reason
-    assert decision.expected_downtime_ms == pytest.approx(1000 * PAGE / GBPS * 1000)
+    # Round 0 moved contiguous memory: the scattered rest is expected to go slower.
+    assert decision.expected_downtime_ms == pytest.approx(1000 * PAGE / (GBPS / SCATTERED_SLOWDOWN) * 1000)
 
 
 def test_continues_while_the_dirty_set_shrinks() -> None:
@@ -30,7 +31,7 @@ def test_continues_while_the_dirty_set_shrinks() -> None:
 
 
 def test_a_tighter_budget_means_more_rounds() -> None:
-    history = [stats(0, 262144, 20000, bytes_sent=GBPS)]  # ~76 ms left
+    history = [stats(0, 262144, 20000, bytes_sent=GBPS)]  # ~76 ms at round 0's rate, ~230 ms scattered
     assert decide(history, PAGE, MigrationOptions(downtime_limit_ms=300)).action is Action.STOP_AND_COPY
     assert decide(history, PAGE, MigrationOptions(downtime_limit_ms=50)).action is Action.CONTINUE
 
@@ -69,7 +70,7 @@ def test_round_zero_is_never_judged_as_not_shrinking() -> None:
 
 def test_bandwidth_limit_caps_the_estimate() -> None:
     # The link did 1 GiB/s, but the operator allows 10 MiB/s: 20000 pages (78 MiB) take ~7.8 s.
-    history = [stats(0, 262144, 20000, bytes_sent=GBPS)]
+    history = [stats(0, 262144, 20000, bytes_sent=GBPS), stats(1, 30000, 20000, bytes_sent=GBPS)]
     decision = decide(history, PAGE, MigrationOptions(bandwidth_limit_bps=10 << 20))
     assert decision.action is Action.CONTINUE
     assert decision.expected_downtime_ms == pytest.approx(20000 * PAGE / (10 << 20) * 1000)
@@ -87,3 +88,11 @@ def test_decide_needs_history() -> None:
 def test_bad_options_are_refused_with_a_reason(kwargs: dict) -> None:
     with pytest.raises(OptionsError):
         MigrationOptions(**kwargs)
+
+
+def test_round_zero_rate_is_discounted_for_scattered_pages() -> None:
+    """40k dirty pages fit 300 ms at round 0's contiguous rate (~150 ms) but not scattered."""
+    history = [stats(0, 262144, 40000, bytes_sent=GBPS)]
+    assert decide(history, PAGE, MigrationOptions()).action is Action.CONTINUE
+    later = [*history, stats(1, 40000, 40000 // 4, bytes_sent=40000 * PAGE, seconds=40000 * PAGE / (GBPS / 3))]
+    assert decide(later, PAGE, MigrationOptions()).action is Action.STOP_AND_COPY

@@ -21,6 +21,7 @@ from sealift.agent.authority import Authority
 from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
+from sealift.security.orders import VerifiedOrder
 from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.agent.store import AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
@@ -134,26 +135,9 @@ class IncomingMigration:
 
     def _admit(self) -> None:
         hello = self._hello
-        if hello.destination_host != self._config.name:
-            raise IncomingRefused(f"this host is {self._config.name}, not {hello.destination_host}")
         if hello.backend != "builtin":
             raise IncomingRefused(f"backend {hello.backend!r} is not supported by this agent")
-        if self._channel.secure:
-            if self._channel.peer_name != hello.source_host:
-                raise IncomingRefused(
-                    f"the source authenticated as {self._channel.peer_name} but claims to be {hello.source_host}"
-                )
-            if not hello.secure:
-                raise IncomingRefused("an authenticated channel must carry a protected data stream")
-            self._authority.check_peer(self._channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
-        else:
-            if not self._config.allow_insecure:
-                raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
-            if hello.secure:
-                raise IncomingRefused("a protected migration needs the TLS control channel")
-        # Incoming migration control: a valid, unused order naming this peer and this host.
-        verified = self._authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
-        self._order_id = verified.order.id
+        self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
         if self._channel.secure:
             self._check_psk()
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
@@ -285,6 +269,29 @@ class IncomingMigration:
             self._channel.send(Abort(self._hello.migration_id, reason[:1000]))
         except Exception:  # the conversation may already be over or the peer gone
             pass
+
+
+def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, authority: Authority) -> VerifiedOrder:
+    """Incoming migration control, for every backend: who asks, over what, with which order.
+
+    Cheap checks first; the order (signature, validity, policy, replay cache)
+    last. Raises IncomingRefused or a SecurityError with the reason to send back.
+    """
+    if hello.destination_host != config.name:
+        raise IncomingRefused(f"this host is {config.name}, not {hello.destination_host}")
+    if channel.secure:
+        if channel.peer_name != hello.source_host:
+            raise IncomingRefused(f"the source authenticated as {channel.peer_name} but claims to be {hello.source_host}")
+        if not hello.secure:
+            raise IncomingRefused("an authenticated channel must carry a protected data stream")
+        authority.check_peer(channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
+    else:
+        if not config.allow_insecure:
+            raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
+        if hello.secure:
+            raise IncomingRefused("a protected migration needs the TLS control channel")
+    # A valid, unused order naming this peer and this host.
+    return authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
 
 
 def _read_into(sock: socket.socket, view: memoryview) -> None:

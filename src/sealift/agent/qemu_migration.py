@@ -41,6 +41,7 @@ from blake3 import blake3
 
 from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
+from sealift.agent.incoming import verify_hello
 from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
@@ -238,6 +239,11 @@ class QemuOutgoingMigration:
         verified = self._authority.authorize_outgoing(self._order, self._vm_name, self._destination)
         self.report.order_id = verified.order.id
         self.report.operator = verified.operator.name
+        if self._authority.psk.has_peer(self._destination):
+            # Fail closed: a configured second factor is never skipped.
+            raise MigrationError(
+                f"a PSK is provisioned for {self._destination}, and QEMU migrations do not carry PSK proofs yet"
+            )
         vm = self._vms.claim(self._vm_name)
         memory_bytes = vm.memory_mib * MiB
         self.report.memory_bytes = memory_bytes
@@ -673,25 +679,13 @@ class QemuIncomingMigration:
     # -- steps ----------------------------------------------------------------------
 
     def _admit(self) -> None:
-        # The same checks, in the same order, as IncomingMigration._admit for built-in guests.
         hello = self._hello
-        if hello.destination_host != self._config.name:
-            raise QemuIncomingRefused(f"this host is {self._config.name}, not {hello.destination_host}")
-        if self._channel.secure:
-            if self._channel.peer_name != hello.source_host:
-                raise QemuIncomingRefused(
-                    f"the source authenticated as {self._channel.peer_name} but claims to be {hello.source_host}"
-                )
-            if not hello.secure:
-                raise QemuIncomingRefused("an authenticated channel must carry a protected data stream")
-            self._authority.check_peer(self._channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
-        else:
-            if not self._config.allow_insecure:
-                raise QemuIncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
-            if hello.secure:
-                raise QemuIncomingRefused("a protected migration needs the TLS control channel")
-        verified = self._authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
-        self._order_id = verified.order.id
+        self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
+        if self._authority.psk.has_peer(hello.source_host):
+            # Fail closed: a configured second factor is never skipped.
+            raise QemuIncomingRefused(
+                f"a PSK is provisioned for {hello.source_host}, and QEMU migrations do not carry PSK proofs yet"
+            )
         # Capacity, concurrency and name clashes with built-in guests: the built-in registry's admission.
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
         try:
