@@ -228,3 +228,18 @@ def test_destination_agent_killed_mid_migration(cluster: LocalCluster) -> None:
         migrate(cluster, on_event=on_event, bandwidth_limit_bps=16 << 20)
     assert killed.is_set()
     assert_runs_on_source_only(cluster)
+
+
+def test_a_provisioned_psk_is_never_skipped_for_qemu_guests(cluster: LocalCluster) -> None:
+    """QEMU migrations do not carry PSK proofs yet: with a PSK configured they must refuse, not bypass it."""
+    from sealift.security.psk import new_psk, psk_to_hex
+
+    key = psk_to_hex(new_psk())
+    cluster.client("host-a").request("psk.provision", peer="host-b", key=key)
+    cluster.client("host-b").request("psk.provision", peer="host-a", key=key)
+    src = cluster.client("host-a")
+    start_guest(src)
+    with pytest.raises(AgentRequestFailed, match="PSK"):
+        migrate(cluster)
+    assert info(src)["status"] == "running"
+    assert VM not in names(cluster.client("host-b"))
