@@ -24,7 +24,7 @@ from sealift.security.errors import CertificateError
 from sealift.security.identity import HostIdentity
 from sealift.security.orders import MalformedOrderError, OrderError, VerifiedOrder, verify_order
 from sealift.security.policy import Policy
-from sealift.security.psk import PskError, PskSession, PskStore, psk_channel_binding, psk_fingerprint, wrap_key_from_private_key
+from sealift.security.psk import PskSession, PskStore, psk_fingerprint, wrap_key_from_private_key
 from sealift.security.replay import ReplayCache
 from sealift.security.revocation import RevocationList
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from sealift.agent.transport import ControlChannel
+from sealift.wire.messages import Abort, Receipt
 from sealift.security.identity import HostIdentity
 from sealift.security.signing import canonical_json, sign_document, verify_document
 
@@ -33,6 +34,10 @@ def channel_binding(channel: ControlChannel, nonce_source: bytes, nonce_dest: by
 
 class DocumentError(Exception):
     """A manifest or receipt is missing, forged or does not match."""
+
+
+class PeerAborted(Exception):
+    """The peer ended the migration with an Abort and a reason."""
 
 
 class DocumentSigner:
@@ -73,3 +78,34 @@ def receipt_matches(receipt: dict, manifest: dict, stage: str) -> None:
             raise DocumentError(f"receipt {key} {receipt.get(key)!r} does not match the manifest's {manifest.get(key)!r}")
     if receipt.get("stage") != stage:
         raise DocumentError(f"expected a {stage!r} receipt, got {receipt.get('stage')!r}")
+
+
+def await_receipt(
+    channel: ControlChannel,
+    signer: DocumentSigner,
+    *,
+    peer: str,
+    stage: str,
+    migration_id: str,
+    binding: str | None,
+    manifest: dict | None,
+    timeout: float,
+) -> tuple[dict, str]:
+    """The destination's signed receipt for `stage`, checked; returns (payload, envelope).
+
+    A "prepared" receipt must acknowledge exactly the manifest; a "running"
+    receipt must name this migration. Both must carry this session's binding.
+    """
+    reply = channel.recv(timeout)
+    if isinstance(reply, Abort):
+        after = " after commit" if stage == "running" else ""
+        raise PeerAborted(f"{peer} aborted{after}: {reply.reason}")
+    assert isinstance(reply, Receipt) and reply.stage == stage  # the sans-IO state machine allows nothing else
+    receipt = signer.verify(reply.envelope, "receipt", peer, channel)
+    if manifest is not None:
+        receipt_matches(receipt, manifest, stage)
+    elif receipt.get("migration_id") != migration_id or receipt.get("stage") != stage:
+        raise DocumentError(f"the destination's {stage} receipt does not name this migration")
+    if receipt.get("channel_binding") != binding:
+        raise DocumentError(f"the {stage} receipt was not made for this session")
+    return receipt, reply.envelope

@@ -27,11 +27,11 @@ from sealift.engine.sender import PrecopyResult, PrecopySender, TransferProgress
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
 from sealift.agent.authority import Authority
-from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
+from sealift.agent.documents import DocumentSigner, await_receipt, channel_binding
 from sealift.security.audit import Kinds
 from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.wire.datastream import DataStreamWriter
-from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
+from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Refuse
 from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
 
 log = logging.getLogger(__name__)
@@ -250,26 +250,19 @@ class OutgoingMigration:
         channel.send(Manifest(self.migration_id, envelope))
         self._audit(Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, state_digest=result.state_digest,
                     manifest_sha256=_sha256(envelope))
-        reply = channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise MigrationError(f"{self._destination} aborted: {reply.reason}")
-        assert isinstance(reply, Receipt) and reply.stage == "prepared"
-        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
-        receipt_matches(receipt, manifest, "prepared")
-        self._audit(Kinds.RECEIPT, stage="prepared", receipt=reply.envelope)
+        receipt, envelope = await_receipt(
+            channel, self._signer, peer=self._destination, stage="prepared", migration_id=self.migration_id,
+            binding=self._binding, manifest=manifest, timeout=self._config.step_timeout_s,
+        )
+        self._audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
         return receipt
 
     def _await_running(self, channel: ControlChannel) -> dict:
-        reply = channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise MigrationError(f"{self._destination} aborted after commit: {reply.reason}")
-        assert isinstance(reply, Receipt) and reply.stage == "running"
-        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
-        if receipt.get("migration_id") != self.migration_id or receipt.get("stage") != "running":
-            raise DocumentError("the destination's running receipt does not name this migration")
-        if receipt.get("channel_binding") != self._binding:
-            raise DocumentError("the running receipt was not made for this session")
-        self._audit(Kinds.RECEIPT, stage="running", receipt=reply.envelope)
+        receipt, envelope = await_receipt(
+            channel, self._signer, peer=self._destination, stage="running", migration_id=self.migration_id,
+            binding=self._binding, manifest=None, timeout=self._config.step_timeout_s,
+        )
+        self._audit(Kinds.RECEIPT, stage="running", receipt=envelope)
         return receipt
 
     def _abort(self, channel: ControlChannel | None, vm: BuiltinVM, exc: BaseException) -> None:

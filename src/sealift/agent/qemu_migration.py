@@ -42,7 +42,7 @@ from blake3 import blake3
 from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
 from sealift.agent.incoming import verify_hello
-from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding, receipt_matches
+from sealift.agent.documents import DocumentError, DocumentSigner, await_receipt, channel_binding
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
@@ -439,26 +439,19 @@ class QemuOutgoingMigration:
         envelope = self._signer.sign(manifest, "manifest")
         channel.send(Manifest(self.migration_id, envelope))
         self._audit(Kinds.MIGRATION_DIGEST, image_digest=transfer.digest, stream_bytes=transfer.stream_bytes)
-        reply = channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise MigrationError(f"{self._destination} aborted: {reply.reason}")
-        assert isinstance(reply, Receipt) and reply.stage == "prepared"
-        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
-        receipt_matches(receipt, manifest, "prepared")
-        self._audit(Kinds.RECEIPT, stage="prepared", receipt=reply.envelope)
+        receipt, envelope = await_receipt(
+            channel, self._signer, peer=self._destination, stage="prepared", migration_id=self.migration_id,
+            binding=self._binding, manifest=manifest, timeout=self._config.step_timeout_s,
+        )
+        self._audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
         return manifest, receipt
 
     def _await_running(self, channel: ControlChannel) -> dict:
-        reply = channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise MigrationError(f"{self._destination} aborted after commit: {reply.reason}")
-        assert isinstance(reply, Receipt) and reply.stage == "running"
-        receipt = self._signer.verify(reply.envelope, "receipt", self._destination, channel)
-        if receipt.get("migration_id") != self.migration_id or receipt.get("stage") != "running":
-            raise DocumentError("the destination's running receipt does not name this migration")
-        if receipt.get("channel_binding") != self._binding:
-            raise DocumentError("the running receipt was not made for this session")
-        self._audit(Kinds.RECEIPT, stage="running", receipt=reply.envelope)
+        receipt, envelope = await_receipt(
+            channel, self._signer, peer=self._destination, stage="running", migration_id=self.migration_id,
+            binding=self._binding, manifest=None, timeout=self._config.step_timeout_s,
+        )
+        self._audit(Kinds.RECEIPT, stage="running", receipt=envelope)
         return receipt
 
     def _abort(self, channel: ControlChannel | None, vm: QemuVM, exc: BaseException) -> None:
