@@ -110,10 +110,8 @@ class ImageReceiver:
                 self._digest.store_pages(first, run)  # after the write
 
     def _apply(self, event: object, result: ReceiveResult) -> bool:
-        if isinstance(event, PagesReceived):
-            self._apply_pages(event.indexes, event.data)
-            result.pages_received += int(event.indexes.size)
-        elif isinstance(event, ZeroPagesReceived):
+        """Every record but PAGES, which the writer stage applies; True at END."""
+        if isinstance(event, ZeroPagesReceived):
             for start, end in contiguous_runs(event.indexes):
                 first = int(event.indexes[start])
                 for offset in range(0, end - start, 256):
