@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentUnavailable
+from sealift.lab.netns import netns_argv
 from sealift.security.identity import ClusterCA
 from sealift.security.operators import OperatorIdentity
 from sealift.security.orders import create_order
@@ -60,6 +61,10 @@ class LocalCluster:
     peer_routes: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     capacity: str = "16G"  # each host's registered capacity in the cluster inventory
     host_config: dict[str, str] = field(default_factory=dict)  # extra TOML lines for one host
+    # The lab: run a host's agent inside a network namespace, listening on that
+    # host's address there (host -> namespace, host -> (ip, port)).
+    netns: dict[str, str] = field(default_factory=dict)
+    listen: dict[str, tuple[str, int]] = field(default_factory=dict)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sealift-")))
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
@@ -70,7 +75,7 @@ class LocalCluster:
         self.ca = ca
         self.operators = self.root / "operators"
         self.operator = ca.issue_operator(OPERATOR, "admin", self.operators)
-        self.addresses = {host: ("127.0.0.1", free_port()) for host in self.hosts}
+        self.addresses = {host: self.listen.get(host) or ("127.0.0.1", free_port()) for host in self.hosts}
         addresses = self.addresses
         for host in self.hosts:
             ca.issue_host(host, self.pki)
@@ -112,7 +117,7 @@ class LocalCluster:
             agent = self.agents[name]
             log = open(agent.log_path, "ab")
             agent.process = subprocess.Popen(
-                [sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)],
+                netns_argv(self.netns.get(name), [sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)]),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -13,6 +13,8 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
+from sealift.lab.netns import enter_netns
+
 DATA_STREAM_MAGIC = b"SLD1"
 CHUNK = 1 << 20
 
@@ -23,12 +25,16 @@ class Tamper:
 
     flip_offset: int | None = None  # flip one bit of the byte at this stream offset
     replace: tuple[bytes, bytes] | None = None  # rewrite a pattern (same length) wherever seen
+    data_stream_only: bool = True  # False: also QEMU's own stream on the plain transport
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class Relay:
-    def __init__(self, listen: tuple[str, int] = ("127.0.0.1", 0), record_limit: int = 1 << 30) -> None:
-        self._server = socket.create_server(listen)
+    def __init__(self, listen: tuple[str, int] = ("127.0.0.1", 0), record_limit: int = 1 << 30,
+                 netns: str | None = None) -> None:
+        self.netns = netns  # listen and connect inside this namespace (the lab's attacker host)
+        with enter_netns(netns):
+            self._server = socket.create_server(listen)
         self.address: tuple[str, int] = self._server.getsockname()[:2]
         self.target: tuple[str, int] | None = None
         self.tamper: Tamper | None = None
@@ -83,7 +89,8 @@ class Relay:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                with enter_netns(self.netns):
+                    upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
                 client.close()
@@ -106,7 +113,8 @@ class Relay:
                     break
                 if forward and is_data_stream is None:
                     is_data_stream = chunk.startswith(DATA_STREAM_MAGIC)
-                if forward and is_data_stream and self.tamper is not None:
+                tamper = self.tamper
+                if forward and tamper is not None and (is_data_stream or not tamper.data_stream_only):
                     chunk = self._apply_tamper(chunk, offset)
                 offset += len(chunk)
                 self._record(chunk, forward)
