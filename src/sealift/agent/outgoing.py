@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from sealift.agent.config import AgentConfig
 from sealift.agent.store import AgentStore
-from sealift.agent.transport import ControlChannel, open_data_stream
+from sealift.agent.transport import ControlChannel, PipelinedSink, open_data_stream
 from sealift.agent.vms import BuiltinGuestMemory, VmRegistry
 from sealift.backends.builtin.vm import BuiltinVM
 from sealift.engine.options import MigrationOptions
@@ -209,23 +210,31 @@ class OutgoingMigration:
         protection = self._protection(channel, accept)
         self._binding = channel_binding(channel, self._nonce, accept.nonce, self.migration_id)
         data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
+        sink = PipelinedSink(data)
         try:
-            writer = DataStreamWriter(protection, vm.image.npages, self._options.compression)
+            writer = DataStreamWriter(protection, vm.image.npages, self._options.compression,
+                                      out_buffers=PipelinedSink.ring_size())  # fmt: skip
             self._phase("precopy")
             sender = PrecopySender(
                 BuiltinGuestMemory(vm),
                 writer,
-                data.sendall,
+                sink,
                 self._options,
                 on_round=self._on_round,
                 with_digest=self._options.secure,
                 on_transfer=self._on_transfer,
             )
             result = sender.run()  # leaves the guest paused
+            sink.flush()
             self.report.counter_at_pause = vm.counter()
             self._phase("stop-and-copy")
             return result
         finally:
+            try:
+                data.shutdown(socket.SHUT_RDWR)  # wakes the sink's thread if it is stuck in sendall
+            except OSError:
+                pass
+            sink.close()
             data.close()
 
     def _manifest_and_prepare(self, channel: ControlChannel, vm: BuiltinVM, result: PrecopyResult) -> dict:

@@ -9,6 +9,7 @@ measured `--insecure` baseline).
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -219,3 +220,65 @@ class DataSessions:
     def finish(self, session_id: bytes) -> None:
         with self._lock:
             self._pending.pop(session_id, None)
+
+
+class PipelinedSink:
+    """Sends sealed records from a thread of its own, so sealing the next overlaps sending this one.
+
+    The writer must have a ring of `depth + 2` output buffers: at most `depth`
+    records wait in the queue and one is being sent while the writer seals
+    into the last, so no buffer is reused before its bytes have left. AES-GCM
+    and `sendall` both release the GIL, so on two cores the two really run
+    at once. A send error is raised by the next call (and by `flush`).
+    """
+
+    def __init__(self, sock: socket.socket, depth: int = 2) -> None:
+        self._sock = sock
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="data-sink", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def ring_size(depth: int = 2) -> int:
+        return depth + 2
+
+    def __call__(self, record: memoryview) -> None:
+        self._raise_if_failed()
+        while True:
+            try:
+                self._queue.put(record, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()  # the thread died: nothing drains the queue
+
+    def flush(self) -> None:
+        """Wait until every queued record has been sent; raise the send error if there was one."""
+        self._queue.join()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Stop the thread (after what is queued, unless sending already failed)."""
+        if self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=5)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                if record is None:
+                    return
+                if self._error is None:
+                    self._sock.sendall(record)
+            except BaseException as exc:  # reported to the engine's thread by the next call
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error

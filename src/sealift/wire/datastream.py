@@ -213,12 +213,12 @@ class DataStreamWriter:
     """Builds protected records into one preallocated output buffer.
 
     Every method returns a memoryview of the bytes to send, valid until the
-    next call on this writer. Misuse (wrong order, bad index) raises
+    next call on this writer (the next `out_buffers` calls with a ring). Misuse (wrong order, bad index) raises
     ProtocolError, mirroring what the reader would reject.
     """
 
     def __init__(
-        self, protection: RecordProtection, npages: int, compression: str | None = None
+        self, protection: RecordProtection, npages: int, compression: str | None = None, out_buffers: int = 1
     ) -> None:
         npages = _check_npages(npages)
         if compression not in _CODEC_BY_NAME:
@@ -232,7 +232,14 @@ class DataStreamWriter:
         self._index_area = np.frombuffer(
             self._staging, dtype=_INDEX_DTYPE, count=MAX_PAGES_PER_RECORD, offset=PAGES_FIXED.size
         )
-        self._out = bytearray(HEADER_SIZE + MAX_PLAINTEXT + protection.overhead)
+        if not 1 <= out_buffers <= 16:
+            raise ProtocolError(f"out_buffers {out_buffers} is outside 1..16")
+        # A ring of output buffers: a record stays valid for `out_buffers - 1`
+        # further calls, so a sending thread can still be sending it while the
+        # next records are sealed (see agent.transport.PipelinedSink).
+        self._outs = [bytearray(HEADER_SIZE + MAX_PLAINTEXT + protection.overhead) for _ in range(out_buffers)]
+        self._next_out = 0
+        self._out = self._outs[0]
         self._out_view = memoryview(self._out)
         self._pending_pages: int | None = None
         self._last_round: int | None = None
@@ -360,6 +367,10 @@ class DataStreamWriter:
         return self._codec, len(packed)
 
     def _seal(self, record_type: RecordType, plain_len: int) -> memoryview:
+        if len(self._outs) > 1:
+            self._out = self._outs[self._next_out]
+            self._out_view = memoryview(self._out)
+            self._next_out = (self._next_out + 1) % len(self._outs)
         length = plain_len + self._protection.overhead
         RECORD_HEADER.pack_into(self._out, 0, record_type, 0, 0, length)
         header = bytes(self._out_view[:HEADER_SIZE])
