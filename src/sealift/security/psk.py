@@ -626,6 +626,14 @@ class PskSession:
         return None if self._base is None else self._base[0]
 
     @property
+    def agreed_key(self) -> tuple[int, bytes] | None:
+        """(epoch, key) both hosts proved they hold, once the peer's proof checked out (None before).
+
+        Other keys are derived from it per migration (the ipsec transport's PSK).
+        """
+        return self._base
+
+    @property
     def ratcheting(self) -> bool:
         """True once both hosts agreed that this session replaces the key on commit."""
         return self._next_key is not None
