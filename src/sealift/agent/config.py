@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sealift.engine.options import MigrationOptions
+from sealift.monitor.service import MonitorConfig
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
@@ -72,6 +73,7 @@ class AgentConfig:
     lab_advertise_free_memory: int | None = None
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
     crl_path: Path | None = None  # the cluster CA's revocation list
+    monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig())  # [monitor]: sealift.monitor
 
     @property
     def database_path(self) -> Path:
@@ -139,6 +141,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         ),
         policy_path=path("policy") if "policy" in raw else None,
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
+        monitor=_monitor_config(raw.get("monitor", {})),
     )
 
 
@@ -150,3 +153,16 @@ def _guard_config(raw: dict) -> GuardConfig:
         return GuardConfig(**raw)
     except TypeError as exc:
         raise ConfigError(f"[guard]: {exc}") from None
+
+
+def _monitor_config(raw: dict) -> MonitorConfig:
+    unknown = set(raw) - set(MonitorConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"[monitor] has unknown keys: {', '.join(sorted(unknown))}")
+    values = dict(raw)
+    if "metrics_listen" in values:
+        values["metrics_listen"] = parse_address(str(values["metrics_listen"]))
+    try:
+        return MonitorConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[monitor]: {exc}") from None

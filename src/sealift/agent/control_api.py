@@ -22,6 +22,7 @@ from sealift.security.errors import SecurityError
 
 if TYPE_CHECKING:
     from sealift.agent.daemon import Agent
+    from sealift.backends.qemu.net import NetConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class ControlServer:
                 name,
                 parse_size(request.get("memory", "256M")) >> 20,
                 extra_cmdline=str(request.get("cmdline", "")),
+                net=_net_config(request.get("net")),
                 image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
             )
             return {"vm": self._agent.qemu_vms.info(vm.name)}
@@ -227,6 +229,46 @@ class ControlServer:
                 "problems": [{"seq": p.seq, "what": p.what} for p in result.problems],
             }
         }
+
+    # -- monitors (sealift.monitor) -------------------------------------------
+
+    def _op_monitor_snapshot(self, request: dict, emit: Emit) -> dict:
+        return {"monitor": self._agent.monitor.snapshot()}
+
+    def _op_monitor_flag(self, request: dict, emit: Emit) -> dict:
+        vm, kind = _field(request, "vm", str), _field(request, "kind", str)
+        return {"verdict": self._agent.monitor.flag(vm, kind, str(request.get("reason", "no reason given")))}  # type: ignore[arg-type]
+
+    def _op_monitor_unflag(self, request: dict, emit: Emit) -> dict:
+        return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}  # type: ignore[arg-type]
+
+    def _op_vm_workload(self, request: dict, emit: Emit) -> dict:
+        """Attack lab: restart a built-in guest with another workload profile (monitor/lab.py)."""
+        from sealift.monitor.lab import switch_workload
+
+        name, profile = _field(request, "name", str), _field(request, "profile", str)
+        self._agent.monitor.expect_restart(name)  # type: ignore[arg-type]
+        vm = switch_workload(self._agent.vms, name, profile)  # type: ignore[arg-type]
+        self._agent.authority.record("vm.workload", vm=name, profile=profile, pid=vm["pid"])
+        return {"vm": vm}
+
+
+def _net_config(value: object) -> "NetConfig | None":
+    """A QEMU guest's network from the request: {"mode": "tap", "tap": ..., "guest_ip": ..., "gateway": ...}.
+
+    Absent: the registry's default (user networking). A tap must already exist
+    on its bridge (the lab makes one per guest on every host).
+    """
+    from sealift.backends.qemu.net import NetConfig, NetError
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("net must be an object such as {\"mode\": \"tap\", \"tap\": \"tap0\", \"guest_ip\": \"10.0.0.5/24\"}")
+    try:
+        return NetConfig.from_json(value).validated()
+    except NetError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def _field(request: dict, key: str, kind: type) -> object:

@@ -44,6 +44,8 @@ from sealift.wire.errors import ProtocolError
 from sealift.agent.guard import PeerGuard
 from sealift.agent.placement import Placer, our_advert
 from sealift.wire.messages import Advert, AdvertQuery, Hello, Outcome, OutcomeQuery, Refuse
+from sealift.monitor.collectors import BuiltinCollector, QemuCollector
+from sealift.monitor.service import MonitorService
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ class Agent:
         self.placer = Placer(config, self.identity)
         self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock)
         self.control = ControlServer(config.control_socket, self)
+        # Security and reliability monitors (seed 004, T12): per-VM collectors, host verdicts, port watch.
+        self.monitor = MonitorService(
+            config.name, config.monitor, [BuiltinCollector(self.vms), QemuCollector(self.qemu_vms)],
+            self.authority.record, blocker=self.guard,
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -88,6 +95,7 @@ class Agent:
         self._spawn(self._accept_loop, "migration-port")
         self.control.start()
         self.resolver.start()
+        self.monitor.start()
         log.info("agent %s listening on %s:%d, control socket %s", self.config.name, *self.config.listen, self.config.control_socket)
 
     def serve_forever(self) -> None:
@@ -104,6 +112,7 @@ class Agent:
             self._listener.close()
         self.control.stop()
         self.resolver.stop()
+        self.monitor.stop()
         self.authority.close()
         self.store.close()
 
@@ -151,21 +160,32 @@ class Agent:
             if not admission.allowed:
                 log.info("connection from %s refused: %s", peer[0], admission.reason)
                 sock.close()
+                self.monitor.port_event(peer[0], "refused_connection")
                 continue
+            self.monitor.port_event(peer[0], "connection")
             threading.Thread(target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}", daemon=True).start()
 
     def _serve_connection(self, sock: socket.socket, peer: tuple) -> None:
         try:
             deadline = time.monotonic() + self.config.handshake_timeout_s
-            first = peek_exactly(sock, 4, deadline)
+            try:
+                first = peek_exactly(sock, 4, deadline)
+            except (ConnectionError, TimeoutError):
+                self.monitor.port_event(peer[0], "silent")  # connected and said nothing: a scan
+                raise
             if first[0] == TLS_HANDSHAKE_BYTE:
                 admission = self.guard.admit_handshake(peer[0])  # before the expensive ECDHE + ECDSA
                 if not admission.allowed:
                     log.info("handshake from %s refused: %s", peer[0], admission.reason)
                     sock.close()
+                    self.monitor.port_event(peer[0], "handshake_refused")
                     return
-                stream = TlsStream.accept(sock, self._tls_context, timeout=max(0.1, deadline - time.monotonic()))
-                self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name))
+                try:
+                    stream = TlsStream.accept(sock, self._tls_context, timeout=max(0.1, deadline - time.monotonic()))
+                except Exception:
+                    self.monitor.port_event(peer[0], "handshake_failed")
+                    raise
+                self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name), peer[0])
             elif first == DATA_STREAM_MAGIC:
                 session_id, _index = read_stream_open(sock)
                 tune_bulk_socket(sock)
@@ -175,17 +195,20 @@ class Agent:
                 return  # the session's thread owns the socket now
             elif first == INSECURE_CONTROL_MAGIC and self.config.allow_insecure:
                 sock.recv(len(INSECURE_CONTROL_MAGIC))
-                self._serve_control(ControlChannel(PlainStream(sock), Role.SERVER, None))
+                self._serve_control(ControlChannel(PlainStream(sock), Role.SERVER, None), peer[0])
             else:
                 log.warning("connection from %s dropped: unknown or disallowed protocol %r", peer, first[:4])
                 sock.close()
+                self.monitor.port_event(peer[0], "malformed")
         except (OSError, TimeoutError, ProtocolError, Exception) as exc:  # one bad peer must not hurt the agent
             log.warning("connection from %s closed: %s", peer, exc)
+            if isinstance(exc, ProtocolError):
+                self.monitor.port_event(peer[0], "malformed")
             sock.close()
         finally:
             self.guard.release(peer[0])
 
-    def _serve_control(self, channel: ControlChannel) -> None:
+    def _serve_control(self, channel: ControlChannel, peer_ip: str | None = None) -> None:
         try:
             first = channel.recv(self.config.handshake_timeout_s)
             if isinstance(first, Hello):
@@ -200,6 +223,8 @@ class Agent:
                     self._serve_incoming(channel, first)
                 finally:
                     self.guard.release_migration(host)
+                if peer_ip is not None and self.store.migration(first.migration_id) is None:
+                    self.monitor.port_event(peer_ip, "order_refused")  # refused before it began (order, policy, monitor)
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
             elif isinstance(first, AdvertQuery):
@@ -292,4 +317,5 @@ class Agent:
             "memory_capacity": self.config.memory_capacity,
             "allow_insecure": self.config.allow_insecure,
             "guard": dataclasses.asdict(self.guard.stats()),
+            "monitor": {"rounds": self.monitor.rounds, "blocks": self.monitor.port_watch.blocks},
         }

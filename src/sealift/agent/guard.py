@@ -208,6 +208,8 @@ class PeerGuard:
         self._refused_connections = 0
         self._refused_handshakes = 0
         self._refused_migrations = 0
+        # Peers the port watch (sealift.monitor.portwatch) blocked: key -> (until, reason).
+        self._blocked: dict[str, tuple[float, str]] = {}
 
     # -- connections (unauthenticated: by address) ----------------------------
 
@@ -215,6 +217,11 @@ class PeerGuard:
         """May this new TCP connection be served? Call right after accept(), before reading."""
         key = peer_key(peer_ip)
         with self._lock:
+            blocked = self._blocked.get(key)
+            if blocked is not None:
+                if blocked[0] > self._clock():
+                    return self._refuse_connection(f"{key} is blocked for {blocked[0] - self._clock():.0f} s more: {blocked[1]}")
+                del self._blocked[key]
             # The total cap first: it needs no per-peer state, so a flood that
             # fills the port does not also fill the table.
             if self._open_total >= self._max_total:
@@ -298,6 +305,24 @@ class PeerGuard:
                 del self._migrations[peer_host]  # keep only hosts with work in progress
             else:
                 self._migrations[peer_host] = current - 1
+
+    # -- blocks (decided by the port watch) -----------------------------------
+
+    def block(self, peer_ip: str, seconds: float, reason: str) -> None:
+        """Refuse every connection from `peer_ip` (its /64 for IPv6) for `seconds`."""
+        key = peer_key(peer_ip)
+        with self._lock:
+            now = self._clock()
+            if len(self._blocked) >= self._max_tracked:  # bounded: drop expired blocks, then the oldest
+                for old_key in [k for k, (until, _) in self._blocked.items() if until <= now] or [next(iter(self._blocked))]:
+                    del self._blocked[old_key]
+            self._blocked[key] = (now + seconds, reason)
+
+    def blocked_for(self, peer_ip: str) -> float:
+        """Seconds left of the block on `peer_ip` (0 if none)."""
+        with self._lock:
+            blocked = self._blocked.get(peer_key(peer_ip))
+            return max(0.0, blocked[0] - self._clock()) if blocked else 0.0
 
     # -- observation --------------------------------------------------------
 

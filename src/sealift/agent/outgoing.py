@@ -29,6 +29,7 @@ from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
 from sealift.agent.authority import Authority
 from sealift.agent.documents import DocumentSigner, await_receipt, channel_binding
+from sealift.monitor import gate as monitor_gate
 from sealift.security.audit import Kinds
 from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.wire.datastream import DataStreamWriter
@@ -101,6 +102,7 @@ class OutgoingMigration:
         address = self._config.peer_address(self._destination)
         # Outgoing migration control: nothing happens without a valid, unused order.
         verified = self._authority.authorize_outgoing(self._order, self._vm_name, self._destination)
+        monitor_gate.check_outgoing(self._config.name, self._vm_name, self._destination)  # T12: hold an attacker VM
         self.report.order_id = verified.order.id
         self.report.operator = verified.operator.name
         vm = self._vms.claim(self._vm_name)

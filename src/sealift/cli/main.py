@@ -572,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_flags(p)
     p.set_defaults(func=cmd_status)
 
+    from sealift.cli.monitor_cmd import add_monitor_parser
+
+    add_monitor_parser(sub, _add_agent_flags, _client)
+
     p = sub.add_parser("image", help="the QEMU test guest image").add_subparsers(dest="image_command", required=True)
     p = p.add_parser("build", help="build (or find in the cache) the QEMU guest image")
     from sealift.backends.qemu.image import add_build_arguments, cli_build
