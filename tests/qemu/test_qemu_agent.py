@@ -8,9 +8,11 @@ on host-a, and only there.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -192,11 +194,11 @@ def test_qemu_guest_moves_through_the_sealift_channel(cluster: LocalCluster, rel
           f"{report['bytes_sent'] / 2**20:.0f} MiB, {report['stop_reason']}")  # fmt: skip
 
 
-def test_plain_transport_exposes_the_secret(insecure_cluster: LocalCluster, relay: Relay) -> None:
+def test_sealift_plain_transport_exposes_the_secret(insecure_cluster: LocalCluster, relay: Relay) -> None:
     """The positive control: the same capture finds the secret in clear."""
     start_guest(insecure_cluster.client("host-a"))
-    report = migrate(insecure_cluster, secure=False, transport="plain")
-    assert report["status"] == "completed" and report["transport"] == "plain"
+    report = migrate(insecure_cluster, secure=False, transport="sealift-plain")
+    assert report["status"] == "completed" and report["transport"] == "sealift-plain"
     assert SECRET_PREFIX in relay.captured()
     after = info(insecure_cluster.client("host-b"))
     log = insecure_cluster.vm_root / "host-b" / "qemu" / f"{VM}.log"
@@ -243,3 +245,91 @@ def test_a_provisioned_psk_is_never_skipped_for_qemu_guests(cluster: LocalCluste
         migrate(cluster)
     assert info(src)["status"] == "running"
     assert VM not in names(cluster.client("host-b"))
+
+
+# -- direct transports (qemu-tls, plain) ------------------------------------------------
+
+
+def assert_moved(cluster: LocalCluster, report: dict) -> None:
+    """The guest runs on host-b, continuing from where it paused, and only there."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    assert report["status"] == "completed", report
+    assert VM not in names(src)
+    after = info(dst)
+    assert after["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert paused is not None
+    assert wait_counter(dst, paused, 30) > paused
+    assert (wait_probe(after, 20) or 0) >= paused
+    time.sleep(3)
+    assert info(dst)["status"] == "running"  # ...and keeps running
+    assert not list((cluster.vm_root / "host-a" / "qemu").glob("*.pid")), "a source QEMU is still there"
+
+
+@pytest.mark.timeout(300)
+def test_qemu_tls_transport_moves_the_guest(cluster: LocalCluster, relay: Relay) -> None:
+    start_guest(cluster.client("host-a"))
+    report = migrate(cluster, transport="qemu-tls")
+    assert report["transport"] == "qemu-tls"
+    assert_moved(cluster, report)
+    assert report["bytes_sent"] > 16 << 20  # QEMU's own figure: the guest's memory went, by QEMU's connection
+    assert len(relay.captured()) < 1 << 20  # ...not through the agents' channel (only the handover did)
+    assert SECRET_PREFIX not in relay.captured()
+    print(f"\nQEMU {MEMORY} via qemu-tls: total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
+          f"{report['bytes_sent'] / 2**20:.0f} MiB, {report['stop_reason']}")  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_qemu_tls_with_a_certificate_from_another_ca_fails_and_the_guest_stays(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """host-b's QEMU credentials come from another CA: host-a's QEMU refuses them; nothing moves."""
+    from sealift.security.identity import ClusterCA
+
+    start_guest(cluster.client("host-a"))
+    rogue = ClusterCA.init(tmp_path / "rogue-ca").issue_host("host-b", tmp_path / "rogue-pki")
+    # The agent keeps its control-channel identity in memory; QEMU's credentials are read per migration.
+    for name in ("host-b.pem", "host-b.key"):
+        (cluster.pki / name).unlink()
+    shutil.copy(rogue.cert_path, cluster.pki / "host-b.pem")
+    shutil.copy(rogue.key_path, cluster.pki / "host-b.key")
+    with pytest.raises(AgentRequestFailed, match="keeps running on host-a"):
+        migrate(cluster, transport="qemu-tls")
+    assert_runs_on_source_only(cluster)
+
+
+def test_plain_transport_is_refused_without_allow_insecure(cluster: LocalCluster) -> None:
+    start_guest(cluster.client("host-a"))
+    with pytest.raises(AgentRequestFailed, match="allow_insecure"):
+        migrate(cluster, secure=False, transport="plain")
+    with pytest.raises(AgentRequestFailed, match="needs --insecure"):
+        migrate(cluster, transport="plain")
+    assert_runs_on_source_only(cluster)
+
+
+@pytest.mark.timeout(300)
+def test_plain_transport_is_refused_by_a_destination_without_allow_insecure(relay: Relay, guest_image: object) -> None:
+    cluster = LocalCluster(allow_insecure=True, extra_config="step_timeout_s = 15\nhandshake_timeout_s = 5",
+                           peer_routes={("host-a", "host-b"): relay.address})  # fmt: skip
+    relay.target = cluster.addresses["host-b"]
+    config = cluster.agents["host-b"].config_path
+    config.write_text(config.read_text().replace("allow_insecure = true", "allow_insecure = false"))
+    try:
+        cluster.start()
+        start_guest(cluster.client("host-a"))
+        with pytest.raises(AgentRequestFailed, match="keeps running on host-a"):
+            migrate(cluster, secure=False, transport="plain")
+        assert_runs_on_source_only(cluster)
+    finally:
+        stop_guests(cluster)
+        cluster.cleanup()
+
+
+@pytest.mark.timeout(300)
+def test_plain_transport_with_multifd_moves_the_guest(insecure_cluster: LocalCluster, relay: Relay) -> None:
+    start_guest(insecure_cluster.client("host-a"))
+    report = migrate(insecure_cluster, secure=False, transport="plain", multifd_channels=2)
+    assert report["transport"] == "plain"
+    assert "multifd 2 channels" in report["stop_reason"]
+    assert_moved(insecure_cluster, report)
+    assert len(relay.captured()) < 1 << 20  # QEMU went direct, not through the agents' channel

@@ -17,9 +17,28 @@ never runs the guest by itself; the agent feeds it the verified payloads and
 `cont`s it only on Commit.
 
 The first OPAQUE record is a small JSON description of the guest (memory,
-kernel arguments, network shape, image key) so that the destination starts
-an identical machine; it is covered by the stream digest like every byte
-after it.
+kernel arguments, network shape, image key, transport, multifd channels) so
+that the destination starts an identical machine; it is covered by the
+stream digest like every byte after it. The destination answers, once its
+QEMU listens, with one sealed record on the data stream's back direction
+(keyed dest->source): "ready", and the TCP port of its QEMU for the direct
+transports.
+
+Transports (recorded in the report):
+
+    sealift        QEMU's stream as AEAD records on the agents' data stream (default)
+    qemu-tls       QEMU's native TLS straight to the destination QEMU, with the hosts'
+                   cluster-CA certificates installed as tls-creds-x509 (backends/qemu/direct.py)
+    plain          QEMU straight to the destination QEMU over TCP in clear (--insecure only)
+    sealift-plain  the agents' data stream without encryption (--insecure only)
+
+On the direct transports (qemu-tls, plain) the agents carry only the guest
+description, the ready record and the END record on their data stream; the
+control channel still does the whole handover (manifest, prepared receipt,
+commit, running receipt), QEMU still stops at pre-switchover until the
+source agent has checked the destination, and the source resumes on any
+failure. QEMU's multifd (several TCP connections) works only there: the
+sealift transport carries QEMU's stream as one stream.
 """
 
 from __future__ import annotations
@@ -42,12 +61,14 @@ from blake3 import blake3
 from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
 from sealift.agent.incoming import verify_hello
+from sealift.monitor import gate as monitor_gate
 from sealift.agent.documents import DocumentError, DocumentSigner, await_receipt, channel_binding
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream, recv_exactly_into
 from sealift.agent.vms import AdmissionError, VmRegistry
+from sealift.backends.qemu.direct import Hook, QemuTls, TlsMaterial, listen_direct, run_after_hooks, start_direct
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.engine.options import MigrationOptions
@@ -68,8 +89,9 @@ PAGE = 4096
 UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the bottleneck
 POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
 QEMU_CONNECT_TIMEOUT_S = 10.0
-TRANSPORTS = ("sealift", "plain")
-READY = b"R"  # destination -> source on the data stream: "my QEMU listens" (see _await_destination_ready)
+TRANSPORTS = ("sealift", "qemu-tls", "plain", "sealift-plain")
+SECURE_TRANSPORTS = ("sealift", "qemu-tls")  # the others need --insecure and allow_insecure on both agents
+DIRECT_TRANSPORTS = ("qemu-tls", "plain")  # QEMU's own TCP connection(s) to the destination QEMU
 # In-doubt migrations of QEMU guests get their own phase: the resolver only
 # knows built-in guests, and must not act on these (see the report's notes).
 IN_DOUBT = "in-doubt"
@@ -84,12 +106,49 @@ def _private_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def _protection(channel: ControlChannel, secure: bool, nonce_s: bytes, nonce_d: bytes, migration_id: str) -> RecordProtection:
+def _protections(channel: ControlChannel, secure: bool, nonce_s: bytes, nonce_d: bytes,
+                 migration_id: str) -> tuple[RecordProtection, RecordProtection]:  # fmt: skip
+    """(source -> destination, destination -> source) protection of the data stream."""
     if not secure:
-        return NoProtection()
+        return NoProtection(), NoProtection()
     secret = channel_secret(channel.stream, nonce_s, nonce_d, migration_id)  # type: ignore[arg-type]
     keys = derive_session_keys(secret, nonce_s, nonce_d, migration_id)
-    return AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv)
+    return (AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv),
+            AeadProtection(keys.dest_to_source_key, keys.dest_to_source_iv))  # fmt: skip
+
+
+def _read_record(data: socket.socket, reader: DataStreamReader) -> object:
+    header = bytearray(DataStreamReader.HEADER_SIZE)
+    recv_exactly_into(data, memoryview(header))
+    reader.read_header(header)
+    recv_exactly_into(data, reader.payload_buffer())
+    return reader.finish_record()
+
+
+def _send_opaque(data: socket.socket, writer: DataStreamWriter, payload: bytes) -> None:
+    buf = writer.opaque_buffer()
+    buf[: len(payload)] = payload
+    data.sendall(writer.finish_opaque(len(payload)))
+
+
+def _tls_material(identity: HostIdentity | None) -> TlsMaterial:
+    """This host's certificate and key and the cluster CA, read now (a renewed certificate is used at once)."""
+    if identity is None:
+        raise MigrationError("the qemu-tls transport needs this host's identity (certificate and key)")
+    return TlsMaterial.from_files(identity.ca_path, identity.cert_path, identity.key_path)
+
+
+def check_transport(transport: str, options: MigrationOptions) -> None:
+    """Whether a transport fits the options (both agents check it); ValueError with the reason."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r} for a QEMU guest; use one of {TRANSPORTS}")
+    if transport in SECURE_TRANSPORTS and not options.secure:
+        raise ValueError(f"the {transport!r} transport is the secure one: drop --insecure, or use 'plain'")
+    if transport not in SECURE_TRANSPORTS and options.secure:
+        raise ValueError(f"the {transport!r} transport carries guest memory in clear: it needs --insecure")
+    if options.multifd_channels and transport not in DIRECT_TRANSPORTS:
+        raise ValueError(f"multifd needs a direct transport ({', '.join(DIRECT_TRANSPORTS)}): "
+                         f"the {transport!r} transport carries QEMU's stream as one stream")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,6 +159,9 @@ class GuestSpec:
     extra_cmdline: str
     net: dict[str, object]
     image_key: str
+    transport: str | None = None  # None: a source from before the transport choice ("sealift"[-plain])
+    multifd_channels: int = 0  # QEMU's multifd must be set the same on both ends
+    xbzrle: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -108,9 +170,28 @@ class GuestSpec:
     def decode(cls, data: bytes) -> "GuestSpec":
         try:
             raw = json.loads(data)
-            return cls(int(raw["memory_mib"]), str(raw["extra_cmdline"]), dict(raw["net"]), str(raw["image_key"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            transport = raw.get("transport")
+            return cls(int(raw["memory_mib"]), str(raw["extra_cmdline"]), dict(raw["net"]), str(raw["image_key"]),
+                       None if transport is None else str(transport), int(raw.get("multifd_channels", 0)),
+                       bool(raw.get("xbzrle", False)))  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ProtocolError(f"the guest description at the head of the QEMU stream is malformed: {exc}") from None
+
+
+def encode_ready(port: int | None) -> bytes:
+    return json.dumps({"ready": True, "port": port}).encode()
+
+
+def decode_ready(data: bytes) -> int | None:
+    """The destination's port for a direct transport (None for the channel transports)."""
+    try:
+        raw = json.loads(data)
+        port = raw["port"]
+        if raw.get("ready") is not True or not (port is None or (type(port) is int and 0 < port < 65536)):
+            raise ValueError(f"bad ready record {raw!r}")
+        return port
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"the destination's ready record is malformed: {exc}") from None
 
 
 # =============================================================================
@@ -121,23 +202,18 @@ class GuestSpec:
 class _SourcePump:
     """Copies QEMU's outgoing stream into OPAQUE records on the data stream (its own thread)."""
 
-    def __init__(self, listener: socket.socket, writer: DataStreamWriter, data: socket.socket, timeout: float) -> None:
+    def __init__(self, listener: socket.socket, writer: DataStreamWriter, data: socket.socket, timeout: float,
+                 hasher: Any) -> None:  # fmt: skip
         self._listener = listener
         self._writer = writer
         self._data = data
         self._timeout = timeout
-        self.hasher = blake3()
+        self.hasher = hasher
         self.stream_bytes = 0  # QEMU bytes (payload)
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._conn: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, name="qemu-pump-out", daemon=True)
-
-    def send_first(self, payload: bytes) -> None:
-        buf = self._writer.opaque_buffer()
-        buf[: len(payload)] = payload
-        self.hasher.update(payload)
-        self._data.sendall(self._writer.finish_opaque(len(payload)))
 
     def start(self) -> None:
         self._thread.start()
@@ -205,10 +281,7 @@ class QemuOutgoingMigration:
         progress: ProgressCallback | None = None,
         transport: str = "sealift",
     ) -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"unknown transport {transport!r} for a QEMU guest; use one of {TRANSPORTS}")
-        if transport == "plain" and options.secure:
-            raise ValueError("the 'plain' transport carries guest memory in clear: it needs --insecure")
+        check_transport(transport, options)
         self._config = config
         self._identity = identity
         self._store = store
@@ -220,7 +293,7 @@ class QemuOutgoingMigration:
         self._order = order
         self._progress = progress or (lambda event: None)
         self._signer = DocumentSigner(config.name, identity if options.secure else None)
-        self._transport = "sealift" if options.secure else "plain"
+        self._transport = transport
         self.migration_id = secrets.token_hex(16)
         self.report = MigrationReport(
             migration_id=self.migration_id, vm=vm_name, source=config.name, destination=destination,
@@ -229,6 +302,8 @@ class QemuOutgoingMigration:
         self._binding: str | None = None
         self._nonce = secrets.token_bytes(32)
         self._pump: _SourcePump | None = None
+        self._hasher = blake3()  # over every plaintext byte of the data stream's payloads
+        self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
 
     def run(self) -> MigrationReport:
         if self._destination == self._config.name:
@@ -237,6 +312,7 @@ class QemuOutgoingMigration:
             log.warning("migrating QEMU guest %s IN CLEAR (--insecure)", self._vm_name)
         address = self._config.peer_address(self._destination)
         verified = self._authority.authorize_outgoing(self._order, self._vm_name, self._destination)
+        monitor_gate.check_outgoing(self._config.name, self._vm_name, self._destination)  # T12: hold an attacker VM
         self.report.order_id = verified.order.id
         self.report.operator = verified.operator.name
         if self._authority.psk.has_peer(self._destination):
@@ -297,6 +373,7 @@ class QemuOutgoingMigration:
         finally:
             if self._pump is not None:
                 self._pump.stop()
+            run_after_hooks(vm, self._after_hooks)  # after _abort: QEMU's migration has ended either way
             if channel is not None:
                 channel.close()
 
@@ -317,72 +394,129 @@ class QemuOutgoingMigration:
         return reply
 
     def _configure(self, vm: QemuVM) -> None:
-        capabilities = {"pause-before-switchover": True}  # our chance to check the destination before the switchover
-        if self._options.auto_converge:
-            capabilities["auto-converge"] = True
-        vm.set_migration_capabilities(capabilities)
-        vm.set_migration_parameters({
-            "max-bandwidth": self._options.bandwidth_limit_bps or UNCAPPED_BPS,
-            "downtime-limit": self._options.downtime_limit_ms,
-        })  # fmt: skip
+        options = self._options
+        capabilities = {  # pause-before-switchover: our chance to check the destination before the switchover
+            "pause-before-switchover": True, "auto-converge": options.auto_converge,
+            "multifd": options.multifd_channels > 0, "xbzrle": options.xbzrle,
+        }  # fmt: skip
+        vm.set_migration_capabilities(capabilities)  # all of them: a VM migrated before may have others set
+        parameters: dict[str, object] = {
+            "max-bandwidth": options.bandwidth_limit_bps or UNCAPPED_BPS,
+            "downtime-limit": options.downtime_limit_ms,
+        }
+        if options.multifd_channels:
+            parameters["multifd-channels"] = options.multifd_channels
+        if options.xbzrle and options.xbzrle_cache_bytes:
+            parameters["xbzrle-cache-size"] = options.xbzrle_cache_bytes
+        vm.set_migration_parameters(parameters)
 
     def _transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> _Transfer:
-        protection = _protection(channel, self._options.secure, self._nonce, accept.nonce, self.migration_id)
+        outgoing, incoming = _protections(channel, self._options.secure, self._nonce, accept.nonce, self.migration_id)
         self._binding = channel_binding(channel, self._nonce, accept.nonce, self.migration_id)
         npages = vm.memory_mib * MiB // PAGE
-        writer = DataStreamWriter(protection, npages, None)
+        writer = DataStreamWriter(outgoing, npages, None)
+        data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
+        try:
+            spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key,
+                             self._transport, self._options.multifd_channels, self._options.xbzrle)  # fmt: skip
+            payload = spec.encode()
+            self._hasher.update(payload)
+            _send_opaque(data, writer, payload)
+            port = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
+            self._configure(vm)
+            if self._transport in DIRECT_TRANSPORTS:
+                if port is None:
+                    raise MigrationError(f"{self._destination} reported no QEMU port for the {self._transport} transport")
+                return self._transfer_direct(vm, data, writer, (address[0], port))
+            return self._transfer_through_channel(vm, data, writer)
+        finally:
+            data.close()
+
+    def _transfer_through_channel(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter) -> _Transfer:
+        """QEMU -> unix socket -> OPAQUE records on the data stream (the sealift and sealift-plain transports)."""
         sock_dir = _private_dir("sl-qout-")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
         try:
             listener.bind(str(sock_dir / "m.sock"))
             listener.listen(1)
-            pump = self._pump = _SourcePump(listener, writer, data, self._config.step_timeout_s)
-            spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key)
-            pump.send_first(spec.encode())
-            self._await_destination_ready(data)
-            self._configure(vm)
+            pump = self._pump = _SourcePump(listener, writer, data, self._config.step_timeout_s, self._hasher)
             pump.start()
             self._phase("precopy")
             vm.migrate(f"unix:{sock_dir / 'm.sock'}")
-            info, paused_at = self._follow(vm, pump, data)
+            info, paused_at = self._follow(vm, data, pump)
             pump.wait(self._config.step_timeout_s)
             return _Transfer(
-                paused_at=paused_at, stream_bytes=pump.stream_bytes, digest=stream_digest(pump.hasher),
+                paused_at=paused_at, stream_bytes=pump.stream_bytes, digest=stream_digest(self._hasher),
                 qemu=_qemu_figures(info), wire_bytes=writer.wire_bytes if writer.wire_bytes else pump.stream_bytes,
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
             )  # fmt: skip
         finally:
-            data.close()
             listener.close()
             shutil.rmtree(sock_dir, ignore_errors=True)
 
-    def _await_destination_ready(self, data: socket.socket) -> None:
-        """Start QEMU's migration only once the destination QEMU listens.
+    def _transfer_direct(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter,
+                         destination: tuple[str, int]) -> _Transfer:  # fmt: skip
+        """QEMU's own TCP connection(s) straight to the destination QEMU (qemu-tls, plain)."""
+        before, after = self._direct_hooks()
+        self._after_hooks = after
+        self._phase("precopy")
+        start_direct(vm, destination, before)
+        info, paused_at = self._follow(vm, data, None)
+        data.sendall(writer.end())  # the destination's cue that QEMU's stream is complete
+        ram = info.get("ram", {})
+        return _Transfer(
+            paused_at=paused_at, stream_bytes=0, digest=stream_digest(self._hasher), qemu=_qemu_figures(info),
+            wire_bytes=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)),
+        )  # fmt: skip
+
+    def _direct_hooks(self) -> tuple[list[Hook], list[Hook]]:
+        """What the source QEMU needs before and after a direct transport (an ipsec transport adds its own)."""
+        if self._transport == "qemu-tls":
+            tls = QemuTls(_tls_material(self._identity), "client", self._destination, self.migration_id[:8])
+            return [tls.install], [tls.remove]
+        return [], []
+
+    def _await_destination_ready(self, channel: ControlChannel, data: socket.socket,
+                                 reader: DataStreamReader) -> int | None:  # fmt: skip
+        """Start QEMU's migration only once the destination QEMU listens; its port on a direct transport.
 
         A source QEMU whose stream stalls for its first few hundred ms (the
         destination still starting its QEMU) sometimes produced a stream the
         destination guest crashed on (QEMU 7.2, TCG; ~1 run in 5 in the tests).
-        The destination's one READY byte on the data stream's back direction
-        is only a timing gate: forged or dropped, it can delay or fail the
-        migration, never change what is verified.
+        The ready record is sealed with the destination -> source key, so the
+        port in it comes from the authenticated destination agent.
         """
         data.settimeout(self._config.step_timeout_s)
         try:
-            answer = data.recv(1)
-        except socket.timeout:
-            raise MigrationError(f"{self._destination} did not start its QEMU within {self._config.step_timeout_s:.0f} s") from None
-        if answer != READY:
-            raise MigrationError(f"{self._destination} closed the data stream before its QEMU was ready")
+            event = _read_record(data, reader)
+        except (OSError, ConnectionError, ProtocolError) as exc:
+            reason = self._peer_abort_reason(channel)
+            if reason is not None:
+                raise MigrationError(f"{self._destination} aborted: {reason}") from None
+            if isinstance(exc, socket.timeout):
+                raise MigrationError(f"{self._destination} did not start its QEMU within "
+                                     f"{self._config.step_timeout_s:.0f} s") from None  # fmt: skip
+            raise MigrationError(f"{self._destination} closed the data stream before its QEMU was ready: {exc}") from exc
+        if not isinstance(event, OpaqueReceived):
+            raise MigrationError(f"{self._destination} sent {type(event).__name__} instead of its ready record")
+        return decode_ready(bytes(event.data))
 
-    def _follow(self, vm: QemuVM, pump: _SourcePump, data: socket.socket) -> tuple[dict[str, Any], float]:
+    def _peer_abort_reason(self, channel: ControlChannel) -> str | None:
+        """The destination's Abort, if it sent one (it says why it gave up), within a second."""
+        try:
+            reply = channel.recv(1.0)
+        except (OSError, TimeoutError, ConnectionError, ProtocolError):
+            return None
+        return reply.reason if isinstance(reply, Abort) else None
+
+    def _follow(self, vm: QemuVM, data: socket.socket, pump: _SourcePump | None) -> tuple[dict[str, Any], float]:
         """Poll QEMU until the migration completes; handle the pre-switchover stop."""
         paused_at: float | None = None
         last_bytes, last_progress = -1, time.monotonic()
         last_sync = 0
         round_started = time.monotonic()
         while True:
-            if pump.error is not None:
+            if pump is not None and pump.error is not None:
                 raise MigrationError(f"the data stream to {self._destination} failed: {pump.error}")
             info = vm.query_migrate()
             status = info.get("status", "none")
@@ -398,7 +532,7 @@ class QemuOutgoingMigration:
             elif status == "completed":
                 if paused_at is None:  # too quick to see pre-switchover: take QEMU's stop event
                     paused_at = _stop_time(vm, time.monotonic())
-                return info, paused_at
+                return _final_figures(vm, info), paused_at
             sync = int(ram.get("dirty-sync-count", 0))
             if sync > last_sync:
                 self._on_round(last_sync, ram, round_started)
@@ -408,7 +542,8 @@ class QemuOutgoingMigration:
                 last_bytes, last_progress = transferred, time.monotonic()
                 self._progress(ProgressEvent("transfer", {
                     "round": sync, "pages_done": min(transferred // PAGE, vm.memory_mib * MiB // PAGE),
-                    "pages_total": vm.memory_mib * MiB // PAGE, "wire_bytes": pump.stream_bytes,
+                    "pages_total": vm.memory_mib * MiB // PAGE,
+                    "wire_bytes": pump.stream_bytes if pump is not None else transferred,
                 }))  # fmt: skip
             elif time.monotonic() - last_progress > self._config.step_timeout_s:
                 raise MigrationError(f"QEMU's migration made no progress for {self._config.step_timeout_s:.0f} s ({status})")
@@ -432,6 +567,7 @@ class QemuOutgoingMigration:
             "migration_id": self.migration_id, "vm": name, "source": self._config.name,
             "destination": self._destination, "memory_bytes": memory_bytes, "backend": "qemu",
             "image_digest": transfer.digest, "state_digest": None, "stream_bytes": transfer.stream_bytes,
+            "transport": self._transport,
             "qemu": transfer.qemu, "counter_at_pause": self.report.counter_at_pause,
             "nonce_source": self._nonce.hex(), "channel_binding": self._binding, "order_id": self.report.order_id,
             "signed_at": time.time(),
@@ -497,11 +633,19 @@ class QemuOutgoingMigration:
         report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
-        report.stop_reason = f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime {transfer.qemu.get('downtime_ms')} ms"
+        report.stop_reason = (f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
+                              f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note())  # fmt: skip
         report.counter_after = running.get("counter_at_resume")  # type: ignore[assignment]
         report.source_cpu_s = round(time.process_time() - cpu_started, 3)
         report.destination_cpu_s = float(running.get("cpu_s", 0.0))  # type: ignore[arg-type]
         self._store.save_report(self.migration_id, report.to_dict())
+
+    def _feature_note(self) -> str:
+        options = self._options
+        notes = [f"multifd {options.multifd_channels} channels"] if options.multifd_channels else []
+        notes += ["xbzrle"] if options.xbzrle else []
+        notes += ["auto-converge"] if options.auto_converge else []
+        return "".join(f"; {note}" for note in notes)
 
     def _mark(self, step: str, paused_at: float) -> None:
         self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
@@ -570,6 +714,19 @@ def _stop_time(vm: QemuVM, fallback: float) -> float:
     return fallback
 
 
+def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
+    """query-migrate once QEMU has filled in its totals.
+
+    QEMU 7.2 reports "completed" a moment before it computes total-time and
+    downtime (they read 0 until then).
+    """
+    deadline = time.monotonic() + timeout
+    while not info.get("total-time") and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        info = vm.query_migrate()
+    return info
+
+
 def _qemu_figures(info: dict[str, Any]) -> dict[str, object]:
     ram = info.get("ram", {})
     return {
@@ -622,6 +779,9 @@ class QemuIncomingMigration:
         self._qemu: QemuVM | None = None
         self._hasher = blake3()
         self._stream_bytes = 0
+        self._transport = "sealift"
+        self._after_hooks: list[Hook] = []
+        self._identity = identity
 
     def _audit(self, kind: str, **fields: object) -> None:
         self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
@@ -647,6 +807,7 @@ class QemuIncomingMigration:
                         memory_bytes=hello.memory_bytes)  # fmt: skip
             self._receive()
             self._wait_incoming_complete()
+            run_after_hooks(self._qemu, self._after_hooks)  # type: ignore[arg-type]
             manifest = self._verify_manifest()
             self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
             prepared = True
@@ -689,40 +850,104 @@ class QemuIncomingMigration:
 
     def _receive(self) -> None:
         hello = self._hello
-        protection = _protection(self._channel, hello.secure, hello.nonce, self._nonce, hello.migration_id)
+        incoming, outgoing = _protections(self._channel, hello.secure, hello.nonce, self._nonce, hello.migration_id)
         data = self._sessions.wait(self._session_id, self._config.step_timeout_s)
-        qemu_sock: socket.socket | None = None
-        sock_dir = _private_dir("sl-qin-")
         try:
             data.settimeout(self._config.step_timeout_s)  # a silent peer is a dead peer
-            reader = DataStreamReader(protection, hello.memory_bytes // PAGE)
-            header = bytearray(DataStreamReader.HEADER_SIZE)
+            reader = DataStreamReader(incoming, hello.memory_bytes // PAGE)
+            first = _read_record(data, reader)
+            if not isinstance(first, OpaqueReceived):
+                raise ProtocolError(f"the QEMU stream began with {type(first).__name__}, not the guest description")
+            self._hasher.update(first.data)
+            spec = GuestSpec.decode(bytes(first.data))
+            self._transport = self._check_transport(spec)
+            ready = DataStreamWriter(outgoing, hello.memory_bytes // PAGE, None)
+            if self._transport in DIRECT_TRANSPORTS:
+                port = self._start_qemu_direct(spec, self._migration_host(data))
+                _send_opaque(data, ready, encode_ready(port))
+                self._await_direct_end(data, reader)
+            else:
+                self._receive_through_channel(spec, data, reader, ready)
+        finally:
+            data.close()
+
+    def _check_transport(self, spec: GuestSpec) -> str:
+        """The transport the source chose, if this host allows it (the source checked the same)."""
+        hello = self._hello
+        transport = spec.transport or ("sealift" if hello.secure else "sealift-plain")
+        if transport not in SECURE_TRANSPORTS and not self._config.allow_insecure:
+            raise QemuIncomingRefused(f"the {transport!r} transport is disabled on this host (allow_insecure = false)")
+        options = MigrationOptions(secure=hello.secure, multifd_channels=spec.multifd_channels)
+        try:
+            check_transport(transport, options)
+        except ValueError as exc:
+            raise QemuIncomingRefused(str(exc)) from None
+        if transport in SECURE_TRANSPORTS and not self._channel.secure:
+            raise QemuIncomingRefused(f"the {transport!r} transport needs the authenticated control channel")
+        return transport
+
+    def _migration_host(self, data: socket.socket) -> str:
+        """Where this host's QEMU listens: the agent's own listen address, never a wildcard.
+
+        An agent bound to a wildcard uses the local address its peer reached
+        it on (that of the data stream's connection).
+        """
+        host = self._config.listen[0]
+        if host in ("", "0.0.0.0", "::"):
+            host = str(data.getsockname()[0])
+        return host
+
+    def _receive_through_channel(self, spec: GuestSpec, data: socket.socket, reader: DataStreamReader,
+                                 ready: DataStreamWriter) -> None:  # fmt: skip
+        """The sealift transports: QEMU's stream arrives as OPAQUE records; feed it to QEMU's unix socket."""
+        sock_dir = _private_dir("sl-qin-")
+        qemu_sock: socket.socket | None = None
+        try:
+            qemu_sock = self._start_qemu_unix(spec, sock_dir)
+            _send_opaque(data, ready, encode_ready(None))
             while True:
-                recv_exactly_into(data, memoryview(header))
-                reader.read_header(header)
-                recv_exactly_into(data, reader.payload_buffer())
-                event = reader.finish_record()
+                event = _read_record(data, reader)
                 if isinstance(event, StreamEnded):
                     break
                 if not isinstance(event, OpaqueReceived):
                     raise ProtocolError(f"unexpected {type(event).__name__} in a QEMU migration stream")
                 self._hasher.update(event.data)
-                if qemu_sock is None:
-                    qemu_sock = self._start_qemu(GuestSpec.decode(bytes(event.data)), sock_dir)
-                    data.sendall(READY)
-                    continue
                 self._stream_bytes += len(event.data)
                 qemu_sock.sendall(event.data)
             reader.close()
-            if qemu_sock is None:
-                raise ProtocolError("the QEMU stream ended before it began")
         finally:
-            data.close()
             if qemu_sock is not None:
                 qemu_sock.close()
             shutil.rmtree(sock_dir, ignore_errors=True)
 
-    def _start_qemu(self, spec: GuestSpec, sock_dir: Path) -> socket.socket:
+    def _await_direct_end(self, data: socket.socket, reader: DataStreamReader) -> None:
+        """Direct transports: QEMU's stream comes by its own connection; wait for the source's END.
+
+        The data stream stays silent while QEMU migrates, however long that
+        takes: TCP keepalive finds a source host that died; our QEMU failing
+        ends the wait at once.
+        """
+        assert self._qemu is not None
+        idle = max(1, int(self._config.step_timeout_s / 3))
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        data.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        data.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+        data.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        while True:
+            readable, _, _ = select.select([data], [], [], 0.2)
+            if readable:
+                event = _read_record(data, reader)
+                if not isinstance(event, StreamEnded):
+                    raise ProtocolError(f"unexpected {type(event).__name__} on a direct transport's data stream")
+                reader.close()
+                return
+            if not self._qemu.alive():
+                raise QemuError(f"destination QEMU exited during the incoming migration: {self._qemu.log_tail()}")
+            status = self._qemu.query_migrate().get("status", "none")
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"destination QEMU's incoming migration {status}: {self._qemu.log_tail()}")
+
+    def _start_qemu(self, spec: GuestSpec) -> QemuVM:
         hello = self._hello
         if spec.memory_mib * MiB != hello.memory_bytes:
             raise ProtocolError(f"the guest description says {spec.memory_mib} MiB, the Hello {hello.memory_bytes} bytes")
@@ -733,11 +958,27 @@ class QemuIncomingMigration:
                 f"run `sealift image build` on both hosts from the same inputs"
             )
         net = network_like(NetConfig.from_json(spec.net))
-        self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
-        path = sock_dir / "in.sock"
+        qemu = self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
         # The same capabilities as the source: QEMU expects both ends to agree.
-        self._qemu.set_migration_capabilities({"pause-before-switchover": True})
-        self._qemu.migrate_incoming(f"unix:{path}")
+        qemu.set_migration_capabilities({"pause-before-switchover": True, "multifd": spec.multifd_channels > 0,
+                                         "xbzrle": spec.xbzrle})  # fmt: skip
+        if spec.multifd_channels:
+            qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
+        return qemu
+
+    def _start_qemu_direct(self, spec: GuestSpec, host: str) -> int:
+        qemu = self._start_qemu(spec)
+        before: list[Hook] = []
+        if self._transport == "qemu-tls":
+            tls = QemuTls(_tls_material(self._identity), "server", self._hello.source_host,
+                          self._hello.migration_id[:8])  # fmt: skip
+            before, self._after_hooks = [tls.install], [tls.remove]
+        return listen_direct(qemu, host, before)
+
+    def _start_qemu_unix(self, spec: GuestSpec, sock_dir: Path) -> socket.socket:
+        qemu = self._start_qemu(spec)
+        path = sock_dir / "in.sock"
+        qemu.migrate_incoming(f"unix:{path}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT_S
         while True:
@@ -785,6 +1026,7 @@ class QemuIncomingMigration:
             "order_id": self._order_id,
             "image_digest": digest,  # checked on the plaintext path too: it costs nothing here
             "stream_bytes": self._stream_bytes,
+            "transport": self._transport,
         }
         for key, value in expected.items():
             if manifest.get(key) != value:

@@ -327,6 +327,14 @@ def migration_options(args: argparse.Namespace) -> dict[str, object]:
         options["zero_page_elision"] = False
     if args.image_digest is not None:
         options["image_digest"] = args.image_digest
+    if args.transport is not None:
+        options["transport"] = args.transport
+    if args.multifd_channels:
+        options["multifd_channels"] = args.multifd_channels
+    if args.xbzrle:
+        options["xbzrle"] = True
+    if args.xbzrle_cache is not None:
+        options["xbzrle_cache_bytes"] = parse_size(args.xbzrle_cache)
     return options
 
 
@@ -342,6 +350,16 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
         help="block fingerprint of the end-to-end image check (default xxh3; blake3 is cryptographic, slower)",
     )
     parser.add_argument("--insecure", action="store_true", help="plaintext baseline: NO encryption or authentication")
+    qemu = parser.add_argument_group("QEMU guests")
+    qemu.add_argument(
+        "--transport", choices=["sealift", "qemu-tls", "plain", "sealift-plain"],
+        help="how QEMU's stream travels: sealift (the agents' channel, default), qemu-tls (QEMU's native TLS "
+        "with the hosts' cluster certificates), plain or sealift-plain (in clear: need --insecure)",
+    )
+    qemu.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                      help="QEMU multifd with N parallel connections (qemu-tls and plain transports)")
+    qemu.add_argument("--xbzrle", action="store_true", help="QEMU's XBZRLE delta compression of re-sent pages")
+    qemu.add_argument("--xbzrle-cache", metavar="SIZE", help="XBZRLE cache size, e.g. 256M (default QEMU's 64M)")
 
 
 def warn_insecure() -> None:

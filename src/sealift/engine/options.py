@@ -22,6 +22,10 @@ class MigrationOptions:
     auto_converge: bool = False
     secure: bool = True  # False only for the measured plaintext baseline
     image_digest: str = "xxh3"  # block fingerprint of the end-to-end image check (engine/digest.py)
+    # QEMU guests only (agent/qemu_migration.py); the built-in engine has its own streams.
+    multifd_channels: int = 0  # QEMU multifd: 0 = off, else that many parallel connections
+    xbzrle: bool = False  # QEMU's XOR+RLE delta compression of re-sent pages
+    xbzrle_cache_bytes: int | None = None  # None: QEMU's default (64 MiB)
 
     def __post_init__(self) -> None:
         if not 1 <= self.downtime_limit_ms <= 60_000:
@@ -34,6 +38,12 @@ class MigrationOptions:
             raise OptionsError(f"unknown compression {self.compression!r}; use one of {COMPRESSION_CODECS}")
         if self.image_digest not in IMAGE_DIGESTS:
             raise OptionsError(f"unknown image digest {self.image_digest!r}; use one of {IMAGE_DIGESTS}")
+        if not 0 <= self.multifd_channels <= 64:
+            raise OptionsError(f"multifd channels {self.multifd_channels} is outside 0..64")
+        if self.xbzrle and self.multifd_channels:
+            raise OptionsError("xbzrle and multifd do not combine: QEMU's multifd channels send whole pages")
+        if self.xbzrle_cache_bytes is not None and self.xbzrle_cache_bytes < 1 << 20:
+            raise OptionsError("the xbzrle cache must be at least 1 MiB")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
