@@ -232,19 +232,24 @@ def test_destination_agent_killed_mid_migration(cluster: LocalCluster) -> None:
     assert_runs_on_source_only(cluster)
 
 
-def test_a_provisioned_psk_is_never_skipped_for_qemu_guests(cluster: LocalCluster) -> None:
-    """QEMU migrations do not carry PSK proofs yet: with a PSK configured they must refuse, not bypass it."""
+def test_qemu_migrations_prove_the_pairs_psk(cluster: LocalCluster) -> None:
+    """The dynamic PSK is a second factor for QEMU guests too: a pair whose keys differ is refused."""
     from sealift.security.psk import new_psk, psk_to_hex
 
-    key = psk_to_hex(new_psk())
-    cluster.client("host-a").request("psk.provision", peer="host-b", key=key)
-    cluster.client("host-b").request("psk.provision", peer="host-a", key=key)
+    cluster.client("host-a").request("psk.provision", peer="host-b", key=psk_to_hex(new_psk()))
+    cluster.client("host-b").request("psk.provision", peer="host-a", key=psk_to_hex(new_psk()))
     src = cluster.client("host-a")
     start_guest(src)
     with pytest.raises(AgentRequestFailed, match="PSK"):
         migrate(cluster)
     assert info(src)["status"] == "running"
     assert VM not in names(cluster.client("host-b"))
+    # With the same key on both hosts the migration goes, and the pair ratchets.
+    key = psk_to_hex(new_psk())
+    cluster.client("host-a").request("psk.provision", peer="host-b", key=key)
+    cluster.client("host-b").request("psk.provision", peer="host-a", key=key)
+    assert migrate(cluster)["status"] == "completed"
+    assert VM in names(cluster.client("host-b"))
 
 
 # -- direct transports (qemu-tls, plain) ------------------------------------------------

@@ -37,6 +37,7 @@ from sealift.agent.vms import VmRegistry
 from sealift.backends.builtin.vm import VmError
 from sealift.engine.options import MigrationOptions
 from sealift.engine.report import MigrationReport
+from sealift.ipsec.charon import HostCharon
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
@@ -61,6 +62,8 @@ class Agent:
         self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (agent/qemu_vms.py)
         self.qemu_vms.adopt_existing()
         self.sessions = DataSessions()
+        # strongSwan's charon for the ipsec transport: started on the first such migration, stopped with the agent.
+        self.ipsec = HostCharon(config.state_dir / "ipsec")
         self._tls_context: SSL.Context = server_context(self.identity)
         self._active: set[str] = set()
         self._active_lock = threading.Lock()
@@ -113,6 +116,7 @@ class Agent:
         self.control.stop()
         self.resolver.stop()
         self.monitor.stop()
+        self.ipsec.stop()
         self.authority.close()
         self.store.close()
 
@@ -242,7 +246,7 @@ class Agent:
             if hello.backend == "qemu":
                 QemuIncomingMigration(
                     self.config, self.identity, self.store, self.vms, self.qemu_vms, self.sessions, channel, hello,
-                    self.authority,
+                    self.authority, ipsec=self.ipsec,
                 ).run()
             else:
                 IncomingMigration(
@@ -277,7 +281,7 @@ class Agent:
         if self.qemu_vms.has(vm_name):
             migration = QemuOutgoingMigration(
                 self.config, self.identity, self.store, self.qemu_vms, vm_name, destination, options, self.authority,
-                order, progress, transport or ("sealift" if options.secure else "plain"),
+                order, progress, transport or ("sealift" if options.secure else "plain"), ipsec=self.ipsec,
             )
         else:
             if transport not in (None, "sealift", "plain"):

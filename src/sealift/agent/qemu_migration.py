@@ -29,10 +29,13 @@ Transports (recorded in the report):
     sealift        QEMU's stream as AEAD records on the agents' data stream (default)
     qemu-tls       QEMU's native TLS straight to the destination QEMU, with the hosts'
                    cluster-CA certificates installed as tls-creds-x509 (backends/qemu/direct.py)
+    ipsec          QEMU straight to the destination QEMU over TCP inside a per-migration IPsec SA
+                   (strongSwan, IKEv2 with a PSK derived per migration from the control channel;
+                   ipsec/, "IPsec transport" in docs/architecture.md)
     plain          QEMU straight to the destination QEMU over TCP in clear (--insecure only)
     sealift-plain  the agents' data stream without encryption (--insecure only)
 
-On the direct transports (qemu-tls, plain) the agents carry only the guest
+On the direct transports (qemu-tls, ipsec, plain) the agents carry only the guest
 description, the ready record and the END record on their data stream; the
 control channel still does the whole handover (manifest, prepared receipt,
 commit, running receipt), QEMU still stops at pre-switchover until the
@@ -43,18 +46,20 @@ sealift transport carries QEMU's stream as one stream.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import secrets
 import select
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from blake3 import blake3
 
@@ -68,15 +73,28 @@ from sealift.agent.qemu_vms import QemuVmRegistry, network_like
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream, recv_exactly_into
 from sealift.agent.vms import AdmissionError, VmRegistry
-from sealift.backends.qemu.direct import Hook, QemuTls, TlsMaterial, listen_direct, run_after_hooks, start_direct
+from sealift.backends.qemu.direct import (
+    Hook,
+    QemuTls,
+    TlsMaterial,
+    incoming_port,
+    listen_direct,
+    run_after_hooks,
+    start_direct,
+    tcp_uri,
+)
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.engine.options import MigrationOptions
+from sealift.ipsec.charon import CharonError, HostCharon
+from sealift.ipsec.psk import ipsec_key_id, psk_for_migration
+from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint
 from sealift.engine.report import MigrationReport, RoundReport
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
+from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
 from sealift.wire.errors import ProtocolError
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
@@ -89,9 +107,9 @@ PAGE = 4096
 UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the bottleneck
 POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
 QEMU_CONNECT_TIMEOUT_S = 10.0
-TRANSPORTS = ("sealift", "qemu-tls", "plain", "sealift-plain")
-SECURE_TRANSPORTS = ("sealift", "qemu-tls")  # the others need --insecure and allow_insecure on both agents
-DIRECT_TRANSPORTS = ("qemu-tls", "plain")  # QEMU's own TCP connection(s) to the destination QEMU
+TRANSPORTS = ("sealift", "qemu-tls", "ipsec", "plain", "sealift-plain")
+SECURE_TRANSPORTS = ("sealift", "qemu-tls", "ipsec")  # the others need --insecure and allow_insecure on both agents
+DIRECT_TRANSPORTS = ("qemu-tls", "ipsec", "plain")  # QEMU's own TCP connection(s) to the destination QEMU
 # In-doubt migrations of QEMU guests get their own phase: the resolver only
 # knows built-in guests, and must not act on these (see the report's notes).
 IN_DOUBT = "in-doubt"
@@ -149,6 +167,99 @@ def check_transport(transport: str, options: MigrationOptions) -> None:
     if options.multifd_channels and transport not in DIRECT_TRANSPORTS:
         raise ValueError(f"multifd needs a direct transport ({', '.join(DIRECT_TRANSPORTS)}): "
                          f"the {transport!r} transport carries QEMU's stream as one stream")  # fmt: skip
+
+
+def check_ipsec_addresses(local: str | None, peer: str) -> None:
+    """The ipsec transport needs two hosts: an SA between an address and itself (loopback) means nothing,
+    and two charons in one network namespace would fight over its IKE ports and routing rules."""
+    if ipaddress.ip_address(peer).is_loopback or peer == local:
+        raise IpsecError(f"the 'ipsec' transport needs the two hosts on distinct, non-loopback migration "
+                         f"addresses (the peer is at {peer})")  # fmt: skip
+
+
+def running_charon(ipsec: HostCharon | None) -> None:
+    """Can this agent run strongSwan's charon for the ipsec transport? IpsecError with the reason if not."""
+    if ipsec is None:
+        raise IpsecError("this agent has no IPsec support (no strongSwan charon configured)")
+    try:
+        ipsec.get()
+    except (CharonError, OSError, subprocess.SubprocessError) as exc:
+        raise IpsecError(f"cannot run strongSwan's charon on this host: {exc}") from exc
+
+
+class AuditedSa:
+    """One agent's end of the ipsec transport's SA for one migration, with its audit entries.
+
+    The PSK is derived here from the control channel and the pair's dynamic
+    PSK, if one is provisioned (psk_for_migration),
+    handed to charon and dropped; the audit log gets the SA's SPIs, backend,
+    cipher, key id, PSK generation and fingerprint, never the key.
+    """
+
+    def __init__(self, endpoint: IpsecEndpoint, audit: Callable[..., None]) -> None:
+        self.endpoint = endpoint
+        self.record: SaRecord | None = None
+        self._audit = audit
+        self._closed = False
+
+    @classmethod
+    def derive(cls, ipsec: HostCharon | None, *, role: str, migration_id: str, channel: ControlChannel,
+               nonce_source: bytes, nonce_dest: bytes, local: TunnelHost, remote: TunnelHost, port: int,
+               psk_session: PskSession | None, audit: Callable[..., None]) -> "AuditedSa":  # fmt: skip
+        running_charon(ipsec)
+        assert ipsec is not None
+        # The pair's dynamic PSK at the epoch both proofs agreed on (if one is provisioned) and this
+        # connection's TLS exporter: a new key for every migration, even when the epoch did not move.
+        psk, epoch = psk_for_migration(channel.stream, migration_id, nonce_source, nonce_dest,  # type: ignore[arg-type]
+                                       psk_session)  # fmt: skip
+        endpoint = migration_endpoint(ipsec.get(), role=role, migration_id=migration_id, local=local, remote=remote,
+                                      port=port, psk=psk, key_id=ipsec_key_id(migration_id, epoch),
+                                      psk_generation=f"epoch {epoch}")  # fmt: skip
+        return cls(endpoint, audit)
+
+    def note_installed(self) -> SaRecord | None:
+        """Audit the SA once it is installed here; its record (None while it is not up)."""
+        if self.record is None:
+            child = self.endpoint.installed_child()
+            if child is not None:
+                self.record = self.endpoint.record(child)
+                self._audit("ipsec.sa_up", **self.record.as_dict())
+        return self.record
+
+    def bring_up(self, timeout_s: float) -> SaRecord:
+        """Source: load, initiate, wait until installed."""
+        self.endpoint.prepare()
+        self.endpoint.initiate(timeout_s=timeout_s)
+        self.endpoint.wait_installed(timeout_s=timeout_s)
+        record = self.note_installed()
+        if record is None:
+            raise IpsecError(f"the SA {self.endpoint.end.name} went away right after it came up")
+        return record
+
+    def close(self) -> None:
+        """Terminate the SA, unload connection and PSK, check nothing is left (idempotent); audited."""
+        if self._closed:
+            return
+        self._closed = True
+        fields: dict[str, object] = {
+            "name": self.endpoint.end.name, "key_id": self.endpoint.key_id,
+            "psk_generation": self.endpoint.psk_generation, "psk_fingerprint": self.endpoint.psk_fingerprint,
+            "spi_in": self.record.spi_in if self.record else None,
+            "spi_out": self.record.spi_out if self.record else None,
+        }  # fmt: skip
+        try:
+            self.endpoint.close()
+        except IpsecError as exc:
+            self._audit("ipsec.sa_down", **fields, clean=False, error=str(exc))
+            raise
+        self._audit("ipsec.sa_down", **fields, clean=True)
+
+
+def _free_port(host: str) -> int:
+    """A free TCP port on `host`: the ipsec transport protects the port before QEMU listens on it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -280,8 +391,15 @@ class QemuOutgoingMigration:
         order: str | None,
         progress: ProgressCallback | None = None,
         transport: str = "sealift",
+        ipsec: HostCharon | None = None,
     ) -> None:
         check_transport(transport, options)
+        self._ipsec = ipsec  # the host's charon (transport "ipsec")
+        self._sa: AuditedSa | None = None
+        self._accept_nonce: bytes | None = None
+        self._channel: ControlChannel | None = None
+        self._psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
+        self._psk_binding = b""
         self._config = config
         self._identity = identity
         self._store = store
@@ -315,11 +433,12 @@ class QemuOutgoingMigration:
         monitor_gate.check_outgoing(self._config.name, self._vm_name, self._destination)  # T12: hold an attacker VM
         self.report.order_id = verified.order.id
         self.report.operator = verified.operator.name
-        if self._authority.psk.has_peer(self._destination):
-            # Fail closed: a configured second factor is never skipped.
-            raise MigrationError(
-                f"a PSK is provisioned for {self._destination}, and QEMU migrations do not carry PSK proofs yet"
-            )
+        if self._transport == "ipsec":
+            try:
+                check_ipsec_addresses(None, address[0])
+                running_charon(self._ipsec)
+            except IpsecError as exc:
+                raise MigrationError(str(exc)) from exc
         vm = self._vms.claim(self._vm_name)
         memory_bytes = vm.memory_mib * MiB
         self.report.memory_bytes = memory_bytes
@@ -337,6 +456,8 @@ class QemuOutgoingMigration:
                 self._authority.check_peer(channel.stream.peer_certificate, self._destination)  # type: ignore[attr-defined]
             self._audit("migration.started", vm=vm.name, destination=self._destination, transport=self._transport,
                         backend="qemu", order_id=verified.order.id)  # fmt: skip
+            # A provisioned PSK is a required second factor on every transport, as for built-in guests.
+            self._psk = self._authority.psk_session(self._destination, "source") if channel.secure else None
             accept = self._hello(channel, vm.name, memory_bytes)
             transfer = self._transfer(channel, accept, address, vm)
             self._mark("stream_sent", transfer.paused_at)
@@ -350,6 +471,7 @@ class QemuOutgoingMigration:
             self._phase("committed")
             running = self._await_running(channel)
             self._mark("running_receipt", transfer.paused_at)
+            self._commit_psk()
             self.report.downtime_ms = self.report.downtime_breakdown_ms["running_receipt"]
             self._vms.release_migrated(vm.name)  # only now: the guest runs there
             self._store.set_phase(self.migration_id, "completed")
@@ -374,24 +496,43 @@ class QemuOutgoingMigration:
             if self._pump is not None:
                 self._pump.stop()
             run_after_hooks(vm, self._after_hooks)  # after _abort: QEMU's migration has ended either way
+            if self._sa is not None:
+                try:
+                    self._sa.close()  # normally done by the after hook; this covers a failure before it was set
+                except IpsecError as exc:
+                    log.error("IPsec tear-down of migration %s: %s", self.migration_id, exc)
+            if self._psk is not None:
+                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             if channel is not None:
                 channel.close()
 
     # -- steps --------------------------------------------------------------------
 
     def _hello(self, channel: ControlChannel, name: str, memory_bytes: int) -> Accept:
+        psk_proof = None
+        if self._psk is not None:
+            self._psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+            psk_proof = self._psk.make_proof(self._psk_binding, self._nonce)
         hello = Hello(
             migration_id=self.migration_id, vm_name=name, source_host=self._config.name,
             destination_host=self._destination, nonce=self._nonce, memory_bytes=memory_bytes, page_size=PAGE,
             secure=self._options.secure, compression=None, streams=1, backend="qemu", order=self._order,
-            psk_proof=None, image_digest=None,
+            psk_proof=psk_proof, image_digest=None,
         )  # fmt: skip
         channel.send(hello)
         reply = channel.recv(self._config.step_timeout_s)
         if isinstance(reply, Refuse):
             raise MigrationError(f"{self._destination} refused the migration: {reply.reason}")
         assert isinstance(reply, Accept)  # the sans-IO state machine allows nothing else here
+        if self._psk is not None:
+            # The destination must prove the pair's current PSK too (mutual second factor).
+            self._psk.check_peer_proof(reply.psk_proof, self._psk_binding, self._nonce, reply.nonce)
+            self._audit("psk.verified", peer=self._destination, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
         return reply
+
+    def _commit_psk(self) -> None:
+        if self._psk is not None and self._psk.commit():
+            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._destination, epoch=self._psk.epoch)
 
     def _configure(self, vm: QemuVM) -> None:
         options = self._options
@@ -413,6 +554,7 @@ class QemuOutgoingMigration:
     def _transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> _Transfer:
         outgoing, incoming = _protections(channel, self._options.secure, self._nonce, accept.nonce, self.migration_id)
         self._binding = channel_binding(channel, self._nonce, accept.nonce, self.migration_id)
+        self._channel, self._accept_nonce = channel, accept.nonce  # the ipsec transport keys its PSK from them
         npages = vm.memory_mib * MiB // PAGE
         writer = DataStreamWriter(outgoing, npages, None)
         data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
@@ -456,8 +598,8 @@ class QemuOutgoingMigration:
 
     def _transfer_direct(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter,
                          destination: tuple[str, int]) -> _Transfer:  # fmt: skip
-        """QEMU's own TCP connection(s) straight to the destination QEMU (qemu-tls, plain)."""
-        before, after = self._direct_hooks()
+        """QEMU's own TCP connection(s) straight to the destination QEMU (qemu-tls, ipsec, plain)."""
+        before, after = self._direct_hooks(data, destination)
         self._after_hooks = after
         self._phase("precopy")
         start_direct(vm, destination, before)
@@ -469,11 +611,30 @@ class QemuOutgoingMigration:
             wire_bytes=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)),
         )  # fmt: skip
 
-    def _direct_hooks(self) -> tuple[list[Hook], list[Hook]]:
-        """What the source QEMU needs before and after a direct transport (an ipsec transport adds its own)."""
+    def _direct_hooks(self, data: socket.socket, destination: tuple[str, int]) -> tuple[list[Hook], list[Hook]]:
+        """What the source QEMU needs before and after a direct transport."""
         if self._transport == "qemu-tls":
             tls = QemuTls(_tls_material(self._identity), "client", self._destination, self.migration_id[:8])
             return [tls.install], [tls.remove]
+        if self._transport == "ipsec":
+            assert self._channel is not None and self._accept_nonce is not None
+            # Our migration address is the one we reach the destination agent from; QEMU connects exactly there.
+            local = TunnelHost(None, str(data.getsockname()[0]), self._config.name)
+            sa = self._sa = AuditedSa.derive(
+                self._ipsec, role="source", migration_id=self.migration_id, channel=self._channel,
+                nonce_source=self._nonce, nonce_dest=self._accept_nonce, local=local,
+                remote=TunnelHost(None, destination[0], self._destination), port=destination[1],
+                psk_session=self._psk, audit=self._audit,
+            )  # fmt: skip
+            timeout = self._config.step_timeout_s
+
+            def bring_up(vm: QemuVM) -> None:
+                sa.bring_up(timeout)
+
+            def take_down(vm: QemuVM) -> None:
+                sa.close()
+
+            return [bring_up], [take_down]
         return [], []
 
     def _await_destination_ready(self, channel: ControlChannel, data: socket.socket,
@@ -645,6 +806,9 @@ class QemuOutgoingMigration:
         notes = [f"multifd {options.multifd_channels} channels"] if options.multifd_channels else []
         notes += ["xbzrle"] if options.xbzrle else []
         notes += ["auto-converge"] if options.auto_converge else []
+        if self._sa is not None and self._sa.record is not None:
+            record = self._sa.record
+            notes.append(f"ipsec backend {record.backend}, {record.encryption}, {record.dh_group}")
         return "".join(f"; {note}" for note in notes)
 
     def _mark(self, step: str, paused_at: float) -> None:
@@ -762,8 +926,13 @@ class QemuIncomingMigration:
         channel: ControlChannel,
         hello: Hello,
         authority: Authority,
+        ipsec: HostCharon | None = None,
     ) -> None:
         self._config = config
+        self._ipsec = ipsec  # the host's charon (transport "ipsec")
+        self._sa: AuditedSa | None = None
+        self._psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
+        self._psk_binding = b""
         self._store = store
         self._vms = vms
         self._qemu_vms = qemu_vms
@@ -793,6 +962,8 @@ class QemuIncomingMigration:
         except (QemuIncomingRefused, AdmissionError, SecurityError) as exc:
             log.warning("refused QEMU migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
             self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
+            if self._psk is not None:
+                self._psk.close()
             self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
             return
         cpu_started = time.process_time()
@@ -802,7 +973,10 @@ class QemuIncomingMigration:
                                          hello.memory_bytes)  # fmt: skip
             self._sessions.expect(self._session_id)
             self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
-            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, None))
+            psk_proof = None
+            if self._psk is not None:
+                psk_proof = self._psk.make_proof(self._psk_binding, hello.nonce, self._nonce)
+            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, psk_proof))
             self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, backend="qemu",
                         memory_bytes=hello.memory_bytes)  # fmt: skip
             self._receive()
@@ -825,6 +999,9 @@ class QemuIncomingMigration:
             else:
                 self._discard(str(exc))
         finally:
+            self._close_sa()
+            if self._psk is not None:
+                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             self._sessions.finish(self._session_id)
             self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
             if not prepared or self._qemu is None:
@@ -835,11 +1012,8 @@ class QemuIncomingMigration:
     def _admit(self) -> None:
         hello = self._hello
         self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
-        if self._authority.psk.has_peer(hello.source_host):
-            # Fail closed: a configured second factor is never skipped.
-            raise QemuIncomingRefused(
-                f"a PSK is provisioned for {hello.source_host}, and QEMU migrations do not carry PSK proofs yet"
-            )
+        if self._channel.secure:
+            self._check_psk()
         # Capacity, concurrency and name clashes with built-in guests: the built-in registry's admission.
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
         try:
@@ -847,6 +1021,15 @@ class QemuIncomingMigration:
         except Exception as exc:
             self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
             raise AdmissionError(str(exc)) from exc
+
+    def _check_psk(self) -> None:
+        """The optional second factor: if we share a PSK with this host, it must prove it."""
+        self._psk = self._authority.psk_session(self._hello.source_host, "destination")
+        if self._psk is None:
+            return
+        self._psk_binding = psk_channel_binding(self._channel.stream)  # type: ignore[arg-type]
+        self._psk.check_peer_proof(self._hello.psk_proof, self._psk_binding, self._hello.nonce)
+        self._audit("psk.verified", peer=self._hello.source_host, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
 
     def _receive(self) -> None:
         hello = self._hello
@@ -860,10 +1043,10 @@ class QemuIncomingMigration:
                 raise ProtocolError(f"the QEMU stream began with {type(first).__name__}, not the guest description")
             self._hasher.update(first.data)
             spec = GuestSpec.decode(bytes(first.data))
-            self._transport = self._check_transport(spec)
+            self._transport = self._check_transport(spec, data)
             ready = DataStreamWriter(outgoing, hello.memory_bytes // PAGE, None)
             if self._transport in DIRECT_TRANSPORTS:
-                port = self._start_qemu_direct(spec, self._migration_host(data))
+                port = self._start_qemu_direct(spec, self._migration_host(data), data)
                 _send_opaque(data, ready, encode_ready(port))
                 self._await_direct_end(data, reader)
             else:
@@ -871,7 +1054,7 @@ class QemuIncomingMigration:
         finally:
             data.close()
 
-    def _check_transport(self, spec: GuestSpec) -> str:
+    def _check_transport(self, spec: GuestSpec, data: socket.socket) -> str:
         """The transport the source chose, if this host allows it (the source checked the same)."""
         hello = self._hello
         transport = spec.transport or ("sealift" if hello.secure else "sealift-plain")
@@ -884,6 +1067,12 @@ class QemuIncomingMigration:
             raise QemuIncomingRefused(str(exc)) from None
         if transport in SECURE_TRANSPORTS and not self._channel.secure:
             raise QemuIncomingRefused(f"the {transport!r} transport needs the authenticated control channel")
+        if transport == "ipsec":
+            try:
+                check_ipsec_addresses(self._migration_host(data), str(data.getpeername()[0]))
+                running_charon(self._ipsec)
+            except IpsecError as exc:
+                raise QemuIncomingRefused(f"the 'ipsec' transport is not available on {self._config.name}: {exc}") from None
         return transport
 
     def _migration_host(self, data: socket.socket) -> str:
@@ -934,12 +1123,17 @@ class QemuIncomingMigration:
         data.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
         data.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         while True:
+            if self._sa is not None:
+                self._sa.note_installed()  # audited here as soon as the source brought it up
             readable, _, _ = select.select([data], [], [], 0.2)
             if readable:
                 event = _read_record(data, reader)
                 if not isinstance(event, StreamEnded):
                     raise ProtocolError(f"unexpected {type(event).__name__} on a direct transport's data stream")
                 reader.close()
+                if self._sa is not None and self._sa.note_installed() is None:
+                    # The inbound filter admits the stream only through the SA: never seen up means something is wrong.
+                    raise IpsecError("the source says the QEMU stream is complete, but no IPsec SA was ever installed here")
                 return
             if not self._qemu.alive():
                 raise QemuError(f"destination QEMU exited during the incoming migration: {self._qemu.log_tail()}")
@@ -966,14 +1160,45 @@ class QemuIncomingMigration:
             qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
         return qemu
 
-    def _start_qemu_direct(self, spec: GuestSpec, host: str) -> int:
+    def _start_qemu_direct(self, spec: GuestSpec, host: str, data: socket.socket) -> int:
         qemu = self._start_qemu(spec)
+        if self._transport == "ipsec":
+            return self._listen_ipsec(qemu, host, str(data.getpeername()[0]))
         before: list[Hook] = []
         if self._transport == "qemu-tls":
             tls = QemuTls(_tls_material(self._identity), "server", self._hello.source_host,
                           self._hello.migration_id[:8])  # fmt: skip
             before, self._after_hooks = [tls.install], [tls.remove]
         return listen_direct(qemu, host, before)
+
+    def _listen_ipsec(self, qemu: QemuVM, host: str, source_address: str) -> int:
+        """The ipsec transport: the SA's connection, PSK, rules and inbound filter first, then QEMU listens.
+
+        The port is chosen before QEMU listens, so that it is never open
+        outside the SA; the source initiates once it has the ready record.
+        """
+        hello = self._hello
+        port = _free_port(host)
+        sa = self._sa = AuditedSa.derive(
+            self._ipsec, role="destination", migration_id=hello.migration_id, channel=self._channel,
+            nonce_source=hello.nonce, nonce_dest=self._nonce, local=TunnelHost(None, host, self._config.name),
+            remote=TunnelHost(None, source_address, hello.source_host), port=port, psk_session=self._psk,
+            audit=self._audit,
+        )  # fmt: skip
+        sa.endpoint.prepare()
+        self._after_hooks = [lambda vm: self._close_sa()]
+        qemu.migrate_incoming(tcp_uri(host, port))
+        listening = incoming_port(qemu)
+        if listening != port:
+            raise QemuError(f"destination QEMU listens on port {listening}, not the SA's port {port}")
+        return port
+
+    def _close_sa(self) -> None:
+        if self._sa is not None:
+            try:
+                self._sa.close()
+            except IpsecError as exc:
+                log.error("IPsec tear-down of migration %s: %s", self._hello.migration_id, exc)
 
     def _start_qemu_unix(self, spec: GuestSpec, sock_dir: Path) -> socket.socket:
         qemu = self._start_qemu(spec)
@@ -1048,6 +1273,14 @@ class QemuIncomingMigration:
         if isinstance(reply, Abort):
             raise QemuIncomingRefused(f"the source aborted: {reply.reason}")
         assert isinstance(reply, Commit)
+        # Only now does this host know the source checked our Accept and holds the new key.
+        if self._psk is not None:
+            try:
+                if self._psk.commit():
+                    self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host,
+                                epoch=self._psk.epoch)  # fmt: skip
+            except SecurityError as exc:  # the handover matters more than this session's ratchet
+                log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
 
     def _start_guest(self, manifest: dict, cpu_started: float) -> None:
         hello = self._hello

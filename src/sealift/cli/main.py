@@ -352,12 +352,13 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true", help="plaintext baseline: NO encryption or authentication")
     qemu = parser.add_argument_group("QEMU guests")
     qemu.add_argument(
-        "--transport", choices=["sealift", "qemu-tls", "plain", "sealift-plain"],
+        "--transport", choices=["sealift", "qemu-tls", "ipsec", "plain", "sealift-plain"],
         help="how QEMU's stream travels: sealift (the agents' channel, default), qemu-tls (QEMU's native TLS "
-        "with the hosts' cluster certificates), plain or sealift-plain (in clear: need --insecure)",
+        "with the hosts' cluster certificates), ipsec (QEMU's TCP inside a per-migration strongSwan IPsec SA), "
+        "plain or sealift-plain (in clear: need --insecure)",
     )
     qemu.add_argument("--multifd-channels", type=int, default=0, metavar="N",
-                      help="QEMU multifd with N parallel connections (qemu-tls and plain transports)")
+                      help="QEMU multifd with N parallel connections (qemu-tls, ipsec and plain transports)")
     qemu.add_argument("--xbzrle", action="store_true", help="QEMU's XBZRLE delta compression of re-sent pages")
     qemu.add_argument("--xbzrle-cache", metavar="SIZE", help="XBZRLE cache size, e.g. 256M (default QEMU's 64M)")
 
@@ -609,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_migration_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    from sealift.cli.lab_cmd import add_lab_parser
+
+    add_lab_parser(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sealift.lab.netns import enter_netns
@@ -38,6 +39,9 @@ class Relay:
         self.address: tuple[str, int] = self._server.getsockname()[:2]
         self.target: tuple[str, int] | None = None
         self.tamper: Tamper | None = None
+        # Called with each destination-to-source chunk before it is forwarded
+        # (the lab's attacker reads the destination's answers, e.g. a port to hijack).
+        self.on_reply: Callable[[bytes], None] | None = None
         self._record_limit = record_limit
         self._lock = threading.Lock()
         self._captured = bytearray()
@@ -116,6 +120,8 @@ class Relay:
                 tamper = self.tamper
                 if forward and tamper is not None and (is_data_stream or not tamper.data_stream_only):
                     chunk = self._apply_tamper(chunk, offset)
+                if not forward and self.on_reply is not None:
+                    self.on_reply(chunk)
                 offset += len(chunk)
                 self._record(chunk, forward)
                 if session is not None and len(session) < self._record_limit:

@@ -1,0 +1,83 @@
+"""`sealift lab run`: the attack lab (as root) — every threat of THREATS.md against real agents."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+BACKENDS = ("builtin", "qemu")
+
+
+def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    lab = sub.add_parser("lab", help="the attack lab: replay the threat catalog against agents in network namespaces")
+    commands = lab.add_subparsers(dest="lab_command", required=True)
+    p = commands.add_parser("run", help="run the attacks (root); exits non-zero if any gets through")
+    p.add_argument("--only", help="comma-separated threats to run, e.g. T3,T5 (default: all)")
+    p.add_argument("--backend", choices=BACKENDS, help="only this backend (default: both)")
+    p.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout')
+    p.add_argument("--out", default="lab-results", help="results folder (default ./lab-results); one subfolder per run")
+    p.add_argument("--keep", action="store_true", help="keep the agents' state and logs under the results folder")
+    p.add_argument("--quick", action="store_true",
+                   help="T11: each failure once and each phase once (3 scenarios) instead of all 9 pairs")
+    p.set_defaults(func=cmd_lab_run)
+
+
+def parse_only(text: str | None) -> set[str] | None:
+    if not text:
+        return None
+    threats = {part.strip().upper() for part in text.split(",") if part.strip()}
+    bad = sorted(t for t in threats if not (t.startswith("T") and t[1:].isdigit()))
+    if bad:
+        raise ValueError(f"--only takes threat ids such as T1,T3, not {', '.join(bad)}")
+    return threats
+
+
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    from sealift.lab.report import exit_code, public_json, rich_table, write_report
+    from sealift.lab.runner import LabRun
+    from sealift.lab.testbed import TestbedError
+
+    progress = Console(stderr=True)
+    if os.geteuid() != 0:
+        progress.print("[bold red]error:[/bold red] the lab needs root (network namespaces, taps, tshark)")
+        return 2
+    try:
+        only = parse_only(args.only)
+    except ValueError as exc:
+        progress.print(f"[bold red]error:[/bold red] {exc}")
+        return 2
+    backends = (args.backend,) if args.backend else BACKENDS
+
+    def on_result(result) -> None:  # noqa: ANN001
+        mark = "[green]blocked[/green]" if result.defended else "[bold red]NOT BLOCKED[/bold red]"
+        progress.print(f"  {result.threat} {escape(f'[{result.backend}]')} {escape(result.attack)}: "
+                       f"baseline {result.baseline}, sealift {mark}, copies {result.vm_running_copies}")  # fmt: skip
+
+    try:
+        with progress.status("building the lab network") as status:
+
+            def say(message: str) -> None:
+                status.update(escape(message))
+                progress.print(f"[dim]{escape(message)}[/dim]")
+
+            with LabRun(Path(args.out), keep=args.keep, quick=args.quick, say=say) as lab:
+                results = lab.run(only, backends, on_result=on_result)
+                markdown, json_path = write_report(results, lab.results_dir, {"only": sorted(only or []),
+                                                                              "backends": list(backends)})  # fmt: skip
+    except TestbedError as exc:
+        progress.print(f"[bold red]error:[/bold red] {exc}")
+        return 2
+    if not results:
+        progress.print("[bold red]error:[/bold red] no attack matched --only/--backend")
+    if args.json:
+        sys.stdout.write(json.dumps(public_json(results), indent=2) + "\n")
+    else:
+        Console().print(rich_table(results))
+    progress.print(f"report: {markdown} and {json_path}")
+    return exit_code(results)
