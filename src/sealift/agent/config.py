@@ -71,6 +71,10 @@ class AgentConfig:
     inventory: dict[str, int] = field(default_factory=dict)  # registered capacity per host (bytes)
     # Attack lab only (THREATS.md T7): make this agent lie about its free memory.
     lab_advertise_free_memory: int | None = None
+    # Tests only: an incoming built-in migration stops for lab_pause_s at this named point
+    # (see agent/incoming.py, LAB_PAUSE_POINTS), so a test can kill the agent exactly there.
+    lab_pause_at: str | None = None
+    lab_pause_s: float = 600.0  # how long it holds there (tests: until killed; the lab: a strike window)
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
     crl_path: Path | None = None  # the cluster CA's revocation list
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig())  # [monitor]: sealift.monitor
@@ -139,10 +143,26 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         lab_advertise_free_memory=(
             parse_size(raw["lab_advertise_free_memory"]) if "lab_advertise_free_memory" in raw else None
         ),
+        lab_pause_at=_lab_pause_at(raw.get("lab_pause_at")),
+        lab_pause_s=float(raw.get("lab_pause_s", 600.0)),
         policy_path=path("policy") if "policy" in raw else None,
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
         monitor=_monitor_config(raw.get("monitor", {})),
     )
+
+
+# Tests only (`lab_pause_at`): named points of an incoming built-in handover (agent/incoming.py).
+# "commit-received": Commit read, nothing recorded; "committed": decision recorded, guest not
+# started; "launched": guest runs, not yet registered; "adopted": registered, phase not "running".
+LAB_PAUSE_POINTS = ("commit-received", "committed", "launched", "adopted")
+
+
+def _lab_pause_at(value: object) -> str | None:
+    if value is None:
+        return None
+    if value not in LAB_PAUSE_POINTS:
+        raise ConfigError(f"lab_pause_at {value!r} is not one of {', '.join(LAB_PAUSE_POINTS)}")
+    return str(value)
 
 
 def _guard_config(raw: dict) -> GuardConfig:

@@ -21,7 +21,7 @@ from sealift.agent.outgoing import OutgoingMigration, ProgressCallback
 from sealift.agent.qemu_migration import QemuIncomingMigration, QemuOutgoingMigration
 from sealift.agent.qemu_vms import QemuVmRegistry
 from sealift.agent.resolver import Resolver, outcome_for
-from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
+from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
 from sealift.agent.transport import (
     DATA_STREAM_MAGIC,
     INSECURE_CONTROL_MAGIC,
@@ -126,10 +126,27 @@ class Agent:
         self._threads.append(thread)
 
     def recover(self) -> None:
-        """After a crash: adopt guests and settle what the crash interrupted."""
+        """After a crash: adopt guests and settle what the crash interrupted.
+
+        Each migration is settled on its own: an error in one is logged and
+        audited, and never stops the agent (it is left in doubt for the resolver).
+        """
         self.vms.adopt_existing()
-        for record in self.store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving",)):
-            if record.role == "source":
+        for record in self.store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving", "prepared", "committed")):
+            try:
+                self._recover_migration(record)
+            except Exception as exc:
+                log.exception("recovery of migration %s (%s, %s) failed", record.id, record.vm, record.phase)
+                self.authority.record("migration.recovery_failed", migration_id=record.id, vm=record.vm,
+                                      role=record.role, phase=record.phase, error=str(exc))
+        try:
+            self._remove_leftover_images()
+        except Exception:
+            log.exception("recovery: could not clean up leftover images")
+
+    def _recover_migration(self, record: MigrationRecord) -> None:
+        if record.role == "source":
+            if record.phase in SOURCE_OPEN_PHASES:
                 # No commit decision was written, so the VM must run here.
                 try:
                     vm = self.vms.get(record.vm)
@@ -140,16 +157,45 @@ class Agent:
                 self.store.decide(record.id, "aborted")
                 self.store.set_phase(record.id, "aborted", error="source agent restarted before commit")
             else:
-                (self.config.vm_dir / f"{record.vm}.img").unlink(missing_ok=True)
-                self.store.set_phase(record.id, "aborted", error="destination agent restarted while receiving")
-        for record in self.store.migrations(limit=1000, phases=("prepared", "committed")):
-            if record.role == "source":
                 try:
                     self.vms.claim(record.vm)  # paused, in doubt: not available for another migration
                 except VmError:
                     pass
-            else:
-                self.vms.reserve_incoming(record.id, record.vm, record.memory_bytes)
+            return
+        guest = self.vms.running_guest(record.vm)
+        if record.phase == "receiving":
+            if guest is None:
+                self.vms.image_path(record.vm).unlink(missing_ok=True)
+            self.store.set_phase(record.id, "aborted", error="destination agent restarted while receiving")
+            return
+        if guest is not None:
+            if record.phase == "committed":
+                # Started for this migration just before the crash: the handover is done.
+                log.info("recovery: migration %s: %s runs here (pid %d); phase running", record.id, record.vm, guest.pid)
+                self.store.set_phase(record.id, "running")
+                self.authority.record("migration.recovered", migration_id=record.id, vm=record.vm, pid=guest.pid,
+                                      phase="running")
+            else:  # a guest is only ever started after "committed" is recorded: leave it to an operator
+                log.error("recovery: migration %s is %s but %s already runs here; left in doubt",
+                          record.id, record.phase, record.vm)
+            return
+        # Prepared (ask the source) or committed (start it): the resolver finishes either.
+        self.vms.reserve_incoming(record.id, record.vm, record.memory_bytes)
+
+    def _remove_leftover_images(self) -> None:
+        """Images no guest runs from and the store does not count as a live copy: failed incoming migrations."""
+        known = {vm.name for vm in self.store.vms()}
+        open_incoming = {r.vm for r in self.store.migrations(limit=1000, phases=("prepared", "committed"))}
+        for image in self.config.vm_dir.glob("*.img"):
+            name = image.name[: -len(".img")]
+            if name in known or name in open_incoming or self.vms.exists(name):
+                continue
+            if self.vms.running_guest(name) is not None:
+                continue  # adopted now; it is a live copy
+            log.warning("recovery: removing %s, left over from a failed incoming migration", image)
+            self.authority.record("recovery.leftover_removed", vm=name, path=str(image))
+            image.unlink(missing_ok=True)
+            (self.config.vm_dir / f"{name}.dirty").unlink(missing_ok=True)
 
     # -- migration port -----------------------------------------------------
 

@@ -65,6 +65,7 @@ class IncomingMigration:
         self._hello = hello
         self._signer = DocumentSigner(config.name, identity if channel.secure else None)
         self._image: GuestImage | None = None
+        self._created_image = False  # only an image this migration created may be discarded by it
         self._standby: StandbyGuest | None = None
         self._session_id = secrets.token_bytes(16)
         self._binding: str | None = None
@@ -96,6 +97,7 @@ class IncomingMigration:
         try:
             self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving", hello.memory_bytes)
             self._image = GuestImage.create_empty(self.image_path, hello.memory_bytes)
+            self._created_image = True
             self._image.reserve()  # the memory is ours before we say yes
             self._standby = StandbyGuest(self._config.vm_dir, hello.vm_name)  # off the downtime path
             self._sessions.expect(self._session_id)
@@ -114,6 +116,7 @@ class IncomingMigration:
             self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
             self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
             self._await_commit()
+            self._lab_pause("commit-received")
             self._start_guest(manifest, cpu_started)
         except Exception as exc:
             if prepared:
@@ -141,6 +144,13 @@ class IncomingMigration:
         self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
         if self._channel.secure:
             self._check_psk()
+        if self.image_path.exists() and not self._vms.exists(hello.vm_name):
+            # Never overwrite or delete an image we cannot account for: it may be someone's only copy.
+            raise IncomingRefused(
+                f"stale image: {self.image_path.name} already exists on {self._config.name} but no VM "
+                f"{hello.vm_name!r} runs there (left over from an earlier migration; its agent removes it "
+                "at restart if it is not the live copy)"
+            )
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
 
     def _protection(self) -> RecordProtection:
@@ -233,13 +243,17 @@ class IncomingMigration:
     def _start_guest(self, manifest: dict, cpu_started: float) -> None:
         hello = self._hello
         self._store.set_phase(hello.migration_id, "committed")
+        self._lab_pause("committed")
         assert self._image is not None
         counter_at_resume = self._image.counter
         self._image.close()
         self._image = None
         assert self._standby is not None
-        vm = self._vms.adopt_incoming(self._standby.launch())
+        launched = self._standby.launch()
         self._standby = None
+        self._lab_pause("launched")
+        vm = self._vms.adopt_incoming(launched)
+        self._lab_pause("adopted")
         self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
         self._store.set_phase(hello.migration_id, "running")
         receipt = self._receipt(
@@ -252,6 +266,12 @@ class IncomingMigration:
             # The guest runs here and the source has committed: it will learn by asking.
             log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
 
+    def _lab_pause(self, point: str) -> None:
+        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
+        if self._config.lab_pause_at == point:
+            log.warning("lab: migration %s paused at %s", self._hello.migration_id, point)
+            time.sleep(self._config.lab_pause_s)
+
     def _discard(self, reason: str) -> None:
         log.warning("migration %s of %s from %s failed: %s", self._hello.migration_id, self._hello.vm_name, self._hello.source_host, reason)
         if self._standby is not None:
@@ -260,7 +280,8 @@ class IncomingMigration:
         if self._image is not None:
             self._image.close()
             self._image = None
-        self.image_path.unlink(missing_ok=True)
+        if self._created_image:
+            self.image_path.unlink(missing_ok=True)
         try:
             self._store.set_phase(self._hello.migration_id, "aborted", error=reason)
         except Exception:

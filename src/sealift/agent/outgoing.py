@@ -192,9 +192,11 @@ class OutgoingMigration:
         )
         channel.send(hello)
         reply = channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Refuse):
+        if isinstance(reply, (Refuse, Abort)):
+            # Either way the destination said no before it took anything: pass its reason on.
             raise MigrationError(f"{self._destination} refused the migration: {reply.reason}")
-        assert isinstance(reply, Accept)  # the sans-IO state machine allows nothing else here
+        if not isinstance(reply, Accept):
+            raise MigrationError(f"{self._destination} answered Hello with {type(reply).__name__}, not Accept")
         if self._psk is not None:
             # The destination must prove the pair's current PSK too (mutual second factor).
             self._psk.check_peer_proof(reply.psk_proof, self._psk_binding, self._nonce, reply.nonce)

@@ -113,15 +113,17 @@ class Resolver:
             self._start_on_destination(record)
 
     def _start_on_destination(self, record: MigrationRecord) -> None:
-        log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
-        self._vms.start_incoming(record.vm, None)
+        if self._vms.running_guest(record.vm) is None:  # it may have started before a crash
+            log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
+            self._vms.start_incoming(record.vm, None)
         self._vms.unreserve_incoming(record.id, record.vm)
         self._store.set_phase(record.id, "running")
 
     def _apply_abort(self, record: MigrationRecord) -> None:
         if record.role == "destination":
             log.info("migration %s: %s aborted; discarding the received image of %s", record.id, record.peer, record.vm)
-            (self._config.vm_dir / f"{record.vm}.img").unlink(missing_ok=True)
+            if self._vms.running_guest(record.vm) is None:  # never pull the image from under a guest
+                self._vms.image_path(record.vm).unlink(missing_ok=True)
             self._vms.unreserve_incoming(record.id, record.vm)
             self._store.set_phase(record.id, "aborted")
             return

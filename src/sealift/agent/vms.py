@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import numpy as np
 from sealift.agent.config import AgentConfig
 from sealift.agent.store import AgentStore
 from sealift.backends.builtin.image import ImageCheck
-from sealift.backends.builtin.vm import BuiltinVM, VmError
+from sealift.backends.builtin.guest import image_in_use
+from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,35 @@ class VmRegistry:
                 continue
             with self._lock:
                 self._vms[record.name] = vm
+
+    def image_path(self, name: str) -> Path:
+        return self.vm_dir / f"{name}.img"
+
+    def running_guest(self, name: str) -> BuiltinVM | None:
+        """The guest that runs on this name's image, registered or not (recovery only).
+
+        An agent killed between starting a guest and registering it leaves a
+        guest that runs (it holds its image's run lock) but that the store does
+        not know: find its process and take charge of it, so it is never
+        started a second time nor its image discarded.
+        """
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is not None and vm.is_alive:
+            return vm
+        image = self.image_path(name)
+        if not image_in_use(image):
+            return None
+        for pid in _guest_pids(self.vm_dir.resolve() / image.name):  # guests run on the resolved path
+            try:
+                vm = BuiltinVM.adopt(self.vm_dir, name, pid)
+            except VmError as exc:
+                log.warning("guest process %d on %s cannot be adopted: %s", pid, image, exc)
+                continue
+            log.warning("adopted guest %s (pid %d), started before the agent's crash but never registered", name, pid)
+            self._add(vm, None)
+            return vm
+        return None
 
     def start(self, name: str, memory_bytes: int, workload: str, fill_fraction: float, seed: int | None = None) -> BuiltinVM:
         with self._lock:
@@ -221,3 +252,19 @@ class VmRegistry:
                 f"{self._config.name} has {free >> 20} MiB free of {self._config.memory_capacity >> 20} MiB; "
                 f"the VM needs {memory_bytes >> 20} MiB"
             )
+
+
+def _guest_pids(image: Path) -> list[int]:
+    """Pids of built-in guest processes whose command line runs on `image`."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if GUEST_MODULE.encode() in args and str(image).encode() in args:
+            pids.append(int(entry.name))
+    return pids

@@ -204,7 +204,7 @@ def failures_at_every_phase(lab: LabRun, backend: Backend) -> list[AttackResult]
             lab.say(f"T11 [{backend}]: {action} during {phase}")
             if backend == "builtin" and phase != PHASES[0] and not lab.quick:
                 lab.finish(cluster)
-                cluster, relays = _fresh(lab, backend)
+                cluster, relays = _fresh(lab, backend, hold_after_commit=phase == "after prepared")
             running = [host for host, state in lab.copies(cluster, VM).items() if state == "running"]
             if len(running) != 1:  # an earlier scenario left the guest in a bad state: say so
                 results.append(AttackResult("T11", f"{action} during {phase}", backend, "n/a", "succeeded",
@@ -216,9 +216,15 @@ def failures_at_every_phase(lab: LabRun, backend: Backend) -> list[AttackResult]
     return results
 
 
-def _fresh(lab: LabRun, backend: Backend) -> tuple[LocalCluster, dict]:
+# Built-in, "after prepared": the destination holds this long after reading Commit (test-only agent
+# knob). Without it the window between the source's commit and the running receipt is a few
+# milliseconds and the strike often lands after the migration completed (not struck at all).
+AFTER_COMMIT_HOLD = 'lab_pause_at = "commit-received"\nlab_pause_s = 3'
+
+
+def _fresh(lab: LabRun, backend: Backend, hold_after_commit: bool = False) -> tuple[LocalCluster, dict]:
     relays = {("host-a", "host-b"): lab.relay(), ("host-b", "host-a"): lab.relay()}
-    cluster = lab.cluster(backend, via=relays)
+    cluster = lab.cluster(backend, extra_config=AFTER_COMMIT_HOLD if hold_after_commit else "", via=relays)
     # Built-in: a guest that dirties memory fast, so its stop-and-copy round is long enough to
     # strike in. QEMU: its usual guest (a fast-dirtying one would not converge at a limited rate).
     lab.start_vm(cluster, "host-a", VM, backend, workload="stress" if backend == "builtin" else "db")
