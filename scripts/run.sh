@@ -14,7 +14,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.sealift-setup-stamp"
 
 # Debian packages the code and the tests use.
-DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables)
+DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go)
 
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -55,7 +55,7 @@ install_python_packages() {
     [ -x "$VENV/bin/python" ] || { log "creating virtual environment $VENV"; "$(python_bin)" -m venv "$VENV"; }
     log "installing Python packages"
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v -i warning || true
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]" 2>&1 | grep -v -i warning || true
     "$VENV/bin/python" -c 'import sealift' || { log "sealift did not install"; return 1; }
     echo "$want" > "$STAMP"
 }

@@ -614,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sealift.cli.lab_cmd import add_lab_parser
 
     add_lab_parser(sub)
+
+    from sealift.cli.bench_cmd import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

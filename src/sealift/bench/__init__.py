@@ -1,0 +1,1 @@
+"""`sealift bench`: sealift against the real alternatives (plain TCP, QEMU TLS, SSH, IPsec) on the lab testbed."""

@@ -1,0 +1,119 @@
+"""`sealift bench`: migrations over every transport on the lab testbed, side by side (issue 6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from sealift.agent.config import parse_size
+
+QUICK_QEMU_MIB = 160
+QUICK_BUILTIN_MIB = 128
+QUICK_FILL_MIB = 48  # what the quick QEMU guest's workload writes...
+QUICK_RATE_MIB = 4  # ...and rewrites per second (user-space IPsec moves ~15 MB/s here)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from sealift.bench.results import ALL_TRANSPORTS, DEFAULT_TRANSPORTS, WORKLOADS
+
+    p = sub.add_parser("bench", help="benchmark sealift against plain TCP, QEMU TLS, SSH and IPsec (root; lab namespaces)",
+                       description="Migrate guests over every transport on the lab testbed (network namespaces), "
+                       "interleaved, and write medians, a Table-4-style Markdown table, JSON and plots.")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI mode: one run per transport, a {QUICK_QEMU_MIB} MiB QEMU guest and a "
+                        f"{QUICK_BUILTIN_MIB} MiB built-in VM, moderate workload")  # fmt: skip
+    p.add_argument("--runs", type=int, default=3, help="repetitions per transport (default 3)")
+    p.add_argument("--backends", default="qemu,builtin", help="qemu, builtin or both (default both)")
+    p.add_argument("--sizes", default="256M,1G,4G", help="guest sizes (default 256M,1G,4G)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {', '.join(WORKLOADS)} (default all)")
+    p.add_argument("--transports", default=",".join(DEFAULT_TRANSPORTS),
+                   help=f"of {', '.join(ALL_TRANSPORTS)} (default: {', '.join(DEFAULT_TRANSPORTS)})")  # fmt: skip
+    p.add_argument("--mtu", default="1500", help="migration link MTU(s), e.g. 1500,9000 (default 1500)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs before each migration")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a QEMU-driven migration may take before it counts as not converging (default 300)")
+    p.add_argument("--out", help="results folder (default bench/results/alternatives-<UTC time>)")
+    p.add_argument("--json", action="store_true", help='print {"runs": [...]} (one object per run) on stdout')
+    p.set_defaults(func=cmd_bench)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_plan(args: argparse.Namespace):  # -> Plan
+    from sealift.bench.harness import BenchError, Cell, Plan
+    from sealift.bench.results import WORKLOADS
+
+    transports = _csv(args.transports)
+    unknown = set(_csv(args.backends)) - {"qemu", "builtin"}
+    if unknown:
+        raise BenchError(f"unknown backend(s) {', '.join(sorted(unknown))}: use qemu, builtin or both")
+    if args.quick:
+        # A light workload: quick mode checks that every transport works, it does not compare them.
+        cells = [Cell("qemu", QUICK_QEMU_MIB, "moderate", 1500, fill_mib=QUICK_FILL_MIB, rate_mib=QUICK_RATE_MIB),
+                 Cell("builtin", QUICK_BUILTIN_MIB, "moderate", 1500)]  # fmt: skip
+        backends = set(_csv(args.backends))
+        return Plan([c for c in cells if c.backend in backends], transports, repetitions=1, warmup_s=0.5,
+                    timeout_s=min(args.timeout, 120.0))
+    workloads = _csv(args.workloads)
+    for workload in workloads:
+        if workload not in WORKLOADS:
+            raise BenchError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    sizes = [parse_size(size) >> 20 for size in _csv(args.sizes)]
+    mtus = [int(mtu) for mtu in _csv(args.mtu)]
+    if args.runs < 1:
+        raise BenchError("--runs must be at least 1")
+    cells = [Cell(backend, size, workload, mtu) for mtu in mtus for backend in _csv(args.backends)
+             for size in sizes for workload in workloads]  # fmt: skip
+    return Plan(cells, transports, repetitions=args.runs, warmup_s=args.warmup, timeout_s=args.timeout)
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The command with every choice spelled out, as the results record it (defaults included)."""
+    argv = ["sealift", "bench"]
+    if args.quick:
+        argv += ["--quick", "--backends", args.backends, "--transports", args.transports]
+    else:
+        argv += ["--runs", str(args.runs), "--backends", args.backends, "--sizes", args.sizes,
+                 "--workloads", args.workloads, "--transports", args.transports, "--mtu", args.mtu,
+                 "--warmup", f"{args.warmup:g}", "--timeout", f"{args.timeout:g}"]  # fmt: skip
+    return shlex.join(argv)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from sealift.bench.harness import BenchError, run_plan
+    from sealift.bench.output import write_results
+
+    if os.geteuid() != 0:
+        print("error: sealift bench needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    try:
+        plan = build_plan(args)
+    except (BenchError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    command = canonical_command(args)
+    started = time.monotonic()
+    try:
+        outcome = run_plan(plan, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("bench/results") / time.strftime("alternatives-%Y%m%dT%H%M%SZ", time.gmtime())
+    written = write_results(out, outcome.runs, outcome.skipped, command, plan.transports)
+    print(f"{len(outcome.runs)} runs in {time.monotonic() - started:.0f} s; wrote "
+          f"{', '.join(str(p) for p in written)}", file=sys.stderr)  # fmt: skip
+    if args.json:
+        sys.stdout.write(json.dumps({"runs": [r.to_brief_json() for r in outcome.runs]}, indent=2) + "\n")
+    else:
+        from sealift.bench.output import markdown_report
+
+        sys.stdout.write(markdown_report(outcome.runs, outcome.skipped, command, plan.transports) + "\n")
+    return 0 if all(r.ok for r in outcome.runs) else 1

@@ -1,0 +1,50 @@
+"""`sealift bench` arguments: the plan they make and the command the results record (no lab needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sealift.bench.harness import Cell
+from sealift.cli.bench_cmd import QUICK_QEMU_MIB, build_plan, canonical_command
+from sealift.cli.main import build_parser
+
+
+def parse(*argv: str):  # -> argparse.Namespace
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_full_plan_covers_every_size_workload_backend_and_mtu() -> None:
+    args = parse("--sizes", "256M,1G", "--workloads", "idle,heavy", "--mtu", "1500,9000", "--runs", "5",
+                 "--backends", "qemu")  # fmt: skip
+    plan = build_plan(args)
+    assert plan.repetitions == 5
+    assert len(plan.cells) == 2 * 2 * 2
+    assert Cell("qemu", 1024, "heavy", 9000) in plan.cells
+    assert Cell("qemu", 256, "idle", 1500).guest_cmdline() == "sealift.mem_mib=153 sealift.rate_mib=0"
+    assert Cell("qemu", 1024, "heavy", 1500).guest_cmdline() == "sealift.mem_mib=614 sealift.rate_mib=128"
+
+
+def test_quick_plan_is_one_small_run_per_transport() -> None:
+    plan = build_plan(parse("--quick"))
+    assert plan.repetitions == 1
+    assert [(c.backend, c.mtu) for c in plan.cells] == [("qemu", 1500), ("builtin", 1500)]
+    assert plan.cells[0].memory_mib == QUICK_QEMU_MIB
+
+
+def test_the_recorded_command_spells_out_every_choice() -> None:
+    command = canonical_command(parse("--sizes", "1G", "--workloads", "moderate"))
+    assert command.startswith("sealift bench --runs 3 --backends qemu,builtin --sizes 1G --workloads moderate ")
+    assert "--mtu 1500" in command and "--timeout 300" in command
+    # The recorded command parses back into the same plan.
+    again = build_parser().parse_args(command.split()[1:])
+    assert build_plan(again) == build_plan(parse("--sizes", "1G", "--workloads", "moderate"))
+
+
+def test_ipsec_and_sealift_ipsec_are_refused_together_before_any_lab_is_built() -> None:
+    from sealift.bench.harness import BenchError, Plan, available_transports, run_plan
+
+    chosen, _ = available_transports(["ipsec", "sealift-ipsec"])
+    if chosen != ["ipsec", "sealift-ipsec"]:
+        pytest.skip("one of the IPsec transports is not available here")
+    with pytest.raises(BenchError, match="cannot share a run"):
+        run_plan(Plan([Cell("qemu", 160, "moderate", 1500)], ["plain", "ipsec", "sealift-ipsec"]))
