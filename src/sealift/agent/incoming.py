@@ -143,7 +143,7 @@ class IncomingMigration:
             raise IncomingRefused(f"backend {hello.backend!r} is not supported by this agent")
         self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
         if self._channel.secure:
-            self._check_psk()
+            self._psk, self._psk_binding = check_source_psk(self._authority, self._channel, hello)
         if self.image_path.exists() and not self._vms.exists(hello.vm_name):
             # Never overwrite or delete an image we cannot account for: it may be someone's only copy.
             raise IncomingRefused(
@@ -231,15 +231,6 @@ class IncomingMigration:
             except SecurityError as exc:  # the handover matters more than this session's ratchet
                 log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
 
-    def _check_psk(self) -> None:
-        """The optional second factor: if we share a PSK with this host, it must prove it."""
-        self._psk = self._authority.psk_session(self._hello.source_host, "destination")
-        if self._psk is None:
-            return
-        self._psk_binding = psk_channel_binding(self._channel.stream)  # type: ignore[arg-type]
-        self._psk.check_peer_proof(self._hello.psk_proof, self._psk_binding, self._hello.nonce)
-        self._audit("psk.verified", peer=self._hello.source_host, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
-
     def _start_guest(self, manifest: dict, cpu_started: float) -> None:
         hello = self._hello
         self._store.set_phase(hello.migration_id, "committed")
@@ -291,6 +282,26 @@ class IncomingMigration:
             self._channel.send(Abort(self._hello.migration_id, reason[:1000]))
         except Exception:  # the conversation may already be over or the peer gone
             pass
+
+
+def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello) -> tuple[PskSession | None, bytes]:
+    """The optional second factor, for both backends: if we share a PSK with the source, it must prove it.
+
+    Returns the session (to prove ourselves in Accept and ratchet on commit)
+    and its channel binding; a failed proof closes the session and raises.
+    """
+    psk = authority.psk_session(hello.source_host, "destination")
+    if psk is None:
+        return None, b""
+    binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+    try:
+        psk.check_peer_proof(hello.psk_proof, binding, hello.nonce)
+    except BaseException:
+        psk.close()
+        raise
+    authority.record("psk.verified", migration_id=hello.migration_id, peer=hello.source_host, epoch=psk.epoch,
+                     ratcheting=psk.ratcheting)  # fmt: skip
+    return psk, binding
 
 
 def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, authority: Authority) -> VerifiedOrder:

@@ -65,7 +65,7 @@ from blake3 import blake3
 
 from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
-from sealift.agent.incoming import verify_hello
+from sealift.agent.incoming import check_source_psk, verify_hello
 from sealift.monitor import gate as monitor_gate
 from sealift.agent.documents import DocumentError, DocumentSigner, await_receipt, channel_binding
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
@@ -1013,7 +1013,7 @@ class QemuIncomingMigration:
         hello = self._hello
         self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
         if self._channel.secure:
-            self._check_psk()
+            self._psk, self._psk_binding = check_source_psk(self._authority, self._channel, hello)
         # Capacity, concurrency and name clashes with built-in guests: the built-in registry's admission.
         self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
         try:
@@ -1021,15 +1021,6 @@ class QemuIncomingMigration:
         except Exception as exc:
             self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
             raise AdmissionError(str(exc)) from exc
-
-    def _check_psk(self) -> None:
-        """The optional second factor: if we share a PSK with this host, it must prove it."""
-        self._psk = self._authority.psk_session(self._hello.source_host, "destination")
-        if self._psk is None:
-            return
-        self._psk_binding = psk_channel_binding(self._channel.stream)  # type: ignore[arg-type]
-        self._psk.check_peer_proof(self._hello.psk_proof, self._psk_binding, self._hello.nonce)
-        self._audit("psk.verified", peer=self._hello.source_host, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
 
     def _receive(self) -> None:
         hello = self._hello
