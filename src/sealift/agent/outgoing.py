@@ -56,7 +56,49 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-class OutgoingMigration:
+class SourceCoordinator:
+    """The source's side of the handover that both backends share: phases, audit, receipts, PSK ratchet.
+
+    Subclasses (the built-in and the QEMU coordinator) set the attributes
+    below in their constructors and during the migration.
+    """
+
+    migration_id: str
+    report: MigrationReport
+    _config: AgentConfig
+    _store: AgentStore
+    _authority: Authority
+    _signer: DocumentSigner
+    _destination: str
+    _binding: str
+    _psk: PskSession | None
+    _progress: ProgressCallback
+
+    def _await_running(self, channel: ControlChannel) -> dict:
+        receipt, envelope = await_receipt(
+            channel, self._signer, peer=self._destination, stage="running", migration_id=self.migration_id,
+            binding=self._binding, manifest=None, timeout=self._config.step_timeout_s,
+        )
+        self._audit(Kinds.RECEIPT, stage="running", receipt=envelope)
+        return receipt
+
+    def _mark(self, step: str, paused_at: float) -> None:
+        """Milliseconds since the guest paused: where the downtime goes."""
+        self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
+
+    def _phase(self, phase: str) -> None:
+        self._store.set_phase(self.migration_id, phase)
+        self._progress(ProgressEvent("phase", {"phase": phase}))
+
+    def _commit_psk(self) -> None:
+        if self._psk is not None and self._psk.commit():
+            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._destination, epoch=self._psk.epoch)
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        self._authority.record(kind, migration_id=self.migration_id, **fields)
+
+
+class OutgoingMigration(SourceCoordinator):
     def __init__(
         self,
         config: AgentConfig,
@@ -270,14 +312,6 @@ class OutgoingMigration:
         self._audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
         return receipt
 
-    def _await_running(self, channel: ControlChannel) -> dict:
-        receipt, envelope = await_receipt(
-            channel, self._signer, peer=self._destination, stage="running", migration_id=self.migration_id,
-            binding=self._binding, manifest=None, timeout=self._config.step_timeout_s,
-        )
-        self._audit(Kinds.RECEIPT, stage="running", receipt=envelope)
-        return receipt
-
     def _abort(self, channel: ControlChannel | None, vm: BuiltinVM, exc: BaseException) -> None:
         """Before the commit decision: the guest resumes here, nothing is lost."""
         reason = str(exc) or type(exc).__name__
@@ -302,21 +336,6 @@ class OutgoingMigration:
         log.warning("%s", self.report.error)
 
     # -- reporting ----------------------------------------------------------
-
-    def _mark(self, step: str, paused_at: float) -> None:
-        """Milliseconds since the guest paused: where the downtime goes."""
-        self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
-
-    def _phase(self, phase: str) -> None:
-        self._store.set_phase(self.migration_id, phase)
-        self._progress(ProgressEvent("phase", {"phase": phase}))
-
-    def _commit_psk(self) -> None:
-        if self._psk is not None and self._psk.commit():
-            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._destination, epoch=self._psk.epoch)
-
-    def _audit(self, kind: str, **fields: object) -> None:
-        self._authority.record(kind, migration_id=self.migration_id, **fields)
 
     def _on_round(self, report: RoundReport) -> None:
         self.report.round_reports.append(report)

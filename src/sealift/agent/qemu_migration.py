@@ -68,7 +68,7 @@ from sealift.agent.config import AgentConfig
 from sealift.agent.incoming import check_source_psk, verify_hello
 from sealift.monitor import gate as monitor_gate
 from sealift.agent.documents import DocumentError, DocumentSigner, await_receipt, channel_binding
-from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent
+from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent, SourceCoordinator
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream, recv_exactly_into
@@ -377,7 +377,7 @@ class _Transfer:
     rounds: int
 
 
-class QemuOutgoingMigration:
+class QemuOutgoingMigration(SourceCoordinator):
     def __init__(
         self,
         config: AgentConfig,
@@ -529,10 +529,6 @@ class QemuOutgoingMigration:
             self._psk.check_peer_proof(reply.psk_proof, self._psk_binding, self._nonce, reply.nonce)
             self._audit("psk.verified", peer=self._destination, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
         return reply
-
-    def _commit_psk(self) -> None:
-        if self._psk is not None and self._psk.commit():
-            self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._destination, epoch=self._psk.epoch)
 
     def _configure(self, vm: QemuVM) -> None:
         options = self._options
@@ -743,14 +739,6 @@ class QemuOutgoingMigration:
         self._audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
         return manifest, receipt
 
-    def _await_running(self, channel: ControlChannel) -> dict:
-        receipt, envelope = await_receipt(
-            channel, self._signer, peer=self._destination, stage="running", migration_id=self.migration_id,
-            binding=self._binding, manifest=None, timeout=self._config.step_timeout_s,
-        )
-        self._audit(Kinds.RECEIPT, stage="running", receipt=envelope)
-        return receipt
-
     def _abort(self, channel: ControlChannel | None, vm: QemuVM, exc: BaseException) -> None:
         """Before the commit decision: the guest resumes here, nothing is lost."""
         reason = str(exc) or type(exc).__name__
@@ -810,16 +798,6 @@ class QemuOutgoingMigration:
             record = self._sa.record
             notes.append(f"ipsec backend {record.backend}, {record.encryption}, {record.dh_group}")
         return "".join(f"; {note}" for note in notes)
-
-    def _mark(self, step: str, paused_at: float) -> None:
-        self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
-
-    def _phase(self, phase: str) -> None:
-        self._store.set_phase(self.migration_id, phase)
-        self._progress(ProgressEvent("phase", {"phase": phase}))
-
-    def _audit(self, kind: str, **fields: object) -> None:
-        self._authority.record(kind, migration_id=self.migration_id, **fields)
 
 
 def resume_source(vm: QemuVM, timeout: float = 15.0) -> bool:
