@@ -11,7 +11,9 @@ workload, migrated to host-b, stopped. Transports alternate within each run
 Transports: `sealift` (QEMU's stream as AEAD records on the agents' data
 stream), `qemu-tls` (QEMU's native TLS straight to the destination QEMU),
 `plain` (QEMU over TCP in clear), `sealift-plain` (the agents' data stream
-without encryption). `--multifd-channels N` applies to qemu-tls and plain.
+without encryption), `sealift-multifd` (sealift with QEMU's multifd, 2
+channels, each on a data stream of its own). `--multifd-channels N` applies
+to qemu-tls and plain.
 
 `total_time_s` is the agent's (order check to running receipt); `downtime_ms`
 runs from QEMU's STOP event on the source to the destination's running
@@ -47,6 +49,8 @@ TRANSPORTS = {
     "qemu-tls": {"secure": True, "transport": "qemu-tls"},
     "plain": {"secure": False, "transport": "plain"},
     "sealift-plain": {"secure": False, "transport": "sealift-plain"},
+    # multifd through the agents' channel: QEMU's 2 multifd channels, each on a data stream of its own
+    "sealift-multifd": {"secure": True, "transport": "sealift", "multifd_channels": 2},
 }
 DIRECT = ("qemu-tls", "plain")
 GUEST_CHECK_S = 3.0

@@ -177,7 +177,7 @@ def test_qemu_guest_moves_through_the_sealift_channel(cluster: LocalCluster, rel
 
     assert report["status"] == "completed", report
     assert report["transport"] == "sealift"
-    assert report["image_digest"].startswith("blake3:")
+    assert report["image_digest"].startswith("blake3-tags:")  # AEAD: BLAKE3 over the records' GCM tags
     assert VM not in names(src)  # the source quit its copy after the running receipt
     after = info(dst)
     assert after["status"] == "running"
@@ -338,3 +338,18 @@ def test_plain_transport_with_multifd_moves_the_guest(insecure_cluster: LocalClu
     assert "multifd 2 channels" in report["stop_reason"]
     assert_moved(insecure_cluster, report)
     assert len(relay.captured()) < 1 << 20  # QEMU went direct, not through the agents' channel
+
+
+@pytest.mark.timeout(300)
+def test_sealift_transport_with_multifd_moves_the_guest(cluster: LocalCluster, relay: Relay) -> None:
+    """multifd through the channel: each QEMU channel on a data stream of its own, each keyed on its own."""
+    start_guest(cluster.client("host-a"))
+    report = migrate(cluster, multifd_channels=2)
+    assert report["transport"] == "sealift"
+    assert "multifd 2 channels" in report["stop_reason"]
+    assert report["image_digest"].startswith("blake3-tags-x3:")  # main stream + 2 multifd streams, verified
+    assert_moved(cluster, report)
+    bulk = [len(session) for session in relay.sessions if len(session) > 1 << 20]
+    assert len(bulk) >= 2, f"multifd's pages must cross in several streams: {[len(s) for s in relay.sessions]}"
+    captured = relay.captured()
+    assert len(captured) > 16 << 20 and SECRET_PREFIX not in captured

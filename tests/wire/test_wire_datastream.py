@@ -552,3 +552,27 @@ def test_a_single_output_buffer_is_reused_by_the_next_record() -> None:
     before = bytes(first)
     writer.round_end(1, 0)
     assert bytes(first) != before  # why the pipelined sink needs the ring above
+
+
+def test_last_tag_is_the_tag_the_writer_sealed() -> None:
+    """The QEMU relay's stream digest hashes tags: both ends must see the same 16 bytes per record."""
+    writer = DataStreamWriter(AeadProtection(KEY, IV), 16)
+    reader = DataStreamReader(AeadProtection(KEY, IV), 16)
+    for payload in (b"guest description", bytes(range(256)) * 64):
+        writer.opaque_buffer()[: len(payload)] = payload
+        sealed = bytes(writer.finish_opaque(len(payload)))
+        reader.read_header(sealed[:HEADER_SIZE])
+        reader.payload_buffer()[:] = sealed[HEADER_SIZE:]
+        event = reader.finish_record()
+        assert bytes(event.data) == payload  # type: ignore[union-attr]
+        assert bytes(reader.last_tag) == sealed[-16:] and len(reader.last_tag) == 16
+
+
+def test_last_tag_is_empty_without_protection() -> None:
+    writer, reader = DataStreamWriter(NoProtection(), 16), plain_reader()
+    writer.opaque_buffer()[:3] = b"abc"
+    sealed = bytes(writer.finish_opaque(3))
+    reader.read_header(sealed[:HEADER_SIZE])
+    reader.payload_buffer()[:] = sealed[HEADER_SIZE:]
+    reader.finish_record()
+    assert bytes(reader.last_tag) == b""

@@ -151,7 +151,8 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
     )
 
 
-# Tests only (`lab_pause_at`): named points of an incoming built-in handover (agent/incoming.py).
+# Tests only (`lab_pause_at`): named points of an incoming handover (agent/incoming.py; QEMU guests,
+# agent/qemu_migration.py, hold at the first two).
 # "commit-received": Commit read, nothing recorded; "committed": decision recorded, guest not
 # started; "launched": guest runs, not yet registered; "adopted": registered, phase not "running".
 LAB_PAUSE_POINTS = ("commit-received", "committed", "launched", "adopted")

@@ -18,7 +18,7 @@ from sealift.agent.config import AgentConfig
 from sealift.agent.control_api import ControlServer
 from sealift.agent.incoming import IncomingMigration
 from sealift.agent.outgoing import OutgoingMigration, ProgressCallback
-from sealift.agent.qemu_migration import QemuIncomingMigration, QemuOutgoingMigration
+from sealift.agent.qemu_migration import QemuIncomingMigration, QemuOutgoingMigration, recover_after_restart
 from sealift.agent.qemu_vms import QemuVmRegistry
 from sealift.agent.resolver import Resolver, outcome_for
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
@@ -82,7 +82,8 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self.authority = Authority(config, self.identity)
         self.placer = Placer(config, self.identity)
-        self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock)
+        self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock,
+                                 qemu_vms=self.qemu_vms, audit=self.authority.record)  # fmt: skip
         self.control = ControlServer(config.control_socket, self)
         # Security and reliability monitors (seed 004, T12): per-VM collectors, host verdicts, port watch.
         self.monitor = MonitorService(
@@ -132,7 +133,10 @@ class Agent:
         audited, and never stops the agent (it is left in doubt for the resolver).
         """
         self.vms.adopt_existing()
+        qemu_handled = recover_after_restart(self.store, self.qemu_vms)  # QEMU guests were adopted in __init__
         for record in self.store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving", "prepared", "committed")):
+            if record.id in qemu_handled:
+                continue
             try:
                 self._recover_migration(record)
             except Exception as exc:

@@ -46,6 +46,7 @@ sealift transport carries QEMU's stream as one stream.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -55,13 +56,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from blake3 import blake3
 
 from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
@@ -69,9 +68,23 @@ from sealift.agent.incoming import check_source_psk, verify_hello
 from sealift.monitor import gate as monitor_gate
 from sealift.agent.documents import DocumentError, DocumentSigner, await_receipt, channel_binding
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent, SourceCoordinator
+from sealift.agent.qemu_relay import (
+    MAX_EXTRA_STREAMS,
+    QEMU_CONNECT_TIMEOUT_S,
+    Ready,
+    SourcePump,
+    SourcePumps,
+    StreamDigest,
+    StreamFeeder,
+    combined_digest,
+    feed_qemu,
+    read_record,
+    send_opaque,
+    stream_label,
+)
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
-from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore
-from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream, recv_exactly_into
+from sealift.agent.store import IN_DOUBT, SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
+from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream
 from sealift.agent.vms import AdmissionError, VmRegistry
 from sealift.backends.qemu.direct import (
     Hook,
@@ -106,17 +119,9 @@ MiB = 1 << 20
 PAGE = 4096
 UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the bottleneck
 POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
-QEMU_CONNECT_TIMEOUT_S = 10.0
 TRANSPORTS = ("sealift", "qemu-tls", "ipsec", "plain", "sealift-plain")
 SECURE_TRANSPORTS = ("sealift", "qemu-tls", "ipsec")  # the others need --insecure and allow_insecure on both agents
 DIRECT_TRANSPORTS = ("qemu-tls", "ipsec", "plain")  # QEMU's own TCP connection(s) to the destination QEMU
-# In-doubt migrations of QEMU guests get their own phase: the resolver only
-# knows built-in guests, and must not act on these (see the report's notes).
-IN_DOUBT = "in-doubt"
-
-
-def stream_digest(hasher: Any) -> str:
-    return "blake3:" + hasher.hexdigest()
 
 
 def _private_dir(prefix: str) -> Path:
@@ -135,20 +140,6 @@ def _protections(channel: ControlChannel, secure: bool, nonce_s: bytes, nonce_d:
             AeadProtection(keys.dest_to_source_key, keys.dest_to_source_iv))  # fmt: skip
 
 
-def _read_record(data: socket.socket, reader: DataStreamReader) -> object:
-    header = bytearray(DataStreamReader.HEADER_SIZE)
-    recv_exactly_into(data, memoryview(header))
-    reader.read_header(header)
-    recv_exactly_into(data, reader.payload_buffer())
-    return reader.finish_record()
-
-
-def _send_opaque(data: socket.socket, writer: DataStreamWriter, payload: bytes) -> None:
-    buf = writer.opaque_buffer()
-    buf[: len(payload)] = payload
-    data.sendall(writer.finish_opaque(len(payload)))
-
-
 def _tls_material(identity: HostIdentity | None) -> TlsMaterial:
     """This host's certificate and key and the cluster CA, read now (a renewed certificate is used at once)."""
     if identity is None:
@@ -164,9 +155,9 @@ def check_transport(transport: str, options: MigrationOptions) -> None:
         raise ValueError(f"the {transport!r} transport is the secure one: drop --insecure, or use 'plain'")
     if transport not in SECURE_TRANSPORTS and options.secure:
         raise ValueError(f"the {transport!r} transport carries guest memory in clear: it needs --insecure")
-    if options.multifd_channels and transport not in DIRECT_TRANSPORTS:
-        raise ValueError(f"multifd needs a direct transport ({', '.join(DIRECT_TRANSPORTS)}): "
-                         f"the {transport!r} transport carries QEMU's stream as one stream")  # fmt: skip
+    if options.multifd_channels > MAX_EXTRA_STREAMS and transport not in DIRECT_TRANSPORTS:
+        raise ValueError(f"the {transport!r} transport carries at most {MAX_EXTRA_STREAMS} multifd channels, "
+                         f"not {options.multifd_channels}")  # fmt: skip
 
 
 def check_ipsec_addresses(local: str | None, peer: str) -> None:
@@ -289,82 +280,9 @@ class GuestSpec:
             raise ProtocolError(f"the guest description at the head of the QEMU stream is malformed: {exc}") from None
 
 
-def encode_ready(port: int | None) -> bytes:
-    return json.dumps({"ready": True, "port": port}).encode()
-
-
-def decode_ready(data: bytes) -> int | None:
-    """The destination's port for a direct transport (None for the channel transports)."""
-    try:
-        raw = json.loads(data)
-        port = raw["port"]
-        if raw.get("ready") is not True or not (port is None or (type(port) is int and 0 < port < 65536)):
-            raise ValueError(f"bad ready record {raw!r}")
-        return port
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ProtocolError(f"the destination's ready record is malformed: {exc}") from None
-
-
 # =============================================================================
 # Source
 # =============================================================================
-
-
-class _SourcePump:
-    """Copies QEMU's outgoing stream into OPAQUE records on the data stream (its own thread)."""
-
-    def __init__(self, listener: socket.socket, writer: DataStreamWriter, data: socket.socket, timeout: float,
-                 hasher: Any) -> None:  # fmt: skip
-        self._listener = listener
-        self._writer = writer
-        self._data = data
-        self._timeout = timeout
-        self.hasher = hasher
-        self.stream_bytes = 0  # QEMU bytes (payload)
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._conn: socket.socket | None = None
-        self._thread = threading.Thread(target=self._run, name="qemu-pump-out", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._listener.settimeout(QEMU_CONNECT_TIMEOUT_S)
-            conn, _ = self._listener.accept()
-            self._conn = conn
-            conn.settimeout(self._timeout)  # QEMU silent that long: something is wrong
-            while True:
-                buf = self._writer.opaque_buffer()
-                n = conn.recv_into(buf)
-                if n == 0:
-                    break  # QEMU closed its end: the migration stream is complete
-                self.hasher.update(buf[:n])  # before sealing: the digest is over plaintext
-                self.stream_bytes += n
-                self._data.sendall(self._writer.finish_opaque(n))
-            self._data.sendall(self._writer.end())
-        except BaseException as exc:  # handed to the coordinator thread, which decides
-            self.error = exc
-        finally:
-            if self._conn is not None:
-                self._conn.close()
-            self.done.set()
-
-    def stop(self) -> None:
-        """Break QEMU's connection: a source QEMU still migrating then fails and keeps the guest."""
-        if self._conn is not None:
-            try:
-                self._conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(timeout=5)
-
-    def wait(self, timeout: float) -> None:
-        if not self.done.wait(timeout):
-            raise MigrationError(f"the QEMU stream did not finish within {timeout:.0f} s of completion")
-        if self.error is not None:
-            raise MigrationError(f"sending the QEMU stream failed: {self.error}") from self.error
 
 
 @dataclass
@@ -419,8 +337,8 @@ class QemuOutgoingMigration(SourceCoordinator):
         )  # fmt: skip
         self._binding: str | None = None
         self._nonce = secrets.token_bytes(32)
-        self._pump: _SourcePump | None = None
-        self._hasher = blake3()  # over every plaintext byte of the data stream's payloads
+        self._pump: SourcePumps | None = None
+        self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (_transfer)
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
 
     def run(self) -> MigrationReport:
@@ -484,8 +402,8 @@ class QemuOutgoingMigration(SourceCoordinator):
             self.report.total_time_s = round(time.monotonic() - started, 3)
             if committed:
                 self.report.error = (
-                    f"{exc}; the commit was sent, so {vm.name} stays stopped on {self._config.name} until "
-                    f"{self._destination} is known to run it (QEMU guests: resolve by hand, see `sealift migrations`)"
+                    f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
+                    f"{self._destination} is known to run it (the agents settle it between them: `sealift migrations`)"
                 )
                 self._store.set_phase(self.migration_id, IN_DOUBT, error=str(exc))
             else:
@@ -535,6 +453,7 @@ class QemuOutgoingMigration(SourceCoordinator):
         capabilities = {  # pause-before-switchover: our chance to check the destination before the switchover
             "pause-before-switchover": True, "auto-converge": options.auto_converge,
             "multifd": options.multifd_channels > 0, "xbzrle": options.xbzrle,
+            "events": True,  # MIGRATION events wake _follow at pre-switchover instead of its next poll
         }  # fmt: skip
         vm.set_migration_capabilities(capabilities)  # all of them: a VM migrated before may have others set
         parameters: dict[str, object] = {
@@ -553,43 +472,61 @@ class QemuOutgoingMigration(SourceCoordinator):
         self._channel, self._accept_nonce = channel, accept.nonce  # the ipsec transport keys its PSK from them
         npages = vm.memory_mib * MiB // PAGE
         writer = DataStreamWriter(outgoing, npages, None)
+        self._digest = StreamDigest(outgoing.overhead)
         data = open_data_stream(address, accept.session_id, 0, self._config.step_timeout_s)
         try:
             spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key,
                              self._transport, self._options.multifd_channels, self._options.xbzrle)  # fmt: skip
-            payload = spec.encode()
-            self._hasher.update(payload)
-            _send_opaque(data, writer, payload)
-            port = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
+            send_opaque(data, writer, spec.encode(), self._digest)
+            ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
             self._configure(vm)
             if self._transport in DIRECT_TRANSPORTS:
-                if port is None:
+                if ready.port is None:
                     raise MigrationError(f"{self._destination} reported no QEMU port for the {self._transport} transport")
-                return self._transfer_direct(vm, data, writer, (address[0], port))
-            return self._transfer_through_channel(vm, data, writer)
+                return self._transfer_direct(vm, data, writer, (address[0], ready.port))
+            if len(ready.extra_sessions) != self._options.multifd_channels:
+                raise MigrationError(f"{self._destination} opened {len(ready.extra_sessions)} streams for "
+                                     f"{self._options.multifd_channels} multifd channels")  # fmt: skip
+            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address)
         finally:
             data.close()
 
-    def _transfer_through_channel(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter) -> _Transfer:
-        """QEMU -> unix socket -> OPAQUE records on the data stream (the sealift and sealift-plain transports)."""
+    def _transfer_through_channel(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter,
+                                  extra_sessions: tuple[bytes, ...], address: tuple[str, int]) -> _Transfer:  # fmt: skip
+        """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
+
+        One data stream per QEMU connection: the main channel on the stream
+        already open, each multifd channel on one more, keyed on its own.
+        """
         sock_dir = _private_dir("sl-qout-")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        timeout = self._config.step_timeout_s
+        pumps = [SourcePump(0, writer, data, timeout, self._digest)]
+        extra_sockets: list[socket.socket] = []
         try:
+            for index, session in enumerate(extra_sessions, 1):
+                outgoing, _ = _protections(self._channel, self._options.secure, self._nonce, self._accept_nonce,
+                                           stream_label(self.migration_id, index))  # fmt: skip
+                extra_sockets.append(open_data_stream(address, session, index, timeout))
+                pumps.append(SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // PAGE, None),
+                                        extra_sockets[-1], timeout, StreamDigest(outgoing.overhead)))  # fmt: skip
             listener.bind(str(sock_dir / "m.sock"))
-            listener.listen(1)
-            pump = self._pump = _SourcePump(listener, writer, data, self._config.step_timeout_s, self._hasher)
-            pump.start()
+            listener.listen(len(pumps))
+            group = self._pump = SourcePumps(listener, pumps)
+            group.start()
             self._phase("precopy")
             vm.migrate(f"unix:{sock_dir / 'm.sock'}")
-            info, paused_at = self._follow(vm, data, pump)
-            pump.wait(self._config.step_timeout_s)
+            info, paused_at = self._follow(vm, data, group)
+            group.wait(timeout)
             return _Transfer(
-                paused_at=paused_at, stream_bytes=pump.stream_bytes, digest=stream_digest(self._hasher),
-                qemu=_qemu_figures(info), wire_bytes=writer.wire_bytes if writer.wire_bytes else pump.stream_bytes,
+                paused_at=paused_at, stream_bytes=group.stream_bytes, digest=group.digest(),
+                qemu=_qemu_figures(info), wire_bytes=group.wire_bytes or group.stream_bytes,
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
             )  # fmt: skip
         finally:
             listener.close()
+            for sock in extra_sockets:
+                sock.close()
             shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _transfer_direct(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter,
@@ -603,7 +540,7 @@ class QemuOutgoingMigration(SourceCoordinator):
         data.sendall(writer.end())  # the destination's cue that QEMU's stream is complete
         ram = info.get("ram", {})
         return _Transfer(
-            paused_at=paused_at, stream_bytes=0, digest=stream_digest(self._hasher), qemu=_qemu_figures(info),
+            paused_at=paused_at, stream_bytes=0, digest=self._digest.hexdigest(), qemu=_qemu_figures(info),
             wire_bytes=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)),
         )  # fmt: skip
 
@@ -634,8 +571,9 @@ class QemuOutgoingMigration(SourceCoordinator):
         return [], []
 
     def _await_destination_ready(self, channel: ControlChannel, data: socket.socket,
-                                 reader: DataStreamReader) -> int | None:  # fmt: skip
-        """Start QEMU's migration only once the destination QEMU listens; its port on a direct transport.
+                                 reader: DataStreamReader) -> Ready:  # fmt: skip
+        """Start QEMU's migration only once the destination QEMU listens (its port on a direct transport,
+        its extra data streams for multifd on the channel).
 
         A source QEMU whose stream stalls for its first few hundred ms (the
         destination still starting its QEMU) sometimes produced a stream the
@@ -645,7 +583,7 @@ class QemuOutgoingMigration(SourceCoordinator):
         """
         data.settimeout(self._config.step_timeout_s)
         try:
-            event = _read_record(data, reader)
+            event = read_record(data, reader)
         except (OSError, ConnectionError, ProtocolError) as exc:
             reason = self._peer_abort_reason(channel)
             if reason is not None:
@@ -656,7 +594,7 @@ class QemuOutgoingMigration(SourceCoordinator):
             raise MigrationError(f"{self._destination} closed the data stream before its QEMU was ready: {exc}") from exc
         if not isinstance(event, OpaqueReceived):
             raise MigrationError(f"{self._destination} sent {type(event).__name__} instead of its ready record")
-        return decode_ready(bytes(event.data))
+        return Ready.decode(bytes(event.data))
 
     def _peer_abort_reason(self, channel: ControlChannel) -> str | None:
         """The destination's Abort, if it sent one (it says why it gave up), within a second."""
@@ -666,7 +604,7 @@ class QemuOutgoingMigration(SourceCoordinator):
             return None
         return reply.reason if isinstance(reply, Abort) else None
 
-    def _follow(self, vm: QemuVM, data: socket.socket, pump: _SourcePump | None) -> tuple[dict[str, Any], float]:
+    def _follow(self, vm: QemuVM, data: socket.socket, pump: SourcePumps | None) -> tuple[dict[str, Any], float]:
         """Poll QEMU until the migration completes; handle the pre-switchover stop."""
         paused_at: float | None = None
         last_bytes, last_progress = -1, time.monotonic()
@@ -704,7 +642,7 @@ class QemuOutgoingMigration(SourceCoordinator):
                 }))  # fmt: skip
             elif time.monotonic() - last_progress > self._config.step_timeout_s:
                 raise MigrationError(f"QEMU's migration made no progress for {self._config.step_timeout_s:.0f} s ({status})")
-            time.sleep(POLL_S)
+            vm.wait_event(POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
 
     def _check_destination(self, data: socket.socket) -> None:
         """At pre-switchover: is the destination still there? It never writes on the data stream,
@@ -820,28 +758,43 @@ def resume_source(vm: QemuVM, timeout: float = 15.0) -> bool:
     return vm.status() == "running"
 
 
-def recover_after_restart(store: AgentStore, qemu_vms: QemuVmRegistry) -> None:
+def recover_after_restart(store: AgentStore, qemu_vms: QemuVmRegistry) -> set[str]:
     """Before the agent's general recovery: settle QEMU guests a crash caught mid-migration.
 
     A source without a durable commit decision resumes its guest (QEMU waiting
     at pre-switchover would otherwise stay paused for ever); a destination that
-    had not yet promised ("receiving") discards its QEMU. In-doubt migrations
-    (prepared / committed) are left alone for an operator.
+    had not yet promised ("receiving") discards its QEMU. Undecided handovers
+    (the source committed, or the destination prepared) keep their paused guest
+    held for the resolver, which asks the peer. Returns the migrations settled
+    or held here, which the built-in recovery must leave alone.
     """
-    for record in store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving",)):
+    handled: set[str] = set()
+    for record in store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving", "prepared", "committed", IN_DOUBT)):
         if not qemu_vms.has(record.vm):
             continue
-        vm = qemu_vms.get(record.vm)
+        handled.add(record.id)
         try:
-            if record.role == "source":
-                resumed = resume_source(vm)
-                log.warning("recovery: QEMU guest %s %s after the interrupted migration %s", record.vm,
-                            "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
-            else:
-                qemu_vms.release_migrated(record.vm)  # never promised: the source still has the guest
-                log.warning("recovery: discarded the half-received QEMU guest %s (%s)", record.vm, record.id)
+            _recover_one(store, qemu_vms, record)
         except QemuError as exc:
             log.error("recovery: QEMU guest %s: %s", record.vm, exc)
+    return handled
+
+
+def _recover_one(store: AgentStore, qemu_vms: QemuVmRegistry, record: MigrationRecord) -> None:
+    if record.role == "source" and record.phase in SOURCE_OPEN_PHASES:
+        resumed = resume_source(qemu_vms.get(record.vm))
+        store.decide(record.id, "aborted")
+        store.set_phase(record.id, "aborted", error="source agent restarted before commit")
+        log.warning("recovery: QEMU guest %s %s after the interrupted migration %s", record.vm,
+                    "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
+    elif record.role == "destination" and record.phase == "receiving":
+        qemu_vms.release_migrated(record.vm)  # never promised: the source still has the guest
+        store.set_phase(record.id, "aborted", error="destination agent restarted while receiving")
+        log.warning("recovery: discarded the half-received QEMU guest %s (%s)", record.vm, record.id)
+    else:
+        qemu_vms.claim(record.vm)  # paused and undecided: held until the resolver settles it
+        log.warning("recovery: QEMU migration %s of %s is %s (%s); held for the resolver", record.id, record.vm,
+                    record.phase, record.role)  # fmt: skip
 
 
 def _stop_time(vm: QemuVM, fallback: float) -> float:
@@ -924,7 +877,8 @@ class QemuIncomingMigration:
         self._binding: str | None = None
         self._order_id: str | None = None
         self._qemu: QemuVM | None = None
-        self._hasher = blake3()
+        self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (_receive)
+        self._stream_digests = [self._digest]  # the main stream's, then each multifd stream's
         self._stream_bytes = 0
         self._transport = "sealift"
         self._after_hooks: list[Hook] = []
@@ -967,13 +921,16 @@ class QemuIncomingMigration:
             self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
             self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
             self._await_commit()
+            self._lab_pause("commit-received")
             self._start_guest(manifest, cpu_started)
         except Exception as exc:
             if prepared:
-                # The source may have committed: keep the stopped guest and let an operator settle it.
-                log.warning("QEMU migration %s in doubt after prepare (%s): %s kept stopped", hello.migration_id, exc,
-                            hello.vm_name)  # fmt: skip
+                # The source may have committed: keep the paused guest, registered and held, for the resolver.
+                log.warning("QEMU migration %s in doubt after prepare (%s): %s kept paused; asking %s",
+                            hello.migration_id, exc, hello.vm_name, hello.source_host)  # fmt: skip
                 self._store.set_phase(hello.migration_id, IN_DOUBT, error=str(exc))
+                if self._qemu is not None:
+                    self._qemu_vms.hold_in_doubt(self._qemu)
             else:
                 self._discard(str(exc))
         finally:
@@ -1007,16 +964,18 @@ class QemuIncomingMigration:
         try:
             data.settimeout(self._config.step_timeout_s)  # a silent peer is a dead peer
             reader = DataStreamReader(incoming, hello.memory_bytes // PAGE)
-            first = _read_record(data, reader)
+            self._digest = StreamDigest(incoming.overhead)
+            self._stream_digests = [self._digest]
+            first = read_record(data, reader)
             if not isinstance(first, OpaqueReceived):
                 raise ProtocolError(f"the QEMU stream began with {type(first).__name__}, not the guest description")
-            self._hasher.update(first.data)
+            self._digest.update(first.data, reader.last_tag)
             spec = GuestSpec.decode(bytes(first.data))
             self._transport = self._check_transport(spec, data)
             ready = DataStreamWriter(outgoing, hello.memory_bytes // PAGE, None)
             if self._transport in DIRECT_TRANSPORTS:
                 port = self._start_qemu_direct(spec, self._migration_host(data), data)
-                _send_opaque(data, ready, encode_ready(port))
+                send_opaque(data, ready, Ready(port).encode())
                 self._await_direct_end(data, reader)
             else:
                 self._receive_through_channel(spec, data, reader, ready)
@@ -1057,25 +1016,45 @@ class QemuIncomingMigration:
 
     def _receive_through_channel(self, spec: GuestSpec, data: socket.socket, reader: DataStreamReader,
                                  ready: DataStreamWriter) -> None:  # fmt: skip
-        """The sealift transports: QEMU's stream arrives as OPAQUE records; feed it to QEMU's unix socket."""
+        """The sealift transports: QEMU's stream arrives as OPAQUE records; feed it to QEMU's unix socket.
+
+        With multifd, each channel has a data stream of its own (announced in
+        the ready record) and a feeder thread into its own QEMU connection.
+        """
+        hello = self._hello
+        timeout = self._config.step_timeout_s
         sock_dir = _private_dir("sl-qin-")
-        qemu_sock: socket.socket | None = None
+        qemu_socks: list[socket.socket] = []
+        extra_sessions = tuple(secrets.token_bytes(16) for _ in range(spec.multifd_channels))
+        feeders: list[StreamFeeder] = []
         try:
-            qemu_sock = self._start_qemu_unix(spec, sock_dir)
-            _send_opaque(data, ready, encode_ready(None))
-            while True:
-                event = _read_record(data, reader)
-                if isinstance(event, StreamEnded):
-                    break
-                if not isinstance(event, OpaqueReceived):
-                    raise ProtocolError(f"unexpected {type(event).__name__} in a QEMU migration stream")
-                self._hasher.update(event.data)
-                self._stream_bytes += len(event.data)
-                qemu_sock.sendall(event.data)
-            reader.close()
+            qemu_socks = self._start_qemu_unix(spec, sock_dir, 1 + len(extra_sessions))
+            for index, session in enumerate(extra_sessions, 1):
+                incoming, _ = _protections(self._channel, hello.secure, hello.nonce, self._nonce,
+                                           stream_label(hello.migration_id, index))  # fmt: skip
+                self._sessions.expect(session)
+                feeders.append(StreamFeeder(index, functools.partial(self._sessions.wait, session, timeout),
+                                            DataStreamReader(incoming, hello.memory_bytes // PAGE), qemu_socks[index],
+                                            StreamDigest(incoming.overhead), data, timeout))  # fmt: skip
+            send_opaque(data, ready, Ready(None, extra_sessions).encode())
+            for feeder in feeders:
+                feeder.start()
+            try:
+                self._stream_bytes += feed_qemu(data, reader, qemu_socks[0], self._digest)
+            except (OSError, ProtocolError) as exc:
+                failed = next((f for f in feeders if f.error is not None), None)
+                if failed is not None:  # it broke the main stream: its error is the cause
+                    raise MigrationError(f"multifd stream {failed.index} failed: {failed.error}") from exc
+                raise
+            for feeder in feeders:
+                feeder.join(timeout)
+                self._stream_bytes += feeder.stream_bytes
+            self._stream_digests += [feeder.digest for feeder in feeders]
         finally:
-            if qemu_sock is not None:
-                qemu_sock.close()
+            for sock in qemu_socks:
+                sock.close()
+            for session in extra_sessions:
+                self._sessions.cancel(session)
             shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _await_direct_end(self, data: socket.socket, reader: DataStreamReader) -> None:
@@ -1096,7 +1075,7 @@ class QemuIncomingMigration:
                 self._sa.note_installed()  # audited here as soon as the source brought it up
             readable, _, _ = select.select([data], [], [], 0.2)
             if readable:
-                event = _read_record(data, reader)
+                event = read_record(data, reader)
                 if not isinstance(event, StreamEnded):
                     raise ProtocolError(f"unexpected {type(event).__name__} on a direct transport's data stream")
                 reader.close()
@@ -1124,7 +1103,7 @@ class QemuIncomingMigration:
         qemu = self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
         # The same capabilities as the source: QEMU expects both ends to agree.
         qemu.set_migration_capabilities({"pause-before-switchover": True, "multifd": spec.multifd_channels > 0,
-                                         "xbzrle": spec.xbzrle})  # fmt: skip
+                                         "xbzrle": spec.xbzrle, "events": True})  # fmt: skip
         if spec.multifd_channels:
             qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
         return qemu
@@ -1169,10 +1148,26 @@ class QemuIncomingMigration:
             except IpsecError as exc:
                 log.error("IPsec tear-down of migration %s: %s", self._hello.migration_id, exc)
 
-    def _start_qemu_unix(self, spec: GuestSpec, sock_dir: Path) -> socket.socket:
+    def _start_qemu_unix(self, spec: GuestSpec, sock_dir: Path, connections: int) -> list[socket.socket]:
+        """The destination QEMU listening on a unix socket, and our connections to it, in order.
+
+        QEMU takes the first connection as the main channel and the others as
+        multifd channels, so they are made one after the other, main first.
+        """
         qemu = self._start_qemu(spec)
         path = sock_dir / "in.sock"
         qemu.migrate_incoming(f"unix:{path}")
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(connections):
+                socks.append(self._connect_unix(path))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def _connect_unix(self, path: Path) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT_S
         while True:
@@ -1199,7 +1194,7 @@ class QemuIncomingMigration:
                 return
             if status in ("failed", "cancelled"):
                 raise QemuError(f"destination QEMU could not load the stream ({status}): {self._qemu.log_tail()}")
-            time.sleep(POLL_S)
+            self._qemu.wait_event(POLL_S)  # QEMU's "completed" event ends the wait at once
         raise QemuError(f"destination QEMU did not finish loading the stream in {self._config.step_timeout_s:.0f} s")
 
     def _verify_manifest(self) -> dict:
@@ -1208,7 +1203,7 @@ class QemuIncomingMigration:
             raise QemuIncomingRefused(f"the source aborted: {reply.reason}")
         assert isinstance(reply, Manifest)
         manifest = self._signer.verify(reply.envelope, "manifest", self._hello.source_host, self._channel)
-        digest = stream_digest(self._hasher)
+        digest = combined_digest(self._stream_digests)
         expected = {
             "migration_id": self._hello.migration_id,
             "vm": self._hello.vm_name,
@@ -1255,6 +1250,7 @@ class QemuIncomingMigration:
         hello = self._hello
         assert self._qemu is not None
         self._store.set_phase(hello.migration_id, "committed")
+        self._lab_pause("committed")
         self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
         self._qemu_vms.adopt_incoming(self._qemu)
         self._qemu_vms.unreserve_incoming_name(hello.vm_name)
@@ -1266,6 +1262,12 @@ class QemuIncomingMigration:
             self._channel.send(Receipt(hello.migration_id, "running", receipt))
         except OSError as exc:
             log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
+
+    def _lab_pause(self, point: str) -> None:
+        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
+        if self._config.lab_pause_at == point:
+            log.warning("lab: migration %s paused at %s", self._hello.migration_id, point)
+            time.sleep(self._config.lab_pause_s)
 
     def _discard(self, reason: str) -> None:
         hello = self._hello

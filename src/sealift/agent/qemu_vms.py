@@ -124,6 +124,12 @@ class QemuVmRegistry:
         with self._lock:
             self._vms[vm.name] = vm
 
+    def hold_in_doubt(self, vm: QemuVM) -> None:
+        """A received guest whose handover is undecided: listed (paused), and busy until the resolver settles it."""
+        with self._lock:
+            self._vms[vm.name] = vm
+            self._busy.add(vm.name)
+
     def get(self, name: str) -> QemuVM:
         with self._lock:
             vm = self._vms.get(name)

@@ -12,11 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 
+from collections.abc import Callable
+
 from sealift.agent.config import AgentConfig
-from sealift.agent.store import AgentStore, MigrationRecord
+from sealift.agent.qemu_migration import resume_source
+from sealift.agent.qemu_vms import QemuVmRegistry
+from sealift.agent.store import IN_DOUBT, AgentStore, MigrationRecord
 from sealift.agent.transport import ControlChannel
 from sealift.agent.vms import VmRegistry
 from sealift.backends.builtin.vm import VmError
+from sealift.backends.qemu.vm import QemuError
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Outcome, OutcomeQuery
 
@@ -45,11 +50,15 @@ class Resolver:
         vms: VmRegistry,
         active: set[str],
         active_lock: threading.Lock,
+        qemu_vms: QemuVmRegistry | None = None,
+        audit: Callable[..., object] | None = None,
     ) -> None:
         self._config = config
         self._identity = identity
         self._store = store
         self._vms = vms
+        self._qemu_vms = qemu_vms
+        self._audit = audit or (lambda kind, **fields: None)
         self._active = active
         self._active_lock = active_lock
         self._stop = threading.Event()
@@ -70,10 +79,15 @@ class Resolver:
                 log.exception("resolver pass failed")
 
     def resolve_once(self) -> None:
-        for record in self._store.migrations(limit=1000, phases=("prepared", "committed")):
+        for record in self._store.migrations(limit=1000, phases=("prepared", "committed", IN_DOUBT)):
             with self._active_lock:
                 if record.id in self._active:
                     continue
+            if self._qemu_vms is not None and self._qemu_vms.has(record.vm):
+                self._resolve_qemu(record, self._qemu_vms)
+                continue
+            if record.phase == IN_DOUBT:
+                continue  # a QEMU guest whose process is gone: nothing here to resume or release
             if record.role == "destination" and record.phase == "committed":
                 self._start_on_destination(record)
                 continue
@@ -137,3 +151,60 @@ class Resolver:
         except VmError as exc:
             log.error("could not resume %s: %s", record.vm, exc)
         self._store.set_phase(record.id, "aborted", error=f"{record.peer} reported abort after commit")
+
+    # -- QEMU guests ------------------------------------------------------------------
+    #
+    # The same rules with QEMU's states: the source's guest waits in "postmigrate"
+    # (paused, its memory intact), the destination's in "paused" after the stream.
+
+    def _resolve_qemu(self, record: MigrationRecord, qemu_vms: QemuVmRegistry) -> None:
+        if record.role == "destination" and record.phase == "committed":
+            self._start_qemu_destination(record, qemu_vms)  # our own decision record says start
+            return
+        answer = self._ask(record)
+        if answer == "unknown":
+            return
+        try:
+            if record.role == "source":
+                self._settle_qemu_source(record, qemu_vms, answer)
+            elif answer == "committed":
+                self._start_qemu_destination(record, qemu_vms)
+            else:
+                self._discard_qemu_destination(record, qemu_vms)
+        except QemuError as exc:
+            log.error("migration %s: settling QEMU guest %s failed: %s", record.id, record.vm, exc)
+
+    def _settle_qemu_source(self, record: MigrationRecord, qemu_vms: QemuVmRegistry, answer: str) -> None:
+        if answer == "committed":
+            log.info("migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer,
+                     record.vm)  # fmt: skip
+            qemu_vms.release_migrated(record.vm)
+            self._store.set_phase(record.id, "completed")
+            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="committed",
+                        action="released the paused source copy")  # fmt: skip
+            return
+        # We committed, but the destination never ran the guest: it must run here.
+        log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
+        resumed = resume_source(qemu_vms.get(record.vm))
+        qemu_vms.unclaim(record.vm)
+        self._store.set_phase(record.id, "aborted", error=f"{record.peer} reported abort after commit")
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="aborted",
+                    action="resumed the source copy" if resumed else "could not resume the source copy")  # fmt: skip
+
+    def _start_qemu_destination(self, record: MigrationRecord, qemu_vms: QemuVmRegistry) -> None:
+        vm = qemu_vms.get(record.vm)
+        self._store.set_phase(record.id, "committed")
+        if vm.status() != "running":
+            log.info("migration %s: %s decided commit; starting QEMU guest %s here", record.id, record.peer, record.vm)
+            vm.resume()
+        qemu_vms.unclaim(record.vm)
+        self._store.set_phase(record.id, "running")
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
+                    outcome="committed", action="started the received guest", pid=vm.pid)  # fmt: skip
+
+    def _discard_qemu_destination(self, record: MigrationRecord, qemu_vms: QemuVmRegistry) -> None:
+        log.info("migration %s: %s aborted; discarding the received QEMU guest %s", record.id, record.peer, record.vm)
+        qemu_vms.release_migrated(record.vm)
+        self._store.set_phase(record.id, "aborted", error=f"{record.peer} aborted")
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination", outcome="aborted",
+                    action="discarded the received guest")  # fmt: skip

@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS migrations (
 # Phases. Source: started -> precopy -> stop-and-copy -> committed -> completed | aborted.
 # Destination: receiving -> prepared -> committed -> running | aborted.
 SOURCE_OPEN_PHASES = ("started", "precopy", "stop-and-copy")
+# QEMU handovers a failure left undecided on one side (source: committed, no running receipt;
+# destination: prepared, no Commit). The resolver settles them by asking the peer.
+IN_DOUBT = "in-doubt"
 FINAL_PHASES = ("completed", "running", "aborted")
 
 

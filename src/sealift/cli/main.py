@@ -358,7 +358,7 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
         "plain or sealift-plain (in clear: need --insecure)",
     )
     qemu.add_argument("--multifd-channels", type=int, default=0, metavar="N",
-                      help="QEMU multifd with N parallel connections (qemu-tls, ipsec and plain transports)")
+                      help="QEMU multifd with N parallel connections (every transport; at most 16 through the agents)")
     qemu.add_argument("--xbzrle", action="store_true", help="QEMU's XBZRLE delta compression of re-sent pages")
     qemu.add_argument("--xbzrle-cache", metavar="SIZE", help="XBZRLE cache size, e.g. 256M (default QEMU's 64M)")
 

@@ -459,6 +459,15 @@ class DataStreamReader:
         except ProtocolError as exc:
             self._fail(exc)
 
+    @property
+    def last_tag(self) -> memoryview:
+        """The authentication tag of the record just finished (empty without protection).
+
+        Valid until the next read_header(); a transcript of tags commits to the
+        whole stream under the session key (agent.qemu_migration.StreamDigest).
+        """
+        return self._payload_view[self._length - self._overhead : self._length]
+
     def close(self) -> None:
         """Raises ProtocolError unless the stream ended with a valid END record."""
         self._check_usable()

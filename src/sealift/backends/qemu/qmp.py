@@ -89,6 +89,7 @@ class QmpConnection:
         self._client: QMPClient | None = None
         self._event_task: asyncio.Task[None] | None = None
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=_EVENT_HISTORY)
+        self._event_arrived = threading.Event()  # wakes wait_event(): react to QEMU at once, not at the next poll
 
     # -- connection --------------------------------------------------------------
 
@@ -116,6 +117,7 @@ class QmpConnection:
     async def _collect_events(self, listener: EventListener) -> None:
         async for event in listener:
             self._events.append(dict(event))
+            self._event_arrived.set()
 
     def close(self, timeout: float = 5.0) -> None:
         """Disconnect (QEMU keeps running); safe to call twice or after QEMU exited."""
@@ -143,6 +145,17 @@ class QmpConnection:
     def recent_events(self) -> list[dict[str, Any]]:
         """The last QMP events QEMU sent (for diagnostics), oldest first."""
         return list(self._events)
+
+    def wait_event(self, timeout: float) -> bool:
+        """Sleep up to `timeout` s, less if QEMU sends an event meanwhile; True if one came.
+
+        A poller calls this between queries: the state an event announces is
+        then read by the next query, so an event landing between the wait
+        and the clear is never lost, only noticed by that query.
+        """
+        arrived = self._event_arrived.wait(timeout)
+        self._event_arrived.clear()
+        return arrived
 
     # -- commands ----------------------------------------------------------------
 

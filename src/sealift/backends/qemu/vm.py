@@ -481,6 +481,10 @@ class QemuVM:
     def recent_events(self) -> list[dict[str, Any]]:
         return self._qmp.recent_events()
 
+    def wait_event(self, timeout: float) -> bool:
+        """Sleep up to `timeout` s, waking early on any QMP event (see QmpConnection.wait_event)."""
+        return self._qmp.wait_event(timeout)
+
     # -- migration -----------------------------------------------------------------
 
     def query_migrate(self) -> dict[str, Any]:

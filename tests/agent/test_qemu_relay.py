@@ -1,0 +1,142 @@
+"""The QEMU stream relay without QEMU: pumps and feeders over real sockets, the ready record, digests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from sealift.agent.outgoing import MigrationError
+from sealift.agent.qemu_relay import (
+    Ready,
+    SourcePump,
+    SourcePumps,
+    StreamDigest,
+    StreamFeeder,
+    combined_digest,
+    feed_qemu,
+    stream_label,
+)
+from sealift.security.keys import derive_session_keys
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter
+from sealift.wire.errors import ProtocolError
+from sealift.wire.records import AeadProtection
+
+NPAGES = 1 << 12
+TIMEOUT = 10.0
+
+
+def keys_for(index: int) -> tuple[bytes, bytes]:
+    keys = derive_session_keys(b"s" * 32, b"a" * 32, b"b" * 32, stream_label("m-1", index))
+    return keys.source_to_dest_key, keys.source_to_dest_iv
+
+
+def test_every_stream_has_its_own_keys() -> None:
+    """Two streams under one key would reuse AES-GCM nonces: each index derives its own."""
+    assert len({keys_for(i) for i in range(4)}) == 4
+    assert stream_label("m-1", 0) == "m-1"
+
+
+def test_ready_record_round_trip_and_rejections() -> None:
+    ready = Ready(None, (b"\x01" * 16, b"\x02" * 16))
+    assert Ready.decode(ready.encode()) == ready
+    assert Ready.decode(Ready(4444).encode()) == Ready(4444)
+    for bad in (b"{}", b'{"ready": true, "port": 0, "streams": []}', b'{"ready": true, "port": null, "streams": ["00"]}',
+                b'{"ready": true, "port": null, "streams": ' + str(["00" * 16] * 17).replace("'", '"').encode() + b"}",
+                b"not json"):  # fmt: skip
+        with pytest.raises(ProtocolError, match="ready record is malformed"):
+            Ready.decode(bad)
+
+
+def test_combined_digest_depends_on_every_stream_and_their_order() -> None:
+    a, b = StreamDigest(16), StreamDigest(16)
+    a.update(b"x", b"t" * 16)
+    b.update(b"y", b"u" * 16)
+    assert combined_digest([a]) == a.hexdigest()
+    assert combined_digest([a, b]).startswith("blake3-tags-x2:")
+    assert combined_digest([a, b]) != combined_digest([b, a])
+    plain = StreamDigest(0)
+    plain.update(b"page bytes", b"")
+    assert plain.hexdigest().startswith("blake3:")
+
+
+def _fake_qemu_source(path: str, payloads: list[bytes]) -> None:
+    """Connect once per channel, in order (as QEMU does: main first), and write each channel's bytes."""
+    conns = []
+    for payload in payloads:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(path)
+        conns.append(conn)
+    for conn, payload in zip(conns, payloads):
+        conn.sendall(payload)
+        conn.close()
+
+
+def _drain(sock: socket.socket, into: bytearray) -> None:
+    while chunk := sock.recv(1 << 20):
+        into += chunk
+
+
+def test_three_channels_cross_the_relay_intact_and_in_their_own_streams() -> None:
+    payloads = [os.urandom(300_000), os.urandom(2_000_000), os.urandom(1_500_000)]
+    workdir = Path(tempfile.mkdtemp(prefix="sl-relay-", dir="/tmp"))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(workdir / "m.sock"))
+    listener.listen(3)
+    wires = [socket.socketpair() for _ in payloads]  # the data streams between the agents
+    qemu_side = [socket.socketpair() for _ in payloads]  # the destination agent -> destination QEMU
+    pumps = []
+    for index, (send_end, _) in enumerate(wires):
+        key, iv = keys_for(index)
+        pumps.append(SourcePump(index, DataStreamWriter(AeadProtection(key, iv), NPAGES), send_end, TIMEOUT,
+                                StreamDigest(16)))  # fmt: skip
+    group = SourcePumps(listener, pumps)
+    group.start()
+    received = [bytearray() for _ in payloads]
+    drains = [threading.Thread(target=_drain, args=(q[1], received[i])) for i, q in enumerate(qemu_side)]
+    for thread in drains:
+        thread.start()
+    feeders, digests = [], [StreamDigest(16)]
+    for index in (1, 2):
+        key, iv = keys_for(index)
+        feeders.append(StreamFeeder(index, lambda i=index: wires[i][1], DataStreamReader(AeadProtection(key, iv), NPAGES),
+                                    qemu_side[index][0], StreamDigest(16), wires[0][1], TIMEOUT))  # fmt: skip
+        feeders[-1].start()
+    threading.Thread(target=_fake_qemu_source, args=(str(workdir / "m.sock"), payloads)).start()
+
+    key, iv = keys_for(0)
+    fed = feed_qemu(wires[0][1], DataStreamReader(AeadProtection(key, iv), NPAGES), qemu_side[0][0], digests[0])
+    for feeder in feeders:
+        feeder.join(TIMEOUT)
+    group.wait(TIMEOUT)
+    for sock, _ in qemu_side:
+        sock.close()
+    for thread in drains:
+        thread.join(TIMEOUT)
+
+    assert [bytes(r) for r in received] == payloads  # each channel into its own QEMU connection, in order
+    assert fed == len(payloads[0]) and group.stream_bytes == sum(map(len, payloads))
+    assert combined_digest(digests + [f.digest for f in feeders]) == group.digest()
+
+
+def test_a_tampered_multifd_stream_fails_its_feeder_and_breaks_the_main_stream() -> None:
+    key, iv = keys_for(1)
+    writer = DataStreamWriter(AeadProtection(key, iv), NPAGES)
+    writer.opaque_buffer()[:5] = b"pages"
+    record = bytearray(writer.finish_opaque(5))
+    record[-1] ^= 1  # one bit of the tag
+    wire_send, wire_recv = socket.socketpair()
+    main_send, main_recv = socket.socketpair()
+    qemu_send, _qemu_recv = socket.socketpair()
+    wire_send.sendall(bytes(record))
+    feeder = StreamFeeder(1, lambda: wire_recv, DataStreamReader(AeadProtection(key, iv), NPAGES), qemu_send,
+                          StreamDigest(16), main_recv, TIMEOUT)  # fmt: skip
+    feeder.start()
+    with pytest.raises(MigrationError, match="multifd stream 1 failed"):
+        feeder.join(TIMEOUT)
+    main_recv.settimeout(2)
+    assert main_recv.recv(1) == b""  # the main stream was shut down: the coordinator stops at once
