@@ -176,6 +176,24 @@ def _expect_keys(obj: object, keys: frozenset[str], name: str) -> dict[str, Any]
 # Messages
 
 
+class _FlatMessage:
+    """to_json/from_json for a message whose fields are its wire keys (KEYS), each a plain JSON value.
+
+    The dataclass's own __post_init__ checks every value, from either side.
+    """
+
+    __slots__ = ()
+    KEYS: ClassVar[frozenset[str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Self:
+        d = _expect_keys(obj, cls.KEYS, cls.__name__)
+        return cls(**{key: d[key] for key in cls.KEYS})
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Source → destination: proposes a migration."""
@@ -314,7 +332,7 @@ class Accept:
 
 
 @dataclass(frozen=True, slots=True)
-class Refuse:
+class Refuse(_FlatMessage):
     """Destination → source: will not take this migration (ends the conversation)."""
 
     TYPE: ClassVar[MessageType] = MessageType.REFUSE
@@ -327,17 +345,9 @@ class Refuse:
         _check_migration_id(self.migration_id)
         _check_text("reason", self.reason, MAX_REASON)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id, "reason": self.reason}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Refuse")
-        return cls(migration_id=d["migration_id"], reason=d["reason"])
-
 
 @dataclass(frozen=True, slots=True)
-class Manifest:
+class Manifest(_FlatMessage):
     """Source → destination: the signed manifest (opaque here)."""
 
     TYPE: ClassVar[MessageType] = MessageType.MANIFEST
@@ -350,17 +360,9 @@ class Manifest:
         _check_migration_id(self.migration_id)
         _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id, "envelope": self.envelope}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Manifest")
-        return cls(migration_id=d["migration_id"], envelope=d["envelope"])
-
 
 @dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(_FlatMessage):
     """Destination → source: signed receipt for stage "prepared" or "running"."""
 
     TYPE: ClassVar[MessageType] = MessageType.RECEIPT
@@ -375,17 +377,9 @@ class Receipt:
         _check_choice("stage", self.stage, RECEIPT_STAGES)
         _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id, "stage": self.stage, "envelope": self.envelope}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Receipt")
-        return cls(migration_id=d["migration_id"], stage=d["stage"], envelope=d["envelope"])
-
 
 @dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(_FlatMessage):
     """Source → destination: the source has durably decided; start the guest."""
 
     TYPE: ClassVar[MessageType] = MessageType.COMMIT
@@ -396,17 +390,9 @@ class Commit:
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Commit")
-        return cls(migration_id=d["migration_id"])
-
 
 @dataclass(frozen=True, slots=True)
-class Abort:
+class Abort(_FlatMessage):
     """Either side: the migration is abandoned (ends the conversation)."""
 
     TYPE: ClassVar[MessageType] = MessageType.ABORT
@@ -419,17 +405,9 @@ class Abort:
         _check_migration_id(self.migration_id)
         _check_text("reason", self.reason, MAX_REASON)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id, "reason": self.reason}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Abort")
-        return cls(migration_id=d["migration_id"], reason=d["reason"])
-
 
 @dataclass(frozen=True, slots=True)
-class OutcomeQuery:
+class OutcomeQuery(_FlatMessage):
     """Destination (as client) → source: what did you decide for this migration?"""
 
     TYPE: ClassVar[MessageType] = MessageType.OUTCOME_QUERY
@@ -440,17 +418,9 @@ class OutcomeQuery:
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "OutcomeQuery")
-        return cls(migration_id=d["migration_id"])
-
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(_FlatMessage):
     """Answer to OutcomeQuery: "committed", "aborted" or "unknown"."""
 
     TYPE: ClassVar[MessageType] = MessageType.OUTCOME
@@ -463,17 +433,9 @@ class Outcome:
         _check_migration_id(self.migration_id)
         _check_choice("outcome", self.outcome, OUTCOMES)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id, "outcome": self.outcome}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Outcome")
-        return cls(migration_id=d["migration_id"], outcome=d["outcome"])
-
 
 @dataclass(frozen=True, slots=True)
-class AdvertQuery:
+class AdvertQuery(_FlatMessage):
     """Client → server: send me your signed resource advert. `migration_id` is a request id."""
 
     TYPE: ClassVar[MessageType] = MessageType.ADVERT_QUERY
@@ -484,17 +446,9 @@ class AdvertQuery:
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "AdvertQuery")
-        return cls(migration_id=d["migration_id"])
-
 
 @dataclass(frozen=True, slots=True)
-class Advert:
+class Advert(_FlatMessage):
     """Answer to AdvertQuery: the host's signed, timestamped resource advert (opaque to wire)."""
 
     TYPE: ClassVar[MessageType] = MessageType.ADVERT
@@ -506,14 +460,6 @@ class Advert:
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)
         _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id, "envelope": self.envelope}
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Advert")
-        return cls(migration_id=d["migration_id"], envelope=d["envelope"])
 
 
 Message: TypeAlias = (
