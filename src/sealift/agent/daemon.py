@@ -43,7 +43,7 @@ from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
 from sealift.wire.errors import ProtocolError
 from sealift.agent.guard import PeerGuard
-from sealift.agent.placement import Placer, our_advert
+from sealift.agent.placement import Placer, host_usage, our_advert, vm_memory
 from sealift.wire.messages import Advert, AdvertQuery, Hello, Outcome, OutcomeQuery, Refuse
 from sealift.monitor.collectors import BuiltinCollector, QemuCollector
 from sealift.monitor.service import MonitorService
@@ -58,8 +58,8 @@ class Agent:
         self.identity = HostIdentity.load(config.identity_dir, config.name)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = AgentStore(config.database_path)
-        self.vms = VmRegistry(config, self.store)
         self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (agent/qemu_vms.py)
+        self.vms = VmRegistry(config, self.store, other_guests=self.qemu_vms.usage)  # admission counts both
         self.qemu_vms.adopt_existing()
         self.sessions = DataSessions()
         # strongSwan's charon for the ipsec transport: started on the first such migration, stopped with the agent.
@@ -282,8 +282,8 @@ class Agent:
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
             elif isinstance(first, AdvertQuery):
-                used = self.vms.memory_in_use()
-                channel.send(Advert(first.migration_id, our_advert(self.config, self.identity, used, len(self.vms.list()))))
+                used, count = host_usage(self.vms, self.qemu_vms)  # built-in and QEMU guests alike
+                channel.send(Advert(first.migration_id, our_advert(self.config, self.identity, used, count)))
         finally:
             channel.close()
 
@@ -354,8 +354,7 @@ class Agent:
 
     def place(self, vm_name: str) -> dict[str, object]:
         """Where should this VM go? Only authenticated, fresh, believable adverts count."""
-        vm = self.vms.get(vm_name)
-        choice = self.placer.choose(vm.memory_bytes)
+        choice = self.placer.choose(vm_memory(self.vms, self.qemu_vms, vm_name))  # built-in or QEMU guest
         return {
             "host": choice.host,
             "reason": choice.reason,

@@ -17,6 +17,8 @@ import time
 
 from sealift.agent.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
 from sealift.agent.config import AgentConfig
+from sealift.agent.qemu_vms import QemuVmRegistry
+from sealift.agent.vms import VmRegistry
 from sealift.agent.transport import ControlChannel
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
@@ -24,6 +26,21 @@ from sealift.wire.messages import Advert, AdvertQuery
 log = logging.getLogger(__name__)
 
 ADVERT_LIFETIME_S = 30.0
+MiB = 1 << 20
+
+
+def vm_memory(vms: VmRegistry, qemu_vms: QemuVmRegistry, name: str) -> int:
+    """The memory (bytes) a VM of this host needs at its destination, whichever backend runs it."""
+    if qemu_vms.has(name):
+        return qemu_vms.get(name).memory_mib * MiB  # what QemuOutgoingMigration announces in its Hello
+    return vms.get(name).memory_bytes
+
+
+def host_usage(vms: VmRegistry, qemu_vms: QemuVmRegistry) -> tuple[int, int]:
+    """(memory in use in bytes, number of VMs) on this host: built-in guests, incoming reservations
+    and QEMU guests, so an honest advert never offers memory a QEMU guest holds."""
+    qemu_memory, qemu_count = qemu_vms.usage()
+    return vms.memory_in_use() + qemu_memory, len(vms.list()) + qemu_count
 
 
 def our_advert(config: AgentConfig, identity: HostIdentity, used_memory: int, vms: int) -> str:

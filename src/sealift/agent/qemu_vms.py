@@ -164,6 +164,11 @@ class QemuVmRegistry:
                 continue  # released or stopped meanwhile
         return infos
 
+    def usage(self) -> tuple[int, int]:
+        """(memory bytes, vCPUs) of every QEMU guest this host holds: running, paused or in doubt."""
+        with self._lock:
+            return sum(vm.memory_mib for vm in self._vms.values()) * MiB, len(self._vms)  # -smp 1
+
     def console(self, name: str, lines: int) -> list[str]:
         return self.get(name).console_tail(max(1, min(lines, 1000)))
 

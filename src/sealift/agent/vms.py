@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,12 @@ class BuiltinGuestMemory:
 
 
 class VmRegistry:
-    def __init__(self, config: AgentConfig, store: AgentStore) -> None:
+    def __init__(self, config: AgentConfig, store: AgentStore,
+                 other_guests: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:  # fmt: skip
         self._config = config
         self._store = store
+        # (memory bytes, vCPUs) of the guests other registries hold on this host (QEMU): admission counts them too.
+        self._other_guests = other_guests
         self._lock = threading.Lock()
         self._vms: dict[str, BuiltinVM] = {}
         self._busy: set[str] = set()  # VMs with a migration in flight
@@ -239,13 +243,14 @@ class VmRegistry:
 
     def _check_capacity_locked(self, memory_bytes: int) -> None:
         # A built-in guest is one process: one vCPU.
-        vcpus = len(self._vms) + len(self._reserved) + 1
+        other_memory, other_vcpus = self._other_guests()
+        vcpus = len(self._vms) + len(self._reserved) + other_vcpus + 1
         if vcpus > self._config.vcpu_capacity:
             raise AdmissionError(
                 f"{self._config.name} runs {vcpus - 1} vCPUs of {self._config.vcpu_capacity} (vcpu_capacity); "
                 "the VM needs 1 more"
             )
-        used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
+        used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values()) + other_memory
         if used + memory_bytes > self._config.memory_capacity:
             free = self._config.memory_capacity - used
             raise AdmissionError(

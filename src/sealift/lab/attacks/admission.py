@@ -463,12 +463,12 @@ def _assessment(placement: dict, host: str) -> dict:
     return next((a for a in placement["assessments"] if a["host"] == host), {})
 
 
-@attack("T7", "false resource advertising by an insider", backends=("builtin",))
+@attack("T7", "false resource advertising by an insider")
 def false_advertising(run: "LabRun", backend: Backend) -> list[AttackResult]:
     """host-c lies in its signed adverts; `--to auto` placement must not send the VM there.
 
-    Built-in VMs only: the agents' placement (`place`, `migrate --to auto`)
-    sizes built-in VMs; QEMU guests are placed by name for now.
+    Both backends: placement sizes a QEMU guest from the QEMU registry, and a
+    QEMU incoming migration reserves its memory at admission as a built-in one does.
     """
     results = []
     # 1. An impossible claim: 1 TiB free on a host the inventory registers at 16 GiB.

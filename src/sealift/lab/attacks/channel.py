@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import datetime
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, Backend, attack
-from sealift.lab.capture import Finding, find_in_capture, ip_protocols
-from sealift.lab.netns import enter_netns
+from sealift.lab.capture import Capture, Finding, find_in_capture, ip_protocols
+from sealift.lab.netns import enter_netns, netns_argv
 from sealift.lab.relay import Relay, Tamper
 from sealift.lab.runner import LabRun, MigrationFailed
 from sealift.security.identity import ClusterCA, HostIdentity
+from sealift.security.psk import PskStore, new_psk, psk_to_hex, wrap_key_from_private_key
 
 VM = "vm1"
 SECRET = b"The bank amount transferred"  # the start of both guests' secret line
@@ -444,29 +447,370 @@ def _revoked_host(lab: LabRun, backend: Backend) -> AttackResult:
                         details={"error": error})
 
 
+# Old captures and keys stolen later. The baseline is the same kind of session over a channel without
+# forward secrecy: the plaintext migration relayed through a TLS 1.2 tunnel with RSA key transport
+# (the client encrypts the premaster secret under the server's RSA key), so whoever steals that key
+# later decrypts the capture. tshark does the decrypting in both cases, given the stolen keys the same way.
+
+TUNNEL_CIPHER = "AES128-GCM-SHA256"  # TLS_RSA_WITH_AES_128_GCM_SHA256: RSA key transport, no (EC)DHE
+TUNNEL_CHUNK = 1 << 16
+TSHARK_TIMEOUT_S = 300
+# The tunnel paces what it sends: on a loaded lab machine tshark's capture drops segments of a
+# faster stream, and after a lost segment tshark cannot find the TLS records that follow it.
+TUNNEL_RATE_BPS = 32 * MiB
+
+
+class _BioSession:
+    """One TLS session over a raw socket through memory BIOs: one thread per direction.
+
+    The lock guards only the in-memory TLS work; sends and receives happen
+    outside it, so a blocked send in one direction never stalls the other.
+    After the handshake, TLS 1.2 reads produce no output, so only the
+    encrypting thread sends on the raw socket (records stay in order).
+    """
+
+    def __init__(self, context: ssl.SSLContext, raw: socket.socket, server: bool) -> None:
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_side=server,
+                                    server_hostname=None if server else "tunnel-exit")  # fmt: skip
+        self._raw = raw
+        self._lock = threading.Lock()
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                self._send(self._out.read())
+                return
+            except ssl.SSLWantReadError:
+                self._send(self._out.read())
+                data = self._raw.recv(TUNNEL_CHUNK)
+                if not data:
+                    raise ConnectionError("the tunnel's peer closed during the handshake") from None
+                self._in.write(data)
+
+    def encrypt_from(self, plain: socket.socket) -> None:
+        """plain -> TLS records on the raw socket, until `plain` ends."""
+        started, sent = time.monotonic(), 0
+        try:
+            while data := plain.recv(TUNNEL_CHUNK):
+                with self._lock:
+                    self.tls.write(data)
+                    records = self._out.read()
+                self._send(records)
+                sent += len(records)
+                ahead = sent / TUNNEL_RATE_BPS - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        except OSError:
+            pass
+        _shutdown_write(self._raw)
+
+    def decrypt_into(self, plain: socket.socket) -> None:
+        """TLS records from the raw socket -> plain, until the raw socket ends."""
+        try:
+            while data := self._raw.recv(TUNNEL_CHUNK):
+                chunks = []
+                with self._lock:
+                    self._in.write(data)
+                    try:
+                        while chunk := self.tls.read(TUNNEL_CHUNK):
+                            chunks.append(chunk)
+                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                        pass
+                if chunks:
+                    plain.sendall(b"".join(chunks))
+        except (OSError, ssl.SSLError):
+            pass
+        _shutdown_write(plain)
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            self._raw.sendall(data)
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+class _RsaTunnel:
+    """A TLS 1.2 tunnel with RSA key transport from the source namespace to the destination namespace.
+
+    The entry takes the source agent's plain connections and carries each in its own TLS session to
+    the exit, which passes it on to `target` (host-b's agent); in between it crosses the attacker's link.
+    """
+
+    def __init__(self, lab: LabRun, directory: Path) -> None:
+        self.key_path, self.cert_path = _rsa_identity(directory, "tunnel-exit")
+        self._server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._server.load_cert_chain(self.cert_path, self.key_path)
+        self._client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self._client.load_verify_locations(self.cert_path)
+        for context in (self._server, self._client):
+            context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(TUNNEL_CIPHER)
+        self._namespaces = {True: lab.testbed.ns("source"), False: lab.testbed.ns("destination")}
+        with enter_netns(self._namespaces[True]):
+            self._entry = socket.create_server((lab.testbed.source_ip, 0))
+        with enter_netns(self._namespaces[False]):
+            self._exit = socket.create_server((lab.testbed.destination_ip, 0))
+        self.address: tuple[str, int] = self._entry.getsockname()[:2]  # where host-a is sent instead of host-b
+        self.exit_address: tuple[str, int] = self._exit.getsockname()[:2]
+        self.target: tuple[str, int] | None = None
+        self.sessions: list[str] = []  # "TLSv1.2 AES128-GCM-SHA256" per tunnelled connection (the entry's view)
+        self._sockets: list[socket.socket] = [self._entry, self._exit]
+        for listener, entry in ((self._entry, True), (self._exit, False)):
+            threading.Thread(target=self._accept, args=(listener, entry), daemon=True).start()
+
+    def _accept(self, listener: socket.socket, entry: bool) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, entry), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, entry: bool) -> None:
+        onward: socket.socket | None = None
+        try:
+            assert self.target is not None
+            with enter_netns(self._namespaces[entry]):
+                onward = socket.create_connection(self.exit_address if entry else self.target, timeout=5)
+            onward.settimeout(None)
+            self._sockets += [conn, onward]
+            raw, plain = (onward, conn) if entry else (conn, onward)
+            session = _BioSession(self._client if entry else self._server, raw, server=not entry)
+            session.handshake()
+            if entry:
+                self.sessions.append(f"{session.tls.version()} {session.tls.cipher()[0]}")  # type: ignore[index]
+            threading.Thread(target=session.decrypt_into, args=(plain,), daemon=True).start()
+            session.encrypt_from(plain)
+        except (OSError, ssl.SSLError, AssertionError, ConnectionError):
+            conn.close()
+            if onward is not None:
+                onward.close()
+
+    def close(self) -> None:
+        for sock in list(self._sockets):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+@dataclass
+class _BufferedCapture(Capture):
+    """The attacker's capture with a large kernel buffer (dumpcap -B).
+
+    On a loaded lab machine the default 2 MiB buffer drops segments of a fast stream (measured: 21
+    lost segments in a 61 MB QEMU stream, none with 64 MiB), and tshark cannot decrypt the TLS
+    records after a lost segment: the decrypting attacker needs the whole session.
+    """
+
+    buffer_mib: int = 64
+
+    def start(self, timeout: float = 15.0) -> "Capture":
+        argv = ["tshark", "-q", "-n", "-i", self.interface, "-B", str(self.buffer_mib),
+                "-F", "pcap", "-w", str(self.path)]  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(netns_argv(self.netns, argv), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self._await_capturing(timeout)
+        return self
+
+
+def _full_capture(lab: LabRun, name: str) -> Capture:
+    """Like lab.capture(name): tshark on the attacker's link to the source, stopped with the run's captures."""
+    capture = _BufferedCapture(lab.testbed.ns("attacker"), "to-src", lab.results_dir / f"{name}.pcap")
+    capture.start()
+    lab._captures.append(capture)
+    return capture
+
+
+def _rsa_identity(directory: Path, name: str) -> tuple[Path, Path]:
+    """A fresh RSA-2048 key and self-signed certificate for the baseline tunnel's server."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))  # fmt: skip
+    key_path.chmod(0o600)
+    return key_path, cert_path
+
+
+@dataclass
+class _Decryption:
+    """What tshark decrypted from a capture with the keys it was given."""
+
+    tls_streams: int  # TCP connections to the given ports
+    decrypted_bytes: int  # application data tshark decrypted, both directions
+    secret_found: bool  # the secret in the decrypted application data
+    key_errors: list[str]  # tshark's complaints about the keys it was given
+
+
+def _tshark_decrypt(pcap: Path, keys: list[Path], ports: list[int]) -> _Decryption:
+    """Give tshark the stolen private keys (`uat:rsa_keys`) and follow every TLS stream to `ports`."""
+    base = ["tshark", "-n", "-r", str(pcap)]
+    for key in keys:
+        base += ["-o", f'uat:rsa_keys:"{key}",""']
+    for port in ports:
+        base += ["-d", f"tcp.port=={port},tls"]
+    ports_filter = " || ".join(f"tcp.dstport == {port}" for port in ports)
+    opened = subprocess.run(base + ["-Y", f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ({ports_filter})",
+                                    "-T", "fields", "-e", "tcp.stream"],
+                            capture_output=True, text=True, timeout=TSHARK_TIMEOUT_S, check=False)  # fmt: skip
+    streams = sorted({int(line) for line in opened.stdout.split() if line.isdigit()})
+    key_errors = sorted({_named(line.strip(), keys) for line in opened.stderr.splitlines() if "Error loading" in line})
+    if not streams:
+        return _Decryption(0, 0, False, key_errors)
+    argv = base + ["-q"] + [arg for stream in streams for arg in ("-z", f"follow,tls,raw,{stream}")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=TSHARK_TIMEOUT_S, check=False)
+    # One block per stream; the second node's lines are indented. Keep each direction in sequence,
+    # so a secret split across two TLS records is still found.
+    directions: list[bytearray] = []
+    for line in done.stdout.splitlines():
+        if line.startswith("Follow: "):
+            directions += [bytearray(), bytearray()]
+        elif directions and (text := line.strip()) and all(c in "0123456789abcdef" for c in text):
+            directions[-1 if line.startswith("\t") else -2] += bytes.fromhex(text)
+    decrypted = sum(len(d) for d in directions)
+    return _Decryption(len(streams), decrypted, any(SECRET in d for d in directions), key_errors)
+
+
+def _named(text: str, keys: list[Path]) -> str:
+    for key in keys:
+        text = text.replace(str(key), key.name)
+    return text
+
+
+def _key_complaints(errors: list[str]) -> str:
+    """tshark's "Error loading RSA key file K: why" lines, as "tshark refused K1, K2: why"."""
+    by_reason: dict[str, list[str]] = {}
+    for error in errors:
+        match = re.match(r"Error loading RSA key file (.+?): (.+)", error)
+        if match:
+            by_reason.setdefault(match.group(2), []).append(match.group(1))
+    if not by_reason:
+        return "tshark loaded them without complaint"
+    return "; ".join(f"tshark refused {', '.join(keys)}: {reason!r}" for reason, keys in by_reason.items())
+
+
+def _rsa_baseline(lab: LabRun, backend: Backend) -> tuple[str, str, dict]:
+    """The plaintext migration inside a TLS 1.2 RSA-key-transport tunnel; then the tunnel's key is stolen."""
+    loot = lab.results_dir / f"T13-{backend}-baseline-loot"
+    tunnel = _RsaTunnel(lab, loot)
+    lab._relays.append(tunnel)  # type: ignore[arg-type]  # closed with the run's relays
+    cluster = lab.cluster(backend, insecure=True, start=False)
+    tunnel.target = cluster.addresses["host-b"]
+    _route_to(cluster, "host-a", "host-b", tunnel.address)
+    cluster.start()
+    lab.start_vm(cluster, "host-a", VM, backend, workload="idle")  # a short stream: it is paced
+    capture = _full_capture(lab, f"T13-{backend}-baseline")
+    # QEMU: its stream on the agents' data stream in clear, so it takes the agents' route (the tunnel).
+    report = lab.migrate(cluster, VM, {"secure": False}, transport=None if backend == "builtin" else "sealift-plain")
+    pcap = capture.stop()
+    lab.finish(cluster)
+    tunnel.close()
+    raw_hit = find_in_capture(pcap, SECRET).found
+    # Later: the attacker steals the tunnel server's RSA key and decrypts the old capture.
+    decryption = _tshark_decrypt(pcap, [tunnel.key_path], [tunnel.exit_address[1]])
+    kinds = sorted(set(tunnel.sessions))
+    succeeded = decryption.secret_found and not raw_hit and bool(kinds) and report["status"] == "completed"
+    evidence = (f"baseline: the plaintext migration through a TLS 1.2 tunnel without forward secrecy "
+                f"({', '.join(kinds) or 'no session'}, {len(tunnel.sessions)} connections) captured in {pcap.name} "
+                f"(secret in the raw capture: {'YES' if raw_hit else 'no'}); with the tunnel server's stolen RSA key "
+                f"tshark decrypted {decryption.decrypted_bytes // MiB} MiB of application data in "
+                f"{decryption.tls_streams} streams, secret "
+                f"{'found' if decryption.secret_found else 'NOT found'}")  # fmt: skip
+    details = {"baseline_pcap": str(pcap), "baseline_key": str(tunnel.key_path), "baseline_sessions": kinds,
+               "baseline_decrypted_bytes": decryption.decrypted_bytes, "baseline_streams": decryption.tls_streams,
+               "baseline_secret_found": decryption.secret_found, "baseline_secret_in_raw_capture": raw_hit}  # fmt: skip
+    return ("succeeded" if succeeded else "blocked"), evidence, details
+
+
+def _steal_psks(cluster: LocalCluster, loot: Path) -> dict[str, dict[str, object]]:
+    """Copy each agent's PSK database and unwrap it with that host's stolen key (what a thief with both can do)."""
+    stolen: dict[str, dict[str, object]] = {}
+    for host in ("host-a", "host-b"):
+        peer = "host-b" if host == "host-a" else "host-a"
+        copy = loot / host
+        copy.mkdir(parents=True, exist_ok=True)
+        for path in (cluster.root / host).glob("psk.sqlite3*"):  # the database and its WAL
+            shutil.copyfile(path, copy / path.name)
+        stolen_key = HostIdentity.load(cluster.pki, host).private_key()
+        store = PskStore(copy / "psk.sqlite3", wrap_key_from_private_key(stolen_key))
+        try:
+            status = store.status(peer)  # unwraps the keys: the thief holds the pair's current PSK
+        finally:
+            store.close()
+        agents_view = cluster.client(host).request("psk.status")["peers"]
+        stolen[host] = {"peer": peer, "epoch": status.epoch, "fingerprint": status.fingerprint,
+                        "matches_agent": any(p["fingerprint"] == status.fingerprint for p in agents_view)}  # fmt: skip
+    return stolen
+
+
 def _old_captures(lab: LabRun, backend: Backend) -> AttackResult:
+    baseline, baseline_evidence, details = _rsa_baseline(lab, backend)
+
     cluster = lab.cluster(backend)
+    psk = psk_to_hex(new_psk())  # the optional second factor too: the thief takes its state as well
+    for host, peer in (("host-a", "host-b"), ("host-b", "host-a")):
+        cluster.client(host).request("psk.provision", peer=peer, key=psk)
     lab.start_vm(cluster, "host-a", VM, backend)
     pcaps = []
     for index, (source, destination) in enumerate((("host-a", "host-b"), ("host-b", "host-a"))):
-        capture = lab.capture(f"T13-{backend}-session{index + 1}")
+        capture = _full_capture(lab, f"T13-{backend}-session{index + 1}")
         _secure(lab, cluster, backend, source=source, destination=destination)
         pcaps.append(capture.stop())
     ports = sorted({address[1] for address in cluster.addresses.values()})
     shares = [_server_key_shares(lab, pcap, ports) for pcap in pcaps]
-    secret_found = any(find_in_capture(pcap, SECRET).found for pcap in pcaps)
     all_shares = [share for session in shares for share in session]
     distinct = len(all_shares) >= 2 and len(set(all_shares)) == len(all_shares)
     tls13 = all(session for session in shares)
+    # Later: both hosts' private keys and their PSK state leak; the attacker decrypts the old captures as above.
+    loot = lab.results_dir / f"T13-{backend}-sealift-loot"
+    keys = []
+    for host in ("host-a", "host-b"):
+        keys.append(loot / f"{host}.key")
+        loot.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(HostIdentity.load(cluster.pki, host).key_path, keys[-1])
+    psks = _steal_psks(cluster, loot)
+    decryptions = [_tshark_decrypt(pcap, keys, ports) for pcap in pcaps]
+    raw_hit = any(find_in_capture(pcap, SECRET).found for pcap in pcaps)
+    decrypted = sum(d.decrypted_bytes for d in decryptions)
+    secret_found = raw_hit or any(d.secret_found for d in decryptions)
+    key_errors = sorted({error for d in decryptions for error in d.key_errors})
     copies = lab.running_copies(cluster, VM)
-    blocked = distinct and tls13 and not secret_found
-    evidence = (f"two sessions captured ({', '.join(p.name for p in pcaps)}): {len(all_shares)} TLS 1.3 "
-                f"handshakes, every server key share ephemeral and distinct "
-                f"({', '.join(s[:12] + '…' for s in all_shares[:4])}); host keys only sign (ECDSA), so a key "
-                f"leaked later decrypts neither capture; secret in the captures: {'YES' if secret_found else 'no'}")  # fmt: skip
-    return AttackResult("T13", "read old captures with keys stolen later", backend, "n/a",
-                        "blocked" if blocked else "succeeded", evidence, copies,
-                        details={"key_shares": shares, "pcaps": [str(p) for p in pcaps]})
+    blocked = baseline == "succeeded" and decrypted == 0 and not secret_found and distinct and tls13
+    psk_note = "; ".join(f"{host}'s PSK for {p['peer']} unwrapped with its stolen key (epoch {p['epoch']}, "
+                         f"fingerprint {str(p['fingerprint'])[:12]}…)" for host, p in psks.items())  # fmt: skip
+    evidence = (f"{baseline_evidence}; sealift: two sessions captured ({', '.join(p.name for p in pcaps)}); "
+                f"both hosts' "
+                f"private keys and PSK state stolen ({psk_note}); tshark given both stolen keys the same way: "
+                f"{_key_complaints(key_errors)}; decrypted {decrypted} bytes of application data "
+                f"in {sum(d.tls_streams for d in decryptions)} streams, secret "
+                f"{'FOUND' if secret_found else 'not found'}; {len(all_shares)} TLS 1.3 handshakes, every server key "
+                f"share ephemeral and distinct ({', '.join(s[:12] + '…' for s in all_shares[:4])}): the session keys "
+                f"came from ECDHE secrets that were never stored; host keys only sign, and the PSK only "
+                f"authenticates")  # fmt: skip
+    details.update(key_shares=shares, pcaps=[str(p) for p in pcaps], stolen_keys=[str(k) for k in keys],
+                   stolen_psks=psks, sealift_decrypted_bytes=decrypted, sealift_secret_found=secret_found,
+                   tshark_key_errors=key_errors, sealift_streams=[d.tls_streams for d in decryptions])  # fmt: skip
+    return AttackResult("T13", "read old captures with keys stolen later", backend, baseline,  # type: ignore[arg-type]
+                        "blocked" if blocked else "succeeded", evidence, copies, details=details)
 
 
 def _server_key_shares(lab: LabRun, pcap: Path, ports: list[int]) -> list[str]:
