@@ -216,27 +216,10 @@ class ClusterCA:
             key_path=out_dir / f"{hostname}.key",
             ca_path=out_dir / CA_CERT_FILE,
         )
-        for existing in (identity.key_path, identity.cert_path):
-            if existing.exists():
-                raise CertificateError(
-                    f"{existing} already exists; refusing to overwrite the identity of "
-                    f"{hostname!r}. Remove it first to re-issue."
-                )
-        ca_pem = _cert_pem(self.certificate)
-        if identity.ca_path.exists() and identity.ca_path.read_bytes() != ca_pem:
-            raise CertificateError(
-                f"{identity.ca_path} holds a different CA certificate; "
-                f"{out_dir} belongs to another cluster"
-            )
-        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        san = [x509.DNSName(hostname)]
-        cert = self._issue_leaf(hostname, san, key.public_key(), _HOST_PROFILE, days)
-        _write_private_key(identity.key_path, key)
-        _write_new_file(identity.cert_path, _cert_pem(cert), mode=0o644)
-        if not identity.ca_path.exists():
-            _write_new_file(identity.ca_path, ca_pem, mode=0o644)
+        self._issue_leaf_files(
+            identity.cert_path, identity.key_path, identity.ca_path, f"{hostname!r}. Remove it first to re-issue.",
+            hostname, [x509.DNSName(hostname)], _HOST_PROFILE, days,
+        )  # fmt: skip
         return identity
 
     def issue_operator(
@@ -276,6 +259,38 @@ class ClusterCA:
         from sealift.security import revocation  # imports this module: import late
 
         return revocation.publish_crl(self, crl_days=crl_days)
+
+    def _issue_leaf_files(
+        self,
+        cert_path: Path,
+        key_path: Path,
+        ca_path: Path,
+        whose: str,
+        common_name: str,
+        san: Sequence[x509.GeneralName],
+        profile: _LeafProfile,
+        days: int,
+        *,
+        extra_subject: Sequence[x509.NameAttribute] = (),
+    ) -> None:
+        """A fresh key and a leaf certificate written next to ca.pem (package-private: hosts, operators).
+
+        Never over an existing key or certificate (`whose` ends the refusal),
+        never into a directory whose ca.pem belongs to another CA.
+        """
+        for existing in (key_path, cert_path):
+            if existing.exists():
+                raise CertificateError(f"{existing} already exists; refusing to overwrite the identity of {whose}")
+        ca_pem = _cert_pem(self.certificate)
+        if ca_path.exists() and ca_path.read_bytes() != ca_pem:
+            raise CertificateError(f"{ca_path} holds a different CA certificate; {ca_path.parent} belongs to another cluster")
+        ca_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._issue_leaf(common_name, san, key.public_key(), profile, days, extra_subject=extra_subject)
+        _write_private_key(key_path, key)
+        _write_new_file(cert_path, _cert_pem(cert), mode=0o644)
+        if not ca_path.exists():
+            _write_new_file(ca_path, ca_pem, mode=0o644)
 
     def _issue_leaf(
         self,

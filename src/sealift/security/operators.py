@@ -57,8 +57,6 @@ from sealift.security.identity import (
     _load_private_key,
     _now,
     _same_public_key,
-    _write_new_file,
-    _write_private_key,
 )
 
 if TYPE_CHECKING:
@@ -228,31 +226,14 @@ def issue_operator(
         key_path=out_dir / f"{name}.key",
         ca_path=out_dir / CA_CERT_FILE,
     )
-    for existing in (identity.key_path, identity.cert_path):
-        if existing.exists():
-            raise CertificateError(
-                f"{existing} already exists; refusing to overwrite the identity of "
-                f"operator {name!r}. Remove it first to re-issue (and revoke the old one)."
-            )
-    ca_pem = _cert_pem(ca.certificate)
-    if identity.ca_path.exists() and identity.ca_path.read_bytes() != ca_pem:
-        raise CertificateError(
-            f"{identity.ca_path} holds a different CA certificate; "
-            f"{out_dir} belongs to another cluster"
-        )
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)]
     role_attribute = x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, parsed_role.value)
     # Package-private: the CA's signing key never leaves ClusterCA.
-    cert = ca._issue_leaf(  # noqa: SLF001
-        name, san, key.public_key(), _OPERATOR_PROFILE, days, extra_subject=[role_attribute]
-    )
-    _write_private_key(identity.key_path, key)
-    _write_new_file(identity.cert_path, _cert_pem(cert), mode=0o644)
-    if not identity.ca_path.exists():
-        _write_new_file(identity.ca_path, ca_pem, mode=0o644)
+    ca._issue_leaf_files(  # noqa: SLF001
+        identity.cert_path, identity.key_path, identity.ca_path,
+        f"operator {name!r}. Remove it first to re-issue (and revoke the old one).",
+        name, [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)], _OPERATOR_PROFILE, days,
+        extra_subject=[role_attribute],
+    )  # fmt: skip
     return identity
 
 
