@@ -44,7 +44,174 @@ class IncomingRefused(Exception):
     """We will not take this VM; the reason goes back to the source."""
 
 
-class IncomingMigration:
+class DestinationCoordinator:
+    """What every backend's destination does the same way: admit or refuse, accept, promise, await Commit.
+
+    A backend supplies its own steps: `_admit` (checks and reservations
+    before saying yes), `_prepare` (before Accept), `_take_stream` (receive
+    and verify against the signed manifest), `_start_guest`, `_discard`,
+    `_hold_in_doubt` and `_release` (always, at the end).
+    """
+
+    KIND = ""  # how logs name this backend's migrations ("QEMU " for QEMU guests)
+    ACCEPT_AUDIT: dict[str, object] = {}
+
+    def __init__(self, config: AgentConfig, identity: HostIdentity | None, store: AgentStore, vms: VmRegistry,
+                 sessions: DataSessions, channel: ControlChannel, hello: Hello, authority: Authority) -> None:  # fmt: skip
+        self._config = config
+        self._authority = authority
+        self._store = store
+        self._vms = vms
+        self._sessions = sessions
+        self._channel = channel
+        self._hello = hello
+        self._signer = DocumentSigner(config.name, identity if channel.secure else None)
+        self._session_id = secrets.token_bytes(16)
+        self._binding: str | None = None
+        self._order_id: str | None = None
+        self._psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
+        self._psk_binding = b""
+        self._nonce = secrets.token_bytes(32)
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
+
+    def run(self) -> None:
+        hello = self._hello
+        try:
+            self._admit()
+        except (IncomingRefused, AdmissionError, SecurityError) as exc:
+            self._refuse(exc)
+            return
+        cpu_started = time.process_time()
+        prepared = False
+        try:
+            self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving",
+                                         hello.memory_bytes)  # fmt: skip
+            self._prepare()
+            self._accept()
+            manifest = self._take_stream()
+            self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
+            prepared = True
+            receipt = self._receipt(manifest, "prepared")
+            self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
+            self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
+            self._await_commit()
+            self._lab_pause("commit-received")
+            self._start_guest(manifest, cpu_started)
+        except Exception as exc:
+            if prepared:
+                self._hold_in_doubt(exc)  # the source may have committed: keep what we have and ask it
+            else:
+                self._discard(str(exc))
+        finally:
+            if self._psk is not None:
+                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
+            self._sessions.finish(self._session_id)
+            self._release(prepared)
+
+    def _refuse(self, exc: BaseException) -> None:
+        hello = self._hello
+        log.warning("refused %smigration %s of %s from %s: %s", self.KIND, hello.migration_id, hello.vm_name,
+                    hello.source_host, exc)  # fmt: skip
+        self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
+        if self._psk is not None:
+            self._psk.close()
+        self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
+
+    def _accept(self) -> None:
+        hello = self._hello
+        self._sessions.expect(self._session_id)
+        self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
+        psk_proof = None
+        if self._psk is not None:
+            psk_proof = self._psk.make_proof(self._psk_binding, hello.nonce, self._nonce)
+        self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, psk_proof))
+        self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, **self.ACCEPT_AUDIT,
+                    memory_bytes=hello.memory_bytes)  # fmt: skip
+
+    def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
+        payload = {
+            "migration_id": self._hello.migration_id,
+            "vm": self._hello.vm_name,
+            "source": self._hello.source_host,
+            "destination": self._config.name,
+            "image_digest": manifest.get("image_digest"),
+            "state_digest": manifest.get("state_digest"),
+            "stage": stage,
+            "channel_binding": self._binding,
+            "signed_at": time.time(),
+            **extra,
+        }
+        return self._signer.sign(payload, "receipt")
+
+    def _await_commit(self) -> None:
+        reply = self._channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, Abort):
+            raise IncomingRefused(f"the source aborted: {reply.reason}")
+        assert isinstance(reply, Commit)
+        # Only now does this host know the source checked our Accept and holds the new key.
+        if self._psk is not None:
+            try:
+                if self._psk.commit():
+                    self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host,
+                                epoch=self._psk.epoch)  # fmt: skip
+            except SecurityError as exc:  # the handover matters more than this session's ratchet
+                log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
+
+    def _send_running_receipt(self, receipt: str) -> None:
+        try:
+            self._channel.send(Receipt(self._hello.migration_id, "running", receipt))
+        except OSError as exc:
+            # The guest runs here and the source has committed: it will learn by asking.
+            log.warning("could not send the running receipt for %s: %s", self._hello.migration_id, exc)
+
+    def _record_abort(self, reason: str) -> None:
+        """The failure on record (store, audit) and told to the source, whatever state either is in."""
+        hello = self._hello
+        try:
+            self._store.set_phase(hello.migration_id, "aborted", error=reason)
+        except Exception:  # noqa: BLE001 - recording must not stop the abort
+            log.exception("could not record the abort of %s", hello.migration_id)
+        self._audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason)
+        try:
+            self._channel.send(Abort(hello.migration_id, reason[:1000]))
+        except Exception:  # noqa: BLE001 - the conversation may already be over or the peer gone
+            pass
+
+    def _lab_pause(self, point: str) -> None:
+        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
+        if self._config.lab_pause_at == point:
+            log.warning("lab: migration %s paused at %s", self._hello.migration_id, point)
+            time.sleep(self._config.lab_pause_s)
+
+    # -- the backend's steps ---------------------------------------------------------
+
+    def _admit(self) -> None:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """What must hold before Accept (nothing by default)."""
+
+    def _take_stream(self) -> dict:
+        raise NotImplementedError
+
+    def _start_guest(self, manifest: dict, cpu_started: float) -> None:
+        raise NotImplementedError
+
+    def _discard(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _hold_in_doubt(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def _release(self, prepared: bool) -> None:
+        """Always, at the end (nothing by default)."""
+
+
+class IncomingMigration(DestinationCoordinator):
+    """A built-in guest: received into a fresh image, started from a standby process on Commit."""
+
     def __init__(
         self,
         config: AgentConfig,
@@ -56,84 +223,39 @@ class IncomingMigration:
         hello: Hello,
         authority: Authority,
     ) -> None:
-        self._config = config
-        self._authority = authority
-        self._store = store
-        self._vms = vms
-        self._sessions = sessions
-        self._channel = channel
-        self._hello = hello
-        self._signer = DocumentSigner(config.name, identity if channel.secure else None)
+        super().__init__(config, identity, store, vms, sessions, channel, hello, authority)
         self._image: GuestImage | None = None
         self._created_image = False  # only an image this migration created may be discarded by it
         self._standby: StandbyGuest | None = None
-        self._session_id = secrets.token_bytes(16)
-        self._binding: str | None = None
-        self._order_id: str | None = None
-        self._psk: PskSession | None = None
-        self._psk_binding = b""
-        self._nonce = secrets.token_bytes(32)
-
-    def _audit(self, kind: str, **fields: object) -> None:
-        self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
 
     @property
     def image_path(self) -> Path:
         return self._config.vm_dir / f"{self._hello.vm_name}.img"
 
-    def run(self) -> None:
+    def _prepare(self) -> None:
+        self._image = GuestImage.create_empty(self.image_path, self._hello.memory_bytes)
+        self._created_image = True
+        self._image.reserve()  # the memory is ours before we say yes
+        self._standby = StandbyGuest(self._config.vm_dir, self._hello.vm_name)  # off the downtime path
+
+    def _take_stream(self) -> dict:
+        assert self._image is not None
+        result = self._receive()
+        manifest = self._verify_manifest(result)
+        self._image.write_state(result.device_state or b"")
+        return manifest
+
+    def _hold_in_doubt(self, exc: BaseException) -> None:
         hello = self._hello
-        try:
-            self._admit()
-        except (IncomingRefused, AdmissionError, SecurityError) as exc:
-            log.warning("refused migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
-            self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
-            if self._psk is not None:
-                self._psk.close()
-            self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
-            return
-        cpu_started = time.process_time()
-        prepared = False
-        try:
-            self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving", hello.memory_bytes)
-            self._image = GuestImage.create_empty(self.image_path, hello.memory_bytes)
-            self._created_image = True
-            self._image.reserve()  # the memory is ours before we say yes
-            self._standby = StandbyGuest(self._config.vm_dir, hello.vm_name)  # off the downtime path
-            self._sessions.expect(self._session_id)
-            self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
-            psk_proof = None
-            if self._psk is not None:
-                psk_proof = self._psk.make_proof(self._psk_binding, hello.nonce, self._nonce)
-            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, psk_proof))
-            self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, memory_bytes=hello.memory_bytes)
-            result = self._receive()
-            manifest = self._verify_manifest(result)
-            self._image.write_state(result.device_state or b"")
-            self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
-            prepared = True
-            receipt = self._receipt(manifest, "prepared")
-            self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
-            self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
-            self._await_commit()
-            self._lab_pause("commit-received")
-            self._start_guest(manifest, cpu_started)
-        except Exception as exc:
-            if prepared:
-                # The source may have decided to commit: keep the image and ask it.
-                log.warning("migration %s in doubt after prepare (%s); asking %s", hello.migration_id, exc, hello.source_host)
-                self._store.set_phase(hello.migration_id, "prepared", error=str(exc))
-            else:
-                self._discard(str(exc))
-        finally:
-            if self._psk is not None:
-                self._psk.close()
-            self._sessions.finish(self._session_id)
-            if self._standby is not None:  # never handed over (in doubt or failed)
-                self._standby.cancel()
-                self._standby = None
-            if not prepared:
-                self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
+        log.warning("migration %s in doubt after prepare (%s); asking %s", hello.migration_id, exc, hello.source_host)
+        self._store.set_phase(hello.migration_id, "prepared", error=str(exc))
+
+    def _release(self, prepared: bool) -> None:
+        if self._standby is not None:  # never handed over (in doubt or failed)
+            self._standby.cancel()
+            self._standby = None
+        if not prepared:
+            self._vms.unreserve_incoming(self._hello.migration_id, self._hello.vm_name)
 
     # -- steps ----------------------------------------------------------------
 
@@ -202,35 +324,6 @@ class IncomingMigration:
                     manifest=reply.envelope)
         return manifest
 
-    def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
-        payload = {
-            "migration_id": self._hello.migration_id,
-            "vm": self._hello.vm_name,
-            "source": self._hello.source_host,
-            "destination": self._config.name,
-            "image_digest": manifest.get("image_digest"),
-            "state_digest": manifest.get("state_digest"),
-            "stage": stage,
-            "channel_binding": self._binding,
-            "signed_at": time.time(),
-            **extra,
-        }
-        return self._signer.sign(payload, "receipt")
-
-    def _await_commit(self) -> None:
-        reply = self._channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise IncomingRefused(f"the source aborted: {reply.reason}")
-        assert isinstance(reply, Commit)
-        # Only now does this host know the source checked our Accept and holds the new key.
-        if self._psk is not None:
-            try:
-                if self._psk.commit():
-                    self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host,
-                                epoch=self._psk.epoch)
-            except SecurityError as exc:  # the handover matters more than this session's ratchet
-                log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
-
     def _start_guest(self, manifest: dict, cpu_started: float) -> None:
         hello = self._hello
         self._store.set_phase(hello.migration_id, "committed")
@@ -251,17 +344,7 @@ class IncomingMigration:
             manifest, "running", counter_at_resume=counter_at_resume, pid=vm.pid, cpu_s=round(time.process_time() - cpu_started, 3)
         )
         self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=vm.pid, receipt=receipt)
-        try:
-            self._channel.send(Receipt(hello.migration_id, "running", receipt))
-        except OSError as exc:
-            # The guest runs here and the source has committed: it will learn by asking.
-            log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
-
-    def _lab_pause(self, point: str) -> None:
-        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
-        if self._config.lab_pause_at == point:
-            log.warning("lab: migration %s paused at %s", self._hello.migration_id, point)
-            time.sleep(self._config.lab_pause_s)
+        self._send_running_receipt(receipt)
 
     def _discard(self, reason: str) -> None:
         log.warning("migration %s of %s from %s failed: %s", self._hello.migration_id, self._hello.vm_name, self._hello.source_host, reason)
@@ -273,15 +356,7 @@ class IncomingMigration:
             self._image = None
         if self._created_image:
             self.image_path.unlink(missing_ok=True)
-        try:
-            self._store.set_phase(self._hello.migration_id, "aborted", error=reason)
-        except Exception:
-            log.exception("could not record the abort of %s", self._hello.migration_id)
-        self._audit("migration.aborted", vm=self._hello.vm_name, source=self._hello.source_host, reason=reason)
-        try:
-            self._channel.send(Abort(self._hello.migration_id, reason[:1000]))
-        except Exception:  # the conversation may already be over or the peer gone
-            pass
+        self._record_abort(reason)
 
 
 def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello) -> tuple[PskSession | None, bytes]:

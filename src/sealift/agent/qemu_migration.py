@@ -64,9 +64,8 @@ from typing import Any, Callable
 
 from sealift.agent.authority import Authority
 from sealift.agent.config import AgentConfig
-from sealift.agent.incoming import check_source_psk, verify_hello
-from sealift.monitor import gate as monitor_gate
-from sealift.agent.documents import DocumentError, DocumentSigner, await_receipt, channel_binding
+from sealift.agent.incoming import DestinationCoordinator, IncomingRefused, check_source_psk, verify_hello
+from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding
 from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent, SourceCoordinator
 from sealift.agent.qemu_relay import (
     MAX_EXTRA_STREAMS,
@@ -104,13 +103,12 @@ from sealift.ipsec.psk import ipsec_key_id, psk_for_migration
 from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint
 from sealift.engine.report import MigrationReport, RoundReport
 from sealift.security.audit import Kinds
-from sealift.security.errors import SecurityError
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
-from sealift.security.psk import PskSession, psk_channel_binding
+from sealift.security.psk import PskSession
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
 from sealift.wire.errors import ProtocolError
-from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
+from sealift.wire.messages import Abort, Accept, Hello, Manifest
 from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
 
 log = logging.getLogger(__name__)
@@ -341,112 +339,40 @@ class QemuOutgoingMigration(SourceCoordinator):
         self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (_transfer)
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
 
-    def run(self) -> MigrationReport:
-        if self._destination == self._config.name:
-            raise MigrationError(f"{self._vm_name} already runs on {self._destination}")
-        if not self._options.secure:
-            log.warning("migrating QEMU guest %s IN CLEAR (--insecure)", self._vm_name)
-        address = self._config.peer_address(self._destination)
-        verified = self._authority.authorize_outgoing(self._order, self._vm_name, self._destination)
-        monitor_gate.check_outgoing(self._config.name, self._vm_name, self._destination)  # T12: hold an attacker VM
-        self.report.order_id = verified.order.id
-        self.report.operator = verified.operator.name
+    IN_DOUBT_PHASE = IN_DOUBT
+    START_AUDIT = {"backend": "qemu"}
+
+    # -- steps --------------------------------------------------------------------
+
+    def _preflight(self, address: tuple[str, int]) -> None:
         if self._transport == "ipsec":
             try:
                 check_ipsec_addresses(None, address[0])
                 running_charon(self._ipsec)
             except IpsecError as exc:
                 raise MigrationError(str(exc)) from exc
+
+    def _claim(self) -> tuple[QemuVM, int]:
         vm = self._vms.claim(self._vm_name)
-        memory_bytes = vm.memory_mib * MiB
-        self.report.memory_bytes = memory_bytes
-        self._store.create_migration(self.migration_id, vm.name, "source", self._destination, "started", memory_bytes)
-        started = time.monotonic()
-        cpu_started = time.process_time()
-        committed = False
-        channel: ControlChannel | None = None
-        try:
-            self.report.counter_before = vm.counter()
-            channel = ControlChannel.connect(
-                address, self._identity, self._destination, self._options.secure, self._config.handshake_timeout_s
-            )
-            if channel.secure:
-                self._authority.check_peer(channel.stream.peer_certificate, self._destination)  # type: ignore[attr-defined]
-            self._audit("migration.started", vm=vm.name, destination=self._destination, transport=self._transport,
-                        backend="qemu", order_id=verified.order.id)  # fmt: skip
-            # A provisioned PSK is a required second factor on every transport, as for built-in guests.
-            self._psk = self._authority.psk_session(self._destination, "source") if channel.secure else None
-            accept = self._hello(channel, vm.name, memory_bytes)
-            transfer = self._transfer(channel, accept, address, vm)
-            self._mark("stream_sent", transfer.paused_at)
-            manifest, prepared = self._manifest_and_prepare(channel, vm.name, memory_bytes, transfer)
-            self._mark("prepared_receipt", transfer.paused_at)
-            self._store.decide(self.migration_id, "committed")  # point of no return
-            committed = True
-            self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=self._destination)
-            channel.send(Commit(self.migration_id))
-            self._mark("commit_sent", transfer.paused_at)
-            self._phase("committed")
-            running = self._await_running(channel)
-            self._mark("running_receipt", transfer.paused_at)
-            self._commit_psk()
-            self.report.downtime_ms = self.report.downtime_breakdown_ms["running_receipt"]
-            self._vms.release_migrated(vm.name)  # only now: the guest runs there
-            self._store.set_phase(self.migration_id, "completed")
-            self._finish_report(transfer, running, started, cpu_started)
-            self._audit("migration.completed", vm=vm.name, destination=self._destination,
-                        downtime_ms=self.report.downtime_ms, total_time_s=self.report.total_time_s)  # fmt: skip
-            return self.report
-        except BaseException as exc:
-            self.report.status = "failed"
-            self.report.total_time_s = round(time.monotonic() - started, 3)
-            if committed:
-                self.report.error = (
-                    f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
-                    f"{self._destination} is known to run it (the agents settle it between them: `sealift migrations`)"
-                )
-                self._store.set_phase(self.migration_id, IN_DOUBT, error=str(exc))
-            else:
-                self._abort(channel, vm, exc)
-            self._store.save_report(self.migration_id, self.report.to_dict())
-            raise MigrationError(self.report.error) from exc
-        finally:
-            if self._pump is not None:
-                self._pump.stop()
-            run_after_hooks(vm, self._after_hooks)  # after _abort: QEMU's migration has ended either way
-            if self._sa is not None:
-                try:
-                    self._sa.close()  # normally done by the after hook; this covers a failure before it was set
-                except IpsecError as exc:
-                    log.error("IPsec tear-down of migration %s: %s", self.migration_id, exc)
-            if self._psk is not None:
-                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
-            if channel is not None:
-                channel.close()
+        return vm, vm.memory_mib * MiB
 
-    # -- steps --------------------------------------------------------------------
-
-    def _hello(self, channel: ControlChannel, name: str, memory_bytes: int) -> Accept:
-        psk_proof = None
-        if self._psk is not None:
-            self._psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
-            psk_proof = self._psk.make_proof(self._psk_binding, self._nonce)
-        hello = Hello(
-            migration_id=self.migration_id, vm_name=name, source_host=self._config.name,
-            destination_host=self._destination, nonce=self._nonce, memory_bytes=memory_bytes, page_size=PAGE,
+    def _describe(self, vm: QemuVM, psk_proof: bytes | None) -> Hello:
+        return Hello(
+            migration_id=self.migration_id, vm_name=vm.name, source_host=self._config.name,
+            destination_host=self._destination, nonce=self._nonce, memory_bytes=vm.memory_mib * MiB, page_size=PAGE,
             secure=self._options.secure, compression=None, streams=1, backend="qemu", order=self._order,
             psk_proof=psk_proof, image_digest=None,
         )  # fmt: skip
-        channel.send(hello)
-        reply = channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Refuse):
-            raise MigrationError(f"{self._destination} refused the migration: {reply.reason}")
-        assert isinstance(reply, Accept)  # the sans-IO state machine allows nothing else here
-        if self._psk is not None:
-            # The destination must prove the pair's current PSK too (mutual second factor).
-            self._psk.check_peer_proof(reply.psk_proof, self._psk_binding, self._nonce, reply.nonce)
-            self._audit("psk.verified", peer=self._destination, epoch=self._psk.epoch, ratcheting=self._psk.ratcheting)
-        return reply
+
+    def _cleanup(self, vm: QemuVM) -> None:
+        if self._pump is not None:
+            self._pump.stop()
+        run_after_hooks(vm, self._after_hooks)  # after _abort: QEMU's migration has ended either way
+        if self._sa is not None:
+            try:
+                self._sa.close()  # normally done by the after hook; this covers a failure before it was set
+            except IpsecError as exc:
+                log.error("IPsec tear-down of migration %s: %s", self.migration_id, exc)
 
     def _configure(self, vm: QemuVM) -> None:
         options = self._options
@@ -656,48 +582,17 @@ class QemuOutgoingMigration(SourceCoordinator):
             raise MigrationError(f"{self._destination} is gone before the switchover: {exc}") from exc
         raise MigrationError(f"{self._destination} closed the data stream before the switchover ({peek!r})")
 
-    def _manifest_and_prepare(self, channel: ControlChannel, name: str, memory_bytes: int,
-                              transfer: _Transfer) -> tuple[dict, dict]:  # fmt: skip
-        manifest = {
-            "migration_id": self.migration_id, "vm": name, "source": self._config.name,
-            "destination": self._destination, "memory_bytes": memory_bytes, "backend": "qemu",
-            "image_digest": transfer.digest, "state_digest": None, "stream_bytes": transfer.stream_bytes,
-            "transport": self._transport,
-            "qemu": transfer.qemu, "counter_at_pause": self.report.counter_at_pause,
-            "nonce_source": self._nonce.hex(), "channel_binding": self._binding, "order_id": self.report.order_id,
-            "signed_at": time.time(),
-        }  # fmt: skip
-        envelope = self._signer.sign(manifest, "manifest")
-        channel.send(Manifest(self.migration_id, envelope))
-        self._audit(Kinds.MIGRATION_DIGEST, image_digest=transfer.digest, stream_bytes=transfer.stream_bytes)
-        receipt, envelope = await_receipt(
-            channel, self._signer, peer=self._destination, stage="prepared", migration_id=self.migration_id,
-            binding=self._binding, manifest=manifest, timeout=self._config.step_timeout_s,
-        )
-        self._audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
-        return manifest, receipt
+    def _manifest_fields(self, transfer: _Transfer) -> tuple[dict[str, object], dict[str, object]]:
+        fields = {"backend": "qemu", "image_digest": transfer.digest, "state_digest": None,
+                  "stream_bytes": transfer.stream_bytes, "transport": self._transport, "qemu": transfer.qemu}  # fmt: skip
+        return fields, {"image_digest": transfer.digest, "stream_bytes": transfer.stream_bytes}
 
-    def _abort(self, channel: ControlChannel | None, vm: QemuVM, exc: BaseException) -> None:
-        """Before the commit decision: the guest resumes here, nothing is lost."""
-        reason = str(exc) or type(exc).__name__
-        if channel is not None:
-            try:
-                channel.send(Abort(self.migration_id, reason[:1000]))
-            except (OSError, ProtocolError):  # the peer may be gone; the abort stands regardless
-                pass
-        resumed = False
+    def _resume_source(self, vm: QemuVM) -> bool:
         try:
-            resumed = resume_source(vm)
+            return resume_source(vm)
         except QemuError as error:
             log.error("could not resume %s after the failed migration: %s", vm.name, error)
-        finally:
-            self._vms.unclaim(vm.name)
-            self._store.decide(self.migration_id, "aborted")
-            self._store.set_phase(self.migration_id, "aborted", error=reason)
-        where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
-        self.report.error = f"migration to {self._destination} failed: {reason}; {where}"
-        self._audit("migration.aborted", vm=vm.name, destination=self._destination, reason=reason, resumed=resumed)
-        log.warning("%s", self.report.error)
+            return False
 
     # -- reporting -----------------------------------------------------------------
 
@@ -712,20 +607,14 @@ class QemuOutgoingMigration(SourceCoordinator):
         self.report.round_reports.append(report)
         self._progress(ProgressEvent("round", report.to_dict()))
 
-    def _finish_report(self, transfer: _Transfer, running: dict, started: float, cpu_started: float) -> None:
+    def _fill_report(self, transfer: _Transfer) -> None:
         report = self.report
-        report.status = "completed"
-        report.total_time_s = round(time.monotonic() - started, 3)
         report.rounds = transfer.rounds
         report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
         report.stop_reason = (f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
                               f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note())  # fmt: skip
-        report.counter_after = running.get("counter_at_resume")  # type: ignore[assignment]
-        report.source_cpu_s = round(time.process_time() - cpu_started, 3)
-        report.destination_cpu_s = float(running.get("cpu_s", 0.0))  # type: ignore[arg-type]
-        self._store.save_report(self.migration_id, report.to_dict())
 
     def _feature_note(self) -> str:
         options = self._options
@@ -841,11 +730,16 @@ def _qemu_figures(info: dict[str, Any]) -> dict[str, object]:
 # =============================================================================
 
 
-class QemuIncomingRefused(Exception):
+class QemuIncomingRefused(IncomingRefused):
     """We will not take this QEMU guest; the reason goes back to the source."""
 
 
-class QemuIncomingMigration:
+class QemuIncomingMigration(DestinationCoordinator):
+    """A QEMU guest: QEMU started with -incoming defer and autostart off, `cont` on Commit."""
+
+    KIND = "QEMU "
+    ACCEPT_AUDIT = {"backend": "qemu"}
+
     def __init__(
         self,
         config: AgentConfig,
@@ -859,23 +753,10 @@ class QemuIncomingMigration:
         authority: Authority,
         ipsec: HostCharon | None = None,
     ) -> None:
-        self._config = config
+        super().__init__(config, identity, store, vms, sessions, channel, hello, authority)
         self._ipsec = ipsec  # the host's charon (transport "ipsec")
         self._sa: AuditedSa | None = None
-        self._psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
-        self._psk_binding = b""
-        self._store = store
-        self._vms = vms
         self._qemu_vms = qemu_vms
-        self._sessions = sessions
-        self._channel = channel
-        self._hello = hello
-        self._authority = authority
-        self._signer = DocumentSigner(config.name, identity if channel.secure else None)
-        self._session_id = secrets.token_bytes(16)
-        self._nonce = secrets.token_bytes(32)
-        self._binding: str | None = None
-        self._order_id: str | None = None
         self._qemu: QemuVM | None = None
         self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (_receive)
         self._stream_digests = [self._digest]  # the main stream's, then each multifd stream's
@@ -884,65 +765,28 @@ class QemuIncomingMigration:
         self._after_hooks: list[Hook] = []
         self._identity = identity
 
-    def _audit(self, kind: str, **fields: object) -> None:
-        self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
-
-    def run(self) -> None:
-        hello = self._hello
-        try:
-            self._admit()
-        except (QemuIncomingRefused, AdmissionError, SecurityError) as exc:
-            log.warning("refused QEMU migration %s of %s from %s: %s", hello.migration_id, hello.vm_name, hello.source_host, exc)
-            self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
-            if self._psk is not None:
-                self._psk.close()
-            self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
-            return
-        cpu_started = time.process_time()
-        prepared = False
-        try:
-            self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving",
-                                         hello.memory_bytes)  # fmt: skip
-            self._sessions.expect(self._session_id)
-            self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
-            psk_proof = None
-            if self._psk is not None:
-                psk_proof = self._psk.make_proof(self._psk_binding, hello.nonce, self._nonce)
-            self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, psk_proof))
-            self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, backend="qemu",
-                        memory_bytes=hello.memory_bytes)  # fmt: skip
-            self._receive()
-            self._wait_incoming_complete()
-            run_after_hooks(self._qemu, self._after_hooks)  # type: ignore[arg-type]
-            manifest = self._verify_manifest()
-            self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
-            prepared = True
-            receipt = self._receipt(manifest, "prepared")
-            self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
-            self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
-            self._await_commit()
-            self._lab_pause("commit-received")
-            self._start_guest(manifest, cpu_started)
-        except Exception as exc:
-            if prepared:
-                # The source may have committed: keep the paused guest, registered and held, for the resolver.
-                log.warning("QEMU migration %s in doubt after prepare (%s): %s kept paused; asking %s",
-                            hello.migration_id, exc, hello.vm_name, hello.source_host)  # fmt: skip
-                self._store.set_phase(hello.migration_id, IN_DOUBT, error=str(exc))
-                if self._qemu is not None:
-                    self._qemu_vms.hold_in_doubt(self._qemu)
-            else:
-                self._discard(str(exc))
-        finally:
-            self._close_sa()
-            if self._psk is not None:
-                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
-            self._sessions.finish(self._session_id)
-            self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
-            if not prepared or self._qemu is None:
-                self._qemu_vms.unreserve_incoming_name(hello.vm_name)
-
     # -- steps ----------------------------------------------------------------------
+
+    def _take_stream(self) -> dict:
+        self._receive()
+        self._wait_incoming_complete()
+        run_after_hooks(self._qemu, self._after_hooks)  # type: ignore[arg-type]
+        return self._verify_manifest()
+
+    def _hold_in_doubt(self, exc: BaseException) -> None:
+        """Keep the paused guest, registered and held (busy), for the resolver."""
+        hello = self._hello
+        log.warning("QEMU migration %s in doubt after prepare (%s): %s kept paused; asking %s",
+                    hello.migration_id, exc, hello.vm_name, hello.source_host)  # fmt: skip
+        self._store.set_phase(hello.migration_id, IN_DOUBT, error=str(exc))
+        if self._qemu is not None:
+            self._qemu_vms.hold_in_doubt(self._qemu)
+
+    def _release(self, prepared: bool) -> None:
+        self._close_sa()
+        self._vms.unreserve_incoming(self._hello.migration_id, self._hello.vm_name)
+        if not prepared or self._qemu is None:
+            self._qemu_vms.unreserve_incoming_name(self._hello.vm_name)
 
     def _admit(self) -> None:
         hello = self._hello
@@ -1223,29 +1067,6 @@ class QemuIncomingMigration:
         self._audit(Kinds.MIGRATION_DIGEST, image_digest=digest, verified=True, manifest=reply.envelope)
         return manifest
 
-    def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
-        payload = {
-            "migration_id": self._hello.migration_id, "vm": self._hello.vm_name, "source": self._hello.source_host,
-            "destination": self._config.name, "image_digest": manifest.get("image_digest"),
-            "state_digest": manifest.get("state_digest"), "stage": stage, "channel_binding": self._binding,
-            "signed_at": time.time(), **extra,
-        }  # fmt: skip
-        return self._signer.sign(payload, "receipt")
-
-    def _await_commit(self) -> None:
-        reply = self._channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise QemuIncomingRefused(f"the source aborted: {reply.reason}")
-        assert isinstance(reply, Commit)
-        # Only now does this host know the source checked our Accept and holds the new key.
-        if self._psk is not None:
-            try:
-                if self._psk.commit():
-                    self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host,
-                                epoch=self._psk.epoch)  # fmt: skip
-            except SecurityError as exc:  # the handover matters more than this session's ratchet
-                log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
-
     def _start_guest(self, manifest: dict, cpu_started: float) -> None:
         hello = self._hello
         assert self._qemu is not None
@@ -1258,16 +1079,7 @@ class QemuIncomingMigration:
         receipt = self._receipt(manifest, "running", counter_at_resume=manifest.get("counter_at_pause"),
                                 pid=self._qemu.pid, cpu_s=round(time.process_time() - cpu_started, 3))  # fmt: skip
         self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=self._qemu.pid, receipt=receipt)
-        try:
-            self._channel.send(Receipt(hello.migration_id, "running", receipt))
-        except OSError as exc:
-            log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
-
-    def _lab_pause(self, point: str) -> None:
-        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
-        if self._config.lab_pause_at == point:
-            log.warning("lab: migration %s paused at %s", self._hello.migration_id, point)
-            time.sleep(self._config.lab_pause_s)
+        self._send_running_receipt(receipt)
 
     def _discard(self, reason: str) -> None:
         hello = self._hello
@@ -1279,12 +1091,4 @@ class QemuIncomingMigration:
                 log.error("could not kill the destination QEMU of %s: %s", hello.vm_name, exc)
             (self._qemu_vms.vm_dir / f"{hello.vm_name}.sealift").unlink(missing_ok=True)
             self._qemu = None
-        try:
-            self._store.set_phase(hello.migration_id, "aborted", error=reason)
-        except Exception:  # noqa: BLE001 - recording must not stop the abort
-            log.exception("could not record the abort of %s", hello.migration_id)
-        self._audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason)
-        try:
-            self._channel.send(Abort(hello.migration_id, reason[:1000]))
-        except (OSError, ProtocolError):  # the conversation may already be over or the peer gone
-            pass
+        self._record_abort(reason)
