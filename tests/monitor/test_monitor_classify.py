@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from synthetic import quiet_web_server, samples, with_burst
 
-from sealift.monitor.baseline import BaselineConfig, EwmaBaseline
-from sealift.monitor.classify import ANOMALOUS, ATTACKER, VICTIM, ClassifierConfig, HostMonitor, MonitorEvent
+from sealift.monitor.baseline import BaselineConfig, EwmaBaseline, Score
+from sealift.monitor.classify import ANOMALOUS, ATTACKER, VICTIM, ClassifierConfig, HostMonitor, MonitorEvent, classify
 from sealift.monitor.signals import VmSample, rates_between
 
 QUIET_HOURS = 12  # 43 200 one-second samples
@@ -197,3 +197,24 @@ def test_unannounced_restart_exit_and_error_are_reported_an_announced_restart_is
     problems = [e.verdict.problem for e in raised(run(monitor, [_sample(8, 6, pid=9, alive=False, status="exited")]))]
     assert problems == ["exited"]
     assert {v.problem for v in monitor.reliability_verdicts("r1")} >= {"restart", "exited"}
+
+
+def _score(z: float, ratio: float, anomalous: bool | None = None) -> Score:
+    return Score(value=1.0, normal=1.0, z=z, ratio=ratio, warm=True,
+                 anomalous=(z >= 4 and ratio >= 2) if anomalous is None else anomalous)  # fmt: skip
+
+
+def test_cpu_only_has_to_corroborate_an_abnormal_outbound_or_dirty_signal() -> None:
+    flood = {"tx_pps": _score(20, 50), "rx_pps": _score(0, 1)}
+    # An efficient flood: CPU three times normal but noisy (z 2.5): it backs the outbound rise.
+    assert classify({**flood, "cpu": _score(2.5, 3.0)}) == (ATTACKER, ["cpu", "tx_pps"])
+    assert classify({"dirty_bps": _score(9, 6), "cpu": _score(2.1, 2.2)})[0] == ATTACKER
+    # Not enough: within the noise, or not even twice normal.
+    assert classify({**flood, "cpu": _score(1.5, 3.0)}) == (ANOMALOUS, ["tx_pps"])
+    assert classify({**flood, "cpu": _score(3.0, 1.6)}) == (ANOMALOUS, ["tx_pps"])
+    assert classify({**flood})[0] == ANOMALOUS, "no CPU signal: nothing corroborates"
+    # CPU alone, however high, is not an attacker; nor does it turn a victim into one.
+    assert classify({"cpu": _score(3.0, 3.0), "tx_pps": _score(0, 1)}) == (None, [])
+    assert classify({"rx_pps": _score(20, 80), "cpu": _score(9, 5)})[0] == VICTIM
+    strict = ClassifierConfig(cpu_corroboration_z=4.0)
+    assert classify({**flood, "cpu": _score(2.5, 3.0)}, strict)[0] == ANOMALOUS

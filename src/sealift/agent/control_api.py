@@ -243,13 +243,39 @@ class ControlServer:
         return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}  # type: ignore[arg-type]
 
     def _op_vm_workload(self, request: dict, emit: Emit) -> dict:
-        """Attack lab: restart a built-in guest with another workload profile (monitor/lab.py)."""
+        """Attack lab: give a guest another workload profile (monitor/lab.py).
+
+        Built-in: the guest restarts with the profile. QEMU: the running guest's
+        workload is told over its control channel (no restart); profile "flood"
+        takes target "A.B.C.D:PORT" and optional pps, seconds, size.
+        """
         from sealift.monitor.lab import switch_workload
 
         name, profile = _field(request, "name", str), _field(request, "profile", str)
+        if self._agent.qemu_vms.has(name):  # type: ignore[arg-type]
+            return self._qemu_workload(name, profile, request)  # type: ignore[arg-type]
         self._agent.monitor.expect_restart(name)  # type: ignore[arg-type]
         vm = switch_workload(self._agent.vms, name, profile)  # type: ignore[arg-type]
         self._agent.authority.record("vm.workload", vm=name, profile=profile, pid=vm["pid"])
+        return {"vm": vm}
+
+    def _qemu_workload(self, name: str, profile: str, request: dict) -> dict:
+        from sealift.agent.qemu_vms import QemuVmError
+        from sealift.backends.qemu.guest_control import GuestControlError
+        from sealift.monitor.lab import FloodRequest, drive_qemu_guest
+
+        flood = None
+        if profile == "flood" or request.get("target") is not None:
+            flood = FloodRequest.parse(request.get("target"), request.get("pps"), request.get("seconds"), request.get("size"))
+        try:
+            state = drive_qemu_guest(self._agent.qemu_vms, name, profile, flood)
+        except (QemuVmError, GuestControlError) as exc:
+            raise RequestError(f"cannot drive QEMU guest {name}'s workload: {exc}") from None
+        vm = self._agent.qemu_vms.info(name)
+        vm.update(profile=profile, previous_pid=vm["pid"], guest=state.to_dict())
+        fields = {"target": f"{flood.target[0]}:{flood.target[1]}", "pps": flood.pps, "seconds": flood.seconds,
+                  "size": flood.size} if flood else {}  # fmt: skip
+        self._agent.authority.record("vm.workload", vm=name, profile=profile, pid=vm["pid"], backend="qemu", **fields)
         return {"vm": vm}
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sealift.agent.config import AgentConfig
-from sealift.backends.qemu.image import GuestImagePaths, build_image, default_cache_dir
+from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
+from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 
@@ -89,6 +90,9 @@ class QemuVmRegistry:
     def start(self, name: str, memory_mib: int, extra_cmdline: str = "", net: NetConfig | None = None,
               image_cache: Path | None = None) -> QemuVM:  # fmt: skip
         self._reserve_name(name)
+        # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
+        # with the rest of the command line: a migration carries it to the destination's sidecar.
+        extra_cmdline = with_token(extra_cmdline, new_token())
         try:
             image = build_image(image_cache) if image_cache is not None else self.image()
             vm = QemuVM.start(self.vm_dir, name, memory_mib, image, net=net or NetConfig.user(free_udp_port()),
@@ -222,6 +226,18 @@ class QemuVmRegistry:
             return str(json.loads(self._sidecar(name).read_text()).get("extra_cmdline", ""))
         except (OSError, ValueError):
             return ""
+
+    def guest_control(self, name: str) -> GuestControl:
+        """The control channel of guest `name`'s workload, reached from this agent's network."""
+        vm = self.get(name)
+        token = token_from_cmdline(self.extra_cmdline(name))
+        if token is None:
+            raise QemuVmError(f"QEMU VM {name!r} was started without a control token (sealift.ctl=): "
+                              "its workload cannot be driven; restart it with this agent")  # fmt: skip
+        address = vm.net.probe_address(SERVICE_PORT)
+        if address is None:
+            raise QemuVmError(f"QEMU VM {name!r} has no network ({vm.net.mode}): its control channel is unreachable")
+        return GuestControl(address, token)
 
     # -- helpers ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     lab = sub.add_parser("lab", help="the attack lab: replay the threat catalog against agents in network namespaces")
     commands = lab.add_subparsers(dest="lab_command", required=True)
     p = commands.add_parser("run", help="run the attacks (root); exits non-zero if any gets through")
-    p.add_argument("--only", help="comma-separated threats to run, e.g. T3,T5 (default: all)")
+    p.add_argument("--only", help="comma-separated threats or attack groups to run, e.g. T3,T5 or ipsec (default: all)")
     p.add_argument("--backend", choices=BACKENDS, help="only this backend (default: both)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout')
     p.add_argument("--out", default="lab-results", help="results folder (default ./lab-results); one subfolder per run")
@@ -32,10 +32,20 @@ def parse_only(text: str | None) -> set[str] | None:
     if not text:
         return None
     threats = {part.strip().upper() for part in text.split(",") if part.strip()}
-    bad = sorted(t for t in threats if not (t.startswith("T") and t[1:].isdigit()))
+    groups = attack_groups()
+    bad = sorted(t for t in threats if not (t.startswith("T") and t[1:].isdigit()) and t not in groups)
     if bad:
-        raise ValueError(f"--only takes threat ids such as T1,T3, not {', '.join(bad)}")
+        raise ValueError(f"--only takes threat ids such as T1,T3 or attack groups ({', '.join(sorted(groups)).lower()}), "
+                         f"not {', '.join(bad)}")
     return threats
+
+
+def attack_groups() -> set[str]:
+    """The attack groups `--only` accepts besides threat ids: the attack modules' names, upper-case (IPSEC, ...)."""
+    import sealift.lab.attacks  # noqa: F401  (registers the attacks)
+    from sealift.lab.attacks.base import ATTACKS
+
+    return {attack.run.__module__.rsplit(".", 1)[-1].upper() for attack in ATTACKS}
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:

@@ -90,7 +90,7 @@ from sealift.lab.testbed import (
 )
 
 if TYPE_CHECKING:  # the attacks import this module: no import of them at load time
-    from sealift.lab.attacks.base import AttackResult, Backend
+    from sealift.lab.attacks.base import AttackResult, Backend, RegisteredAttack
 
 __all__ = ["BackgroundMigration", "LabRun", "MigrationFailed", "BUILTIN_MEMORY", "QEMU_MEMORY"]
 
@@ -396,7 +396,7 @@ class LabRun:
 
     def run(self, only: Iterable[str] | None = None, backends: Iterable[Backend] = ("builtin", "qemu"),
             on_result: Callable[[AttackResult], None] | None = None) -> list[AttackResult]:  # fmt: skip
-        """Every registered attack (for `only` threats, if given) on every backend it supports."""
+        """Every registered attack (for `only` threats or attack groups, if given) on every backend it supports."""
         import sealift.lab.attacks  # noqa: F401  (registers the attacks)
         from sealift.lab.attacks.base import ATTACKS
 
@@ -404,7 +404,7 @@ class LabRun:
         results: list[AttackResult] = []
         for backend in backends:
             for registered in sorted(ATTACKS, key=lambda a: _threat_number(a.threat)):
-                if wanted is not None and registered.threat not in wanted:
+                if wanted is not None and registered.threat not in wanted and _group(registered) not in wanted:
                     continue
                 if backend not in registered.backends:
                     continue
@@ -496,6 +496,11 @@ def _probe_from(testbed: Testbed, address: str, timeout: float) -> int | None:
 
     with enter_netns(testbed.ns("client")):
         return probe_udp((address, GUEST_SERVICE_PORT), timeout)
+
+
+def _group(registered: RegisteredAttack) -> str:
+    """An attack's group, named after its module (sealift.lab.attacks.ipsec -> IPSEC): `--only ipsec`."""
+    return registered.run.__module__.rsplit(".", 1)[-1].upper()
 
 
 def _threat_number(threat: str) -> int:

@@ -15,7 +15,8 @@ Nothing here looks inside a guest's memory or traffic contents:
   guest on user-mode networking has no host interface to count, so their
   network signals are absent (None), not zero;
 - progress and status: the built-in guest's counter in its state area, the
-  QEMU guest's console counter and QMP run state.
+  QEMU guest's console counter and QMP run state ("booting" until the
+  guest's workload prints its first counter: a boot is not learnt as normal).
 """
 
 from __future__ import annotations
@@ -182,6 +183,10 @@ class QemuCollector:
         alive = vm.alive()
         status = "exited"
         dirty_bps = None
+        try:
+            progress = vm.counter()
+        except OSError:
+            progress = None
         if alive:
             try:
                 status = vm.status()
@@ -192,6 +197,10 @@ class QemuCollector:
                 errors.append(f"QEMU run state {status}")
             if migrating or status in ("inmigrate", "postmigrate", "finish-migrate"):
                 status = "migrating"
+            elif status == "running" and progress is None:
+                # The kernel boots, the workload has not started: under TCG a boot burns a core for
+                # seconds and writes much of RAM, which is not the VM's normal behaviour to learn.
+                status = "booting"
             elif status == "running":
                 try:
                     dirty_bps = self._dirty.setdefault((vm.name, vm.pid), QemuDirtyRate()).poll(vm)
@@ -200,10 +209,6 @@ class QemuCollector:
         net: dict[str, int | None] = {"rx_bytes": None, "tx_bytes": None, "rx_packets": None, "tx_packets": None}
         if vm.net.mode == "tap" and vm.net.tap:
             net = guest_view_of_tap(read_netdev(vm.net.tap, self._proc_net_dev))
-        try:
-            progress = vm.counter()
-        except OSError:
-            progress = None
         return VmSample(
             vm=vm.name, backend="qemu", time=self._clock(), pid=vm.pid, alive=alive, status=status,
             cpu_seconds=read_proc_cpu(vm.pid) if alive else None, progress=progress, dirty_bps=dirty_bps,

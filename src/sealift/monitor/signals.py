@@ -36,7 +36,7 @@ class VmSample:
     time: float  # monotonic seconds
     pid: int | None  # the VM's process (a new pid means a new process)
     alive: bool
-    status: str  # "running", "paused", "migrating", "exited", or QEMU's run state
+    status: str  # "running", "paused", "migrating", "exited", "booting" (QEMU, no workload yet), or QEMU's run state
     cpu_seconds: float | None = None  # cumulative user+system CPU of the process
     progress: int | None = None  # the guest's progress counter, if it has one
     dirty_pages: int | None = None  # cumulative distinct pages dirtied (built-in dirty log)

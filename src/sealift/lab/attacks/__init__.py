@@ -2,3 +2,4 @@
 
 from sealift.lab.attacks import channel, resilience  # noqa: F401  (T1-T4, T13; T8, T11)
 from sealift.lab.attacks import admission, monitoring  # noqa: F401  (T5, T6, T7, T9, T10; T12)
+from sealift.lab.attacks import ipsec  # noqa: F401  (T1, T4, T13 on QEMU's ipsec transport)

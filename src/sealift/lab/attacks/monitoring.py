@@ -12,8 +12,11 @@ The baseline is the same storm on agents with the monitor switched off
 (`[monitor] enabled = false`: no sampling, no verdicts), as on hosts without
 seed 004's monitors: the storming VM migrates like any other.
 
-Built-in VMs only: the lab can switch a built-in guest's workload while it
-runs (`vm.workload`), while a QEMU guest's workload is fixed at boot.
+Both backends, through the same `vm.workload` request: a built-in guest is
+restarted with the `stress` profile; a QEMU guest keeps running and its
+workload is told to storm over its control channel (the token the agent
+gave it at boot; backends/qemu/guest_control.py), so the QEMU process and
+its pid stay the same and only its behaviour changes.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def _storm_baseline(run: "LabRun", backend: Backend) -> tuple[str, dict]:
                      "setup": "the same agents with [monitor] enabled = false"}  # fmt: skip
 
 
-@attack("T12", "a VM driven into a write storm is flagged attacker and held", backends=("builtin",))
+@attack("T12", "a VM driven into a write storm is flagged attacker and held", backends=("builtin", "qemu"))
 def write_storm(run: "LabRun", backend: Backend) -> list[AttackResult]:
     baseline, baseline_details = _storm_baseline(run, backend)
 
@@ -80,10 +83,13 @@ def write_storm(run: "LabRun", backend: Backend) -> list[AttackResult]:
     head = audit_head(cluster, "host-a")
     switched = cluster.client("host-a").request("vm.workload", name=VM, profile="stress")["vm"]
     started = time.monotonic()
-    flagged = _wait(lambda: (r := _row(cluster, "host-a", VM)) and r["verdict"] and r, VERDICT_TIMEOUT_S)
+    # The attacker verdict, not the first one: a QEMU guest's dirty rate is measured over a second
+    # and reported a round later, so its CPU alone may be judged "anomalous" just before.
+    flagged = _wait(lambda: (r := _row(cluster, "host-a", VM)) and r["verdict"] and r["verdict"]["kind"] == "attacker"
+                    and r, VERDICT_TIMEOUT_S)  # fmt: skip
     flag_s = round(time.monotonic() - started, 1)
-    verdict = flagged["verdict"] if isinstance(flagged, dict) else None
     last_row = flagged if isinstance(flagged, dict) else _row(cluster, "host-a", VM)  # what the monitor saw
+    verdict = last_row["verdict"] if isinstance(last_row, dict) else None
     migrated, error = ask_source(cluster, VM, "host-b", cluster.order(VM, "host-a", "host-b"))
     copies = run.copies(cluster, VM)
     verdicts = audit_since(cluster, "host-a", head, "monitor.verdict")
@@ -115,13 +121,13 @@ def write_storm(run: "LabRun", backend: Backend) -> list[AttackResult]:
                 "verdict": verdict,
                 "seconds_to_verdict": flag_s,
                 "switched": {"profile": switched.get("profile"), "pid": switched.get("pid"),
-                             "previous_pid": switched.get("previous_pid")},  # fmt: skip
+                             "previous_pid": switched.get("previous_pid"),
+                             "guest": switched.get("guest")},  # fmt: skip
                 "error": error,
                 "copies": copies,
                 "audit_entries": [entry_ref(e) for e in verdicts + actions + refusals],
                 "refusal_code": (refusals[-1]["fields"].get("code") if refusals else None),
                 "monitor_row": last_row,
-                "qemu": "not run: a QEMU guest's workload is fixed at boot; the lab switches built-in guests only",
             },
         )
     ]
