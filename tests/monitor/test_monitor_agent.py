@@ -13,12 +13,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from sealift.agent.client import AgentClient, AgentRequestFailed
+from sealift.agent.client import AgentRequestFailed
 from sealift.cluster import LocalCluster, free_port
+
+from monitor_testlib import audit_fields, vm_row, wait_for
 
 VM = "storm1"
 METRICS_PORT = free_port()
@@ -41,23 +43,7 @@ def cluster() -> Iterator[LocalCluster]:
         cluster.cleanup()
 
 
-def wait_for(what: str, probe: Callable[[], object], timeout: float, interval: float = 0.25) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def vm_row(client: AgentClient, vm: str) -> dict | None:
-    rows = client.request("monitor.snapshot")["monitor"]["vms"]
-    return next((row for row in rows if row["vm"] == vm), None)
-
-
-def audit_kinds(client: AgentClient, kind: str) -> list[dict]:
-    return [e["fields"] for e in client.request("audit.show", limit=500, kind=kind)["entries"]]
+audit_kinds = audit_fields
 
 
 @pytest.mark.timeout(150)

@@ -16,9 +16,11 @@ import pytest
 
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.image import GuestImagePaths, build_image, default_cache_dir
-from sealift.backends.qemu.net import NetConfig, create_tap
+from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuVM
 from sealift.monitor.collectors import QemuCollector
+
+from monitor_testlib import bridge_netns
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -80,21 +82,8 @@ def test_the_collector_reports_a_qemu_guests_dirty_rate_from_qmp(guest_image: Gu
 def netns() -> Iterator[str]:
     if os.geteuid() != 0 or shutil.which("ip") is None or not Path("/dev/net/tun").exists():
         pytest.skip("needs root, iproute2 and /dev/net/tun")
-    name = f"slmon{os.getpid()}"
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
-
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "set", "lo", "up")
-        ip("-n", name, "link", "add", "br0", "type", "bridge")
-        ip("-n", name, "addr", "add", f"{BRIDGE_IP}/24", "dev", "br0")
-        ip("-n", name, "link", "set", "br0", "up")
-        create_tap("slmtap0", "br0", netns=name)
+    with bridge_netns(f"slmon{os.getpid()}", BRIDGE_IP, "slmtap0") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
 
 
 @pytest.mark.timeout(240)

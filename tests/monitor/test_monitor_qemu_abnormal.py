@@ -19,19 +19,18 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.image import SERVICE_PORT
-from sealift.backends.qemu.net import create_tap
 from sealift.cluster import LocalCluster, free_port
 from sealift.lab.netns import enter_netns
+
+from monitor_testlib import audit_fields, bridge_netns, vm_row, wait_attacker, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} is not installed")
 
@@ -44,25 +43,6 @@ GUEST_IP = "10.79.0.2"
 SINK_PORT = 9999
 TAP = "slmqtap0"
 FLOOD_PPS = 8000
-
-
-def wait_for(what: str, probe: Callable[[], object], timeout: float, interval: float = 0.25) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def vm_row(client: AgentClient, vm: str) -> dict | None:
-    rows = client.request("monitor.snapshot")["monitor"]["vms"]
-    return next((row for row in rows if row["vm"] == vm), None)
-
-
-def audit_fields(client: AgentClient, kind: str) -> list[dict]:
-    return [e["fields"] for e in client.request("audit.show", limit=500, kind=kind)["entries"]]
 
 
 def wait_warm(client: AgentClient, vm: str) -> dict:
@@ -103,23 +83,17 @@ def test_a_write_storm_in_a_qemu_guest_is_flagged_attacker_and_held() -> None:
         assert modest["guest"]["rate_mib"] == 8 and not modest["guest"]["storm"], modest
         quiet_for(a, "qs", 8)
 
-        started = time.monotonic()
         stormy = a.request("vm.workload", name="qs", profile="stress")["vm"]
         assert stormy["guest"]["storm"] and stormy["pid"] == modest["pid"], "the same QEMU, no restart"
         # QEMU measures the dirty rate over a second and reports it a round later: the CPU may be
         # judged alone ("anomalous") just before the verdict escalates to attacker.
-        flagged = wait_for("an attacker verdict",
-                           lambda: (r := vm_row(a, "qs")) and r["verdict"] and r["verdict"]["kind"] == "attacker" and r,
-                           30)  # fmt: skip
-        seconds = time.monotonic() - started
-        verdict = flagged["verdict"]  # type: ignore[index]
-        deviations = {d["signal"]: d for d in verdict["deviations"]}
+        verdict, seconds, deviations = wait_attacker(a, "qs", 30)
         print(f"\nwrite storm -> {verdict['kind']} after {seconds:.1f} s: {verdict['reason']}")
         assert verdict["kind"] == "attacker", verdict
         assert {"cpu", "dirty_bps"} <= set(deviations), verdict
         assert deviations["dirty_bps"]["ratio"] >= 2 and deviations["dirty_bps"]["z"] >= 4
         assert "memory dirty rate" in verdict["reason"] and "CPU" in verdict["reason"]
-        assert flagged["reliability"] == [], "a storm is not a reliability problem"  # type: ignore[index]
+        assert vm_row(a, "qs")["reliability"] == [], "a storm is not a reliability problem"  # type: ignore[index]
 
         with pytest.raises(AgentRequestFailed, match="vm_flagged_attacker"):
             cluster.migrate("qs", "host-a", "host-b")
@@ -166,21 +140,8 @@ def vm_netns() -> Iterator[str]:
     """A namespace with a bridge (the VM network) and a tap on it, for one agent and its guest."""
     if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
         pytest.skip("needs root, iproute2 and /dev/net/tun")
-    name = f"slmq{os.getpid()}"
-
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
-
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "set", "lo", "up")
-        ip("-n", name, "link", "add", "br0", "type", "bridge")
-        ip("-n", name, "addr", "add", f"{BRIDGE_IP}/24", "dev", "br0")
-        ip("-n", name, "link", "set", "br0", "up")
-        create_tap(TAP, "br0", netns=name)
+    with bridge_netns(f"slmq{os.getpid()}", BRIDGE_IP, TAP) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=10)
 
 
 def _ping(sock: socket.socket, stop: threading.Event, rate: float) -> None:
@@ -238,14 +199,8 @@ def test_an_outbound_flood_from_a_qemu_guest_is_flagged_attacker(vm_netns: str) 
         # The flood: 8000 datagrams/s of 1000 bytes. Under TCG it costs the guest little CPU (about
         # three times its normal), enough to back the outbound rise (classify.py); the verdict may
         # be "anomalous" for a sample or two before the CPU corroborates it.
-        started = time.monotonic()
         a.request("vm.workload", name="qf", profile="flood", target=target, pps=FLOOD_PPS, seconds=20, size=1000)
-        flagged = wait_for("an attacker verdict",
-                           lambda: (r := vm_row(a, "qf")) and r["verdict"] and r["verdict"]["kind"] == "attacker" and r,
-                           20)  # fmt: skip
-        seconds = time.monotonic() - started
-        verdict = flagged["verdict"]  # type: ignore[index]
-        deviations = {d["signal"]: d for d in verdict["deviations"]}
+        verdict, seconds, deviations = wait_attacker(a, "qf", 20)
         print(f"\noutbound flood -> {verdict['kind']} after {seconds:.1f} s: {verdict['reason']}")
         stopped = a.request("vm.workload", name="qf", profile="restore")["vm"]["guest"]
         assert verdict["kind"] == "attacker", verdict

@@ -588,6 +588,10 @@ class QemuOutgoingMigration(SourceCoordinator):
         return fields, {"image_digest": transfer.digest, "stream_bytes": transfer.stream_bytes}
 
     def _resume_source(self, vm: QemuVM) -> bool:
+        if self._pump is not None:
+            # A QEMU stuck writing its final state to a stream nobody reads holds its big lock (QMP
+            # does not answer) until that connection breaks: break it first, then QEMU fails and answers.
+            self._pump.stop()
         try:
             return resume_source(vm)
         except QemuError as error:

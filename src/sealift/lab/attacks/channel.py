@@ -255,8 +255,10 @@ class Impostor:
         self._server.close()
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _self_signed(directory: Path, name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
+                 key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> tuple[Path, Path]:
+    """A self-signed certificate for `name` (a fresh P-256 key unless one is given): (cert, key) paths."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
@@ -269,8 +271,8 @@ def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, key_format, serialization.NoEncryption()))
+    key_path.chmod(0o600)
     return cert_path, key_path
 
 
@@ -631,23 +633,9 @@ def _full_capture(lab: LabRun, name: str) -> Capture:
 
 
 def _rsa_identity(directory: Path, name: str) -> tuple[Path, Path]:
-    """A fresh RSA-2048 key and self-signed certificate for the baseline tunnel's server."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))  # fmt: skip
-    key_path.chmod(0o600)
+    """A fresh RSA-2048 key and self-signed certificate for the baseline tunnel's server: (key, cert) paths."""
+    cert_path, key_path = _self_signed(directory, name, rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                                       serialization.PrivateFormat.TraditionalOpenSSL)  # fmt: skip
     return key_path, cert_path
 
 
