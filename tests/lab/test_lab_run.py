@@ -57,7 +57,8 @@ def check_results(document: dict, threats: set[str], backend: str, stderr: str) 
 
 @pytest.mark.timeout(420)
 def test_lab_run_builtin_channel_and_resilience_attacks(tmp_path: Path) -> None:
-    threats = {"T1", "T2", "T3", "T4", "T8", "T11", "T13"}
+    # T13 runs once in CI, with its decryption attempt checked in detail: test_lab_old_captures_and_placement.py.
+    threats = {"T1", "T2", "T3", "T4", "T8", "T11"}
     code, document, stderr = lab_run(tmp_path, ",".join(sorted(threats)), "builtin", 400)
     results = check_results(document, threats, "builtin", stderr)
     assert code == 0, stderr[-3000:]

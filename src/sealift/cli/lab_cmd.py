@@ -24,7 +24,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--out", default="lab-results", help="results folder (default ./lab-results); one subfolder per run")
     p.add_argument("--keep", action="store_true", help="keep the agents' state and logs under the results folder")
     p.add_argument("--quick", action="store_true",
-                   help="T11: each failure once and each phase once (3 scenarios) instead of all 9 pairs")
+                   help="CI mode: T11 tries each failure once and each phase once (3 scenarios, not 9); "
+                        "the IPsec transport's rows run only when named (--only ipsec)")
     p.set_defaults(func=cmd_lab_run)
 
 

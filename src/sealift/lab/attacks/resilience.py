@@ -298,11 +298,24 @@ def _counter(lab: LabRun, cluster: LocalCluster, host: str) -> int | None:
         return None
 
 
-def _progressing(lab: LabRun, cluster: LocalCluster, host: str) -> bool:
+def _progressing(lab: LabRun, cluster: LocalCluster, host: str, timeout: float = 10.0) -> bool:
+    """Whether the guest's counter moves on `host` within `timeout` s.
+
+    A guest that has just arrived has printed no counter on its new console
+    yet: wait for the first one before comparing (reading too early made a
+    running guest look stuck).
+    """
+    deadline = time.monotonic() + timeout
     first = _counter(lab, cluster, host)
-    time.sleep(0.6)
-    second = _counter(lab, cluster, host)
-    return first is not None and second is not None and second > first
+    while first is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        first = _counter(lab, cluster, host)
+    while first is not None and time.monotonic() < deadline:
+        time.sleep(0.3)
+        second = _counter(lab, cluster, host)
+        if second is not None and second > first:
+            return True
+    return False
 
 
 def _short(text: str, limit: int = 140) -> str:
