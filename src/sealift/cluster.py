@@ -158,6 +158,16 @@ class LocalCluster:
             order=self.order(vm, source, destination),
         )["report"]
 
+    def stop_guests(self) -> None:
+        """Stop every guest through its agent, then kill what is left (guests outlive agents by design)."""
+        for host in self.hosts:
+            try:
+                for vm in self.client(host).request("vm.list")["vms"]:
+                    self.client(host).request("vm.stop", name=vm["name"])
+            except Exception:  # noqa: BLE001 - best effort: an agent may be down; the kill below is the backstop
+                pass
+        kill_guests_under(self.vm_root)
+
     def stop(self) -> None:
         """Stop agents and every guest they started; remove all files."""
         for agent in self.agents.values():

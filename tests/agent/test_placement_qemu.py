@@ -25,7 +25,7 @@ from sealift.agent.adverts import verify_advert
 from sealift.agent.client import AgentClient
 from sealift.agent.transport import ControlChannel
 from sealift.backends.qemu.host import QEMU_BINARY
-from sealift.cluster import OPERATOR, LocalCluster, kill_guests_under
+from sealift.cluster import OPERATOR, LocalCluster
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
 
@@ -53,13 +53,7 @@ def cluster() -> Iterator[LocalCluster]:
         cluster.start()
         yield cluster
     finally:
-        for host in cluster.hosts:
-            try:
-                for vm in cluster.client(host).request("vm.list")["vms"]:
-                    cluster.client(host).request("vm.stop", name=vm["name"])
-            except Exception:  # noqa: BLE001 - best effort; the kill below catches the rest
-                pass
-        kill_guests_under(cluster.vm_root)
+        cluster.stop_guests()
         cluster.cleanup()
 
 
@@ -170,11 +164,5 @@ def test_admission_counts_the_qemu_guests_a_host_already_runs() -> None:
         assert "has 96 MiB free of 256 MiB; the VM needs 128 MiB" in report_or_error, report_or_error
         assert names(cluster, "host-a") == [VM] and names(cluster, "host-b") == ["resident"]
     finally:
-        for host in cluster.hosts:
-            try:
-                for vm in cluster.client(host).request("vm.list")["vms"]:
-                    cluster.client(host).request("vm.stop", name=vm["name"])
-            except Exception:  # noqa: BLE001
-                pass
-        kill_guests_under(cluster.vm_root)
+        cluster.stop_guests()
         cluster.cleanup()

@@ -27,7 +27,7 @@ from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.agent.qemu_migration import check_ipsec_addresses
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.vm import probe_udp
-from sealift.cluster import OPERATOR, LocalCluster, kill_guests_under
+from sealift.cluster import OPERATOR, LocalCluster
 from sealift.ipsec.tunnel import IpsecError
 from sealift.ipsec.vici_client import ViciClient
 from sealift.lab.capture import Capture, find_in_capture, read_packets, tcp_streams
@@ -70,13 +70,7 @@ def lab() -> Iterator[tuple[Testbed, LocalCluster]]:
         assert wait_counter(cluster.client("host-a"), 0, 90) > 0, vm
         yield bed, cluster
     finally:
-        for host in cluster.hosts:
-            try:
-                for guest in cluster.client(host).request("vm.list")["vms"]:
-                    cluster.client(host).request("vm.stop", name=guest["name"])
-            except Exception:  # noqa: BLE001 - best effort; the kill below catches the rest
-                pass
-        kill_guests_under(cluster.vm_root)
+        cluster.stop_guests()
         cluster.cleanup()  # SIGTERM: each agent stops its charon
         bed.down()
 

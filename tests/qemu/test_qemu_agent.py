@@ -67,33 +67,7 @@ def insecure_cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster
 
 def stop_guests(cluster: LocalCluster) -> None:
     """QEMU outlives its agent by design: stop every guest before the agents go."""
-    for host in cluster.hosts:
-        try:
-            for vm in cluster.client(host).request("vm.list")["vms"]:
-                cluster.client(host).request("vm.stop", name=vm["name"])
-        except Exception:  # noqa: BLE001 - best effort; the kill below catches the rest
-            pass
-    kill_qemus_under(cluster)
-
-
-def kill_qemus_under(cluster: LocalCluster) -> None:
-    import os
-    import signal
-    from pathlib import Path
-
-    needle = str(cluster.vm_root).encode()
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and needle in cmdline:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    cluster.stop_guests()
 
 
 def start_guest(client: AgentClient) -> dict:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
-from test_qemu_agent import VM, info, relay, migrate, names, start_guest, stop_guests, wait_counter, wait_probe  # noqa: F401 (relay: a fixture)
+from test_qemu_agent import VM, info, migrate, names, start_guest, stop_guests, wait_counter, wait_probe
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.cluster import LocalCluster
@@ -24,6 +25,13 @@ from sealift.lab.relay import Relay
 pytestmark = pytest.mark.timeout(300)
 
 SETTLE_BUDGET_S = 45.0
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    relay = Relay()
+    yield relay
+    relay.close()
 
 
 def make_cluster(relay: Relay, destination_config: str) -> LocalCluster:

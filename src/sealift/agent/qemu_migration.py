@@ -100,7 +100,7 @@ from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.engine.options import MigrationOptions
 from sealift.ipsec.charon import CharonError, HostCharon
 from sealift.ipsec.psk import ipsec_key_id, psk_for_migration
-from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint
+from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint, wait_tcp_closed
 from sealift.engine.report import MigrationReport, RoundReport
 from sealift.security.audit import Kinds
 from sealift.security.identity import HostIdentity
@@ -116,6 +116,7 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 PAGE = 4096
 UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the bottleneck
+SA_CLOSE_WAIT_S = 2.0  # at most this long for QEMU's TCP connection to close before its SA goes
 POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
 TRANSPORTS = ("sealift", "qemu-tls", "ipsec", "plain", "sealift-plain")
 SECURE_TRANSPORTS = ("sealift", "qemu-tls", "ipsec")  # the others need --insecure and allow_insecure on both agents
@@ -185,8 +186,9 @@ class AuditedSa:
     cipher, key id, PSK generation and fingerprint, never the key.
     """
 
-    def __init__(self, endpoint: IpsecEndpoint, audit: Callable[..., None]) -> None:
+    def __init__(self, endpoint: IpsecEndpoint, audit: Callable[..., None], port: int | None = None) -> None:
         self.endpoint = endpoint
+        self.port = port  # the destination QEMU's port: QEMU's connection must be closed before the SA goes
         self.record: SaRecord | None = None
         self._audit = audit
         self._closed = False
@@ -204,7 +206,7 @@ class AuditedSa:
         endpoint = migration_endpoint(ipsec.get(), role=role, migration_id=migration_id, local=local, remote=remote,
                                       port=port, psk=psk, key_id=ipsec_key_id(migration_id, epoch),
                                       psk_generation=f"epoch {epoch}")  # fmt: skip
-        return cls(endpoint, audit)
+        return cls(endpoint, audit, port)
 
     def note_installed(self) -> SaRecord | None:
         """Audit the SA once it is installed here; its record (None while it is not up)."""
@@ -230,6 +232,9 @@ class AuditedSa:
         if self._closed:
             return
         self._closed = True
+        if self.port is not None and not wait_tcp_closed(self.port, SA_CLOSE_WAIT_S):
+            log.warning("QEMU's connection on port %d still open %.0f s after the migration; closing the SA anyway",
+                        self.port, SA_CLOSE_WAIT_S)  # fmt: skip
         fields: dict[str, object] = {
             "name": self.endpoint.end.name, "key_id": self.endpoint.key_id,
             "psk_generation": self.endpoint.psk_generation, "psk_fingerprint": self.endpoint.psk_fingerprint,

@@ -29,6 +29,7 @@ import re
 import subprocess
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -479,6 +480,44 @@ class IpsecTunnel:
 
 # ---------------------------------------------------------------------------
 # Entry points for the agents (transport "ipsec") and the benchmark (static-PSK baseline)
+
+
+# /proc/net/tcp states that still send packets on a connection: anything but TIME_WAIT (06),
+# CLOSE (07) and LISTEN (0A).
+_TCP_DONE_STATES = {"06", "07", "0A"}
+
+
+def tcp_connections_open(port: int) -> int:
+    """TCP connections of this network namespace with `port` at either end that can still send packets."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] in _TCP_DONE_STATES:
+                continue
+            ports = {int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)}
+            count += port in ports
+    return count
+
+
+def wait_tcp_closed(port: int, timeout_s: float) -> bool:
+    """Wait (bounded) until no connection on `port` can still send: True if so.
+
+    An SA torn down while QEMU's connection is still closing lets its last
+    FIN and ACK leave in clear (headers only, no data), which the lab's
+    capture caught; waiting for the close first keeps the wire ESP-only.
+    """
+    deadline = time.monotonic() + timeout_s
+    while tcp_connections_open(port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    time.sleep(0.05)  # the last ACK, sent as the socket closed, is still on its way through user-space ESP
+    return True
 
 
 def migration_conn_name(migration_id: str) -> str:
