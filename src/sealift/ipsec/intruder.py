@@ -208,7 +208,8 @@ class ClaimedAddress:
 
     def __enter__(self) -> "ClaimedAddress":
         try:
-            self._do(["addr", "add", f"{self.address}/32", "dev", "lo"], ["addr", "del", f"{self.address}/32", "dev", "lo"])
+            # The rules first, the address last: with the address up before the rules, every packet to it
+            # (a running migration's TCP included) would meet the attacker's stack and be reset meanwhile.
             if self.udp_ports is not None:
                 # The local table (rule 0) would take every packet to the address: it moves behind two rules
                 # that keep it for the attacker's UDP ports only and route the rest on to the real host.
@@ -221,6 +222,7 @@ class ClaimedAddress:
                          ["rule", "del", "priority", str(self.LOCAL_RULE_PRIORITY)])  # fmt: skip
                 self._do(["rule", "del", "lookup", "local", "priority", "0"],
                          ["rule", "add", "lookup", "local", "priority", "0"])  # fmt: skip
+            self._do(["addr", "add", f"{self.address}/32", "dev", "lo"], ["addr", "del", f"{self.address}/32", "dev", "lo"])
         except BaseException:
             self.__exit__(None, None, None)
             raise
