@@ -37,6 +37,18 @@ def listening(pid: int, port: int) -> bool:
     return any(parts[1].endswith(wanted) and parts[3] == "0A" for parts in (line.split() for line in lines))
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate a helper daemon, then kill it if it has not gone within 5 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 def _wait(predicate, what: str, process: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -84,13 +96,8 @@ class SshServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -127,10 +134,5 @@ class SshTunnel:
         return match.group(1) if match else None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process(self.process)

@@ -158,19 +158,7 @@ class IpsecTransport(PlainTransport):
 
     name: str = "ipsec"
     _tunnel: Any = None
-    _charons: tuple[Any, Any] | None = None
-    _wireguard: Any = None
-    workdir: Path | None = None
-
-    def wireguard(self) -> Any:
-        """wireguard-go on both hosts, started once (a VPN runs all the time)."""
-        if self._wireguard is None:
-            from sealift.bench.wireguard import WireguardTunnel
-
-            assert self.workdir is not None
-            self._wireguard = WireguardTunnel(self.source_ns, SOURCE_IP, self.destination_ns, DESTINATION_IP,
-                                              self.workdir).start()  # fmt: skip
-        return self._wireguard
+    _charons: tuple[Any, Any] | None = None  # the hosts' charons (Hosts.charons), for the CPU roles
     info: dict[str, Any] = field(default_factory=dict)
 
     def before_run(self, hosts: Hosts) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from sealift.bench.sshtunnel import stop_process
 from sealift.lab.netns import netns_argv, run_in
 
 UAPI_DIR = Path("/var/run/wireguard")
@@ -120,11 +121,6 @@ class WireguardTunnel:
 
     def stop(self) -> None:
         for end in self.ends:
-            if end.process is not None and end.process.poll() is None:
-                end.process.terminate()
-                try:
-                    end.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    end.process.kill()
-                    end.process.wait(timeout=5)
+            if end.process is not None:
+                stop_process(end.process)
             (UAPI_DIR / f"{end.iface}.sock").unlink(missing_ok=True)
