@@ -52,6 +52,11 @@ DOWNTIME_LIMIT_MS = 300  # sealift's default (engine/options.py), given to every
 BOOT_TIMEOUT_S = 240.0
 MIGRATION_TIMEOUT_S = 300.0  # default: a migration that has not converged by then is not live in practice
 STALL_S = 30.0  # a stream that moves no byte for this long has failed
+# Pre-copy converges only while the link carries more than the guest dirties. Once QEMU has measured
+# both over a few passes and the guest still dirties at least as fast, waiting for --timeout only
+# burns the machine (user-space VPNs here move ~15 MB/s against a guest dirtying 32-128 MiB/s).
+NOT_CONVERGING_AFTER_S = 30.0
+NOT_CONVERGING_MIN_SYNCS = 3
 
 BUILTIN_TRANSPORTS = ("plain", "sealift")  # the built-in VM moves only through the agents
 # Migration options per transport that goes through the agents. For the built-in VM "plain" is the
@@ -181,9 +186,24 @@ def _wait_booted(vm: QemuVM, prober: GapProber) -> None:
         raise BenchError(f"the guest at {prober.address[0]} does not answer probes from the client")
 
 
+def not_converging(ram: dict[str, Any], elapsed_s: float) -> str | None:
+    """Why this pre-copy cannot finish, from QEMU's `query-migrate` ram figures; None while it still may."""
+    syncs = int(ram.get("dirty-sync-count", 0))
+    if elapsed_s < NOT_CONVERGING_AFTER_S or syncs < NOT_CONVERGING_MIN_SYNCS:
+        return None
+    dirty_bps = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", 4096))
+    link_bps = float(ram.get("mbps", 0.0)) * 1e6 / 8
+    if dirty_bps < link_bps:
+        return None
+    return (f"not converging: after {elapsed_s:.0f} s and {syncs} passes the guest dirties "
+            f"{dirty_bps / 2**20:.1f} MiB/s and the link carries {link_bps / 2**20:.1f} MiB/s")  # fmt: skip
+
+
 def _wait_completed(vm: QemuVM, timeout_s: float) -> dict[str, Any]:
-    """Poll the source until its migration completes; a stream that stops moving fails the run early."""
-    deadline = time.monotonic() + timeout_s
+    """Poll the source until its migration completes; a stream that stops moving, or that can
+    never catch up with the guest, fails the run early."""
+    started = time.monotonic()
+    deadline = started + timeout_s
     moved, moved_at = -1, time.monotonic()
     while True:
         info = vm.query_migrate()
@@ -199,6 +219,9 @@ def _wait_completed(vm: QemuVM, timeout_s: float) -> dict[str, Any]:
         elif now - moved_at > STALL_S:
             raise BenchError(f"QEMU's migration stalled: still {status!r}, {transferred >> 20} MiB sent, "
                              f"nothing more for {STALL_S:.0f} s")  # fmt: skip
+        verdict = not_converging(info.get("ram", {}), now - started)
+        if verdict is not None:
+            raise BenchError(f"QEMU's migration is {verdict}")
         if now > deadline:
             raise BenchError(f"QEMU's migration did not converge: still {status!r} after {timeout_s:.0f} s, "
                              f"{transferred >> 20} MiB sent")  # fmt: skip
