@@ -6,6 +6,11 @@ test reads the printed JSON and the results file with each row's details:
 the baselines succeed where they must (QEMU's plain stream holds the
 secret; a stolen static PSK brings up an SA), sealift blocks every attack,
 and the guest runs exactly once.
+
+CI leaves out the T4 row (`--skip T4`: three migrations over user-space ESP,
+about a minute); `tests/ipsec/test_tunnel.py` replays a recorded IKE exchange
+against real charons in every CI run. `SEALIFT_FULL_LAB=1` runs the row here
+too, with its checks.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("nft") is None, reason="needs tshark and nftables"),
 ]
 
+FULL = os.environ.get("SEALIFT_FULL_LAB") == "1"
+T4_ROW = ("T4", "IPsec: replay a recorded IKE exchange to the destination")
 ROWS = {
     ("T1", "passive snooping on the IPsec transport: search the capture for the guest's secret"),
-    ("T4", "IPsec: replay a recorded IKE exchange to the destination"),
     ("T13", "IPsec: bring up an SA with the PSK of a finished migration"),
     ("T13", "IPsec: bring up an SA with a guessed PSK"),
-}
+} | ({T4_ROW} if FULL else set())
 
 
 @pytest.mark.timeout(420)
@@ -48,7 +54,7 @@ def test_lab_run_ipsec_rows(tmp_path: Path) -> None:
     build_image(default_cache_dir())  # cached after the first build
     done = subprocess.run(
         [sys.executable, "-m", "sealift", "lab", "run", "--json", "--only", "ipsec", "--backend", "qemu",
-         "--out", str(tmp_path / "results")],
+         "--out", str(tmp_path / "results"), *([] if FULL else ["--skip", "T4"])],
         capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
     try:
@@ -97,9 +103,19 @@ def test_lab_run_ipsec_rows(tmp_path: Path) -> None:
         assert all(state == {"sas": [], "conns": [], "shared": []} for state in details["charon_state_after"].values())
     assert d_old["stolen_psk_fingerprint"] in old["evidence"]
 
-    # T4: every recorded IKE message reached host-b again. After the migration: refused, nothing loaded.
-    # During the next one: a fresh IKE_SA_INIT answer, then nothing; still one ESTABLISHED IKE SA (its own).
-    t4, d4 = rows[("T4", "IPsec: replay a recorded IKE exchange to the destination")]
+    if FULL:
+        check_t4(*rows[T4_ROW])
+
+    # One row that got through would fail the run (the exit code `sealift lab run` returns).
+    as_results = [AttackResult(**{**r, "details": {}}) for r in results]
+    assert exit_code(as_results) == 0
+    as_results[0] = dataclasses.replace(as_results[0], sealift="succeeded")
+    assert exit_code(as_results) == 1
+
+
+def check_t4(t4: dict, d4: dict) -> None:
+    """Every recorded IKE message reached host-b again. After the migration: refused, nothing loaded.
+    During the next one: a fresh IKE_SA_INIT answer, then nothing; still one ESTABLISHED IKE SA (its own)."""
     assert d4["recorded"] >= 3 and d4["replayed_seen_towards_destination"] == d4["recorded"]
     assert d4["destination_refusals"] and d4["destination_state"] == {"sas": [], "conns": [], "shared": []}
     during = d4["during"]
@@ -109,12 +125,6 @@ def test_lab_run_ipsec_rows(tmp_path: Path) -> None:
     final = d4["destination_state_final"]  # at most a half-open (CONNECTING) IKE SA from the replayed IKE_SA_INIT
     assert final["conns"] == [] and final["shared"] == [] and all("CONNECTING" in sa for sa in final["sas"])
     assert t4["baseline"] == "blocked" and d4["baseline_replayed"] >= 3 and d4["baseline_unknown_spi"] >= 1
-
-    # One row that got through would fail the run (the exit code `sealift lab run` returns).
-    as_results = [AttackResult(**{**r, "details": {}}) for r in results]
-    assert exit_code(as_results) == 0
-    as_results[0] = dataclasses.replace(as_results[0], sealift="succeeded")
-    assert exit_code(as_results) == 1
 
 
 @pytest.mark.timeout(120)

@@ -55,3 +55,24 @@ def test_only_takes_threat_ids() -> None:
     assert parse_only(None) is None
     with pytest.raises(ValueError, match="T1,T3"):
         parse_only("T3,ssh")
+
+
+def test_only_and_skip_select_by_threat_or_group() -> None:
+    import sealift.lab.attacks  # noqa: F401  (registers the attacks)
+    from sealift.lab.attacks.base import ATTACKS
+    from sealift.lab.runner import is_selected
+
+    def chosen(only: set[str] | None, skip: set[str], quick: bool = False) -> set[tuple[str, str]]:
+        return {(a.threat, a.run.__module__.rsplit(".", 1)[-1]) for a in ATTACKS if is_selected(a, only, skip, quick)}
+
+    every = chosen(None, set())
+    ipsec = {row for row in every if row[1] == "ipsec"}
+    assert {t for t, _ in ipsec} == {"T1", "T4", "T13"}
+    assert chosen({"IPSEC"}, set()) == ipsec
+    assert chosen({"IPSEC"}, {"T4"}) == {row for row in ipsec if row[0] != "T4"}
+    assert chosen(None, {"T11"}) == {row for row in every if row[0] != "T11"}
+    assert chosen({"T1"}, set(), quick=True) == {row for row in every if row[0] == "T1" and row[1] != "ipsec"}
+    assert chosen({"T1", "IPSEC"}, {"IPSEC"}) == {row for row in every if row[0] == "T1" and row[1] != "ipsec"}
+    assert parse_only("t11", "--skip") == {"T11"}
+    with pytest.raises(ValueError, match="--skip takes"):
+        parse_only("nope", "--skip")

@@ -81,10 +81,11 @@ def test_lab_run_builtin_channel_and_resilience_attacks(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(480)
-def test_lab_run_qemu_snooping_tampering_and_failures(tmp_path: Path) -> None:
-    threats = {"T1", "T2", "T11"}
+def test_lab_run_qemu_snooping_and_failures(tmp_path: Path) -> None:
+    threats = {"T1", "T11"}
     # --quick: T11 strikes once per phase and once per kind of failure (3 guests, not 9 scenarios).
-    code, document, stderr = lab_run(tmp_path, "T1,T2,T11", "qemu", 460, "--quick")
+    # T2 on QEMU (a bit flipped in flight) is left to tests/qemu/test_qemu_agent.py, which does the same.
+    code, document, stderr = lab_run(tmp_path, "T1,T11", "qemu", 460, "--quick")
     results = check_results(document, threats, "qemu", stderr)
     assert code == 0, stderr[-3000:]
     t11 = sorted(r["attack"] for r in results if r["threat"] == "T11")

@@ -192,7 +192,8 @@ def test_qemu_tls_refuses_a_source_certificate_from_another_ca(vms: VmPool, tmp_
     assert source.status() == "running"
     before = source.counter() or 0
     assert source.wait_counter(before, timeout=30) > before
-    assert destination.wait_exit(15) or destination.status() != "running"
+    # A destination whose TLS handshake failed either exits or waits on (QEMU 7.2 keeps listening): never runs.
+    assert destination.wait_exit(1) or destination.status() != "running"
 
 
 def test_the_incoming_qemu_never_listens_on_a_wildcard_address(vms: VmPool) -> None:

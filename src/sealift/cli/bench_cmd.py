@@ -13,7 +13,7 @@ from sealift.agent.config import parse_size
 
 QUICK_QEMU_MIB = 160
 QUICK_BUILTIN_MIB = 128
-QUICK_FILL_MIB = 48  # what the quick QEMU guest's workload writes...
+QUICK_FILL_MIB = 24  # what the quick QEMU guest's workload writes...
 QUICK_RATE_MIB = 4  # ...and rewrites per second (user-space IPsec moves ~15 MB/s here)
 
 

@@ -19,6 +19,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     commands = lab.add_subparsers(dest="lab_command", required=True)
     p = commands.add_parser("run", help="run the attacks (root); exits non-zero if any gets through")
     p.add_argument("--only", help="comma-separated threats or attack groups to run, e.g. T3,T5 or ipsec (default: all)")
+    p.add_argument("--skip", help="comma-separated threats or attack groups to leave out, e.g. T11 "
+                                   "(with --only: --only ipsec --skip T4)")
     p.add_argument("--backend", choices=BACKENDS, help="only this backend (default: both)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout')
     p.add_argument("--out", default="lab-results", help="results folder (default ./lab-results); one subfolder per run")
@@ -29,14 +31,14 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.set_defaults(func=cmd_lab_run)
 
 
-def parse_only(text: str | None) -> set[str] | None:
+def parse_only(text: str | None, flag: str = "--only") -> set[str] | None:
     if not text:
         return None
     threats = {part.strip().upper() for part in text.split(",") if part.strip()}
     groups = attack_groups()
     bad = sorted(t for t in threats if not (t.startswith("T") and t[1:].isdigit()) and t not in groups)
     if bad:
-        raise ValueError(f"--only takes threat ids such as T1,T3 or attack groups ({', '.join(sorted(groups)).lower()}), "
+        raise ValueError(f"{flag} takes threat ids such as T1,T3 or attack groups ({', '.join(sorted(groups)).lower()}), "
                          f"not {', '.join(bad)}")
     return threats
 
@@ -60,6 +62,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         return 2
     try:
         only = parse_only(args.only)
+        skip = parse_only(args.skip, "--skip") or set()
     except ValueError as exc:
         progress.print(f"[bold red]error:[/bold red] {exc}")
         return 2
@@ -78,14 +81,14 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
                 progress.print(f"[dim]{escape(message)}[/dim]")
 
             with LabRun(Path(args.out), keep=args.keep, quick=args.quick, say=say) as lab:
-                results = lab.run(only, backends, on_result=on_result)
-                markdown, json_path = write_report(results, lab.results_dir, {"only": sorted(only or []),
-                                                                              "backends": list(backends)})  # fmt: skip
+                results = lab.run(only, backends, on_result=on_result, skip=skip)
+                meta = {"only": sorted(only or []), "skip": sorted(skip), "backends": list(backends)}
+                markdown, json_path = write_report(results, lab.results_dir, meta)
     except TestbedError as exc:
         progress.print(f"[bold red]error:[/bold red] {exc}")
         return 2
     if not results:
-        progress.print("[bold red]error:[/bold red] no attack matched --only/--backend")
+        progress.print("[bold red]error:[/bold red] no attack matched --only/--skip/--backend")
     if args.json:
         sys.stdout.write(json.dumps(public_json(results), indent=2) + "\n")
     else:

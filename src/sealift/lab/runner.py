@@ -395,19 +395,18 @@ class LabRun:
     # -- the run ---------------------------------------------------------------------
 
     def run(self, only: Iterable[str] | None = None, backends: Iterable[Backend] = ("builtin", "qemu"),
-            on_result: Callable[[AttackResult], None] | None = None) -> list[AttackResult]:  # fmt: skip
-        """Every registered attack (for `only` threats or attack groups, if given) on every backend it supports."""
+            on_result: Callable[[AttackResult], None] | None = None,
+            skip: Iterable[str] = ()) -> list[AttackResult]:  # fmt: skip
+        """Every registered attack (for `only` threats or attack groups, if given, less those in `skip`)
+        on every backend it supports."""
         import sealift.lab.attacks  # noqa: F401  (registers the attacks)
         from sealift.lab.attacks.base import ATTACKS
 
-        wanted = {t.upper() for t in only} if only else None
         results: list[AttackResult] = []
         for backend in backends:
             for registered in sorted(ATTACKS, key=lambda a: _threat_number(a.threat)):
-                if wanted is not None and registered.threat not in wanted and _group(registered) not in wanted:
+                if not is_selected(registered, only, skip, self.quick):
                     continue
-                if self.quick and _group(registered) == "IPSEC" and (wanted is None or "IPSEC" not in wanted):
-                    continue  # --quick (CI): the IPsec transport's rows only when asked for by name (`--only ipsec`)
                 if backend not in registered.backends:
                     continue
                 self.say(f"{registered.threat} {registered.title} [{backend}]")
@@ -498,6 +497,19 @@ def _probe_from(testbed: Testbed, address: str, timeout: float) -> int | None:
 
     with enter_netns(testbed.ns("client")):
         return probe_udp((address, GUEST_SERVICE_PORT), timeout)
+
+
+def is_selected(registered: RegisteredAttack, only: Iterable[str] | None, skip: Iterable[str], quick: bool) -> bool:
+    """`--only` and `--skip` name threats (T4) or attack groups (ipsec); an attack matches by either.
+    An attack in both is one that `--skip` removes from the groups `--only` chose (`--only ipsec --skip T4`)."""
+    names = {registered.threat, _group(registered)}
+    wanted = {t.upper() for t in only} if only else None
+    if wanted is not None and not names & wanted:
+        return False
+    if names & {t.upper() for t in skip}:
+        return False
+    # --quick (CI): the IPsec transport's rows only when asked for by name (`--only ipsec`)
+    return not (quick and _group(registered) == "IPSEC" and (wanted is None or "IPSEC" not in wanted))
 
 
 def _group(registered: RegisteredAttack) -> str:
