@@ -48,3 +48,30 @@ def test_ipsec_and_sealift_ipsec_are_refused_together_before_any_lab_is_built() 
         pytest.skip("one of the IPsec transports is not available here")
     with pytest.raises(BenchError, match="cannot share a run"):
         run_plan(Plan([Cell("qemu", 160, "moderate", 1500)], ["plain", "ipsec", "sealift-ipsec"]))
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="sealift bench refuses to start without root")
+def test_a_stopped_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A full benchmark takes hours: results.json and results.md are rewritten after every run, so an
+    interrupted one (Ctrl-C here; a killed one alike) keeps what it measured. The lab is replaced: this
+    checks the command's bookkeeping, not a migration."""
+    import json
+
+    import sealift.bench.harness as harness
+    from sealift.bench.results import RunResult
+    from sealift.cli.bench_cmd import cmd_bench
+
+    def two_runs_then_ctrl_c(plan, progress=None, on_run=None):  # type: ignore[no-untyped-def]
+        runs: list[RunResult] = []
+        for transport, total in (("plain", 2.0), ("sealift", 2.5)):
+            runs.append(RunResult(transport, "qemu", 256, "idle", 1500, 0, total_time_s=total, downtime_ms=40.0,
+                                  bytes=1 << 20, cpu_s=1.0, peak_cpu_pct=90.0))  # fmt: skip
+            on_run(runs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_plan", two_runs_then_ctrl_c)
+    out = tmp_path / "partial"
+    assert cmd_bench(parse("--sizes", "256M", "--backends", "qemu", "--out", str(out))) == 130
+    saved = json.loads((out / "results.json").read_text())
+    assert [(r["transport"], r["ratio_to_plain"]) for r in saved["runs"]] == [("plain", 1.0), ("sealift", 1.25)]
+    assert "Migration time (s)" in (out / "results.md").read_text()

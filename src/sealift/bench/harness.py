@@ -506,8 +506,10 @@ class BenchOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def run_plan(plan: Plan, progress: Callable[[str], None] | None = None) -> BenchOutcome:
-    """Every cell, every repetition, every transport in the plan's order; ratios filled at the end."""
+def run_plan(plan: Plan, progress: Callable[[str], None] | None = None,
+             on_run: Callable[[list[RunResult]], None] | None = None) -> BenchOutcome:  # fmt: skip
+    """Every cell, every repetition, every transport in the plan's order; ratios filled at the end.
+    `on_run` sees the runs so far after each one (a full benchmark takes hours: save as you go)."""
     say = progress or (lambda text: None)
     outcome = BenchOutcome()
     transports, outcome.skipped = available_transports(plan.transports)
@@ -527,6 +529,8 @@ def run_plan(plan: Plan, progress: Callable[[str], None] | None = None) -> Bench
                 result = _run_one(lab, name, cell, rep, plan)
                 say(_progress_line(result))
                 outcome.runs.append(result)
+                if on_run is not None:
+                    on_run(outcome.runs)
     fill_ratios(outcome.runs)
     return outcome
 

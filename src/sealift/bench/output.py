@@ -51,7 +51,7 @@ def markdown_report(runs: Sequence[RunResult], skipped: dict[str, str], command:
 
 
 def write_results(directory: Path, runs: Sequence[RunResult], skipped: dict[str, str], command: str,
-                  transport_order: Sequence[str]) -> list[Path]:  # fmt: skip
+                  transport_order: Sequence[str], plots: bool = True) -> list[Path]:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     path = directory / "results.json"
@@ -60,7 +60,8 @@ def write_results(directory: Path, runs: Sequence[RunResult], skipped: dict[str,
     path = directory / "results.md"
     path.write_text(markdown_report(runs, skipped, command, transport_order))
     written.append(path)
-    written += write_plots(directory, summarise(runs, transport_order))
+    if plots:
+        written += write_plots(directory, summarise(runs, transport_order))
     return written
 
 

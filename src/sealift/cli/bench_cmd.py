@@ -90,6 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from sealift.bench.harness import BenchError, run_plan
     from sealift.bench.output import write_results
+    from sealift.bench.results import fill_ratios
 
     if os.geteuid() != 0:
         print("error: sealift bench needs root (it builds network namespaces)", file=sys.stderr)
@@ -101,12 +102,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     command = canonical_command(args)
     started = time.monotonic()
+    out = Path(args.out) if args.out else Path("bench/results") / time.strftime("alternatives-%Y%m%dT%H%M%SZ", time.gmtime())
+
+    def save_so_far(runs: list) -> None:  # results.json and results.md after every run: a stopped run keeps them
+        fill_ratios(runs)
+        write_results(out, runs, {}, command, plan.transports, plots=False)
+
     try:
-        outcome = run_plan(plan, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        outcome = run_plan(plan, progress=lambda line: print(line, file=sys.stderr, flush=True), on_run=save_so_far)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("bench/results") / time.strftime("alternatives-%Y%m%dT%H%M%SZ", time.gmtime())
+    except (KeyboardInterrupt, SystemExit):
+        print(f"interrupted: the runs finished so far are in {out}", file=sys.stderr)
+        return 130
     written = write_results(out, outcome.runs, outcome.skipped, command, plan.transports)
     print(f"{len(outcome.runs)} runs in {time.monotonic() - started:.0f} s; wrote "
           f"{', '.join(str(p) for p in written)}", file=sys.stderr)  # fmt: skip
