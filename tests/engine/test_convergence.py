@@ -83,7 +83,8 @@ def test_decide_needs_history() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"downtime_limit_ms": 0}, {"max_rounds": 0}, {"compression": "gzip"}, {"bandwidth_limit_bps": 10}],
+    [{"downtime_limit_ms": 0}, {"max_rounds": 0}, {"compression": "gzip"}, {"bandwidth_limit_bps": 10},
+     {"completion_timeout_s": 0.5}],
 )
 def test_bad_options_are_refused_with_a_reason(kwargs: dict) -> None:
     with pytest.raises(OptionsError):

@@ -206,6 +206,15 @@ def test_destination_agent_killed_mid_migration(cluster: LocalCluster) -> None:
     assert_runs_on_source_only(cluster)
 
 
+def test_a_pre_copy_past_its_completion_timeout_is_cancelled_and_the_guest_stays(cluster: LocalCluster) -> None:
+    """At 4 MiB/s the first pass alone takes longer than the 3 s allowed: the source gives up before
+    the switchover, the guest never stopped, and the destination keeps nothing."""
+    start_guest(cluster.client("host-a"))
+    with pytest.raises(AgentRequestFailed, match=r"completion timeout of 3 s \(\d+ passes; the guest dirties"):
+        migrate(cluster, bandwidth_limit_bps=4 << 20, completion_timeout_s=3)
+    assert_runs_on_source_only(cluster)
+
+
 def test_qemu_migrations_prove_the_pairs_psk(cluster: LocalCluster) -> None:
     """The dynamic PSK is a second factor for QEMU guests too: a pair whose keys differ is refused."""
     from sealift.security.psk import new_psk, psk_to_hex

@@ -540,7 +540,7 @@ class QemuOutgoingMigration(SourceCoordinator):
         paused_at: float | None = None
         last_bytes, last_progress = -1, time.monotonic()
         last_sync = 0
-        round_started = time.monotonic()
+        round_started = followed_since = time.monotonic()
         while True:
             if pump is not None and pump.error is not None:
                 raise MigrationError(f"the data stream to {self._destination} failed: {pump.error}")
@@ -549,6 +549,8 @@ class QemuOutgoingMigration(SourceCoordinator):
             ram = info.get("ram", {})
             if status in ("failed", "cancelled"):
                 raise MigrationError(f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}")
+            if paused_at is None and status in ("setup", "active"):
+                self._check_completion_timeout(time.monotonic() - followed_since, ram)
             if status == "pre-switchover" and paused_at is None:  # once: QEMU leaves the state asynchronously
                 paused_at = _stop_time(vm, time.monotonic())
                 self.report.counter_at_pause = vm.counter()
@@ -574,6 +576,17 @@ class QemuOutgoingMigration(SourceCoordinator):
             elif time.monotonic() - last_progress > self._config.step_timeout_s:
                 raise MigrationError(f"QEMU's migration made no progress for {self._config.step_timeout_s:.0f} s ({status})")
             vm.wait_event(POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
+
+    def _check_completion_timeout(self, elapsed_s: float, ram: dict[str, Any]) -> None:
+        """Before the switchover only: past it the guest is already stopped and giving up gains nothing."""
+        limit = self._options.completion_timeout_s
+        if limit is None or elapsed_s <= limit:
+            return
+        dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", PAGE)) / MiB
+        link_mib_s = float(ram.get("mbps", 0.0)) * 1e6 / 8 / MiB
+        raise MigrationError(f"pre-copy did not reach its switchover within the completion timeout of {limit:g} s "
+                             f"({int(ram.get('dirty-sync-count', 0))} passes; the guest dirties {dirty_mib_s:.1f} "
+                             f"MiB/s, the link carries {link_mib_s:.1f} MiB/s)")  # fmt: skip
 
     def _check_destination(self, data: socket.socket) -> None:
         """At pre-switchover: is the destination still there? It never writes on the data stream,

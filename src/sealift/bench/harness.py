@@ -398,12 +398,15 @@ def _warm_guest_image(cluster: Any, host: str) -> None:
         pass
 
 
-def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: int, warmup_s: float) -> RunResult:
+def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: int, warmup_s: float,
+                       timeout_s: float = MIGRATION_TIMEOUT_S) -> RunResult:  # fmt: skip
     result = RunResult(transport, cell.backend, cell.memory_mib, cell.workload, cell.mtu, repetition)
     cluster = lab.agents()
     prober: GapProber | None = None
     sampler: CpuSampler | None = None
-    options = (AGENT_OPTIONS if cell.backend == "qemu" else BUILTIN_OPTIONS)[transport]
+    options = dict((AGENT_OPTIONS if cell.backend == "qemu" else BUILTIN_OPTIONS)[transport])
+    if cell.backend == "qemu":  # the agents give up a pre-copy that runs past --timeout (the built-in VM always ends)
+        options["completion_timeout_s"] = timeout_s
     try:
         if cell.backend == "qemu":
             _start_qemu_for_agent(lab, cell)
@@ -538,7 +541,7 @@ def run_plan(plan: Plan, progress: Callable[[str], None] | None = None,
 def _run_one(lab: BenchLab, name: str, cell: Cell, rep: int, plan: Plan) -> RunResult:
     if cell.backend == "qemu" and name not in AGENT_OPTIONS:
         return run_qemu_direct(lab, make_direct(name), cell, rep, plan.warmup_s, plan.timeout_s)
-    return run_through_agents(lab, name, cell, rep, plan.warmup_s)
+    return run_through_agents(lab, name, cell, rep, plan.warmup_s, plan.timeout_s)
 
 
 def _progress_line(r: RunResult) -> str:

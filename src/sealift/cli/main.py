@@ -335,6 +335,8 @@ def migration_options(args: argparse.Namespace) -> dict[str, object]:
         options["xbzrle"] = True
     if args.xbzrle_cache is not None:
         options["xbzrle_cache_bytes"] = parse_size(args.xbzrle_cache)
+    if args.completion_timeout is not None:
+        options["completion_timeout_s"] = args.completion_timeout
     return options
 
 
@@ -344,6 +346,9 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rounds", type=int, help="maximum pre-copy rounds (default 30)")
     parser.add_argument("--compression", choices=["zstd", "lz4", "none"], help="compress page data (default none)")
     parser.add_argument("--auto-converge", action="store_true", help="throttle a guest that dirties faster than the link")
+    parser.add_argument("--completion-timeout", type=float, metavar="SECONDS",
+                        help="QEMU guests: cancel a pre-copy not at its switchover after this long; the guest "
+                             "keeps running on the source (default: no limit, as in QEMU)")
     parser.add_argument("--no-zero-elision", action="store_true", help="send zero pages too")
     parser.add_argument(
         "--image-digest", choices=["xxh3", "blake3"],

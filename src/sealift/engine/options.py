@@ -26,6 +26,9 @@ class MigrationOptions:
     multifd_channels: int = 0  # QEMU multifd: 0 = off, else that many parallel connections
     xbzrle: bool = False  # QEMU's XOR+RLE delta compression of re-sent pages
     xbzrle_cache_bytes: int | None = None  # None: QEMU's default (64 MiB)
+    # Give up a QEMU pre-copy that has not reached its switchover after this long (KubeVirt's completion
+    # timeout): the guest never stopped and keeps running on the source. None: no limit, as in QEMU.
+    completion_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.downtime_limit_ms <= 60_000:
@@ -42,6 +45,8 @@ class MigrationOptions:
             raise OptionsError(f"multifd channels {self.multifd_channels} is outside 0..64")
         if self.xbzrle and self.multifd_channels:
             raise OptionsError("xbzrle and multifd do not combine: QEMU's multifd channels send whole pages")
+        if self.completion_timeout_s is not None and not 1 <= self.completion_timeout_s <= 86_400:
+            raise OptionsError(f"completion timeout {self.completion_timeout_s} s is outside 1..86400 s")
         if self.xbzrle_cache_bytes is not None and self.xbzrle_cache_bytes < 1 << 20:
             raise OptionsError("the xbzrle cache must be at least 1 MiB")
 
