@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sealift.bench.harness import NOT_CONVERGING_AFTER_S, not_converging
+from sealift.bench.harness import NOT_CONVERGING_AFTER_S, NOT_CONVERGING_HOLD_S, ConvergenceWatch, not_converging
 
 MiB = 1 << 20
 
@@ -27,3 +27,14 @@ def test_no_verdict_before_qemu_measured_enough() -> None:
     assert not_converging(ram(128, 10, syncs=2), 200.0) is None  # too few passes
     assert not_converging(ram(128, 10, syncs=5), NOT_CONVERGING_AFTER_S - 1) is None  # too early
     assert not_converging({}, 500.0) is None  # QEMU has not reported yet
+
+
+def test_the_verdict_must_hold_without_a_break() -> None:
+    watch = ConvergenceWatch(started=0.0)
+    t = NOT_CONVERGING_AFTER_S
+    assert watch.update(ram(100, 50, syncs=5), t) is None  # first bad sample
+    assert watch.update(ram(100, 50, syncs=6), t + NOT_CONVERGING_HOLD_S - 1) is None
+    assert watch.update(ram(40, 50, syncs=7), t + NOT_CONVERGING_HOLD_S) is None  # the link caught up: start again
+    assert watch.update(ram(100, 50, syncs=8), t + NOT_CONVERGING_HOLD_S + 1) is None
+    verdict = watch.update(ram(100, 50, syncs=9), t + 2 * NOT_CONVERGING_HOLD_S + 1)
+    assert verdict is not None and "9 passes" in verdict

@@ -57,6 +57,7 @@ STALL_S = 30.0  # a stream that moves no byte for this long has failed
 # burns the machine (user-space VPNs here move ~15 MB/s against a guest dirtying 32-128 MiB/s).
 NOT_CONVERGING_AFTER_S = 30.0
 NOT_CONVERGING_MIN_SYNCS = 3
+NOT_CONVERGING_HOLD_S = 15.0  # QEMU's rates swing under TCG: the verdict must hold this long, not one sample
 
 BUILTIN_TRANSPORTS = ("plain", "sealift")  # the built-in VM moves only through the agents
 # Migration options per transport that goes through the agents. For the built-in VM "plain" is the
@@ -199,11 +200,29 @@ def not_converging(ram: dict[str, Any], elapsed_s: float) -> str | None:
             f"{dirty_bps / 2**20:.1f} MiB/s and the link carries {link_bps / 2**20:.1f} MiB/s")  # fmt: skip
 
 
+class ConvergenceWatch:
+    """`not_converging` held without a break for NOT_CONVERGING_HOLD_S: a single bad sample is no verdict."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._since: float | None = None
+
+    def update(self, ram: dict[str, Any], now: float) -> str | None:
+        verdict = not_converging(ram, now - self._started)
+        if verdict is None:
+            self._since = None
+            return None
+        if self._since is None:
+            self._since = now
+        return verdict if now - self._since >= NOT_CONVERGING_HOLD_S else None
+
+
 def _wait_completed(vm: QemuVM, timeout_s: float) -> dict[str, Any]:
     """Poll the source until its migration completes; a stream that stops moving, or that can
     never catch up with the guest, fails the run early."""
     started = time.monotonic()
     deadline = started + timeout_s
+    watch = ConvergenceWatch(started)
     moved, moved_at = -1, time.monotonic()
     while True:
         info = vm.query_migrate()
@@ -219,7 +238,7 @@ def _wait_completed(vm: QemuVM, timeout_s: float) -> dict[str, Any]:
         elif now - moved_at > STALL_S:
             raise BenchError(f"QEMU's migration stalled: still {status!r}, {transferred >> 20} MiB sent, "
                              f"nothing more for {STALL_S:.0f} s")  # fmt: skip
-        verdict = not_converging(info.get("ram", {}), now - started)
+        verdict = watch.update(info.get("ram", {}), now)
         if verdict is not None:
             raise BenchError(f"QEMU's migration is {verdict}")
         if now > deadline:
