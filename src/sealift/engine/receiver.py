@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from sealift.engine.digest import BLOCK_PAGES, DigestWorker, ImageDigest
+from sealift.engine.digest import RUN_PAGES, DigestWorker, ImageDigest
 from sealift.wire.datastream import (
     DataStreamReader,
     DeviceStateReceived,
@@ -56,7 +56,7 @@ class ImageReceiver:
         self._reader = reader
         self._digest = None
         if digest is not None:
-            block = memoryview(bytearray(BLOCK_PAGES * PAGE_SIZE))
+            block = memoryview(bytearray(RUN_PAGES * PAGE_SIZE))  # the longest run a refresh reads
             self._digest = ImageDigest(store.pages, digest, lambda first, count: store.read_pages_into(first, block[: count * PAGE_SIZE]))
         self._zero_run = memoryview(bytes(PAGE_SIZE * 256))
 

@@ -239,8 +239,14 @@ class PrecopySender:
         first = int(indexes[0])
         if int(indexes[-1]) - first == count - 1:
             np.copyto(staged, self._pages[first : first + count])
-        else:
-            np.take(self._pages, indexes, axis=0, out=staged)
+            if self._digest is not None:
+                # Fingerprint the copy we send while it is in cache (the
+                # destination does the same with what it writes): reading the
+                # live memory again later cost a second pass over cold RAM.
+                self._digest.store_pages(first, data_view)
+            self._emit(self._writer.finish_pages(count))
+            return
+        np.take(self._pages, indexes, axis=0, out=staged)
         self._emit(self._writer.finish_pages(count))
         self._mark(indexes)
 
