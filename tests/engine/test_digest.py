@@ -1,99 +1,89 @@
-"""The incremental image digest equals a from-scratch digest of the final contents."""
+"""The per-page image digest: both sides agree exactly when the destination holds what the source sent."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealift.engine.digest import BLOCK_PAGES, ImageDigest
+from sealift.engine.digest import PAGE_SIZE, ImageDigest
 
-NPAGES = 100  # not a multiple of the block size: exercises the short tail block
+NPAGES = 100
 
 
-def fresh_digest(pages: np.ndarray, algorithm: str = "xxh3") -> str:
-    digest = ImageDigest(pages, algorithm)
-    digest.mark_all()
+def full_digest(pages: np.ndarray, algorithm: str = "xxh3") -> str:
+    """The digest of an image whose every page was sent as it is now."""
+    digest = ImageDigest(pages.shape[0], algorithm)
+    digest.store_run(0, memoryview(pages).cast("B"))
     return digest.digest()
 
 
-def test_zero_image_needs_no_hashing_and_matches_a_full_hash() -> None:
-    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    lazy = ImageDigest(pages)
-    assert lazy.stale_blocks() == 0
-    assert lazy.digest() == fresh_digest(pages)
+def test_an_untouched_image_equals_an_all_zero_image_sent_in_full() -> None:
+    zeros = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+    assert ImageDigest(NPAGES).digest() == full_digest(zeros)
 
 
-def test_a_single_changed_byte_changes_the_digest() -> None:
-    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    before = fresh_digest(pages)
+@pytest.mark.parametrize("algorithm", ["xxh3", "blake3"])
+def test_a_single_changed_byte_changes_the_digest(algorithm: str) -> None:
+    pages = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+    before = full_digest(pages, algorithm)
     pages[57, 1000] = 1
-    assert fresh_digest(pages) != before
+    assert full_digest(pages, algorithm) != before
 
 
-def test_stale_marks_cover_only_touched_blocks() -> None:
-    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    digest = ImageDigest(pages, "xxh3")
-    digest.mark_pages(np.array([0, 1, BLOCK_PAGES * 3 + 2], dtype=np.uint32))
-    assert digest.stale_blocks() == 2
+def test_zero_pages_are_stored_without_data() -> None:
+    rng = np.random.default_rng(3)
+    pages = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
+    digest = ImageDigest(NPAGES)
+    digest.store_run(0, memoryview(pages).cast("B"))
+    digest.store_zero_pages(np.array([4, 9], dtype=np.uint32))
+    pages[[4, 9]] = 0
+    assert digest.digest() == full_digest(pages)
+
+
+def test_algorithms_are_named_in_the_digest() -> None:
+    assert ImageDigest(NPAGES, "xxh3").digest().startswith("xxh3-4k:")
+    assert ImageDigest(NPAGES, "blake3").digest().startswith("blake3-4k:")
+    with pytest.raises(ValueError):
+        ImageDigest(NPAGES, "md5")
+
+
+def test_a_lost_page_is_caught() -> None:
+    """A record the destination never applied leaves its pages' old fingerprints."""
+    rng = np.random.default_rng(2)
+    source = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
+    src, dst = ImageDigest(NPAGES), ImageDigest(NPAGES)
+    src.store_run(0, memoryview(source).cast("B"))
+    dst.store_run(0, memoryview(source[:42]).cast("B"))
+    dst.store_run(43, memoryview(source[43:]).cast("B"))  # page 42 never arrived
+    assert src.digest() != dst.digest()
+
+
+def test_a_page_applied_at_the_wrong_place_is_caught() -> None:
+    rng = np.random.default_rng(4)
+    source = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
+    indexes = np.array([3, 17, 60], dtype=np.uint32)
+    data = memoryview(np.ascontiguousarray(source[indexes])).cast("B")
+    src, dst = ImageDigest(NPAGES), ImageDigest(NPAGES)
+    src.store_pages(indexes, data)
+    dst.store_pages(np.array([3, 17, 61], dtype=np.uint32), data)
+    assert src.digest() != dst.digest()
 
 
 @pytest.mark.parametrize("algorithm", ["xxh3", "blake3"])
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 255)), min_size=1, max_size=60))
-def test_incremental_digest_tracks_every_write(algorithm: str, writes: list[tuple[int, int]]) -> None:
-    """Write, mark (after the write), refresh in between: always equals a fresh digest."""
-    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    digest = ImageDigest(pages, algorithm)
-    for step, (page, value) in enumerate(writes):
-        pages[page, :] = value
-        digest.mark_pages(np.array([page], dtype=np.uint32))
-        if step % 7 == 0:
-            digest.refresh()
-    assert digest.digest() == fresh_digest(pages, algorithm)
-
-
-def test_algorithms_are_named_in_the_digest() -> None:
-    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    assert ImageDigest(pages, "xxh3").digest().startswith("xxh3-16k:")
-    assert ImageDigest(pages, "blake3").digest().startswith("blake3-16k:")
-    with pytest.raises(ValueError):
-        ImageDigest(pages, "md5")
-
-
-def test_a_lost_page_is_caught() -> None:
-    """What the end-to-end check is for: a page the engine failed to send."""
-    rng = np.random.default_rng(2)
-    source = rng.integers(1, 256, size=(NPAGES, 4096), dtype=np.uint8)
-    destination = source.copy()
-    destination[42] = 0  # never arrived
-    assert fresh_digest(source) != fresh_digest(destination)
-
-
-def test_source_and_destination_agree_on_the_same_contents() -> None:
-    rng = np.random.default_rng(1)
-    source = rng.integers(0, 256, size=(NPAGES, 4096), dtype=np.uint8)
-    source[10:20] = 0
-    destination = np.zeros_like(source)
-    dest_digest = ImageDigest(destination)
-    nonzero = np.flatnonzero(source.any(axis=1)).astype(np.uint32)
-    destination[nonzero] = source[nonzero]
-    dest_digest.mark_pages(nonzero)
-    src_digest = ImageDigest(source)
-    src_digest.mark_pages(nonzero)
-    assert src_digest.digest() == dest_digest.digest()
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 40), st.integers(1, 255)), min_size=1, max_size=30))
-def test_storing_received_runs_equals_a_fresh_digest(writes: list[tuple[int, int, int]]) -> None:
-    """Whole blocks hashed from the received data, partial ones re-read: same result."""
-    pages = np.zeros((NPAGES, 4096), dtype=np.uint8)
-    digest = ImageDigest(pages, "xxh3")
-    for step, (first, count, value) in enumerate(writes):
-        count = min(count, NPAGES - first)
-        run = np.full((count, 4096), value, dtype=np.uint8)
-        pages[first : first + count] = run
-        digest.store_pages(first, memoryview(run).cast("B"))
-        if step % 5 == 0:
-            digest.refresh()
-    assert digest.digest() == fresh_digest(pages)
+@given(st.lists(st.tuples(st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=12, unique=True),
+                          st.integers(0, 255)), min_size=1, max_size=30))  # fmt: skip
+def test_rounds_of_scattered_pages_end_in_the_digest_of_the_final_image(
+    algorithm: str, rounds: list[tuple[list[int], int]]
+) -> None:
+    """Pages sent again in later rounds (zero or not) overwrite their entries: the end equals a full send."""
+    image = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+    digest = ImageDigest(NPAGES, algorithm)
+    for written, value in rounds:
+        indexes = np.array(written, dtype=np.uint32)
+        image[indexes] = value
+        if value == 0:
+            digest.store_zero_pages(indexes)
+        else:
+            digest.store_pages(indexes, memoryview(np.ascontiguousarray(image[indexes])).cast("B"))
+    assert digest.digest() == full_digest(image, algorithm)

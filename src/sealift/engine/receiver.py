@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from sealift.engine.digest import RUN_PAGES, DigestWorker, ImageDigest
+from sealift.engine.digest import ImageDigest
 from sealift.wire.datastream import (
     DataStreamReader,
     DeviceStateReceived,
@@ -43,21 +43,16 @@ class PageStore(Protocol):
     """Where received pages go (the destination image)."""
 
     @property
-    def pages(self) -> np.ndarray: ...  # (npages, 4096) view, read by the digest
+    def npages(self) -> int: ...
 
     def write_pages(self, first_page: int, data: memoryview) -> None: ...
-
-    def read_pages_into(self, first_page: int, out: memoryview) -> memoryview: ...
 
 
 class ImageReceiver:
     def __init__(self, store: PageStore, reader: DataStreamReader, digest: str | None = "xxh3") -> None:
         self._store = store
         self._reader = reader
-        self._digest = None
-        if digest is not None:
-            block = memoryview(bytearray(RUN_PAGES * PAGE_SIZE))  # the longest run a refresh reads
-            self._digest = ImageDigest(store.pages, digest, lambda first, count: store.read_pages_into(first, block[: count * PAGE_SIZE]))
+        self._digest = ImageDigest(store.npages, digest) if digest is not None else None
         self._zero_run = memoryview(bytes(PAGE_SIZE * 256))
 
     def run(self, read_into: Callable[[memoryview], None]) -> ReceiveResult:
@@ -72,7 +67,6 @@ class ImageReceiver:
         result = ReceiveResult()
         header = bytearray(self._reader.HEADER_SIZE)
         header_view = memoryview(header)
-        worker = DigestWorker(self._digest) if self._digest is not None else None
         writer = _PageWriter(self._apply_pages)
         try:
             while True:
@@ -92,8 +86,6 @@ class ImageReceiver:
             writer.drain()
         finally:
             writer.close()
-            if worker is not None:
-                worker.stop()
         result.last_record_at = time.monotonic()
         if result.device_state is None:
             raise ProtocolError("stream ended without the guest's device state")
@@ -103,11 +95,9 @@ class ImageReceiver:
 
     def _apply_pages(self, indexes: np.ndarray, data: memoryview) -> None:
         for start, end in contiguous_runs(indexes):
-            run = data[start * PAGE_SIZE : end * PAGE_SIZE]
-            first = int(indexes[start])
-            self._store.write_pages(first, run)
-            if self._digest is not None:
-                self._digest.store_pages(first, run)  # after the write
+            self._store.write_pages(int(indexes[start]), data[start * PAGE_SIZE : end * PAGE_SIZE])
+        if self._digest is not None:  # what was written, while it is in cache
+            self._digest.store_pages(indexes, data)
 
     def _apply(self, event: object, result: ReceiveResult) -> bool:
         """Every record but PAGES, which the writer stage applies; True at END."""
@@ -117,7 +107,8 @@ class ImageReceiver:
                 for offset in range(0, end - start, 256):
                     count = min(256, end - start - offset)
                     self._store.write_pages(first + offset, self._zero_run[: count * PAGE_SIZE])
-            self._mark(event.indexes)
+            if self._digest is not None:
+                self._digest.store_zero_pages(event.indexes)
         elif isinstance(event, RoundEnded):
             result.rounds = event.round + 1
             result.round_pages.append(event.pages)
@@ -126,10 +117,6 @@ class ImageReceiver:
         elif isinstance(event, StreamEnded):
             return True
         return False
-
-    def _mark(self, indexes: np.ndarray) -> None:  # after the write: see digest.py
-        if self._digest is not None:
-            self._digest.mark_pages(indexes)
 
 
 class _PageWriter:

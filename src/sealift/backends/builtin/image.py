@@ -460,16 +460,6 @@ class GuestImage:
                 f"cannot reserve {self._memory_bytes >> 20} MiB for {self._path}: {exc.strerror}"
             ) from None
 
-    def read_pages_into(self, first_page: int, out: memoryview) -> memoryview:
-        """Read whole pages through the file into ``out``; returns the filled part."""
-        self._v()
-        offset = STATE_AREA_SIZE + first_page * PAGE_SIZE
-        length = min(len(out), STATE_AREA_SIZE + self._memory_bytes - offset)
-        got = os.preadv(self._fd, [out[:length]], offset)
-        if got != length:
-            raise ImageError(f"short read of {got} bytes at page {first_page} of {self._path}")
-        return out[:length]
-
     def write_pages(self, first_page: int, data: memoryview | bytes) -> None:
         """Write whole pages at ``first_page`` through the file, not the mapping.
 
