@@ -1,4 +1,6 @@
-"""The per-page image digest: both sides agree exactly when the destination holds what the source sent."""
+"""The image digest: both sides agree exactly when the destination applied what the source sent, in order."""
+
+import os
 
 import numpy as np
 import pytest
@@ -10,80 +12,94 @@ from sealift.engine.digest import PAGE_SIZE, ImageDigest
 NPAGES = 100
 
 
-def full_digest(pages: np.ndarray, algorithm: str = "xxh3") -> str:
-    """The digest of an image whose every page was sent as it is now."""
+def tag(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def sent_in_full(pages: np.ndarray, algorithm: str) -> str:
     digest = ImageDigest(pages.shape[0], algorithm)
     digest.store_run(0, memoryview(pages).cast("B"))
+    digest.store_tag(tag(1))
     return digest.digest()
 
 
-def test_an_untouched_image_equals_an_all_zero_image_sent_in_full() -> None:
-    zeros = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
-    assert ImageDigest(NPAGES).digest() == full_digest(zeros)
+def test_the_untouched_image_has_a_fixed_digest() -> None:
+    assert ImageDigest(NPAGES).digest() == ImageDigest(NPAGES).digest()
+    assert ImageDigest(NPAGES).digest() != ImageDigest(NPAGES + 1).digest()
 
 
-@pytest.mark.parametrize("algorithm", ["xxh3", "blake3"])
-def test_a_single_changed_byte_changes_the_digest(algorithm: str) -> None:
+def test_blake3_binds_the_page_bytes() -> None:
     pages = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
-    before = full_digest(pages, algorithm)
+    before = sent_in_full(pages, "blake3")
     pages[57, 1000] = 1
-    assert full_digest(pages, algorithm) != before
+    assert sent_in_full(pages, "blake3") != before
+    zeros = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+    assert ImageDigest(NPAGES, "blake3").digest() != sent_in_full(zeros, "blake3")  # one record more
+    assert sent_in_full(zeros, "blake3").startswith("blake3-4k:")
 
 
-def test_zero_pages_are_stored_without_data() -> None:
-    rng = np.random.default_rng(3)
-    pages = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
-    digest = ImageDigest(NPAGES)
-    digest.store_run(0, memoryview(pages).cast("B"))
-    digest.store_zero_pages(np.array([4, 9], dtype=np.uint32))
-    pages[[4, 9]] = 0
-    assert digest.digest() == full_digest(pages)
+def test_tags_bind_the_record_tags() -> None:
+    """Under AEAD a record's tag authenticates its bytes: another tag is another record."""
+    pages = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+    one, other = ImageDigest(NPAGES), ImageDigest(NPAGES)
+    for digest, record_tag in ((one, tag(1)), (other, tag(2))):
+        digest.store_run(0, memoryview(pages).cast("B"))
+        digest.store_tag(record_tag)
+    assert one.digest() != other.digest()
+    assert one.digest().startswith("tags:")
 
 
-def test_algorithms_are_named_in_the_digest() -> None:
-    assert ImageDigest(NPAGES, "xxh3").digest().startswith("xxh3-4k:")
-    assert ImageDigest(NPAGES, "blake3").digest().startswith("blake3-4k:")
+def test_tags_need_aead_records() -> None:
+    with pytest.raises(ValueError, match="AEAD"):
+        ImageDigest(NPAGES).store_tag(b"")
     with pytest.raises(ValueError):
         ImageDigest(NPAGES, "md5")
 
 
-def test_a_lost_page_is_caught() -> None:
-    """A record the destination never applied leaves its pages' old fingerprints."""
+@pytest.mark.parametrize("algorithm", ["tags", "blake3"])
+def test_a_record_received_but_never_applied_is_caught(algorithm: str) -> None:
     rng = np.random.default_rng(2)
     source = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
-    src, dst = ImageDigest(NPAGES), ImageDigest(NPAGES)
-    src.store_run(0, memoryview(source).cast("B"))
-    dst.store_run(0, memoryview(source[:42]).cast("B"))
-    dst.store_run(43, memoryview(source[43:]).cast("B"))  # page 42 never arrived
+    src, dst = ImageDigest(NPAGES, algorithm), ImageDigest(NPAGES, algorithm)
+    for first in range(0, NPAGES, 10):
+        src.store_run(first, memoryview(source[first : first + 10]).cast("B"))
+        src.store_tag(tag(first))
+        if first != 40:  # the destination's writer lost this one
+            dst.store_run(first, memoryview(source[first : first + 10]).cast("B"))
+        dst.store_tag(tag(first))
     assert src.digest() != dst.digest()
 
 
-def test_a_page_applied_at_the_wrong_place_is_caught() -> None:
+@pytest.mark.parametrize("algorithm", ["tags", "blake3"])
+def test_a_page_applied_at_the_wrong_place_is_caught(algorithm: str) -> None:
     rng = np.random.default_rng(4)
     source = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
     indexes = np.array([3, 17, 60], dtype=np.uint32)
     data = memoryview(np.ascontiguousarray(source[indexes])).cast("B")
-    src, dst = ImageDigest(NPAGES), ImageDigest(NPAGES)
+    src, dst = ImageDigest(NPAGES, algorithm), ImageDigest(NPAGES, algorithm)
     src.store_pages(indexes, data)
     dst.store_pages(np.array([3, 17, 61], dtype=np.uint32), data)
+    for digest in (src, dst):
+        digest.store_tag(tag(9))
     assert src.digest() != dst.digest()
 
 
-@pytest.mark.parametrize("algorithm", ["xxh3", "blake3"])
+@pytest.mark.parametrize("algorithm", ["tags", "blake3"])
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=12, unique=True),
                           st.integers(0, 255)), min_size=1, max_size=30))  # fmt: skip
-def test_rounds_of_scattered_pages_end_in_the_digest_of_the_final_image(
-    algorithm: str, rounds: list[tuple[list[int], int]]
-) -> None:
-    """Pages sent again in later rounds (zero or not) overwrite their entries: the end equals a full send."""
+def test_the_same_records_in_the_same_order_agree(algorithm: str, rounds: list[tuple[list[int], int]]) -> None:
+    """Source and destination stores of the same scattered, zero and non-zero records give one digest."""
     image = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
-    digest = ImageDigest(NPAGES, algorithm)
+    src, dst = ImageDigest(NPAGES, algorithm), ImageDigest(NPAGES, algorithm)
     for written, value in rounds:
         indexes = np.array(written, dtype=np.uint32)
         image[indexes] = value
-        if value == 0:
-            digest.store_zero_pages(indexes)
-        else:
-            digest.store_pages(indexes, memoryview(np.ascontiguousarray(image[indexes])).cast("B"))
-    assert digest.digest() == full_digest(image, algorithm)
+        record_tag = os.urandom(16)
+        for digest in (src, dst):
+            if value == 0:
+                digest.store_zero_pages(indexes)
+            else:
+                digest.store_pages(indexes, memoryview(np.ascontiguousarray(image[indexes])).cast("B"))
+            digest.store_tag(record_tag)
+    assert src.digest() == dst.digest()

@@ -1,21 +1,24 @@
-"""The pre-copy sender against an in-memory guest: what it puts on the wire, and that it is the guest."""
+"""The pre-copy sender and the image receiver against an in-memory guest and image, over AEAD records."""
 
 from __future__ import annotations
 
-import numpy as np
+import os
 
-from sealift.engine.digest import ImageDigest
+import numpy as np
+import pytest
+
 from sealift.engine.options import MigrationOptions
+from sealift.engine.receiver import ImageReceiver
 from sealift.engine.sender import PAGES_PER_RECORD, PrecopySender
-from sealift.wire.datastream import DataStreamReader, DataStreamWriter, PagesReceived, ZeroPagesReceived
-from sealift.wire.records import NoProtection
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter, PagesReceived
+from sealift.wire.records import AeadProtection
 
 NPAGES = 4096
 PAGE = 4096
 
 
 class ScatteredGuest:
-    """A paused-looking guest whose data lies in many small ranges (as a guest that wrote here and there)."""
+    """A guest whose data lies in many one-page ranges (as a guest that wrote here and there)."""
 
     def __init__(self, data_pages: np.ndarray) -> None:
         self.pages = np.zeros((NPAGES, PAGE), dtype=np.uint8)
@@ -39,38 +42,56 @@ class ScatteredGuest:
         pass
 
 
-def migrate(guest: ScatteredGuest) -> tuple[np.ndarray, list[object], str]:
+class MemoryImage:
+    """The destination image, in memory."""
+
+    def __init__(self) -> None:
+        self.pages = np.zeros((NPAGES, PAGE), dtype=np.uint8)
+        self.npages = NPAGES
+
+    def write_pages(self, first_page: int, data: memoryview) -> None:
+        self.pages[first_page : first_page + len(data) // PAGE] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE)
+
+
+def migrate(guest: ScatteredGuest, digest: str) -> tuple[MemoryImage, bytes, str, str]:
+    key, iv = os.urandom(32), os.urandom(12)
     wire = bytearray()
-    writer = DataStreamWriter(NoProtection(), NPAGES)
-    result = PrecopySender(guest, writer, wire.extend, MigrationOptions()).run()
-    events = DataStreamReader(NoProtection(), NPAGES).receive_data(wire)
-    image = np.zeros((NPAGES, PAGE), dtype=np.uint8)
-    received = ImageDigest(NPAGES)
-    for event in events:
-        if isinstance(event, PagesReceived):
-            data = np.frombuffer(event.data, dtype=np.uint8).reshape(-1, PAGE)
-            image[event.indexes] = data
-            received.store_pages(event.indexes, memoryview(data).cast("B"))
-        elif isinstance(event, ZeroPagesReceived):
-            image[event.indexes] = 0
-            received.store_zero_pages(event.indexes)
-    assert received.digest() == result.image_digest
-    return image, events, result.image_digest
+    writer = DataStreamWriter(AeadProtection(key, iv), NPAGES)
+    sent = PrecopySender(guest, writer, wire.extend, MigrationOptions(image_digest=digest)).run()
+    image = MemoryImage()
+    stream = memoryview(bytes(wire))
+    position = 0
+
+    def read_into(view: memoryview) -> None:
+        nonlocal position
+        view[:] = stream[position : position + len(view)]
+        position += len(view)
+
+    received = ImageReceiver(image, DataStreamReader(AeadProtection(key, iv), NPAGES), digest).run(read_into)
+    return image, bytes(wire), sent.image_digest, received.image_digest
 
 
-def test_one_page_data_ranges_share_full_records() -> None:
+@pytest.mark.parametrize("digest", ["tags", "blake3"])
+def test_one_page_data_ranges_share_full_records(digest: str) -> None:
     data_pages = np.arange(0, NPAGES, 3, dtype=np.uint32)  # 1366 one-page ranges
     guest = ScatteredGuest(data_pages)
-    image, events, _ = migrate(guest)
-    assert np.array_equal(image, guest.pages)
-    records = [e for e in events if isinstance(e, PagesReceived)]
-    assert sum(e.indexes.size for e in records) == data_pages.size
-    assert len(records) == -(-data_pages.size // PAGES_PER_RECORD)  # 6 records, not 1366
+    image, _, sent, received = migrate(guest, digest)
+    assert np.array_equal(image.pages, guest.pages)
+    assert sent == received
+    records = _pages_records(guest, digest)
+    assert records == -(-data_pages.size // PAGES_PER_RECORD)  # 6 records, not 1366
 
 
-def test_the_image_digest_changes_with_one_page() -> None:
+def _pages_records(guest: ScatteredGuest, digest: str) -> int:
+    wire = bytearray()
+    key, iv = os.urandom(32), os.urandom(12)
+    PrecopySender(guest, DataStreamWriter(AeadProtection(key, iv), NPAGES), wire.extend, MigrationOptions(image_digest=digest)).run()
+    events = DataStreamReader(AeadProtection(key, iv), NPAGES).receive_data(wire)
+    return sum(1 for e in events if isinstance(e, PagesReceived))
+
+
+def test_the_digests_differ_when_one_page_differs() -> None:
     data_pages = np.arange(5, NPAGES, 7, dtype=np.uint32)
-    first = ScatteredGuest(data_pages)
-    second = ScatteredGuest(data_pages)
+    first, second = ScatteredGuest(data_pages), ScatteredGuest(data_pages)
     second.pages[12, 100] ^= 0xFF
-    assert migrate(first)[2] != migrate(second)[2]
+    assert migrate(first, "blake3")[2] != migrate(second, "blake3")[2]

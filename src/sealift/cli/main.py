@@ -351,8 +351,8 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
                              "keeps running on the source (default: no limit, as in QEMU)")
     parser.add_argument("--no-zero-elision", action="store_true", help="send zero pages too")
     parser.add_argument(
-        "--image-digest", choices=["xxh3", "blake3"],
-        help="block fingerprint of the end-to-end image check (default xxh3; blake3 is cryptographic, slower)",
+        "--image-digest", choices=["tags", "blake3"],
+        help="end-to-end image check (default tags: AES-GCM tags and a page map; blake3 hashes every page, slower)",
     )
     parser.add_argument("--insecure", action="store_true", help="plaintext baseline: NO encryption or authentication")
     qemu = parser.add_argument_group("QEMU guests")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 COMPRESSION_CODECS = ("zstd", "lz4")
-IMAGE_DIGESTS = ("xxh3", "blake3")
+IMAGE_DIGESTS = ("tags", "blake3")
 
 
 class OptionsError(ValueError):
@@ -21,7 +21,7 @@ class MigrationOptions:
     compression: str | None = None  # off by default, as in QEMU
     auto_converge: bool = False
     secure: bool = True  # False only for the measured plaintext baseline
-    image_digest: str = "xxh3"  # page fingerprint of the end-to-end image check (engine/digest.py)
+    image_digest: str = "tags"  # the end-to-end image check (engine/digest.py)
     # QEMU guests only (agent/qemu_migration.py); the built-in engine has its own streams.
     multifd_channels: int = 0  # QEMU multifd: 0 = off, else that many parallel connections
     xbzrle: bool = False  # QEMU's XOR+RLE delta compression of re-sent pages

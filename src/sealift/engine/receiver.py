@@ -49,7 +49,7 @@ class PageStore(Protocol):
 
 
 class ImageReceiver:
-    def __init__(self, store: PageStore, reader: DataStreamReader, digest: str | None = "xxh3") -> None:
+    def __init__(self, store: PageStore, reader: DataStreamReader, digest: str | None = "tags") -> None:
         self._store = store
         self._reader = reader
         self._digest = ImageDigest(store.npages, digest) if digest is not None else None
@@ -76,6 +76,8 @@ class ImageReceiver:
                 self._reader.read_header(header_view)
                 read_into(self._reader.payload_buffer())
                 event = self._reader.finish_record()
+                if self._digest is not None and isinstance(event, (PagesReceived, ZeroPagesReceived)):
+                    self._digest.store_tag(self._reader.last_tag)  # in stream order, like the source
                 if isinstance(event, PagesReceived):
                     writer.submit(event, result)
                     continue

@@ -253,7 +253,7 @@ class PrecopySender:
                 self._digest.store_run(first, data_view)
             else:
                 self._digest.store_pages(indexes, data_view)
-        self._emit(self._writer.finish_pages(count))
+        self._emit_digested(self._writer.finish_pages(count))
 
     def _send_maybe_zero_pages(self, indexes: np.ndarray) -> None:
         if not self._options.zero_page_elision:
@@ -265,9 +265,9 @@ class PrecopySender:
         nonzero = scratch.view(np.uint64).any(axis=1)
         zero_indexes = indexes[~nonzero]
         if zero_indexes.size:
-            self._emit(self._writer.zero_pages(zero_indexes))
             if self._digest is not None:
                 self._digest.store_zero_pages(zero_indexes)
+            self._emit_digested(self._writer.zero_pages(zero_indexes))
         keep = np.flatnonzero(nonzero)
         if keep.size == 0:
             return
@@ -277,7 +277,13 @@ class PrecopySender:
         np.take(scratch, keep, axis=0, out=staged)
         if self._digest is not None:
             self._digest.store_pages(indexes[keep], data_view)
-        self._emit(self._writer.finish_pages(int(keep.size)))
+        self._emit_digested(self._writer.finish_pages(int(keep.size)))
+
+    def _emit_digested(self, record: memoryview) -> None:
+        """Send a page-carrying record whose pages the digest has stored; it takes the record's tag too."""
+        if self._digest is not None:
+            self._digest.store_tag(self._writer.last_tag)
+        self._emit(record)
 
     def _emit(self, data: memoryview) -> None:
         self._sink(data)

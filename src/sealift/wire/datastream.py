@@ -241,6 +241,7 @@ class DataStreamWriter:
         self._next_out = 0
         self._out = self._outs[0]
         self._out_view = memoryview(self._out)
+        self._last_tag = memoryview(b"")
         self._pending_pages: int | None = None
         self._last_round: int | None = None
         self._device_state_sent = False
@@ -253,6 +254,11 @@ class DataStreamWriter:
     @property
     def ended(self) -> bool:
         return self._ended
+
+    @property
+    def last_tag(self) -> memoryview:
+        """The authentication tag of the record just sealed (empty without protection); valid as long as that record."""
+        return self._last_tag
 
     def begin_pages(self, count: int) -> tuple[np.ndarray, memoryview]:
         """Index and data views inside the staging buffer, for the caller to fill in place."""
@@ -384,6 +390,7 @@ class DataStreamWriter:
         self.records += 1
         self.payload_bytes += plain_len
         self.wire_bytes += HEADER_SIZE + length
+        self._last_tag = self._out_view[HEADER_SIZE + length - self._protection.overhead : HEADER_SIZE + length]
         return self._out_view[: HEADER_SIZE + length]
 
 

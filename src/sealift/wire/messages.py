@@ -38,7 +38,7 @@ NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 
 COMPRESSIONS = ("zstd", "lz4")
-IMAGE_DIGESTS = ("xxh3", "blake3")
+IMAGE_DIGESTS = ("tags", "blake3")
 BACKENDS = ("builtin", "qemu")
 RECEIPT_STAGES = ("prepared", "running")
 OUTCOMES = ("committed", "aborted", "unknown")
@@ -231,7 +231,7 @@ class Hello:
     backend: str
     order: str | None
     psk_proof: str | None
-    image_digest: str | None = "xxh3"  # block fingerprint both sides compute; None = no digest
+    image_digest: str | None = "tags"  # the image check both sides compute (engine/digest.py); None = no digest
 
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)
