@@ -16,7 +16,6 @@ import time
 from typing import Callable
 
 import blake3
-import xxhash
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MiB = 1 << 20
@@ -63,7 +62,6 @@ def main() -> None:
         "AES-256-GCM encrypt_into, 1 MiB": rate(aes_gcm(256)),
         "AES-128-GCM encrypt_into, 1 MiB": rate(aes_gcm(128)),
         "BLAKE3, 64 KiB blocks": rate(hash_blocks(lambda b: blake3.blake3(b).digest(), 64 * 1024)),
-        "XXH3-128, 64 KiB blocks": rate(hash_blocks(xxhash.xxh3_128_digest, 64 * 1024)),
         "SHA-256, 1 MiB": rate(hash_blocks(lambda b: hashlib.sha256(b).digest(), MiB)),
         "SHA-256, 4 KiB": rate(hash_blocks(lambda b: hashlib.sha256(b).digest(), 4096)),
     }
