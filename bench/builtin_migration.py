@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sealift.cluster import LocalCluster
 
 METRICS = ("total_time_s", "downtime_ms", "rounds", "bytes_sent", "source_cpu_s", "destination_cpu_s")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -30,15 +33,23 @@ class Case:
     workload: str
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to others, all CPUs together (/proc/stat): this machine is a shared VM."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / CLOCK_TICKS
+
+
 def migrate_once(cluster: LocalCluster, case: Case, secure: bool, warmup_s: float, fill: float) -> dict:
     src, dst = cluster.client("host-a"), cluster.client("host-b")
     src.request("vm.start", name="bench", memory=case.memory, workload=case.workload, fill_fraction=fill)
     time.sleep(warmup_s)
+    stolen = steal_seconds()
     report = cluster.migrate("bench", "host-a", "host-b", options={"secure": secure})
+    stolen = steal_seconds() - stolen
     dst.request("vm.stop", name="bench")
     if report["status"] != "completed":
         raise RuntimeError(f"migration failed: {report.get('error')}")
-    return {key: report[key] for key in METRICS}
+    return {**{key: report[key] for key in METRICS}, "steal_s": round(stolen, 2)}
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -56,10 +67,10 @@ def run_case(cluster: LocalCluster, case: Case, runs: int, warmup_s: float, fill
             results[transport].append(pair[transport])
             print(f"  {case.memory:>5} {case.workload:<5} run {run + 1} {transport:<5} "
                   f"{pair[transport]['total_time_s']:.3f} s, downtime {pair[transport]['downtime_ms']:.0f} ms, "
-                  f"rounds {pair[transport]['rounds']}", file=sys.stderr)
+                  f"rounds {pair[transport]['rounds']}, steal {pair[transport]['steal_s']:.2f} s", file=sys.stderr)
         ratios.append(pair["tls"]["total_time_s"] / pair["plain"]["total_time_s"])
     summary = {
-        transport: {metric: summarize([r[metric] for r in rows]) for metric in METRICS}
+        transport: {metric: summarize([r[metric] for r in rows]) for metric in (*METRICS, "steal_s")}
         for transport, rows in results.items()
     }
     return {"memory": case.memory, "workload": case.workload, "runs": runs, "summary": summary,
@@ -68,8 +79,8 @@ def run_case(cluster: LocalCluster, case: Case, runs: int, warmup_s: float, fill
 
 def markdown(cases: list[dict]) -> str:
     lines = [
-        "| VM | workload | transport | total time s (min-max) | downtime ms (min-max) | rounds | MiB sent | CPU s src / dst | secure/plain time (min-max) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| VM | workload | transport | total time s (min-max) | downtime ms (min-max) | rounds | MiB sent | CPU s src / dst | steal s | secure/plain time (min-max) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         for transport in ("tls", "plain"):
@@ -81,7 +92,8 @@ def markdown(cases: list[dict]) -> str:
                 f"{s['total_time_s']['median']:.2f} ({s['total_time_s']['min']:.2f}-{s['total_time_s']['max']:.2f}) | "
                 f"{s['downtime_ms']['median']:.0f} ({s['downtime_ms']['min']:.0f}-{s['downtime_ms']['max']:.0f}) | "
                 f"{s['rounds']['median']:.0f} | {s['bytes_sent']['median'] / 2**20:.0f} | "
-                f"{s['source_cpu_s']['median']:.2f} / {s['destination_cpu_s']['median']:.2f} | {ratio_text} |"
+                f"{s['source_cpu_s']['median']:.2f} / {s['destination_cpu_s']['median']:.2f} | "
+                f"{s['steal_s']['median']:.2f} | {ratio_text} |"
             )
     return "\n".join(lines)
 
