@@ -60,8 +60,8 @@ class ImageReceiver:
 
         Two stages, so the cores overlap: this thread receives and opens
         (authenticates, decrypts) records; a writer thread puts the pages into
-        the image and fingerprints them. Both stages spend their time in calls
-        that release the GIL (recv_into, AES-GCM, pwrite). Page data is copied
+        the image and enters them in the image digest. Both stages spend their
+        time in calls that release the GIL (recv_into, AES-GCM, pwrite). Page data is copied
         into one of a few pooled buffers between them, and order is kept.
         """
         result = ReceiveResult()
@@ -98,7 +98,7 @@ class ImageReceiver:
     def _apply_pages(self, indexes: np.ndarray, data: memoryview) -> None:
         for start, end in contiguous_runs(indexes):
             self._store.write_pages(int(indexes[start]), data[start * PAGE_SIZE : end * PAGE_SIZE])
-        if self._digest is not None:  # what was written, while it is in cache
+        if self._digest is not None:  # after the write: the map shows what this stage applied
             self._digest.store_pages(indexes, data)
 
     def _apply(self, event: object, result: ReceiveResult) -> bool:
