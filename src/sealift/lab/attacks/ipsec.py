@@ -308,14 +308,20 @@ def _port_of(conn: LoadedConn) -> int:
 T = TypeVar("T")
 
 
+# The migration under attack is held to this rate, so that it still runs when the strike (several
+# IKE tries, each awaiting the victim's refusal) is over: an idle guest's migration over user-space
+# ESP took a few seconds on a faster machine and once ended before the strike did.
+STRIKE_MIGRATION_BPS = 4 * 1024 * 1024
+
+
 def _while_migrating(lab: LabRun, cluster: LocalCluster, source: str, destination: str, strike: Callable[[str], T],
                      *, sa_installed: bool = False) -> tuple[dict, T, bool]:  # fmt: skip
     """Run `strike(connection name)` as soon as the destination's charon has this migration's connection
     loaded (or, with sa_installed, its child SA up); (the migration's report, what strike returned,
     whether the connection was still loaded after it)."""
     vici_path = _charon_dir(cluster, destination) / "charon.vici"
-    running = lab.migrate_in_background(cluster, VM, {"secure": True}, transport=TRANSPORT, source=source,
-                                        destination=destination)  # fmt: skip
+    running = lab.migrate_in_background(cluster, VM, {"secure": True, "bandwidth_limit_bps": STRIKE_MIGRATION_BPS},
+                                        transport=TRANSPORT, source=source, destination=destination)  # fmt: skip
     names: list[str] = []
 
     def ready() -> bool:
