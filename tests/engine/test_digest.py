@@ -18,7 +18,7 @@ def tag(n: int) -> bytes:
 
 def sent_in_full(pages: np.ndarray, algorithm: str) -> str:
     digest = ImageDigest(pages.shape[0], algorithm)
-    digest.store_run(0, memoryview(pages).cast("B"))
+    digest.store_pages(np.arange(pages.shape[0]), memoryview(pages).cast("B"))
     digest.store_tag(tag(1))
     return digest.digest()
 
@@ -43,7 +43,7 @@ def test_tags_bind_the_record_tags() -> None:
     pages = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
     one, other = ImageDigest(NPAGES), ImageDigest(NPAGES)
     for digest, record_tag in ((one, tag(1)), (other, tag(2))):
-        digest.store_run(0, memoryview(pages).cast("B"))
+        digest.store_pages(np.arange(pages.shape[0]), memoryview(pages).cast("B"))
         digest.store_tag(record_tag)
     assert one.digest() != other.digest()
     assert one.digest().startswith("tags:")
@@ -62,10 +62,11 @@ def test_a_record_received_but_never_applied_is_caught(algorithm: str) -> None:
     source = rng.integers(1, 256, size=(NPAGES, PAGE_SIZE), dtype=np.uint8)
     src, dst = ImageDigest(NPAGES, algorithm), ImageDigest(NPAGES, algorithm)
     for first in range(0, NPAGES, 10):
-        src.store_run(first, memoryview(source[first : first + 10]).cast("B"))
+        run = np.arange(first, first + 10)
+        src.store_pages(run, memoryview(source[run]).cast("B"))
         src.store_tag(tag(first))
         if first != 40:  # the destination's writer lost this one
-            dst.store_run(first, memoryview(source[first : first + 10]).cast("B"))
+            dst.store_pages(run, memoryview(source[run]).cast("B"))
         dst.store_tag(tag(first))
     assert src.digest() != dst.digest()
 

@@ -73,12 +73,6 @@ class ImageDigest:
             self._table = np.empty((npages, self._zero.size), dtype=np.uint8)
             self._table[:] = self._zero  # a page never sent is zero on both sides
 
-    def store_run(self, first_page: int, data: memoryview) -> None:
-        """A record put `data` (whole pages) at first_page, first_page+1, ..."""
-        self._records += 1
-        count = len(data) // PAGE_SIZE
-        self._table[first_page : first_page + count] = self._records if self._by_tags else _blake3_pages(data)
-
     def store_pages(self, indexes: np.ndarray, data: memoryview) -> None:
         """A record put data[i * 4096 : (i + 1) * 4096] at page indexes[i]."""
         self._records += 1

@@ -243,16 +243,12 @@ class PrecopySender:
         index_view[:] = indexes
         staged = np.frombuffer(data_view, dtype=np.uint8).reshape(count, PAGE_SIZE)
         first = int(indexes[0])
-        contiguous = int(indexes[-1]) - first == count - 1
-        if contiguous:
+        if int(indexes[-1]) - first == count - 1:
             np.copyto(staged, self._pages[first : first + count])
         else:
             np.take(self._pages, indexes, axis=0, out=staged)
         if self._digest is not None:  # the bytes we send, before compression reuses the staging area
-            if contiguous:
-                self._digest.store_run(first, data_view)
-            else:
-                self._digest.store_pages(indexes, data_view)
+            self._digest.store_pages(indexes, data_view)
         self._emit_digested(self._writer.finish_pages(count))
 
     def _send_maybe_zero_pages(self, indexes: np.ndarray) -> None:
