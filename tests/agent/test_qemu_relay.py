@@ -12,6 +12,7 @@ import pytest
 
 from sealift.agent.outgoing import MigrationError
 from sealift.agent.qemu_relay import (
+    RELAY_SOCKET_BUFFER,
     Ready,
     SourcePump,
     SourcePumps,
@@ -20,6 +21,7 @@ from sealift.agent.qemu_relay import (
     combined_digest,
     feed_qemu,
     stream_label,
+    widen_send_buffer,
 )
 from sealift.security.keys import derive_session_keys
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter
@@ -94,7 +96,7 @@ def test_three_channels_cross_the_relay_intact_and_in_their_own_streams() -> Non
         key, iv = keys_for(index)
         pumps.append(SourcePump(index, DataStreamWriter(AeadProtection(key, iv), NPAGES), send_end, TIMEOUT,
                                 StreamDigest(16)))  # fmt: skip
-    group = SourcePumps(listener, pumps)
+    group = SourcePumps(pumps, listener=listener)
     group.start()
     received = [bytearray() for _ in payloads]
     drains = [threading.Thread(target=_drain, args=(q[1], received[i])) for i, q in enumerate(qemu_side)]
@@ -140,3 +142,57 @@ def test_a_tampered_multifd_stream_fails_its_feeder_and_breaks_the_main_stream()
         feeder.join(TIMEOUT)
     main_recv.settimeout(2)
     assert main_recv.recv(1) == b""  # the main stream was shut down: the coordinator stops at once
+
+
+def _queued_without_reader(sock: socket.socket) -> int:
+    """How many bytes `sock` takes before a send would block (nobody reads the other end)."""
+    sock.setblocking(False)
+    chunk, queued = bytes(64 * 1024), 0
+    try:
+        while queued < 64 * RELAY_SOCKET_BUFFER:
+            queued += sock.send(chunk)
+    except BlockingIOError:
+        pass
+    return queued
+
+
+def test_a_widened_unix_socket_queues_whole_records_before_its_writer_blocks() -> None:
+    """Linux's default unix send buffer holds less than one record, so QEMU and the relay took turns."""
+    narrow, _narrow_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    wide, _wide_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    widen_send_buffer(wide)
+    assert wide.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= RELAY_SOCKET_BUFFER
+    assert _queued_without_reader(narrow) < 1024 * 1024 < RELAY_SOCKET_BUFFER <= _queued_without_reader(wide)
+
+
+def test_a_main_channel_handed_over_as_a_socket_crosses_without_a_listener() -> None:
+    """The fd: path: QEMU writes into a socket of ours; the pump takes it without accepting anything."""
+    payload = os.urandom(3_000_000)
+    ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    wire_send, wire_recv = socket.socketpair()
+    qemu_in, qemu_out = socket.socketpair()
+    key, iv = keys_for(0)
+    group = SourcePumps([SourcePump(0, DataStreamWriter(AeadProtection(key, iv), NPAGES), wire_send, TIMEOUT,
+                                    StreamDigest(16))], first=ours)  # fmt: skip
+    group.start()
+    threading.Thread(target=lambda: (qemus.sendall(payload), qemus.close())).start()
+    received = bytearray()
+    drain = threading.Thread(target=_drain, args=(qemu_out, received))
+    drain.start()
+    digest = StreamDigest(16)
+    fed = feed_qemu(wire_recv, DataStreamReader(AeadProtection(key, iv), NPAGES), qemu_in, digest)
+    qemu_in.close()
+    drain.join(TIMEOUT)
+    group.wait(TIMEOUT)
+    assert bytes(received) == payload and fed == len(payload) == group.stream_bytes
+    assert digest.hexdigest() == group.digest()
+
+
+def test_extra_channels_need_a_listener() -> None:
+    key, iv = keys_for(0)
+    pumps = [SourcePump(i, DataStreamWriter(AeadProtection(key, iv), NPAGES), socket.socketpair()[0], TIMEOUT,
+                        StreamDigest(16)) for i in range(2)]  # fmt: skip
+    with pytest.raises(ValueError, match="need a listener"):
+        SourcePumps(pumps, first=socket.socketpair()[0])
+    with pytest.raises(ValueError, match="need a listener"):
+        SourcePumps(pumps[:1])

@@ -80,6 +80,7 @@ from sealift.agent.qemu_relay import (
     read_record,
     send_opaque,
     stream_label,
+    widen_send_buffer,
 )
 from sealift.agent.qemu_vms import QemuVmRegistry, network_like
 from sealift.agent.store import IN_DOUBT, SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
@@ -441,12 +442,7 @@ class QemuOutgoingMigration(SourceCoordinator):
                 extra_sockets.append(open_data_stream(address, session, index, timeout))
                 pumps.append(SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // PAGE, None),
                                         extra_sockets[-1], timeout, StreamDigest(outgoing.overhead)))  # fmt: skip
-            listener.bind(str(sock_dir / "m.sock"))
-            listener.listen(len(pumps))
-            group = self._pump = SourcePumps(listener, pumps)
-            group.start()
-            self._phase("precopy")
-            vm.migrate(f"unix:{sock_dir / 'm.sock'}")
+            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir / "m.sock")
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
             return _Transfer(
@@ -459,6 +455,33 @@ class QemuOutgoingMigration(SourceCoordinator):
             for sock in extra_sockets:
                 sock.close()
             shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _start_pumps(self, vm: QemuVM, pumps: list[SourcePump], listener: socket.socket, path: Path) -> SourcePumps:
+        """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
+
+        Our own socket gets a deep send buffer, so that QEMU writes on while
+        the pump seals and sends; QEMU's multifd channels connect by themselves.
+        """
+        self._phase("precopy")
+        if len(pumps) == 1:
+            ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            widen_send_buffer(qemus)
+            group = SourcePumps(pumps, first=ours)
+            group.start()
+            try:
+                vm.migrate_to_socket(qemus)
+            except BaseException:
+                group.stop()
+                raise
+            finally:
+                qemus.close()  # QEMU holds its own copy
+            return group
+        listener.bind(str(path))
+        listener.listen(len(pumps))
+        group = SourcePumps(pumps, listener=listener)
+        group.start()
+        vm.migrate(f"unix:{path}")
+        return group
 
     def _transfer_direct(self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter,
                          destination: tuple[str, int]) -> _Transfer:  # fmt: skip
@@ -1046,6 +1069,7 @@ class QemuIncomingMigration(DestinationCoordinator):
                     raise QemuError(f"destination QEMU did not listen on {path} within {QEMU_CONNECT_TIMEOUT_S:.0f} s")
                 time.sleep(0.02)
         sock.settimeout(self._config.step_timeout_s)
+        widen_send_buffer(sock)  # the feeder runs ahead of QEMU instead of taking turns with it
         return sock
 
     def _wait_incoming_complete(self) -> None:

@@ -163,7 +163,7 @@ class BenchLab:
             )
             self.cluster = cluster
             cluster.start()
-            _warm_guest_image(cluster, "host-b")
+            warm_guest_image(cluster, "host-b")
         return self.cluster
 
     # -- measurement helpers ----------------------------------------------------------
@@ -399,10 +399,10 @@ def _start_qemu_for_agent(lab: BenchLab, cell: Cell) -> None:
         vm = registry.start(VM_NAME, cell.memory_mib, cell.guest_cmdline(), net=lab.guest_net())
     vm.close()  # QMP takes one client: the agent's
     cluster.start("host-a")
-    _warm_guest_image(cluster, "host-a")
+    warm_guest_image(cluster, "host-a")
 
 
-def _warm_guest_image(cluster: Any, host: str) -> None:
+def warm_guest_image(cluster: Any, host: str) -> None:
     """Have an agent look up the guest image now, not inside the timed migration.
 
     A fresh agent finds the cached image on first use (hashing its inputs takes ~1.2 s here) and keeps

@@ -167,6 +167,21 @@ class QmpConnection:
             raise QmpDisconnected(f"{command}: not connected to QEMU's QMP socket {self.socket_path}")
         return _run(self._execute(client, command, arguments), timeout, command)
 
+    def pass_fd(self, fd: int, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Give QEMU a copy of `fd` (SCM_RIGHTS) under `name`, for URIs such as ``fd:name``."""
+        client = self._client
+        if client is None:
+            raise QmpDisconnected(f"getfd: not connected to QEMU's QMP socket {self.socket_path}")
+        _run(self._pass_fd(client, fd, name), timeout, "getfd")
+
+    @classmethod
+    async def _pass_fd(cls, client: QMPClient, fd: int, name: str) -> None:
+        try:
+            client.send_fd_scm(fd)  # on the loop's thread: it writes to the QMP socket directly
+        except (QMPError, OSError) as exc:
+            raise QmpDisconnected(f"getfd: could not pass the descriptor ({exc!r}): did QEMU exit?") from exc
+        await cls._execute(client, "getfd", {"fdname": name})
+
     @staticmethod
     async def _execute(client: QMPClient, command: str, arguments: Mapping[str, Any] | None) -> Any:
         try:

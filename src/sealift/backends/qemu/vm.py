@@ -504,6 +504,18 @@ class QemuVM:
         """Start an outgoing migration (returns at once; follow it with :meth:`query_migrate`)."""
         self.qmp("migrate", {"uri": uri})
 
+    def migrate_to_socket(self, sock: socket.socket, name: str = "sealift-migration") -> None:
+        """Start an outgoing migration into `sock`, a connected socket of ours that QEMU gets a copy of.
+
+        Unlike ``unix:`` (QEMU opens the socket), the caller sets the socket's
+        options first, e.g. a send buffer deep enough to keep QEMU writing.
+        """
+        try:
+            self._qmp.pass_fd(sock.fileno(), name)
+        except QmpError as exc:
+            raise QemuError(f"VM {self.name}: {exc}") from exc
+        self.migrate(f"fd:{name}")
+
     def migrate_incoming(self, uri: str) -> None:
         """Listen for the incoming stream (the VM must have been started with incoming="defer")."""
         self.qmp("migrate-incoming", {"uri": uri})
