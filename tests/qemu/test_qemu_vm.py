@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -147,6 +148,28 @@ def test_qemu_refusals_are_reported(vms: VmPool) -> None:
     vm = vms.start(vms.new_dir(), "refuse", 128)
     with pytest.raises(QemuError, match="QEMU refused migrate-incoming"):
         vm.migrate_incoming("unix:/nonexistent/x.sock")  # not started with -incoming defer
+
+
+def test_migration_into_a_socket_of_ours_and_a_refused_one_keeps_no_descriptor(vms: VmPool) -> None:
+    """The sealift transport's source side: QEMU writes its stream into a socket the agent handed over (fd:)."""
+    vm = vms.start(vms.new_dir(), "fdout", 128)
+    ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    vm.migrate_to_socket(qemus)
+    qemus.close()
+    ours.settimeout(10)
+    assert ours.recv(4, socket.MSG_WAITALL) == b"QEVM"  # QEMU's stream header, written into our socket
+
+    other, others_qemu = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with pytest.raises(QemuError, match="QEMU refused migrate"):  # one migration at a time
+        vm.migrate_to_socket(others_qemu, name="second")
+    others_qemu.close()
+    other.settimeout(5)
+    assert other.recv(1) == b""  # QEMU dropped the descriptor it was given: every copy of that end is closed
+
+    vm.migrate_cancel()
+    assert wait_for(lambda: vm.query_migrate().get("status") == "cancelled", 10)
+    assert vm.status() == "running"
+    ours.close()
 
 
 def test_accelerator_choice(guest_image: GuestImagePaths) -> None:

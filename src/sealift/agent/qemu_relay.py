@@ -31,7 +31,7 @@ MAX_EXTRA_STREAMS = 16  # multifd channels QEMU allows are more; more than this 
 # (net.core.wmem_default, 208 KiB) is less than one record: the writer then
 # blocks until the reader drains it, and QEMU and the relay take turns
 # instead of running side by side (1 GiB guest here: 1.7x plain's time with
-# the default on both sockets, about plain's with this). The kernel doubles
+# the default on both sockets, 1.1x with this). The kernel doubles
 # the figure for its bookkeeping: 4 MiB of queue, as deep as TCP's own.
 RELAY_SOCKET_BUFFER = 2 * 1024 * 1024
 

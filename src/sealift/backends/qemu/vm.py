@@ -514,7 +514,18 @@ class QemuVM:
             self._qmp.pass_fd(sock.fileno(), name)
         except QmpError as exc:
             raise QemuError(f"VM {self.name}: {exc}") from exc
-        self.migrate(f"fd:{name}")
+        try:
+            self.migrate(f"fd:{name}")
+        except QemuError:
+            self._close_named_fd(name)
+            raise
+
+    def _close_named_fd(self, name: str) -> None:
+        """Drop a descriptor passed with getfd that no migration took (else QEMU keeps it open)."""
+        try:
+            self.qmp("closefd", {"fdname": name})
+        except QemuError:
+            pass  # already taken by the refused command, or QEMU is gone: nothing left open either way
 
     def migrate_incoming(self, uri: str) -> None:
         """Listen for the incoming stream (the VM must have been started with incoming="defer")."""
