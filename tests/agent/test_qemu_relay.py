@@ -165,6 +165,15 @@ def test_a_widened_unix_socket_queues_whole_records_before_its_writer_blocks() -
     assert _queued_without_reader(narrow) < 1024 * 1024 < RELAY_SOCKET_BUFFER <= _queued_without_reader(wide)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may exceed net.core.wmem_max")
+def test_root_widens_past_the_kernels_cap() -> None:
+    """On a stock kernel wmem_max is 208 KiB: a capped SO_SNDBUF would leave the queue as narrow as before."""
+    cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    sock, _peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    widen_send_buffer(sock, 2 * cap)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 4 * cap  # the kernel doubles what it grants
+
+
 def test_a_main_channel_handed_over_as_a_socket_crosses_without_a_listener() -> None:
     """The fd: path: QEMU writes into a socket of ours; the pump takes it without accepting anything."""
     payload = os.urandom(3_000_000)

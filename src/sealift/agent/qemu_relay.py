@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -34,14 +35,17 @@ MAX_EXTRA_STREAMS = 16  # multifd channels QEMU allows are more; more than this 
 # the default on both sockets, 1.1x with this). The kernel doubles
 # the figure for its bookkeeping: 4 MiB of queue, as deep as TCP's own.
 RELAY_SOCKET_BUFFER = 2 * 1024 * 1024
+# Python's socket module does not name SO_SNDBUFFORCE; 32 is its number on
+# Linux (asm-generic, x86 and arm). Without it the size is capped at
+# net.core.wmem_max, 208 KiB on a stock kernel: no wider than the default.
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform == "linux" else None)
 
 
 def widen_send_buffer(sock: socket.socket, size: int = RELAY_SOCKET_BUFFER) -> None:
     """Let `sock` queue `size` bytes before a send blocks (root may exceed net.core.wmem_max)."""
-    force = getattr(socket, "SO_SNDBUFFORCE", None)
-    if force is not None and os.geteuid() == 0:
+    if SO_SNDBUFFORCE is not None and os.geteuid() == 0:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
             return
         except OSError:
             pass  # no CAP_NET_ADMIN in this namespace: the capped option below still helps
@@ -246,11 +250,13 @@ class SourcePumps:
             if self._first is not None:
                 self.pumps[0].start(self._first)
                 waiting = self.pumps[1:]
-            for pump in waiting:
-                assert self._listener is not None
-                self._listener.settimeout(QEMU_CONNECT_TIMEOUT_S)
-                conn, _ = self._listener.accept()
-                pump.start(conn)
+            if waiting:
+                listener = self._listener
+                assert listener is not None  # checked in __init__
+                listener.settimeout(QEMU_CONNECT_TIMEOUT_S)
+                for pump in waiting:
+                    conn, _ = listener.accept()
+                    pump.start(conn)
         except BaseException as exc:
             self._accept_error = exc
 
