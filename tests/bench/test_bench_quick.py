@@ -72,6 +72,13 @@ def test_quick_bench_prints_one_run_per_transport(tmp_path: Path) -> None:
     assert "Migration time (s)" in table and "Confidentiality and integrity" in table
     full = json.loads((results / "results.json").read_text())
     assert len(full["runs"]) == len(runs) and full["summaries"]
+    assert "Downtime, stop to running (ms)" in table
+    for run in full["runs"]:
+        if run["backend"] == "qemu" and run["error"] is None:
+            # Source stopped -> guest running on the destination: a span that contains QEMU's own downtime.
+            where = run["transport"]
+            assert run["downtime_to_running_ms"] is not None, where
+            assert run["downtime_to_running_ms"] >= (run["qemu_downtime_ms"] or 0) - 5, (where, run)
     assert (results / "time.png").stat().st_size > 0 if _has_matplotlib() else True
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -160,6 +160,11 @@ def test_qemu_guest_moves_through_the_sealift_channel(cluster: LocalCluster, rel
     assert wait_counter(dst, last_on_source, 30) >= last_on_source
     assert (wait_probe(after, 20) or 0) >= last_on_source  # host-b's own port forward
     assert {e["event"] for e in events} >= {"phase", "transfer"}
+    # Where the downtime went, in the order it happened, ending with the reported figure.
+    steps = report["downtime_breakdown_ms"]
+    assert list(steps) == ["switchover_check", "stream_sent", "prepared_receipt", "commit_sent", "running_receipt"]
+    assert list(steps.values()) == sorted(steps.values())
+    assert steps["running_receipt"] == report["downtime_ms"]
 
     captured = relay.captured()
     assert len(captured) > 16 << 20  # the relay did carry the guest's memory

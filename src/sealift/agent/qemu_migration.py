@@ -580,6 +580,7 @@ class QemuOutgoingMigration(SourceCoordinator):
                 self._phase("stop-and-copy")
                 self._check_destination(data)
                 vm.migrate_continue("pre-switchover")
+                self._mark("switchover_check", paused_at)  # how much of QEMU's downtime our check holds it
             elif status == "completed":
                 if paused_at is None:  # too quick to see pre-switchover: take QEMU's stop event
                     paused_at = _stop_time(vm, time.monotonic())

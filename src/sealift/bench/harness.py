@@ -48,6 +48,7 @@ TAP = "sbtap0"
 VM_NAME = "benchvm"
 AGENT_PORT = 7440
 UNCAPPED_BPS = 1 << 40  # QEMU's max-bandwidth, bytes/s: lifted, or every transport looks the same
+EVENT_WAIT_S = 0.5  # for the destination's RESUME event once it reports running
 DOWNTIME_LIMIT_MS = 300  # sealift's default (engine/options.py), given to every QEMU
 BOOT_TIMEOUT_S = 240.0
 MIGRATION_TIMEOUT_S = 300.0  # default: a migration that has not converged by then is not live in practice
@@ -301,6 +302,7 @@ def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repet
         result.qemu_total_ms = info.get("total-time")
         result.qemu_downtime_ms = info.get("downtime")
         result.downtime_ms = result.qemu_downtime_ms
+        result.downtime_to_running_ms = stop_to_resume_ms(source, destination)
         result.bytes = rx + tx
         _apply_cpu(result, figures)
         result.detail |= {"bytes_to_destination": rx, "bytes_to_source": tx, "packets": counter.packets,
@@ -321,6 +323,30 @@ def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repet
             result.error = result.error or f"tear-down of {transport.name}: {exc}"
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def stop_to_resume_ms(source: QemuVM, destination: QemuVM) -> float | None:
+    """From the source QEMU's STOP event to the destination's RESUME, by QEMU's own timestamps.
+
+    Both QEMUs run on this machine (namespaces share its clock). None if an
+    event is missing (QMP keeps the recent ones only).
+    """
+    stopped, resumed = _event_time(source, "STOP"), _event_time(destination, "RESUME")
+    deadline = time.monotonic() + EVENT_WAIT_S
+    while resumed is None and time.monotonic() < deadline:  # QMP delivers the event a moment after the state
+        destination.wait_event(0.01)
+        resumed = _event_time(destination, "RESUME")
+    if stopped is None or resumed is None or resumed < stopped:
+        return None
+    return round((resumed - stopped) * 1000.0, 1)
+
+
+def _event_time(vm: QemuVM, name: str) -> float | None:
+    for event in reversed(vm.recent_events()):
+        if event.get("event") == name:
+            stamp = event.get("timestamp", {})
+            return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    return None
 
 
 def _record_failure(result: RunResult, exc: Exception) -> None:
@@ -456,6 +482,7 @@ def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: in
             raise BenchError(f"migration ended {report.get('status')}: {report.get('error')}")
         result.total_time_s = round(float(report["total_time_s"]), 3)
         result.downtime_ms = round(float(report["downtime_ms"]), 1)
+        result.downtime_to_running_ms = result.downtime_ms  # the agent counts from QEMU's STOP to the running receipt
         result.qemu_total_ms, result.qemu_downtime_ms = _qemu_figures(report)
         result.bytes = rx + tx
         _apply_cpu(result, figures)
