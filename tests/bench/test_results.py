@@ -61,6 +61,8 @@ def test_summaries_count_failures_and_exclude_them_from_the_figures() -> None:
 
 def test_table4_has_the_dissertations_rows_and_one_column_per_transport() -> None:
     runs = [run("plain", 0, 2.0, probe=None), run("ssh", 0, 3.0), run("sealift", 0, 2.2)]
+    for one, stream_ms, to_running in zip(runs, (1800.0, 2700.0, None), (64.0, 75.5, 90.0)):
+        one.qemu_total_ms, one.downtime_to_running_ms = stream_ms, to_running
     fill_ratios(runs)
     table = table4_markdown(summarise(runs, ["plain", "ssh", "sealift"]))
     lines = table.splitlines()
@@ -70,6 +72,8 @@ def test_table4_has_the_dissertations_rows_and_one_column_per_transport() -> Non
     assert rows["Migration time (s)"] == ["2.00", "3.00", "2.20"]
     assert rows["vs plain"] == ["1.00", "1.50", "1.10"]
     assert rows["Downtime, probed (ms)"] == ["–", "80", "80"]
+    assert rows["QEMU's own stream time (s)"] == ["1.80", "2.70", "–"]
+    assert rows["Downtime, stop to running (ms)"] == ["64", "76", "90"]
     assert rows["Peak CPU (% of one core)"] == ["150", "150", "150"]
     assert rows["On the wire (MiB)"] == ["300", "300", "300"]
     assert rows["Confidentiality and integrity"][0] == "no"
