@@ -14,9 +14,10 @@ agent for every sample) from just before the migration order to its report. Writ
 
     .venv/bin/python bench/profile_agents.py --memory 1G --out bench/results/profile-1g
 
-py-spy only sees samples where a thread runs (not --idle), so a thread's
-samples / rate is its CPU time; the migration's own CPU figures (per
-process, from /proc) are in the summary beside them.
+py-spy drops the samples of threads it sees waiting (no --idle), but it
+cannot always tell a thread blocked in a system call from one running in
+it, so samples / rate over-counts CPU: take the CPU seconds from /proc
+(printed beside them) and the profile for where they go.
 """
 
 from __future__ import annotations
@@ -72,12 +73,17 @@ def stop_profiler(process: subprocess.Popen[bytes]) -> None:
 _FRAME_FILE = re.compile(r" \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
-def frame_name(frame: str) -> str:
-    """`send (sealift/agent/qemu_relay.py:180)` -> `send (qemu_relay.py)`: lines apart, one function."""
+def frame_name(frame: str, keep_line: bool = False) -> str:
+    """`_run (sealift/agent/qemu_relay.py:180)` -> `_run (qemu_relay.py)`, or `_run (qemu_relay.py:180)`.
+
+    Self time keeps the line: a relay loop's time is in the C call on one
+    of its lines (recv, seal, send), which Python frames alone cannot name.
+    """
     match = _FRAME_FILE.search(frame)
     if match is None:
         return frame
-    return f"{frame[: match.start()]} ({Path(match['file']).name})"
+    where = frame[match.start() + 2 : -1] if keep_line else match["file"]
+    return f"{frame[: match.start()]} ({Path(where).name})"
 
 
 def read_folded(path: Path) -> dict[str, ThreadProfile]:
@@ -93,15 +99,18 @@ def read_folded(path: Path) -> dict[str, ThreadProfile]:
         profile = threads[thread]
         profile.samples += count
         if functions:
-            profile.self_samples[functions[-1]] += count
+            profile.self_samples[frame_name(frames[-1], keep_line=True)] += count
         for name in set(functions):
             profile.inclusive[name] += count
     return threads
 
 
 def _thread_label(frame: str) -> str:
-    """py-spy names a thread `thread (0x7f..)` or by its name: keep the name, drop the address."""
-    return re.sub(r"\s*\(?0x[0-9a-f]+\)?", "", frame).strip() or frame
+    """py-spy's thread frame is `thread (22808): qemu-pump-out-0`: keep the name, the id differs per run."""
+    match = re.fullmatch(r"thread \((?:0x)?[0-9a-f]+\)(?::\s*(?P<name>.+))?", frame.strip())
+    if match is None:
+        return frame
+    return match["name"] or frame
 
 
 def summarize(threads: dict[str, ThreadProfile], rate: int) -> dict[str, object]:
@@ -126,7 +135,7 @@ def markdown(args: argparse.Namespace, report: dict, cpu: dict[str, float], agen
         for thread in summary["threads"]:  # type: ignore[union-attr]
             if thread["cpu_s"] < 0.02:
                 continue
-            lines += [f"### thread {thread['thread']}: {thread['cpu_s']:.2f} CPU-s", "",
+            lines += [f"### thread `{thread['thread']}`: {thread['cpu_s']:.2f} CPU-s sampled", "",
                       "| self | function | | inclusive | function |", "|---:|---|---|---:|---|"]  # fmt: skip
             for own, inner in zip(thread["self"], thread["inclusive"]):
                 lines.append(f"| {own['share']:.0%} | `{own['function']}` | | {inner['share']:.0%} | `{inner['function']}` |")
