@@ -430,8 +430,9 @@ class QemuOutgoingMigration(SourceCoordinator):
         One data stream per QEMU connection: the main channel on the stream
         already open, each multifd channel on one more, keyed on its own.
         """
-        sock_dir = _private_dir("sl-qout-")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Only multifd needs a listener: QEMU opens those channels itself. The main channel alone goes by fd:.
+        sock_dir = _private_dir("sl-qout-") if extra_sessions else None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if extra_sessions else None
         timeout = self._config.step_timeout_s
         pumps = [SourcePump(0, writer, data, timeout, self._digest)]
         extra_sockets: list[socket.socket] = []
@@ -442,7 +443,7 @@ class QemuOutgoingMigration(SourceCoordinator):
                 extra_sockets.append(open_data_stream(address, session, index, timeout))
                 pumps.append(SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // PAGE, None),
                                         extra_sockets[-1], timeout, StreamDigest(outgoing.overhead)))  # fmt: skip
-            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir / "m.sock")
+            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
             return _Transfer(
@@ -451,19 +452,22 @@ class QemuOutgoingMigration(SourceCoordinator):
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
             )  # fmt: skip
         finally:
-            listener.close()
+            if listener is not None:
+                listener.close()
             for sock in extra_sockets:
                 sock.close()
-            shutil.rmtree(sock_dir, ignore_errors=True)
+            if sock_dir is not None:
+                shutil.rmtree(sock_dir, ignore_errors=True)
 
-    def _start_pumps(self, vm: QemuVM, pumps: list[SourcePump], listener: socket.socket, path: Path) -> SourcePumps:
+    def _start_pumps(self, vm: QemuVM, pumps: list[SourcePump], listener: socket.socket | None,
+                     sock_dir: Path | None) -> SourcePumps:  # fmt: skip
         """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
 
         Our own socket gets a deep send buffer, so that QEMU writes on while
         the pump seals and sends; QEMU's multifd channels connect by themselves.
         """
         self._phase("precopy")
-        if len(pumps) == 1:
+        if listener is None or sock_dir is None:
             ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             widen_send_buffer(qemus)
             group = SourcePumps(pumps, first=ours)
@@ -476,6 +480,7 @@ class QemuOutgoingMigration(SourceCoordinator):
             finally:
                 qemus.close()  # QEMU holds its own copy
             return group
+        path = sock_dir / "m.sock"
         listener.bind(str(path))
         listener.listen(len(pumps))
         group = SourcePumps(pumps, listener=listener)
