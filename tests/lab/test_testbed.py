@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sealift.lab.capture import Capture, find_in_capture, ip_protocols
+from sealift.lab.capture import Capture, dropped_packets, find_in_capture, ip_protocols
 from sealift.lab.netns import enter_netns, netns_exists
 from sealift.lab.relay import Relay
 from sealift.lab.testbed import NETNS_DIR, LinkShape, Testbed, remove_stale
@@ -68,6 +68,13 @@ def test_migration_traffic_is_routed_through_the_attacker_and_captured(testbed: 
     assert len(finding.flows) == 1
     assert finding.flows[0].startswith(f"{testbed.source_ip}:") and finding.flows[0].endswith(f"{testbed.destination_ip}:7000")
     assert ip_protocols(capture.path).get(6, 0) >= 3  # TCP crossed the attacker's link (GSO: few, large frames)
+    assert capture.dropped == 0  # tshark said how many it lost when it stopped: none
+
+
+def test_tsharks_drop_report_is_read() -> None:
+    assert dropped_packets("Capturing on 'to-src'\n1918 packets captured\n") == 0
+    assert dropped_packets("1918 packets captured\n16 packets dropped from to-src\n") == 16
+    assert dropped_packets("1 packet dropped from a\n2 packets dropped from b\n") == 3
 
 
 def test_the_vm_network_is_one_segment_across_hosts(testbed: Testbed) -> None:

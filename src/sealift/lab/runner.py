@@ -385,12 +385,13 @@ class LabRun:
         return running
 
     @staticmethod
-    def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition",
+                 interval: float = 0.05) -> None:  # fmt: skip
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what}: not reached in {timeout:.0f} s")
-            time.sleep(0.05)
+            time.sleep(interval)
 
     # -- the run ---------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ from cryptography.x509.oid import NameOID
 
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, Backend, attack
-from sealift.lab.capture import Capture, Finding, find_in_capture, ip_protocols
-from sealift.lab.netns import enter_netns, netns_argv
+from sealift.lab.capture import Finding, dropped_note, find_in_capture, ip_protocols
+from sealift.lab.netns import enter_netns
 from sealift.lab.relay import Relay, Tamper
 from sealift.lab.runner import LabRun, MigrationFailed
 from sealift.security.identity import ClusterCA, HostIdentity
@@ -84,6 +84,7 @@ def passive_snooping(lab: LabRun, backend: Backend) -> list[AttackResult]:
     capture = lab.capture(f"T1-{backend}-plain")
     plain_report = _plain(lab, plain, backend)
     plain_pcap = capture.stop()
+    plain_dropped = capture.dropped
     plain_hit = find_in_capture(plain_pcap, SECRET)
     plain_copies = lab.running_copies(plain, VM)
     lab.finish(plain)  # one guest named vm1 at a time on the VM network (its MAC comes from its name)
@@ -101,8 +102,9 @@ def passive_snooping(lab: LabRun, backend: Backend) -> list[AttackResult]:
     copies = lab.running_copies(secure, VM)
     blocked = not hit.found and saw_migration and report["status"] == "completed"
     evidence = (
-        f"baseline ({plain_report.get('transport')}): secret in {_describe(plain_hit, plain_pcap)}; "
-        f"sealift ({report.get('transport')}): {_describe(hit, pcap)} ({size_mib:.0f} MiB, {tcp_packets} TCP packets)"
+        f"baseline ({plain_report.get('transport')}): secret in {_describe(plain_hit, plain_pcap)}"
+        f"{dropped_note(plain_dropped)}; sealift ({report.get('transport')}): {_describe(hit, pcap)} "
+        f"({size_mib:.0f} MiB, {tcp_packets} TCP packets){dropped_note(capture.dropped)}"
     )
     return [AttackResult(
         "T1", "passive snooping: search the capture for the guest's secret", backend,
@@ -110,7 +112,7 @@ def passive_snooping(lab: LabRun, backend: Backend) -> list[AttackResult]:
         details={"baseline_pcap": str(plain_pcap), "baseline_offsets": plain_hit.file_offsets,
                  "baseline_flows": plain_hit.flows, "sealift_pcap": str(pcap), "sealift_offsets": hit.file_offsets,
                  "sealift_capture_mib": round(size_mib, 1), "sealift_tcp_packets": tcp_packets,
-                 "baseline_copies": plain_copies},
+                 "baseline_copies": plain_copies, "baseline_dropped": plain_dropped, "sealift_dropped": capture.dropped},
     )]  # fmt: skip
 
 
@@ -603,35 +605,6 @@ class _RsaTunnel:
                 pass
 
 
-@dataclass
-class _BufferedCapture(Capture):
-    """The attacker's capture with a large kernel buffer (dumpcap -B).
-
-    On a loaded lab machine the default 2 MiB buffer drops segments of a fast stream (measured: 21
-    lost segments in a 61 MB QEMU stream, none with 64 MiB), and tshark cannot decrypt the TLS
-    records after a lost segment: the decrypting attacker needs the whole session.
-    """
-
-    buffer_mib: int = 64
-
-    def start(self, timeout: float = 15.0) -> "Capture":
-        argv = ["tshark", "-q", "-n", "-i", self.interface, "-B", str(self.buffer_mib),
-                "-F", "pcap", "-w", str(self.path)]  # fmt: skip
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(netns_argv(self.netns, argv), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)  # fmt: skip
-        self._await_capturing(timeout)
-        return self
-
-
-def _full_capture(lab: LabRun, name: str) -> Capture:
-    """Like lab.capture(name): tshark on the attacker's link to the source, stopped with the run's captures."""
-    capture = _BufferedCapture(lab.testbed.ns("attacker"), "to-src", lab.results_dir / f"{name}.pcap")
-    capture.start()
-    lab._captures.append(capture)
-    return capture
-
-
 def _rsa_identity(directory: Path, name: str) -> tuple[Path, Path]:
     """A fresh RSA-2048 key and self-signed certificate for the baseline tunnel's server: (key, cert) paths."""
     cert_path, key_path = _self_signed(directory, name, rsa.generate_private_key(public_exponent=65537, key_size=2048),
@@ -706,7 +679,7 @@ def _rsa_baseline(lab: LabRun, backend: Backend) -> tuple[str, str, dict]:
     _route_to(cluster, "host-a", "host-b", tunnel.address)
     cluster.start()
     lab.start_vm(cluster, "host-a", VM, backend, workload="idle")  # a short stream: it is paced
-    capture = _full_capture(lab, f"T13-{backend}-baseline")
+    capture = lab.capture(f"T13-{backend}-baseline")
     # QEMU: its stream on the agents' data stream in clear, so it takes the agents' route (the tunnel).
     report = lab.migrate(cluster, VM, {"secure": False}, transport=None if backend == "builtin" else "sealift-plain")
     pcap = capture.stop()
@@ -760,7 +733,7 @@ def _old_captures(lab: LabRun, backend: Backend) -> AttackResult:
     lab.start_vm(cluster, "host-a", VM, backend)
     pcaps = []
     for index, (source, destination) in enumerate((("host-a", "host-b"), ("host-b", "host-a"))):
-        capture = _full_capture(lab, f"T13-{backend}-session{index + 1}")
+        capture = lab.capture(f"T13-{backend}-session{index + 1}")
         _secure(lab, cluster, backend, source=source, destination=destination)
         pcaps.append(capture.stop())
     ports = sorted({address[1] for address in cluster.addresses.values()})

@@ -40,7 +40,7 @@ from sealift.ipsec.tunnel import TunnelHost, migration_identity, static_psk_tunn
 from sealift.ipsec.vici_client import ViciClient
 from sealift.lab.attacks.base import AttackResult, Backend, attack
 from sealift.lab.attacks.channel import SECRET, VM, _describe, _plain, _short, _where
-from sealift.lab.capture import Capture, find_in_capture, read_packets, tcp_streams
+from sealift.lab.capture import Capture, dropped_note, find_in_capture, read_packets, tcp_streams
 from sealift.lab.netns import enter_netns
 from sealift.lab.runner import LabRun
 
@@ -99,9 +99,10 @@ def _plain_baseline(lab: LabRun) -> tuple[bool, str, dict]:
     hit = find_in_capture(pcap, SECRET)
     copies = lab.running_copies(cluster, VM)
     lab.finish(cluster)  # one guest named vm1 at a time on the VM network
-    evidence = f"baseline ({report.get('transport')}): secret in {_describe(hit, pcap)}"
+    evidence = f"baseline ({report.get('transport')}): secret in {_describe(hit, pcap)}{dropped_note(capture.dropped)}"
     return hit.found, evidence, {"baseline_pcap": str(pcap), "baseline_offsets": hit.file_offsets,
-                                 "baseline_flows": hit.flows, "baseline_copies": copies}  # fmt: skip
+                                 "baseline_flows": hit.flows, "baseline_copies": copies,
+                                 "baseline_dropped": capture.dropped}  # fmt: skip
 
 
 def traffic_between(pcap: Path, a: str, b: str) -> dict[str, int]:

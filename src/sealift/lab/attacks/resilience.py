@@ -138,6 +138,7 @@ def _seconds(reaction: str) -> float:
 PHASES = ("precopy", "stop-and-copy", "after prepared")
 ACTIONS = ("kill destination agent", "kill source agent", "cut the link")
 RECOVERY_TIMEOUT_S = 40.0
+STRIKE_POLL_S = 0.005
 LEFTOVER_GRACE_S = 8.0  # a stopped source copy is released once the handover is resolved
 
 
@@ -248,7 +249,9 @@ def _one_failure(lab: LabRun, cluster: LocalCluster, relays: dict, backend: Back
     events_at_strike: list[object] = []
     try:
         try:
-            lab.wait_for(lambda: running.saw(_reached(phase)) or running.done(), 60, f"the migration reaching {phase}")
+            # Polled every 5 ms: a built-in stop-and-copy can end within one 50 ms gap, and then nothing is struck.
+            lab.wait_for(lambda: running.saw(_reached(phase)) or running.done(), 60, f"the migration reaching {phase}",
+                         interval=STRIKE_POLL_S)  # fmt: skip
         except TimeoutError:
             pass  # reported below as "ended before {phase} was seen"
         struck = running.saw(_reached(phase)) and not running.done()
