@@ -97,6 +97,7 @@ from sealift.backends.qemu.direct import (
     tcp_uri,
 )
 from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.engine.options import MigrationOptions
 from sealift.ipsec.charon import CharonError, HostCharon
@@ -739,14 +740,11 @@ def _recover_one(store: AgentStore, qemu_vms: QemuVmRegistry, record: MigrationR
 
 def _stop_time(vm: QemuVM, fallback: float) -> float:
     """When the guest stopped (QEMU's STOP event), on our monotonic clock."""
-    for event in reversed(vm.recent_events()):
-        if event.get("event") == "STOP":
-            stamp = event.get("timestamp", {})
-            wall = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
-            age = time.time() - wall
-            if 0 <= age < 60:
-                return time.monotonic() - age
-    return fallback
+    wall = last_event_time(vm.recent_events(), "STOP")
+    if wall is None:
+        return fallback
+    age = time.time() - wall
+    return time.monotonic() - age if 0 <= age < 60 else fallback
 
 
 def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:

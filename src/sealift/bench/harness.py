@@ -32,6 +32,7 @@ from typing import Any
 
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.vm import QemuVM
 from sealift.bench.prober import GapProber
 from sealift.bench.results import ALL_TRANSPORTS, RunResult, fill_ratios, interleaved_schedule
@@ -331,22 +332,15 @@ def stop_to_resume_ms(source: QemuVM, destination: QemuVM) -> float | None:
     Both QEMUs run on this machine (namespaces share its clock). None if an
     event is missing (QMP keeps the recent ones only).
     """
-    stopped, resumed = _event_time(source, "STOP"), _event_time(destination, "RESUME")
+    stopped = last_event_time(source.recent_events(), "STOP")
+    resumed = last_event_time(destination.recent_events(), "RESUME")
     deadline = time.monotonic() + EVENT_WAIT_S
     while resumed is None and time.monotonic() < deadline:  # QMP delivers the event a moment after the state
         destination.wait_event(0.01)
-        resumed = _event_time(destination, "RESUME")
+        resumed = last_event_time(destination.recent_events(), "RESUME")
     if stopped is None or resumed is None or resumed < stopped:
         return None
     return round((resumed - stopped) * 1000.0, 1)
-
-
-def _event_time(vm: QemuVM, name: str) -> float | None:
-    for event in reversed(vm.recent_events()):
-        if event.get("event") == name:
-            stamp = event.get("timestamp", {})
-            return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
-    return None
 
 
 def _record_failure(result: RunResult, exc: Exception) -> None:

@@ -143,8 +143,8 @@ class Spread:
 
 NOTE_KEYS = ("cipher", "ipsec_backend", "esp")  # run details worth showing next to the implementation
 SUMMARY_METRICS = ("total_time_s", "downtime_ms", "downtime_to_running_ms", "downtime_probe_ms", "qemu_total_ms",
-                   "qemu_downtime_ms",
-                   "bytes", "throughput_mib_s", "cpu_s", "peak_cpu_pct", "machine_cpu_s", "ratio_to_plain")  # fmt: skip
+                   "qemu_downtime_ms", "bytes", "throughput_mib_s", "cpu_s", "peak_cpu_pct", "machine_cpu_s",
+                   "ratio_to_plain")  # fmt: skip
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, StateError
 
-__all__ = ["QmpCommandError", "QmpConnection", "QmpDisconnected", "QmpError", "QmpTimeout"]
+__all__ = ["QmpCommandError", "QmpConnection", "QmpDisconnected", "QmpError", "QmpTimeout", "last_event_time"]
 
 T = TypeVar("T")
 
@@ -190,3 +190,12 @@ class QmpConnection:
             raise QmpCommandError(command, exc.error_class, exc.error.error.desc) from exc
         except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
             raise QmpDisconnected(f"{command}: the QMP connection was lost ({exc!r}): did QEMU exit?") from exc
+
+
+def last_event_time(events: list[dict[str, Any]], name: str) -> float | None:
+    """When QEMU sent the most recent event `name` (its own timestamp, seconds since the epoch), or None."""
+    for event in reversed(events):
+        if event.get("event") == name:
+            stamp = event.get("timestamp", {})
+            return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    return None
