@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sealift.agent.adverts import verify_advert
+from sealift.placement.adverts import verify_advert
 from sealift.agent.client import AgentClient
 from sealift.agent.transport import ControlChannel
 from sealift.backends.qemu.host import QEMU_BINARY

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sealift.engine.options import MigrationOptions
+from sealift.migration.options import MigrationOptions
 from sealift.monitor.service import MonitorConfig
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
@@ -72,7 +72,7 @@ class AgentConfig:
     # Attack lab only (THREATS.md T7): make this agent lie about its free memory.
     lab_advertise_free_memory: int | None = None
     # Tests only: an incoming built-in migration stops for lab_pause_s at this named point
-    # (see agent/incoming.py, LAB_PAUSE_POINTS), so a test can kill the agent exactly there.
+    # (see migration/destination.py, LAB_PAUSE_POINTS), so a test can kill the agent exactly there.
     lab_pause_at: str | None = None
     lab_pause_s: float = 600.0  # how long it holds there (tests: until killed; the lab: a strike window)
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
@@ -151,8 +151,8 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
     )
 
 
-# Tests only (`lab_pause_at`): named points of an incoming handover (agent/incoming.py; QEMU guests,
-# agent/qemu_migration.py, hold at the first two).
+# Tests only (`lab_pause_at`): named points of an incoming handover (migration/destination.py; QEMU guests,
+# backends/qemu/migration.py, hold at the first two).
 # "commit-received": Commit read, nothing recorded; "committed": decision recorded, guest not
 # started; "launched": guest runs, not yet registered; "adopted": registered, phase not "running".
 LAB_PAUSE_POINTS = ("commit-received", "committed", "launched", "adopted")

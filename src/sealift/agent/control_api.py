@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sealift.agent.config import ConfigError, parse_size
-from sealift.engine.options import MigrationOptions, OptionsError
+from sealift.migration.options import MigrationOptions, OptionsError
 from sealift.security.errors import SecurityError
 
 if TYPE_CHECKING:
@@ -260,7 +260,7 @@ class ControlServer:
         return {"vm": vm}
 
     def _qemu_workload(self, name: str, profile: str, request: dict) -> dict:
-        from sealift.agent.qemu_vms import QemuVmError
+        from sealift.backends.qemu.registry import QemuVmError
         from sealift.backends.qemu.guest_control import GuestControlError
         from sealift.monitor.lab import FloodRequest, drive_qemu_guest
 

@@ -13,14 +13,14 @@ from typing import Callable
 
 from OpenSSL import SSL
 
-from sealift.agent.authority import Authority
+from sealift.migration.authority import Authority
 from sealift.agent.config import AgentConfig
 from sealift.agent.control_api import ControlServer
-from sealift.agent.incoming import IncomingMigration
-from sealift.agent.outgoing import OutgoingMigration, ProgressCallback
-from sealift.agent.qemu_migration import QemuIncomingMigration, QemuOutgoingMigration, recover_after_restart
-from sealift.agent.qemu_vms import QemuVmRegistry
-from sealift.agent.resolver import Resolver, outcome_for
+from sealift.migration.destination import IncomingMigration
+from sealift.migration.source import OutgoingMigration, ProgressCallback
+from sealift.backends.qemu.migration import QemuIncomingMigration, QemuOutgoingMigration, recover_after_restart
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.migration.recovery import Resolver, outcome_for
 from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
 from sealift.agent.transport import (
     DATA_STREAM_MAGIC,
@@ -33,17 +33,17 @@ from sealift.agent.transport import (
     read_stream_open,
     tune_bulk_socket,
 )
-from sealift.agent.vms import VmRegistry
+from sealift.backends.builtin.registry import VmRegistry
 from sealift.backends.builtin.vm import VmError
-from sealift.engine.options import MigrationOptions
-from sealift.engine.report import MigrationReport
+from sealift.migration.options import MigrationOptions
+from sealift.migration.report import MigrationReport
 from sealift.ipsec.charon import HostCharon
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
 from sealift.wire.errors import ProtocolError
 from sealift.agent.guard import PeerGuard
-from sealift.agent.placement import Placer, host_usage, our_advert, vm_memory
+from sealift.placement.placer import Placer, host_usage, our_advert, vm_memory
 from sealift.wire.messages import Advert, AdvertQuery, Hello, Outcome, OutcomeQuery, Refuse
 from sealift.monitor.collectors import BuiltinCollector, QemuCollector
 from sealift.monitor.service import MonitorService
@@ -58,7 +58,7 @@ class Agent:
         self.identity = HostIdentity.load(config.identity_dir, config.name)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = AgentStore(config.database_path)
-        self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (agent/qemu_vms.py)
+        self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (backends/qemu/registry.py)
         self.vms = VmRegistry(config, self.store, other_guests=self.qemu_vms.usage)  # admission counts both
         self.qemu_vms.adopt_existing()
         self.sessions = DataSessions()

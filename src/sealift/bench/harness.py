@@ -50,7 +50,7 @@ VM_NAME = "benchvm"
 AGENT_PORT = 7440
 UNCAPPED_BPS = 1 << 40  # QEMU's max-bandwidth, bytes/s: lifted, or every transport looks the same
 EVENT_WAIT_S = 0.5  # for the destination's RESUME event once it reports running
-DOWNTIME_LIMIT_MS = 300  # sealift's default (engine/options.py), given to every QEMU
+DOWNTIME_LIMIT_MS = 300  # sealift's default (migration/options.py), given to every QEMU
 BOOT_TIMEOUT_S = 240.0
 MIGRATION_TIMEOUT_S = 300.0  # default: a migration that has not converged by then is not live in practice
 STALL_S = 30.0  # a stream that moves no byte for this long has failed
@@ -410,7 +410,7 @@ def _start_qemu_for_agent(lab: BenchLab, cell: Cell) -> None:
     """Start the guest (on the lab's tap) in host-a's agent VM directory, then (re)start host-a's agent,
     which adopts it: the control API starts QEMU guests on user networking only."""
     from sealift.agent.config import load_config
-    from sealift.agent.qemu_vms import QemuVmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
 
     cluster = lab.agents()
     cluster.kill("host-a", signal.SIGTERM)

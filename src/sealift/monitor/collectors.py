@@ -32,8 +32,8 @@ import numpy as np
 from sealift.monitor.signals import VmSample
 
 if TYPE_CHECKING:
-    from sealift.agent.qemu_vms import QemuVmRegistry
-    from sealift.agent.vms import VmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
+    from sealift.backends.builtin.registry import VmRegistry
     from sealift.backends.qemu.vm import QemuVM
 
 log = logging.getLogger(__name__)

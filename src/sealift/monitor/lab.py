@@ -35,8 +35,8 @@ from sealift.backends.builtin.workload import WorkloadError, WorkloadParams, Wor
 from sealift.backends.qemu.guest_control import GuestState
 
 if TYPE_CHECKING:
-    from sealift.agent.qemu_vms import QemuVmRegistry
-    from sealift.agent.vms import VmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
+    from sealift.backends.builtin.registry import VmRegistry
 
 log = logging.getLogger(__name__)
 

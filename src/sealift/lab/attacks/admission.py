@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sealift.agent.adverts import AdvertError, verify_advert
+from sealift.placement.adverts import AdvertError, verify_advert
 from sealift.agent.client import AgentRequestFailed
 from sealift.agent.transport import ControlChannel
 from sealift.cluster import LocalCluster

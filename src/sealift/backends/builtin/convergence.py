@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from sealift.engine.options import MigrationOptions
+from sealift.migration.options import MigrationOptions
 
 # A round "shrank" only if it left fewer than this share of the pages it sent.
 SHRINK_FACTOR = 0.95

@@ -14,10 +14,10 @@ from typing import Callable, Protocol
 import blake3
 import numpy as np
 
-from sealift.engine.convergence import Action, Decision, RoundStats, decide
-from sealift.engine.digest import ImageDigest
-from sealift.engine.options import MigrationOptions
-from sealift.engine.report import RoundReport
+from sealift.backends.builtin.convergence import Action, Decision, RoundStats, decide
+from sealift.backends.builtin.digest import ImageDigest
+from sealift.migration.options import MigrationOptions
+from sealift.migration.report import RoundReport
 from sealift.wire.datastream import DataStreamWriter
 
 PAGE_SIZE = 4096

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sealift.agent.outgoing import MigrationError
-from sealift.agent.qemu_relay import (
+from sealift.migration.source import MigrationError
+from sealift.backends.qemu.relay import (
     RELAY_SOCKET_BUFFER,
     Ready,
     SourcePump,

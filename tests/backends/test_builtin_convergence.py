@@ -2,8 +2,8 @@
 
 import pytest
 
-from sealift.engine.convergence import SCATTERED_SLOWDOWN, Action, RoundStats, decide
-from sealift.engine.options import MigrationOptions, OptionsError
+from sealift.backends.builtin.convergence import SCATTERED_SLOWDOWN, Action, RoundStats, decide
+from sealift.migration.options import MigrationOptions, OptionsError
 
 PAGE = 4096
 GBPS = 1 << 30  # bytes per second

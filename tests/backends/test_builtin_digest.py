@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealift.engine.digest import PAGE_SIZE, ImageDigest
+from sealift.backends.builtin.digest import PAGE_SIZE, ImageDigest
 
 NPAGES = 100
 

@@ -15,11 +15,11 @@ import threading
 from collections.abc import Callable
 
 from sealift.agent.config import AgentConfig
-from sealift.agent.qemu_migration import resume_source
-from sealift.agent.qemu_vms import QemuVmRegistry
+from sealift.backends.qemu.migration import resume_source
+from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.agent.store import IN_DOUBT, AgentStore, MigrationRecord
 from sealift.agent.transport import ControlChannel
-from sealift.agent.vms import VmRegistry
+from sealift.backends.builtin.registry import VmRegistry
 from sealift.backends.builtin.vm import VmError
 from sealift.backends.qemu.vm import QemuError
 from sealift.security.identity import HostIdentity

@@ -20,15 +20,15 @@ from typing import Any, Callable
 from sealift.agent.config import AgentConfig
 from sealift.agent.store import AgentStore
 from sealift.agent.transport import ControlChannel, PipelinedSink, open_data_stream
-from sealift.agent.vms import BuiltinGuestMemory, VmRegistry
+from sealift.backends.builtin.registry import BuiltinGuestMemory, VmRegistry
 from sealift.backends.builtin.vm import BuiltinVM
-from sealift.engine.options import MigrationOptions
-from sealift.engine.report import MigrationReport, RoundReport
-from sealift.engine.sender import PrecopyResult, PrecopySender, TransferProgress
+from sealift.migration.options import MigrationOptions
+from sealift.migration.report import MigrationReport, RoundReport
+from sealift.backends.builtin.sender import PrecopyResult, PrecopySender, TransferProgress
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
-from sealift.agent.authority import Authority
-from sealift.agent.documents import DocumentSigner, await_receipt, channel_binding
+from sealift.migration.authority import Authority
+from sealift.migration.documents import DocumentSigner, await_receipt, channel_binding
 from sealift.monitor import gate as monitor_gate
 from sealift.security.audit import Kinds
 from sealift.security.psk import PskSession, psk_channel_binding

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from sealift.engine.digest import ImageDigest
+from sealift.backends.builtin.digest import ImageDigest
 from sealift.wire.datastream import (
     DataStreamReader,
     DeviceStateReceived,

@@ -62,12 +62,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from sealift.agent.authority import Authority
+from sealift.migration.authority import Authority
 from sealift.agent.config import AgentConfig
-from sealift.agent.incoming import DestinationCoordinator, IncomingRefused, check_source_psk, verify_hello
-from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding
-from sealift.agent.outgoing import MigrationError, ProgressCallback, ProgressEvent, SourceCoordinator
-from sealift.agent.qemu_relay import (
+from sealift.migration.destination import DestinationCoordinator, IncomingRefused, check_source_psk, verify_hello
+from sealift.migration.documents import DocumentError, DocumentSigner, channel_binding
+from sealift.migration.source import MigrationError, ProgressCallback, ProgressEvent, SourceCoordinator
+from sealift.backends.qemu.relay import (
     MAX_EXTRA_STREAMS,
     QEMU_CONNECT_TIMEOUT_S,
     Ready,
@@ -82,10 +82,10 @@ from sealift.agent.qemu_relay import (
     stream_label,
     widen_send_buffer,
 )
-from sealift.agent.qemu_vms import QemuVmRegistry, network_like
+from sealift.backends.qemu.registry import QemuVmRegistry, network_like
 from sealift.agent.store import IN_DOUBT, SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
 from sealift.agent.transport import ControlChannel, DataSessions, open_data_stream
-from sealift.agent.vms import AdmissionError, VmRegistry
+from sealift.backends.builtin.registry import AdmissionError, VmRegistry
 from sealift.backends.qemu.direct import (
     Hook,
     QemuTls,
@@ -99,11 +99,11 @@ from sealift.backends.qemu.direct import (
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.vm import QemuError, QemuVM
-from sealift.engine.options import MigrationOptions
+from sealift.migration.options import MigrationOptions
 from sealift.ipsec.charon import CharonError, HostCharon
 from sealift.ipsec.psk import ipsec_key_id, psk_for_migration
 from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint, wait_tcp_closed
-from sealift.engine.report import MigrationReport, RoundReport
+from sealift.migration.report import MigrationReport, RoundReport
 from sealift.security.audit import Kinds
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys

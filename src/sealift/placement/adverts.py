@@ -12,7 +12,7 @@ only among adverts that:
 
 and it believes a claim only up to the capacity registered for the host minus
 what it knows the host holds. The destination still re-checks at admission
-(its own memory reservation, agent/vms.py); when it refuses, the scheduler
+(its own memory reservation, backends/builtin/registry.py); when it refuses, the scheduler
 reports it here and the host is down-ranked with a penalty that decays, and
 the advert that proved false is not used again.
 

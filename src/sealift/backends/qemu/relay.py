@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from blake3 import blake3
 
 from sealift.agent.transport import recv_exactly_into
-from sealift.agent.outgoing import MigrationError
+from sealift.migration.source import MigrationError
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
 from sealift.wire.errors import ProtocolError
 

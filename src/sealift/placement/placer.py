@@ -15,10 +15,10 @@ import secrets
 import threading
 import time
 
-from sealift.agent.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
+from sealift.placement.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
 from sealift.agent.config import AgentConfig
-from sealift.agent.qemu_vms import QemuVmRegistry
-from sealift.agent.vms import VmRegistry
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.backends.builtin.registry import VmRegistry
 from sealift.agent.transport import ControlChannel
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from sealift.agent.config import AgentConfig
-from sealift.agent.authority import Authority
-from sealift.agent.documents import DocumentError, DocumentSigner, channel_binding
+from sealift.migration.authority import Authority
+from sealift.migration.documents import DocumentError, DocumentSigner, channel_binding
 from sealift.monitor import gate as monitor_gate
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
@@ -26,11 +26,11 @@ from sealift.security.orders import VerifiedOrder
 from sealift.security.psk import PskSession, psk_channel_binding
 from sealift.agent.store import AgentStore
 from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
-from sealift.agent.vms import AdmissionError, VmRegistry
+from sealift.backends.builtin.registry import AdmissionError, VmRegistry
 from sealift.backends.builtin.image import GuestImage
 from sealift.backends.builtin.vm import StandbyGuest
-from sealift.engine.receiver import ImageReceiver, ReceiveResult
-from sealift.engine.sender import state_digest
+from sealift.backends.builtin.receiver import ImageReceiver, ReceiveResult
+from sealift.backends.builtin.sender import state_digest
 from sealift.security.identity import HostIdentity
 from sealift.security.keys import channel_secret, derive_session_keys
 from sealift.wire.datastream import DataStreamReader
