@@ -108,7 +108,7 @@ class ControlServer:
         if backend not in ("builtin", "qemu"):
             raise RequestError(f"unknown backend {backend!r}: use builtin or qemu")
         if backend == "qemu":
-            if self._agent.vms.exists(name):
+            if self._agent.vms.has(name):
                 raise RequestError(f"a built-in VM named {name!r} already runs here")
             image_cache = request.get("image_cache")
             vm = self._agent.qemu_vms.start(

@@ -3,7 +3,10 @@
 The migration table is what makes handover safe across crashes: the source
 writes its commit decision here *before* it tells the destination, and the
 destination writes "prepared" before it promises anything (see
-docs/architecture.md, "Migration protocol").
+docs/architecture.md, "Migration protocol"). A record's phase changes only
+by `transition`, which applies the handover's table (migration/phases.py)
+and writes the new phase only if the record is still where the table
+started from.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sealift.migration.phases import INITIAL, Event, Phase, Role, decision_after, next_phase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -31,6 +36,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     role TEXT NOT NULL CHECK (role IN ('source', 'destination')),
     peer TEXT NOT NULL,
     phase TEXT NOT NULL,
+    backend TEXT,
     decision TEXT,
     memory_bytes INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
@@ -40,13 +46,7 @@ CREATE TABLE IF NOT EXISTS migrations (
 );
 """
 
-# Phases. Source: started -> precopy -> stop-and-copy -> committed -> completed | aborted.
-# Destination: receiving -> prepared -> committed -> running | aborted.
-SOURCE_OPEN_PHASES = ("started", "precopy", "stop-and-copy")
-# QEMU handovers a failure left undecided on one side (source: committed, no running receipt;
-# destination: prepared, no Commit). The resolver settles them by asking the peer.
-IN_DOUBT = "in-doubt"
-FINAL_PHASES = ("completed", "running", "aborted")
+_MIGRATION_COLUMNS = "id, vm, role, peer, phase, backend, decision, memory_bytes, created_at, updated_at, error, report"
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,10 @@ class VmRecord:
 class MigrationRecord:
     id: str
     vm: str
-    role: str
+    role: Role
     peer: str
-    phase: str
+    phase: Phase
+    backend: str | None  # None: a record from before the column
     decision: str | None
     memory_bytes: int
     created_at: float
@@ -82,6 +83,9 @@ class AgentStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # decisions must survive a crash
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
+        if "backend" not in columns:  # a store from before the column
+            self._db.execute("ALTER TABLE migrations ADD COLUMN backend TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -113,47 +117,52 @@ class AgentStore:
 
     # -- migrations -----------------------------------------------------------
 
-    def create_migration(self, migration_id: str, vm: str, role: str, peer: str, phase: str, memory_bytes: int) -> None:
+    def create_migration(
+        self, migration_id: str, vm: str, role: Role, peer: str, memory_bytes: int, backend: str
+    ) -> None:
+        """A new record, in its role's first phase."""
         now = time.time()
         self._exec(
-            "INSERT INTO migrations (id, vm, role, peer, phase, memory_bytes, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-            (migration_id, vm, role, peer, phase, memory_bytes, now, now),
+            "INSERT INTO migrations (id, vm, role, peer, phase, backend, memory_bytes, created_at, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (migration_id, vm, role.value, peer, INITIAL[role].value, backend, memory_bytes, now, now),
         )
 
-    def set_phase(self, migration_id: str, phase: str, error: str | None = None) -> None:
-        self._exec(
-            "UPDATE migrations SET phase=?, error=COALESCE(?, error), updated_at=? WHERE id=?",
-            (phase, error, time.time(), migration_id),
-        )
-
-    def decide(self, migration_id: str, decision: str) -> None:
-        """Record the source's commit/abort decision durably (the point of no return)."""
-        phase = "committed" if decision == "committed" else "aborted"
-        self._exec(
-            "UPDATE migrations SET decision=?, phase=?, updated_at=? WHERE id=?",
-            (decision, phase, time.time(), migration_id),
-        )
+    def transition(self, migration_id: str, event: Event, error: str | None = None) -> Phase:
+        """Move a record by the handover's table; the new phase. IllegalTransition, and nothing written, if
+        the table does not allow `event` in the record's phase (or the record changed under us)."""
+        with self._lock:
+            row = self._db.execute("SELECT role, phase FROM migrations WHERE id=?", (migration_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no migration {migration_id} in the store")
+            role, before = Role(row[0]), Phase(row[1])
+            after = next_phase(role, before, event)
+            decision = decision_after(role, before, after)
+            self._db.execute(
+                "UPDATE migrations SET phase=?, decision=COALESCE(?, decision), error=COALESCE(?, error), "
+                "updated_at=? WHERE id=? AND phase=?",
+                (after.value, decision, error, time.time(), migration_id, before.value),
+            )
+            return after
 
     def save_report(self, migration_id: str, report: dict) -> None:
         self._exec("UPDATE migrations SET report=?, updated_at=? WHERE id=?", (json.dumps(report), time.time(), migration_id))
 
     def migration(self, migration_id: str) -> MigrationRecord | None:
-        rows = self._exec(
-            "SELECT id, vm, role, peer, phase, decision, memory_bytes, created_at, updated_at, error, report "
-            "FROM migrations WHERE id=?",
-            (migration_id,),
-        )
+        rows = self._exec(f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE id=?", (migration_id,))
         return _migration(rows[0]) if rows else None
 
-    def migrations(self, limit: int = 100, phases: tuple[str, ...] | None = None, role: str | None = None) -> list[MigrationRecord]:
-        sql = "SELECT id, vm, role, peer, phase, decision, memory_bytes, created_at, updated_at, error, report FROM migrations"
+    def migrations(
+        self, limit: int = 100, phases: tuple[Phase, ...] | None = None, role: Role | None = None
+    ) -> list[MigrationRecord]:
+        sql = f"SELECT {_MIGRATION_COLUMNS} FROM migrations"
         clauses, args = [], []
         if phases:
             clauses.append(f"phase IN ({','.join('?' * len(phases))})")
-            args.extend(phases)
+            args.extend(phase.value for phase in phases)
         if role:
             clauses.append("role=?")
-            args.append(role)
+            args.append(role.value)
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         sql += " ORDER BY created_at DESC LIMIT ?"
@@ -163,5 +172,6 @@ class AgentStore:
 
 def _migration(row: tuple) -> MigrationRecord:
     values = list(row)
+    values[2], values[4] = Role(values[2]), Phase(values[4])
     values[-1] = json.loads(values[-1]) if values[-1] else None
     return MigrationRecord(*values)

@@ -22,7 +22,6 @@ from sealift.wire.control import ControlConnection, Role
 from sealift.wire.datastream import STREAM_OPEN_SIZE, decode_stream_open, encode_stream_open
 
 INSECURE_CONTROL_MAGIC = b"SLC1"
-DATA_STREAM_MAGIC = b"SLD1"
 TLS_HANDSHAKE_BYTE = 0x16
 SOCKET_BUFFER = 4 << 20  # bulk data: fewer wake-ups per MiB
 

@@ -515,9 +515,9 @@ def _qemu_figures(report: dict[str, Any]) -> tuple[float | None, float | None]:
 
 
 def agent_qemu_transports() -> tuple[str, ...]:
-    from sealift.agent import qemu_migration
+    from sealift.backends.qemu.transports import TRANSPORTS
 
-    return tuple(getattr(qemu_migration, "TRANSPORTS", ("sealift",)))
+    return tuple(TRANSPORTS)
 
 
 # -- the schedule ---------------------------------------------------------------------------------

@@ -1,103 +1,69 @@
-"""The destination side of a migration.
+"""The destination side of a migration: the coordinator of the handover, for every backend.
 
 The destination checks before it accepts (is the Hello for this host, from
-the host that authenticated, can we hold the VM?), receives into a fresh
-image, verifies the image and device state against the source's signed
-manifest, and promises ("prepared") only after that is on disk. It starts the
-guest only on Commit. A tampered record, a digest mismatch, a dead peer or a
-timeout before Commit discards the image: the source still has the VM.
+the host that authenticated, with a valid order, can we hold the VM?),
+receives through its backend's driver, which verifies the guest against the
+source's signed manifest, and promises ("prepared") only once that is on
+disk. It starts the guest only on Commit. A tampered record, a digest
+mismatch, a dead peer or a timeout before the promise discards what came:
+the source still has the VM. After the promise, a failure holds the guest
+unstarted until the source's decision is known (migration/recovery.py).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-import socket
 import time
-from pathlib import Path
+from collections.abc import Mapping
 
 from sealift.agent.config import AgentConfig
+from sealift.agent.transport import ControlChannel
 from sealift.migration.authority import Authority
-from sealift.migration.documents import DocumentError, DocumentSigner, channel_binding
+from sealift.migration.documents import DocumentError, channel_binding
+from sealift.migration.drivers import DestinationDriver
+from sealift.migration.errors import AdmissionError, IncomingRefused
+from sealift.migration.phases import Event, Role
+from sealift.migration.session import DestinationSession
 from sealift.monitor import gate as monitor_gate
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
 from sealift.security.orders import VerifiedOrder
 from sealift.security.psk import PskSession, psk_channel_binding
-from sealift.agent.store import AgentStore
-from sealift.agent.transport import ControlChannel, DataSessions, recv_exactly_into
-from sealift.backends.builtin.registry import AdmissionError, VmRegistry
-from sealift.backends.builtin.image import GuestImage
-from sealift.backends.builtin.vm import StandbyGuest
-from sealift.backends.builtin.receiver import ImageReceiver, ReceiveResult
-from sealift.backends.builtin.sender import state_digest
-from sealift.security.identity import HostIdentity
-from sealift.security.keys import channel_secret, derive_session_keys
-from sealift.wire.datastream import DataStreamReader
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
-from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
 
 log = logging.getLogger(__name__)
 
 
-class IncomingRefused(Exception):
-    """We will not take this VM; the reason goes back to the source."""
-
-
 class DestinationCoordinator:
-    """What every backend's destination does the same way: admit or refuse, accept, promise, await Commit.
-
-    A backend supplies its own steps: `_admit` (checks and reservations
-    before saying yes), `_prepare` (before Accept), `_take_stream` (receive
-    and verify against the signed manifest), `_start_guest`, `_discard`,
-    `_hold_in_doubt` and `_release` (always, at the end).
-    """
-
-    KIND = ""  # how logs name this backend's migrations ("QEMU " for QEMU guests)
-    ACCEPT_AUDIT: dict[str, object] = {}
-
-    def __init__(self, config: AgentConfig, identity: HostIdentity | None, store: AgentStore, vms: VmRegistry,
-                 sessions: DataSessions, channel: ControlChannel, hello: Hello, authority: Authority) -> None:  # fmt: skip
-        self._config = config
-        self._authority = authority
-        self._store = store
-        self._vms = vms
-        self._sessions = sessions
-        self._channel = channel
-        self._hello = hello
-        self._signer = DocumentSigner(config.name, identity if channel.secure else None)
-        self._session_id = secrets.token_bytes(16)
-        self._binding: str | None = None
-        self._order_id: str | None = None
-        self._psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
-        self._psk_binding = b""
-        self._nonce = secrets.token_bytes(32)
-
-    def _audit(self, kind: str, **fields: object) -> None:
-        self._authority.record(kind, migration_id=self._hello.migration_id, **fields)
+    def __init__(self, session: DestinationSession, driver: DestinationDriver) -> None:
+        self.session = session
+        self.driver = driver
+        self._config = session.config
+        self._store = session.context.store
 
     def run(self) -> None:
-        hello = self._hello
+        s, hello = self.session, self.session.hello
         try:
-            self._admit()
-        except (IncomingRefused, AdmissionError, SecurityError) as exc:
+            self.driver.admit()
+        except (IncomingRefused, AdmissionError, SecurityError) as exc:  # a refusal (Refuse), not a failure
             self._refuse(exc)
             return
         cpu_started = time.process_time()
         prepared = False
         try:
-            self._store.create_migration(hello.migration_id, hello.vm_name, "destination", hello.source_host, "receiving",
-                                         hello.memory_bytes)  # fmt: skip
-            self._prepare()
+            self._store.create_migration(
+                hello.migration_id, hello.vm_name, Role.DESTINATION, hello.source_host, hello.memory_bytes, self.driver.backend
+            )
+            self.driver.prepare()
             self._accept()
-            manifest = self._take_stream()
-            self._store.set_phase(hello.migration_id, "prepared")  # durable before we promise
+            manifest = self.driver.take_stream()
+            s.enter(Event.STREAM_VERIFIED)  # durable before we promise
             prepared = True
             receipt = self._receipt(manifest, "prepared")
-            self._audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
-            self._channel.send(Receipt(hello.migration_id, "prepared", receipt))
+            s.audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
+            s.channel.send(Receipt(hello.migration_id, "prepared", receipt))
             self._await_commit()
-            self._lab_pause("commit-received")
+            s.lab_pause("commit-received")
             self._start_guest(manifest, cpu_started)
         except Exception as exc:
             if prepared:
@@ -105,258 +71,136 @@ class DestinationCoordinator:
             else:
                 self._discard(str(exc))
         finally:
-            if self._psk is not None:
-                self._psk.close()  # an uncommitted ratchet stays pending: never a lock-out
-            self._sessions.finish(self._session_id)
-            self._release(prepared)
+            if s.psk is not None:
+                s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
+            s.context.sessions.finish(s.session_id)
+            self.driver.release(prepared)
 
     def _refuse(self, exc: BaseException) -> None:
-        hello = self._hello
-        log.warning("refused %smigration %s of %s from %s: %s", self.KIND, hello.migration_id, hello.vm_name,
-                    hello.source_host, exc)  # fmt: skip
-        self._audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
-        if self._psk is not None:
-            self._psk.close()
-        self._channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
+        s, hello = self.session, self.session.hello
+        log.warning("refused %s migration %s of %s from %s: %s", self.driver.backend, hello.migration_id,
+                    hello.vm_name, hello.source_host, exc)  # fmt: skip
+        s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
+        if s.psk is not None:
+            s.psk.close()
+        s.channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
 
     def _accept(self) -> None:
-        hello = self._hello
-        self._sessions.expect(self._session_id)
-        self._binding = channel_binding(self._channel, hello.nonce, self._nonce, hello.migration_id)
+        s, hello = self.session, self.session.hello
+        s.context.sessions.expect(s.session_id)
+        s.binding = channel_binding(s.channel, hello.nonce, s.nonce, hello.migration_id)
         psk_proof = None
-        if self._psk is not None:
-            psk_proof = self._psk.make_proof(self._psk_binding, hello.nonce, self._nonce)
-        self._channel.send(Accept(hello.migration_id, self._nonce, self._session_id, psk_proof))
-        self._audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, **self.ACCEPT_AUDIT,
-                    memory_bytes=hello.memory_bytes)  # fmt: skip
+        if s.psk is not None:
+            psk_proof = s.psk.make_proof(s.psk_binding, hello.nonce, s.nonce)
+        s.channel.send(Accept(hello.migration_id, s.nonce, s.session_id, psk_proof))
+        s.audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, **self.driver.accept_audit,
+                memory_bytes=hello.memory_bytes)  # fmt: skip
 
-    def _receipt(self, manifest: dict, stage: str, **extra: object) -> str:
+    def _receipt(self, manifest: Mapping[str, object], stage: str, **extra: object) -> str:
+        s, hello = self.session, self.session.hello
         payload = {
-            "migration_id": self._hello.migration_id,
-            "vm": self._hello.vm_name,
-            "source": self._hello.source_host,
+            "migration_id": hello.migration_id,
+            "vm": hello.vm_name,
+            "source": hello.source_host,
             "destination": self._config.name,
             "image_digest": manifest.get("image_digest"),
             "state_digest": manifest.get("state_digest"),
             "stage": stage,
-            "channel_binding": self._binding,
+            "channel_binding": s.binding,
             "signed_at": time.time(),
             **extra,
         }
-        return self._signer.sign(payload, "receipt")
+        return s.signer.sign(payload, "receipt")
 
     def _await_commit(self) -> None:
-        reply = self._channel.recv(self._config.step_timeout_s)
+        s = self.session
+        reply = s.channel.recv(self._config.step_timeout_s)
         if isinstance(reply, Abort):
             raise IncomingRefused(f"the source aborted: {reply.reason}")
         assert isinstance(reply, Commit)
         # Only now does this host know the source checked our Accept and holds the new key.
-        if self._psk is not None:
+        if s.psk is not None:
             try:
-                if self._psk.commit():
-                    self._audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=self._hello.source_host,
-                                epoch=self._psk.epoch)  # fmt: skip
+                if s.psk.commit():
+                    s.audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=s.hello.source_host, epoch=s.psk.epoch)
             except SecurityError as exc:  # the handover matters more than this session's ratchet
-                log.error("PSK ratchet with %s not committed: %s", self._hello.source_host, exc)
+                log.error("PSK ratchet with %s not committed: %s", s.hello.source_host, exc)
 
-    def _send_running_receipt(self, receipt: str) -> None:
+    def _start_guest(self, manifest: Mapping[str, object], cpu_started: float) -> None:
+        s, hello = self.session, self.session.hello
+        s.enter(Event.RECEIVE_COMMIT)
+        s.lab_pause("committed")
+        pid, counter_at_resume = self.driver.start_guest(manifest)
+        s.enter(Event.START_GUEST)
+        receipt = self._receipt(manifest, "running", counter_at_resume=counter_at_resume, pid=pid,
+                                cpu_s=round(time.process_time() - cpu_started, 3))  # fmt: skip
+        s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
         try:
-            self._channel.send(Receipt(self._hello.migration_id, "running", receipt))
+            s.channel.send(Receipt(hello.migration_id, "running", receipt))
         except OSError as exc:
             # The guest runs here and the source has committed: it will learn by asking.
-            log.warning("could not send the running receipt for %s: %s", self._hello.migration_id, exc)
+            log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
 
-    def _record_abort(self, reason: str) -> None:
+    def _hold_in_doubt(self, exc: BaseException) -> None:
+        s, hello = self.session, self.session.hello
+        log.warning("%s migration %s in doubt after prepare (%s): %s kept unstarted; asking %s", self.driver.backend,
+                    hello.migration_id, exc, hello.vm_name, hello.source_host)  # fmt: skip
+        s.enter(Event.FAIL, error=str(exc))
+        self.driver.hold()
+
+    def _discard(self, reason: str) -> None:
         """The failure on record (store, audit) and told to the source, whatever state either is in."""
-        hello = self._hello
+        s, hello = self.session, self.session.hello
+        log.warning("%s migration %s of %s from %s failed: %s", self.driver.backend, hello.migration_id,
+                    hello.vm_name, hello.source_host, reason)  # fmt: skip
         try:
-            self._store.set_phase(hello.migration_id, "aborted", error=reason)
-        except Exception:  # noqa: BLE001 - recording must not stop the abort
-            log.exception("could not record the abort of %s", hello.migration_id)
-        self._audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason)
-        try:
-            self._channel.send(Abort(hello.migration_id, reason[:1000]))
-        except Exception:  # noqa: BLE001 - the conversation may already be over or the peer gone
-            pass
-
-    def _lab_pause(self, point: str) -> None:
-        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
-        if self._config.lab_pause_at == point:
-            log.warning("lab: migration %s paused at %s", self._hello.migration_id, point)
-            time.sleep(self._config.lab_pause_s)
-
-    # -- the backend's steps ---------------------------------------------------------
-
-    def _admit(self) -> None:
-        raise NotImplementedError
-
-    def _prepare(self) -> None:
-        """What must hold before Accept (nothing by default)."""
-
-    def _take_stream(self) -> dict:
-        raise NotImplementedError
-
-    def _start_guest(self, manifest: dict, cpu_started: float) -> None:
-        raise NotImplementedError
-
-    def _discard(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def _hold_in_doubt(self, exc: BaseException) -> None:
-        raise NotImplementedError
-
-    def _release(self, prepared: bool) -> None:
-        """Always, at the end (nothing by default)."""
-
-
-class IncomingMigration(DestinationCoordinator):
-    """A built-in guest: received into a fresh image, started from a standby process on Commit."""
-
-    def __init__(
-        self,
-        config: AgentConfig,
-        identity: HostIdentity | None,
-        store: AgentStore,
-        vms: VmRegistry,
-        sessions: DataSessions,
-        channel: ControlChannel,
-        hello: Hello,
-        authority: Authority,
-    ) -> None:
-        super().__init__(config, identity, store, vms, sessions, channel, hello, authority)
-        self._image: GuestImage | None = None
-        self._created_image = False  # only an image this migration created may be discarded by it
-        self._standby: StandbyGuest | None = None
-
-    @property
-    def image_path(self) -> Path:
-        return self._config.vm_dir / f"{self._hello.vm_name}.img"
-
-    def _prepare(self) -> None:
-        self._image = GuestImage.create_empty(self.image_path, self._hello.memory_bytes)
-        self._created_image = True
-        self._image.reserve()  # the memory is ours before we say yes
-        self._standby = StandbyGuest(self._config.vm_dir, self._hello.vm_name)  # off the downtime path
-
-    def _take_stream(self) -> dict:
-        assert self._image is not None
-        result = self._receive()
-        manifest = self._verify_manifest(result)
-        self._image.write_state(result.device_state or b"")
-        return manifest
-
-    def _hold_in_doubt(self, exc: BaseException) -> None:
-        hello = self._hello
-        log.warning("migration %s in doubt after prepare (%s); asking %s", hello.migration_id, exc, hello.source_host)
-        self._store.set_phase(hello.migration_id, "prepared", error=str(exc))
-
-    def _release(self, prepared: bool) -> None:
-        if self._standby is not None:  # never handed over (in doubt or failed)
-            self._standby.cancel()
-            self._standby = None
-        if not prepared:
-            self._vms.unreserve_incoming(self._hello.migration_id, self._hello.vm_name)
-
-    # -- steps ----------------------------------------------------------------
-
-    def _admit(self) -> None:
-        hello = self._hello
-        if hello.backend != "builtin":
-            raise IncomingRefused(f"backend {hello.backend!r} is not supported by this agent")
-        self._order_id = verify_hello(self._config, self._channel, hello, self._authority).order.id
-        if self._channel.secure:
-            self._psk, self._psk_binding = check_source_psk(self._authority, self._channel, hello)
-        if self.image_path.exists() and not self._vms.exists(hello.vm_name):
-            # Never overwrite or delete an image we cannot account for: it may be someone's only copy.
-            raise IncomingRefused(
-                f"stale image: {self.image_path.name} already exists on {self._config.name} but no VM "
-                f"{hello.vm_name!r} runs there (left over from an earlier migration; its agent removes it "
-                "at restart if it is not the live copy)"
-            )
-        self._vms.reserve_incoming(hello.migration_id, hello.vm_name, hello.memory_bytes)
-
-    def _protection(self) -> RecordProtection:
-        if not self._hello.secure:
-            return NoProtection()
-        secret = channel_secret(self._channel.stream, self._hello.nonce, self._nonce, self._hello.migration_id)  # type: ignore[arg-type]
-        keys = derive_session_keys(secret, self._hello.nonce, self._nonce, self._hello.migration_id)
-        return AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv)
-
-    def _receive(self) -> ReceiveResult:
-        assert self._image is not None
-        protection = self._protection()
-        data = self._sessions.wait(self._session_id, self._config.step_timeout_s)
-        try:
-            data.settimeout(self._config.step_timeout_s)  # a silent peer is a dead peer
-            reader = DataStreamReader(protection, self._image.npages)
-            digest = self._hello.image_digest if self._hello.secure else None
-            receiver = ImageReceiver(self._image, reader, digest=digest)
-            return receiver.run(lambda view: _read_into(data, view))
+            self.driver.discard(reason)
         finally:
-            data.close()
+            try:
+                if self._store.migration(hello.migration_id) is not None:
+                    s.enter(Event.FAIL, error=reason)
+            except Exception:  # noqa: BLE001 - recording must not stop the abort
+                log.exception("could not record the abort of %s", hello.migration_id)
+            s.audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason)
+            try:
+                s.channel.send(Abort(hello.migration_id, reason[:1000]))
+            except Exception:  # noqa: BLE001 - the conversation may already be over or the peer gone
+                pass
 
-    def _verify_manifest(self, result: ReceiveResult) -> dict:
-        reply = self._channel.recv(self._config.step_timeout_s)
-        if isinstance(reply, Abort):
-            raise IncomingRefused(f"the source aborted: {reply.reason}")
-        assert isinstance(reply, Manifest)
-        manifest = self._signer.verify(reply.envelope, "manifest", self._hello.source_host, self._channel)
-        expected = {
-            "migration_id": self._hello.migration_id,
-            "vm": self._hello.vm_name,
-            "source": self._hello.source_host,
-            "destination": self._config.name,
-            "memory_bytes": self._hello.memory_bytes,
-            "channel_binding": self._binding,  # made for this very session, not replayed from another
-            "order_id": self._order_id,
-        }
-        for key, value in expected.items():
-            if manifest.get(key) != value:
-                raise DocumentError(f"manifest {key} is {manifest.get(key)!r}, expected {value!r}")
-        if self._hello.secure:
-            if manifest.get("image_digest") != result.image_digest:
-                raise DocumentError(
-                    f"image digest mismatch: received {result.image_digest}, source signed {manifest.get('image_digest')}"
-                )
-            if manifest.get("state_digest") != state_digest(result.device_state or b""):
-                raise DocumentError("device state digest does not match the signed manifest")
-        self._audit(Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, verified=self._hello.secure,
-                    manifest=reply.envelope)
-        return manifest
 
-    def _start_guest(self, manifest: dict, cpu_started: float) -> None:
-        hello = self._hello
-        self._store.set_phase(hello.migration_id, "committed")
-        self._lab_pause("committed")
-        assert self._image is not None
-        counter_at_resume = self._image.counter
-        self._image.close()
-        self._image = None
-        assert self._standby is not None
-        launched = self._standby.launch()
-        self._standby = None
-        self._lab_pause("launched")
-        vm = self._vms.adopt_incoming(launched)
-        self._lab_pause("adopted")
-        self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
-        self._store.set_phase(hello.migration_id, "running")
-        receipt = self._receipt(
-            manifest, "running", counter_at_resume=counter_at_resume, pid=vm.pid, cpu_s=round(time.process_time() - cpu_started, 3)
-        )
-        self._audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=vm.pid, receipt=receipt)
-        self._send_running_receipt(receipt)
+def verify_manifest(session: DestinationSession, expected: Mapping[str, object], wording: str) -> tuple[dict, str]:
+    """The source's signed manifest, checked against what this host knows and received; (manifest, envelope).
 
-    def _discard(self, reason: str) -> None:
-        log.warning("migration %s of %s from %s failed: %s", self._hello.migration_id, self._hello.vm_name, self._hello.source_host, reason)
-        if self._standby is not None:
-            self._standby.cancel()
-            self._standby = None
-        if self._image is not None:
-            self._image.close()
-            self._image = None
-        if self._created_image:
-            self.image_path.unlink(missing_ok=True)
-        self._record_abort(reason)
+    `expected` holds the backend's own fields (digests, sizes); the handover's
+    are checked for every backend. `wording` says how a mismatch is worded
+    ("expected" or "received").
+    """
+    hello = session.hello
+    reply = session.channel.recv(session.config.step_timeout_s)
+    if isinstance(reply, Abort):
+        raise IncomingRefused(f"the source aborted: {reply.reason}")
+    assert isinstance(reply, Manifest)
+    manifest = session.signer.verify(reply.envelope, "manifest", hello.source_host, session.channel)
+    common = {
+        "migration_id": hello.migration_id,
+        "vm": hello.vm_name,
+        "source": hello.source_host,
+        "destination": session.config.name,
+        "memory_bytes": hello.memory_bytes,
+        "channel_binding": session.binding,  # made for this very session, not replayed from another
+        "order_id": session.order_id,
+    }
+    for key, value in {**common, **expected}.items():
+        if manifest.get(key) != value:
+            raise DocumentError(f"manifest {key} is {manifest.get(key)!r}, {wording} {value!r}")
+    return manifest, reply.envelope
+
+
+def admit_hello(session: DestinationSession) -> None:
+    """Incoming migration control and the PSK second factor, for every backend (before its own checks)."""
+    session.order_id = verify_hello(session.config, session.channel, session.hello, session.context.authority).order.id
+    if session.channel.secure:
+        session.psk, session.psk_binding = check_source_psk(session.context.authority, session.channel, session.hello)
 
 
 def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello) -> tuple[PskSession | None, bytes]:
@@ -403,5 +247,3 @@ def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, aut
     return authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
 
 
-def _read_into(sock: socket.socket, view: memoryview) -> None:
-    recv_exactly_into(sock, view)

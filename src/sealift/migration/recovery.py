@@ -1,63 +1,120 @@
-"""Settling migrations left in doubt by a crash or a cut link.
+"""Settling migrations a crash or a cut link left open: one routine for every backend.
 
-The source's durable decision is the truth. A destination that promised
-("prepared") but never heard Commit asks the source; a source that committed
-but never got the "running" receipt asks the destination. Until an answer
-comes, the VM stays paused on the source and unstarted on the destination:
-never two copies, never none.
+The source's durable decision is the truth. After a restart (`recover`), a
+source without a decision resumes its guest and aborts; a destination that
+never promised discards what it received; everything undecided is held,
+paused and busy, for the resolver. The resolver (`Resolver`) asks the peer
+about every undecided record: a destination that promised ("prepared") but
+never heard Commit, a source that committed but never got the "running"
+receipt. Until an answer comes, the VM stays paused on the source and
+unstarted on the destination: never two copies, never none. Every move of a
+record goes through the handover's table (phases.py); what a backend does
+to its guest is its keeper's (drivers.py GuestKeeper).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sealift.agent.config import AgentConfig
-from sealift.backends.qemu.migration import resume_source
-from sealift.backends.qemu.registry import QemuVmRegistry
-from sealift.agent.store import IN_DOUBT, AgentStore, MigrationRecord
+from sealift.agent.store import AgentStore, MigrationRecord
 from sealift.agent.transport import ControlChannel
-from sealift.backends.builtin.registry import VmRegistry
-from sealift.backends.builtin.vm import VmError
-from sealift.backends.qemu.vm import QemuError
+from sealift.migration.drivers import GuestKeeper
+from sealift.migration.phases import SOURCE_OPEN, UNSETTLED, Event, Phase, Role
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Outcome, OutcomeQuery
 
 log = logging.getLogger(__name__)
 
+Audit = Callable[..., object]
+OPEN_AT_RESTART = (*SOURCE_OPEN, Phase.RECEIVING, *UNSETTLED)
 
-def outcome_for(record: MigrationRecord | None, active: bool) -> str:
-    """What this host knows of a migration, as an answer to OutcomeQuery."""
-    if record is None or active:
-        return "unknown"
-    if record.role == "source":
-        if record.decision == "committed":
-            return "committed"
-        return "aborted" if record.phase == "aborted" else "unknown"
-    if record.phase == "running":
-        return "committed"
-    return "aborted" if record.phase == "aborted" else "unknown"
+
+class Keepers:
+    """Each backend's keeper, found by a record's backend (or, for a record from before that column, its guest)."""
+
+    def __init__(self, keepers: Mapping[str, GuestKeeper], fallback: str, legacy_owner: Callable[[str], str]) -> None:
+        self._keepers = dict(keepers)
+        self._fallback = fallback
+        self._legacy_owner = legacy_owner  # vm name -> backend, for records without one
+
+    def for_record(self, record: MigrationRecord) -> GuestKeeper:
+        backend = record.backend or self._legacy_owner(record.vm)
+        return self._keepers.get(backend, self._keepers[self._fallback])
+
+
+def recover(store: AgentStore, keepers: Keepers, audit: Audit) -> None:
+    """After a restart: settle what the crash interrupted, each record on its own.
+
+    An error in one is logged and audited and never stops the agent (the
+    record is left for the resolver or an operator).
+    """
+    for record in store.migrations(limit=1000, phases=OPEN_AT_RESTART):
+        try:
+            _recover_one(store, keepers.for_record(record), record, audit)
+        except Exception as exc:
+            log.exception("recovery of migration %s (%s, %s) failed", record.id, record.vm, record.phase)
+            audit("migration.recovery_failed", migration_id=record.id, vm=record.vm, role=record.role,
+                  phase=record.phase, error=str(exc))  # fmt: skip
+
+
+def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
+    present = keeper.can_settle(record)
+    if record.role is Role.SOURCE and record.phase in SOURCE_OPEN:
+        # No commit decision was written, so the VM must run here.
+        resumed = present and keeper.resume_source(record)
+        store.transition(record.id, Event.AGENT_RESTARTED, error="source agent restarted before commit")
+        log.warning("recovery: %s %s after the interrupted migration %s", record.vm,
+                    "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
+    elif record.role is Role.DESTINATION and record.phase is Phase.RECEIVING:
+        if present:
+            keeper.discard_destination(record)  # never promised: the source still has the guest
+        store.transition(record.id, Event.AGENT_RESTARTED, error="destination agent restarted while receiving")
+        log.warning("recovery: discarded the half-received %s (%s)", record.vm, record.id)
+    elif not present:
+        log.warning("recovery: migration %s of %s is %s but its guest is gone; left for an operator", record.id,
+                    record.vm, record.phase)  # fmt: skip
+    elif record.role is Role.SOURCE:
+        keeper.hold_source(record)  # paused, in doubt: not available for another migration
+        store.transition(record.id, Event.AGENT_RESTARTED)
+    else:
+        _recover_destination(store, keeper, record, audit)
+
+
+def _recover_destination(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
+    pid = keeper.running_destination(record)
+    if pid is None:
+        keeper.hold_destination(record)  # prepared (ask the source) or committed (start it): the resolver finishes
+        store.transition(record.id, Event.AGENT_RESTARTED)
+    elif record.phase is Phase.COMMITTED:
+        # Started for this migration just before the crash: the handover is done.
+        log.info("recovery: migration %s: %s runs here (pid %d); phase running", record.id, record.vm, pid)
+        store.transition(record.id, Event.START_GUEST)
+        audit("migration.recovered", migration_id=record.id, vm=record.vm, pid=pid, phase="running")
+    else:  # a guest is only ever started after "committed" is recorded: leave it to an operator
+        log.error("recovery: migration %s is %s but %s already runs here; left in doubt", record.id, record.phase,
+                  record.vm)  # fmt: skip
 
 
 class Resolver:
+    """Asks the peer about every undecided migration, every `resolve_interval_s`, and applies its answer."""
+
     def __init__(
         self,
         config: AgentConfig,
         identity: HostIdentity | None,
         store: AgentStore,
-        vms: VmRegistry,
+        keepers: Keepers,
         active: set[str],
         active_lock: threading.Lock,
-        qemu_vms: QemuVmRegistry | None = None,
-        audit: Callable[..., object] | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self._config = config
         self._identity = identity
         self._store = store
-        self._vms = vms
-        self._qemu_vms = qemu_vms
+        self._keepers = keepers
         self._audit = audit or (lambda kind, **fields: None)
         self._active = active
         self._active_lock = active_lock
@@ -79,23 +136,59 @@ class Resolver:
                 log.exception("resolver pass failed")
 
     def resolve_once(self) -> None:
-        for record in self._store.migrations(limit=1000, phases=("prepared", "committed", IN_DOUBT)):
+        for record in self._store.migrations(limit=1000, phases=UNSETTLED):
             with self._active_lock:
                 if record.id in self._active:
                     continue
-            if self._qemu_vms is not None and self._qemu_vms.has(record.vm):
-                self._resolve_qemu(record, self._qemu_vms)
-                continue
-            if record.phase == IN_DOUBT:
-                continue  # a QEMU guest whose process is gone: nothing here to resume or release
-            if record.role == "destination" and record.phase == "committed":
-                self._start_on_destination(record)
-                continue
-            answer = self._ask(record)
-            if answer == "committed":
-                self._apply_commit(record)
-            elif answer == "aborted":
-                self._apply_abort(record)
+            keeper = self._keepers.for_record(record)
+            if not keeper.can_settle(record):
+                continue  # its guest is gone: nothing here to resume, start or release
+            try:
+                self._resolve(record, keeper)
+            except Exception as exc:  # noqa: BLE001 - one record must not stop the others; retried next pass
+                log.error("migration %s: settling %s failed: %s", record.id, record.vm, exc)
+
+    def _resolve(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
+        if record.role is Role.DESTINATION and record.phase is Phase.COMMITTED:
+            self._start_destination(record, keeper)  # our own record says the commit came: start it
+            return
+        answer = self._ask(record)
+        if answer == "unknown":
+            return
+        if record.role is Role.SOURCE:
+            self._settle_source(record, keeper, answer)
+        elif answer == "committed":
+            self._store.transition(record.id, Event.RECEIVE_COMMIT)
+            self._start_destination(record, keeper)
+        else:
+            log.info("migration %s: %s aborted; discarding the received %s", record.id, record.peer, record.vm)
+            keeper.discard_destination(record)
+            self._store.transition(record.id, Event.PEER_ABORTED, error=f"{record.peer} aborted")
+            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
+                        outcome="aborted", action="discarded the received guest")  # fmt: skip
+
+    def _settle_source(self, record: MigrationRecord, keeper: GuestKeeper, answer: str) -> None:
+        if answer == "committed":
+            log.info("migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer,
+                     record.vm)  # fmt: skip
+            keeper.release_source(record)
+            self._store.transition(record.id, Event.CONFIRM_RUNNING)
+            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="committed",
+                        action="released the paused source copy")  # fmt: skip
+            return
+        # We committed, but the destination never ran the guest: it cannot run there, so it must run here.
+        log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
+        resumed = keeper.resume_source(record)
+        self._store.transition(record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit")
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="aborted",
+                    action="resumed the source copy" if resumed else "could not resume the source copy")  # fmt: skip
+
+    def _start_destination(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
+        log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
+        pid = keeper.start_destination(record)
+        self._store.transition(record.id, Event.START_GUEST)
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
+                    outcome="committed", action="started the received guest", pid=pid)  # fmt: skip
 
     def _ask(self, record: MigrationRecord) -> str:
         try:
@@ -116,95 +209,3 @@ class Resolver:
             return "unknown"
         finally:
             channel.close()
-
-    def _apply_commit(self, record: MigrationRecord) -> None:
-        if record.role == "source":
-            log.info("migration %s: %s confirms %s runs there; releasing our copy", record.id, record.peer, record.vm)
-            self._vms.release_migrated(record.vm)
-            self._store.set_phase(record.id, "completed")
-        else:
-            self._store.set_phase(record.id, "committed")
-            self._start_on_destination(record)
-
-    def _start_on_destination(self, record: MigrationRecord) -> None:
-        if self._vms.running_guest(record.vm) is None:  # it may have started before a crash
-            log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
-            self._vms.start_incoming(record.vm, None)
-        self._vms.unreserve_incoming(record.id, record.vm)
-        self._store.set_phase(record.id, "running")
-
-    def _apply_abort(self, record: MigrationRecord) -> None:
-        if record.role == "destination":
-            log.info("migration %s: %s aborted; discarding the received image of %s", record.id, record.peer, record.vm)
-            if self._vms.running_guest(record.vm) is None:  # never pull the image from under a guest
-                self._vms.image_path(record.vm).unlink(missing_ok=True)
-            self._vms.unreserve_incoming(record.id, record.vm)
-            self._store.set_phase(record.id, "aborted")
-            return
-        # We committed but the destination says it never ran the VM: it cannot
-        # be running there, so it must run here.
-        log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
-        try:
-            vm = self._vms.get(record.vm)
-            vm.resume()
-            self._vms.unclaim(record.vm)
-        except VmError as exc:
-            log.error("could not resume %s: %s", record.vm, exc)
-        self._store.set_phase(record.id, "aborted", error=f"{record.peer} reported abort after commit")
-
-    # -- QEMU guests ------------------------------------------------------------------
-    #
-    # The same rules with QEMU's states: the source's guest waits in "postmigrate"
-    # (paused, its memory intact), the destination's in "paused" after the stream.
-
-    def _resolve_qemu(self, record: MigrationRecord, qemu_vms: QemuVmRegistry) -> None:
-        if record.role == "destination" and record.phase == "committed":
-            self._start_qemu_destination(record, qemu_vms)  # our own decision record says start
-            return
-        answer = self._ask(record)
-        if answer == "unknown":
-            return
-        try:
-            if record.role == "source":
-                self._settle_qemu_source(record, qemu_vms, answer)
-            elif answer == "committed":
-                self._start_qemu_destination(record, qemu_vms)
-            else:
-                self._discard_qemu_destination(record, qemu_vms)
-        except QemuError as exc:
-            log.error("migration %s: settling QEMU guest %s failed: %s", record.id, record.vm, exc)
-
-    def _settle_qemu_source(self, record: MigrationRecord, qemu_vms: QemuVmRegistry, answer: str) -> None:
-        if answer == "committed":
-            log.info("migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer,
-                     record.vm)  # fmt: skip
-            qemu_vms.release_migrated(record.vm)
-            self._store.set_phase(record.id, "completed")
-            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="committed",
-                        action="released the paused source copy")  # fmt: skip
-            return
-        # We committed, but the destination never ran the guest: it must run here.
-        log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
-        resumed = resume_source(qemu_vms.get(record.vm))
-        qemu_vms.unclaim(record.vm)
-        self._store.set_phase(record.id, "aborted", error=f"{record.peer} reported abort after commit")
-        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="aborted",
-                    action="resumed the source copy" if resumed else "could not resume the source copy")  # fmt: skip
-
-    def _start_qemu_destination(self, record: MigrationRecord, qemu_vms: QemuVmRegistry) -> None:
-        vm = qemu_vms.get(record.vm)
-        self._store.set_phase(record.id, "committed")
-        if vm.status() != "running":
-            log.info("migration %s: %s decided commit; starting QEMU guest %s here", record.id, record.peer, record.vm)
-            vm.resume()
-        qemu_vms.unclaim(record.vm)
-        self._store.set_phase(record.id, "running")
-        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
-                    outcome="committed", action="started the received guest", pid=vm.pid)  # fmt: skip
-
-    def _discard_qemu_destination(self, record: MigrationRecord, qemu_vms: QemuVmRegistry) -> None:
-        log.info("migration %s: %s aborted; discarding the received QEMU guest %s", record.id, record.peer, record.vm)
-        qemu_vms.release_migrated(record.vm)
-        self._store.set_phase(record.id, "aborted", error=f"{record.peer} aborted")
-        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination", outcome="aborted",
-                    action="discarded the received guest")  # fmt: skip

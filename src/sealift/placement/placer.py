@@ -18,7 +18,7 @@ import time
 from sealift.placement.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
 from sealift.agent.config import AgentConfig
 from sealift.backends.qemu.registry import QemuVmRegistry
-from sealift.backends.builtin.registry import VmRegistry
+from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.agent.transport import ControlChannel
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
@@ -29,14 +29,14 @@ ADVERT_LIFETIME_S = 30.0
 MiB = 1 << 20
 
 
-def vm_memory(vms: VmRegistry, qemu_vms: QemuVmRegistry, name: str) -> int:
+def vm_memory(vms: BuiltinVmRegistry, qemu_vms: QemuVmRegistry, name: str) -> int:
     """The memory (bytes) a VM of this host needs at its destination, whichever backend runs it."""
     if qemu_vms.has(name):
-        return qemu_vms.get(name).memory_mib * MiB  # what QemuOutgoingMigration announces in its Hello
+        return qemu_vms.get(name).memory_mib * MiB  # what QemuSourceDriver announces in its Hello
     return vms.get(name).memory_bytes
 
 
-def host_usage(vms: VmRegistry, qemu_vms: QemuVmRegistry) -> tuple[int, int]:
+def host_usage(vms: BuiltinVmRegistry, qemu_vms: QemuVmRegistry) -> tuple[int, int]:
     """(memory in use in bytes, number of VMs) on this host: built-in guests, incoming reservations
     and QEMU guests, so an honest advert never offers memory a QEMU guest holds."""
     qemu_memory, qemu_count = qemu_vms.usage()

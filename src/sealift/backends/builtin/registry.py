@@ -15,16 +15,13 @@ from sealift.agent.store import AgentStore
 from sealift.backends.builtin.image import ImageCheck
 from sealift.backends.builtin.guest import image_in_use
 from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError
+from sealift.migration.errors import AdmissionError
 
 log = logging.getLogger(__name__)
 
 
-class AdmissionError(Exception):
-    """The host cannot take this VM (capacity, name clash)."""
-
-
 class BuiltinGuestMemory:
-    """The engine's view of a built-in VM (see engine.sender.GuestMemory)."""
+    """The engine's view of a built-in VM (see backends/builtin/sender.py GuestMemory)."""
 
     def __init__(self, vm: BuiltinVM) -> None:
         self._vm = vm
@@ -49,7 +46,7 @@ class BuiltinGuestMemory:
         self._vm.image.set_throttle(pct)
 
 
-class VmRegistry:
+class BuiltinVmRegistry:
     def __init__(self, config: AgentConfig, store: AgentStore,
                  other_guests: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:  # fmt: skip
         self._config = config
@@ -147,7 +144,7 @@ class VmRegistry:
             raise VmError(f"no VM named {name!r} on {self._config.name}")
         return vm
 
-    def exists(self, name: str) -> bool:
+    def has(self, name: str) -> bool:
         with self._lock:
             return name in self._vms or name in self._busy
 

@@ -11,23 +11,24 @@ keys (`stream_label`), so no two streams ever share an AES-GCM nonce.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from blake3 import blake3
 
 from sealift.agent.transport import recv_exactly_into
-from sealift.migration.source import MigrationError
+from sealift.migration.errors import MigrationError
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
 from sealift.wire.errors import ProtocolError
 
 QEMU_CONNECT_TIMEOUT_S = 10.0
-SESSION_ID_BYTES = 16
-MAX_EXTRA_STREAMS = 16  # multifd channels QEMU allows are more; more than this gains nothing on few cores
+PAGE = 4096
+POLL_S = 0.02  # query-migrate period: also the precision of the pre-switchover stop
 # What a unix socket between QEMU and a relay may queue. Linux's default
 # (net.core.wmem_default, 208 KiB) is less than one record: the writer then
 # blocks until the reader drains it, and QEMU and the relay take turns
@@ -39,6 +40,11 @@ RELAY_SOCKET_BUFFER = 2 * 1024 * 1024
 # Linux (asm-generic, x86 and arm). Without it the size is capped at
 # net.core.wmem_max, 208 KiB on a stock kernel: no wider than the default.
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform == "linux" else None)
+
+
+def private_dir(prefix: str) -> Path:
+    """A mode 0700 directory with a short path for QEMU's unix sockets (their paths are limited to 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def widen_send_buffer(sock: socket.socket, size: int = RELAY_SOCKET_BUFFER) -> None:
@@ -109,37 +115,6 @@ def combined_digest(digests: list[StreamDigest]) -> str:
         return digests[0].hexdigest()
     joined = "\n".join(d.hexdigest() for d in digests).encode()
     return f"{digests[0].label}-x{len(digests)}:{blake3(joined).hexdigest()}"
-
-
-# -- the destination's ready record ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The destination QEMU listens: its port (direct transports), and the sessions of the extra data streams."""
-
-    port: int | None
-    extra_sessions: tuple[bytes, ...] = ()
-
-    def encode(self) -> bytes:
-        return json.dumps({"ready": True, "port": self.port, "streams": [s.hex() for s in self.extra_sessions]}).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Ready:
-        try:
-            raw = json.loads(data)
-            port = raw["port"]
-            if raw.get("ready") is not True or not (port is None or (type(port) is int and 0 < port < 65536)):
-                raise ValueError(f"bad ready record {raw!r}")
-            streams = raw.get("streams", [])
-            if not isinstance(streams, list) or len(streams) > MAX_EXTRA_STREAMS:
-                raise ValueError(f"bad streams {streams!r}")
-            sessions = tuple(bytes.fromhex(s) for s in streams)
-            if any(len(s) != SESSION_ID_BYTES for s in sessions):
-                raise ValueError("a session id is not 16 bytes")
-            return cls(port, sessions)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"the destination's ready record is malformed: {exc}") from None
 
 
 # -- source ----------------------------------------------------------------------------
