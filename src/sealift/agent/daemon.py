@@ -46,6 +46,7 @@ from sealift.ipsec.charon import HostCharon
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
+from sealift.wire.datastream import STREAM_MAGIC
 from sealift.wire.errors import ProtocolError
 from sealift.agent.guard import PeerGuard
 from sealift.placement.placer import Placer, host_usage, our_advert, vm_memory
