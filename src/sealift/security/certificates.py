@@ -188,9 +188,11 @@ class IdentityFiles:
 
     @staticmethod
     def validate_name(name: str) -> str:
+        """Return `name` if this kind of identity may have it, else raise CertificateError."""
         raise NotImplementedError
 
     def check(self) -> None:
+        """Raise CertificateError unless the files make a complete, consistent identity."""
         raise NotImplementedError
 
     def private_key(self) -> ec.EllipticCurvePrivateKey:
