@@ -34,11 +34,12 @@ from typing import Any, Protocol
 
 from sealift.monitor import gate
 from sealift.monitor.baseline import BaselineConfig
-from sealift.monitor.classify import ATTACKER, VICTIM, ClassifierConfig, HostMonitor, MonitorEvent
+from sealift.monitor.classify import ClassifierConfig, HostMonitor
 from sealift.monitor.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
 from sealift.monitor.portwatch import PortWatch, PortWatchConfig
 from sealift.monitor.reliability import ReliabilityConfig
 from sealift.monitor.signals import SIGNALS, VmSample
+from sealift.monitor.verdicts import ATTACKER, VICTIM, MonitorEvent
 
 log = logging.getLogger(__name__)
 
