@@ -14,14 +14,20 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from sealift.agent.config import ConfigError, parse_size
+from sealift.agent.config import AgentConfig, ConfigError, parse_size
+from sealift.agent.store import AgentStore
+from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.migration.authority import Authority
 from sealift.migration.options import MigrationOptions, OptionsError
+from sealift.migration.report import MigrationReport
+from sealift.migration.session import ProgressCallback
+from sealift.monitor.service import MonitorService
 from sealift.security.errors import SecurityError
 
 if TYPE_CHECKING:
-    from sealift.agent.daemon import Agent
     from sealift.backends.qemu.net import NetConfig
 
 log = logging.getLogger(__name__)
@@ -35,8 +41,26 @@ class RequestError(Exception):
     """The request is malformed or names something that does not exist."""
 
 
+class ControlledAgent(Protocol):
+    """What the control API asks of the agent it serves (agent/daemon.py Agent)."""
+
+    config: AgentConfig
+    store: AgentStore
+    authority: Authority
+    vms: BuiltinVmRegistry
+    qemu_vms: QemuVmRegistry
+    monitor: MonitorService
+
+    def migrate(self, vm_name: str, destination: str, options: MigrationOptions, order: str | None,
+                progress: ProgressCallback | None, transport: str | None = None) -> MigrationReport: ...  # fmt: skip
+
+    def place(self, vm_name: str) -> dict[str, object]: ...
+
+    def status(self) -> dict[str, object]: ...
+
+
 class ControlServer:
-    def __init__(self, path: Path, agent: "Agent") -> None:
+    def __init__(self, path: Path, agent: ControlledAgent) -> None:
         self._path = path
         self._agent = agent
         self._sock: socket.socket | None = None
