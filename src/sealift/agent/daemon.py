@@ -17,6 +17,7 @@ from sealift.migration.authority import Authority
 from sealift.agent.config import AgentConfig
 from sealift.agent.control_api import ControlServer
 from sealift.agent.store import AgentStore
+from sealift.guests import VmRegistry
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
 from sealift.backends.qemu.destination import QemuDestinationDriver
 from sealift.backends.qemu.keeper import QemuKeeper
@@ -67,6 +68,7 @@ class Agent:
         self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (backends/qemu/registry.py)
         self.vms = BuiltinVmRegistry(config, self.store, other_guests=self.qemu_vms.usage)  # admission counts both
         self.qemu_vms.adopt_existing()
+        self.registries: tuple[VmRegistry, ...] = (self.vms, self.qemu_vms)  # every backend's guests
         self.sessions = DataSessions()
         # strongSwan's charon for the ipsec transport: started on the first such migration, stopped with the agent.
         self.ipsec = HostCharon(config.state_dir / "ipsec")
@@ -243,7 +245,7 @@ class Agent:
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
             elif isinstance(first, AdvertQuery):
-                used, count = host_usage(self.vms, self.qemu_vms)  # built-in and QEMU guests alike
+                used, count = host_usage(self.registries)  # built-in and QEMU guests alike
                 channel.send(Advert(first.migration_id, our_advert(self.config, self.identity, used, count)))
         finally:
             channel.close()
@@ -312,7 +314,7 @@ class Agent:
 
     def place(self, vm_name: str) -> dict[str, object]:
         """Where should this VM go? Only authenticated, fresh, believable adverts count."""
-        choice = self.placer.choose(vm_memory(self.vms, self.qemu_vms, vm_name))  # built-in or QEMU guest
+        choice = self.placer.choose(vm_memory(self.registries, vm_name))  # built-in or QEMU guest
         return {
             "host": choice.host,
             "reason": choice.reason,

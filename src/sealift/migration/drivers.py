@@ -16,19 +16,8 @@ from typing import Protocol
 
 from sealift.agent.store import MigrationRecord
 from sealift.agent.transport import ControlChannel
+from sealift.guests import GuestVM
 from sealift.wire.messages import Accept, Hello
-
-
-class GuestVM(Protocol):
-    """A running guest as the handover sees it, whatever runs it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def pid(self) -> int | None: ...
-
-    def counter(self) -> int | None: ...
 
 
 class Transfer(Protocol):

@@ -14,11 +14,11 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 
 from sealift.placement.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
 from sealift.agent.config import AgentConfig
-from sealift.backends.qemu.registry import QemuVmRegistry
-from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.guests import VmRegistry
 from sealift.agent.transport import ControlChannel
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
@@ -26,21 +26,21 @@ from sealift.wire.messages import Advert, AdvertQuery
 log = logging.getLogger(__name__)
 
 ADVERT_LIFETIME_S = 30.0
-MiB = 1 << 20
 
 
-def vm_memory(vms: BuiltinVmRegistry, qemu_vms: QemuVmRegistry, name: str) -> int:
+def vm_memory(registries: Sequence[VmRegistry], name: str) -> int:
     """The memory (bytes) a VM of this host needs at its destination, whichever backend runs it."""
-    if qemu_vms.has(name):
-        return qemu_vms.get(name).memory_mib * MiB  # what QemuSourceDriver announces in its Hello
-    return vms.get(name).memory_bytes
+    for registry in registries:
+        if registry.has(name):
+            return int(registry.get(name).memory_bytes)  # what its source driver announces in its Hello
+    raise KeyError(f"no VM named {name!r} on this host")
 
 
-def host_usage(vms: BuiltinVmRegistry, qemu_vms: QemuVmRegistry) -> tuple[int, int]:
-    """(memory in use in bytes, number of VMs) on this host: built-in guests, incoming reservations
-    and QEMU guests, so an honest advert never offers memory a QEMU guest holds."""
-    qemu_memory, qemu_count = qemu_vms.usage()
-    return vms.memory_in_use() + qemu_memory, len(vms.list()) + qemu_count
+def host_usage(registries: Sequence[VmRegistry]) -> tuple[int, int]:
+    """(memory in use in bytes, number of VMs) on this host: every backend's guests and incoming reservations,
+    so an honest advert never offers memory another backend's guest holds."""
+    used = [registry.usage() for registry in registries]
+    return sum(memory for memory, _ in used), sum(count for _, count in used)
 
 
 def our_advert(config: AgentConfig, identity: HostIdentity, used_memory: int, vms: int) -> str:

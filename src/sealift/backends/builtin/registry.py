@@ -47,6 +47,8 @@ class BuiltinGuestMemory:
 
 
 class BuiltinVmRegistry:
+    backend = "builtin"
+
     def __init__(self, config: AgentConfig, store: AgentStore,
                  other_guests: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:  # fmt: skip
         self._config = config
@@ -237,6 +239,11 @@ class BuiltinVmRegistry:
     def memory_in_use(self) -> int:
         with self._lock:
             return sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
+
+    def usage(self) -> tuple[int, int]:
+        """(memory bytes, guests): running guests and incoming reservations; guests counts the running ones."""
+        with self._lock:
+            return sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values()), len(self._vms)
 
     def _check_capacity_locked(self, memory_bytes: int) -> None:
         # A built-in guest is one process: one vCPU.

@@ -50,6 +50,8 @@ def network_like(net: NetConfig) -> NetConfig:
 
 
 class QemuVmRegistry:
+    backend = "qemu"
+
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
         self.vm_dir = config.vm_dir / "qemu"

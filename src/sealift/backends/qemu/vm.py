@@ -360,6 +360,10 @@ class QemuVM:
         return self._spec.memory_mib
 
     @property
+    def memory_bytes(self) -> int:
+        return self._spec.memory_mib << 20
+
+    @property
     def accel(self) -> str:
         return self._spec.accel
 
