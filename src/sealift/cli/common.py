@@ -23,6 +23,7 @@ FALLBACK_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (AgentRequestFailed, "agent_request_failed"),
     (ConfigError, "config_error"),
     (OSError, "os_error"),
+    (ValueError, "invalid_argument"),  # a flag's value that does not parse (bench, lab)
 )
 
 
@@ -74,6 +75,12 @@ def error_code(exc: BaseException) -> str:
 def failure_json(exc: BaseException) -> dict[str, str]:
     """What --json prints when a command fails."""
     return {"status": "failed", "error": str(exc), "code": error_code(exc)}
+
+
+def print_failure_json(args: argparse.Namespace, exc: BaseException) -> None:
+    """With --json, the failure as one JSON object on stdout (the message goes to stderr as without it)."""
+    if getattr(args, "json", False):
+        print_json(failure_json(exc))
 
 
 def print_json(obj: object) -> None:

@@ -22,7 +22,7 @@ from sealift.cli import (
     psk_cmd,
     vm_cmd,
 )
-from sealift.cli.common import CliError, add_agent_flags, client, failure_json, print_json
+from sealift.cli.common import CliError, add_agent_flags, client, print_failure_json
 from sealift.cli.render import console
 from sealift.security.errors import SecurityError
 
@@ -56,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
     """Say why the command failed: on stderr, and with --json also as one JSON object on stdout."""
     console.print(f"[bold red]error:[/bold red] {exc}")
-    if getattr(args, "json", False):
-        print_json(failure_json(exc))
+    print_failure_json(args, exc)
     return 2
 
 
