@@ -22,7 +22,7 @@ from sealift.cli import (
     psk_cmd,
     vm_cmd,
 )
-from sealift.cli.common import CliError, add_agent_flags, client, print_failure_json
+from sealift.cli.common import CliError, print_failure_json
 from sealift.cli.render import console
 from sealift.security.errors import SecurityError
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_audit_parser(sub)
     migrate_cmd.add_migrations_parser(sub)
     agent_cmd.add_status_parser(sub)
-    monitor_cmd.add_monitor_parser(sub, add_agent_flags, client)
+    monitor_cmd.add_monitor_parser(sub)
     image_cmd.add_image_parser(sub)
     demo_cmd.add_demo_parser(sub)
     lab_cmd.add_lab_parser(sub)
