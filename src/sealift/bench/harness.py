@@ -39,6 +39,7 @@ from sealift.bench.results import ALL_TRANSPORTS, RunResult, fill_ratios, interl
 from sealift.bench.sampling import CpuSampler, LinkCounter, Role, find_descendant, find_process
 from sealift.bench.sshtunnel import SshServer
 from sealift.bench.transports import MIGRATION_PORT, DirectTransport, Hosts, ipsec_available, make_direct
+from sealift.errors import SealiftError
 from sealift.lab.netns import enter_netns
 from sealift.lab.testbed import DESTINATION_IP, GUEST_IPS, SOURCE_IP, SOURCE_VM_IP, LinkShape, Testbed
 
@@ -77,8 +78,10 @@ RATE_MIB = {"idle": 0, "moderate": 32, "heavy": 128}
 BUILTIN_PROFILE = {"idle": "idle", "moderate": "db", "heavy": "stress"}
 
 
-class BenchError(Exception):
+class BenchError(SealiftError):
     """The benchmark cannot run here (not root, a tool missing), or one run went wrong."""
+
+    code = "bench_error"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ VM_FLAGGED_ATTACKER = "vm_flagged_attacker"
 class MonitorRefusal(SecurityError):
     """The monitor's policy refuses this migration; `code` says why."""
 
+    code = "monitor_refused"  # the class default; each instance carries the policy's own code
+
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code

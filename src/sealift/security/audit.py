@@ -113,6 +113,8 @@ class Kinds:
 class AuditError(SecurityError):
     """The audit log cannot be written or read (not: it was tampered with; see verify)."""
 
+    code = "audit_error"
+
 
 @dataclass(frozen=True)
 class AuditEntry:

@@ -94,6 +94,8 @@ _GCM_NONCE_SIZE = 12
 class PskError(SecurityError):
     """A PSK proof was refused, or the PSK state of a peer does not allow this step."""
 
+    code = "psk_error"
+
 
 # ---------------------------------------------------------------------------
 # Keys: generation, hex form, wrap key

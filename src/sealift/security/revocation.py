@@ -58,9 +58,13 @@ _REASONS = {
 class CertificateRevokedError(CertificateError):
     """The certificate is on the cluster CA's revocation list."""
 
+    code = "certificate_revoked"
+
 
 class CrlError(CertificateError):
     """The CRL is missing, unreadable, not from this CA, not yet valid or expired."""
+
+    code = "crl_error"
 
 
 @dataclass(frozen=True)
