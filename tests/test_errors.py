@@ -6,16 +6,11 @@ import importlib
 import pkgutil
 import re
 
-import pytest
 
 import sealift
 from sealift.errors import SealiftError
 
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-
-# Subclasses that do not have their own code yet: agent/ is being restructured
-# in parallel (issue 17), and gives its classes their codes there.
-PENDING = {"sealift.agent.adverts.AdvertError"}
 
 
 def all_subclasses(cls: type) -> list[type]:
@@ -79,16 +74,7 @@ def test_every_subclass_has_its_own_snake_case_code() -> None:
     owners: dict[str, str] = {SealiftError.code: qualified(SealiftError)}
     for cls in classes:
         name = qualified(cls)
-        if name in PENDING:
-            continue
         code = cls.code
         assert isinstance(code, str) and SNAKE_CASE.match(code), f"{name}: code {code!r} is not snake_case"
         assert code not in owners, f"{name} and {owners.get(code)} share the code {code!r}"
         owners[code] = name
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-def test_pending_classes_still_exist(name: str) -> None:
-    """A name here that no longer exists should leave PENDING."""
-    module, _, cls = name.rpartition(".")
-    assert hasattr(importlib.import_module(module), cls)

@@ -24,7 +24,6 @@ from sealift.backends.qemu.relay import (
 )
 from sealift.security.keys import derive_session_keys
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter
-from sealift.wire.errors import ProtocolError
 from sealift.wire.records import AeadProtection
 
 NPAGES = 1 << 12

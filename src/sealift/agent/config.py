@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sealift.errors import SealiftError
+
 import os
 import re
 import tomllib
@@ -16,8 +18,10 @@ _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class ConfigError(ValueError):
+class ConfigError(SealiftError, ValueError):
     """The configuration file is missing, unreadable or wrong."""
+
+    code = "config_error"
 
 
 def parse_size(text: str | int) -> int:

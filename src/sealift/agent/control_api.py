@@ -16,16 +16,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from sealift.agent.config import AgentConfig, ConfigError, parse_size
+from sealift.errors import SealiftError
+from sealift.agent.config import AgentConfig, parse_size
 from sealift.agent.store import AgentStore
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.migration.authority import Authority
-from sealift.migration.options import MigrationOptions, OptionsError
+from sealift.migration.options import MigrationOptions
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import ProgressCallback
 from sealift.monitor.service import MonitorService
-from sealift.security.errors import SecurityError
 
 if TYPE_CHECKING:
     from sealift.backends.qemu.net import NetConfig
@@ -37,8 +37,17 @@ MAX_REQUEST = 64 * 1024
 Emit = Callable[[dict], None]
 
 
-class RequestError(Exception):
+class RequestError(SealiftError):
     """The request is malformed or names something that does not exist."""
+
+    code = "request_error"
+
+
+_FALLBACK_CODES = {ValueError: "invalid_argument", PermissionError: "permission_denied", LookupError: "not_found"}
+
+
+def _kind(exc: BaseException) -> type[BaseException]:
+    return next(kind for kind in _FALLBACK_CODES if isinstance(exc, kind))
 
 
 class ControlledAgent(Protocol):
@@ -108,8 +117,10 @@ class ControlServer:
                 if not isinstance(request, dict):
                     raise RequestError("request must be a JSON object")
                 emit({"ok": True, **self._dispatch(request, emit)})
-            except (RequestError, ConfigError, OptionsError, ValueError, PermissionError, LookupError, SecurityError) as exc:
-                _safe(emit, {"ok": False, "error": str(exc)})
+            except SealiftError as exc:  # every refusal says why, for people and for scripts
+                _safe(emit, {"ok": False, "error": str(exc), "code": exc.code})
+            except (ValueError, PermissionError, LookupError) as exc:
+                _safe(emit, {"ok": False, "error": str(exc), "code": _FALLBACK_CODES[_kind(exc)]})
             except Exception as exc:  # report, never kill the agent
                 log.exception("control request failed")
                 _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__})

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
@@ -33,37 +32,9 @@ class CliError(SealiftError):
     code = "cli_error"
 
 
-class CliAgentClient(AgentClient):
-    """An AgentClient whose AgentRequestFailed keeps the reason code the agent sent.
-
-    The agent's error reply is {"ok": false, "error": ..., "code": ...}; the
-    base client keeps only "error", so this one remembers the last reply and
-    sets its "code" on the exception (as `code`, the name SealiftError uses).
-    """
-
-    def __init__(self, socket_path: Path, timeout: float | None = None) -> None:
-        super().__init__(socket_path, timeout)
-        self._last_reply: dict = {}
-
-    def _lines(self, request: dict) -> Iterator[dict]:
-        for message in super()._lines(request):
-            self._last_reply = message
-            yield message
-
-    def request(self, op: str, on_event: Callable[[dict], None] | None = None, **fields: object) -> dict:
-        self._last_reply = {}
-        try:
-            return super().request(op, on_event=on_event, **fields)
-        except AgentRequestFailed as exc:
-            code = self._last_reply.get("code")
-            if isinstance(code, str) and code:
-                exc.code = code  # type: ignore[attr-defined]
-            raise
-
-
 def error_code(exc: BaseException) -> str:
     """The machine-readable reason of a failure: its own code, else the fallback for its kind."""
-    code = getattr(exc, "code", None)  # SealiftError's, or the one CliAgentClient set
+    code = getattr(exc, "code", None)  # SealiftError's (AgentRequestFailed carries the agent's)
     if isinstance(code, str) and code:
         return code
     for kind, fallback in FALLBACK_CODES:
@@ -99,7 +70,7 @@ def socket_path(args: argparse.Namespace) -> Path:
 
 
 def client(args: argparse.Namespace) -> AgentClient:
-    return CliAgentClient(socket_path(args))
+    return AgentClient(socket_path(args))
 
 
 def add_agent_flags(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,8 @@ and attacked in the lab).
 
 from __future__ import annotations
 
+from sealift.errors import SealiftError
+
 import json
 
 from sealift.agent.transport import ControlChannel
@@ -32,12 +34,16 @@ def channel_binding(channel: ControlChannel, nonce_source: bytes, nonce_dest: by
     return channel.stream.export_keying_material(BINDING_LABEL, 32, context).hex()  # type: ignore[attr-defined]
 
 
-class DocumentError(Exception):
+class DocumentError(SealiftError):
     """A manifest or receipt is missing, forged or does not match."""
 
+    code = "document_error"
 
-class PeerAborted(Exception):
+
+class PeerAborted(SealiftError):
     """The peer ended the migration with an Abort and a reason."""
+
+    code = "peer_aborted"
 
 
 class DocumentSigner:

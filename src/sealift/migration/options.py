@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from sealift.errors import SealiftError
+
 from dataclasses import asdict, dataclass
 
 COMPRESSION_CODECS = ("zstd", "lz4")
 IMAGE_DIGESTS = ("tags", "blake3")
 
 
-class OptionsError(ValueError):
+class OptionsError(SealiftError, ValueError):
     """A migration option is out of range."""
+
+    code = "options_error"
 
 
 @dataclass(frozen=True)

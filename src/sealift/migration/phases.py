@@ -22,6 +22,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 
+from sealift.errors import SealiftError
+
 
 class Role(enum.StrEnum):
     SOURCE = "source"
@@ -59,8 +61,10 @@ class Event(enum.StrEnum):
     AGENT_RESTARTED = "agent-restarted"  # this agent starts again with the record open
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(SealiftError):
     """An event that the handover's rules do not allow in this phase: a bug, never a peer's doing."""
+
+    code = "illegal_transition"
 
     def __init__(self, role: Role, phase: Phase, event: Event) -> None:
         allowed = ", ".join(sorted(e.value for e in events_from(role, phase))) or "none (final phase)"

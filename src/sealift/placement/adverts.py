@@ -29,6 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sealift.errors import SealiftError
 from sealift.security.errors import CertificateError, SecurityError, SignatureError
 from sealift.security.identity import validate_hostname
 from sealift.security.signing import sign_document, verify_document
@@ -49,9 +50,13 @@ _ADVERT_FIELDS = frozenset(
 class AdvertError(SecurityError):
     """An advert was refused: forged, for another host, stale, or malformed."""
 
+    code = "advert_refused"
 
-class PlacementError(Exception):
+
+class PlacementError(SealiftError):
     """No host can take the VM; the message and `assessments` say why for each host."""
+
+    code = "no_placement"
 
     def __init__(self, message: str, assessments: tuple[HostAssessment, ...]) -> None:
         super().__init__(message)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sealift.agent.config import AgentConfig
+from sealift.errors import SealiftError
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 
-class QemuVmError(Exception):
+class QemuVmError(SealiftError):
     """A QEMU VM request that cannot be done (unknown name, busy, clash)."""
+
+    code = "qemu_vm_error"
 
 
 def free_udp_port() -> int:
