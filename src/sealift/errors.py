@@ -31,7 +31,7 @@ The hierarchy (class: default code; the module in brackets):
     │   ├── PolicyFileError: policy_file_error        [security.policy]
     │   ├── AuditError: audit_error                   [security.audit]
     │   ├── PskError: psk_error                       [security.psk]
-    │   └── MonitorRefusal: monitor_refused           [monitor.gate]
+    │   └── MonitorRefusal: monitor_refused           [migration.gate]
     ├── ProtocolError: protocol_error                 [wire.errors]
     │   └── RecordAuthError: record_auth_failed       [wire.errors]
     ├── VmError: vm_error                             [backends.builtin.vm]

@@ -24,7 +24,7 @@ from sealift.migration.drivers import DestinationDriver
 from sealift.migration.errors import AdmissionError, IncomingRefused
 from sealift.migration.phases import Event, Role
 from sealift.migration.session import DestinationSession
-from sealift.monitor import gate as monitor_gate
+from sealift.migration import gate
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
 from sealift.security.orders import VerifiedOrder
@@ -242,7 +242,7 @@ def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, aut
             raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")
         if hello.secure:
             raise IncomingRefused("a protected migration needs the TLS control channel")
-    monitor_gate.check_incoming(config.name, hello.vm_name, hello.source_host)  # T12: no attacker VM comes in
+    gate.check_incoming(config.name, hello.vm_name, hello.source_host)  # T12: no attacker VM comes in
     # A valid, unused order naming this peer and this host.
     return authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
 

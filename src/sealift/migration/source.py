@@ -21,7 +21,7 @@ from sealift.migration.errors import MigrationError
 from sealift.migration.phases import Event, Role
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import SourceSession
-from sealift.monitor import gate as monitor_gate
+from sealift.migration import gate
 from sealift.security.audit import Kinds
 from sealift.security.psk import psk_channel_binding
 from sealift.wire.messages import Abort, Accept, Commit, Manifest, Refuse
@@ -58,7 +58,7 @@ class SourceCoordinator:
         address = self._config.peer_address(s.destination)
         # Outgoing migration control: nothing happens without a valid, unused order.
         verified = self._authority.authorize_outgoing(s.order, s.vm_name, s.destination)
-        monitor_gate.check_outgoing(self._config.name, s.vm_name, s.destination)  # T12: hold an attacker VM
+        gate.check_outgoing(self._config.name, s.vm_name, s.destination)  # T12: hold an attacker VM
         s.report.order_id = verified.order.id
         s.report.operator = verified.operator.name
         self.driver.preflight(address)

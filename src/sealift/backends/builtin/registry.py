@@ -252,14 +252,16 @@ class BuiltinVmRegistry:
         if vcpus > self._config.vcpu_capacity:
             raise AdmissionError(
                 f"{self._config.name} runs {vcpus - 1} vCPUs of {self._config.vcpu_capacity} (vcpu_capacity); "
-                "the VM needs 1 more"
+                "the VM needs 1 more",
+                code="no_vcpu_capacity",
             )
         used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values()) + other_memory
         if used + memory_bytes > self._config.memory_capacity:
             free = self._config.memory_capacity - used
             raise AdmissionError(
                 f"{self._config.name} has {free >> 20} MiB free of {self._config.memory_capacity >> 20} MiB; "
-                f"the VM needs {memory_bytes >> 20} MiB"
+                f"the VM needs {memory_bytes >> 20} MiB",
+                code="no_memory_capacity",
             )
 
 

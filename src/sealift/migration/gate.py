@@ -1,4 +1,4 @@
-"""The migration coordinators' question to the monitor: may this VM move?
+"""The migration coordinators' question to the monitors: may this VM move?
 
 Both coordinators (source and destination, both backends) call
 `check_outgoing` / `check_incoming` with their host name; the agent installs
