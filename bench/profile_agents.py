@@ -155,7 +155,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("py-spy attaches to the agents with ptrace: run as root")
-    from sealift.agent.config import parse_size
+    from sealift.host.config import parse_size
 
     memory_mib = parse_size(args.memory) >> 20
     cmdline = args.cmdline or f"sealift.mem_mib={memory_mib // 2} sealift.rate_mib=32"

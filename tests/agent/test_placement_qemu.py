@@ -23,7 +23,7 @@ import pytest
 
 from sealift.placement.adverts import verify_advert
 from sealift.agent.client import AgentClient
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.cluster import OPERATOR, LocalCluster
 from sealift.security.identity import HostIdentity

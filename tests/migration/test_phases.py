@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sealift.agent.store import AgentStore
+from sealift.host.store import AgentStore
+from sealift.migration import records
 from sealift.migration.phases import (
     FINAL,
     INITIAL,
@@ -150,23 +151,23 @@ def test_what_a_host_tells_its_peer() -> None:
 def test_the_store_moves_a_record_only_by_the_table(tmp_path: Path) -> None:
     store = AgentStore(tmp_path / "agent.db")
     try:
-        store.create_migration("m1", "vm", S, "host-b", 1 << 20, "builtin")
-        assert store.migration("m1").phase is Phase.STARTED
+        records.create(store, "m1", "vm", S, "host-b", 1 << 20, "builtin")
+        assert store.migration("m1").phase == Phase.STARTED
         with pytest.raises(IllegalTransition):
-            store.transition("m1", Event.DECIDE_COMMIT)  # nothing was sent yet
-        assert store.migration("m1").phase is Phase.STARTED  # nothing written
-        store.transition("m1", Event.BEGIN_PRECOPY)
-        store.transition("m1", Event.PAUSE_GUEST)
-        assert store.transition("m1", Event.DECIDE_COMMIT) is Phase.COMMITTED
+            records.transition(store, "m1", Event.DECIDE_COMMIT)  # nothing was sent yet
+        assert store.migration("m1").phase == Phase.STARTED  # nothing written
+        records.transition(store, "m1", Event.BEGIN_PRECOPY)
+        records.transition(store, "m1", Event.PAUSE_GUEST)
+        assert records.transition(store, "m1", Event.DECIDE_COMMIT) is Phase.COMMITTED
         assert store.migration("m1").decision == "committed"
-        assert store.transition("m1", Event.FAIL, error="link cut") is Phase.IN_DOUBT
+        assert records.transition(store, "m1", Event.FAIL, error="link cut") is Phase.IN_DOUBT
         record = store.migration("m1")
         assert (record.phase, record.decision, record.error, record.backend) == (Phase.IN_DOUBT, "committed", "link cut", "builtin")
-        store.create_migration("m2", "vm", D, "host-a", 1 << 20, "qemu")
-        store.transition("m2", Event.FAIL, error="bad digest")
+        records.create(store, "m2", "vm", D, "host-a", 1 << 20, "qemu")
+        records.transition(store, "m2", Event.FAIL, error="bad digest")
         assert [r.id for r in store.migrations(phases=(Phase.ABORTED,))] == ["m2"]
         with pytest.raises(IllegalTransition):
-            store.transition("m2", Event.STREAM_VERIFIED)  # aborted is final
+            records.transition(store, "m2", Event.STREAM_VERIFIED)  # aborted is final
     finally:
         store.close()
 

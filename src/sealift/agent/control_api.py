@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from sealift.errors import SealiftError
-from sealift.agent.config import AgentConfig, parse_size
-from sealift.agent.store import AgentStore
+from sealift.host.config import AgentConfig, parse_size
+from sealift.host.store import AgentStore
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.migration.authority import Authority

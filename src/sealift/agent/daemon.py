@@ -14,9 +14,9 @@ from typing import Callable
 from OpenSSL import SSL
 
 from sealift.migration.authority import Authority
-from sealift.agent.config import AgentConfig
+from sealift.host.config import AgentConfig
 from sealift.agent.control_api import ControlServer
-from sealift.agent.store import AgentStore
+from sealift.host.store import AgentStore
 from sealift.guests import VmRegistry
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
 from sealift.backends.qemu.destination import QemuDestinationDriver
@@ -30,7 +30,7 @@ from sealift.migration.phases import UNSETTLED, outcome_for
 from sealift.migration.recovery import Keepers, Resolver, recover
 from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
 from sealift.migration.source import SourceCoordinator
-from sealift.agent.transport import (
+from sealift.host.transport import (
     INSECURE_CONTROL_MAGIC,
     TLS_HANDSHAKE_BYTE,
     ControlChannel,

@@ -412,7 +412,7 @@ def _stop_everywhere(cluster: Any, name: str) -> None:
 def _start_qemu_for_agent(lab: BenchLab, cell: Cell) -> None:
     """Start the guest (on the lab's tap) in host-a's agent VM directory, then (re)start host-a's agent,
     which adopts it: the control API starts QEMU guests on user networking only."""
-    from sealift.agent.config import load_config
+    from sealift.host.config import load_config
     from sealift.backends.qemu.registry import QemuVmRegistry
 
     cluster = lab.agents()

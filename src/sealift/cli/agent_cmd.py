@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sealift.agent.config import load_config
+from sealift.host.config import load_config
 from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out
 

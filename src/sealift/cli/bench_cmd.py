@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sealift.agent.config import parse_size
+from sealift.host.config import parse_size
 from sealift.cli.common import print_failure_json
 
 QUICK_QEMU_MIB = 160

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
-from sealift.agent.config import ConfigError, load_config, parse_size
+from sealift.host.config import ConfigError, load_config, parse_size
 from sealift.cli.render import console
 from sealift.errors import SealiftError
 

@@ -7,7 +7,7 @@ import sys
 
 from sealift import __version__
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
-from sealift.agent.config import ConfigError
+from sealift.host.config import ConfigError
 from sealift.cli import (
     agent_cmd,
     audit_cmd,

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from sealift.agent.config import AgentConfig
+from sealift.host.config import AgentConfig
 from sealift.security.audit import AuditLog, Kinds
 from sealift.security.errors import CertificateError
 from sealift.security.identity import HostIdentity

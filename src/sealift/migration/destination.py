@@ -16,12 +16,13 @@ import logging
 import time
 from collections.abc import Mapping
 
-from sealift.agent.config import AgentConfig
-from sealift.agent.transport import ControlChannel
+from sealift.host.config import AgentConfig
+from sealift.host.transport import ControlChannel
 from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentError, channel_binding
 from sealift.migration.drivers import DestinationDriver
 from sealift.migration.errors import AdmissionError, IncomingRefused
+from sealift.migration import records
 from sealift.migration.phases import Event, Role
 from sealift.migration.session import DestinationSession
 from sealift.migration import gate
@@ -51,8 +52,8 @@ class DestinationCoordinator:
         cpu_started = time.process_time()
         prepared = False
         try:
-            self._store.create_migration(
-                hello.migration_id, hello.vm_name, Role.DESTINATION, hello.source_host, hello.memory_bytes, self.driver.backend
+            records.create(
+                self._store, hello.migration_id, hello.vm_name, Role.DESTINATION, hello.source_host, hello.memory_bytes, self.driver.backend
             )
             self.driver.prepare()
             self._accept()

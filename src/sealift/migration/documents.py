@@ -13,7 +13,7 @@ from sealift.errors import SealiftError
 
 import json
 
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.wire.messages import Abort, Receipt
 from sealift.security.identity import HostIdentity
 from sealift.security.signing import canonical_json, sign_document, verify_document

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from sealift.agent.store import MigrationRecord
-from sealift.agent.transport import ControlChannel
+from sealift.host.store import MigrationRecord
+from sealift.host.transport import ControlChannel
 from sealift.guests import GuestVM
 from sealift.wire.messages import Accept, Hello
 

@@ -18,10 +18,11 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from sealift.agent.config import AgentConfig
-from sealift.agent.store import AgentStore, MigrationRecord
-from sealift.agent.transport import ControlChannel
+from sealift.host.config import AgentConfig
+from sealift.host.store import AgentStore, MigrationRecord
+from sealift.host.transport import ControlChannel
 from sealift.migration.drivers import GuestKeeper
+from sealift.migration import records
 from sealift.migration.phases import SOURCE_OPEN, UNSETTLED, Event, Phase, Role
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Outcome, OutcomeQuery
@@ -62,23 +63,23 @@ def recover(store: AgentStore, keepers: Keepers, audit: Audit) -> None:
 
 def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
     present = keeper.can_settle(record)
-    if record.role is Role.SOURCE and record.phase in SOURCE_OPEN:
+    if record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
         # No commit decision was written, so the VM must run here.
         resumed = present and keeper.resume_source(record)
-        store.transition(record.id, Event.AGENT_RESTARTED, error="source agent restarted before commit")
+        records.transition(store, record.id, Event.AGENT_RESTARTED, error="source agent restarted before commit")
         log.warning("recovery: %s %s after the interrupted migration %s", record.vm,
                     "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
-    elif record.role is Role.DESTINATION and record.phase is Phase.RECEIVING:
+    elif record.role == Role.DESTINATION and record.phase == Phase.RECEIVING:
         if present:
             keeper.discard_destination(record)  # never promised: the source still has the guest
-        store.transition(record.id, Event.AGENT_RESTARTED, error="destination agent restarted while receiving")
+        records.transition(store, record.id, Event.AGENT_RESTARTED, error="destination agent restarted while receiving")
         log.warning("recovery: discarded the half-received %s (%s)", record.vm, record.id)
     elif not present:
         log.warning("recovery: migration %s of %s is %s but its guest is gone; left for an operator", record.id,
                     record.vm, record.phase)  # fmt: skip
-    elif record.role is Role.SOURCE:
+    elif record.role == Role.SOURCE:
         keeper.hold_source(record)  # paused, in doubt: not available for another migration
-        store.transition(record.id, Event.AGENT_RESTARTED)
+        records.transition(store, record.id, Event.AGENT_RESTARTED)
     else:
         _recover_destination(store, keeper, record, audit)
 
@@ -87,11 +88,11 @@ def _recover_destination(store: AgentStore, keeper: GuestKeeper, record: Migrati
     pid = keeper.running_destination(record)
     if pid is None:
         keeper.hold_destination(record)  # prepared (ask the source) or committed (start it): the resolver finishes
-        store.transition(record.id, Event.AGENT_RESTARTED)
-    elif record.phase is Phase.COMMITTED:
+        records.transition(store, record.id, Event.AGENT_RESTARTED)
+    elif record.phase == Phase.COMMITTED:
         # Started for this migration just before the crash: the handover is done.
         log.info("recovery: migration %s: %s runs here (pid %d); phase running", record.id, record.vm, pid)
-        store.transition(record.id, Event.START_GUEST)
+        records.transition(store, record.id, Event.START_GUEST)
         audit("migration.recovered", migration_id=record.id, vm=record.vm, pid=pid, phase="running")
     else:  # a guest is only ever started after "committed" is recorded: leave it to an operator
         log.error("recovery: migration %s is %s but %s already runs here; left in doubt", record.id, record.phase,
@@ -149,21 +150,21 @@ class Resolver:
                 log.error("migration %s: settling %s failed: %s", record.id, record.vm, exc)
 
     def _resolve(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
-        if record.role is Role.DESTINATION and record.phase is Phase.COMMITTED:
+        if record.role == Role.DESTINATION and record.phase == Phase.COMMITTED:
             self._start_destination(record, keeper)  # our own record says the commit came: start it
             return
         answer = self._ask(record)
         if answer == "unknown":
             return
-        if record.role is Role.SOURCE:
+        if record.role == Role.SOURCE:
             self._settle_source(record, keeper, answer)
         elif answer == "committed":
-            self._store.transition(record.id, Event.RECEIVE_COMMIT)
+            records.transition(self._store, record.id, Event.RECEIVE_COMMIT)
             self._start_destination(record, keeper)
         else:
             log.info("migration %s: %s aborted; discarding the received %s", record.id, record.peer, record.vm)
             keeper.discard_destination(record)
-            self._store.transition(record.id, Event.PEER_ABORTED, error=f"{record.peer} aborted")
+            records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} aborted")
             self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
                         outcome="aborted", action="discarded the received guest")  # fmt: skip
 
@@ -172,21 +173,21 @@ class Resolver:
             log.info("migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer,
                      record.vm)  # fmt: skip
             keeper.release_source(record)
-            self._store.transition(record.id, Event.CONFIRM_RUNNING)
+            records.transition(self._store, record.id, Event.CONFIRM_RUNNING)
             self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="committed",
                         action="released the paused source copy")  # fmt: skip
             return
         # We committed, but the destination never ran the guest: it cannot run there, so it must run here.
         log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
         resumed = keeper.resume_source(record)
-        self._store.transition(record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit")
+        records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit")
         self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="aborted",
                     action="resumed the source copy" if resumed else "could not resume the source copy")  # fmt: skip
 
     def _start_destination(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
         log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
         pid = keeper.start_destination(record)
-        self._store.transition(record.id, Event.START_GUEST)
+        records.transition(self._store, record.id, Event.START_GUEST)
         self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
                     outcome="committed", action="started the received guest", pid=pid)  # fmt: skip
 

@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sealift.agent.config import AgentConfig
-from sealift.agent.store import AgentStore
-from sealift.agent.transport import ControlChannel, DataSessions
+from sealift.host.config import AgentConfig
+from sealift.host.store import AgentStore
+from sealift.host.transport import ControlChannel, DataSessions
 from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentSigner
 from sealift.migration.options import MigrationOptions
+from sealift.migration import records
 from sealift.migration.phases import Event, Phase
 from sealift.migration.report import MigrationReport
 from sealift.security.identity import HostIdentity
@@ -86,7 +87,7 @@ class SourceSession:
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         """Move this migration's record by the handover's table, and tell whoever follows the progress."""
-        phase = self.context.store.transition(self.migration_id, event, error)
+        phase = records.transition(self.context.store, self.migration_id, event, error)
         self.progress("phase", {"phase": phase.value})
         return phase
 
@@ -119,7 +120,7 @@ class DestinationSession:
         self.psk_binding = b""
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
-        return self.context.store.transition(self.migration_id, event, error)
+        return records.transition(self.context.store, self.migration_id, event, error)
 
     def audit(self, kind: str, **fields: object) -> None:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)

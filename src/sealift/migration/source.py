@@ -14,10 +14,11 @@ import hashlib
 import logging
 import time
 
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.migration.documents import await_receipt, channel_binding
 from sealift.migration.drivers import GuestVM, SourceDriver, Transfer
 from sealift.migration.errors import MigrationError
+from sealift.migration import records
 from sealift.migration.phases import Event, Role
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import SourceSession
@@ -64,7 +65,7 @@ class SourceCoordinator:
         self.driver.preflight(address)
         vm, memory_bytes = self.driver.claim()
         s.report.memory_bytes = memory_bytes
-        self._store.create_migration(s.migration_id, vm.name, Role.SOURCE, s.destination, memory_bytes, self.driver.backend)
+        records.create(self._store, s.migration_id, vm.name, Role.SOURCE, s.destination, memory_bytes, self.driver.backend)
         started = time.monotonic()
         cpu_started = time.process_time()
         committed = False
@@ -92,7 +93,7 @@ class SourceCoordinator:
             s.mark("stream_sent", transfer.paused_at)
             self._manifest_and_prepare(channel, vm, memory_bytes, transfer)
             s.mark("prepared_receipt", transfer.paused_at)
-            self._store.transition(s.migration_id, Event.DECIDE_COMMIT)  # point of no return
+            records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
             committed = True
             s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=s.destination)
             channel.send(Commit(s.migration_id))
@@ -107,7 +108,7 @@ class SourceCoordinator:
             # quitting our paused copy comes after and is not part of it.
             self._finish_report(transfer, running, started, cpu_started)
             self.driver.release(vm)
-            self._store.transition(s.migration_id, Event.CONFIRM_RUNNING)
+            records.transition(self._store, s.migration_id, Event.CONFIRM_RUNNING)
             s.audit(
                 "migration.completed",
                 vm=vm.name,
@@ -125,7 +126,7 @@ class SourceCoordinator:
                     f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
                     f"{s.destination} confirms it runs there (the agents settle it between them: `sealift migrations`)"
                 )
-                self._store.transition(s.migration_id, Event.FAIL, error=str(exc))
+                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
             else:
                 self._abort(channel, vm, exc)
             self._store.save_report(s.migration_id, s.report.to_dict())
@@ -203,7 +204,7 @@ class SourceCoordinator:
             resumed = self.driver.resume(vm)
         finally:
             self.driver.unclaim(vm)
-            self._store.transition(s.migration_id, Event.FAIL, error=reason)
+            records.transition(self._store, s.migration_id, Event.FAIL, error=reason)
         where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
         s.report.error = f"migration to {s.destination} failed: {reason}; {where}"
         s.audit("migration.aborted", vm=vm.name, destination=s.destination, reason=reason, resumed=resumed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.security.keys import channel_secret, derive_session_keys
 from sealift.wire.records import AeadProtection, NoProtection, RecordProtection
 

@@ -17,9 +17,9 @@ import time
 from collections.abc import Sequence
 
 from sealift.placement.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
-from sealift.agent.config import AgentConfig
+from sealift.host.config import AgentConfig
 from sealift.guests import VmRegistry
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
 

@@ -14,8 +14,8 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from sealift.agent.store import MigrationRecord
-from sealift.agent.transport import ControlChannel, PipelinedSink, open_data_stream, recv_exactly_into
+from sealift.host.store import MigrationRecord
+from sealift.host.transport import ControlChannel, PipelinedSink, open_data_stream, recv_exactly_into
 from sealift.backends.builtin.image import GuestImage
 from sealift.backends.builtin.receiver import ImageReceiver, ReceiveResult
 from sealift.backends.builtin.registry import BuiltinGuestMemory, BuiltinVmRegistry

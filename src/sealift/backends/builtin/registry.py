@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sealift.agent.config import AgentConfig
-from sealift.agent.store import AgentStore
+from sealift.host.config import AgentConfig
+from sealift.host.store import AgentStore
 from sealift.backends.builtin.image import ImageCheck
 from sealift.backends.builtin.guest import image_in_use
 from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError

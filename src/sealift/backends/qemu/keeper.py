@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sealift.agent.store import MigrationRecord
+from sealift.host.store import MigrationRecord
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import resume_source
 

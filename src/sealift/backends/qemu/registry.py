@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sealift.agent.config import AgentConfig
+from sealift.host.config import AgentConfig
 from sealift.errors import SealiftError
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from sealift.agent.transport import recv_exactly_into
+from sealift.host.transport import recv_exactly_into
 from sealift.migration.errors import MigrationError
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
 from sealift.wire.errors import ProtocolError

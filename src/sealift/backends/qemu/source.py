@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.agent.transport import ControlChannel, open_data_stream
+from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry

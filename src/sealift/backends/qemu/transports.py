@@ -25,7 +25,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.backends.qemu.direct import Hook, QemuTls, TlsMaterial, incoming_port, listen_direct, tcp_uri
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.ipsec.charon import CharonError, HostCharon

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from sealift.placement.adverts import AdvertError, verify_advert
 from sealift.agent.client import AgentRequestFailed
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, Backend, attack
 from sealift.lab.netns import enter_netns

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sealift.agent.transport import INSECURE_CONTROL_MAGIC
+from sealift.host.transport import INSECURE_CONTROL_MAGIC
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, Backend, attack
 from sealift.lab.netns import enter_netns

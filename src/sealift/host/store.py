@@ -3,10 +3,11 @@
 The migration table is what makes handover safe across crashes: the source
 writes its commit decision here *before* it tells the destination, and the
 destination writes "prepared" before it promises anything (see
-docs/architecture.md, "Migration protocol"). A record's phase changes only
-by `transition`, which applies the handover's table (migration/phases.py)
-and writes the new phase only if the record is still where the table
-started from.
+docs/architecture.md, "Migration protocol"). The store keeps phases as
+text and knows no rule: a record's phase changes only through
+migration/records.py `transition`, which applies the handover's table
+(migration/phases.py) and writes with `set_phase_if`, so that a record that
+changed under it is never overwritten.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sealift.migration.phases import INITIAL, Event, Phase, Role, decision_after, next_phase
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -63,9 +63,9 @@ class VmRecord:
 class MigrationRecord:
     id: str
     vm: str
-    role: Role
+    role: str  # "source" | "destination" (migration/phases.py Role)
     peer: str
-    phase: Phase
+    phase: str  # migration/phases.py Phase
     backend: str | None  # None: a record from before the column
     decision: str | None
     memory_bytes: int
@@ -118,32 +118,26 @@ class AgentStore:
     # -- migrations -----------------------------------------------------------
 
     def create_migration(
-        self, migration_id: str, vm: str, role: Role, peer: str, memory_bytes: int, backend: str
+        self, migration_id: str, vm: str, role: str, peer: str, phase: str, memory_bytes: int, backend: str
     ) -> None:
-        """A new record, in its role's first phase."""
         now = time.time()
         self._exec(
             "INSERT INTO migrations (id, vm, role, peer, phase, backend, memory_bytes, created_at, updated_at) "
             "VALUES (?,?,?,?,?,?,?,?,?)",
-            (migration_id, vm, role.value, peer, INITIAL[role].value, backend, memory_bytes, now, now),
+            (migration_id, vm, role, peer, phase, backend, memory_bytes, now, now),
         )
 
-    def transition(self, migration_id: str, event: Event, error: str | None = None) -> Phase:
-        """Move a record by the handover's table; the new phase. IllegalTransition, and nothing written, if
-        the table does not allow `event` in the record's phase (or the record changed under us)."""
+    def set_phase_if(
+        self, migration_id: str, expected: str, phase: str, decision: str | None = None, error: str | None = None
+    ) -> bool:
+        """Write `phase` (and a decision, an error) only if the record is still in `expected`; whether it was."""
         with self._lock:
-            row = self._db.execute("SELECT role, phase FROM migrations WHERE id=?", (migration_id,)).fetchone()
-            if row is None:
-                raise KeyError(f"no migration {migration_id} in the store")
-            role, before = Role(row[0]), Phase(row[1])
-            after = next_phase(role, before, event)
-            decision = decision_after(role, before, after)
-            self._db.execute(
+            cursor = self._db.execute(
                 "UPDATE migrations SET phase=?, decision=COALESCE(?, decision), error=COALESCE(?, error), "
                 "updated_at=? WHERE id=? AND phase=?",
-                (after.value, decision, error, time.time(), migration_id, before.value),
+                (phase, decision, error, time.time(), migration_id, expected),
             )
-            return after
+            return cursor.rowcount == 1
 
     def save_report(self, migration_id: str, report: dict) -> None:
         self._exec("UPDATE migrations SET report=?, updated_at=? WHERE id=?", (json.dumps(report), time.time(), migration_id))
@@ -153,16 +147,16 @@ class AgentStore:
         return _migration(rows[0]) if rows else None
 
     def migrations(
-        self, limit: int = 100, phases: tuple[Phase, ...] | None = None, role: Role | None = None
+        self, limit: int = 100, phases: tuple[str, ...] | None = None, role: str | None = None
     ) -> list[MigrationRecord]:
         sql = f"SELECT {_MIGRATION_COLUMNS} FROM migrations"
         clauses, args = [], []
         if phases:
             clauses.append(f"phase IN ({','.join('?' * len(phases))})")
-            args.extend(phase.value for phase in phases)
+            args.extend(phases)
         if role:
             clauses.append("role=?")
-            args.append(role.value)
+            args.append(role)
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         sql += " ORDER BY created_at DESC LIMIT ?"
@@ -172,6 +166,5 @@ class AgentStore:
 
 def _migration(row: tuple) -> MigrationRecord:
     values = list(row)
-    values[2], values[4] = Role(values[2]), Phase(values[4])
     values[-1] = json.loads(values[-1]) if values[-1] else None
     return MigrationRecord(*values)
