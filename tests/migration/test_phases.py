@@ -146,6 +146,9 @@ def test_what_a_host_tells_its_peer() -> None:
     assert outcome_for(D, Phase.RUNNING, None) == "committed"
     assert outcome_for(D, Phase.ABORTED, None) == "aborted"
     assert outcome_for(D, Phase.COMMITTED, None) == "unknown"  # not running yet: the source decides
+    # ... and the same from the store's text (a record as read back), not only from the enums.
+    assert outcome_for("source", "in-doubt", "committed") == "committed"  # type: ignore[arg-type]
+    assert outcome_for("destination", "running", None) == "committed"  # type: ignore[arg-type]
 
 
 def test_the_store_moves_a_record_only_by_the_table(tmp_path: Path) -> None:

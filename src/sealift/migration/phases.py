@@ -143,24 +143,27 @@ def phases_of(role: Role) -> list[Phase]:
 
 def decision_after(role: Role, before: Phase, after: Phase) -> str | None:
     """The source's durable decision a transition records ("committed" | "aborted"), if any."""
-    if role is not Role.SOURCE:
+    if role != Role.SOURCE:
         return None
-    if after is Phase.COMMITTED and before in SOURCE_OPEN:
+    if after == Phase.COMMITTED and before in SOURCE_OPEN:
         return "committed"
-    if after is Phase.ABORTED and before in SOURCE_OPEN:
+    if after == Phase.ABORTED and before in SOURCE_OPEN:
         return "aborted"
     return None
 
 
 def outcome_for(role: Role, phase: Phase, decision: str | None) -> str:
-    """What a host can tell its peer of a migration it knows (OutcomeQuery): committed | aborted | unknown."""
-    if role is Role.SOURCE:
+    """What a host can tell its peer of a migration it knows (OutcomeQuery): committed | aborted | unknown.
+
+    `role` and `phase` may be the store's text: compared by value, never by identity.
+    """
+    if role == Role.SOURCE:
         if decision == "committed":
             return "committed"
-        return "aborted" if phase is Phase.ABORTED else "unknown"
-    if phase is Phase.RUNNING:
+        return "aborted" if phase == Phase.ABORTED else "unknown"
+    if phase == Phase.RUNNING:
         return "committed"
-    return "aborted" if phase is Phase.ABORTED else "unknown"
+    return "aborted" if phase == Phase.ABORTED else "unknown"
 
 
 def state_diagram() -> str:
