@@ -78,20 +78,20 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
             "destination_cpu_s": report["destination_cpu_s"],
             "image_digest": report["image_digest"],
             "order_id": report.get("order_id"),
-            "audit_ok": {host: cluster.client(host).request("audit.verify")["verification"]["ok"] for host in (SOURCE, DESTINATION)},
+            "audit_ok": _audit_ok(cluster),
             "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "round_reports": report["round_reports"],
             "demo_time_s": round(time.monotonic() - started, 2),
         }
-        if options.show_progress:
-            out.print(report_table(report))
-            out.print(
-                f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (pid {after['pid']}): counter was "
-                f"{report['counter_at_pause']} when paused on {SOURCE}, resumed at {report['counter_after']}, "
-                f"now {after['counter']}; memory check: {check['bad_page_count']} bad pages, secret "
-                f"{'intact' if check['secret_intact'] else 'ALTERED'}; copies on {SOURCE}: "
-                f"{'1 (!)' if VM in source_vms else '0'}"
-            )
+        _show_outcome(
+            options,
+            report,
+            f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (pid {after['pid']}): counter was "
+            f"{report['counter_at_pause']} when paused on {SOURCE}, resumed at {report['counter_after']}, "
+            f"now {after['counter']}; memory check: {check['bad_page_count']} bad pages, secret "
+            f"{'intact' if check['secret_intact'] else 'ALTERED'}; copies on {SOURCE}: "
+            f"{'1 (!)' if VM in source_vms else '0'}",
+        )
         return result
     finally:
         if options.keep:
@@ -127,6 +127,18 @@ def _migrate(
     return report
 
 
+def _audit_ok(cluster: LocalCluster) -> dict[str, bool]:
+    """Each host's verdict on its own audit log."""
+    return {host: cluster.client(host).request("audit.verify")["verification"]["ok"] for host in (SOURCE, DESTINATION)}
+
+
+def _show_outcome(options: DemoOptions, report: dict[str, Any], conclusion: str) -> None:
+    """The report table and a line on where the guest runs now (not with --json)."""
+    if options.show_progress:
+        out.print(report_table(report))
+        out.print(conclusion)
+
+
 def _failed(error: str, options: DemoOptions) -> dict[str, object]:
     return {"status": "failed", "error": error, "transport": "plain" if options.insecure else "tls"}
 
@@ -160,17 +172,17 @@ def _run_qemu(cluster: LocalCluster, options: DemoOptions, say: Callable[..., ob
             "counter_at_pause": paused, "counter_after": now, "probe_answer": probe,
             "copies_running": {"source": VM in source_vms, "destination": after["status"] == "running"},
             "order_id": report.get("order_id"),
-            "audit_ok": {h: cluster.client(h).request("audit.verify")["verification"]["ok"] for h in (SOURCE, DESTINATION)},
+            "audit_ok": _audit_ok(cluster),
             "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "demo_time_s": round(time.monotonic() - started, 2),
         }  # fmt: skip
-        if options.show_progress:
-            out.print(report_table(report))
-            out.print(
-                f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (QEMU pid {after['pid']}): counter was "
-                f"{paused} when paused on {SOURCE}, now {now}; UDP probe answered {probe}; copies on {SOURCE}: "
-                f"{'1 (!)' if VM in source_vms else '0'}"
-            )
+        _show_outcome(
+            options,
+            report,
+            f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (QEMU pid {after['pid']}): counter was "
+            f"{paused} when paused on {SOURCE}, now {now}; UDP probe answered {probe}; copies on {SOURCE}: "
+            f"{'1 (!)' if VM in source_vms else '0'}",
+        )
         return result
     finally:
         for client in (src, dst):  # QEMU outlives its agent by design: stop the guests first
