@@ -80,7 +80,6 @@ def _read_pid(pid_path: Path) -> int | None:
         return None
 
 
-
 def _prepare_vm_dir(vm_dir: Path) -> None:
     """Create ``vm_dir`` private to its owner (it holds the QMP socket), or tighten it."""
     vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
