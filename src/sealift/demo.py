@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from typing import Callable
+from typing import Any, Callable
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.backends.qemu.vm import probe_udp
@@ -50,16 +50,10 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
         vm = src.request("vm.start", name=VM, memory=options.memory, workload=options.workload)["vm"]
         say(f"  started {VM} on {SOURCE}: {options.memory} RAM, workload {options.workload}, pid {vm['pid']}")
         time.sleep(options.warmup_s)  # let the workload dirty memory first
-        migration = {"secure": not options.insecure, **options.migration}
-        order = cluster.order(VM, SOURCE, DESTINATION)
-        say(f"  operator {cluster.operator.name} (admin) signed migration order {order_id(order)}: {VM} {SOURCE} → {DESTINATION}")
-        with MigrationProgress(VM, DESTINATION, enabled=options.show_progress) as progress:
-            try:
-                report = src.request(
-                    "migrate", on_event=progress.on_event, vm=VM, to=DESTINATION, options=migration, order=order
-                )["report"]
-            except AgentRequestFailed as exc:
-                return _failed(str(exc), src, options)
+        try:
+            report = _migrate(cluster, src, options, say)
+        except AgentRequestFailed as exc:
+            return _failed(str(exc), options)
         time.sleep(0.3)  # let the guest tick on its new host
         after = dst.request("vm.info", name=VM)["vm"]
         check = dst.request("vm.check", name=VM)["check"]
@@ -84,20 +78,20 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
             "destination_cpu_s": report["destination_cpu_s"],
             "image_digest": report["image_digest"],
             "order_id": report.get("order_id"),
-            "audit_ok": {host: cluster.client(host).request("audit.verify")["verification"]["ok"] for host in (SOURCE, DESTINATION)},
+            "audit_ok": _audit_ok(cluster),
             "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "round_reports": report["round_reports"],
             "demo_time_s": round(time.monotonic() - started, 2),
         }
-        if options.show_progress:
-            out.print(report_table(report))
-            out.print(
-                f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (pid {after['pid']}): counter was "
-                f"{report['counter_at_pause']} when paused on {SOURCE}, resumed at {report['counter_after']}, "
-                f"now {after['counter']}; memory check: {check['bad_page_count']} bad pages, secret "
-                f"{'intact' if check['secret_intact'] else 'ALTERED'}; copies on {SOURCE}: "
-                f"{'1 (!)' if VM in source_vms else '0'}"
-            )
+        _show_outcome(
+            options,
+            report,
+            f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (pid {after['pid']}): counter was "
+            f"{report['counter_at_pause']} when paused on {SOURCE}, resumed at {report['counter_after']}, "
+            f"now {after['counter']}; memory check: {check['bad_page_count']} bad pages, secret "
+            f"{'intact' if check['secret_intact'] else 'ALTERED'}; copies on {SOURCE}: "
+            f"{'1 (!)' if VM in source_vms else '0'}",
+        )
         return result
     finally:
         if options.keep:
@@ -111,9 +105,41 @@ def order_id(envelope: str) -> str:
     return str(describe_order(envelope).get("order_id", "?"))[:12]
 
 
-def _failed(error: str, src: object, options: DemoOptions) -> dict[str, object]:
+def _migrate(
+    cluster: LocalCluster, src: AgentClient, options: DemoOptions, say: Callable[..., object]
+) -> dict[str, Any]:
+    """Sign an order for VM from SOURCE to DESTINATION and migrate it under a progress bar; the agent's report.
+
+    An AgentRequestFailed is shown while the progress bar is still up, then raised on.
+    """
+    migration = {"secure": not options.insecure, **options.migration}
+    order = cluster.order(VM, SOURCE, DESTINATION)
+    say(f"  operator {cluster.operator.name} (admin) signed migration order {order_id(order)}: {VM} {SOURCE} → {DESTINATION}")
+    with MigrationProgress(VM, DESTINATION, enabled=options.show_progress) as progress:
+        try:
+            report: dict[str, Any] = src.request(
+                "migrate", on_event=progress.on_event, vm=VM, to=DESTINATION, options=migration, order=order
+            )["report"]
+        except AgentRequestFailed as exc:
+            if options.show_progress:
+                console.print(f"[bold red]migration failed:[/bold red] {exc}")
+            raise
+    return report
+
+
+def _audit_ok(cluster: LocalCluster) -> dict[str, bool]:
+    """Each host's verdict on its own audit log."""
+    return {host: cluster.client(host).request("audit.verify")["verification"]["ok"] for host in (SOURCE, DESTINATION)}
+
+
+def _show_outcome(options: DemoOptions, report: dict[str, Any], conclusion: str) -> None:
+    """The report table and a line on where the guest runs now (not with --json)."""
     if options.show_progress:
-        console.print(f"[bold red]migration failed:[/bold red] {error}")
+        out.print(report_table(report))
+        out.print(conclusion)
+
+
+def _failed(error: str, options: DemoOptions) -> dict[str, object]:
     return {"status": "failed", "error": error, "transport": "plain" if options.insecure else "tls"}
 
 
@@ -129,16 +155,10 @@ def _run_qemu(cluster: LocalCluster, options: DemoOptions, say: Callable[..., ob
         before = _wait_counter(src, 0, QEMU_BOOT_TIMEOUT_S)
         say(f"  {VM} runs: console counter {before}")
         time.sleep(options.warmup_s)
-        migration = {"secure": not options.insecure, **options.migration}
-        order = cluster.order(VM, SOURCE, DESTINATION)
-        say(f"  operator {cluster.operator.name} (admin) signed migration order {order_id(order)}: {VM} {SOURCE} → {DESTINATION}")
-        with MigrationProgress(VM, DESTINATION, enabled=options.show_progress) as progress:
-            try:
-                report = src.request(
-                    "migrate", on_event=progress.on_event, vm=VM, to=DESTINATION, options=migration, order=order
-                )["report"]
-            except AgentRequestFailed as exc:
-                return _failed(str(exc), src, options)
+        try:
+            report = _migrate(cluster, src, options, say)
+        except AgentRequestFailed as exc:
+            return _failed(str(exc), options)
         paused = int(report["counter_at_pause"] or 0)
         now = _wait_counter(dst, paused, 30)
         after = dst.request("vm.info", name=VM)["vm"]
@@ -152,17 +172,17 @@ def _run_qemu(cluster: LocalCluster, options: DemoOptions, say: Callable[..., ob
             "counter_at_pause": paused, "counter_after": now, "probe_answer": probe,
             "copies_running": {"source": VM in source_vms, "destination": after["status"] == "running"},
             "order_id": report.get("order_id"),
-            "audit_ok": {h: cluster.client(h).request("audit.verify")["verification"]["ok"] for h in (SOURCE, DESTINATION)},
+            "audit_ok": _audit_ok(cluster),
             "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "demo_time_s": round(time.monotonic() - started, 2),
         }  # fmt: skip
-        if options.show_progress:
-            out.print(report_table(report))
-            out.print(
-                f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (QEMU pid {after['pid']}): counter was "
-                f"{paused} when paused on {SOURCE}, now {now}; UDP probe answered {probe}; copies on {SOURCE}: "
-                f"{'1 (!)' if VM in source_vms else '0'}"
-            )
+        _show_outcome(
+            options,
+            report,
+            f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (QEMU pid {after['pid']}): counter was "
+            f"{paused} when paused on {SOURCE}, now {now}; UDP probe answered {probe}; copies on {SOURCE}: "
+            f"{'1 (!)' if VM in source_vms else '0'}",
+        )
         return result
     finally:
         for client in (src, dst):  # QEMU outlives its agent by design: stop the guests first

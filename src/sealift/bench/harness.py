@@ -315,10 +315,7 @@ def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repet
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         _record_failure(result, exc)
     finally:
-        if sampler is not None:
-            sampler.stop()
-        if prober is not None:
-            prober.stop()
+        _stop_unfinished(sampler, prober)
         for vm in vms:
             vm.stop_vm(timeout=5)
         try:
@@ -344,6 +341,14 @@ def stop_to_resume_ms(source: QemuVM, destination: QemuVM) -> float | None:
     if stopped is None or resumed is None or resumed < stopped:
         return None
     return round((resumed - stopped) * 1000.0, 1)
+
+
+def _stop_unfinished(sampler: CpuSampler | None, prober: GapProber | None) -> None:
+    """Stop what a run left running when it failed (a run that got through stopped both and set them to None)."""
+    if sampler is not None:
+        sampler.stop()
+    if prober is not None:
+        prober.stop()
 
 
 def _record_failure(result: RunResult, exc: Exception) -> None:
@@ -491,10 +496,7 @@ def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: in
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         _record_failure(result, exc)
     finally:
-        if sampler is not None:
-            sampler.stop()
-        if prober is not None:
-            prober.stop()
+        _stop_unfinished(sampler, prober)
         _stop_everywhere(cluster, VM_NAME)
     return result
 

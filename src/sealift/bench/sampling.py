@@ -17,21 +17,36 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu(pid: int) -> tuple[float, int] | None:
-    """(utime + stime of a process, all its threads, in seconds; its start time in ticks since boot)."""
+def _pids() -> Iterator[int]:
+    """Every process's pid (the numeric entries of /proc)."""
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                yield int(entry.name)
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat from the 3rd (state) on; None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except OSError:
-        return None  # gone
+        return None
     # The command name may hold spaces and parentheses: the fields (from the 3rd) start after the last ')'.
-    fields = raw[raw.rfind(b")") + 2:].split()
+    return raw[raw.rfind(b")") + 2:].split()
+
+
+def process_cpu(pid: int) -> tuple[float, int] | None:
+    """(utime + stime of a process, all its threads, in seconds; its start time in ticks since boot)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None  # gone
     return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[19])
 
 
@@ -42,16 +57,10 @@ def _now_ticks() -> int:
 
 def _parent_map() -> dict[int, int]:
     parents: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2:].split()
-        parents[int(entry.name)] = int(fields[1])
+    for pid in _pids():
+        fields = _stat_fields(pid)
+        if fields is not None:
+            parents[pid] = int(fields[1])
     return parents
 
 
@@ -227,19 +236,17 @@ def find_descendant(root: int, comm_prefix: str) -> int | None:
 def find_process(needle: str, comm_prefix: str = "") -> int | None:
     """The first process whose command line contains `needle` (and whose comm starts with `comm_prefix`)."""
     raw_needle = needle.encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in _pids():
         try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
             if raw_needle not in cmdline:
                 continue
             if comm_prefix:
-                with open(f"/proc/{entry.name}/comm") as f:
+                with open(f"/proc/{pid}/comm") as f:
                     if not f.read().startswith(comm_prefix):
                         continue
         except OSError:
             continue
-        return int(entry.name)
+        return pid
     return None

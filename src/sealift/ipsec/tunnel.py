@@ -29,6 +29,7 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass
 from types import TracebackType
@@ -78,6 +79,20 @@ class SaRecord:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+def _tear_down(close: Callable[[], None], error: BaseException | None) -> None:
+    """Run close() after a with block or a failed set-up that ended with `error` (None: it succeeded).
+
+    A tear-down failure is raised only when nothing else failed; otherwise it is
+    noted on the error already on its way, which stays the one raised.
+    """
+    try:
+        close()
+    except IpsecError as teardown_error:
+        if error is None:
+            raise
+        error.add_note(f"also, the IPsec tear-down failed: {teardown_error}")
 
 
 def _ip(netns: str | None, args: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -136,12 +151,7 @@ class IpsecEndpoint:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            self.close()
-        except IpsecError as error:
-            if exc is None:
-                raise
-            exc.add_note(f"also, the IPsec tear-down failed: {error}")
+        _tear_down(self.close, exc)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -401,20 +411,12 @@ class IpsecTunnel:
         try:
             self._open()
         except BaseException as error:
-            try:
-                self.close()
-            except IpsecError as cleanup_error:
-                error.add_note(f"also, the IPsec tear-down failed: {cleanup_error}")
+            _tear_down(self.close, error)
             raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            self.close()
-        except IpsecError as error:
-            if exc is None:
-                raise
-            exc.add_note(f"also, the IPsec tear-down failed: {error}")
+        _tear_down(self.close, exc)
 
     @property
     def spis(self) -> tuple[str, str]:

@@ -171,15 +171,16 @@ def parse_list_sas(events: Iterable[Mapping[str, Any]]) -> list[IkeSa]:
     """The list-sas event stream (one {ike_name: {...}} per event) as IkeSa objects (pure)."""
     result = []
     for event in events:
-        for ike_name, ike in event.items():
+        for ike_key, ike in event.items():
+            ike_name, ike_state = _text(ike_key), _text(ike.get("state"))  # the IKE SA's, and each child's
             children = []
             for child in (ike.get("child-sas") or {}).values():
                 keysize = _text(child.get("encr-keysize"))
                 encryption = _text(child.get("encr-alg")) + (f"-{keysize}" if keysize else "")
                 children.append(
                     ChildSa(
-                        ike_name=_text(ike_name),
-                        ike_state=_text(ike.get("state")),
+                        ike_name=ike_name,
+                        ike_state=ike_state,
                         name=_text(child.get("name")),
                         state=_text(child.get("state")),
                         mode=_text(child.get("mode")),
@@ -195,8 +196,8 @@ def parse_list_sas(events: Iterable[Mapping[str, Any]]) -> list[IkeSa]:
                 )
             result.append(
                 IkeSa(
-                    name=_text(ike_name),
-                    state=_text(ike.get("state")),
+                    name=ike_name,
+                    state=ike_state,
                     local_host=_text(ike.get("local-host")),
                     remote_host=_text(ike.get("remote-host")),
                     children=tuple(children),

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from enum import IntEnum
+from functools import cache, partial
 from typing import Any, ClassVar, NoReturn, Self, TypeAlias
 
 from .errors import ProtocolError
@@ -70,6 +72,7 @@ class MessageType(IntEnum):
 
 # ---------------------------------------------------------------------------
 # Field checks: each raises ProtocolError naming the field and what it should be.
+# Each takes (field, value) first, so the one table of wire fields (_FIELDS) can name them all.
 
 
 def _fail(field: str, problem: str) -> NoReturn:
@@ -92,8 +95,8 @@ def _check_pattern(
     return text
 
 
-def _check_migration_id(value: object) -> None:
-    _check_pattern("migration_id", value, _MIGRATION_ID, "32 lowercase hex digits")
+def _check_migration_id(field: str, value: object) -> None:
+    _check_pattern(field, value, _MIGRATION_ID, "32 lowercase hex digits")
 
 
 def _check_text(field: str, value: object, max_chars: int) -> None:
@@ -116,12 +119,23 @@ def _check_envelope(field: str, value: object, max_bytes: int) -> None:
         _fail(field, f"{size} bytes is outside 1..{max_bytes}")
 
 
+def _check_optional_envelope(field: str, value: object, max_bytes: int) -> None:
+    if value is not None:
+        _check_envelope(field, value, max_bytes)
+
+
 def _check_int(field: str, value: object, low: int, high: int) -> int:
     if type(value) is not int:  # bool is an int subclass; refuse it
         _fail(field, f"expected an integer, got {type(value).__name__}")
     if not low <= value <= high:
         _fail(field, f"{value} is outside {low}..{high}")
     return value
+
+
+def _check_memory_bytes(field: str, value: object) -> None:
+    memory_bytes = _check_int(field, value, PAGE_SIZE, MAX_MEMORY_BYTES)
+    if memory_bytes % PAGE_SIZE:
+        _fail(field, f"{memory_bytes} is not a multiple of the page size {PAGE_SIZE}")
 
 
 def _check_bool(field: str, value: object) -> None:
@@ -141,10 +155,10 @@ def _check_bytes(field: str, value: object, size: int) -> None:
         _fail(field, f"expected {size} bytes")
 
 
-def _check_psk_proof(value: object) -> None:
+def _check_psk_proof(field: str, value: object) -> None:
     if value is not None:
         _check_pattern(
-            "psk_proof",
+            field,
             value,
             _LOWER_HEX,
             f"null or an even number (2..{MAX_PSK_PROOF_HEX}) of lowercase hex digits",
@@ -173,50 +187,94 @@ def _expect_keys(obj: object, keys: frozenset[str], name: str) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------
+# Wire fields: one table for every message
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """How one wire key is checked and carried in the JSON payload."""
+
+    check: Callable[[str, object], object]  # (key, value); raises ProtocolError
+    hex_size: int | None = None  # bytes of this size, carried as lowercase hex; None: a plain JSON value
+
+
+# A key means the same in every message that has it, so one entry serves them all.
+# A message's fields are checked in this order, whatever their order in the dataclass
+# (page_size is checked before memory_bytes, whose check names the page size).
+_FIELDS: dict[str, _Field] = {
+    "migration_id": _Field(_check_migration_id),
+    "vm_name": _Field(partial(_check_pattern, pattern=_VM_NAME, what=_VM_NAME_RULE)),
+    "source_host": _Field(partial(_check_pattern, pattern=_HOST, what=_HOST_RULE)),
+    "destination_host": _Field(partial(_check_pattern, pattern=_HOST, what=_HOST_RULE)),
+    "nonce": _Field(partial(_check_bytes, size=NONCE_SIZE), hex_size=NONCE_SIZE),
+    "session_id": _Field(partial(_check_bytes, size=SESSION_ID_SIZE), hex_size=SESSION_ID_SIZE),
+    "page_size": _Field(partial(_check_int, low=PAGE_SIZE, high=PAGE_SIZE)),
+    "memory_bytes": _Field(_check_memory_bytes),
+    "secure": _Field(_check_bool),
+    "compression": _Field(partial(_check_choice, choices=(None, *COMPRESSIONS))),
+    "streams": _Field(partial(_check_int, low=1, high=MAX_STREAMS)),
+    "backend": _Field(partial(_check_choice, choices=BACKENDS)),
+    "order": _Field(partial(_check_optional_envelope, max_bytes=MAX_ORDER_BYTES)),
+    "psk_proof": _Field(_check_psk_proof),
+    "image_digest": _Field(partial(_check_choice, choices=(None, *IMAGE_DIGESTS))),
+    "stage": _Field(partial(_check_choice, choices=RECEIPT_STAGES)),
+    "reason": _Field(partial(_check_text, max_chars=MAX_REASON)),
+    "envelope": _Field(partial(_check_envelope, max_bytes=MAX_ENVELOPE_BYTES)),
+    "outcome": _Field(partial(_check_choice, choices=OUTCOMES)),
+}
+
+
+@cache
+def _wire_fields(cls: type) -> tuple[tuple[str, _Field], ...]:
+    """A message class's wire keys (its dataclass fields) with their entries, in _FIELDS order."""
+    names = {f.name for f in fields(cls)}
+    unknown = names - _FIELDS.keys()
+    if unknown:
+        raise TypeError(f"{cls.__name__} has fields with no wire entry: {sorted(unknown)}")
+    return tuple((key, spec) for key, spec in _FIELDS.items() if key in names)
+
+
+# ---------------------------------------------------------------------------
 # Messages
 
 
-class _FlatMessage:
-    """to_json/from_json for a message whose fields are its wire keys (KEYS), each a plain JSON value.
+class _Message:
+    """Checks, to_json and from_json for a message, from its dataclass fields and _FIELDS.
 
-    The dataclass's own __post_init__ checks every value, from either side.
+    __post_init__ checks every value, so a message object that exists is valid
+    whether it was built locally or parsed.
     """
 
     __slots__ = ()
-    KEYS: ClassVar[frozenset[str]]
+    TYPE: ClassVar[MessageType]
+    KEYS: ClassVar[frozenset[str]]  # the wire keys, set below for every message class
+
+    def __post_init__(self) -> None:
+        for key, spec in _wire_fields(type(self)):
+            spec.check(key, getattr(self, key))
 
     def to_json(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.KEYS}
+        obj: dict[str, Any] = {}
+        for key, spec in _wire_fields(type(self)):
+            value = getattr(self, key)
+            obj[key] = value.hex() if spec.hex_size is not None else value
+        return obj
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
         d = _expect_keys(obj, cls.KEYS, cls.__name__)
-        return cls(**{key: d[key] for key in cls.KEYS})
+        values = {
+            key: d[key] if spec.hex_size is None else _hex_field(d, key, spec.hex_size)
+            for key, spec in _wire_fields(cls)
+        }
+        return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(_Message):
     """Source → destination: proposes a migration."""
 
     TYPE: ClassVar[MessageType] = MessageType.HELLO
-    KEYS: ClassVar[frozenset[str]] = frozenset(
-        {
-            "migration_id",
-            "vm_name",
-            "source_host",
-            "destination_host",
-            "nonce",
-            "memory_bytes",
-            "page_size",
-            "secure",
-            "compression",
-            "streams",
-            "backend",
-            "order",
-            "psk_proof",
-            "image_digest",
-        }
-    )
 
     migration_id: str
     vm_name: str
@@ -233,233 +291,105 @@ class Hello:
     psk_proof: str | None
     image_digest: str | None = "tags"  # the image check both sides compute (backends/builtin/digest.py); None = no digest
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_pattern("vm_name", self.vm_name, _VM_NAME, _VM_NAME_RULE)
-        _check_pattern("source_host", self.source_host, _HOST, _HOST_RULE)
-        _check_pattern("destination_host", self.destination_host, _HOST, _HOST_RULE)
-        _check_bytes("nonce", self.nonce, NONCE_SIZE)
-        _check_int("page_size", self.page_size, PAGE_SIZE, PAGE_SIZE)
-        _check_int("memory_bytes", self.memory_bytes, PAGE_SIZE, MAX_MEMORY_BYTES)
-        if self.memory_bytes % PAGE_SIZE:
-            _fail(
-                "memory_bytes",
-                f"{self.memory_bytes} is not a multiple of the page size {PAGE_SIZE}",
-            )
-        _check_bool("secure", self.secure)
-        _check_choice("compression", self.compression, (None, *COMPRESSIONS))
-        _check_int("streams", self.streams, 1, MAX_STREAMS)
-        _check_choice("backend", self.backend, BACKENDS)
-        if self.order is not None:
-            _check_envelope("order", self.order, MAX_ORDER_BYTES)
-        _check_psk_proof(self.psk_proof)
-        _check_choice("image_digest", self.image_digest, (None, *IMAGE_DIGESTS))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "migration_id": self.migration_id,
-            "vm_name": self.vm_name,
-            "source_host": self.source_host,
-            "destination_host": self.destination_host,
-            "nonce": self.nonce.hex(),
-            "memory_bytes": self.memory_bytes,
-            "page_size": self.page_size,
-            "secure": self.secure,
-            "compression": self.compression,
-            "streams": self.streams,
-            "backend": self.backend,
-            "order": self.order,
-            "psk_proof": self.psk_proof,
-            "image_digest": self.image_digest,
-        }
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Hello")
-        return cls(
-            migration_id=d["migration_id"],
-            vm_name=d["vm_name"],
-            source_host=d["source_host"],
-            destination_host=d["destination_host"],
-            nonce=_hex_field(d, "nonce", NONCE_SIZE),
-            memory_bytes=d["memory_bytes"],
-            page_size=d["page_size"],
-            secure=d["secure"],
-            compression=d["compression"],
-            streams=d["streams"],
-            backend=d["backend"],
-            order=d["order"],
-            psk_proof=d["psk_proof"],
-            image_digest=d["image_digest"],
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class Accept:
+class Accept(_Message):
     """Destination → source: agrees, with its own nonce and the session id."""
 
     TYPE: ClassVar[MessageType] = MessageType.ACCEPT
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "nonce", "session_id", "psk_proof"})
 
     migration_id: str
     nonce: bytes
     session_id: bytes
     psk_proof: str | None
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_bytes("nonce", self.nonce, NONCE_SIZE)
-        _check_bytes("session_id", self.session_id, SESSION_ID_SIZE)
-        _check_psk_proof(self.psk_proof)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "migration_id": self.migration_id,
-            "nonce": self.nonce.hex(),
-            "session_id": self.session_id.hex(),
-            "psk_proof": self.psk_proof,
-        }
-
-    @classmethod
-    def from_json(cls, obj: object) -> Self:
-        d = _expect_keys(obj, cls.KEYS, "Accept")
-        return cls(
-            migration_id=d["migration_id"],
-            nonce=_hex_field(d, "nonce", NONCE_SIZE),
-            session_id=_hex_field(d, "session_id", SESSION_ID_SIZE),
-            psk_proof=d["psk_proof"],
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class Refuse(_FlatMessage):
+class Refuse(_Message):
     """Destination → source: will not take this migration (ends the conversation)."""
 
     TYPE: ClassVar[MessageType] = MessageType.REFUSE
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "reason"})
 
     migration_id: str
     reason: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_text("reason", self.reason, MAX_REASON)
-
 
 @dataclass(frozen=True, slots=True)
-class Manifest(_FlatMessage):
+class Manifest(_Message):
     """Source → destination: the signed manifest (opaque here)."""
 
     TYPE: ClassVar[MessageType] = MessageType.MANIFEST
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "envelope"})
 
     migration_id: str
     envelope: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
-
 
 @dataclass(frozen=True, slots=True)
-class Receipt(_FlatMessage):
+class Receipt(_Message):
     """Destination → source: signed receipt for stage "prepared" or "running"."""
 
     TYPE: ClassVar[MessageType] = MessageType.RECEIPT
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "stage", "envelope"})
 
     migration_id: str
     stage: str
     envelope: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_choice("stage", self.stage, RECEIPT_STAGES)
-        _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
-
 
 @dataclass(frozen=True, slots=True)
-class Commit(_FlatMessage):
+class Commit(_Message):
     """Source → destination: the source has durably decided; start the guest."""
 
     TYPE: ClassVar[MessageType] = MessageType.COMMIT
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id"})
 
     migration_id: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-
 
 @dataclass(frozen=True, slots=True)
-class Abort(_FlatMessage):
+class Abort(_Message):
     """Either side: the migration is abandoned (ends the conversation)."""
 
     TYPE: ClassVar[MessageType] = MessageType.ABORT
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "reason"})
 
     migration_id: str
     reason: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_text("reason", self.reason, MAX_REASON)
-
 
 @dataclass(frozen=True, slots=True)
-class OutcomeQuery(_FlatMessage):
+class OutcomeQuery(_Message):
     """Destination (as client) → source: what did you decide for this migration?"""
 
     TYPE: ClassVar[MessageType] = MessageType.OUTCOME_QUERY
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id"})
 
     migration_id: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-
 
 @dataclass(frozen=True, slots=True)
-class Outcome(_FlatMessage):
+class Outcome(_Message):
     """Answer to OutcomeQuery: "committed", "aborted" or "unknown"."""
 
     TYPE: ClassVar[MessageType] = MessageType.OUTCOME
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "outcome"})
 
     migration_id: str
     outcome: str
 
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_choice("outcome", self.outcome, OUTCOMES)
-
 
 @dataclass(frozen=True, slots=True)
-class AdvertQuery(_FlatMessage):
+class AdvertQuery(_Message):
     """Client → server: send me your signed resource advert. `migration_id` is a request id."""
 
     TYPE: ClassVar[MessageType] = MessageType.ADVERT_QUERY
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id"})
 
     migration_id: str
-
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
 
 
 @dataclass(frozen=True, slots=True)
-class Advert(_FlatMessage):
+class Advert(_Message):
     """Answer to AdvertQuery: the host's signed, timestamped resource advert (opaque to wire)."""
 
     TYPE: ClassVar[MessageType] = MessageType.ADVERT
-    KEYS: ClassVar[frozenset[str]] = frozenset({"migration_id", "envelope"})
 
     migration_id: str
     envelope: str
-
-    def __post_init__(self) -> None:
-        _check_migration_id(self.migration_id)
-        _check_envelope("envelope", self.envelope, MAX_ENVELOPE_BYTES)
 
 
 Message: TypeAlias = (
@@ -470,6 +400,11 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, Accept, Refuse, Manifest, Receipt, Commit, Abort, OutcomeQuery, Outcome, AdvertQuery, Advert)
 }
+
+# Each class's KEYS are its dataclass fields; one missing from _FIELDS fails here, at import.
+for _cls in MESSAGE_CLASSES.values():
+    _cls.KEYS = frozenset(key for key, _ in _wire_fields(_cls))
+del _cls
 
 
 # ---------------------------------------------------------------------------

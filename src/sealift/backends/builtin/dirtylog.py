@@ -37,6 +37,8 @@ from types import TracebackType
 
 import numpy as np
 
+from sealift.backends.builtin.files import closed_on_failure, open_fd
+
 __all__ = ["DirtyLog", "DirtyLogError", "GEN_DTYPE"]
 
 GEN_DTYPE = np.dtype("<u4")
@@ -69,27 +71,17 @@ class DirtyLog:
         if npages < 1:
             raise DirtyLogError(f"a dirty log needs at least one page, got {npages}")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise DirtyLogError(f"cannot create dirty log {path}: {exc.strerror}") from None
-        try:
+        fd = open_fd(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, DirtyLogError, f"create dirty log {path}")
+        with closed_on_failure(fd, remove=tmp):
             os.ftruncate(fd, npages * GEN_DTYPE.itemsize)
             os.replace(tmp, path)
             return cls(path, fd, npages)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
 
     @classmethod
     def open(cls, path: Path | str, npages: int) -> DirtyLog:
         path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DirtyLogError(f"cannot open dirty log {path}: {exc.strerror}") from None
-        try:
+        fd = open_fd(path, os.O_RDWR | os.O_CLOEXEC, DirtyLogError, f"open dirty log {path}")
+        with closed_on_failure(fd):
             size = os.fstat(fd).st_size
             if npages < 1 or size != npages * GEN_DTYPE.itemsize:
                 raise DirtyLogError(
@@ -97,9 +89,6 @@ class DirtyLog:
                     f"({npages * GEN_DTYPE.itemsize} bytes expected); it belongs to another image"
                 )
             return cls(path, fd, npages)
-        except BaseException:
-            os.close(fd)
-            raise
 
     @property
     def path(self) -> Path:

@@ -40,6 +40,7 @@ from types import TracebackType
 
 import numpy as np
 
+from sealift.backends.builtin.files import closed_on_failure, open_fd
 from sealift.backends.builtin.workload import (
     COUNTER_MULTIPLIER,
     INDEX_MULTIPLIER,
@@ -325,11 +326,8 @@ class GuestImage:
     def open(cls, path: Path | str) -> GuestImage:
         """Map an existing image and validate its state area."""
         path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageError(f"cannot open guest image {path}: {exc.strerror}") from None
-        try:
+        fd = open_fd(path, os.O_RDWR | os.O_CLOEXEC, ImageError, f"open guest image {path}")
+        with closed_on_failure(fd):
             size = os.fstat(fd).st_size
             if size < STATE_AREA_SIZE + MIN_MEMORY_BYTES:
                 raise ImageError(f"{path} is {size} bytes, too small to be a guest image")
@@ -340,9 +338,6 @@ class GuestImage:
                     f"{state.memory_bytes} bytes of RAM (+{STATE_AREA_SIZE}); the file was truncated or altered"
                 )
             return cls(path, fd, state.memory_bytes)
-        except BaseException:
-            os.close(fd)
-            raise
 
     @classmethod
     def _create_file(cls, path: Path, memory_bytes: int) -> GuestImage:
@@ -354,13 +349,9 @@ class GuestImage:
             raise ImageError(f"guest image {path} already exists; remove it or choose another name") from None
         except OSError as exc:
             raise ImageError(f"cannot create guest image {path}: {exc.strerror}") from None
-        try:
+        with closed_on_failure(fd, remove=path):
             os.ftruncate(fd, size)  # sparse: no RAM is allocated until written
             return cls(path, fd, memory_bytes)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
 
     # -- accessors ----------------------------------------------------------
 

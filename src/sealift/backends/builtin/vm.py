@@ -20,7 +20,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from sealift.backends.builtin.dirtylog import DirtyLog, DirtyLogError
 from sealift.backends.builtin.guest import READY_MESSAGE, image_in_use
 from sealift.backends.builtin.image import DEFAULT_SECRET, GuestImage, ImageCheck, ImageError
 from sealift.backends.builtin.workload import WorkloadError, get_profile
+from sealift.backends.process import file_tail, proc_cmdline, wait_until
 from sealift.errors import SealiftError
 
 __all__ = ["BuiltinVM", "StandbyGuest", "VmError", "GUEST_MODULE"]
@@ -55,36 +55,13 @@ def _proc_state(pid: int) -> str | None:
     return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode("ascii")
 
 
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return []
-    return [arg.decode("utf-8", "surrogateescape") for arg in raw.split(b"\0") if arg]
-
-
 def _log_tail(log_path: Path) -> str:
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "(no log)"
+    return file_tail(log_path, _LOG_TAIL_BYTES, unreadable=b"(no log)").decode("utf-8", "replace").strip()
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``predicate`` with a short, growing interval until true or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    interval = 0.0005
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-        interval = min(interval * 2, 0.02)
+    """Poll ``predicate`` with a short, growing interval (the guest answers a signal within microseconds)."""
+    return wait_until(predicate, timeout, interval=0.0005, max_interval=0.02)
 
 
 def _boot_timeout(memory_bytes: int, fill_fraction: float) -> float:
@@ -200,7 +177,7 @@ class BuiltinVM:
             raise VmError(f"cannot adopt VM {name!r}: no process {pid}") from None
         try:
             # Checked after pidfd_open: from here on the pidfd pins this very process.
-            cmdline = _proc_cmdline(pid)
+            cmdline = proc_cmdline(pid)
             if GUEST_MODULE not in cmdline or str(image_path) not in cmdline:
                 raise VmError(
                     f"cannot adopt VM {name!r}: process {pid} is not its guest "

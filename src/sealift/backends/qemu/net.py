@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["NetConfig", "NetError", "create_tap", "delete_tap", "mac_for"]
+__all__ = ["NetConfig", "NetError", "create_tap", "delete_tap", "mac_for", "run_ip"]
 
 # QEMU's default user network: the guest is 10.0.2.15, the virtual gateway 10.0.2.2.
 USER_GUEST_IP = "10.0.2.15/24"
@@ -123,13 +123,17 @@ class NetConfig:
         )
 
 
-def _ip(*args: str) -> None:
+def run_ip(*args: str, error: type[Exception] = NetError, timeout: float = 10) -> None:
+    """Run ``ip ARGS``; a missing iproute2 or a failure raises ``error`` with ip's own message.
+
+    ``error`` and ``timeout`` let the lab's testbed (lab/testbed.py) use it for its own network.
+    """
     try:
-        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
-        raise NetError("`ip` is not installed (Debian package iproute2)") from exc
+        raise error("`ip` is not installed (Debian package iproute2)") from exc
     if done.returncode != 0:
-        raise NetError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+        raise error(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
 
 
 def create_tap(tap: str, bridge: str, netns: str | None = None) -> None:
@@ -140,10 +144,10 @@ def create_tap(tap: str, bridge: str, netns: str | None = None) -> None:
     if not _IFNAME_RE.match(tap) or not _IFNAME_RE.match(bridge):
         raise NetError(f"bad interface name: {tap!r} or {bridge!r}")
     prefix = ["-n", netns] if netns else []
-    _ip(*prefix, "tuntap", "add", "dev", tap, "mode", "tap")
+    run_ip(*prefix, "tuntap", "add", "dev", tap, "mode", "tap")
     try:
-        _ip(*prefix, "link", "set", tap, "master", bridge)
-        _ip(*prefix, "link", "set", tap, "up")
+        run_ip(*prefix, "link", "set", tap, "master", bridge)
+        run_ip(*prefix, "link", "set", tap, "up")
     except NetError:
         delete_tap(tap, netns)
         raise
@@ -151,4 +155,4 @@ def create_tap(tap: str, bridge: str, netns: str | None = None) -> None:
 
 def delete_tap(tap: str, netns: str | None = None) -> None:
     prefix = ["-n", netns] if netns else []
-    _ip(*prefix, "link", "delete", tap)
+    run_ip(*prefix, "link", "delete", tap)

@@ -26,11 +26,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sealift.backends.process import file_tail, proc_cmdline, wait_until
 from sealift.backends.qemu.host import HostError, choose_accel, qemu_binary
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths
 from sealift.backends.qemu.net import NetConfig, NetError
@@ -70,18 +71,9 @@ class VmRecord:
     net_mode: str
 
 
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return []
-    return [arg.decode("utf-8", "surrogateescape") for arg in raw.split(b"\0") if arg]
-
-
 def _is_our_qemu(pid: int, qmp_path: Path) -> bool:
     """Whether ``pid`` is a QEMU serving this VM's QMP socket (and not a recycled pid)."""
-    return any(str(qmp_path) in arg for arg in _proc_cmdline(pid))
+    return any(str(qmp_path) in arg for arg in proc_cmdline(pid))
 
 
 def _read_pid(pid_path: Path) -> int | None:
@@ -89,26 +81,6 @@ def _read_pid(pid_path: Path) -> int | None:
         return int(pid_path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _tail(path: Path, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def _prepare_vm_dir(vm_dir: Path) -> None:
@@ -405,14 +377,14 @@ class QemuVM:
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        return _wait_until(lambda: not self.alive(), timeout)
+        return wait_until(lambda: not self.alive(), timeout)
 
     def exit_code(self) -> int | None:
         """QEMU's exit status, when this process started it and it has exited."""
         return self._proc.poll() if self._proc is not None else None
 
     def log_tail(self) -> str:
-        text = _tail(self._paths.log, _LOG_TAIL_BYTES).decode("utf-8", "replace").strip()
+        text = file_tail(self._paths.log, _LOG_TAIL_BYTES).decode("utf-8", "replace").strip()
         return text or "(QEMU printed nothing)"
 
     def _forget_files(self) -> None:
@@ -573,7 +545,7 @@ class QemuVM:
 
     def counter(self) -> int | None:
         """The last progress counter the guest printed on its console, if any yet."""
-        matches = _COUNTER_RE.findall(_tail(self._paths.console, 16 * 1024))
+        matches = _COUNTER_RE.findall(file_tail(self._paths.console, 16 * 1024))
         return int(matches[-1]) if matches else None
 
     def wait_counter(self, above: int = 0, timeout: float = 60.0) -> int:
@@ -587,14 +559,14 @@ class QemuVM:
                 return True
             return not self.alive()
 
-        if not _wait_until(advanced, timeout, 0.1) or not seen:
+        if not wait_until(advanced, timeout, 0.1) or not seen:
             state = "exited" if not self.alive() else f"counter {self.counter()}"
             raise QemuError(f"VM {self.name}: no counter above {above} within {timeout:.0f} s ({state}); "
                             f"console: {' | '.join(self.console_tail(5))}")  # fmt: skip
         return seen[-1]
 
     def console_tail(self, lines: int = 20) -> list[str]:
-        text = _tail(self._paths.console, _CONSOLE_TAIL_BYTES).decode("utf-8", "replace")
+        text = file_tail(self._paths.console, _CONSOLE_TAIL_BYTES).decode("utf-8", "replace")
         return [line.rstrip("\r") for line in text.splitlines()][-lines:]
 
     def probe(self, timeout: float = 0.5) -> int | None:

@@ -1,0 +1,34 @@
+"""Opening the files the built-in guest maps: its image and its dirty log.
+
+Both are opened (or created) by file descriptor, checked, then handed to the
+object that maps and owns them; until then a failure must not leak the
+descriptor or leave a half-made file behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def open_fd(path: Path, flags: int, error: type[Exception], what: str) -> int:
+    """``os.open(path, flags, 0o600)``; an OSError becomes ``error("cannot {what}: {reason}")``."""
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise error(f"cannot {what}: {exc.strerror}") from None
+
+
+@contextmanager
+def closed_on_failure(fd: int, remove: Path | None = None) -> Iterator[None]:
+    """Around the set-up of the object that will own ``fd``: if it fails, close ``fd``
+    and remove ``remove`` (a file the set-up created), then let the error through."""
+    try:
+        yield
+    except BaseException:
+        os.close(fd)
+        if remove is not None:
+            remove.unlink(missing_ok=True)
+        raise
