@@ -121,9 +121,11 @@ def test_migrate_to_auto_places_a_qemu_guest_and_a_liar_is_caught_at_admission(c
     failure = json.loads(refused.stdout)
     assert failure["status"] == "failed"
     assert "free of 64 MiB" in failure["error"] and "needs 128 MiB" in failure["error"], failure
-    reasons = [e["fields"]["reason"] for e in cluster.client("host-c").request(
-        "audit.show", kind="migration.refused", limit=10)["entries"]]  # fmt: skip
+    assert failure["code"] == "no_memory_capacity", failure  # the destination's reason code, carried in Refuse
+    entries = cluster.client("host-c").request("audit.show", kind="migration.refused", limit=10)["entries"]
+    reasons = [e["fields"]["reason"] for e in entries]
     assert any("free of 64 MiB" in r for r in reasons), reasons
+    assert "no_memory_capacity" in [e["fields"].get("code") for e in entries], entries
     assert names(cluster, "host-c") == [] and names(cluster, "host-a") == [VM]
     before = wait_counter(source, 0, 10)
 

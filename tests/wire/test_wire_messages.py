@@ -232,3 +232,19 @@ def test_hello_is_a_frozen_value() -> None:
 def test_struct_of_frame_header() -> None:
     assert FRAME_HEADER.format == "!BBHI" and FRAME_HEADER.size == 8
     assert struct.unpack("!BBHI", encode_frame(accept())[:8])[:3] == (1, 2, 0)
+
+
+def test_a_refusal_carries_its_reason_code_both_ways() -> None:
+    refuse = Refuse(MID, "host-b has 64 MiB free of 64 MiB; the VM needs 128 MiB", "no_memory_capacity")
+    decoded = decode_payload(MessageType.REFUSE, encode_payload(refuse))
+    assert decoded == refuse and decoded.code == "no_memory_capacity"
+    assert Refuse(MID, "no").code == "refused"  # a refusal without a more precise cause
+
+
+@pytest.mark.parametrize("code", ["", "NoMemory", "no memory", "9lives", "x" * 65, "no-memory", "é"])
+def test_a_refusal_code_is_snake_case_or_the_message_is_invalid(code: str) -> None:
+    with pytest.raises(ProtocolError, match="invalid field 'code'"):
+        Refuse(MID, "no", code)
+    payload = encode_payload(Refuse(MID, "no")).replace(b'"code":"refused"', b'"code":' + json.dumps(code).encode())
+    with pytest.raises(ProtocolError):
+        decode_payload(MessageType.REFUSE, payload)

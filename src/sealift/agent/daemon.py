@@ -26,6 +26,7 @@ from sealift.backends.qemu.source import QemuSourceDriver
 from sealift.backends.qemu.transports import default_transport, transport_named
 from sealift.migration.destination import DestinationCoordinator
 from sealift.migration.drivers import DestinationDriver, SourceDriver
+from sealift.migration.errors import MigrationError
 from sealift.migration.phases import UNSETTLED, outcome_for
 from sealift.migration.recovery import Keepers, Resolver, recover
 from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
@@ -233,8 +234,8 @@ class Agent:
                 admission = self.guard.admit_migration(host)  # per source host, before verifying orders
                 if not admission.allowed:
                     self.authority.record("migration.refused", migration_id=first.migration_id, source=host,
-                                          reason=admission.reason)
-                    channel.send(Refuse(first.migration_id, admission.reason[:1000]))
+                                          reason=admission.reason, code="peer_limit")  # fmt: skip
+                    channel.send(Refuse(first.migration_id, admission.reason[:1000], "peer_limit"))
                     return
                 try:
                     self._serve_incoming(channel, first)
@@ -304,8 +305,8 @@ class Agent:
             self._active.add(session.migration_id)
         try:
             return SourceCoordinator(session, driver).run()
-        except Exception as exc:
-            if "refused" in str(exc) and "free of" in str(exc):
+        except MigrationError as exc:
+            if exc.code == "no_memory_capacity":
                 self.placer.admission_refused(destination, str(exc))  # its advert promised room
             raise
         finally:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from sealift.errors import SealiftError
 from sealift.host.config import AgentConfig
 from sealift.host.transport import ControlChannel
 from sealift.migration.authority import Authority
@@ -81,10 +82,11 @@ class DestinationCoordinator:
         s, hello = self.session, self.session.hello
         log.warning("refused %s migration %s of %s from %s: %s", self.driver.backend, hello.migration_id,
                     hello.vm_name, hello.source_host, exc)  # fmt: skip
-        s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc))
+        code = exc.code if isinstance(exc, SealiftError) else "refused"
+        s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc), code=code)
         if s.psk is not None:
             s.psk.close()
-        s.channel.send(Refuse(hello.migration_id, str(exc)[:1000]))
+        s.channel.send(Refuse(hello.migration_id, str(exc)[:1000], code))
 
     def _accept(self) -> None:
         s, hello = self.session, self.session.hello

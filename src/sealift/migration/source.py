@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 
+from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel
 from sealift.migration.documents import await_receipt, channel_binding
 from sealift.migration.drivers import GuestVM, SourceDriver, Transfer
@@ -130,7 +131,7 @@ class SourceCoordinator:
             else:
                 self._abort(channel, vm, exc)
             self._store.save_report(s.migration_id, s.report.to_dict())
-            raise MigrationError(s.report.error) from exc
+            raise MigrationError(s.report.error, code=exc.code if isinstance(exc, SealiftError) else None) from exc
         finally:
             self.driver.cleanup(vm)
             if s.psk is not None:
@@ -147,8 +148,9 @@ class SourceCoordinator:
         channel.send(self.driver.describe(vm, psk_proof))
         reply = channel.recv(self._config.step_timeout_s)
         if isinstance(reply, (Refuse, Abort)):
-            # Either way the destination said no before it took anything: pass its reason on.
-            raise MigrationError(f"{s.destination} refused the migration: {reply.reason}")
+            # Either way the destination said no before it took anything: pass its reason (and code) on.
+            code = reply.code if isinstance(reply, Refuse) else "peer_aborted"
+            raise MigrationError(f"{s.destination} refused the migration: {reply.reason}", code=code)
         if not isinstance(reply, Accept):
             raise MigrationError(f"{s.destination} answered Hello with {type(reply).__name__}, not Accept")
         if s.psk is not None:

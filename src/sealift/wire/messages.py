@@ -51,6 +51,9 @@ _VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}")
 _VM_NAME_RULE = "1-64 characters [A-Za-z0-9._-], the first a letter or digit"
 _HOST_RULE = "a host name of 1-253 characters [A-Za-z0-9.-]"
+# A refusal's machine-readable reason (errors.py SealiftError.code): scripts and the audit log key on it.
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_CODE_RULE = "a snake_case reason code of 1-64 characters [a-z0-9_], the first a letter"
 _LOWER_HEX = re.compile(r"(?:[0-9a-f]{2})+")
 # Shown to operators: no terminal control, no bidi overrides, no surrogates.
 _UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
@@ -219,6 +222,7 @@ _FIELDS: dict[str, _Field] = {
     "image_digest": _Field(partial(_check_choice, choices=(None, *IMAGE_DIGESTS))),
     "stage": _Field(partial(_check_choice, choices=RECEIPT_STAGES)),
     "reason": _Field(partial(_check_text, max_chars=MAX_REASON)),
+    "code": _Field(partial(_check_pattern, pattern=_CODE, what=_CODE_RULE)),
     "envelope": _Field(partial(_check_envelope, max_bytes=MAX_ENVELOPE_BYTES)),
     "outcome": _Field(partial(_check_choice, choices=OUTCOMES)),
 }
@@ -312,6 +316,7 @@ class Refuse(_Message):
 
     migration_id: str
     reason: str
+    code: str = "refused"  # why, for machines: the refusing error's code (e.g. no_memory_capacity, expired)
 
 
 @dataclass(frozen=True, slots=True)
