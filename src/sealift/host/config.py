@@ -156,7 +156,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
 
 
 # Tests only (`lab_pause_at`): named points of an incoming handover (migration/destination.py; QEMU guests,
-# backends/qemu/migration.py, hold at the first two).
+# backends/qemu/destination.py, hold at the first two).
 # "commit-received": Commit read, nothing recorded; "committed": decision recorded, guest not
 # started; "launched": guest runs, not yet registered; "adopted": registered, phase not "running".
 LAB_PAUSE_POINTS = ("commit-received", "committed", "launched", "adopted")

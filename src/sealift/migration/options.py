@@ -26,7 +26,7 @@ class MigrationOptions:
     auto_converge: bool = False
     secure: bool = True  # False only for the measured plaintext baseline
     image_digest: str = "tags"  # the end-to-end image check (backends/builtin/digest.py)
-    # QEMU guests only (backends/qemu/migration.py); the built-in engine has its own streams.
+    # QEMU guests only (backends/qemu/source.py); the built-in engine has its own streams.
     multifd_channels: int = 0  # QEMU multifd: 0 = off, else that many parallel connections
     xbzrle: bool = False  # QEMU's XOR+RLE delta compression of re-sent pages
     xbzrle_cache_bytes: int | None = None  # None: QEMU's default (64 MiB)
