@@ -100,7 +100,7 @@ class SourceCoordinator:
             channel.send(Commit(s.migration_id))
             s.mark("commit_sent", transfer.paused_at)
             s.progress("phase", {"phase": "committed"})
-            running = self._await_running(channel)
+            running = self._receipt(channel, "running", None)
             s.mark("running_receipt", transfer.paused_at)
             self._commit_psk()
             # Downtime ends when the destination's guest runs: its receipt says so.
@@ -179,18 +179,7 @@ class SourceCoordinator:
         envelope = s.signer.sign(manifest, "manifest")
         channel.send(Manifest(s.migration_id, envelope))
         s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
-        receipt, envelope = await_receipt(
-            channel,
-            s.signer,
-            peer=s.destination,
-            stage="prepared",
-            migration_id=s.migration_id,
-            binding=s.binding,
-            manifest=manifest,
-            timeout=self._config.step_timeout_s,
-        )
-        s.audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
-        return receipt
+        return self._receipt(channel, "prepared", manifest)
 
     def _abort(self, channel: ControlChannel | None, vm: GuestVM, exc: BaseException) -> None:
         """Before the commit decision: the guest resumes here, nothing is lost."""
@@ -222,19 +211,14 @@ class SourceCoordinator:
         report.destination_cpu_s = float(running.get("cpu_s", 0.0))
         self._store.save_report(self.session.migration_id, report.to_dict())
 
-    def _await_running(self, channel: ControlChannel) -> dict:
+    def _receipt(self, channel: ControlChannel, stage: str, manifest: dict | None) -> dict:
+        """The destination's signed receipt for `stage` ("prepared": for this manifest; "running"), audited."""
         s = self.session
         receipt, envelope = await_receipt(
-            channel,
-            s.signer,
-            peer=s.destination,
-            stage="running",
-            migration_id=s.migration_id,
-            binding=s.binding,
-            manifest=None,
-            timeout=self._config.step_timeout_s,
-        )
-        s.audit(Kinds.RECEIPT, stage="running", receipt=envelope)
+            channel, s.signer, peer=s.destination, stage=stage, migration_id=s.migration_id, binding=s.binding,
+            manifest=manifest, timeout=self._config.step_timeout_s,
+        )  # fmt: skip
+        s.audit(Kinds.RECEIPT, stage=stage, receipt=envelope)
         return receipt
 
     def _commit_psk(self) -> None:

@@ -24,20 +24,7 @@ from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.direct import Hook, run_after_hooks
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.registry import QemuVmRegistry, network_like
-from sealift.backends.qemu.relay import (
-    PAGE,
-    POLL_S,
-    QEMU_CONNECT_TIMEOUT_S,
-    StreamDigest,
-    StreamFeeder,
-    combined_digest,
-    feed_qemu,
-    private_dir,
-    read_record,
-    send_opaque,
-    stream_label,
-    widen_send_buffer,
-)
+from sealift.backends.qemu import relay
 from sealift.backends.qemu.transports import AuditedSa, DirectDestination, QemuTransport, transport_named
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.ipsec.charon import HostCharon
@@ -77,7 +64,7 @@ class QemuDestinationDriver:
         self._ipsec = ipsec  # the host's charon (transport "ipsec")
         self._sa: AuditedSa | None = None
         self._qemu: QemuVM | None = None
-        self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (_receive)
+        self._digest = relay.StreamDigest(0)  # replaced once the data stream's protection is known (_receive)
         self._stream_digests = [self._digest]  # the main stream's, then each multifd stream's
         self._stream_bytes = 0
         self._transport: QemuTransport = transport_named("sealift")
@@ -143,19 +130,19 @@ class QemuDestinationDriver:
         data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s)
         try:
             data.settimeout(s.config.step_timeout_s)  # a silent peer is a dead peer
-            reader = DataStreamReader(incoming, hello.memory_bytes // PAGE)
-            self._digest = StreamDigest(incoming.overhead)
+            reader = DataStreamReader(incoming, hello.memory_bytes // relay.PAGE)
+            self._digest = relay.StreamDigest(incoming.overhead)
             self._stream_digests = [self._digest]
-            first = read_record(data, reader)
+            first = relay.read_record(data, reader)
             if not isinstance(first, OpaqueReceived):
                 raise ProtocolError(f"the QEMU stream began with {type(first).__name__}, not the guest description")
             self._digest.update(first.data, reader.last_tag)
             spec = GuestSpec.decode(bytes(first.data))
             self._transport = self._check_transport(spec, data)
-            ready = DataStreamWriter(outgoing, hello.memory_bytes // PAGE, None)
+            ready = DataStreamWriter(outgoing, hello.memory_bytes // relay.PAGE, None)
             if self._transport.direct:
                 port = self._start_qemu_direct(spec, self._migration_host(data), data)
-                send_opaque(data, ready, Ready(port).encode())
+                relay.send_opaque(data, ready, Ready(port).encode())
                 self._await_direct_end(data, reader)
             else:
                 self._receive_through_channel(spec, data, reader, ready)
@@ -201,24 +188,24 @@ class QemuDestinationDriver:
         """
         s, hello = self._session, self._session.hello
         timeout = s.config.step_timeout_s
-        sock_dir = private_dir("sl-qin-")
+        sock_dir = relay.private_dir("sl-qin-")
         qemu_socks: list[socket.socket] = []
         extra_sessions = tuple(secrets.token_bytes(16) for _ in range(spec.multifd_channels))
-        feeders: list[StreamFeeder] = []
+        feeders: list[relay.StreamFeeder] = []
         try:
             qemu_socks = self._start_qemu_unix(spec, sock_dir, 1 + len(extra_sessions))
             for index, session in enumerate(extra_sessions, 1):
                 incoming, _ = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce,
-                                                 stream_label(hello.migration_id, index))  # fmt: skip
+                                                 relay.stream_label(hello.migration_id, index))  # fmt: skip
                 s.context.sessions.expect(session)
-                feeders.append(StreamFeeder(index, functools.partial(s.context.sessions.wait, session, timeout),
-                                            DataStreamReader(incoming, hello.memory_bytes // PAGE), qemu_socks[index],
-                                            StreamDigest(incoming.overhead), data, timeout))  # fmt: skip
-            send_opaque(data, ready, Ready(None, extra_sessions).encode())
+                feeders.append(relay.StreamFeeder(index, functools.partial(s.context.sessions.wait, session, timeout),
+                                            DataStreamReader(incoming, hello.memory_bytes // relay.PAGE), qemu_socks[index],
+                                            relay.StreamDigest(incoming.overhead), data, timeout))  # fmt: skip
+            relay.send_opaque(data, ready, Ready(None, extra_sessions).encode())
             for feeder in feeders:
                 feeder.start()
             try:
-                self._stream_bytes += feed_qemu(data, reader, qemu_socks[0], self._digest)
+                self._stream_bytes += relay.feed_qemu(data, reader, qemu_socks[0], self._digest)
             except (OSError, ProtocolError) as exc:
                 failed = next((f for f in feeders if f.error is not None), None)
                 if failed is not None:  # it broke the main stream: its error is the cause
@@ -253,7 +240,7 @@ class QemuDestinationDriver:
                 self._sa.note_installed()  # audited here as soon as the source brought it up
             readable, _, _ = select.select([data], [], [], 0.2)
             if readable:
-                event = read_record(data, reader)
+                event = relay.read_record(data, reader)
                 if not isinstance(event, StreamEnded):
                     raise ProtocolError(f"unexpected {type(event).__name__} on a direct transport's data stream")
                 reader.close()
@@ -320,7 +307,7 @@ class QemuDestinationDriver:
 
     def _connect_unix(self, path: Path) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT_S
+        deadline = time.monotonic() + relay.QEMU_CONNECT_TIMEOUT_S
         while True:
             try:
                 sock.connect(str(path))
@@ -328,10 +315,10 @@ class QemuDestinationDriver:
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     sock.close()
-                    raise QemuError(f"destination QEMU did not listen on {path} within {QEMU_CONNECT_TIMEOUT_S:.0f} s")
+                    raise QemuError(f"destination QEMU did not listen on {path} within {relay.QEMU_CONNECT_TIMEOUT_S:.0f} s")
                 time.sleep(0.02)
         sock.settimeout(self._session.config.step_timeout_s)
-        widen_send_buffer(sock)  # the feeder runs ahead of QEMU instead of taking turns with it
+        relay.widen_send_buffer(sock)  # the feeder runs ahead of QEMU instead of taking turns with it
         return sock
 
     def _wait_incoming_complete(self) -> None:
@@ -347,12 +334,12 @@ class QemuDestinationDriver:
                 return
             if status in ("failed", "cancelled"):
                 raise QemuError(f"destination QEMU could not load the stream ({status}): {self._qemu.log_tail()}")
-            self._qemu.wait_event(POLL_S)  # QEMU's "completed" event ends the wait at once
+            self._qemu.wait_event(relay.POLL_S)  # QEMU's "completed" event ends the wait at once
         raise QemuError(f"destination QEMU did not finish loading the stream in {timeout:.0f} s")
 
     def _verify_manifest(self) -> dict[str, object]:
         s = self._session
-        digest = combined_digest(self._stream_digests)
+        digest = relay.combined_digest(self._stream_digests)
         expected = {
             "backend": BACKEND,
             "image_digest": digest,  # checked on the plaintext path too: it costs nothing here

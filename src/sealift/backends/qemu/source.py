@@ -26,18 +26,7 @@ from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
-from sealift.backends.qemu.relay import (
-    PAGE,
-    POLL_S,
-    SourcePump,
-    SourcePumps,
-    StreamDigest,
-    private_dir,
-    read_record,
-    send_opaque,
-    stream_label,
-    widen_send_buffer,
-)
+from sealift.backends.qemu import relay
 from sealift.backends.qemu.transports import AuditedSa, DirectSource, QemuTransport
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.ipsec.charon import HostCharon
@@ -81,8 +70,8 @@ class QemuSourceDriver:
         self._transport = transport
         self._ipsec = ipsec  # the host's charon (transport "ipsec")
         self._sa: AuditedSa | None = None
-        self._pump: SourcePumps | None = None
-        self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (transfer)
+        self._pump: relay.SourcePumps | None = None
+        self._digest = relay.StreamDigest(0)  # replaced once the data stream's protection is known (transfer)
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
 
     # -- the driver's steps ---------------------------------------------------------------
@@ -98,7 +87,7 @@ class QemuSourceDriver:
         s = self._session
         return Hello(
             migration_id=s.migration_id, vm_name=vm.name, source_host=s.config.name,
-            destination_host=s.destination, nonce=s.nonce, memory_bytes=vm.memory_mib * MiB, page_size=PAGE,
+            destination_host=s.destination, nonce=s.nonce, memory_bytes=vm.memory_mib * MiB, page_size=relay.PAGE,
             secure=s.options.secure, compression=None, streams=1, backend=BACKEND, order=s.order,
             psk_proof=psk_proof, image_digest=None,
         )  # fmt: skip
@@ -106,14 +95,14 @@ class QemuSourceDriver:
     def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> QemuTransfer:
         s = self._session
         outgoing, incoming = stream_protections(channel, s.options.secure, s.nonce, accept.nonce, s.migration_id)
-        npages = vm.memory_mib * MiB // PAGE
+        npages = vm.memory_mib * MiB // relay.PAGE
         writer = DataStreamWriter(outgoing, npages, None)
-        self._digest = StreamDigest(outgoing.overhead)
+        self._digest = relay.StreamDigest(outgoing.overhead)
         data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
         try:
             spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key,
                              self._transport.name, s.options.multifd_channels, s.options.xbzrle)  # fmt: skip
-            send_opaque(data, writer, spec.encode(), self._digest)
+            relay.send_opaque(data, writer, spec.encode(), self._digest)
             ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
             self._configure(vm)
             if self._transport.direct:
@@ -195,18 +184,18 @@ class QemuSourceDriver:
         """
         s = self._session
         # Only multifd needs a listener: QEMU opens those channels itself. The main channel alone goes by fd:.
-        sock_dir = private_dir("sl-qout-") if extra_sessions else None
+        sock_dir = relay.private_dir("sl-qout-") if extra_sessions else None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if extra_sessions else None
         timeout = s.config.step_timeout_s
-        pumps = [SourcePump(0, writer, data, timeout, self._digest)]
+        pumps = [relay.SourcePump(0, writer, data, timeout, self._digest)]
         extra_sockets: list[socket.socket] = []
         try:
             for index, session in enumerate(extra_sessions, 1):
                 outgoing, _ = stream_protections(channel, s.options.secure, s.nonce, accept.nonce,
-                                                 stream_label(s.migration_id, index))  # fmt: skip
+                                                 relay.stream_label(s.migration_id, index))  # fmt: skip
                 extra_sockets.append(open_data_stream(address, session, index, timeout))
-                pumps.append(SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // PAGE, None),
-                                        extra_sockets[-1], timeout, StreamDigest(outgoing.overhead)))  # fmt: skip
+                pumps.append(relay.SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // relay.PAGE, None),
+                                        extra_sockets[-1], timeout, relay.StreamDigest(outgoing.overhead)))  # fmt: skip
             group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
@@ -223,8 +212,8 @@ class QemuSourceDriver:
             if sock_dir is not None:
                 shutil.rmtree(sock_dir, ignore_errors=True)
 
-    def _start_pumps(self, vm: QemuVM, pumps: list[SourcePump], listener: socket.socket | None,
-                     sock_dir: Path | None) -> SourcePumps:  # fmt: skip
+    def _start_pumps(self, vm: QemuVM, pumps: list[relay.SourcePump], listener: socket.socket | None,
+                     sock_dir: Path | None) -> relay.SourcePumps:  # fmt: skip
         """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
 
         Our own socket gets a deep send buffer, so that QEMU writes on while
@@ -233,8 +222,8 @@ class QemuSourceDriver:
         self._session.enter(Event.BEGIN_PRECOPY)
         if listener is None or sock_dir is None:
             ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            widen_send_buffer(qemus)
-            group = SourcePumps(pumps, first=ours)
+            relay.widen_send_buffer(qemus)
+            group = relay.SourcePumps(pumps, first=ours)
             group.start()
             try:
                 vm.migrate_to_socket(qemus)
@@ -247,7 +236,7 @@ class QemuSourceDriver:
         path = sock_dir / "m.sock"
         listener.bind(str(path))
         listener.listen(len(pumps))
-        group = SourcePumps(pumps, listener=listener)
+        group = relay.SourcePumps(pumps, listener=listener)
         group.start()
         vm.migrate(f"unix:{path}")
         return group
@@ -288,7 +277,7 @@ class QemuSourceDriver:
         s = self._session
         data.settimeout(s.config.step_timeout_s)
         try:
-            event = read_record(data, reader)
+            event = relay.read_record(data, reader)
         except (OSError, ConnectionError, ProtocolError) as exc:
             reason = _peer_abort_reason(channel)
             if reason is not None:
@@ -301,7 +290,7 @@ class QemuSourceDriver:
             raise MigrationError(f"{s.destination} sent {type(event).__name__} instead of its ready record")
         return Ready.decode(bytes(event.data))
 
-    def _follow(self, vm: QemuVM, data: socket.socket, pump: SourcePumps | None) -> tuple[dict[str, Any], float]:
+    def _follow(self, vm: QemuVM, data: socket.socket, pump: relay.SourcePumps | None) -> tuple[dict[str, Any], float]:
         """Poll QEMU until the migration completes; handle the pre-switchover stop."""
         s = self._session
         paused_at: float | None = None
@@ -337,20 +326,20 @@ class QemuSourceDriver:
             if transferred != last_bytes:
                 last_bytes, last_progress = transferred, time.monotonic()
                 s.progress("transfer", {
-                    "round": sync, "pages_done": min(transferred // PAGE, vm.memory_mib * MiB // PAGE),
-                    "pages_total": vm.memory_mib * MiB // PAGE,
+                    "round": sync, "pages_done": min(transferred // relay.PAGE, vm.memory_mib * MiB // relay.PAGE),
+                    "pages_total": vm.memory_mib * MiB // relay.PAGE,
                     "wire_bytes": pump.stream_bytes if pump is not None else transferred,
                 })  # fmt: skip
             elif time.monotonic() - last_progress > s.config.step_timeout_s:
                 raise MigrationError(f"QEMU's migration made no progress for {s.config.step_timeout_s:.0f} s ({status})")
-            vm.wait_event(POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
+            vm.wait_event(relay.POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
 
     def _check_completion_timeout(self, elapsed_s: float, ram: dict[str, Any]) -> None:
         """Before the switchover only: past it the guest is already stopped and giving up gains nothing."""
         limit = self._session.options.completion_timeout_s
         if limit is None or elapsed_s <= limit:
             return
-        dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", PAGE)) / MiB
+        dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", relay.PAGE)) / MiB
         link_mib_s = float(ram.get("mbps", 0.0)) * 1e6 / 8 / MiB
         raise MigrationError(f"pre-copy did not reach its switchover within the completion timeout of {limit:g} s "
                              f"({int(ram.get('dirty-sync-count', 0))} passes; the guest dirties {dirty_mib_s:.1f} "
@@ -373,7 +362,7 @@ class QemuSourceDriver:
         sent = int(ram.get("transferred", 0))
         report = RoundReport(
             round=index, pages_sent=int(ram.get("normal", 0)), bytes_sent=sent, duration_s=round(duration, 3),
-            dirty_pages_left=int(ram.get("remaining", 0)) // PAGE,
+            dirty_pages_left=int(ram.get("remaining", 0)) // relay.PAGE,
             throughput_mib_s=round(float(ram.get("mbps", 0.0)) / 8.0, 1), decision="continue", reason="qemu dirty sync",
         )  # fmt: skip
         self._session.report.round_reports.append(report)
@@ -436,7 +425,7 @@ def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> di
     """
     deadline = time.monotonic() + timeout
     while not info.get("total-time") and time.monotonic() < deadline:
-        time.sleep(POLL_S)
+        time.sleep(relay.POLL_S)
         info = vm.query_migrate()
     return info
 
