@@ -101,7 +101,7 @@ from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.engine.options import MigrationOptions
 from sealift.ipsec.charon import CharonError, HostCharon
-from sealift.ipsec.psk import ipsec_key_id, psk_for_migration
+from sealift.ipsec.sa_key import ipsec_key_id, psk_for_migration
 from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint, wait_tcp_closed
 from sealift.engine.report import MigrationReport, RoundReport
 from sealift.security.audit import Kinds

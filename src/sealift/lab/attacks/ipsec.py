@@ -13,7 +13,7 @@ between charons of the lab's own in the same two namespaces.
 
 The attacker is the router between the hosts (the lab's attacker
 namespace): it captures, it replays with spoofed source addresses, and for
-T13 it takes a host's address for itself (ipsec/intruder.py) and runs a
+T13 it takes a host's address for itself (lab/ipsec/intruder.py) and runs a
 charon of its own.
 """
 
@@ -32,15 +32,15 @@ from typing import TypeVar
 
 from sealift.cluster import LocalCluster
 from sealift.ipsec.charon import Charon, detect_backend
-from sealift.ipsec.intruder import ClaimedAddress, LoadedConn, LoadedPsk, ViciTap, try_sa, vici_state
-from sealift.ipsec.netlab import UdpPacket, udp_packets
-from sealift.ipsec.psk import ipsec_psk_fingerprint
-from sealift.ipsec.replay import IKE_NATT_PORT, IKE_PORT, ike_initiator_messages, is_ike, send_datagrams
+from sealift.ipsec.sa_key import ipsec_psk_fingerprint
 from sealift.ipsec.tunnel import TunnelHost, migration_identity, static_psk_tunnel
 from sealift.ipsec.vici_client import ViciClient
 from sealift.lab.attacks.base import AttackResult, Backend, attack
 from sealift.lab.attacks.channel import SECRET, VM, _describe, _plain, _short, _where
 from sealift.lab.capture import Capture, dropped_note, find_in_capture, read_packets, tcp_streams
+from sealift.lab.ipsec.intruder import ClaimedAddress, LoadedConn, LoadedPsk, ViciTap, try_sa, vici_state
+from sealift.lab.ipsec.replay_attack import IKE_NATT_PORT, IKE_PORT, ike_initiator_messages, is_ike, send_datagrams
+from sealift.lab.ipsec.routed_pair import UdpPacket, udp_packets
 from sealift.lab.netns import enter_netns
 from sealift.lab.runner import LabRun
 
