@@ -74,7 +74,7 @@ _FRAME_FILE = re.compile(r" \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def frame_name(frame: str, keep_line: bool = False) -> str:
-    """`_run (sealift/agent/qemu_relay.py:180)` -> `_run (qemu_relay.py)`, or `_run (qemu_relay.py:180)`.
+    """`_run (sealift/backends/qemu/relay.py:180)` -> `_run (qemu_relay.py)`, or `_run (qemu_relay.py:180)`.
 
     Self time keeps the line: a relay loop's time is in the C call on one
     of its lines (recv, seal, send), which Python frames alone cannot name.
@@ -155,7 +155,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("py-spy attaches to the agents with ptrace: run as root")
-    from sealift.agent.config import parse_size
+    from sealift.host.config import parse_size
 
     memory_mib = parse_size(args.memory) >> 20
     cmdline = args.cmdline or f"sealift.mem_mib={memory_mib // 2} sealift.rate_mib=32"

@@ -227,7 +227,7 @@ def main() -> int:
     unknown = [t for t in transports if t not in TRANSPORTS]
     if unknown:
         parser.error(f"unknown transports {unknown}; use {sorted(TRANSPORTS)}")
-    from sealift.agent.config import parse_size
+    from sealift.host.config import parse_size
 
     memory_mib = parse_size(args.memory) >> 20
     cmdline = args.cmdline or f"sealift.mem_mib={memory_mib // 2} sealift.rate_mib=32"

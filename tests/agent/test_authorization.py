@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from sealift.agent.client import AgentRequestFailed
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
 from sealift.security.identity import HostIdentity
 from sealift.security.orders import create_order

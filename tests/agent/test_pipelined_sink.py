@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from sealift.agent.transport import PipelinedSink
+from sealift.host.transport import PipelinedSink
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, PagesReceived, StreamEnded
 from sealift.wire.records import AeadProtection
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sealift.agent.adverts import make_advert, sign_advert
+from sealift.placement.adverts import make_advert, sign_advert
 from sealift.cluster import LocalCluster
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context

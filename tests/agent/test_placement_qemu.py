@@ -3,7 +3,7 @@
 Real agents and a real QEMU guest (TCG). host-c lies plausibly in its signed
 adverts (15 GiB free, within the 16 GiB registered) but can hold 64 MiB: the
 first `--to auto` picks it, its admission re-check refuses the 128 MiB guest
-(QemuIncomingMigration reserves the memory before anything moves), the liar is
+(QemuDestinationDriver reserves the memory before anything moves), the liar is
 down-ranked, and the next `--to auto` migrates the guest to host-b. host-b's
 own advert then counts the QEMU guest it runs.
 """
@@ -21,9 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sealift.agent.adverts import verify_advert
+from sealift.placement.adverts import verify_advert
 from sealift.agent.client import AgentClient
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.cluster import OPERATOR, LocalCluster
 from sealift.security.identity import HostIdentity

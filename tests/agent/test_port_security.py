@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
 from sealift.security.errors import SecurityError
 from sealift.security.identity import ClusterCA, HostIdentity

@@ -64,15 +64,15 @@ def test_operator_of_refuses_a_certificate_with_extra_usages(cluster: Cluster) -
 
 
 def test_operator_of_refuses_unknown_roles_and_missing_roles(cluster: Cluster) -> None:
-    from sealift.security.operators import _OPERATOR_PROFILE
+    from sealift.security.operators import OPERATOR_PROFILE
 
     key = ec.generate_private_key(ec.SECP256R1())
     san = [x509.UniformResourceIdentifier("sealift:operator:eve")]
     root = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "root")]
-    cert = cluster.ca._issue_leaf("eve", san, key.public_key(), _OPERATOR_PROFILE, 1, extra_subject=root)
+    cert = cluster.ca._issue_leaf("eve", san, key.public_key(), OPERATOR_PROFILE, 1, extra_subject=root)
     with pytest.raises(CertificateError, match="unknown operator role 'root'"):
         operator_of(cert)
-    no_role = cluster.ca._issue_leaf("eve", san, key.public_key(), _OPERATOR_PROFILE, 1)
+    no_role = cluster.ca._issue_leaf("eve", san, key.public_key(), OPERATOR_PROFILE, 1)
     with pytest.raises(CertificateError, match="exactly one role"):
         operator_of(no_role)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sealift.agent.adverts import (
+from sealift.placement.adverts import (
     AdvertError,
     Placement,
     PlacementError,

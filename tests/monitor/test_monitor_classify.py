@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from synthetic import quiet_web_server, samples, with_burst
 
 from sealift.monitor.baseline import BaselineConfig, EwmaBaseline, Score
-from sealift.monitor.classify import ANOMALOUS, ATTACKER, VICTIM, ClassifierConfig, HostMonitor, MonitorEvent, classify
+from sealift.monitor.classify import ClassifierConfig, HostMonitor, classify
 from sealift.monitor.signals import VmSample, rates_between
+from sealift.monitor.verdicts import ANOMALOUS, ATTACKER, VICTIM, MonitorEvent
 
 QUIET_HOURS = 12  # 43 200 one-second samples
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealift.agent.config import ConfigError, config_from_dict
+from sealift.host.config import ConfigError, config_from_dict
 from sealift.agent.guard import PeerGuard
 from sealift.monitor.portwatch import EVENT_WEIGHTS, PortWatch, PortWatchConfig
 

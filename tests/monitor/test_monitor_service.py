@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from synthetic import quiet_web_server, samples, with_burst
 
-from sealift.monitor import gate
+from sealift.migration import gate
 from sealift.monitor.collectors import DirtyCounter, guest_view_of_tap, read_netdev, read_proc_cpu
-from sealift.monitor.gate import MonitorRefusal
+from sealift.migration.gate import MonitorRefusal
 from sealift.monitor.service import MonitorConfig, MonitorService
 from sealift.monitor.signals import VmSample
 

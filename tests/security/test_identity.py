@@ -9,11 +9,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sealift.security.certificates import LeafProfile
 from sealift.security.errors import CertificateError
 from sealift.security.identity import (
     ClusterCA,
     HostIdentity,
-    _LeafProfile,
     host_name_of,
     validate_hostname,
 )
@@ -184,7 +184,7 @@ def test_host_key_readable_by_others_is_refused(pki: Pki, tmp_path: Path) -> Non
 def test_host_name_of_refuses_non_host_certificates(pki: Pki) -> None:
     with pytest.raises(CertificateError, match="no subjectAltName"):
         host_name_of(pki.ca.certificate)
-    signing_only = _LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CODE_SIGNING,))
+    signing_only = LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CODE_SIGNING,))
     key = pki.host_a.private_key()
     cert = pki.ca._issue_leaf("alice", [x509.DNSName("alice")], key.public_key(), signing_only, 1)
     with pytest.raises(CertificateError, match="serverAuth and clientAuth"):

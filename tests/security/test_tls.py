@@ -18,7 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
 from sealift.security.errors import HandshakeError, PeerIdentityError
-from sealift.security.identity import HostIdentity, _LeafProfile
+from sealift.security.certificates import LeafProfile
+from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context, server_context
 
 from .conftest import Pki, Server
@@ -226,7 +227,7 @@ def test_client_with_non_host_certificate_from_the_cluster_ca_is_refused(
 ) -> None:
     """A future operator certificate (other key usage) cannot act as a host."""
     key = ec.generate_private_key(ec.SECP256R1())
-    profile = _LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CODE_SIGNING,))
+    profile = LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CODE_SIGNING,))
     cert = pki.ca._issue_leaf("host-a", [x509.DNSName("host-a")], key.public_key(), profile, 1)
     operator = _write_identity(tmp_path, "host-a", key, cert, pki.ca.cert_path)
     server = Server(server_context(pki.host_b))

@@ -7,13 +7,19 @@ import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sealift.errors import SealiftError
 
-class AgentUnavailable(Exception):
+
+class AgentUnavailable(SealiftError):
     """No agent answers on that control socket."""
 
+    code = "agent_unavailable"
 
-class AgentRequestFailed(Exception):
-    """The agent answered with an error."""
+
+class AgentRequestFailed(SealiftError):
+    """The agent answered with an error; `code` is the agent's reason code when it sent one."""
+
+    code = "agent_request_failed"
 
 
 class AgentClient:
@@ -43,6 +49,9 @@ class AgentClient:
                     on_event(message)
                 continue
             if not message.get("ok"):
-                raise AgentRequestFailed(str(message.get("error", "unknown error")))
+                code = message.get("code")
+                raise AgentRequestFailed(
+                    str(message.get("error", "unknown error")), code=code if isinstance(code, str) and code else None
+                )
             return message
         raise AgentUnavailable(f"the agent on {self.socket_path} closed the connection without a reply")

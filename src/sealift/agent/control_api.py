@@ -14,14 +14,20 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from sealift.agent.config import ConfigError, parse_size
-from sealift.engine.options import MigrationOptions, OptionsError
-from sealift.security.errors import SecurityError
+from sealift.errors import SealiftError
+from sealift.host.config import AgentConfig, parse_size
+from sealift.host.store import AgentStore
+from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.migration.authority import Authority
+from sealift.migration.options import MigrationOptions
+from sealift.migration.report import MigrationReport
+from sealift.migration.session import ProgressCallback
+from sealift.monitor.service import MonitorService
 
 if TYPE_CHECKING:
-    from sealift.agent.daemon import Agent
     from sealift.backends.qemu.net import NetConfig
 
 log = logging.getLogger(__name__)
@@ -31,12 +37,39 @@ MAX_REQUEST = 64 * 1024
 Emit = Callable[[dict], None]
 
 
-class RequestError(Exception):
+class RequestError(SealiftError):
     """The request is malformed or names something that does not exist."""
+
+    code = "request_error"
+
+
+_FALLBACK_CODES = {ValueError: "invalid_argument", PermissionError: "permission_denied", LookupError: "not_found"}
+
+
+def _kind(exc: BaseException) -> type[BaseException]:
+    return next(kind for kind in _FALLBACK_CODES if isinstance(exc, kind))
+
+
+class ControlledAgent(Protocol):
+    """What the control API asks of the agent it serves (agent/daemon.py Agent)."""
+
+    config: AgentConfig
+    store: AgentStore
+    authority: Authority
+    vms: BuiltinVmRegistry
+    qemu_vms: QemuVmRegistry
+    monitor: MonitorService
+
+    def migrate(self, vm_name: str, destination: str, options: MigrationOptions, order: str | None,
+                progress: ProgressCallback | None, transport: str | None = None) -> MigrationReport: ...  # fmt: skip
+
+    def place(self, vm_name: str) -> dict[str, object]: ...
+
+    def status(self) -> dict[str, object]: ...
 
 
 class ControlServer:
-    def __init__(self, path: Path, agent: "Agent") -> None:
+    def __init__(self, path: Path, agent: ControlledAgent) -> None:
         self._path = path
         self._agent = agent
         self._sock: socket.socket | None = None
@@ -84,8 +117,10 @@ class ControlServer:
                 if not isinstance(request, dict):
                     raise RequestError("request must be a JSON object")
                 emit({"ok": True, **self._dispatch(request, emit)})
-            except (RequestError, ConfigError, OptionsError, ValueError, PermissionError, LookupError, SecurityError) as exc:
-                _safe(emit, {"ok": False, "error": str(exc)})
+            except SealiftError as exc:  # every refusal says why, for people and for scripts
+                _safe(emit, {"ok": False, "error": str(exc), "code": exc.code})
+            except (ValueError, PermissionError, LookupError) as exc:
+                _safe(emit, {"ok": False, "error": str(exc), "code": _FALLBACK_CODES[_kind(exc)]})
             except Exception as exc:  # report, never kill the agent
                 log.exception("control request failed")
                 _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__})
@@ -108,7 +143,7 @@ class ControlServer:
         if backend not in ("builtin", "qemu"):
             raise RequestError(f"unknown backend {backend!r}: use builtin or qemu")
         if backend == "qemu":
-            if self._agent.vms.exists(name):
+            if self._agent.vms.has(name):
                 raise RequestError(f"a built-in VM named {name!r} already runs here")
             image_cache = request.get("image_cache")
             vm = self._agent.qemu_vms.start(
@@ -260,7 +295,7 @@ class ControlServer:
         return {"vm": vm}
 
     def _qemu_workload(self, name: str, profile: str, request: dict) -> dict:
-        from sealift.agent.qemu_vms import QemuVmError
+        from sealift.backends.qemu.registry import QemuVmError
         from sealift.backends.qemu.guest_control import GuestControlError
         from sealift.lab.workload_switch import FloodRequest, drive_qemu_guest
 

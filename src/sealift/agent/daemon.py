@@ -13,17 +13,24 @@ from typing import Callable
 
 from OpenSSL import SSL
 
-from sealift.agent.authority import Authority
-from sealift.agent.config import AgentConfig
+from sealift.migration.authority import Authority
+from sealift.host.config import AgentConfig
 from sealift.agent.control_api import ControlServer
-from sealift.agent.incoming import IncomingMigration
-from sealift.agent.outgoing import OutgoingMigration, ProgressCallback
-from sealift.agent.qemu_migration import QemuIncomingMigration, QemuOutgoingMigration, recover_after_restart
-from sealift.agent.qemu_vms import QemuVmRegistry
-from sealift.agent.resolver import Resolver, outcome_for
-from sealift.agent.store import SOURCE_OPEN_PHASES, AgentStore, MigrationRecord
-from sealift.agent.transport import (
-    DATA_STREAM_MAGIC,
+from sealift.host.store import AgentStore
+from sealift.guests import VmRegistry
+from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
+from sealift.backends.qemu.destination import QemuDestinationDriver
+from sealift.backends.qemu.keeper import QemuKeeper
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.backends.qemu.source import QemuSourceDriver
+from sealift.backends.qemu.transports import default_transport, transport_named
+from sealift.migration.destination import DestinationCoordinator
+from sealift.migration.drivers import DestinationDriver, SourceDriver
+from sealift.migration.phases import UNSETTLED, outcome_for
+from sealift.migration.recovery import Keepers, Resolver, recover
+from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
+from sealift.migration.source import SourceCoordinator
+from sealift.host.transport import (
     INSECURE_CONTROL_MAGIC,
     TLS_HANDSHAKE_BYTE,
     ControlChannel,
@@ -33,17 +40,17 @@ from sealift.agent.transport import (
     read_stream_open,
     tune_bulk_socket,
 )
-from sealift.agent.vms import VmRegistry
-from sealift.backends.builtin.vm import VmError
-from sealift.engine.options import MigrationOptions
-from sealift.engine.report import MigrationReport
+from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.migration.options import MigrationOptions
+from sealift.migration.report import MigrationReport
 from sealift.ipsec.charon import HostCharon
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
+from sealift.wire.datastream import STREAM_MAGIC
 from sealift.wire.errors import ProtocolError
 from sealift.agent.guard import PeerGuard
-from sealift.agent.placement import Placer, host_usage, our_advert, vm_memory
+from sealift.placement.placer import Placer, host_usage, our_advert, vm_memory
 from sealift.wire.messages import Advert, AdvertQuery, Hello, Outcome, OutcomeQuery, Refuse
 from sealift.monitor.collectors import BuiltinCollector, QemuCollector
 from sealift.monitor.service import MonitorService
@@ -58,9 +65,10 @@ class Agent:
         self.identity = HostIdentity.load(config.identity_dir, config.name)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = AgentStore(config.database_path)
-        self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (agent/qemu_vms.py)
-        self.vms = VmRegistry(config, self.store, other_guests=self.qemu_vms.usage)  # admission counts both
+        self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (backends/qemu/registry.py)
+        self.vms = BuiltinVmRegistry(config, self.store, other_guests=self.qemu_vms.usage)  # admission counts both
         self.qemu_vms.adopt_existing()
+        self.registries: tuple[VmRegistry, ...] = (self.vms, self.qemu_vms)  # every backend's guests
         self.sessions = DataSessions()
         # strongSwan's charon for the ipsec transport: started on the first such migration, stopped with the agent.
         self.ipsec = HostCharon(config.state_dir / "ipsec")
@@ -82,8 +90,14 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self.authority = Authority(config, self.identity)
         self.placer = Placer(config, self.identity)
-        self.resolver = Resolver(config, self.identity, self.store, self.vms, self._active, self._active_lock,
-                                 qemu_vms=self.qemu_vms, audit=self.authority.record)  # fmt: skip
+        self.context = MigrationContext(config, self.identity, self.store, self.authority, self.sessions)
+        self.keepers = Keepers(
+            {"builtin": BuiltinKeeper(self.vms), "qemu": QemuKeeper(self.qemu_vms)},
+            fallback="builtin",
+            legacy_owner=lambda vm: "qemu" if self.qemu_vms.has(vm) else "builtin",
+        )
+        self.resolver = Resolver(config, self.identity, self.store, self.keepers, self._active, self._active_lock,
+                                 audit=self.authority.record)  # fmt: skip
         self.control = ControlServer(config.control_socket, self)
         # Security and reliability monitors (seed 004, T12): per-VM collectors, host verdicts, port watch.
         self.monitor = MonitorService(
@@ -127,72 +141,21 @@ class Agent:
         self._threads.append(thread)
 
     def recover(self) -> None:
-        """After a crash: adopt guests and settle what the crash interrupted.
-
-        Each migration is settled on its own: an error in one is logged and
-        audited, and never stops the agent (it is left in doubt for the resolver).
-        """
-        self.vms.adopt_existing()
-        qemu_handled = recover_after_restart(self.store, self.qemu_vms)  # QEMU guests were adopted in __init__
-        for record in self.store.migrations(limit=1000, phases=SOURCE_OPEN_PHASES + ("receiving", "prepared", "committed")):
-            if record.id in qemu_handled:
-                continue
-            try:
-                self._recover_migration(record)
-            except Exception as exc:
-                log.exception("recovery of migration %s (%s, %s) failed", record.id, record.vm, record.phase)
-                self.authority.record("migration.recovery_failed", migration_id=record.id, vm=record.vm,
-                                      role=record.role, phase=record.phase, error=str(exc))
+        """After a crash: adopt guests and settle what the crash interrupted (migration/recovery.py)."""
+        self.vms.adopt_existing()  # QEMU guests were adopted in __init__
+        recover(self.store, self.keepers, self.authority.record)
         try:
             self._remove_leftover_images()
         except Exception:
             log.exception("recovery: could not clean up leftover images")
 
-    def _recover_migration(self, record: MigrationRecord) -> None:
-        if record.role == "source":
-            if record.phase in SOURCE_OPEN_PHASES:
-                # No commit decision was written, so the VM must run here.
-                try:
-                    vm = self.vms.get(record.vm)
-                    if vm.is_paused:
-                        vm.resume()
-                except VmError as exc:
-                    log.error("recovery: cannot resume %s: %s", record.vm, exc)
-                self.store.decide(record.id, "aborted")
-                self.store.set_phase(record.id, "aborted", error="source agent restarted before commit")
-            else:
-                try:
-                    self.vms.claim(record.vm)  # paused, in doubt: not available for another migration
-                except VmError:
-                    pass
-            return
-        guest = self.vms.running_guest(record.vm)
-        if record.phase == "receiving":
-            if guest is None:
-                self.vms.image_path(record.vm).unlink(missing_ok=True)
-            self.store.set_phase(record.id, "aborted", error="destination agent restarted while receiving")
-            return
-        if guest is not None:
-            if record.phase == "committed":
-                # Started for this migration just before the crash: the handover is done.
-                log.info("recovery: migration %s: %s runs here (pid %d); phase running", record.id, record.vm, guest.pid)
-                self.store.set_phase(record.id, "running")
-                self.authority.record("migration.recovered", migration_id=record.id, vm=record.vm, pid=guest.pid,
-                                      phase="running")
-            else:  # a guest is only ever started after "committed" is recorded: leave it to an operator
-                log.error("recovery: migration %s is %s but %s already runs here; left in doubt",
-                          record.id, record.phase, record.vm)
-            return
-        # Prepared (ask the source) or committed (start it): the resolver finishes either.
-        self.vms.reserve_incoming(record.id, record.vm, record.memory_bytes)
-
     def _remove_leftover_images(self) -> None:
         """Images no guest runs from and the store does not count as a live copy: failed incoming migrations."""
         known = {vm.name for vm in self.store.vms()}
-        open_incoming = {r.vm for r in self.store.migrations(limit=1000, phases=("prepared", "committed"))}
+        open_incoming = {r.vm for r in self.store.migrations(limit=1000, phases=UNSETTLED)}
         for image in self.config.vm_dir.glob("*.img"):
             name = image.name[: -len(".img")]
-            if name in known or name in open_incoming or self.vms.exists(name):
+            if name in known or name in open_incoming or self.vms.has(name):
                 continue
             if self.vms.running_guest(name) is not None:
                 continue  # adopted now; it is a live copy
@@ -240,7 +203,7 @@ class Agent:
                     self.monitor.port_event(peer[0], "handshake_failed")
                     raise
                 self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name), peer[0])
-            elif first == DATA_STREAM_MAGIC:
+            elif first == STREAM_MAGIC:
                 session_id, _index = read_stream_open(sock)
                 tune_bulk_socket(sock)
                 if not self.sessions.deliver(session_id, sock):
@@ -282,7 +245,7 @@ class Agent:
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
             elif isinstance(first, AdvertQuery):
-                used, count = host_usage(self.vms, self.qemu_vms)  # built-in and QEMU guests alike
+                used, count = host_usage(self.registries)  # built-in and QEMU guests alike
                 channel.send(Advert(first.migration_id, our_advert(self.config, self.identity, used, count)))
         finally:
             channel.close()
@@ -293,15 +256,13 @@ class Agent:
                 return
             self._active.add(hello.migration_id)
         try:
+            session = DestinationSession(self.context, channel, hello)
+            driver: DestinationDriver
             if hello.backend == "qemu":
-                QemuIncomingMigration(
-                    self.config, self.identity, self.store, self.vms, self.qemu_vms, self.sessions, channel, hello,
-                    self.authority, ipsec=self.ipsec,
-                ).run()
+                driver = QemuDestinationDriver(session, self.vms, self.qemu_vms, self.ipsec)
             else:
-                IncomingMigration(
-                    self.config, self.identity, self.store, self.vms, self.sessions, channel, hello, self.authority
-                ).run()
+                driver = BuiltinDestinationDriver(session, self.vms)
+            DestinationCoordinator(session, driver).run()
         finally:
             with self._active_lock:
                 self._active.discard(hello.migration_id)
@@ -312,7 +273,8 @@ class Agent:
             record = None  # only the other party of a migration may ask about it
         with self._active_lock:
             active = query.migration_id in self._active
-        channel.send(Outcome(query.migration_id, outcome_for(record, active)))
+        outcome = "unknown" if record is None or active else outcome_for(record.role, record.phase, record.decision)
+        channel.send(Outcome(query.migration_id, outcome))
 
     # -- operations (control API) -------------------------------------------
 
@@ -327,34 +289,32 @@ class Agent:
     ) -> MigrationReport:
         if not options.secure and not self.config.allow_insecure:
             raise PermissionError("plaintext migration is disabled on this host (set allow_insecure = true to measure it)")
-        migration: OutgoingMigration | QemuOutgoingMigration
+        driver: SourceDriver
         if self.qemu_vms.has(vm_name):
-            migration = QemuOutgoingMigration(
-                self.config, self.identity, self.store, self.qemu_vms, vm_name, destination, options, self.authority,
-                order, progress, transport or ("sealift" if options.secure else "plain"), ipsec=self.ipsec,
-            )
+            strategy = transport_named(transport) if transport else default_transport(options.secure)
+            session = SourceSession(self.context, vm_name, destination, options, order, strategy.name, progress)
+            driver = QemuSourceDriver(session, self.qemu_vms, strategy, self.ipsec)
         else:
             if transport not in (None, "sealift", "plain"):
                 raise ValueError(f"transport {transport!r} is for QEMU guests only")
-            migration = OutgoingMigration(
-                self.config, self.identity, self.store, self.vms, vm_name, destination, options, self.authority, order,
-                progress,
-            )
+            session = SourceSession(self.context, vm_name, destination, options, order,
+                                    "tls" if options.secure else "plain", progress)  # fmt: skip
+            driver = BuiltinSourceDriver(session, self.vms)
         with self._active_lock:
-            self._active.add(migration.migration_id)
+            self._active.add(session.migration_id)
         try:
-            return migration.run()
+            return SourceCoordinator(session, driver).run()
         except Exception as exc:
             if "refused" in str(exc) and "free of" in str(exc):
                 self.placer.admission_refused(destination, str(exc))  # its advert promised room
             raise
         finally:
             with self._active_lock:
-                self._active.discard(migration.migration_id)
+                self._active.discard(session.migration_id)
 
     def place(self, vm_name: str) -> dict[str, object]:
         """Where should this VM go? Only authenticated, fresh, believable adverts count."""
-        choice = self.placer.choose(vm_memory(self.vms, self.qemu_vms, vm_name))  # built-in or QEMU guest
+        choice = self.placer.choose(vm_memory(self.registries, vm_name))  # built-in or QEMU guest
         return {
             "host": choice.host,
             "reason": choice.reason,

@@ -8,7 +8,7 @@ Everything here is sans-IO and takes an injectable clock, except the small
                                                       handshake (ECDHE + ECDSA) is the
                                                       expensive step
     authenticated Hello    -> admit_migration(host)  by certificate name, not address
-    ... then the existing capacity reservation (agent/vms.py) ...
+    ... then the existing capacity reservation (backends/builtin/registry.py) ...
     finally                -> release_migration(host), release(ip)
 
 Why each check is where it is: the connection checks run on an unauthenticated

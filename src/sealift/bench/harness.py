@@ -39,6 +39,7 @@ from sealift.bench.results import ALL_TRANSPORTS, RunResult, fill_ratios, interl
 from sealift.bench.sampling import CpuSampler, LinkCounter, Role, find_descendant, find_process
 from sealift.bench.sshtunnel import SshServer
 from sealift.bench.transports import MIGRATION_PORT, DirectTransport, Hosts, ipsec_available, make_direct
+from sealift.errors import SealiftError
 from sealift.lab.netns import enter_netns
 from sealift.lab.testbed import DESTINATION_IP, GUEST_IPS, SOURCE_IP, SOURCE_VM_IP, LinkShape, Testbed
 
@@ -50,7 +51,7 @@ VM_NAME = "benchvm"
 AGENT_PORT = 7440
 UNCAPPED_BPS = 1 << 40  # QEMU's max-bandwidth, bytes/s: lifted, or every transport looks the same
 EVENT_WAIT_S = 0.5  # for the destination's RESUME event once it reports running
-DOWNTIME_LIMIT_MS = 300  # sealift's default (engine/options.py), given to every QEMU
+DOWNTIME_LIMIT_MS = 300  # sealift's default (migration/options.py), given to every QEMU
 BOOT_TIMEOUT_S = 240.0
 MIGRATION_TIMEOUT_S = 300.0  # default: a migration that has not converged by then is not live in practice
 STALL_S = 30.0  # a stream that moves no byte for this long has failed
@@ -77,8 +78,10 @@ RATE_MIB = {"idle": 0, "moderate": 32, "heavy": 128}
 BUILTIN_PROFILE = {"idle": "idle", "moderate": "db", "heavy": "stress"}
 
 
-class BenchError(Exception):
+class BenchError(SealiftError):
     """The benchmark cannot run here (not root, a tool missing), or one run went wrong."""
+
+    code = "bench_error"
 
 
 @dataclass(frozen=True)
@@ -409,8 +412,8 @@ def _stop_everywhere(cluster: Any, name: str) -> None:
 def _start_qemu_for_agent(lab: BenchLab, cell: Cell) -> None:
     """Start the guest (on the lab's tap) in host-a's agent VM directory, then (re)start host-a's agent,
     which adopts it: the control API starts QEMU guests on user networking only."""
-    from sealift.agent.config import load_config
-    from sealift.agent.qemu_vms import QemuVmRegistry
+    from sealift.host.config import load_config
+    from sealift.backends.qemu.registry import QemuVmRegistry
 
     cluster = lab.agents()
     cluster.kill("host-a", signal.SIGTERM)
@@ -515,9 +518,9 @@ def _qemu_figures(report: dict[str, Any]) -> tuple[float | None, float | None]:
 
 
 def agent_qemu_transports() -> tuple[str, ...]:
-    from sealift.agent import qemu_migration
+    from sealift.backends.qemu.transports import TRANSPORTS
 
-    return tuple(getattr(qemu_migration, "TRANSPORTS", ("sealift",)))
+    return tuple(TRANSPORTS)
 
 
 # -- the schedule ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sealift.errors import SealiftError
 from sealift.lab.netns import netns_argv
 
 SSHD_PORT = 2222
@@ -23,8 +24,10 @@ AES_GCM = "aes128-gcm@openssh.com"
 _CIPHER_RE = re.compile(r"kex: client->server cipher: (\S+)")
 
 
-class SshError(Exception):
+class SshError(SealiftError):
     """sshd or the tunnel would not come up."""
+
+    code = "ssh_tunnel_error"
 
 
 def listening(pid: int, port: int) -> bool:

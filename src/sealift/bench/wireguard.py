@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from sealift.bench.sshtunnel import stop_process
+from sealift.errors import SealiftError
 from sealift.lab.netns import netns_argv, run_in
 
 UAPI_DIR = Path("/var/run/wireguard")
@@ -28,8 +29,10 @@ WG_PORT = 51820
 TUNNEL_PREFIX = "10.79.0"
 
 
-class WireguardError(Exception):
+class WireguardError(SealiftError):
     """wireguard-go would not start or take its configuration."""
+
+    code = "wireguard_error"
 
 
 def _keypair() -> tuple[bytes, bytes]:

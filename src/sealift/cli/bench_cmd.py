@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from sealift.agent.config import parse_size
+from sealift.host.config import parse_size
+from sealift.cli.common import print_failure_json
 
 QUICK_QEMU_MIB = 160
 QUICK_BUILTIN_MIB = 128
@@ -99,6 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plan = build_plan(args)
     except (BenchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        print_failure_json(args, exc)
         return 2
     command = canonical_command(args)
     started = time.monotonic()
@@ -112,6 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         outcome = run_plan(plan, progress=lambda line: print(line, file=sys.stderr, flush=True), on_run=save_so_far)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        print_failure_json(args, exc)
         return 2
     except (KeyboardInterrupt, SystemExit):
         print(f"interrupted: the runs finished so far are in {out}", file=sys.stderr)

@@ -11,6 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from sealift.cli.common import print_failure_json
+
 BACKENDS = ("builtin", "qemu")
 
 
@@ -65,6 +67,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         skip = parse_only(args.skip, "--skip") or set()
     except ValueError as exc:
         progress.print(f"[bold red]error:[/bold red] {exc}")
+        print_failure_json(args, exc)
         return 2
     backends = (args.backend,) if args.backend else BACKENDS
 
@@ -86,6 +89,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
                 markdown, json_path = write_report(results, lab.results_dir, meta)
     except TestbedError as exc:
         progress.print(f"[bold red]error:[/bold red] {exc}")
+        print_failure_json(args, exc)
         return 2
     if not results:
         progress.print("[bold red]error:[/bold red] no attack matched --only/--skip/--backend")

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 
 from rich.console import Group
 from rich.live import Live
@@ -14,23 +13,23 @@ from rich.table import Table
 from rich.text import Text
 
 from sealift.agent.client import AgentClient
+from sealift.cli.common import add_agent_flags, client
 
 _SIGNALS = (("cpu", "CPU"), ("dirty_bps", "dirty"), ("rx_bps", "in"), ("tx_bps", "out"))
 _VERDICT_STYLE = {"attacker": "bold red", "victim": "bold yellow", "anomalous": "magenta"}
 
 
-def add_monitor_parser(sub: argparse._SubParsersAction, add_agent_flags: Callable[[argparse.ArgumentParser], None],
-                       client_of: Callable[[argparse.Namespace], AgentClient]) -> None:  # fmt: skip
+def add_monitor_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("monitor", help="live per-VM signals and attacker/victim/reliability verdicts")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     add_agent_flags(p)
-    p.set_defaults(func=lambda args: cmd_monitor(args, client_of(args)))
+    p.set_defaults(func=lambda args: cmd_monitor(args, client(args)))
 
 
-def cmd_monitor(args: argparse.Namespace, client: AgentClient) -> int:
+def cmd_monitor(args: argparse.Namespace, agent: AgentClient) -> int:
     def snapshot() -> dict:
-        return client.request("monitor.snapshot")["monitor"]
+        return agent.request("monitor.snapshot")["monitor"]
 
     if args.json and not args.watch:
         sys.stdout.write(json.dumps(snapshot(), indent=2, default=str) + "\n")

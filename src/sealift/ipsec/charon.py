@@ -32,6 +32,8 @@ from enum import Enum
 from pathlib import Path
 from types import TracebackType
 
+from sealift.errors import SealiftError
+
 CHARON_CANDIDATES = ("/usr/lib/ipsec/charon", "/usr/libexec/ipsec/charon", "/usr/lib/strongswan/charon")
 
 # The routing table libipsec's routes into the TUN device go to (charon's
@@ -50,8 +52,10 @@ class IpsecBackend(str, Enum):
     LIBIPSEC = "libipsec"  # strongSwan's user-space ESP over TUN, via kernel-libipsec
 
 
-class CharonError(RuntimeError):
+class CharonError(SealiftError, RuntimeError):
     """charon could not be found, started, reached or stopped."""
+
+    code = "charon_error"
 
 
 def find_charon() -> Path:

@@ -33,6 +33,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from types import TracebackType
 
+from sealift.errors import SealiftError
 from sealift.ipsec.charon import Charon, IpsecBackend, detect_backend
 from sealift.ipsec.sa_key import ipsec_psk_fingerprint
 from sealift.ipsec.vici_client import ESP_PROPOSALS, ChildSa, Mode, TunnelEnd, ViciClient, ViciError
@@ -44,8 +45,10 @@ _ROUTES_LOCK = threading.Lock()  # the peer route is shared by this process's co
 INSTALL_TIMEOUT_S = 15.0
 
 
-class IpsecError(RuntimeError):
+class IpsecError(SealiftError, RuntimeError):
     """The SA could not be brought up, or tear-down left state behind."""
+
+    code = "ipsec_error"
 
 
 @dataclass(frozen=True)

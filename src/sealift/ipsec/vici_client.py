@@ -20,6 +20,8 @@ from typing import Any, Literal
 import vici
 from vici.exception import CommandException, SessionException
 
+from sealift.errors import SealiftError
+
 Role = Literal["initiator", "responder"]
 Mode = Literal["tunnel", "transport"]
 
@@ -36,8 +38,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VICI_TIMEOUT_S = 15.0
 
 
-class ViciError(RuntimeError):
+class ViciError(SealiftError, RuntimeError):
     """A VICI command failed or charon could not be reached."""
+
+    code = "vici_error"
 
 
 @dataclass(frozen=True)

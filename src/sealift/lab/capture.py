@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sealift.errors import SealiftError
 from sealift.lab.netns import netns_argv
 
 __all__ = ["Capture", "CaptureError", "Finding", "dropped_note", "dropped_packets", "find_in_capture", "ip_protocols", "tcp_streams"]
@@ -33,8 +34,10 @@ CAPTURE_BUFFER_MIB = 64
 _DROPPED = re.compile(r"(\d+) packets? dropped")
 
 
-class CaptureError(Exception):
+class CaptureError(SealiftError):
     """tshark is missing, did not start, or the capture file is unreadable."""
+
+    code = "capture_error"
 
 
 @dataclass

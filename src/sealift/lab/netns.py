@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from sealift.errors import SealiftError
+
 __all__ = ["NetnsError", "enter_netns", "netns_argv", "netns_exists", "run_in"]
 
 NETNS_DIR = Path("/var/run/netns")
@@ -26,8 +28,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
-class NetnsError(Exception):
+class NetnsError(SealiftError):
     """A namespace is missing, or a command inside one failed."""
+
+    code = "netns_error"
 
 
 def netns_exists(name: str) -> bool:

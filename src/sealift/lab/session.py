@@ -72,6 +72,7 @@ from typing import Literal
 
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
 from sealift.cluster import LocalCluster
+from sealift.errors import SealiftError
 from sealift.lab.capture import Capture
 from sealift.lab.relay import Relay
 from sealift.lab.testbed import (
@@ -110,8 +111,10 @@ QEMU_AGENT_CONFIG = {"step_timeout_s": "20"}
 HOST_NAMESPACES = {"host-a": "source", "host-b": "destination", "host-c": "attacker"}
 
 
-class MigrationFailed(Exception):
+class MigrationFailed(SealiftError):
     """The agent refused or aborted the migration; str() is its error message."""
+
+    code = "lab_migration_failed"
 
 
 @dataclass

@@ -36,6 +36,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sealift.errors import SealiftError
 from sealift.lab.netns import NETNS_DIR, NetnsError, netns_argv, run_in
 
 __all__ = ["HOSTS", "LinkShape", "Testbed", "TestbedError", "remove_stale"]
@@ -58,8 +59,10 @@ CLIENT_IP = "10.78.0.100"
 GUEST_IPS = tuple(f"10.78.0.{n}" for n in range(10, 60))
 
 
-class TestbedError(Exception):
+class TestbedError(SealiftError):
     """The testbed could not be built (not root, no iproute2, a kernel feature missing)."""
+
+    code = "testbed_error"
 
 
 @dataclass(frozen=True)

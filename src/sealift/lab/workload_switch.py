@@ -35,13 +35,13 @@ from sealift.backends.builtin.workload import WorkloadError, WorkloadParams, Wor
 from sealift.backends.qemu.guest_control import GuestState
 
 if TYPE_CHECKING:
-    from sealift.agent.qemu_vms import QemuVmRegistry
-    from sealift.agent.vms import VmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
+    from sealift.backends.builtin.registry import BuiltinVmRegistry
 
 log = logging.getLogger(__name__)
 
 
-def switch_workload(registry: VmRegistry, name: str, profile_name: str) -> dict[str, object]:
+def switch_workload(registry: BuiltinVmRegistry, name: str, profile_name: str) -> dict[str, object]:
     """Restart built-in VM `name` with workload profile `profile_name`; returns its new info."""
     if profile_name in QEMU_ONLY_PROFILES:
         raise WorkloadError(f"{profile_name!r} is for QEMU guests: a built-in VM has no network device to "

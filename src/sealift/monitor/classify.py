@@ -27,7 +27,7 @@ verdict, and a verdict clears after `clear_after` quiet samples. Every
 verdict names the signals and how far each is from normal.
 
 Reliability (HREM) is judged separately (`reliability.py`) and never changes
-the security verdict.
+the security verdict. Both report in the terms of `verdicts.py`.
 """
 
 from __future__ import annotations
@@ -38,21 +38,7 @@ from dataclasses import dataclass, field
 from sealift.monitor.baseline import BaselineConfig, EwmaBaseline, Score
 from sealift.monitor.reliability import ReliabilityConfig, ReliabilityTracker
 from sealift.monitor.signals import SIGNAL_SCALES, VmRates, VmSample, rates_between
-
-ATTACKER = "attacker"
-VICTIM = "victim"
-ANOMALOUS = "anomalous"
-RELIABILITY = "reliability"
-
-_UNITS = {"cpu": "of a core", "dirty_bps": "B/s", "rx_bps": "B/s", "tx_bps": "B/s", "rx_pps": "pkt/s", "tx_pps": "pkt/s"}
-_LABELS = {
-    "cpu": "CPU",
-    "dirty_bps": "memory dirty rate",
-    "rx_bps": "inbound bytes",
-    "tx_bps": "outbound bytes",
-    "rx_pps": "inbound packets",
-    "tx_pps": "outbound packets",
-}
+from sealift.monitor.verdicts import ANOMALOUS, ATTACKER, VICTIM, Deviation, MonitorEvent, Verdict
 
 
 @dataclass(frozen=True)
@@ -73,49 +59,6 @@ class ClassifierConfig:
         """Whether a CPU score backs an abnormal outbound or dirty-rate signal (see the module doc)."""
         z = self.cpu_corroboration_z if self.cpu_corroboration_z is not None else self.baseline.z_threshold / 2
         return score.anomalous or (score.warm and score.z >= z and score.ratio >= self.baseline.min_ratio)
-
-
-@dataclass(frozen=True)
-class Deviation:
-    """One signal's departure from normal, for the verdict's explanation."""
-
-    signal: str
-    value: float
-    normal: float
-    z: float
-    ratio: float
-
-    def describe(self) -> str:
-        return (f"{_LABELS.get(self.signal, self.signal)} {_fmt(self.signal, self.value)} vs normal "
-                f"{_fmt(self.signal, self.normal)} (x{self.ratio:.1f}, z={self.z:.1f})")  # fmt: skip
-
-    def to_dict(self) -> dict[str, object]:
-        return {"signal": self.signal, "value": self.value, "normal": self.normal, "z": round(self.z, 2),
-                "ratio": round(self.ratio, 2)}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Verdict:
-    vm: str
-    kind: str  # attacker | victim | anomalous | reliability
-    reason: str  # one line: which signals, how far from normal
-    since: float
-    deviations: tuple[Deviation, ...] = ()
-    problem: str | None = None  # reliability: stall | exited | restart | error
-    manual: bool = False  # set by an operator, not by the classifier
-
-    def to_dict(self) -> dict[str, object]:
-        return {"vm": self.vm, "kind": self.kind, "reason": self.reason, "since": self.since,
-                "problem": self.problem, "manual": self.manual,
-                "deviations": [d.to_dict() for d in self.deviations]}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class MonitorEvent:
-    """A change: `raised` a new or changed verdict, or `cleared` one."""
-
-    change: str  # "raised" | "cleared"
-    verdict: Verdict
 
 
 @dataclass
@@ -286,14 +229,3 @@ _RANK = {ANOMALOUS: 0, VICTIM: 1, ATTACKER: 2}
 def _stronger(a: str, b: str) -> str:
     """Verdicts only escalate while they last (anomalous < victim < attacker)."""
     return a if _RANK.get(a, 0) >= _RANK.get(b, 0) else b
-
-
-def _fmt(signal: str, value: float) -> str:
-    if signal == "cpu":
-        return f"{value * 100:.0f}%"
-    if signal.endswith("_bps"):
-        for unit, size in (("GiB/s", 1 << 30), ("MiB/s", 1 << 20), ("KiB/s", 1 << 10)):
-            if value >= size:
-                return f"{value / size:.1f} {unit}"
-        return f"{value:.0f} B/s"
-    return f"{value:.0f} {_UNITS.get(signal, '')}".strip()

@@ -32,8 +32,8 @@ import numpy as np
 from sealift.monitor.signals import VmSample
 
 if TYPE_CHECKING:
-    from sealift.agent.qemu_vms import QemuVmRegistry
-    from sealift.agent.vms import VmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
+    from sealift.backends.builtin.registry import BuiltinVmRegistry
     from sealift.backends.qemu.vm import QemuVM
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class DirtyCounter:
 class BuiltinCollector:
     """Samples the built-in VMs of a registry."""
 
-    def __init__(self, registry: VmRegistry, clock=time.monotonic) -> None:
+    def __init__(self, registry: BuiltinVmRegistry, clock=time.monotonic) -> None:
         self._registry = registry
         self._clock = clock
         self._dirty: dict[tuple[str, int], DirtyCounter] = {}  # per (vm, pid): a new process has a new log

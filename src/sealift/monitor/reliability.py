@@ -19,12 +19,9 @@ restart clears after `restart_hold_s`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sealift.monitor.signals import VmSample
-
-if TYPE_CHECKING:
-    from sealift.monitor.classify import MonitorEvent, Verdict
+from sealift.monitor.verdicts import RELIABILITY, MonitorEvent, Verdict
 
 
 @dataclass(frozen=True)
@@ -94,8 +91,6 @@ class ReliabilityTracker:
         return events
 
     def _raise(self, problem: str, reason: str, now: float) -> list[MonitorEvent]:
-        from sealift.monitor.classify import RELIABILITY, MonitorEvent, Verdict
-
         if problem in self._active:
             return []
         verdict = Verdict(self._vm, RELIABILITY, f"{problem}: {reason}", now, problem=problem)
@@ -103,7 +98,5 @@ class ReliabilityTracker:
         return [MonitorEvent("raised", verdict)]
 
     def _clear(self, problem: str) -> list[MonitorEvent]:
-        from sealift.monitor.classify import MonitorEvent
-
         verdict = self._active.pop(problem, None)
         return [MonitorEvent("cleared", verdict)] if verdict is not None else []

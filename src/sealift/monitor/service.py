@@ -32,13 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sealift.monitor import gate
+from sealift.migration import gate
 from sealift.monitor.baseline import BaselineConfig
-from sealift.monitor.classify import ATTACKER, VICTIM, ClassifierConfig, HostMonitor, MonitorEvent
-from sealift.monitor.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
+from sealift.monitor.classify import ClassifierConfig, HostMonitor
+from sealift.migration.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
 from sealift.monitor.portwatch import PortWatch, PortWatchConfig
 from sealift.monitor.reliability import ReliabilityConfig
 from sealift.monitor.signals import SIGNALS, VmSample
+from sealift.monitor.verdicts import ATTACKER, VICTIM, MonitorEvent
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class MonitorService:
                 self._recommendations[verdict.vm] = note
             self._audit("monitor.action", vm=verdict.vm, action="evacuate_recommended", target=target, note=note)
 
-    # -- the migration gate (monitor.gate) -----------------------------------
+    # -- the migration gate (migration.gate) -----------------------------------
 
     def check_outgoing(self, vm: str, destination: str) -> None:
         self._check(vm, "outgoing", destination)

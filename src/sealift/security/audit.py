@@ -48,7 +48,6 @@ import hashlib
 import json
 import re
 import sqlite3
-import threading
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealift.security.errors import SecurityError
 from sealift.security.signing import canonical_json
+from sealift.security.store import SqliteStore, immediate_transaction, open_durable
 
 AUDIT_VERSION = 1
 AUDIT_FILE = "audit.sqlite3"
@@ -112,6 +112,8 @@ class Kinds:
 
 class AuditError(SecurityError):
     """The audit log cannot be written or read (not: it was tampered with; see verify)."""
+
+    code = "audit_error"
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class _Head:
     signature: str
 
 
-class AuditLog:
+class AuditLog(SqliteStore):
     """One host's audit log. Thread-safe; several processes may append to one file."""
 
     def __init__(
@@ -192,17 +194,10 @@ class AuditLog:
         self.public_key = public_key if public_key is not None else private_key.public_key()  # type: ignore[union-attr]
         if private_key is not None and not _same_key(private_key.public_key(), self.public_key):
             raise ValueError("private_key and public_key are not a pair")
-        self._lock = threading.Lock()
         if isinstance(db, sqlite3.Connection):
-            self._db, self._owned = db, False
+            super().__init__(db, owned=False)
         else:
-            path = Path(db)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._owned = True
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # an entry written is an entry kept
-            self._db.execute("PRAGMA busy_timeout=5000")
+            super().__init__(open_durable(Path(db)), owned=True)
         if self._db.isolation_level is not None:
             raise ValueError("the audit log needs a connection with isolation_level=None")
         self._db.executescript(_SCHEMA)
@@ -224,16 +219,8 @@ class AuditLog:
             raise AuditError("this audit log was opened read-only (no private key)")
         if not isinstance(kind, str) or not _KIND.fullmatch(kind):
             raise ValueError(f"invalid audit kind {kind!r}: lower-case letters, digits, '.', '_', '-'")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # also serialises other processes
-            try:
-                entry = self._append_locked(kind, fields)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        return entry
+        with self._lock, immediate_transaction(self._db):
+            return self._append_locked(kind, fields)
 
     def _append_locked(self, kind: str, fields: dict[str, Any]) -> AuditEntry:
         assert self._private_key is not None
@@ -331,17 +318,6 @@ class AuditLog:
                 self._db.execute("COMMIT")
         records = [_Stored(*row) for row in rows]
         return records, (_Head(*head_row) if head_row else None)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._owned:
-                self._db.close()
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------

@@ -11,13 +11,17 @@ On disk (one directory per host, as `issue_host` writes it):
     ca.pem       the cluster CA certificate (the only trust anchor)
 
 Operator certificates (`issue_operator`, see `operators.py`) are issued by the
-same CA from another `_LeafProfile`: clientAuth only, no SAN DNS name, a URI
+same CA from another `LeafProfile`: clientAuth only, no SAN DNS name, a URI
 SAN `sealift:operator:NAME` and the role in the subject's OU. Without a DNS
 name and serverAuth, `host_name_of` refuses them as host identities (and
 OpenSSL's purpose check refuses them as TLS servers).
 
 Revocation (`revoke`, `publish_crl`, see `revocation.py`) writes an X.509 CRL
 signed by the CA into the CA directory (`ca.crl.pem`).
+
+This module is the top of the certificate layer: it imports `operators` and
+`revocation` (which the CA serves), and all three read and check files with
+`certificates`.
 """
 
 from __future__ import annotations
@@ -25,29 +29,42 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sealift.security import revocation
+from sealift.security.certificates import (
+    CA_CERT_FILE,
+    CLOCK_SKEW,
+    IdentityFiles,
+    LeafProfile,
+    cert_pem,
+    extended_key_usages,
+    is_ca,
+    is_issued_by,
+    load_certificate,
+    load_private_key,
+    same_public_key,
+    subject_alt_names,
+    subject_of,
+    utc_now,
+)
 from sealift.security.errors import CertificateError
-
-if TYPE_CHECKING:  # both modules import this one
-    from sealift.security.operators import OperatorIdentity
+from sealift.security.operators import (
+    OPERATOR_PROFILE,
+    OPERATOR_URI_PREFIX,
+    OperatorIdentity,
+    parse_role,
+    validate_operator_name,
+)
 
 CA_KEY_FILE = "ca.key"
-CA_CERT_FILE = "ca.pem"
-
-# Certificates start a little in the past so that a peer whose clock is a few
-# minutes behind does not refuse a freshly issued certificate.
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 _MAX_HOSTNAME_LENGTH = 253
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -87,21 +104,15 @@ def host_name_of(cert: x509.Certificate) -> str:
     or several SAN DNS names, a CA certificate, or without the serverAuth and
     clientAuth extended key usages.
     """
-    subject = cert.subject.rfc4514_string() or "(empty subject)"
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        raise CertificateError(
-            f"certificate {subject} has no subjectAltName: not a sealift host certificate"
-        ) from None
-    names = san.value.get_values_for_type(x509.DNSName)
+    subject = subject_of(cert)
+    names = subject_alt_names(cert, "host").get_values_for_type(x509.DNSName)
     if len(names) != 1:
         raise CertificateError(
             f"certificate {subject} has {len(names)} SAN DNS names, expected exactly one"
         )
-    if _is_ca(cert):
+    if is_ca(cert):
         raise CertificateError(f"certificate {subject} is a CA certificate, not a host certificate")
-    if not _has_host_usages(cert):
+    if not extended_key_usages(cert).issuperset(_HOST_PROFILE.extended_key_usages):
         raise CertificateError(
             f"certificate {subject} lacks the serverAuth and clientAuth key usages "
             "of a host certificate"
@@ -113,14 +124,7 @@ def host_name_of(cert: x509.Certificate) -> str:
 # Cluster CA
 
 
-@dataclass(frozen=True)
-class _LeafProfile:
-    """What kind of end-entity certificate to issue (host now, operator later)."""
-
-    extended_key_usages: tuple[x509.ObjectIdentifier, ...]
-
-
-_HOST_PROFILE = _LeafProfile(
+_HOST_PROFILE = LeafProfile(
     extended_key_usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
 )
 
@@ -162,7 +166,7 @@ class ClusterCA:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
+        now = utc_now()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
@@ -171,7 +175,7 @@ class ClusterCA:
             .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + datetime.timedelta(days=days))
             # path_length=0: the CA signs hosts directly, never another CA.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -184,18 +188,18 @@ class ClusterCA:
             .sign(key, hashes.SHA256())
         )
         _write_private_key(directory / CA_KEY_FILE, key)
-        _write_new_file(directory / CA_CERT_FILE, _cert_pem(cert), mode=0o644)
+        _write_new_file(directory / CA_CERT_FILE, cert_pem(cert), mode=0o644)
         return cls(directory=directory, certificate=cert, _key=key)
 
     @classmethod
     def load(cls, directory: Path) -> ClusterCA:
         """Load the CA from `directory`, checking that its key and certificate match."""
         directory = Path(directory)
-        key = _load_private_key(directory / CA_KEY_FILE)
-        cert = _load_certificate(directory / CA_CERT_FILE)
-        if not _is_ca(cert):
+        key = load_private_key(directory / CA_KEY_FILE)
+        cert = load_certificate(directory / CA_CERT_FILE)
+        if not is_ca(cert):
             raise CertificateError(f"{directory / CA_CERT_FILE} is not a CA certificate")
-        if not _same_public_key(key, cert):
+        if not same_public_key(key, cert):
             raise CertificateError(
                 f"{directory / CA_KEY_FILE} does not belong to {directory / CA_CERT_FILE}"
             )
@@ -209,16 +213,10 @@ class ClusterCA:
         """
         validate_hostname(hostname)
         _check_days(days)
-        out_dir = Path(out_dir)
-        identity = HostIdentity(
-            name=hostname,
-            cert_path=out_dir / f"{hostname}.pem",
-            key_path=out_dir / f"{hostname}.key",
-            ca_path=out_dir / CA_CERT_FILE,
-        )
+        identity = HostIdentity.in_directory(out_dir, hostname)
         self._issue_leaf_files(
-            identity.cert_path, identity.key_path, identity.ca_path, f"{hostname!r}. Remove it first to re-issue.",
-            hostname, [x509.DNSName(hostname)], _HOST_PROFILE, days,
+            identity, f"{hostname!r}. Remove it first to re-issue.",
+            [x509.DNSName(hostname)], _HOST_PROFILE, days,
         )  # fmt: skip
         return identity
 
@@ -228,11 +226,21 @@ class ClusterCA:
         """Issue an operator certificate with `role` into `out_dir` ({name}.key, {name}.pem, ca.pem).
 
         `role` is one of "admin", "operator", "auditor". See `operators.py`
-        for how the certificate differs from a host certificate.
+        for how the certificate differs from a host certificate. Refuses to
+        overwrite an existing key or certificate, and refuses a directory
+        whose ca.pem belongs to another CA.
         """
-        from sealift.security import operators  # imports this module: import late
-
-        return operators.issue_operator(self, name, role, out_dir, days=days)
+        validate_operator_name(name)
+        parsed_role = parse_role(role)
+        _check_days(days)
+        identity = OperatorIdentity.in_directory(out_dir, name)
+        role_attribute = x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, parsed_role.value)
+        self._issue_leaf_files(
+            identity, f"operator {name!r}. Remove it first to re-issue (and revoke the old one).",
+            [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)], OPERATOR_PROFILE, days,
+            extra_subject=[role_attribute],
+        )  # fmt: skip
+        return identity
 
     def revoke(
         self,
@@ -246,9 +254,10 @@ class ClusterCA:
         Writes {directory}/ca.crl.pem atomically and returns the new CRL;
         copy that file to every agent. See `revocation.py`.
         """
-        from sealift.security import revocation  # imports this module: import late
-
-        return revocation.revoke(self, serial_or_cert, reason, crl_days=crl_days)
+        # The signing key goes to the CRL writer of this package, nowhere else.
+        return revocation.revoke(
+            self.directory, self.certificate, self._key, serial_or_cert, reason, crl_days=crl_days
+        )
 
     def publish_crl(self, *, crl_days: int = 30) -> x509.CertificateRevocationList:
         """Re-sign the CRL with the same entries and a new expiry (creating it if absent).
@@ -256,39 +265,35 @@ class ClusterCA:
         Agents refuse a CRL past its next-update time, so run this (e.g. from
         cron) well before the current one expires.
         """
-        from sealift.security import revocation  # imports this module: import late
-
-        return revocation.publish_crl(self, crl_days=crl_days)
+        return revocation.publish_crl(self.directory, self.certificate, self._key, crl_days=crl_days)
 
     def _issue_leaf_files(
         self,
-        cert_path: Path,
-        key_path: Path,
-        ca_path: Path,
+        identity: IdentityFiles,
         whose: str,
-        common_name: str,
         san: Sequence[x509.GeneralName],
-        profile: _LeafProfile,
+        profile: LeafProfile,
         days: int,
         *,
         extra_subject: Sequence[x509.NameAttribute] = (),
     ) -> None:
-        """A fresh key and a leaf certificate written next to ca.pem (package-private: hosts, operators).
+        """A fresh key and a leaf certificate for `identity.name`, written next to ca.pem (hosts, operators).
 
         Never over an existing key or certificate (`whose` ends the refusal),
         never into a directory whose ca.pem belongs to another CA.
         """
+        cert_path, key_path, ca_path = identity.cert_path, identity.key_path, identity.ca_path
         for existing in (key_path, cert_path):
             if existing.exists():
                 raise CertificateError(f"{existing} already exists; refusing to overwrite the identity of {whose}")
-        ca_pem = _cert_pem(self.certificate)
+        ca_pem = cert_pem(self.certificate)
         if ca_path.exists() and ca_path.read_bytes() != ca_pem:
             raise CertificateError(f"{ca_path} holds a different CA certificate; {ca_path.parent} belongs to another cluster")
         ca_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self._issue_leaf(common_name, san, key.public_key(), profile, days, extra_subject=extra_subject)
+        cert = self._issue_leaf(identity.name, san, key.public_key(), profile, days, extra_subject=extra_subject)
         _write_private_key(key_path, key)
-        _write_new_file(cert_path, _cert_pem(cert), mode=0o644)
+        _write_new_file(cert_path, cert_pem(cert), mode=0o644)
         if not ca_path.exists():
             _write_new_file(ca_path, ca_pem, mode=0o644)
 
@@ -297,12 +302,12 @@ class ClusterCA:
         common_name: str,
         san: Sequence[x509.GeneralName],
         public_key: ec.EllipticCurvePublicKey,
-        profile: _LeafProfile,
+        profile: LeafProfile,
         days: int,
         *,
         extra_subject: Sequence[x509.NameAttribute] = (),
     ) -> x509.Certificate:
-        now = _now()
+        now = utc_now()
         # A leaf never outlives its CA: such a certificate would just fail later.
         not_after = min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc)
         ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -314,7 +319,7 @@ class ClusterCA:
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -334,45 +339,23 @@ class ClusterCA:
 
 
 @dataclass(frozen=True)
-class HostIdentity:
-    """Where one host's key, certificate and trusted CA certificate live."""
+class HostIdentity(IdentityFiles):
+    """Where one host's key, certificate and trusted CA certificate live.
 
-    name: str
-    cert_path: Path
-    key_path: Path
-    ca_path: Path
+    `HostIdentity.load(directory, name)` loads and checks the identity of
+    host `name` from `directory`.
+    """
 
-    @classmethod
-    def load(cls, directory: Path, name: str) -> HostIdentity:
-        """Load and check the identity of host `name` from `directory`.
+    validate_name = staticmethod(validate_hostname)
+
+    def check(self) -> None:
+        """Raise CertificateError unless this identity is complete and consistent.
 
         Checks, so that a misconfiguration shows here and not as an obscure
         handshake failure: the files exist, the key is private (no group or
         other permissions) and matches the certificate, the certificate names
-        `name`, was issued by ca.pem, and is valid now.
+        the host, was issued by ca.pem, and is valid now.
         """
-        validate_hostname(name)
-        directory = Path(directory)
-        identity = cls(
-            name=name,
-            cert_path=directory / f"{name}.pem",
-            key_path=directory / f"{name}.key",
-            ca_path=directory / CA_CERT_FILE,
-        )
-        identity.check()
-        return identity
-
-    def private_key(self) -> ec.EllipticCurvePrivateKey:
-        return _load_private_key(self.key_path)
-
-    def certificate(self) -> x509.Certificate:
-        return _load_certificate(self.cert_path)
-
-    def ca_certificate(self) -> x509.Certificate:
-        return _load_certificate(self.ca_path)
-
-    def check(self) -> None:
-        """Raise CertificateError unless this identity is complete and consistent."""
         cert = self.certificate()
         ca = self.ca_certificate()
         key = self.private_key()
@@ -381,18 +364,16 @@ class HostIdentity:
             raise CertificateError(
                 f"{self.cert_path} was issued for {named!r}, not {self.name!r}"
             )
-        if not _same_public_key(key, cert):
+        if not same_public_key(key, cert):
             raise CertificateError(f"{self.key_path} does not belong to {self.cert_path}")
-        if not _is_ca(ca):
+        if not is_ca(ca):
             raise CertificateError(f"{self.ca_path} is not a CA certificate")
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
+        if not is_issued_by(cert, ca):
             raise CertificateError(
                 f"{self.cert_path} was not issued by the CA in {self.ca_path}; "
                 "re-issue it with this cluster's CA"
-            ) from None
-        now = _now()
+            )
+        now = utc_now()
         if now < cert.not_valid_before_utc:
             raise CertificateError(
                 f"{self.cert_path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
@@ -407,10 +388,6 @@ class HostIdentity:
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _check_days(days: int) -> None:
@@ -432,31 +409,6 @@ def _key_usage(
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _has_host_usages(cert: x509.Certificate) -> bool:
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    return all(oid in usages for oid in _HOST_PROFILE.extended_key_usages)
-
-
-def _same_public_key(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bool:
-    der = serialization.Encoding.DER
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -481,38 +433,3 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise CertificateError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    data = _read_file(path, "private key")
-    # Like ssh: a key others can read is treated as compromised configuration.
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        raise CertificateError(
-            f"private key {path} is accessible by other users (mode {mode:04o}); "
-            f"run: chmod 600 {path}"
-        )
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise CertificateError(f"private key {path} is not a readable PEM key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise CertificateError(f"private key {path} is not an ECC P-256 key")
-    return key
-
-
-def _load_certificate(path: Path) -> x509.Certificate:
-    data = _read_file(path, "certificate")
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
-        raise CertificateError(f"certificate {path} is not a readable PEM certificate: {exc}") from None

@@ -22,7 +22,8 @@ Why this encoding:
   `host_name_of` inside `TlsStream.accept`, before any message is read; as a
   server it fails OpenSSL's purpose check already.
 
-On disk, as `ClusterCA.issue_operator` writes it (same layout as a host):
+On disk, as `ClusterCA.issue_operator` writes it (same layout as a host,
+`certificates.IdentityFiles`):
 
     {name}.key   PKCS#8 PEM private key, mode 0600
     {name}.pem   the operator certificate
@@ -35,33 +36,26 @@ import datetime
 import enum
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sealift.security.errors import CertificateError
-
-# Package-private helpers of identity.py: one implementation of key files,
-# permissions and certificate issuance for hosts and operators alike.
-from sealift.security.identity import (
-    CA_CERT_FILE,
-    _cert_pem,
-    _check_days,
-    _is_ca,
-    _LeafProfile,
-    _load_certificate,
-    _load_private_key,
-    _now,
-    _same_public_key,
+from sealift.security.certificates import (
+    IdentityFiles,
+    LeafProfile,
+    cert_pem,
+    extended_key_usages,
+    is_ca,
+    is_issued_by,
+    iso,
+    same_public_key,
+    subject_alt_names,
+    subject_attributes,
+    subject_of,
+    utc_now,
 )
-
-if TYPE_CHECKING:
-    from sealift.security.identity import ClusterCA
-    from sealift.security.revocation import RevocationList
+from sealift.security.errors import CertificateError
+from sealift.security.revocation import RevocationList
 
 OPERATOR_URI_PREFIX = "sealift:operator:"
 
@@ -71,7 +65,8 @@ _OPERATOR_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
 # "ca" would make {name}.key / {name}.pem collide with the CA's own files.
 _RESERVED_NAMES = frozenset({"ca"})
 
-_OPERATOR_PROFILE = _LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+# What `ClusterCA.issue_operator` issues from (identity.py).
+OPERATOR_PROFILE = LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,))
 
 
 class Role(enum.StrEnum):
@@ -130,15 +125,10 @@ def operator_of(cert: x509.Certificate) -> Operator:
     key usage, no role or an unknown one). Does NOT check who issued it, its
     validity period or revocation: use `verify_operator_certificate` for that.
     """
-    subject = cert.subject.rfc4514_string() or "(empty subject)"
-    if _is_ca(cert):
+    subject = subject_of(cert)
+    if is_ca(cert):
         raise CertificateError(f"certificate {subject} is a CA certificate, not an operator's")
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise CertificateError(
-            f"certificate {subject} has no subjectAltName: not a sealift operator certificate"
-        ) from None
+    san = subject_alt_names(cert, "operator")
     if san.get_values_for_type(x509.DNSName):
         raise CertificateError(
             f"certificate {subject} names a DNS host: a host certificate cannot sign as an operator"
@@ -151,17 +141,17 @@ def operator_of(cert: x509.Certificate) -> Operator:
         )
     name = uris[0][len(OPERATOR_URI_PREFIX) :]
     validate_operator_name(name)
-    if _extended_key_usages(cert) != {ExtendedKeyUsageOID.CLIENT_AUTH}:
+    if extended_key_usages(cert) != {ExtendedKeyUsageOID.CLIENT_AUTH}:
         raise CertificateError(
             f"certificate {subject} must have the clientAuth extended key usage and no other "
             "to be a sealift operator certificate"
         )
-    common_names = _attributes(cert, NameOID.COMMON_NAME)
+    common_names = subject_attributes(cert, NameOID.COMMON_NAME)
     if common_names != [name]:
         raise CertificateError(
             f"certificate {subject}: the common name does not match the operator URI {uris[0]!r}"
         )
-    roles = _attributes(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    roles = subject_attributes(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
     if len(roles) != 1:
         raise CertificateError(
             f"certificate {subject} must carry exactly one role (subject OU), found {len(roles)}"
@@ -181,23 +171,21 @@ def verify_operator_certificate(
 
     Raises CertificateError (or its subclass CertificateRevokedError).
     """
-    now = _now() if now is None else now
+    now = utc_now() if now is None else now
     operator = operator_of(cert)
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
+    if not is_issued_by(cert, ca_cert):
         raise CertificateError(
             f"the certificate of operator {operator.name!r} was not issued by this cluster's CA"
-        ) from None
+        )
     if now < cert.not_valid_before_utc:
         raise CertificateError(
             f"the certificate of operator {operator.name!r} is not valid before "
-            f"{_iso(cert.not_valid_before_utc)} (now {_iso(now)}; check the clocks)"
+            f"{iso(cert.not_valid_before_utc)} (now {iso(now)}; check the clocks)"
         )
     if now > cert.not_valid_after_utc:
         raise CertificateError(
             f"the certificate of operator {operator.name!r} expired at "
-            f"{_iso(cert.not_valid_after_utc)} (now {_iso(now)}); issue a new one"
+            f"{iso(cert.not_valid_after_utc)} (now {iso(now)}); issue a new one"
         )
     if revocations is not None:
         revocations.check(cert, what=f"certificate of operator {operator.name!r}")
@@ -205,88 +193,37 @@ def verify_operator_certificate(
 
 
 # --------------------------------------------------------------------------
-# Issuing and loading
-
-
-def issue_operator(
-    ca: ClusterCA, name: str, role: str, out_dir: Path, days: int = 365
-) -> OperatorIdentity:
-    """Issue an operator certificate; `ClusterCA.issue_operator` is the public entry point.
-
-    Refuses to overwrite an existing key or certificate, and refuses a
-    directory whose ca.pem belongs to another CA.
-    """
-    validate_operator_name(name)
-    parsed_role = parse_role(role)
-    _check_days(days)
-    out_dir = Path(out_dir)
-    identity = OperatorIdentity(
-        name=name,
-        cert_path=out_dir / f"{name}.pem",
-        key_path=out_dir / f"{name}.key",
-        ca_path=out_dir / CA_CERT_FILE,
-    )
-    role_attribute = x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, parsed_role.value)
-    # Package-private: the CA's signing key never leaves ClusterCA.
-    ca._issue_leaf_files(  # noqa: SLF001
-        identity.cert_path, identity.key_path, identity.ca_path,
-        f"operator {name!r}. Remove it first to re-issue (and revoke the old one).",
-        name, [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)], _OPERATOR_PROFILE, days,
-        extra_subject=[role_attribute],
-    )  # fmt: skip
-    return identity
+# Loading (`ClusterCA.issue_operator` issues)
 
 
 @dataclass(frozen=True)
-class OperatorIdentity:
-    """Where one operator's key, certificate and the cluster CA certificate live."""
+class OperatorIdentity(IdentityFiles):
+    """Where one operator's key, certificate and the cluster CA certificate live.
 
-    name: str
-    cert_path: Path
-    key_path: Path
-    ca_path: Path
+    `OperatorIdentity.load(directory, name)` loads and checks the identity
+    of operator `name` from `directory`.
+    """
 
-    @classmethod
-    def load(cls, directory: Path, name: str) -> OperatorIdentity:
-        """Load and check the identity of operator `name` from `directory`.
-
-        Checks that the files exist, the key is private (mode 0600) and
-        matches the certificate, the certificate is an operator certificate
-        for `name` issued by ca.pem, and it is valid now.
-        """
-        validate_operator_name(name)
-        directory = Path(directory)
-        identity = cls(
-            name=name,
-            cert_path=directory / f"{name}.pem",
-            key_path=directory / f"{name}.key",
-            ca_path=directory / CA_CERT_FILE,
-        )
-        identity.check()
-        return identity
-
-    def private_key(self) -> ec.EllipticCurvePrivateKey:
-        return _load_private_key(self.key_path)
-
-    def certificate(self) -> x509.Certificate:
-        return _load_certificate(self.cert_path)
+    validate_name = staticmethod(validate_operator_name)
 
     def certificate_pem(self) -> str:
-        return _cert_pem(self.certificate()).decode("ascii")
-
-    def ca_certificate(self) -> x509.Certificate:
-        return _load_certificate(self.ca_path)
+        return cert_pem(self.certificate()).decode("ascii")
 
     def operator(self) -> Operator:
         """Name and role, as the certificate states them."""
         return operator_of(self.certificate())
 
     def check(self) -> None:
-        """Raise CertificateError unless this identity is complete and consistent."""
+        """Raise CertificateError unless this identity is complete and consistent.
+
+        Checks that the files exist, the key is private (mode 0600) and
+        matches the certificate, the certificate is an operator certificate
+        for the operator's name issued by ca.pem, and it is valid now.
+        """
         cert = self.certificate()
         ca = self.ca_certificate()
         key = self.private_key()
-        if not _is_ca(ca):
+        if not is_ca(ca):
             raise CertificateError(f"{self.ca_path} is not a CA certificate")
         try:
             operator = verify_operator_certificate(cert, ca)
@@ -296,24 +233,5 @@ class OperatorIdentity:
             raise CertificateError(
                 f"{self.cert_path} was issued for operator {operator.name!r}, not {self.name!r}"
             )
-        if not _same_public_key(key, cert):
+        if not same_public_key(key, cert):
             raise CertificateError(f"{self.key_path} does not belong to {self.cert_path}")
-
-
-# --------------------------------------------------------------------------
-# Helpers
-
-
-def _extended_key_usages(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
-    try:
-        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        return set()
-
-
-def _attributes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str]:
-    return [str(attribute.value) for attribute in cert.subject.get_attributes_for_oid(oid)]
-
-
-def _iso(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -169,10 +169,10 @@ class MigrationOrder:
     def short_id(self) -> str:
         return self.id[:8] + "…"
 
-    def to_fields(self) -> dict[str, Any]:
-        """JSON-ready summary (no certificate), e.g. for audit entries and `--json` output."""
+    def payload_fields(self) -> dict[str, Any]:
+        """The order as its signed payload spells it, but for "v" and "issuer_certificate"."""
         return {
-            "order_id": self.id,
+            "id": self.id,
             "vm": self.vm,
             "source": self.source,
             "destination": self.destination,
@@ -182,6 +182,12 @@ class MigrationOrder:
             "issuer": self.issuer,
             "labels": dict(self.labels),
         }
+
+    def to_fields(self) -> dict[str, Any]:
+        """JSON-ready summary (no certificate), e.g. for audit entries and `--json` output."""
+        fields = self.payload_fields()
+        # "order_id", as in OrderError.audit_fields: refusals and acceptances read alike.
+        return {"order_id": fields.pop("id"), **fields}
 
 
 @dataclass(frozen=True)
@@ -243,19 +249,18 @@ def create_order(
     clean_labels = _check_labels(dict(labels or {}))
     operator.check()
     name = operator.operator().name
-    payload = {
-        "v": ORDER_VERSION,
-        "id": secrets.token_hex(16),  # 128 random bits
-        "vm": vm,
-        "source": source,
-        "destination": destination,
-        "not_before": format_time(start),
-        "expires": format_time(expires),
-        "issued_at": format_time(_whole_second(now)),
-        "issuer": name,
-        "labels": clean_labels,
-        "issuer_certificate": operator.certificate_pem(),
-    }
+    order = MigrationOrder(
+        id=secrets.token_hex(16),  # 128 random bits
+        vm=vm,
+        source=source,
+        destination=destination,
+        not_before=start,
+        expires=expires,
+        issuer=name,
+        issued_at=_whole_second(now),
+        labels=clean_labels,
+    )
+    payload = {"v": ORDER_VERSION, **order.payload_fields(), "issuer_certificate": operator.certificate_pem()}
     return sign_document(payload, operator.private_key(), signer=name, kind=ORDER_KIND)
 
 

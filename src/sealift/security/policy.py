@@ -48,6 +48,8 @@ _MAX_PATTERN = 256
 class PolicyFileError(SecurityError):
     """The policy file is missing, not TOML, or breaks the rules above."""
 
+    code = "policy_file_error"
+
 
 class PolicyDeniedError(OrderError):
     """The policy does not allow this operator to order this migration."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import re
 import sqlite3
-import threading
 from pathlib import Path
 
 from sealift.security.orders import (
@@ -34,6 +33,7 @@ from sealift.security.orders import (
     OrderReplayedError,
     format_time,
 )
+from sealift.security.store import SqliteStore, immediate_transaction, open_durable
 
 __all__ = ["ReplayCache", "OrderReplayedError", "RETENTION"]
 
@@ -52,21 +52,12 @@ CREATE INDEX IF NOT EXISTS used_orders_keep_until ON used_orders (keep_until);
 """
 
 
-class ReplayCache:
+class ReplayCache(SqliteStore):
     """Remembers used order ids across restarts. Thread-safe."""
 
     def __init__(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE below).
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # A recorded use must survive a crash: otherwise a replay after a
-        # power cut would be accepted.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self.path = Path(path)
+        super().__init__(open_durable(self.path), owned=True)
         self._db.executescript(_SCHEMA)
 
     def use_once(
@@ -90,31 +81,24 @@ class ReplayCache:
                 order_id,
             )
         keep_until = (expires_at + RETENTION).timestamp()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, immediate_transaction(self._db):
+            self._db.execute("DELETE FROM used_orders WHERE keep_until < ?", (now.timestamp(),))
             try:
-                self._db.execute("DELETE FROM used_orders WHERE keep_until < ?", (now.timestamp(),))
-                try:
-                    self._db.execute(
-                        "INSERT INTO used_orders (order_id, used_at, keep_until) VALUES (?, ?, ?)",
-                        (order_id, _precise(now), keep_until),
-                    )
-                except sqlite3.IntegrityError:
-                    row = self._db.execute(
-                        "SELECT used_at FROM used_orders WHERE order_id = ?", (order_id,)
-                    ).fetchone()
-                    self._db.execute("COMMIT")  # keep the pruning
-                    used_at = row[0] if row else "an earlier time"
-                    raise OrderReplayedError(
-                        f"order {order_id} was already used at {used_at} on this agent; "
-                        "an order can be used once: create a new one",
-                        order_id,
-                    ) from None
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                self._db.execute(
+                    "INSERT INTO used_orders (order_id, used_at, keep_until) VALUES (?, ?, ?)",
+                    (order_id, _precise(now), keep_until),
+                )
+            except sqlite3.IntegrityError:
+                row = self._db.execute(
+                    "SELECT used_at FROM used_orders WHERE order_id = ?", (order_id,)
+                ).fetchone()
+                self._db.execute("COMMIT")  # keep the pruning
+                used_at = row[0] if row else "an earlier time"
+                raise OrderReplayedError(
+                    f"order {order_id} was already used at {used_at} on this agent; "
+                    "an order can be used once: create a new one",
+                    order_id,
+                ) from None
 
     def used_at(self, order_id: str) -> str | None:
         """When `order_id` was used (ISO time), if it is still remembered."""
@@ -136,16 +120,6 @@ class ReplayCache:
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM used_orders").fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> ReplayCache:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _precise(moment: datetime.datetime) -> str:

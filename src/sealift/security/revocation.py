@@ -28,25 +28,23 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from OpenSSL import crypto as _crypto
 
+from sealift.security.certificates import CLOCK_SKEW, iso, utc_now
 from sealift.security.errors import CertificateError
-
-if TYPE_CHECKING:
-    from sealift.security.identity import ClusterCA
 
 CRL_FILE = "ca.crl.pem"
 DEFAULT_CRL_DAYS = 30
 MAX_CRL_BYTES = 4 * 1024 * 1024  # ~50k entries; refuse to parse anything bigger
 
-# Same tolerance as certificates (identity._CLOCK_SKEW): a CRL published on a
-# machine whose clock is a few minutes ahead is still accepted.
-CRL_CLOCK_SKEW = datetime.timedelta(minutes=5)
+# Same tolerance as certificates: a CRL published on a machine whose clock is
+# a few minutes ahead is still accepted.
+CRL_CLOCK_SKEW = CLOCK_SKEW
 
 # RFC 5280 reasons an operator may give (certificate_hold and remove_from_crl
 # are for temporary suspension, which sealift does not do).
@@ -60,9 +58,13 @@ _REASONS = {
 class CertificateRevokedError(CertificateError):
     """The certificate is on the cluster CA's revocation list."""
 
+    code = "certificate_revoked"
+
 
 class CrlError(CertificateError):
     """The CRL is missing, unreadable, not from this CA, not yet valid or expired."""
+
+    code = "crl_error"
 
 
 @dataclass(frozen=True)
@@ -74,57 +76,72 @@ class RevokedEntry:
 
 # --------------------------------------------------------------------------
 # CA side: writing the CRL
+#
+# `ClusterCA.revoke` and `ClusterCA.publish_crl` are the public entry points:
+# they hand over the CA's directory, certificate and signing key.
 
 
 def revoke(
-    ca: ClusterCA,
+    ca_dir: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
     serial_or_cert: int | x509.Certificate,
     reason: str | x509.ReasonFlags = "unspecified",
     *,
     crl_days: int = DEFAULT_CRL_DAYS,
 ) -> x509.CertificateRevocationList:
-    """Add a certificate to `ca`'s CRL; `ClusterCA.revoke` is the public entry point.
+    """Add a certificate to the CRL of the CA in `ca_dir` and re-sign it.
 
     Revoking a serial that is already revoked keeps its first date and reason
     (and still re-signs, extending the CRL's validity).
     """
     serial = _serial_of(serial_or_cert)
     reason_flag = _parse_reason(reason)
-    entries = {entry.serial: entry for entry in _current_entries(ca)}
+    path = ca_dir / CRL_FILE
+    entries = {entry.serial: entry for entry in _current_entries(path, ca_cert)}
     if serial not in entries:
-        entries[serial] = RevokedEntry(serial, _now(), reason_flag.name)
-    return _write_crl(ca, entries.values(), crl_days)
+        entries[serial] = RevokedEntry(serial, utc_now(), reason_flag.name)
+    return _write_crl(path, ca_cert, ca_key, entries.values(), crl_days)
 
 
-def publish_crl(ca: ClusterCA, *, crl_days: int = DEFAULT_CRL_DAYS) -> x509.CertificateRevocationList:
-    """Re-sign `ca`'s CRL with its current entries; `ClusterCA.publish_crl` is the entry point."""
-    return _write_crl(ca, _current_entries(ca), crl_days)
+def publish_crl(
+    ca_dir: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    crl_days: int = DEFAULT_CRL_DAYS,
+) -> x509.CertificateRevocationList:
+    """Re-sign the CRL of the CA in `ca_dir` with its current entries."""
+    path = ca_dir / CRL_FILE
+    return _write_crl(path, ca_cert, ca_key, _current_entries(path, ca_cert), crl_days)
 
 
-def _current_entries(ca: ClusterCA) -> list[RevokedEntry]:
-    path = ca.directory / CRL_FILE
+def _current_entries(path: Path, ca_cert: x509.Certificate) -> list[RevokedEntry]:
     if not path.exists():
         return []
     # Check our own file as strictly as an agent would: re-signing a CRL that
     # someone replaced would launder their edits under the CA's signature.
     # (Freshness is not checked: re-publishing an expired CRL is the fix.)
     crl = _parse_crl(path.read_bytes(), path)
-    _check_issuer(crl, ca.certificate, path)
+    _check_issuer(crl, ca_cert, path)
     return [_entry(revoked) for revoked in crl]
 
 
 def _write_crl(
-    ca: ClusterCA, entries: Iterable[RevokedEntry], crl_days: int
+    path: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    entries: Iterable[RevokedEntry],
+    crl_days: int,
 ) -> x509.CertificateRevocationList:
     if not isinstance(crl_days, int) or crl_days < 1:
         raise ValueError(f"CRL validity must be a positive number of days, got {crl_days!r}")
-    path = ca.directory / CRL_FILE
     previous_number = _crl_number_of(path)
-    now = _now()
-    ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    now = utc_now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     builder = (
         x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.certificate.subject)
+        .issuer_name(ca_cert.subject)
         .last_update(now - CRL_CLOCK_SKEW)
         .next_update(now + datetime.timedelta(days=crl_days))
         # A strictly increasing number lets anyone tell which of two CRLs is newer.
@@ -146,8 +163,7 @@ def _write_crl(
                 x509.CRLReason(x509.ReasonFlags[entry.reason]), critical=False
             )
         builder = builder.add_revoked_certificate(revoked.build())
-    # Package-private: the CA's signing key never leaves ClusterCA.
-    crl = builder.sign(ca._key, hashes.SHA256())  # noqa: SLF001
+    crl = builder.sign(ca_key, hashes.SHA256())
     _replace_file(path, crl.public_bytes(serialization.Encoding.PEM))
     return crl
 
@@ -188,7 +204,7 @@ class RevocationList:
         issuer, a bad signature, a CRL from the future or past its next update.
         """
         path = Path(path)
-        now = _now() if now is None else now
+        now = utc_now() if now is None else now
         try:
             with path.open("rb") as handle:
                 data = handle.read(MAX_CRL_BYTES + 1)
@@ -207,14 +223,14 @@ class RevocationList:
         next_update = crl.next_update_utc
         if last_update > now + CRL_CLOCK_SKEW:
             raise CrlError(
-                f"revocation list {path} is not valid before {_iso(last_update)} "
-                f"(now {_iso(now)}): check this host's clock"
+                f"revocation list {path} is not valid before {iso(last_update)} "
+                f"(now {iso(now)}): check this host's clock"
             )
         if next_update is None:
             raise CrlError(f"revocation list {path} has no next-update time; re-publish it")
         if now > next_update + CRL_CLOCK_SKEW:
             raise CrlError(
-                f"revocation list {path} expired at {_iso(next_update)} (now {_iso(now)}); "
+                f"revocation list {path} expired at {iso(next_update)} (now {iso(now)}); "
                 "re-publish it on the CA (sealift ca publish-crl) and copy it to this host"
             )
         try:
@@ -261,7 +277,7 @@ class RevocationList:
             return
         what = what or f"certificate {cert.subject.rfc4514_string()!r}"
         raise CertificateRevokedError(
-            f"{what} (serial {cert.serial_number:x}) was revoked at {_iso(entry.revoked_at)} "
+            f"{what} (serial {cert.serial_number:x}) was revoked at {iso(entry.revoked_at)} "
             f"(reason: {entry.reason.replace('_', ' ')}); it is refused"
         )
 
@@ -269,7 +285,7 @@ class RevocationList:
         """True if this CRL is past its next update (reload it, or `load` will refuse it)."""
         if self.next_update is None:
             return False
-        return (_now() if now is None else now) > self.next_update + CRL_CLOCK_SKEW
+        return (utc_now() if now is None else now) > self.next_update + CRL_CLOCK_SKEW
 
 
 def enable_crl_check(context: SSL.Context, revocations: RevocationList) -> None:
@@ -367,11 +383,3 @@ def _replace_file(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def _iso(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -231,7 +231,7 @@ class Hello:
     backend: str
     order: str | None
     psk_proof: str | None
-    image_digest: str | None = "tags"  # the image check both sides compute (engine/digest.py); None = no digest
+    image_digest: str | None = "tags"  # the image check both sides compute (backends/builtin/digest.py); None = no digest
 
     def __post_init__(self) -> None:
         _check_migration_id(self.migration_id)

@@ -29,6 +29,7 @@ from sealift.backends.builtin.dirtylog import DirtyLog, DirtyLogError
 from sealift.backends.builtin.guest import READY_MESSAGE, image_in_use
 from sealift.backends.builtin.image import DEFAULT_SECRET, GuestImage, ImageCheck, ImageError
 from sealift.backends.builtin.workload import WorkloadError, get_profile
+from sealift.errors import SealiftError
 
 __all__ = ["BuiltinVM", "StandbyGuest", "VmError", "GUEST_MODULE"]
 
@@ -37,8 +38,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LOG_TAIL_BYTES = 2000
 
 
-class VmError(Exception):
+class VmError(SealiftError):
     """A built-in VM could not be created, started, found, paused or stopped."""
+
+    code = "vm_error"
 
 
 def _proc_state(pid: int) -> str | None:

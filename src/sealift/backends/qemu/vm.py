@@ -35,6 +35,7 @@ from sealift.backends.qemu.host import HostError, choose_accel, qemu_binary
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths
 from sealift.backends.qemu.net import NetConfig, NetError
 from sealift.backends.qemu.qmp import DEFAULT_TIMEOUT_S, QmpConnection, QmpDisconnected, QmpError
+from sealift.errors import SealiftError
 
 __all__ = ["QemuError", "QemuVM", "VmRecord", "list_vms"]
 
@@ -51,8 +52,10 @@ _TCG_RAM_PAD_KIB = 4  # see _ram_size_arg
 _ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
-class QemuError(Exception):
+class QemuError(SealiftError):
     """A QEMU VM could not be started, found, driven or stopped."""
+
+    code = "qemu_error"
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,10 @@ class QemuVM:
     @property
     def memory_mib(self) -> int:
         return self._spec.memory_mib
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._spec.memory_mib << 20
 
     @property
     def accel(self) -> str:

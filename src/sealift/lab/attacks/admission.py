@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sealift.agent.adverts import AdvertError, verify_advert
+from sealift.placement.adverts import AdvertError, verify_advert
 from sealift.agent.client import AgentRequestFailed
-from sealift.agent.transport import ControlChannel
+from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.netns import enter_netns

@@ -1,6 +1,6 @@
 """Attacks on the `ipsec` transport of QEMU guests: snooping (T1), IKE replay (T4), old or guessed PSK (T13).
 
-The transport (agent/qemu_migration.py) runs QEMU's own TCP stream straight
+The transport (backends/qemu/migration.py) runs QEMU's own TCP stream straight
 to the destination QEMU inside an IKEv2/ESP SA of each host's charon, keyed
 by a PSK the two agents derive for that one migration; the destination loads
 the connection and the PSK when the migration starts and unloads them when

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sealift.agent.transport import DATA_STREAM_MAGIC, INSECURE_CONTROL_MAGIC
+from sealift.host.transport import INSECURE_CONTROL_MAGIC
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.netns import enter_netns
@@ -20,7 +20,7 @@ from sealift.lab.session import Backend, BackgroundMigration, LabSession, Migrat
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
 from sealift.wire.messages import FRAME_HEADER, PROTOCOL_VERSION, Commit, MessageType, encode_frame
-from sealift.wire.datastream import STREAM_OPEN
+from sealift.wire.datastream import STREAM_MAGIC, STREAM_OPEN
 
 VM = "vm1"
 MiB = 1 << 20
@@ -49,9 +49,9 @@ def _probes() -> list[Probe]:
         Probe("random bytes", secrets.token_bytes(4096)),
         Probe("truncated TLS ClientHello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + secrets.token_bytes(20)),
         Probe("plaintext control frame (insecure mode off)", INSECURE_CONTROL_MAGIC + commit),
-        Probe("data stream for no session", STREAM_OPEN.pack(DATA_STREAM_MAGIC, secrets.token_bytes(16), 0) + b"\0" * 4096),
-        Probe("data stream open with index 255", STREAM_OPEN.pack(DATA_STREAM_MAGIC, secrets.token_bytes(16), 255)),
-        Probe("truncated data stream open", DATA_STREAM_MAGIC + b"\x01\x02"),
+        Probe("data stream for no session", STREAM_OPEN.pack(STREAM_MAGIC, secrets.token_bytes(16), 0) + b"\0" * 4096),
+        Probe("data stream open with index 255", STREAM_OPEN.pack(STREAM_MAGIC, secrets.token_bytes(16), 255)),
+        Probe("truncated data stream open", STREAM_MAGIC + b"\x01\x02"),
         # After authentication, with a valid host certificate (host-c): the frame parser.
         Probe("frame with a 4 GiB length", _frame(MessageType.HELLO, b"{}", length=0xFFFFFFFF), tls=True),
         Probe("frame of an unknown version", _frame(MessageType.HELLO, b"{}", version=99), tls=True),

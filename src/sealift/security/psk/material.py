@@ -35,6 +35,8 @@ _FINGERPRINT_LABEL = b"sealift psk fingerprint v1"
 class PskError(SecurityError):
     """A PSK proof was refused, or the PSK state of a peer does not allow this step."""
 
+    code = "psk_error"
+
 
 def new_psk() -> bytes:
     """A fresh random 32-byte PSK for `PskStore.provision` (the operator's first key)."""

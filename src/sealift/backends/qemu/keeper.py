@@ -1,0 +1,53 @@
+"""QEMU guests' side of settling migrations after a crash or a cut link (migration/recovery.py)."""
+
+from __future__ import annotations
+
+from sealift.host.store import MigrationRecord
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.backends.qemu.source import resume_source
+
+BACKEND = "qemu"
+
+
+class QemuKeeper:
+    """Settles QEMU guests' migrations after a crash or a cut link (migration/recovery.py).
+
+    The same rules as every backend, with QEMU's states: the source's guest
+    waits in "postmigrate" (paused, its memory intact), the destination's in
+    "paused" after the stream, until the decision is known.
+    """
+
+    backend = BACKEND
+
+    def __init__(self, qemu_vms: QemuVmRegistry) -> None:
+        self._qemu_vms = qemu_vms
+
+    def can_settle(self, record: MigrationRecord) -> bool:
+        return self._qemu_vms.has(record.vm)  # its QEMU is gone: nothing here to resume, start or release
+
+    def resume_source(self, record: MigrationRecord) -> bool:
+        resumed = resume_source(self._qemu_vms.get(record.vm))
+        self._qemu_vms.unclaim(record.vm)
+        return resumed
+
+    def hold_source(self, record: MigrationRecord) -> None:
+        self._qemu_vms.claim(record.vm)
+
+    def release_source(self, record: MigrationRecord) -> None:
+        self._qemu_vms.release_migrated(record.vm)
+
+    def running_destination(self, record: MigrationRecord) -> int | None:
+        return None  # a received QEMU runs only once start_destination `cont`s it, which is idempotent
+
+    def hold_destination(self, record: MigrationRecord) -> None:
+        self._qemu_vms.claim(record.vm)  # paused and undecided: held until the resolver settles it
+
+    def start_destination(self, record: MigrationRecord) -> int | None:
+        vm = self._qemu_vms.get(record.vm)
+        if vm.status() != "running":
+            vm.resume()
+        self._qemu_vms.unclaim(record.vm)
+        return vm.pid
+
+    def discard_destination(self, record: MigrationRecord) -> None:
+        self._qemu_vms.release_migrated(record.vm)  # never a second copy: the source keeps the guest

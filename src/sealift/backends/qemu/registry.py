@@ -1,0 +1,259 @@
+"""The QEMU VMs an agent owns, kept apart from the built-in registry.
+
+QEMU guests outlive their agent (each QEMU runs in its own session), so the
+registry's truth is the VM directory itself (`NAME.json` written by
+`QemuVM.start`) plus one small sidecar per VM, `NAME.sealift`, holding what a
+migration must reproduce on the destination (the extra kernel arguments and
+the guest image it booted). A restarted agent adopts what still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from sealift.host.config import AgentConfig
+from sealift.errors import SealiftError
+from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
+from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
+from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class QemuVmError(SealiftError):
+    """A QEMU VM request that cannot be done (unknown name, busy, clash)."""
+
+    code = "qemu_vm_error"
+
+
+def free_udp_port() -> int:
+    """A free host UDP port for a user-network forward to the guest's probe service."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def network_like(net: NetConfig) -> NetConfig:
+    """The destination's network for a guest that had `net` at its source.
+
+    User networking: a fresh host port (this host's own forward). A tap keeps
+    its name and address (the lab gives each host the same tap on its bridge).
+    """
+    if net.mode == "user":
+        return NetConfig.user(free_udp_port())
+    return net
+
+
+class QemuVmRegistry:
+    backend = "qemu"
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self.vm_dir = config.vm_dir / "qemu"
+        self._lock = threading.Lock()
+        self._vms: dict[str, QemuVM] = {}
+        self._busy: set[str] = set()  # being started, migrated out, or received
+        self._image: GuestImagePaths | None = None
+
+    # -- image ------------------------------------------------------------------
+
+    def image(self) -> GuestImagePaths:
+        """The guest image (built on first use, cached on disk by content)."""
+        with self._lock:
+            if self._image is None:
+                self._image = build_image(default_cache_dir())
+            return self._image
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def adopt_existing(self) -> None:
+        if not self.vm_dir.exists():
+            return
+        for record in list_vms(self.vm_dir):
+            if not record.alive:
+                continue
+            try:
+                vm = QemuVM.adopt(self.vm_dir, record.name)
+            except QemuError as exc:
+                log.warning("QEMU VM %s could not be adopted: %s", record.name, exc)
+                continue
+            with self._lock:
+                self._vms[vm.name] = vm
+
+    def has(self, name: str) -> bool:
+        with self._lock:
+            return name in self._vms or name in self._busy
+
+    def start(self, name: str, memory_mib: int, extra_cmdline: str = "", net: NetConfig | None = None,
+              image_cache: Path | None = None) -> QemuVM:  # fmt: skip
+        self._reserve_name(name)
+        # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
+        # with the rest of the command line: a migration carries it to the destination's sidecar.
+        extra_cmdline = with_token(extra_cmdline, new_token())
+        try:
+            image = build_image(image_cache) if image_cache is not None else self.image()
+            vm = QemuVM.start(self.vm_dir, name, memory_mib, image, net=net or NetConfig.user(free_udp_port()),
+                              extra_cmdline=extra_cmdline)  # fmt: skip
+            self._write_sidecar(name, extra_cmdline, image.key)
+        finally:
+            with self._lock:
+                self._busy.discard(name)
+        with self._lock:
+            self._vms[name] = vm
+        return vm
+
+    def start_incoming(self, name: str, memory_mib: int, extra_cmdline: str, net: NetConfig) -> QemuVM:
+        """A destination QEMU waiting for a deferred incoming migration, never running by itself.
+
+        `stop` while QEMU is in "inmigrate" clears its autostart flag (the QMP
+        equivalent of -S): when the stream completes the guest stays paused
+        until we `cont` it on the source's Commit.
+        """
+        image = self.image()
+        vm = QemuVM.start(self.vm_dir, name, memory_mib, image, incoming="defer", net=net, extra_cmdline=extra_cmdline)
+        try:
+            vm.pause()
+            if vm.status() != "inmigrate":
+                raise QemuError(f"destination QEMU for {name} is {vm.status()!r}, expected 'inmigrate'")
+            self._write_sidecar(name, extra_cmdline, image.key)
+        except BaseException:
+            vm.kill()
+            raise
+        return vm
+
+    def adopt_incoming(self, vm: QemuVM) -> None:
+        with self._lock:
+            self._vms[vm.name] = vm
+
+    def hold_in_doubt(self, vm: QemuVM) -> None:
+        """A received guest whose handover is undecided: listed (paused), and busy until the resolver settles it."""
+        with self._lock:
+            self._vms[vm.name] = vm
+            self._busy.add(vm.name)
+
+    def get(self, name: str) -> QemuVM:
+        with self._lock:
+            vm = self._vms.get(name)
+        if vm is None:
+            raise QemuVmError(f"no QEMU VM named {name!r} on {self._config.name}")
+        return vm
+
+    def info(self, name: str) -> dict[str, Any]:
+        vm = self.get(name)
+        info = vm.info()
+        with self._lock:
+            migrating = name in self._busy
+        status = info["status"]
+        info.update(
+            backend="qemu",
+            migrating=migrating,
+            paused=status not in ("running", "exited"),
+            memory_bytes=vm.memory_mib * MiB,
+            profile="qemu",
+            probe=list(vm.net.probe_address(7777) or ()) or None,
+        )
+        return info
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            names = list(self._vms)
+        infos = []
+        for name in names:
+            try:
+                infos.append(self.info(name))
+            except QemuVmError:
+                continue  # released or stopped meanwhile
+        return infos
+
+    def usage(self) -> tuple[int, int]:
+        """(memory bytes, vCPUs) of every QEMU guest this host holds: running, paused or in doubt."""
+        with self._lock:
+            return sum(vm.memory_mib for vm in self._vms.values()) * MiB, len(self._vms)  # -smp 1
+
+    def console(self, name: str, lines: int) -> list[str]:
+        return self.get(name).console_tail(max(1, min(lines, 1000)))
+
+    def stop(self, name: str) -> None:
+        vm = self.get(name)
+        with self._lock:
+            if name in self._busy:
+                raise QemuVmError(f"QEMU VM {name!r} is being migrated; wait for the migration to end")
+            self._vms.pop(name, None)
+        vm.stop_vm()
+        self._sidecar(name).unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            vms = list(self._vms.values())
+        for vm in vms:
+            vm.stop_vm()
+
+    # -- migration bookkeeping ----------------------------------------------------
+
+    def claim(self, name: str) -> QemuVM:
+        vm = self.get(name)
+        with self._lock:
+            if name in self._busy:
+                raise QemuVmError(f"QEMU VM {name!r} is already being migrated")
+            self._busy.add(name)
+        return vm
+
+    def unclaim(self, name: str) -> None:
+        with self._lock:
+            self._busy.discard(name)
+
+    def release_migrated(self, name: str) -> None:
+        """The destination runs it now: quit our stopped copy for good."""
+        with self._lock:
+            vm = self._vms.pop(name, None)
+            self._busy.discard(name)
+        if vm is not None:
+            vm.stop_vm()
+        self._sidecar(name).unlink(missing_ok=True)
+
+    def reserve_incoming_name(self, name: str) -> None:
+        self._reserve_name(name)
+
+    def unreserve_incoming_name(self, name: str) -> None:
+        with self._lock:
+            self._busy.discard(name)
+
+    def extra_cmdline(self, name: str) -> str:
+        try:
+            return str(json.loads(self._sidecar(name).read_text()).get("extra_cmdline", ""))
+        except (OSError, ValueError):
+            return ""
+
+    def guest_control(self, name: str) -> GuestControl:
+        """The control channel of guest `name`'s workload, reached from this agent's network."""
+        vm = self.get(name)
+        token = token_from_cmdline(self.extra_cmdline(name))
+        if token is None:
+            raise QemuVmError(f"QEMU VM {name!r} was started without a control token (sealift.ctl=): "
+                              "its workload cannot be driven; restart it with this agent")  # fmt: skip
+        address = vm.net.probe_address(SERVICE_PORT)
+        if address is None:
+            raise QemuVmError(f"QEMU VM {name!r} has no network ({vm.net.mode}): its control channel is unreachable")
+        return GuestControl(address, token)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _reserve_name(self, name: str) -> None:
+        with self._lock:
+            if name in self._vms or name in self._busy:
+                raise QemuVmError(f"a QEMU VM named {name!r} already exists on {self._config.name}")
+            self._busy.add(name)
+
+    def _sidecar(self, name: str) -> Path:
+        return self.vm_dir / f"{name}.sealift"
+
+    def _write_sidecar(self, name: str, extra_cmdline: str, image_key: str) -> None:
+        self._sidecar(name).write_text(json.dumps({"extra_cmdline": extra_cmdline, "image_key": image_key}) + "\n")

@@ -1,0 +1,455 @@
+"""The source side of a QEMU guest's migration: the QEMU source driver of the one handover.
+
+QEMU migrates either into the agents' data stream (the sealift transports:
+QEMU -> a socket of ours -> AEAD records, relay.py) or straight to the
+destination QEMU (the direct transports, transports.py). Either way QEMU
+stops at `pause-before-switchover` once the guest is paused: the agent
+checks the destination is still there, then lets it go on. The first
+record of the data stream describes the guest (wire/qemu_stream.py
+GuestSpec) so that the destination starts an identical machine; its ready
+record says when its QEMU listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import shutil
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sealift.host.transport import ControlChannel, open_data_stream
+from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
+from sealift.backends.qemu.qmp import last_event_time
+from sealift.backends.qemu.registry import QemuVmRegistry
+from sealift.backends.qemu.relay import (
+    PAGE,
+    POLL_S,
+    SourcePump,
+    SourcePumps,
+    StreamDigest,
+    private_dir,
+    read_record,
+    send_opaque,
+    stream_label,
+    widen_send_buffer,
+)
+from sealift.backends.qemu.transports import AuditedSa, DirectSource, QemuTransport
+from sealift.backends.qemu.vm import QemuError, QemuVM
+from sealift.ipsec.charon import HostCharon
+from sealift.migration.errors import MigrationError
+from sealift.migration.phases import Event
+from sealift.migration.report import RoundReport
+from sealift.migration.session import SourceSession
+from sealift.migration.streams import stream_protections
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
+from sealift.wire.errors import ProtocolError
+from sealift.wire.messages import Abort, Accept, Hello
+from sealift.wire.qemu_stream import GuestSpec, Ready
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+UNCAPPED_BPS = 8 << 30  # QEMU's default max-bandwidth (128 MiB/s) would be the bottleneck
+BACKEND = "qemu"
+
+
+@dataclass
+class QemuTransfer:
+    paused_at: float
+    stream_bytes: int
+    digest: str
+    qemu: dict[str, object]
+    wire_bytes: int
+    rounds: int
+
+
+class QemuSourceDriver:
+    backend = BACKEND
+    start_audit: Mapping[str, object] = {"backend": BACKEND}
+
+    def __init__(
+        self, session: SourceSession, vms: QemuVmRegistry, transport: QemuTransport, ipsec: HostCharon | None
+    ) -> None:
+        transport.check(session.options)
+        self._session = session
+        self._vms = vms
+        self._transport = transport
+        self._ipsec = ipsec  # the host's charon (transport "ipsec")
+        self._sa: AuditedSa | None = None
+        self._pump: SourcePumps | None = None
+        self._digest = StreamDigest(0)  # replaced once the data stream's protection is known (transfer)
+        self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
+
+    # -- the driver's steps ---------------------------------------------------------------
+
+    def preflight(self, address: tuple[str, int]) -> None:
+        self._transport.preflight(address[0], self._ipsec)
+
+    def claim(self) -> tuple[QemuVM, int]:
+        vm = self._vms.claim(self._session.vm_name)
+        return vm, vm.memory_mib * MiB
+
+    def describe(self, vm: QemuVM, psk_proof: bytes | None) -> Hello:
+        s = self._session
+        return Hello(
+            migration_id=s.migration_id, vm_name=vm.name, source_host=s.config.name,
+            destination_host=s.destination, nonce=s.nonce, memory_bytes=vm.memory_mib * MiB, page_size=PAGE,
+            secure=s.options.secure, compression=None, streams=1, backend=BACKEND, order=s.order,
+            psk_proof=psk_proof, image_digest=None,
+        )  # fmt: skip
+
+    def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> QemuTransfer:
+        s = self._session
+        outgoing, incoming = stream_protections(channel, s.options.secure, s.nonce, accept.nonce, s.migration_id)
+        npages = vm.memory_mib * MiB // PAGE
+        writer = DataStreamWriter(outgoing, npages, None)
+        self._digest = StreamDigest(outgoing.overhead)
+        data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
+        try:
+            spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key,
+                             self._transport.name, s.options.multifd_channels, s.options.xbzrle)  # fmt: skip
+            send_opaque(data, writer, spec.encode(), self._digest)
+            ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
+            self._configure(vm)
+            if self._transport.direct:
+                if ready.port is None:
+                    raise MigrationError(f"{s.destination} reported no QEMU port for the {self._transport.name} transport")
+                return self._transfer_direct(vm, channel, accept, data, writer, (address[0], ready.port))
+            if len(ready.extra_sessions) != s.options.multifd_channels:
+                raise MigrationError(f"{s.destination} opened {len(ready.extra_sessions)} streams for "
+                                     f"{s.options.multifd_channels} multifd channels")  # fmt: skip
+            return self._transfer_through_channel(vm, channel, accept, data, writer, ready.extra_sessions, address)
+        finally:
+            data.close()
+
+    def manifest_fields(self, transfer: QemuTransfer) -> tuple[dict[str, object], dict[str, object]]:
+        fields = {"backend": BACKEND, "image_digest": transfer.digest, "state_digest": None,
+                  "stream_bytes": transfer.stream_bytes, "transport": self._transport.name, "qemu": transfer.qemu}  # fmt: skip
+        return fields, {"image_digest": transfer.digest, "stream_bytes": transfer.stream_bytes}
+
+    def fill_report(self, transfer: QemuTransfer) -> None:
+        report = self._session.report
+        report.rounds = transfer.rounds
+        report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
+        report.bytes_sent = transfer.wire_bytes
+        report.image_digest = transfer.digest
+        report.stop_reason = (f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
+                              f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note())  # fmt: skip
+
+    def resume(self, vm: QemuVM) -> bool:
+        if self._pump is not None:
+            # A QEMU stuck writing its final state to a stream nobody reads holds its big lock (QMP
+            # does not answer) until that connection breaks: break it first, then QEMU fails and answers.
+            self._pump.stop()
+        try:
+            return resume_source(vm)
+        except QemuError as error:
+            log.error("could not resume %s after the failed migration: %s", vm.name, error)
+            return False
+
+    def unclaim(self, vm: QemuVM) -> None:
+        self._vms.unclaim(vm.name)
+
+    def release(self, vm: QemuVM) -> None:
+        self._vms.release_migrated(vm.name)
+
+    def cleanup(self, vm: QemuVM) -> None:
+        if self._pump is not None:
+            self._pump.stop()
+        run_after_hooks(vm, self._after_hooks)  # after an abort: QEMU's migration has ended either way
+        if self._sa is not None:
+            self._sa.close_logged(self._session.migration_id)  # normally done by the after hook
+
+    # -- transfer ------------------------------------------------------------------------------
+
+    def _configure(self, vm: QemuVM) -> None:
+        options = self._session.options
+        capabilities = {  # pause-before-switchover: our chance to check the destination before the switchover
+            "pause-before-switchover": True, "auto-converge": options.auto_converge,
+            "multifd": options.multifd_channels > 0, "xbzrle": options.xbzrle,
+            "events": True,  # MIGRATION events wake _follow at pre-switchover instead of its next poll
+        }  # fmt: skip
+        vm.set_migration_capabilities(capabilities)  # all of them: a VM migrated before may have others set
+        parameters: dict[str, object] = {
+            "max-bandwidth": options.bandwidth_limit_bps or UNCAPPED_BPS,
+            "downtime-limit": options.downtime_limit_ms,
+        }
+        if options.multifd_channels:
+            parameters["multifd-channels"] = options.multifd_channels
+        if options.xbzrle and options.xbzrle_cache_bytes:
+            parameters["xbzrle-cache-size"] = options.xbzrle_cache_bytes
+        vm.set_migration_parameters(parameters)
+
+    def _transfer_through_channel(self, vm: QemuVM, channel: ControlChannel, accept: Accept, data: socket.socket,
+                                  writer: DataStreamWriter, extra_sessions: tuple[bytes, ...],
+                                  address: tuple[str, int]) -> QemuTransfer:  # fmt: skip
+        """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
+
+        One data stream per QEMU connection: the main channel on the stream
+        already open, each multifd channel on one more, keyed on its own.
+        """
+        s = self._session
+        # Only multifd needs a listener: QEMU opens those channels itself. The main channel alone goes by fd:.
+        sock_dir = private_dir("sl-qout-") if extra_sessions else None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if extra_sessions else None
+        timeout = s.config.step_timeout_s
+        pumps = [SourcePump(0, writer, data, timeout, self._digest)]
+        extra_sockets: list[socket.socket] = []
+        try:
+            for index, session in enumerate(extra_sessions, 1):
+                outgoing, _ = stream_protections(channel, s.options.secure, s.nonce, accept.nonce,
+                                                 stream_label(s.migration_id, index))  # fmt: skip
+                extra_sockets.append(open_data_stream(address, session, index, timeout))
+                pumps.append(SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // PAGE, None),
+                                        extra_sockets[-1], timeout, StreamDigest(outgoing.overhead)))  # fmt: skip
+            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
+            info, paused_at = self._follow(vm, data, group)
+            group.wait(timeout)
+            return QemuTransfer(
+                paused_at=paused_at, stream_bytes=group.stream_bytes, digest=group.digest(),
+                qemu=_qemu_figures(info), wire_bytes=group.wire_bytes or group.stream_bytes,
+                rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
+            )  # fmt: skip
+        finally:
+            if listener is not None:
+                listener.close()
+            for sock in extra_sockets:
+                sock.close()
+            if sock_dir is not None:
+                shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _start_pumps(self, vm: QemuVM, pumps: list[SourcePump], listener: socket.socket | None,
+                     sock_dir: Path | None) -> SourcePumps:  # fmt: skip
+        """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
+
+        Our own socket gets a deep send buffer, so that QEMU writes on while
+        the pump seals and sends; QEMU's multifd channels connect by themselves.
+        """
+        self._session.enter(Event.BEGIN_PRECOPY)
+        if listener is None or sock_dir is None:
+            ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            widen_send_buffer(qemus)
+            group = SourcePumps(pumps, first=ours)
+            group.start()
+            try:
+                vm.migrate_to_socket(qemus)
+            except BaseException:
+                group.stop()
+                raise
+            finally:
+                qemus.close()  # QEMU holds its own copy
+            return group
+        path = sock_dir / "m.sock"
+        listener.bind(str(path))
+        listener.listen(len(pumps))
+        group = SourcePumps(pumps, listener=listener)
+        group.start()
+        vm.migrate(f"unix:{path}")
+        return group
+
+    def _transfer_direct(self, vm: QemuVM, channel: ControlChannel, accept: Accept, data: socket.socket,
+                         writer: DataStreamWriter, destination: tuple[str, int]) -> QemuTransfer:  # fmt: skip
+        """QEMU's own TCP connection(s) straight to the destination QEMU (qemu-tls, ipsec, plain)."""
+        s = self._session
+        plan = self._transport.source_plan(DirectSource(
+            identity=s.context.identity, migration_id=s.migration_id, host=s.config.name, peer=s.destination,
+            channel=channel, nonce_source=s.nonce, nonce_dest=accept.nonce,
+            # Our migration address is the one we reach the destination agent from; QEMU connects exactly there.
+            local_address=str(data.getsockname()[0]), destination=destination, psk=s.psk, ipsec=self._ipsec,
+            step_timeout_s=s.config.step_timeout_s, audit=s.audit,
+        ))  # fmt: skip
+        self._after_hooks, self._sa = plan.after, plan.sa
+        s.enter(Event.BEGIN_PRECOPY)
+        start_direct(vm, destination, plan.before)
+        info, paused_at = self._follow(vm, data, None)
+        data.sendall(writer.end())  # the destination's cue that QEMU's stream is complete
+        ram = info.get("ram", {})
+        return QemuTransfer(
+            paused_at=paused_at, stream_bytes=0, digest=self._digest.hexdigest(), qemu=_qemu_figures(info),
+            wire_bytes=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)),
+        )  # fmt: skip
+
+    def _await_destination_ready(self, channel: ControlChannel, data: socket.socket,
+                                 reader: DataStreamReader) -> Ready:  # fmt: skip
+        """Start QEMU's migration only once the destination QEMU listens (its port on a direct transport,
+        its extra data streams for multifd on the channel).
+
+        A source QEMU whose stream stalls for its first few hundred ms (the
+        destination still starting its QEMU) sometimes produced a stream the
+        destination guest crashed on (QEMU 7.2, TCG; ~1 run in 5 in the tests).
+        The ready record is sealed with the destination -> source key, so the
+        port in it comes from the authenticated destination agent.
+        """
+        s = self._session
+        data.settimeout(s.config.step_timeout_s)
+        try:
+            event = read_record(data, reader)
+        except (OSError, ConnectionError, ProtocolError) as exc:
+            reason = _peer_abort_reason(channel)
+            if reason is not None:
+                raise MigrationError(f"{s.destination} aborted: {reason}") from None
+            if isinstance(exc, socket.timeout):
+                raise MigrationError(f"{s.destination} did not start its QEMU within "
+                                     f"{s.config.step_timeout_s:.0f} s") from None  # fmt: skip
+            raise MigrationError(f"{s.destination} closed the data stream before its QEMU was ready: {exc}") from exc
+        if not isinstance(event, OpaqueReceived):
+            raise MigrationError(f"{s.destination} sent {type(event).__name__} instead of its ready record")
+        return Ready.decode(bytes(event.data))
+
+    def _follow(self, vm: QemuVM, data: socket.socket, pump: SourcePumps | None) -> tuple[dict[str, Any], float]:
+        """Poll QEMU until the migration completes; handle the pre-switchover stop."""
+        s = self._session
+        paused_at: float | None = None
+        last_bytes, last_progress = -1, time.monotonic()
+        last_sync = 0
+        round_started = followed_since = time.monotonic()
+        while True:
+            if pump is not None and pump.error is not None:
+                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}")
+            info = vm.query_migrate()
+            status = info.get("status", "none")
+            ram = info.get("ram", {})
+            if status in ("failed", "cancelled"):
+                raise MigrationError(f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}")
+            if paused_at is None and status in ("setup", "active"):
+                self._check_completion_timeout(time.monotonic() - followed_since, ram)
+            if status == "pre-switchover" and paused_at is None:  # once: QEMU leaves the state asynchronously
+                paused_at = stop_time(vm, time.monotonic())
+                s.report.counter_at_pause = vm.counter()
+                s.enter(Event.PAUSE_GUEST)
+                self._check_destination(data)
+                vm.migrate_continue("pre-switchover")
+                s.mark("switchover_check", paused_at)  # how much of QEMU's downtime our check holds it
+            elif status == "completed":
+                if paused_at is None:  # too quick to see pre-switchover: take QEMU's stop event
+                    paused_at = stop_time(vm, time.monotonic())
+                return _final_figures(vm, info), paused_at
+            sync = int(ram.get("dirty-sync-count", 0))
+            if sync > last_sync:
+                self._on_round(last_sync, ram, round_started)
+                last_sync, round_started = sync, time.monotonic()
+            transferred = int(ram.get("transferred", 0))
+            if transferred != last_bytes:
+                last_bytes, last_progress = transferred, time.monotonic()
+                s.progress("transfer", {
+                    "round": sync, "pages_done": min(transferred // PAGE, vm.memory_mib * MiB // PAGE),
+                    "pages_total": vm.memory_mib * MiB // PAGE,
+                    "wire_bytes": pump.stream_bytes if pump is not None else transferred,
+                })  # fmt: skip
+            elif time.monotonic() - last_progress > s.config.step_timeout_s:
+                raise MigrationError(f"QEMU's migration made no progress for {s.config.step_timeout_s:.0f} s ({status})")
+            vm.wait_event(POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
+
+    def _check_completion_timeout(self, elapsed_s: float, ram: dict[str, Any]) -> None:
+        """Before the switchover only: past it the guest is already stopped and giving up gains nothing."""
+        limit = self._session.options.completion_timeout_s
+        if limit is None or elapsed_s <= limit:
+            return
+        dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", PAGE)) / MiB
+        link_mib_s = float(ram.get("mbps", 0.0)) * 1e6 / 8 / MiB
+        raise MigrationError(f"pre-copy did not reach its switchover within the completion timeout of {limit:g} s "
+                             f"({int(ram.get('dirty-sync-count', 0))} passes; the guest dirties {dirty_mib_s:.1f} "
+                             f"MiB/s, the link carries {link_mib_s:.1f} MiB/s)")  # fmt: skip
+
+    def _check_destination(self, data: socket.socket) -> None:
+        """At pre-switchover: is the destination still there? It never writes on the data stream,
+        so anything readable there means it closed or reset the connection."""
+        readable, _, _ = select.select([data], [], [], 0)
+        if not readable:
+            return  # nothing to read: the connection is open
+        try:
+            peek = data.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            raise MigrationError(f"{self._session.destination} is gone before the switchover: {exc}") from exc
+        raise MigrationError(f"{self._session.destination} closed the data stream before the switchover ({peek!r})")
+
+    def _on_round(self, index: int, ram: dict[str, Any], started: float) -> None:
+        duration = max(1e-6, time.monotonic() - started)
+        sent = int(ram.get("transferred", 0))
+        report = RoundReport(
+            round=index, pages_sent=int(ram.get("normal", 0)), bytes_sent=sent, duration_s=round(duration, 3),
+            dirty_pages_left=int(ram.get("remaining", 0)) // PAGE,
+            throughput_mib_s=round(float(ram.get("mbps", 0.0)) / 8.0, 1), decision="continue", reason="qemu dirty sync",
+        )  # fmt: skip
+        self._session.report.round_reports.append(report)
+        self._session.progress("round", report.to_dict())
+
+    def _feature_note(self) -> str:
+        options = self._session.options
+        notes = [f"multifd {options.multifd_channels} channels"] if options.multifd_channels else []
+        notes += ["xbzrle"] if options.xbzrle else []
+        notes += ["auto-converge"] if options.auto_converge else []
+        if self._sa is not None and self._sa.record is not None:
+            record = self._sa.record
+            notes.append(f"ipsec backend {record.backend}, {record.encryption}, {record.dh_group}")
+        return "".join(f"; {note}" for note in notes)
+
+
+def resume_source(vm: QemuVM, timeout: float = 15.0) -> bool:
+    """Get the source guest running again after a failed migration; True if it runs."""
+    if not vm.alive():
+        return False
+    status = vm.query_migrate().get("status", "none")
+    if status in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
+        # QEMU waiting at pre-switchover never notices a dead link by itself.
+        vm.migrate_cancel()
+        try:
+            vm.wait_migration({"cancelled", "failed", "completed"}, timeout=timeout)
+        except QemuError:
+            pass  # "cancelled" raises in wait_migration when not awaited; either way it ended
+    deadline = time.monotonic() + timeout
+    while vm.status() in ("finish-migrate", "inmigrate") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if vm.status() != "running":
+        vm.resume()  # from paused or postmigrate: QEMU allows cont on both
+    return vm.status() == "running"
+
+
+def stop_time(vm: QemuVM, fallback: float) -> float:
+    """When the guest stopped (QEMU's STOP event), on our monotonic clock."""
+    wall = last_event_time(vm.recent_events(), "STOP")
+    if wall is None:
+        return fallback
+    age = time.time() - wall
+    return time.monotonic() - age if 0 <= age < 60 else fallback
+
+
+def _peer_abort_reason(channel: ControlChannel) -> str | None:
+    """The destination's Abort, if it sent one (it says why it gave up), within a second."""
+    try:
+        reply = channel.recv(1.0)
+    except (OSError, TimeoutError, ConnectionError, ProtocolError):
+        return None
+    return reply.reason if isinstance(reply, Abort) else None
+
+
+def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
+    """query-migrate once QEMU has filled in its totals.
+
+    QEMU 7.2 reports "completed" a moment before it computes total-time and
+    downtime (they read 0 until then).
+    """
+    deadline = time.monotonic() + timeout
+    while not info.get("total-time") and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        info = vm.query_migrate()
+    return info
+
+
+def _qemu_figures(info: dict[str, Any]) -> dict[str, object]:
+    ram = info.get("ram", {})
+    return {
+        "total_time_ms": info.get("total-time"),
+        "downtime_ms": info.get("downtime"),
+        "setup_time_ms": info.get("setup-time"),
+        "ram_transferred": ram.get("transferred"),
+        "ram_total": ram.get("total"),
+        "ram_normal_pages": ram.get("normal"),
+        "ram_duplicate_pages": ram.get("duplicate"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+    }

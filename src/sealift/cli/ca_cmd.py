@@ -1,0 +1,96 @@
+"""`sealift ca`: the cluster certificate authority (create it, issue host and operator certificates, revoke)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sealift.cli.common import print_json
+from sealift.cli.render import out
+
+
+def add_ca_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ca = sub.add_parser("ca", help="the cluster certificate authority").add_subparsers(dest="ca_command", required=True)
+    p = ca.add_parser("init", help="create a cluster CA (ECC P-256)")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--name", default="sealift cluster CA")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_init)
+    p = ca.add_parser("issue", help="issue a host certificate")
+    p.add_argument("host")
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--out", help="where to write the host key and certificate (default: the CA directory)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_issue)
+    p = ca.add_parser("operator", help="issue an operator certificate with a role")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=["admin", "operator", "auditor"])
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--out", help="where to write the operator's key and certificate (default: the CA directory)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_operator)
+    p = ca.add_parser("revoke", help="revoke a host or operator certificate (updates ca.crl.pem)")
+    p.add_argument("certificate", help="the certificate file to revoke")
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--reason", default="key_compromise")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ca_revoke)
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.init(Path(args.dir), name=args.name)
+    info = {"ca_dir": str(Path(args.dir).resolve()), "certificate": str(Path(args.dir, "ca.pem").resolve()), "name": args.name}
+    if args.json:
+        print_json(info)
+    else:
+        out.print(f"[green]cluster CA created[/green] in {info['ca_dir']} ({ca.__class__.__name__})")
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.load(Path(args.dir))
+    out_dir = Path(args.out or args.dir)
+    identity = ca.issue_host(args.host, out_dir, days=args.days)
+    info = {"host": args.host, "certificate": str(identity.cert_path), "key": str(identity.key_path), "ca": str(identity.ca_path)}
+    if args.json:
+        print_json(info)
+    else:
+        out.print(f"[green]issued[/green] host certificate for {args.host}: {identity.cert_path}")
+    return 0
+
+
+def cmd_ca_operator(args: argparse.Namespace) -> int:
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.load(Path(args.dir))
+    identity = ca.issue_operator(args.name, args.role, Path(args.out or args.dir), days=args.days)
+    info = {"operator": args.name, "role": args.role, "certificate": str(identity.cert_path), "key": str(identity.key_path)}
+    if args.json:
+        print_json(info)
+    else:
+        out.print(f"[green]issued[/green] operator certificate for {args.name} (role {args.role}): {identity.cert_path}")
+    return 0
+
+
+def cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from sealift.security.identity import ClusterCA
+
+    ca = ClusterCA.load(Path(args.dir))
+    cert_path = Path(args.certificate)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    crl = ca.revoke(cert, args.reason)
+    info = {"revoked": str(cert_path), "serial": f"{cert.serial_number:x}", "crl": str(Path(args.dir) / "ca.crl.pem"),
+            "entries": len(list(crl))}
+    if args.json:
+        print_json(info)
+    else:
+        out.print(f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); copy {info['crl']} to every agent's identity_dir")
+    return 0

@@ -1,0 +1,39 @@
+"""`sealift demo`: migrate a running VM between two local agents, securely, in one command."""
+
+from __future__ import annotations
+
+import argparse
+
+from sealift.cli.common import add_migration_flags, migration_options, print_json, warn_insecure
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="migrate a running VM (built-in or QEMU) between two local agents, securely")
+    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"])
+    p.add_argument("--memory", default="256M")
+    p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--json", action="store_true")
+    add_migration_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sealift.demo import DemoOptions, run_demo
+
+    if args.insecure:
+        warn_insecure()
+    result = run_demo(
+        DemoOptions(
+            memory=args.memory,
+            workload=args.workload,
+            insecure=args.insecure,
+            show_progress=not args.json,
+            keep=args.keep,
+            migration=migration_options(args),
+            backend=args.backend,
+        )
+    )
+    if args.json:
+        print_json(result)
+    return 0 if result.get("status") == "completed" else 1

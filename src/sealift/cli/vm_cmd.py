@@ -1,0 +1,90 @@
+"""`sealift vm`: start, list, show, check and stop VMs on an agent."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sealift.cli.common import add_agent_flags, client, print_json
+from sealift.cli.render import out, vm_table
+
+
+def add_vm_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
+    p = vm.add_parser("start", help="start a VM (built-in, or a real QEMU guest)")
+    p.add_argument("name")
+    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"],
+                   help="builtin (default) or qemu (the test guest image, built on first use)")
+    p.add_argument("--image", default=None, help="QEMU guest image cache directory (default: the agent's)")
+    p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
+    p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
+    p.add_argument("--fill", type=float, default=0.5, help="share of RAM filled with data at boot (default 0.5)")
+    add_agent_flags(p)
+    p.set_defaults(func=cmd_vm_start)
+    for name, func, helptext in (
+        ("info", cmd_vm_info, "show one VM"),
+        ("check", cmd_vm_check, "verify a VM's memory from inside (pages and secret)"),
+        ("stop", cmd_vm_stop, "stop a VM and delete its image"),
+    ):
+        p = vm.add_parser(name, help=helptext)
+        p.add_argument("name")
+        add_agent_flags(p)
+        p.set_defaults(func=func)
+    p = vm.add_parser("list", help="list VMs")
+    add_agent_flags(p)
+    p.set_defaults(func=cmd_vm_list)
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    fields: dict[str, object] = {"backend": args.backend}
+    if args.image is not None:
+        fields["image_cache"] = str(Path(args.image).resolve())
+    reply = client(args).request(
+        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill, **fields
+    )
+    if args.json:
+        print_json(reply["vm"])
+    else:
+        out.print(vm_table([reply["vm"]]))
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    reply = client(args).request("vm.list")
+    if args.json:
+        print_json(reply["vms"])
+    else:
+        out.print(vm_table(reply["vms"]))
+    return 0
+
+
+def cmd_vm_info(args: argparse.Namespace) -> int:
+    reply = client(args).request("vm.info", name=args.name)
+    if args.json:
+        print_json(reply["vm"])
+    else:
+        out.print(vm_table([reply["vm"]]))
+    return 0
+
+
+def cmd_vm_check(args: argparse.Namespace) -> int:
+    check = client(args).request("vm.check", name=args.name)["check"]
+    ok = check["bad_page_count"] == 0 and check["secret_intact"]
+    if args.json:
+        print_json({**check, "ok": ok})
+    else:
+        color = "green" if ok else "red"
+        out.print(
+            f"[{color}]{args.name}: {check['pages_checked']} pages checked, {check['bad_page_count']} bad, "
+            f"secret {'intact' if check['secret_intact'] else 'ALTERED'}[/{color}]"
+        )
+    return 0 if ok else 1
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    client(args).request("vm.stop", name=args.name)
+    if args.json:
+        print_json({"stopped": args.name})
+    else:
+        out.print(f"stopped {args.name}")
+    return 0

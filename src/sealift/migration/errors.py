@@ -1,0 +1,26 @@
+"""The handover's own errors: a migration that failed, a migration this host will not take."""
+
+from __future__ import annotations
+
+from sealift.errors import SealiftError
+
+
+class MigrationError(SealiftError):
+    """A migration failed; the message says why and where the VM runs now.
+
+    `code` is the cause's code when one is known (the destination's refusal code, a SecurityError's).
+    """
+
+    code = "migration_failed"
+
+
+class IncomingRefused(SealiftError):
+    """We will not take this VM; the reason (and code) goes back to the source."""
+
+    code = "incoming_refused"
+
+
+class AdmissionError(SealiftError):
+    """This host cannot hold the VM now (capacity, concurrency, a name in use); the reason goes back to the source."""
+
+    code = "admission_refused"

@@ -1,0 +1,212 @@
+"""Settling migrations a crash or a cut link left open: one routine for every backend.
+
+The source's durable decision is the truth. After a restart (`recover`), a
+source without a decision resumes its guest and aborts; a destination that
+never promised discards what it received; everything undecided is held,
+paused and busy, for the resolver. The resolver (`Resolver`) asks the peer
+about every undecided record: a destination that promised ("prepared") but
+never heard Commit, a source that committed but never got the "running"
+receipt. Until an answer comes, the VM stays paused on the source and
+unstarted on the destination: never two copies, never none. Every move of a
+record goes through the handover's table (phases.py); what a backend does
+to its guest is its keeper's (drivers.py GuestKeeper).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+from sealift.host.config import AgentConfig
+from sealift.host.store import AgentStore, MigrationRecord
+from sealift.host.transport import ControlChannel
+from sealift.migration.drivers import GuestKeeper
+from sealift.migration import records
+from sealift.migration.phases import SOURCE_OPEN, UNSETTLED, Event, Phase, Role
+from sealift.security.identity import HostIdentity
+from sealift.wire.messages import Outcome, OutcomeQuery
+
+log = logging.getLogger(__name__)
+
+Audit = Callable[..., object]
+OPEN_AT_RESTART = (*SOURCE_OPEN, Phase.RECEIVING, *UNSETTLED)
+
+
+class Keepers:
+    """Each backend's keeper, found by a record's backend (or, for a record from before that column, its guest)."""
+
+    def __init__(self, keepers: Mapping[str, GuestKeeper], fallback: str, legacy_owner: Callable[[str], str]) -> None:
+        self._keepers = dict(keepers)
+        self._fallback = fallback
+        self._legacy_owner = legacy_owner  # vm name -> backend, for records without one
+
+    def for_record(self, record: MigrationRecord) -> GuestKeeper:
+        backend = record.backend or self._legacy_owner(record.vm)
+        return self._keepers.get(backend, self._keepers[self._fallback])
+
+
+def recover(store: AgentStore, keepers: Keepers, audit: Audit) -> None:
+    """After a restart: settle what the crash interrupted, each record on its own.
+
+    An error in one is logged and audited and never stops the agent (the
+    record is left for the resolver or an operator).
+    """
+    for record in store.migrations(limit=1000, phases=OPEN_AT_RESTART):
+        try:
+            _recover_one(store, keepers.for_record(record), record, audit)
+        except Exception as exc:
+            log.exception("recovery of migration %s (%s, %s) failed", record.id, record.vm, record.phase)
+            audit("migration.recovery_failed", migration_id=record.id, vm=record.vm, role=record.role,
+                  phase=record.phase, error=str(exc))  # fmt: skip
+
+
+def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
+    present = keeper.can_settle(record)
+    if record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
+        # No commit decision was written, so the VM must run here.
+        resumed = present and keeper.resume_source(record)
+        records.transition(store, record.id, Event.AGENT_RESTARTED, error="source agent restarted before commit")
+        log.warning("recovery: %s %s after the interrupted migration %s", record.vm,
+                    "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
+    elif record.role == Role.DESTINATION and record.phase == Phase.RECEIVING:
+        if present:
+            keeper.discard_destination(record)  # never promised: the source still has the guest
+        records.transition(store, record.id, Event.AGENT_RESTARTED, error="destination agent restarted while receiving")
+        log.warning("recovery: discarded the half-received %s (%s)", record.vm, record.id)
+    elif not present:
+        log.warning("recovery: migration %s of %s is %s but its guest is gone; left for an operator", record.id,
+                    record.vm, record.phase)  # fmt: skip
+    elif record.role == Role.SOURCE:
+        keeper.hold_source(record)  # paused, in doubt: not available for another migration
+        records.transition(store, record.id, Event.AGENT_RESTARTED)
+    else:
+        _recover_destination(store, keeper, record, audit)
+
+
+def _recover_destination(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
+    pid = keeper.running_destination(record)
+    if pid is None:
+        keeper.hold_destination(record)  # prepared (ask the source) or committed (start it): the resolver finishes
+        records.transition(store, record.id, Event.AGENT_RESTARTED)
+    elif record.phase == Phase.COMMITTED:
+        # Started for this migration just before the crash: the handover is done.
+        log.info("recovery: migration %s: %s runs here (pid %d); phase running", record.id, record.vm, pid)
+        records.transition(store, record.id, Event.START_GUEST)
+        audit("migration.recovered", migration_id=record.id, vm=record.vm, pid=pid, phase="running")
+    else:  # a guest is only ever started after "committed" is recorded: leave it to an operator
+        log.error("recovery: migration %s is %s but %s already runs here; left in doubt", record.id, record.phase,
+                  record.vm)  # fmt: skip
+
+
+class Resolver:
+    """Asks the peer about every undecided migration, every `resolve_interval_s`, and applies its answer."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: HostIdentity | None,
+        store: AgentStore,
+        keepers: Keepers,
+        active: set[str],
+        active_lock: threading.Lock,
+        audit: Audit | None = None,
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._store = store
+        self._keepers = keepers
+        self._audit = audit or (lambda kind, **fields: None)
+        self._active = active
+        self._active_lock = active_lock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="resolver", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._config.resolve_interval_s):
+            try:
+                self.resolve_once()
+            except Exception:
+                log.exception("resolver pass failed")
+
+    def resolve_once(self) -> None:
+        for record in self._store.migrations(limit=1000, phases=UNSETTLED):
+            with self._active_lock:
+                if record.id in self._active:
+                    continue
+            keeper = self._keepers.for_record(record)
+            if not keeper.can_settle(record):
+                continue  # its guest is gone: nothing here to resume, start or release
+            try:
+                self._resolve(record, keeper)
+            except Exception as exc:  # noqa: BLE001 - one record must not stop the others; retried next pass
+                log.error("migration %s: settling %s failed: %s", record.id, record.vm, exc)
+
+    def _resolve(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
+        if record.role == Role.DESTINATION and record.phase == Phase.COMMITTED:
+            self._start_destination(record, keeper)  # our own record says the commit came: start it
+            return
+        answer = self._ask(record)
+        if answer == "unknown":
+            return
+        if record.role == Role.SOURCE:
+            self._settle_source(record, keeper, answer)
+        elif answer == "committed":
+            records.transition(self._store, record.id, Event.RECEIVE_COMMIT)
+            self._start_destination(record, keeper)
+        else:
+            log.info("migration %s: %s aborted; discarding the received %s", record.id, record.peer, record.vm)
+            keeper.discard_destination(record)
+            records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} aborted")
+            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
+                        outcome="aborted", action="discarded the received guest")  # fmt: skip
+
+    def _settle_source(self, record: MigrationRecord, keeper: GuestKeeper, answer: str) -> None:
+        if answer == "committed":
+            log.info("migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer,
+                     record.vm)  # fmt: skip
+            keeper.release_source(record)
+            records.transition(self._store, record.id, Event.CONFIRM_RUNNING)
+            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="committed",
+                        action="released the paused source copy")  # fmt: skip
+            return
+        # We committed, but the destination never ran the guest: it cannot run there, so it must run here.
+        log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
+        resumed = keeper.resume_source(record)
+        records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit")
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="aborted",
+                    action="resumed the source copy" if resumed else "could not resume the source copy")  # fmt: skip
+
+    def _start_destination(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
+        log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
+        pid = keeper.start_destination(record)
+        records.transition(self._store, record.id, Event.START_GUEST)
+        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
+                    outcome="committed", action="started the received guest", pid=pid)  # fmt: skip
+
+    def _ask(self, record: MigrationRecord) -> str:
+        try:
+            address = self._config.peer_address(record.peer)
+            channel = ControlChannel.connect(
+                address, self._identity, record.peer, self._identity is not None, self._config.handshake_timeout_s
+            )
+        except Exception as exc:
+            log.info("cannot reach %s about migration %s yet: %s", record.peer, record.id, exc)
+            return "unknown"
+        try:
+            channel.send(OutcomeQuery(record.id))
+            reply = channel.recv(self._config.step_timeout_s)
+            assert isinstance(reply, Outcome)
+            return reply.outcome
+        except Exception as exc:
+            log.info("no outcome for %s from %s yet: %s", record.id, record.peer, exc)
+            return "unknown"
+        finally:
+            channel.close()

@@ -1,0 +1,132 @@
+"""One migration as the coordinator and its backend driver both see it.
+
+`MigrationContext` is what every migration on this host shares (config,
+identity, durable store, authority, data sessions). A session adds what one
+migration owns: its id, nonces, order, report, the pair's PSK session, and
+the only ways to change its record (`enter`), report progress and audit.
+The backend driver gets the session, never the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sealift.host.config import AgentConfig
+from sealift.host.store import AgentStore
+from sealift.host.transport import ControlChannel, DataSessions
+from sealift.migration.authority import Authority
+from sealift.migration.documents import DocumentSigner
+from sealift.migration.options import MigrationOptions
+from sealift.migration import records
+from sealift.migration.phases import Event, Phase
+from sealift.migration.report import MigrationReport
+from sealift.security.identity import HostIdentity
+from sealift.security.psk import PskSession
+from sealift.wire.messages import Hello
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: str  # "round" | "transfer" | "phase"
+    data: dict[str, object]
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class MigrationContext:
+    """What every migration on this host shares."""
+
+    config: AgentConfig
+    identity: HostIdentity | None
+    store: AgentStore
+    authority: Authority
+    sessions: DataSessions
+
+
+class SourceSession:
+    """One outgoing migration: what the source coordinator and its driver share."""
+
+    def __init__(
+        self,
+        context: MigrationContext,
+        vm_name: str,
+        destination: str,
+        options: MigrationOptions,
+        order: str | None,
+        transport: str,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.context = context
+        self.config = context.config
+        self.vm_name = vm_name
+        self.destination = destination
+        self.options = options
+        self.order = order
+        self.migration_id = secrets.token_hex(16)
+        self.nonce = secrets.token_bytes(32)
+        self.signer = DocumentSigner(context.config.name, context.identity if options.secure else None)
+        self.psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
+        self.psk_binding = b""
+        self.binding: str | None = None  # the channel binding the signed documents carry
+        self.report = MigrationReport(
+            migration_id=self.migration_id,
+            vm=vm_name,
+            source=context.config.name,
+            destination=destination,
+            transport=transport,
+        )
+        self._progress = progress or (lambda event: None)
+
+    def enter(self, event: Event, error: str | None = None) -> Phase:
+        """Move this migration's record by the handover's table, and tell whoever follows the progress."""
+        phase = records.transition(self.context.store, self.migration_id, event, error)
+        self.progress("phase", {"phase": phase.value})
+        return phase
+
+    def progress(self, kind: str, data: dict[str, object]) -> None:
+        self._progress(ProgressEvent(kind, data))
+
+    def audit(self, kind: str, **fields: object) -> None:
+        self.context.authority.record(kind, migration_id=self.migration_id, **fields)
+
+    def mark(self, step: str, paused_at: float) -> None:
+        """Milliseconds since the guest paused: where the downtime goes."""
+        self.report.downtime_breakdown_ms[step] = round((time.monotonic() - paused_at) * 1000.0, 1)
+
+
+class DestinationSession:
+    """One incoming migration: what the destination coordinator and its driver share."""
+
+    def __init__(self, context: MigrationContext, channel: ControlChannel, hello: Hello) -> None:
+        self.context = context
+        self.config = context.config
+        self.channel = channel
+        self.hello = hello
+        self.migration_id = hello.migration_id
+        self.nonce = secrets.token_bytes(32)
+        self.session_id = secrets.token_bytes(16)  # names the data stream(s) the source opens to us
+        self.signer = DocumentSigner(context.config.name, context.identity if channel.secure else None)
+        self.binding: str | None = None
+        self.order_id: str | None = None
+        self.psk: PskSession | None = None
+        self.psk_binding = b""
+
+    def enter(self, event: Event, error: str | None = None) -> Phase:
+        return records.transition(self.context.store, self.migration_id, event, error)
+
+    def audit(self, kind: str, **fields: object) -> None:
+        self.context.authority.record(kind, migration_id=self.migration_id, **fields)
+
+    def lab_pause(self, point: str) -> None:
+        """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""
+        if self.config.lab_pause_at == point:
+            log.warning("lab: migration %s paused at %s", self.migration_id, point)
+            time.sleep(self.config.lab_pause_s)

@@ -1,0 +1,241 @@
+"""The source side of a migration: the coordinator of the handover, for every backend.
+
+Order of events (docs/architecture.md, "Migration protocol"): Hello/Accept on
+the control channel, the backend's transfer on the data stream, the signed
+manifest, the destination's signed "prepared" receipt, then the durable
+commit decision, Commit, and the signed "running" receipt. Until the commit
+decision is on disk, any failure resumes the guest here; after it, the VM
+stays paused until the destination's word says where it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from sealift.host.transport import ControlChannel
+from sealift.migration.documents import await_receipt, channel_binding
+from sealift.migration.drivers import GuestVM, SourceDriver, Transfer
+from sealift.migration.errors import MigrationError
+from sealift.migration import records
+from sealift.migration.phases import Event, Role
+from sealift.migration.report import MigrationReport
+from sealift.migration.session import SourceSession
+from sealift.migration import gate
+from sealift.security.audit import Kinds
+from sealift.security.psk import psk_channel_binding
+from sealift.wire.messages import Abort, Accept, Commit, Manifest, Refuse
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class SourceCoordinator:
+    def __init__(self, session: SourceSession, driver: SourceDriver) -> None:
+        self.session = session
+        self.driver = driver
+        self._config = session.config
+        self._store = session.context.store
+        self._authority = session.context.authority
+
+    @property
+    def migration_id(self) -> str:
+        return self.session.migration_id
+
+    @property
+    def report(self) -> MigrationReport:
+        return self.session.report
+
+    def run(self) -> MigrationReport:
+        s = self.session
+        if s.destination == self._config.name:
+            raise MigrationError(f"{s.vm_name} already runs on {s.destination}")
+        if not s.options.secure:
+            log.warning("migrating %s IN CLEAR (--insecure): anyone on the network can read and change it", s.vm_name)
+        address = self._config.peer_address(s.destination)
+        # Outgoing migration control: nothing happens without a valid, unused order.
+        verified = self._authority.authorize_outgoing(s.order, s.vm_name, s.destination)
+        gate.check_outgoing(self._config.name, s.vm_name, s.destination)  # T12: hold an attacker VM
+        s.report.order_id = verified.order.id
+        s.report.operator = verified.operator.name
+        self.driver.preflight(address)
+        vm, memory_bytes = self.driver.claim()
+        s.report.memory_bytes = memory_bytes
+        records.create(self._store, s.migration_id, vm.name, Role.SOURCE, s.destination, memory_bytes, self.driver.backend)
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        committed = False
+        channel: ControlChannel | None = None
+        try:
+            s.report.counter_before = vm.counter()
+            channel = ControlChannel.connect(
+                address, s.context.identity, s.destination, s.options.secure, self._config.handshake_timeout_s
+            )
+            if channel.secure:
+                self._authority.check_peer(channel.stream.peer_certificate, s.destination)  # type: ignore[attr-defined]
+            s.audit(
+                "migration.started",
+                vm=vm.name,
+                destination=s.destination,
+                transport=s.report.transport,
+                **self.driver.start_audit,
+                order_id=verified.order.id,
+            )
+            # A provisioned PSK is a required second factor on every transport.
+            s.psk = self._authority.psk_session(s.destination, "source") if channel.secure else None
+            accept = self._hello(channel, vm)
+            s.binding = channel_binding(channel, s.nonce, accept.nonce, s.migration_id)
+            transfer = self.driver.transfer(channel, accept, address, vm)
+            s.mark("stream_sent", transfer.paused_at)
+            self._manifest_and_prepare(channel, vm, memory_bytes, transfer)
+            s.mark("prepared_receipt", transfer.paused_at)
+            records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
+            committed = True
+            s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=s.destination)
+            channel.send(Commit(s.migration_id))
+            s.mark("commit_sent", transfer.paused_at)
+            s.progress("phase", {"phase": "committed"})
+            running = self._await_running(channel)
+            s.mark("running_receipt", transfer.paused_at)
+            self._commit_psk()
+            # Downtime ends when the destination's guest runs: its receipt says so.
+            s.report.downtime_ms = s.report.downtime_breakdown_ms["running_receipt"]
+            # The migration is over when the VM runs there (as QEMU counts it);
+            # quitting our paused copy comes after and is not part of it.
+            self._finish_report(transfer, running, started, cpu_started)
+            self.driver.release(vm)
+            records.transition(self._store, s.migration_id, Event.CONFIRM_RUNNING)
+            s.audit(
+                "migration.completed",
+                vm=vm.name,
+                destination=s.destination,
+                downtime_ms=s.report.downtime_ms,
+                total_time_s=s.report.total_time_s,
+            )
+            return s.report
+        except BaseException as exc:
+            s.report.status = "failed"
+            s.report.total_time_s = round(time.monotonic() - started, 3)
+            s.report.source_cpu_s = round(time.process_time() - cpu_started, 3)
+            if committed:
+                s.report.error = (
+                    f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
+                    f"{s.destination} confirms it runs there (the agents settle it between them: `sealift migrations`)"
+                )
+                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
+            else:
+                self._abort(channel, vm, exc)
+            self._store.save_report(s.migration_id, s.report.to_dict())
+            raise MigrationError(s.report.error) from exc
+        finally:
+            self.driver.cleanup(vm)
+            if s.psk is not None:
+                s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
+            if channel is not None:
+                channel.close()
+
+    def _hello(self, channel: ControlChannel, vm: GuestVM) -> Accept:
+        s = self.session
+        psk_proof = None
+        if s.psk is not None:
+            s.psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+            psk_proof = s.psk.make_proof(s.psk_binding, s.nonce)
+        channel.send(self.driver.describe(vm, psk_proof))
+        reply = channel.recv(self._config.step_timeout_s)
+        if isinstance(reply, (Refuse, Abort)):
+            # Either way the destination said no before it took anything: pass its reason on.
+            raise MigrationError(f"{s.destination} refused the migration: {reply.reason}")
+        if not isinstance(reply, Accept):
+            raise MigrationError(f"{s.destination} answered Hello with {type(reply).__name__}, not Accept")
+        if s.psk is not None:
+            # The destination must prove the pair's current PSK too (mutual second factor).
+            s.psk.check_peer_proof(reply.psk_proof, s.psk_binding, s.nonce, reply.nonce)
+            s.audit("psk.verified", peer=s.destination, epoch=s.psk.epoch, ratcheting=s.psk.ratcheting)
+        return reply
+
+    def _manifest_and_prepare(self, channel: ControlChannel, vm: GuestVM, memory_bytes: int, transfer: Transfer) -> dict:
+        """Sign and send the manifest; the destination's signed "prepared" receipt for it."""
+        s = self.session
+        fields, digest_audit = self.driver.manifest_fields(transfer)
+        manifest = {
+            "migration_id": s.migration_id,
+            "vm": vm.name,
+            "source": self._config.name,
+            "destination": s.destination,
+            "memory_bytes": memory_bytes,
+            **fields,
+            "counter_at_pause": s.report.counter_at_pause,
+            "nonce_source": s.nonce.hex(),
+            "channel_binding": s.binding,
+            "order_id": s.report.order_id,
+            "signed_at": time.time(),
+        }
+        envelope = s.signer.sign(manifest, "manifest")
+        channel.send(Manifest(s.migration_id, envelope))
+        s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
+        receipt, envelope = await_receipt(
+            channel,
+            s.signer,
+            peer=s.destination,
+            stage="prepared",
+            migration_id=s.migration_id,
+            binding=s.binding,
+            manifest=manifest,
+            timeout=self._config.step_timeout_s,
+        )
+        s.audit(Kinds.RECEIPT, stage="prepared", receipt=envelope)
+        return receipt
+
+    def _abort(self, channel: ControlChannel | None, vm: GuestVM, exc: BaseException) -> None:
+        """Before the commit decision: the guest resumes here, nothing is lost."""
+        s = self.session
+        reason = str(exc) or type(exc).__name__
+        if channel is not None:
+            try:
+                channel.send(Abort(s.migration_id, reason[:1000]))
+            except Exception:  # noqa: BLE001 - the peer may be gone; the abort stands regardless
+                pass
+        resumed = False
+        try:
+            resumed = self.driver.resume(vm)
+        finally:
+            self.driver.unclaim(vm)
+            records.transition(self._store, s.migration_id, Event.FAIL, error=reason)
+        where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
+        s.report.error = f"migration to {s.destination} failed: {reason}; {where}"
+        s.audit("migration.aborted", vm=vm.name, destination=s.destination, reason=reason, resumed=resumed)
+        log.warning("%s", s.report.error)
+
+    def _finish_report(self, transfer: Transfer, running: dict, started: float, cpu_started: float) -> None:
+        report = self.session.report
+        report.status = "completed"
+        report.total_time_s = round(time.monotonic() - started, 3)
+        self.driver.fill_report(transfer)
+        report.counter_after = running.get("counter_at_resume")
+        report.source_cpu_s = round(time.process_time() - cpu_started, 3)
+        report.destination_cpu_s = float(running.get("cpu_s", 0.0))
+        self._store.save_report(self.session.migration_id, report.to_dict())
+
+    def _await_running(self, channel: ControlChannel) -> dict:
+        s = self.session
+        receipt, envelope = await_receipt(
+            channel,
+            s.signer,
+            peer=s.destination,
+            stage="running",
+            migration_id=s.migration_id,
+            binding=s.binding,
+            manifest=None,
+            timeout=self._config.step_timeout_s,
+        )
+        s.audit(Kinds.RECEIPT, stage="running", receipt=envelope)
+        return receipt
+
+    def _commit_psk(self) -> None:
+        s = self.session
+        if s.psk is not None and s.psk.commit():
+            s.audit(Kinds.KEY_CHANGED, what="psk ratcheted", peer=s.destination, epoch=s.psk.epoch)

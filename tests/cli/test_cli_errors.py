@@ -1,0 +1,105 @@
+"""A failing command with --json prints {"status": "failed", "error": ..., "code": ...}; in text mode only the message.
+
+No agent runs here: a malformed order file, and a fake control socket that answers
+every request with an error reply (with and without the agent's reason code).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sealift.cli.main import main
+
+
+@pytest.fixture
+def malformed_order(tmp_path: Path) -> Path:
+    path = tmp_path / "order.json"
+    path.write_text('{"not": "an order"}')
+    return path
+
+
+def fake_agent(path: Path, reply: dict) -> threading.Thread:
+    """A control socket that answers one request with `reply`, then closes."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def serve_once() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn, conn.makefile("rwb") as stream:
+                stream.readline()
+                stream.write(json.dumps(reply).encode() + b"\n")
+                stream.flush()
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def agent_socket() -> Iterator[Path]:
+    # A short directory: a unix socket path must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="sealift-cli-") as directory:
+        yield Path(directory) / "control.sock"
+
+
+def test_order_show_on_a_malformed_file_prints_the_code(malformed_order: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "sealift", "order", "show", str(malformed_order), "--json"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    failure = json.loads(done.stdout)
+    assert failure["status"] == "failed"
+    assert failure["code"] == "malformed"  # MalformedOrderError's
+    assert failure["error"].startswith("not a readable order")
+    assert "error: not a readable order" in done.stderr
+
+
+def test_text_mode_prints_the_message_only(malformed_order: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["order", "show", str(malformed_order)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "error: not a readable order" in captured.err
+    assert "code" not in captured.err
+
+
+def test_the_agents_code_is_carried_through(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_agent(agent_socket, {"ok": False, "error": "order expired 3 s ago", "code": "order_expired"})
+    assert main(["status", "--socket", str(agent_socket), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out) == {"status": "failed", "error": "order expired 3 s ago",
+                                                   "code": "order_expired"}  # fmt: skip
+
+
+def test_an_agent_error_without_a_code_gets_the_clients(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_agent(agent_socket, {"ok": False, "error": "unknown operation 'status'"})
+    assert main(["status", "--socket", str(agent_socket), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["code"] == "agent_request_failed"
+
+
+def test_a_refused_migration_prints_the_code(tmp_path: Path, agent_socket: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from sealift.security.identity import ClusterCA
+
+    ClusterCA.init(tmp_path / "ca").issue_operator("alice", "operator", tmp_path / "operators")
+    order = tmp_path / "order.json"
+    assert main(["order", "create", "vm1", "--from", "host-a", "--to", "host-b", "--operator", "alice",
+                 "--operator-dir", str(tmp_path / "operators"), "--out", str(order)]) == 0  # fmt: skip
+    capsys.readouterr()
+    fake_agent(agent_socket, {"ok": False, "error": "order refused: wrong source", "code": "wrong_source"})
+    assert main(["migrate", "--order", str(order), "--socket", str(agent_socket), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"status": "failed", "error": "order refused: wrong source",
+                                                   "code": "wrong_source"}  # fmt: skip
+
+
+def test_no_agent_is_an_error_with_a_code(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["vm", "list", "--socket", str(agent_socket), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["code"] == "agent_unavailable"

@@ -1,0 +1,177 @@
+"""The handover's state machine, driven without sockets or processes: every phase x event of both roles."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+
+from sealift.host.store import AgentStore
+from sealift.migration import records
+from sealift.migration.phases import (
+    FINAL,
+    INITIAL,
+    SOURCE_OPEN,
+    TRANSITIONS,
+    Event,
+    IllegalTransition,
+    Phase,
+    Role,
+    decision_after,
+    next_phase,
+    outcome_for,
+    phases_of,
+    state_diagram,
+)
+
+S, D = Role.SOURCE, Role.DESTINATION
+
+# The whole table written out again, row by row, as the rules read in docs/architecture.md.
+# A change to the table must change this too: nothing moves a record by accident.
+EXPECTED = {
+    (S, Phase.STARTED): {Event.BEGIN_PRECOPY: Phase.PRECOPY, Event.FAIL: Phase.ABORTED, Event.AGENT_RESTARTED: Phase.ABORTED},
+    (S, Phase.PRECOPY): {
+        Event.PAUSE_GUEST: Phase.STOP_AND_COPY,
+        Event.DECIDE_COMMIT: Phase.COMMITTED,
+        Event.FAIL: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.ABORTED,
+    },
+    (S, Phase.STOP_AND_COPY): {
+        Event.DECIDE_COMMIT: Phase.COMMITTED,
+        Event.FAIL: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.ABORTED,
+    },
+    (S, Phase.COMMITTED): {
+        Event.CONFIRM_RUNNING: Phase.COMPLETED,
+        Event.FAIL: Phase.IN_DOUBT,
+        Event.PEER_ABORTED: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.COMMITTED,
+    },
+    (S, Phase.IN_DOUBT): {
+        Event.CONFIRM_RUNNING: Phase.COMPLETED,
+        Event.PEER_ABORTED: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.IN_DOUBT,
+    },
+    (S, Phase.COMPLETED): {},
+    (S, Phase.ABORTED): {},
+    (D, Phase.RECEIVING): {
+        Event.STREAM_VERIFIED: Phase.PREPARED,
+        Event.FAIL: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.ABORTED,
+    },
+    (D, Phase.PREPARED): {
+        Event.RECEIVE_COMMIT: Phase.COMMITTED,
+        Event.FAIL: Phase.IN_DOUBT,
+        Event.PEER_ABORTED: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.PREPARED,
+    },
+    (D, Phase.IN_DOUBT): {
+        Event.RECEIVE_COMMIT: Phase.COMMITTED,
+        Event.PEER_ABORTED: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.IN_DOUBT,
+    },
+    (D, Phase.COMMITTED): {
+        Event.START_GUEST: Phase.RUNNING,
+        Event.FAIL: Phase.COMMITTED,
+        Event.AGENT_RESTARTED: Phase.COMMITTED,
+    },
+    (D, Phase.RUNNING): {},
+    (D, Phase.ABORTED): {},
+}
+
+
+@pytest.mark.parametrize(("role", "phase", "event"), list(itertools.product(Role, Phase, Event)))
+def test_every_phase_and_event_of_both_roles(role: Role, phase: Phase, event: Event) -> None:
+    allowed = EXPECTED.get((role, phase), {})
+    if event in allowed:
+        assert next_phase(role, phase, event) is allowed[event]
+    else:
+        with pytest.raises(IllegalTransition, match=re.escape(f"cannot take {event.value!r}")):
+            next_phase(role, phase, event)
+
+
+def test_the_table_has_no_rule_the_expectation_lacks() -> None:
+    written = {(r, p, e): after for (r, p), row in EXPECTED.items() for e, after in row.items()}
+    assert TRANSITIONS == written
+
+
+def test_each_role_has_its_own_phases() -> None:
+    assert set(phases_of(S)) == {p for (r, p) in EXPECTED if r is S}
+    assert set(phases_of(D)) == {p for (r, p) in EXPECTED if r is D}
+    assert INITIAL == {S: Phase.STARTED, D: Phase.RECEIVING}
+
+
+def test_final_phases_take_no_event_but_every_other_phase_can_fail_or_restart() -> None:
+    for role, phase in EXPECTED:
+        events = set(EXPECTED[(role, phase)])
+        if phase in FINAL:
+            assert events == set()
+        else:
+            assert Event.AGENT_RESTARTED in events  # a restart never finds a record it cannot place
+            assert events & {Event.FAIL, Event.PEER_ABORTED}
+
+
+def test_no_failure_before_the_decision_leaves_the_source_undecided() -> None:
+    for phase in SOURCE_OPEN:
+        assert next_phase(S, phase, Event.FAIL) is Phase.ABORTED
+        assert next_phase(S, phase, Event.AGENT_RESTARTED) is Phase.ABORTED
+    # ... and after it, no failure aborts by itself: only the peer's word does.
+    for phase in (Phase.COMMITTED, Phase.IN_DOUBT):
+        assert next_phase(S, phase, Event.FAIL if phase is Phase.COMMITTED else Event.AGENT_RESTARTED) is not Phase.ABORTED
+
+
+def test_the_destination_starts_a_guest_only_from_a_commit() -> None:
+    sources = {p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.RUNNING}
+    assert sources == {Phase.COMMITTED}
+    commit_from = {p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.COMMITTED and p is not after}
+    assert commit_from == {Phase.PREPARED, Phase.IN_DOUBT}
+    assert all(e is Event.RECEIVE_COMMIT for (r, p, e), after in TRANSITIONS.items()
+               if r is D and after is Phase.COMMITTED and p is not after)  # fmt: skip
+
+
+def test_the_source_decision_is_recorded_only_when_it_is_taken() -> None:
+    assert decision_after(S, Phase.STOP_AND_COPY, Phase.COMMITTED) == "committed"
+    assert decision_after(S, Phase.PRECOPY, Phase.ABORTED) == "aborted"
+    assert decision_after(S, Phase.COMMITTED, Phase.ABORTED) is None  # the decision stays "committed"
+    assert decision_after(S, Phase.COMMITTED, Phase.IN_DOUBT) is None
+    assert decision_after(D, Phase.PREPARED, Phase.COMMITTED) is None
+
+
+def test_what_a_host_tells_its_peer() -> None:
+    assert outcome_for(S, Phase.IN_DOUBT, "committed") == "committed"
+    assert outcome_for(S, Phase.ABORTED, "aborted") == "aborted"
+    assert outcome_for(S, Phase.PRECOPY, None) == "unknown"
+    assert outcome_for(D, Phase.RUNNING, None) == "committed"
+    assert outcome_for(D, Phase.ABORTED, None) == "aborted"
+    assert outcome_for(D, Phase.COMMITTED, None) == "unknown"  # not running yet: the source decides
+
+
+def test_the_store_moves_a_record_only_by_the_table(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path / "agent.db")
+    try:
+        records.create(store, "m1", "vm", S, "host-b", 1 << 20, "builtin")
+        assert store.migration("m1").phase == Phase.STARTED
+        with pytest.raises(IllegalTransition):
+            records.transition(store, "m1", Event.DECIDE_COMMIT)  # nothing was sent yet
+        assert store.migration("m1").phase == Phase.STARTED  # nothing written
+        records.transition(store, "m1", Event.BEGIN_PRECOPY)
+        records.transition(store, "m1", Event.PAUSE_GUEST)
+        assert records.transition(store, "m1", Event.DECIDE_COMMIT) is Phase.COMMITTED
+        assert store.migration("m1").decision == "committed"
+        assert records.transition(store, "m1", Event.FAIL, error="link cut") is Phase.IN_DOUBT
+        record = store.migration("m1")
+        assert (record.phase, record.decision, record.error, record.backend) == (Phase.IN_DOUBT, "committed", "link cut", "builtin")
+        records.create(store, "m2", "vm", D, "host-a", 1 << 20, "qemu")
+        records.transition(store, "m2", Event.FAIL, error="bad digest")
+        assert [r.id for r in store.migrations(phases=(Phase.ABORTED,))] == ["m2"]
+        with pytest.raises(IllegalTransition):
+            records.transition(store, "m2", Event.STREAM_VERIFIED)  # aborted is final
+    finally:
+        store.close()
+
+
+def test_the_diagram_in_the_docs_is_the_table() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    assert state_diagram() in docs, "docs/architecture.md must embed phases.state_diagram() as it is now"
