@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
-from sealift.backends.qemu.migration import check_ipsec_addresses
+from sealift.backends.qemu.transports import check_ipsec_addresses
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.vm import probe_udp
 from sealift.cluster import OPERATOR, LocalCluster
