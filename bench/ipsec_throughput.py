@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from sealift.ipsec.charon import Charon, detect_backend
-from sealift.ipsec.netlab import RoutedPair
-from sealift.ipsec.transfer import run_transfer
+from sealift.lab.ipsec.routed_pair import RoutedPair
+from sealift.lab.ipsec.secret_transfer import run_transfer
 from sealift.ipsec.tunnel import IpsecTunnel, TunnelHost
 
 PORT = 7470

@@ -10,8 +10,8 @@ from itertools import count
 import pytest
 
 from sealift.ipsec.charon import CHARON_CANDIDATES, Charon, detect_backend
-from sealift.ipsec.netlab import RoutedPair
 from sealift.ipsec.tunnel import TunnelHost
+from sealift.lab.ipsec.routed_pair import RoutedPair
 
 MIGRATION_PORT = 7461
 

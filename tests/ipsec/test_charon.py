@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from sealift.ipsec.charon import Charon, CharonError, IpsecBackend, detect_backend, plugin_list, render_strongswan_conf
-from sealift.ipsec.netlab import RoutedPair, in_netns
 from sealift.ipsec.vici_client import ViciClient
+from sealift.lab.ipsec.routed_pair import RoutedPair, in_netns
 
 from .conftest import needs_namespaces
 

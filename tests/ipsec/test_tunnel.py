@@ -19,11 +19,11 @@ import pytest
 
 from sealift.ipsec.charon import ROUTING_TABLE, Charon, IpsecBackend, detect_backend
 from sealift.ipsec.tunnel import FLOW_TABLE
-from sealift.ipsec.netlab import Capture, RoutedPair, in_netns, read_capture, udp_packets
-from sealift.ipsec.psk import derive_ipsec_psk, ipsec_key_id, ipsec_psk_fingerprint
-from sealift.ipsec.transfer import SECRET_LINE, run_transfer
+from sealift.ipsec.sa_key import derive_ipsec_psk, ipsec_key_id, ipsec_psk_fingerprint
 from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, IpsecTunnel, TunnelHost, default_mode
 from sealift.ipsec.vici_client import TunnelEnd, ViciClient
+from sealift.lab.ipsec.routed_pair import Capture, RoutedPair, in_netns, read_capture, udp_packets
+from sealift.lab.ipsec.secret_transfer import SECRET_LINE, run_transfer
 
 from .conftest import MIGRATION_PORT, needs_namespaces
 
@@ -41,7 +41,7 @@ def _connect_from(netns: str, address: str, port: int) -> subprocess.CompletedPr
 def _listen(netns: str, port: int) -> subprocess.Popen[str]:
     """A transfer receiver on all addresses of `netns`, already listening when this returns."""
     listener = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "sealift.ipsec.transfer", "serve", "0.0.0.0", str(port)],
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "sealift.lab.ipsec.secret_transfer", "serve", "0.0.0.0", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"

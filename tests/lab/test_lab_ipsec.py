@@ -134,10 +134,10 @@ def test_the_attackers_ipsec_tools_on_a_static_vpn(tmp_path: Path) -> None:
     import threading
 
     from sealift.ipsec.charon import Charon, detect_backend
-    from sealift.ipsec.intruder import ClaimedAddress, ViciTap, try_sa, vici_state
-    from sealift.ipsec.transfer import run_transfer
     from sealift.ipsec.tunnel import TunnelHost, static_psk_tunnel
     from sealift.ipsec.vici_client import ViciClient
+    from sealift.lab.ipsec.intruder import ClaimedAddress, ViciTap, try_sa, vici_state
+    from sealift.lab.ipsec.secret_transfer import run_transfer
     from sealift.lab.testbed import Testbed
 
     bed = Testbed(tag="iplt").up()

@@ -284,7 +284,7 @@ class ControlServer:
         workload is told over its control channel (no restart); profile "flood"
         takes target "A.B.C.D:PORT" and optional pps, seconds, size.
         """
-        from sealift.monitor.lab import switch_workload
+        from sealift.lab.workload_switch import switch_workload
 
         name, profile = _field(request, "name", str), _field(request, "profile", str)
         if self._agent.qemu_vms.has(name):  # type: ignore[arg-type]
@@ -297,7 +297,7 @@ class ControlServer:
     def _qemu_workload(self, name: str, profile: str, request: dict) -> dict:
         from sealift.backends.qemu.registry import QemuVmError
         from sealift.backends.qemu.guest_control import GuestControlError
-        from sealift.monitor.lab import FloodRequest, drive_qemu_guest
+        from sealift.lab.workload_switch import FloodRequest, drive_qemu_guest
 
         flood = None
         if profile == "flood" or request.get("target") is not None:

@@ -36,7 +36,7 @@ from types import TracebackType
 
 from sealift.errors import SealiftError
 from sealift.ipsec.charon import Charon, IpsecBackend, detect_backend
-from sealift.ipsec.psk import ipsec_psk_fingerprint
+from sealift.ipsec.sa_key import ipsec_psk_fingerprint
 from sealift.ipsec.vici_client import ESP_PROPOSALS, ChildSa, Mode, TunnelEnd, ViciClient, ViciError
 
 LIBIPSEC_TUN = "ipsec0"  # the TUN device kernel-libipsec creates (one per charon, so one per namespace)

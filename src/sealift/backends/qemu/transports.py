@@ -29,7 +29,7 @@ from sealift.host.transport import ControlChannel
 from sealift.backends.qemu.direct import Hook, QemuTls, TlsMaterial, incoming_port, listen_direct, tcp_uri
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.ipsec.charon import CharonError, HostCharon
-from sealift.ipsec.psk import ipsec_key_id, psk_for_migration
+from sealift.ipsec.sa_key import ipsec_key_id, psk_for_migration
 from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint, wait_tcp_closed
 from sealift.migration.errors import MigrationError
 from sealift.migration.options import MigrationOptions

@@ -2,7 +2,7 @@
 
 The insider is host-c: a third agent with a perfectly valid host
 certificate from the cluster CA, running in the attacker's namespace
-(`LabRun.cluster(..., hosts=HOSTS_WITH_INSIDER)`). Where it speaks the
+(`LabSession.cluster(..., hosts=HOSTS_WITH_INSIDER)`). Where it speaks the
 protocol itself, bypassing its own agent, it does so from the attacker's
 namespace with its own key (`_as_host_c`).
 
@@ -32,21 +32,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sealift.placement.adverts import AdvertError, verify_advert
 from sealift.agent.client import AgentRequestFailed
 from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
-from sealift.lab.attacks.base import AttackResult, Backend, attack
+from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.netns import enter_netns
+from sealift.lab.session import Backend, LabSession
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.security.orders import ORDER_KIND, ORDER_VERSION, create_order, format_time
 from sealift.security.signing import sign_document
 from sealift.wire.messages import Accept, Advert, AdvertQuery, Hello, Refuse
-
-if TYPE_CHECKING:
-    from sealift.lab.runner import LabRun
 
 VM = "vm1"
 HOSTS_WITH_INSIDER = ("host-a", "host-b", "host-c")
@@ -88,7 +85,7 @@ def entry_ref(entry: dict) -> str:
 def ask_source(cluster: LocalCluster, vm: str, to: str, order: str | None, options: dict | None = None) -> tuple[bool, str]:
     """Ask the source's control API to migrate `vm` to `to` with `order` (None: no order at all).
 
-    Returns (migrated, error text). Called directly, not through LabRun.migrate,
+    Returns (migrated, error text). Called directly, not through LabSession.migrate,
     because that one signs a fresh, valid order whenever none is given.
     """
     try:
@@ -127,7 +124,7 @@ def _hello(vm: str, source: str, destination: str, order: str | None, memory_byt
     )  # fmt: skip
 
 
-def _as_host_c(run: "LabRun", cluster: LocalCluster, target: str, secure: bool = True, timeout: float = 5.0) -> ControlChannel:
+def _as_host_c(run: LabSession, cluster: LocalCluster, target: str, secure: bool = True, timeout: float = 5.0) -> ControlChannel:
     """A control connection from the attacker's namespace, authenticated as host-c (secure) or not."""
     identity = HostIdentity.load(cluster.pki, "host-c") if secure else None
     with enter_netns(run.testbed.ns("attacker")):
@@ -144,7 +141,7 @@ def _describe(reply: object) -> str:
 
 
 @attack("T5", "pull a VM to an insider host without an order for it")
-def pull(run: "LabRun", backend: Backend) -> list[AttackResult]:
+def pull(run: LabSession, backend: Backend) -> list[AttackResult]:
     """host-c (valid certificate) tries to get vm1 sent to it, four ways; each is refused by the source.
 
     The source agent is the only party that can start a migration, and it
@@ -241,7 +238,7 @@ def _reason_class(reason: str) -> str:
     return reason[:80]
 
 
-def _push_flood(run: "LabRun", cluster: LocalCluster, count: int, *, with_orders: bool, backend: Backend,
+def _push_flood(run: LabSession, cluster: LocalCluster, count: int, *, with_orders: bool, backend: Backend,
                 memory_bytes: int, secure: bool, held: list[ControlChannel]) -> PushOutcome:  # fmt: skip
     """host-c pushes `count` migrations at host-b, one Hello per connection, keeping accepted ones open.
 
@@ -301,7 +298,7 @@ def _layers(outcome: PushOutcome) -> str:
 
 
 @attack("T6", "push flood at a victim host by an insider")
-def push_flood(run: "LabRun", backend: Backend) -> list[AttackResult]:
+def push_flood(run: LabSession, backend: Backend) -> list[AttackResult]:
     """host-c pushes 20 migrations at host-b, first without orders, then with valid orders.
 
     Three layers answer, cheapest first: the port watch (sealift.monitor)
@@ -317,7 +314,7 @@ def push_flood(run: "LabRun", backend: Backend) -> list[AttackResult]:
     return results
 
 
-def _orderless_flood(run: "LabRun", backend: Backend) -> AttackResult:
+def _orderless_flood(run: LabSession, backend: Backend) -> AttackResult:
     cluster = run.cluster(backend, hosts=VICTIM_AND_INSIDER)
     run.start_vm(cluster, "host-b", RESIDENT, "builtin", workload="idle")
     head_b = audit_head(cluster, "host-b")
@@ -347,7 +344,7 @@ def _orderless_flood(run: "LabRun", backend: Backend) -> AttackResult:
     )
 
 
-def _ordered_flood(run: "LabRun", backend: Backend, baseline_accepted: int, baseline_setup: str) -> AttackResult:
+def _ordered_flood(run: LabSession, backend: Backend, baseline_accepted: int, baseline_setup: str) -> AttackResult:
     cluster = run.cluster(backend, hosts=HOSTS_WITH_INSIDER)
     run.start_vm(cluster, "host-a", VM, backend, workload="web")
     run.start_vm(cluster, "host-b", RESIDENT, "builtin", workload="idle")
@@ -406,7 +403,7 @@ def _ordered_flood(run: "LabRun", backend: Backend, baseline_accepted: int, base
     )
 
 
-def _push_flood_baseline(run: "LabRun", backend: Backend) -> tuple[int, str]:
+def _push_flood_baseline(run: LabSession, backend: Backend) -> tuple[int, str]:
     """The same ordered flood at a destination with its caps lifted, over the plaintext channel."""
     setup = ("plaintext (allow_insecure), admission caps lifted on host-b: max_incoming, vcpu_capacity, "
              "guard.max_incoming_per_peer and guard.max_connections_per_peer = 64; orders still signed by the admin")
@@ -428,7 +425,7 @@ def _push_flood_baseline(run: "LabRun", backend: Backend) -> tuple[int, str]:
 # -- T7: false resource advertising -----------------------------------------------------------
 
 
-def _naive_choice(run: "LabRun", cluster: LocalCluster) -> tuple[str | None, dict[str, int]]:
+def _naive_choice(run: LabSession, cluster: LocalCluster) -> tuple[str | None, dict[str, int]]:
     """The baseline scheduler: fetch the same signed adverts and believe them (most free memory wins).
 
     It checks signatures and freshness, as sealift's does, but not whether a
@@ -464,7 +461,7 @@ def _assessment(placement: dict, host: str) -> dict:
 
 
 @attack("T7", "false resource advertising by an insider")
-def false_advertising(run: "LabRun", backend: Backend) -> list[AttackResult]:
+def false_advertising(run: LabSession, backend: Backend) -> list[AttackResult]:
     """host-c lies in its signed adverts; `--to auto` placement must not send the VM there.
 
     Both backends: placement sizes a QEMU guest from the QEMU registry, and a
@@ -640,7 +637,7 @@ def _status_latency(cluster: LocalCluster, host: str, stop: threading.Event, sam
 
 
 @attack("T9", "handshake flood and slow clients during a migration")
-def handshake_flood(run: "LabRun", backend: Backend) -> list[AttackResult]:
+def handshake_flood(run: LabSession, backend: Backend) -> list[AttackResult]:
     """The VM goes host-a -> host-b in quiet, then back under attack on host-a's migration port.
 
     One VM both ways, so both timings are of the same guest (and a QEMU run
@@ -735,7 +732,7 @@ def handshake_flood(run: "LabRun", backend: Backend) -> list[AttackResult]:
 
 
 @attack("T10", "unauthorised operator and audit-log tampering")
-def operators_and_audit(run: "LabRun", backend: Backend) -> list[AttackResult]:
+def operators_and_audit(run: LabSession, backend: Backend) -> list[AttackResult]:
     cluster = run.cluster(backend)
     run.start_vm(cluster, "host-a", VM, backend, workload="web")
     results = []
@@ -789,7 +786,7 @@ def _audit_verify_cli(cluster: LocalCluster, host: str) -> tuple[int, dict]:
         return done.returncode, {"ok": None, "output": (done.stdout + done.stderr)[-500:]}
 
 
-def _tamper_with_audit(run: "LabRun", cluster: LocalCluster, backend: Backend) -> AttackResult:
+def _tamper_with_audit(run: LabSession, cluster: LocalCluster, backend: Backend) -> AttackResult:
     before_code, before = _audit_verify_cli(cluster, "host-a")
     db = cluster.agents["host-a"].config_path.parent / "audit.sqlite3"
     with sqlite3.connect(db) as conn:

@@ -1,26 +1,25 @@
 """What an attack of the lab is, what it reports, and the registry of attacks.
 
-An attack is a function `(LabRun, backend) -> list[AttackResult]`, registered
+An attack is a function `(LabSession, backend) -> list[AttackResult]`, registered
 with `@attack("T1", "passive snooping")`. It runs against the plaintext
 baseline first where that applies (baseline "succeeded" shows the attack is
 real), then against sealift (which must block it), on real agents in the
 lab's namespaces, and collects evidence: capture files and offsets, error
-messages, audit entries. The runner (lab/runner.py) makes the testbed,
-calls the attacks, and writes the report.
+messages, audit entries. The runner (lab/runner.py) calls the attacks in a
+LabSession (lab/session.py: the testbed and everything an attack uses);
+the CLI writes the report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from sealift.lab.runner import LabRun
+from sealift.lab.session import Backend, LabSession
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "Backend", "RegisteredAttack", "attack"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "RegisteredAttack", "attack"]
 
-Backend = Literal["builtin", "qemu"]
 Baseline = Literal["succeeded", "blocked", "n/a"]
 Outcome = Literal["blocked", "succeeded"]
 
@@ -44,7 +43,7 @@ class AttackResult:
         return asdict(self)
 
 
-Attack = Callable[["LabRun", Backend], list[AttackResult]]
+Attack = Callable[[LabSession, Backend], list[AttackResult]]
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sealift.cluster import LocalCluster
-from sealift.lab.attacks.base import AttackResult, Backend, attack
+from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.capture import Finding, dropped_note, find_in_capture, ip_protocols
 from sealift.lab.netns import enter_netns
 from sealift.lab.relay import Relay, Tamper
-from sealift.lab.runner import LabRun, MigrationFailed
+from sealift.lab.session import Backend, LabSession, MigrationFailed
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.security.psk import PskStore, new_psk, psk_to_hex, wrap_key_from_private_key
 
@@ -42,15 +42,15 @@ SEALIFT_TRANSPORT = {"builtin": None, "qemu": "sealift"}
 MiB = 1 << 20
 
 
-def _plain(lab: LabRun, cluster: LocalCluster, backend: Backend, **kwargs: object) -> dict:
+def _plain(lab: LabSession, cluster: LocalCluster, backend: Backend, **kwargs: object) -> dict:
     return lab.migrate(cluster, VM, {"secure": False}, transport=PLAIN_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
 
 
-def _secure(lab: LabRun, cluster: LocalCluster, backend: Backend, options: dict | None = None, **kwargs: object) -> dict:
+def _secure(lab: LabSession, cluster: LocalCluster, backend: Backend, options: dict | None = None, **kwargs: object) -> dict:
     return lab.migrate(cluster, VM, {"secure": True, **(options or {})}, transport=SEALIFT_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
 
 
-def _where(lab: LabRun, cluster: LocalCluster) -> str:
+def _where(lab: LabSession, cluster: LocalCluster) -> str:
     copies = lab.copies(cluster, VM)
     return ", ".join(f"{host}: {state}" for host, state in sorted(copies.items())) or "nowhere"
 
@@ -77,7 +77,7 @@ def _describe(finding: Finding, path: Path) -> str:
 
 
 @attack("T1", "passive snooping (tshark on the attacker's link)")
-def passive_snooping(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def passive_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
     # Baseline: the same migration in clear, captured on the same link.
     plain = lab.cluster(backend, insecure=True)
     lab.start_vm(plain, "host-a", VM, backend)
@@ -126,7 +126,7 @@ class _QemuStreamHijack:
 
     READY = re.compile(rb'"ready": true, "port": (\d+)')
 
-    def __init__(self, lab: LabRun, destination_ip: str) -> None:
+    def __init__(self, lab: LabSession, destination_ip: str) -> None:
         self._lab = lab
         self._destination_ip = destination_ip
         self.tamper = Tamper(replace=(SECRET, STOLEN), data_stream_only=False)
@@ -144,7 +144,7 @@ class _QemuStreamHijack:
         self._lab._relays.append(relay)  # closed with the run's other relays
 
 
-def _probe_until_answered(lab: LabRun, vm: dict, timeout: float) -> int | None:
+def _probe_until_answered(lab: LabSession, vm: dict, timeout: float) -> int | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         counter = lab.probe(vm, timeout=0.5)
@@ -153,7 +153,7 @@ def _probe_until_answered(lab: LabRun, vm: dict, timeout: float) -> int | None:
     return None
 
 
-def _tamper_baseline(lab: LabRun, backend: Backend) -> tuple[str, str, dict]:
+def _tamper_baseline(lab: LabSession, backend: Backend) -> tuple[str, str, dict]:
     relay = lab.relay()
     cluster = lab.cluster(backend, insecure=True, via=relay)
     vm = lab.start_vm(cluster, "host-a", VM, backend)
@@ -184,7 +184,7 @@ def _tamper_baseline(lab: LabRun, backend: Backend) -> tuple[str, str, dict]:
 
 
 @attack("T2", "active manipulation (relay rewrites bytes in flight)")
-def active_manipulation(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def active_manipulation(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baseline, baseline_evidence, details = _tamper_baseline(lab, backend)
 
     relay = lab.relay()
@@ -218,7 +218,7 @@ class Impostor:
     """A fake host-b at the attacker's address: terminates TLS with whatever certificate it is
     given (no client check: it wants the VM, not to authenticate anyone) and records what arrives."""
 
-    def __init__(self, lab: LabRun) -> None:
+    def __init__(self, lab: LabSession) -> None:
         with enter_netns(lab.testbed.ns("attacker")):
             self._server = socket.create_server((lab.testbed.attacker_ip, 0))
         self.address: tuple[str, int] = self._server.getsockname()[:2]
@@ -291,7 +291,7 @@ def _forged_identities(cluster: LocalCluster) -> dict[str, tuple[Path, Path]]:
     }
 
 
-def _mitm_baseline(lab: LabRun, backend: Backend) -> tuple[str, str]:
+def _mitm_baseline(lab: LabSession, backend: Backend) -> tuple[str, str]:
     """Plaintext: nothing tells the source that the attacker's address is not host-b."""
     relay = lab.relay()
     cluster = lab.cluster(backend, insecure=True, via=relay)
@@ -309,7 +309,7 @@ def _mitm_baseline(lab: LabRun, backend: Backend) -> tuple[str, str]:
 
 
 @attack("T3", "man in the middle with forged or borrowed certificates")
-def man_in_the_middle(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def man_in_the_middle(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baseline, baseline_evidence = _mitm_baseline(lab, backend)
     impostor = Impostor(lab)
     try:
@@ -356,7 +356,7 @@ def _accepted(cluster: LocalCluster, host: str) -> int:
 
 
 @attack("T4", "replay of a recorded session and of a used order")
-def replay(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
     relay = lab.relay()
     cluster = lab.cluster(backend, via=relay)
     lab.start_vm(cluster, "host-a", VM, backend)
@@ -408,7 +408,7 @@ def replay(lab: LabRun, backend: Backend) -> list[AttackResult]:
     return [session_result, order_result]
 
 
-def _send_from_attacker(lab: LabRun, address: tuple[str, int], payload: bytes) -> None:
+def _send_from_attacker(lab: LabSession, address: tuple[str, int], payload: bytes) -> None:
     with enter_netns(lab.testbed.ns("attacker")):
         sock = socket.create_connection(address, timeout=5)
     with sock:
@@ -425,11 +425,11 @@ def _send_from_attacker(lab: LabRun, address: tuple[str, int], payload: bytes) -
 
 
 @attack("T13", "revoked host certificate; old captures and later keys")
-def stolen_keys(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def stolen_keys(lab: LabSession, backend: Backend) -> list[AttackResult]:
     return [_revoked_host(lab, backend), _old_captures(lab, backend)]
 
 
-def _revoked_host(lab: LabRun, backend: Backend) -> AttackResult:
+def _revoked_host(lab: LabSession, backend: Backend) -> AttackResult:
     cluster = lab.cluster(backend)
     lab.start_vm(cluster, "host-a", VM, backend)
     # host-b's key is stolen: the CA revokes its certificate, every agent gets the new CRL.
@@ -547,7 +547,7 @@ class _RsaTunnel:
     the exit, which passes it on to `target` (host-b's agent); in between it crosses the attacker's link.
     """
 
-    def __init__(self, lab: LabRun, directory: Path) -> None:
+    def __init__(self, lab: LabSession, directory: Path) -> None:
         self.key_path, self.cert_path = _rsa_identity(directory, "tunnel-exit")
         self._server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._server.load_cert_chain(self.cert_path, self.key_path)
@@ -669,7 +669,7 @@ def _key_complaints(errors: list[str]) -> str:
     return "; ".join(f"tshark refused {', '.join(keys)}: {reason!r}" for reason, keys in by_reason.items())
 
 
-def _rsa_baseline(lab: LabRun, backend: Backend) -> tuple[str, str, dict]:
+def _rsa_baseline(lab: LabSession, backend: Backend) -> tuple[str, str, dict]:
     """The plaintext migration inside a TLS 1.2 RSA-key-transport tunnel; then the tunnel's key is stolen."""
     loot = lab.results_dir / f"T13-{backend}-baseline-loot"
     tunnel = _RsaTunnel(lab, loot)
@@ -723,7 +723,7 @@ def _steal_psks(cluster: LocalCluster, loot: Path) -> dict[str, dict[str, object
     return stolen
 
 
-def _old_captures(lab: LabRun, backend: Backend) -> AttackResult:
+def _old_captures(lab: LabSession, backend: Backend) -> AttackResult:
     baseline, baseline_evidence, details = _rsa_baseline(lab, backend)
 
     cluster = lab.cluster(backend)
@@ -774,7 +774,7 @@ def _old_captures(lab: LabRun, backend: Backend) -> AttackResult:
                         "blocked" if blocked else "succeeded", evidence, copies, details=details)
 
 
-def _server_key_shares(lab: LabRun, pcap: Path, ports: list[int]) -> list[str]:
+def _server_key_shares(lab: LabSession, pcap: Path, ports: list[int]) -> list[str]:
     """The servers' ephemeral key shares in the capture's TLS 1.3 ServerHellos (tshark decodes)."""
     argv = ["tshark", "-n", "-r", str(pcap)]
     for port in ports:

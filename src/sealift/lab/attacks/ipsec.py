@@ -13,7 +13,7 @@ between charons of the lab's own in the same two namespaces.
 
 The attacker is the router between the hosts (the lab's attacker
 namespace): it captures, it replays with spoofed source addresses, and for
-T13 it takes a host's address for itself (ipsec/intruder.py) and runs a
+T13 it takes a host's address for itself (lab/ipsec/intruder.py) and runs a
 charon of its own.
 """
 
@@ -32,17 +32,17 @@ from typing import TypeVar
 
 from sealift.cluster import LocalCluster
 from sealift.ipsec.charon import Charon, detect_backend
-from sealift.ipsec.intruder import ClaimedAddress, LoadedConn, LoadedPsk, ViciTap, try_sa, vici_state
-from sealift.ipsec.netlab import UdpPacket, udp_packets
-from sealift.ipsec.psk import ipsec_psk_fingerprint
-from sealift.ipsec.replay import IKE_NATT_PORT, IKE_PORT, ike_initiator_messages, is_ike, send_datagrams
+from sealift.ipsec.sa_key import ipsec_psk_fingerprint
 from sealift.ipsec.tunnel import TunnelHost, migration_identity, static_psk_tunnel
 from sealift.ipsec.vici_client import ViciClient
-from sealift.lab.attacks.base import AttackResult, Backend, attack
+from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.attacks.channel import SECRET, VM, _describe, _plain, _short, _where
 from sealift.lab.capture import Capture, dropped_note, find_in_capture, read_packets, tcp_streams
+from sealift.lab.ipsec.intruder import ClaimedAddress, LoadedConn, LoadedPsk, ViciTap, try_sa, vici_state
+from sealift.lab.ipsec.replay_attack import IKE_NATT_PORT, IKE_PORT, ike_initiator_messages, is_ike, send_datagrams
+from sealift.lab.ipsec.routed_pair import UdpPacket, udp_packets
 from sealift.lab.netns import enter_netns
-from sealift.lab.runner import LabRun
+from sealift.lab.session import Backend, LabSession
 
 TRANSPORT = "ipsec"
 IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ESP = 6, 17, 50
@@ -52,7 +52,7 @@ STATIC_PORT = 7461  # the static VPN's protected TCP port (any: nothing is sent 
 ATTEMPT_TIMEOUT_S = 8.0
 
 
-def _migrate_ipsec(lab: LabRun, cluster: LocalCluster, source: str = "host-a", destination: str = "host-b") -> dict:
+def _migrate_ipsec(lab: LabSession, cluster: LocalCluster, source: str = "host-a", destination: str = "host-b") -> dict:
     return lab.migrate(cluster, VM, {"secure": True}, transport=TRANSPORT, source=source, destination=destination)
 
 
@@ -65,7 +65,7 @@ def _charon_log(cluster: LocalCluster, host: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _keep_log(lab: LabRun, text: str, name: str) -> Path:
+def _keep_log(lab: LabSession, text: str, name: str) -> Path:
     """A charon log is evidence: keep it in the results folder (the cluster's folder goes at the end)."""
     path = lab.results_dir / name
     path.write_text(text)
@@ -89,7 +89,7 @@ def _lines(log: str, pattern: str, limit: int = 2) -> list[str]:
 # -- T1: snooping on the ipsec transport --------------------------------------------------------------
 
 
-def _plain_baseline(lab: LabRun) -> tuple[bool, str, dict]:
+def _plain_baseline(lab: LabSession) -> tuple[bool, str, dict]:
     """QEMU's `plain` transport captured on the same link: the secret is there (the positive control)."""
     cluster = lab.cluster("qemu", insecure=True)
     lab.start_vm(cluster, "host-a", VM, "qemu")
@@ -139,7 +139,7 @@ def traffic_between(pcap: Path, a: str, b: str) -> dict[str, int]:
 
 
 @attack("T1", "passive snooping on the IPsec transport (tshark on the attacker's link)", backends=("qemu",))
-def ipsec_snooping(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def ipsec_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baseline_found, baseline_evidence, details = _plain_baseline(lab)
 
     cluster = lab.cluster("qemu")
@@ -195,7 +195,7 @@ def _sa_note(report: dict) -> str:
 
 
 @contextmanager
-def _static_charons(lab: LabRun) -> Iterator[tuple[Charon, Charon, TunnelHost, TunnelHost]]:
+def _static_charons(lab: LabSession) -> Iterator[tuple[Charon, Charon, TunnelHost, TunnelHost]]:
     """Charons of our own on the lab's two hosts for the static-PSK VPN (no agent runs one meanwhile)."""
     backend = detect_backend()
     source = TunnelHost(lab.testbed.ns("source"), lab.testbed.source_ip, "host-a")
@@ -214,7 +214,7 @@ def _static_charons(lab: LabRun) -> Iterator[tuple[Charon, Charon, TunnelHost, T
 
 
 @contextmanager
-def _static_vpn(lab: LabRun, psk: bytes) -> Iterator[tuple[Charon, Charon, TunnelHost, TunnelHost]]:
+def _static_vpn(lab: LabSession, psk: bytes) -> Iterator[tuple[Charon, Charon, TunnelHost, TunnelHost]]:
     """The static-PSK VPN between the lab's two hosts, up (its connection and PSK loaded on both)."""
     with _static_charons(lab) as (source_charon, destination_charon, source, destination):
         with static_psk_tunnel(source, destination, STATIC_PORT, psk, charons=(source_charon, destination_charon)):
@@ -250,7 +250,7 @@ class Try:
         return f"{self.what}: no SA, the victim's charon: \"{'; '.join(self.refusals) or _short(self.error, 80)}\""
 
 
-def _try(lab: LabRun, what: str, victim_log: Callable[[], str], victim_vici: Path, *, claimed: str, victim_ip: str,
+def _try(lab: LabSession, what: str, victim_log: Callable[[], str], victim_vici: Path, *, claimed: str, victim_ip: str,
          name: str, ids: tuple[str, str], port: int, psk: bytes) -> Try:  # fmt: skip
     """The attacker, claiming `claimed` (for its own IKE ports only), tries `psk` with identities `ids`."""
     seen: dict[str, list[str]] = {}
@@ -266,7 +266,7 @@ def _try(lab: LabRun, what: str, victim_log: Callable[[], str], victim_vici: Pat
     return Try(what, attempt.established, refusals, attempt.error, list(sas or []))
 
 
-def _static_baseline_t13(lab: LabRun) -> dict[str, Try]:
+def _static_baseline_t13(lab: LabSession) -> dict[str, Try]:
     """The static VPN, connection and PSK always loaded: {"old": the stolen PSK, "guessed": a random one}."""
     psk = os.urandom(32)
     tries: dict[str, Try] = {}
@@ -279,7 +279,7 @@ def _static_baseline_t13(lab: LabRun) -> dict[str, Try]:
     return tries
 
 
-def _stolen_psk(lab: LabRun, cluster: LocalCluster) -> tuple[dict, LoadedPsk, LoadedConn]:
+def _stolen_psk(lab: LabSession, cluster: LocalCluster) -> tuple[dict, LoadedPsk, LoadedConn]:
     """Migrate there and back over ipsec, tapping host-b's charon control socket during the way back.
 
     The tap stands for an attacker with root on host-b while that migration
@@ -315,7 +315,7 @@ T = TypeVar("T")
 STRIKE_MIGRATION_BPS = 4 * 1024 * 1024
 
 
-def _while_migrating(lab: LabRun, cluster: LocalCluster, source: str, destination: str, strike: Callable[[str], T],
+def _while_migrating(lab: LabSession, cluster: LocalCluster, source: str, destination: str, strike: Callable[[str], T],
                      *, sa_installed: bool = False) -> tuple[dict, T, bool]:  # fmt: skip
     """Run `strike(connection name)` as soon as the destination's charon has this migration's connection
     loaded (or, with sa_installed, its child SA up); (the migration's report, what strike returned,
@@ -350,7 +350,7 @@ def _established_ike(vici_path: Path, name: str) -> int:
 
 
 @attack("T13", "an old (stolen) or guessed IKE PSK against the IPsec transport", backends=("qemu",))
-def ipsec_old_psk(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baselines = _static_baseline_t13(lab)
 
     cluster = lab.cluster("qemu")
@@ -434,13 +434,13 @@ def _tail(text: str, lines: int) -> list[str]:
 # -- T4: replaying a recorded IKE exchange --------------------------------------------------------------------
 
 
-def _replay(lab: LabRun, packets: list[UdpPacket], gap_s: float = 0.2) -> int:
+def _replay(lab: LabSession, packets: list[UdpPacket], gap_s: float = 0.2) -> int:
     """Send the recorded datagrams again from the attacker's namespace, source addresses spoofed."""
     with enter_netns(lab.testbed.ns("attacker")):  # this thread only; the raw socket is made in there
         return send_datagrams(packets, gap_s)
 
 
-def _static_baseline_t4(lab: LabRun) -> tuple[str, str, dict]:
+def _static_baseline_t4(lab: LabSession) -> tuple[str, str, dict]:
     """The static VPN: record one exchange, replay it while the same connection and PSK are loaded again."""
     psk = os.urandom(32)
     with _static_charons(lab) as (source_charon, destination_charon, source, destination):
@@ -473,7 +473,7 @@ def _established(state: dict[str, list[str]]) -> int:
     return len([sa for sa in state["sas"] if "ESTABLISHED" in sa])
 
 
-def _replay_watched(lab: LabRun, recorded: list[UdpPacket], name: str) -> tuple[int, int, list[UdpPacket], Path]:
+def _replay_watched(lab: LabSession, recorded: list[UdpPacket], name: str) -> tuple[int, int, list[UdpPacket], Path]:
     """Replay towards host-b, capturing the attacker's link to it: (sent, seen there, host-b's answers, pcap)."""
     towards_b = Capture(lab.testbed.ns("attacker"), "to-dst", lab.results_dir / f"{name}.pcap")
     towards_b.start()
@@ -491,7 +491,7 @@ def _replay_watched(lab: LabRun, recorded: list[UdpPacket], name: str) -> tuple[
 
 
 @attack("T4", "replay of a recorded IKE exchange against the IPsec transport", backends=("qemu",))
-def ipsec_ike_replay(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def ipsec_ike_replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baseline, baseline_evidence, details = _static_baseline_t4(lab)
 
     cluster = lab.cluster("qemu")

@@ -22,14 +22,11 @@ its pid stay the same and only its behaviour changes.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.admission import ask_source, audit_head, audit_since, clip, entry_ref
-from sealift.lab.attacks.base import AttackResult, Backend, attack
-
-if TYPE_CHECKING:
-    from sealift.lab.runner import LabRun
+from sealift.lab.attacks.base import AttackResult, attack
+from sealift.lab.session import Backend, LabSession
 
 VM = "vm1"
 # Sample twice a second and judge after 10 samples, so the attack takes seconds, not minutes;
@@ -57,7 +54,7 @@ def _wait(predicate, timeout: float) -> object:  # type: ignore[no-untyped-def]
     return None
 
 
-def _storm_baseline(run: "LabRun", backend: Backend) -> tuple[str, dict]:
+def _storm_baseline(run: LabSession, backend: Backend) -> tuple[str, dict]:
     """The storm on agents without monitors: does the VM move? ("succeeded" if it did)."""
     cluster = run.cluster(backend, host_config={"host-a": MONITOR_OFF, "host-b": MONITOR_OFF})
     run.start_vm(cluster, "host-a", VM, backend, workload="web")
@@ -72,7 +69,7 @@ def _storm_baseline(run: "LabRun", backend: Backend) -> tuple[str, dict]:
 
 
 @attack("T12", "a VM driven into a write storm is flagged attacker and held", backends=("builtin", "qemu"))
-def write_storm(run: "LabRun", backend: Backend) -> list[AttackResult]:
+def write_storm(run: LabSession, backend: Backend) -> list[AttackResult]:
     baseline, baseline_details = _storm_baseline(run, backend)
 
     cluster = run.cluster(backend, host_config={"host-a": FAST_MONITOR, "host-b": FAST_MONITOR})

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from sealift.host.transport import INSECURE_CONTROL_MAGIC
 from sealift.cluster import LocalCluster
-from sealift.lab.attacks.base import AttackResult, Backend, attack
+from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.netns import enter_netns
-from sealift.lab.runner import BackgroundMigration, LabRun, MigrationFailed
+from sealift.lab.session import Backend, BackgroundMigration, LabSession, MigrationFailed
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
 from sealift.wire.messages import FRAME_HEADER, PROTOCOL_VERSION, Commit, MessageType, encode_frame
@@ -64,7 +64,7 @@ def _probes() -> list[Probe]:
     ]
 
 
-def _send_probe(lab: LabRun, cluster: LocalCluster, probe: Probe, insider: HostIdentity) -> str:
+def _send_probe(lab: LabSession, cluster: LocalCluster, probe: Probe, insider: HostIdentity) -> str:
     """Send one probe from the attacker's namespace; how the agent reacted."""
     with enter_netns(lab.testbed.ns("attacker")):
         sock = socket.create_connection(cluster.addresses["host-b"], timeout=SEND_TIMEOUT_S)
@@ -95,7 +95,7 @@ def cluster_step_deadline(cluster: LocalCluster) -> float:
 
 
 @attack("T8", "malformed, truncated, oversized and out-of-order frames")
-def malformed_frames(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def malformed_frames(lab: LabSession, backend: Backend) -> list[AttackResult]:
     cluster = lab.cluster(backend, hosts=("host-a", "host-b", "host-c"), start=False)
     cluster.start("host-a")
     cluster.start("host-b")  # host-c's certificate is used by hand, not by an agent
@@ -160,7 +160,7 @@ def _reached(phase: str) -> Callable[[dict], bool]:
     return lambda e: e.get("event") == "phase" and e.get("phase") == "committed"
 
 
-def _strike(lab: LabRun, cluster: LocalCluster, relay, action: str, source: str, destination: str) -> None:  # noqa: ANN001
+def _strike(lab: LabSession, cluster: LocalCluster, relay, action: str, source: str, destination: str) -> None:  # noqa: ANN001
     if action == "kill destination agent":
         cluster.kill(destination, signal.SIGKILL)
     elif action == "kill source agent":
@@ -169,7 +169,7 @@ def _strike(lab: LabRun, cluster: LocalCluster, relay, action: str, source: str,
         relay.cut()
 
 
-def _recover(lab: LabRun, cluster: LocalCluster, relay, action: str, source: str, destination: str) -> str:  # noqa: ANN001
+def _recover(lab: LabSession, cluster: LocalCluster, relay, action: str, source: str, destination: str) -> str:  # noqa: ANN001
     """The failed part comes back: a restarted agent, or the link. '' or why it could not."""
     if action == "cut the link":
         time.sleep(1.0)
@@ -184,14 +184,14 @@ def _recover(lab: LabRun, cluster: LocalCluster, relay, action: str, source: str
     return ""
 
 
-def _settled(lab: LabRun, cluster: LocalCluster) -> bool:
+def _settled(lab: LabSession, cluster: LocalCluster) -> bool:
     """Exactly one running copy and no copy paused or half-received anywhere."""
     copies = lab.copies(cluster, VM)
     return list(copies.values()) == ["running"]
 
 
 @attack("T11", "kill an agent or cut the link at each migration phase")
-def failures_at_every_phase(lab: LabRun, backend: Backend) -> list[AttackResult]:
+def failures_at_every_phase(lab: LabSession, backend: Backend) -> list[AttackResult]:
     """Every (action, phase) pair on fresh agents: a failure must not leave traces that the
     next scenario trips over. A built-in guest is cheap to start, so each scenario gets its
     own; a QEMU guest boots in seconds under TCG, so one guest serves the three phases of
@@ -228,7 +228,7 @@ def failures_at_every_phase(lab: LabRun, backend: Backend) -> list[AttackResult]
 AFTER_COMMIT_HOLD = 'lab_pause_at = "commit-received"\nlab_pause_s = 3'
 
 
-def _fresh(lab: LabRun, backend: Backend, hold_after_commit: bool = False) -> tuple[LocalCluster, dict]:
+def _fresh(lab: LabSession, backend: Backend, hold_after_commit: bool = False) -> tuple[LocalCluster, dict]:
     relays = {("host-a", "host-b"): lab.relay(), ("host-b", "host-a"): lab.relay()}
     cluster = lab.cluster(backend, extra_config=AFTER_COMMIT_HOLD if hold_after_commit else "", via=relays)
     # Built-in: a guest that dirties memory fast, so its stop-and-copy round is long enough to
@@ -237,7 +237,7 @@ def _fresh(lab: LabRun, backend: Backend, hold_after_commit: bool = False) -> tu
     return cluster, relays
 
 
-def _one_failure(lab: LabRun, cluster: LocalCluster, relays: dict, backend: Backend, phase: str, action: str,
+def _one_failure(lab: LabSession, cluster: LocalCluster, relays: dict, backend: Backend, phase: str, action: str,
                  source: str) -> AttackResult:  # fmt: skip
     destination = "host-b" if source == "host-a" else "host-a"
     relay = relays[(source, destination)]
@@ -297,14 +297,14 @@ def _one_failure(lab: LabRun, cluster: LocalCluster, relays: dict, backend: Back
                                  "restart_failure": restart_failure})
 
 
-def _counter(lab: LabRun, cluster: LocalCluster, host: str) -> int | None:
+def _counter(lab: LabSession, cluster: LocalCluster, host: str) -> int | None:
     try:
         return cluster.client(host).request("vm.info", name=VM)["vm"].get("counter")
     except Exception:
         return None
 
 
-def _progressing(lab: LabRun, cluster: LocalCluster, host: str, timeout: float = 10.0) -> bool:
+def _progressing(lab: LabSession, cluster: LocalCluster, host: str, timeout: float = 10.0) -> bool:
     """Whether the guest's counter moves on `host` within `timeout` s.
 
     A guest that has just arrived has printed no counter on its new console

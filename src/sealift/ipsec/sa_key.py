@@ -8,7 +8,7 @@ does:
   - the TLS exporter of their control connection, with the migration id as
     context (fresh ECDHE per connection: the PSK is new for every migration
     even when nothing else changes, and a recorded old session is no help);
-  - the dynamic PSK of the pair (security/psk.py), at the epoch this
+  - the dynamic PSK of the pair (security/psk/), at the epoch this
     session authenticated with, when one is provisioned: the second factor.
     It ratchets forward after every successful migration (HKDF, one-way).
 
@@ -22,7 +22,7 @@ does not reveal an old one. A failed migration cannot desynchronise the
 hosts: the PSK depends only on values fixed once both proofs are checked
 (the epoch both proved, this connection's exporter, this migration's
 nonces), and the ratchet itself keeps the previous and pending keys until
-the peer proves it moved on (see security/psk.py), so the next migration
+the peer proves it moved on (see security/psk/ratchet.py), so the next migration
 authenticates at a common epoch and derives a common key again.
 """
 

@@ -81,7 +81,7 @@ def _rewrite_profile(image_path: Path, profile_name: str, profile: WorkloadProfi
         image.write_state(new_state.to_bytes())
 
 
-# QEMU guests: the built-in profile names as dirty rates (MiB/s), as the lab boots them (lab/runner.py).
+# QEMU guests: the built-in profile names as dirty rates (MiB/s), as the lab boots them (lab/session.py).
 QEMU_PROFILE_RATES = {"idle": 0, "web": 4, "db": 8}
 QEMU_PROFILES = ("idle", "web", "db", "stress", "flood", "restore")
 QEMU_ONLY_PROFILES = ("flood", "restore")

@@ -1,7 +1,9 @@
 """A bounded TCP transfer between two namespace hosts, standing in for a migration stream.
 
-    python -m sealift.ipsec.transfer serve ADDRESS PORT       # prints {"bytes": n, "seconds": t}, one connection
-    python -m sealift.ipsec.transfer send ADDRESS PORT BYTES  # sends BYTES of a payload holding SECRET_LINE
+    python -m sealift.lab.ipsec.secret_transfer serve ADDRESS PORT
+        # one connection; prints {"bytes": n, "seconds": t}
+    python -m sealift.lab.ipsec.secret_transfer send ADDRESS PORT BYTES
+        # sends BYTES of a payload holding SECRET_LINE
 
 The payload repeats a 64 KiB block that contains the secret line, like a VM
 image with a secret in its memory, so a cleartext capture of any part of
@@ -90,7 +92,7 @@ def run_transfer(server_netns: str, server_address: str, client_netns: str, port
 
     python = sys.executable
     server = subprocess.Popen(
-        ["ip", "netns", "exec", server_netns, python, "-m", "sealift.ipsec.transfer", "serve", server_address, str(port)],
+        ["ip", "netns", "exec", server_netns, python, "-m", "sealift.lab.ipsec.secret_transfer", "serve", server_address, str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -98,7 +100,7 @@ def run_transfer(server_netns: str, server_address: str, client_netns: str, port
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the transfer receiver did not start: {server.stderr.read() if server.stderr else ''}")
         client = subprocess.run(
-            ["ip", "netns", "exec", client_netns, python, "-m", "sealift.ipsec.transfer", "send", server_address,
+            ["ip", "netns", "exec", client_netns, python, "-m", "sealift.lab.ipsec.secret_transfer", "send", server_address,
              str(port), str(size)],
             capture_output=True, text=True, timeout=timeout_s,
         )

@@ -3,7 +3,7 @@
 An on-path attacker that recorded an IKE exchange sends its initiator's
 messages again, byte for byte, from the initiator's address and ports: a
 raw socket with IP_HDRINCL writes the IPv4 header itself. Run inside the
-attacker's namespace, as a program (`python -m sealift.ipsec.replay <
+attacker's namespace, as a program (`python -m sealift.lab.ipsec.replay_attack <
 packets.json`, a JSON list of {"src", "dst", "sport", "dport", "payload"
 (hex)}) or by calling `send_datagrams` from a thread that is in it.
 
@@ -31,7 +31,7 @@ GAP_S = 0.2  # like the original exchange: one message after the other
 
 
 class UdpDatagram(Protocol):
-    """A recorded UDP datagram (e.g. sealift.ipsec.netlab.UdpPacket)."""
+    """A recorded UDP datagram (e.g. sealift.lab.ipsec.routed_pair.UdpPacket)."""
 
     @property
     def src(self) -> str: ...

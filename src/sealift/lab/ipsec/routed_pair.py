@@ -4,8 +4,8 @@
 
 The router namespace forwards between the two links and is where an
 on-path attacker sits: it captures on `ra` and can inject packets. Used by
-tests/ipsec and bench/ipsec_throughput.py; the project-wide lab testbed
-(sealift.lab) is separate.
+tests/ipsec and bench/ipsec_throughput.py; the attack lab's own testbed
+(sealift.lab.testbed) is separate.
 """
 
 from __future__ import annotations

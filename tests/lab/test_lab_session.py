@@ -1,10 +1,10 @@
-"""The lab runner's pure parts: agent config defaults and how a guest's state is read."""
+"""The lab session's pure parts: agent config defaults and how a guest's state is read."""
 
 from __future__ import annotations
 
 import tomllib
 
-from sealift.lab.runner import _state, _with_lab_defaults
+from sealift.lab.session import _state, _with_lab_defaults
 
 
 def test_lab_deadlines_are_defaults_an_attack_can_override() -> None:

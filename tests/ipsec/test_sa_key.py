@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sealift.ipsec.psk import (
+from sealift.ipsec.sa_key import (
     CHANNEL_SECRET_SIZE,
     agreed_ratchet_key,
     derive_ipsec_psk,
@@ -201,7 +201,7 @@ def test_both_ends_of_a_real_tls_connection_derive_the_same_psk(tmp_path: Path, 
     import socket
     import threading
 
-    from sealift.ipsec.psk import psk_for_migration
+    from sealift.ipsec.sa_key import psk_for_migration
     from sealift.security.identity import ClusterCA
     from sealift.security.tls import TlsStream, client_context, server_context
 
