@@ -278,13 +278,13 @@ class ControlServer:
         return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}  # type: ignore[arg-type]
 
     def _op_vm_workload(self, request: dict, emit: Emit) -> dict:
-        """Attack lab: give a guest another workload profile (monitor/lab.py).
+        """Attack lab: give a guest another workload profile (backends/workload_switch.py).
 
         Built-in: the guest restarts with the profile. QEMU: the running guest's
         workload is told over its control channel (no restart); profile "flood"
         takes target "A.B.C.D:PORT" and optional pps, seconds, size.
         """
-        from sealift.lab.workload_switch import switch_workload
+        from sealift.backends.workload_switch import switch_workload
 
         name, profile = _field(request, "name", str), _field(request, "profile", str)
         if self._agent.qemu_vms.has(name):  # type: ignore[arg-type]
@@ -297,7 +297,7 @@ class ControlServer:
     def _qemu_workload(self, name: str, profile: str, request: dict) -> dict:
         from sealift.backends.qemu.registry import QemuVmError
         from sealift.backends.qemu.guest_control import GuestControlError
-        from sealift.lab.workload_switch import FloodRequest, drive_qemu_guest
+        from sealift.backends.workload_switch import FloodRequest, drive_qemu_guest
 
         flood = None
         if profile == "flood" or request.get("target") is not None:

@@ -1,4 +1,4 @@
-"""Attack-lab knob: switch a running guest to another workload profile.
+"""Switch a running guest to another workload profile: the attack lab's knob, served by the agent's control API.
 
 Built-in guests (`switch_workload`):
 
