@@ -65,16 +65,25 @@ def run_case(cluster: LocalCluster, case: Case, runs: int, warmup_s: float, fill
         for transport in order:
             pair[transport] = migrate_once(cluster, case, transport == "tls", warmup_s, fill)
             results[transport].append(pair[transport])
-            print(f"  {case.memory:>5} {case.workload:<5} run {run + 1} {transport:<5} "
-                  f"{pair[transport]['total_time_s']:.3f} s, downtime {pair[transport]['downtime_ms']:.0f} ms, "
-                  f"rounds {pair[transport]['rounds']}, steal {pair[transport]['steal_s']:.2f} s", file=sys.stderr)
+            print(
+                f"  {case.memory:>5} {case.workload:<5} run {run + 1} {transport:<5} "
+                f"{pair[transport]['total_time_s']:.3f} s, downtime {pair[transport]['downtime_ms']:.0f} ms, "
+                f"rounds {pair[transport]['rounds']}, steal {pair[transport]['steal_s']:.2f} s",
+                file=sys.stderr,
+            )
         ratios.append(pair["tls"]["total_time_s"] / pair["plain"]["total_time_s"])
     summary = {
         transport: {metric: summarize([r[metric] for r in rows]) for metric in (*METRICS, "steal_s")}
         for transport, rows in results.items()
     }
-    return {"memory": case.memory, "workload": case.workload, "runs": runs, "summary": summary,
-            "ratio_total_time": summarize(ratios), "raw": results}
+    return {
+        "memory": case.memory,
+        "workload": case.workload,
+        "runs": runs,
+        "summary": summary,
+        "ratio_total_time": summarize(ratios),
+        "raw": results,
+    }
 
 
 def markdown(cases: list[dict]) -> str:
@@ -86,7 +95,9 @@ def markdown(cases: list[dict]) -> str:
         for transport in ("tls", "plain"):
             s = case["summary"][transport]
             ratio = case["ratio_total_time"]
-            ratio_text = f"**{ratio['median']:.2f}x** ({ratio['min']:.2f}-{ratio['max']:.2f})" if transport == "tls" else "1.00"
+            ratio_text = (
+                f"**{ratio['median']:.2f}x** ({ratio['min']:.2f}-{ratio['max']:.2f})" if transport == "tls" else "1.00"
+            )
             lines.append(
                 f"| {case['memory']} | {case['workload']} | {transport} | "
                 f"{s['total_time_s']['median']:.2f} ({s['total_time_s']['min']:.2f}-{s['total_time_s']['max']:.2f}) | "
@@ -113,8 +124,12 @@ def main() -> int:
     with LocalCluster(allow_insecure=True, capacity="20G") as cluster:
         for case in cases:
             results.append(run_case(cluster, case, args.runs, args.warmup, args.fill))
-    output = {"cases": results, "runs": args.runs, "wall_s": round(time.monotonic() - started, 1),
-              "command": " ".join(sys.argv)}
+    output = {
+        "cases": results,
+        "runs": args.runs,
+        "wall_s": round(time.monotonic() - started, 1),
+        "command": " ".join(sys.argv),
+    }
     if args.json:
         print(json.dumps(output, indent=2))
     else:

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from sealift.ipsec.charon import Charon, detect_backend
+from sealift.ipsec.tunnel import IpsecTunnel, TunnelHost
 from sealift.lab.ipsec.routed_pair import RoutedPair
 from sealift.lab.ipsec.secret_transfer import run_transfer
-from sealift.ipsec.tunnel import IpsecTunnel, TunnelHost
 
 PORT = 7470
 MB = 1_000_000
@@ -59,8 +59,16 @@ def main() -> int:
             for run in range(args.runs):
                 result = run_transfer(lab.b.netns, lab.b.address, lab.a.netns, PORT, size, timeout_s=600)
                 plain.append(result["bytes"] / result["seconds"] / MB)
-                with IpsecTunnel(source, destination, PORT, os.urandom(32), name=f"bench-{run}",
-                                 psk_generation="bench", esp=args.esp, charons=(charon_a, charon_b)) as tunnel:
+                with IpsecTunnel(
+                    source,
+                    destination,
+                    PORT,
+                    os.urandom(32),
+                    name=f"bench-{run}",
+                    psk_generation="bench",
+                    esp=args.esp,
+                    charons=(charon_a, charon_b),
+                ) as tunnel:
                     assert charon_a.pid is not None and charon_b.pid is not None
                     cpu_before = cpu_seconds(charon_a.pid) + cpu_seconds(charon_b.pid)
                     result = run_transfer(lab.b.netns, lab.b.address, lab.a.netns, PORT, size, timeout_s=600)
@@ -82,7 +90,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"backend {report['backend']} ({report['encapsulation']}), {esp}, {report['mib_per_run']} MiB x {args.runs}, MTU {args.mtu}")
+        print(
+            f"backend {report['backend']} ({report['encapsulation']}), {esp}, {report['mib_per_run']} MiB x {args.runs}, MTU {args.mtu}"
+        )
         for name in ("plain_MBps", "ipsec_MBps"):
             s = report[name]
             print(f"  {name:12s} median {s['median']:8.1f}  (min {s['min']:.1f}, max {s['max']:.1f})")  # type: ignore[index]

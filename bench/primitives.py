@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import blake3
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM

@@ -56,8 +56,19 @@ def py_spy() -> str:
 
 
 def start_profiler(pid: int, out: Path, rate: int, native: bool) -> subprocess.Popen[bytes]:
-    command = [py_spy(), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-               "--threads", "--output", str(out)]  # fmt: skip
+    command = [
+        py_spy(),
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--threads",
+        "--output",
+        str(out),
+    ]
     command.append("--native" if native else "--nonblocking")  # py-spy cannot unwind C frames without pausing
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -117,28 +128,52 @@ def summarize(threads: dict[str, ThreadProfile], rate: int) -> dict[str, object]
     ordered = sorted(threads.items(), key=lambda item: -item[1].samples)
     return {
         "cpu_s": round(sum(p.samples for p in threads.values()) / rate, 2),
-        "threads": [{
-            "thread": name, "samples": p.samples, "cpu_s": round(p.samples / rate, 2),
-            "self": [{"function": f, "samples": n, "share": round(n / p.samples, 3)} for f, n in p.self_samples.most_common(TOP)],
-            "inclusive": [{"function": f, "samples": n, "share": round(n / p.samples, 3)} for f, n in p.inclusive.most_common(TOP)],
-        } for name, p in ordered if p.samples]}  # fmt: skip
+        "threads": [
+            {
+                "thread": name,
+                "samples": p.samples,
+                "cpu_s": round(p.samples / rate, 2),
+                "self": [
+                    {"function": f, "samples": n, "share": round(n / p.samples, 3)}
+                    for f, n in p.self_samples.most_common(TOP)
+                ],
+                "inclusive": [
+                    {"function": f, "samples": n, "share": round(n / p.samples, 3)}
+                    for f, n in p.inclusive.most_common(TOP)
+                ],
+            }
+            for name, p in ordered
+            if p.samples
+        ],
+    }
 
 
 def markdown(args: argparse.Namespace, report: dict, cpu: dict[str, float], agents: dict[str, dict]) -> str:
-    lines = [f"# Agents' CPU during one {args.transport} migration of a {args.memory} QEMU guest", "",
-             f"py-spy {'--native ' if args.native else ''}at {args.rate} Hz, from the order to the report. "
-             f"Migration: total {report['total_time_s']:.2f} s, downtime {report['downtime_ms']:.0f} ms, "
-             f"{report['bytes_sent'] / 2**20:.0f} MiB on the data stream; {report['stop_reason']}.", "",
-             "CPU seconds from /proc over the same span: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()), ""]  # fmt: skip
+    lines = [
+        f"# Agents' CPU during one {args.transport} migration of a {args.memory} QEMU guest",
+        "",
+        f"py-spy {'--native ' if args.native else ''}at {args.rate} Hz, from the order to the report. "
+        f"Migration: total {report['total_time_s']:.2f} s, downtime {report['downtime_ms']:.0f} ms, "
+        f"{report['bytes_sent'] / 2**20:.0f} MiB on the data stream; {report['stop_reason']}.",
+        "",
+        "CPU seconds from /proc over the same span: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()),
+        "",
+    ]
     for host, summary in agents.items():
         lines += [f"## agent {host}: {summary['cpu_s']:.2f} CPU-s sampled", ""]
         for thread in summary["threads"]:  # type: ignore[union-attr]
             if thread["cpu_s"] < 0.02:
                 continue
-            lines += [f"### thread `{thread['thread']}`: {thread['cpu_s']:.2f} CPU-s sampled", "",
-                      "| self | function | | inclusive | function |", "|---:|---|---|---:|---|"]  # fmt: skip
+            lines += [
+                f"### thread `{thread['thread']}`: {thread['cpu_s']:.2f} CPU-s sampled",
+                "",
+                "| self | function | | inclusive | function |",
+                "|---:|---|---|---:|---|",
+            ]
             for own, inner in zip(thread["self"], thread["inclusive"]):
-                lines.append(f"| {own['share']:.0%} | `{own['function']}` | | {inner['share']:.0%} | `{inner['function']}` |")
+                lines.append(
+                    f"| {own['share']:.0%} | `{own['function']}` | | {inner['share']:.0%} | `{inner['function']}` |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -168,8 +203,10 @@ def main() -> int:
         _wait_counter(cluster, "host-a", 120)
         time.sleep(args.warmup)
         pids = {host: agent.process.pid for host, agent in cluster.agents.items() if agent.process is not None}
-        profilers = {host: start_profiler(pid, args.out / f"agent-{host}.folded", args.rate, args.native)
-                     for host, pid in pids.items()}  # fmt: skip
+        profilers = {
+            host: start_profiler(pid, args.out / f"agent-{host}.folded", args.rate, args.native)
+            for host, pid in pids.items()
+        }
         time.sleep(ATTACH_S)
         sampler = CpuSampler(pids, cluster.vm_root)
         try:
@@ -182,12 +219,26 @@ def main() -> int:
     finally:
         cluster.cleanup()
     agents = {host: summarize(read_folded(args.out / f"agent-{host}.folded"), args.rate) for host in pids}
-    figures = {key: report.get(key) for key in ("total_time_s", "downtime_ms", "bytes_sent", "stop_reason",
-                                                "downtime_breakdown_ms")}  # fmt: skip
-    (args.out / "summary.json").write_text(json.dumps({"memory": args.memory, "transport": args.transport,
-                                                        "cmdline": cmdline, "rate": args.rate, "native": args.native,
-                                                        "report": figures, "cpu_s_proc": cpu, "agents": agents},
-                                                       indent=2) + "\n")  # fmt: skip
+    figures = {
+        key: report.get(key)
+        for key in ("total_time_s", "downtime_ms", "bytes_sent", "stop_reason", "downtime_breakdown_ms")
+    }
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            {
+                "memory": args.memory,
+                "transport": args.transport,
+                "cmdline": cmdline,
+                "rate": args.rate,
+                "native": args.native,
+                "report": figures,
+                "cpu_s_proc": cpu,
+                "agents": agents,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     text = markdown(args, report, cpu, agents)
     (args.out / "summary.md").write_text(text + "\n")
     print(text)

@@ -144,8 +144,9 @@ def _wait_counter(cluster: LocalCluster, host: str, timeout: float) -> None:
     raise TimeoutError(f"guest did not boot within {timeout:.0f} s")
 
 
-def migrate_once(cluster: LocalCluster, memory: str, transport: str, cmdline: str, warmup_s: float,
-                 multifd: int) -> dict:  # fmt: skip
+def migrate_once(
+    cluster: LocalCluster, memory: str, transport: str, cmdline: str, warmup_s: float, multifd: int
+) -> dict:
     src, dst = cluster.client("host-a"), cluster.client("host-b")
     src.request("vm.start", name=VM, backend="qemu", memory=memory, cmdline=cmdline)
     options = dict(TRANSPORTS[transport])
@@ -242,23 +243,36 @@ def main() -> int:
                 result = migrate_once(cluster, args.memory, transport, cmdline, args.warmup, args.multifd_channels)
                 results[transport].append(result)
                 if not args.json:
-                    print(f"run {run} {transport:13s} total {result['total_time_s']:.2f} s, downtime "
-                          f"{result['downtime_ms']:.0f} ms (QEMU {result['qemu_downtime_ms']} ms), "
-                          f"{result['transferred_mib']:.0f} MiB, CPU {result['cpu_s']}, guest ok {result['guest_ok_after']}",
-                          file=sys.stderr)  # fmt: skip
+                    print(
+                        f"run {run} {transport:13s} total {result['total_time_s']:.2f} s, downtime "
+                        f"{result['downtime_ms']:.0f} ms (QEMU {result['qemu_downtime_ms']} ms), "
+                        f"{result['transferred_mib']:.0f} MiB, CPU {result['cpu_s']}, guest ok {result['guest_ok_after']}",
+                        file=sys.stderr,
+                    )
     finally:
         cluster.cleanup()
     summary = {t: summarize(rs) for t, rs in results.items() if rs}
     if args.json:
-        print(json.dumps({"memory": args.memory, "cmdline": cmdline, "multifd_channels": args.multifd_channels,
-                          "transports": summary}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "memory": args.memory,
+                    "cmdline": cmdline,
+                    "multifd_channels": args.multifd_channels,
+                    "transports": summary,
+                },
+                indent=2,
+            )
+        )
     elif args.markdown:
         print(markdown(args.memory, summary, args.multifd_channels))
     else:
         for t, s in summary.items():
-            print(f"{args.memory} {t:13s}: total {s['total_time_s']:.2f} s, downtime {s['downtime_ms']:.0f} ms "
-                  f"(QEMU {s['qemu_downtime_ms']:.0f} ms), {s['transferred_mib']:.0f} MiB, "
-                  f"CPU {s['cpu_s']}, median of {s['runs']}")  # fmt: skip
+            print(
+                f"{args.memory} {t:13s}: total {s['total_time_s']:.2f} s, downtime {s['downtime_ms']:.0f} ms "
+                f"(QEMU {s['qemu_downtime_ms']:.0f} ms), {s['transferred_mib']:.0f} MiB, "
+                f"CPU {s['cpu_s']}, median of {s['runs']}"
+            )
     return 0
 
 

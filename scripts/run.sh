@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # sealift's one entry point for a fresh Debian machine (run as root):
 #   bash scripts/run.sh demo [ARGS...]   set up, then `sealift demo ARGS...`
-#   bash scripts/run.sh test [ARGS...]   set up, then the whole test suite
+#   bash scripts/run.sh test [ARGS...]   set up, then lint and the whole test suite
 #   bash scripts/run.sh setup            set up only
 #   bash scripts/run.sh sealift ARGS...  set up, then any sealift command
 # Set-up is idempotent: Debian packages are installed only when missing, the
@@ -60,6 +60,13 @@ install_python_packages() {
     echo "$want" > "$STAMP"
 }
 
+lint() {
+    # The tree's shape before its behaviour: lint, formatting (ruff, configured in pyproject.toml).
+    log "ruff check + ruff format --check"
+    "$VENV/bin/ruff" check src tests bench
+    "$VENV/bin/ruff" format --check src tests bench
+}
+
 setup() {
     install_debian_packages
     install_python_packages
@@ -69,7 +76,7 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
     setup) setup ;;
     demo) setup; exec "$VENV/bin/sealift" demo "$@" ;;
-    test) setup; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test) setup; cd "$ROOT"; lint; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     sealift) setup; exec "$VENV/bin/sealift" "$@" ;;
     *) echo "usage: bash scripts/run.sh {demo|test|setup|sealift} [ARGS...]" >&2; exit 2 ;;
 esac

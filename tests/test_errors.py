@@ -1,11 +1,10 @@
-"""SealiftError, the root error: its reason code (class default, per-instance override) and every subclass's own code."""
+"""SealiftError, the root error: its reason code (class default, per-instance override), each subclass's own."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import re
-
 
 import sealift
 from sealift.errors import SealiftError

@@ -102,7 +102,11 @@ class LocalCluster:
             f'identity_dir = "{self.pki}"\n'
             f'policy = "{state / "policy.toml"}"\n'
             f"allow_insecure = {'true' if self.allow_insecure else 'false'}\n"
-            + (f'memory_capacity = "{self.capacity}"\n' if "memory_capacity" not in self.host_config.get(host, "") else "")
+            + (
+                f'memory_capacity = "{self.capacity}"\n'
+                if "memory_capacity" not in self.host_config.get(host, "")
+                else ""
+            )
             + f"{self.host_config.get(host, '')}\n"
             f"{self.extra_config}\n"
             f"[peers]\n{peers}\n"
@@ -117,7 +121,9 @@ class LocalCluster:
             agent = self.agents[name]
             log = open(agent.log_path, "ab")
             agent.process = subprocess.Popen(
-                netns_argv(self.netns.get(name), [sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)]),
+                netns_argv(
+                    self.netns.get(name), [sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)]
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -147,14 +153,20 @@ class LocalCluster:
     def client(self, host: str) -> AgentClient:
         return self.agents[host].client
 
-    def order(self, vm: str, source: str, destination: str, ttl_s: float = 300, operator: OperatorIdentity | None = None) -> str:
+    def order(
+        self, vm: str, source: str, destination: str, ttl_s: float = 300, operator: OperatorIdentity | None = None
+    ) -> str:
         """A signed migration order from the cluster's admin (or `operator`)."""
         return create_order(operator or self.operator, vm, source, destination, ttl_s=ttl_s)
 
     def migrate(self, vm: str, source: str, destination: str, options: dict | None = None, on_event=None) -> dict:
         """Sign an order and run it on the source agent; returns the report."""
         return self.client(source).request(
-            "migrate", on_event=on_event, vm=vm, to=destination, options=options or {},
+            "migrate",
+            on_event=on_event,
+            vm=vm,
+            to=destination,
+            options=options or {},
             order=self.order(vm, source, destination),
         )["report"]
 
@@ -186,7 +198,7 @@ class LocalCluster:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 

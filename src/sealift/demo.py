@@ -10,9 +10,9 @@ intact (its own check), and the report.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from typing import Any, Callable
+from typing import Any
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.backends.qemu.vm import probe_udp
@@ -43,7 +43,10 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
         say(f"[bold]sealift demo[/bold] in {cluster.root}")
         say(f"  cluster CA, host certificates for {SOURCE}, {DESTINATION} and an operator certificate (ECDSA P-256)")
         cluster.start()
-        say(f"  agents up: {SOURCE} on {cluster.agents[SOURCE].listen}, {DESTINATION} on {cluster.agents[DESTINATION].listen}")
+        say(
+            f"  agents up: {SOURCE} on {cluster.agents[SOURCE].listen}, "
+            f"{DESTINATION} on {cluster.agents[DESTINATION].listen}"
+        )
         src, dst = cluster.client(SOURCE), cluster.client(DESTINATION)
         if options.backend == "qemu":
             return _run_qemu(cluster, options, say, started)
@@ -114,7 +117,10 @@ def _migrate(
     """
     migration = {"secure": not options.insecure, **options.migration}
     order = cluster.order(VM, SOURCE, DESTINATION)
-    say(f"  operator {cluster.operator.name} (admin) signed migration order {order_id(order)}: {VM} {SOURCE} → {DESTINATION}")
+    say(
+        f"  operator {cluster.operator.name} (admin) signed migration order {order_id(order)}: "
+        f"{VM} {SOURCE} → {DESTINATION}"
+    )
     with MigrationProgress(VM, DESTINATION, enabled=options.show_progress) as progress:
         try:
             report: dict[str, Any] = src.request(
@@ -146,7 +152,9 @@ def _failed(error: str, options: DemoOptions) -> dict[str, object]:
 QEMU_BOOT_TIMEOUT_S = 90.0
 
 
-def _run_qemu(cluster: LocalCluster, options: DemoOptions, say: Callable[..., object], started: float) -> dict[str, object]:
+def _run_qemu(
+    cluster: LocalCluster, options: DemoOptions, say: Callable[..., object], started: float
+) -> dict[str, object]:
     """The same demo with a real QEMU guest: its console counter and UDP probe are the proof."""
     src, dst = cluster.client(SOURCE), cluster.client(DESTINATION)
     try:
@@ -165,17 +173,24 @@ def _run_qemu(cluster: LocalCluster, options: DemoOptions, say: Callable[..., ob
         probe = probe_udp((after["probe"][0], int(after["probe"][1])), 2.0) if after.get("probe") else None
         source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
         result = {
-            "status": report["status"], "backend": "qemu", "transport": report["transport"],
-            "total_time_s": report["total_time_s"], "downtime_ms": report["downtime_ms"],
-            "bytes_sent": report["bytes_sent"], "memory_bytes": report["memory_bytes"],
-            "stream_digest": report["image_digest"], "qemu": report["stop_reason"],
-            "counter_at_pause": paused, "counter_after": now, "probe_answer": probe,
+            "status": report["status"],
+            "backend": "qemu",
+            "transport": report["transport"],
+            "total_time_s": report["total_time_s"],
+            "downtime_ms": report["downtime_ms"],
+            "bytes_sent": report["bytes_sent"],
+            "memory_bytes": report["memory_bytes"],
+            "stream_digest": report["image_digest"],
+            "qemu": report["stop_reason"],
+            "counter_at_pause": paused,
+            "counter_after": now,
+            "probe_answer": probe,
             "copies_running": {"source": VM in source_vms, "destination": after["status"] == "running"},
             "order_id": report.get("order_id"),
             "audit_ok": _audit_ok(cluster),
             "downtime_breakdown_ms": report["downtime_breakdown_ms"],
             "demo_time_s": round(time.monotonic() - started, 2),
-        }  # fmt: skip
+        }
         _show_outcome(
             options,
             report,

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 from sealift.agent.client import AgentRequestFailed
-from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
+from sealift.host.transport import ControlChannel
 from sealift.security.identity import HostIdentity
 from sealift.security.orders import create_order
 from sealift.security.tls import TlsStream, server_context
@@ -59,9 +59,19 @@ def hello_as(cluster: LocalCluster, attacker: str, target: str, order: str | Non
     try:
         channel.send(
             Hello(
-                migration_id=secrets.token_hex(16), vm_name=vm, source_host=attacker, destination_host=target,
-                nonce=secrets.token_bytes(32), memory_bytes=32 << 20, page_size=4096, secure=True,
-                compression=None, streams=1, backend="builtin", order=order, psk_proof=None,
+                migration_id=secrets.token_hex(16),
+                vm_name=vm,
+                source_host=attacker,
+                destination_host=target,
+                nonce=secrets.token_bytes(32),
+                memory_bytes=32 << 20,
+                page_size=4096,
+                secure=True,
+                compression=None,
+                streams=1,
+                backend="builtin",
+                order=order,
+                psk_proof=None,
             )
         )
         return channel.recv(5)
@@ -142,10 +152,19 @@ def test_a_push_flood_is_capped(cluster: LocalCluster) -> None:
             held.append(channel)
             channel.send(
                 Hello(
-                    migration_id=secrets.token_hex(16), vm_name=name + "x", source_host="host-c",
-                    destination_host="host-b", nonce=secrets.token_bytes(32), memory_bytes=32 << 20, page_size=4096,
-                    secure=True, compression=None, streams=1, backend="builtin",
-                    order=cluster.order(name + "x", "host-c", "host-b"), psk_proof=None,
+                    migration_id=secrets.token_hex(16),
+                    vm_name=name + "x",
+                    source_host="host-c",
+                    destination_host="host-b",
+                    nonce=secrets.token_bytes(32),
+                    memory_bytes=32 << 20,
+                    page_size=4096,
+                    secure=True,
+                    compression=None,
+                    streams=1,
+                    backend="builtin",
+                    order=cluster.order(name + "x", "host-c", "host-b"),
+                    psk_proof=None,
                 )
             )
             outcomes.append(channel.recv(5))
@@ -167,7 +186,10 @@ def test_a_used_order_is_refused_also_after_an_agent_restart(cluster: LocalClust
     assert migrate(cluster, order)["status"] == "completed"
     # The VM is on host-b now; an order to bring it back, used once...
     back = cluster.order(VM, "host-b", "host-a")
-    assert cluster.client("host-b").request("migrate", vm=VM, to="host-a", options={}, order=back)["report"]["status"] == "completed"
+    assert (
+        cluster.client("host-b").request("migrate", vm=VM, to="host-a", options={}, order=back)["report"]["status"]
+        == "completed"
+    )
     # ...the first order cannot be replayed, neither now nor after restarting the agent.
     with pytest.raises(AgentRequestFailed, match="already used"):
         migrate(cluster, order)
@@ -189,7 +211,7 @@ def test_the_destination_keeps_its_own_replay_cache(cluster: LocalCluster) -> No
 
 
 def test_an_expired_order_is_refused(cluster: LocalCluster) -> None:
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=10)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=10)
     order = create_order(cluster.operator, VM, "host-a", "host-b", ttl_s=60, not_before=past)
     with pytest.raises(AgentRequestFailed, match="expired"):
         migrate(cluster, order)

@@ -77,7 +77,9 @@ def assert_runs_on_source_only(cluster: LocalCluster) -> None:
     time.sleep(0.3)
     second = src.request("vm.info", name=VM)["vm"]
     assert second["counter"] > first["counter"], "the guest on the source must keep running"
-    assert not any(p.suffix == ".img" for p in (cluster.vm_root / "host-b").glob("*")), "destination image not discarded"
+    assert not any(p.suffix == ".img" for p in (cluster.vm_root / "host-b").glob("*")), (
+        "destination image not discarded"
+    )
 
 
 def migrate(client: AgentClient, on_event=None, **options: object) -> dict:
@@ -143,7 +145,9 @@ def test_plaintext_needs_the_hosts_consent(cluster: LocalCluster) -> None:
 # -- failures: the VM keeps running on the source -----------------------------------
 
 
-def run_migration_in_thread(client: AgentClient, events: list[dict], **options: object) -> tuple[threading.Thread, dict]:
+def run_migration_in_thread(
+    client: AgentClient, events: list[dict], **options: object
+) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
     def target() -> None:

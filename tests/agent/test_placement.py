@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sealift.placement.adverts import make_advert, sign_advert
 from sealift.cluster import LocalCluster
+from sealift.placement.adverts import make_advert, sign_advert
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import ControlConnection, Role
@@ -54,8 +54,9 @@ def cluster_with_liar(envelope_for) -> tuple[LocalCluster, LyingHost]:
     probe = LocalCluster(hosts=("host-a", "host-b", "host-c"))
     liar = LyingHost(HostIdentity.load(probe.pki, "host-c"), lambda: envelope_for(probe))
     probe.cleanup()  # only its PKI layout was needed to know the liar's address
-    cluster = LocalCluster(hosts=("host-a", "host-b", "host-c"), capacity="2G",
-                           peer_routes={("host-a", "host-c"): liar.address})
+    cluster = LocalCluster(
+        hosts=("host-a", "host-b", "host-c"), capacity="2G", peer_routes={("host-a", "host-c"): liar.address}
+    )
     liar._identity = HostIdentity.load(cluster.pki, "host-c")
     liar._envelope_for = lambda: envelope_for(cluster)
     cluster.start("host-a")

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from sealift.placement.adverts import verify_advert
 from sealift.agent.client import AgentClient
-from sealift.host.transport import ControlChannel
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.cluster import OPERATOR, LocalCluster
+from sealift.host.transport import ControlChannel
+from sealift.placement.adverts import verify_advert
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
 
@@ -74,9 +74,22 @@ def wait_counter(client: AgentClient, above: int, timeout: float) -> int:
 
 def migrate_auto(cluster: LocalCluster) -> subprocess.CompletedProcess:
     """`sealift migrate qvm --to auto --json`, as an operator types it on host-a."""
-    argv = [sys.executable, "-m", "sealift", "migrate", VM, "--to", "auto", "--json",
-            "--socket", str(cluster.agents["host-a"].socket_path), "--operator", OPERATOR,
-            "--operator-dir", str(cluster.operators)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "sealift",
+        "migrate",
+        VM,
+        "--to",
+        "auto",
+        "--json",
+        "--socket",
+        str(cluster.agents["host-a"].socket_path),
+        "--operator",
+        OPERATOR,
+        "--operator-dir",
+        str(cluster.operators),
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=150, check=False)
 
 
@@ -149,8 +162,9 @@ def test_admission_counts_the_qemu_guests_a_host_already_runs() -> None:
     from sealift.backends.qemu.image import build_image, default_cache_dir
 
     build_image(default_cache_dir())
-    cluster = LocalCluster(extra_config="step_timeout_s = 20\nhandshake_timeout_s = 5",
-                           host_config={"host-b": 'memory_capacity = "256M"'})  # fmt: skip
+    cluster = LocalCluster(
+        extra_config="step_timeout_s = 20\nhandshake_timeout_s = 5", host_config={"host-b": 'memory_capacity = "256M"'}
+    )
     try:
         cluster.start()
         cmdline = "sealift.mem_mib=16 sealift.rate_mib=1"

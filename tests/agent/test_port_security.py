@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
+from sealift.host.transport import ControlChannel
 from sealift.security.errors import SecurityError
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.wire.datastream import encode_stream_open
@@ -39,7 +39,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
                 return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -99,7 +99,12 @@ def test_server_must_be_the_host_we_asked_for(cluster: LocalCluster) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 64, b"SLC1" + b"\x01" * 20, encode_stream_open(b"\x07" * 16, 0) + b"\x01" * 100],
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x00" * 64,
+        b"SLC1" + b"\x01" * 20,
+        encode_stream_open(b"\x07" * 16, 0) + b"\x01" * 100,
+    ],
     ids=["http", "zeros", "plaintext-control-disabled", "data-stream-unknown-session"],
 )
 def test_unexpected_bytes_close_the_connection(cluster: LocalCluster, payload: bytes) -> None:

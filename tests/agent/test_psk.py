@@ -81,8 +81,9 @@ def test_a_ratchet_interrupted_half_way_does_not_lock_the_pair_out(cluster: Loca
 
     def run() -> None:
         try:
-            outcome["report"] = cluster.migrate(VM, "host-a", "host-b", options={"bandwidth_limit_bps": 16 << 20},
-                                                on_event=events.append)
+            outcome["report"] = cluster.migrate(
+                VM, "host-a", "host-b", options={"bandwidth_limit_bps": 16 << 20}, on_event=events.append
+            )
         except AgentRequestFailed as exc:
             outcome["error"] = str(exc)
 

@@ -9,7 +9,9 @@ PAGE = 4096
 GBPS = 1 << 30  # bytes per second
 
 
-def stats(round_no: int, sent: int, dirty_after: int, seconds: float = 1.0, bytes_sent: int | None = None) -> RoundStats:
+def stats(
+    round_no: int, sent: int, dirty_after: int, seconds: float = 1.0, bytes_sent: int | None = None
+) -> RoundStats:
     return RoundStats(round_no, sent, bytes_sent if bytes_sent is not None else sent * PAGE, seconds, dirty_after)
 
 
@@ -83,8 +85,13 @@ def test_decide_needs_history() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"downtime_limit_ms": 0}, {"max_rounds": 0}, {"compression": "gzip"}, {"bandwidth_limit_bps": 10},
-     {"completion_timeout_s": 0.5}],
+    [
+        {"downtime_limit_ms": 0},
+        {"max_rounds": 0},
+        {"compression": "gzip"},
+        {"bandwidth_limit_bps": 10},
+        {"completion_timeout_s": 0.5},
+    ],
 )
 def test_bad_options_are_refused_with_a_reason(kwargs: dict) -> None:
     with pytest.raises(OptionsError):

@@ -87,8 +87,13 @@ def test_a_page_applied_at_the_wrong_place_is_caught(algorithm: str) -> None:
 
 @pytest.mark.parametrize("algorithm", ["tags", "blake3"])
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=12, unique=True),
-                          st.integers(0, 255)), min_size=1, max_size=30))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=12, unique=True), st.integers(0, 255)),
+        min_size=1,
+        max_size=30,
+    )
+)
 def test_the_same_records_in_the_same_order_agree(algorithm: str, rounds: list[tuple[list[int], int]]) -> None:
     """Source and destination stores of the same scattered, zero and non-zero records give one digest."""
     image = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)

@@ -209,7 +209,9 @@ def test_start_on_image_resets_throttle_and_refuses_a_second_guest(vms: VmPool, 
     # Even started by hand, a second guest refuses the image.
     proc = subprocess.run(
         [sys.executable, "-m", GUEST_MODULE, str(vm.image_path), str(vm.dirty_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == EXIT_IMAGE_IN_USE and "already running" in proc.stdout
     vm.stop()
@@ -325,7 +327,6 @@ def test_a_page_is_dirty_before_its_data_changes() -> None:
     gens = np.zeros(npages, dtype=np.uint32)
     params = WorkloadParams.for_profile(PROFILES["db"], npages, 7, SECRET_PAGE)
     seen: list[tuple[int, int]] = []
-
 
     import sealift.backends.builtin.guest as guest
 

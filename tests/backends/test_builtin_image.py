@@ -133,7 +133,7 @@ def test_empty_image_has_no_state_until_written(shm_dir: Path) -> None:
     with GuestImage.create_empty(shm_dir / "d.img", 2 * MiB) as dest:
         assert not dest.pages.any()
         with pytest.raises(ImageError, match="empty"):
-            dest.state
+            _ = dest.state
     with pytest.raises(ImageError, match="empty"):
         GuestImage.open(shm_dir / "d.img")
 
@@ -153,9 +153,10 @@ def test_state_round_trip(shm_dir: Path) -> None:
 
 
 def test_write_state_validates_before_writing(shm_dir: Path) -> None:
-    with GuestImage.create(shm_dir / "s.img", 2 * MiB, PROFILES["db"]) as src, GuestImage.create_empty(
-        shm_dir / "d.img", 4 * MiB
-    ) as dest:
+    with (
+        GuestImage.create(shm_dir / "s.img", 2 * MiB, PROFILES["db"]) as src,
+        GuestImage.create_empty(shm_dir / "d.img", 4 * MiB) as dest,
+    ):
         blob = src.read_state()
         with pytest.raises(ImageError, match="refusing"):
             dest.write_state(blob)  # 2 MiB state into a 4 MiB image
@@ -332,7 +333,7 @@ def test_close_is_safe_with_views_outstanding(shm_dir: Path) -> None:
     with pytest.raises(ValueError):
         ram[0]  # released memoryview: an error, never a dangling pointer
     with pytest.raises(ImageError, match="closed"):
-        image.counter
+        _ = image.counter
     del pages
 
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from sealift.migration.options import MigrationOptions
 from sealift.backends.builtin.receiver import ImageReceiver
 from sealift.backends.builtin.sender import PAGES_PER_RECORD, PrecopySender
+from sealift.migration.options import MigrationOptions
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, PagesReceived
 from sealift.wire.records import AeadProtection
 

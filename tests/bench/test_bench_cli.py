@@ -14,8 +14,9 @@ def parse(*argv: str):  # -> argparse.Namespace
 
 
 def test_full_plan_covers_every_size_workload_backend_and_mtu() -> None:
-    args = parse("--sizes", "256M,1G", "--workloads", "idle,heavy", "--mtu", "1500,9000", "--runs", "5",
-                 "--backends", "qemu")  # fmt: skip
+    args = parse(
+        "--sizes", "256M,1G", "--workloads", "idle,heavy", "--mtu", "1500,9000", "--runs", "5", "--backends", "qemu"
+    )
     plan = build_plan(args)
     assert plan.repetitions == 5
     assert len(plan.cells) == 2 * 2 * 2
@@ -64,8 +65,21 @@ def test_a_stopped_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypatch) -
     def two_runs_then_ctrl_c(plan, progress=None, on_run=None):  # type: ignore[no-untyped-def]
         runs: list[RunResult] = []
         for transport, total in (("plain", 2.0), ("sealift", 2.5)):
-            runs.append(RunResult(transport, "qemu", 256, "idle", 1500, 0, total_time_s=total, downtime_ms=40.0,
-                                  bytes=1 << 20, cpu_s=1.0, peak_cpu_pct=90.0))  # fmt: skip
+            runs.append(
+                RunResult(
+                    transport,
+                    "qemu",
+                    256,
+                    "idle",
+                    1500,
+                    0,
+                    total_time_s=total,
+                    downtime_ms=40.0,
+                    bytes=1 << 20,
+                    cpu_s=1.0,
+                    peak_cpu_pct=90.0,
+                )
+            )
             on_run(runs)
         raise KeyboardInterrupt
 

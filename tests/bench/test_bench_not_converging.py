@@ -9,8 +9,12 @@ MiB = 1 << 20
 
 def ram(dirty_mib_s: float, link_mib_s: float, syncs: int) -> dict[str, object]:
     """query-migrate's ram block: dirty-pages-rate in pages/s, mbps in Mbit/s."""
-    return {"dirty-pages-rate": int(dirty_mib_s * MiB / 4096), "page-size": 4096,
-            "mbps": link_mib_s * MiB * 8 / 1e6, "dirty-sync-count": syncs}  # fmt: skip
+    return {
+        "dirty-pages-rate": int(dirty_mib_s * MiB / 4096),
+        "page-size": 4096,
+        "mbps": link_mib_s * MiB * 8 / 1e6,
+        "dirty-sync-count": syncs,
+    }
 
 
 def test_a_guest_dirtying_faster_than_the_link_is_not_converging() -> None:

@@ -31,8 +31,11 @@ pytestmark = [
 def test_quick_bench_prints_one_run_per_transport(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sealift", "bench", "--quick", "--json", "--out", str(tmp_path / "results")],
-        capture_output=True, text=True, timeout=880, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=880,
+        check=False,
+    )
     assert done.stdout, f"no JSON on stdout; stderr:\n{done.stderr[-3000:]}"
     document = json.loads(done.stdout)
     assert list(document) == ["runs"]
@@ -105,10 +108,25 @@ def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path) -> None:
     if available_transports(["sealift-ipsec"])[0] != ["sealift-ipsec"]:
         pytest.skip("the agents have no ipsec transport here")
     done = subprocess.run(
-        [sys.executable, "-m", "sealift", "bench", "--quick", "--json", "--backends", "qemu",
-         "--transports", "sealift-ipsec", "--out", str(tmp_path / "results")],
-        capture_output=True, text=True, timeout=580, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sealift",
+            "bench",
+            "--quick",
+            "--json",
+            "--backends",
+            "qemu",
+            "--transports",
+            "sealift-ipsec",
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=580,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = {r["transport"]: r for r in json.loads(done.stdout)["runs"]}
     assert sorted(runs) == ["sealift-ipsec"]  # alone: no plain run, so no ratio

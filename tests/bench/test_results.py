@@ -17,21 +17,54 @@ from sealift.bench.results import (
 )
 
 
-def run(transport: str, rep: int, total: float | None, *, memory: int = 256, error: str | None = None,
-        downtime: float = 50.0, probe: float | None = 80.0, cpu: float = 2.0) -> RunResult:  # fmt: skip
-    return RunResult(transport, "qemu", memory, "moderate", 1500, rep, total_time_s=total, downtime_ms=downtime,
-                     downtime_probe_ms=probe, bytes=300 << 20, cpu_s=cpu, peak_cpu_pct=150.0, error=error)  # fmt: skip
+def run(
+    transport: str,
+    rep: int,
+    total: float | None,
+    *,
+    memory: int = 256,
+    error: str | None = None,
+    downtime: float = 50.0,
+    probe: float | None = 80.0,
+    cpu: float = 2.0,
+) -> RunResult:
+    return RunResult(
+        transport,
+        "qemu",
+        memory,
+        "moderate",
+        1500,
+        rep,
+        total_time_s=total,
+        downtime_ms=downtime,
+        downtime_probe_ms=probe,
+        bytes=300 << 20,
+        cpu_s=cpu,
+        peak_cpu_pct=150.0,
+        error=error,
+    )
 
 
 def test_ratio_is_taken_against_plain_of_the_same_repetition_and_cell() -> None:
-    runs = [run("plain", 0, 2.0), run("sealift", 0, 2.2), run("plain", 1, 4.0), run("sealift", 1, 4.4),
-            run("plain", 0, 10.0, memory=1024), run("sealift", 0, 12.0, memory=1024)]  # fmt: skip
+    runs = [
+        run("plain", 0, 2.0),
+        run("sealift", 0, 2.2),
+        run("plain", 1, 4.0),
+        run("sealift", 1, 4.4),
+        run("plain", 0, 10.0, memory=1024),
+        run("sealift", 0, 12.0, memory=1024),
+    ]
     fill_ratios(runs)
     assert [r.ratio_to_plain for r in runs] == [1.0, 1.1, 1.0, 1.1, 1.0, 1.2]
 
 
 def test_no_ratio_when_plain_failed_or_the_run_failed() -> None:
-    runs = [run("plain", 0, None, error="boom"), run("ssh", 0, 3.0), run("plain", 1, 2.0), run("ssh", 1, None, error="x")]
+    runs = [
+        run("plain", 0, None, error="boom"),
+        run("ssh", 0, 3.0),
+        run("plain", 1, 2.0),
+        run("ssh", 1, None, error="x"),
+    ]
     fill_ratios(runs)
     assert [r.ratio_to_plain for r in runs] == [None, None, 1.0, None]
 
@@ -93,8 +126,14 @@ def test_brief_json_has_exactly_the_issue_keys() -> None:
 
 def test_schedule_interleaves_transports_within_each_repetition() -> None:
     order = interleaved_schedule(["c1", "c2"], ["plain", "sealift", "ssh"], 2)
-    assert order[:6] == [("c1", 0, "plain"), ("c1", 0, "sealift"), ("c1", 0, "ssh"),
-                         ("c1", 1, "plain"), ("c1", 1, "sealift"), ("c1", 1, "ssh")]  # fmt: skip
+    assert order[:6] == [
+        ("c1", 0, "plain"),
+        ("c1", 0, "sealift"),
+        ("c1", 0, "ssh"),
+        ("c1", 1, "plain"),
+        ("c1", 1, "sealift"),
+        ("c1", 1, "ssh"),
+    ]
     assert len(order) == 12 and order[6] == ("c2", 0, "plain")
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from sealift.bench.sampling import CpuSampler, Role, process_cpu
 
-BUSY = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\nimport sys; sys.stdin.read()"
+BUSY = (
+    "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\nimport sys; sys.stdin.read()"
+)
 
 
 def busy(seconds: float) -> subprocess.Popen[bytes]:
@@ -55,8 +57,9 @@ PARENT = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {CHILD!
 
 def test_a_tree_role_counts_its_children_once() -> None:
     parent = subprocess.Popen([sys.executable, "-c", PARENT])
-    sampler = CpuSampler([Role("tree", parent.pid, tree=True), Role("again", parent.pid, tree=True)],
-                         interval_s=0.02).start()  # fmt: skip
+    sampler = CpuSampler(
+        [Role("tree", parent.pid, tree=True), Role("again", parent.pid, tree=True)], interval_s=0.02
+    ).start()
     parent.wait(30)
     figures = sampler.stop()
     assert figures.by_role.get("tree", 0) >= 0.3  # the child's 0.4 s (the parent alone is ~0.05 s)

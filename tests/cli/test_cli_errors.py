@@ -54,8 +54,12 @@ def agent_socket() -> Iterator[Path]:
 
 
 def test_order_show_on_a_malformed_file_prints_the_code(malformed_order: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "sealift", "order", "show", str(malformed_order), "--json"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sealift", "order", "show", str(malformed_order), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stderr
     failure = json.loads(done.stdout)
     assert failure["status"] == "failed"
@@ -75,8 +79,11 @@ def test_text_mode_prints_the_message_only(malformed_order: Path, capsys: pytest
 def test_the_agents_code_is_carried_through(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake_agent(agent_socket, {"ok": False, "error": "order expired 3 s ago", "code": "order_expired"})
     assert main(["status", "--socket", str(agent_socket), "--json"]) == 2
-    assert json.loads(capsys.readouterr().out) == {"status": "failed", "error": "order expired 3 s ago",
-                                                   "code": "order_expired"}  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == {
+        "status": "failed",
+        "error": "order expired 3 s ago",
+        "code": "order_expired",
+    }
 
 
 def test_an_agent_error_without_a_code_gets_the_clients(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,19 +92,41 @@ def test_an_agent_error_without_a_code_gets_the_clients(agent_socket: Path, caps
     assert json.loads(capsys.readouterr().out)["code"] == "agent_request_failed"
 
 
-def test_a_refused_migration_prints_the_code(tmp_path: Path, agent_socket: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_a_refused_migration_prints_the_code(
+    tmp_path: Path, agent_socket: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sealift.security.identity import ClusterCA
 
     ClusterCA.init(tmp_path / "ca").issue_operator("alice", "operator", tmp_path / "operators")
     order = tmp_path / "order.json"
-    assert main(["order", "create", "vm1", "--from", "host-a", "--to", "host-b", "--operator", "alice",
-                 "--operator-dir", str(tmp_path / "operators"), "--out", str(order)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "order",
+                "create",
+                "vm1",
+                "--from",
+                "host-a",
+                "--to",
+                "host-b",
+                "--operator",
+                "alice",
+                "--operator-dir",
+                str(tmp_path / "operators"),
+                "--out",
+                str(order),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     fake_agent(agent_socket, {"ok": False, "error": "order refused: wrong source", "code": "wrong_source"})
     assert main(["migrate", "--order", str(order), "--socket", str(agent_socket), "--json"]) == 1
-    assert json.loads(capsys.readouterr().out) == {"status": "failed", "error": "order refused: wrong source",
-                                                   "code": "wrong_source"}  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == {
+        "status": "failed",
+        "error": "order refused: wrong source",
+        "code": "wrong_source",
+    }
 
 
 def test_no_agent_is_an_error_with_a_code(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,7 @@ from sealift.security.tls import TlsStream
 
 JOIN_TIMEOUT = 20.0  # only a guard against a hung test, never a measurement
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 @dataclass(frozen=True)

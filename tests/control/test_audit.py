@@ -103,8 +103,9 @@ def test_edited_entry_with_recomputed_hash_is_detected(log_path: Path, host_key:
     db = _attacker(log_path)
     body = db.execute("SELECT body FROM audit_log WHERE seq = 2").fetchone()[0]
     body = body.replace("web1", "web9")
-    db.execute("UPDATE audit_log SET body = ?, hash = ? WHERE seq = 2",
-               (body, hashlib.sha256(body.encode()).hexdigest()))
+    db.execute(
+        "UPDATE audit_log SET body = ?, hash = ? WHERE seq = 2", (body, hashlib.sha256(body.encode()).hexdigest())
+    )
     db.close()
     problems = _problems(_verify(log_path, host_key))
     assert list(problems) == [2] and "not signed by host-a's key" in problems[2]
@@ -154,9 +155,17 @@ def test_swapped_entries_are_detected(log_path: Path, host_key: ec.EllipticCurve
 
 def _forged_row(seq: int, prev_hash: str) -> tuple[int, str, str, str, str]:
     """A well-formed entry, correctly chained and hashed, signed with the attacker's key."""
-    body = canonical_json({"v": 1, "seq": seq, "ts": "2026-11-22T10:00:00.000Z", "host": "host-a",
-                           "kind": Kinds.ORDER_ACCEPTED, "fields": {"order_id": "f" * 32},
-                           "prev_hash": prev_hash}).decode()
+    body = canonical_json(
+        {
+            "v": 1,
+            "seq": seq,
+            "ts": "2026-11-22T10:00:00.000Z",
+            "host": "host-a",
+            "kind": Kinds.ORDER_ACCEPTED,
+            "fields": {"order_id": "f" * 32},
+            "prev_hash": prev_hash,
+        }
+    ).decode()
     digest = hashlib.sha256(body.encode()).hexdigest()
     signature = _sign(ec.generate_private_key(ec.SECP256R1()), {"kind": "audit-entry", "hash": digest})
     return seq, Kinds.ORDER_ACCEPTED, body, digest, signature

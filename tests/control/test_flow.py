@@ -34,8 +34,11 @@ class DestinationChecks:
         self.audit.append(Kinds.ORDER_RECEIVED, peer=tls_peer, size=len(envelope))
         try:
             verified = verify_order(
-                envelope, self.cluster.ca.certificate, revocations=RevocationList.disabled(),
-                expect_source=tls_peer, expect_destination="host-b",
+                envelope,
+                self.cluster.ca.certificate,
+                revocations=RevocationList.disabled(),
+                expect_source=tls_peer,
+                expect_destination="host-b",
             )
             order = verified.order
             # Labels from the agent's own VM records in real life; none here.

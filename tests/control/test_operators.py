@@ -105,16 +105,19 @@ def test_operator_identity_load_checks_everything(cluster: Cluster, tmp_path: Pa
 def test_verify_operator_certificate_refuses_another_ca(cluster: Cluster) -> None:
     with pytest.raises(CertificateError, match="not issued by this cluster's CA"):
         verify_operator_certificate(cluster.foreign_admin.certificate(), cluster.ca.certificate)
-    assert verify_operator_certificate(
-        cluster.admin.certificate(), cluster.ca.certificate
-    ) == Operator("alice", Role.ADMIN)
+    assert verify_operator_certificate(cluster.admin.certificate(), cluster.ca.certificate) == Operator(
+        "alice", Role.ADMIN
+    )
 
 
 def test_operator_certificate_cannot_act_as_a_host_on_the_migration_port(cluster: Cluster) -> None:
     """Attack: a real TLS client with an operator certificate dials a host's migration port."""
     server = HandshakeServer(server_context(cluster.host_b))
     client = TlsStream.connect(
-        server.connect_tcp(), client_context(cluster.admin), "host-b", timeout=10  # type: ignore[arg-type]
+        server.connect_tcp(),
+        client_context(cluster.admin),
+        "host-b",
+        timeout=10,  # type: ignore[arg-type]
     )
     server.join()
     client.close()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sealift.security.identity import ClusterCA
 from sealift.security.operators import Operator, Role
 from sealift.security.orders import (
     MAX_ORDER_BYTES,
@@ -28,7 +29,6 @@ from sealift.security.orders import (
     format_time,
     verify_order,
 )
-from sealift.security.identity import ClusterCA
 from sealift.security.revocation import RevocationList
 from sealift.security.signing import canonical_json, sign_document
 
@@ -125,7 +125,9 @@ def test_order_of_a_revoked_operator_is_refused(tmp_path: Path) -> None:
     envelope = create_order(mallory, "web1", "host-a", "host-b")
     crl_before = ca.publish_crl()
     assert crl_before is not None
-    assert verify_order(envelope, ca.certificate, revocations=RevocationList.load(tmp_path / "ca" / "ca.crl.pem", ca.certificate))
+    assert verify_order(
+        envelope, ca.certificate, revocations=RevocationList.load(tmp_path / "ca" / "ca.crl.pem", ca.certificate)
+    )
     ca.revoke(mallory.certificate(), "key_compromise")
     revocations = RevocationList.load(tmp_path / "ca" / "ca.crl.pem", ca.certificate)
     with pytest.raises(IssuerRevokedError, match="operator 'mallory'.*was revoked.*key compromise") as caught:
@@ -190,7 +192,10 @@ def test_expired_operator_certificate_is_refused(tmp_path: Path) -> None:
     [
         ("not json", "not valid JSON"),
         ("[]", "not a JSON object"),
-        ('{"alg":"ecdsa-p256-sha256","kind":"migration-order","kind":"receipt","payload":{},"signature":"","signer":"a"}', "duplicate key"),
+        (
+            '{"alg":"ecdsa-p256-sha256","kind":"migration-order","kind":"receipt","payload":{},"signature":"","signer":"a"}',
+            "duplicate key",
+        ),
     ],
 )
 def test_malformed_orders_are_refused(cluster: Cluster, envelope: str, match: str) -> None:

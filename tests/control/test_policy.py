@@ -119,8 +119,8 @@ def test_unknown_key_is_an_error_naming_rule_and_line(tmp_path: Path) -> None:
         ('[[rule]]\nroles=["root"]\nvms=["*"]\nfrom=["*"]\nto=["*"]\n', "unknown role 'root'"),
         ('[[rule]]\nroles=["admin"]\nvms="*"\nfrom=["*"]\nto=["*"]\n', "'vms' must be a non-empty list"),
         ('[[rule]]\nroles=["admin"]\nlabels=["tier"]\nfrom=["*"]\nto=["*"]\n', "not of the form key=value"),
-        ('allow_all = true\n', "unknown top-level key"),
-        ('[[rule]\n', "not valid TOML"),
+        ("allow_all = true\n", "unknown top-level key"),
+        ("[[rule]\n", "not valid TOML"),
     ],
 )
 def test_policy_file_is_checked_strictly(tmp_path: Path, text: str, match: str) -> None:

@@ -24,7 +24,9 @@ def test_second_use_is_refused(tmp_path: Path) -> None:
     order_id = secrets.token_hex(16)
     with ReplayCache(tmp_path / "replay.sqlite3") as cache:
         cache.use_once(order_id, IN_5_MIN, now=NOW)
-        with pytest.raises(OrderReplayedError, match=f"order {order_id} was already used at 2026-11-22T10:00:00.000Z") as caught:
+        with pytest.raises(
+            OrderReplayedError, match=f"order {order_id} was already used at 2026-11-22T10:00:00.000Z"
+        ) as caught:
             cache.use_once(order_id, IN_5_MIN, now=NOW + datetime.timedelta(seconds=3))
     assert isinstance(caught.value, OrderError) and caught.value.code == "replayed"
 

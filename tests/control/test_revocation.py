@@ -176,9 +176,7 @@ def test_expired_crl_in_a_context_fails_closed(site: Site) -> None:
         .last_update(now - datetime.timedelta(days=10))
         .next_update(now - datetime.timedelta(days=1))
     )
-    site.crl_path.write_bytes(
-        builder.sign(site.ca._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-    )
+    site.crl_path.write_bytes(builder.sign(site.ca._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     stale = _load(site, now=now - datetime.timedelta(days=2))
     context = server_context(site.host_b)
     enable_crl_check(context, stale)

@@ -68,7 +68,9 @@ def psk_pair(hosts: Hosts, tmp_path: Path) -> Iterator[PskPair]:
         directory = Path(os.path.realpath(shm)) / f"sealift-psk-test-{os.getpid()}-{tmp_path.name}"
         directory.mkdir()
     key = new_psk()
-    pair = PskPair(directory, wrap_a, wrap_b, PskStore(directory / "a.db", wrap_a), PskStore(directory / "b.db", wrap_b), key)
+    pair = PskPair(
+        directory, wrap_a, wrap_b, PskStore(directory / "a.db", wrap_a), PskStore(directory / "b.db", wrap_b), key
+    )
     pair.a.provision("host-b", key)
     pair.b.provision("host-a", key)
     try:

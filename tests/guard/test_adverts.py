@@ -25,7 +25,14 @@ NOW = 1_800_000_000.0
 
 
 def signed(
-    hosts: Hosts, host: str, free: int, *, capacity: int = 16 * GiB, load: float = 0.2, at: float = NOW, lifetime: float = 60
+    hosts: Hosts,
+    host: str,
+    free: int,
+    *,
+    capacity: int = 16 * GiB,
+    load: float = 0.2,
+    at: float = NOW,
+    lifetime: float = 60,
 ) -> VerifiedAdvert:
     """host's advert, signed with its real key and verified just after `at`."""
     identity = {"host-a": hosts.a, "host-b": hosts.b, "host-c": hosts.c}[host]
@@ -62,7 +69,9 @@ def test_forged_altered_and_misattributed_adverts_are_refused(hosts: Hosts) -> N
     with pytest.raises(AdvertError, match="signed by 'host-c', expected 'host-b'"):
         verify_advert(c_advert, b_key, "host-b", NOW)
     # host-b signing a document about host-c.
-    about_c = sign_document(make_advert("host-c", GiB, GiB, 0.1, 1, NOW).to_payload(), hosts.b.private_key(), "host-b", "advert")
+    about_c = sign_document(
+        make_advert("host-c", GiB, GiB, 0.1, 1, NOW).to_payload(), hosts.b.private_key(), "host-b", "advert"
+    )
     with pytest.raises(AdvertError, match="describes host-c"):
         verify_advert(about_c, b_key, "host-b", NOW)
     # A receipt is not an advert.
@@ -143,7 +152,10 @@ def test_claims_are_capped_at_registered_capacity_minus_known_usage(hosts: Hosts
     placement.set_known_usage("host-b", 12 * GiB)  # we know it runs 12 GiB of VMs
     choice = placement.choose(3 * GiB, NOW + 1)
     assert choice.host == "host-c"
-    assert "4 GiB believed free" in choice.reason and "capped at registered 16 GiB minus 12 GiB known in use" in choice.reason
+    assert (
+        "4 GiB believed free" in choice.reason
+        and "capped at registered 16 GiB minus 12 GiB known in use" in choice.reason
+    )
     # A VM just sent to host-c counts until an advert issued after it arrives.
     placement.note_placed("host-c", 8 * GiB, NOW + 2)
     assert placement.choose(3 * GiB, NOW + 3).host == "host-b"
@@ -182,7 +194,9 @@ def test_ties_are_broken_deterministically(hosts: Hosts) -> None:
         return placement.choose(GiB, NOW + 1).host
 
     equal = {"host-a": 0.5, "host-b": 0.5, "host-c": 0.5}
-    assert {choose(order, equal) for order in (["host-a", "host-b", "host-c"], ["host-c", "host-b", "host-a"])} == {"host-a"}
+    assert {choose(order, equal) for order in (["host-a", "host-b", "host-c"], ["host-c", "host-b", "host-a"])} == {
+        "host-a"
+    }
     assert choose(["host-a", "host-b", "host-c"], {"host-a": 0.5, "host-b": 0.1, "host-c": 0.5}) == "host-b"
 
 

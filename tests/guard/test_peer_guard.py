@@ -77,7 +77,9 @@ def test_handshakes_have_their_own_smaller_budget() -> None:
 
 def test_per_peer_and_total_concurrency_caps() -> None:
     clock = FakeClock()
-    guard = make_guard(clock, per_peer_rate=100.0, per_peer_burst=100, max_concurrent_per_peer=2, max_concurrent_total=3)
+    guard = make_guard(
+        clock, per_peer_rate=100.0, per_peer_burst=100, max_concurrent_per_peer=2, max_concurrent_total=3
+    )
     assert guard.admit_connection("10.0.0.1").allowed
     assert guard.admit_connection("10.0.0.1").allowed
     refused = guard.admit_connection("10.0.0.1")

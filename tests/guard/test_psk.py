@@ -303,7 +303,9 @@ def test_ratchet_the_source_did_not_offer_is_refused(psk_pair: PskPair) -> None:
     with PskSession(psk_pair.a, "host-b", "source") as s:
         hello = s.make_proof(link.binding, link.ns)
         assert not PskProof.from_hex(hello).ratchet
-        forged = psk_proof(psk_pair.initial_key, 0, "destination", link.binding, link.ns, link.nd, ratchet=True, ticket=5)
+        forged = psk_proof(
+            psk_pair.initial_key, 0, "destination", link.binding, link.ns, link.nd, ratchet=True, ticket=5
+        )
         with pytest.raises(PskError, match="did not offer"):
             s.check_peer_proof(PskProof(0, True, 5, forged).to_hex(), link.binding, link.ns, link.nd)
     busy.close()

@@ -49,5 +49,8 @@ def charons(lab: RoutedPair) -> Iterator[tuple[Charon, Charon]]:
     backend = detect_backend()
     # mgr = 2 logs messages for unknown IKE SAs ("IKE_SA checkout not successful"): the replay test reads them.
     levels = {"mgr": 2}
-    with Charon(lab.a.netns, backend, subsystem_levels=levels) as a, Charon(lab.b.netns, backend, subsystem_levels=levels) as b:
+    with (
+        Charon(lab.a.netns, backend, subsystem_levels=levels) as a,
+        Charon(lab.b.netns, backend, subsystem_levels=levels) as b,
+    ):
         yield a, b

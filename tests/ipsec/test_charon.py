@@ -34,9 +34,30 @@ def test_config_is_private_to_one_charon_and_holds_no_secret(tmp_path: Path) -> 
 
 @needs_namespaces
 def test_backend_detection_agrees_with_the_kernel(lab: RoutedPair) -> None:
-    probe = in_netns(lab.a.netns, ["ip", "xfrm", "state", "add", "src", lab.a.address, "dst", lab.b.address,
-                                   "proto", "esp", "spi", "0x77", "mode", "tunnel",
-                                   "aead", "rfc4106(gcm(aes))", "0x" + "11" * 20, "128"], check=False)
+    probe = in_netns(
+        lab.a.netns,
+        [
+            "ip",
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            lab.a.address,
+            "dst",
+            lab.b.address,
+            "proto",
+            "esp",
+            "spi",
+            "0x77",
+            "mode",
+            "tunnel",
+            "aead",
+            "rfc4106(gcm(aes))",
+            "0x" + "11" * 20,
+            "128",
+        ],
+        check=False,
+    )
     expected = IpsecBackend.KERNEL if probe.returncode == 0 else IpsecBackend.LIBIPSEC
     assert detect_backend() is expected
     print(f"IPsec backend here: {expected.value} ({probe.stderr.strip() or 'kernel ESP present'})")

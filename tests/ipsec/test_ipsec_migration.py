@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
-from sealift.backends.qemu.transports import check_ipsec_addresses
 from sealift.backends.qemu.host import QEMU_BINARY
+from sealift.backends.qemu.transports import check_ipsec_addresses
 from sealift.backends.qemu.vm import probe_udp
 from sealift.cluster import OPERATOR, LocalCluster
 from sealift.ipsec.tunnel import IpsecError
@@ -65,8 +65,9 @@ def lab() -> Iterator[tuple[Testbed, LocalCluster]]:
         raise
     try:
         cluster.start()
-        vm = cluster.client("host-a").request("vm.start", name=VM, backend="qemu", memory="128M",
-                                              cmdline="sealift.mem_mib=16 sealift.rate_mib=1")["vm"]  # fmt: skip
+        vm = cluster.client("host-a").request(
+            "vm.start", name=VM, backend="qemu", memory="128M", cmdline="sealift.mem_mib=16 sealift.rate_mib=1"
+        )["vm"]
         assert wait_counter(cluster.client("host-a"), 0, 90) > 0, vm
         yield bed, cluster
     finally:
@@ -116,16 +117,34 @@ def where(cluster: LocalCluster) -> str:
 
 def migrate(cluster: LocalCluster, source: str, destination: str) -> dict:
     return cluster.client(source).request(
-        "migrate", vm=VM, to=destination, options={"transport": "ipsec"},
+        "migrate",
+        vm=VM,
+        to=destination,
+        options={"transport": "ipsec"},
         order=cluster.order(VM, source, destination),
-    )["report"]  # fmt: skip
+    )["report"]
 
 
 def migrate_with_cli(cluster: LocalCluster, source: str, destination: str) -> dict:
     """`sealift migrate VM --to B --transport ipsec`, as an operator types it (the order is signed on the spot)."""
-    argv = [sys.executable, "-m", "sealift", "migrate", VM, "--to", destination, "--transport", "ipsec", "--json",
-            "--socket", str(cluster.agents[source].socket_path), "--operator", OPERATOR,
-            "--operator-dir", str(cluster.operators)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "sealift",
+        "migrate",
+        VM,
+        "--to",
+        destination,
+        "--transport",
+        "ipsec",
+        "--json",
+        "--socket",
+        str(cluster.agents[source].socket_path),
+        "--operator",
+        OPERATOR,
+        "--operator-dir",
+        str(cluster.operators),
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
@@ -222,9 +241,11 @@ def test_guest_migrates_over_ipsec_esp_only_and_a_fresh_psk_each_time(
     sa_two, _ = sa_audit(cluster, second)
     assert sa_one["psk_fingerprint"] != sa_two["psk_fingerprint"]
     assert sa_one["key_id"] != sa_two["key_id"] and sa_one["spi_out"] != sa_two["spi_out"]
-    print(f"\nQEMU 128M over ipsec ({sa_one['backend']}, {sa_one['encryption']}): "
-          f"{first['total_time_s']} s / {second['total_time_s']} s, downtime {first['downtime_ms']} / "
-          f"{second['downtime_ms']} ms")  # fmt: skip
+    print(
+        f"\nQEMU 128M over ipsec ({sa_one['backend']}, {sa_one['encryption']}): "
+        f"{first['total_time_s']} s / {second['total_time_s']} s, downtime {first['downtime_ms']} / "
+        f"{second['downtime_ms']} ms"
+    )
 
 
 def _attacker_drops_ike(bed: Testbed) -> None:
@@ -277,7 +298,9 @@ def test_with_a_pair_psk_a_failed_ipsec_migration_keeps_the_guest_and_the_next_o
     before = wait_counter(cluster.client(source), 0, 10)
     _attacker_drops_ike(bed)  # the SA cannot come up: the source gives up before QEMU sends a byte
     try:
-        with pytest.raises(AgentRequestFailed, match=f"IPsec SA .* did not come up.*keeps running on {source}") as failed_up:
+        with pytest.raises(
+            AgentRequestFailed, match=f"IPsec SA .* did not come up.*keeps running on {source}"
+        ) as failed_up:
             migrate(cluster, source, destination)
         print(f"IKE dropped: {failed_up.value}")
     finally:

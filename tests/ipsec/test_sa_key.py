@@ -7,12 +7,11 @@ exporter values and nonces are random bytes standing in for one connection.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -71,8 +70,14 @@ def migrate(pair: Pair, migration_id: str, *, commit_source: bool = True, commit
 
         def derive(session: PskSession) -> tuple[bytes, int]:
             epoch, key = agreed_ratchet_key(session)
-            psk = derive_ipsec_psk(channel_secret=channel_secret, ratchet_key=key, epoch=epoch,
-                                   migration_id=migration_id, nonce_source=nonce_s, nonce_dest=nonce_d)
+            psk = derive_ipsec_psk(
+                channel_secret=channel_secret,
+                ratchet_key=key,
+                epoch=epoch,
+                migration_id=migration_id,
+                nonce_source=nonce_s,
+                nonce_dest=nonce_d,
+            )
             return psk, epoch
 
         source_psk, source_epoch = derive(source)
@@ -121,7 +126,10 @@ def test_a_failed_migration_does_not_desynchronise_the_hosts(pair: Pair, failure
 
 
 def test_the_same_migration_retried_on_a_new_connection_gets_a_new_psk(pair: Pair) -> None:
-    assert migrate(pair, "m-1", commit_source=False, commit_destination=False).source_psk != migrate(pair, "m-1").source_psk
+    assert (
+        migrate(pair, "m-1", commit_source=False, commit_destination=False).source_psk
+        != migrate(pair, "m-1").source_psk
+    )
 
 
 def _inputs(**changes: object) -> dict[str, object]:
@@ -162,8 +170,14 @@ def test_the_psk_reveals_neither_the_ratchet_key_nor_another_generation() -> Non
     for epoch in range(3):
         chain.append(ratchet_key(chain[-1], epoch, nonce_s, nonce_d, b"\x08" * 32))
     psks = [
-        derive_ipsec_psk(channel_secret=channel_secret, ratchet_key=key, epoch=epoch, migration_id="m",
-                         nonce_source=nonce_s, nonce_dest=nonce_d)
+        derive_ipsec_psk(
+            channel_secret=channel_secret,
+            ratchet_key=key,
+            epoch=epoch,
+            migration_id="m",
+            nonce_source=nonce_s,
+            nonce_dest=nonce_d,
+        )
         for epoch, key in enumerate(chain)
     ]
     public = {channel_secret, nonce_s, nonce_d, b"\x08" * 32}
@@ -215,8 +229,9 @@ def test_both_ends_of_a_real_tls_connection_derive_the_same_psk(tmp_path: Path, 
             target=lambda: accepted.append(TlsStream.accept(listener.accept()[0], server_context(host_b), timeout=10))
         )
         thread.start()
-        client = TlsStream.connect(socket.create_connection(listener.getsockname(), timeout=10),
-                                   client_context(host_a), "host-b", timeout=10)
+        client = TlsStream.connect(
+            socket.create_connection(listener.getsockname(), timeout=10), client_context(host_a), "host-b", timeout=10
+        )
         thread.join(20)
         listener.close()
         return client, accepted[0]

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from sealift.ipsec.charon import ROUTING_TABLE, Charon, IpsecBackend, detect_backend
-from sealift.ipsec.tunnel import FLOW_TABLE
 from sealift.ipsec.sa_key import derive_ipsec_psk, ipsec_key_id, ipsec_psk_fingerprint
-from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, IpsecTunnel, TunnelHost, default_mode
+from sealift.ipsec.tunnel import FLOW_TABLE, IpsecEndpoint, IpsecError, IpsecTunnel, TunnelHost, default_mode
 from sealift.ipsec.vici_client import TunnelEnd, ViciClient
 from sealift.lab.ipsec.routed_pair import Capture, RoutedPair, in_netns, read_capture, udp_packets
 from sealift.lab.ipsec.secret_transfer import SECRET_LINE, run_transfer
@@ -34,15 +33,29 @@ TRANSFER = 8 << 20  # 8 MiB, holding the secret line in every 64 KiB
 
 def _connect_from(netns: str, address: str, port: int) -> subprocess.CompletedProcess[str]:
     code = f"import socket; socket.create_connection(({address!r}, {port}), timeout=2).close()"
-    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
 
 
 def _listen(netns: str, port: int) -> subprocess.Popen[str]:
     """A transfer receiver on all addresses of `netns`, already listening when this returns."""
     listener = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "sealift.lab.ipsec.secret_transfer", "serve", "0.0.0.0", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "sealift.lab.ipsec.secret_transfer",
+            "serve",
+            "0.0.0.0",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
     return listener
@@ -59,7 +72,9 @@ def test_migration_stream_is_esp_only_and_the_secret_never_shows(
         assert run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT, TRANSFER)["bytes"] == TRANSFER
     assert SECRET_LINE in Path(plain_pcap).read_bytes()
 
-    with IpsecTunnel(source, destination, MIGRATION_PORT, os.urandom(32), name="mig-1", psk_generation="test") as tunnel:
+    with IpsecTunnel(
+        source, destination, MIGRATION_PORT, os.urandom(32), name="mig-1", psk_generation="test"
+    ) as tunnel:
         with Capture(lab.router, lab.router_iface_a, ipsec_pcap):
             received = run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT, TRANSFER)
             # Traffic outside the selectors keeps its normal route (the agents' own channel, ping, IKE).
@@ -92,8 +107,9 @@ def test_only_the_migration_flow_is_tunnelled_and_it_fails_closed(
 ) -> None:
     source, destination = hosts
     other_port_pcap = str(tmp_path / "other.pcap")
-    with IpsecTunnel(source, destination, MIGRATION_PORT, os.urandom(32), name="mig-narrow",
-                     psk_generation="test", charons=charons) as tunnel:
+    with IpsecTunnel(
+        source, destination, MIGRATION_PORT, os.urandom(32), name="mig-narrow", psk_generation="test", charons=charons
+    ) as tunnel:
         # Another TCP port is outside the traffic selectors: it is not protected by this SA.
         with Capture(lab.router, lab.router_iface_a, other_port_pcap):
             run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT + 1, 1 << 20)
@@ -120,8 +136,16 @@ def test_teardown_leaves_no_sa_no_psk_no_rules_and_nothing_on_disk(
 ) -> None:
     source, destination = hosts
     psk = os.urandom(32)
-    with IpsecTunnel(source, destination, MIGRATION_PORT, psk, name="mig-td", key_id="sealift-mig-td-e0",
-                     psk_generation="test", charons=charons):
+    with IpsecTunnel(
+        source,
+        destination,
+        MIGRATION_PORT,
+        psk,
+        name="mig-td",
+        key_id="sealift-mig-td-e0",
+        psk_generation="test",
+        charons=charons,
+    ):
         with ViciClient(str(charons[1].vici_socket)) as vici:
             assert vici.shared_key_ids() == ["sealift-mig-td-e0"]
             assert [child.state for ike in vici.list_sas() for child in ike.children] == ["INSTALLED"]
@@ -152,12 +176,18 @@ def test_a_wrong_psk_cannot_bring_up_the_sa_and_the_next_tunnel_works(
     mode = default_mode(backend)
     right, guessed = os.urandom(32), os.urandom(32)
     ends = (
-        TunnelEnd("mig-bad", "initiator", source.address, destination.address, "host-a", "host-b", MIGRATION_PORT, mode),
-        TunnelEnd("mig-bad", "responder", destination.address, source.address, "host-b", "host-a", MIGRATION_PORT, mode),
+        TunnelEnd(
+            "mig-bad", "initiator", source.address, destination.address, "host-a", "host-b", MIGRATION_PORT, mode
+        ),
+        TunnelEnd(
+            "mig-bad", "responder", destination.address, source.address, "host-b", "host-a", MIGRATION_PORT, mode
+        ),
     )
     # The "source" holds an old or guessed key; the destination holds this migration's key.
-    with IpsecEndpoint(charons[1], ends[1], right, key_id="k-right", psk_generation="2") as responder, \
-            IpsecEndpoint(charons[0], ends[0], guessed, key_id="k-guess", psk_generation="1") as initiator:
+    with (
+        IpsecEndpoint(charons[1], ends[1], right, key_id="k-right", psk_generation="2") as responder,
+        IpsecEndpoint(charons[0], ends[0], guessed, key_id="k-guess", psk_generation="1") as initiator,
+    ):
         responder.prepare()
         initiator.prepare()
         with pytest.raises(IpsecError, match="did not come up"):
@@ -165,47 +195,68 @@ def test_a_wrong_psk_cannot_bring_up_the_sa_and_the_next_tunnel_works(
         assert responder.installed_child() is None and initiator.installed_child() is None
         with ViciClient(str(charons[1].vici_socket)) as vici:
             assert not [ike for ike in vici.list_sas() if ike.state == "ESTABLISHED"]
-    assert re.search(r"MAC mismatched|AUTHENTICATION_FAILED|authentication of 'host-a' .* failed", charons[1].log_text())
+    assert re.search(
+        r"MAC mismatched|AUTHENTICATION_FAILED|authentication of 'host-a' .* failed", charons[1].log_text()
+    )
 
     # The failure left nothing behind: the next migration's tunnel comes up in the same charons.
-    with IpsecTunnel(source, destination, MIGRATION_PORT, os.urandom(32), name="mig-next", psk_generation="3",
-                     charons=charons) as tunnel:
+    with IpsecTunnel(
+        source, destination, MIGRATION_PORT, os.urandom(32), name="mig-next", psk_generation="3", charons=charons
+    ) as tunnel:
         assert run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT, 1 << 20)["bytes"] == 1 << 20
         assert tunnel.source_sa is not None
 
 
 @pytest.mark.parametrize("psk_changed", [True, False], ids=["psk-changed", "same-psk"])
 def test_a_replayed_ike_exchange_gives_no_sa(
-    lab: RoutedPair, hosts: tuple[TunnelHost, TunnelHost], charons: tuple[Charon, Charon], tmp_path: Path,
+    lab: RoutedPair,
+    hosts: tuple[TunnelHost, TunnelHost],
+    charons: tuple[Charon, Charon],
+    tmp_path: Path,
     psk_changed: bool,
 ) -> None:
     source, destination = hosts
     first_psk = os.urandom(32)
     pcap = str(tmp_path / "ike.pcap")
     with Capture(lab.router, lab.router_iface_a, pcap):
-        with IpsecTunnel(source, destination, MIGRATION_PORT, first_psk, name="mig-r1", psk_generation="1",
-                         charons=charons):
+        with IpsecTunnel(
+            source, destination, MIGRATION_PORT, first_psk, name="mig-r1", psk_generation="1", charons=charons
+        ):
             pass
     # The initiator's IKE messages: IKE_SA_INIT on 500, then IKE_AUTH and CREATE_CHILD_SA on
     # 4500 behind the 4-byte non-ESP marker (ESP packets there start with their SPI instead).
     recorded = [
-        p for p in udp_packets(pcap)
+        p
+        for p in udp_packets(pcap)
         if p.src == source.address and (p.dport == 500 or (p.dport == 4500 and p.payload[:4] == b"\0\0\0\0"))
     ]
     assert len(recorded) >= 3
 
     # The destination now waits for the next migration (new PSK), or still holds the old one.
     next_psk = os.urandom(32) if psk_changed else first_psk
-    end = TunnelEnd("mig-r2", "responder", destination.address, source.address, "host-b", "host-a",
-                    MIGRATION_PORT, default_mode(charons[1].backend))
+    end = TunnelEnd(
+        "mig-r2",
+        "responder",
+        destination.address,
+        source.address,
+        "host-b",
+        "host-a",
+        MIGRATION_PORT,
+        default_mode(charons[1].backend),
+    )
     with IpsecEndpoint(charons[1], end, next_psk, key_id="k-next", psk_generation="2") as responder:
         responder.prepare()
         log_before = charons[1].log_text()
-        packets = [{"src": p.src, "dst": p.dst, "sport": p.sport, "dport": p.dport, "payload": p.payload.hex()}
-                   for p in recorded]
+        packets = [
+            {"src": p.src, "dst": p.dst, "sport": p.sport, "dport": p.dport, "payload": p.payload.hex()}
+            for p in recorded
+        ]
         replay = subprocess.run(
             ["ip", "netns", "exec", lab.router, sys.executable, str(Path(__file__).with_name("replay_udp.py"))],
-            input=json.dumps(packets), capture_output=True, text=True, timeout=30,
+            input=json.dumps(packets),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert replay.returncode == 0, replay.stderr
         time.sleep(1.0)
@@ -233,11 +284,25 @@ def test_each_migration_gets_its_own_psk_and_a_failed_one_does_not_block_the_nex
     spis = []
     for number in range(3):
         migration = f"m-{number}"
-        psk = derive_ipsec_psk(channel_secret=os.urandom(32), ratchet_key=ratchet, epoch=number,
-                               migration_id=migration, nonce_source=os.urandom(32), nonce_dest=os.urandom(32))
+        psk = derive_ipsec_psk(
+            channel_secret=os.urandom(32),
+            ratchet_key=ratchet,
+            epoch=number,
+            migration_id=migration,
+            nonce_source=os.urandom(32),
+            nonce_dest=os.urandom(32),
+        )
         fingerprints.append(ipsec_psk_fingerprint(psk))
-        tunnel = IpsecTunnel(source, destination, MIGRATION_PORT, psk, name=migration,
-                             key_id=ipsec_key_id(migration, number), psk_generation=str(number), charons=charons)
+        tunnel = IpsecTunnel(
+            source,
+            destination,
+            MIGRATION_PORT,
+            psk,
+            name=migration,
+            key_id=ipsec_key_id(migration, number),
+            psk_generation=str(number),
+            charons=charons,
+        )
         if number == 1:
             with pytest.raises(RuntimeError, match="migration failed"):
                 with tunnel:
@@ -246,7 +311,9 @@ def test_each_migration_gets_its_own_psk_and_a_failed_one_does_not_block_the_nex
         else:
             with tunnel:
                 spis.append(tunnel.spis)
-                assert run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT, 1 << 20)["bytes"] == 1 << 20
+                assert (
+                    run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT, 1 << 20)["bytes"] == 1 << 20
+                )
                 assert tunnel.source_sa is not None
                 assert tunnel.source_sa.psk_fingerprint == fingerprints[-1]
     assert len(set(fingerprints)) == 3
@@ -280,12 +347,25 @@ def test_an_agent_side_endpoint_pair_as_the_transport_would_run_it(
     from sealift.ipsec.tunnel import migration_endpoint
 
     source, destination = hosts
-    psk = derive_ipsec_psk(channel_secret=os.urandom(32), ratchet_key=None, epoch=0, migration_id="mig-77",
-                           nonce_source=os.urandom(32), nonce_dest=os.urandom(32))
-    common = {"migration_id": "mig-77", "port": MIGRATION_PORT, "psk": psk,
-              "key_id": ipsec_key_id("mig-77", 0), "psk_generation": "epoch 0"}
-    with migration_endpoint(charons[1], role="destination", local=destination, remote=source, **common) as dst, \
-            migration_endpoint(charons[0], role="source", local=source, remote=destination, **common) as src:
+    psk = derive_ipsec_psk(
+        channel_secret=os.urandom(32),
+        ratchet_key=None,
+        epoch=0,
+        migration_id="mig-77",
+        nonce_source=os.urandom(32),
+        nonce_dest=os.urandom(32),
+    )
+    common = {
+        "migration_id": "mig-77",
+        "port": MIGRATION_PORT,
+        "psk": psk,
+        "key_id": ipsec_key_id("mig-77", 0),
+        "psk_generation": "epoch 0",
+    }
+    with (
+        migration_endpoint(charons[1], role="destination", local=destination, remote=source, **common) as dst,
+        migration_endpoint(charons[0], role="source", local=source, remote=destination, **common) as src,
+    ):
         dst.prepare()
         src.prepare()
         src.initiate()
@@ -305,8 +385,9 @@ def test_the_destination_port_takes_no_cleartext_while_the_tunnel_is_up(
     source, destination = hosts
     listener = _listen(lab.b.netns, MIGRATION_PORT)
     try:
-        with IpsecTunnel(source, destination, MIGRATION_PORT, os.urandom(32), name="mig-in",
-                         psk_generation="test", charons=charons) as tunnel:
+        with IpsecTunnel(
+            source, destination, MIGRATION_PORT, os.urandom(32), name="mig-in", psk_generation="test", charons=charons
+        ) as tunnel:
             attempt = _connect_from(lab.router, destination.address, MIGRATION_PORT)
             assert attempt.returncode != 0 and "timed out" in attempt.stderr
             table = tunnel.endpoints[1].nft_table if tunnel.endpoints else ""
@@ -324,11 +405,13 @@ def test_two_concurrent_migrations_between_one_pair_do_not_cut_each_other(
     lab: RoutedPair, hosts: tuple[TunnelHost, TunnelHost], charons: tuple[Charon, Charon], tmp_path: Path
 ) -> None:
     source, destination = hosts
-    first = IpsecTunnel(source, destination, MIGRATION_PORT, os.urandom(32), name="mig-c1", psk_generation="1",
-                        charons=charons)
+    first = IpsecTunnel(
+        source, destination, MIGRATION_PORT, os.urandom(32), name="mig-c1", psk_generation="1", charons=charons
+    )
     with first:
-        with IpsecTunnel(source, destination, MIGRATION_PORT + 2, os.urandom(32), name="mig-c2",
-                         psk_generation="1", charons=charons) as second:
+        with IpsecTunnel(
+            source, destination, MIGRATION_PORT + 2, os.urandom(32), name="mig-c2", psk_generation="1", charons=charons
+        ) as second:
             assert set(first.spis).isdisjoint(second.spis)
             first.close()  # the first migration ends while the second still runs
             pcap = str(tmp_path / "second.pcap")
@@ -336,4 +419,6 @@ def test_two_concurrent_migrations_between_one_pair_do_not_cut_each_other(
                 got = run_transfer(lab.b.netns, lab.b.address, lab.a.netns, MIGRATION_PORT + 2, 2 << 20)
             assert got["bytes"] == 2 << 20
             assert SECRET_LINE not in Path(pcap).read_bytes()
-            assert {int(row[0], 16) for row in read_capture(pcap, "esp", ["esp.spi"])} == {int(x, 16) for x in second.spis}
+            assert {int(row[0], 16) for row in read_capture(pcap, "esp", ["esp.spi"])} == {
+                int(x, 16) for x in second.spis
+            }

@@ -57,12 +57,25 @@ def test_bad_tunnel_ends_are_refused() -> None:
 def test_list_sas_events_become_records() -> None:
     event = {
         "m1": {
-            "state": b"ESTABLISHED", "local-host": b"10.0.0.1", "remote-host": b"10.0.0.2",
-            "child-sas": {"m1-3": {
-                "name": b"m1", "state": b"INSTALLED", "mode": b"TUNNEL", "protocol": b"ESP", "spi-in": b"c1a2b3c4",
-                "spi-out": b"d1e2f3a4", "encr-alg": b"AES_GCM_16", "encr-keysize": b"256", "dh-group": b"CURVE_25519",
-                "encap": b"yes", "bytes-in": b"10", "bytes-out": b"20",
-            }},
+            "state": b"ESTABLISHED",
+            "local-host": b"10.0.0.1",
+            "remote-host": b"10.0.0.2",
+            "child-sas": {
+                "m1-3": {
+                    "name": b"m1",
+                    "state": b"INSTALLED",
+                    "mode": b"TUNNEL",
+                    "protocol": b"ESP",
+                    "spi-in": b"c1a2b3c4",
+                    "spi-out": b"d1e2f3a4",
+                    "encr-alg": b"AES_GCM_16",
+                    "encr-keysize": b"256",
+                    "dh-group": b"CURVE_25519",
+                    "encap": b"yes",
+                    "bytes-in": b"10",
+                    "bytes-out": b"20",
+                }
+            },
         }
     }
     (ike,) = parse_list_sas([event])

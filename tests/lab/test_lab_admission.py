@@ -41,8 +41,12 @@ def run_threat(lab: LabRun, threat: str, count: int) -> list[AttackResult]:
 @pytest.mark.timeout(60)
 def test_t5_a_valid_host_cannot_pull_a_vm_without_an_order_for_it(lab: LabRun) -> None:
     results = run_threat(lab, "T5", 4)
-    assert [r.details["refusal_code"] for r in results] == ["malformed", "wrong_destination", "untrusted_issuer",
-                                                            "denied_by_policy"]  # fmt: skip
+    assert [r.details["refusal_code"] for r in results] == [
+        "malformed",
+        "wrong_destination",
+        "untrusted_issuer",
+        "denied_by_policy",
+    ]
     for result in results:
         assert result.baseline == "n/a"
         assert result.details["copies"] == {"host-a": "running"}

@@ -34,8 +34,12 @@ from sealift.lab.report import RESULT_KEYS, exit_code
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (network namespaces)"),
     pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} is not installed"),
-    pytest.mark.skipif(not any(os.access(p, os.X_OK) for p in CHARON_CANDIDATES), reason="strongSwan's charon is not installed"),
-    pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("nft") is None, reason="needs tshark and nftables"),
+    pytest.mark.skipif(
+        not any(os.access(p, os.X_OK) for p in CHARON_CANDIDATES), reason="strongSwan's charon is not installed"
+    ),
+    pytest.mark.skipif(
+        shutil.which("tshark") is None or shutil.which("nft") is None, reason="needs tshark and nftables"
+    ),
 ]
 
 FULL = os.environ.get("SEALIFT_FULL_LAB") == "1"
@@ -53,10 +57,26 @@ def test_lab_run_ipsec_rows(tmp_path: Path) -> None:
 
     build_image(default_cache_dir())  # cached after the first build
     done = subprocess.run(
-        [sys.executable, "-m", "sealift", "lab", "run", "--json", "--only", "ipsec", "--backend", "qemu",
-         "--out", str(tmp_path / "results"), *([] if FULL else ["--skip", "T4"])],
-        capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sealift",
+            "lab",
+            "run",
+            "--json",
+            "--only",
+            "ipsec",
+            "--backend",
+            "qemu",
+            "--out",
+            str(tmp_path / "results"),
+            *([] if FULL else ["--skip", "T4"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     try:
         document = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -159,15 +179,30 @@ def test_the_attackers_ipsec_tools_on_a_static_vpn(tmp_path: Path) -> None:
                 rules_before = bed.run("attacker", ["ip", "rule"]).stdout
                 with ClaimedAddress(bed.ns("attacker"), bed.source_ip, udp_ports=(5500, 5501)):
                     moved: dict[str, dict] = {}
-                    transfer = threading.Thread(target=lambda: moved.update(r=run_transfer(
-                        bed.ns("destination"), bed.destination_ip, bed.ns("source"), 7461, 4 << 20)))
+                    transfer = threading.Thread(
+                        target=lambda: moved.update(
+                            r=run_transfer(bed.ns("destination"), bed.destination_ip, bed.ns("source"), 7461, 4 << 20)
+                        )
+                    )
                     transfer.start()
                     held: dict[str, list[str]] = {}
-                    common = {"name": "static-baseline", "local_address": bed.source_ip,
-                              "remote_address": bed.destination_ip, "local_id": "static-baseline.host-a",
-                              "remote_id": "static-baseline.host-b", "port": 7461, "ike_port": 5500, "natt_port": 5501}
-                    stolen = try_sa(bed.ns("attacker"), backend, psk=psk, **common,  # type: ignore[arg-type]
-                                    on_up=lambda: held.update(vici_state(b.vici_socket)))
+                    common = {
+                        "name": "static-baseline",
+                        "local_address": bed.source_ip,
+                        "remote_address": bed.destination_ip,
+                        "local_id": "static-baseline.host-a",
+                        "remote_id": "static-baseline.host-b",
+                        "port": 7461,
+                        "ike_port": 5500,
+                        "natt_port": 5501,
+                    }
+                    stolen = try_sa(
+                        bed.ns("attacker"),
+                        backend,
+                        psk=psk,
+                        **common,  # type: ignore[arg-type]
+                        on_up=lambda: held.update(vici_state(b.vici_socket)),
+                    )
                     guessed = try_sa(bed.ns("attacker"), backend, psk=os.urandom(32), **common)  # type: ignore[arg-type]
                     transfer.join(60)
                 assert bed.run("attacker", ["ip", "rule"]).stdout == rules_before

@@ -5,24 +5,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sealift.cli.lab_cmd import parse_only
 from sealift.lab.attacks.base import AttackResult
 from sealift.lab.report import RESULT_KEYS, exit_code, failures, public_json, to_markdown, write_report
 
-import pytest
 
-
-def result(threat: str = "T1", sealift: str = "blocked", copies: int = 1, evidence: str = "0 hits in a.pcap") -> AttackResult:
-    return AttackResult(threat, "snoop", "builtin", "succeeded", sealift, evidence, copies,  # type: ignore[arg-type]
-                        details={"pcap": "a.pcap"})
+def result(
+    threat: str = "T1", sealift: str = "blocked", copies: int = 1, evidence: str = "0 hits in a.pcap"
+) -> AttackResult:
+    return AttackResult(
+        threat,
+        "snoop",
+        "builtin",
+        "succeeded",
+        sealift,
+        evidence,
+        copies,  # type: ignore[arg-type]
+        details={"pcap": "a.pcap"},
+    )
 
 
 def test_public_json_has_exactly_the_documented_keys() -> None:
     document = public_json([result(), result("T2")])
     assert list(document) == ["results"]
     assert [list(r) for r in document["results"]] == [list(RESULT_KEYS)] * 2
-    assert document["results"][0] == {"threat": "T1", "attack": "snoop", "backend": "builtin", "baseline": "succeeded",
-                                       "sealift": "blocked", "evidence": "0 hits in a.pcap", "vm_running_copies": 1}
+    assert document["results"][0] == {
+        "threat": "T1",
+        "attack": "snoop",
+        "backend": "builtin",
+        "baseline": "succeeded",
+        "sealift": "blocked",
+        "evidence": "0 hits in a.pcap",
+        "vm_running_copies": 1,
+    }
     json.dumps(document)  # serialisable as is
 
 

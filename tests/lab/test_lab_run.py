@@ -28,10 +28,26 @@ BASELINE_SUCCEEDS = {"T1", "T2", "T3"}
 
 def lab_run(tmp_path: Path, only: str, backend: str, timeout: float, *flags: str) -> tuple[int, dict, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "sealift", "lab", "run", "--json", "--only", only, "--backend", backend,
-         "--out", str(tmp_path / "results"), *flags],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sealift",
+            "lab",
+            "run",
+            "--json",
+            "--only",
+            only,
+            "--backend",
+            backend,
+            "--out",
+            str(tmp_path / "results"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     try:
         document = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -89,8 +105,11 @@ def test_lab_run_qemu_snooping_and_failures(tmp_path: Path) -> None:
     results = check_results(document, threats, "qemu", stderr)
     assert code == 0, stderr[-3000:]
     t11 = sorted(r["attack"] for r in results if r["threat"] == "T11")
-    assert t11 == ["cut the link during after prepared", "kill destination agent during precopy",
-                   "kill source agent during stop-and-copy"]
+    assert t11 == [
+        "cut the link during after prepared",
+        "kill destination agent during precopy",
+        "kill source agent during stop-and-copy",
+    ]
 
 
 def test_a_failed_attack_makes_the_run_fail(tmp_path: Path) -> None:

@@ -66,7 +66,9 @@ def test_migration_traffic_is_routed_through_the_attacker_and_captured(testbed: 
     assert received == [payload]
     finding = find_in_capture(capture.path, SECRET)
     assert len(finding.flows) == 1
-    assert finding.flows[0].startswith(f"{testbed.source_ip}:") and finding.flows[0].endswith(f"{testbed.destination_ip}:7000")
+    assert finding.flows[0].startswith(f"{testbed.source_ip}:") and finding.flows[0].endswith(
+        f"{testbed.destination_ip}:7000"
+    )
     assert ip_protocols(capture.path).get(6, 0) >= 3  # TCP crossed the attacker's link (GSO: few, large frames)
     assert capture.dropped == 0  # tshark said how many it lost when it stopped: none
 

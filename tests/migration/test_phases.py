@@ -31,7 +31,11 @@ S, D = Role.SOURCE, Role.DESTINATION
 # The whole table written out again, row by row, as the rules read in docs/architecture.md.
 # A change to the table must change this too: nothing moves a record by accident.
 EXPECTED = {
-    (S, Phase.STARTED): {Event.BEGIN_PRECOPY: Phase.PRECOPY, Event.FAIL: Phase.ABORTED, Event.AGENT_RESTARTED: Phase.ABORTED},
+    (S, Phase.STARTED): {
+        Event.BEGIN_PRECOPY: Phase.PRECOPY,
+        Event.FAIL: Phase.ABORTED,
+        Event.AGENT_RESTARTED: Phase.ABORTED,
+    },
     (S, Phase.PRECOPY): {
         Event.PAUSE_GUEST: Phase.STOP_AND_COPY,
         Event.DECIDE_COMMIT: Phase.COMMITTED,
@@ -119,16 +123,23 @@ def test_no_failure_before_the_decision_leaves_the_source_undecided() -> None:
         assert next_phase(S, phase, Event.AGENT_RESTARTED) is Phase.ABORTED
     # ... and after it, no failure aborts by itself: only the peer's word does.
     for phase in (Phase.COMMITTED, Phase.IN_DOUBT):
-        assert next_phase(S, phase, Event.FAIL if phase is Phase.COMMITTED else Event.AGENT_RESTARTED) is not Phase.ABORTED
+        assert (
+            next_phase(S, phase, Event.FAIL if phase is Phase.COMMITTED else Event.AGENT_RESTARTED) is not Phase.ABORTED
+        )
 
 
 def test_the_destination_starts_a_guest_only_from_a_commit() -> None:
     sources = {p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.RUNNING}
     assert sources == {Phase.COMMITTED}
-    commit_from = {p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.COMMITTED and p is not after}
+    commit_from = {
+        p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.COMMITTED and p is not after
+    }
     assert commit_from == {Phase.PREPARED, Phase.IN_DOUBT}
-    assert all(e is Event.RECEIVE_COMMIT for (r, p, e), after in TRANSITIONS.items()
-               if r is D and after is Phase.COMMITTED and p is not after)  # fmt: skip
+    assert all(
+        e is Event.RECEIVE_COMMIT
+        for (r, p, e), after in TRANSITIONS.items()
+        if r is D and after is Phase.COMMITTED and p is not after
+    )
 
 
 def test_the_source_decision_is_recorded_only_when_it_is_taken() -> None:
@@ -165,7 +176,12 @@ def test_the_store_moves_a_record_only_by_the_table(tmp_path: Path) -> None:
         assert store.migration("m1").decision == "committed"
         assert records.transition(store, "m1", Event.FAIL, error="link cut") is Phase.IN_DOUBT
         record = store.migration("m1")
-        assert (record.phase, record.decision, record.error, record.backend) == (Phase.IN_DOUBT, "committed", "link cut", "builtin")
+        assert (record.phase, record.decision, record.error, record.backend) == (
+            Phase.IN_DOUBT,
+            "committed",
+            "link cut",
+            "builtin",
+        )
         records.create(store, "m2", "vm", D, "host-a", 1 << 20, "qemu")
         records.transition(store, "m2", Event.FAIL, error="bad digest")
         assert [r.id for r in store.migrations(phases=(Phase.ABORTED,))] == ["m2"]

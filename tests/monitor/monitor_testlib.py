@@ -33,9 +33,11 @@ def audit_fields(client: AgentClient, kind: str) -> list[dict]:
 def wait_attacker(client: AgentClient, vm: str, timeout: float) -> tuple[dict, float, dict[str, dict]]:
     """The attacker verdict on `vm` (not a first 'anomalous' one): (verdict, seconds it took, deviations by signal)."""
     started = time.monotonic()
-    flagged = wait_for("an attacker verdict",
-                       lambda: (r := vm_row(client, vm)) and r["verdict"] and r["verdict"]["kind"] == "attacker" and r,
-                       timeout)  # fmt: skip
+    flagged = wait_for(
+        "an attacker verdict",
+        lambda: (r := vm_row(client, vm)) and r["verdict"] and r["verdict"]["kind"] == "attacker" and r,
+        timeout,
+    )
     verdict = flagged["verdict"]  # type: ignore[index]
     return verdict, time.monotonic() - started, {d["signal"]: d for d in verdict["deviations"]}
 

@@ -33,14 +33,27 @@ def samples(
             net["rx_packets"] += int(r["rx_pps"] * period)
             net["tx_packets"] += int(r["tx_pps"] * period)
         yield VmSample(
-            vm=vm, backend="qemu", time=i * period, pid=1000, alive=True, status="running",
-            cpu_seconds=cpu, progress=i, dirty_pages=dirty,
+            vm=vm,
+            backend="qemu",
+            time=i * period,
+            pid=1000,
+            alive=True,
+            status="running",
+            cpu_seconds=cpu,
+            progress=i,
+            dirty_pages=dirty,
             **({k: v for k, v in net.items()} if network else {}),
-        )  # fmt: skip
+        )
 
 
-def quiet_web_server(seed: int, drift: float = 1.5, drift_period: int = 6 * 3600, noise: float = 0.15,
-                     step_every: int = 900, step_max: float = 1.4) -> Callable[[int], Rates]:  # fmt: skip
+def quiet_web_server(
+    seed: int,
+    drift: float = 1.5,
+    drift_period: int = 6 * 3600,
+    noise: float = 0.15,
+    step_every: int = 900,
+    step_max: float = 1.4,
+) -> Callable[[int], Rates]:
     """A VM doing its normal job, in three layers of normal change:
 
     - noise: every rate lognormal around its level (`noise` sigma: 0.15 ~ +-15 %);

@@ -54,8 +54,15 @@ def send(target: tuple[str, int], rate: float, size: int, stop: threading.Event,
 
 def main(workdir: Path, bridge_ip: str, guest_ip: str, tap: str) -> dict[str, object]:
     image = build_image(default_cache_dir())
-    vm = QemuVM.start(workdir, "floodvm", 160, image, accel="tcg", extra_cmdline="sealift.mem_mib=16 sealift.rate_mib=2",
-                      net=NetConfig.tap_device(tap, guest_ip, bridge_ip))  # fmt: skip
+    vm = QemuVM.start(
+        workdir,
+        "floodvm",
+        160,
+        image,
+        accel="tcg",
+        extra_cmdline="sealift.mem_mib=16 sealift.rate_mib=2",
+        net=NetConfig.tap_device(tap, guest_ip, bridge_ip),
+    )
     stop = threading.Event()
     try:
         vm.wait_counter(0, timeout=90)

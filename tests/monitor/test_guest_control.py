@@ -34,8 +34,12 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not 
 @pytest.fixture(scope="module")
 def workload_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("workload") / "workload"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(WORKLOAD_SOURCE)], check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(WORKLOAD_SOURCE)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return out
 
 

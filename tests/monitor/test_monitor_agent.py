@@ -17,10 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from monitor_testlib import audit_fields, vm_row, wait_for
 from sealift.agent.client import AgentRequestFailed
 from sealift.cluster import LocalCluster, free_port
-
-from monitor_testlib import audit_fields, vm_row, wait_for
 
 VM = "storm1"
 METRICS_PORT = free_port()
@@ -64,7 +63,9 @@ def test_a_write_storm_is_flagged_attacker_and_its_migration_refused_until_it_ca
     verdict = flagged["verdict"]  # type: ignore[index]
     assert verdict["kind"] == "attacker", verdict
     signals = {d["signal"]: d for d in verdict["deviations"]}
-    assert {"cpu", "dirty_bps"} <= set(signals) and signals["dirty_bps"]["z"] >= 4 and signals["dirty_bps"]["ratio"] >= 2
+    assert (
+        {"cpu", "dirty_bps"} <= set(signals) and signals["dirty_bps"]["z"] >= 4 and signals["dirty_bps"]["ratio"] >= 2
+    )
     assert flagged["reliability"] == [], "an announced workload switch is not a restart problem"  # type: ignore[index]
 
     with pytest.raises(AgentRequestFailed, match="vm_flagged_attacker"):
@@ -83,17 +84,28 @@ def test_a_write_storm_is_flagged_attacker_and_its_migration_refused_until_it_ca
     assert f'sealift_vm_verdict{{kind="attacker",vm="{VM}"}} 1.0' in metrics
     assert f'sealift_vm_signal_zscore{{signal="dirty_bps",vm="{VM}"}}' in metrics
 
-    cli = subprocess.run([sys.executable, "-m", "sealift", "monitor", "--json", "--socket", str(cluster.agents["host-a"].socket_path)],
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    cli = subprocess.run(
+        [sys.executable, "-m", "sealift", "monitor", "--json", "--socket", str(cluster.agents["host-a"].socket_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["vms"][0]["verdict"]["kind"] == "attacker"
-    table = subprocess.run([sys.executable, "-m", "sealift", "monitor", "--socket", str(cluster.agents["host-a"].socket_path)],
-                           capture_output=True, text=True, timeout=30, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    table = subprocess.run(
+        [sys.executable, "-m", "sealift", "monitor", "--socket", str(cluster.agents["host-a"].socket_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
     assert table.returncode == 0 and "attacker" in table.stdout, table.stdout + table.stderr
 
     # Calm again: the verdict clears and the same VM may move.
     a.request("vm.workload", name=VM, profile="web")
-    wait_for("the verdict to clear", lambda: (r := vm_row(a, VM)) and r["verdict"] is None and r["status"] == "running", 40)
+    wait_for(
+        "the verdict to clear", lambda: (r := vm_row(a, VM)) and r["verdict"] is None and r["status"] == "running", 40
+    )
     report = cluster.migrate(VM, "host-a", "host-b")
     assert report["status"] == "completed", report
     assert VM in [v["name"] for v in cluster.client("host-b").request("vm.list")["vms"]]
@@ -172,7 +184,11 @@ def test_a_port_scan_and_a_handshake_flood_get_their_peers_blocked_and_audited(c
                     tls.recv(1)  # TLS 1.3: the server's refusal of our missing certificate arrives here
             except (OSError, ssl.SSLError):
                 pass
-    wait_for("a block of the handshake flooder", lambda: any(f["peer"] == "127.0.0.6" for f in audit_kinds(b, "monitor.peer_blocked")), 5)
+    wait_for(
+        "a block of the handshake flooder",
+        lambda: any(f["peer"] == "127.0.0.6" for f in audit_kinds(b, "monitor.peer_blocked")),
+        5,
+    )
     flooder = [f for f in audit_kinds(b, "monitor.peer_blocked") if f["peer"] == "127.0.0.6"][-1]
     assert flooder["counts"].get("handshake_failed", 0) > 0, flooder
 

@@ -7,12 +7,12 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synthetic import quiet_web_server, samples, with_burst
 
 from sealift.monitor.baseline import BaselineConfig, EwmaBaseline, Score
 from sealift.monitor.classify import ClassifierConfig, HostMonitor, classify
 from sealift.monitor.signals import VmSample, rates_between
 from sealift.monitor.verdicts import ANOMALOUS, ATTACKER, VICTIM, MonitorEvent
+from synthetic import quiet_web_server, samples, with_burst
 
 QUIET_HOURS = 12  # 43 200 one-second samples
 
@@ -60,7 +60,9 @@ def test_a_lasting_change_is_learnt_but_a_burst_is_not_absorbed_at_once() -> Non
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(min_value=0, max_value=1e12), min_size=1, max_size=200), st.floats(min_value=1e-3, max_value=1e6))
+@given(
+    st.lists(st.floats(min_value=0, max_value=1e12), min_size=1, max_size=200), st.floats(min_value=1e-3, max_value=1e6)
+)
 def test_baseline_stays_finite_for_any_input(values: list[float], scale: float) -> None:
     baseline = EwmaBaseline(BaselineConfig(warmup=5), scale=scale)
     for v in values:
@@ -100,8 +102,10 @@ def test_false_positive_rate_over_a_long_quiet_run_with_drift_and_noise() -> Non
     count = QUIET_HOURS * 3600
     events = run(monitor, samples(quiet_web_server(seed=4), count))
     verdicts = raised(events)
-    print(f"\nquiet run: {count} samples ({QUIET_HOURS} h at 1 s), {len(verdicts)} verdicts "
-          f"-> false-positive rate {len(verdicts) / count:.2e} per sample")  # fmt: skip
+    print(
+        f"\nquiet run: {count} samples ({QUIET_HOURS} h at 1 s), {len(verdicts)} verdicts "
+        f"-> false-positive rate {len(verdicts) / count:.2e} per sample"
+    )
     assert len(verdicts) == 0, [v.verdict.reason for v in verdicts][:5]
 
 
@@ -164,10 +168,21 @@ def test_operator_flag_overrides_and_clears() -> None:
 # -- reliability --------------------------------------------------------------------
 
 
-def _sample(t: float, progress: int, pid: int = 7, alive: bool = True, status: str = "running",
-            errors: tuple[str, ...] = ()) -> VmSample:  # fmt: skip
-    return VmSample("r1", "builtin", t, pid=pid, alive=alive, status=status, cpu_seconds=t * 0.1,
-                    progress=progress, dirty_pages=int(t) * 10, errors=errors)  # fmt: skip
+def _sample(
+    t: float, progress: int, pid: int = 7, alive: bool = True, status: str = "running", errors: tuple[str, ...] = ()
+) -> VmSample:
+    return VmSample(
+        "r1",
+        "builtin",
+        t,
+        pid=pid,
+        alive=alive,
+        status=status,
+        cpu_seconds=t * 0.1,
+        progress=progress,
+        dirty_pages=int(t) * 10,
+        errors=errors,
+    )
 
 
 def test_a_stall_is_reported_and_clears_when_progress_resumes() -> None:
@@ -193,7 +208,10 @@ def test_unannounced_restart_exit_and_error_are_reported_an_announced_restart_is
     assert raised(run(monitor, [_sample(5, 5, pid=8)])) == []
     problems = [e.verdict.problem for e in raised(run(monitor, [_sample(6, 6, pid=9)]))]
     assert problems == ["restart"]
-    problems = [e.verdict.problem for e in raised(run(monitor, [_sample(7, 6, pid=9, errors=("QEMU run state guest-panicked",))]))]
+    problems = [
+        e.verdict.problem
+        for e in raised(run(monitor, [_sample(7, 6, pid=9, errors=("QEMU run state guest-panicked",))]))
+    ]
     assert problems == ["error"]
     problems = [e.verdict.problem for e in raised(run(monitor, [_sample(8, 6, pid=9, alive=False, status="exited")]))]
     assert problems == ["exited"]
@@ -201,8 +219,14 @@ def test_unannounced_restart_exit_and_error_are_reported_an_announced_restart_is
 
 
 def _score(z: float, ratio: float, anomalous: bool | None = None) -> Score:
-    return Score(value=1.0, normal=1.0, z=z, ratio=ratio, warm=True,
-                 anomalous=(z >= 4 and ratio >= 2) if anomalous is None else anomalous)  # fmt: skip
+    return Score(
+        value=1.0,
+        normal=1.0,
+        z=z,
+        ratio=ratio,
+        warm=True,
+        anomalous=(z >= 4 and ratio >= 2) if anomalous is None else anomalous,
+    )
 
 
 def test_cpu_only_has_to_corroborate_an_abnormal_outbound_or_dirty_signal() -> None:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealift.host.config import ConfigError, config_from_dict
 from sealift.agent.guard import PeerGuard
+from sealift.host.config import ConfigError, config_from_dict
 from sealift.monitor.portwatch import EVENT_WEIGHTS, PortWatch, PortWatchConfig
 
 
@@ -25,7 +25,7 @@ def test_a_scan_is_blocked_and_the_block_expires() -> None:
     clock = Clock()
     watch = PortWatch(PortWatchConfig(threshold=60, window_s=10, block_s=30), clock)
     block = None
-    for i in range(50):  # connect, say nothing, close: 2 points each
+    for _ in range(50):  # connect, say nothing, close: 2 points each
         clock.now += 0.1
         watch.record("10.0.0.9", "connection")
         block = block or watch.record("10.0.0.9", "silent")
@@ -83,8 +83,10 @@ def test_guard_refuses_a_blocked_peer_before_anything_else() -> None:
 
 def test_monitor_config_is_read_and_checked(tmp_path: Path) -> None:
     base = {"name": "h", "listen": "127.0.0.1:1", "control_socket": "c", "state_dir": "s", "identity_dir": "i"}
-    config = config_from_dict({**base, "monitor": {"metrics_listen": "127.0.0.1:9464", "period_s": 0.5,
-                                                   "evacuate_victims_to": "host-x"}}, tmp_path)  # fmt: skip
+    config = config_from_dict(
+        {**base, "monitor": {"metrics_listen": "127.0.0.1:9464", "period_s": 0.5, "evacuate_victims_to": "host-x"}},
+        tmp_path,
+    )
     assert config.monitor.metrics_listen == ("127.0.0.1", 9464) and config.monitor.period_s == 0.5
     assert config.monitor.evacuate_victims_to == "host-x"
     assert config_from_dict(base, tmp_path).monitor.metrics_listen is None

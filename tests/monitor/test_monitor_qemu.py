@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from monitor_testlib import bridge_netns
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.image import GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuVM
 from sealift.monitor.collectors import QemuCollector
-
-from monitor_testlib import bridge_netns
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -56,8 +55,15 @@ class OneVm:
 @pytest.mark.timeout(180)
 def test_the_collector_reports_a_qemu_guests_dirty_rate_from_qmp(guest_image: GuestImagePaths, workdir: Path) -> None:
     rate_mib = 16
-    vm = QemuVM.start(workdir, "dirty", 160, guest_image, accel="tcg", net=NetConfig.none(),
-                      extra_cmdline=f"sealift.mem_mib=32 sealift.rate_mib={rate_mib}")  # fmt: skip
+    vm = QemuVM.start(
+        workdir,
+        "dirty",
+        160,
+        guest_image,
+        accel="tcg",
+        net=NetConfig.none(),
+        extra_cmdline=f"sealift.mem_mib=32 sealift.rate_mib={rate_mib}",
+    )
     try:
         vm.wait_counter(0, timeout=90)
         collector = QemuCollector(OneVm(vm))
@@ -87,9 +93,13 @@ def netns() -> Iterator[str]:
 
 
 @pytest.mark.timeout(240)
-def test_a_flood_toward_a_qemu_guest_on_a_tap_flags_it_victim(netns: str, guest_image: GuestImagePaths, workdir: Path) -> None:
+def test_a_flood_toward_a_qemu_guest_on_a_tap_flags_it_victim(
+    netns: str, guest_image: GuestImagePaths, workdir: Path
+) -> None:
     child = [sys.executable, str(HERE / "tap_flood_child.py"), str(workdir), BRIDGE_IP, GUEST_IP, "slmtap0"]
-    done = subprocess.run(["ip", "netns", "exec", netns, *child], capture_output=True, text=True, timeout=220, check=False)
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, *child], capture_output=True, text=True, timeout=220, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\nflood -> verdict after {result['seconds_to_verdict']} s: {[v['reason'] for v in result['verdicts']]}")
@@ -112,7 +122,9 @@ def test_an_agent_monitors_its_qemu_guest_and_holds_it_when_flagged(guest_image:
     try:
         cluster.start()
         a = cluster.client("host-a")
-        a.request("vm.start", name="q1", backend="qemu", memory="160M", cmdline="sealift.mem_mib=32 sealift.rate_mib=16")
+        a.request(
+            "vm.start", name="q1", backend="qemu", memory="160M", cmdline="sealift.mem_mib=32 sealift.rate_mib=16"
+        )
         deadline = time.monotonic() + 120
         row = None
         while time.monotonic() < deadline:

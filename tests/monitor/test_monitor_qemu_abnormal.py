@@ -24,13 +24,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from monitor_testlib import audit_fields, bridge_netns, vm_row, wait_attacker, wait_for
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.image import SERVICE_PORT
 from sealift.cluster import LocalCluster, free_port
 from sealift.lab.netns import enter_netns
-
-from monitor_testlib import audit_fields, bridge_netns, vm_row, wait_attacker, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which(QEMU_BINARY) is None, reason=f"{QEMU_BINARY} is not installed")
 
@@ -69,8 +68,9 @@ def quiet_for(client: AgentClient, vm: str, samples: int) -> list[dict]:
 
 @pytest.mark.timeout(300)
 def test_a_write_storm_in_a_qemu_guest_is_flagged_attacker_and_held() -> None:
-    cluster = LocalCluster(host_config={"host-a": "step_timeout_s = 15\n" + FAST_MONITOR,
-                                        "host-b": "step_timeout_s = 15\n" + FAST_MONITOR})  # fmt: skip
+    cluster = LocalCluster(
+        host_config={"host-a": "step_timeout_s = 15\n" + FAST_MONITOR, "host-b": "step_timeout_s = 15\n" + FAST_MONITOR}
+    )
     try:
         cluster.start()
         a = cluster.client("host-a")
@@ -169,8 +169,12 @@ def _sink(sock: socket.socket, stop: threading.Event, got: dict[str, int]) -> No
 @pytest.mark.timeout(300)
 def test_an_outbound_flood_from_a_qemu_guest_is_flagged_attacker(vm_netns: str) -> None:
     port = free_port()
-    cluster = LocalCluster(hosts=("host-a",), host_config={"host-a": FAST_MONITOR}, netns={"host-a": vm_netns},
-                           listen={"host-a": ("127.0.0.1", port)})  # fmt: skip
+    cluster = LocalCluster(
+        hosts=("host-a",),
+        host_config={"host-a": FAST_MONITOR},
+        netns={"host-a": vm_netns},
+        listen={"host-a": ("127.0.0.1", port)},
+    )
     stop = threading.Event()
     got = {"datagrams": 0, "bytes": 0}
     with enter_netns(vm_netns):  # sockets live in the namespace they were made in
@@ -181,8 +185,14 @@ def test_an_outbound_flood_from_a_qemu_guest_is_flagged_attacker(vm_netns: str) 
         cluster.start()
         a = cluster.client("host-a")
         net = {"mode": "tap", "tap": TAP, "guest_ip": f"{GUEST_IP}/24", "gateway": BRIDGE_IP}
-        a.request("vm.start", name="qf", backend="qemu", memory="160M", net=net,
-                  cmdline="sealift.mem_mib=16 sealift.rate_mib=2")  # fmt: skip
+        a.request(
+            "vm.start",
+            name="qf",
+            backend="qemu",
+            memory="160M",
+            net=net,
+            cmdline="sealift.mem_mib=16 sealift.rate_mib=2",
+        )
         threading.Thread(target=_ping, args=(pinger, stop, 20.0), daemon=True).start()
         threading.Thread(target=_sink, args=(sink, stop, got), daemon=True).start()
         row = wait_warm(a, "qf")

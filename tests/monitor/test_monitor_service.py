@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import quiet_web_server, samples, with_burst
 
 from sealift.migration import gate
-from sealift.monitor.collectors import DirtyCounter, guest_view_of_tap, read_netdev, read_proc_cpu
 from sealift.migration.gate import MonitorRefusal
+from sealift.monitor.collectors import DirtyCounter, guest_view_of_tap, read_netdev, read_proc_cpu
 from sealift.monitor.service import MonitorConfig, MonitorService
 from sealift.monitor.signals import VmSample
+from synthetic import quiet_web_server, samples, with_burst
 
 
 class Replay:
@@ -35,11 +35,18 @@ class Blocks:
         self.blocked.append((peer_ip, seconds, reason))
 
 
-def make_service(series: list[VmSample], host: str, **config: object) -> tuple[MonitorService, list[tuple[str, dict]], Blocks]:
+def make_service(
+    series: list[VmSample], host: str, **config: object
+) -> tuple[MonitorService, list[tuple[str, dict]], Blocks]:
     audit: list[tuple[str, dict]] = []
     blocks = Blocks()
-    service = MonitorService(host, MonitorConfig(enabled=False, **config), [Replay(series)],  # type: ignore[arg-type]
-                             lambda kind, **fields: audit.append((kind, fields)), blocker=blocks)  # fmt: skip
+    service = MonitorService(
+        host,
+        MonitorConfig(enabled=False, **config),
+        [Replay(series)],  # type: ignore[arg-type]
+        lambda kind, **fields: audit.append((kind, fields)),
+        blocker=blocks,
+    )
     service.start()  # installs the gate; enabled=False: no thread, the test drives the rounds
     return service, audit, blocks
 
@@ -65,13 +72,17 @@ def test_an_attacker_is_held_both_ways_and_everything_is_audited() -> None:
     assert kinds.count("monitor.verdict") == 1 and kinds.count("monitor.migration_refused") == 2
     verdict = dict(audit)["monitor.verdict"]
     assert verdict["verdict"] == "attacker" and verdict["vm"] == "evil" and verdict["deviations"]
-    assert ("monitor.action", {"vm": "evil", "action": "hold_migrations",
-                               "reason": "a VM flagged attacker is not moved to other hosts"}) in audit  # fmt: skip
+    assert (
+        "monitor.action",
+        {"vm": "evil", "action": "hold_migrations", "reason": "a VM flagged attacker is not moved to other hosts"},
+    ) in audit
 
 
 def test_a_victim_is_recommended_for_evacuation_to_the_configured_host() -> None:
     flood = with_burst(quiet_web_server(seed=12, step_every=10**9), 100, 200, {"rx_bps": 60.0, "rx_pps": 60.0})
-    service, audit, _ = make_service(list(samples(flood, 120, vm="target")), "unit-host-2", evacuate_victims_to="host-x")
+    service, audit, _ = make_service(
+        list(samples(flood, 120, vm="target")), "unit-host-2", evacuate_victims_to="host-x"
+    )
     try:
         for _ in range(110):
             service.sample_once()
@@ -81,7 +92,9 @@ def test_a_victim_is_recommended_for_evacuation_to_the_configured_host() -> None
     finally:
         service.stop()
     actions = [fields for kind, fields in audit if kind == "monitor.action"]
-    assert actions == [actions[0]] and actions[0]["action"] == "evacuate_recommended" and actions[0]["target"] == "host-x"
+    assert (
+        actions == [actions[0]] and actions[0]["action"] == "evacuate_recommended" and actions[0]["target"] == "host-x"
+    )
 
 
 def test_port_events_block_a_peer_through_the_guard_and_the_audit() -> None:

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu_testlib import VmPool
 
+from qemu_testlib import VmPool
 from sealift.backends.qemu.host import QEMU_BINARY
 from sealift.backends.qemu.image import GuestImagePaths, build_image, default_cache_dir
 

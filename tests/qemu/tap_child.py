@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from qemu_testlib import GapProber
-
 from sealift.backends.qemu.image import SERVICE_PORT, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig, mac_for
 from sealift.backends.qemu.vm import QemuVM
@@ -31,10 +30,25 @@ def first_answer(vm: QemuVM, timeout: float) -> int | None:
 def main(workdir: Path, bridge_ip: str, guest_ip: str, tap_src: str, tap_dst: str) -> dict[str, object]:
     image = build_image(default_cache_dir())
     workload = "sealift.mem_mib=32 sealift.rate_mib=8"
-    src = QemuVM.start(workdir / "src", "tapvm", 192, image, accel="tcg", extra_cmdline=workload,
-                       net=NetConfig.tap_device(tap_src, guest_ip, bridge_ip))  # fmt: skip
-    dst = QemuVM.start(workdir / "dst", "tapvm", 192, image, accel="tcg", extra_cmdline=workload, incoming="defer",
-                       net=NetConfig.tap_device(tap_dst, guest_ip, bridge_ip))  # fmt: skip
+    src = QemuVM.start(
+        workdir / "src",
+        "tapvm",
+        192,
+        image,
+        accel="tcg",
+        extra_cmdline=workload,
+        net=NetConfig.tap_device(tap_src, guest_ip, bridge_ip),
+    )
+    dst = QemuVM.start(
+        workdir / "dst",
+        "tapvm",
+        192,
+        image,
+        accel="tcg",
+        extra_cmdline=workload,
+        incoming="defer",
+        net=NetConfig.tap_device(tap_dst, guest_ip, bridge_ip),
+    )
     try:
         src.wait_counter(0, timeout=90)
         before = first_answer(src, 20)

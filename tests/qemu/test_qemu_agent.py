@@ -169,8 +169,10 @@ def test_qemu_guest_moves_through_the_sealift_channel(cluster: LocalCluster, rel
     captured = relay.captured()
     assert len(captured) > 16 << 20  # the relay did carry the guest's memory
     assert SECRET_PREFIX not in captured
-    print(f"\nQEMU {MEMORY} via sealift: total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
-          f"{report['bytes_sent'] / 2**20:.0f} MiB, {report['stop_reason']}")  # fmt: skip
+    print(
+        f"\nQEMU {MEMORY} via sealift: total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
+        f"{report['bytes_sent'] / 2**20:.0f} MiB, {report['stop_reason']}"
+    )
 
 
 def test_sealift_plain_transport_exposes_the_secret(insecure_cluster: LocalCluster, relay: Relay) -> None:
@@ -182,8 +184,11 @@ def test_sealift_plain_transport_exposes_the_secret(insecure_cluster: LocalClust
     after = info(insecure_cluster.client("host-b"))
     log = insecure_cluster.vm_root / "host-b" / "qemu" / f"{VM}.log"
     console = log.with_suffix(".console")
-    assert after["status"] == "running", (after, log.read_text()[-1500:] if log.exists() else "no log",
-                                          console.read_text()[-3000:] if console.exists() else "")  # fmt: skip
+    assert after["status"] == "running", (
+        after,
+        log.read_text()[-1500:] if log.exists() else "no log",
+        console.read_text()[-3000:] if console.exists() else "",
+    )
     assert wait_counter(insecure_cluster.client("host-b"), report["counter_at_pause"] or 0, 30) > 0
 
 
@@ -268,8 +273,10 @@ def test_qemu_tls_transport_moves_the_guest(cluster: LocalCluster, relay: Relay)
     assert report["bytes_sent"] > 16 << 20  # QEMU's own figure: the guest's memory went, by QEMU's connection
     assert len(relay.captured()) < 1 << 20  # ...not through the agents' channel (only the handover did)
     assert SECRET_PREFIX not in relay.captured()
-    print(f"\nQEMU {MEMORY} via qemu-tls: total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
-          f"{report['bytes_sent'] / 2**20:.0f} MiB, {report['stop_reason']}")  # fmt: skip
+    print(
+        f"\nQEMU {MEMORY} via qemu-tls: total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
+        f"{report['bytes_sent'] / 2**20:.0f} MiB, {report['stop_reason']}"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -302,8 +309,11 @@ def test_plain_transport_is_refused_without_allow_insecure(cluster: LocalCluster
 
 @pytest.mark.timeout(300)
 def test_plain_transport_is_refused_by_a_destination_without_allow_insecure(relay: Relay, guest_image: object) -> None:
-    cluster = LocalCluster(allow_insecure=True, extra_config="step_timeout_s = 15\nhandshake_timeout_s = 5",
-                           peer_routes={("host-a", "host-b"): relay.address})  # fmt: skip
+    cluster = LocalCluster(
+        allow_insecure=True,
+        extra_config="step_timeout_s = 15\nhandshake_timeout_s = 5",
+        peer_routes={("host-a", "host-b"): relay.address},
+    )
     relay.target = cluster.addresses["host-b"]
     config = cluster.agents["host-b"].config_path
     config.write_text(config.read_text().replace("allow_insecure = true", "allow_insecure = false"))

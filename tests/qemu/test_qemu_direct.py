@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_testlib import VmPool, free_udp_port
 
+from qemu_testlib import VmPool, free_udp_port
 from sealift.backends.qemu.direct import QemuTls, TlsMaterial, listen_direct, run_after_hooks, start_direct
 from sealift.backends.qemu.image import DEFAULT_SECRET
 from sealift.backends.qemu.net import NetConfig
@@ -105,8 +105,9 @@ def issue(tmp_path: Path, ca_dir: str, hosts: tuple[str, ...]) -> dict[str, TlsM
 def start_pair(vms: VmPool) -> tuple[QemuVM, QemuVM]:
     src_dir, dst_dir = vms.new_dir("sl-dsrc-"), vms.new_dir("sl-ddst-")
     source = vms.start(src_dir, "mig", GUEST_MIB, net=NetConfig.user(free_udp_port()), extra_cmdline=WORKLOAD)
-    destination = vms.start(dst_dir, "mig", GUEST_MIB, net=NetConfig.user(free_udp_port()),
-                            extra_cmdline=WORKLOAD, incoming="defer")  # fmt: skip
+    destination = vms.start(
+        dst_dir, "mig", GUEST_MIB, net=NetConfig.user(free_udp_port()), extra_cmdline=WORKLOAD, incoming="defer"
+    )
     destination.pause()  # as the agent does: autostart off, the guest runs only on our cont
     source.wait_counter(0, timeout=90)
     return source, destination

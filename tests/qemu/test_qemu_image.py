@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from qemu_testlib import short_tmpdir
 
+from qemu_testlib import short_tmpdir
 from sealift.backends.qemu import debian
 from sealift.backends.qemu.cpio import CpioEntry, write_cpio
 from sealift.backends.qemu.image import DEFAULT_SECRET, GuestImagePaths, build_image, default_cache_dir
@@ -37,8 +37,14 @@ def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
 
 def test_cpio_round_trip() -> None:
     out = io.BytesIO()
-    write_cpio(out, [CpioEntry.directory("bin"), CpioEntry.file("bin/x", b"hello", 0o755),
-                     CpioEntry.char_device("dev/console", 5, 1)])  # fmt: skip
+    write_cpio(
+        out,
+        [
+            CpioEntry.directory("bin"),
+            CpioEntry.file("bin/x", b"hello", 0o755),
+            CpioEntry.char_device("dev/console", 5, 1),
+        ],
+    )
     entries = read_cpio(out.getvalue())
     assert entries["bin/x"] == (0o100755, b"hello")
     assert entries["dev/console"][0] == 0o020600

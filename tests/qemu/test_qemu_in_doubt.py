@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_qemu_agent import VM, info, migrate, names, start_guest, stop_guests, wait_counter, wait_probe
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.cluster import LocalCluster
 from sealift.lab.relay import Relay
+from test_qemu_agent import VM, info, migrate, names, start_guest, stop_guests, wait_counter, wait_probe
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -87,7 +87,9 @@ def assert_one_copy_on_destination(cluster: LocalCluster, counter_at_pause: int)
     assert phase(dst) == "running"
 
 
-def test_destination_agent_killed_after_commit_the_resolvers_finish_the_handover(relay: Relay, guest_image: object) -> None:
+def test_destination_agent_killed_after_commit_the_resolvers_finish_the_handover(
+    relay: Relay, guest_image: object
+) -> None:
     """Destination agent SIGKILLed holding Commit: both sides are in doubt until it restarts.
 
     The destination's restarted agent adopts its paused QEMU, asks host-a (committed) and starts it;
@@ -121,7 +123,9 @@ def test_destination_agent_killed_after_commit_the_resolvers_finish_the_handover
         wait_for(lambda: settled_on_destination(cluster), SETTLE_BUDGET_S, "the guest running on host-b alone")
         assert_one_copy_on_destination(cluster, counter_at_pause)
         assert [e["fields"]["outcome"] for e in resolved_entries(src)] == ["committed"]
-        assert [e["fields"]["action"] for e in resolved_entries(cluster.client("host-b"))] == ["started the received guest"]
+        assert [e["fields"]["action"] for e in resolved_entries(cluster.client("host-b"))] == [
+            "started the received guest"
+        ]
     finally:
         stop_guests(cluster)
         cluster.cleanup()
@@ -137,6 +141,7 @@ def test_link_cut_after_commit_the_source_settles_when_the_link_returns(relay: R
     try:
         src, dst = cluster.client("host-a"), cluster.client("host-b")
         start_guest(src)
+
         def cut_when_held() -> None:
             wait_for(lambda: held_at(cluster, "commit-received"), 120, "host-b holding after Commit")
             relay.cut()

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_testlib import VmPool, free_udp_port
 
+from qemu_testlib import VmPool, free_udp_port
 from sealift.backends.qemu.image import DEFAULT_SECRET
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM
@@ -138,16 +138,18 @@ def start_pair(vms: VmPool) -> tuple[QemuVM, QemuVM, Path]:
     """A running source and a destination waiting for a deferred incoming migration (same VM name)."""
     src_dir, dst_dir, relay_dir = vms.new_dir("sl-src-"), vms.new_dir("sl-dst-"), vms.new_dir("sl-relay-")
     source = vms.start(src_dir, "mig", GUEST_MIB, net=NetConfig.user(free_udp_port()), extra_cmdline=WORKLOAD)
-    destination = vms.start(dst_dir, "mig", GUEST_MIB, net=NetConfig.user(free_udp_port()),
-                            extra_cmdline=WORKLOAD, incoming="defer")  # fmt: skip
+    destination = vms.start(
+        dst_dir, "mig", GUEST_MIB, net=NetConfig.user(free_udp_port()), extra_cmdline=WORKLOAD, incoming="defer"
+    )
     assert destination.status() == "inmigrate"
     source.wait_counter(0, timeout=90)
     wait_probe(source)
     return source, destination, relay_dir
 
 
-def prepare(source: QemuVM, destination: QemuVM, relay_dir: Path, bandwidth: int,
-            cut_after: int | None = None) -> tuple[UnixRelay, str]:  # fmt: skip
+def prepare(
+    source: QemuVM, destination: QemuVM, relay_dir: Path, bandwidth: int, cut_after: int | None = None
+) -> tuple[UnixRelay, str]:
     # pause-before-switchover: the source stops before sending device state and waits
     # for migrate-continue, which sealift gives only once the destination has confirmed.
     caps = {"pause-before-switchover": True}
@@ -194,10 +196,12 @@ def test_migration_through_relay_continues_on_destination(vms: VmPool) -> None:
     assert relay.needle_hits >= 1
     assert relay.forwarded >= 64 * MiB  # at least the workload's memory went through
     ram = done["ram"]
-    print(f"\nmigration {GUEST_MIB} MiB: {elapsed:.2f} s wall, QEMU total {done.get('total-time')} ms, "
-          f"downtime {done.get('downtime')} ms (incl. waiting at pre-switchover), "
-          f"{relay.forwarded / MiB:.0f} MiB relayed, "
-          f"{ram.get('dirty-sync-count')} syncs, secret seen {relay.needle_hits}x")  # fmt: skip
+    print(
+        f"\nmigration {GUEST_MIB} MiB: {elapsed:.2f} s wall, QEMU total {done.get('total-time')} ms, "
+        f"downtime {done.get('downtime')} ms (incl. waiting at pre-switchover), "
+        f"{relay.forwarded / MiB:.0f} MiB relayed, "
+        f"{ram.get('dirty-sync-count')} syncs, secret seen {relay.needle_hits}x"
+    )
 
 
 def test_cut_during_precopy_fails_and_source_keeps_running(vms: VmPool) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from sealift.migration.errors import MigrationError
 from sealift.backends.qemu.relay import (
     RELAY_SOCKET_BUFFER,
     SourcePump,
@@ -22,6 +21,7 @@ from sealift.backends.qemu.relay import (
     stream_label,
     widen_send_buffer,
 )
+from sealift.migration.errors import MigrationError
 from sealift.security.keys import derive_session_keys
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter
 from sealift.wire.records import AeadProtection
@@ -56,7 +56,7 @@ def test_combined_digest_depends_on_every_stream_and_their_order() -> None:
 def _fake_qemu_source(path: str, payloads: list[bytes]) -> None:
     """Connect once per channel, in order (as QEMU does: main first), and write each channel's bytes."""
     conns = []
-    for payload in payloads:
+    for _ in payloads:
         conn = socket.socket(socket.AF_UNIX)
         conn.connect(path)
         conns.append(conn)
@@ -81,8 +81,9 @@ def test_three_channels_cross_the_relay_intact_and_in_their_own_streams() -> Non
     pumps = []
     for index, (send_end, _) in enumerate(wires):
         key, iv = keys_for(index)
-        pumps.append(SourcePump(index, DataStreamWriter(AeadProtection(key, iv), NPAGES), send_end, TIMEOUT,
-                                StreamDigest(16)))  # fmt: skip
+        pumps.append(
+            SourcePump(index, DataStreamWriter(AeadProtection(key, iv), NPAGES), send_end, TIMEOUT, StreamDigest(16))
+        )
     group = SourcePumps(pumps, listener=listener)
     group.start()
     received = [bytearray() for _ in payloads]
@@ -92,8 +93,17 @@ def test_three_channels_cross_the_relay_intact_and_in_their_own_streams() -> Non
     feeders, digests = [], [StreamDigest(16)]
     for index in (1, 2):
         key, iv = keys_for(index)
-        feeders.append(StreamFeeder(index, lambda i=index: wires[i][1], DataStreamReader(AeadProtection(key, iv), NPAGES),
-                                    qemu_side[index][0], StreamDigest(16), wires[0][1], TIMEOUT))  # fmt: skip
+        feeders.append(
+            StreamFeeder(
+                index,
+                lambda i=index: wires[i][1],
+                DataStreamReader(AeadProtection(key, iv), NPAGES),
+                qemu_side[index][0],
+                StreamDigest(16),
+                wires[0][1],
+                TIMEOUT,
+            )
+        )
         feeders[-1].start()
     threading.Thread(target=_fake_qemu_source, args=(str(workdir / "m.sock"), payloads)).start()
 
@@ -122,8 +132,15 @@ def test_a_tampered_multifd_stream_fails_its_feeder_and_breaks_the_main_stream()
     main_send, main_recv = socket.socketpair()
     qemu_send, _qemu_recv = socket.socketpair()
     wire_send.sendall(bytes(record))
-    feeder = StreamFeeder(1, lambda: wire_recv, DataStreamReader(AeadProtection(key, iv), NPAGES), qemu_send,
-                          StreamDigest(16), main_recv, TIMEOUT)  # fmt: skip
+    feeder = StreamFeeder(
+        1,
+        lambda: wire_recv,
+        DataStreamReader(AeadProtection(key, iv), NPAGES),
+        qemu_send,
+        StreamDigest(16),
+        main_recv,
+        TIMEOUT,
+    )
     feeder.start()
     with pytest.raises(MigrationError, match="multifd stream 1 failed"):
         feeder.join(TIMEOUT)
@@ -168,8 +185,10 @@ def test_a_main_channel_handed_over_as_a_socket_crosses_without_a_listener() -> 
     wire_send, wire_recv = socket.socketpair()
     qemu_in, qemu_out = socket.socketpair()
     key, iv = keys_for(0)
-    group = SourcePumps([SourcePump(0, DataStreamWriter(AeadProtection(key, iv), NPAGES), wire_send, TIMEOUT,
-                                    StreamDigest(16))], first=ours)  # fmt: skip
+    group = SourcePumps(
+        [SourcePump(0, DataStreamWriter(AeadProtection(key, iv), NPAGES), wire_send, TIMEOUT, StreamDigest(16))],
+        first=ours,
+    )
     group.start()
     threading.Thread(target=lambda: (qemus.sendall(payload), qemus.close())).start()
     received = bytearray()
@@ -186,8 +205,12 @@ def test_a_main_channel_handed_over_as_a_socket_crosses_without_a_listener() -> 
 
 def test_extra_channels_need_a_listener() -> None:
     key, iv = keys_for(0)
-    pumps = [SourcePump(i, DataStreamWriter(AeadProtection(key, iv), NPAGES), socket.socketpair()[0], TIMEOUT,
-                        StreamDigest(16)) for i in range(2)]  # fmt: skip
+    pumps = [
+        SourcePump(
+            i, DataStreamWriter(AeadProtection(key, iv), NPAGES), socket.socketpair()[0], TIMEOUT, StreamDigest(16)
+        )
+        for i in range(2)
+    ]
     with pytest.raises(ValueError, match="need a listener"):
         SourcePumps(pumps, first=socket.socketpair()[0])
     with pytest.raises(ValueError, match="need a listener"):

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu_testlib import short_tmpdir
 
+from qemu_testlib import short_tmpdir
 from sealift.backends.qemu.image import GuestImagePaths
 from sealift.backends.qemu.net import create_tap
 
@@ -66,5 +66,7 @@ def test_guest_keeps_its_address_across_a_migration_between_taps(netns: str, gue
     assert result["after"] is not None and result["after"] >= result["last_on_source"]
     assert result["mac_learned_on_destination_tap"], result
     assert result["probe_answers"] > 0
-    print(f"\ntap migration: QEMU downtime {result['qemu_downtime_ms']} ms, total {result['qemu_total_ms']} ms; "
-          f"longest silence seen by a 5 ms UDP ping of the guest address: {result['probe_gap_ms']} ms")
+    print(
+        f"\ntap migration: QEMU downtime {result['qemu_downtime_ms']} ms, total {result['qemu_total_ms']} ms; "
+        f"longest silence seen by a 5 ms UDP ping of the guest address: {result['probe_gap_ms']} ms"
+    )

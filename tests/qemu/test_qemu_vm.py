@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from qemu_testlib import ACCEL, VmPool, free_udp_port
 
+from qemu_testlib import ACCEL, VmPool, free_udp_port
 from sealift.backends.qemu.host import HostError, choose_accel, kvm_usable
 from sealift.backends.qemu.image import GuestImagePaths
 from sealift.backends.qemu.net import NetConfig, mac_for
@@ -42,8 +42,13 @@ def booted(guest_image: GuestImagePaths) -> Iterator[QemuVM]:
     """One guest, booted once for the tests that only observe it (a TCG boot takes seconds)."""
     pool = VmPool(guest_image)
     try:
-        vm = pool.start(pool.new_dir(), "obs", 160, net=NetConfig.user(free_udp_port()),
-                        extra_cmdline="sealift.mem_mib=32 sealift.rate_mib=8")  # fmt: skip
+        vm = pool.start(
+            pool.new_dir(),
+            "obs",
+            160,
+            net=NetConfig.user(free_udp_port()),
+            extra_cmdline="sealift.mem_mib=32 sealift.rate_mib=8",
+        )
         vm.wait_counter(0, timeout=90)
         yield vm
     finally:

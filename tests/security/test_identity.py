@@ -130,8 +130,22 @@ def test_issue_refuses_a_directory_of_another_cluster(pki: Pki, tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a" * 254, "host_a", "host a", "../evil", "a/b", "-host", "host-", "a..b", ".a", "ca", "CA",
-     "h\u00f6st", "host\n"],
+    [
+        "",
+        "a" * 254,
+        "host_a",
+        "host a",
+        "../evil",
+        "a/b",
+        "-host",
+        "host-",
+        "a..b",
+        ".a",
+        "ca",
+        "CA",
+        "h\u00f6st",
+        "host\n",
+    ],
 )
 def test_invalid_host_names_are_refused(pki: Pki, tmp_path: Path, name: str) -> None:
     with pytest.raises(CertificateError, match="host name"):

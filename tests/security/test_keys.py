@@ -28,9 +28,7 @@ def test_session_keys_are_equal_on_both_sides(connected: tuple[TlsStream, TlsStr
     dest_secret = channel_secret(server, nonce_s, nonce_d, "mig-1")
     assert len(source_secret) == 32
     assert source_secret == dest_secret
-    assert source_secret == client.export_keying_material(
-        EXPORTER_LABEL, 32, nonce_s + nonce_d + b"mig-1"
-    )
+    assert source_secret == client.export_keying_material(EXPORTER_LABEL, 32, nonce_s + nonce_d + b"mig-1")
     assert derive_session_keys(source_secret, nonce_s, nonce_d, "mig-1") == derive_session_keys(
         dest_secret, nonce_s, nonce_d, "mig-1"
     )

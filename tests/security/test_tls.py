@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
-from sealift.security.errors import HandshakeError, PeerIdentityError
 from sealift.security.certificates import LeafProfile
+from sealift.security.errors import HandshakeError, PeerIdentityError
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context, server_context
 
@@ -38,9 +38,7 @@ def _write_identity(
     directory.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     os.chmod(key_path, 0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -50,7 +48,7 @@ def _write_identity(
 def _self_signed(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -194,9 +192,7 @@ def test_client_without_certificate_is_refused(pki: Pki) -> None:
     server = Server(server_context(pki.host_b))
     # In TLS 1.3 the client finishes its side before the server judges it;
     # it learns of the refusal on its first read.
-    client = TlsStream.connect(
-        server.connect_tcp(), _raw_client_context(pki.ca.cert_path), "host-b", timeout=10
-    )
+    client = TlsStream.connect(server.connect_tcp(), _raw_client_context(pki.ca.cert_path), "host-b", timeout=10)
     server.join()
     assert isinstance(server.error, HandshakeError)
     assert "certificate" in str(server.error)
@@ -222,9 +218,7 @@ def test_client_with_certificate_from_another_ca_is_refused(pki: Pki) -> None:
     client.close()
 
 
-def test_client_with_non_host_certificate_from_the_cluster_ca_is_refused(
-    pki: Pki, tmp_path: Path
-) -> None:
+def test_client_with_non_host_certificate_from_the_cluster_ca_is_refused(pki: Pki, tmp_path: Path) -> None:
     """A future operator certificate (other key usage) cannot act as a host."""
     key = ec.generate_private_key(ec.SECP256R1())
     profile = LeafProfile(extended_key_usages=(ExtendedKeyUsageOID.CODE_SIGNING,))
@@ -263,9 +257,7 @@ def test_server_from_another_ca_is_refused(pki: Pki) -> None:
 
 def test_server_with_another_hosts_valid_certificate_is_refused(pki: Pki) -> None:
     server = Server(server_context(pki.host_c))
-    with pytest.raises(
-        PeerIdentityError, match="peer presented certificate for 'host-c', expected 'host-b'"
-    ):
+    with pytest.raises(PeerIdentityError, match="peer presented certificate for 'host-c', expected 'host-b'"):
         _connect(server, pki.host_a, expected="host-b")
     server.join()
 

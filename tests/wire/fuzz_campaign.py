@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import wire_samples as ws
-
 from sealift.wire import (
     AeadProtection,
     MessageType,
@@ -89,8 +88,7 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice([ws.MID, "11" * 32, "33" * 16, "zstd", "lz4", "qemu", "running", ""])
     if kind == 4:
         return "".join(
-            chr(rng.choice([0, 0x1B, 0x41, 0xE9, 0x202E, 0xD800, 0x10FFFF]))
-            for _ in range(rng.randrange(20))
+            chr(rng.choice([0, 0x1B, 0x41, 0xE9, 0x202E, 0xD800, 0x10FFFF])) for _ in range(rng.randrange(20))
         )
     if kind == 5:
         return "x" * rng.choice([1, 64, 65, 253, 254, 1024, 1025, 16384, 16385, 32768, 32769])
@@ -159,9 +157,7 @@ def data_random_records(rng: random.Random) -> Case:
 
 def stream_open(rng: random.Random) -> Case:
     data = encode_stream_open(rng.randbytes(16), rng.randrange(8))
-    data = (
-        ws.mutate(data, rng, max_ops=2) if rng.random() < 0.8 else rng.randbytes(rng.randrange(40))
-    )
+    data = ws.mutate(data, rng, max_ops=2) if rng.random() < 0.8 else rng.randbytes(rng.randrange(40))
     return data, lambda: decode_stream_open(data)
 
 
@@ -183,9 +179,7 @@ def _alarm(signum: int, frame: object) -> None:
     raise Hang()
 
 
-def run_one(
-    name: str, case: Case, tally: Tally, hang_seconds: float, save_dir: Path | None
-) -> None:
+def run_one(name: str, case: Case, tally: Tally, hang_seconds: float, save_dir: Path | None) -> None:
     data, run = case
     tally.inputs += 1
     started = time.perf_counter()
@@ -231,15 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, generate in TARGETS.items():
             run_one(name, generate(rng), tallies[name], args.hang_seconds, args.save_dir)
 
-    print(
-        f"{'target':32} {'inputs':>8} {'accepted':>9} {'proto-err':>10} "
-        f"{'findings':>9} {'slowest':>9}"
-    )
+    print(f"{'target':32} {'inputs':>8} {'accepted':>9} {'proto-err':>10} {'findings':>9} {'slowest':>9}")
     for name, t in tallies.items():
-        print(
-            f"{name:32} {t.inputs:8} {t.accepted:9} {t.protocol_errors:10} {t.findings:9} "
-            f"{t.slowest * 1000:7.1f}ms"
-        )
+        print(f"{name:32} {t.inputs:8} {t.accepted:9} {t.protocol_errors:10} {t.findings:9} {t.slowest * 1000:7.1f}ms")
         top = sorted(t.reasons.items(), key=lambda kv: -kv[1])[: args.top_reasons]
         for reason, count in top:
             print(f"    {count:7}  {reason}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from wire_samples import MID, OTHER_MID, accept, hello, migration_conversation
 
 from sealift.wire import (
     Abort,
@@ -20,6 +19,7 @@ from sealift.wire import (
     Role,
 )
 from sealift.wire.messages import FRAME_HEADER, encode_frame
+from wire_samples import MID, OTHER_MID, accept, hello, migration_conversation
 
 
 def pair() -> tuple[ControlConnection, ControlConnection]:
@@ -133,9 +133,7 @@ def out_of_order_cases() -> list[tuple[list[tuple[Role, Message]], Role, Message
 
 
 @pytest.mark.parametrize("prefix,sender,msg", out_of_order_cases())
-def test_out_of_order_is_rejected_on_both_ends(
-    prefix: list[tuple[Role, Message]], sender: Role, msg: Message
-) -> None:
+def test_out_of_order_is_rejected_on_both_ends(prefix: list[tuple[Role, Message]], sender: Role, msg: Message) -> None:
     ends = run(prefix)
     sending, receiving = ends[sender], ends[Role.SERVER if sender is Role.CLIENT else Role.CLIENT]
     state = sending.state
@@ -212,11 +210,11 @@ def test_empty_data_is_a_no_op() -> None:
 
 def test_advert_conversation() -> None:
     """Client asks for the server's signed advert; one answer, then the conversation is over."""
+    import pytest
+
     from sealift.wire.control import ControlConnection, Role
     from sealift.wire.errors import ProtocolError
     from sealift.wire.messages import Advert, AdvertQuery
-
-    import pytest
 
     client, server = ControlConnection(Role.CLIENT), ControlConnection(Role.SERVER)
     query = AdvertQuery("a" * 32)

@@ -11,16 +11,6 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_samples import (
-    IV,
-    KEY,
-    PAGE,
-    aead_pair,
-    page_image,
-    raw_record,
-    stream_records,
-    write_pages,
-)
 
 from sealift.wire import (
     STREAM_OPEN_SIZE,
@@ -46,6 +36,16 @@ from sealift.wire.datastream import (
     PAGES_FIXED,
     RECORD_HEADER,
     Codec,
+)
+from wire_samples import (
+    IV,
+    KEY,
+    PAGE,
+    aead_pair,
+    page_image,
+    raw_record,
+    stream_records,
+    write_pages,
 )
 
 NPAGES = 64
@@ -196,9 +196,7 @@ def sealed_stream() -> list[bytes]:
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
-def test_any_bit_flip_in_a_sealed_stream_is_detected(
-    sealed_stream: list[bytes], data: st.DataObject
-) -> None:
+def test_any_bit_flip_in_a_sealed_stream_is_detected(sealed_stream: list[bytes], data: st.DataObject) -> None:
     stream = bytearray(b"".join(sealed_stream))
     bit = data.draw(st.integers(0, len(stream) * 8 - 1))
     stream[bit // 8] ^= 1 << (bit % 8)
@@ -283,16 +281,10 @@ def plain_reader(npages: int = 16) -> DataStreamReader:
     return DataStreamReader(NoProtection(), npages)
 
 
-def pages_payload(
-    indexes: list[int], codec: int = 0, data: bytes | None = None, data_len: int | None = None
-) -> bytes:
+def pages_payload(indexes: list[int], codec: int = 0, data: bytes | None = None, data_len: int | None = None) -> bytes:
     body = data if data is not None else bytes(len(indexes) * PAGE)
     length = len(body) if data_len is None else data_len
-    return (
-        PAGES_FIXED.pack(len(indexes), codec, length)
-        + struct.pack(f"<{len(indexes)}I", *indexes)
-        + body
-    )
+    return PAGES_FIXED.pack(len(indexes), codec, length) + struct.pack(f"<{len(indexes)}I", *indexes) + body
 
 
 @pytest.mark.parametrize(
@@ -540,7 +532,7 @@ def test_a_ring_of_output_buffers_keeps_earlier_records_intact() -> None:
         views.append(writer.finish_pages(8))
         copies.append(bytes(views[-1]))
         held = views[-3:]  # what a sink with a ring of 3 may still be sending
-        assert [bytes(v) for v in held] == copies[-len(held):]
+        assert [bytes(v) for v in held] == copies[-len(held) :]
     copies.append(bytes(writer.end()))
     rebuilt, _ = apply(read_all(DataStreamReader(recv, 64), b"".join(copies)), 64)
     assert np.array_equal(rebuilt, image)

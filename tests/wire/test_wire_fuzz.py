@@ -11,6 +11,18 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from sealift.wire import (
+    AeadProtection,
+    ControlConnection,
+    ControlState,
+    MessageType,
+    NoProtection,
+    ProtocolError,
+    Role,
+)
+from sealift.wire.messages import FRAME_HEADER, MESSAGE_CLASSES, canonical_json, decode_payload
+from sealift.wire.records import RecordProtection
 from wire_samples import (
     INTERESTING_U32,
     IV,
@@ -27,18 +39,6 @@ from wire_samples import (
     random_record,
     stream_records,
 )
-
-from sealift.wire import (
-    AeadProtection,
-    ControlConnection,
-    ControlState,
-    MessageType,
-    NoProtection,
-    ProtocolError,
-    Role,
-)
-from sealift.wire.messages import FRAME_HEADER, MESSAGE_CLASSES, canonical_json, decode_payload
-from sealift.wire.records import RecordProtection
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NPAGES = 16
@@ -98,18 +98,14 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
 
 
 @FUZZ
 @given(st.sampled_from(list(MessageType)), st.data())
-def test_control_payload_with_random_field_values(
-    msg_type: MessageType, data: st.DataObject
-) -> None:
+def test_control_payload_with_random_field_values(msg_type: MessageType, data: st.DataObject) -> None:
     # Start from a real message's fields so most keys are right and the values are what vary.
     keys = sorted(MESSAGE_CLASSES[msg_type].KEYS)  # type: ignore[attr-defined]
     base = {k: v for k, v in hello().to_json().items() if k in keys}
@@ -159,9 +155,7 @@ def test_data_valid_stream_chunked_and_mutated(kind: str, seed: int, mutated: bo
     stream = valid_stream(kind)
     if mutated:
         stream = mutate(stream, rng)
-    completed = only_protocol_errors(
-        lambda: drive_data(protection(kind), NPAGES, chunked(stream, rng))
-    )
+    completed = only_protocol_errors(lambda: drive_data(protection(kind), NPAGES, chunked(stream, rng)))
     if not mutated:
         assert completed
 
@@ -171,6 +165,4 @@ def test_data_valid_stream_chunked_and_mutated(kind: str, seed: int, mutated: bo
 def test_data_structured_random_records(seed: int) -> None:
     rng = random.Random(seed)
     records = [random_record(rng, NPAGES) for _ in range(rng.randint(1, 6))]
-    only_protocol_errors(
-        lambda: drive_data(NoProtection(), NPAGES, chunked(b"".join(records), rng))
-    )
+    only_protocol_errors(lambda: drive_data(NoProtection(), NPAGES, chunked(b"".join(records), rng)))

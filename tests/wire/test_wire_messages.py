@@ -6,7 +6,6 @@ import json
 import struct
 
 import pytest
-from wire_samples import MID, accept, all_messages, hello
 
 from sealift.wire import (
     MAX_CONTROL_PAYLOAD,
@@ -28,6 +27,7 @@ from sealift.wire.messages import (
     encode_payload,
     parse_frame_header,
 )
+from wire_samples import MID, accept, all_messages, hello
 
 
 def hello_json(**changes: object) -> bytes:
@@ -49,10 +49,7 @@ def test_every_message_round_trips(msg: object) -> None:
 def test_payload_is_canonical_json() -> None:
     payload = encode_payload(hello())
     assert (
-        payload
-        == json.dumps(
-            json.loads(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode()
+        payload == json.dumps(json.loads(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     )
     assert b" " not in payload
     assert b'"nonce":"' + b"11" * 32 + b'"' in payload

@@ -16,9 +16,13 @@ def test_ready_record_round_trip_and_rejections() -> None:
     ready = Ready(None, (b"\x01" * 16, b"\x02" * 16))
     assert Ready.decode(ready.encode()) == ready
     assert Ready.decode(Ready(4444).encode()) == Ready(4444)
-    for bad in (b"{}", b'{"ready": true, "port": 0, "streams": []}', b'{"ready": true, "port": null, "streams": ["00"]}',
-                b'{"ready": true, "port": null, "streams": ' + str(["00" * 16] * 17).replace("'", '"').encode() + b"}",
-                b"not json"):  # fmt: skip
+    for bad in (
+        b"{}",
+        b'{"ready": true, "port": 0, "streams": []}',
+        b'{"ready": true, "port": null, "streams": ["00"]}',
+        b'{"ready": true, "port": null, "streams": ' + str(["00" * 16] * 17).replace("'", '"').encode() + b"}",
+        b"not json",
+    ):
         with pytest.raises(ProtocolError, match="ready record is malformed"):
             Ready.decode(bad)
 
@@ -58,7 +62,13 @@ def test_guest_spec_rejects_each_wrong_field(change: dict[str, object]) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"[]", b"not json", b'{"memory_mib": 1, "memory_mib": 2}', SPEC.encode().replace(b'"memory_mib"', b'"memory"')],
+    [
+        b"",
+        b"[]",
+        b"not json",
+        b'{"memory_mib": 1, "memory_mib": 2}',
+        SPEC.encode().replace(b'"memory_mib"', b'"memory"'),
+    ],
 )
 def test_guest_spec_rejects_what_is_not_one_object_with_the_known_keys(data: bytes) -> None:
     with pytest.raises(ProtocolError, match="malformed"):

@@ -8,10 +8,10 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_samples import IV, KEY
 
 from sealift.wire import AeadProtection, NoProtection, ProtocolError, RecordAuthError
 from sealift.wire.records import MAX_RECORDS
+from wire_samples import IV, KEY
 
 HEADER = b"\x01\x00\x00\x00\x00\x00\x00\x20"
 

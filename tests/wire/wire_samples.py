@@ -267,10 +267,7 @@ def random_record(rng: random.Random, npages: int) -> bytes:
     if kind == 0:  # PAGES, possibly compressed, possibly inconsistent
         count = rng.choice([0, 1, 2, 3, 256, 257, rng.randrange(300)])
         codec = rng.choice([0, 0, 1, 2, 3])
-        indexes = [
-            rng.choice([0, 1, npages - 1, npages, rng.randrange(2 * npages)])
-            for _ in range(min(count, 300))
-        ]
+        indexes = [rng.choice([0, 1, npages - 1, npages, rng.randrange(2 * npages)]) for _ in range(min(count, 300))]
         page_data = bytes(PAGE * min(count, 3)) if rng.random() < 0.5 else rng.randbytes(64)
         if codec == 1 and rng.random() < 0.7:
             page_data = zstandard_compress(page_data or b"x")
@@ -278,9 +275,7 @@ def random_record(rng: random.Random, npages: int) -> bytes:
             page_data = lz4_compress(page_data or b"x")
         data_len = len(page_data) if rng.random() < 0.8 else rng.choice(INTERESTING_U32)
         payload = (
-            PAGES_FIXED.pack(count, codec, data_len)
-            + b"".join(i.to_bytes(4, "little") for i in indexes)
-            + page_data
+            PAGES_FIXED.pack(count, codec, data_len) + b"".join(i.to_bytes(4, "little") for i in indexes) + page_data
         )
         rtype = 1
     elif kind == 1:

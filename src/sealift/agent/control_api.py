@@ -13,14 +13,15 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.errors import SealiftError
 from sealift.host.config import AgentConfig, parse_size
 from sealift.host.store import AgentStore
-from sealift.backends.builtin.registry import BuiltinVmRegistry
-from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.migration.authority import Authority
 from sealift.migration.options import MigrationOptions
 from sealift.migration.report import MigrationReport
@@ -60,8 +61,15 @@ class ControlledAgent(Protocol):
     qemu_vms: QemuVmRegistry
     monitor: MonitorService
 
-    def migrate(self, vm_name: str, destination: str, options: MigrationOptions, order: str | None,
-                progress: ProgressCallback | None, transport: str | None = None) -> MigrationReport: ...  # fmt: skip
+    def migrate(
+        self,
+        vm_name: str,
+        destination: str,
+        options: MigrationOptions,
+        order: str | None,
+        progress: ProgressCallback | None,
+        transport: str | None = None,
+    ) -> MigrationReport: ...
 
     def place(self, vm_name: str) -> dict[str, object]: ...
 
@@ -295,26 +303,36 @@ class ControlServer:
         return {"vm": vm}
 
     def _qemu_workload(self, name: str, profile: str, request: dict) -> dict:
-        from sealift.backends.qemu.registry import QemuVmError
         from sealift.backends.qemu.guest_control import GuestControlError
+        from sealift.backends.qemu.registry import QemuVmError
         from sealift.backends.workload_switch import FloodRequest, drive_qemu_guest
 
         flood = None
         if profile == "flood" or request.get("target") is not None:
-            flood = FloodRequest.parse(request.get("target"), request.get("pps"), request.get("seconds"), request.get("size"))
+            flood = FloodRequest.parse(
+                request.get("target"), request.get("pps"), request.get("seconds"), request.get("size")
+            )
         try:
             state = drive_qemu_guest(self._agent.qemu_vms, name, profile, flood)
         except (QemuVmError, GuestControlError) as exc:
             raise RequestError(f"cannot drive QEMU guest {name}'s workload: {exc}") from None
         vm = self._agent.qemu_vms.info(name)
         vm.update(profile=profile, previous_pid=vm["pid"], guest=state.to_dict())
-        fields = {"target": f"{flood.target[0]}:{flood.target[1]}", "pps": flood.pps, "seconds": flood.seconds,
-                  "size": flood.size} if flood else {}  # fmt: skip
+        fields = (
+            {
+                "target": f"{flood.target[0]}:{flood.target[1]}",
+                "pps": flood.pps,
+                "seconds": flood.seconds,
+                "size": flood.size,
+            }
+            if flood
+            else {}
+        )
         self._agent.authority.record("vm.workload", vm=name, profile=profile, pid=vm["pid"], backend="qemu", **fields)
         return {"vm": vm}
 
 
-def _net_config(value: object) -> "NetConfig | None":
+def _net_config(value: object) -> NetConfig | None:
     """A QEMU guest's network from the request: {"mode": "tap", "tap": ..., "guest_ip": ..., "gateway": ...}.
 
     Absent: the registry's default (user networking). A tap must already exist
@@ -325,7 +343,7 @@ def _net_config(value: object) -> "NetConfig | None":
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise RequestError("net must be an object such as {\"mode\": \"tap\", \"tap\": \"tap0\", \"guest_ip\": \"10.0.0.5/24\"}")
+        raise RequestError('net must be an object such as {"mode": "tap", "tap": "tap0", "guest_ip": "10.0.0.5/24"}')
     try:
         return NetConfig.from_json(value).validated()
     except NetError as exc:

@@ -9,28 +9,22 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from sealift.migration.authority import Authority
-from sealift.host.config import AgentConfig
 from sealift.agent.control_api import ControlServer
-from sealift.host.store import AgentStore
-from sealift.guests import VmRegistry
+from sealift.agent.guard import PeerGuard
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
+from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.destination import QemuDestinationDriver
 from sealift.backends.qemu.keeper import QemuKeeper
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import QemuSourceDriver
 from sealift.backends.qemu.transports import default_transport, transport_named
-from sealift.migration.destination import DestinationCoordinator
-from sealift.migration.drivers import DestinationDriver, SourceDriver
-from sealift.migration.errors import MigrationError
-from sealift.migration.phases import UNSETTLED, outcome_for
-from sealift.migration.recovery import Keepers, Resolver, recover
-from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
-from sealift.migration.source import SourceCoordinator
+from sealift.guests import VmRegistry
+from sealift.host.config import AgentConfig
+from sealift.host.store import AgentStore
 from sealift.host.transport import (
     INSECURE_CONTROL_MAGIC,
     TLS_HANDSHAKE_BYTE,
@@ -41,23 +35,28 @@ from sealift.host.transport import (
     read_stream_open,
     tune_bulk_socket,
 )
-from sealift.backends.builtin.registry import BuiltinVmRegistry
-from sealift.migration.options import MigrationOptions
-from sealift.migration.report import MigrationReport
 from sealift.ipsec.charon import HostCharon
+from sealift.migration.authority import Authority
+from sealift.migration.destination import DestinationCoordinator
+from sealift.migration.drivers import DestinationDriver, SourceDriver
+from sealift.migration.errors import MigrationError
+from sealift.migration.options import MigrationOptions
+from sealift.migration.phases import UNSETTLED, outcome_for
+from sealift.migration.recovery import Keepers, Resolver, recover
+from sealift.migration.report import MigrationReport
+from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
+from sealift.migration.source import SourceCoordinator
+from sealift.monitor.collectors import BuiltinCollector, QemuCollector
+from sealift.monitor.service import MonitorService
+from sealift.placement.placer import Placer, host_usage, our_advert, vm_memory
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, server_context
 from sealift.wire.control import Role
 from sealift.wire.datastream import STREAM_MAGIC
 from sealift.wire.errors import ProtocolError
-from sealift.agent.guard import PeerGuard
-from sealift.placement.placer import Placer, host_usage, our_advert, vm_memory
 from sealift.wire.messages import Advert, AdvertQuery, Hello, Outcome, OutcomeQuery, Refuse
-from sealift.monitor.collectors import BuiltinCollector, QemuCollector
-from sealift.monitor.service import MonitorService
 
 log = logging.getLogger(__name__)
-
 
 
 class Agent:
@@ -97,13 +96,23 @@ class Agent:
             fallback="builtin",
             legacy_owner=lambda vm: "qemu" if self.qemu_vms.has(vm) else "builtin",
         )
-        self.resolver = Resolver(config, self.identity, self.store, self.keepers, self._active, self._active_lock,
-                                 audit=self.authority.record)  # fmt: skip
+        self.resolver = Resolver(
+            config,
+            self.identity,
+            self.store,
+            self.keepers,
+            self._active,
+            self._active_lock,
+            audit=self.authority.record,
+        )
         self.control = ControlServer(config.control_socket, self)
         # Security and reliability monitors (seed 004, T12): per-VM collectors, host verdicts, port watch.
         self.monitor = MonitorService(
-            config.name, config.monitor, [BuiltinCollector(self.vms), QemuCollector(self.qemu_vms)],
-            self.authority.record, blocker=self.guard,
+            config.name,
+            config.monitor,
+            [BuiltinCollector(self.vms), QemuCollector(self.qemu_vms)],
+            self.authority.record,
+            blocker=self.guard,
         )
 
     # -- lifecycle ------------------------------------------------------------
@@ -115,7 +124,12 @@ class Agent:
         self.control.start()
         self.resolver.start()
         self.monitor.start()
-        log.info("agent %s listening on %s:%d, control socket %s", self.config.name, *self.config.listen, self.config.control_socket)
+        log.info(
+            "agent %s listening on %s:%d, control socket %s",
+            self.config.name,
+            *self.config.listen,
+            self.config.control_socket,
+        )
 
     def serve_forever(self) -> None:
         self.start()
@@ -233,8 +247,13 @@ class Agent:
                 host = channel.peer_name or first.source_host
                 admission = self.guard.admit_migration(host)  # per source host, before verifying orders
                 if not admission.allowed:
-                    self.authority.record("migration.refused", migration_id=first.migration_id, source=host,
-                                          reason=admission.reason, code="peer_limit")  # fmt: skip
+                    self.authority.record(
+                        "migration.refused",
+                        migration_id=first.migration_id,
+                        source=host,
+                        reason=admission.reason,
+                        code="peer_limit",
+                    )
                     channel.send(Refuse(first.migration_id, admission.reason[:1000], "peer_limit"))
                     return
                 try:
@@ -242,7 +261,9 @@ class Agent:
                 finally:
                     self.guard.release_migration(host)
                 if peer_ip is not None and self.store.migration(first.migration_id) is None:
-                    self.monitor.port_event(peer_ip, "order_refused")  # refused before it began (order, policy, monitor)
+                    self.monitor.port_event(
+                        peer_ip, "order_refused"
+                    )  # refused before it began (order, policy, monitor)
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
             elif isinstance(first, AdvertQuery):
@@ -289,7 +310,9 @@ class Agent:
         transport: str | None = None,
     ) -> MigrationReport:
         if not options.secure and not self.config.allow_insecure:
-            raise PermissionError("plaintext migration is disabled on this host (set allow_insecure = true to measure it)")
+            raise PermissionError(
+                "plaintext migration is disabled on this host (set allow_insecure = true to measure it)"
+            )
         driver: SourceDriver
         if self.qemu_vms.has(vm_name):
             strategy = transport_named(transport) if transport else default_transport(options.secure)
@@ -298,8 +321,9 @@ class Agent:
         else:
             if transport not in (None, "sealift", "plain"):
                 raise ValueError(f"transport {transport!r} is for QEMU guests only")
-            session = SourceSession(self.context, vm_name, destination, options, order,
-                                    "tls" if options.secure else "plain", progress)  # fmt: skip
+            session = SourceSession(
+                self.context, vm_name, destination, options, order, "tls" if options.secure else "plain", progress
+            )
             driver = BuiltinSourceDriver(session, self.vms)
         with self._active_lock:
             self._active.add(session.migration_id)

@@ -220,7 +220,9 @@ class PeerGuard:
             blocked = self._blocked.get(key)
             if blocked is not None:
                 if blocked[0] > self._clock():
-                    return self._refuse_connection(f"{key} is blocked for {blocked[0] - self._clock():.0f} s more: {blocked[1]}")
+                    return self._refuse_connection(
+                        f"{key} is blocked for {blocked[0] - self._clock():.0f} s more: {blocked[1]}"
+                    )
                 del self._blocked[key]
             # The total cap first: it needs no per-peer state, so a flood that
             # fills the port does not also fill the table.
@@ -314,7 +316,9 @@ class PeerGuard:
         with self._lock:
             now = self._clock()
             if len(self._blocked) >= self._max_tracked:  # bounded: drop expired blocks, then the oldest
-                for old_key in [k for k, (until, _) in self._blocked.items() if until <= now] or [next(iter(self._blocked))]:
+                for old_key in [k for k, (until, _) in self._blocked.items() if until <= now] or [
+                    next(iter(self._blocked))
+                ]:
                     del self._blocked[old_key]
             self._blocked[key] = (now + seconds, reason)
 

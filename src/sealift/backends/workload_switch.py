@@ -35,8 +35,8 @@ from sealift.backends.builtin.workload import WorkloadError, WorkloadParams, Wor
 from sealift.backends.qemu.guest_control import GuestState
 
 if TYPE_CHECKING:
-    from sealift.backends.qemu.registry import QemuVmRegistry
     from sealift.backends.builtin.registry import BuiltinVmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 def switch_workload(registry: BuiltinVmRegistry, name: str, profile_name: str) -> dict[str, object]:
     """Restart built-in VM `name` with workload profile `profile_name`; returns its new info."""
     if profile_name in QEMU_ONLY_PROFILES:
-        raise WorkloadError(f"{profile_name!r} is for QEMU guests: a built-in VM has no network device to "
-                            "flood from, and is switched by restarting it (profiles idle, web, db, stress)")  # fmt: skip
+        raise WorkloadError(
+            f"{profile_name!r} is for QEMU guests: a built-in VM has no network device to "
+            "flood from, and is switched by restarting it (profiles idle, web, db, stress)"
+        )
     profile = get_profile(profile_name)  # WorkloadError (a ValueError) for an unknown profile
     vm = registry.claim(name)
     try:
@@ -115,12 +117,17 @@ class FloodRequest:
                 raise ValueError(f"flood {what} must be an integer, not {value!r}")
             return value
 
-        return cls((host, int(port)), number(pps, DEFAULT_FLOOD_PPS, "pps"),
-                   number(seconds, DEFAULT_FLOOD_S, "seconds"), number(size, DEFAULT_FLOOD_BYTES, "size"))  # fmt: skip
+        return cls(
+            (host, int(port)),
+            number(pps, DEFAULT_FLOOD_PPS, "pps"),
+            number(seconds, DEFAULT_FLOOD_S, "seconds"),
+            number(size, DEFAULT_FLOOD_BYTES, "size"),
+        )
 
 
-def drive_qemu_guest(registry: QemuVmRegistry, name: str, profile: str,
-                     flood: FloodRequest | None = None) -> GuestState:  # fmt: skip
+def drive_qemu_guest(
+    registry: QemuVmRegistry, name: str, profile: str, flood: FloodRequest | None = None
+) -> GuestState:
     """Make QEMU guest `name` behave as `profile` now; returns what its workload reports.
 
     Raises ValueError for a profile a QEMU guest cannot do, GuestControlError

@@ -201,8 +201,10 @@ def not_converging(ram: dict[str, Any], elapsed_s: float) -> str | None:
     link_bps = float(ram.get("mbps", 0.0)) * 1e6 / 8
     if dirty_bps < link_bps:
         return None
-    return (f"not converging: after {elapsed_s:.0f} s and {syncs} passes the guest dirties "
-            f"{dirty_bps / 2**20:.1f} MiB/s and the link carries {link_bps / 2**20:.1f} MiB/s")  # fmt: skip
+    return (
+        f"not converging: after {elapsed_s:.0f} s and {syncs} passes the guest dirties "
+        f"{dirty_bps / 2**20:.1f} MiB/s and the link carries {link_bps / 2**20:.1f} MiB/s"
+    )
 
 
 class ConvergenceWatch:
@@ -241,14 +243,18 @@ def _wait_completed(vm: QemuVM, timeout_s: float) -> dict[str, Any]:
         if transferred != moved:
             moved, moved_at = transferred, now
         elif now - moved_at > STALL_S:
-            raise BenchError(f"QEMU's migration stalled: still {status!r}, {transferred >> 20} MiB sent, "
-                             f"nothing more for {STALL_S:.0f} s")  # fmt: skip
+            raise BenchError(
+                f"QEMU's migration stalled: still {status!r}, {transferred >> 20} MiB sent, "
+                f"nothing more for {STALL_S:.0f} s"
+            )
         verdict = watch.update(info.get("ram", {}), now)
         if verdict is not None:
             raise BenchError(f"QEMU's migration is {verdict}")
         if now > deadline:
-            raise BenchError(f"QEMU's migration did not converge: still {status!r} after {timeout_s:.0f} s, "
-                             f"{transferred >> 20} MiB sent")  # fmt: skip
+            raise BenchError(
+                f"QEMU's migration did not converge: still {status!r} after {timeout_s:.0f} s, "
+                f"{transferred >> 20} MiB sent"
+            )
         time.sleep(0.01)
 
 
@@ -260,8 +266,14 @@ def _wait_running(vm: QemuVM, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repetition: int, warmup_s: float,
-                    timeout_s: float = MIGRATION_TIMEOUT_S) -> RunResult:  # fmt: skip
+def run_qemu_direct(
+    lab: BenchLab,
+    transport: DirectTransport,
+    cell: Cell,
+    repetition: int,
+    warmup_s: float,
+    timeout_s: float = MIGRATION_TIMEOUT_S,
+) -> RunResult:
     assert lab.hosts is not None and lab.image is not None
     result = RunResult(transport.name, "qemu", cell.memory_mib, cell.workload, cell.mtu, repetition)
     run_dir = Path(tempfile.mkdtemp(prefix="r", dir=lab.workdir))
@@ -270,8 +282,15 @@ def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repet
     sampler: CpuSampler | None = None
     try:
         with enter_netns(lab.ns("source")):
-            source = QemuVM.start(run_dir / "s", VM_NAME, cell.memory_mib, lab.image, net=lab.guest_net(),
-                                  extra_cmdline=cell.guest_cmdline(), accel=ACCEL)  # fmt: skip
+            source = QemuVM.start(
+                run_dir / "s",
+                VM_NAME,
+                cell.memory_mib,
+                lab.image,
+                net=lab.guest_net(),
+                extra_cmdline=cell.guest_cmdline(),
+                accel=ACCEL,
+            )
         vms.append(source)
         prober = lab.prober()
         _wait_booted(source, prober)
@@ -282,8 +301,16 @@ def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repet
         sampler = CpuSampler([Role("qemu-src", source.pid)]).start()
         started = time.monotonic()
         with enter_netns(lab.ns("destination")):
-            destination = QemuVM.start(run_dir / "d", VM_NAME, cell.memory_mib, lab.image, net=lab.guest_net(),
-                                       extra_cmdline=cell.guest_cmdline(), accel=ACCEL, incoming="defer")  # fmt: skip
+            destination = QemuVM.start(
+                run_dir / "d",
+                VM_NAME,
+                cell.memory_mib,
+                lab.image,
+                net=lab.guest_net(),
+                extra_cmdline=cell.guest_cmdline(),
+                accel=ACCEL,
+                incoming="defer",
+            )
         vms.append(destination)
         sampler.add(Role("qemu-dst", destination.pid))
         destination.migrate_incoming(f"tcp:{transport.listen_host()}:{MIGRATION_PORT}")
@@ -309,9 +336,14 @@ def run_qemu_direct(lab: BenchLab, transport: DirectTransport, cell: Cell, repet
         result.downtime_to_running_ms = stop_to_resume_ms(source, destination)
         result.bytes = rx + tx
         _apply_cpu(result, figures)
-        result.detail |= {"bytes_to_destination": rx, "bytes_to_source": tx, "packets": counter.packets,
-                          "ram_transferred": info.get("ram", {}).get("transferred"),
-                          "ram_total": info.get("ram", {}).get("total"), **transport.detail()}  # fmt: skip
+        result.detail |= {
+            "bytes_to_destination": rx,
+            "bytes_to_source": tx,
+            "packets": counter.packets,
+            "ram_transferred": info.get("ram", {}).get("transferred"),
+            "ram_total": info.get("ram", {}).get("total"),
+            **transport.detail(),
+        }
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         _record_failure(result, exc)
     finally:
@@ -356,7 +388,9 @@ def _record_failure(result: RunResult, exc: Exception) -> None:
     result.error = f"{type(exc).__name__}: {exc}"
 
 
-def _await_guest(prober: GapProber, after: float, console: Callable[[], list[str]], timeout: float = 20.0) -> str | None:
+def _await_guest(
+    prober: GapProber, after: float, console: Callable[[], list[str]], timeout: float = 20.0
+) -> str | None:
     """Wait for the guest's first answer from the destination: None, or the reason its kernel died.
 
     QEMU 7.2 under TCG lost guest writes during migrations (every transport, also QEMU to QEMU over a
@@ -373,8 +407,10 @@ def _await_guest(prober: GapProber, after: float, console: Callable[[], list[str
         reasons = [line.strip() for line in lines if "panic" in line or "BUG" in line]
         if any("Kernel panic" in line for line in reasons):
             return " | ".join(reasons[:2])
-    raise BenchError(f"the guest does not answer probes on the destination after the migration "
-                     f"(console: {' | '.join(console()[-3:])})")  # fmt: skip
+    raise BenchError(
+        f"the guest does not answer probes on the destination after the migration "
+        f"(console: {' | '.join(console()[-3:])})"
+    )
 
 
 def _apply_cpu(result: RunResult, figures: Any) -> None:
@@ -417,8 +453,8 @@ def _stop_everywhere(cluster: Any, name: str) -> None:
 def _start_qemu_for_agent(lab: BenchLab, cell: Cell) -> None:
     """Start the guest (on the lab's tap) in host-a's agent VM directory, then (re)start host-a's agent,
     which adopts it: the control API starts QEMU guests on user networking only."""
-    from sealift.host.config import load_config
     from sealift.backends.qemu.registry import QemuVmRegistry
+    from sealift.host.config import load_config
 
     cluster = lab.agents()
     cluster.kill("host-a", signal.SIGTERM)
@@ -445,8 +481,9 @@ def warm_guest_image(cluster: Any, host: str) -> None:
         pass
 
 
-def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: int, warmup_s: float,
-                       timeout_s: float = MIGRATION_TIMEOUT_S) -> RunResult:  # fmt: skip
+def run_through_agents(
+    lab: BenchLab, transport: str, cell: Cell, repetition: int, warmup_s: float, timeout_s: float = MIGRATION_TIMEOUT_S
+) -> RunResult:
     result = RunResult(transport, cell.backend, cell.memory_mib, cell.workload, cell.mtu, repetition)
     cluster = lab.agents()
     prober: GapProber | None = None
@@ -460,8 +497,13 @@ def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: in
             prober = lab.prober()
             _wait_agent_guest(cluster, prober)
         else:
-            cluster.client("host-a").request("vm.start", name=VM_NAME, memory=f"{cell.memory_mib}M",
-                                              workload=BUILTIN_PROFILE[cell.workload], fill_fraction=WORKLOAD_FILL)  # fmt: skip
+            cluster.client("host-a").request(
+                "vm.start",
+                name=VM_NAME,
+                memory=f"{cell.memory_mib}M",
+                workload=BUILTIN_PROFILE[cell.workload],
+                fill_fraction=WORKLOAD_FILL,
+            )
         time.sleep(warmup_s)
         if prober is not None:
             prober.reset_gap()
@@ -475,8 +517,11 @@ def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: in
         rx, tx = counter.stop()
         if prober is not None:
             # The running receipt can reach us a little after the guest's first answer: look back a bit.
-            crash = _await_guest(prober, ended - 0.05, lambda: cluster.client("host-b").request(
-                "vm.console", name=VM_NAME, lines=80)["lines"])  # fmt: skip
+            crash = _await_guest(
+                prober,
+                ended - 0.05,
+                lambda: cluster.client("host-b").request("vm.console", name=VM_NAME, lines=80)["lines"],
+            )
             result.downtime_probe_ms = prober.stop() if crash is None else None
             prober = None
             result.detail["guest_crashed"] = crash
@@ -488,11 +533,17 @@ def run_through_agents(lab: BenchLab, transport: str, cell: Cell, repetition: in
         result.qemu_total_ms, result.qemu_downtime_ms = _qemu_figures(report)
         result.bytes = rx + tx
         _apply_cpu(result, figures)
-        result.detail |= {"bytes_to_destination": rx, "bytes_to_source": tx, "packets": counter.packets,
-                          "wall_s": round(ended - started, 3),
-                         "report_transport": report.get("transport"), "rounds": report.get("rounds"),
-                         "bytes_sent": report.get("bytes_sent"), "stop_reason": report.get("stop_reason"),
-                         "downtime_breakdown_ms": report.get("downtime_breakdown_ms")}  # fmt: skip
+        result.detail |= {
+            "bytes_to_destination": rx,
+            "bytes_to_source": tx,
+            "packets": counter.packets,
+            "wall_s": round(ended - started, 3),
+            "report_transport": report.get("transport"),
+            "rounds": report.get("rounds"),
+            "bytes_sent": report.get("bytes_sent"),
+            "stop_reason": report.get("stop_reason"),
+            "downtime_breakdown_ms": report.get("downtime_breakdown_ms"),
+        }
     except Exception as exc:  # noqa: BLE001 - one failed run is recorded, the benchmark goes on
         _record_failure(result, exc)
     finally:
@@ -554,8 +605,9 @@ class BenchOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def run_plan(plan: Plan, progress: Callable[[str], None] | None = None,
-             on_run: Callable[[list[RunResult]], None] | None = None) -> BenchOutcome:  # fmt: skip
+def run_plan(
+    plan: Plan, progress: Callable[[str], None] | None = None, on_run: Callable[[list[RunResult]], None] | None = None
+) -> BenchOutcome:
     """Every cell, every repetition, every transport in the plan's order; ratios filled at the end.
     `on_run` sees the runs so far after each one (a full benchmark takes hours: save as you go)."""
     say = progress or (lambda text: None)
@@ -564,8 +616,10 @@ def run_plan(plan: Plan, progress: Callable[[str], None] | None = None,
     for name, reason in outcome.skipped.items():
         say(f"skipping {name}: {reason}")
     if "ipsec" in transports and "sealift-ipsec" in transports:
-        raise BenchError("ipsec and sealift-ipsec cannot share a run: each runs its own strongSwan charon on the "
-                         "same hosts (IKE ports, libipsec's TUN and routing table); benchmark them separately")
+        raise BenchError(
+            "ipsec and sealift-ipsec cannot share a run: each runs its own strongSwan charon on the "
+            "same hosts (IKE ports, libipsec's TUN and routing table); benchmark them separately"
+        )
     cells = sorted(plan.cells, key=lambda c: c.mtu)  # one MTU change per value
     with BenchLab(mtu=cells[0].mtu if cells else 1500) as lab:
         for cell in cells:
@@ -596,5 +650,7 @@ def _progress_line(r: RunResult) -> str:
     probe = f", probed {r.downtime_probe_ms:.0f} ms" if r.downtime_probe_ms is not None else ""
     if r.detail.get("guest_crashed"):
         probe = f", guest crashed after the switchover ({r.detail['guest_crashed']})"
-    return (f"{head} total {r.total_time_s:.2f} s, downtime {r.downtime_ms or 0:.0f} ms{probe}, "
-            f"{(r.bytes or 0) / 2**20:.0f} MiB, CPU {r.cpu_s:.2f} s (peak {r.peak_cpu_pct:.0f}%)")  # fmt: skip
+    return (
+        f"{head} total {r.total_time_s:.2f} s, downtime {r.downtime_ms or 0:.0f} ms{probe}, "
+        f"{(r.bytes or 0) / 2**20:.0f} MiB, CPU {r.cpu_s:.2f} s (peak {r.peak_cpu_pct:.0f}%)"
+    )

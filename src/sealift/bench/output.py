@@ -12,8 +12,9 @@ from typing import Any
 from sealift.bench.results import RunResult, Summary, summarise, table4_markdown
 
 
-def results_document(runs: Sequence[RunResult], skipped: dict[str, str], command: str,
-                     transport_order: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+def results_document(
+    runs: Sequence[RunResult], skipped: dict[str, str], command: str, transport_order: Sequence[str]
+) -> dict[str, Any]:
     return {
         "command": command,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -24,8 +25,9 @@ def results_document(runs: Sequence[RunResult], skipped: dict[str, str], command
     }
 
 
-def markdown_report(runs: Sequence[RunResult], skipped: dict[str, str], command: str,
-                    transport_order: Sequence[str]) -> str:  # fmt: skip
+def markdown_report(
+    runs: Sequence[RunResult], skipped: dict[str, str], command: str, transport_order: Sequence[str]
+) -> str:
     lines = [
         "# sealift against the alternatives",
         "",
@@ -39,19 +41,30 @@ def markdown_report(runs: Sequence[RunResult], skipped: dict[str, str], command:
         lines += ["Not run here:", ""] + [f"- {name}: {reason}" for name, reason in skipped.items()] + [""]
     crashed = [r for r in runs if r.detail.get("guest_crashed")]
     if crashed:
-        lines += [f"In {len(crashed)} of {len(runs)} runs the guest's kernel panicked on the destination right after "
-                  "a completed migration (QEMU 7.2 under TCG here, on every transport): their migration figures "
-                  "stand, their probed downtime does not exist. The runs are in results.json (`guest_crashed`).", ""]
+        lines += [
+            f"In {len(crashed)} of {len(runs)} runs the guest's kernel panicked on the destination right after "
+            "a completed migration (QEMU 7.2 under TCG here, on every transport): their migration figures "
+            "stand, their probed downtime does not exist. The runs are in results.json (`guest_crashed`).",
+            "",
+        ]
     failed = [r for r in runs if r.error]
     if failed:
         lines += ["Failed runs:", ""]
-        lines += [f"- {r.transport} {r.backend} {r.memory_mib} MiB {r.workload} #{r.repetition}: {r.error}" for r in failed]
+        lines += [
+            f"- {r.transport} {r.backend} {r.memory_mib} MiB {r.workload} #{r.repetition}: {r.error}" for r in failed
+        ]
         lines.append("")
     return "\n".join(lines)
 
 
-def write_results(directory: Path, runs: Sequence[RunResult], skipped: dict[str, str], command: str,
-                  transport_order: Sequence[str], plots: bool = True) -> list[Path]:  # fmt: skip
+def write_results(
+    directory: Path,
+    runs: Sequence[RunResult],
+    skipped: dict[str, str],
+    command: str,
+    transport_order: Sequence[str],
+    plots: bool = True,
+) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     path = directory / "results.json"

@@ -14,12 +14,31 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The keys `sealift bench --json` prints per run, in this order (issue 6).
-JSON_KEYS = ("transport", "backend", "memory_mib", "workload", "total_time_s", "downtime_ms",
-             "downtime_probe_ms", "bytes", "cpu_s", "ratio_to_plain")  # fmt: skip
+JSON_KEYS = (
+    "transport",
+    "backend",
+    "memory_mib",
+    "workload",
+    "total_time_s",
+    "downtime_ms",
+    "downtime_probe_ms",
+    "bytes",
+    "cpu_s",
+    "ratio_to_plain",
+)
 
 BASELINE = "plain"
-ALL_TRANSPORTS = ("plain", "qemu-tls", "ssh", "ssh-aesgcm", "ipsec", "wireguard", "sealift", "sealift-ipsec",
-                  "sealift-plain")  # fmt: skip
+ALL_TRANSPORTS = (
+    "plain",
+    "qemu-tls",
+    "ssh",
+    "ssh-aesgcm",
+    "ipsec",
+    "wireguard",
+    "sealift",
+    "sealift-ipsec",
+    "sealift-plain",
+)
 # sealift-ipsec is not in the default set: it cannot share a run with ipsec (both run charon on the hosts).
 DEFAULT_TRANSPORTS = ("plain", "qemu-tls", "ssh", "ssh-aesgcm", "ipsec", "wireguard", "sealift")
 WORKLOADS = ("idle", "moderate", "heavy")
@@ -37,24 +56,33 @@ class TransportInfo:
 
 TRANSPORT_INFO: dict[str, TransportInfo] = {
     "plain": TransportInfo("no", "none", "QEMU `tcp:` straight to the destination QEMU"),
-    "qemu-tls": TransportInfo("yes (TLS 1.3, GnuTLS)", "x509 both ways (cluster CA) + signed order",
-                              "QEMU native TLS, driven by the sealift agents"),  # fmt: skip
+    "qemu-tls": TransportInfo(
+        "yes (TLS 1.3, GnuTLS)",
+        "x509 both ways (cluster CA) + signed order",
+        "QEMU native TLS, driven by the sealift agents",
+    ),
     "ssh": TransportInfo("yes (OpenSSH default cipher)", "SSH host + user keys", "`ssh -N -L` tunnel, sshd"),
     "ssh-aesgcm": TransportInfo("yes (aes128-gcm@openssh.com)", "SSH host + user keys", "`ssh -N -L` tunnel, sshd"),
     "ipsec": TransportInfo("yes (ESP AES-256-GCM)", "IKEv2 static PSK", "strongSwan charon, standing SA"),
     "wireguard": TransportInfo("yes (ChaCha20-Poly1305)", "static Curve25519 keys", "wireguard-go (user space)"),
-    "sealift-plain": TransportInfo("no", "mutual TLS 1.3 + signed order (control only)",
-                                   "sealift agents, data stream without protection"),  # fmt: skip
-    "sealift-ipsec": TransportInfo("yes (ESP AES-256-GCM)", "IKEv2 PSK derived per migration + signed order",
-                                   "sealift agents drive a strongSwan SA per migration"),  # fmt: skip
-    "sealift": TransportInfo("yes (AES-256-GCM records)", "mutual TLS 1.3 + signed order",
-                             "sealift agents (own channel, 2PC handover)"),  # fmt: skip
+    "sealift-plain": TransportInfo(
+        "no", "mutual TLS 1.3 + signed order (control only)", "sealift agents, data stream without protection"
+    ),
+    "sealift-ipsec": TransportInfo(
+        "yes (ESP AES-256-GCM)",
+        "IKEv2 PSK derived per migration + signed order",
+        "sealift agents drive a strongSwan SA per migration",
+    ),
+    "sealift": TransportInfo(
+        "yes (AES-256-GCM records)", "mutual TLS 1.3 + signed order", "sealift agents (own channel, 2PC handover)"
+    ),
 }
 
 
 # The built-in VM's only plaintext path.
-BUILTIN_PLAIN = TransportInfo("no", "mutual TLS 1.3 + signed order (control only)",
-                              "sealift agents, stream without protection (--insecure)")  # fmt: skip
+BUILTIN_PLAIN = TransportInfo(
+    "no", "mutual TLS 1.3 + signed order (control only)", "sealift agents, stream without protection (--insecure)"
+)
 
 
 @dataclass
@@ -142,9 +170,20 @@ class Spread:
 
 
 NOTE_KEYS = ("cipher", "ipsec_backend", "esp")  # run details worth showing next to the implementation
-SUMMARY_METRICS = ("total_time_s", "downtime_ms", "downtime_to_running_ms", "downtime_probe_ms", "qemu_total_ms",
-                   "qemu_downtime_ms", "bytes", "throughput_mib_s", "cpu_s", "peak_cpu_pct", "machine_cpu_s",
-                   "ratio_to_plain")  # fmt: skip
+SUMMARY_METRICS = (
+    "total_time_s",
+    "downtime_ms",
+    "downtime_to_running_ms",
+    "downtime_probe_ms",
+    "qemu_total_ms",
+    "qemu_downtime_ms",
+    "bytes",
+    "throughput_mib_s",
+    "cpu_s",
+    "peak_cpu_pct",
+    "machine_cpu_s",
+    "ratio_to_plain",
+)
 
 
 @dataclass
@@ -160,11 +199,17 @@ class Summary:
     def to_json(self) -> dict[str, Any]:
         backend, memory_mib, workload, mtu = self.cell
         return {
-            "backend": backend, "memory_mib": memory_mib, "workload": workload, "mtu": mtu,
-            "transport": self.transport, "runs": self.runs, "failures": self.failures,
-            "guest_crashes": self.guest_crashes, "notes": self.notes,
+            "backend": backend,
+            "memory_mib": memory_mib,
+            "workload": workload,
+            "mtu": mtu,
+            "transport": self.transport,
+            "runs": self.runs,
+            "failures": self.failures,
+            "guest_crashes": self.guest_crashes,
+            "notes": self.notes,
             "metrics": {k: (asdict(v) if v else None) for k, v in self.metrics.items()},
-        }  # fmt: skip
+        }
 
 
 def summarise(runs: Sequence[RunResult], transport_order: Sequence[str] = ()) -> list[Summary]:
@@ -185,8 +230,9 @@ def summarise(runs: Sequence[RunResult], transport_order: Sequence[str] = ()) ->
         metrics = {name: Spread.of(getattr(r, name) for r in done) for name in SUMMARY_METRICS}
         crashes = sum(1 for r in done if r.detail.get("guest_crashed"))
         found = dict.fromkeys(f"{k}: {r.detail[k]}" for r in done for k in NOTE_KEYS if r.detail.get(k))
-        summaries.append(Summary(cell, transport, len(done), len(group) - len(done), metrics, crashes,
-                                 ", ".join(found)))  # fmt: skip
+        summaries.append(
+            Summary(cell, transport, len(done), len(group) - len(done), metrics, crashes, ", ".join(found))
+        )
     return summaries
 
 
@@ -244,6 +290,8 @@ def _info(summary: Summary) -> TransportInfo:
     return TRANSPORT_INFO.get(summary.transport, TransportInfo("?", "?", "?"))
 
 
-def interleaved_schedule(cells: Sequence[Any], transports: Sequence[str], repetitions: int) -> list[tuple[Any, int, str]]:
+def interleaved_schedule(
+    cells: Sequence[Any], transports: Sequence[str], repetitions: int
+) -> list[tuple[Any, int, str]]:
     """(cell, repetition, transport) in run order: per cell, every transport once per repetition."""
     return [(cell, rep, transport) for cell in cells for rep in range(repetitions) for transport in transports]

@@ -39,7 +39,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     except OSError:
         return None
     # The command name may hold spaces and parentheses: the fields (from the 3rd) start after the last ')'.
-    return raw[raw.rfind(b")") + 2:].split()
+    return raw[raw.rfind(b")") + 2 :].split()
 
 
 def process_cpu(pid: int) -> tuple[float, int] | None:
@@ -197,10 +197,19 @@ class CpuSampler:
 
 def link_counters(netns: str, ifname: str) -> tuple[int, int, int]:
     """(rx bytes, tx bytes, rx+tx packets) of an interface inside a namespace (`ip -s -j link`)."""
-    done = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show", "dev", ifname],
-                          capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    done = subprocess.run(
+        ["ip", "-n", netns, "-s", "-j", "link", "show", "dev", ifname],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
     stats = json.loads(done.stdout)[0]["stats64"]
-    return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"]), int(stats["rx"]["packets"]) + int(stats["tx"]["packets"])
+    return (
+        int(stats["rx"]["bytes"]),
+        int(stats["tx"]["bytes"]),
+        int(stats["rx"]["packets"]) + int(stats["tx"]["packets"]),
+    )
 
 
 class LinkCounter:

@@ -92,8 +92,12 @@ class SshServer:
             "PrintMotd no\nLogLevel ERROR\n"
         )
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(netns_argv(self.netns, [sshd, "-D", "-e", "-f", str(config)]),
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+            self.process = subprocess.Popen(
+                netns_argv(self.netns, [sshd, "-D", "-e", "-f", str(config)]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         process = self.process
         _wait(lambda: listening(process.pid, self.port), "sshd", process, self.log)
         return self
@@ -115,19 +119,42 @@ class SshTunnel:
 
     def argv(self) -> list[str]:
         s = self.server
-        argv = ["ssh", "-N", "-v", "-F", "/dev/null", "-i", str(s.user_key), "-p", str(s.port),
-                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", f"UserKnownHostsFile={s.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
-                "-o", "ExitOnForwardFailure=yes", "-o", "Compression=no",
-                "-L", f"127.0.0.1:{self.local_port}:127.0.0.1:{self.remote_port}"]  # fmt: skip
+        argv = [
+            "ssh",
+            "-N",
+            "-v",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(s.user_key),
+            "-p",
+            str(s.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={s.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "Compression=no",
+            "-L",
+            f"127.0.0.1:{self.local_port}:127.0.0.1:{self.remote_port}",
+        ]
         if self.cipher:
             argv += ["-c", self.cipher]
         return argv + [f"root@{s.address}"]
 
     def start(self) -> SshTunnel:
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(netns_argv(self.netns, self.argv()), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)  # fmt: skip
+            self.process = subprocess.Popen(
+                netns_argv(self.netns, self.argv()), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         process = self.process
         _wait(lambda: listening(process.pid, self.local_port), "ssh -L", process, self.log)
         return self

@@ -42,8 +42,9 @@ class Hosts:
             from sealift.bench.wireguard import WireguardTunnel
 
             assert self.workdir is not None
-            self._wireguard = WireguardTunnel(self.source_ns, SOURCE_IP, self.destination_ns, DESTINATION_IP,
-                                              self.workdir).start()  # fmt: skip
+            self._wireguard = WireguardTunnel(
+                self.source_ns, SOURCE_IP, self.destination_ns, DESTINATION_IP, self.workdir
+            ).start()
         return self._wireguard
 
     def charons(self) -> tuple[Any, Any]:
@@ -165,13 +166,20 @@ class IpsecTransport(PlainTransport):
         from sealift.ipsec.tunnel import TunnelHost, static_psk_tunnel
 
         charons = hosts.charons()
-        tunnel = static_psk_tunnel(TunnelHost(hosts.source_ns, SOURCE_IP, "host-a"),
-                                   TunnelHost(hosts.destination_ns, DESTINATION_IP, "host-b"),
-                                   MIGRATION_PORT, hosts.static_psk, name="bench", charons=charons)  # fmt: skip
+        tunnel = static_psk_tunnel(
+            TunnelHost(hosts.source_ns, SOURCE_IP, "host-a"),
+            TunnelHost(hosts.destination_ns, DESTINATION_IP, "host-b"),
+            MIGRATION_PORT,
+            hosts.static_psk,
+            name="bench",
+            charons=charons,
+        )
         tunnel.__enter__()
         self._tunnel, self._charons = tunnel, charons
-        self.info = {"ipsec_backend": str(getattr(tunnel.backend, "value", tunnel.backend)),
-                     "esp": tunnel.esp_algorithm}  # fmt: skip
+        self.info = {
+            "ipsec_backend": str(getattr(tunnel.backend, "value", tunnel.backend)),
+            "esp": tunnel.esp_algorithm,
+        }
 
     def roles(self) -> list[Role]:
         roles = []

@@ -74,8 +74,10 @@ class WireguardTunnel:
     def __init__(self, source_ns: str, source_ip: str, destination_ns: str, destination_ip: str, workdir: Path) -> None:
         # The UAPI socket path is shared by all namespaces: names unique to this process and host.
         tag = f"wg{os.getpid():x}"
-        self.ends = (WgEnd(source_ns, f"{tag}a", source_ip, f"{TUNNEL_PREFIX}.1"),
-                     WgEnd(destination_ns, f"{tag}b", destination_ip, f"{TUNNEL_PREFIX}.2"))  # fmt: skip
+        self.ends = (
+            WgEnd(source_ns, f"{tag}a", source_ip, f"{TUNNEL_PREFIX}.1"),
+            WgEnd(destination_ns, f"{tag}b", destination_ip, f"{TUNNEL_PREFIX}.2"),
+        )
         self.workdir = workdir
 
     @property
@@ -93,14 +95,22 @@ class WireguardTunnel:
                 end.private, end.public = _keypair()
                 end.log = self.workdir / f"{end.iface}.log"
                 with open(end.log, "wb") as log:
-                    end.process = subprocess.Popen(netns_argv(end.netns, [binary, "-f", end.iface]), env=env,
-                                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+                    end.process = subprocess.Popen(
+                        netns_argv(end.netns, [binary, "-f", end.iface]),
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
             for end in self.ends:
                 self._wait_socket(end)
             for end, peer in (self.ends, tuple(reversed(self.ends))):
-                _uapi_set(end.iface, f"private_key={end.private.hex()}\nlisten_port={WG_PORT}\nreplace_peers=true\n"
-                                     f"public_key={peer.public.hex()}\nendpoint={peer.underlay_ip}:{WG_PORT}\n"
-                                     f"replace_allowed_ips=true\nallowed_ip={peer.tunnel_ip}/32\n")  # fmt: skip
+                _uapi_set(
+                    end.iface,
+                    f"private_key={end.private.hex()}\nlisten_port={WG_PORT}\nreplace_peers=true\n"
+                    f"public_key={peer.public.hex()}\nendpoint={peer.underlay_ip}:{WG_PORT}\n"
+                    f"replace_allowed_ips=true\nallowed_ip={peer.tunnel_ip}/32\n",
+                )
                 run_in(end.netns, ["ip", "addr", "add", f"{end.tunnel_ip}/24", "dev", end.iface])
                 run_in(end.netns, ["ip", "link", "set", end.iface, "up"])
         except BaseException:
@@ -119,8 +129,11 @@ class WireguardTunnel:
             time.sleep(0.02)
 
     def pids(self) -> list[tuple[str, int]]:
-        return [(f"wireguard-{side}", end.process.pid) for side, end in zip(("src", "dst"), self.ends)
-                if end.process is not None]  # fmt: skip
+        return [
+            (f"wireguard-{side}", end.process.pid)
+            for side, end in zip(("src", "dst"), self.ends)
+            if end.process is not None
+        ]
 
     def stop(self) -> None:
         for end in self.ends:

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from sealift.host.config import load_config
 from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out
+from sealift.host.config import load_config
 
 
 def add_agent_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

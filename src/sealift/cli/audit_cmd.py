@@ -38,8 +38,12 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         table.add_column(col)
     for entry in entries:
         fields = {k: v for k, v in (entry.get("fields") or {}).items() if k not in ("receipt", "manifest")}
-        table.add_row(str(entry.get("seq")), str(entry.get("time", entry.get("timestamp", ""))), str(entry.get("kind")),
-                      json.dumps(fields)[:120])
+        table.add_row(
+            str(entry.get("seq")),
+            str(entry.get("time", entry.get("timestamp", ""))),
+            str(entry.get("kind")),
+            json.dumps(fields)[:120],
+        )
     out.print(table)
     return 0
 
@@ -53,8 +57,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         key = x509.load_pem_x509_certificate(Path(args.certificate).read_bytes()).public_key()
         with open(args.file) as lines:
             result = verify_export(lines, key)
-        verification = {"ok": result.ok, "entries": result.entries,
-                        "problems": [{"seq": p.seq, "what": p.what} for p in result.problems]}
+        verification = {
+            "ok": result.ok,
+            "entries": result.entries,
+            "problems": [{"seq": p.seq, "what": p.what} for p in result.problems],
+        }
     else:
         verification = client(args).request("audit.verify")["verification"]
     if args.json:

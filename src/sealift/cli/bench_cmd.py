@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from sealift.host.config import parse_size
 from sealift.cli.common import print_failure_json
+from sealift.host.config import parse_size
 
 QUICK_QEMU_MIB = 160
 QUICK_BUILTIN_MIB = 128
@@ -21,22 +21,35 @@ QUICK_RATE_MIB = 4  # ...and rewrites per second (user-space IPsec moves ~15 MB/
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from sealift.bench.results import ALL_TRANSPORTS, DEFAULT_TRANSPORTS, WORKLOADS
 
-    p = sub.add_parser("bench", help="benchmark sealift against plain TCP, QEMU TLS, SSH and IPsec (root; lab namespaces)",
-                       description="Migrate guests over every transport on the lab testbed (network namespaces), "
-                       "interleaved, and write medians, a Table-4-style Markdown table, JSON and plots.")  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI mode: one run per transport, a {QUICK_QEMU_MIB} MiB QEMU guest and a "
-                        f"{QUICK_BUILTIN_MIB} MiB built-in VM, moderate workload")  # fmt: skip
+    p = sub.add_parser(
+        "bench",
+        help="benchmark sealift against plain TCP, QEMU TLS, SSH and IPsec (root; lab namespaces)",
+        description="Migrate guests over every transport on the lab testbed (network namespaces), "
+        "interleaved, and write medians, a Table-4-style Markdown table, JSON and plots.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"CI mode: one run per transport, a {QUICK_QEMU_MIB} MiB QEMU guest and a "
+        f"{QUICK_BUILTIN_MIB} MiB built-in VM, moderate workload",
+    )
     p.add_argument("--runs", type=int, default=3, help="repetitions per transport (default 3)")
     p.add_argument("--backends", default="qemu,builtin", help="qemu, builtin or both (default both)")
     p.add_argument("--sizes", default="256M,1G,4G", help="guest sizes (default 256M,1G,4G)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {', '.join(WORKLOADS)} (default all)")
-    p.add_argument("--transports", default=",".join(DEFAULT_TRANSPORTS),
-                   help=f"of {', '.join(ALL_TRANSPORTS)} (default: {', '.join(DEFAULT_TRANSPORTS)})")  # fmt: skip
+    p.add_argument(
+        "--transports",
+        default=",".join(DEFAULT_TRANSPORTS),
+        help=f"of {', '.join(ALL_TRANSPORTS)} (default: {', '.join(DEFAULT_TRANSPORTS)})",
+    )
     p.add_argument("--mtu", default="1500", help="migration link MTU(s), e.g. 1500,9000 (default 1500)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs before each migration")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a QEMU-driven migration may take before it counts as not converging (default 300)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a QEMU-driven migration may take before it counts as not converging (default 300)",
+    )
     p.add_argument("--out", help="results folder (default bench/results/alternatives-<UTC time>)")
     p.add_argument("--json", action="store_true", help='print {"runs": [...]} (one object per run) on stdout')
     p.set_defaults(func=cmd_bench)
@@ -56,11 +69,18 @@ def build_plan(args: argparse.Namespace):  # -> Plan
         raise BenchError(f"unknown backend(s) {', '.join(sorted(unknown))}: use qemu, builtin or both")
     if args.quick:
         # A light workload: quick mode checks that every transport works, it does not compare them.
-        cells = [Cell("qemu", QUICK_QEMU_MIB, "moderate", 1500, fill_mib=QUICK_FILL_MIB, rate_mib=QUICK_RATE_MIB),
-                 Cell("builtin", QUICK_BUILTIN_MIB, "moderate", 1500)]  # fmt: skip
+        cells = [
+            Cell("qemu", QUICK_QEMU_MIB, "moderate", 1500, fill_mib=QUICK_FILL_MIB, rate_mib=QUICK_RATE_MIB),
+            Cell("builtin", QUICK_BUILTIN_MIB, "moderate", 1500),
+        ]
         backends = set(_csv(args.backends))
-        return Plan([c for c in cells if c.backend in backends], transports, repetitions=1, warmup_s=0.5,
-                    timeout_s=min(args.timeout, 120.0))
+        return Plan(
+            [c for c in cells if c.backend in backends],
+            transports,
+            repetitions=1,
+            warmup_s=0.5,
+            timeout_s=min(args.timeout, 120.0),
+        )
     workloads = _csv(args.workloads)
     for workload in workloads:
         if workload not in WORKLOADS:
@@ -69,8 +89,13 @@ def build_plan(args: argparse.Namespace):  # -> Plan
     mtus = [int(mtu) for mtu in _csv(args.mtu)]
     if args.runs < 1:
         raise BenchError("--runs must be at least 1")
-    cells = [Cell(backend, size, workload, mtu) for mtu in mtus for backend in _csv(args.backends)
-             for size in sizes for workload in workloads]  # fmt: skip
+    cells = [
+        Cell(backend, size, workload, mtu)
+        for mtu in mtus
+        for backend in _csv(args.backends)
+        for size in sizes
+        for workload in workloads
+    ]
     return Plan(cells, transports, repetitions=args.runs, warmup_s=args.warmup, timeout_s=args.timeout)
 
 
@@ -80,9 +105,24 @@ def canonical_command(args: argparse.Namespace) -> str:
     if args.quick:
         argv += ["--quick", "--backends", args.backends, "--transports", args.transports]
     else:
-        argv += ["--runs", str(args.runs), "--backends", args.backends, "--sizes", args.sizes,
-                 "--workloads", args.workloads, "--transports", args.transports, "--mtu", args.mtu,
-                 "--warmup", f"{args.warmup:g}", "--timeout", f"{args.timeout:g}"]  # fmt: skip
+        argv += [
+            "--runs",
+            str(args.runs),
+            "--backends",
+            args.backends,
+            "--sizes",
+            args.sizes,
+            "--workloads",
+            args.workloads,
+            "--transports",
+            args.transports,
+            "--mtu",
+            args.mtu,
+            "--warmup",
+            f"{args.warmup:g}",
+            "--timeout",
+            f"{args.timeout:g}",
+        ]
     return shlex.join(argv)
 
 
@@ -104,7 +144,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     command = canonical_command(args)
     started = time.monotonic()
-    out = Path(args.out) if args.out else Path("bench/results") / time.strftime("alternatives-%Y%m%dT%H%M%SZ", time.gmtime())
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("bench/results") / time.strftime("alternatives-%Y%m%dT%H%M%SZ", time.gmtime())
+    )
 
     def save_so_far(runs: list) -> None:  # results.json and results.md after every run: a stopped run keeps them
         fill_ratios(runs)
@@ -120,8 +164,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"interrupted: the runs finished so far are in {out}", file=sys.stderr)
         return 130
     written = write_results(out, outcome.runs, outcome.skipped, command, plan.transports)
-    print(f"{len(outcome.runs)} runs in {time.monotonic() - started:.0f} s; wrote "
-          f"{', '.join(str(p) for p in written)}", file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(outcome.runs)} runs in {time.monotonic() - started:.0f} s; wrote {', '.join(str(p) for p in written)}",
+        file=sys.stderr,
+    )
     if args.json:
         sys.stdout.write(json.dumps({"runs": [r.to_brief_json() for r in outcome.runs]}, indent=2) + "\n")
     else:

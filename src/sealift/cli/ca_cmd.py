@@ -43,7 +43,11 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     from sealift.security.identity import ClusterCA
 
     ca = ClusterCA.init(Path(args.dir), name=args.name)
-    info = {"ca_dir": str(Path(args.dir).resolve()), "certificate": str(Path(args.dir, "ca.pem").resolve()), "name": args.name}
+    info = {
+        "ca_dir": str(Path(args.dir).resolve()),
+        "certificate": str(Path(args.dir, "ca.pem").resolve()),
+        "name": args.name,
+    }
     if args.json:
         print_json(info)
     else:
@@ -57,7 +61,12 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     ca = ClusterCA.load(Path(args.dir))
     out_dir = Path(args.out or args.dir)
     identity = ca.issue_host(args.host, out_dir, days=args.days)
-    info = {"host": args.host, "certificate": str(identity.cert_path), "key": str(identity.key_path), "ca": str(identity.ca_path)}
+    info = {
+        "host": args.host,
+        "certificate": str(identity.cert_path),
+        "key": str(identity.key_path),
+        "ca": str(identity.ca_path),
+    }
     if args.json:
         print_json(info)
     else:
@@ -70,11 +79,18 @@ def cmd_ca_operator(args: argparse.Namespace) -> int:
 
     ca = ClusterCA.load(Path(args.dir))
     identity = ca.issue_operator(args.name, args.role, Path(args.out or args.dir), days=args.days)
-    info = {"operator": args.name, "role": args.role, "certificate": str(identity.cert_path), "key": str(identity.key_path)}
+    info = {
+        "operator": args.name,
+        "role": args.role,
+        "certificate": str(identity.cert_path),
+        "key": str(identity.key_path),
+    }
     if args.json:
         print_json(info)
     else:
-        out.print(f"[green]issued[/green] operator certificate for {args.name} (role {args.role}): {identity.cert_path}")
+        out.print(
+            f"[green]issued[/green] operator certificate for {args.name} (role {args.role}): {identity.cert_path}"
+        )
     return 0
 
 
@@ -87,10 +103,17 @@ def cmd_ca_revoke(args: argparse.Namespace) -> int:
     cert_path = Path(args.certificate)
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     crl = ca.revoke(cert, args.reason)
-    info = {"revoked": str(cert_path), "serial": f"{cert.serial_number:x}", "crl": str(Path(args.dir) / "ca.crl.pem"),
-            "entries": len(list(crl))}
+    info = {
+        "revoked": str(cert_path),
+        "serial": f"{cert.serial_number:x}",
+        "crl": str(Path(args.dir) / "ca.crl.pem"),
+        "entries": len(list(crl)),
+    }
     if args.json:
         print_json(info)
     else:
-        out.print(f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); copy {info['crl']} to every agent's identity_dir")
+        out.print(
+            f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); "
+            f"copy {info['crl']} to every agent's identity_dir"
+        )
     return 0

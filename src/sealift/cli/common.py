@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
-from sealift.host.config import ConfigError, load_config, parse_size
 from sealift.cli.render import console
 from sealift.errors import SealiftError
+from sealift.host.config import ConfigError, load_config, parse_size
 
 DEFAULT_CONFIG = Path("/etc/sealift/agent.toml")
 
@@ -82,7 +82,8 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
 def add_operator_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--operator", help="operator name (default $SEALIFT_OPERATOR)")
     parser.add_argument(
-        "--operator-dir", help="directory with NAME.key/NAME.pem (default $SEALIFT_OPERATOR_DIR or /etc/sealift/operator)"
+        "--operator-dir",
+        help="directory with NAME.key/NAME.pem (default $SEALIFT_OPERATOR_DIR or /etc/sealift/operator)",
     )
 
 
@@ -141,25 +142,38 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", help="bandwidth limit per second, e.g. 200M (default unlimited)")
     parser.add_argument("--max-rounds", type=int, help="maximum pre-copy rounds (default 30)")
     parser.add_argument("--compression", choices=["zstd", "lz4", "none"], help="compress page data (default none)")
-    parser.add_argument("--auto-converge", action="store_true", help="throttle a guest that dirties faster than the link")
-    parser.add_argument("--completion-timeout", type=float, metavar="SECONDS",
-                        help="QEMU guests: cancel a pre-copy not at its switchover after this long; the guest "
-                             "keeps running on the source (default: no limit, as in QEMU)")
+    parser.add_argument(
+        "--auto-converge", action="store_true", help="throttle a guest that dirties faster than the link"
+    )
+    parser.add_argument(
+        "--completion-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="QEMU guests: cancel a pre-copy not at its switchover after this long; the guest "
+        "keeps running on the source (default: no limit, as in QEMU)",
+    )
     parser.add_argument("--no-zero-elision", action="store_true", help="send zero pages too")
     parser.add_argument(
-        "--image-digest", choices=["tags", "blake3"],
+        "--image-digest",
+        choices=["tags", "blake3"],
         help="end-to-end image check (default tags: AES-GCM tags and a page map; blake3 hashes every page, slower)",
     )
     parser.add_argument("--insecure", action="store_true", help="plaintext baseline: NO encryption or authentication")
     qemu = parser.add_argument_group("QEMU guests")
     qemu.add_argument(
-        "--transport", choices=["sealift", "qemu-tls", "ipsec", "plain", "sealift-plain"],
+        "--transport",
+        choices=["sealift", "qemu-tls", "ipsec", "plain", "sealift-plain"],
         help="how QEMU's stream travels: sealift (the agents' channel, default), qemu-tls (QEMU's native TLS "
         "with the hosts' cluster certificates), ipsec (QEMU's TCP inside a per-migration strongSwan IPsec SA), "
         "plain or sealift-plain (in clear: need --insecure)",
     )
-    qemu.add_argument("--multifd-channels", type=int, default=0, metavar="N",
-                      help="QEMU multifd with N parallel connections (every transport; at most 16 through the agents)")
+    qemu.add_argument(
+        "--multifd-channels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="QEMU multifd with N parallel connections (every transport; at most 16 through the agents)",
+    )
     qemu.add_argument("--xbzrle", action="store_true", help="QEMU's XBZRLE delta compression of re-sent pages")
     qemu.add_argument("--xbzrle-cache", metavar="SIZE", help="XBZRLE cache size, e.g. 256M (default QEMU's 64M)")
 

@@ -21,15 +21,20 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     commands = lab.add_subparsers(dest="lab_command", required=True)
     p = commands.add_parser("run", help="run the attacks (root); exits non-zero if any gets through")
     p.add_argument("--only", help="comma-separated threats or attack groups to run, e.g. T3,T5 or ipsec (default: all)")
-    p.add_argument("--skip", help="comma-separated threats or attack groups to leave out, e.g. T11 "
-                                   "(with --only: --only ipsec --skip T4)")
+    p.add_argument(
+        "--skip",
+        help="comma-separated threats or attack groups to leave out, e.g. T11 (with --only: --only ipsec --skip T4)",
+    )
     p.add_argument("--backend", choices=BACKENDS, help="only this backend (default: both)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout')
     p.add_argument("--out", default="lab-results", help="results folder (default ./lab-results); one subfolder per run")
     p.add_argument("--keep", action="store_true", help="keep the agents' state and logs under the results folder")
-    p.add_argument("--quick", action="store_true",
-                   help="CI mode: T11 tries each failure once and each phase once (3 scenarios, not 9); "
-                        "the IPsec transport's rows run only when named (--only ipsec)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI mode: T11 tries each failure once and each phase once (3 scenarios, not 9); "
+        "the IPsec transport's rows run only when named (--only ipsec)",
+    )
     p.set_defaults(func=cmd_lab_run)
 
 
@@ -40,8 +45,10 @@ def parse_only(text: str | None, flag: str = "--only") -> set[str] | None:
     groups = attack_groups()
     bad = sorted(t for t in threats if not (t.startswith("T") and t[1:].isdigit()) and t not in groups)
     if bad:
-        raise ValueError(f"{flag} takes threat ids such as T1,T3 or attack groups ({', '.join(sorted(groups)).lower()}), "
-                         f"not {', '.join(bad)}")
+        raise ValueError(
+            f"{flag} takes threat ids such as T1,T3 or attack groups ({', '.join(sorted(groups)).lower()}), "
+            f"not {', '.join(bad)}"
+        )
     return threats
 
 
@@ -73,8 +80,10 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 
     def on_result(result) -> None:  # noqa: ANN001
         mark = "[green]blocked[/green]" if result.defended else "[bold red]NOT BLOCKED[/bold red]"
-        progress.print(f"  {result.threat} {escape(f'[{result.backend}]')} {escape(result.attack)}: "
-                       f"baseline {result.baseline}, sealift {mark}, copies {result.vm_running_copies}")  # fmt: skip
+        progress.print(
+            f"  {result.threat} {escape(f'[{result.backend}]')} {escape(result.attack)}: "
+            f"baseline {result.baseline}, sealift {mark}, copies {result.vm_running_copies}"
+        )
 
     try:
         with progress.status("building the lab network") as status:

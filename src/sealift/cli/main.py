@@ -7,7 +7,6 @@ import sys
 
 from sealift import __version__
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
-from sealift.host.config import ConfigError
 from sealift.cli import (
     agent_cmd,
     audit_cmd,
@@ -24,6 +23,7 @@ from sealift.cli import (
 )
 from sealift.cli.common import CliError, print_failure_json
 from sealift.cli.render import console
+from sealift.host.config import ConfigError
 from sealift.security.errors import SecurityError
 
 # What a command may fail with and still get a one-line message (exit 2) rather than a traceback.

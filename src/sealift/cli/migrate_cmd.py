@@ -1,4 +1,4 @@
-"""`sealift migrate` (run a signed migration), `sealift place` (choose a destination), `sealift migrations` (recent ones)."""
+"""`sealift migrate` (run a signed migration), `sealift place` (choose a destination), `sealift migrations`."""
 
 from __future__ import annotations
 
@@ -77,7 +77,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with MigrationProgress(args.vm, args.to, enabled=not args.json) as progress:
         try:
             reply = agent.request(
-                "migrate", on_event=progress.on_event, vm=args.vm, to=args.to, options=migration_options(args), order=order
+                "migrate",
+                on_event=progress.on_event,
+                vm=args.vm,
+                to=args.to,
+                options=migration_options(args),
+                order=order,
             )
         except AgentRequestFailed as exc:
             if args.json:
@@ -103,8 +108,13 @@ def cmd_place(args: argparse.Namespace) -> int:
     for col in ("host", "eligible", "believed free", "penalty", "reason"):
         table.add_column(col)
     for a in placement["assessments"]:
-        table.add_row(a["host"], "yes" if a["eligible"] else "no", f"{a['effective_free'] >> 20} MiB",
-                      f"{a['penalty']:.2f}", a["reason"])
+        table.add_row(
+            a["host"],
+            "yes" if a["eligible"] else "no",
+            f"{a['effective_free'] >> 20} MiB",
+            f"{a['penalty']:.2f}",
+            a["reason"],
+        )
     out.print(table)
     return 0
 

@@ -70,7 +70,8 @@ def render(snap: dict) -> Group:
         else:
             text = Text("normal", style="green")
         cells_rel = "\n".join(r["reason"] for r in row["reliability"]) or (
-            f"{row['restarts']} restarts" if row["restarts"] else "ok")  # fmt: skip
+            f"{row['restarts']} restarts" if row["restarts"] else "ok"
+        )
         vms.add_row(*cells, text, cells_rel)
     parts: list = [vms]
     if snap["peers"]:

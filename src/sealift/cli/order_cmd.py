@@ -37,7 +37,10 @@ def cmd_order_create(args: argparse.Namespace) -> int:
         sys.stdout.write(envelope + "\n") if not args.json else print_json(describe_order(envelope))
     else:
         order = describe_order(envelope)
-        out.print(f"[green]order {order['order_id']}[/green]: {args.vm} {args.source} → {args.to}, expires {order['expires']} → {args.out}")
+        out.print(
+            f"[green]order {order['order_id']}[/green]: {args.vm} {args.source} → {args.to}, "
+            f"expires {order['expires']} → {args.out}"
+        )
     return 0
 
 

@@ -45,6 +45,8 @@ def cmd_psk_status(args: argparse.Namespace) -> int:
         print_json(peers)
     else:
         for p in peers:
-            out.print(f"{p['peer']}: epoch {p['epoch']}, fingerprint {p['fingerprint']}"
-                      f"{', pending ratchet' if p['has_pending'] else ''}")
+            out.print(
+                f"{p['peer']}: epoch {p['epoch']}, fingerprint {p['fingerprint']}"
+                f"{', pending ratchet' if p['has_pending'] else ''}"
+            )
     return 0

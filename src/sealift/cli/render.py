@@ -35,7 +35,7 @@ class MigrationProgress:
         self._rate = 0.0
         self._dirty = "-"
 
-    def __enter__(self) -> "MigrationProgress":
+    def __enter__(self) -> MigrationProgress:
         self._progress.__enter__()
         self._task = self._progress.add_task(self._title, total=1, rate="-", dirty="-", eta="-")
         return self
@@ -53,7 +53,9 @@ class MigrationProgress:
             self._dirty = str(event.get("dirty_pages_left", "-"))
             label = "stop-and-copy" if event.get("final") else f"round {event['round']}"
             sent = max(1, int(event["pages_sent"]))
-            self._progress.update(self._task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s")
+            self._progress.update(
+                self._task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s"
+            )
             self._progress.console.log(
                 f"{label}: {event['pages_sent']} pages, {event['bytes_sent'] / 2**20:.1f} MiB in "
                 f"{event['duration_s'] * 1000:.0f} ms ({event['throughput_mib_s']} MiB/s), "
@@ -99,9 +101,15 @@ def report_table(report: dict) -> Table:
         ("rounds", f"{report.get('rounds')} ({report.get('stop_reason') or '-'})"),
         ("pages sent", str(report.get("pages_sent"))),
         ("bytes sent", f"{int(report.get('bytes_sent', 0)) / 2**20:.1f} MiB"),
-        ("CPU seconds", f"source {report.get('source_cpu_s', 0):.2f} s, destination {report.get('destination_cpu_s', 0):.2f} s"),
-        ("counter", f"{report.get('counter_before')} at start, {report.get('counter_at_pause')} at pause, "
-                    f"{report.get('counter_after')} after resume"),
+        (
+            "CPU seconds",
+            f"source {report.get('source_cpu_s', 0):.2f} s, destination {report.get('destination_cpu_s', 0):.2f} s",
+        ),
+        (
+            "counter",
+            f"{report.get('counter_before')} at start, {report.get('counter_at_pause')} at pause, "
+            f"{report.get('counter_after')} after resume",
+        ),
         ("image digest", str(report.get("image_digest") or "-")),
     ]
     if report.get("error"):
@@ -116,7 +124,11 @@ def vm_table(vms: list[dict]) -> Table:
     for col in ("name", "pid", "memory", "profile", "counter", "state"):
         table.add_column(col)
     for vm in vms:
-        state = "migrating" if vm.get("migrating") else ("paused" if vm.get("paused") else ("running" if vm.get("alive") else "dead"))
+        state = (
+            "migrating"
+            if vm.get("migrating")
+            else ("paused" if vm.get("paused") else ("running" if vm.get("alive") else "dead"))
+        )
         table.add_row(
             str(vm.get("name")),
             str(vm.get("pid")),

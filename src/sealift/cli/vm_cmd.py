@@ -13,8 +13,12 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
     p = vm.add_parser("start", help="start a VM (built-in, or a real QEMU guest)")
     p.add_argument("name")
-    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"],
-                   help="builtin (default) or qemu (the test guest image, built on first use)")
+    p.add_argument(
+        "--backend",
+        default="builtin",
+        choices=["builtin", "qemu"],
+        help="builtin (default) or qemu (the test guest image, built on first use)",
+    )
     p.add_argument("--image", default=None, help="QEMU guest image cache directory (default: the agent's)")
     p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])

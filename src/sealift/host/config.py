@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from sealift.errors import SealiftError
-
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sealift.errors import SealiftError
 from sealift.migration.options import MigrationOptions
 from sealift.monitor.service import MonitorConfig
 

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY,
@@ -97,11 +96,14 @@ class AgentStore:
 
     # -- VMs ----------------------------------------------------------------
 
-    def put_vm(self, name: str, backend: str, pid: int | None, memory_bytes: int, profile: str | None, status: str) -> None:
+    def put_vm(
+        self, name: str, backend: str, pid: int | None, memory_bytes: int, profile: str | None, status: str
+    ) -> None:
         self._exec(
             "INSERT INTO vms (name, backend, pid, memory_bytes, profile, status, updated_at) VALUES (?,?,?,?,?,?,?) "
             "ON CONFLICT(name) DO UPDATE SET backend=excluded.backend, pid=excluded.pid, "
-            "memory_bytes=excluded.memory_bytes, profile=excluded.profile, status=excluded.status, updated_at=excluded.updated_at",
+            "memory_bytes=excluded.memory_bytes, profile=excluded.profile, status=excluded.status, "
+            "updated_at=excluded.updated_at",
             (name, backend, pid, memory_bytes, profile, status, time.time()),
         )
 
@@ -140,7 +142,9 @@ class AgentStore:
             return cursor.rowcount == 1
 
     def save_report(self, migration_id: str, report: dict) -> None:
-        self._exec("UPDATE migrations SET report=?, updated_at=? WHERE id=?", (json.dumps(report), time.time(), migration_id))
+        self._exec(
+            "UPDATE migrations SET report=?, updated_at=? WHERE id=?", (json.dumps(report), time.time(), migration_id)
+        )
 
     def migration(self, migration_id: str) -> MigrationRecord | None:
         rows = self._exec(f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE id=?", (migration_id,))

@@ -121,7 +121,7 @@ class ControlChannel:
         expected_peer: str,
         secure: bool,
         timeout: float,
-    ) -> "ControlChannel":
+    ) -> ControlChannel:
         sock = open_tcp(address, timeout)
         try:
             if secure:
@@ -148,7 +148,7 @@ class ControlChannel:
             self.stream.settimeout(remaining)
             try:
                 data = self.stream.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"peer sent nothing for {timeout:.0f} s") from None
             if not data:
                 raise ConnectionError("peer closed the control connection")

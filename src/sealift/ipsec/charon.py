@@ -78,10 +78,32 @@ def kernel_esp_available() -> bool:
     subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True)
     try:
         result = subprocess.run(
-            ["ip", "netns", "exec", probe, "ip", "xfrm", "state", "add",
-             "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", "0x5ea1", "mode", "tunnel",
-             "aead", "rfc4106(gcm(aes))", "0x" + "00" * 20, "128"],
-            capture_output=True, text=True,
+            [
+                "ip",
+                "netns",
+                "exec",
+                probe,
+                "ip",
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                "192.0.2.1",
+                "dst",
+                "192.0.2.2",
+                "proto",
+                "esp",
+                "spi",
+                "0x5ea1",
+                "mode",
+                "tunnel",
+                "aead",
+                "rfc4106(gcm(aes))",
+                "0x" + "00" * 20,
+                "128",
+            ],
+            capture_output=True,
+            text=True,
         )
         return result.returncode == 0
     finally:
@@ -191,7 +213,9 @@ class Charon:
         self.netns = netns
         self.backend = backend
         self._own_dir = run_dir is None
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"sealift-charon-{netns or 'host'}-")) if run_dir is None else run_dir
+        self.run_dir = (
+            Path(tempfile.mkdtemp(prefix=f"sealift-charon-{netns or 'host'}-")) if run_dir is None else run_dir
+        )
         self.vici_socket = self.run_dir / "charon.vici"
         self.log_file = self.run_dir / "charon.log"
         self.conf_file = self.run_dir / "strongswan.conf"
@@ -203,7 +227,9 @@ class Charon:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -221,9 +247,11 @@ class Charon:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         private_run = self.run_dir / "run"
         private_run.mkdir(mode=0o700, exist_ok=True)
-        self.conf_file.write_text(render_strongswan_conf(
-            self.run_dir, self.backend, log_level=self._log_level, subsystem_levels=self._subsystem_levels
-        ))
+        self.conf_file.write_text(
+            render_strongswan_conf(
+                self.run_dir, self.backend, log_level=self._log_level, subsystem_levels=self._subsystem_levels
+            )
+        )
         self.vici_socket.unlink(missing_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "STRONGSWAN_CONF": str(self.conf_file)}
         # `ip netns exec` runs the child in a new mount namespace; the bind
@@ -232,10 +260,16 @@ class Charon:
         stderr = open(self.run_dir / "charon.stderr", "wb")
         try:
             # Without a netns (an agent on a real host), unshare gives the mount namespace instead.
-            enter = ["ip", "netns", "exec", self.netns] if self.netns else ["unshare", "--mount", "--propagation", "slave"]
+            enter = (
+                ["ip", "netns", "exec", self.netns] if self.netns else ["unshare", "--mount", "--propagation", "slave"]
+            )
             self._process = subprocess.Popen(
                 [*enter, "sh", "-c", script, "sh", str(private_run), str(charon)],
-                env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
             )
         finally:
             stderr.close()
@@ -261,7 +295,9 @@ class Charon:
                 finally:
                     probe.close()
             time.sleep(0.05)
-        raise CharonError(f"charon in {self.netns} did not open its VICI socket within {START_TIMEOUT_S:.0f} s: {self._tail()}")
+        raise CharonError(
+            f"charon in {self.netns} did not open its VICI socket within {START_TIMEOUT_S:.0f} s: {self._tail()}"
+        )
 
     def _tail(self, lines: int = 15) -> str:
         text = ""
@@ -274,7 +310,10 @@ class Charon:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def stop(self) -> None:
-        """SIGTERM (charon closes its SAs and TUN device), then SIGKILL after a grace period; removes a private run dir."""
+        """SIGTERM (charon closes its SAs and TUN device), then SIGKILL after a grace period.
+
+        Removes a private run directory.
+        """
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -78,7 +78,9 @@ def derive_ipsec_psk(
         if not isinstance(nonce, bytes) or len(nonce) != NONCE_SIZE:
             raise ValueError(f"{name} must be {NONCE_SIZE} bytes")
     ikm = (ratchet_key or b"") + channel_secret
-    info = _DERIVE_LABEL + bytes([ratchet_key is not None]) + epoch.to_bytes(8, "big") + _migration_id_bytes(migration_id)
+    info = (
+        _DERIVE_LABEL + bytes([ratchet_key is not None]) + epoch.to_bytes(8, "big") + _migration_id_bytes(migration_id)
+    )
     return HKDF(algorithm=hashes.SHA256(), length=IPSEC_PSK_SIZE, salt=nonce_source + nonce_dest, info=info).derive(ikm)
 
 

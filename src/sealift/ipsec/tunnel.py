@@ -30,8 +30,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from sealift.errors import SealiftError
@@ -150,7 +150,9 @@ class IpsecEndpoint:
     def __enter__(self) -> IpsecEndpoint:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         _tear_down(self.close, exc)
 
     # -- set-up ---------------------------------------------------------------
@@ -284,8 +286,20 @@ class IpsecEndpoint:
         # cut a concurrent migration to the same peer. Packets that reach the
         # TUN device without an installed SA are dropped by libipsec.
         with _ROUTES_LOCK:
-            _ip(self.charon.netns, ["route", "replace", f"{self.end.remote_address}/32", "dev", LIBIPSEC_TUN,
-                                    "src", self.end.local_address, "table", str(FLOW_TABLE)])
+            _ip(
+                self.charon.netns,
+                [
+                    "route",
+                    "replace",
+                    f"{self.end.remote_address}/32",
+                    "dev",
+                    LIBIPSEC_TUN,
+                    "src",
+                    self.end.local_address,
+                    "table",
+                    str(FLOW_TABLE),
+                ],
+            )
             selector = self._flow_selector()
             for rule in (
                 [*selector, "lookup", str(FLOW_TABLE), "priority", str(RULE_PRIORITY)],
@@ -325,18 +339,22 @@ class IpsecEndpoint:
 
     def _add_inbound_filter(self) -> None:
         prefix = ["ip", "netns", "exec", self.charon.netns] if self.charon.netns else []
-        result = subprocess.run([*prefix, "nft", "-f", "-"], input=self.inbound_filter(), capture_output=True, text=True,
-                                timeout=10)
+        result = subprocess.run(
+            [*prefix, "nft", "-f", "-"], input=self.inbound_filter(), capture_output=True, text=True, timeout=10
+        )
         if result.returncode != 0:
-            raise IpsecError(f"cannot install the inbound filter (nftables) for {self.end.name}: {result.stderr.strip()}")
+            raise IpsecError(
+                f"cannot install the inbound filter (nftables) for {self.end.name}: {result.stderr.strip()}"
+            )
         self._filter_installed = True
 
     def _remove_inbound_filter(self, problems: list[str]) -> None:
         if not self._filter_installed:
             return
         prefix = ["ip", "netns", "exec", self.charon.netns] if self.charon.netns else []
-        result = subprocess.run([*prefix, "nft", "delete", "table", "inet", self.nft_table], capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(
+            [*prefix, "nft", "delete", "table", "inet", self.nft_table], capture_output=True, text=True, timeout=10
+        )
         self._filter_installed = False
         if result.returncode != 0:
             problems.append(f"nft delete table {self.nft_table}: {result.stderr.strip()}")
@@ -353,8 +371,11 @@ class IpsecEndpoint:
             # The peer's route goes when no flow rule to that peer is left (other migrations may still use it).
             remaining = _ip(self.charon.netns, ["rule", "show", "table", str(FLOW_TABLE)], check=False).stdout
             if f"to {self.end.remote_address} " not in remaining:
-                _ip(self.charon.netns, ["route", "del", f"{self.end.remote_address}/32", "table", str(FLOW_TABLE)],
-                    check=False)
+                _ip(
+                    self.charon.netns,
+                    ["route", "del", f"{self.end.remote_address}/32", "table", str(FLOW_TABLE)],
+                    check=False,
+                )
 
 
 class IpsecTunnel:
@@ -392,12 +413,33 @@ class IpsecTunnel:
         self._charons = charons
         mode = default_mode(self.backend)
         key_id = key_id or f"{name}-psk"
-        source_id, destination_id = migration_identity(source.ike_id, name), migration_identity(destination.ike_id, name)
+        source_id, destination_id = (
+            migration_identity(source.ike_id, name),
+            migration_identity(destination.ike_id, name),
+        )
         ends = (
-            TunnelEnd(name, "initiator", source.address, destination.address, source_id, destination_id,
-                      port, mode, esp_proposal=ESP_PROPOSALS[esp]),
-            TunnelEnd(name, "responder", destination.address, source.address, destination_id, source_id,
-                      port, mode, esp_proposal=ESP_PROPOSALS[esp]),
+            TunnelEnd(
+                name,
+                "initiator",
+                source.address,
+                destination.address,
+                source_id,
+                destination_id,
+                port,
+                mode,
+                esp_proposal=ESP_PROPOSALS[esp],
+            ),
+            TunnelEnd(
+                name,
+                "responder",
+                destination.address,
+                source.address,
+                destination_id,
+                source_id,
+                port,
+                mode,
+                esp_proposal=ESP_PROPOSALS[esp],
+            ),
         )
         self._ends = ends
         self._psk: bytes | None = psk
@@ -415,7 +457,9 @@ class IpsecTunnel:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         _tear_down(self.close, exc)
 
     @property
@@ -447,10 +491,12 @@ class IpsecTunnel:
                 raise
             self._charons = (started[0], started[1])
         assert self._psk is not None
-        source_end = IpsecEndpoint(self._charons[0], self._ends[0], self._psk,
-                                   key_id=self._key_id, psk_generation=self._psk_generation)
-        destination_end = IpsecEndpoint(self._charons[1], self._ends[1], self._psk,
-                                        key_id=self._key_id, psk_generation=self._psk_generation)
+        source_end = IpsecEndpoint(
+            self._charons[0], self._ends[0], self._psk, key_id=self._key_id, psk_generation=self._psk_generation
+        )
+        destination_end = IpsecEndpoint(
+            self._charons[1], self._ends[1], self._psk, key_id=self._key_id, psk_generation=self._psk_generation
+        )
         self._psk = None
         self.endpoints = (source_end, destination_end)
         destination_end.prepare()  # the responder is ready before the initiator sends anything
@@ -558,8 +604,13 @@ def migration_endpoint(
     end = TunnelEnd(
         name,
         "initiator" if role == "source" else "responder",
-        local.address, remote.address, migration_identity(local.ike_id, name), migration_identity(remote.ike_id, name),
-        port, default_mode(charon.backend), esp_proposal=ESP_PROPOSALS[esp],
+        local.address,
+        remote.address,
+        migration_identity(local.ike_id, name),
+        migration_identity(remote.ike_id, name),
+        port,
+        default_mode(charon.backend),
+        esp_proposal=ESP_PROPOSALS[esp],
     )
     return IpsecEndpoint(charon, end, psk, key_id=key_id, psk_generation=psk_generation)
 
@@ -579,5 +630,14 @@ def static_psk_tunnel(
 ) -> IpsecTunnel:
     """The benchmark's IPsec VPN baseline (seed 003's model): the same SA, but one PSK configured once and
     used for every migration, instead of one derived per migration."""
-    return IpsecTunnel(source, destination, port, static_psk, name=name, key_id=STATIC_KEY_ID,
-                       psk_generation="static", esp=esp, charons=charons)
+    return IpsecTunnel(
+        source,
+        destination,
+        port,
+        static_psk,
+        name=name,
+        key_id=STATIC_KEY_ID,
+        psk_generation="static",
+        esp=esp,
+        charons=charons,
+    )

@@ -265,7 +265,8 @@ class ViciClient:
         self._sock.settimeout(timeout_ms / 1000 + 5)  # charon answers by its own timeout; do not give up first
         try:
             events = self._call(
-                f"initiate {name}", self._session.initiate,
+                f"initiate {name}",
+                self._session.initiate,
                 {"child": name, "ike": name, "timeout": str(timeout_ms), "loglevel": "1"},
             )
         finally:
@@ -274,7 +275,9 @@ class ViciClient:
 
     def terminate(self, name: str, *, timeout_ms: int = 5_000) -> None:
         """Close the IKE SA `name` with all its children (force: do not wait for a dead peer's reply)."""
-        self._call(f"terminate {name}", self._session.terminate, {"ike": name, "timeout": str(timeout_ms), "force": "yes"})
+        self._call(
+            f"terminate {name}", self._session.terminate, {"ike": name, "timeout": str(timeout_ms), "force": "yes"}
+        )
 
     def list_sas(self, name: str | None = None) -> list[IkeSa]:
         filters = None if name is None else {"ike": name}

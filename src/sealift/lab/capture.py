@@ -19,7 +19,16 @@ from pathlib import Path
 from sealift.errors import SealiftError
 from sealift.lab.netns import netns_argv
 
-__all__ = ["Capture", "CaptureError", "Finding", "dropped_note", "dropped_packets", "find_in_capture", "ip_protocols", "tcp_streams"]
+__all__ = [
+    "Capture",
+    "CaptureError",
+    "Finding",
+    "dropped_note",
+    "dropped_packets",
+    "find_in_capture",
+    "ip_protocols",
+    "tcp_streams",
+]
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -51,15 +60,27 @@ class Capture:
     process: subprocess.Popen | None = field(default=None, repr=False)
     dropped: int | None = None  # packets the capture lost, as tshark reports when it stops
 
-    def start(self, timeout: float = 15.0) -> "Capture":
-        argv = ["tshark", "-q", "-n", "-i", self.interface, "-B", str(CAPTURE_BUFFER_MIB), "-F", "pcap",
-                "-w", str(self.path)]  # fmt: skip
+    def start(self, timeout: float = 15.0) -> Capture:
+        argv = [
+            "tshark",
+            "-q",
+            "-n",
+            "-i",
+            self.interface,
+            "-B",
+            str(CAPTURE_BUFFER_MIB),
+            "-F",
+            "pcap",
+            "-w",
+            str(self.path),
+        ]
         if self.snaplen:
             argv += ["-s", str(self.snaplen)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.process = subprocess.Popen(netns_argv(self.netns, argv), stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+            self.process = subprocess.Popen(
+                netns_argv(self.netns, argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
         except FileNotFoundError as exc:
             raise CaptureError("tshark is not installed (Debian package tshark)") from exc
         self._await_capturing(timeout)
@@ -103,7 +124,7 @@ class Capture:
                 self.process.wait()
         return self.path
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -43,7 +43,9 @@ def netns_argv(name: str | None, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", name, *argv] if name else list(argv)
 
 
-def run_in(name: str | None, argv: Sequence[str], timeout: float = 20.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_in(
+    name: str | None, argv: Sequence[str], timeout: float = 20.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(netns_argv(name, argv), capture_output=True, text=True, timeout=timeout, check=False)
     if check and done.returncode != 0:
         where = f" in {name}" if name else ""

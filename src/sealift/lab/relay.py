@@ -31,8 +31,9 @@ class Tamper:
 
 
 class Relay:
-    def __init__(self, listen: tuple[str, int] = ("127.0.0.1", 0), record_limit: int = 1 << 30,
-                 netns: str | None = None) -> None:
+    def __init__(
+        self, listen: tuple[str, int] = ("127.0.0.1", 0), record_limit: int = 1 << 30, netns: str | None = None
+    ) -> None:
         self.netns = netns  # listen and connect inside this namespace (the lab's attacker host)
         with enter_netns(netns):
             self._server = socket.create_server(listen)

@@ -48,7 +48,9 @@ def to_markdown(results: Sequence[AttackResult]) -> str:
     return "\n".join(lines) + f"\n\n{len(results)} results: {verdict}.\n"
 
 
-def write_report(results: Sequence[AttackResult], results_dir: Path, meta: dict[str, object] | None = None) -> tuple[Path, Path]:
+def write_report(
+    results: Sequence[AttackResult], results_dir: Path, meta: dict[str, object] | None = None
+) -> tuple[Path, Path]:
     """results.md and results.json (with each attack's details) in results_dir."""
     results_dir.mkdir(parents=True, exist_ok=True)
     markdown = results_dir / MARKDOWN_NAME

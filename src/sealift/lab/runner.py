@@ -31,9 +31,13 @@ __all__ = ["LabRun", "is_selected"]
 class LabRun(LabSession):
     """A LabSession that runs the registered attacks (`run`) and turns a crashed attack into a failed result."""
 
-    def run(self, only: Iterable[str] | None = None, backends: Iterable[Backend] = ("builtin", "qemu"),
-            on_result: Callable[[AttackResult], None] | None = None,
-            skip: Iterable[str] = ()) -> list[AttackResult]:  # fmt: skip
+    def run(
+        self,
+        only: Iterable[str] | None = None,
+        backends: Iterable[Backend] = ("builtin", "qemu"),
+        on_result: Callable[[AttackResult], None] | None = None,
+        skip: Iterable[str] = (),
+    ) -> list[AttackResult]:
         """Every registered attack (for `only` threats or attack groups, if given, less those in `skip`)
         on every backend it supports."""
         results: list[AttackResult] = []
@@ -56,9 +60,17 @@ class LabRun(LabSession):
             results = list(run(self, backend))
         except Exception as exc:
             (self.results_dir / f"{threat}-{backend}-error.txt").write_text(traceback.format_exc())
-            results = [AttackResult(threat, title, backend, "n/a", "succeeded",
-                                    f"error: the attack crashed ({type(exc).__name__}: {exc}); "
-                                    f"see {threat}-{backend}-error.txt", -1)]  # fmt: skip
+            results = [
+                AttackResult(
+                    threat,
+                    title,
+                    backend,
+                    "n/a",
+                    "succeeded",
+                    f"error: the attack crashed ({type(exc).__name__}: {exc}); see {threat}-{backend}-error.txt",
+                    -1,
+                )
+            ]
         finally:
             # Each attack gets fresh agents: stop the ones it used, before the next.
             self.end_attack()

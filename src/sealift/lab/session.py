@@ -66,7 +66,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -156,7 +156,7 @@ class LabSession:
         link: LinkShape | None = None,
         say: Callable[[str], None] | None = None,
     ) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.results_dir = _fresh_dir(Path(out_dir) / stamp)
         self.keep = keep  # keep the clusters' directories (logs, state) under results_dir/clusters
         self.quick = quick  # attacks with many scenarios run a covering subset (CI)
@@ -171,7 +171,7 @@ class LabSession:
 
     # -- life cycle ---------------------------------------------------------------
 
-    def __enter__(self) -> "LabSession":
+    def __enter__(self) -> LabSession:
         self.testbed.up()
         return self
 
@@ -198,7 +198,9 @@ class LabSession:
                 logs.mkdir(exist_ok=True)
                 _quietly(shutil.copyfile, agent.log_path, logs / f"{cluster.root.name}-{host}.log")
         if self.keep:
-            _quietly(shutil.copytree, cluster.root, self.results_dir / "clusters" / cluster.root.name, dirs_exist_ok=True)
+            _quietly(
+                shutil.copytree, cluster.root, self.results_dir / "clusters" / cluster.root.name, dirs_exist_ok=True
+            )
         _quietly(cluster.cleanup)
 
     def end_attack(self) -> None:
@@ -259,13 +261,23 @@ class LabSession:
             self._finish_cluster(cluster)
 
     def _host_ip(self, host: str) -> str:
-        return {"host-a": self.testbed.source_ip, "host-b": self.testbed.destination_ip,
-                "host-c": ATTACKER_SOURCE_SIDE_IP}[host]  # fmt: skip
+        return {
+            "host-a": self.testbed.source_ip,
+            "host-b": self.testbed.destination_ip,
+            "host-c": ATTACKER_SOURCE_SIDE_IP,
+        }[host]
 
     # -- guests --------------------------------------------------------------------
 
-    def start_vm(self, cluster: LocalCluster, host: str, name: str, backend: Backend, workload: str = "db",
-                 memory: str | None = None) -> dict:  # fmt: skip
+    def start_vm(
+        self,
+        cluster: LocalCluster,
+        host: str,
+        name: str,
+        backend: Backend,
+        workload: str = "db",
+        memory: str | None = None,
+    ) -> dict:
         """Start a guest on `host`; returns its vm.info."""
         client = cluster.client(host)
         if backend == "builtin":
@@ -276,11 +288,20 @@ class LabSession:
         self.testbed.add_tap_everywhere(tap)  # the destination's QEMU finds the same tap on its br0
         guest_ip = next(self._guest_ips)
         net = {"mode": "tap", "tap": tap, "guest_ip": f"{guest_ip}/{VM_PREFIX}", "gateway": SOURCE_VM_IP}
-        vm = client.request("vm.start", name=name, backend="qemu", memory=memory or QEMU_MEMORY, net=net,
-                            cmdline=QEMU_WORKLOADS.get(workload, QEMU_WORKLOADS["db"]))["vm"]  # fmt: skip
+        vm = client.request(
+            "vm.start",
+            name=name,
+            backend="qemu",
+            memory=memory or QEMU_MEMORY,
+            net=net,
+            cmdline=QEMU_WORKLOADS.get(workload, QEMU_WORKLOADS["db"]),
+        )["vm"]
         # Booted when its workload answers the client across the VM network.
-        self.wait_for(lambda: self.probe(vm, timeout=0.5) is not None, QEMU_BOOT_TIMEOUT_S,
-                      f"QEMU guest {name} answering on {guest_ip}:{GUEST_SERVICE_PORT}")  # fmt: skip
+        self.wait_for(
+            lambda: self.probe(vm, timeout=0.5) is not None,
+            QEMU_BOOT_TIMEOUT_S,
+            f"QEMU guest {name} answering on {guest_ip}:{GUEST_SERVICE_PORT}",
+        )
         return client.request("vm.info", name=name)["vm"]
 
     def probe(self, vm: dict, timeout: float = 2.0) -> int | None:
@@ -377,7 +398,9 @@ class LabSession:
             raise MigrationFailed(f"migration ended {report.get('status')!r}: {report.get('error', '')}")
         return report
 
-    def migrate_in_background(self, cluster: LocalCluster, vm: str, options: dict | None = None, **kwargs: object) -> BackgroundMigration:
+    def migrate_in_background(
+        self, cluster: LocalCluster, vm: str, options: dict | None = None, **kwargs: object
+    ) -> BackgroundMigration:
         running = BackgroundMigration()
 
         def target() -> None:
@@ -393,8 +416,9 @@ class LabSession:
         return running
 
     @staticmethod
-    def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition",
-                 interval: float = 0.05) -> None:  # fmt: skip
+    def wait_for(
+        predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:

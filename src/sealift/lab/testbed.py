@@ -118,20 +118,26 @@ class Testbed:
     def argv(self, host: str, argv: list[str]) -> list[str]:
         return netns_argv(self.ns(host), argv)
 
-    def run(self, host: str, argv: list[str], timeout: float = 20.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, host: str, argv: list[str], timeout: float = 20.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run_in(self.ns(host), argv, timeout=timeout, check=check)
 
     def popen(self, host: str, argv: list[str], **kwargs: object) -> subprocess.Popen:
         return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]
 
     def ping(self, host: str, address: str, count: int = 1, timeout_s: int = 2) -> bool:
-        done = self.run(host, ["ping", "-c", str(count), "-W", str(timeout_s), "-q", address], check=False,
-                        timeout=count * timeout_s + 5)  # fmt: skip
+        done = self.run(
+            host,
+            ["ping", "-c", str(count), "-W", str(timeout_s), "-q", address],
+            check=False,
+            timeout=count * timeout_s + 5,
+        )
         return done.returncode == 0
 
     # -- life cycle ---------------------------------------------------------------
 
-    def up(self) -> "Testbed":
+    def up(self) -> Testbed:
         if os.geteuid() != 0:
             raise TestbedError("the lab needs root (network namespaces)")
         remove_stale()
@@ -158,7 +164,7 @@ class Testbed:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20, check=False)
         self._up = False
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
@@ -186,8 +192,20 @@ class Testbed:
     # -- the networks ---------------------------------------------------------------
 
     def _veth(self, a_host: str, a_name: str, b_host: str, b_name: str) -> None:
-        _ip("link", "add", a_name, "netns", self.ns(a_host), "type", "veth", "peer", "name", b_name,
-            "netns", self.ns(b_host))  # fmt: skip
+        _ip(
+            "link",
+            "add",
+            a_name,
+            "netns",
+            self.ns(a_host),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_name,
+            "netns",
+            self.ns(b_host),
+        )
 
     def _migration_network(self) -> None:
         self._veth("source", "mig0", "attacker", "to-src")
@@ -228,8 +246,24 @@ class Testbed:
                 netem = ["tc", "qdisc", "add", "dev", ifname, "root", "netem", "delay", link.delay]
                 self.run(host, netem + (["rate", link.rate] if link.rate else []))
             elif link.rate:
-                self.run(host, ["tc", "qdisc", "add", "dev", ifname, "root", "tbf", "rate", link.rate,
-                                "burst", "1mb", "latency", "50ms"])  # fmt: skip
+                self.run(
+                    host,
+                    [
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        ifname,
+                        "root",
+                        "tbf",
+                        "rate",
+                        link.rate,
+                        "burst",
+                        "1mb",
+                        "latency",
+                        "50ms",
+                    ],
+                )
         self.link = link
 
     # -- guests on the VM network ---------------------------------------------------------

@@ -87,8 +87,9 @@ class Authority:
         return self._authorize(envelope, vm, source=source, destination=self._host, role="destination")
 
     def _authorize(self, envelope: str | None, vm: str, source: str, destination: str, role: str) -> VerifiedOrder:
-        self.audit.append(Kinds.ORDER_RECEIVED, side=role, vm=vm, source=source, destination=destination,
-                          size=len(envelope or ""))
+        self.audit.append(
+            Kinds.ORDER_RECEIVED, side=role, vm=vm, source=source, destination=destination, size=len(envelope or "")
+        )
         try:
             if envelope is None:
                 raise MalformedOrderError("no migration order: every migration needs one signed by an operator")
@@ -101,7 +102,9 @@ class Authority:
             )
             order = verified.order
             if order.vm != vm:
-                raise MalformedOrderError(f"order {order.short_id} is for VM {order.vm!r}, not {vm!r}", order_id=order.id)
+                raise MalformedOrderError(
+                    f"order {order.short_id} is for VM {order.vm!r}, not {vm!r}", order_id=order.id
+                )
             # Labels come from our own records, never from the order itself.
             self.policy.authorize(verified.operator, vm, None, order.source, order.destination).require(order.id)
             self.replay.use_once(order.id, order.expires)

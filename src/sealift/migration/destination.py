@@ -19,14 +19,13 @@ from collections.abc import Mapping
 from sealift.errors import SealiftError
 from sealift.host.config import AgentConfig
 from sealift.host.transport import ControlChannel
+from sealift.migration import gate, records
 from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentError, channel_binding
 from sealift.migration.drivers import DestinationDriver
 from sealift.migration.errors import AdmissionError, IncomingRefused
-from sealift.migration import records
 from sealift.migration.phases import Event, Role
 from sealift.migration.session import DestinationSession
-from sealift.migration import gate
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
 from sealift.security.orders import VerifiedOrder
@@ -54,7 +53,13 @@ class DestinationCoordinator:
         prepared = False
         try:
             records.create(
-                self._store, hello.migration_id, hello.vm_name, Role.DESTINATION, hello.source_host, hello.memory_bytes, self.driver.backend
+                self._store,
+                hello.migration_id,
+                hello.vm_name,
+                Role.DESTINATION,
+                hello.source_host,
+                hello.memory_bytes,
+                self.driver.backend,
             )
             self.driver.prepare()
             self._accept()
@@ -80,8 +85,14 @@ class DestinationCoordinator:
 
     def _refuse(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
-        log.warning("refused %s migration %s of %s from %s: %s", self.driver.backend, hello.migration_id,
-                    hello.vm_name, hello.source_host, exc)  # fmt: skip
+        log.warning(
+            "refused %s migration %s of %s from %s: %s",
+            self.driver.backend,
+            hello.migration_id,
+            hello.vm_name,
+            hello.source_host,
+            exc,
+        )
         code = exc.code if isinstance(exc, SealiftError) else "refused"
         s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc), code=code)
         if s.psk is not None:
@@ -96,8 +107,13 @@ class DestinationCoordinator:
         if s.psk is not None:
             psk_proof = s.psk.make_proof(s.psk_binding, hello.nonce, s.nonce)
         s.channel.send(Accept(hello.migration_id, s.nonce, s.session_id, psk_proof))
-        s.audit("migration.accepted", vm=hello.vm_name, source=hello.source_host, **self.driver.accept_audit,
-                memory_bytes=hello.memory_bytes)  # fmt: skip
+        s.audit(
+            "migration.accepted",
+            vm=hello.vm_name,
+            source=hello.source_host,
+            **self.driver.accept_audit,
+            memory_bytes=hello.memory_bytes,
+        )
 
     def _receipt(self, manifest: Mapping[str, object], stage: str, **extra: object) -> str:
         s, hello = self.session, self.session.hello
@@ -135,8 +151,13 @@ class DestinationCoordinator:
         s.lab_pause("committed")
         pid, counter_at_resume = self.driver.start_guest(manifest)
         s.enter(Event.START_GUEST)
-        receipt = self._receipt(manifest, "running", counter_at_resume=counter_at_resume, pid=pid,
-                                cpu_s=round(time.process_time() - cpu_started, 3))  # fmt: skip
+        receipt = self._receipt(
+            manifest,
+            "running",
+            counter_at_resume=counter_at_resume,
+            pid=pid,
+            cpu_s=round(time.process_time() - cpu_started, 3),
+        )
         s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
         try:
             s.channel.send(Receipt(hello.migration_id, "running", receipt))
@@ -146,16 +167,28 @@ class DestinationCoordinator:
 
     def _hold_in_doubt(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
-        log.warning("%s migration %s in doubt after prepare (%s): %s kept unstarted; asking %s", self.driver.backend,
-                    hello.migration_id, exc, hello.vm_name, hello.source_host)  # fmt: skip
+        log.warning(
+            "%s migration %s in doubt after prepare (%s): %s kept unstarted; asking %s",
+            self.driver.backend,
+            hello.migration_id,
+            exc,
+            hello.vm_name,
+            hello.source_host,
+        )
         s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
     def _discard(self, reason: str) -> None:
         """The failure on record (store, audit) and told to the source, whatever state either is in."""
         s, hello = self.session, self.session.hello
-        log.warning("%s migration %s of %s from %s failed: %s", self.driver.backend, hello.migration_id,
-                    hello.vm_name, hello.source_host, reason)  # fmt: skip
+        log.warning(
+            "%s migration %s of %s from %s failed: %s",
+            self.driver.backend,
+            hello.migration_id,
+            hello.vm_name,
+            hello.source_host,
+            reason,
+        )
         try:
             self.driver.discard(reason)
         finally:
@@ -221,8 +254,13 @@ def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello
     except BaseException:
         psk.close()
         raise
-    authority.record("psk.verified", migration_id=hello.migration_id, peer=hello.source_host, epoch=psk.epoch,
-                     ratcheting=psk.ratcheting)  # fmt: skip
+    authority.record(
+        "psk.verified",
+        migration_id=hello.migration_id,
+        peer=hello.source_host,
+        epoch=psk.epoch,
+        ratcheting=psk.ratcheting,
+    )
     return psk, binding
 
 
@@ -236,7 +274,9 @@ def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, aut
         raise IncomingRefused(f"this host is {config.name}, not {hello.destination_host}")
     if channel.secure:
         if channel.peer_name != hello.source_host:
-            raise IncomingRefused(f"the source authenticated as {channel.peer_name} but claims to be {hello.source_host}")
+            raise IncomingRefused(
+                f"the source authenticated as {channel.peer_name} but claims to be {hello.source_host}"
+            )
         if not hello.secure:
             raise IncomingRefused("an authenticated channel must carry a protected data stream")
         authority.check_peer(channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
@@ -248,5 +288,3 @@ def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, aut
     gate.check_incoming(config.name, hello.vm_name, hello.source_host)  # T12: no attacker VM comes in
     # A valid, unused order naming this peer and this host.
     return authority.authorize_incoming(hello.order, hello.vm_name, hello.source_host)
-
-

@@ -9,14 +9,13 @@ and attacked in the lab).
 
 from __future__ import annotations
 
-from sealift.errors import SealiftError
-
 import json
 
+from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel
-from sealift.wire.messages import Abort, Receipt
 from sealift.security.identity import HostIdentity
 from sealift.security.signing import canonical_json, sign_document, verify_document
+from sealift.wire.messages import Abort, Receipt
 
 MAX_UNSIGNED_DOCUMENT = 32 * 1024
 BINDING_LABEL = b"EXPORTER-sealift-document-binding-v1"
@@ -81,7 +80,9 @@ def receipt_matches(receipt: dict, manifest: dict, stage: str) -> None:
     """The destination's receipt must acknowledge exactly what the source sent."""
     for key in ("migration_id", "vm", "image_digest", "state_digest", "channel_binding"):
         if receipt.get(key) != manifest.get(key):
-            raise DocumentError(f"receipt {key} {receipt.get(key)!r} does not match the manifest's {manifest.get(key)!r}")
+            raise DocumentError(
+                f"receipt {key} {receipt.get(key)!r} does not match the manifest's {manifest.get(key)!r}"
+            )
     if receipt.get("stage") != stage:
         raise DocumentError(f"expected a {stage!r} receipt, got {receipt.get('stage')!r}")
 

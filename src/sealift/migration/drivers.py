@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from sealift.guests import GuestVM
 from sealift.host.store import MigrationRecord
 from sealift.host.transport import ControlChannel
-from sealift.guests import GuestVM
 from sealift.wire.messages import Accept, Hello
 
 

@@ -72,4 +72,3 @@ def check_incoming(host: str, vm: str, source: str) -> None:
     gate = _gate(host)
     if gate is not None:
         gate.check_incoming(vm, source)
-

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sealift.errors import SealiftError
-
 from dataclasses import asdict, dataclass
+
+from sealift.errors import SealiftError
 
 COMPRESSION_CODECS = ("zstd", "lz4")
 IMAGE_DIGESTS = ("tags", "blake3")
@@ -58,6 +58,6 @@ class MigrationOptions:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> "MigrationOptions":
+    def from_dict(cls, data: dict[str, object]) -> MigrationOptions:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)  # type: ignore[arg-type]

@@ -68,7 +68,9 @@ class IllegalTransition(SealiftError):
 
     def __init__(self, role: Role, phase: Phase, event: Event) -> None:
         allowed = ", ".join(sorted(e.value for e in events_from(role, phase))) or "none (final phase)"
-        super().__init__(f"{role.value} migration in phase {phase.value!r} cannot take {event.value!r} (allowed: {allowed})")
+        super().__init__(
+            f"{role.value} migration in phase {phase.value!r} cannot take {event.value!r} (allowed: {allowed})"
+        )
         self.role, self.phase, self.event = role, phase, event
 
 

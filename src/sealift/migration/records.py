@@ -14,7 +14,9 @@ from sealift.host.store import AgentStore
 from sealift.migration.phases import INITIAL, Event, IllegalTransition, Phase, Role, decision_after, next_phase
 
 
-def create(store: AgentStore, migration_id: str, vm: str, role: Role, peer: str, memory_bytes: int, backend: str) -> None:
+def create(
+    store: AgentStore, migration_id: str, vm: str, role: Role, peer: str, memory_bytes: int, backend: str
+) -> None:
     store.create_migration(migration_id, vm, role.value, peer, INITIAL[role].value, memory_bytes, backend)
 
 

@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 from sealift.host.config import AgentConfig
 from sealift.host.store import AgentStore, MigrationRecord
 from sealift.host.transport import ControlChannel
-from sealift.migration.drivers import GuestKeeper
 from sealift.migration import records
+from sealift.migration.drivers import GuestKeeper
 from sealift.migration.phases import SOURCE_OPEN, UNSETTLED, Event, Phase, Role
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Outcome, OutcomeQuery
@@ -57,8 +57,14 @@ def recover(store: AgentStore, keepers: Keepers, audit: Audit) -> None:
             _recover_one(store, keepers.for_record(record), record, audit)
         except Exception as exc:
             log.exception("recovery of migration %s (%s, %s) failed", record.id, record.vm, record.phase)
-            audit("migration.recovery_failed", migration_id=record.id, vm=record.vm, role=record.role,
-                  phase=record.phase, error=str(exc))  # fmt: skip
+            audit(
+                "migration.recovery_failed",
+                migration_id=record.id,
+                vm=record.vm,
+                role=record.role,
+                phase=record.phase,
+                error=str(exc),
+            )
 
 
 def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
@@ -67,16 +73,24 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
         # No commit decision was written, so the VM must run here.
         resumed = present and keeper.resume_source(record)
         records.transition(store, record.id, Event.AGENT_RESTARTED, error="source agent restarted before commit")
-        log.warning("recovery: %s %s after the interrupted migration %s", record.vm,
-                    "resumed" if resumed else "could NOT be resumed", record.id)  # fmt: skip
+        log.warning(
+            "recovery: %s %s after the interrupted migration %s",
+            record.vm,
+            "resumed" if resumed else "could NOT be resumed",
+            record.id,
+        )
     elif record.role == Role.DESTINATION and record.phase == Phase.RECEIVING:
         if present:
             keeper.discard_destination(record)  # never promised: the source still has the guest
         records.transition(store, record.id, Event.AGENT_RESTARTED, error="destination agent restarted while receiving")
         log.warning("recovery: discarded the half-received %s (%s)", record.vm, record.id)
     elif not present:
-        log.warning("recovery: migration %s of %s is %s but its guest is gone; left for an operator", record.id,
-                    record.vm, record.phase)  # fmt: skip
+        log.warning(
+            "recovery: migration %s of %s is %s but its guest is gone; left for an operator",
+            record.id,
+            record.vm,
+            record.phase,
+        )
     elif record.role == Role.SOURCE:
         keeper.hold_source(record)  # paused, in doubt: not available for another migration
         records.transition(store, record.id, Event.AGENT_RESTARTED)
@@ -95,8 +109,9 @@ def _recover_destination(store: AgentStore, keeper: GuestKeeper, record: Migrati
         records.transition(store, record.id, Event.START_GUEST)
         audit("migration.recovered", migration_id=record.id, vm=record.vm, pid=pid, phase="running")
     else:  # a guest is only ever started after "committed" is recorded: leave it to an operator
-        log.error("recovery: migration %s is %s but %s already runs here; left in doubt", record.id, record.phase,
-                  record.vm)  # fmt: skip
+        log.error(
+            "recovery: migration %s is %s but %s already runs here; left in doubt", record.id, record.phase, record.vm
+        )
 
 
 class Resolver:
@@ -165,31 +180,59 @@ class Resolver:
             log.info("migration %s: %s aborted; discarding the received %s", record.id, record.peer, record.vm)
             keeper.discard_destination(record)
             records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} aborted")
-            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
-                        outcome="aborted", action="discarded the received guest")  # fmt: skip
+            self._audit(
+                "migration.resolved",
+                migration_id=record.id,
+                vm=record.vm,
+                role="destination",
+                outcome="aborted",
+                action="discarded the received guest",
+            )
 
     def _settle_source(self, record: MigrationRecord, keeper: GuestKeeper, answer: str) -> None:
         if answer == "committed":
-            log.info("migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer,
-                     record.vm)  # fmt: skip
+            log.info(
+                "migration %s: %s confirms %s runs there; releasing our paused copy", record.id, record.peer, record.vm
+            )
             keeper.release_source(record)
             records.transition(self._store, record.id, Event.CONFIRM_RUNNING)
-            self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="committed",
-                        action="released the paused source copy")  # fmt: skip
+            self._audit(
+                "migration.resolved",
+                migration_id=record.id,
+                vm=record.vm,
+                role="source",
+                outcome="committed",
+                action="released the paused source copy",
+            )
             return
         # We committed, but the destination never ran the guest: it cannot run there, so it must run here.
         log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
         resumed = keeper.resume_source(record)
-        records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit")
-        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="source", outcome="aborted",
-                    action="resumed the source copy" if resumed else "could not resume the source copy")  # fmt: skip
+        records.transition(
+            self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit"
+        )
+        self._audit(
+            "migration.resolved",
+            migration_id=record.id,
+            vm=record.vm,
+            role="source",
+            outcome="aborted",
+            action="resumed the source copy" if resumed else "could not resume the source copy",
+        )
 
     def _start_destination(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
         log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
         pid = keeper.start_destination(record)
         records.transition(self._store, record.id, Event.START_GUEST)
-        self._audit("migration.resolved", migration_id=record.id, vm=record.vm, role="destination",
-                    outcome="committed", action="started the received guest", pid=pid)  # fmt: skip
+        self._audit(
+            "migration.resolved",
+            migration_id=record.id,
+            vm=record.vm,
+            role="destination",
+            outcome="committed",
+            action="started the received guest",
+            pid=pid,
+        )
 
     def _ask(self, record: MigrationRecord) -> str:
         try:

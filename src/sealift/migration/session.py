@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from sealift.host.config import AgentConfig
 from sealift.host.store import AgentStore
 from sealift.host.transport import ControlChannel, DataSessions
+from sealift.migration import records
 from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentSigner
 from sealift.migration.options import MigrationOptions
-from sealift.migration import records
 from sealift.migration.phases import Event, Phase
 from sealift.migration.report import MigrationReport
 from sealift.security.identity import HostIdentity

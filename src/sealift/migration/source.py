@@ -16,14 +16,13 @@ import time
 
 from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel
+from sealift.migration import gate, records
 from sealift.migration.documents import await_receipt, channel_binding
 from sealift.migration.drivers import GuestVM, SourceDriver, Transfer
 from sealift.migration.errors import MigrationError
-from sealift.migration import records
 from sealift.migration.phases import Event, Role
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import SourceSession
-from sealift.migration import gate
 from sealift.security.audit import Kinds
 from sealift.security.psk import psk_channel_binding
 from sealift.wire.messages import Abort, Accept, Commit, Manifest, Refuse
@@ -66,7 +65,9 @@ class SourceCoordinator:
         self.driver.preflight(address)
         vm, memory_bytes = self.driver.claim()
         s.report.memory_bytes = memory_bytes
-        records.create(self._store, s.migration_id, vm.name, Role.SOURCE, s.destination, memory_bytes, self.driver.backend)
+        records.create(
+            self._store, s.migration_id, vm.name, Role.SOURCE, s.destination, memory_bytes, self.driver.backend
+        )
         started = time.monotonic()
         cpu_started = time.process_time()
         committed = False
@@ -159,7 +160,9 @@ class SourceCoordinator:
             s.audit("psk.verified", peer=s.destination, epoch=s.psk.epoch, ratcheting=s.psk.ratcheting)
         return reply
 
-    def _manifest_and_prepare(self, channel: ControlChannel, vm: GuestVM, memory_bytes: int, transfer: Transfer) -> dict:
+    def _manifest_and_prepare(
+        self, channel: ControlChannel, vm: GuestVM, memory_bytes: int, transfer: Transfer
+    ) -> dict:
         """Sign and send the manifest; the destination's signed "prepared" receipt for it."""
         s = self.session
         fields, digest_audit = self.driver.manifest_fields(transfer)
@@ -215,9 +218,15 @@ class SourceCoordinator:
         """The destination's signed receipt for `stage` ("prepared": for this manifest; "running"), audited."""
         s = self.session
         receipt, envelope = await_receipt(
-            channel, s.signer, peer=s.destination, stage=stage, migration_id=s.migration_id, binding=s.binding,
-            manifest=manifest, timeout=self._config.step_timeout_s,
-        )  # fmt: skip
+            channel,
+            s.signer,
+            peer=s.destination,
+            stage=stage,
+            migration_id=s.migration_id,
+            binding=s.binding,
+            manifest=manifest,
+            timeout=self._config.step_timeout_s,
+        )
         s.audit(Kinds.RECEIPT, stage=stage, receipt=envelope)
         return receipt
 

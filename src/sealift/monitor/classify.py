@@ -122,7 +122,9 @@ class HostMonitor:
             return events
         state.last_rates = rates
         state.last_scores = {
-            signal: state.baselines[signal].observe(value) for signal, value in rates.values.items() if value is not None
+            signal: state.baselines[signal].observe(value)
+            for signal, value in rates.values.items()
+            if value is not None
         }
         candidate, signals = classify(state.last_scores, self.config)
         events.extend(self._settle(state, sample, candidate, signals))
@@ -176,28 +178,41 @@ class HostMonitor:
             if state is not None and state.last_rates is not None:
                 for signal, value in state.last_rates.values.items():
                     score = state.last_scores.get(signal)
-                    signals[signal] = None if value is None or score is None else {
-                        "value": value, "normal": score.normal, "z": round(score.z, 2), "anomalous": score.anomalous,
-                    }  # fmt: skip
+                    signals[signal] = (
+                        None
+                        if value is None or score is None
+                        else {
+                            "value": value,
+                            "normal": score.normal,
+                            "z": round(score.z, 2),
+                            "anomalous": score.anomalous,
+                        }
+                    )
             sample = state.last_sample if state is not None else None
-            rows.append({
-                "vm": vm,
-                "backend": sample.backend if sample else None,
-                "status": sample.status if sample else None,
-                "pid": sample.pid if sample else None,
-                "progress": sample.progress if sample else None,
-                "samples": state.samples if state else 0,
-                "warm": bool(state and state.last_scores and all(score.warm for score in state.last_scores.values())),
-                "signals": signals,
-                "verdict": verdict.to_dict() if verdict else None,
-                "reliability": [v.to_dict() for v in (state.reliability.active() if state else [])],
-                "restarts": state.reliability.restarts if state else 0,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "vm": vm,
+                    "backend": sample.backend if sample else None,
+                    "status": sample.status if sample else None,
+                    "pid": sample.pid if sample else None,
+                    "progress": sample.progress if sample else None,
+                    "samples": state.samples if state else 0,
+                    "warm": bool(
+                        state and state.last_scores and all(score.warm for score in state.last_scores.values())
+                    ),
+                    "signals": signals,
+                    "verdict": verdict.to_dict() if verdict else None,
+                    "reliability": [v.to_dict() for v in (state.reliability.active() if state else [])],
+                    "restarts": state.reliability.restarts if state else 0,
+                }
+            )
         return rows
 
     # -- internals ------------------------------------------------------------
 
-    def _settle(self, state: _VmState, sample: VmSample, candidate: str | None, signals: list[str]) -> list[MonitorEvent]:
+    def _settle(
+        self, state: _VmState, sample: VmSample, candidate: str | None, signals: list[str]
+    ) -> list[MonitorEvent]:
         if candidate is None:
             state.candidate, state.streak = None, 0
             state.quiet += 1
@@ -214,10 +229,15 @@ class HostMonitor:
         if state.verdict is not None and state.verdict.kind == kind:
             return []
         deviations = tuple(
-            Deviation(s, state.last_scores[s].value, state.last_scores[s].normal, state.last_scores[s].z,
-                      state.last_scores[s].ratio)
+            Deviation(
+                s,
+                state.last_scores[s].value,
+                state.last_scores[s].normal,
+                state.last_scores[s].z,
+                state.last_scores[s].ratio,
+            )
             for s in signals
-        )  # fmt: skip
+        )
         reason = f"{kind}: " + "; ".join(d.describe() for d in deviations)
         state.verdict = Verdict(sample.vm, kind, reason, sample.time, deviations)
         return [MonitorEvent("raised", state.verdict)]

@@ -32,8 +32,8 @@ import numpy as np
 from sealift.monitor.signals import VmSample
 
 if TYPE_CHECKING:
-    from sealift.backends.qemu.registry import QemuVmRegistry
     from sealift.backends.builtin.registry import BuiltinVmRegistry
+    from sealift.backends.qemu.registry import QemuVmRegistry
     from sealift.backends.qemu.vm import QemuVM
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,12 @@ def guest_view_of_tap(counters: dict[str, int] | None) -> dict[str, int | None]:
     """A tap's host-side counters from the guest's point of view (rx and tx swap)."""
     if counters is None:
         return {"rx_bytes": None, "tx_bytes": None, "rx_packets": None, "tx_packets": None}
-    return {"rx_bytes": counters["tx_bytes"], "tx_bytes": counters["rx_bytes"],
-            "rx_packets": counters["tx_packets"], "tx_packets": counters["rx_packets"]}  # fmt: skip
+    return {
+        "rx_bytes": counters["tx_bytes"],
+        "tx_bytes": counters["rx_bytes"],
+        "rx_packets": counters["tx_packets"],
+        "tx_packets": counters["rx_packets"],
+    }
 
 
 class DirtyCounter:
@@ -115,8 +119,13 @@ class BuiltinCollector:
     def _sample(self, name: str, pid: int, info: dict[str, object]) -> VmSample:
         errors: list[str] = []
         alive = bool(info.get("alive"))
-        status = "exited" if not alive else "migrating" if info.get("migrating") else (
-            "paused" if info.get("paused") else "running")  # fmt: skip
+        status = (
+            "exited"
+            if not alive
+            else "migrating"
+            if info.get("migrating")
+            else ("paused" if info.get("paused") else "running")
+        )
         dirty_pages = None
         try:
             generations = self._registry.get(name).dirty.snapshot()
@@ -125,11 +134,17 @@ class BuiltinCollector:
             errors.append(f"dirty log unreadable: {exc}")
         counter = info.get("counter")
         return VmSample(
-            vm=name, backend="builtin", time=self._clock(), pid=pid, alive=alive, status=status,
+            vm=name,
+            backend="builtin",
+            time=self._clock(),
+            pid=pid,
+            alive=alive,
+            status=status,
             cpu_seconds=read_proc_cpu(pid) if alive else None,
             progress=int(counter) if isinstance(counter, int) else None,  # type: ignore[arg-type]
-            dirty_pages=dirty_pages, errors=tuple(errors) if alive else (),
-        )  # fmt: skip
+            dirty_pages=dirty_pages,
+            errors=tuple(errors) if alive else (),
+        )
 
 
 class QemuDirtyRate:
@@ -157,7 +172,9 @@ class QemuDirtyRate:
 class QemuCollector:
     """Samples the QEMU guests of a registry."""
 
-    def __init__(self, registry: QemuVmRegistry, clock=time.monotonic, proc_net_dev: Path = Path("/proc/net/dev")) -> None:
+    def __init__(
+        self, registry: QemuVmRegistry, clock=time.monotonic, proc_net_dev: Path = Path("/proc/net/dev")
+    ) -> None:
         self._registry = registry
         self._clock = clock
         self._proc_net_dev = proc_net_dev
@@ -210,7 +227,15 @@ class QemuCollector:
         if vm.net.mode == "tap" and vm.net.tap:
             net = guest_view_of_tap(read_netdev(vm.net.tap, self._proc_net_dev))
         return VmSample(
-            vm=vm.name, backend="qemu", time=self._clock(), pid=vm.pid, alive=alive, status=status,
-            cpu_seconds=read_proc_cpu(vm.pid) if alive else None, progress=progress, dirty_bps=dirty_bps,
-            errors=tuple(errors), **net,  # type: ignore[arg-type]
-        )  # fmt: skip
+            vm=vm.name,
+            backend="qemu",
+            time=self._clock(),
+            pid=vm.pid,
+            alive=alive,
+            status=status,
+            cpu_seconds=read_proc_cpu(vm.pid) if alive else None,
+            progress=progress,
+            dirty_bps=dirty_bps,
+            errors=tuple(errors),
+            **net,  # type: ignore[arg-type]
+        )

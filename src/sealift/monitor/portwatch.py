@@ -108,8 +108,10 @@ class PortWatch:
             counts = dict(state.counts)
             state.events.clear()  # a fresh count after the block ends
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        reason = (f"{peer} scored {score:.0f} (threshold {self.config.threshold:.0f}) within "
-                  f"{self.config.window_s:g} s on the migration port: {summary}")  # fmt: skip
+        reason = (
+            f"{peer} scored {score:.0f} (threshold {self.config.threshold:.0f}) within "
+            f"{self.config.window_s:g} s on the migration port: {summary}"
+        )
         return Block(peer, now + self.config.block_s, self.config.block_s, score, counts, reason)
 
     def blocked_for(self, peer: str) -> float:
@@ -122,10 +124,14 @@ class PortWatch:
         now = self._clock()
         with self._lock:
             return [
-                {"peer": peer, "score": round(self._score(state, now), 1), "counts": dict(state.counts),
-                 "blocked_for_s": round(max(0.0, state.blocked_until - now), 1)}
+                {
+                    "peer": peer,
+                    "score": round(self._score(state, now), 1),
+                    "counts": dict(state.counts),
+                    "blocked_for_s": round(max(0.0, state.blocked_until - now), 1),
+                }
                 for peer, state in self._peers.items()
-            ]  # fmt: skip
+            ]
 
     def _peer(self, peer: str) -> _Peer:
         state = self._peers.get(peer)

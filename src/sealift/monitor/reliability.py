@@ -59,8 +59,12 @@ class ReliabilityTracker:
                 self._restart_expected = False
             else:
                 self.restarts += 1
-                events += self._raise("restart", f"a new process (pid {previous.pid} -> {sample.pid}) that nobody "
-                                                 f"announced: restart #{self.restarts}", now)  # fmt: skip
+                events += self._raise(
+                    "restart",
+                    f"a new process (pid {previous.pid} -> {sample.pid}) that nobody "
+                    f"announced: restart #{self.restarts}",
+                    now,
+                )
             self._progress, self._progress_since = None, None
         elif "restart" in self._active and now - self._active["restart"].since >= self._config.restart_hold_s:
             events += self._clear("restart")
@@ -86,8 +90,11 @@ class ReliabilityTracker:
             return events
         stalled_for = now - self._progress_since
         if stalled_for >= self._config.stall_after_s:
-            events += self._raise("stall", f"progress counter stuck at {sample.progress} for {stalled_for:.1f} s "
-                                           "while its process runs", now)  # fmt: skip
+            events += self._raise(
+                "stall",
+                f"progress counter stuck at {sample.progress} for {stalled_for:.1f} s while its process runs",
+                now,
+            )
         return events
 
     def _raise(self, problem: str, reason: str, now: float) -> list[MonitorEvent]:

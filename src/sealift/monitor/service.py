@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sealift.migration import gate
+from sealift.migration.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
 from sealift.monitor.baseline import BaselineConfig
 from sealift.monitor.classify import ClassifierConfig, HostMonitor
-from sealift.migration.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
 from sealift.monitor.portwatch import PortWatch, PortWatchConfig
 from sealift.monitor.reliability import ReliabilityConfig
 from sealift.monitor.signals import SIGNALS, VmSample
@@ -75,12 +75,16 @@ class MonitorConfig:
 
     def classifier(self) -> ClassifierConfig:
         return ClassifierConfig(
-            baseline=BaselineConfig(half_life=self.half_life_samples, warmup=self.warmup_samples,
-                                    z_threshold=self.z_threshold, min_ratio=self.min_ratio),
+            baseline=BaselineConfig(
+                half_life=self.half_life_samples,
+                warmup=self.warmup_samples,
+                z_threshold=self.z_threshold,
+                min_ratio=self.min_ratio,
+            ),
             confirm=self.confirm_samples,
             clear_after=self.clear_after_samples,
             reliability=ReliabilityConfig(stall_after_s=self.stall_after_s),
-        )  # fmt: skip
+        )
 
     def port_watch(self) -> PortWatchConfig:
         return PortWatchConfig(threshold=self.ids_threshold, window_s=self.ids_window_s, block_s=self.ids_block_s)
@@ -210,12 +214,17 @@ class MonitorService:
         if self._metrics is not None:
             self._metrics.verdicts.labels(kind=verdict.kind).inc()
         if verdict.kind == ATTACKER and self.config.refuse_attacker_migrations:
-            self._audit("monitor.action", vm=verdict.vm, action="hold_migrations",
-                        reason="a VM flagged attacker is not moved to other hosts")  # fmt: skip
+            self._audit(
+                "monitor.action",
+                vm=verdict.vm,
+                action="hold_migrations",
+                reason="a VM flagged attacker is not moved to other hosts",
+            )
         elif verdict.kind == VICTIM:
             target = self.config.evacuate_victims_to
             note = (f"move {verdict.vm} to {target}" if target else f"move {verdict.vm} to another host") + (
-                " (needs an operator-signed order: `sealift migrate`)")  # fmt: skip
+                " (needs an operator-signed order: `sealift migrate`)"
+            )
             with self._lock:
                 self._recommendations[verdict.vm] = note
             self._audit("monitor.action", vm=verdict.vm, action="evacuate_recommended", target=target, note=note)
@@ -235,9 +244,11 @@ class MonitorService:
             verdict = self.monitor.verdict(vm)
         if verdict is None or verdict.kind != ATTACKER:
             return
-        reason = f"{vm} is flagged as an attacker on {self.host} since {_ago(verdict.since, self._clock())}: {verdict.reason}"
-        self._audit("monitor.migration_refused", vm=vm, direction=direction, peer=peer, code=VM_FLAGGED_ATTACKER,
-                    reason=reason)  # fmt: skip
+        since = _ago(verdict.since, self._clock())
+        reason = f"{vm} is flagged as an attacker on {self.host} since {since}: {verdict.reason}"
+        self._audit(
+            "monitor.migration_refused", vm=vm, direction=direction, peer=peer, code=VM_FLAGGED_ATTACKER, reason=reason
+        )
         raise MonitorRefusal(VM_FLAGGED_ATTACKER, reason)
 
     # -- operator flags -------------------------------------------------------
@@ -267,8 +278,14 @@ class MonitorService:
         log.warning("monitor ALERT: blocking %s for %.0f s: %s", block.peer, block.seconds, block.reason)
         if self._blocker is not None:
             self._blocker.block(block.peer, block.seconds, block.reason)
-        self._audit("monitor.peer_blocked", peer=block.peer, seconds=block.seconds, score=block.score,
-                    counts=block.counts, reason=block.reason)  # fmt: skip
+        self._audit(
+            "monitor.peer_blocked",
+            peer=block.peer,
+            seconds=block.seconds,
+            score=block.score,
+            counts=block.counts,
+            reason=block.reason,
+        )
         if self._metrics is not None:
             self._metrics.blocks.inc()
 
@@ -285,8 +302,10 @@ class MonitorService:
             "period_s": self.config.period_s,
             "rounds": self.rounds,
             "last_error": self.last_error,
-            "policy": {"refuse_attacker_migrations": self.config.refuse_attacker_migrations,
-                       "evacuate_victims_to": self.config.evacuate_victims_to},  # fmt: skip
+            "policy": {
+                "refuse_attacker_migrations": self.config.refuse_attacker_migrations,
+                "evacuate_victims_to": self.config.evacuate_victims_to,
+            },
             "vms": vms,
             "peers": self.port_watch.snapshot(),
         }
@@ -303,19 +322,37 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.registry = CollectorRegistry()
-        self.value = Gauge("sealift_vm_signal", "Current value of a VM signal (rates per second; cpu in cores)",
-                           ["vm", "signal"], registry=self.registry)  # fmt: skip
-        self.normal = Gauge("sealift_vm_signal_normal", "The VM's learnt normal level of the signal",
-                            ["vm", "signal"], registry=self.registry)  # fmt: skip
-        self.zscore = Gauge("sealift_vm_signal_zscore", "Deviation of the signal from normal, in standard deviations",
-                            ["vm", "signal"], registry=self.registry)  # fmt: skip
-        self.verdict = Gauge("sealift_vm_verdict", "1 while the VM carries this security verdict",
-                             ["vm", "kind"], registry=self.registry)  # fmt: skip
-        self.problem = Gauge("sealift_vm_reliability_problem", "1 while the VM has this reliability problem",
-                             ["vm", "problem"], registry=self.registry)  # fmt: skip
+        self.value = Gauge(
+            "sealift_vm_signal",
+            "Current value of a VM signal (rates per second; cpu in cores)",
+            ["vm", "signal"],
+            registry=self.registry,
+        )
+        self.normal = Gauge(
+            "sealift_vm_signal_normal",
+            "The VM's learnt normal level of the signal",
+            ["vm", "signal"],
+            registry=self.registry,
+        )
+        self.zscore = Gauge(
+            "sealift_vm_signal_zscore",
+            "Deviation of the signal from normal, in standard deviations",
+            ["vm", "signal"],
+            registry=self.registry,
+        )
+        self.verdict = Gauge(
+            "sealift_vm_verdict", "1 while the VM carries this security verdict", ["vm", "kind"], registry=self.registry
+        )
+        self.problem = Gauge(
+            "sealift_vm_reliability_problem",
+            "1 while the VM has this reliability problem",
+            ["vm", "problem"],
+            registry=self.registry,
+        )
         self.verdicts = Counter("sealift_monitor_verdicts", "Verdicts raised", ["kind"], registry=self.registry)
-        self.port_events = Counter("sealift_port_events", "Events on the migration port", ["kind"],
-                                   registry=self.registry)  # fmt: skip
+        self.port_events = Counter(
+            "sealift_port_events", "Events on the migration port", ["kind"], registry=self.registry
+        )
         self.blocks = Counter("sealift_port_blocks", "Peers blocked on the migration port", registry=self.registry)
 
     def serve(self, address: tuple[str, int]) -> Any:

@@ -85,7 +85,11 @@ def rates_between(previous: VmSample, current: VmSample) -> VmRates | None:
         values[signal] = None if before is None or after is None or after < before else (after - before) / elapsed
     if current.dirty_bps is not None:
         values["dirty_bps"] = current.dirty_bps
-    elif previous.dirty_pages is not None and current.dirty_pages is not None and current.dirty_pages >= previous.dirty_pages:
+    elif (
+        previous.dirty_pages is not None
+        and current.dirty_pages is not None
+        and current.dirty_pages >= previous.dirty_pages
+    ):
         values["dirty_bps"] = (current.dirty_pages - previous.dirty_pages) * current.page_size / elapsed
     else:
         values["dirty_bps"] = None

@@ -14,7 +14,14 @@ VICTIM = "victim"
 ANOMALOUS = "anomalous"
 RELIABILITY = "reliability"
 
-_UNITS = {"cpu": "of a core", "dirty_bps": "B/s", "rx_bps": "B/s", "tx_bps": "B/s", "rx_pps": "pkt/s", "tx_pps": "pkt/s"}
+_UNITS = {
+    "cpu": "of a core",
+    "dirty_bps": "B/s",
+    "rx_bps": "B/s",
+    "tx_bps": "B/s",
+    "rx_pps": "pkt/s",
+    "tx_pps": "pkt/s",
+}
 _LABELS = {
     "cpu": "CPU",
     "dirty_bps": "memory dirty rate",
@@ -36,12 +43,19 @@ class Deviation:
     ratio: float
 
     def describe(self) -> str:
-        return (f"{_LABELS.get(self.signal, self.signal)} {_fmt(self.signal, self.value)} vs normal "
-                f"{_fmt(self.signal, self.normal)} (x{self.ratio:.1f}, z={self.z:.1f})")  # fmt: skip
+        return (
+            f"{_LABELS.get(self.signal, self.signal)} {_fmt(self.signal, self.value)} vs normal "
+            f"{_fmt(self.signal, self.normal)} (x{self.ratio:.1f}, z={self.z:.1f})"
+        )
 
     def to_dict(self) -> dict[str, object]:
-        return {"signal": self.signal, "value": self.value, "normal": self.normal, "z": round(self.z, 2),
-                "ratio": round(self.ratio, 2)}  # fmt: skip
+        return {
+            "signal": self.signal,
+            "value": self.value,
+            "normal": self.normal,
+            "z": round(self.z, 2),
+            "ratio": round(self.ratio, 2),
+        }
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,15 @@ class Verdict:
     manual: bool = False  # set by an operator, not by the classifier
 
     def to_dict(self) -> dict[str, object]:
-        return {"vm": self.vm, "kind": self.kind, "reason": self.reason, "since": self.since,
-                "problem": self.problem, "manual": self.manual,
-                "deviations": [d.to_dict() for d in self.deviations]}  # fmt: skip
+        return {
+            "vm": self.vm,
+            "kind": self.kind,
+            "reason": self.reason,
+            "since": self.since,
+            "problem": self.problem,
+            "manual": self.manual,
+            "deviations": [d.to_dict() for d in self.deviations],
+        }
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,7 @@ DEFAULT_PENALTY_HALF_LIFE_S = 3600.0
 FORGIVE_BELOW = 0.05  # a penalty that decayed below this no longer counts
 _MAX_ABS_INT = 1 << 62  # far above any real memory size; keeps JSON and SQLite exact
 _MAX_CPU_LOAD = 1e6
-_ADVERT_FIELDS = frozenset(
-    {"host", "capacity_memory", "free_memory", "cpu_load", "vms", "issued_at", "expires_at"}
-)
+_ADVERT_FIELDS = frozenset({"host", "capacity_memory", "free_memory", "cpu_load", "vms", "issued_at", "expires_at"})
 
 
 class AdvertError(SecurityError):
@@ -383,11 +381,19 @@ class Placement:
             detail += f", penalty {penalty:.2f} for a false claim"
         if believed < vm_memory:
             return HostAssessment(
-                host, False, max(0, believed), penalty, advert.cpu_load,
+                host,
+                False,
+                max(0, believed),
+                penalty,
+                advert.cpu_load,
                 f"{_size(max(0, believed))} believed free, the VM needs {_size(vm_memory)} ({detail})",
             )
         return HostAssessment(
-            host, True, believed, penalty, advert.cpu_load,
+            host,
+            True,
+            believed,
+            penalty,
+            advert.cpu_load,
             f"{_size(believed)} believed free for a {_size(vm_memory)} VM ({detail}), "
             f"load {advert.cpu_load:.2f}, advert {max(0.0, now - advert.issued_at):.0f} s old",
         )
@@ -397,9 +403,7 @@ class Placement:
         if advert.free_memory < 0 or advert.capacity_memory < 0 or advert.vms < 0 or advert.cpu_load < 0:
             return "negative numbers"
         if advert.free_memory > advert.capacity_memory:
-            return (
-                f"{_size(advert.free_memory)} free of an advertised {_size(advert.capacity_memory)} capacity"
-            )
+            return f"{_size(advert.free_memory)} free of an advertised {_size(advert.capacity_memory)} capacity"
         if advert.capacity_memory > registered:
             return (
                 f"advertises {_size(advert.capacity_memory)} capacity, but {_size(registered)} is registered "
@@ -421,7 +425,13 @@ def _rank(a: HostAssessment) -> tuple[int, float, int, float, str]:
     # Eligible first; then unpenalised before penalised (smaller penalty
     # first); then most memory left; then lower load; then the name, so ties
     # are broken the same way on every run.
-    return (0 if a.eligible else 1, a.penalty, -a.effective_free, a.cpu_load if a.cpu_load is not None else math.inf, a.host)
+    return (
+        0 if a.eligible else 1,
+        a.penalty,
+        -a.effective_free,
+        a.cpu_load if a.cpu_load is not None else math.inf,
+        a.host,
+    )
 
 
 def _size(n: int) -> str:

@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-from sealift.placement.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
-from sealift.host.config import AgentConfig
 from sealift.guests import VmRegistry
+from sealift.host.config import AgentConfig
 from sealift.host.transport import ControlChannel
+from sealift.placement.adverts import AdvertError, Placement, PlacementChoice, make_advert, sign_advert, verify_advert
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Advert, AdvertQuery
 

@@ -129,8 +129,13 @@ class AuditEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "seq": self.seq, "timestamp": self.timestamp, "host": self.host, "kind": self.kind,
-            "fields": dict(self.fields), "prev_hash": self.prev_hash, "hash": self.hash,
+            "seq": self.seq,
+            "timestamp": self.timestamp,
+            "host": self.host,
+            "kind": self.kind,
+            "fields": dict(self.fields),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
             "signature": self.signature,
         }
 
@@ -228,16 +233,21 @@ class AuditLog(SqliteStore):
         seq = prev_seq + 1
         timestamp = _timestamp()
         body = canonical_json(
-            {"v": AUDIT_VERSION, "seq": seq, "ts": timestamp, "host": self.host, "kind": kind,
-             "fields": fields, "prev_hash": prev_hash}
+            {
+                "v": AUDIT_VERSION,
+                "seq": seq,
+                "ts": timestamp,
+                "host": self.host,
+                "kind": kind,
+                "fields": fields,
+                "prev_hash": prev_hash,
+            }
         ).decode("utf-8")
         if len(body.encode("utf-8")) > MAX_BODY_BYTES:
             raise ValueError(f"audit entry of kind {kind!r} is larger than {MAX_BODY_BYTES} bytes")
         digest = _sha256(body)
         signature = _sign(self._private_key, {"kind": "audit-entry", "hash": digest})
-        head_signature = _sign(
-            self._private_key, {"kind": "audit-head", "host": self.host, "seq": seq, "hash": digest}
-        )
+        head_signature = _sign(self._private_key, {"kind": "audit-head", "host": self.host, "seq": seq, "hash": digest})
         self._db.execute(
             "INSERT INTO audit_log (seq, kind, body, hash, signature) VALUES (?, ?, ?, ?, ?)",
             (seq, kind, body, digest, signature),
@@ -248,8 +258,9 @@ class AuditLog(SqliteStore):
             "signature=excluded.signature",
             (seq, digest, head_signature),
         )
-        return AuditEntry(seq, timestamp, self.host, kind, types.MappingProxyType(dict(fields)),
-                          prev_hash, digest, signature)
+        return AuditEntry(
+            seq, timestamp, self.host, kind, types.MappingProxyType(dict(fields)), prev_hash, digest, signature
+        )
 
     def _tip(self) -> tuple[int, str]:
         """Where the next entry attaches: the later of the head and the last row.
@@ -258,9 +269,7 @@ class AuditLog(SqliteStore):
         chained to a real entry, and verify reports what was done.
         """
         head = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        last = self._db.execute(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
+        last = self._db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
         candidates = [row for row in (head, last) if row is not None]
         if not candidates:
             return 0, GENESIS_HASH
@@ -297,8 +306,18 @@ class AuditLog(SqliteStore):
         records, head = self._read_all()
         out.write(json.dumps({"format": EXPORT_FORMAT, "version": AUDIT_VERSION, "host": self.host}) + "\n")
         for record in records:
-            out.write(json.dumps({"seq": record.seq, "kind": record.kind, "body": record.body,
-                                  "hash": record.hash, "signature": record.signature}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "seq": record.seq,
+                        "kind": record.kind,
+                        "body": record.body,
+                        "hash": record.hash,
+                        "signature": record.signature,
+                    }
+                )
+                + "\n"
+            )
         head_line = None if head is None else {"seq": head.seq, "hash": head.hash, "signature": head.signature}
         out.write(json.dumps({"head": head_line}) + "\n")
         return len(records)
@@ -311,9 +330,7 @@ class AuditLog(SqliteStore):
                 rows = self._db.execute(
                     "SELECT seq, kind, body, hash, signature FROM audit_log ORDER BY seq"
                 ).fetchall()
-                head_row = self._db.execute(
-                    "SELECT seq, hash, signature FROM audit_head WHERE id = 1"
-                ).fetchone()
+                head_row = self._db.execute("SELECT seq, hash, signature FROM audit_head WHERE id = 1").fetchone()
             finally:
                 self._db.execute("COMMIT")
         records = [_Stored(*row) for row in rows]
@@ -378,14 +395,21 @@ def _verify_records(
     for record in sorted(records, key=lambda r: r.seq):
         position = record.seq
         if not _signature_ok(public_key, {"kind": "audit-entry", "hash": record.hash}, record.signature):
-            problems.append(AuditProblem(position, (
-                f"entry at #{position} is not signed by {host}'s key: it was inserted or forged, "
-                "or edited with its hash recomputed")))
+            problems.append(
+                AuditProblem(
+                    position,
+                    (
+                        f"entry at #{position} is not signed by {host}'s key: it was inserted or forged, "
+                        "or edited with its hash recomputed"
+                    ),
+                )
+            )
             accounted.add(position)
             continue
         if _sha256(record.body) != record.hash:
-            problems.append(AuditProblem(position, (
-                f"entry #{position} was edited: its content no longer matches its signed hash")))
+            problems.append(
+                AuditProblem(position, (f"entry #{position} was edited: its content no longer matches its signed hash"))
+            )
             accounted.add(position)
             signed_hash[position] = record.hash
             continue
@@ -396,18 +420,31 @@ def _verify_records(
             continue
         seq = body["seq"]
         if record.kind is not None and record.kind != body["kind"]:
-            problems.append(AuditProblem(position, (
-                f"entry #{position} was edited: its kind column says {record.kind!r}, "
-                f"the signed entry says {body['kind']!r}")))
+            problems.append(
+                AuditProblem(
+                    position,
+                    (
+                        f"entry #{position} was edited: its kind column says {record.kind!r}, "
+                        f"the signed entry says {body['kind']!r}"
+                    ),
+                )
+            )
         if body["host"] != host:
-            problems.append(AuditProblem(position, (
-                f"entry #{position} belongs to the log of {body['host']!r}, not {host!r}")))
+            problems.append(
+                AuditProblem(position, (f"entry #{position} belongs to the log of {body['host']!r}, not {host!r}"))
+            )
         if seq != position:
-            problems.append(AuditProblem(position, (
-                f"position #{position} holds entry #{seq}: entries were reordered or renumbered")))
+            problems.append(
+                AuditProblem(
+                    position, (f"position #{position} holds entry #{seq}: entries were reordered or renumbered")
+                )
+            )
         if seq in genuine:
-            problems.append(AuditProblem(position, (
-                f"entry #{seq} appears twice (at #{genuine[seq].seq} and #{position}): duplicated")))
+            problems.append(
+                AuditProblem(
+                    position, (f"entry #{seq} appears twice (at #{genuine[seq].seq} and #{position}): duplicated")
+                )
+            )
             continue
         genuine[seq] = record
         bodies[seq] = body
@@ -420,9 +457,15 @@ def _verify_records(
         if expected is None:
             continue  # the predecessor is missing or forged: reported already
         if body["prev_hash"] != expected:
-            problems.append(AuditProblem(seq, (
-                f"entry #{seq} does not follow entry #{seq - 1} in the hash chain "
-                "(entries from another log, or a rewritten log)")))
+            problems.append(
+                AuditProblem(
+                    seq,
+                    (
+                        f"entry #{seq} does not follow entry #{seq - 1} in the hash chain "
+                        "(entries from another log, or a rewritten log)"
+                    ),
+                )
+            )
 
     head_seq = _check_head(head, host, public_key, records, genuine, signed_hash, problems)
 
@@ -432,15 +475,13 @@ def _verify_records(
     for start, end in _missing_ranges(accounted, last):
         span = f"#{start}" if start == end else f"#{start}–#{end}"
         if start > last_present:
-            what = (f"entries {span} are missing at the end: the log was truncated "
-                    f"(the signed head records #{head_seq})")
+            what = f"entries {span} are missing at the end: the log was truncated (the signed head records #{head_seq})"
         else:
             what = f"entr{'y' if start == end else 'ies'} {span} {'is' if start == end else 'are'} missing: deleted"
         problems.append(AuditProblem(start, what))
 
     problems.sort(key=lambda p: (p.seq is not None, p.seq or 0))
-    return AuditVerification(ok=not problems, entries=len(records), problems=tuple(problems),
-                             head_seq=head_seq)
+    return AuditVerification(ok=not problems, entries=len(records), problems=tuple(problems), head_seq=head_seq)
 
 
 def _check_head(
@@ -455,23 +496,29 @@ def _check_head(
     """Check the signed head; return its seq if it can be trusted."""
     if head is None:
         if records:
-            problems.append(AuditProblem(None, (
-                "the signed head is missing (deleted): truncation at the end cannot be ruled out")))
+            problems.append(
+                AuditProblem(None, ("the signed head is missing (deleted): truncation at the end cannot be ruled out"))
+            )
         return None
     signed = {"kind": "audit-head", "host": host, "seq": head.seq, "hash": head.hash}
     if not _signature_ok(public_key, signed, head.signature):
-        problems.append(AuditProblem(None, (
-            f"the head (#{head.seq}) is not signed by {host}'s key: it was edited")))
+        problems.append(AuditProblem(None, (f"the head (#{head.seq}) is not signed by {host}'s key: it was edited")))
         return None
     known = signed_hash.get(head.seq)
     if known is not None and known != head.hash:
-        problems.append(AuditProblem(head.seq, (
-            f"entry #{head.seq} is not the entry the signed head records: the log was rewritten")))
+        problems.append(
+            AuditProblem(
+                head.seq, (f"entry #{head.seq} is not the entry the signed head records: the log was rewritten")
+            )
+        )
     later = sorted(seq for seq in genuine if seq > head.seq)
     if later:
-        problems.append(AuditProblem(later[0], (
-            f"entries from #{later[0]} on are after the signed head (#{head.seq}): "
-            "the head was rolled back")))
+        problems.append(
+            AuditProblem(
+                later[0],
+                (f"entries from #{later[0]} on are after the signed head (#{head.seq}): the head was rolled back"),
+            )
+        )
     return head.seq
 
 
@@ -498,10 +545,16 @@ def _parse_body(body: str) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or value.keys() != _BODY_FIELDS:
         return None
-    if (isinstance(value["seq"], bool) or not isinstance(value["seq"], int) or value["seq"] < 1
-            or not isinstance(value["kind"], str) or not isinstance(value["host"], str)
-            or not isinstance(value["fields"], dict) or not isinstance(value["ts"], str)
-            or not isinstance(value["prev_hash"], str)):
+    if (
+        isinstance(value["seq"], bool)
+        or not isinstance(value["seq"], int)
+        or value["seq"] < 1
+        or not isinstance(value["kind"], str)
+        or not isinstance(value["host"], str)
+        or not isinstance(value["fields"], dict)
+        or not isinstance(value["ts"], str)
+        or not isinstance(value["prev_hash"], str)
+    ):
         return None
     return value
 
@@ -509,11 +562,19 @@ def _parse_body(body: str) -> dict[str, Any] | None:
 def _entry_of(record: _Stored) -> AuditEntry:
     body = _parse_body(record.body)
     if body is None:
-        return AuditEntry(record.seq, "", "", "(unreadable)", types.MappingProxyType({}),
-                          "", record.hash, record.signature)
-    return AuditEntry(record.seq, body["ts"], body["host"], body["kind"],
-                      types.MappingProxyType(body["fields"]), body["prev_hash"], record.hash,
-                      record.signature)
+        return AuditEntry(
+            record.seq, "", "", "(unreadable)", types.MappingProxyType({}), "", record.hash, record.signature
+        )
+    return AuditEntry(
+        record.seq,
+        body["ts"],
+        body["host"],
+        body["kind"],
+        types.MappingProxyType(body["fields"]),
+        body["prev_hash"],
+        record.hash,
+        record.signature,
+    )
 
 
 def _parse_record(item: dict[str, Any], number: int) -> _Stored:
@@ -522,9 +583,14 @@ def _parse_record(item: dict[str, Any], number: int) -> _Stored:
         body, digest, signature = item["body"], item["hash"], item["signature"]
     except KeyError as exc:
         raise AuditError(f"line {number} of the export lacks {exc}") from None
-    if (isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(body, str)
-            or not isinstance(digest, str) or not isinstance(signature, str)
-            or not (kind is None or isinstance(kind, str))):
+    if (
+        isinstance(seq, bool)
+        or not isinstance(seq, int)
+        or not isinstance(body, str)
+        or not isinstance(digest, str)
+        or not isinstance(signature, str)
+        or not (kind is None or isinstance(kind, str))
+    ):
         raise AuditError(f"line {number} of the export has fields of the wrong type")
     return _Stored(seq, kind, body, digest, signature)
 
@@ -532,9 +598,13 @@ def _parse_record(item: dict[str, Any], number: int) -> _Stored:
 def _parse_head(item: Any, number: int) -> _Head | None:
     if item is None:
         return None
-    if (not isinstance(item, dict) or isinstance(item.get("seq"), bool)
-            or not isinstance(item.get("seq"), int) or not isinstance(item.get("hash"), str)
-            or not isinstance(item.get("signature"), str)):
+    if (
+        not isinstance(item, dict)
+        or isinstance(item.get("seq"), bool)
+        or not isinstance(item.get("seq"), int)
+        or not isinstance(item.get("hash"), str)
+        or not isinstance(item.get("signature"), str)
+    ):
         raise AuditError(f"line {number} of the export: malformed head")
     return _Head(item["seq"], item["hash"], item["signature"])
 
@@ -564,5 +634,5 @@ def _same_key(a: ec.EllipticCurvePublicKey, b: ec.EllipticCurvePublicKey) -> boo
 
 
 def _timestamp() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")

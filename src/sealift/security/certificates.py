@@ -46,12 +46,12 @@ class LeafProfile:
 
 
 def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def iso(moment: datetime.datetime) -> str:
     """UTC, whole seconds, ISO 8601 with Z: how refusals name a time."""
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------
@@ -130,8 +130,7 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
         raise CertificateError(
-            f"private key {path} is accessible by other users (mode {mode:04o}); "
-            f"run: chmod 600 {path}"
+            f"private key {path} is accessible by other users (mode {mode:04o}); run: chmod 600 {path}"
         )
     try:
         key = serialization.load_pem_private_key(data, password=None)

@@ -84,9 +84,7 @@ def validate_hostname(name: str) -> str:
     also used as a file name, so anything else is refused.
     """
     if not isinstance(name, str) or not 1 <= len(name) <= _MAX_HOSTNAME_LENGTH:
-        raise CertificateError(
-            f"invalid host name {name!r}: must be 1-{_MAX_HOSTNAME_LENGTH} characters"
-        )
+        raise CertificateError(f"invalid host name {name!r}: must be 1-{_MAX_HOSTNAME_LENGTH} characters")
     if not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
         raise CertificateError(
             f"invalid host name {name!r}: use letters, digits, '-' and '.', "
@@ -107,15 +105,12 @@ def host_name_of(cert: x509.Certificate) -> str:
     subject = subject_of(cert)
     names = subject_alt_names(cert, "host").get_values_for_type(x509.DNSName)
     if len(names) != 1:
-        raise CertificateError(
-            f"certificate {subject} has {len(names)} SAN DNS names, expected exactly one"
-        )
+        raise CertificateError(f"certificate {subject} has {len(names)} SAN DNS names, expected exactly one")
     if is_ca(cert):
         raise CertificateError(f"certificate {subject} is a CA certificate, not a host certificate")
     if not extended_key_usages(cert).issuperset(_HOST_PROFILE.extended_key_usages):
         raise CertificateError(
-            f"certificate {subject} lacks the serverAuth and clientAuth key usages "
-            "of a host certificate"
+            f"certificate {subject} lacks the serverAuth and clientAuth key usages of a host certificate"
         )
     return names[0]
 
@@ -146,9 +141,7 @@ class ClusterCA:
         return self.directory / CA_CERT_FILE
 
     @classmethod
-    def init(
-        cls, directory: Path, name: str = "sealift cluster CA", days: int = 3650
-    ) -> ClusterCA:
+    def init(cls, directory: Path, name: str = "sealift cluster CA", days: int = 3650) -> ClusterCA:
         """Create a new CA in `directory` (ca.key mode 0600, ca.pem).
 
         Refuses to overwrite an existing CA: replacing it would silently cut
@@ -200,9 +193,7 @@ class ClusterCA:
         if not is_ca(cert):
             raise CertificateError(f"{directory / CA_CERT_FILE} is not a CA certificate")
         if not same_public_key(key, cert):
-            raise CertificateError(
-                f"{directory / CA_KEY_FILE} does not belong to {directory / CA_CERT_FILE}"
-            )
+            raise CertificateError(f"{directory / CA_KEY_FILE} does not belong to {directory / CA_CERT_FILE}")
         return cls(directory=directory, certificate=cert, _key=key)
 
     def issue_host(self, hostname: str, out_dir: Path, days: int = 365) -> HostIdentity:
@@ -215,14 +206,15 @@ class ClusterCA:
         _check_days(days)
         identity = HostIdentity.in_directory(out_dir, hostname)
         self._issue_leaf_files(
-            identity, f"{hostname!r}. Remove it first to re-issue.",
-            [x509.DNSName(hostname)], _HOST_PROFILE, days,
-        )  # fmt: skip
+            identity,
+            f"{hostname!r}. Remove it first to re-issue.",
+            [x509.DNSName(hostname)],
+            _HOST_PROFILE,
+            days,
+        )
         return identity
 
-    def issue_operator(
-        self, name: str, role: str, out_dir: Path, days: int = 365
-    ) -> OperatorIdentity:
+    def issue_operator(self, name: str, role: str, out_dir: Path, days: int = 365) -> OperatorIdentity:
         """Issue an operator certificate with `role` into `out_dir` ({name}.key, {name}.pem, ca.pem).
 
         `role` is one of "admin", "operator", "auditor". See `operators.py`
@@ -236,10 +228,13 @@ class ClusterCA:
         identity = OperatorIdentity.in_directory(out_dir, name)
         role_attribute = x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, parsed_role.value)
         self._issue_leaf_files(
-            identity, f"operator {name!r}. Remove it first to re-issue (and revoke the old one).",
-            [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)], OPERATOR_PROFILE, days,
+            identity,
+            f"operator {name!r}. Remove it first to re-issue (and revoke the old one).",
+            [x509.UniformResourceIdentifier(OPERATOR_URI_PREFIX + name)],
+            OPERATOR_PROFILE,
+            days,
             extra_subject=[role_attribute],
-        )  # fmt: skip
+        )
         return identity
 
     def revoke(
@@ -255,9 +250,7 @@ class ClusterCA:
         copy that file to every agent. See `revocation.py`.
         """
         # The signing key goes to the CRL writer of this package, nowhere else.
-        return revocation.revoke(
-            self.directory, self.certificate, self._key, serial_or_cert, reason, crl_days=crl_days
-        )
+        return revocation.revoke(self.directory, self.certificate, self._key, serial_or_cert, reason, crl_days=crl_days)
 
     def publish_crl(self, *, crl_days: int = 30) -> x509.CertificateRevocationList:
         """Re-sign the CRL with the same entries and a new expiry (creating it if absent).
@@ -288,7 +281,9 @@ class ClusterCA:
                 raise CertificateError(f"{existing} already exists; refusing to overwrite the identity of {whose}")
         ca_pem = cert_pem(self.certificate)
         if ca_path.exists() and ca_path.read_bytes() != ca_pem:
-            raise CertificateError(f"{ca_path} holds a different CA certificate; {ca_path.parent} belongs to another cluster")
+            raise CertificateError(
+                f"{ca_path} holds a different CA certificate; {ca_path.parent} belongs to another cluster"
+            )
         ca_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._issue_leaf(identity.name, san, key.public_key(), profile, days, extra_subject=extra_subject)
@@ -313,9 +308,7 @@ class ClusterCA:
         ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         return (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject])
-            )
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject]))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -361,17 +354,14 @@ class HostIdentity(IdentityFiles):
         key = self.private_key()
         named = host_name_of(cert)
         if named != self.name:
-            raise CertificateError(
-                f"{self.cert_path} was issued for {named!r}, not {self.name!r}"
-            )
+            raise CertificateError(f"{self.cert_path} was issued for {named!r}, not {self.name!r}")
         if not same_public_key(key, cert):
             raise CertificateError(f"{self.key_path} does not belong to {self.cert_path}")
         if not is_ca(ca):
             raise CertificateError(f"{self.ca_path} is not a CA certificate")
         if not is_issued_by(cert, ca):
             raise CertificateError(
-                f"{self.cert_path} was not issued by the CA in {self.ca_path}; "
-                "re-issue it with this cluster's CA"
+                f"{self.cert_path} was not issued by the CA in {self.ca_path}; re-issue it with this cluster's CA"
             )
         now = utc_now()
         if now < cert.not_valid_before_utc:

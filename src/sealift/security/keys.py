@@ -62,17 +62,13 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_SIZE)
 
 
-def channel_secret(
-    stream: TlsStream, nonce_source: bytes, nonce_dest: bytes, migration_id: str
-) -> bytes:
+def channel_secret(stream: TlsStream, nonce_source: bytes, nonce_dest: bytes, migration_id: str) -> bytes:
     """32 bytes from the TLS exporter of `stream`, bound to both nonces and the migration."""
     context = _binding(nonce_source, nonce_dest, migration_id)
     return stream.export_keying_material(EXPORTER_LABEL, SECRET_SIZE, context)
 
 
-def derive_session_keys(
-    secret: bytes, nonce_source: bytes, nonce_dest: bytes, migration_id: str
-) -> SessionKeys:
+def derive_session_keys(secret: bytes, nonce_source: bytes, nonce_dest: bytes, migration_id: str) -> SessionKeys:
     """Split `secret` (from channel_secret) into per-direction keys and IVs with HKDF-SHA256."""
     if not isinstance(secret, bytes) or len(secret) != SECRET_SIZE:
         raise ValueError(f"secret must be {SECRET_SIZE} bytes")

@@ -108,9 +108,7 @@ def parse_role(role: str) -> Role:
     try:
         return Role(role)
     except ValueError:
-        raise CertificateError(
-            f"unknown operator role {role!r}: use one of {', '.join(sorted(ROLES))}"
-        ) from None
+        raise CertificateError(f"unknown operator role {role!r}: use one of {', '.join(sorted(ROLES))}") from None
 
 
 # --------------------------------------------------------------------------
@@ -130,9 +128,7 @@ def operator_of(cert: x509.Certificate) -> Operator:
         raise CertificateError(f"certificate {subject} is a CA certificate, not an operator's")
     san = subject_alt_names(cert, "operator")
     if san.get_values_for_type(x509.DNSName):
-        raise CertificateError(
-            f"certificate {subject} names a DNS host: a host certificate cannot sign as an operator"
-        )
+        raise CertificateError(f"certificate {subject} names a DNS host: a host certificate cannot sign as an operator")
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(list(san)) != 1 or len(uris) != 1 or not uris[0].startswith(OPERATOR_URI_PREFIX):
         raise CertificateError(
@@ -148,14 +144,10 @@ def operator_of(cert: x509.Certificate) -> Operator:
         )
     common_names = subject_attributes(cert, NameOID.COMMON_NAME)
     if common_names != [name]:
-        raise CertificateError(
-            f"certificate {subject}: the common name does not match the operator URI {uris[0]!r}"
-        )
+        raise CertificateError(f"certificate {subject}: the common name does not match the operator URI {uris[0]!r}")
     roles = subject_attributes(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
     if len(roles) != 1:
-        raise CertificateError(
-            f"certificate {subject} must carry exactly one role (subject OU), found {len(roles)}"
-        )
+        raise CertificateError(f"certificate {subject} must carry exactly one role (subject OU), found {len(roles)}")
     return Operator(name=name, role=parse_role(roles[0]))
 
 
@@ -174,9 +166,7 @@ def verify_operator_certificate(
     now = utc_now() if now is None else now
     operator = operator_of(cert)
     if not is_issued_by(cert, ca_cert):
-        raise CertificateError(
-            f"the certificate of operator {operator.name!r} was not issued by this cluster's CA"
-        )
+        raise CertificateError(f"the certificate of operator {operator.name!r} was not issued by this cluster's CA")
     if now < cert.not_valid_before_utc:
         raise CertificateError(
             f"the certificate of operator {operator.name!r} is not valid before "
@@ -230,8 +220,6 @@ class OperatorIdentity(IdentityFiles):
         except CertificateError as exc:
             raise CertificateError(f"{self.cert_path}: {exc}") from None
         if operator.name != self.name:
-            raise CertificateError(
-                f"{self.cert_path} was issued for operator {operator.name!r}, not {self.name!r}"
-            )
+            raise CertificateError(f"{self.cert_path} was issued for operator {operator.name!r}, not {self.name!r}")
         if not same_public_key(key, cert):
             raise CertificateError(f"{self.key_path} does not belong to {self.cert_path}")

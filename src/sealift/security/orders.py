@@ -76,8 +76,19 @@ _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _PAYLOAD_FIELDS = frozenset(
-    {"v", "id", "vm", "source", "destination", "not_before", "expires", "issued_at",
-     "issuer", "labels", "issuer_certificate"}
+    {
+        "v",
+        "id",
+        "vm",
+        "source",
+        "destination",
+        "not_before",
+        "expires",
+        "issued_at",
+        "issuer",
+        "labels",
+        "issuer_certificate",
+    }
 )
 
 
@@ -243,8 +254,7 @@ def create_order(
         raise ValueError(f"ttl_s={ttl_s!r} is shorter than one second")
     if expires - start > MAX_ORDER_LIFETIME:
         raise ValueError(
-            f"ttl_s={ttl_s!r} exceeds the maximum order lifetime of "
-            f"{int(MAX_ORDER_LIFETIME.total_seconds())} s"
+            f"ttl_s={ttl_s!r} exceeds the maximum order lifetime of {int(MAX_ORDER_LIFETIME.total_seconds())} s"
         )
     clean_labels = _check_labels(dict(labels or {}))
     operator.check()
@@ -323,18 +333,14 @@ def verify_order(
         )
     if now > order.expires + ORDER_CLOCK_SKEW:
         raise OrderExpiredError(
-            f"order {oid} expired at {format_time(order.expires)} (now {format_time(now)}); "
-            "create a new order",
+            f"order {oid} expired at {format_time(order.expires)} (now {format_time(now)}); create a new order",
             oid,
         )
     if expect_source is not None and order.source.lower() != expect_source.lower():
-        raise WrongSourceError(
-            f"order {oid} is for source host {order.source!r}, not {expect_source!r}", oid
-        )
+        raise WrongSourceError(f"order {oid} is for source host {order.source!r}, not {expect_source!r}", oid)
     if expect_destination is not None and order.destination.lower() != expect_destination.lower():
         raise WrongDestinationError(
-            f"order {oid} is for destination host {order.destination!r}, "
-            f"not {expect_destination!r}",
+            f"order {oid} is for destination host {order.destination!r}, not {expect_destination!r}",
             oid,
         )
     return VerifiedOrder(order=order, operator=operator, issuer_certificate=cert)
@@ -368,14 +374,14 @@ def describe_order(envelope: str | bytes) -> dict[str, Any]:
 
 def format_time(moment: datetime.datetime) -> str:
     """UTC, whole seconds, ISO 8601 with Z: the only time format in orders."""
-    return moment.astimezone(datetime.timezone.utc).strftime(_TIME_FORMAT)
+    return moment.astimezone(datetime.UTC).strftime(_TIME_FORMAT)
 
 
 def parse_time(text: str) -> datetime.datetime:
     """Inverse of format_time; ValueError for anything else."""
     if not isinstance(text, str) or not _TIMESTAMP.fullmatch(text):
         raise ValueError(f"{text!r} is not a time of the form 2026-11-22T10:00:00Z")
-    return datetime.datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=datetime.timezone.utc)
+    return datetime.datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=datetime.UTC)
 
 
 # --------------------------------------------------------------------------
@@ -390,9 +396,7 @@ def _envelope_bytes(envelope: str | bytes) -> bytes:
     if not isinstance(envelope, bytes):
         raise MalformedOrderError("an order must be JSON text (str or bytes)")
     if len(envelope) > MAX_ORDER_BYTES:
-        raise OrderTooLargeError(
-            f"order is {len(envelope)} bytes, larger than the {MAX_ORDER_BYTES}-byte limit"
-        )
+        raise OrderTooLargeError(f"order is {len(envelope)} bytes, larger than the {MAX_ORDER_BYTES}-byte limit")
     return envelope
 
 
@@ -413,9 +417,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any], MigrationOrder, x509.Certificate
         raise MalformedOrderError(f"malformed order {order.id}: signer is not a string", order.id)
     pem = payload["issuer_certificate"]
     if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----"):
-        raise MalformedOrderError(
-            f"malformed order {order.id}: issuer_certificate is not a PEM certificate", order.id
-        )
+        raise MalformedOrderError(f"malformed order {order.id}: issuer_certificate is not a PEM certificate", order.id)
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
@@ -457,9 +459,7 @@ def _order_from_payload(payload: dict[str, Any]) -> MigrationOrder:
     if expires <= not_before:
         raise bad("it expires before it becomes valid")
     if expires - not_before > MAX_ORDER_LIFETIME:
-        raise bad(
-            f"its lifetime of {expires - not_before} exceeds the maximum of {MAX_ORDER_LIFETIME}"
-        )
+        raise bad(f"its lifetime of {expires - not_before} exceeds the maximum of {MAX_ORDER_LIFETIME}")
     return MigrationOrder(
         id=oid,
         vm=payload["vm"],
@@ -476,8 +476,7 @@ def _order_from_payload(payload: dict[str, Any]) -> MigrationOrder:
 def _check_vm(vm: object) -> None:
     if not isinstance(vm, str) or not _VM_NAME.fullmatch(vm):
         raise ValueError(
-            f"invalid VM name {vm!r}: 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"invalid VM name {vm!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
 
 
@@ -497,7 +496,7 @@ def _check_labels(labels: object) -> dict[str, str]:
 def _require_aware(what: str, moment: datetime.datetime) -> datetime.datetime:
     if not isinstance(moment, datetime.datetime) or moment.tzinfo is None:
         raise ValueError(f"{what} must be a timezone-aware datetime")
-    return moment.astimezone(datetime.timezone.utc)
+    return moment.astimezone(datetime.UTC)
 
 
 def _whole_second(moment: datetime.datetime) -> datetime.datetime:
@@ -505,4 +504,4 @@ def _whole_second(moment: datetime.datetime) -> datetime.datetime:
 
 
 def _utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)

@@ -74,9 +74,7 @@ class Rule:
         named = f" {self.name!r}" if self.name else ""
         return f"rule {self.index + 1}{named}{where}"
 
-    def mismatches(
-        self, role: Role, vm: str, labels: Mapping[str, str], source: str, destination: str
-    ) -> list[str]:
+    def mismatches(self, role: Role, vm: str, labels: Mapping[str, str], source: str, destination: str) -> list[str]:
         """Which parts of this rule do not match (empty list: the rule allows it)."""
         wrong = []
         if role not in self.roles:
@@ -131,27 +129,19 @@ class Policy:
         return cls.from_dict(data, source=str(path), _rule_lines=headers)
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], source: str = "<policy>", *, _rule_lines: Sequence[int] = ()
-    ) -> Policy:
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<policy>", *, _rule_lines: Sequence[int] = ()) -> Policy:
         """Build a policy from parsed TOML (`{"rule": [ {...}, ... ]}`), checked as `load` does."""
         if not isinstance(data, Mapping):
             raise PolicyFileError(f"{source}: a policy is a table with [[rule]] entries")
         unknown = sorted(set(data) - {"rule"})
         if unknown:
-            raise PolicyFileError(
-                f"{source}: unknown top-level key(s) {unknown}; a policy has only [[rule]] tables"
-            )
+            raise PolicyFileError(f"{source}: unknown top-level key(s) {unknown}; a policy has only [[rule]] tables")
         raw_rules = data.get("rule", [])
         if not isinstance(raw_rules, list):
             raise PolicyFileError(f"{source}: 'rule' must be an array of tables ([[rule]])")
         # Line numbers only if every rule was written as a [[rule]] header.
-        lines: Sequence[int | None] = (
-            _rule_lines if len(_rule_lines) == len(raw_rules) else [None] * len(raw_rules)
-        )
-        rules = tuple(
-            _parse_rule(raw, index, lines[index], source) for index, raw in enumerate(raw_rules)
-        )
+        lines: Sequence[int | None] = _rule_lines if len(_rule_lines) == len(raw_rules) else [None] * len(raw_rules)
+        rules = tuple(_parse_rule(raw, index, lines[index], source) for index, raw in enumerate(raw_rules))
         return cls(rules=rules, source=source)
 
     @classmethod
@@ -175,9 +165,7 @@ class Policy:
         labels = labels or {}
         what = f"migrate VM {vm!r} from {source} to {destination}"
         if operator.role is Role.AUDITOR:
-            return PolicyDecision(
-                False, None, f"operator {operator} may not {what}: auditors may never migrate"
-            )
+            return PolicyDecision(False, None, f"operator {operator} may not {what}: auditors may never migrate")
         closest: tuple[int, Rule, list[str]] | None = None
         for rule in self.rules:
             wrong = rule.mismatches(operator.role, vm, labels, source, destination)
@@ -195,8 +183,7 @@ class Policy:
         return PolicyDecision(
             False,
             None,
-            f"operator {operator} may not {what}: no rule of {self.source} allows it "
-            f"(deny by default; {hint})",
+            f"operator {operator} may not {what}: no rule of {self.source} allows it (deny by default; {hint})",
         )
 
 
@@ -212,16 +199,12 @@ def _parse_rule(raw: Any, index: int, line: int | None, source: str) -> Rule:
         if key not in _RULE_KEYS:
             close = difflib.get_close_matches(key, _RULE_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PolicyFileError(
-                f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(_RULE_KEYS)}"
-            )
+            raise PolicyFileError(f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(_RULE_KEYS)}")
     for key in ("roles", "from", "to"):
         if key not in raw:
             raise PolicyFileError(f"{where}: missing required key {key!r}")
     if "vms" not in raw and "labels" not in raw:
-        raise PolicyFileError(
-            f"{where}: say which VMs it covers with 'vms' (e.g. [\"*\"]) and/or 'labels'"
-        )
+        raise PolicyFileError(f"{where}: say which VMs it covers with 'vms' (e.g. [\"*\"]) and/or 'labels'")
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise PolicyFileError(f"{where}: 'name' must be a non-empty string")
@@ -229,9 +212,7 @@ def _parse_rule(raw: Any, index: int, line: int | None, source: str) -> Rule:
     roles = set()
     for role in _string_list(raw, "roles", where):
         if role not in ROLES:
-            raise PolicyFileError(
-                f"{where}: unknown role {role!r}; roles are {', '.join(sorted(ROLES))}"
-            )
+            raise PolicyFileError(f"{where}: unknown role {role!r}; roles are {', '.join(sorted(ROLES))}")
         if role == Role.AUDITOR.value:
             raise PolicyFileError(f"{where}: auditors may never migrate; remove 'auditor'")
         roles.add(Role(role))
@@ -263,7 +244,6 @@ def _string_list(raw: dict[str, Any], key: str, where: str) -> list[str]:
     for item in value:
         if not isinstance(item, str) or not item or len(item) > _MAX_PATTERN:
             raise PolicyFileError(
-                f"{where}: {key!r} must hold non-empty strings of at most {_MAX_PATTERN} "
-                f"characters, got {item!r}"
+                f"{where}: {key!r} must hold non-empty strings of at most {_MAX_PATTERN} characters, got {item!r}"
             )
     return list(value)

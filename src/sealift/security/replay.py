@@ -60,9 +60,7 @@ class ReplayCache(SqliteStore):
         super().__init__(open_durable(self.path), owned=True)
         self._db.executescript(_SCHEMA)
 
-    def use_once(
-        self, order_id: str, expires_at: datetime.datetime, *, now: datetime.datetime | None = None
-    ) -> None:
+    def use_once(self, order_id: str, expires_at: datetime.datetime, *, now: datetime.datetime | None = None) -> None:
         """Record `order_id` as used now, or raise OrderReplayedError if it already was.
 
         Also raises OrderExpiredError if the order is already past its expiry
@@ -76,8 +74,7 @@ class ReplayCache(SqliteStore):
         now = _utc_now() if now is None else now
         if now > expires_at + ORDER_CLOCK_SKEW:
             raise OrderExpiredError(
-                f"order {order_id} expired at {format_time(expires_at)} (now {format_time(now)}); "
-                "create a new order",
+                f"order {order_id} expired at {format_time(expires_at)} (now {format_time(now)}); create a new order",
                 order_id,
             )
         keep_until = (expires_at + RETENTION).timestamp()
@@ -89,9 +86,7 @@ class ReplayCache(SqliteStore):
                     (order_id, _precise(now), keep_until),
                 )
             except sqlite3.IntegrityError:
-                row = self._db.execute(
-                    "SELECT used_at FROM used_orders WHERE order_id = ?", (order_id,)
-                ).fetchone()
+                row = self._db.execute("SELECT used_at FROM used_orders WHERE order_id = ?", (order_id,)).fetchone()
                 self._db.execute("COMMIT")  # keep the pruning
                 used_at = row[0] if row else "an earlier time"
                 raise OrderReplayedError(
@@ -103,18 +98,14 @@ class ReplayCache(SqliteStore):
     def used_at(self, order_id: str) -> str | None:
         """When `order_id` was used (ISO time), if it is still remembered."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT used_at FROM used_orders WHERE order_id = ?", (order_id,)
-            ).fetchone()
+            row = self._db.execute("SELECT used_at FROM used_orders WHERE order_id = ?", (order_id,)).fetchone()
         return row[0] if row else None
 
     def prune(self, now: datetime.datetime | None = None) -> int:
         """Forget ids of orders expired long enough ago; returns how many."""
         now = _utc_now() if now is None else now
         with self._lock:
-            cursor = self._db.execute(
-                "DELETE FROM used_orders WHERE keep_until < ?", (now.timestamp(),)
-            )
+            cursor = self._db.execute("DELETE FROM used_orders WHERE keep_until < ?", (now.timestamp(),))
             return cursor.rowcount
 
     def __len__(self) -> int:
@@ -123,10 +114,8 @@ class ReplayCache(SqliteStore):
 
 
 def _precise(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)

@@ -152,16 +152,10 @@ def _write_crl(
         )
     )
     for entry in sorted(entries, key=lambda e: e.serial):
-        revoked = (
-            x509.RevokedCertificateBuilder()
-            .serial_number(entry.serial)
-            .revocation_date(entry.revoked_at)
-        )
+        revoked = x509.RevokedCertificateBuilder().serial_number(entry.serial).revocation_date(entry.revoked_at)
         # RFC 5280 5.3.1: omit the reason code rather than say "unspecified".
         if entry.reason != x509.ReasonFlags.unspecified.name:
-            revoked = revoked.add_extension(
-                x509.CRLReason(x509.ReasonFlags[entry.reason]), critical=False
-            )
+            revoked = revoked.add_extension(x509.CRLReason(x509.ReasonFlags[entry.reason]), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
     crl = builder.sign(ca_key, hashes.SHA256())
     _replace_file(path, crl.public_bytes(serialization.Encoding.PEM))
@@ -195,9 +189,7 @@ class RevocationList:
     crl: x509.CertificateRevocationList | None = field(repr=False, compare=False)
 
     @classmethod
-    def load(
-        cls, path: Path, ca_cert: x509.Certificate, *, now: datetime.datetime | None = None
-    ) -> RevocationList:
+    def load(cls, path: Path, ca_cert: x509.Certificate, *, now: datetime.datetime | None = None) -> RevocationList:
         """Load `path` and check it is a current CRL signed by `ca_cert`.
 
         Raises CrlError with what to do: a missing or unreadable file, another
@@ -252,8 +244,13 @@ class RevocationList:
     def disabled(cls) -> RevocationList:
         """No revocation checking: nothing is revoked. Use only when no CRL is configured."""
         return cls(
-            path=None, issuer=None, last_update=None, next_update=None, number=None,
-            entries={}, crl=None,
+            path=None,
+            issuer=None,
+            last_update=None,
+            next_update=None,
+            number=None,
+            entries={},
+            crl=None,
         )
 
     @property
@@ -319,9 +316,7 @@ def _parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:
         raise CrlError(f"revocation list {path} is not a readable PEM CRL: {exc}") from None
 
 
-def _check_issuer(
-    crl: x509.CertificateRevocationList, ca_cert: x509.Certificate, path: Path
-) -> None:
+def _check_issuer(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate, path: Path) -> None:
     if crl.issuer != ca_cert.subject:
         raise CrlError(
             f"revocation list {path} was issued by {crl.issuer.rfc4514_string()!r}, "
@@ -358,9 +353,7 @@ def _parse_reason(reason: str | x509.ReasonFlags) -> x509.ReasonFlags:
     name = reason.name if isinstance(reason, x509.ReasonFlags) else str(reason)
     name = name.replace("-", "_")
     if name not in _REASONS:
-        raise ValueError(
-            f"unknown revocation reason {reason!r}: use one of {', '.join(sorted(_REASONS))}"
-        )
+        raise ValueError(f"unknown revocation reason {reason!r}: use one of {', '.join(sorted(_REASONS))}")
     return _REASONS[name]
 
 

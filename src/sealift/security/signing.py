@@ -35,25 +35,19 @@ def canonical_json(obj: Any) -> bytes:
     non-JSON types, unpaired surrogates).
     """
     try:
-        text = json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         return text.encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"value cannot be encoded as canonical JSON: {exc}") from None
 
 
-def sign_document(
-    payload: dict[str, Any], private_key: ec.EllipticCurvePrivateKey, signer: str, kind: str
-) -> str:
+def sign_document(payload: dict[str, Any], private_key: ec.EllipticCurvePrivateKey, signer: str, kind: str) -> str:
     """Sign `payload` as a document of `kind` by `signer`; returns the JSON envelope."""
     if not isinstance(payload, dict):
         raise TypeError("payload must be a dict")
     _require_name("signer", signer)
     _require_name("kind", kind)
-    if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(
-        private_key.curve, ec.SECP256R1
-    ):
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey) or not isinstance(private_key.curve, ec.SECP256R1):
         raise TypeError("private_key must be an ECC P-256 private key")
     signed = canonical_json({"kind": kind, "signer": signer, "payload": payload})
     signature = private_key.sign(signed, ec.ECDSA(hashes.SHA256()))
@@ -67,9 +61,7 @@ def sign_document(
         }
     )
     if len(envelope) > MAX_ENVELOPE_BYTES:
-        raise ValueError(
-            f"signed {kind} would be {len(envelope)} bytes, over the {MAX_ENVELOPE_BYTES}-byte limit"
-        )
+        raise ValueError(f"signed {kind} would be {len(envelope)} bytes, over the {MAX_ENVELOPE_BYTES}-byte limit")
     return envelope.decode("utf-8")
 
 
@@ -80,9 +72,7 @@ def verify_document(
     expected_signer: str | None = None,
 ) -> dict[str, Any]:
     """Check an envelope and return its payload; SignatureError says why it is refused."""
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
-        public_key.curve, ec.SECP256R1
-    ):
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
         raise TypeError("public_key must be an ECC P-256 public key")
     doc = _parse_envelope(envelope)
     if doc["alg"] != ALG:
@@ -103,8 +93,7 @@ def verify_document(
         public_key.verify(signature, signed, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise SignatureError(
-            f"signature on {kind} from {signer!r} does not verify: "
-            "the document was altered or signed with another key"
+            f"signature on {kind} from {signer!r} does not verify: the document was altered or signed with another key"
         ) from None
     return payload
 
@@ -117,9 +106,7 @@ def _parse_envelope(envelope: str | bytes) -> dict[str, Any]:
     if len(raw) > MAX_ENVELOPE_BYTES:
         raise SignatureError(f"signed document larger than {MAX_ENVELOPE_BYTES} bytes")
     try:
-        doc = json.loads(
-            raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants
-        )
+        doc = json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:
         raise SignatureError(f"signed document is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):

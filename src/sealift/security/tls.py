@@ -138,9 +138,7 @@ def _set_groups(ctx: SSL.Context) -> None:
         raise SecurityError(f"this OpenSSL refuses the key-exchange groups {_ECDHE_GROUPS!r}")
 
 
-def _record_verify_failure(
-    conn: SSL.Connection, cert: _crypto.X509, errnum: int, depth: int, ok: int
-) -> bool:
+def _record_verify_failure(conn: SSL.Connection, cert: _crypto.X509, errnum: int, depth: int, ok: int) -> bool:
     """Keep the first certificate error, to explain a refusal in words."""
     failures = conn.get_app_data()
     if not ok and isinstance(failures, list) and not failures:
@@ -190,9 +188,7 @@ class TlsStream:
         stream = cls._handshake(sock, context, server=False, timeout=timeout)
         if stream.peer_name.lower() != expected_peer.lower():
             stream.close()
-            raise PeerIdentityError(
-                f"peer presented certificate for {stream.peer_name!r}, expected {expected_peer!r}"
-            )
+            raise PeerIdentityError(f"peer presented certificate for {stream.peer_name!r}, expected {expected_peer!r}")
         return stream
 
     @classmethod
@@ -207,9 +203,7 @@ class TlsStream:
         return cls._handshake(sock, context, server=True, timeout=timeout)
 
     @classmethod
-    def _handshake(
-        cls, sock: socket.socket, context: SSL.Context, *, server: bool, timeout: float
-    ) -> TlsStream:
+    def _handshake(cls, sock: socket.socket, context: SSL.Context, *, server: bool, timeout: float) -> TlsStream:
         _check_timeout(timeout)
         deadline = time.monotonic() + timeout
         peer = _peer_address(sock)
@@ -226,9 +220,7 @@ class TlsStream:
             _io(sock, conn.do_handshake, deadline)
         except TimeoutError:
             sock.close()
-            raise HandshakeError(
-                f"TLS handshake with {peer} did not complete within {timeout:g} s"
-            ) from None
+            raise HandshakeError(f"TLS handshake with {peer} did not complete within {timeout:g} s") from None
         except SSL.Error as exc:
             sock.close()
             reason = failures[0] if failures else _ssl_reason(exc)
@@ -309,9 +301,7 @@ class TlsStream:
         while got < n:
             chunk = self._recv(min(n - got, _MAX_READ), deadline)
             if not chunk:
-                raise ConnectionError(
-                    f"{self.peer_name} closed the connection after {got} of {n} expected bytes"
-                )
+                raise ConnectionError(f"{self.peer_name} closed the connection after {got} of {n} expected bytes")
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
@@ -322,9 +312,7 @@ class TlsStream:
         except SSL.ZeroReturnError:
             return b""  # the peer sent close_notify
         except SSL.Error as exc:
-            raise ConnectionError(
-                f"TLS receive from {self.peer_name} failed: {_ssl_reason(exc)}"
-            ) from None
+            raise ConnectionError(f"TLS receive from {self.peer_name} failed: {_ssl_reason(exc)}") from None
 
     def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
         """RFC 8446 section 7.5 exporter: the same bytes on both ends of this connection only."""

@@ -23,11 +23,11 @@ from .errors import ProtocolError
 from .messages import (
     FRAME_HEADER_SIZE,
     Accept,
+    AdvertQuery,
     Hello,
     Message,
     MessageType,
     OutcomeQuery,
-    AdvertQuery,
     Receipt,
     decode_payload,
     encode_frame,
@@ -138,9 +138,7 @@ class ControlConnection:
             return []
         try:
             if self.closed:
-                raise ProtocolError(
-                    f"data received after the conversation ended ({self._state.value})"
-                )
+                raise ProtocolError(f"data received after the conversation ended ({self._state.value})")
             self._buffer += data
             return self._drain()
         except ProtocolError as exc:
@@ -156,9 +154,7 @@ class ControlConnection:
             self._advance(self._peer, msg)
             messages.append(msg)
             if self.closed and self._buffer:
-                raise ProtocolError(
-                    f"data received after the conversation ended ({self._state.value})"
-                )
+                raise ProtocolError(f"data received after the conversation ended ({self._state.value})")
         return messages
 
     def _next_message(self) -> Message | None:
@@ -183,24 +179,18 @@ class ControlConnection:
         name = type(msg).__name__
         if self.closed:
             raise ProtocolError(
-                f"{who} ({sender.value}) sent {name} after the conversation ended "
-                f"({self._state.value})"
+                f"{who} ({sender.value}) sent {name} after the conversation ended ({self._state.value})"
             )
         if (self._state, sender, msg.TYPE) not in _TRANSITIONS:
-            raise ProtocolError(
-                f"{who} ({sender.value}) may not send {name} in state {self._state.value}"
-            )
+            raise ProtocolError(f"{who} ({sender.value}) may not send {name} in state {self._state.value}")
         if self._migration_id is not None and msg.migration_id != self._migration_id:
             raise ProtocolError(
-                f"{name} is for migration {msg.migration_id}, "
-                f"but this connection is for {self._migration_id}"
+                f"{name} is for migration {msg.migration_id}, but this connection is for {self._migration_id}"
             )
         if isinstance(msg, Receipt):
             expected = _RECEIPT_STAGE[self._state]
             if msg.stage != expected:
-                raise ProtocolError(
-                    f"Receipt stage {msg.stage!r} out of order: expected {expected!r}"
-                )
+                raise ProtocolError(f"Receipt stage {msg.stage!r} out of order: expected {expected!r}")
         if isinstance(msg, Accept) and self._hello is not None and msg.nonce == self._hello.nonce:
             # A reflected nonce would let one side's freshness stand for both.
             raise ProtocolError("Accept nonce equals the Hello nonce (reflection)")

@@ -117,9 +117,7 @@ def decode_stream_open(data: bytes | bytearray | memoryview) -> tuple[bytes, int
     raw = bytes(data)
     magic, session_id, index = STREAM_OPEN.unpack(raw)
     if magic != STREAM_MAGIC:
-        raise ProtocolError(
-            f"not a sealift data stream (magic {magic!r}, expected {STREAM_MAGIC!r})"
-        )
+        raise ProtocolError(f"not a sealift data stream (magic {magic!r}, expected {STREAM_MAGIC!r})")
     if raw[-3:] != b"\0\0\0":
         raise ProtocolError("stream open reserved bytes must be zero")
     if index >= MAX_STREAMS:
@@ -292,17 +290,13 @@ class DataStreamWriter:
         values = np.asarray(indexes)
         count = values.size
         if values.ndim != 1 or not 1 <= count <= MAX_ZERO_PAGES_PER_RECORD:
-            raise ProtocolError(
-                f"zero page count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}"
-            )
+            raise ProtocolError(f"zero page count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}")
         if values.dtype.kind not in "iu" or int(values.min()) < 0:
             raise ProtocolError("zero page indexes must be non-negative integers")
         if int(values.max()) >= self._npages:
             raise ProtocolError(f"page index {int(values.max())} out of range")
         ZERO_PAGES_FIXED.pack_into(self._staging, 0, count)
-        staged = np.frombuffer(
-            self._staging, dtype=_INDEX_DTYPE, count=count, offset=ZERO_PAGES_FIXED.size
-        )
+        staged = np.frombuffer(self._staging, dtype=_INDEX_DTYPE, count=count, offset=ZERO_PAGES_FIXED.size)
         staged[:] = values
         _check_indexes(staged, self._npages)
         record = self._seal(RecordType.ZERO_PAGES, ZERO_PAGES_FIXED.size + 4 * count)
@@ -481,8 +475,7 @@ class DataStreamReader:
         if not self._ended or self._header is not None:
             self._fail(
                 ProtocolError(
-                    f"stream truncated: no END record after {self.records} records "
-                    f"and {self.pages_received} pages"
+                    f"stream truncated: no END record after {self.records} records and {self.pages_received} pages"
                 )
             )
 
@@ -564,9 +557,7 @@ class DataStreamReader:
         self._header = None
         record_type, length = self._type, self._length
         plain_len = length - self._overhead
-        opened = self._protection.open_into(
-            header, self._payload_view[:length], self._plain_view[:plain_len]
-        )
+        opened = self._protection.open_into(header, self._payload_view[:length], self._plain_view[:plain_len])
         if opened != plain_len:
             raise ProtocolError(f"record opened to {opened} bytes, expected {plain_len}")
         plain = self._plain_view[:plain_len]
@@ -595,8 +586,7 @@ class DataStreamReader:
         data_offset = PAGES_FIXED.size + 4 * count
         if data_offset + data_len != len(plain):
             raise ProtocolError(
-                f"PAGES record of {len(plain)} bytes does not match count {count} "
-                f"and data length {data_len}"
+                f"PAGES record of {len(plain)} bytes does not match count {count} and data length {data_len}"
             )
         raw_len = count * PAGE_SIZE
         indexes = _read_indexes(plain, PAGES_FIXED.size, count)
@@ -622,32 +612,22 @@ class DataStreamReader:
                 # The frame's declared size is what zstd allocates: check it first.
                 declared = zstandard.frame_content_size(packed)
                 if declared != expected:
-                    raise ProtocolError(
-                        f"zstd frame declares {declared} bytes, expected {expected}"
-                    )
-                raw = self._zstd.decompress(
-                    packed, max_output_size=expected, allow_extra_data=False
-                )
+                    raise ProtocolError(f"zstd frame declares {declared} bytes, expected {expected}")
+                raw = self._zstd.decompress(packed, max_output_size=expected, allow_extra_data=False)
             else:
                 raw = lz4.block.decompress(packed, uncompressed_size=expected)
         except (zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
             raise ProtocolError(f"{codec.name.lower()} data is corrupt: {exc}") from None
         if len(raw) != expected:
-            raise ProtocolError(
-                f"{codec.name.lower()} data decompressed to {len(raw)} bytes, expected {expected}"
-            )
+            raise ProtocolError(f"{codec.name.lower()} data decompressed to {len(raw)} bytes, expected {expected}")
         return raw
 
     def _parse_zero_pages(self, plain: memoryview) -> ZeroPagesReceived:
         (count,) = ZERO_PAGES_FIXED.unpack_from(plain, 0)
         if not 1 <= count <= MAX_ZERO_PAGES_PER_RECORD:
-            raise ProtocolError(
-                f"ZERO_PAGES count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}"
-            )
+            raise ProtocolError(f"ZERO_PAGES count {count} is outside 1..{MAX_ZERO_PAGES_PER_RECORD}")
         if ZERO_PAGES_FIXED.size + 4 * count != len(plain):
-            raise ProtocolError(
-                f"ZERO_PAGES record of {len(plain)} bytes does not match count {count}"
-            )
+            raise ProtocolError(f"ZERO_PAGES record of {len(plain)} bytes does not match count {count}")
         indexes = _read_indexes(plain, ZERO_PAGES_FIXED.size, count)
         _check_indexes(indexes, self._npages)
         self.pages_received += count

@@ -88,9 +88,7 @@ def _check_str(field: str, value: object) -> str:
     return value
 
 
-def _check_pattern(
-    field: str, value: object, pattern: re.Pattern[str], what: str, max_chars: int = 253
-) -> str:
+def _check_pattern(field: str, value: object, pattern: re.Pattern[str], what: str, max_chars: int = 253) -> str:
     text = _check_str(field, value)
     # Length first so a huge string never reaches the regex engine.
     if len(text) > max_chars or pattern.fullmatch(text) is None:
@@ -293,7 +291,9 @@ class Hello(_Message):
     backend: str
     order: str | None
     psk_proof: str | None
-    image_digest: str | None = "tags"  # the image check both sides compute (backends/builtin/digest.py); None = no digest
+    image_digest: str | None = (
+        "tags"  # the image check both sides compute (backends/builtin/digest.py); None = no digest
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,9 +418,7 @@ del _cls
 
 def canonical_json(obj: dict[str, Any]) -> bytes:
     """The one accepted encoding: sorted keys, no whitespace, UTF-8, no NaN."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -458,10 +456,7 @@ def _parse_json(payload: bytes) -> object:
 def encode_payload(msg: Message) -> bytes:
     payload = canonical_json(msg.to_json())
     if len(payload) > MAX_CONTROL_PAYLOAD:
-        raise ProtocolError(
-            f"{type(msg).__name__} payload of {len(payload)} bytes "
-            f"exceeds limit {MAX_CONTROL_PAYLOAD}"
-        )
+        raise ProtocolError(f"{type(msg).__name__} payload of {len(payload)} bytes exceeds limit {MAX_CONTROL_PAYLOAD}")
     return payload
 
 
@@ -474,14 +469,11 @@ def encode_frame(msg: Message) -> bytes:
 def parse_frame_header(header: bytes | bytearray | memoryview) -> tuple[MessageType, int]:
     """Validate a frame header before any payload is read; returns (type, payload length)."""
     if len(header) != FRAME_HEADER_SIZE:
-        raise ProtocolError(
-            f"control frame header must be {FRAME_HEADER_SIZE} bytes, got {len(header)}"
-        )
+        raise ProtocolError(f"control frame header must be {FRAME_HEADER_SIZE} bytes, got {len(header)}")
     version, type_code, flags, length = FRAME_HEADER.unpack(header)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"control protocol version {version} is not supported "
-            f"(this host speaks {PROTOCOL_VERSION})"
+            f"control protocol version {version} is not supported (this host speaks {PROTOCOL_VERSION})"
         )
     if type_code not in MESSAGE_CLASSES:
         raise ProtocolError(f"unknown control message type {type_code}")
@@ -495,9 +487,7 @@ def parse_frame_header(header: bytes | bytearray | memoryview) -> tuple[MessageT
 def decode_payload(msg_type: MessageType, payload: bytes) -> Message:
     """Parse and check one payload; only the canonical encoding is accepted."""
     if len(payload) > MAX_CONTROL_PAYLOAD:
-        raise ProtocolError(
-            f"control frame length {len(payload)} exceeds limit {MAX_CONTROL_PAYLOAD}"
-        )
+        raise ProtocolError(f"control frame length {len(payload)} exceeds limit {MAX_CONTROL_PAYLOAD}")
     cls = MESSAGE_CLASSES[msg_type]
     msg = cls.from_json(_parse_json(payload))
     if canonical_json(msg.to_json()) != payload:

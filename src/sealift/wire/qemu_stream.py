@@ -88,8 +88,9 @@ class GuestSpec:
     @classmethod
     def decode(cls, data: bytes) -> GuestSpec:
         doc = "guest description at the head of the QEMU stream"
-        raw = _object(data, doc, {"memory_mib", "extra_cmdline", "net", "image_key"},
-                      {"transport", "multifd_channels", "xbzrle"})  # fmt: skip
+        raw = _object(
+            data, doc, {"memory_mib", "extra_cmdline", "net", "image_key"}, {"transport", "multifd_channels", "xbzrle"}
+        )
         net = raw["net"]
         if not isinstance(net, dict):
             _fail(doc, "net must be an object")
@@ -121,7 +122,9 @@ class Ready:
     extra_sessions: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
-        return json.dumps({"ready": True, "port": self.port, "streams": [s.hex() for s in self.extra_sessions]}).encode()
+        return json.dumps(
+            {"ready": True, "port": self.port, "streams": [s.hex() for s in self.extra_sessions]}
+        ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Ready:

@@ -94,7 +94,8 @@ def decide(
             return Decision(Action.THROTTLE, f"not converging: throttling guest to {new_pct}%", expected_ms, new_pct)
         return Decision(
             Action.STOP_AND_COPY,
-            "not converging: dirty rate at or above bandwidth" + (" with maximum throttle" if options.auto_converge else ""),
+            "not converging: dirty rate at or above bandwidth"
+            + (" with maximum throttle" if options.auto_converge else ""),
             expected_ms,
             throttle_pct,
         )

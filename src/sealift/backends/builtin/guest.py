@@ -119,9 +119,7 @@ def image_in_use(image_path: Path) -> bool:
     return False
 
 
-def next_tick_start(
-    start: float, now: float, busy: float, anchor: float, period: float, throttle_pct: int
-) -> float:
+def next_tick_start(start: float, now: float, busy: float, anchor: float, period: float, throttle_pct: int) -> float:
     """When the next tick starts (monotonic seconds); also the new schedule anchor.
 
     ``start``/``now``: wall clock at the start and end of the tick just run;
@@ -220,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirty", type=Path, help="dirty log file (one uint32 generation per page)")
     parser.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once running")
     parser.add_argument(
-        "--go-fd", type=int, default=None,
+        "--go-fd",
+        type=int,
+        default=None,
         help="standby: wait for a byte on this fd before opening the image (EOF = cancelled)",
     )
     args = parser.parse_args(argv)
@@ -250,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         if not boot(image, dirty, state, lambda: stop.requested):
             _log(f"stopped by {stop.signal_name} during first boot (it will be redone)")
             return EXIT_OK
-        _log(f"first boot: filled {state.fill_fraction:.0%} of {state.memory_bytes} bytes "
-             f"in {time.monotonic() - t0:.2f} s")
+        _log(
+            f"first boot: filled {state.fill_fraction:.0%} of {state.memory_bytes} bytes "
+            f"in {time.monotonic() - t0:.2f} s"
+        )
     _log(f"running profile {state.profile} from counter {image.counter} on {args.image}")
     _signal_ready(args.ready_fd)
     run(image, dirty, stop)

@@ -75,9 +75,7 @@ SECRET_PAGE = 1
 MAX_SECRET_BYTES = 1024
 MAX_THROTTLE_PCT = 99  # as QEMU's cpu-throttle: 100% would never run again
 MAX_BAD_PAGES_LISTED = 16
-DEFAULT_SECRET = (
-    "The bank amount transferred to account 4471-0093-2210 is USD 1,250,000.00 (sealift test secret)"
-)
+DEFAULT_SECRET = "The bank amount transferred to account 4471-0093-2210 is USD 1,250,000.00 (sealift test secret)"
 
 # magic, version, flags, memory_bytes, npages, counter, throttle_pct, tick_hz,
 # pages_per_tick, secret_page, hot_set_pages, hot_set_start, seed,
@@ -146,7 +144,7 @@ class GuestState:
         if not (math.isfinite(self.fill_fraction) and 0.0 <= self.fill_fraction <= 1.0):
             raise ImageError("state fill_fraction outside [0, 1]")
         try:
-            self.workload  # validates the workload fields
+            _ = self.workload  # reading it validates the workload fields
         except WorkloadError as exc:
             raise ImageError(f"state has invalid workload parameters: {exc}") from None
 
@@ -167,9 +165,26 @@ class GuestState:
         if len(blob) != STATE_AREA_SIZE:
             raise ImageError(f"state area must be {STATE_AREA_SIZE} bytes, got {len(blob)}")
         fields = _STATE.unpack_from(blob)
-        (magic, version, flags, memory_bytes, npages, counter, throttle, tick_hz, ppt,
-         secret_page, hot_pages, hot_start, seed, fill, secret_len, _reserved, digest,
-         profile_raw) = fields
+        (
+            magic,
+            version,
+            flags,
+            memory_bytes,
+            npages,
+            counter,
+            throttle,
+            tick_hz,
+            ppt,
+            secret_page,
+            hot_pages,
+            hot_start,
+            seed,
+            fill,
+            secret_len,
+            _reserved,
+            digest,
+            profile_raw,
+        ) = fields
         if magic == bytes(len(MAGIC)):
             raise ImageError("state area is empty (a migration destination whose state was not written yet)")
         if magic != MAGIC:
@@ -199,10 +214,23 @@ class GuestState:
 
     def to_bytes(self) -> bytes:
         packed = _STATE.pack(
-            MAGIC, self.layout_version, _FLAG_BOOTED if self.booted else 0,
-            self.memory_bytes, self.npages, self.counter, self.throttle_pct, self.tick_hz,
-            self.pages_per_tick, self.secret_page, self.hot_set_pages, self.hot_set_start,
-            self.seed, self.fill_fraction, self.secret_len, 0, self.secret_sha256,
+            MAGIC,
+            self.layout_version,
+            _FLAG_BOOTED if self.booted else 0,
+            self.memory_bytes,
+            self.npages,
+            self.counter,
+            self.throttle_pct,
+            self.tick_hz,
+            self.pages_per_tick,
+            self.secret_page,
+            self.hot_set_pages,
+            self.hot_set_start,
+            self.seed,
+            self.fill_fraction,
+            self.secret_len,
+            0,
+            self.secret_sha256,
             self.profile.encode("ascii"),
         )
         return packed.ljust(STATE_AREA_SIZE, b"\0")

@@ -14,21 +14,21 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from sealift.host.store import MigrationRecord
-from sealift.host.transport import ControlChannel, PipelinedSink, open_data_stream, recv_exactly_into
 from sealift.backends.builtin.image import GuestImage
 from sealift.backends.builtin.receiver import ImageReceiver, ReceiveResult
 from sealift.backends.builtin.registry import BuiltinGuestMemory, BuiltinVmRegistry
 from sealift.backends.builtin.sender import PrecopyResult, PrecopySender, TransferProgress, state_digest
 from sealift.backends.builtin.vm import BuiltinVM, StandbyGuest, VmError
+from sealift.host.store import MigrationRecord
+from sealift.host.transport import ControlChannel, PipelinedSink, open_data_stream, recv_exactly_into
 from sealift.migration.destination import admit_hello, verify_manifest
 from sealift.migration.documents import DocumentError
 from sealift.migration.errors import IncomingRefused
 from sealift.migration.phases import Event
 from sealift.migration.report import RoundReport
 from sealift.migration.session import DestinationSession, SourceSession
-from sealift.security.audit import Kinds
 from sealift.migration.streams import stream_protections
+from sealift.security.audit import Kinds
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter
 from sealift.wire.messages import Accept, Hello
 
@@ -71,14 +71,17 @@ class BuiltinSourceDriver:
             image_digest=s.options.image_digest if s.options.secure else None,
         )
 
-    def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: BuiltinVM) -> PrecopyResult:
+    def transfer(
+        self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: BuiltinVM
+    ) -> PrecopyResult:
         s = self._session
         protection, _ = stream_protections(channel, s.options.secure, s.nonce, accept.nonce, s.migration_id)
         data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
         sink = PipelinedSink(data)
         try:
-            writer = DataStreamWriter(protection, vm.image.npages, s.options.compression,
-                                      out_buffers=PipelinedSink.ring_size())  # fmt: skip
+            writer = DataStreamWriter(
+                protection, vm.image.npages, s.options.compression, out_buffers=PipelinedSink.ring_size()
+            )
             s.enter(Event.BEGIN_PRECOPY)
             sender = PrecopySender(
                 BuiltinGuestMemory(vm),
@@ -103,8 +106,13 @@ class BuiltinSourceDriver:
             data.close()
 
     def manifest_fields(self, result: PrecopyResult) -> tuple[dict[str, object], dict[str, object]]:
-        fields = {"image_digest": result.image_digest, "state_digest": result.state_digest,
-                  "pages_sent": result.pages_sent, "rounds": len(result.rounds), "wire_bytes": result.wire_bytes}  # fmt: skip
+        fields = {
+            "image_digest": result.image_digest,
+            "state_digest": result.state_digest,
+            "pages_sent": result.pages_sent,
+            "rounds": len(result.rounds),
+            "wire_bytes": result.wire_bytes,
+        }
         return fields, {"image_digest": result.image_digest, "state_digest": result.state_digest}
 
     def fill_report(self, result: PrecopyResult) -> None:
@@ -133,8 +141,14 @@ class BuiltinSourceDriver:
     def _on_round(self, report: RoundReport) -> None:
         s = self._session
         s.report.round_reports.append(report)
-        s.audit(Kinds.MIGRATION_ROUND, round=report.round, pages=report.pages_sent, bytes=report.bytes_sent,
-                dirty_left=report.dirty_pages_left, decision=report.decision)  # fmt: skip
+        s.audit(
+            Kinds.MIGRATION_ROUND,
+            round=report.round,
+            pages=report.pages_sent,
+            bytes=report.bytes_sent,
+            dirty_left=report.dirty_pages_left,
+            decision=report.decision,
+        )
         s.progress("round", report.to_dict())
 
     def _on_transfer(self, progress: TransferProgress) -> None:
@@ -246,9 +260,8 @@ class BuiltinDestinationDriver:
         manifest, envelope = verify_manifest(s, {}, "expected")
         if hello.secure:
             if manifest.get("image_digest") != result.image_digest:
-                raise DocumentError(
-                    f"image digest mismatch: received {result.image_digest}, source signed {manifest.get('image_digest')}"
-                )
+                signed = manifest.get("image_digest")
+                raise DocumentError(f"image digest mismatch: received {result.image_digest}, source signed {signed}")
             if manifest.get("state_digest") != state_digest(result.device_state or b""):
                 raise DocumentError("device state digest does not match the signed manifest")
         s.audit(Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, verified=hello.secure, manifest=envelope)

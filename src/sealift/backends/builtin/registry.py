@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sealift.backends.builtin.guest import image_in_use
+from sealift.backends.builtin.image import ImageCheck
+from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError
 from sealift.host.config import AgentConfig
 from sealift.host.store import AgentStore
-from sealift.backends.builtin.image import ImageCheck
-from sealift.backends.builtin.guest import image_in_use
-from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError
 from sealift.migration.errors import AdmissionError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ class BuiltinGuestMemory:
 class BuiltinVmRegistry:
     backend = "builtin"
 
-    def __init__(self, config: AgentConfig, store: AgentStore,
-                 other_guests: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:  # fmt: skip
+    def __init__(
+        self, config: AgentConfig, store: AgentStore, other_guests: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    ) -> None:
         self._config = config
         self._store = store
         # (memory bytes, vCPUs) of the guests other registries hold on this host (QEMU): admission counts them too.
@@ -110,14 +111,18 @@ class BuiltinVmRegistry:
             return vm
         return None
 
-    def start(self, name: str, memory_bytes: int, workload: str, fill_fraction: float, seed: int | None = None) -> BuiltinVM:
+    def start(
+        self, name: str, memory_bytes: int, workload: str, fill_fraction: float, seed: int | None = None
+    ) -> BuiltinVM:
         with self._lock:
             if name in self._vms:
                 raise AdmissionError(f"a VM named {name!r} already runs on {self._config.name}")
             self._check_capacity_locked(memory_bytes)
             self._busy.add(name)  # reserve the name while it boots
         try:
-            vm = BuiltinVM.create(self.vm_dir, name, memory_bytes, profile=workload, fill_fraction=fill_fraction, seed=seed)
+            vm = BuiltinVM.create(
+                self.vm_dir, name, memory_bytes, profile=workload, fill_fraction=fill_fraction, seed=seed
+            )
         finally:
             with self._lock:
                 self._busy.discard(name)
@@ -226,7 +231,9 @@ class BuiltinVmRegistry:
                 raise AdmissionError(f"a VM named {name!r} already exists on {self._config.name}")
             incoming = len(self._reserved)
             if incoming >= self._config.max_incoming:
-                raise AdmissionError(f"{self._config.name} already receives {incoming} migrations (limit {self._config.max_incoming})")
+                raise AdmissionError(
+                    f"{self._config.name} already receives {incoming} migrations (limit {self._config.max_incoming})"
+                )
             self._check_capacity_locked(memory_bytes)
             self._reserved[migration_id] = memory_bytes
             self._busy.add(name)

@@ -8,8 +8,9 @@ never touches sockets or processes itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import blake3
 import numpy as np
@@ -289,7 +290,12 @@ class PrecopySender:
             if now >= self._next_tick:
                 self._next_tick = now + 0.1
                 self._on_transfer(
-                    TransferProgress(self._round, self._writer.pages_sent - self._round_start_pages, self._round_total, self._writer.wire_bytes)
+                    TransferProgress(
+                        self._round,
+                        self._writer.pages_sent - self._round_start_pages,
+                        self._round_total,
+                        self._writer.wire_bytes,
+                    )
                 )
 
     def _begin_round(self, round_no: int, total_pages: int) -> None:

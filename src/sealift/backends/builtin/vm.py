@@ -217,8 +217,15 @@ class BuiltinVM:
         timeout: float,
     ) -> BuiltinVM:
         _, _, log_path = _paths(vm_dir, name)
-        vm = cls(vm_dir=vm_dir, name=name, pid=popen.pid, pidfd=os.pidfd_open(popen.pid),
-                 popen=popen, image=image, dirty=dirty)
+        vm = cls(
+            vm_dir=vm_dir,
+            name=name,
+            pid=popen.pid,
+            pidfd=os.pidfd_open(popen.pid),
+            popen=popen,
+            image=image,
+            dirty=dirty,
+        )
         try:
             readable, _, _ = select.select([ready_r], [], [], timeout)
             message = os.read(ready_r, len(READY_MESSAGE)) if readable else None

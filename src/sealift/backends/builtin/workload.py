@@ -137,9 +137,7 @@ class WorkloadParams:
             raise WorkloadError("tick_hz must be >= 0")
 
     @classmethod
-    def for_profile(
-        cls, profile: WorkloadProfile, npages: int, seed: int, secret_page: int
-    ) -> WorkloadParams:
+    def for_profile(cls, profile: WorkloadProfile, npages: int, seed: int, secret_page: int) -> WorkloadParams:
         workload_pages = npages - 1
         hot = min(workload_pages, max(1, round(profile.hot_set_fraction * workload_pages)))
         return cls(

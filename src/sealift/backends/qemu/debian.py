@@ -63,8 +63,9 @@ def show(packages: list[str]) -> dict[str, dict[str, str]]:
     One call for all, because each ``apt-cache`` run may rebuild its cache
     (about a second where the binary cache is disabled, as in containers).
     """
-    text = _run(["apt-cache", "show", "--no-all-versions", *packages], _APT_TIMEOUT_S,
-                "looking up " + ", ".join(packages))  # fmt: skip
+    text = _run(
+        ["apt-cache", "show", "--no-all-versions", *packages], _APT_TIMEOUT_S, "looking up " + ", ".join(packages)
+    )
     found: dict[str, dict[str, str]] = {}
     for paragraph in text.split("\n\n"):
         fields: dict[str, str] = {}

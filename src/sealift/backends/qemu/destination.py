@@ -21,10 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.backends.qemu import relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.registry import QemuVmRegistry, network_like
-from sealift.backends.qemu import relay
 from sealift.backends.qemu.transports import AuditedSa, DirectDestination, QemuTransport, transport_named
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.ipsec.charon import HostCharon
@@ -179,8 +179,9 @@ class QemuDestinationDriver:
             host = str(data.getsockname()[0])
         return host
 
-    def _receive_through_channel(self, spec: GuestSpec, data: socket.socket, reader: DataStreamReader,
-                                 ready: DataStreamWriter) -> None:  # fmt: skip
+    def _receive_through_channel(
+        self, spec: GuestSpec, data: socket.socket, reader: DataStreamReader, ready: DataStreamWriter
+    ) -> None:
         """The sealift transports: QEMU's stream arrives as OPAQUE records; feed it to QEMU's unix socket.
 
         With multifd, each channel has a data stream of its own (announced in
@@ -195,12 +196,21 @@ class QemuDestinationDriver:
         try:
             qemu_socks = self._start_qemu_unix(spec, sock_dir, 1 + len(extra_sessions))
             for index, session in enumerate(extra_sessions, 1):
-                incoming, _ = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce,
-                                                 relay.stream_label(hello.migration_id, index))  # fmt: skip
+                incoming, _ = stream_protections(
+                    s.channel, hello.secure, hello.nonce, s.nonce, relay.stream_label(hello.migration_id, index)
+                )
                 s.context.sessions.expect(session)
-                feeders.append(relay.StreamFeeder(index, functools.partial(s.context.sessions.wait, session, timeout),
-                                            DataStreamReader(incoming, hello.memory_bytes // relay.PAGE), qemu_socks[index],
-                                            relay.StreamDigest(incoming.overhead), data, timeout))  # fmt: skip
+                feeders.append(
+                    relay.StreamFeeder(
+                        index,
+                        functools.partial(s.context.sessions.wait, session, timeout),
+                        DataStreamReader(incoming, hello.memory_bytes // relay.PAGE),
+                        qemu_socks[index],
+                        relay.StreamDigest(incoming.overhead),
+                        data,
+                        timeout,
+                    )
+                )
             relay.send_opaque(data, ready, Ready(None, extra_sessions).encode())
             for feeder in feeders:
                 feeder.start()
@@ -246,7 +256,9 @@ class QemuDestinationDriver:
                 reader.close()
                 if self._sa is not None and self._sa.note_installed() is None:
                     # The inbound filter admits the stream only through the SA: never seen up means something is wrong.
-                    raise IpsecError("the source says the QEMU stream is complete, but no IPsec SA was ever installed here")
+                    raise IpsecError(
+                        "the source says the QEMU stream is complete, but no IPsec SA was ever installed here"
+                    )
                 return
             if not self._qemu.alive():
                 raise QemuError(f"destination QEMU exited during the incoming migration: {self._qemu.log_tail()}")
@@ -259,7 +271,9 @@ class QemuDestinationDriver:
     def _start_qemu(self, spec: GuestSpec) -> QemuVM:
         hello = self._session.hello
         if spec.memory_mib * MiB != hello.memory_bytes:
-            raise ProtocolError(f"the guest description says {spec.memory_mib} MiB, the Hello {hello.memory_bytes} bytes")
+            raise ProtocolError(
+                f"the guest description says {spec.memory_mib} MiB, the Hello {hello.memory_bytes} bytes"
+            )
         image = self._qemu_vms.image()
         if spec.image_key != image.key:
             raise IncomingRefused(
@@ -269,8 +283,14 @@ class QemuDestinationDriver:
         net = network_like(NetConfig.from_json(spec.net))
         qemu = self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
         # The same capabilities as the source: QEMU expects both ends to agree.
-        qemu.set_migration_capabilities({"pause-before-switchover": True, "multifd": spec.multifd_channels > 0,
-                                         "xbzrle": spec.xbzrle, "events": True})  # fmt: skip
+        qemu.set_migration_capabilities(
+            {
+                "pause-before-switchover": True,
+                "multifd": spec.multifd_channels > 0,
+                "xbzrle": spec.xbzrle,
+                "events": True,
+            }
+        )
         if spec.multifd_channels:
             qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
         return qemu
@@ -278,11 +298,23 @@ class QemuDestinationDriver:
     def _start_qemu_direct(self, spec: GuestSpec, host: str, data: socket.socket) -> int:
         s, hello = self._session, self._session.hello
         qemu = self._start_qemu(spec)
-        port, plan = self._transport.listen(DirectDestination(
-            identity=s.context.identity, migration_id=hello.migration_id, host=s.config.name, peer=hello.source_host,
-            channel=s.channel, nonce_source=hello.nonce, nonce_dest=s.nonce, listen_address=host,
-            source_address=str(data.getpeername()[0]), psk=s.psk, ipsec=self._ipsec, audit=s.audit,
-        ), qemu)  # fmt: skip
+        port, plan = self._transport.listen(
+            DirectDestination(
+                identity=s.context.identity,
+                migration_id=hello.migration_id,
+                host=s.config.name,
+                peer=hello.source_host,
+                channel=s.channel,
+                nonce_source=hello.nonce,
+                nonce_dest=s.nonce,
+                listen_address=host,
+                source_address=str(data.getpeername()[0]),
+                psk=s.psk,
+                ipsec=self._ipsec,
+                audit=s.audit,
+            ),
+            qemu,
+        )
         self._after_hooks, self._sa = plan.after, plan.sa
         return port
 
@@ -315,7 +347,9 @@ class QemuDestinationDriver:
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     sock.close()
-                    raise QemuError(f"destination QEMU did not listen on {path} within {relay.QEMU_CONNECT_TIMEOUT_S:.0f} s")
+                    raise QemuError(
+                        f"destination QEMU did not listen on {path} within {relay.QEMU_CONNECT_TIMEOUT_S:.0f} s"
+                    ) from None
                 time.sleep(0.02)
         sock.settimeout(self._session.config.step_timeout_s)
         relay.widen_send_buffer(sock)  # the feeder runs ahead of QEMU instead of taking turns with it
@@ -349,4 +383,3 @@ class QemuDestinationDriver:
         manifest, envelope = verify_manifest(s, expected, "received")
         s.audit(Kinds.MIGRATION_DIGEST, image_digest=digest, verified=True, manifest=envelope)
         return manifest
-

@@ -99,7 +99,7 @@ class TlsMaterial:
     key_pem: bytes
 
     @classmethod
-    def from_files(cls, ca_path: Path, cert_path: Path, key_path: Path) -> "TlsMaterial":
+    def from_files(cls, ca_path: Path, cert_path: Path, key_path: Path) -> TlsMaterial:
         try:
             return cls(ca_path.read_bytes(), cert_path.read_bytes(), key_path.read_bytes())
         except OSError as exc:
@@ -135,13 +135,23 @@ class QemuTls:
             parameters: dict[str, str] = {"tls-creds": self._creds_id}
             if self._endpoint == "server":
                 # A host certificate's subject is exactly CN=<host> (security/identity.py).
-                vm.qmp("object-add", {"qom-type": "authz-simple", "id": self._authz_id,
-                                      "identity": f"CN={self._peer_host}"})  # fmt: skip
+                vm.qmp(
+                    "object-add",
+                    {"qom-type": "authz-simple", "id": self._authz_id, "identity": f"CN={self._peer_host}"},
+                )
                 parameters["tls-authz"] = self._authz_id
             else:
                 parameters["tls-hostname"] = self._peer_host
-            vm.qmp("object-add", {"qom-type": "tls-creds-x509", "id": self._creds_id, "dir": str(directory),
-                                  "endpoint": self._endpoint, "verify-peer": True})  # fmt: skip
+            vm.qmp(
+                "object-add",
+                {
+                    "qom-type": "tls-creds-x509",
+                    "id": self._creds_id,
+                    "dir": str(directory),
+                    "endpoint": self._endpoint,
+                    "verify-peer": True,
+                },
+            )
             vm.set_migration_parameters(parameters)
         finally:
             shutil.rmtree(directory, ignore_errors=True)  # QEMU read the files at object-add

@@ -122,8 +122,15 @@ def parse_answer(data: bytes, request_id: str) -> GuestState | None:
     command, _, fields = rest.partition(" ")
     values = {key: int(value) for key, value in _STATE_RE.findall(fields)}
     try:
-        return GuestState(command, values["counter"], values["rate_mib"], bool(values["storm"]), values["flood_pps"],
-                          values["flood_left_ms"], values["flood_sent"])  # fmt: skip
+        return GuestState(
+            command,
+            values["counter"],
+            values["rate_mib"],
+            bool(values["storm"]),
+            values["flood_pps"],
+            values["flood_left_ms"],
+            values["flood_sent"],
+        )
     except KeyError as exc:
         raise GuestControlError(f"the guest's acknowledgement lacks {exc}: {text!r}") from None
 
@@ -161,8 +168,9 @@ class GuestControl:
                     state = parse_answer(data, request_id)
                     if state is not None:
                         return state
-        raise GuestControlError(f"no answer from the guest at {_where(self.address)} to {command!r} "
-                                f"after {self._attempts} tries")  # fmt: skip
+        raise GuestControlError(
+            f"no answer from the guest at {_where(self.address)} to {command!r} after {self._attempts} tries"
+        )
 
     def storm(self) -> GuestState:
         return self.request("storm")
@@ -197,9 +205,11 @@ def check_flood(target: tuple[str, int], pps: int, seconds: int, size: int) -> N
     if not 0 < target[1] < 65536:
         raise GuestControlError(f"a flood target port is within 1..65535, not {target[1]}")
     if not (0 < pps <= MAX_FLOOD_PPS and 0 < seconds <= MAX_FLOOD_S and MIN_FLOOD_BYTES <= size <= MAX_FLOOD_BYTES):
-        raise GuestControlError(f"a guest flood is at most {MAX_FLOOD_PPS} packets/s for {MAX_FLOOD_S} s of "
-                                f"{MIN_FLOOD_BYTES}-{MAX_FLOOD_BYTES} bytes; asked {pps}/s for {seconds} s "
-                                f"of {size}")  # fmt: skip
+        raise GuestControlError(
+            f"a guest flood is at most {MAX_FLOOD_PPS} packets/s for {MAX_FLOOD_S} s of "
+            f"{MIN_FLOOD_BYTES}-{MAX_FLOOD_BYTES} bytes; asked {pps}/s for {seconds} s "
+            f"of {size}"
+        )
 
 
 def _where(address: tuple[str, int]) -> str:

@@ -47,8 +47,10 @@ class HostError(Exception):
 def qemu_binary() -> str:
     path = shutil.which(QEMU_BINARY)
     if path is None:
-        raise HostError(f"{QEMU_BINARY} is not installed: install the Debian package qemu-system-x86 "
-                        "(bash scripts/run.sh setup does)")  # fmt: skip
+        raise HostError(
+            f"{QEMU_BINARY} is not installed: install the Debian package qemu-system-x86 "
+            "(bash scripts/run.sh setup does)"
+        )
     return path
 
 
@@ -83,9 +85,26 @@ def _kvm_boots(kernel: Path) -> bool:
     """Boot ``kernel`` under KVM and wait briefly for the kernel's banner on the serial port."""
     with tempfile.TemporaryDirectory(prefix="sealift-kvm-probe-") as scratch:
         serial = Path(scratch) / "serial"
-        argv = [qemu_binary(), "-accel", "kvm", "-machine", "q35", "-m", "128", "-nodefaults",
-                "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kernel),
-                "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1", "-serial", f"file:{serial}"]  # fmt: skip
+        argv = [
+            qemu_binary(),
+            "-accel",
+            "kvm",
+            "-machine",
+            "q35",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-append",
+            "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
+            "-serial",
+            f"file:{serial}",
+        ]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + _KVM_PROBE_S

@@ -284,8 +284,22 @@ def _pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
 
 
 def _initramfs_entries(busybox: Path, workload: Path, modules: list[kmod.KernelModule]) -> list[CpioEntry]:
-    dirs = ["bin", "dev", "etc", "etc/sealift", "lib", "lib/modules", "proc", "root", "sbin", "sys", "tmp",
-            "usr", "usr/bin", "usr/sbin"]  # fmt: skip
+    dirs = [
+        "bin",
+        "dev",
+        "etc",
+        "etc/sealift",
+        "lib",
+        "lib/modules",
+        "proc",
+        "root",
+        "sbin",
+        "sys",
+        "tmp",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+    ]
     entries = [CpioEntry.directory(d) for d in dirs]
     # The kernel opens /dev/console for init before init can mount devtmpfs.
     entries.append(CpioEntry.char_device("dev/console", 5, 1))
@@ -423,8 +437,12 @@ def build_image(cache_dir: Path, force: bool = False) -> GuestImagePaths:
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"image cache (default: $SEALIFT_IMAGE_CACHE or {default_cache_dir()})")  # fmt: skip
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"image cache (default: $SEALIFT_IMAGE_CACHE or {default_cache_dir()})",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached image matches")
     parser.add_argument("--json", action="store_true", help="print the image as one JSON object")
 

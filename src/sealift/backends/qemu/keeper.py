@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sealift.host.store import MigrationRecord
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import resume_source
+from sealift.host.store import MigrationRecord
 
 BACKEND = "qemu"
 

@@ -103,8 +103,13 @@ class NetConfig:
         return None
 
     def to_json(self) -> dict[str, object]:
-        return {"mode": self.mode, "host_port": self.host_port, "tap": self.tap,
-                "guest_ip": self.guest_ip, "gateway": self.gateway}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "host_port": self.host_port,
+            "tap": self.tap,
+            "guest_ip": self.guest_ip,
+            "gateway": self.gateway,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> NetConfig:

@@ -159,8 +159,9 @@ class QmpConnection:
 
     # -- commands ----------------------------------------------------------------
 
-    def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                timeout: float = DEFAULT_TIMEOUT_S) -> Any:  # fmt: skip
+    def execute(
+        self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> Any:
         """Run one QMP command and return its ``return`` value."""
         client = self._client
         if client is None:

@@ -16,12 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sealift.host.config import AgentConfig
-from sealift.errors import SealiftError
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
+from sealift.errors import SealiftError
+from sealift.host.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,28 @@ class QemuVmRegistry:
         with self._lock:
             return name in self._vms or name in self._busy
 
-    def start(self, name: str, memory_mib: int, extra_cmdline: str = "", net: NetConfig | None = None,
-              image_cache: Path | None = None) -> QemuVM:  # fmt: skip
+    def start(
+        self,
+        name: str,
+        memory_mib: int,
+        extra_cmdline: str = "",
+        net: NetConfig | None = None,
+        image_cache: Path | None = None,
+    ) -> QemuVM:
         self._reserve_name(name)
         # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
         # with the rest of the command line: a migration carries it to the destination's sidecar.
         extra_cmdline = with_token(extra_cmdline, new_token())
         try:
             image = build_image(image_cache) if image_cache is not None else self.image()
-            vm = QemuVM.start(self.vm_dir, name, memory_mib, image, net=net or NetConfig.user(free_udp_port()),
-                              extra_cmdline=extra_cmdline)  # fmt: skip
+            vm = QemuVM.start(
+                self.vm_dir,
+                name,
+                memory_mib,
+                image,
+                net=net or NetConfig.user(free_udp_port()),
+                extra_cmdline=extra_cmdline,
+            )
             self._write_sidecar(name, extra_cmdline, image.key)
         finally:
             with self._lock:
@@ -237,8 +249,10 @@ class QemuVmRegistry:
         vm = self.get(name)
         token = token_from_cmdline(self.extra_cmdline(name))
         if token is None:
-            raise QemuVmError(f"QEMU VM {name!r} was started without a control token (sealift.ctl=): "
-                              "its workload cannot be driven; restart it with this agent")  # fmt: skip
+            raise QemuVmError(
+                f"QEMU VM {name!r} was started without a control token (sealift.ctl=): "
+                "its workload cannot be driven; restart it with this agent"
+            )
         address = vm.net.probe_address(SERVICE_PORT)
         if address is None:
             raise QemuVmError(f"QEMU VM {name!r} has no network ({vm.net.mode}): its control channel is unreachable")

@@ -73,7 +73,9 @@ def read_record(data: socket.socket, reader: DataStreamReader) -> object:
     return reader.finish_record()
 
 
-def send_opaque(data: socket.socket, writer: DataStreamWriter, payload: bytes, digest: StreamDigest | None = None) -> None:
+def send_opaque(
+    data: socket.socket, writer: DataStreamWriter, payload: bytes, digest: StreamDigest | None = None
+) -> None:
     buf = writer.opaque_buffer()
     buf[: len(payload)] = payload
     sealed = writer.finish_opaque(len(payload))
@@ -122,8 +124,9 @@ def combined_digest(digests: list[StreamDigest]) -> str:
 class SourcePump:
     """Copies one QEMU connection into OPAQUE records on one data stream (its own thread)."""
 
-    def __init__(self, index: int, writer: DataStreamWriter, data: socket.socket, timeout: float,
-                 digest: StreamDigest) -> None:  # fmt: skip
+    def __init__(
+        self, index: int, writer: DataStreamWriter, data: socket.socket, timeout: float, digest: StreamDigest
+    ) -> None:
         self.index = index
         self._writer = writer
         self._data = data
@@ -205,8 +208,9 @@ class SourcePumps:
     needs: QEMU opens each channel itself).
     """
 
-    def __init__(self, pumps: list[SourcePump], listener: socket.socket | None = None,
-                 first: socket.socket | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, pumps: list[SourcePump], listener: socket.socket | None = None, first: socket.socket | None = None
+    ) -> None:
         if listener is None and (first is None or len(pumps) > 1):
             raise ValueError("QEMU's connections need a listener, but for a main channel given as `first`")
         self._listener = listener
@@ -290,8 +294,16 @@ class StreamFeeder:
     thread (feeding the main channel) stops at once and reports this error.
     """
 
-    def __init__(self, index: int, wait_stream, reader: DataStreamReader, qemu: socket.socket,  # type: ignore[no-untyped-def]
-                 digest: StreamDigest, main_data: socket.socket, timeout: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        index: int,
+        wait_stream,
+        reader: DataStreamReader,
+        qemu: socket.socket,  # type: ignore[no-untyped-def]
+        digest: StreamDigest,
+        main_data: socket.socket,
+        timeout: float,
+    ) -> None:
         self.index = index
         self._wait_stream = wait_stream
         self._reader = reader

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.host.transport import ControlChannel, open_data_stream
+from sealift.backends.qemu import relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
-from sealift.backends.qemu import relay
 from sealift.backends.qemu.transports import AuditedSa, DirectSource, QemuTransport
 from sealift.backends.qemu.vm import QemuError, QemuVM
+from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.ipsec.charon import HostCharon
 from sealift.migration.errors import MigrationError
 from sealift.migration.phases import Event
@@ -86,11 +86,21 @@ class QemuSourceDriver:
     def describe(self, vm: QemuVM, psk_proof: bytes | None) -> Hello:
         s = self._session
         return Hello(
-            migration_id=s.migration_id, vm_name=vm.name, source_host=s.config.name,
-            destination_host=s.destination, nonce=s.nonce, memory_bytes=vm.memory_mib * MiB, page_size=relay.PAGE,
-            secure=s.options.secure, compression=None, streams=1, backend=BACKEND, order=s.order,
-            psk_proof=psk_proof, image_digest=None,
-        )  # fmt: skip
+            migration_id=s.migration_id,
+            vm_name=vm.name,
+            source_host=s.config.name,
+            destination_host=s.destination,
+            nonce=s.nonce,
+            memory_bytes=vm.memory_mib * MiB,
+            page_size=relay.PAGE,
+            secure=s.options.secure,
+            compression=None,
+            streams=1,
+            backend=BACKEND,
+            order=s.order,
+            psk_proof=psk_proof,
+            image_digest=None,
+        )
 
     def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> QemuTransfer:
         s = self._session
@@ -100,25 +110,42 @@ class QemuSourceDriver:
         self._digest = relay.StreamDigest(outgoing.overhead)
         data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
         try:
-            spec = GuestSpec(vm.memory_mib, self._vms.extra_cmdline(vm.name), vm.net.to_json(), self._vms.image().key,
-                             self._transport.name, s.options.multifd_channels, s.options.xbzrle)  # fmt: skip
+            spec = GuestSpec(
+                vm.memory_mib,
+                self._vms.extra_cmdline(vm.name),
+                vm.net.to_json(),
+                self._vms.image().key,
+                self._transport.name,
+                s.options.multifd_channels,
+                s.options.xbzrle,
+            )
             relay.send_opaque(data, writer, spec.encode(), self._digest)
             ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
             self._configure(vm)
             if self._transport.direct:
                 if ready.port is None:
-                    raise MigrationError(f"{s.destination} reported no QEMU port for the {self._transport.name} transport")
+                    raise MigrationError(
+                        f"{s.destination} reported no QEMU port for the {self._transport.name} transport"
+                    )
                 return self._transfer_direct(vm, channel, accept, data, writer, (address[0], ready.port))
             if len(ready.extra_sessions) != s.options.multifd_channels:
-                raise MigrationError(f"{s.destination} opened {len(ready.extra_sessions)} streams for "
-                                     f"{s.options.multifd_channels} multifd channels")  # fmt: skip
+                raise MigrationError(
+                    f"{s.destination} opened {len(ready.extra_sessions)} streams for "
+                    f"{s.options.multifd_channels} multifd channels"
+                )
             return self._transfer_through_channel(vm, channel, accept, data, writer, ready.extra_sessions, address)
         finally:
             data.close()
 
     def manifest_fields(self, transfer: QemuTransfer) -> tuple[dict[str, object], dict[str, object]]:
-        fields = {"backend": BACKEND, "image_digest": transfer.digest, "state_digest": None,
-                  "stream_bytes": transfer.stream_bytes, "transport": self._transport.name, "qemu": transfer.qemu}  # fmt: skip
+        fields = {
+            "backend": BACKEND,
+            "image_digest": transfer.digest,
+            "state_digest": None,
+            "stream_bytes": transfer.stream_bytes,
+            "transport": self._transport.name,
+            "qemu": transfer.qemu,
+        }
         return fields, {"image_digest": transfer.digest, "stream_bytes": transfer.stream_bytes}
 
     def fill_report(self, transfer: QemuTransfer) -> None:
@@ -127,8 +154,10 @@ class QemuSourceDriver:
         report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
-        report.stop_reason = (f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
-                              f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note())  # fmt: skip
+        report.stop_reason = (
+            f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
+            f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note()
+        )
 
     def resume(self, vm: QemuVM) -> bool:
         if self._pump is not None:
@@ -159,10 +188,12 @@ class QemuSourceDriver:
     def _configure(self, vm: QemuVM) -> None:
         options = self._session.options
         capabilities = {  # pause-before-switchover: our chance to check the destination before the switchover
-            "pause-before-switchover": True, "auto-converge": options.auto_converge,
-            "multifd": options.multifd_channels > 0, "xbzrle": options.xbzrle,
+            "pause-before-switchover": True,
+            "auto-converge": options.auto_converge,
+            "multifd": options.multifd_channels > 0,
+            "xbzrle": options.xbzrle,
             "events": True,  # MIGRATION events wake _follow at pre-switchover instead of its next poll
-        }  # fmt: skip
+        }
         vm.set_migration_capabilities(capabilities)  # all of them: a VM migrated before may have others set
         parameters: dict[str, object] = {
             "max-bandwidth": options.bandwidth_limit_bps or UNCAPPED_BPS,
@@ -174,9 +205,16 @@ class QemuSourceDriver:
             parameters["xbzrle-cache-size"] = options.xbzrle_cache_bytes
         vm.set_migration_parameters(parameters)
 
-    def _transfer_through_channel(self, vm: QemuVM, channel: ControlChannel, accept: Accept, data: socket.socket,
-                                  writer: DataStreamWriter, extra_sessions: tuple[bytes, ...],
-                                  address: tuple[str, int]) -> QemuTransfer:  # fmt: skip
+    def _transfer_through_channel(
+        self,
+        vm: QemuVM,
+        channel: ControlChannel,
+        accept: Accept,
+        data: socket.socket,
+        writer: DataStreamWriter,
+        extra_sessions: tuple[bytes, ...],
+        address: tuple[str, int],
+    ) -> QemuTransfer:
         """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
 
         One data stream per QEMU connection: the main channel on the stream
@@ -191,19 +229,30 @@ class QemuSourceDriver:
         extra_sockets: list[socket.socket] = []
         try:
             for index, session in enumerate(extra_sessions, 1):
-                outgoing, _ = stream_protections(channel, s.options.secure, s.nonce, accept.nonce,
-                                                 relay.stream_label(s.migration_id, index))  # fmt: skip
+                outgoing, _ = stream_protections(
+                    channel, s.options.secure, s.nonce, accept.nonce, relay.stream_label(s.migration_id, index)
+                )
                 extra_sockets.append(open_data_stream(address, session, index, timeout))
-                pumps.append(relay.SourcePump(index, DataStreamWriter(outgoing, vm.memory_mib * MiB // relay.PAGE, None),
-                                        extra_sockets[-1], timeout, relay.StreamDigest(outgoing.overhead)))  # fmt: skip
+                pumps.append(
+                    relay.SourcePump(
+                        index,
+                        DataStreamWriter(outgoing, vm.memory_mib * MiB // relay.PAGE, None),
+                        extra_sockets[-1],
+                        timeout,
+                        relay.StreamDigest(outgoing.overhead),
+                    )
+                )
             group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
             return QemuTransfer(
-                paused_at=paused_at, stream_bytes=group.stream_bytes, digest=group.digest(),
-                qemu=_qemu_figures(info), wire_bytes=group.wire_bytes or group.stream_bytes,
+                paused_at=paused_at,
+                stream_bytes=group.stream_bytes,
+                digest=group.digest(),
+                qemu=_qemu_figures(info),
+                wire_bytes=group.wire_bytes or group.stream_bytes,
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
-            )  # fmt: skip
+            )
         finally:
             if listener is not None:
                 listener.close()
@@ -212,8 +261,9 @@ class QemuSourceDriver:
             if sock_dir is not None:
                 shutil.rmtree(sock_dir, ignore_errors=True)
 
-    def _start_pumps(self, vm: QemuVM, pumps: list[relay.SourcePump], listener: socket.socket | None,
-                     sock_dir: Path | None) -> relay.SourcePumps:  # fmt: skip
+    def _start_pumps(
+        self, vm: QemuVM, pumps: list[relay.SourcePump], listener: socket.socket | None, sock_dir: Path | None
+    ) -> relay.SourcePumps:
         """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
 
         Our own socket gets a deep send buffer, so that QEMU writes on while
@@ -241,17 +291,35 @@ class QemuSourceDriver:
         vm.migrate(f"unix:{path}")
         return group
 
-    def _transfer_direct(self, vm: QemuVM, channel: ControlChannel, accept: Accept, data: socket.socket,
-                         writer: DataStreamWriter, destination: tuple[str, int]) -> QemuTransfer:  # fmt: skip
+    def _transfer_direct(
+        self,
+        vm: QemuVM,
+        channel: ControlChannel,
+        accept: Accept,
+        data: socket.socket,
+        writer: DataStreamWriter,
+        destination: tuple[str, int],
+    ) -> QemuTransfer:
         """QEMU's own TCP connection(s) straight to the destination QEMU (qemu-tls, ipsec, plain)."""
         s = self._session
-        plan = self._transport.source_plan(DirectSource(
-            identity=s.context.identity, migration_id=s.migration_id, host=s.config.name, peer=s.destination,
-            channel=channel, nonce_source=s.nonce, nonce_dest=accept.nonce,
-            # Our migration address is the one we reach the destination agent from; QEMU connects exactly there.
-            local_address=str(data.getsockname()[0]), destination=destination, psk=s.psk, ipsec=self._ipsec,
-            step_timeout_s=s.config.step_timeout_s, audit=s.audit,
-        ))  # fmt: skip
+        plan = self._transport.source_plan(
+            DirectSource(
+                identity=s.context.identity,
+                migration_id=s.migration_id,
+                host=s.config.name,
+                peer=s.destination,
+                channel=channel,
+                nonce_source=s.nonce,
+                nonce_dest=accept.nonce,
+                # Our migration address is the one we reach the destination agent from; QEMU connects exactly there.
+                local_address=str(data.getsockname()[0]),
+                destination=destination,
+                psk=s.psk,
+                ipsec=self._ipsec,
+                step_timeout_s=s.config.step_timeout_s,
+                audit=s.audit,
+            )
+        )
         self._after_hooks, self._sa = plan.after, plan.sa
         s.enter(Event.BEGIN_PRECOPY)
         start_direct(vm, destination, plan.before)
@@ -259,12 +327,15 @@ class QemuSourceDriver:
         data.sendall(writer.end())  # the destination's cue that QEMU's stream is complete
         ram = info.get("ram", {})
         return QemuTransfer(
-            paused_at=paused_at, stream_bytes=0, digest=self._digest.hexdigest(), qemu=_qemu_figures(info),
-            wire_bytes=int(ram.get("transferred", 0)), rounds=int(ram.get("dirty-sync-count", 0)),
-        )  # fmt: skip
+            paused_at=paused_at,
+            stream_bytes=0,
+            digest=self._digest.hexdigest(),
+            qemu=_qemu_figures(info),
+            wire_bytes=int(ram.get("transferred", 0)),
+            rounds=int(ram.get("dirty-sync-count", 0)),
+        )
 
-    def _await_destination_ready(self, channel: ControlChannel, data: socket.socket,
-                                 reader: DataStreamReader) -> Ready:  # fmt: skip
+    def _await_destination_ready(self, channel: ControlChannel, data: socket.socket, reader: DataStreamReader) -> Ready:
         """Start QEMU's migration only once the destination QEMU listens (its port on a direct transport,
         its extra data streams for multifd on the channel).
 
@@ -283,8 +354,9 @@ class QemuSourceDriver:
             if reason is not None:
                 raise MigrationError(f"{s.destination} aborted: {reason}") from None
             if isinstance(exc, socket.timeout):
-                raise MigrationError(f"{s.destination} did not start its QEMU within "
-                                     f"{s.config.step_timeout_s:.0f} s") from None  # fmt: skip
+                raise MigrationError(
+                    f"{s.destination} did not start its QEMU within {s.config.step_timeout_s:.0f} s"
+                ) from None
             raise MigrationError(f"{s.destination} closed the data stream before its QEMU was ready: {exc}") from exc
         if not isinstance(event, OpaqueReceived):
             raise MigrationError(f"{s.destination} sent {type(event).__name__} instead of its ready record")
@@ -304,7 +376,9 @@ class QemuSourceDriver:
             status = info.get("status", "none")
             ram = info.get("ram", {})
             if status in ("failed", "cancelled"):
-                raise MigrationError(f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}")
+                raise MigrationError(
+                    f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}"
+                )
             if paused_at is None and status in ("setup", "active"):
                 self._check_completion_timeout(time.monotonic() - followed_since, ram)
             if status == "pre-switchover" and paused_at is None:  # once: QEMU leaves the state asynchronously
@@ -325,13 +399,19 @@ class QemuSourceDriver:
             transferred = int(ram.get("transferred", 0))
             if transferred != last_bytes:
                 last_bytes, last_progress = transferred, time.monotonic()
-                s.progress("transfer", {
-                    "round": sync, "pages_done": min(transferred // relay.PAGE, vm.memory_mib * MiB // relay.PAGE),
-                    "pages_total": vm.memory_mib * MiB // relay.PAGE,
-                    "wire_bytes": pump.stream_bytes if pump is not None else transferred,
-                })  # fmt: skip
+                s.progress(
+                    "transfer",
+                    {
+                        "round": sync,
+                        "pages_done": min(transferred // relay.PAGE, vm.memory_mib * MiB // relay.PAGE),
+                        "pages_total": vm.memory_mib * MiB // relay.PAGE,
+                        "wire_bytes": pump.stream_bytes if pump is not None else transferred,
+                    },
+                )
             elif time.monotonic() - last_progress > s.config.step_timeout_s:
-                raise MigrationError(f"QEMU's migration made no progress for {s.config.step_timeout_s:.0f} s ({status})")
+                raise MigrationError(
+                    f"QEMU's migration made no progress for {s.config.step_timeout_s:.0f} s ({status})"
+                )
             vm.wait_event(relay.POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
 
     def _check_completion_timeout(self, elapsed_s: float, ram: dict[str, Any]) -> None:
@@ -341,9 +421,11 @@ class QemuSourceDriver:
             return
         dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", relay.PAGE)) / MiB
         link_mib_s = float(ram.get("mbps", 0.0)) * 1e6 / 8 / MiB
-        raise MigrationError(f"pre-copy did not reach its switchover within the completion timeout of {limit:g} s "
-                             f"({int(ram.get('dirty-sync-count', 0))} passes; the guest dirties {dirty_mib_s:.1f} "
-                             f"MiB/s, the link carries {link_mib_s:.1f} MiB/s)")  # fmt: skip
+        raise MigrationError(
+            f"pre-copy did not reach its switchover within the completion timeout of {limit:g} s "
+            f"({int(ram.get('dirty-sync-count', 0))} passes; the guest dirties {dirty_mib_s:.1f} "
+            f"MiB/s, the link carries {link_mib_s:.1f} MiB/s)"
+        )
 
     def _check_destination(self, data: socket.socket) -> None:
         """At pre-switchover: is the destination still there? It never writes on the data stream,
@@ -361,10 +443,15 @@ class QemuSourceDriver:
         duration = max(1e-6, time.monotonic() - started)
         sent = int(ram.get("transferred", 0))
         report = RoundReport(
-            round=index, pages_sent=int(ram.get("normal", 0)), bytes_sent=sent, duration_s=round(duration, 3),
+            round=index,
+            pages_sent=int(ram.get("normal", 0)),
+            bytes_sent=sent,
+            duration_s=round(duration, 3),
             dirty_pages_left=int(ram.get("remaining", 0)) // relay.PAGE,
-            throughput_mib_s=round(float(ram.get("mbps", 0.0)) / 8.0, 1), decision="continue", reason="qemu dirty sync",
-        )  # fmt: skip
+            throughput_mib_s=round(float(ram.get("mbps", 0.0)) / 8.0, 1),
+            decision="continue",
+            reason="qemu dirty sync",
+        )
         self._session.report.round_reports.append(report)
         self._session.progress("round", report.to_dict())
 

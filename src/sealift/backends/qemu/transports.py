@@ -25,9 +25,9 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sealift.host.transport import ControlChannel
 from sealift.backends.qemu.direct import Hook, QemuTls, TlsMaterial, incoming_port, listen_direct, tcp_uri
 from sealift.backends.qemu.vm import QemuError, QemuVM
+from sealift.host.transport import ControlChannel
 from sealift.ipsec.charon import CharonError, HostCharon
 from sealift.ipsec.sa_key import ipsec_key_id, psk_for_migration
 from sealift.ipsec.tunnel import IpsecEndpoint, IpsecError, SaRecord, TunnelHost, migration_endpoint, wait_tcp_closed
@@ -104,8 +104,10 @@ class QemuTransport:
         if not self.secure and options.secure:
             raise ValueError(f"the {self.name!r} transport carries guest memory in clear: it needs --insecure")
         if options.multifd_channels > MAX_EXTRA_STREAMS and not self.direct:
-            raise ValueError(f"the {self.name!r} transport carries at most {MAX_EXTRA_STREAMS} multifd channels, "
-                             f"not {options.multifd_channels}")  # fmt: skip
+            raise ValueError(
+                f"the {self.name!r} transport carries at most {MAX_EXTRA_STREAMS} multifd channels, "
+                f"not {options.multifd_channels}"
+            )
 
     def preflight(self, peer_address: str, ipsec: HostCharon | None) -> None:
         """Source, before anything is claimed: can this host use the transport at all?"""
@@ -159,12 +161,18 @@ class Ipsec(QemuTransport):
 
     def source_plan(self, end: DirectSource) -> DirectPlan:
         sa = AuditedSa.derive(
-            end.ipsec, role="source", migration_id=end.migration_id, channel=end.channel,
-            nonce_source=end.nonce_source, nonce_dest=end.nonce_dest,
+            end.ipsec,
+            role="source",
+            migration_id=end.migration_id,
+            channel=end.channel,
+            nonce_source=end.nonce_source,
+            nonce_dest=end.nonce_dest,
             local=TunnelHost(None, end.local_address, end.host),
-            remote=TunnelHost(None, end.destination[0], end.peer), port=end.destination[1],
-            psk_session=end.psk, audit=end.audit,
-        )  # fmt: skip
+            remote=TunnelHost(None, end.destination[0], end.peer),
+            port=end.destination[1],
+            psk_session=end.psk,
+            audit=end.audit,
+        )
         timeout = end.step_timeout_s
 
         def bring_up(vm: QemuVM) -> None:
@@ -184,10 +192,18 @@ class Ipsec(QemuTransport):
         host = end.listen_address
         port = _free_port(host)
         sa = AuditedSa.derive(
-            end.ipsec, role="destination", migration_id=end.migration_id, channel=end.channel,
-            nonce_source=end.nonce_source, nonce_dest=end.nonce_dest, local=TunnelHost(None, host, end.host),
-            remote=TunnelHost(None, end.source_address, end.peer), port=port, psk_session=end.psk, audit=end.audit,
-        )  # fmt: skip
+            end.ipsec,
+            role="destination",
+            migration_id=end.migration_id,
+            channel=end.channel,
+            nonce_source=end.nonce_source,
+            nonce_dest=end.nonce_dest,
+            local=TunnelHost(None, host, end.host),
+            remote=TunnelHost(None, end.source_address, end.peer),
+            port=port,
+            psk_session=end.psk,
+            audit=end.audit,
+        )
         sa.endpoint.prepare()
         plan = DirectPlan([], [lambda vm: sa.close_logged(end.migration_id)], sa)
         qemu.migrate_incoming(tcp_uri(host, port))
@@ -197,7 +213,9 @@ class Ipsec(QemuTransport):
         return port, plan
 
 
-TRANSPORTS: dict[str, QemuTransport] = {t.name: t for t in (QemuTransport(), QemuNativeTls(), Ipsec(), Plain(), SealiftPlain())}
+TRANSPORTS: dict[str, QemuTransport] = {
+    t.name: t for t in (QemuTransport(), QemuNativeTls(), Ipsec(), Plain(), SealiftPlain())
+}
 
 
 def transport_named(name: str) -> QemuTransport:
@@ -222,8 +240,10 @@ def check_ipsec_addresses(local: str | None, peer: str) -> None:
     """The ipsec transport needs two hosts: an SA between an address and itself (loopback) means nothing,
     and two charons in one network namespace would fight over its IKE ports and routing rules."""
     if ipaddress.ip_address(peer).is_loopback or peer == local:
-        raise IpsecError(f"the 'ipsec' transport needs the two hosts on distinct, non-loopback migration "
-                         f"addresses (the peer is at {peer})")  # fmt: skip
+        raise IpsecError(
+            f"the 'ipsec' transport needs the two hosts on distinct, non-loopback migration "
+            f"addresses (the peer is at {peer})"
+        )
 
 
 def running_charon(ipsec: HostCharon | None) -> None:
@@ -260,18 +280,43 @@ class AuditedSa:
         self._closed = False
 
     @classmethod
-    def derive(cls, ipsec: HostCharon | None, *, role: str, migration_id: str, channel: ControlChannel,
-               nonce_source: bytes, nonce_dest: bytes, local: TunnelHost, remote: TunnelHost, port: int,
-               psk_session: PskSession | None, audit: Audit) -> AuditedSa:  # fmt: skip
+    def derive(
+        cls,
+        ipsec: HostCharon | None,
+        *,
+        role: str,
+        migration_id: str,
+        channel: ControlChannel,
+        nonce_source: bytes,
+        nonce_dest: bytes,
+        local: TunnelHost,
+        remote: TunnelHost,
+        port: int,
+        psk_session: PskSession | None,
+        audit: Audit,
+    ) -> AuditedSa:
         running_charon(ipsec)
         assert ipsec is not None
         # The pair's dynamic PSK at the epoch both proofs agreed on (if one is provisioned) and this
         # connection's TLS exporter: a new key for every migration, even when the epoch did not move.
-        psk, epoch = psk_for_migration(channel.stream, migration_id, nonce_source, nonce_dest,  # type: ignore[arg-type]
-                                       psk_session)  # fmt: skip
-        endpoint = migration_endpoint(ipsec.get(), role=role, migration_id=migration_id, local=local, remote=remote,
-                                      port=port, psk=psk, key_id=ipsec_key_id(migration_id, epoch),
-                                      psk_generation=f"epoch {epoch}")  # fmt: skip
+        psk, epoch = psk_for_migration(
+            channel.stream,
+            migration_id,
+            nonce_source,
+            nonce_dest,  # type: ignore[arg-type]
+            psk_session,
+        )
+        endpoint = migration_endpoint(
+            ipsec.get(),
+            role=role,
+            migration_id=migration_id,
+            local=local,
+            remote=remote,
+            port=port,
+            psk=psk,
+            key_id=ipsec_key_id(migration_id, epoch),
+            psk_generation=f"epoch {epoch}",
+        )
         return cls(endpoint, audit, port)
 
     def note_installed(self) -> SaRecord | None:
@@ -299,14 +344,19 @@ class AuditedSa:
             return
         self._closed = True
         if self.port is not None and not wait_tcp_closed(self.port, SA_CLOSE_WAIT_S):
-            log.warning("QEMU's connection on port %d still open %.0f s after the migration; closing the SA anyway",
-                        self.port, SA_CLOSE_WAIT_S)  # fmt: skip
+            log.warning(
+                "QEMU's connection on port %d still open %.0f s after the migration; closing the SA anyway",
+                self.port,
+                SA_CLOSE_WAIT_S,
+            )
         fields: dict[str, object] = {
-            "name": self.endpoint.end.name, "key_id": self.endpoint.key_id,
-            "psk_generation": self.endpoint.psk_generation, "psk_fingerprint": self.endpoint.psk_fingerprint,
+            "name": self.endpoint.end.name,
+            "key_id": self.endpoint.key_id,
+            "psk_generation": self.endpoint.psk_generation,
+            "psk_fingerprint": self.endpoint.psk_fingerprint,
             "spi_in": self.record.spi_in if self.record else None,
             "spi_out": self.record.spi_out if self.record else None,
-        }  # fmt: skip
+        }
         try:
             self.endpoint.close()
         except IpsecError as exc:

@@ -163,22 +163,36 @@ def _qemu_argv(spec: _Spec, paths: _Paths) -> list[str]:
     # TCG: QEMU picks multi-threaded TCG itself where the host allows; with one vCPU it is moot.
     argv = [
         qemu_binary(),
-        "-name", f"{spec.name},debug-threads=on",
-        "-machine", "q35",
-        "-accel", spec.accel,
-        "-smp", "1",
-        "-m", _ram_size_arg(spec),
-        "-nodefaults", "-no-user-config",
-        "-display", "none",
+        "-name",
+        f"{spec.name},debug-threads=on",
+        "-machine",
+        "q35",
+        "-accel",
+        spec.accel,
+        "-smp",
+        "1",
+        "-m",
+        _ram_size_arg(spec),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
         "-no-reboot",  # a guest that panics (panic=-1) ends QEMU instead of rebooting in a loop
-        "-kernel", spec.kernel,
-        "-initrd", spec.initramfs,
-        "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={paths.console}",
-        "-serial", "chardev:console",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
-        "-pidfile", str(paths.pid),
-    ]  # fmt: skip
+        "-kernel",
+        spec.kernel,
+        "-initrd",
+        spec.initramfs,
+        "-append",
+        spec.cmdline,
+        "-chardev",
+        f"file,id=console,path={paths.console}",
+        "-serial",
+        "chardev:console",
+        "-qmp",
+        f"unix:{paths.qmp},server=on,wait=off",
+        "-pidfile",
+        str(paths.pid),
+    ]
     argv += spec.net.qemu_args(spec.name, SERVICE_PORT)
     if spec.incoming is not None:
         argv += ["-incoming", spec.incoming]
@@ -195,8 +209,9 @@ def _check_paths(vm_dir: Path, paths: _Paths) -> None:
 class QemuVM:
     """A running (or just exited) QEMU VM. Create with :meth:`start` or :meth:`adopt`."""
 
-    def __init__(self, vm_dir: Path, spec: _Spec, pid: int, pidfd: int,
-                 proc: subprocess.Popen[bytes] | None, qmp: QmpConnection) -> None:  # fmt: skip
+    def __init__(
+        self, vm_dir: Path, spec: _Spec, pid: int, pidfd: int, proc: subprocess.Popen[bytes] | None, qmp: QmpConnection
+    ) -> None:
         self.vm_dir = vm_dir
         self._spec = spec
         self._paths = _Paths.of(vm_dir, spec.name)
@@ -260,8 +275,15 @@ class QemuVM:
         try:
             with open(paths.log, "wb") as log:
                 # Own session: QEMU survives its agent. umask 077: socket, console and pidfile private.
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, umask=0o077, close_fds=True)  # fmt: skip
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    umask=0o077,
+                    close_fds=True,
+                )
         except OSError as exc:
             paths.spec.unlink(missing_ok=True)
             raise QemuError(f"cannot launch {argv[0]} for VM {name}: {exc}") from exc
@@ -289,8 +311,9 @@ class QemuVM:
             if not self.alive():
                 raise QemuError(f"QEMU for VM {self.name} exited at start-up: {self.log_tail()}")
             if time.monotonic() > deadline:
-                raise QemuError(f"QEMU for VM {self.name} made no QMP socket in {_START_TIMEOUT_S:.0f} s: "
-                                f"{self.log_tail()}")  # fmt: skip
+                raise QemuError(
+                    f"QEMU for VM {self.name} made no QMP socket in {_START_TIMEOUT_S:.0f} s: {self.log_tail()}"
+                )
             time.sleep(0.02)
         try:
             self._qmp.connect(timeout=max(1.0, deadline - time.monotonic()))
@@ -537,8 +560,9 @@ class QemuVM:
                 reason = info.get("error-desc", "no reason given")
                 raise QemuError(f"VM {self.name}: migration {status} ({reason})")
             if time.monotonic() >= deadline:
-                raise QemuError(f"VM {self.name}: migration still {status!r} after {timeout:.0f} s "
-                                f"(waiting for {sorted(statuses)})")  # fmt: skip
+                raise QemuError(
+                    f"VM {self.name}: migration still {status!r} after {timeout:.0f} s (waiting for {sorted(statuses)})"
+                )
             time.sleep(interval)
 
     # -- guest -----------------------------------------------------------------------
@@ -561,8 +585,10 @@ class QemuVM:
 
         if not wait_until(advanced, timeout, 0.1) or not seen:
             state = "exited" if not self.alive() else f"counter {self.counter()}"
-            raise QemuError(f"VM {self.name}: no counter above {above} within {timeout:.0f} s ({state}); "
-                            f"console: {' | '.join(self.console_tail(5))}")  # fmt: skip
+            raise QemuError(
+                f"VM {self.name}: no counter above {above} within {timeout:.0f} s ({state}); "
+                f"console: {' | '.join(self.console_tail(5))}"
+            )
         return seen[-1]
 
     def console_tail(self, lines: int = 20) -> list[str]:

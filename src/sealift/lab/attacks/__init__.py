@@ -1,5 +1,9 @@
 """The lab's attacks, one module per group of threats; importing this registers them all."""
 
-from sealift.lab.attacks import channel, resilience  # noqa: F401  (T1-T4, T13; T8, T11)
-from sealift.lab.attacks import admission, monitoring  # noqa: F401  (T5, T6, T7, T9, T10; T12)
-from sealift.lab.attacks import ipsec  # noqa: F401  (T1, T4, T13 on QEMU's ipsec transport)
+from sealift.lab.attacks import (  # noqa: F401  (T1-T4, T13; T8, T11)  # noqa: F401  (T5, T6, T7, T9, T10; T12)
+    admission,
+    channel,
+    ipsec,  # noqa: F401  (T1, T4, T13 on QEMU's ipsec transport)
+    monitoring,
+    resilience,
+)

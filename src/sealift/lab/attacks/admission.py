@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sealift.placement.adverts import AdvertError, verify_advert
 from sealift.agent.client import AgentRequestFailed
-from sealift.host.transport import ControlChannel
 from sealift.cluster import LocalCluster
+from sealift.host.transport import ControlChannel
 from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.netns import enter_netns
 from sealift.lab.session import Backend, LabSession
+from sealift.placement.adverts import AdvertError, verify_advert
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.security.orders import ORDER_KIND, ORDER_VERSION, create_order, format_time
 from sealift.security.signing import sign_document
@@ -82,7 +82,9 @@ def entry_ref(entry: dict) -> str:
     return f"{entry['host']} audit #{entry['seq']} {entry['kind']}" + (f" ({code})" if code else "")
 
 
-def ask_source(cluster: LocalCluster, vm: str, to: str, order: str | None, options: dict | None = None) -> tuple[bool, str]:
+def ask_source(
+    cluster: LocalCluster, vm: str, to: str, order: str | None, options: dict | None = None
+) -> tuple[bool, str]:
     """Ask the source's control API to migrate `vm` to `to` with `order` (None: no order at all).
 
     Returns (migrated, error text). Called directly, not through LabSession.migrate,
@@ -98,7 +100,7 @@ def ask_source(cluster: LocalCluster, vm: str, to: str, order: str | None, optio
 def _host_signed_order(cluster: LocalCluster, signer: str, vm: str, source: str, destination: str) -> str:
     """An order in the right format, signed with a *host* key: hosts are not operators."""
     identity = HostIdentity.load(cluster.pki, signer)
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     payload = {
         "v": ORDER_VERSION,
         "id": secrets.token_hex(16),
@@ -115,16 +117,29 @@ def _host_signed_order(cluster: LocalCluster, signer: str, vm: str, source: str,
     return sign_document(payload, identity.private_key(), signer=signer, kind=ORDER_KIND)
 
 
-def _hello(vm: str, source: str, destination: str, order: str | None, memory_bytes: int, backend: Backend,
-           secure: bool = True) -> Hello:  # fmt: skip
+def _hello(
+    vm: str, source: str, destination: str, order: str | None, memory_bytes: int, backend: Backend, secure: bool = True
+) -> Hello:
     return Hello(
-        migration_id=secrets.token_hex(16), vm_name=vm, source_host=source, destination_host=destination,
-        nonce=secrets.token_bytes(32), memory_bytes=memory_bytes, page_size=4096, secure=secure, compression=None,
-        streams=1, backend=backend, order=order, psk_proof=None,
-    )  # fmt: skip
+        migration_id=secrets.token_hex(16),
+        vm_name=vm,
+        source_host=source,
+        destination_host=destination,
+        nonce=secrets.token_bytes(32),
+        memory_bytes=memory_bytes,
+        page_size=4096,
+        secure=secure,
+        compression=None,
+        streams=1,
+        backend=backend,
+        order=order,
+        psk_proof=None,
+    )
 
 
-def _as_host_c(run: LabSession, cluster: LocalCluster, target: str, secure: bool = True, timeout: float = 5.0) -> ControlChannel:
+def _as_host_c(
+    run: LabSession, cluster: LocalCluster, target: str, secure: bool = True, timeout: float = 5.0
+) -> ControlChannel:
     """A control connection from the attacker's namespace, authenticated as host-c (secure) or not."""
     identity = HostIdentity.load(cluster.pki, "host-c") if secure else None
     with enter_netns(run.testbed.ns("attacker")):
@@ -163,10 +178,16 @@ def pull(run: LabSession, backend: Backend) -> list[AttackResult]:
     attempts = [
         ("no order at all", None, "malformed"),
         ("an order for host-b, redirected to host-c", cluster.order(VM, "host-a", "host-b"), "wrong_destination"),
-        ("an order host-c signed with its own host key", _host_signed_order(cluster, "host-c", VM, "host-a", "host-c"),
-         "untrusted_issuer"),  # fmt: skip
-        ("an admin's order for host-c, which the policy does not allow", cluster.order(VM, "host-a", "host-c"),
-         "denied_by_policy"),  # fmt: skip
+        (
+            "an order host-c signed with its own host key",
+            _host_signed_order(cluster, "host-c", VM, "host-a", "host-c"),
+            "untrusted_issuer",
+        ),
+        (
+            "an admin's order for host-c, which the policy does not allow",
+            cluster.order(VM, "host-a", "host-c"),
+            "denied_by_policy",
+        ),
     ]
     results = []
     for what, order, expected_code in attempts:
@@ -238,8 +259,17 @@ def _reason_class(reason: str) -> str:
     return reason[:80]
 
 
-def _push_flood(run: LabSession, cluster: LocalCluster, count: int, *, with_orders: bool, backend: Backend,
-                memory_bytes: int, secure: bool, held: list[ControlChannel]) -> PushOutcome:  # fmt: skip
+def _push_flood(
+    run: LabSession,
+    cluster: LocalCluster,
+    count: int,
+    *,
+    with_orders: bool,
+    backend: Backend,
+    memory_bytes: int,
+    secure: bool,
+    held: list[ControlChannel],
+) -> PushOutcome:
     """host-c pushes `count` migrations at host-b, one Hello per connection, keeping accepted ones open.
 
     Accepted conversations are appended to `held` (the caller closes them):
@@ -293,8 +323,9 @@ def _blocks(cluster: LocalCluster, host: str, after_seq: int) -> list[dict]:
 
 def _layers(outcome: PushOutcome) -> str:
     closed = len(outcome.failed)
-    return (f"{outcome.accepted} accepted, refused {outcome.refused or 'none'}"
-            + (f", {closed} closed before TLS completed (peer blocked)" if closed else ""))  # fmt: skip
+    return f"{outcome.accepted} accepted, refused {outcome.refused or 'none'}" + (
+        f", {closed} closed before TLS completed (peer blocked)" if closed else ""
+    )
 
 
 @attack("T6", "push flood at a victim host by an insider")
@@ -319,8 +350,16 @@ def _orderless_flood(run: LabSession, backend: Backend) -> AttackResult:
     run.start_vm(cluster, "host-b", RESIDENT, "builtin", workload="idle")
     head_b = audit_head(cluster, "host-b")
     held: list[ControlChannel] = []
-    outcome = _push_flood(run, cluster, FLOOD_COUNT, with_orders=False, backend=backend,
-                          memory_bytes=FLOOD_VM_BYTES, secure=True, held=held)  # fmt: skip
+    outcome = _push_flood(
+        run,
+        cluster,
+        FLOOD_COUNT,
+        with_orders=False,
+        backend=backend,
+        memory_bytes=FLOOD_VM_BYTES,
+        secure=True,
+        held=held,
+    )
     _close_all(held)
     refusals = audit_since(cluster, "host-b", head_b, "order.refused")
     blocks = _blocks(cluster, "host-b", head_b)
@@ -333,14 +372,24 @@ def _orderless_flood(run: LabSession, backend: Backend) -> AttackResult:
         sealift="blocked" if outcome.accepted == 0 and refusals and alive else "succeeded",
         evidence=(
             f"{_layers(outcome)}; {len(refusals)} order.refused entries on host-b"
-            + (f" (#{refusals[0]['seq']}..#{refusals[-1]['seq']}, code {refusals[0]['fields'].get('code')})" if refusals else "")
+            + (
+                f" (#{refusals[0]['seq']}..#{refusals[-1]['seq']}, code {refusals[0]['fields'].get('code')})"
+                if refusals
+                else ""
+            )
             + (f"; {entry_ref(blocks[0])}: {clip(blocks[0]['fields'].get('reason', ''), 120)}" if blocks else "")
             + f"; host-b's own VM alive: {alive}"
         ),
         vm_running_copies=run.running_copies(cluster, RESIDENT),
-        details={"refused": outcome.refused, "closed": outcome.failed, "audit_refusals": len(refusals),
-                 "peer_blocks": [entry_ref(b) for b in blocks], "resident_alive": alive,
-                 "vm": RESIDENT, "baseline_note": NO_UNGUARDED_MODE},  # fmt: skip
+        details={
+            "refused": outcome.refused,
+            "closed": outcome.failed,
+            "audit_refusals": len(refusals),
+            "peer_blocks": [entry_ref(b) for b in blocks],
+            "resident_alive": alive,
+            "vm": RESIDENT,
+            "baseline_note": NO_UNGUARDED_MODE,
+        },
     )
 
 
@@ -351,11 +400,20 @@ def _ordered_flood(run: LabSession, backend: Backend, baseline_accepted: int, ba
     head_b = audit_head(cluster, "host-b")
     held: list[ControlChannel] = []
     # A VM larger than the host, then twenty held open at once; a legitimate migration runs meanwhile.
-    too_big = _push_flood(run, cluster, 1, with_orders=True, backend=backend, memory_bytes=64 << 30,
-                          secure=True, held=held)  # fmt: skip
+    too_big = _push_flood(
+        run, cluster, 1, with_orders=True, backend=backend, memory_bytes=64 << 30, secure=True, held=held
+    )
     _close_all(held)
-    flood = _push_flood(run, cluster, FLOOD_COUNT, with_orders=True, backend=backend, memory_bytes=FLOOD_VM_BYTES,
-                        secure=True, held=held)  # fmt: skip
+    flood = _push_flood(
+        run,
+        cluster,
+        FLOOD_COUNT,
+        with_orders=True,
+        backend=backend,
+        memory_bytes=FLOOD_VM_BYTES,
+        secure=True,
+        held=held,
+    )
     try:
         guard = cluster.client("host-b").request("status")["status"].get("guard")
         try:
@@ -405,17 +463,31 @@ def _ordered_flood(run: LabSession, backend: Backend, baseline_accepted: int, ba
 
 def _push_flood_baseline(run: LabSession, backend: Backend) -> tuple[int, str]:
     """The same ordered flood at a destination with its caps lifted, over the plaintext channel."""
-    setup = ("plaintext (allow_insecure), admission caps lifted on host-b: max_incoming, vcpu_capacity, "
-             "guard.max_incoming_per_peer and guard.max_connections_per_peer = 64; orders still signed by the admin")
+    setup = (
+        "plaintext (allow_insecure), admission caps lifted on host-b: max_incoming, vcpu_capacity, "
+        "guard.max_incoming_per_peer and guard.max_connections_per_peer = 64; orders still signed by the admin"
+    )
     cluster = run.cluster(
-        backend, insecure=True, hosts=VICTIM_AND_INSIDER,
-        host_config={"host-b": "max_incoming = 64\nvcpu_capacity = 64\nguard.max_incoming_per_peer = 64\n"
-                               "guard.max_connections_per_peer = 64"},
-    )  # fmt: skip
+        backend,
+        insecure=True,
+        hosts=VICTIM_AND_INSIDER,
+        host_config={
+            "host-b": "max_incoming = 64\nvcpu_capacity = 64\nguard.max_incoming_per_peer = 64\n"
+            "guard.max_connections_per_peer = 64"
+        },
+    )
     held: list[ControlChannel] = []
     try:
-        outcome = _push_flood(run, cluster, FLOOD_COUNT, with_orders=True, backend=backend,
-                              memory_bytes=FLOOD_VM_BYTES, secure=False, held=held)  # fmt: skip
+        outcome = _push_flood(
+            run,
+            cluster,
+            FLOOD_COUNT,
+            with_orders=True,
+            backend=backend,
+            memory_bytes=FLOOD_VM_BYTES,
+            secure=False,
+            held=held,
+        )
     finally:
         _close_all(held)
         cluster.stop()  # its reservations and the 20 half-open migrations go with it
@@ -482,23 +554,30 @@ def false_advertising(run: LabSession, backend: Backend) -> list[AttackResult]:
             baseline="succeeded" if naive == "host-c" else "blocked",
             sealift="blocked" if placement["host"] != "host-c" and not liar.get("eligible", False) else "succeeded",
             evidence=(
-                f"claims {({h: f'{v >> 20} MiB' for h, v in claims.items()})}; baseline scheduler picks {naive}; "
+                f"claims { ({h: f'{v >> 20} MiB' for h, v in claims.items()}) }; baseline scheduler picks {naive}; "
                 f"sealift placement picks {placement['host']}; host-c: {liar.get('reason')!r} "
                 f"(eligible {liar.get('eligible')}, penalty {_rounded(liar.get('penalty'))})"
             ),
             vm_running_copies=run.running_copies(cluster, VM),
-            details={"claims": claims, "baseline_choice": naive, "placement": placement,
-                     "baseline_setup": "a scheduler that believes signed, fresh adverts without bounding them"},  # fmt: skip
+            details={
+                "claims": claims,
+                "baseline_choice": naive,
+                "placement": placement,
+                "baseline_setup": "a scheduler that believes signed, fresh adverts without bounding them",
+            },
         )
     )
     cluster.stop()
 
     # 2. A plausible lie: 15 GiB free (within the 16 GiB registered) on a host that holds 64 MiB.
     cluster = run.cluster(
-        backend, hosts=HOSTS_WITH_INSIDER,
-        host_config={"host-b": 'memory_capacity = "1G"',
-                     "host-c": 'memory_capacity = "64M"\nlab_advertise_free_memory = "15G"'},
-    )  # fmt: skip
+        backend,
+        hosts=HOSTS_WITH_INSIDER,
+        host_config={
+            "host-b": 'memory_capacity = "1G"',
+            "host-c": 'memory_capacity = "64M"\nlab_advertise_free_memory = "15G"',
+        },
+    )
     run.start_vm(cluster, "host-a", VM, backend, workload="idle", memory="128M")
     head_a, head_c = audit_head(cluster, "host-a"), audit_head(cluster, "host-c")
     first = cluster.client("host-a").request("place", vm=VM)["placement"]
@@ -506,8 +585,9 @@ def false_advertising(run: LabSession, backend: Backend) -> list[AttackResult]:
     second = cluster.client("host-a").request("place", vm=VM)["placement"]
     copies = run.copies(cluster, VM)
     liar = _assessment(second, "host-c")
-    entries = (audit_since(cluster, "host-c", head_c, "migration.refused")
-               + audit_since(cluster, "host-a", head_a, "migration.aborted"))  # fmt: skip
+    entries = audit_since(cluster, "host-c", head_c, "migration.refused") + audit_since(
+        cluster, "host-a", head_a, "migration.aborted"
+    )
     caught = first["host"] != "host-c" or (not migrated and "free of" in error)
     results.append(
         AttackResult(
@@ -523,9 +603,14 @@ def false_advertising(run: LabSession, backend: Backend) -> list[AttackResult]:
                 f"VM on {sorted(copies)}" + "".join(f"; {entry_ref(e)}" for e in entries)
             ),
             vm_running_copies=run.running_copies(cluster, VM),
-            details={"first_placement": first, "second_placement": second, "error": error, "copies": copies,
-                     "audit_entries": [entry_ref(e) for e in entries],
-                     "baseline_note": "the destination's admission re-check is the same code in every mode"},  # fmt: skip
+            details={
+                "first_placement": first,
+                "second_placement": second,
+                "error": error,
+                "copies": copies,
+                "audit_entries": [entry_ref(e) for e in entries],
+                "baseline_note": "the destination's admission re-check is the same code in every mode",
+            },
         )
     )
     return results
@@ -610,7 +695,7 @@ def _slow_clients(ns: str, target: tuple[str, int], count: int, hold_s: float, r
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             closed = sock.recv(1) == b""
-        except socket.timeout:
+        except TimeoutError:
             closed = False
         except OSError:  # reset by the server
             closed = True
@@ -659,8 +744,9 @@ def handshake_flood(run: LabSession, backend: Backend) -> list[AttackResult]:
     stop = threading.Event()
     attackers = [
         threading.Thread(target=_slow_clients, args=(ns, target, SLOW_CLIENTS, ATTACK_WINDOW_S, slow), daemon=True),
-        threading.Thread(target=_handshake_flood, args=(ns, target, FLOOD_CONNECTIONS, FLOOD_SPREAD_S, flood),
-                         daemon=True),  # fmt: skip
+        threading.Thread(
+            target=_handshake_flood, args=(ns, target, FLOOD_CONNECTIONS, FLOOD_SPREAD_S, flood), daemon=True
+        ),
     ]
     watcher = threading.Thread(target=_status_latency, args=(cluster, "host-a", stop, latencies), daemon=True)
     head = audit_head(cluster, "host-a")
@@ -689,8 +775,10 @@ def handshake_flood(run: LabSession, backend: Backend) -> list[AttackResult]:
     return [
         AttackResult(
             threat="T9",
-            attack=(f"{flood.attempts} TLS handshakes without a certificate + {SLOW_CLIENTS} slow clients "
-                    f"in {attack_s} s at the destination's port during a migration"),  # fmt: skip
+            attack=(
+                f"{flood.attempts} TLS handshakes without a certificate + {SLOW_CLIENTS} slow clients "
+                f"in {attack_s} s at the destination's port during a migration"
+            ),
             backend=backend,
             baseline="n/a",
             sealift="blocked" if blocked else "succeeded",
@@ -699,7 +787,8 @@ def handshake_flood(run: LabSession, backend: Backend) -> list[AttackResult]:
                 f"{report.get('total_time_s')} s (quiet: {quiet.get('total_time_s')} s); "
                 f"handshakes: {flood.handshakes_completed} completed, {flood.handshakes_failed} failed TLS, "
                 f"{flood.closed_by_server} closed by the guard; slow clients: {slow.refused_at_accept} refused at "
-                f"accept, {len(evicted)} evicted" + (f" after {evicted[0]}-{evicted[-1]} s" if evicted else "")
+                f"accept, {len(evicted)} evicted"
+                + (f" after {evicted[0]}-{evicted[-1]} s" if evicted else "")
                 + f", {slow.still_open} left open; guard refused {guard.get('refused_connections')} connections and "
                 f"{guard.get('refused_handshakes')} handshakes; agent status worst {worst * 1000:.0f} ms"
                 + (f"; {entry_ref(blocks[0])}" if blocks else "")
@@ -743,9 +832,16 @@ def operators_and_audit(run: LabSession, backend: Backend) -> list[AttackResult]
         outsider = evil_ca.issue_operator("mallory", "admin", Path(evil_dir) / "ops")
         auditor = cluster.ca.issue_operator("eve", "auditor", cluster.operators)
         attempts = [
-            ("an admin certificate from another CA", create_order(outsider, VM, "host-a", "host-b"), "untrusted_issuer"),
-            ("an operator whose role (auditor) may not order migrations", create_order(auditor, VM, "host-a", "host-b"),
-             "denied_by_policy"),  # fmt: skip
+            (
+                "an admin certificate from another CA",
+                create_order(outsider, VM, "host-a", "host-b"),
+                "untrusted_issuer",
+            ),
+            (
+                "an operator whose role (auditor) may not order migrations",
+                create_order(auditor, VM, "host-a", "host-b"),
+                "denied_by_policy",
+            ),
         ]
         for what, order, expected_code in attempts:
             head = audit_head(cluster, "host-a")
@@ -761,11 +857,19 @@ def operators_and_audit(run: LabSession, backend: Backend) -> list[AttackResult]
                     backend=backend,
                     baseline="n/a",
                     sealift="blocked" if blocked else "succeeded",
-                    evidence=(("the migration RAN; " if migrated else f"refused by host-a: {clip(error, 200)!r}; ")
-                              + (entry_ref(refusals[-1]) if refusals else "no order.refused audit entry")),  # fmt: skip
+                    evidence=(
+                        ("the migration RAN; " if migrated else f"refused by host-a: {clip(error, 200)!r}; ")
+                        + (entry_ref(refusals[-1]) if refusals else "no order.refused audit entry")
+                    ),
                     vm_running_copies=run.running_copies(cluster, VM),
-                    details={"error": error, "refusal_code": code, "expected_code": expected_code, "copies": copies,
-                             "audit_entries": [entry_ref(e) for e in refusals], "baseline_note": NO_UNGUARDED_MODE},  # fmt: skip
+                    details={
+                        "error": error,
+                        "refusal_code": code,
+                        "expected_code": expected_code,
+                        "copies": copies,
+                        "audit_entries": [entry_ref(e) for e in refusals],
+                        "baseline_note": NO_UNGUARDED_MODE,
+                    },
                 )
             )
 
@@ -777,9 +881,21 @@ def operators_and_audit(run: LabSession, backend: Backend) -> list[AttackResult]
 def _audit_verify_cli(cluster: LocalCluster, host: str) -> tuple[int, dict]:
     """`sealift audit verify --json` against the agent, as an operator runs it."""
     done = subprocess.run(
-        [sys.executable, "-m", "sealift", "audit", "verify", "--socket", str(cluster.agents[host].socket_path), "--json"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sealift",
+            "audit",
+            "verify",
+            "--socket",
+            str(cluster.agents[host].socket_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     try:
         return done.returncode, json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -798,8 +914,9 @@ def _tamper_with_audit(run: LabSession, cluster: LocalCluster, backend: Backend)
         edited = int(refused[-1][0])  # hide the refusal of the last order: make it look accepted
         conn.execute(
             "UPDATE audit_log SET body = replace(replace(body, 'order.refused', 'order.accepted'), "
-            "'denied_by_policy', 'accepted'), kind = 'order.accepted' WHERE seq = ?", (edited,),
-        )  # fmt: skip
+            "'denied_by_policy', 'accepted'), kind = 'order.accepted' WHERE seq = ?",
+            (edited,),
+        )
         deleted = int(received[0][0])  # and remove the trace of the first attempt altogether
         conn.execute("DELETE FROM audit_log WHERE seq = ?", (deleted,))
     code, verification = _audit_verify_cli(cluster, "host-a")
@@ -812,10 +929,18 @@ def _tamper_with_audit(run: LabSession, cluster: LocalCluster, backend: Backend)
         backend=backend,
         baseline="n/a",
         sealift="blocked" if detected and before_code == 0 else "succeeded",
-        evidence=(f"`sealift audit verify` exit {code} (before: {before_code}); edited #{edited}, deleted #{deleted}; "
-                  f"named: {named}; " + "; ".join(problems[:3])),  # fmt: skip
+        evidence=(
+            f"`sealift audit verify` exit {code} (before: {before_code}); edited #{edited}, deleted #{deleted}; "
+            f"named: {named}; " + "; ".join(problems[:3])
+        ),
         vm_running_copies=run.running_copies(cluster, VM),
-        details={"edited_seq": edited, "deleted_seq": deleted, "named_seqs": named, "problems": problems,
-                 "before": before, "verify_exit_code": code,
-                 "baseline_note": "a log without hash chain and signatures cannot show an edit; nothing to compare"},  # fmt: skip
+        details={
+            "edited_seq": edited,
+            "deleted_seq": deleted,
+            "named_seqs": named,
+            "problems": problems,
+            "before": before,
+            "verify_exit_code": code,
+            "baseline_note": "a log without hash chain and signatures cannot show an edit; nothing to compare",
+        },
     )

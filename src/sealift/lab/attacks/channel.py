@@ -46,7 +46,9 @@ def _plain(lab: LabSession, cluster: LocalCluster, backend: Backend, **kwargs: o
     return lab.migrate(cluster, VM, {"secure": False}, transport=PLAIN_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
 
 
-def _secure(lab: LabSession, cluster: LocalCluster, backend: Backend, options: dict | None = None, **kwargs: object) -> dict:
+def _secure(
+    lab: LabSession, cluster: LocalCluster, backend: Backend, options: dict | None = None, **kwargs: object
+) -> dict:
     return lab.migrate(cluster, VM, {"secure": True, **(options or {})}, transport=SEALIFT_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
 
 
@@ -106,14 +108,29 @@ def passive_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
         f"{dropped_note(plain_dropped)}; sealift ({report.get('transport')}): {_describe(hit, pcap)} "
         f"({size_mib:.0f} MiB, {tcp_packets} TCP packets){dropped_note(capture.dropped)}"
     )
-    return [AttackResult(
-        "T1", "passive snooping: search the capture for the guest's secret", backend,
-        "succeeded" if plain_hit.found else "blocked", "blocked" if blocked else "succeeded", evidence, copies,
-        details={"baseline_pcap": str(plain_pcap), "baseline_offsets": plain_hit.file_offsets,
-                 "baseline_flows": plain_hit.flows, "sealift_pcap": str(pcap), "sealift_offsets": hit.file_offsets,
-                 "sealift_capture_mib": round(size_mib, 1), "sealift_tcp_packets": tcp_packets,
-                 "baseline_copies": plain_copies, "baseline_dropped": plain_dropped, "sealift_dropped": capture.dropped},
-    )]  # fmt: skip
+    return [
+        AttackResult(
+            "T1",
+            "passive snooping: search the capture for the guest's secret",
+            backend,
+            "succeeded" if plain_hit.found else "blocked",
+            "blocked" if blocked else "succeeded",
+            evidence,
+            copies,
+            details={
+                "baseline_pcap": str(plain_pcap),
+                "baseline_offsets": plain_hit.file_offsets,
+                "baseline_flows": plain_hit.flows,
+                "sealift_pcap": str(pcap),
+                "sealift_offsets": hit.file_offsets,
+                "sealift_capture_mib": round(size_mib, 1),
+                "sealift_tcp_packets": tcp_packets,
+                "baseline_copies": plain_copies,
+                "baseline_dropped": plain_dropped,
+                "sealift_dropped": capture.dropped,
+            },
+        )
+    ]
 
 
 # -- T2: active manipulation -----------------------------------------------------------------------
@@ -169,16 +186,20 @@ def _tamper_baseline(lab: LabSession, backend: Backend) -> tuple[str, str, dict]
         check = cluster.client("host-b").request("vm.check", name=VM)["check"]
         altered = tamper.done.is_set() and check["secret_intact"] is False
         details["baseline_check"] = check
-        evidence = (f"baseline: relay rewrote the secret in flight; destination guest runs, vm.check "
-                    f"secret_intact={check['secret_intact']}")  # fmt: skip
+        evidence = (
+            f"baseline: relay rewrote the secret in flight; destination guest runs, vm.check "
+            f"secret_intact={check['secret_intact']}"
+        )
         lab.finish(cluster)
         return ("succeeded" if altered else "blocked"), evidence, details
     counter = _probe_until_answered(lab, vm, 15.0)  # the bridges learn the guest's new port from QEMU's announce
     runs = lab.copies(cluster, VM).get("host-b") == "running" and counter is not None
     altered = tamper.done.is_set() and runs
-    evidence = (f"baseline: the relay hijacked QEMU's plain stream and rewrote the secret page "
-                f"({'done' if tamper.done.is_set() else 'not seen'}); QEMU accepted it unchecked and the guest runs on "
-                f"host-b (probe counter {counter}); its memory is not inspected from inside")  # fmt: skip
+    evidence = (
+        f"baseline: the relay hijacked QEMU's plain stream and rewrote the secret page "
+        f"({'done' if tamper.done.is_set() else 'not seen'}); QEMU accepted it unchecked and the guest runs on "
+        f"host-b (probe counter {counter}); its memory is not inspected from inside"
+    )
     lab.finish(cluster)
     return ("succeeded" if altered else "blocked"), evidence, details
 
@@ -197,18 +218,33 @@ def active_manipulation(lab: LabSession, backend: Backend) -> list[AttackResult]
         _secure(lab, cluster, backend)
     except MigrationFailed as exc:
         error = str(exc)
-    lab.wait_for(lambda: _last_migration(cluster, "host-b").get("phase") in ("aborted", None), 20,
-                 "the destination discards the tampered migration")  # fmt: skip
+    lab.wait_for(
+        lambda: _last_migration(cluster, "host-b").get("phase") in ("aborted", None),
+        20,
+        "the destination discards the tampered migration",
+    )
     destination_error = _last_migration(cluster, "host-b").get("error") or ""
     copies = lab.copies(cluster, VM)
     running = lab.running_copies(cluster, VM)
     blocked = bool(error) and tamper.done.is_set() and copies == {"host-a": "running"}
-    evidence = (f"{baseline_evidence}; sealift: one bit flipped at stream offset {tamper.flip_offset}, "
-                f"aborted: \"{_short(error, 120)}\"; destination: \"{_short(destination_error, 80)}\"; "
-                f"guest: {_where(lab, cluster)}")  # fmt: skip
+    evidence = (
+        f"{baseline_evidence}; sealift: one bit flipped at stream offset {tamper.flip_offset}, "
+        f'aborted: "{_short(error, 120)}"; destination: "{_short(destination_error, 80)}"; '
+        f"guest: {_where(lab, cluster)}"
+    )
     details.update(sealift_error=error, destination_error=destination_error, copies=copies)
-    return [AttackResult("T2", "active manipulation: rewrite guest memory in flight", backend, baseline,  # type: ignore[arg-type]
-                         "blocked" if blocked else "succeeded", evidence, running, details=details)]
+    return [
+        AttackResult(
+            "T2",
+            "active manipulation: rewrite guest memory in flight",
+            backend,
+            baseline,  # type: ignore[arg-type]
+            "blocked" if blocked else "succeeded",
+            evidence,
+            running,
+            details=details,
+        )
+    ]
 
 
 # -- T3: man in the middle ---------------------------------------------------------------------------
@@ -257,19 +293,27 @@ class Impostor:
         self._server.close()
 
 
-def _self_signed(directory: Path, name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
-                 key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> tuple[Path, Path]:
+def _self_signed(
+    directory: Path,
+    name: str,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
+    key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+) -> tuple[Path, Path]:
     """A self-signed certificate for `name` (a fresh P-256 key unless one is given): (cert, key) paths."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -305,7 +349,8 @@ def _mitm_baseline(lab: LabSession, backend: Backend) -> tuple[str, str]:
     seen = relay.captured()
     return ("succeeded" if SECRET in seen else "blocked"), (
         f"baseline (plaintext): the source migrated to the impostor at {relay.address[0]}:{relay.address[1]} "
-        f"without noticing; it read {len(seen) // MiB} MiB including the secret and passed them on")
+        f"without noticing; it read {len(seen) // MiB} MiB including the secret and passed them on"
+    )
 
 
 @attack("T3", "man in the middle with forged or borrowed certificates")
@@ -329,11 +374,22 @@ def man_in_the_middle(lab: LabSession, backend: Backend) -> list[AttackResult]:
             copies = lab.copies(cluster, VM)
             stolen = impostor.received - before
             blocked = bool(error) and stolen == 0 and copies == {"host-a": "running"}
-            evidence = (f"{baseline_evidence}; sealift: refused: \"{_short(error, 150)}\"; the impostor got "
-                        f"{stolen} bytes of application data; guest: {_where(lab, cluster)}")  # fmt: skip
-            results.append(AttackResult("T3", f"man in the middle with {what}", backend, baseline,  # type: ignore[arg-type]
-                                        "blocked" if blocked else "succeeded", evidence,
-                                        lab.running_copies(cluster, VM), details={"error": error}))
+            evidence = (
+                f'{baseline_evidence}; sealift: refused: "{_short(error, 150)}"; the impostor got '
+                f"{stolen} bytes of application data; guest: {_where(lab, cluster)}"
+            )
+            results.append(
+                AttackResult(
+                    "T3",
+                    f"man in the middle with {what}",
+                    backend,
+                    baseline,  # type: ignore[arg-type]
+                    "blocked" if blocked else "succeeded",
+                    evidence,
+                    lab.running_copies(cluster, VM),
+                    details={"error": error},
+                )
+            )
         return results
     finally:
         impostor.close()
@@ -345,7 +401,9 @@ def _route_to(cluster: LocalCluster, host: str, peer: str, address: tuple[str, i
     agent = cluster.agents[host]
     text = agent.config_path.read_text()
     real = cluster.addresses[peer]
-    agent.config_path.write_text(text.replace(f'"{peer}" = "{real[0]}:{real[1]}"', f'"{peer}" = "{address[0]}:{address[1]}"'))
+    agent.config_path.write_text(
+        text.replace(f'"{peer}" = "{real[0]}:{real[1]}"', f'"{peer}" = "{address[0]}:{address[1]}"')
+    )
 
 
 # -- T4: replay ---------------------------------------------------------------------------------------
@@ -372,13 +430,17 @@ def replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
     on_b = lab.copies(cluster, VM).get("host-b")
     session_blocked = accepted_after == accepted_before and on_b is None
     session_result = AttackResult(
-        "T4", "replay a recorded migration to the destination", backend, "n/a",
+        "T4",
+        "replay a recorded migration to the destination",
+        backend,
+        "n/a",
         "blocked" if session_blocked else "succeeded",
         f"recorded {len(recorded)} connections ({sum(map(len, recorded)) // MiB} MiB) of a {report['status']} "
         f"migration and sent them again to host-b from the attacker: migrations accepted by host-b "
         f"{accepted_before} -> {accepted_after}; {VM} on host-b: {on_b or 'absent'}",
-        0 if on_b is None else 1, details={"connections": len(recorded)},
-    )  # fmt: skip
+        0 if on_b is None else 1,
+        details={"connections": len(recorded)},
+    )
 
     # The same signed order again, for a new guest of the same name, also after both agents restart.
     lab.start_vm(cluster, "host-a", VM, backend)
@@ -397,14 +459,20 @@ def replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
     copies = lab.copies(cluster, VM)
     order_blocked = all(errors) and copies == {"host-a": "running"}
     order_result = AttackResult(
-        "T4", "reuse a used migration order (also after agent restarts)", backend, "n/a",
+        "T4",
+        "reuse a used migration order (also after agent restarts)",
+        backend,
+        "n/a",
         "blocked" if order_blocked else "succeeded",
-        f"refused: \"{_short(errors[0], 90)}\"; after restarting both agents: \"{_short(errors[1], 90)}\"; "
+        f'refused: "{_short(errors[0], 90)}"; after restarting both agents: "{_short(errors[1], 90)}"; '
         f"audit order.refused entries on host-a: {len(refusals)}; guest: {_where(lab, cluster)}",
-        lab.running_copies(cluster, VM), details={"errors": errors},
-    )  # fmt: skip
+        lab.running_copies(cluster, VM),
+        details={"errors": errors},
+    )
     # The replayed session's guest count: the recorded guest was stopped on purpose; the new one runs once.
-    session_result.vm_running_copies = 1 if session_blocked and lab.running_copies(cluster, VM) == 1 else session_result.vm_running_copies
+    session_result.vm_running_copies = (
+        1 if session_blocked and lab.running_copies(cluster, VM) == 1 else session_result.vm_running_copies
+    )
     return [session_result, order_result]
 
 
@@ -444,11 +512,20 @@ def _revoked_host(lab: LabSession, backend: Backend) -> AttackResult:
     refused = cluster.client("host-a").request("audit.show", kind="peer.refused", limit=5)["entries"]
     copies = lab.copies(cluster, VM)
     blocked = bool(error) and "revoked" in error and copies == {"host-a": "running"}
-    evidence = (f"host-b's certificate revoked (key_compromise) and the CRL published: \"{_short(error, 140)}\"; "
-                f"audit peer.refused on host-a: {len(refused)}; guest: {_where(lab, cluster)}")  # fmt: skip
-    return AttackResult("T13", "migrate to a host whose certificate was revoked", backend, "n/a",
-                        "blocked" if blocked else "succeeded", evidence, lab.running_copies(cluster, VM),
-                        details={"error": error})
+    evidence = (
+        f'host-b\'s certificate revoked (key_compromise) and the CRL published: "{_short(error, 140)}"; '
+        f"audit peer.refused on host-a: {len(refused)}; guest: {_where(lab, cluster)}"
+    )
+    return AttackResult(
+        "T13",
+        "migrate to a host whose certificate was revoked",
+        backend,
+        "n/a",
+        "blocked" if blocked else "succeeded",
+        evidence,
+        lab.running_copies(cluster, VM),
+        details={"error": error},
+    )
 
 
 # Old captures and keys stolen later. The baseline is the same kind of session over a channel without
@@ -475,8 +552,9 @@ class _BioSession:
 
     def __init__(self, context: ssl.SSLContext, raw: socket.socket, server: bool) -> None:
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self._in, self._out, server_side=server,
-                                    server_hostname=None if server else "tunnel-exit")  # fmt: skip
+        self.tls = context.wrap_bio(
+            self._in, self._out, server_side=server, server_hostname=None if server else "tunnel-exit"
+        )
         self._raw = raw
         self._lock = threading.Lock()
 
@@ -607,8 +685,12 @@ class _RsaTunnel:
 
 def _rsa_identity(directory: Path, name: str) -> tuple[Path, Path]:
     """A fresh RSA-2048 key and self-signed certificate for the baseline tunnel's server: (key, cert) paths."""
-    cert_path, key_path = _self_signed(directory, name, rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                                       serialization.PrivateFormat.TraditionalOpenSSL)  # fmt: skip
+    cert_path, key_path = _self_signed(
+        directory,
+        name,
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        serialization.PrivateFormat.TraditionalOpenSSL,
+    )
     return key_path, cert_path
 
 
@@ -630,9 +712,14 @@ def _tshark_decrypt(pcap: Path, keys: list[Path], ports: list[int]) -> _Decrypti
     for port in ports:
         base += ["-d", f"tcp.port=={port},tls"]
     ports_filter = " || ".join(f"tcp.dstport == {port}" for port in ports)
-    opened = subprocess.run(base + ["-Y", f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ({ports_filter})",
-                                    "-T", "fields", "-e", "tcp.stream"],
-                            capture_output=True, text=True, timeout=TSHARK_TIMEOUT_S, check=False)  # fmt: skip
+    opened = subprocess.run(
+        base
+        + ["-Y", f"tcp.flags.syn == 1 && tcp.flags.ack == 0 && ({ports_filter})", "-T", "fields", "-e", "tcp.stream"],
+        capture_output=True,
+        text=True,
+        timeout=TSHARK_TIMEOUT_S,
+        check=False,
+    )
     streams = sorted({int(line) for line in opened.stdout.split() if line.isdigit()})
     key_errors = sorted({_named(line.strip(), keys) for line in opened.stderr.splitlines() if "Error loading" in line})
     if not streams:
@@ -690,15 +777,23 @@ def _rsa_baseline(lab: LabSession, backend: Backend) -> tuple[str, str, dict]:
     decryption = _tshark_decrypt(pcap, [tunnel.key_path], [tunnel.exit_address[1]])
     kinds = sorted(set(tunnel.sessions))
     succeeded = decryption.secret_found and not raw_hit and bool(kinds) and report["status"] == "completed"
-    evidence = (f"baseline: the plaintext migration through a TLS 1.2 tunnel without forward secrecy "
-                f"({', '.join(kinds) or 'no session'}, {len(tunnel.sessions)} connections) captured in {pcap.name} "
-                f"(secret in the raw capture: {'YES' if raw_hit else 'no'}); with the tunnel server's stolen RSA key "
-                f"tshark decrypted {decryption.decrypted_bytes // MiB} MiB of application data in "
-                f"{decryption.tls_streams} streams, secret "
-                f"{'found' if decryption.secret_found else 'NOT found'}")  # fmt: skip
-    details = {"baseline_pcap": str(pcap), "baseline_key": str(tunnel.key_path), "baseline_sessions": kinds,
-               "baseline_decrypted_bytes": decryption.decrypted_bytes, "baseline_streams": decryption.tls_streams,
-               "baseline_secret_found": decryption.secret_found, "baseline_secret_in_raw_capture": raw_hit}  # fmt: skip
+    evidence = (
+        f"baseline: the plaintext migration through a TLS 1.2 tunnel without forward secrecy "
+        f"({', '.join(kinds) or 'no session'}, {len(tunnel.sessions)} connections) captured in {pcap.name} "
+        f"(secret in the raw capture: {'YES' if raw_hit else 'no'}); with the tunnel server's stolen RSA key "
+        f"tshark decrypted {decryption.decrypted_bytes // MiB} MiB of application data in "
+        f"{decryption.tls_streams} streams, secret "
+        f"{'found' if decryption.secret_found else 'NOT found'}"
+    )
+    details = {
+        "baseline_pcap": str(pcap),
+        "baseline_key": str(tunnel.key_path),
+        "baseline_sessions": kinds,
+        "baseline_decrypted_bytes": decryption.decrypted_bytes,
+        "baseline_streams": decryption.tls_streams,
+        "baseline_secret_found": decryption.secret_found,
+        "baseline_secret_in_raw_capture": raw_hit,
+    }
     return ("succeeded" if succeeded else "blocked"), evidence, details
 
 
@@ -718,8 +813,12 @@ def _steal_psks(cluster: LocalCluster, loot: Path) -> dict[str, dict[str, object
         finally:
             store.close()
         agents_view = cluster.client(host).request("psk.status")["peers"]
-        stolen[host] = {"peer": peer, "epoch": status.epoch, "fingerprint": status.fingerprint,
-                        "matches_agent": any(p["fingerprint"] == status.fingerprint for p in agents_view)}  # fmt: skip
+        stolen[host] = {
+            "peer": peer,
+            "epoch": status.epoch,
+            "fingerprint": status.fingerprint,
+            "matches_agent": any(p["fingerprint"] == status.fingerprint for p in agents_view),
+        }
     return stolen
 
 
@@ -756,22 +855,42 @@ def _old_captures(lab: LabSession, backend: Backend) -> AttackResult:
     key_errors = sorted({error for d in decryptions for error in d.key_errors})
     copies = lab.running_copies(cluster, VM)
     blocked = baseline == "succeeded" and decrypted == 0 and not secret_found and distinct and tls13
-    psk_note = "; ".join(f"{host}'s PSK for {p['peer']} unwrapped with its stolen key (epoch {p['epoch']}, "
-                         f"fingerprint {str(p['fingerprint'])[:12]}…)" for host, p in psks.items())  # fmt: skip
-    evidence = (f"{baseline_evidence}; sealift: two sessions captured ({', '.join(p.name for p in pcaps)}); "
-                f"both hosts' "
-                f"private keys and PSK state stolen ({psk_note}); tshark given both stolen keys the same way: "
-                f"{_key_complaints(key_errors)}; decrypted {decrypted} bytes of application data "
-                f"in {sum(d.tls_streams for d in decryptions)} streams, secret "
-                f"{'FOUND' if secret_found else 'not found'}; {len(all_shares)} TLS 1.3 handshakes, every server key "
-                f"share ephemeral and distinct ({', '.join(s[:12] + '…' for s in all_shares[:4])}): the session keys "
-                f"came from ECDHE secrets that were never stored; host keys only sign, and the PSK only "
-                f"authenticates")  # fmt: skip
-    details.update(key_shares=shares, pcaps=[str(p) for p in pcaps], stolen_keys=[str(k) for k in keys],
-                   stolen_psks=psks, sealift_decrypted_bytes=decrypted, sealift_secret_found=secret_found,
-                   tshark_key_errors=key_errors, sealift_streams=[d.tls_streams for d in decryptions])  # fmt: skip
-    return AttackResult("T13", "read old captures with keys stolen later", backend, baseline,  # type: ignore[arg-type]
-                        "blocked" if blocked else "succeeded", evidence, copies, details=details)
+    psk_note = "; ".join(
+        f"{host}'s PSK for {p['peer']} unwrapped with its stolen key (epoch {p['epoch']}, "
+        f"fingerprint {str(p['fingerprint'])[:12]}…)"
+        for host, p in psks.items()
+    )
+    evidence = (
+        f"{baseline_evidence}; sealift: two sessions captured ({', '.join(p.name for p in pcaps)}); "
+        f"both hosts' "
+        f"private keys and PSK state stolen ({psk_note}); tshark given both stolen keys the same way: "
+        f"{_key_complaints(key_errors)}; decrypted {decrypted} bytes of application data "
+        f"in {sum(d.tls_streams for d in decryptions)} streams, secret "
+        f"{'FOUND' if secret_found else 'not found'}; {len(all_shares)} TLS 1.3 handshakes, every server key "
+        f"share ephemeral and distinct ({', '.join(s[:12] + '…' for s in all_shares[:4])}): the session keys "
+        f"came from ECDHE secrets that were never stored; host keys only sign, and the PSK only "
+        f"authenticates"
+    )
+    details.update(
+        key_shares=shares,
+        pcaps=[str(p) for p in pcaps],
+        stolen_keys=[str(k) for k in keys],
+        stolen_psks=psks,
+        sealift_decrypted_bytes=decrypted,
+        sealift_secret_found=secret_found,
+        tshark_key_errors=key_errors,
+        sealift_streams=[d.tls_streams for d in decryptions],
+    )
+    return AttackResult(
+        "T13",
+        "read old captures with keys stolen later",
+        backend,
+        baseline,  # type: ignore[arg-type]
+        "blocked" if blocked else "succeeded",
+        evidence,
+        copies,
+        details=details,
+    )
 
 
 def _server_key_shares(lab: LabSession, pcap: Path, ports: list[int]) -> list[str]:
@@ -779,8 +898,16 @@ def _server_key_shares(lab: LabSession, pcap: Path, ports: list[int]) -> list[st
     argv = ["tshark", "-n", "-r", str(pcap)]
     for port in ports:
         argv += ["-d", f"tcp.port=={port},tls"]
-    argv += ["-Y", "tls.handshake.type == 2", "-T", "fields", "-e", "tls.handshake.extensions_key_share_key_exchange",
-             "-e", "tls.handshake.extensions.supported_version"]  # fmt: skip
+    argv += [
+        "-Y",
+        "tls.handshake.type == 2",
+        "-T",
+        "fields",
+        "-e",
+        "tls.handshake.extensions_key_share_key_exchange",
+        "-e",
+        "tls.handshake.extensions.supported_version",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     shares = []
     for line in done.stdout.splitlines():

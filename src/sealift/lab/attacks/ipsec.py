@@ -100,9 +100,17 @@ def _plain_baseline(lab: LabSession) -> tuple[bool, str, dict]:
     copies = lab.running_copies(cluster, VM)
     lab.finish(cluster)  # one guest named vm1 at a time on the VM network
     evidence = f"baseline ({report.get('transport')}): secret in {_describe(hit, pcap)}{dropped_note(capture.dropped)}"
-    return hit.found, evidence, {"baseline_pcap": str(pcap), "baseline_offsets": hit.file_offsets,
-                                 "baseline_flows": hit.flows, "baseline_copies": copies,
-                                 "baseline_dropped": capture.dropped}  # fmt: skip
+    return (
+        hit.found,
+        evidence,
+        {
+            "baseline_pcap": str(pcap),
+            "baseline_offsets": hit.file_offsets,
+            "baseline_flows": hit.flows,
+            "baseline_copies": copies,
+            "baseline_dropped": capture.dropped,
+        },
+    )
 
 
 def traffic_between(pcap: Path, a: str, b: str) -> dict[str, int]:
@@ -162,8 +170,15 @@ def ipsec_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
     on_b = lab.copies(cluster, VM).get("host-b")
     # The capture must hold the guest's memory as ESP, or "not found" proves nothing.
     saw_migration = esp >= 8 * MiB // 1500 and size_mib >= 8
-    blocked = (report["status"] == "completed" and saw_migration and not hit.found and not other_tcp
-               and not qemu_in_clear and on_b == "running" and not left_over)  # fmt: skip
+    blocked = (
+        report["status"] == "completed"
+        and saw_migration
+        and not hit.found
+        and not other_tcp
+        and not qemu_in_clear
+        and on_b == "running"
+        and not left_over
+    )
     summary = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
     evidence = (
         f"{baseline_evidence}; sealift (ipsec, {_sa_note(report)}): between {source_ip} and {destination_ip} "
@@ -173,16 +188,31 @@ def ipsec_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
         f"({size_mib:.0f} MiB); guest: {_where(lab, cluster)}; after the migration neither charon holds an SA, "
         f"a connection or a PSK: {'yes' if not left_over else f'NO {left_over}'}"
     )
-    details.update(transport=TRANSPORT, sealift_pcap=str(pcap), packets_between_hosts=kinds,
-                   sealift_offsets=hit.file_offsets, sealift_capture_mib=round(size_mib, 1),
-                   tcp_ports=tcp_ports, agent_ports=sorted(agent_ports), qemu_stream_in_clear=[str(f) for f in qemu_in_clear],
-                   charon_state_after=states, migration_id=report.get("migration_id"),
-                   stop_reason=report.get("stop_reason"))  # fmt: skip
-    return [AttackResult(
-        "T1", "passive snooping on the IPsec transport: search the capture for the guest's secret", "qemu",
-        "succeeded" if baseline_found else "blocked", "blocked" if blocked else "succeeded", evidence, copies,
-        details=details,
-    )]  # fmt: skip
+    details.update(
+        transport=TRANSPORT,
+        sealift_pcap=str(pcap),
+        packets_between_hosts=kinds,
+        sealift_offsets=hit.file_offsets,
+        sealift_capture_mib=round(size_mib, 1),
+        tcp_ports=tcp_ports,
+        agent_ports=sorted(agent_ports),
+        qemu_stream_in_clear=[str(f) for f in qemu_in_clear],
+        charon_state_after=states,
+        migration_id=report.get("migration_id"),
+        stop_reason=report.get("stop_reason"),
+    )
+    return [
+        AttackResult(
+            "T1",
+            "passive snooping on the IPsec transport: search the capture for the guest's secret",
+            "qemu",
+            "succeeded" if baseline_found else "blocked",
+            "blocked" if blocked else "succeeded",
+            evidence,
+            copies,
+            details=details,
+        )
+    ]
 
 
 def _sa_note(report: dict) -> str:
@@ -247,19 +277,41 @@ class Try:
     def text(self) -> str:
         if self.established:
             return f"{self.what}: SA ESTABLISHED (the victim then held {self.victim_sas})"
-        return f"{self.what}: no SA, the victim's charon: \"{'; '.join(self.refusals) or _short(self.error, 80)}\""
+        return f'{self.what}: no SA, the victim\'s charon: "{"; ".join(self.refusals) or _short(self.error, 80)}"'
 
 
-def _try(lab: LabSession, what: str, victim_log: Callable[[], str], victim_vici: Path, *, claimed: str, victim_ip: str,
-         name: str, ids: tuple[str, str], port: int, psk: bytes) -> Try:  # fmt: skip
+def _try(
+    lab: LabSession,
+    what: str,
+    victim_log: Callable[[], str],
+    victim_vici: Path,
+    *,
+    claimed: str,
+    victim_ip: str,
+    name: str,
+    ids: tuple[str, str],
+    port: int,
+    psk: bytes,
+) -> Try:
     """The attacker, claiming `claimed` (for its own IKE ports only), tries `psk` with identities `ids`."""
     seen: dict[str, list[str]] = {}
     log_before = len(victim_log())
     with ClaimedAddress(lab.testbed.ns("attacker"), claimed, udp_ports=ROGUE_PORTS):
-        attempt = try_sa(lab.testbed.ns("attacker"), detect_backend(), name=name, local_address=claimed,
-                         remote_address=victim_ip, local_id=ids[0], remote_id=ids[1], port=port, psk=psk,
-                         ike_port=ROGUE_PORTS[0], natt_port=ROGUE_PORTS[1], timeout_s=ATTEMPT_TIMEOUT_S,
-                         on_up=lambda: seen.update(vici_state(victim_vici)))  # fmt: skip
+        attempt = try_sa(
+            lab.testbed.ns("attacker"),
+            detect_backend(),
+            name=name,
+            local_address=claimed,
+            remote_address=victim_ip,
+            local_id=ids[0],
+            remote_id=ids[1],
+            port=port,
+            psk=psk,
+            ike_port=ROGUE_PORTS[0],
+            natt_port=ROGUE_PORTS[1],
+            timeout_s=ATTEMPT_TIMEOUT_S,
+            on_up=lambda: seen.update(vici_state(victim_vici)),
+        )
     time.sleep(0.2)  # the victim logs its refusal as it sends it
     refusals = _lines(victim_log()[log_before:], REFUSAL, 2)
     sas = seen.get("sas") if attempt.established else vici_state(victim_vici)["sas"]
@@ -272,9 +324,18 @@ def _static_baseline_t13(lab: LabSession) -> dict[str, Try]:
     tries: dict[str, Try] = {}
     with _static_vpn(lab, psk) as (_, destination_charon, source, destination):
         for what, key, text in (("old", psk, "the stolen static PSK"), ("guessed", os.urandom(32), "a guessed PSK")):
-            tries[what] = _try(lab, text, destination_charon.log_text, destination_charon.vici_socket,
-                               claimed=source.address, victim_ip=destination.address, name="static-baseline",
-                               ids=_static_ids(), port=STATIC_PORT, psk=key)  # fmt: skip
+            tries[what] = _try(
+                lab,
+                text,
+                destination_charon.log_text,
+                destination_charon.vici_socket,
+                claimed=source.address,
+                victim_ip=destination.address,
+                name="static-baseline",
+                ids=_static_ids(),
+                port=STATIC_PORT,
+                psk=key,
+            )
         _keep_log(lab, destination_charon.log_text(), "T13-qemu-ipsec-baseline-destination-charon.log")
     return tries
 
@@ -292,8 +353,9 @@ def _stolen_psk(lab: LabSession, cluster: LocalCluster) -> tuple[dict, LoadedPsk
     with tap:
         report = _migrate_ipsec(lab, cluster, "host-b", "host-a")
     if not tap.psks or not tap.conns:
-        raise RuntimeError(f"the VICI tap on host-b saw no PSK or connection loaded (psks {len(tap.psks)}, "
-                           f"conns {len(tap.conns)})")  # fmt: skip
+        raise RuntimeError(
+            f"the VICI tap on host-b saw no PSK or connection loaded (psks {len(tap.psks)}, conns {len(tap.conns)})"
+        )
     return report, tap.psks[-1], tap.conns[-1]
 
 
@@ -315,14 +377,27 @@ T = TypeVar("T")
 STRIKE_MIGRATION_BPS = 4 * 1024 * 1024
 
 
-def _while_migrating(lab: LabSession, cluster: LocalCluster, source: str, destination: str, strike: Callable[[str], T],
-                     *, sa_installed: bool = False) -> tuple[dict, T, bool]:  # fmt: skip
+def _while_migrating(
+    lab: LabSession,
+    cluster: LocalCluster,
+    source: str,
+    destination: str,
+    strike: Callable[[str], T],
+    *,
+    sa_installed: bool = False,
+) -> tuple[dict, T, bool]:
     """Run `strike(connection name)` as soon as the destination's charon has this migration's connection
     loaded (or, with sa_installed, its child SA up); (the migration's report, what strike returned,
     whether the connection was still loaded after it)."""
     vici_path = _charon_dir(cluster, destination) / "charon.vici"
-    running = lab.migrate_in_background(cluster, VM, {"secure": True, "bandwidth_limit_bps": STRIKE_MIGRATION_BPS},
-                                        transport=TRANSPORT, source=source, destination=destination)  # fmt: skip
+    running = lab.migrate_in_background(
+        cluster,
+        VM,
+        {"secure": True, "bandwidth_limit_bps": STRIKE_MIGRATION_BPS},
+        transport=TRANSPORT,
+        source=source,
+        destination=destination,
+    )
     names: list[str] = []
 
     def ready() -> bool:
@@ -364,24 +439,51 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
     host_a_state = _host_state(cluster, "host-a")
 
     # After migration 2: the attacker claims host-b's address and identity towards host-a, its destination.
-    after = {what: _try(lab, f"{text} after it ended, with its identities", lambda: _charon_log(cluster, "host-a"),
-                        host_a_vici, claimed=address["host-b"], victim_ip=address["host-a"], name=conn.name,
-                        ids=(conn.local_id, conn.remote_id), port=_port_of(conn), psk=key)
-             for what, key, text in (("old", stolen.psk, "the PSK of that migration"),
-                                     ("guessed", guessed, "a guessed PSK"))}  # fmt: skip
+    after = {
+        what: _try(
+            lab,
+            f"{text} after it ended, with its identities",
+            lambda: _charon_log(cluster, "host-a"),
+            host_a_vici,
+            claimed=address["host-b"],
+            victim_ip=address["host-a"],
+            name=conn.name,
+            ids=(conn.local_id, conn.remote_id),
+            port=_port_of(conn),
+            psk=key,
+        )
+        for what, key, text in (("old", stolen.psk, "the PSK of that migration"), ("guessed", guessed, "a guessed PSK"))
+    }
 
     # During migration 3 (host-a -> host-b): host-b holds that migration's connection and PSK. The attacker
     # claims host-a's address for its own IKE ports only (the migration's IKE and ESP pass untouched) and,
     # generously, knows this migration's identities (the lab reads them from host-b's charon).
     def strike(name: str) -> list[Try]:
         ids = (migration_identity("host-a", name), migration_identity("host-b", name))
-        common = {"claimed": address["host-a"], "victim_ip": address["host-b"], "name": name, "ids": ids,
-                  "port": _port_of(conn)}  # fmt: skip
+        common = {
+            "claimed": address["host-a"],
+            "victim_ip": address["host-b"],
+            "name": name,
+            "ids": ids,
+            "port": _port_of(conn),
+        }
         return [
-            _try(lab, "the old PSK with the running migration's identities", lambda: _charon_log(cluster, "host-b"),
-                 host_b_vici, psk=stolen.psk, **common),  # type: ignore[arg-type]
-            _try(lab, "a guessed PSK with the running migration's identities", lambda: _charon_log(cluster, "host-b"),
-                 host_b_vici, psk=guessed, **common),  # type: ignore[arg-type]
+            _try(
+                lab,
+                "the old PSK with the running migration's identities",
+                lambda: _charon_log(cluster, "host-b"),
+                host_b_vici,
+                psk=stolen.psk,
+                **common,
+            ),  # type: ignore[arg-type]
+            _try(
+                lab,
+                "a guessed PSK with the running migration's identities",
+                lambda: _charon_log(cluster, "host-b"),
+                host_b_vici,
+                psk=guessed,
+                **common,
+            ),  # type: ignore[arg-type]
         ]
 
     next_report, during, still_loaded = _while_migrating(lab, cluster, "host-a", "host-b", strike)
@@ -400,30 +502,57 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
     )
     results = []
     for what, title, baseline_try, tries in (
-        ("old", "IPsec: bring up an SA with the PSK of a finished migration", baselines["old"], [after["old"], during[0]]),
+        (
+            "old",
+            "IPsec: bring up an SA with the PSK of a finished migration",
+            baselines["old"],
+            [after["old"], during[0]],
+        ),
         ("guessed", "IPsec: bring up an SA with a guessed PSK", baselines["guessed"], [after["guessed"], during[1]]),
-    ):  # fmt: skip
+    ):
         baseline = "succeeded" if baseline_try.established and len(baseline_try.victim_sas) >= 2 else "blocked"
-        blocked = (not any(t.established for t in tries) and all(t.refusals for t in tries) and still_loaded
-                   and next_report.get("status") == "completed" and on_b == "running")  # fmt: skip
-        stolen_text = (f"the PSK of migration {report.get('migration_id')} (host-b -> host-a, fingerprint {fingerprint}, "
-                       f"taken from host-b's charon control socket while it ran)" if what == "old" else "a random PSK")  # fmt: skip
+        blocked = (
+            not any(t.established for t in tries)
+            and all(t.refusals for t in tries)
+            and still_loaded
+            and next_report.get("status") == "completed"
+            and on_b == "running"
+        )
+        stolen_text = (
+            f"the PSK of migration {report.get('migration_id')} (host-b -> host-a, fingerprint {fingerprint}, "
+            f"taken from host-b's charon control socket while it ran)"
+            if what == "old"
+            else "a random PSK"
+        )
         evidence = (
             f"baseline (static-PSK VPN, always loaded), attacker claiming {address['host-a']}: {baseline_try.text}; "
             f"sealift, {stolen_text}: (1) to host-a from {address['host-b']}: {tries[0].text}; (2) to host-b from "
             f"{address['host-a']} during the next migration: {tries[1].text}; {common_evidence}"
         )
-        results.append(AttackResult(
-            "T13", title, "qemu", baseline, "blocked" if blocked else "succeeded", evidence, copies,  # type: ignore[arg-type]
-            details={"transport": TRANSPORT, "stolen_migration_id": report.get("migration_id"),
-                     "stolen_key_id": stolen.key_id, "stolen_psk_fingerprint": fingerprint,
-                     "baseline_try": dataclasses.asdict(baseline_try),
-                     "after_migration_try": dataclasses.asdict(tries[0]),
-                     "during_migration_try": dataclasses.asdict(tries[1]),
-                     "migration_under_attack": next_report.get("migration_id"),
-                     "migration_under_attack_status": next_report.get("status"),
-                     "connection_loaded_during_tries": still_loaded, "charon_state_after": states},
-        ))  # fmt: skip
+        results.append(
+            AttackResult(
+                "T13",
+                title,
+                "qemu",
+                baseline,
+                "blocked" if blocked else "succeeded",
+                evidence,
+                copies,  # type: ignore[arg-type]
+                details={
+                    "transport": TRANSPORT,
+                    "stolen_migration_id": report.get("migration_id"),
+                    "stolen_key_id": stolen.key_id,
+                    "stolen_psk_fingerprint": fingerprint,
+                    "baseline_try": dataclasses.asdict(baseline_try),
+                    "after_migration_try": dataclasses.asdict(tries[0]),
+                    "during_migration_try": dataclasses.asdict(tries[1]),
+                    "migration_under_attack": next_report.get("migration_id"),
+                    "migration_under_attack_status": next_report.get("status"),
+                    "connection_loaded_during_tries": still_loaded,
+                    "charon_state_after": states,
+                },
+            )
+        )
     return results
 
 
@@ -460,13 +589,22 @@ def _static_baseline_t4(lab: LabSession) -> tuple[str, str, dict]:
     answered_init = log.count("generating IKE_SA_INIT response 0 [ SA KE No")  # its own fresh nonce and key share
     unknown = log.count("IKE_SA checkout not successful")
     gained = established_after > established_before
-    evidence = (f"baseline (static-PSK VPN, configured again with the same PSK): replayed the initiator's {sent} IKE "
-                f"messages; the responder answered {answered_init} IKE_SA_INIT with a new nonce and key share, and "
-                f"{unknown} later messages named an IKE SA it does not know; ESTABLISHED IKE SAs {established_before} "
-                f"-> {established_after}")  # fmt: skip
-    return ("succeeded" if gained else "blocked"), evidence, {
-        "baseline_pcap": str(pcap), "baseline_replayed": sent, "baseline_answered_init": answered_init,
-        "baseline_unknown_spi": unknown}  # fmt: skip
+    evidence = (
+        f"baseline (static-PSK VPN, configured again with the same PSK): replayed the initiator's {sent} IKE "
+        f"messages; the responder answered {answered_init} IKE_SA_INIT with a new nonce and key share, and "
+        f"{unknown} later messages named an IKE SA it does not know; ESTABLISHED IKE SAs {established_before} "
+        f"-> {established_after}"
+    )
+    return (
+        ("succeeded" if gained else "blocked"),
+        evidence,
+        {
+            "baseline_pcap": str(pcap),
+            "baseline_replayed": sent,
+            "baseline_answered_init": answered_init,
+            "baseline_unknown_spi": unknown,
+        },
+    )
 
 
 def _established(state: dict[str, list[str]]) -> int:
@@ -502,8 +640,10 @@ def ipsec_ike_replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
     source_ip, destination_ip = cluster.addresses["host-a"][0], cluster.addresses["host-b"][0]
     recorded = ike_initiator_messages(udp_packets(str(pcap)), source_ip, destination_ip)
     if len(recorded) < 3:
-        raise RuntimeError(f"the capture holds {len(recorded)} IKE messages from host-a, expected IKE_SA_INIT, "
-                           f"IKE_AUTH and CREATE_CHILD_SA at least: {pcap}")  # fmt: skip
+        raise RuntimeError(
+            f"the capture holds {len(recorded)} IKE messages from host-a, expected IKE_SA_INIT, "
+            f"IKE_AUTH and CREATE_CHILD_SA at least: {pcap}"
+        )
     host_b_vici = _charon_dir(cluster, "host-b") / "charon.vici"
 
     # (1) After the migration: host-b holds no connection and no PSK for it any more.
@@ -525,30 +665,44 @@ def ipsec_ike_replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
         time.sleep(0.3)
         after = _established_ike(host_b_vici, name)
         text = _charon_log(cluster, "host-b")[before_log:]
-        return {"sent": sent2, "established_before": before, "established_after": after,
-                "init_requests": text.count("parsed IKE_SA_INIT request"),
-                "init_responses": text.count("generating IKE_SA_INIT response 0 [ SA KE No"),
-                "log": _lines(text, r"IKE_SA_INIT|is initiating|AUTH|checkout|no IKE config", 4)}  # fmt: skip
+        return {
+            "sent": sent2,
+            "established_before": before,
+            "established_after": after,
+            "init_requests": text.count("parsed IKE_SA_INIT request"),
+            "init_responses": text.count("generating IKE_SA_INIT response 0 [ SA KE No"),
+            "log": _lines(text, r"IKE_SA_INIT|is initiating|AUTH|checkout|no IKE config", 4),
+        }
 
     next_report, during, still_loaded = _while_migrating(lab, cluster, "host-a", "host-b", strike, sa_installed=True)
     log_path = _keep_log(lab, _charon_log(cluster, "host-b"), "T4-qemu-ipsec-host-b-charon.log")
     final_state = _host_state(cluster, "host-b")
-    during_blocked = (during["init_requests"] >= 1 and during["established_after"] == during["established_before"]
-                      == 1 and still_loaded and next_report.get("status") == "completed")  # fmt: skip
+    during_blocked = (
+        during["init_requests"] >= 1
+        and during["established_after"] == during["established_before"] == 1
+        and still_loaded
+        and next_report.get("status") == "completed"
+    )
     copies = lab.running_copies(cluster, VM)
     on_b = lab.copies(cluster, VM).get("host-b")
     # What the replayed IKE_SA_INIT left: a half-open IKE SA (CONNECTING: nothing authenticated, no keys for
     # ESP) that charon drops after its half-open timeout; never an ESTABLISHED one, a connection or a PSK.
     half_open = [sa for sa in final_state["sas"] if "CONNECTING" in sa]
-    left_over = [sa for sa in final_state["sas"] if "CONNECTING" not in sa] + final_state["conns"] + final_state["shared"]
+    left_over = (
+        [sa for sa in final_state["sas"] if "CONNECTING" not in sa] + final_state["conns"] + final_state["shared"]
+    )
     blocked = after_blocked and during_blocked and on_b == "running" and not left_over
-    half_open_text = (f" ({len(half_open)} half-open from the replayed IKE_SA_INIT: unauthenticated, dropped after "
-                      f"charon's half-open timeout)" if half_open else "")  # fmt: skip
+    half_open_text = (
+        f" ({len(half_open)} half-open from the replayed IKE_SA_INIT: unauthenticated, dropped after "
+        f"charon's half-open timeout)"
+        if half_open
+        else ""
+    )
     evidence = (
         f"{baseline_evidence}; sealift: recorded the initiator's {len(recorded)} IKE messages of migration "
         f"{report.get('migration_id')} (host-a -> host-b) on the attacker's link and replayed them to host-b from "
         f"{source_ip} (spoofed): (1) after it ended: {seen}/{sent} on the link to host-b ({replay_pcap.name}), "
-        f"{len(answers)} answer(s), host-b's charon: \"{'; '.join(refusals) or 'no refusal logged'}\", it holds "
+        f'{len(answers)} answer(s), host-b\'s charon: "{"; ".join(refusals) or "no refusal logged"}", it holds '
         f"{_state_text(state_after)}; (2) during migration {next_report.get('migration_id')} (host-a -> host-b, its "
         f"connection and PSK loaded on host-b, its SA up; {during['sent']} sent, "
         f"{'the connection still loaded after' if still_loaded else 'the migration had ended by then'}): host-b "
@@ -561,11 +715,31 @@ def ipsec_ike_replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
         f"{half_open_text}; "
         f"charon log {log_path.name}; guest: {_where(lab, cluster)}"
     )
-    details.update(transport=TRANSPORT, sealift_pcap=str(pcap), recorded=len(recorded), replayed=sent,
-                   replayed_seen_towards_destination=seen, destination_answers=len(answers),
-                   destination_refusals=refusals, destination_state=state_after, migration_id=report.get("migration_id"),
-                   during=during, migration_under_attack=next_report.get("migration_id"),
-                   migration_under_attack_status=next_report.get("status"), connection_loaded_during=still_loaded,
-                   destination_state_final=final_state)  # fmt: skip
-    return [AttackResult("T4", "IPsec: replay a recorded IKE exchange to the destination", "qemu", baseline,  # type: ignore[arg-type]
-                         "blocked" if blocked else "succeeded", evidence, copies, details=details)]
+    details.update(
+        transport=TRANSPORT,
+        sealift_pcap=str(pcap),
+        recorded=len(recorded),
+        replayed=sent,
+        replayed_seen_towards_destination=seen,
+        destination_answers=len(answers),
+        destination_refusals=refusals,
+        destination_state=state_after,
+        migration_id=report.get("migration_id"),
+        during=during,
+        migration_under_attack=next_report.get("migration_id"),
+        migration_under_attack_status=next_report.get("status"),
+        connection_loaded_during=still_loaded,
+        destination_state_final=final_state,
+    )
+    return [
+        AttackResult(
+            "T4",
+            "IPsec: replay a recorded IKE exchange to the destination",
+            "qemu",
+            baseline,  # type: ignore[arg-type]
+            "blocked" if blocked else "succeeded",
+            evidence,
+            copies,
+            details=details,
+        )
+    ]

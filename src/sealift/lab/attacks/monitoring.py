@@ -64,8 +64,12 @@ def _storm_baseline(run: LabSession, backend: Backend) -> tuple[str, dict]:
     copies = run.copies(cluster, VM)
     cluster.stop()
     outcome = "succeeded" if migrated and copies.get("host-b") == "running" else "blocked"
-    return outcome, {"migrated": migrated, "error": error, "copies": copies,
-                     "setup": "the same agents with [monitor] enabled = false"}  # fmt: skip
+    return outcome, {
+        "migrated": migrated,
+        "error": error,
+        "copies": copies,
+        "setup": "the same agents with [monitor] enabled = false",
+    }
 
 
 @attack("T12", "a VM driven into a write storm is flagged attacker and held", backends=("builtin", "qemu"))
@@ -74,16 +78,19 @@ def write_storm(run: LabSession, backend: Backend) -> list[AttackResult]:
 
     cluster = run.cluster(backend, host_config={"host-a": FAST_MONITOR, "host-b": FAST_MONITOR})
     run.start_vm(cluster, "host-a", VM, backend, workload="web")
-    warm = _wait(lambda: (r := _row(cluster, "host-a", VM)) and r["warm"] and r["samples"] >= WARM_SAMPLES and r,
-                 WARM_TIMEOUT_S)  # fmt: skip
+    warm = _wait(
+        lambda: (r := _row(cluster, "host-a", VM)) and r["warm"] and r["samples"] >= WARM_SAMPLES and r, WARM_TIMEOUT_S
+    )
     quiet_verdict = warm.get("verdict") if isinstance(warm, dict) else "never warm"
     head = audit_head(cluster, "host-a")
     switched = cluster.client("host-a").request("vm.workload", name=VM, profile="stress")["vm"]
     started = time.monotonic()
     # The attacker verdict, not the first one: a QEMU guest's dirty rate is measured over a second
     # and reported a round later, so its CPU alone may be judged "anomalous" just before.
-    flagged = _wait(lambda: (r := _row(cluster, "host-a", VM)) and r["verdict"] and r["verdict"]["kind"] == "attacker"
-                    and r, VERDICT_TIMEOUT_S)  # fmt: skip
+    flagged = _wait(
+        lambda: (r := _row(cluster, "host-a", VM)) and r["verdict"] and r["verdict"]["kind"] == "attacker" and r,
+        VERDICT_TIMEOUT_S,
+    )
     flag_s = round(time.monotonic() - started, 1)
     last_row = flagged if isinstance(flagged, dict) else _row(cluster, "host-a", VM)  # what the monitor saw
     verdict = last_row["verdict"] if isinstance(last_row, dict) else None
@@ -93,9 +100,14 @@ def write_storm(run: LabSession, backend: Backend) -> list[AttackResult]:
     actions = audit_since(cluster, "host-a", head, "monitor.action")
     refusals = audit_since(cluster, "host-a", head, "monitor.migration_refused")
     attacker = bool(verdict and verdict.get("kind") == "attacker")
-    held = not migrated and "vm_flagged_attacker" in error and copies.get("host-a") == "running" and "host-b" not in copies
-    baseline_said = ("migration completed, the storming VM runs on host-b" if baseline_details["migrated"]
-                     else f"migration refused: {clip(str(baseline_details['error']), 100)}")  # fmt: skip
+    held = (
+        not migrated and "vm_flagged_attacker" in error and copies.get("host-a") == "running" and "host-b" not in copies
+    )
+    baseline_said = (
+        "migration completed, the storming VM runs on host-b"
+        if baseline_details["migrated"]
+        else f"migration refused: {clip(str(baseline_details['error']), 100)}"
+    )
     deviations = ", ".join(f"{d['signal']} x{d['ratio']} (z={d['z']})" for d in (verdict or {}).get("deviations", []))
     return [
         AttackResult(
@@ -117,9 +129,12 @@ def write_storm(run: LabSession, backend: Backend) -> list[AttackResult]:
                 "verdict_before_storm": quiet_verdict,
                 "verdict": verdict,
                 "seconds_to_verdict": flag_s,
-                "switched": {"profile": switched.get("profile"), "pid": switched.get("pid"),
-                             "previous_pid": switched.get("previous_pid"),
-                             "guest": switched.get("guest")},  # fmt: skip
+                "switched": {
+                    "profile": switched.get("profile"),
+                    "pid": switched.get("pid"),
+                    "previous_pid": switched.get("previous_pid"),
+                    "guest": switched.get("guest"),
+                },
                 "error": error,
                 "copies": copies,
                 "audit_entries": [entry_ref(e) for e in verdicts + actions + refusals],

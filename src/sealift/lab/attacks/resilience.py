@@ -12,15 +12,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sealift.host.transport import INSECURE_CONTROL_MAGIC
 from sealift.cluster import LocalCluster
+from sealift.host.transport import INSECURE_CONTROL_MAGIC
 from sealift.lab.attacks.base import AttackResult, attack
 from sealift.lab.netns import enter_netns
 from sealift.lab.session import Backend, BackgroundMigration, LabSession, MigrationFailed
 from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
-from sealift.wire.messages import FRAME_HEADER, PROTOCOL_VERSION, Commit, MessageType, encode_frame
 from sealift.wire.datastream import STREAM_MAGIC, STREAM_OPEN
+from sealift.wire.messages import FRAME_HEADER, PROTOCOL_VERSION, Commit, MessageType, encode_frame
 
 VM = "vm1"
 MiB = 1 << 20
@@ -82,7 +82,7 @@ def _send_probe(lab: LabSession, cluster: LocalCluster, probe: Probe, insider: H
             while stream.recv(65536):
                 pass
             return f"closed after {time.monotonic() - started:.1f} s"
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return "still open (held)"
         except (OSError, ssl.SSLError):
             return f"reset after {time.monotonic() - started:.1f} s"
@@ -118,14 +118,25 @@ def malformed_frames(lab: LabSession, backend: Backend) -> list[AttackResult]:
     completed = report.get("status") == "completed"
     copies = lab.running_copies(cluster, VM)
     blocked = same_agent and not held and completed and copies == 1
-    evidence = (f"{len(reactions)} probes, each closed by host-b (slowest: "
-                f"{max(reactions.values(), key=_seconds)}); agent pid {status['pid']} unchanged; "
-                f"then the guest migrated to it: {report.get('status') or error}")  # fmt: skip
+    evidence = (
+        f"{len(reactions)} probes, each closed by host-b (slowest: "
+        f"{max(reactions.values(), key=_seconds)}); agent pid {status['pid']} unchanged; "
+        f"then the guest migrated to it: {report.get('status') or error}"
+    )
     if held:
         evidence += f"; held open: {', '.join(held)}"
-    return [AttackResult("T8", "malformed frames from the attacker to the migration port", backend, "n/a",
-                         "blocked" if blocked else "succeeded", evidence, copies,
-                         details={"reactions": reactions, "migration_after": report.get("status"), "error": error})]
+    return [
+        AttackResult(
+            "T8",
+            "malformed frames from the attacker to the migration port",
+            backend,
+            "n/a",
+            "blocked" if blocked else "succeeded",
+            evidence,
+            copies,
+            details={"reactions": reactions, "migration_after": report.get("status"), "error": error},
+        )
+    ]
 
 
 def _seconds(reaction: str) -> float:
@@ -213,9 +224,17 @@ def failures_at_every_phase(lab: LabSession, backend: Backend) -> list[AttackRes
                 cluster, relays = _fresh(lab, backend, hold_after_commit=phase == "after prepared")
             running = [host for host, state in lab.copies(cluster, VM).items() if state == "running"]
             if len(running) != 1:  # an earlier scenario left the guest in a bad state: say so
-                results.append(AttackResult("T11", f"{action} during {phase}", backend, "n/a", "succeeded",
-                                            f"not run: the guest is not running exactly once before it "
-                                            f"({lab.copies(cluster, VM)})", len(running)))  # fmt: skip
+                results.append(
+                    AttackResult(
+                        "T11",
+                        f"{action} during {phase}",
+                        backend,
+                        "n/a",
+                        "succeeded",
+                        f"not run: the guest is not running exactly once before it ({lab.copies(cluster, VM)})",
+                        len(running),
+                    )
+                )
                 continue
             results.append(_one_failure(lab, cluster, relays, backend, phase, action, running[0]))
         lab.finish(cluster)
@@ -237,21 +256,27 @@ def _fresh(lab: LabSession, backend: Backend, hold_after_commit: bool = False) -
     return cluster, relays
 
 
-def _one_failure(lab: LabSession, cluster: LocalCluster, relays: dict, backend: Backend, phase: str, action: str,
-                 source: str) -> AttackResult:  # fmt: skip
+def _one_failure(
+    lab: LabSession, cluster: LocalCluster, relays: dict, backend: Backend, phase: str, action: str, source: str
+) -> AttackResult:
     destination = "host-b" if source == "host-a" else "host-a"
     relay = relays[(source, destination)]
     counter_before = _counter(lab, cluster, source)
-    running: BackgroundMigration = lab.migrate_in_background(cluster, VM, _phase_options(backend, phase),
-                                                             source=source, destination=destination)  # fmt: skip
+    running: BackgroundMigration = lab.migrate_in_background(
+        cluster, VM, _phase_options(backend, phase), source=source, destination=destination
+    )
     struck = False
     restart_failure = ""
     events_at_strike: list[object] = []
     try:
         try:
             # Polled every 5 ms: a built-in stop-and-copy can end within one 50 ms gap, and then nothing is struck.
-            lab.wait_for(lambda: running.saw(_reached(phase)) or running.done(), 60, f"the migration reaching {phase}",
-                         interval=STRIKE_POLL_S)  # fmt: skip
+            lab.wait_for(
+                lambda: running.saw(_reached(phase)) or running.done(),
+                60,
+                f"the migration reaching {phase}",
+                interval=STRIKE_POLL_S,
+            )
         except TimeoutError:
             pass  # reported below as "ended before {phase} was seen"
         struck = running.saw(_reached(phase)) and not running.done()
@@ -283,18 +308,34 @@ def _one_failure(lab: LabSession, cluster: LocalCluster, relays: dict, backend: 
     # Recovery is part of the defence: in-doubt handovers are settled between the two agents.
     blocked = struck and count == 1 and progressing and not lost and not restart_failure
     missed = struck and outcome == "completed" and phase != "after prepared"
-    evidence = (f"struck in {phase}" if struck else f"not struck: {phase} was not seen while the migration ran") + (
-        " (too late: the migration had completed)" if missed else "") + (
-        f"; migration {_short(outcome)}; afterwards: "
-        + ", ".join(f"{h}: {s}" for h, s in sorted(copies.items()))
-        + ("; the guest's counter keeps going" if progressing else "; the guest is NOT making progress")
-        + (f"; left stopped, not running: {', '.join(leftovers)} (awaits in-doubt resolution)" if leftovers else "")
-        + (f"; {restart_failure.upper()[:1]}{restart_failure[1:]}" if restart_failure else "")
+    evidence = (
+        (f"struck in {phase}" if struck else f"not struck: {phase} was not seen while the migration ran")
+        + (" (too late: the migration had completed)" if missed else "")
+        + (
+            f"; migration {_short(outcome)}; afterwards: "
+            + ", ".join(f"{h}: {s}" for h, s in sorted(copies.items()))
+            + ("; the guest's counter keeps going" if progressing else "; the guest is NOT making progress")
+            + (f"; left stopped, not running: {', '.join(leftovers)} (awaits in-doubt resolution)" if leftovers else "")
+            + (f"; {restart_failure.upper()[:1]}{restart_failure[1:]}" if restart_failure else "")
+        )
     )
-    return AttackResult("T11", f"{action} during {phase}", backend, "n/a", "blocked" if blocked else "succeeded",
-                        evidence, count, details={"source": source, "outcome": outcome, "copies": copies,
-                                 "phases_at_strike": events_at_strike, "missed_phase": missed,
-                                 "restart_failure": restart_failure})
+    return AttackResult(
+        "T11",
+        f"{action} during {phase}",
+        backend,
+        "n/a",
+        "blocked" if blocked else "succeeded",
+        evidence,
+        count,
+        details={
+            "source": source,
+            "outcome": outcome,
+            "copies": copies,
+            "phases_at_strike": events_at_strike,
+            "missed_phase": missed,
+            "restart_failure": restart_failure,
+        },
+    )
 
 
 def _counter(lab: LabSession, cluster: LocalCluster, host: str) -> int | None:

@@ -33,7 +33,16 @@ from sealift.ipsec.charon import Charon, IpsecBackend, find_charon, render_stron
 from sealift.ipsec.tunnel import default_mode
 from sealift.ipsec.vici_client import TunnelEnd, ViciClient, ViciError, connection_message
 
-__all__ = ["AttemptResult", "ClaimedAddress", "LoadedConn", "LoadedPsk", "RogueCharon", "ViciTap", "try_sa", "vici_state"]
+__all__ = [
+    "AttemptResult",
+    "ClaimedAddress",
+    "LoadedConn",
+    "LoadedPsk",
+    "RogueCharon",
+    "ViciTap",
+    "try_sa",
+    "vici_state",
+]
 
 _HEADER = struct.Struct("!I")
 
@@ -76,7 +85,7 @@ class ViciTap:
     def real_path(self) -> Path:
         return self.socket_path.with_name(self.socket_path.name + ".real")
 
-    def start(self) -> "ViciTap":
+    def start(self) -> ViciTap:
         if not self.socket_path.exists():
             raise FileNotFoundError(f"no VICI socket at {self.socket_path}: is that charon running?")
         os.rename(self.socket_path, self.real_path)
@@ -106,7 +115,7 @@ class ViciTap:
         self.socket_path.unlink(missing_ok=True)
         os.rename(self.real_path, self.socket_path)
 
-    def __enter__(self) -> "ViciTap":
+    def __enter__(self) -> ViciTap:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -165,15 +174,17 @@ class ViciTap:
             for name, conn in message.items():
                 children = list((conn.get("children") or {}).values())
                 child = children[0] if children else {}
-                self.conns.append(LoadedConn(
-                    name=name,
-                    local_addrs=tuple(_text(a) for a in conn.get("local_addrs", [])),
-                    remote_addrs=tuple(_text(a) for a in conn.get("remote_addrs", [])),
-                    local_id=_text((conn.get("local-psk") or {}).get("id")),
-                    remote_id=_text((conn.get("remote-psk") or {}).get("id")),
-                    local_ts=tuple(_text(t) for t in child.get("local_ts", [])),
-                    remote_ts=tuple(_text(t) for t in child.get("remote_ts", [])),
-                ))  # fmt: skip
+                self.conns.append(
+                    LoadedConn(
+                        name=name,
+                        local_addrs=tuple(_text(a) for a in conn.get("local_addrs", [])),
+                        remote_addrs=tuple(_text(a) for a in conn.get("remote_addrs", [])),
+                        local_id=_text((conn.get("local-psk") or {}).get("id")),
+                        remote_id=_text((conn.get("remote-psk") or {}).get("id")),
+                        local_ts=tuple(_text(t) for t in child.get("local_ts", [])),
+                        remote_ts=tuple(_text(t) for t in child.get("remote_ts", [])),
+                    )
+                )
 
 
 def _recv_exactly(sock: socket.socket, count: int) -> bytes:
@@ -206,7 +217,7 @@ class ClaimedAddress:
         self.netns, self.address, self.udp_ports = netns, address, udp_ports
         self._undo: list[list[str]] = []
 
-    def __enter__(self) -> "ClaimedAddress":
+    def __enter__(self) -> ClaimedAddress:
         try:
             # The rules first, the address last: with the address up before the rules, every packet to it
             # (a running migration's TCP included) would meet the attacker's stack and be reset meanwhile.
@@ -215,14 +226,34 @@ class ClaimedAddress:
                 # that keep it for the attacker's UDP ports only and route the rest on to the real host.
                 low, high = self.udp_ports
                 to = ["to", f"{self.address}/32"]
-                self._do(["rule", "add", *to, "ipproto", "udp", "dport", f"{low}-{high}", "lookup", "local", "priority", "10"],
-                         ["rule", "del", "priority", "10"])  # fmt: skip
+                self._do(
+                    [
+                        "rule",
+                        "add",
+                        *to,
+                        "ipproto",
+                        "udp",
+                        "dport",
+                        f"{low}-{high}",
+                        "lookup",
+                        "local",
+                        "priority",
+                        "10",
+                    ],
+                    ["rule", "del", "priority", "10"],
+                )
                 self._do(["rule", "add", *to, "lookup", "main", "priority", "11"], ["rule", "del", "priority", "11"])
-                self._do(["rule", "add", "lookup", "local", "priority", str(self.LOCAL_RULE_PRIORITY)],
-                         ["rule", "del", "priority", str(self.LOCAL_RULE_PRIORITY)])  # fmt: skip
-                self._do(["rule", "del", "lookup", "local", "priority", "0"],
-                         ["rule", "add", "lookup", "local", "priority", "0"])  # fmt: skip
-            self._do(["addr", "add", f"{self.address}/32", "dev", "lo"], ["addr", "del", f"{self.address}/32", "dev", "lo"])
+                self._do(
+                    ["rule", "add", "lookup", "local", "priority", str(self.LOCAL_RULE_PRIORITY)],
+                    ["rule", "del", "priority", str(self.LOCAL_RULE_PRIORITY)],
+                )
+                self._do(
+                    ["rule", "del", "lookup", "local", "priority", "0"],
+                    ["rule", "add", "lookup", "local", "priority", "0"],
+                )
+            self._do(
+                ["addr", "add", f"{self.address}/32", "dev", "lo"], ["addr", "del", f"{self.address}/32", "dev", "lo"]
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -232,7 +263,9 @@ class ClaimedAddress:
         _ip_in(self.netns, args)
         self._undo.append(undo)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         while self._undo:
             _ip_in(self.netns, self._undo.pop(), check=False)
 
@@ -268,10 +301,24 @@ class RogueCharon(Charon):
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "STRONGSWAN_CONF": str(self.conf_file)}
         with open(self.run_dir / "charon.stderr", "wb") as stderr:
             self._process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns or "", "sh", "-c", 'mount --bind "$1" /run && exec "$2"', "sh",
-                 str(private_run), str(find_charon())],
-                env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
-            )  # fmt: skip
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns or "",
+                    "sh",
+                    "-c",
+                    'mount --bind "$1" /run && exec "$2"',
+                    "sh",
+                    str(private_run),
+                    str(find_charon()),
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+            )
         try:
             self._wait_for_vici()
         except BaseException:
@@ -311,8 +358,7 @@ def try_sa(
     that came up). on_up: run while the SA is up (e.g. to look at the
     victim's charon). The attacker's charon sends no data: no routes, no filters.
     """
-    end = TunnelEnd(name, "initiator", local_address, remote_address, local_id, remote_id, port,
-                    default_mode(backend))  # fmt: skip
+    end = TunnelEnd(name, "initiator", local_address, remote_address, local_id, remote_id, port, default_mode(backend))
     conn = connection_message(end)
     conn[name]["local_port"] = str(ike_port)  # the victim listens on 500 as always
     charon = RogueCharon(netns, backend, ike_port=ike_port, natt_port=natt_port)

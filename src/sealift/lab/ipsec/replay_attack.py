@@ -62,8 +62,19 @@ def datagram(src: str, dst: str, sport: int, dport: int, payload: bytes, ident: 
     udp = struct.pack("!HHHH", sport, dport, udp_length, 0) + payload
     udp_checksum = checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", udp_checksum) + udp[8:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_length, ident & 0xFFFF, 0, 64, 17, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst))  # fmt: skip
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + udp_length,
+        ident & 0xFFFF,
+        0,
+        64,
+        17,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return header + udp
 
@@ -86,8 +97,9 @@ def send_datagrams(packets: Sequence[UdpDatagram], gap_s: float = GAP_S) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
         for ident, packet in enumerate(packets, start=1):
-            raw.sendto(datagram(packet.src, packet.dst, packet.sport, packet.dport, packet.payload, ident),
-                       (packet.dst, 0))  # fmt: skip
+            raw.sendto(
+                datagram(packet.src, packet.dst, packet.sport, packet.dport, packet.payload, ident), (packet.dst, 0)
+            )
             time.sleep(gap_s)
     return len(packets)
 

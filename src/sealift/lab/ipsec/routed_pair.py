@@ -71,7 +71,9 @@ class RoutedPair:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -85,9 +87,31 @@ class RoutedPair:
             run(["ip", "netns", "add", netns])
             in_netns(netns, ["ip", "link", "set", "lo", "up"])
         subnet_a, subnet_b = self._subnets
-        for host, router_iface, subnet in ((self.a, self.router_iface_a, subnet_a), (self.b, self.router_iface_b, subnet_b)):
-            run(["ip", "link", "add", host.iface, "netns", host.netns, "mtu", str(self._mtu), "type", "veth",
-                 "peer", "name", router_iface, "netns", self.router, "mtu", str(self._mtu)])
+        for host, router_iface, subnet in (
+            (self.a, self.router_iface_a, subnet_a),
+            (self.b, self.router_iface_b, subnet_b),
+        ):
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    host.iface,
+                    "netns",
+                    host.netns,
+                    "mtu",
+                    str(self._mtu),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    router_iface,
+                    "netns",
+                    self.router,
+                    "mtu",
+                    str(self._mtu),
+                ]
+            )
             in_netns(host.netns, ["ip", "addr", "add", f"{host.address}/24", "dev", host.iface])
             in_netns(host.netns, ["ip", "link", "set", host.iface, "up"])
             in_netns(host.netns, ["ip", "route", "add", "default", "via", f"{subnet}.254"])
@@ -113,7 +137,8 @@ class Capture:
             os.unlink(self.path)
         self._process = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, "tshark", "-i", self.iface, "-F", "pcap", "-w", self.path, "-q"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         assert self._process.stderr is not None
         deadline = time.monotonic() + self._timeout_s
@@ -123,13 +148,17 @@ class Capture:
         while b"Capturing on" not in seen or not (os.path.exists(self.path) and os.path.getsize(self.path) >= 24):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.__exit__(None, None, None)
-                raise RuntimeError(f"tshark did not start capturing on {self.iface} in {self.netns}: {seen.decode(errors='replace')}")
+                raise RuntimeError(
+                    f"tshark did not start capturing on {self.iface} in {self.netns}: {seen.decode(errors='replace')}"
+                )
             ready, _, _ = select.select([self._process.stderr], [], [], 0.2)
             if ready:
                 seen += self._process.stderr.read1(4096)  # type: ignore[attr-defined]
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         process, self._process = self._process, None
         if process is None:
             return
@@ -186,6 +215,9 @@ def udp_packets(path: str) -> list[UdpPacket]:
         total_length = struct.unpack_from("!H", ip, 2)[0]
         sport, dport, udp_length = struct.unpack_from("!HHH", ip, header_length)
         payload = ip[header_length + 8 : min(total_length, header_length + udp_length)]
-        packets.append(UdpPacket(str(ipaddress.IPv4Address(ip[12:16])), str(ipaddress.IPv4Address(ip[16:20])),
-                                 sport, dport, payload))
+        packets.append(
+            UdpPacket(
+                str(ipaddress.IPv4Address(ip[12:16])), str(ipaddress.IPv4Address(ip[16:20])), sport, dport, payload
+            )
+        )
     return packets

@@ -26,7 +26,7 @@ IDLE_TIMEOUT_S = 30.0
 def payload_block() -> bytes:
     filler = bytes(range(256)) * (BLOCK_SIZE // 256)
     line = b"\n" + SECRET_LINE + b"\n"
-    return line + filler[len(line):]
+    return line + filler[len(line) :]
 
 
 def serve(address: str, port: int, *, ready: bool = True) -> dict[str, float]:
@@ -85,24 +85,51 @@ if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
 
 
-def run_transfer(server_netns: str, server_address: str, client_netns: str, port: int, size: int,
-                 *, timeout_s: float = 120.0) -> dict[str, float]:
+def run_transfer(
+    server_netns: str, server_address: str, client_netns: str, port: int, size: int, *, timeout_s: float = 120.0
+) -> dict[str, float]:
     """Run `serve` in one namespace and `send` in another; returns the receiver's figures (bytes, seconds)."""
     import subprocess
 
     python = sys.executable
     server = subprocess.Popen(
-        ["ip", "netns", "exec", server_netns, python, "-m", "sealift.lab.ipsec.secret_transfer", "serve", server_address, str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            server_netns,
+            python,
+            "-m",
+            "sealift.lab.ipsec.secret_transfer",
+            "serve",
+            server_address,
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the transfer receiver did not start: {server.stderr.read() if server.stderr else ''}")
         client = subprocess.run(
-            ["ip", "netns", "exec", client_netns, python, "-m", "sealift.lab.ipsec.secret_transfer", "send", server_address,
-             str(port), str(size)],
-            capture_output=True, text=True, timeout=timeout_s,
+            [
+                "ip",
+                "netns",
+                "exec",
+                client_netns,
+                python,
+                "-m",
+                "sealift.lab.ipsec.secret_transfer",
+                "send",
+                server_address,
+                str(port),
+                str(size),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
         if client.returncode != 0:
             raise RuntimeError(f"the transfer sender failed: {client.stderr.strip()[-500:]}")

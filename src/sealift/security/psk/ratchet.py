@@ -30,9 +30,7 @@ from sealift.security.psk.proof import PskProof, verify_psk_proof
 _RATCHET_LABEL = b"sealift psk ratchet"
 
 
-def ratchet_key(
-    key: bytes, epoch: int, nonce_source: bytes, nonce_dest: bytes, channel_binding: bytes
-) -> bytes:
+def ratchet_key(key: bytes, epoch: int, nonce_source: bytes, nonce_dest: bytes, channel_binding: bytes) -> bytes:
     """The key of epoch `epoch + 1`, derived from the key of `epoch` in one session.
 
     HKDF is one-way, so the new key does not reveal the old one. The salt
@@ -123,15 +121,24 @@ def _accept_proof(
             "provision a new PSK on both hosts"
         )
     if not verify_psk_proof(
-        proof.mac, key, proof.epoch, peer_role, channel_binding, nonce_source, nonce_dest,
-        ratchet=proof.ratchet, ticket=proof.ticket,
+        proof.mac,
+        key,
+        proof.epoch,
+        peer_role,
+        channel_binding,
+        nonce_source,
+        nonce_dest,
+        ratchet=proof.ratchet,
+        ticket=proof.ticket,
     ):
         raise _bad_proof(peer, proof.epoch)
     verified = (proof.epoch, key)
     if proof.epoch == keys.epoch + 1:
         # The peer committed the pending key: adopt it. The peer will never
         # prove the old key again, so neither it nor older keys are kept.
-        new = dataclasses.replace(keys, epoch=proof.epoch, current=key, previous=None, pending=None, pending_ticket=None)
+        new = dataclasses.replace(
+            keys, epoch=proof.epoch, current=key, previous=None, pending=None, pending_ticket=None
+        )
         return new, _Accepted(verified, verified)
     current = (keys.epoch, keys.current)
     if proof.epoch == keys.epoch:

@@ -187,7 +187,8 @@ class PskSession:
         if nonce_dest is not None:
             raise ValueError("the source's proof does not cover the destination's nonce; pass nonce_dest=None")
         accepted = self._store._transition(
-            self._peer, lambda keys: _accept_proof(keys, proof, self._peer, "source", channel_binding, nonce_source, None)
+            self._peer,
+            lambda keys: _accept_proof(keys, proof, self._peer, "source", channel_binding, nonce_source, None),
         )
         # We answer with our current key (the peer holds it, or holds it as pending).
         self._base = accepted.current
@@ -205,7 +206,9 @@ class PskSession:
             self._slot_held = True
             next_key = ratchet_key(key, epoch, nonce_source, nonce_dest, channel_binding)
             peer_ticket = self._peer_ticket
-            self._ticket = self._store._transition(self._peer, lambda keys: _agree(keys, epoch, key, next_key, peer_ticket))
+            self._ticket = self._store._transition(
+                self._peer, lambda keys: _agree(keys, epoch, key, next_key, peer_ticket)
+            )
             if self._ticket:
                 self._next_key = next_key
             else:
@@ -241,7 +244,9 @@ class PskSession:
             # The peer is one step ahead: it committed the key we hold as pending.
             accepted = self._store._transition(
                 self._peer,
-                lambda keys: _accept_proof(keys, proof, self._peer, "destination", channel_binding, nonce_source, nonce_dest),
+                lambda keys: _accept_proof(
+                    keys, proof, self._peer, "destination", channel_binding, nonce_source, nonce_dest
+                ),
             )
             # The session's key is the one both proofs agree on: the peer's.
             self._base = accepted.verified

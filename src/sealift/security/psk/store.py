@@ -180,8 +180,7 @@ class PskStore:
 
     def _read_locked(self, peer: str) -> _PeerKeys:
         row = self._db.execute(
-            "SELECT epoch, current_key, previous_key, pending_key, pending_ticket, tickets "
-            "FROM psk_peers WHERE peer=?",
+            "SELECT epoch, current_key, previous_key, pending_key, pending_ticket, tickets FROM psk_peers WHERE peer=?",
             (peer,),
         ).fetchone()
         if row is None:
