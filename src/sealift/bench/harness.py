@@ -1,3 +1,4 @@
+# Long file: one benchmark run end to end (lab, guest, transports, probes, sampling); short functions.
 """The benchmark against the alternatives: one lab, every transport, interleaved runs.
 
     source ──mig0── attacker ──mig0── destination        (the migration network; bytes counted here)

@@ -1,3 +1,4 @@
+# Long file: one SA's whole life (connection, PSK, rules, initiate, wait, tear-down) for both ends.
 """An IPsec security association for one migration: one end per host, or both ends on a namespace testbed.
 
 `IpsecEndpoint` is one host's part: load the connection and the PSK into

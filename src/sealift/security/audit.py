@@ -1,3 +1,4 @@
+# Long file: the log's record format, hash chain, signatures, export and checks are one format.
 """Append-only, hash-chained, signed audit log (threat T10: non-repudiation).
 
 Each agent writes what it decided and why: orders received, accepted or

@@ -1,3 +1,4 @@
+# Long file: the data stream's record types, writer and reader are one sans-IO protocol, tested as one.
 """Bulk data stream: sans-IO writer and reader of protected records.
 
 A data stream is a TCP connection that starts with a clear STREAM_OPEN

@@ -1,3 +1,4 @@
+# Long file: the built-in guest's image format (state area, pages, run lock, checks): one file layout, one module.
 """The built-in guest's image: its whole state, in one shared-memory file.
 
 Layout::

@@ -1,3 +1,4 @@
+# Long file: the QEMU process and every QMP command sealift sends it, sharing its state.
 """A QEMU VM as its agent sees it: a supervised ``qemu-system-x86_64`` process driven over QMP.
 
 Files, all in one VM directory (mode 0700: the QMP socket is the VM's root

@@ -1,3 +1,4 @@
+# Long file: the admission attacks T5-T7, T9 and T10, each a function, share the insider host's helpers.
 """Control-plane and admission attacks (THREATS.md T5, T6, T7, T9, T10), on real agents in the lab.
 
 The insider is host-c: a third agent with a perfectly valid host

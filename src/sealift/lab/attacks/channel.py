@@ -1,3 +1,4 @@
+# Long file: the channel attacks T1-T4 and T13, each a function, share the capture and relay helpers.
 """Attacks on the migration channel: snooping (T1), tampering (T2), man-in-the-middle (T3),
 replay (T4) and stolen or revoked keys (T13).
 

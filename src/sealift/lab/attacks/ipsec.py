@@ -1,3 +1,4 @@
+# Long file: the ipsec transport's three attacks (T1, T4, T13) share its testbed helpers; one attack per function.
 """Attacks on the `ipsec` transport of QEMU guests: snooping (T1), IKE replay (T4), old or guessed PSK (T13).
 
 The transport (backends/qemu/transports.py) runs QEMU's own TCP stream straight
