@@ -44,10 +44,20 @@ def cmd_order_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_order_file(path: str) -> str:
+    """The text of an order file; MalformedOrderError (one line, code "malformed") if it is not UTF-8."""
+    from sealift.security.orders import MalformedOrderError
+
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedOrderError(f"order file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+
+
 def cmd_order_show(args: argparse.Namespace) -> int:
     from sealift.security.orders import describe_order
 
-    order = describe_order(Path(args.file).read_text())
+    order = describe_order(read_order_file(args.file))
     if args.json:
         print_json(order)
     else:

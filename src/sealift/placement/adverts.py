@@ -93,7 +93,8 @@ class ResourceAdvert:
                 raise AdvertError(f"advert field {name} must be an integer, got {value!r}")
         for name, limit in (("cpu_load", _MAX_CPU_LOAD), ("issued_at", 1e12), ("expires_at", 1e12)):
             value = getattr(self, name)
-            if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > limit:
+            # The bound before isfinite: an integer too large for a float makes isfinite raise.
+            if type(value) not in (int, float) or abs(value) > limit or not math.isfinite(value):
                 raise AdvertError(f"advert field {name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))  # one type, one canonical encoding
         if self.expires_at <= self.issued_at:

@@ -50,6 +50,7 @@ from sealift.security.certificates import (
     is_issued_by,
     load_certificate,
     load_private_key,
+    read_certificate,
     same_public_key,
     subject_alt_names,
     subject_of,
@@ -113,6 +114,24 @@ def host_name_of(cert: x509.Certificate) -> str:
             f"certificate {subject} lacks the serverAuth and clientAuth key usages of a host certificate"
         )
     return names[0]
+
+
+def read_host_certificate(cert: x509.Certificate) -> str:
+    """The boundary for a peer's host certificate (from a TLS handshake): the host it names.
+
+    Parses now every part read later (the names and key usages `host_name_of`
+    checks, the issuer and serial the revocation check reads, the public key
+    that verifies the peer's adverts, manifests and receipts), so a
+    certificate malformed inside is refused here as MalformedCertificateError.
+    Then `host_name_of`, and the ECC P-256 key every sealift host has (those
+    documents are verified with no other kind). Raises CertificateError.
+    """
+    read_certificate(cert)
+    name = host_name_of(cert)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise CertificateError(f"certificate {subject_of(cert)} has no ECC P-256 key, as every host certificate has")
+    return name
 
 
 # --------------------------------------------------------------------------
