@@ -209,9 +209,13 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 def load_certificate(path: Path) -> x509.Certificate:
     data = _read_file(path, "certificate")
     try:
-        return x509.load_pem_x509_certificate(data)
+        cert = x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise CertificateError(f"certificate {path} is not a readable PEM certificate: {exc}") from None
+    try:
+        return read_certificate(cert)  # a file is no more trusted to be well formed inside
+    except MalformedCertificateError as exc:
+        raise MalformedCertificateError(f"{path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------
