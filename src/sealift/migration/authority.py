@@ -119,9 +119,9 @@ class Authority:
         except Exception as exc:
             # A check that broke refuses the order (fail closed), and that refusal is on record like any.
             log.exception("checking the migration order of %s failed", vm)
-            refusal = OrderError(f"the migration order could not be checked: {str(exc) or type(exc).__name__}")
-            self.audit.append(Kinds.ORDER_REFUSED, side=role, vm=vm, **refusal.audit_fields())
-            raise refusal from exc
+            unchecked = OrderError(f"the migration order could not be checked: {str(exc) or type(exc).__name__}")
+            self.audit.append(Kinds.ORDER_REFUSED, side=role, vm=vm, **unchecked.audit_fields())
+            raise unchecked from exc
         self.audit.append(Kinds.ORDER_ACCEPTED, side=role, **verified.audit_fields())
         return verified
 

@@ -137,7 +137,9 @@ def is_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """Whether `issuer` signed `cert` (its name and signature; not validity or revocation)."""
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, *_PARSE_ERRORS):  # an algorithm we cannot check is no proof either
+    except InvalidSignature:
+        return False
+    except _PARSE_ERRORS:  # a name or algorithm we cannot read is no proof either
         return False
     return True
 
