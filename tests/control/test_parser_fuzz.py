@@ -9,7 +9,8 @@ parser may accept or refuse; a refusal must be a SealiftError (for orders an
 OrderError, which the agents audit and send back as a Refuse), never a
 ValueError, TypeError, KeyError, IndexError, OverflowError, UnicodeError, ...
 
-Budget: about 150 inputs per test, a few seconds in all (hypothesis draws a
+Budget: 300 inputs for certificates and orders, 150 for adverts and
+receipts, 300 PSK proofs: about 2 s in all on one core (hypothesis draws a
 seed; a seeded random.Random makes the edits, so a failure replays exactly).
 """
 
@@ -44,6 +45,8 @@ from . import certforge
 from .conftest import Cluster
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The certificate and order parsers are the finding's: twice the inputs (still about a second each).
+FUZZ_MORE = settings(FUZZ, max_examples=300)
 seeds = st.integers(0, 2**64 - 1)
 NO_CRL = RevocationList.disabled()
 MID = "0123456789abcdef0123456789abcdef"
@@ -141,7 +144,7 @@ def mutate_text(rng: random.Random, text: str) -> str | bytes:
 # Certificates
 
 
-@FUZZ
+@FUZZ_MORE
 @given(seeds)
 def test_fuzz_certificates_malformed_inside(cluster: Cluster, seed: int) -> None:
     rng = random.Random(seed)
@@ -199,7 +202,7 @@ def _template(cluster: Cluster) -> str:
 # Orders
 
 
-@FUZZ
+@FUZZ_MORE
 @given(seeds)
 def test_fuzz_orders_with_damaged_fields(cluster: Cluster, seed: int) -> None:
     rng = random.Random(seed)
