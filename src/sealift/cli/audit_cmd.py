@@ -10,7 +10,7 @@ from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out
 
 
-def add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="the agent's signed, hash-chained audit log").add_subparsers(
         dest="audit_command", required=True
     )

@@ -16,7 +16,7 @@ from sealift.cli.common import print_failure_json
 BACKENDS = ("builtin", "qemu")
 
 
-def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="the attack lab: replay the threat catalog against agents in network namespaces")
     commands = lab.add_subparsers(dest="lab_command", required=True)
     p = commands.add_parser("run", help="run the attacks (root); exits non-zero if any gets through")

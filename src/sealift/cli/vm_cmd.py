@@ -9,7 +9,7 @@ from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out, vm_table
 
 
-def add_vm_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
     p = vm.add_parser("start", help="start a VM (built-in, or a real QEMU guest)")
     p.add_argument("name")

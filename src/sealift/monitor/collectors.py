@@ -141,7 +141,7 @@ class BuiltinCollector:
             alive=alive,
             status=status,
             cpu_seconds=read_proc_cpu(pid) if alive else None,
-            progress=int(counter) if isinstance(counter, int) else None,  # type: ignore[arg-type]
+            progress=int(counter) if isinstance(counter, int) else None,
             dirty_pages=dirty_pages,
             errors=tuple(errors) if alive else (),
         )

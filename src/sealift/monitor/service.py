@@ -364,7 +364,7 @@ class _Metrics:
     def update(self, snapshot: dict[str, object]) -> None:
         for gauge in (self.value, self.normal, self.zscore, self.verdict, self.problem):
             gauge.clear()  # VMs that left must not linger
-        for row in snapshot["vms"]:  # type: ignore[union-attr]
+        for row in snapshot["vms"]:
             vm = str(row["vm"])
             for signal in SIGNALS:
                 data = row["signals"].get(signal)

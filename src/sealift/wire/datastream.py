@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NoReturn, TypeAlias
 
-import lz4.block  # type: ignore[import-untyped]
+import lz4.block
 import numpy as np
 import zstandard
 

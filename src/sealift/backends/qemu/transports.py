@@ -303,7 +303,7 @@ class AuditedSa:
             channel.stream,
             migration_id,
             nonce_source,
-            nonce_dest,  # type: ignore[arg-type]
+            nonce_dest,
             psk_session,
         )
         endpoint = migration_endpoint(

@@ -475,7 +475,7 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
                 host_b_vici,
                 psk=stolen.psk,
                 **common,
-            ),  # type: ignore[arg-type]
+            ),
             _try(
                 lab,
                 "a guessed PSK with the running migration's identities",
@@ -483,7 +483,7 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
                 host_b_vici,
                 psk=guessed,
                 **common,
-            ),  # type: ignore[arg-type]
+            ),
         ]
 
     next_report, during, still_loaded = _while_migrating(lab, cluster, "host-a", "host-b", strike)
@@ -537,7 +537,7 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
                 baseline,
                 "blocked" if blocked else "succeeded",
                 evidence,
-                copies,  # type: ignore[arg-type]
+                copies,
                 details={
                     "transport": TRANSPORT,
                     "stolen_migration_id": report.get("migration_id"),

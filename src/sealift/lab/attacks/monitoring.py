@@ -44,7 +44,7 @@ def _row(cluster: LocalCluster, host: str, vm: str) -> dict | None:
     return next((row for row in rows if row["vm"] == vm), None)
 
 
-def _wait(predicate, timeout: float) -> object:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout: float) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
