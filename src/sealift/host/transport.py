@@ -20,6 +20,7 @@ from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
 from sealift.wire.control import ControlConnection, Role
 from sealift.wire.datastream import STREAM_OPEN_SIZE, decode_stream_open, encode_stream_open
+from sealift.wire.messages import Message
 
 INSECURE_CONTROL_MAGIC = b"SLC1"
 TLS_HANDSHAKE_BYTE = 0x16
@@ -135,7 +136,7 @@ class ControlChannel:
             sock.close()
             raise
 
-    def send(self, message: object) -> None:
+    def send(self, message: Message) -> None:
         self.stream.sendall(self._conn.send(message))
 
     def recv(self, timeout: float) -> object:

@@ -300,7 +300,7 @@ def _kill_processes_in(name: str) -> None:
 
 def remove_stale() -> list[str]:
     """Remove lab namespaces left by runs whose process is gone (killed outright)."""
-    removed = []
+    removed: list[str] = []
     if not NETNS_DIR.is_dir():
         return removed
     for entry in NETNS_DIR.iterdir():
