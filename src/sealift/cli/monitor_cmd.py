@@ -57,7 +57,7 @@ def render(snap: dict) -> Group:
     for header in ("VM", "status", *(label for _, label in _SIGNALS), "verdict", "reliability"):
         vms.add_column(header, overflow="fold")
     for row in snap["vms"]:
-        cells = [str(row["vm"]), f"{row['status']}{'' if row['warm'] else ' (learning)'}"]
+        cells: list[str | Text] = [str(row["vm"]), f"{row['status']}{'' if row['warm'] else ' (learning)'}"]
         for signal, _ in _SIGNALS:
             cells.append(_signal_cell(signal, row["signals"].get(signal)))
         verdict = row["verdict"]

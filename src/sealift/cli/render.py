@@ -57,9 +57,7 @@ class MigrationProgress:
             self._dirty = str(event.get("dirty_pages_left", "-"))
             label = "stop-and-copy" if event.get("final") else f"round {event['round']}"
             sent = max(1, int(event["pages_sent"]))
-            self._progress.update(
-                task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s"
-            )
+            self._progress.update(task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s")
             self._progress.console.log(
                 f"{label}: {event['pages_sent']} pages, {event['bytes_sent'] / 2**20:.1f} MiB in "
                 f"{event['duration_s'] * 1000:.0f} ms ({event['throughput_mib_s']} MiB/s), "

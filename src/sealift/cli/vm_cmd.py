@@ -44,7 +44,13 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     if args.image is not None:
         fields["image_cache"] = str(Path(args.image).resolve())
     reply = client(args).request(
-        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill, **fields
+        "vm.start",
+        on_event=None,
+        name=args.name,
+        memory=args.memory,
+        workload=args.workload,
+        fill_fraction=args.fill,
+        **fields,
     )
     if args.json:
         print_json(reply["vm"])

@@ -114,6 +114,13 @@ class ControlChannel:
     def secure(self) -> bool:
         return isinstance(self.stream, TlsStream)
 
+    @property
+    def tls(self) -> TlsStream:
+        """The stream of a secure channel: its peer's certificate, its exporter. AttributeError on plaintext."""
+        if not isinstance(self.stream, TlsStream):
+            raise AttributeError("a plaintext control channel has no TLS session")
+        return self.stream
+
     @classmethod
     def connect(
         cls,

@@ -68,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
 from sealift.cluster import LocalCluster
@@ -171,7 +171,7 @@ class LabSession:
 
     # -- life cycle ---------------------------------------------------------------
 
-    def __enter__(self) -> LabSession:
+    def __enter__(self) -> Self:
         self.testbed.up()
         return self
 

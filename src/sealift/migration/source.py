@@ -79,7 +79,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 address, s.context.identity, s.destination, s.options.secure, self._config.handshake_timeout_s
             )
             if channel.secure:
-                self._authority.check_peer(channel.stream.peer_certificate, s.destination)  # type: ignore[attr-defined]
+                self._authority.check_peer(channel.tls.peer_certificate, s.destination)
             s.audit(
                 "migration.started",
                 vm=vm.name,
@@ -133,7 +133,9 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             else:
                 self._abort(channel, vm, exc)
             self._store.save_report(s.migration_id, s.report.to_dict())
-            raise MigrationError(s.report.error or str(exc), code=exc.code if isinstance(exc, SealiftError) else None) from exc
+            raise MigrationError(
+                s.report.error or str(exc), code=exc.code if isinstance(exc, SealiftError) else None
+            ) from exc
         finally:
             self.driver.cleanup(vm)
             if s.psk is not None:
@@ -145,7 +147,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         s = self.session
         psk_proof = None
         if s.psk is not None:
-            s.psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+            s.psk_binding = psk_channel_binding(channel.tls)
             psk_proof = s.psk.make_proof(s.psk_binding, s.nonce)
         channel.send(self.driver.describe(vm, psk_proof))
         reply = channel.recv(self._config.step_timeout_s)
@@ -161,9 +163,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             s.audit("psk.verified", peer=s.destination, epoch=s.psk.epoch, ratcheting=s.psk.ratcheting)
         return reply
 
-    def _manifest_and_prepare(
-        self, channel: ControlChannel, vm: VmT, memory_bytes: int, transfer: TransferT
-    ) -> dict:
+    def _manifest_and_prepare(self, channel: ControlChannel, vm: VmT, memory_bytes: int, transfer: TransferT) -> dict:
         """Sign and send the manifest; the destination's signed "prepared" receipt for it."""
         s = self.session
         fields, digest_audit = self.driver.manifest_fields(transfer)

@@ -321,7 +321,7 @@ def verify_order(
             oid,
         )
     try:
-        verify_document(raw, cert.public_key(), ORDER_KIND, expected_signer=operator.name)  # type: ignore[arg-type]
+        verify_document(raw, cert.public_key(), ORDER_KIND, expected_signer=operator.name)
     except (SignatureError, TypeError) as exc:
         raise OrderSignatureError(f"order {oid} refused: {exc}", oid) from None
 
