@@ -237,5 +237,8 @@ class QemuCollector:
             progress=progress,
             dirty_bps=dirty_bps,
             errors=tuple(errors),
-            **net,  # type: ignore[arg-type]
+            rx_bytes=net["rx_bytes"],
+            tx_bytes=net["tx_bytes"],
+            rx_packets=net["rx_packets"],
+            tx_packets=net["tx_packets"],
         )

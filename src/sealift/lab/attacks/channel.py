@@ -667,7 +667,9 @@ class _RsaTunnel:
             session = _BioSession(self._client if entry else self._server, raw, server=not entry)
             session.handshake()
             if entry:
-                self.sessions.append(f"{session.tls.version()} {session.tls.cipher()[0]}")  # type: ignore[index]
+                cipher = session.tls.cipher()
+                assert cipher is not None  # the handshake is done
+                self.sessions.append(f"{session.tls.version()} {cipher[0]}")
             threading.Thread(target=session.decrypt_into, args=(plain,), daemon=True).start()
             session.encrypt_from(plain)
         except (OSError, ssl.SSLError, AssertionError, ConnectionError):
