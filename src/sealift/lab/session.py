@@ -412,7 +412,7 @@ class LabSession:
 
         def target() -> None:
             try:
-                running.report = self.migrate(cluster, vm, options, on_event=running.events.append, **kwargs)  # type: ignore[arg-type]
+                running.report = self.migrate(cluster, vm, options, on_event=running.events.append, **kwargs)  # type: ignore[arg-type]  # migrate's keywords
             except MigrationFailed as exc:
                 running.error = str(exc)
             except Exception as exc:  # reported, never lost

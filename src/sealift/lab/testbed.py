@@ -124,7 +124,7 @@ class Testbed:
         return run_in(self.ns(host), argv, timeout=timeout, check=check)
 
     def popen(self, host: str, argv: list[str], **kwargs: object) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]
+        return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]  # Popen's own keywords, passed on
 
     def ping(self, host: str, address: str, count: int = 1, timeout_s: int = 2) -> bool:
         done = self.run(

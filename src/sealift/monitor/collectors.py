@@ -109,7 +109,7 @@ class BuiltinCollector:
         samples = []
         seen = set()
         for info in self._registry.list():
-            name, pid = str(info["name"]), int(info["pid"])  # type: ignore[call-overload]
+            name, pid = str(info["name"]), int(info["pid"])  # type: ignore[call-overload]  # BuiltinVM.info's pid: an int
             seen.add((name, pid))
             samples.append(self._sample(name, pid, info))
         for key in set(self._dirty) - seen:

@@ -175,7 +175,7 @@ DataEvent: TypeAlias = (
 def _local_int(name: str, value: object, low: int, high: int) -> int:
     """An integer argument from local code (numpy integers welcome, bool not)."""
     try:
-        number = operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)  # type: ignore[arg-type]  # any object: TypeError below if no integer
     except TypeError:
         raise ProtocolError(f"{name} must be an integer, got {type(value).__name__}") from None
     if isinstance(value, (bool, np.bool_)) or not low <= number <= high:

@@ -43,13 +43,13 @@ MiB = 1 << 20
 
 
 def _plain(lab: LabSession, cluster: LocalCluster, backend: Backend, **kwargs: object) -> dict:
-    return lab.migrate(cluster, VM, {"secure": False}, transport=PLAIN_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
+    return lab.migrate(cluster, VM, {"secure": False}, transport=PLAIN_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]  # migrate's keywords
 
 
 def _secure(
     lab: LabSession, cluster: LocalCluster, backend: Backend, options: dict | None = None, **kwargs: object
 ) -> dict:
-    return lab.migrate(cluster, VM, {"secure": True, **(options or {})}, transport=SEALIFT_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
+    return lab.migrate(cluster, VM, {"secure": True, **(options or {})}, transport=SEALIFT_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]  # migrate's keywords
 
 
 def _where(lab: LabSession, cluster: LocalCluster) -> str:
