@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 MAX_REQUEST = 64 * 1024
 
 Emit = Callable[[dict], None]
@@ -47,7 +49,7 @@ class RequestError(SealiftError):
 _FALLBACK_CODES = {ValueError: "invalid_argument", PermissionError: "permission_denied", LookupError: "not_found"}
 
 
-def _kind(exc: BaseException) -> type[BaseException]:
+def _kind(exc: BaseException) -> type[Exception]:
     return next(kind for kind in _FALLBACK_CODES if isinstance(exc, kind))
 
 
@@ -154,14 +156,14 @@ class ControlServer:
             if self._agent.vms.has(name):
                 raise RequestError(f"a built-in VM named {name!r} already runs here")
             image_cache = request.get("image_cache")
-            vm = self._agent.qemu_vms.start(
+            qemu_vm = self._agent.qemu_vms.start(
                 name,
                 parse_size(request.get("memory", "256M")) >> 20,
                 extra_cmdline=str(request.get("cmdline", "")),
                 net=_net_config(request.get("net")),
                 image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
             )
-            return {"vm": self._agent.qemu_vms.info(vm.name)}
+            return {"vm": self._agent.qemu_vms.info(qemu_vm.name)}
         if self._agent.qemu_vms.has(name):
             raise RequestError(f"a QEMU VM named {name!r} already runs here")
         vm = self._agent.vms.start(
@@ -280,10 +282,10 @@ class ControlServer:
 
     def _op_monitor_flag(self, request: dict, emit: Emit) -> dict:
         vm, kind = _field(request, "vm", str), _field(request, "kind", str)
-        return {"verdict": self._agent.monitor.flag(vm, kind, str(request.get("reason", "no reason given")))}  # type: ignore[arg-type]
+        return {"verdict": self._agent.monitor.flag(vm, kind, str(request.get("reason", "no reason given")))}
 
     def _op_monitor_unflag(self, request: dict, emit: Emit) -> dict:
-        return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}  # type: ignore[arg-type]
+        return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}
 
     def _op_vm_workload(self, request: dict, emit: Emit) -> dict:
         """Attack lab: give a guest another workload profile (backends/workload_switch.py).
@@ -295,10 +297,10 @@ class ControlServer:
         from sealift.backends.workload_switch import switch_workload
 
         name, profile = _field(request, "name", str), _field(request, "profile", str)
-        if self._agent.qemu_vms.has(name):  # type: ignore[arg-type]
-            return self._qemu_workload(name, profile, request)  # type: ignore[arg-type]
-        self._agent.monitor.expect_restart(name)  # type: ignore[arg-type]
-        vm = switch_workload(self._agent.vms, name, profile)  # type: ignore[arg-type]
+        if self._agent.qemu_vms.has(name):
+            return self._qemu_workload(name, profile, request)
+        self._agent.monitor.expect_restart(name)
+        vm = switch_workload(self._agent.vms, name, profile)
         self._agent.authority.record("vm.workload", vm=name, profile=profile, pid=vm["pid"])
         return {"vm": vm}
 
@@ -350,7 +352,7 @@ def _net_config(value: object) -> NetConfig | None:
         raise RequestError(str(exc)) from None
 
 
-def _field(request: dict, key: str, kind: type) -> object:
+def _field(request: dict, key: str, kind: type[_T]) -> _T:
     value = request.get(key)
     if not isinstance(value, kind):
         raise RequestError(f"request needs '{key}' ({kind.__name__})")

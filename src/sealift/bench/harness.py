@@ -20,6 +20,7 @@ IPsec SA is set up before the clock starts, as a VPN between hosts would be.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -431,13 +432,13 @@ def _agent_roles(cluster: Any, vm_root: Path, backend: str, transport: str) -> l
     label, comm = ("qemu", "qemu-system") if backend == "qemu" else ("guest", "python")
     for host, side in (("host-a", "src"), ("host-b", "dst")):
         vm_dir = str(vm_root / host)
-        roles.append(Role(f"{label}-{side}", finder=lambda d=vm_dir: find_process(d, comm)))
+        roles.append(Role(f"{label}-{side}", finder=functools.partial(find_process, vm_dir, comm)))
     for host, side in (("host-a", "src"), ("host-b", "dst")):
         process = cluster.agents[host].process
         roles.append(Role(f"agent-{side}", process.pid if process else None))
         if transport == "sealift-ipsec" and process is not None:
             # The agent starts charon on its first ipsec migration, as its child.
-            roles.append(Role(f"charon-{side}", finder=lambda pid=process.pid: find_descendant(pid, "charon")))
+            roles.append(Role(f"charon-{side}", finder=functools.partial(find_descendant, process.pid, "charon")))
     return roles
 
 

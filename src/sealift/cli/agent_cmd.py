@@ -11,14 +11,14 @@ from sealift.cli.render import out
 from sealift.host.config import load_config
 
 
-def add_agent_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_agent_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run the per-host agent")
     p.add_argument("--config", required=True, help="agent config file (TOML)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_agent)
 
 
-def add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_status_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="agent status")
     add_agent_flags(p)
     p.set_defaults(func=cmd_status)

@@ -9,7 +9,7 @@ from sealift.cli.common import print_json
 from sealift.cli.render import out
 
 
-def add_ca_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     ca = sub.add_parser("ca", help="the cluster certificate authority").add_subparsers(dest="ca_command", required=True)
     p = ca.add_parser("init", help="create a cluster CA (ECC P-256)")
     p.add_argument("--dir", required=True)

@@ -10,7 +10,7 @@ from sealift.cli.common import add_operator_flags, operator, parse_duration, pri
 from sealift.cli.render import out
 
 
-def add_order_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_order_parser(sub: argparse._SubParsersAction) -> None:
     order = sub.add_parser("order", help="signed migration orders").add_subparsers(dest="order_command", required=True)
     p = order.add_parser("create", help="sign an order: VM, source, destination, expiry")
     p.add_argument("vm")

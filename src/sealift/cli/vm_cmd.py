@@ -9,7 +9,7 @@ from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out, vm_table
 
 
-def add_vm_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
     p = vm.add_parser("start", help="start a VM (built-in, or a real QEMU guest)")
     p.add_argument("name")
@@ -44,7 +44,13 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     if args.image is not None:
         fields["image_cache"] = str(Path(args.image).resolve())
     reply = client(args).request(
-        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill, **fields
+        "vm.start",
+        on_event=None,
+        name=args.name,
+        memory=args.memory,
+        workload=args.workload,
+        fill_fraction=args.fill,
+        **fields,
     )
     if args.json:
         print_json(reply["vm"])

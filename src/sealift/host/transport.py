@@ -20,6 +20,7 @@ from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
 from sealift.wire.control import ControlConnection, Role
 from sealift.wire.datastream import STREAM_OPEN_SIZE, decode_stream_open, encode_stream_open
+from sealift.wire.messages import Message
 
 INSECURE_CONTROL_MAGIC = b"SLC1"
 TLS_HANDSHAKE_BYTE = 0x16
@@ -113,6 +114,13 @@ class ControlChannel:
     def secure(self) -> bool:
         return isinstance(self.stream, TlsStream)
 
+    @property
+    def tls(self) -> TlsStream:
+        """The stream of a secure channel: its peer's certificate, its exporter. AttributeError on plaintext."""
+        if not isinstance(self.stream, TlsStream):
+            raise AttributeError("a plaintext control channel has no TLS session")
+        return self.stream
+
     @classmethod
     def connect(
         cls,
@@ -135,7 +143,7 @@ class ControlChannel:
             sock.close()
             raise
 
-    def send(self, message: object) -> None:
+    def send(self, message: Message) -> None:
         self.stream.sendall(self._conn.send(message))
 
     def recv(self, timeout: float) -> object:

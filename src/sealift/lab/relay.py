@@ -89,13 +89,13 @@ class Relay:
             except OSError:
                 return
             with self._lock:
-                refused = self._cut or self.target is None
-            if refused:
+                target = None if self._cut else self.target
+            if target is None:
                 client.close()
                 continue
             try:
                 with enter_netns(self.netns):
-                    upstream = socket.create_connection(self.target, timeout=5)
+                    upstream = socket.create_connection(target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
                 client.close()

@@ -124,7 +124,7 @@ class Testbed:
         return run_in(self.ns(host), argv, timeout=timeout, check=check)
 
     def popen(self, host: str, argv: list[str], **kwargs: object) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]
+        return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]  # Popen's own keywords, passed on
 
     def ping(self, host: str, address: str, count: int = 1, timeout_s: int = 2) -> bool:
         done = self.run(
@@ -300,7 +300,7 @@ def _kill_processes_in(name: str) -> None:
 
 def remove_stale() -> list[str]:
     """Remove lab namespaces left by runs whose process is gone (killed outright)."""
-    removed = []
+    removed: list[str] = []
     if not NETNS_DIR.is_dir():
         return removed
     for entry in NETNS_DIR.iterdir():

@@ -248,7 +248,7 @@ def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello
     psk = authority.psk_session(hello.source_host, "destination")
     if psk is None:
         return None, b""
-    binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+    binding = psk_channel_binding(channel.tls)
     try:
         psk.check_peer_proof(hello.psk_proof, binding, hello.nonce)
     except BaseException:
@@ -279,7 +279,7 @@ def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, aut
             )
         if not hello.secure:
             raise IncomingRefused("an authenticated channel must carry a protected data stream")
-        authority.check_peer(channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
+        authority.check_peer(channel.tls.peer_certificate, hello.source_host)
     else:
         if not config.allow_insecure:
             raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import Generic
 
 from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel
 from sealift.migration import gate, records
 from sealift.migration.documents import await_receipt, channel_binding
-from sealift.migration.drivers import GuestVM, SourceDriver, Transfer
+from sealift.migration.drivers import SourceDriver, TransferT, VmT
 from sealift.migration.errors import MigrationError
 from sealift.migration.phases import Event, Role
 from sealift.migration.report import MigrationReport
@@ -34,8 +35,8 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class SourceCoordinator:
-    def __init__(self, session: SourceSession, driver: SourceDriver) -> None:
+class SourceCoordinator(Generic[VmT, TransferT]):
+    def __init__(self, session: SourceSession, driver: SourceDriver[VmT, TransferT]) -> None:
         self.session = session
         self.driver = driver
         self._config = session.config
@@ -78,7 +79,7 @@ class SourceCoordinator:
                 address, s.context.identity, s.destination, s.options.secure, self._config.handshake_timeout_s
             )
             if channel.secure:
-                self._authority.check_peer(channel.stream.peer_certificate, s.destination)  # type: ignore[attr-defined]
+                self._authority.check_peer(channel.tls.peer_certificate, s.destination)
             s.audit(
                 "migration.started",
                 vm=vm.name,
@@ -132,7 +133,9 @@ class SourceCoordinator:
             else:
                 self._abort(channel, vm, exc)
             self._store.save_report(s.migration_id, s.report.to_dict())
-            raise MigrationError(s.report.error, code=exc.code if isinstance(exc, SealiftError) else None) from exc
+            raise MigrationError(
+                s.report.error or str(exc), code=exc.code if isinstance(exc, SealiftError) else None
+            ) from exc
         finally:
             self.driver.cleanup(vm)
             if s.psk is not None:
@@ -140,11 +143,11 @@ class SourceCoordinator:
             if channel is not None:
                 channel.close()
 
-    def _hello(self, channel: ControlChannel, vm: GuestVM) -> Accept:
+    def _hello(self, channel: ControlChannel, vm: VmT) -> Accept:
         s = self.session
         psk_proof = None
         if s.psk is not None:
-            s.psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+            s.psk_binding = psk_channel_binding(channel.tls)
             psk_proof = s.psk.make_proof(s.psk_binding, s.nonce)
         channel.send(self.driver.describe(vm, psk_proof))
         reply = channel.recv(self._config.step_timeout_s)
@@ -160,9 +163,7 @@ class SourceCoordinator:
             s.audit("psk.verified", peer=s.destination, epoch=s.psk.epoch, ratcheting=s.psk.ratcheting)
         return reply
 
-    def _manifest_and_prepare(
-        self, channel: ControlChannel, vm: GuestVM, memory_bytes: int, transfer: Transfer
-    ) -> dict:
+    def _manifest_and_prepare(self, channel: ControlChannel, vm: VmT, memory_bytes: int, transfer: TransferT) -> dict:
         """Sign and send the manifest; the destination's signed "prepared" receipt for it."""
         s = self.session
         fields, digest_audit = self.driver.manifest_fields(transfer)
@@ -184,7 +185,7 @@ class SourceCoordinator:
         s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
         return self._receipt(channel, "prepared", manifest)
 
-    def _abort(self, channel: ControlChannel | None, vm: GuestVM, exc: BaseException) -> None:
+    def _abort(self, channel: ControlChannel | None, vm: VmT, exc: BaseException) -> None:
         """Before the commit decision: the guest resumes here, nothing is lost."""
         s = self.session
         reason = str(exc) or type(exc).__name__
@@ -204,7 +205,7 @@ class SourceCoordinator:
         s.audit("migration.aborted", vm=vm.name, destination=s.destination, reason=reason, resumed=resumed)
         log.warning("%s", s.report.error)
 
-    def _finish_report(self, transfer: Transfer, running: dict, started: float, cpu_started: float) -> None:
+    def _finish_report(self, transfer: TransferT, running: dict, started: float, cpu_started: float) -> None:
         report = self.session.report
         report.status = "completed"
         report.total_time_s = round(time.monotonic() - started, 3)

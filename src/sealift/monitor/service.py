@@ -364,7 +364,9 @@ class _Metrics:
     def update(self, snapshot: dict[str, object]) -> None:
         for gauge in (self.value, self.normal, self.zscore, self.verdict, self.problem):
             gauge.clear()  # VMs that left must not linger
-        for row in snapshot["vms"]:  # type: ignore[union-attr]
+        rows = snapshot["vms"]
+        assert isinstance(rows, list)  # MonitorService.snapshot: the classifier's rows, JSON-friendly dicts
+        for row in rows:
             vm = str(row["vm"])
             for signal in SIGNALS:
                 data = row["signals"].get(signal)

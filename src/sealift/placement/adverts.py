@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from sealift.errors import SealiftError
 from sealift.security.errors import CertificateError, SecurityError, SignatureError
@@ -156,7 +157,7 @@ def sign_advert(advert: ResourceAdvert, private_key: ec.EllipticCurvePrivateKey)
 
 def verify_advert(
     envelope: str | bytes,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: CertificatePublicKeyTypes,  # verify_document checks it is P-256
     expected_host: str,
     now: float,
     *,

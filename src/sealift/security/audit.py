@@ -193,11 +193,13 @@ class AuditLog(SqliteStore):
         code uses concurrently; a connection is not closed by `close`.
         Without `private_key` the log is read-only (show, verify, export).
         """
-        if private_key is None and public_key is None:
-            raise ValueError("give the host's private key (to append) or public key (to verify)")
+        if public_key is None:
+            if private_key is None:
+                raise ValueError("give the host's private key (to append) or public key (to verify)")
+            public_key = private_key.public_key()
         self.host = host
         self._private_key = private_key
-        self.public_key = public_key if public_key is not None else private_key.public_key()  # type: ignore[union-attr]
+        self.public_key = public_key
         if private_key is not None and not _same_key(private_key.public_key(), self.public_key):
             raise ValueError("private_key and public_key are not a pair")
         if isinstance(db, sqlite3.Connection):

@@ -52,7 +52,7 @@ class BuiltinSourceDriver:
         vm = self._vms.claim(self._session.vm_name)
         return vm, vm.memory_bytes
 
-    def describe(self, vm: BuiltinVM, psk_proof: bytes | None) -> Hello:
+    def describe(self, vm: BuiltinVM, psk_proof: str | None) -> Hello:
         s = self._session
         return Hello(
             migration_id=s.migration_id,

@@ -89,7 +89,8 @@ class QemuDestinationDriver:
     def take_stream(self) -> dict[str, object]:
         self._receive()
         self._wait_incoming_complete()
-        run_after_hooks(self._qemu, self._after_hooks)  # type: ignore[arg-type]
+        assert self._qemu is not None  # _receive started it (_wait_incoming_complete checked it too)
+        run_after_hooks(self._qemu, self._after_hooks)
         return self._verify_manifest()
 
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:

@@ -9,6 +9,7 @@ the guest image it booted). A restarted agent adopts what still runs.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import socket
@@ -190,7 +191,7 @@ class QemuVmRegistry:
         with self._lock:
             return sum(vm.memory_mib for vm in self._vms.values()) * MiB, len(self._vms)  # -smp 1
 
-    def console(self, name: str, lines: int) -> list[str]:
+    def console(self, name: str, lines: int) -> builtins.list[str]:  # `list` is the method above here
         return self.get(name).console_tail(max(1, min(lines, 1000)))
 
     def stop(self, name: str) -> None:

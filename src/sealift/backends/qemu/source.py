@@ -52,7 +52,7 @@ class QemuTransfer:
     paused_at: float
     stream_bytes: int
     digest: str
-    qemu: dict[str, object]
+    qemu: dict[str, int | None]  # QEMU's figures (_qemu_figures); None where QEMU gave none
     wire_bytes: int
     rounds: int
 
@@ -83,7 +83,7 @@ class QemuSourceDriver:
         vm = self._vms.claim(self._session.vm_name)
         return vm, vm.memory_mib * MiB
 
-    def describe(self, vm: QemuVM, psk_proof: bytes | None) -> Hello:
+    def describe(self, vm: QemuVM, psk_proof: str | None) -> Hello:
         s = self._session
         return Hello(
             migration_id=s.migration_id,
@@ -138,7 +138,7 @@ class QemuSourceDriver:
             data.close()
 
     def manifest_fields(self, transfer: QemuTransfer) -> tuple[dict[str, object], dict[str, object]]:
-        fields = {
+        fields: dict[str, object] = {
             "backend": BACKEND,
             "image_digest": transfer.digest,
             "state_digest": None,
@@ -151,7 +151,7 @@ class QemuSourceDriver:
     def fill_report(self, transfer: QemuTransfer) -> None:
         report = self._session.report
         report.rounds = transfer.rounds
-        report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
+        report.pages_sent = transfer.qemu.get("ram_normal_pages") or 0
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
         report.stop_reason = (
@@ -517,7 +517,7 @@ def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> di
     return info
 
 
-def _qemu_figures(info: dict[str, Any]) -> dict[str, object]:
+def _qemu_figures(info: dict[str, Any]) -> dict[str, int | None]:
     ram = info.get("ram", {})
     return {
         "total_time_ms": info.get("total-time"),

@@ -300,10 +300,10 @@ class AuditedSa:
         # The pair's dynamic PSK at the epoch both proofs agreed on (if one is provisioned) and this
         # connection's TLS exporter: a new key for every migration, even when the epoch did not move.
         psk, epoch = psk_for_migration(
-            channel.stream,
+            channel.tls,
             migration_id,
             nonce_source,
-            nonce_dest,  # type: ignore[arg-type]
+            nonce_dest,
             psk_session,
         )
         endpoint = migration_endpoint(
