@@ -119,6 +119,7 @@ class ControlServer:
                 stream.write(json.dumps(obj).encode() + b"\n")
                 stream.flush()
 
+            op = "?"
             try:
                 line = stream.readline(MAX_REQUEST + 1)
                 if len(line) > MAX_REQUEST:
@@ -126,14 +127,18 @@ class ControlServer:
                 request = json.loads(line or b"{}")
                 if not isinstance(request, dict):
                     raise RequestError("request must be a JSON object")
+                op = str(request.get("op"))
                 emit({"ok": True, **self._dispatch(request, emit)})
             except SealiftError as exc:  # every refusal says why, for people and for scripts
+                log.warning("control %s refused (%s): %s", op, exc.code, exc)  # expected: one line, no traceback
                 _safe(emit, {"ok": False, "error": str(exc), "code": exc.code})
             except (ValueError, PermissionError, LookupError) as exc:
-                _safe(emit, {"ok": False, "error": str(exc), "code": _FALLBACK_CODES[_kind(exc)]})
-            except Exception as exc:  # report, never kill the agent
-                log.exception("control request failed")
-                _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__})
+                code = _FALLBACK_CODES[_kind(exc)]
+                log.warning("control %s refused (%s): %s", op, code, exc)
+                _safe(emit, {"ok": False, "error": str(exc), "code": code})
+            except Exception as exc:  # a bug: its traceback, and never kill the agent
+                log.exception("control %s failed unexpectedly", op)
+                _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__, "code": "internal_error"})
 
     def _dispatch(self, request: dict, emit: Emit) -> dict:
         op = request.get("op")

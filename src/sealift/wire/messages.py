@@ -357,6 +357,7 @@ class Abort(_Message):
 
     migration_id: str
     reason: str
+    code: str = "aborted"  # why, for machines: the failing error's code (e.g. record_auth_failed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,7 +245,7 @@ class BuiltinDestinationDriver:
         s, hello = self._session, self._session.hello
         assert self._image is not None
         protection, _ = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce, hello.migration_id)
-        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s)
+        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s, interrupt=s.stop_if_aborted)
         try:
             data.settimeout(s.config.step_timeout_s)  # a silent peer is a dead peer
             reader = DataStreamReader(protection, self._image.npages)

@@ -128,7 +128,7 @@ class QemuDestinationDriver:
     def _receive(self) -> None:
         s, hello = self._session, self._session.hello
         incoming, outgoing = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce, hello.migration_id)
-        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s)
+        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s, interrupt=s.stop_if_aborted)
         try:
             data.settimeout(s.config.step_timeout_s)  # a silent peer is a dead peer
             reader = DataStreamReader(incoming, hello.memory_bytes // relay.PAGE)

@@ -371,7 +371,7 @@ class QemuSourceDriver:
         round_started = followed_since = time.monotonic()
         while True:
             if pump is not None and pump.error is not None:
-                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}")
+                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}", code="stream_failed")
             info = vm.query_migrate()
             status = info.get("status", "none")
             ram = info.get("ram", {})
