@@ -52,9 +52,9 @@ class DirtyLog:
     """A mapped dirty log. Build with :meth:`create` or :meth:`open`."""
 
     def __init__(self, path: Path, fd: int, npages: int) -> None:
-        self._path = path
+        self.path = path
         self._fd = fd
-        self._npages = npages
+        self.npages = npages
         self._mm: mmap.mmap | None = mmap.mmap(
             fd, npages * GEN_DTYPE.itemsize, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
@@ -91,18 +91,10 @@ class DirtyLog:
             return cls(path, fd, npages)
 
     @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def npages(self) -> int:
-        return self._npages
-
-    @property
     def gens(self) -> np.ndarray:
         """The live generations (uint32, one per page). Only the guest writes them."""
         if self._gens is None:
-            raise DirtyLogError(f"dirty log {self._path} is closed")
+            raise DirtyLogError(f"dirty log {self.path} is closed")
         return self._gens
 
     def snapshot(self) -> np.ndarray:
