@@ -266,6 +266,22 @@ def _wait_running(vm: QemuVM, timeout: float) -> None:
         time.sleep(0.005)
 
 
+def _start_qemu(lab: BenchLab, host: str, cell: Cell, vm_dir: Path, incoming: str | None = None) -> QemuVM:
+    """The cell's guest (or, with `incoming`, the QEMU that receives it) started in `host`'s namespace."""
+    assert lab.image is not None
+    with enter_netns(lab.ns(host)):
+        return QemuVM.start(
+            vm_dir,
+            VM_NAME,
+            cell.memory_mib,
+            lab.image,
+            net=lab.guest_net(),
+            extra_cmdline=cell.guest_cmdline(),
+            accel=ACCEL,
+            incoming=incoming,
+        )
+
+
 def run_qemu_direct(
     lab: BenchLab,
     transport: DirectTransport,
@@ -281,16 +297,7 @@ def run_qemu_direct(
     prober: GapProber | None = None
     sampler: CpuSampler | None = None
     try:
-        with enter_netns(lab.ns("source")):
-            source = QemuVM.start(
-                run_dir / "s",
-                VM_NAME,
-                cell.memory_mib,
-                lab.image,
-                net=lab.guest_net(),
-                extra_cmdline=cell.guest_cmdline(),
-                accel=ACCEL,
-            )
+        source = _start_qemu(lab, "source", cell, run_dir / "s")
         vms.append(source)
         prober = lab.prober()
         _wait_booted(source, prober)
@@ -300,17 +307,7 @@ def run_qemu_direct(
         counter = lab.link_counter().start()
         sampler = CpuSampler([Role("qemu-src", source.pid)]).start()
         started = time.monotonic()
-        with enter_netns(lab.ns("destination")):
-            destination = QemuVM.start(
-                run_dir / "d",
-                VM_NAME,
-                cell.memory_mib,
-                lab.image,
-                net=lab.guest_net(),
-                extra_cmdline=cell.guest_cmdline(),
-                accel=ACCEL,
-                incoming="defer",
-            )
+        destination = _start_qemu(lab, "destination", cell, run_dir / "d", incoming="defer")
         vms.append(destination)
         sampler.add(Role("qemu-dst", destination.pid))
         destination.migrate_incoming(f"tcp:{transport.listen_host()}:{MIGRATION_PORT}")
