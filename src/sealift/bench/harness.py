@@ -331,12 +331,8 @@ def run_qemu_direct(
         result.qemu_downtime_ms = info.get("downtime")
         result.downtime_ms = result.qemu_downtime_ms
         result.downtime_to_running_ms = stop_to_resume_ms(source, destination)
-        result.bytes = rx + tx
-        _apply_cpu(result, figures)
+        _apply_measurements(result, figures, rx, tx, counter.packets)
         result.detail |= {
-            "bytes_to_destination": rx,
-            "bytes_to_source": tx,
-            "packets": counter.packets,
             "ram_transferred": info.get("ram", {}).get("transferred"),
             "ram_total": info.get("ram", {}).get("total"),
             **transport.detail(),
@@ -410,12 +406,15 @@ def _await_guest(
     )
 
 
-def _apply_cpu(result: RunResult, figures: Any) -> None:
+def _apply_measurements(result: RunResult, figures: Any, rx: int, tx: int, packets: int) -> None:
+    """What every run measures: the bytes on the link each way, and the CPU it took."""
+    result.bytes = rx + tx
     result.cpu_s = figures.cpu_s
     result.peak_cpu_pct = figures.peak_pct
     result.machine_cpu_s = figures.machine_cpu_s
     result.cpu_by_role = figures.by_role
     result.peak_by_role = figures.peak_by_role
+    result.detail |= {"bytes_to_destination": rx, "bytes_to_source": tx, "packets": packets}
 
 
 # -- runs through the sealift agents ----------------------------------------------------------
@@ -528,12 +527,8 @@ def run_through_agents(
         result.downtime_ms = round(float(report["downtime_ms"]), 1)
         result.downtime_to_running_ms = result.downtime_ms  # the agent counts from QEMU's STOP to the running receipt
         result.qemu_total_ms, result.qemu_downtime_ms = _qemu_figures(report)
-        result.bytes = rx + tx
-        _apply_cpu(result, figures)
+        _apply_measurements(result, figures, rx, tx, counter.packets)
         result.detail |= {
-            "bytes_to_destination": rx,
-            "bytes_to_source": tx,
-            "packets": counter.packets,
             "wall_s": round(ended - started, 3),
             "report_transport": report.get("transport"),
             "rounds": report.get("rounds"),
