@@ -33,11 +33,10 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
-from sealift.backends.builtin.files import closed_on_failure, open_fd
+from sealift.backends.builtin.files import MappedFile, closed_on_failure, open_fd, unmap_and_close
 
 __all__ = ["DirtyLog", "DirtyLogError", "GEN_DTYPE"]
 
@@ -48,7 +47,7 @@ class DirtyLogError(Exception):
     """A dirty log is missing or does not match its image."""
 
 
-class DirtyLog:
+class DirtyLog(MappedFile):
     """A mapped dirty log. Build with :meth:`create` or :meth:`open`."""
 
     def __init__(self, path: Path, fd: int, npages: int) -> None:
@@ -107,17 +106,4 @@ class DirtyLog:
             return
         self._gens = None
         mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a caller-held view of ``gens``: unmapped when it is dropped
-        os.close(self._fd)
-
-    def __enter__(self) -> DirtyLog:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        unmap_and_close(mm, self._fd)

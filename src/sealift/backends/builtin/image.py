@@ -36,11 +36,10 @@ import secrets as _secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
-from sealift.backends.builtin.files import closed_on_failure, open_fd
+from sealift.backends.builtin.files import MappedFile, closed_on_failure, open_fd, unmap_and_close
 from sealift.backends.builtin.workload import (
     COUNTER_MULTIPLIER,
     INDEX_MULTIPLIER,
@@ -267,7 +266,7 @@ class _Views:
     state_u32: np.ndarray  # the state area as 1024 uint32
 
 
-class GuestImage:
+class GuestImage(MappedFile):
     """A mapped guest image. Build with :meth:`create`, :meth:`create_empty` or :meth:`open`.
 
     ``ram`` and ``pages`` are windows on the shared mapping. ``close()``
@@ -597,20 +596,7 @@ class GuestImage:
             pass  # someone built a view on ``ram``; it keeps the mapping alive
         del views
         mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # caller-held numpy views: unmapped when the last one is dropped
-        os.close(self._fd)
-
-    def __enter__(self) -> GuestImage:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        unmap_and_close(mm, self._fd)
 
     def __repr__(self) -> str:
         status = "closed" if self.closed else f"{self.npages} pages"
