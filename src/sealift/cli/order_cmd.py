@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sealift.cli.common import add_operator_flags, operator, parse_duration, print_json
+from sealift.cli.common import add_operator_flags, operator, parse_duration, print_json, show_fields
 from sealift.cli.render import out
 
 
@@ -47,10 +47,4 @@ def cmd_order_create(args: argparse.Namespace) -> int:
 def cmd_order_show(args: argparse.Namespace) -> int:
     from sealift.security.orders import describe_order
 
-    order = describe_order(Path(args.file).read_text())
-    if args.json:
-        print_json(order)
-    else:
-        for key, value in order.items():
-            out.print(f"[bold]{key}[/bold]: {value}")
-    return 0
+    return show_fields(args, describe_order(Path(args.file).read_text()))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -105,15 +105,8 @@ class ResourceAdvert:
         return self.expires_at - self.issued_at
 
     def to_payload(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "capacity_memory": self.capacity_memory,
-            "free_memory": self.free_memory,
-            "cpu_load": self.cpu_load,
-            "vms": self.vms,
-            "issued_at": self.issued_at,
-            "expires_at": self.expires_at,
-        }
+        # Every field, in declaration order (the signed payload's key order); all are plain values.
+        return asdict(self)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ResourceAdvert:
