@@ -276,8 +276,8 @@ def test_an_advert_number_too_large_for_a_float_is_an_advert_error(cluster: Clus
 def _channel(cluster: Cluster, envelope: str, secure: bool) -> Any:
     """What await_receipt reads of a control channel: the next message and the peer's certificate."""
     reply = Receipt(MID, "running", envelope)
-    stream = SimpleNamespace(peer_certificate=cluster.host_b.certificate())
-    return SimpleNamespace(secure=secure, stream=stream, recv=lambda timeout: reply)
+    tls = SimpleNamespace(peer_certificate=cluster.host_b.certificate())
+    return SimpleNamespace(secure=secure, tls=tls, recv=lambda timeout: reply)
 
 
 def _receipt_payload() -> dict[str, Any]:
