@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
@@ -209,10 +209,6 @@ def pem(der: bytes) -> str:
 
 def load(der: bytes) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
-
-
-def cert_pem_text(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
 # --------------------------------------------------------------------------

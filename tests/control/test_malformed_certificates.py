@@ -11,9 +11,11 @@ signed with the certificate's own key.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealift.errors import SealiftError
@@ -40,8 +42,6 @@ def _duplicate_san(cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -
 
 
 def _point(cert: x509.Certificate) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
@@ -139,8 +139,6 @@ def test_the_host_boundary_accepts_a_host_certificate_and_names_the_host(cluster
 
 def test_the_host_boundary_refuses_a_key_other_than_p256(cluster: Cluster) -> None:
     """Adverts, manifests and receipts are verified with the peer's key: only P-256 can verify them."""
-    from cryptography.hazmat.primitives import hashes
-
     cert = certforge.host_certificate(cluster.ca, "host-c")
     other_key = ec.generate_private_key(ec.SECP384R1())
     p384 = (
@@ -164,19 +162,14 @@ def test_a_signature_algorithm_nobody_can_check_is_no_proof_of_issue(cluster: Cl
     unknown = bytes.fromhex("2a8648ce3d040309")  # ecdsa-with-"SHA-9": no such thing
     tbs = cert.tbs_certificate_bytes.replace(certforge.ECDSA_WITH_SHA256, unknown, 1)
     ca_key = certforge.ca_key_of(cluster.ca)
-    from cryptography.hazmat.primitives import hashes
-
     signature = ca_key.sign(tbs, ec.ECDSA(hashes.SHA256()))
     algorithm = certforge.tlv(0x30, certforge.tlv(0x06, unknown))
     der = certforge.tlv(0x30, tbs + algorithm + certforge.tlv(0x03, b"\x00" + signature))
     assert is_issued_by(certforge.load(der), cluster.ca.certificate) is False
 
 
-def test_a_foreign_ca_certificate_with_malformed_inside_is_still_only_a_sealift_error(tmp_path: object) -> None:
+def test_a_foreign_ca_certificate_with_malformed_inside_is_still_only_a_sealift_error(tmp_path: Path) -> None:
     """Before any trust is established: the order's certificate comes from an unknown CA and is malformed."""
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
     mine = ClusterCA.init(tmp_path / "mine")
     theirs = ClusterCA.init(tmp_path / "theirs")
     operator = mine.issue_operator("alice", "admin", tmp_path / "operators")

@@ -25,7 +25,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,7 @@ from sealift.errors import SealiftError
 from sealift.migration.documents import DocumentSigner, await_receipt
 from sealift.placement.adverts import AdvertError, Placement, make_advert, sign_advert, verify_advert
 from sealift.security.certificates import is_issued_by, read_certificate
+from sealift.security.errors import MalformedCertificateError
 from sealift.security.identity import host_name_of, read_host_certificate
 from sealift.security.operators import operator_of, read_operator_certificate, verify_operator_certificate
 from sealift.security.orders import OrderError, create_order, describe_order, verify_order
@@ -389,28 +389,19 @@ def test_a_psk_proof_with_whitespace_is_refused_as_not_hex() -> None:
         PskProof.from_hex(text)
 
 
-def test_the_certificates_fuzzed_are_mostly_loadable(cluster: Cluster) -> None:
-    """The fuzz is only worth something if most inputs get past the outer parse to the lazy one."""
+def test_the_fuzzed_certificates_mostly_reach_the_lazy_parse(cluster: Cluster) -> None:
+    """The fuzz is only worth something if many inputs load and fail only when read: the finding's case."""
     rng = random.Random(23)
-    loaded = 0
+    malformed_inside = 0
     for _ in range(100):
-        der = certforge.mutate_certificate(
-            rng, certforge.host_certificate(cluster.ca, "host-c"), certforge.ca_key_of(cluster.ca)
-        )
+        base = certforge.host_certificate(cluster.ca, "host-c")
         try:
-            certforge.load(der)
+            read_certificate(certforge.load(certforge.mutate_certificate(rng, base, certforge.ca_key_of(cluster.ca))))
         except ValueError:
-            continue
-        loaded += 1
-    assert loaded >= 40, f"only {loaded} of 100 mutated certificates load"
-    assert isinstance(
-        certforge.load(
-            certforge.resign(
-                certforge.host_certificate(cluster.ca, "h").tbs_certificate_bytes, certforge.ca_key_of(cluster.ca)
-            )
-        ),
-        x509.Certificate,
-    )
+            continue  # the outer parse refused it
+        except MalformedCertificateError:
+            malformed_inside += 1
+    assert malformed_inside >= 25, f"only {malformed_inside} of 100 mutated certificates load and fail inside"
 
 
 def test_an_order_at_the_edge_of_the_calendar_is_malformed_not_an_overflow(cluster: Cluster) -> None:
