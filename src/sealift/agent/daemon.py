@@ -239,12 +239,15 @@ class Agent:
             elif first[:4] == STREAM_MAGIC:
                 session_id, _index = read_stream_open(sock)
                 tune_bulk_socket(sock)
-                if not self._established(connection, authenticated=False):
+                # Settled before the hand-over: once delivered, the session's thread owns the socket.
+                if not self._established(connection, authenticated=False, report=False):
                     sock.close()
                     return
                 if not self.sessions.deliver(session_id, sock):
                     log.warning("data stream from %s names no pending session; closed", peer)
                     sock.close()
+                    return
+                self.monitor.port_event(peer[0], "established")  # only a real session's stream counts
                 return  # the session's thread owns the socket now
             elif first[:4] == INSECURE_CONTROL_MAGIC and self.config.allow_insecure:
                 sock.recv(len(INSECURE_CONTROL_MAGIC))
@@ -275,12 +278,13 @@ class Agent:
             self.monitor.port_event(peer_ip, EVICTED if connection.slot.evicted else "silent")
             raise
 
-    def _established(self, connection: PortConnection, *, authenticated: bool) -> bool:
+    def _established(self, connection: PortConnection, *, authenticated: bool, report: bool = True) -> bool:
         """Past pre-authentication: no longer evictable. False if it was evicted just before."""
         self._port.remove(connection)
         if not self.guard.mark_established(connection.slot, authenticated=authenticated):
             return False
-        self.monitor.port_event(connection.peer_ip, "established")
+        if report:
+            self.monitor.port_event(connection.peer_ip, "established")
         return True
 
     def _serve_control(self, channel: ControlChannel, peer_ip: str | None = None) -> None:

@@ -87,12 +87,12 @@ def _peek_at_least(sock: socket.socket, count: int, deadline: float, have: int) 
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise StalledOpening(have, count)
+            raise StalledOpening(_waiting(sock, count, have), count)
         sock.settimeout(remaining)
         try:
             data = sock.recv(count, socket.MSG_PEEK)
         except TimeoutError:
-            raise StalledOpening(have, count) from None
+            raise StalledOpening(_waiting(sock, count, have), count) from None
         if not data:
             raise ConnectionError("client closed before sending its opening")
         if len(data) >= count:
@@ -102,6 +102,16 @@ def _peek_at_least(sock: socket.socket, count: int, deadline: float, have: int) 
             raise ConnectionError(f"client closed after {len(data)} bytes of its opening")
         have = len(data)
         time.sleep(_RETRY_S)
+
+
+def _waiting(sock: socket.socket, count: int, have: int) -> int:
+    """How many bytes of the opening sit in the socket now (for the report; at least `have`)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        sock.settimeout(0.0)  # look, do not wait: the deadline has passed
+        return max(have, len(sock.recv(count, socket.MSG_PEEK)))
+    except OSError:
+        return have
 
 
 def _peer_hung_up(sock: socket.socket) -> bool:
