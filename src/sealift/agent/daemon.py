@@ -237,6 +237,7 @@ class Agent:
                     return
                 self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name), peer[0])
             elif first[:4] == STREAM_MAGIC:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))  # the rest of the header: the long deadline
                 session_id, _index = read_stream_open(sock)
                 tune_bulk_socket(sock)
                 # Settled before the hand-over: once delivered, the session's thread owns the socket.
