@@ -61,10 +61,11 @@ install_python_packages() {
 }
 
 lint() {
-    # The tree's shape before its behaviour: lint, formatting (ruff, configured in pyproject.toml).
-    log "ruff check + ruff format --check"
+    # The tree's shape before its behaviour: lint, formatting, types (ruff and mypy, configured in pyproject.toml).
+    log "ruff check + ruff format --check + mypy"
     "$VENV/bin/ruff" check src tests bench
     "$VENV/bin/ruff" format --check src tests bench
+    "$VENV/bin/mypy" src/sealift
 }
 
 setup() {

@@ -238,6 +238,15 @@ def test_a_refusal_carries_its_reason_code_both_ways() -> None:
     assert Refuse(MID, "no").code == "refused"  # a refusal without a more precise cause
 
 
+def test_an_abort_carries_its_reason_code_both_ways() -> None:
+    abort = Abort(MID, "record 12 failed authentication", "record_auth_failed")
+    decoded = decode_payload(MessageType.ABORT, encode_payload(abort))
+    assert decoded == abort and decoded.code == "record_auth_failed"
+    assert Abort(MID, "stop").code == "aborted"
+    with pytest.raises(ProtocolError, match="invalid field 'code'"):
+        Abort(MID, "stop", "Not A Code")
+
+
 @pytest.mark.parametrize("code", ["", "NoMemory", "no memory", "9lives", "x" * 65, "no-memory", "é"])
 def test_a_refusal_code_is_snake_case_or_the_message_is_invalid(code: str) -> None:
     with pytest.raises(ProtocolError, match="invalid field 'code'"):

@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 MAX_REQUEST = 64 * 1024
 
 Emit = Callable[[dict], None]
@@ -47,7 +49,7 @@ class RequestError(SealiftError):
 _FALLBACK_CODES = {ValueError: "invalid_argument", PermissionError: "permission_denied", LookupError: "not_found"}
 
 
-def _kind(exc: BaseException) -> type[BaseException]:
+def _kind(exc: BaseException) -> type[Exception]:
     return next(kind for kind in _FALLBACK_CODES if isinstance(exc, kind))
 
 
@@ -117,6 +119,7 @@ class ControlServer:
                 stream.write(json.dumps(obj).encode() + b"\n")
                 stream.flush()
 
+            op = "?"
             try:
                 line = stream.readline(MAX_REQUEST + 1)
                 if len(line) > MAX_REQUEST:
@@ -124,14 +127,18 @@ class ControlServer:
                 request = json.loads(line or b"{}")
                 if not isinstance(request, dict):
                     raise RequestError("request must be a JSON object")
+                op = str(request.get("op"))
                 emit({"ok": True, **self._dispatch(request, emit)})
             except SealiftError as exc:  # every refusal says why, for people and for scripts
+                log.warning("control %s refused (%s): %s", op, exc.code, exc)  # expected: one line, no traceback
                 _safe(emit, {"ok": False, "error": str(exc), "code": exc.code})
             except (ValueError, PermissionError, LookupError) as exc:
-                _safe(emit, {"ok": False, "error": str(exc), "code": _FALLBACK_CODES[_kind(exc)]})
-            except Exception as exc:  # report, never kill the agent
-                log.exception("control request failed")
-                _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__})
+                code = _FALLBACK_CODES[_kind(exc)]
+                log.warning("control %s refused (%s): %s", op, code, exc)
+                _safe(emit, {"ok": False, "error": str(exc), "code": code})
+            except Exception as exc:  # a bug: its traceback, and never kill the agent
+                log.exception("control %s failed unexpectedly", op)
+                _safe(emit, {"ok": False, "error": str(exc) or type(exc).__name__, "code": "internal_error"})
 
     def _dispatch(self, request: dict, emit: Emit) -> dict:
         op = request.get("op")
@@ -154,14 +161,14 @@ class ControlServer:
             if self._agent.vms.has(name):
                 raise RequestError(f"a built-in VM named {name!r} already runs here")
             image_cache = request.get("image_cache")
-            vm = self._agent.qemu_vms.start(
+            qemu_vm = self._agent.qemu_vms.start(
                 name,
                 parse_size(request.get("memory", "256M")) >> 20,
                 extra_cmdline=str(request.get("cmdline", "")),
                 net=_net_config(request.get("net")),
                 image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
             )
-            return {"vm": self._agent.qemu_vms.info(vm.name)}
+            return {"vm": self._agent.qemu_vms.info(qemu_vm.name)}
         if self._agent.qemu_vms.has(name):
             raise RequestError(f"a QEMU VM named {name!r} already runs here")
         vm = self._agent.vms.start(
@@ -280,10 +287,10 @@ class ControlServer:
 
     def _op_monitor_flag(self, request: dict, emit: Emit) -> dict:
         vm, kind = _field(request, "vm", str), _field(request, "kind", str)
-        return {"verdict": self._agent.monitor.flag(vm, kind, str(request.get("reason", "no reason given")))}  # type: ignore[arg-type]
+        return {"verdict": self._agent.monitor.flag(vm, kind, str(request.get("reason", "no reason given")))}
 
     def _op_monitor_unflag(self, request: dict, emit: Emit) -> dict:
-        return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}  # type: ignore[arg-type]
+        return {"cleared": self._agent.monitor.unflag(_field(request, "vm", str))}
 
     def _op_vm_workload(self, request: dict, emit: Emit) -> dict:
         """Attack lab: give a guest another workload profile (backends/workload_switch.py).
@@ -295,10 +302,10 @@ class ControlServer:
         from sealift.backends.workload_switch import switch_workload
 
         name, profile = _field(request, "name", str), _field(request, "profile", str)
-        if self._agent.qemu_vms.has(name):  # type: ignore[arg-type]
-            return self._qemu_workload(name, profile, request)  # type: ignore[arg-type]
-        self._agent.monitor.expect_restart(name)  # type: ignore[arg-type]
-        vm = switch_workload(self._agent.vms, name, profile)  # type: ignore[arg-type]
+        if self._agent.qemu_vms.has(name):
+            return self._qemu_workload(name, profile, request)
+        self._agent.monitor.expect_restart(name)
+        vm = switch_workload(self._agent.vms, name, profile)
         self._agent.authority.record("vm.workload", vm=name, profile=profile, pid=vm["pid"])
         return {"vm": vm}
 
@@ -350,7 +357,7 @@ def _net_config(value: object) -> NetConfig | None:
         raise RequestError(str(exc)) from None
 
 
-def _field(request: dict, key: str, kind: type) -> object:
+def _field(request: dict, key: str, kind: type[_T]) -> _T:
     value = request.get(key)
     if not isinstance(value, kind):
         raise RequestError(f"request needs '{key}' ({kind.__name__})")

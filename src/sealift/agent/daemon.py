@@ -39,7 +39,7 @@ from sealift.host.transport import (
 from sealift.ipsec.charon import HostCharon
 from sealift.migration.authority import Authority
 from sealift.migration.destination import DestinationCoordinator
-from sealift.migration.drivers import DestinationDriver, SourceDriver
+from sealift.migration.drivers import DestinationDriver
 from sealift.migration.errors import MigrationError
 from sealift.migration.options import MigrationOptions
 from sealift.migration.phases import UNSETTLED, outcome_for
@@ -361,22 +361,23 @@ class Agent:
             raise PermissionError(
                 "plaintext migration is disabled on this host (set allow_insecure = true to measure it)"
             )
-        driver: SourceDriver
+        run_migration: Callable[[], MigrationReport]  # the source coordinator of the guest's backend
         if self.qemu_vms.has(vm_name):
             strategy = transport_named(transport) if transport else default_transport(options.secure)
             session = SourceSession(self.context, vm_name, destination, options, order, strategy.name, progress)
             driver = QemuSourceDriver(session, self.qemu_vms, strategy, self.ipsec)
+            run_migration = SourceCoordinator(session, driver).run
         else:
             if transport not in (None, "sealift", "plain"):
                 raise ValueError(f"transport {transport!r} is for QEMU guests only")
             session = SourceSession(
                 self.context, vm_name, destination, options, order, "tls" if options.secure else "plain", progress
             )
-            driver = BuiltinSourceDriver(session, self.vms)
+            run_migration = SourceCoordinator(session, BuiltinSourceDriver(session, self.vms)).run
         with self._active_lock:
             self._active.add(session.migration_id)
         try:
-            return SourceCoordinator(session, driver).run()
+            return run_migration()
         except MigrationError as exc:
             if exc.code == "no_memory_capacity":
                 self.placer.admission_refused(destination, str(exc))  # its advert promised room

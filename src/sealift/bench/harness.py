@@ -20,6 +20,7 @@ IPsec SA is set up before the clock starts, as a VPN between hosts would be.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -267,6 +268,22 @@ def _wait_running(vm: QemuVM, timeout: float) -> None:
         time.sleep(0.005)
 
 
+def _start_qemu(lab: BenchLab, host: str, cell: Cell, vm_dir: Path, incoming: str | None = None) -> QemuVM:
+    """The cell's guest (or, with `incoming`, the QEMU that receives it) started in `host`'s namespace."""
+    assert lab.image is not None
+    with enter_netns(lab.ns(host)):
+        return QemuVM.start(
+            vm_dir,
+            VM_NAME,
+            cell.memory_mib,
+            lab.image,
+            net=lab.guest_net(),
+            extra_cmdline=cell.guest_cmdline(),
+            accel=ACCEL,
+            incoming=incoming,
+        )
+
+
 def run_qemu_direct(
     lab: BenchLab,
     transport: DirectTransport,
@@ -282,16 +299,7 @@ def run_qemu_direct(
     prober: GapProber | None = None
     sampler: CpuSampler | None = None
     try:
-        with enter_netns(lab.ns("source")):
-            source = QemuVM.start(
-                run_dir / "s",
-                VM_NAME,
-                cell.memory_mib,
-                lab.image,
-                net=lab.guest_net(),
-                extra_cmdline=cell.guest_cmdline(),
-                accel=ACCEL,
-            )
+        source = _start_qemu(lab, "source", cell, run_dir / "s")
         vms.append(source)
         prober = lab.prober()
         _wait_booted(source, prober)
@@ -301,17 +309,7 @@ def run_qemu_direct(
         counter = lab.link_counter().start()
         sampler = CpuSampler([Role("qemu-src", source.pid)]).start()
         started = time.monotonic()
-        with enter_netns(lab.ns("destination")):
-            destination = QemuVM.start(
-                run_dir / "d",
-                VM_NAME,
-                cell.memory_mib,
-                lab.image,
-                net=lab.guest_net(),
-                extra_cmdline=cell.guest_cmdline(),
-                accel=ACCEL,
-                incoming="defer",
-            )
+        destination = _start_qemu(lab, "destination", cell, run_dir / "d", incoming="defer")
         vms.append(destination)
         sampler.add(Role("qemu-dst", destination.pid))
         destination.migrate_incoming(f"tcp:{transport.listen_host()}:{MIGRATION_PORT}")
@@ -335,12 +333,8 @@ def run_qemu_direct(
         result.qemu_downtime_ms = info.get("downtime")
         result.downtime_ms = result.qemu_downtime_ms
         result.downtime_to_running_ms = stop_to_resume_ms(source, destination)
-        result.bytes = rx + tx
-        _apply_cpu(result, figures)
+        _apply_measurements(result, figures, rx, tx, counter.packets)
         result.detail |= {
-            "bytes_to_destination": rx,
-            "bytes_to_source": tx,
-            "packets": counter.packets,
             "ram_transferred": info.get("ram", {}).get("transferred"),
             "ram_total": info.get("ram", {}).get("total"),
             **transport.detail(),
@@ -414,12 +408,15 @@ def _await_guest(
     )
 
 
-def _apply_cpu(result: RunResult, figures: Any) -> None:
+def _apply_measurements(result: RunResult, figures: Any, rx: int, tx: int, packets: int) -> None:
+    """What every run measures: the bytes on the link each way, and the CPU it took."""
+    result.bytes = rx + tx
     result.cpu_s = figures.cpu_s
     result.peak_cpu_pct = figures.peak_pct
     result.machine_cpu_s = figures.machine_cpu_s
     result.cpu_by_role = figures.by_role
     result.peak_by_role = figures.peak_by_role
+    result.detail |= {"bytes_to_destination": rx, "bytes_to_source": tx, "packets": packets}
 
 
 # -- runs through the sealift agents ----------------------------------------------------------
@@ -431,13 +428,13 @@ def _agent_roles(cluster: Any, vm_root: Path, backend: str, transport: str) -> l
     label, comm = ("qemu", "qemu-system") if backend == "qemu" else ("guest", "python")
     for host, side in (("host-a", "src"), ("host-b", "dst")):
         vm_dir = str(vm_root / host)
-        roles.append(Role(f"{label}-{side}", finder=lambda d=vm_dir: find_process(d, comm)))
+        roles.append(Role(f"{label}-{side}", finder=functools.partial(find_process, vm_dir, comm)))
     for host, side in (("host-a", "src"), ("host-b", "dst")):
         process = cluster.agents[host].process
         roles.append(Role(f"agent-{side}", process.pid if process else None))
         if transport == "sealift-ipsec" and process is not None:
             # The agent starts charon on its first ipsec migration, as its child.
-            roles.append(Role(f"charon-{side}", finder=lambda pid=process.pid: find_descendant(pid, "charon")))
+            roles.append(Role(f"charon-{side}", finder=functools.partial(find_descendant, process.pid, "charon")))
     return roles
 
 
@@ -532,12 +529,8 @@ def run_through_agents(
         result.downtime_ms = round(float(report["downtime_ms"]), 1)
         result.downtime_to_running_ms = result.downtime_ms  # the agent counts from QEMU's STOP to the running receipt
         result.qemu_total_ms, result.qemu_downtime_ms = _qemu_figures(report)
-        result.bytes = rx + tx
-        _apply_cpu(result, figures)
+        _apply_measurements(result, figures, rx, tx, counter.packets)
         result.detail |= {
-            "bytes_to_destination": rx,
-            "bytes_to_source": tx,
-            "packets": counter.packets,
             "wall_s": round(ended - started, 3),
             "report_transport": report.get("transport"),
             "rounds": report.get("rounds"),

@@ -144,7 +144,9 @@ def fill_ratios(runs: Iterable[RunResult]) -> None:
     plain = {(r.cell, r.repetition): r.total_time_s for r in runs if r.transport == BASELINE and r.ok}
     for run in runs:
         base = plain.get((run.cell, run.repetition))
-        run.ratio_to_plain = round(run.total_time_s / base, 3) if run.ok and base else None
+        run.ratio_to_plain = (
+            round(run.total_time_s / base, 3) if run.ok and run.total_time_s is not None and base else None
+        )
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait(timeout=5)
 
 
-def _wait(predicate, what: str, process: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate, what: str, process: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if process.poll() is not None:

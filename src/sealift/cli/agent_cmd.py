@@ -6,19 +6,18 @@ import argparse
 import logging
 from pathlib import Path
 
-from sealift.cli.common import add_agent_flags, client, print_json
-from sealift.cli.render import out
+from sealift.cli.common import add_agent_flags, client, show_fields
 from sealift.host.config import load_config
 
 
-def add_agent_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_agent_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run the per-host agent")
     p.add_argument("--config", required=True, help="agent config file (TOML)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_agent)
 
 
-def add_status_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_status_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="agent status")
     add_agent_flags(p)
     p.set_defaults(func=cmd_status)
@@ -33,10 +32,4 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = client(args).request("status")["status"]
-    if args.json:
-        print_json(status)
-    else:
-        for key, value in status.items():
-            out.print(f"[bold]{key}[/bold]: {value}")
-    return 0
+    return show_fields(args, client(args).request("status")["status"])

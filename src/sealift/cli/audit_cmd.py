@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from sealift.cli.common import add_agent_flags, client, print_json
+from sealift.cli.common import CliError, add_agent_flags, client, print_json
 from sealift.cli.render import out
 
 
-def add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="the agent's signed, hash-chained audit log").add_subparsers(
         dest="audit_command", required=True
     )
@@ -51,13 +51,16 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     if args.file:
         from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         from sealift.security.audit import verify_export
 
         key = x509.load_pem_x509_certificate(Path(args.certificate).read_bytes()).public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise CliError(f"{args.certificate}: not a host certificate (its key is not an elliptic-curve key)")
         with open(args.file) as lines:
             result = verify_export(lines, key)
-        verification = {
+        verification: dict = {  # the same fields as the agent's JSON answer below
             "ok": result.ok,
             "entries": result.entries,
             "problems": [{"seq": p.seq, "what": p.what} for p in result.problems],

@@ -18,7 +18,7 @@ QUICK_FILL_MIB = 24  # what the quick QEMU guest's workload writes...
 QUICK_RATE_MIB = 4  # ...and rewrites per second (user-space IPsec moves ~15 MB/s here)
 
 
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from sealift.bench.results import ALL_TRANSPORTS, DEFAULT_TRANSPORTS, WORKLOADS
 
     p = sub.add_parser(

@@ -7,7 +7,7 @@ import argparse
 from sealift.cli.common import add_migration_flags, migration_options, print_json, warn_insecure
 
 
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="migrate a running VM (built-in or QEMU) between two local agents, securely")
     p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"])
     p.add_argument("--memory", default="256M")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_image_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_image_parser(sub: argparse._SubParsersAction) -> None:
     from sealift.backends.qemu.image import add_build_arguments, cli_build
 
     p = sub.add_parser("image", help="the QEMU test guest image").add_subparsers(dest="image_command", required=True)

@@ -7,16 +7,20 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from sealift.cli.common import print_failure_json
 
-BACKENDS = ("builtin", "qemu")
+if TYPE_CHECKING:
+    from sealift.lab.session import Backend
+
+BACKENDS: tuple[Backend, ...] = ("builtin", "qemu")
 
 
-def add_lab_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     lab = sub.add_parser("lab", help="the attack lab: replay the threat catalog against agents in network namespaces")
     commands = lab.add_subparsers(dest="lab_command", required=True)
     p = commands.add_parser("run", help="run the attacks (root); exits non-zero if any gets through")
@@ -94,7 +98,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 
             with LabRun(Path(args.out), keep=args.keep, quick=args.quick, say=say) as lab:
                 results = lab.run(only, backends, on_result=on_result, skip=skip)
-                meta = {"only": sorted(only or []), "skip": sorted(skip), "backends": list(backends)}
+                meta: dict[str, object] = {"only": sorted(only or []), "skip": sorted(skip), "backends": list(backends)}
                 markdown, json_path = write_report(results, lab.results_dir, meta)
     except TestbedError as exc:
         progress.print(f"[bold red]error:[/bold red] {exc}")

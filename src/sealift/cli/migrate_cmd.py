@@ -22,7 +22,7 @@ from sealift.cli.common import (
 from sealift.cli.render import MigrationProgress, console, out, report_table
 
 
-def add_migrate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_migrate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="live-migrate a VM to another host (under a signed order)")
     p.add_argument("vm", nargs="?")
     p.add_argument("--to", help="destination host name (from the agent's [peers]), or 'auto' to place it")
@@ -34,14 +34,14 @@ def add_migrate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.set_defaults(func=cmd_migrate)
 
 
-def add_place_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_place_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="choose a destination for a VM from signed resource adverts")
     p.add_argument("vm")
     add_agent_flags(p)
     p.set_defaults(func=cmd_place)
 
 
-def add_migrations_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_migrations_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrations", help="recent migrations on an agent")
     p.add_argument("--limit", type=int, default=20)
     add_agent_flags(p)

@@ -19,7 +19,7 @@ _SIGNALS = (("cpu", "CPU"), ("dirty_bps", "dirty"), ("rx_bps", "in"), ("tx_bps",
 _VERDICT_STYLE = {"attacker": "bold red", "victim": "bold yellow", "anomalous": "magenta"}
 
 
-def add_monitor_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_monitor_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("monitor", help="live per-VM signals and attacker/victim/reliability verdicts")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
@@ -57,7 +57,7 @@ def render(snap: dict) -> Group:
     for header in ("VM", "status", *(label for _, label in _SIGNALS), "verdict", "reliability"):
         vms.add_column(header, overflow="fold")
     for row in snap["vms"]:
-        cells = [str(row["vm"]), f"{row['status']}{'' if row['warm'] else ' (learning)'}"]
+        cells: list[str | Text] = [str(row["vm"]), f"{row['status']}{'' if row['warm'] else ' (learning)'}"]
         for signal, _ in _SIGNALS:
             cells.append(_signal_cell(signal, row["signals"].get(signal)))
         verdict = row["verdict"]

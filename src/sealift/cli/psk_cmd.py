@@ -8,7 +8,7 @@ from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out
 
 
-def add_psk_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_psk_parser(sub: argparse._SubParsersAction) -> None:
     psk = sub.add_parser("psk", help="the optional dynamic pre-shared key per pair of hosts").add_subparsers(
         dest="psk_command", required=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import TracebackType
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -40,31 +41,32 @@ class MigrationProgress:
         self._task = self._progress.add_task(self._title, total=1, rate="-", dirty="-", eta="-")
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, tb)
 
     def on_event(self, event: dict) -> None:
-        if self._task is None:
+        task = self._task
+        if task is None:
             return
         kind = event.get("event")
         if kind == "transfer":
-            self._transfer(event)
+            self._transfer(task, event)
         elif kind == "round":
             self._dirty = str(event.get("dirty_pages_left", "-"))
             label = "stop-and-copy" if event.get("final") else f"round {event['round']}"
             sent = max(1, int(event["pages_sent"]))
-            self._progress.update(
-                self._task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s"
-            )
+            self._progress.update(task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s")
             self._progress.console.log(
                 f"{label}: {event['pages_sent']} pages, {event['bytes_sent'] / 2**20:.1f} MiB in "
                 f"{event['duration_s'] * 1000:.0f} ms ({event['throughput_mib_s']} MiB/s), "
                 f"{event['dirty_pages_left']} dirty left → {event['decision']} ({event['reason']})"
             )
         elif kind == "phase":
-            self._progress.update(self._task, description=f"{self._title} [{event['phase']}]")
+            self._progress.update(task, description=f"{self._title} [{event['phase']}]")
 
-    def _transfer(self, event: dict) -> None:
+    def _transfer(self, task: TaskID, event: dict) -> None:
         now = time.monotonic()
         wire = int(event["wire_bytes"])
         if now > self._last_time:
@@ -75,7 +77,7 @@ class MigrationProgress:
         remaining = max(0, total - done) * 4096
         eta = f"{remaining / self._rate:.1f}s" if self._rate > 0 else "-"
         self._progress.update(
-            self._task,
+            task,
             description=f"{self._title} round {event['round']}",
             completed=done,
             total=total,

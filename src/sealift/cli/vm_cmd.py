@@ -9,7 +9,7 @@ from sealift.cli.common import add_agent_flags, client, print_json
 from sealift.cli.render import out, vm_table
 
 
-def add_vm_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     vm = sub.add_parser("vm", help="manage VMs on an agent").add_subparsers(dest="vm_command", required=True)
     p = vm.add_parser("start", help="start a VM (built-in, or a real QEMU guest)")
     p.add_argument("name")
@@ -44,31 +44,34 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     if args.image is not None:
         fields["image_cache"] = str(Path(args.image).resolve())
     reply = client(args).request(
-        "vm.start", name=args.name, memory=args.memory, workload=args.workload, fill_fraction=args.fill, **fields
+        "vm.start",
+        on_event=None,
+        name=args.name,
+        memory=args.memory,
+        workload=args.workload,
+        fill_fraction=args.fill,
+        **fields,
     )
-    if args.json:
-        print_json(reply["vm"])
-    else:
-        out.print(vm_table([reply["vm"]]))
-    return 0
+    return _show_vms(args, reply["vm"], [reply["vm"]])
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
     reply = client(args).request("vm.list")
+    return _show_vms(args, reply["vms"], reply["vms"])
+
+
+def _show_vms(args: argparse.Namespace, result: object, vms: list[dict]) -> int:
+    """With --json the agent's answer as it came (one VM or the list), else the VMs as a table."""
     if args.json:
-        print_json(reply["vms"])
+        print_json(result)
     else:
-        out.print(vm_table(reply["vms"]))
+        out.print(vm_table(vms))
     return 0
 
 
 def cmd_vm_info(args: argparse.Namespace) -> int:
     reply = client(args).request("vm.info", name=args.name)
-    if args.json:
-        print_json(reply["vm"])
-    else:
-        out.print(vm_table([reply["vm"]]))
-    return 0
+    return _show_vms(args, reply["vm"], [reply["vm"]])
 
 
 def cmd_vm_check(args: argparse.Namespace) -> int:

@@ -154,7 +154,8 @@ class AgentStore:
         self, limit: int = 100, phases: tuple[str, ...] | None = None, role: str | None = None
     ) -> list[MigrationRecord]:
         sql = f"SELECT {_MIGRATION_COLUMNS} FROM migrations"
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[object] = []
         if phases:
             clauses.append(f"phase IN ({','.join('?' * len(phases))})")
             args.extend(phases)

@@ -13,6 +13,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,10 +21,12 @@ from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
 from sealift.wire.control import ControlConnection, Role
 from sealift.wire.datastream import STREAM_OPEN_SIZE, decode_stream_open, encode_stream_open
+from sealift.wire.messages import Message
 
 INSECURE_CONTROL_MAGIC = b"SLC1"
 TLS_HANDSHAKE_BYTE = 0x16
 SOCKET_BUFFER = 4 << 20  # bulk data: fewer wake-ups per MiB
+INTERRUPT_CHECK_S = 0.1  # how often a data stream wait looks for a reason to stop
 
 
 class ByteStream(Protocol):
@@ -113,6 +116,13 @@ class ControlChannel:
     def secure(self) -> bool:
         return isinstance(self.stream, TlsStream)
 
+    @property
+    def tls(self) -> TlsStream:
+        """The stream of a secure channel: its peer's certificate, its exporter. AttributeError on plaintext."""
+        if not isinstance(self.stream, TlsStream):
+            raise AttributeError("a plaintext control channel has no TLS session")
+        return self.stream
+
     @classmethod
     def connect(
         cls,
@@ -135,25 +145,38 @@ class ControlChannel:
             sock.close()
             raise
 
-    def send(self, message: object) -> None:
+    def send(self, message: Message) -> None:
         self.stream.sendall(self._conn.send(message))
 
     def recv(self, timeout: float) -> object:
         """The next message from the peer; TimeoutError / ConnectionError / ProtocolError."""
+        message = self.peek(timeout)
+        if message is None:
+            raise TimeoutError(self._silence(timeout))
+        return self._pending.pop(0)
+
+    def peek(self, timeout: float) -> object | None:
+        """The next message from the peer without taking it (recv takes it), or None if none came in time."""
         deadline = time.monotonic() + timeout
         while not self._pending:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"peer sent nothing for {timeout:.0f} s")
-            self.stream.settimeout(remaining)
+            if remaining <= 0 and timeout > 0:
+                return None
+            self.stream.settimeout(max(remaining, 0.001))
             try:
                 data = self.stream.recv(65536)
             except TimeoutError:
-                raise TimeoutError(f"peer sent nothing for {timeout:.0f} s") from None
+                return None
             if not data:
                 raise ConnectionError("peer closed the control connection")
             self._pending.extend(self._conn.receive_data(data))
-        return self._pending.pop(0)
+        return self._pending[0]
+
+    def _silence(self, timeout: float) -> str:
+        partial = self._conn.buffered
+        if partial:
+            return f"peer sent {partial} bytes of an incomplete frame, then nothing for {timeout:.0f} s"
+        return f"peer sent nothing for {timeout:.0f} s"
 
     def close(self) -> None:
         self.stream.close()
@@ -201,12 +224,26 @@ class DataSessions:
         pending.arrived.set()
         return True
 
-    def wait(self, session_id: bytes, timeout: float) -> socket.socket:
+    def wait(self, session_id: bytes, timeout: float, interrupt: Callable[[], None] | None = None) -> socket.socket:
+        """The session's data stream once it arrives; TimeoutError after `timeout`.
+
+        `interrupt` is called every ~0.1 s while waiting and may raise to stop
+        the wait (the destination checks its control channel for an Abort,
+        so that an abandoned migration frees what it holds at once).
+        """
         with self._lock:
             pending = self._pending[session_id]
-        if not pending.arrived.wait(timeout):
-            self.cancel(session_id)
-            raise TimeoutError(f"the source did not open its data stream within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        while not pending.arrived.wait(min(INTERRUPT_CHECK_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                self.cancel(session_id)
+                raise TimeoutError(f"the source did not open its data stream within {timeout:.0f} s")
+            if interrupt is not None:
+                try:
+                    interrupt()
+                except BaseException:
+                    self.cancel(session_id)
+                    raise
         assert pending.sock is not None
         return pending.sock
 

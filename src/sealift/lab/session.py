@@ -68,7 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, Self
 
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
 from sealift.cluster import LocalCluster
@@ -87,6 +87,13 @@ from sealift.lab.testbed import (
 __all__ = ["Backend", "BackgroundMigration", "LabSession", "MigrationFailed", "BUILTIN_MEMORY", "QEMU_MEMORY"]
 
 Backend = Literal["builtin", "qemu"]
+
+
+class _Closable(Protocol):
+    """What the run closes at the end of an attack: its relays (an attack may add a tunnel of its own)."""
+
+    def close(self) -> None: ...
+
 
 BUILTIN_MEMORY = "64M"
 QEMU_MEMORY = "160M"
@@ -166,12 +173,12 @@ class LabSession:
         self._guest_ips = iter(GUEST_IPS)
         self._taps = itertools.count(0)
         self._clusters: list[LocalCluster] = []
-        self._relays: list[Relay] = []
+        self._relays: list[_Closable] = []
         self._captures: list[Capture] = []
 
     # -- life cycle ---------------------------------------------------------------
 
-    def __enter__(self) -> LabSession:
+    def __enter__(self) -> Self:
         self.testbed.up()
         return self
 
@@ -405,7 +412,7 @@ class LabSession:
 
         def target() -> None:
             try:
-                running.report = self.migrate(cluster, vm, options, on_event=running.events.append, **kwargs)  # type: ignore[arg-type]
+                running.report = self.migrate(cluster, vm, options, on_event=running.events.append, **kwargs)  # type: ignore[arg-type]  # migrate's keywords
             except MigrationFailed as exc:
                 running.error = str(exc)
             except Exception as exc:  # reported, never lost

@@ -35,6 +35,7 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from sealift.errors import SealiftError
 from sealift.lab.netns import NETNS_DIR, NetnsError, netns_argv, run_in
@@ -81,6 +82,11 @@ class Testbed:
     link: LinkShape = field(default_factory=LinkShape)
     _up: bool = False
     _signals_installed: bool = False
+    # Every testbed's fixed addresses; the attacker's is on the source's link, where a spoofed peer route points.
+    source_ip: ClassVar[str] = SOURCE_IP
+    destination_ip: ClassVar[str] = DESTINATION_IP
+    attacker_ip: ClassVar[str] = ATTACKER_SOURCE_SIDE_IP
+    client_ip: ClassVar[str] = CLIENT_IP
 
     def __post_init__(self) -> None:
         if not _TAG_RE.match(self.tag):
@@ -96,23 +102,6 @@ class Testbed:
         # killed run's namespaces from a live one's.
         return f"{_PREFIX}-{os.getpid():x}-{self.tag}-{host}"
 
-    @property
-    def source_ip(self) -> str:
-        return SOURCE_IP
-
-    @property
-    def destination_ip(self) -> str:
-        return DESTINATION_IP
-
-    @property
-    def attacker_ip(self) -> str:
-        """The attacker's address on the source's link: where a spoofed peer route points."""
-        return ATTACKER_SOURCE_SIDE_IP
-
-    @property
-    def client_ip(self) -> str:
-        return CLIENT_IP
-
     # -- commands ---------------------------------------------------------------
 
     def argv(self, host: str, argv: list[str]) -> list[str]:
@@ -124,7 +113,7 @@ class Testbed:
         return run_in(self.ns(host), argv, timeout=timeout, check=check)
 
     def popen(self, host: str, argv: list[str], **kwargs: object) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]
+        return subprocess.Popen(self.argv(host, argv), **kwargs)  # type: ignore[call-overload]  # Popen's own keywords, passed on
 
     def ping(self, host: str, address: str, count: int = 1, timeout_s: int = 2) -> bool:
         done = self.run(
@@ -300,7 +289,7 @@ def _kill_processes_in(name: str) -> None:
 
 def remove_stale() -> list[str]:
     """Remove lab namespaces left by runs whose process is gone (killed outright)."""
-    removed = []
+    removed: list[str] = []
     if not NETNS_DIR.is_dir():
         return removed
     for entry in NETNS_DIR.iterdir():

@@ -24,7 +24,7 @@ from sealift.security.errors import CertificateError
 from sealift.security.identity import HostIdentity
 from sealift.security.orders import MalformedOrderError, OrderError, VerifiedOrder, verify_order
 from sealift.security.policy import Policy
-from sealift.security.psk import PskSession, PskStore, psk_fingerprint, wrap_key_from_private_key
+from sealift.security.psk import PskRole, PskSession, PskStore, psk_fingerprint, wrap_key_from_private_key
 from sealift.security.replay import ReplayCache
 from sealift.security.revocation import RevocationList
 
@@ -124,9 +124,9 @@ class Authority:
 
     # -- dynamic PSK ------------------------------------------------------------
 
-    def psk_session(self, peer: str, role: str) -> PskSession | None:
+    def psk_session(self, peer: str, role: PskRole) -> PskSession | None:
         """A PSK session if this host shares a key with `peer`; the key is then required."""
-        return PskSession(self.psk, peer, role) if self.psk.has_peer(peer) else None  # type: ignore[arg-type]
+        return PskSession(self.psk, peer, role) if self.psk.has_peer(peer) else None
 
     def provision_psk(self, peer: str, key: bytes) -> str:
         self.psk.provision(peer, key, replace=True)

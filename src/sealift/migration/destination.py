@@ -23,7 +23,7 @@ from sealift.migration import gate, records
 from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentError, channel_binding
 from sealift.migration.drivers import DestinationDriver
-from sealift.migration.errors import AdmissionError, IncomingRefused
+from sealift.migration.errors import AdmissionError, IncomingRefused, failure_code
 from sealift.migration.phases import Event, Role
 from sealift.migration.session import DestinationSession
 from sealift.security.audit import Kinds
@@ -76,7 +76,7 @@ class DestinationCoordinator:
             if prepared:
                 self._hold_in_doubt(exc)  # the source may have committed: keep what we have and ask it
             else:
-                self._discard(str(exc))
+                self._discard(exc)
         finally:
             if s.psk is not None:
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
@@ -135,7 +135,7 @@ class DestinationCoordinator:
         s = self.session
         reply = s.channel.recv(self._config.step_timeout_s)
         if isinstance(reply, Abort):
-            raise IncomingRefused(f"the source aborted: {reply.reason}")
+            raise IncomingRefused(f"the source aborted: {reply.reason}", code=reply.code)
         assert isinstance(reply, Commit)
         # Only now does this host know the source checked our Accept and holds the new key.
         if s.psk is not None:
@@ -178,17 +178,27 @@ class DestinationCoordinator:
         s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
-    def _discard(self, reason: str) -> None:
-        """The failure on record (store, audit) and told to the source, whatever state either is in."""
+    def _discard(self, exc: BaseException) -> None:
+        """The failure on record (store, audit) and told to the source with its code, whatever state either is in."""
         s, hello = self.session, self.session.hello
+        reason, code = str(exc) or type(exc).__name__, failure_code(exc)
+        if code == "internal_error":  # a bug, not a peer's doing: keep its traceback for whoever fixes it
+            log.error("%s migration %s failed unexpectedly", self.driver.backend, hello.migration_id, exc_info=exc)
         log.warning(
-            "%s migration %s of %s from %s failed: %s",
+            "%s migration %s of %s from %s failed (%s): %s",
             self.driver.backend,
             hello.migration_id,
             hello.vm_name,
             hello.source_host,
+            code,
             reason,
         )
+        # The source first: it is waiting with a broken stream and no reason, and resuming its guest
+        # is safe (nothing was promised here). Then what we received goes, and the record says why.
+        try:
+            s.channel.send(Abort(hello.migration_id, reason[:1000], code))
+        except Exception:  # noqa: BLE001 - the conversation may already be over or the peer gone
+            pass
         try:
             self.driver.discard(reason)
         finally:
@@ -197,11 +207,7 @@ class DestinationCoordinator:
                     s.enter(Event.FAIL, error=reason)
             except Exception:  # noqa: BLE001 - recording must not stop the abort
                 log.exception("could not record the abort of %s", hello.migration_id)
-            s.audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason)
-            try:
-                s.channel.send(Abort(hello.migration_id, reason[:1000]))
-            except Exception:  # noqa: BLE001 - the conversation may already be over or the peer gone
-                pass
+            s.audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason, code=code)
 
 
 def verify_manifest(session: DestinationSession, expected: Mapping[str, object], wording: str) -> tuple[dict, str]:
@@ -214,7 +220,7 @@ def verify_manifest(session: DestinationSession, expected: Mapping[str, object],
     hello = session.hello
     reply = session.channel.recv(session.config.step_timeout_s)
     if isinstance(reply, Abort):
-        raise IncomingRefused(f"the source aborted: {reply.reason}")
+        raise IncomingRefused(f"the source aborted: {reply.reason}", code=reply.code)
     assert isinstance(reply, Manifest)
     manifest = session.signer.verify(reply.envelope, "manifest", hello.source_host, session.channel)
     common = {
@@ -248,7 +254,7 @@ def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello
     psk = authority.psk_session(hello.source_host, "destination")
     if psk is None:
         return None, b""
-    binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+    binding = psk_channel_binding(channel.tls)
     try:
         psk.check_peer_proof(hello.psk_proof, binding, hello.nonce)
     except BaseException:
@@ -279,7 +285,7 @@ def verify_hello(config: AgentConfig, channel: ControlChannel, hello: Hello, aut
             )
         if not hello.secure:
             raise IncomingRefused("an authenticated channel must carry a protected data stream")
-        authority.check_peer(channel.stream.peer_certificate, hello.source_host)  # type: ignore[attr-defined]
+        authority.check_peer(channel.tls.peer_certificate, hello.source_host)
     else:
         if not config.allow_insecure:
             raise IncomingRefused("plaintext migrations are disabled on this host (allow_insecure = false)")

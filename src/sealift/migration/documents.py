@@ -30,7 +30,7 @@ def channel_binding(channel: ControlChannel, nonce_source: bytes, nonce_dest: by
     if not channel.secure:
         return None
     context = nonce_source + nonce_dest + migration_id.encode()
-    return channel.stream.export_keying_material(BINDING_LABEL, 32, context).hex()  # type: ignore[attr-defined]
+    return channel.tls.export_keying_material(BINDING_LABEL, 32, context).hex()
 
 
 class DocumentError(SealiftError):
@@ -60,7 +60,7 @@ class DocumentSigner:
         """Check a peer's document; on the secure path with the key it proved in TLS."""
         if not channel.secure:
             return _parse_unsigned(envelope, kind)
-        certificate = channel.stream.peer_certificate  # type: ignore[attr-defined]
+        certificate = channel.tls.peer_certificate
         return verify_document(envelope, certificate.public_key(), expected_kind=kind, expected_signer=signer)
 
 

@@ -12,7 +12,7 @@ after a restart, for every record of its backend.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sealift.guests import GuestVM
 from sealift.host.store import MigrationRecord
@@ -26,35 +26,40 @@ class Transfer(Protocol):
     paused_at: float
 
 
-class SourceDriver(Protocol):
+VmT = TypeVar("VmT", bound=GuestVM)  # the backend's guest (BuiltinVM, QemuVM)
+TransferT = TypeVar("TransferT", bound=Transfer)  # what the backend's transfer returns
+
+
+class SourceDriver(Protocol[VmT, TransferT]):
     backend: str  # "builtin" | "qemu": the Hello's and the record's backend
     start_audit: Mapping[str, object]  # fields of its own in the migration.started audit entry
 
     def preflight(self, address: tuple[str, int]) -> None:
         """Checks of the backend's own before anything is claimed; MigrationError with the reason."""
 
-    def claim(self) -> tuple[GuestVM, int]:
+    def claim(self) -> tuple[VmT, int]:
         """The VM, marked busy, and its memory size in bytes."""
 
-    def describe(self, vm: GuestVM, psk_proof: bytes | None) -> Hello: ...
+    def describe(self, vm: VmT, psk_proof: str | None) -> Hello:
+        """The Hello for this guest; `psk_proof` is the hex proof of the pair's PSK (None without a PSK)."""
 
-    def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: GuestVM) -> Transfer:
+    def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: VmT) -> TransferT:
         """The guest's state to the destination; the guest is left paused."""
 
-    def manifest_fields(self, transfer: Transfer) -> tuple[dict[str, object], dict[str, object]]:
+    def manifest_fields(self, transfer: TransferT) -> tuple[dict[str, object], dict[str, object]]:
         """(the backend's fields of the signed manifest, the digest fields for the audit log)."""
 
-    def fill_report(self, transfer: Transfer) -> None: ...
+    def fill_report(self, transfer: TransferT) -> None: ...
 
-    def resume(self, vm: GuestVM) -> bool:
+    def resume(self, vm: VmT) -> bool:
         """After a failure before the decision: run the guest here again; True if it runs."""
 
-    def unclaim(self, vm: GuestVM) -> None: ...
+    def unclaim(self, vm: VmT) -> None: ...
 
-    def release(self, vm: GuestVM) -> None:
+    def release(self, vm: VmT) -> None:
         """It runs at the destination now: quit our paused copy."""
 
-    def cleanup(self, vm: GuestVM) -> None:
+    def cleanup(self, vm: VmT) -> None:
         """Always, at the end, whatever happened."""
 
 

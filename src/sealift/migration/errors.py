@@ -20,6 +20,19 @@ class IncomingRefused(SealiftError):
     code = "incoming_refused"
 
 
+def failure_code(exc: BaseException) -> str:
+    """The reason code of any failure: a SealiftError's own, else one for the kind of OS failure."""
+    if isinstance(exc, SealiftError):
+        return exc.code
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError):
+        return "connection_lost"
+    if isinstance(exc, OSError):
+        return "io_error"
+    return "internal_error"  # a bug: the logs have its traceback
+
+
 class AdmissionError(SealiftError):
     """This host cannot hold the VM now (capacity, concurrency, a name in use); the reason goes back to the source."""
 

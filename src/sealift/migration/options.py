@@ -60,4 +60,4 @@ class MigrationOptions:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> MigrationOptions:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)  # type: ignore[arg-type]
+        return cls(**known)  # type: ignore[arg-type]  # JSON values: __post_init__ checks them

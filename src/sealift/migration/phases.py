@@ -154,7 +154,7 @@ def decision_after(role: Role, before: Phase, after: Phase) -> str | None:
     return None
 
 
-def outcome_for(role: Role, phase: Phase, decision: str | None) -> str:
+def outcome_for(role: Role | str, phase: Phase | str, decision: str | None) -> str:
     """What a host can tell its peer of a migration it knows (OutcomeQuery): committed | aborted | unknown.
 
     `role` and `phase` may be the store's text: compared by value, never by identity.

@@ -29,5 +29,7 @@ def transition(store: AgentStore, migration_id: str, event: Event, error: str | 
     role, before = Role(record.role), Phase(record.phase)
     after = next_phase(role, before, event)
     if not store.set_phase_if(migration_id, before.value, after.value, decision_after(role, before, after), error):
-        raise IllegalTransition(role, Phase(store.migration(migration_id).phase), event)  # type: ignore[union-attr]
+        current = store.migration(migration_id)
+        assert current is not None  # read above; migration records are never deleted
+        raise IllegalTransition(role, Phase(current.phase), event)
     return after

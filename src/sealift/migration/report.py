@@ -31,6 +31,7 @@ class MigrationReport:
     transport: str  # "tls" (AEAD records keyed from mutual TLS 1.3) or "plain"
     status: str = "running"  # "completed" | "failed"
     error: str | None = None
+    error_code: str | None = None  # the failure's reason code (errors.py), the same at both ends when known
     total_time_s: float = 0.0
     downtime_ms: float = 0.0
     rounds: int = 0

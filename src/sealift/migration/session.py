@@ -21,12 +21,13 @@ from sealift.host.transport import ControlChannel, DataSessions
 from sealift.migration import records
 from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentSigner
+from sealift.migration.errors import IncomingRefused
 from sealift.migration.options import MigrationOptions
 from sealift.migration.phases import Event, Phase
 from sealift.migration.report import MigrationReport
 from sealift.security.identity import HostIdentity
 from sealift.security.psk import PskSession
-from sealift.wire.messages import Hello
+from sealift.wire.messages import Abort, Hello
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,35 @@ class SourceSession:
     def progress(self, kind: str, data: dict[str, object]) -> None:
         self._progress(ProgressEvent(kind, data))
 
+    def hello(
+        self,
+        *,
+        vm_name: str,
+        backend: str,
+        memory_bytes: int,
+        page_size: int,
+        compression: str | None,
+        psk_proof: str | None,
+        image_digest: str | None,
+    ) -> Hello:
+        """The Hello that opens this migration: the session's ids, hosts and order, and the backend's guest."""
+        return Hello(
+            migration_id=self.migration_id,
+            vm_name=vm_name,
+            source_host=self.config.name,
+            destination_host=self.destination,
+            nonce=self.nonce,
+            memory_bytes=memory_bytes,
+            page_size=page_size,
+            secure=self.options.secure,
+            compression=compression,
+            streams=1,
+            backend=backend,
+            order=self.order,
+            psk_proof=psk_proof,
+            image_digest=image_digest,
+        )
+
     def audit(self, kind: str, **fields: object) -> None:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)
 
@@ -124,6 +154,17 @@ class DestinationSession:
 
     def audit(self, kind: str, **fields: object) -> None:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)
+
+    def stop_if_aborted(self) -> None:
+        """Raise if the source has given up (its Abort is waiting on the control channel).
+
+        For the waits that do not read the control channel themselves (the
+        data stream's arrival): an abandoned migration frees its reservation
+        at once instead of after the step timeout.
+        """
+        message = self.channel.peek(0)
+        if isinstance(message, Abort):
+            raise IncomingRefused(f"the source aborted: {message.reason}", code=message.code)
 
     def lab_pause(self, point: str) -> None:
         """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""

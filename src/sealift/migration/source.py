@@ -13,29 +13,55 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import Generic
 
-from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel
 from sealift.migration import gate, records
 from sealift.migration.documents import await_receipt, channel_binding
-from sealift.migration.drivers import GuestVM, SourceDriver, Transfer
-from sealift.migration.errors import MigrationError
+from sealift.migration.drivers import SourceDriver, TransferT, VmT
+from sealift.migration.errors import MigrationError, failure_code
 from sealift.migration.phases import Event, Role
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import SourceSession
 from sealift.security.audit import Kinds
 from sealift.security.psk import psk_channel_binding
+from sealift.wire.errors import ProtocolError
 from sealift.wire.messages import Abort, Accept, Commit, Manifest, Refuse
 
 log = logging.getLogger(__name__)
+
+
+PEER_REASON_WAIT_S = 2.0  # how long a failed source waits for the destination's Abort and its reason
+
+
+def _peer_may_know(exc: BaseException) -> bool:
+    """Did the failure come from the connection to the destination (which then knows the cause)?"""
+    if isinstance(exc, MigrationError):
+        return exc.code == "stream_failed" or isinstance(exc.__cause__, (OSError, ProtocolError))
+    return isinstance(exc, (OSError, ProtocolError))
+
+
+def _await_close(channel: ControlChannel, timeout: float) -> None:
+    """Wait until the destination has closed the conversation, i.e. let go of what it held for us.
+
+    It closes only after it has released its reservation, so a retry right
+    after this failure is judged on its own merits, not refused as "a VM
+    named ... already exists" while the destination still tidies up.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            channel.recv(remaining)
+    except (OSError, ProtocolError):
+        return  # closed (or gone, or silent until the deadline): either way it is done with us
 
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class SourceCoordinator:
-    def __init__(self, session: SourceSession, driver: SourceDriver) -> None:
+class SourceCoordinator(Generic[VmT, TransferT]):
+    def __init__(self, session: SourceSession, driver: SourceDriver[VmT, TransferT]) -> None:
         self.session = session
         self.driver = driver
         self._config = session.config
@@ -78,7 +104,7 @@ class SourceCoordinator:
                 address, s.context.identity, s.destination, s.options.secure, self._config.handshake_timeout_s
             )
             if channel.secure:
-                self._authority.check_peer(channel.stream.peer_certificate, s.destination)  # type: ignore[attr-defined]
+                self._authority.check_peer(channel.tls.peer_certificate, s.destination)
             s.audit(
                 "migration.started",
                 vm=vm.name,
@@ -131,8 +157,9 @@ class SourceCoordinator:
                 records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
             else:
                 self._abort(channel, vm, exc)
+            s.report.error_code = s.report.error_code or failure_code(exc)
             self._store.save_report(s.migration_id, s.report.to_dict())
-            raise MigrationError(s.report.error, code=exc.code if isinstance(exc, SealiftError) else None) from exc
+            raise MigrationError(s.report.error or str(exc), code=s.report.error_code) from exc
         finally:
             self.driver.cleanup(vm)
             if s.psk is not None:
@@ -140,11 +167,11 @@ class SourceCoordinator:
             if channel is not None:
                 channel.close()
 
-    def _hello(self, channel: ControlChannel, vm: GuestVM) -> Accept:
+    def _hello(self, channel: ControlChannel, vm: VmT) -> Accept:
         s = self.session
         psk_proof = None
         if s.psk is not None:
-            s.psk_binding = psk_channel_binding(channel.stream)  # type: ignore[arg-type]
+            s.psk_binding = psk_channel_binding(channel.tls)
             psk_proof = s.psk.make_proof(s.psk_binding, s.nonce)
         channel.send(self.driver.describe(vm, psk_proof))
         reply = channel.recv(self._config.step_timeout_s)
@@ -160,9 +187,7 @@ class SourceCoordinator:
             s.audit("psk.verified", peer=s.destination, epoch=s.psk.epoch, ratcheting=s.psk.ratcheting)
         return reply
 
-    def _manifest_and_prepare(
-        self, channel: ControlChannel, vm: GuestVM, memory_bytes: int, transfer: Transfer
-    ) -> dict:
+    def _manifest_and_prepare(self, channel: ControlChannel, vm: VmT, memory_bytes: int, transfer: TransferT) -> dict:
         """Sign and send the manifest; the destination's signed "prepared" receipt for it."""
         s = self.session
         fields, digest_audit = self.driver.manifest_fields(transfer)
@@ -184,15 +209,17 @@ class SourceCoordinator:
         s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
         return self._receipt(channel, "prepared", manifest)
 
-    def _abort(self, channel: ControlChannel | None, vm: GuestVM, exc: BaseException) -> None:
+    def _abort(self, channel: ControlChannel | None, vm: VmT, exc: BaseException) -> None:
         """Before the commit decision: the guest resumes here, nothing is lost."""
         s = self.session
-        reason = str(exc) or type(exc).__name__
+        reason, code = self._failure(channel, exc)
+        s.report.error_code = code
         if channel is not None:
             try:
-                channel.send(Abort(s.migration_id, reason[:1000]))
+                channel.send(Abort(s.migration_id, reason[:1000], code))
             except Exception:  # noqa: BLE001 - the peer may be gone; the abort stands regardless
                 pass
+            _await_close(channel, PEER_REASON_WAIT_S)
         resumed = False
         try:
             resumed = self.driver.resume(vm)
@@ -201,10 +228,33 @@ class SourceCoordinator:
             records.transition(self._store, s.migration_id, Event.FAIL, error=reason)
         where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
         s.report.error = f"migration to {s.destination} failed: {reason}; {where}"
-        s.audit("migration.aborted", vm=vm.name, destination=s.destination, reason=reason, resumed=resumed)
-        log.warning("%s", s.report.error)
+        s.audit("migration.aborted", vm=vm.name, destination=s.destination, reason=reason, code=code, resumed=resumed)
+        log.warning("%s (%s)", s.report.error, code)
 
-    def _finish_report(self, transfer: Transfer, running: dict, started: float, cpu_started: float) -> None:
+    def _failure(self, channel: ControlChannel | None, exc: BaseException) -> tuple[str, str]:
+        """Why the migration failed, and its code: the destination's word when it has one.
+
+        A data stream that breaks here (a reset, a broken pipe, a stream cut
+        short) is only the symptom: the destination closed it because it
+        found something wrong (a record that failed authentication, a digest
+        mismatch) or because it died. Its Abort, sent right after, names the
+        cause; wait a moment for it, or say plainly that it went silent.
+        """
+        local, code = str(exc) or type(exc).__name__, failure_code(exc)
+        if channel is None or not _peer_may_know(exc):
+            return local, code
+        peer = self.session.destination
+        try:
+            message = channel.recv(PEER_REASON_WAIT_S)
+        except TimeoutError:
+            return f"{local} ({peer} gave no reason within {PEER_REASON_WAIT_S:.0f} s)", code
+        except (OSError, ProtocolError):
+            return f"{local} ({peer} closed the control connection too: its agent died or dropped us)", "peer_gone"
+        if isinstance(message, Abort):
+            return f"{peer} aborted: {message.reason} (here: {local})", message.code
+        return local, code
+
+    def _finish_report(self, transfer: TransferT, running: dict, started: float, cpu_started: float) -> None:
         report = self.session.report
         report.status = "completed"
         report.total_time_s = round(time.monotonic() - started, 3)

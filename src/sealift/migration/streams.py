@@ -18,7 +18,7 @@ def stream_protections(
     """
     if not secure:
         return NoProtection(), NoProtection()
-    secret = channel_secret(channel.stream, nonce_source, nonce_dest, label)  # type: ignore[arg-type]
+    secret = channel_secret(channel.tls, nonce_source, nonce_dest, label)
     keys = derive_session_keys(secret, nonce_source, nonce_dest, label)
     return (
         AeadProtection(keys.source_to_dest_key, keys.source_to_dest_iv),

@@ -170,7 +170,7 @@ class HostMonitor:
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per VM: current rates, normal levels, z-scores and verdicts (JSON-friendly)."""
-        rows = []
+        rows: list[dict[str, object]] = []
         for vm in self.vms():
             state = self._vms.get(vm)
             verdict = self.verdict(vm)

@@ -109,7 +109,7 @@ class BuiltinCollector:
         samples = []
         seen = set()
         for info in self._registry.list():
-            name, pid = str(info["name"]), int(info["pid"])  # type: ignore[call-overload]
+            name, pid = str(info["name"]), int(info["pid"])  # type: ignore[call-overload]  # BuiltinVM.info's pid: an int
             seen.add((name, pid))
             samples.append(self._sample(name, pid, info))
         for key in set(self._dirty) - seen:
@@ -141,7 +141,7 @@ class BuiltinCollector:
             alive=alive,
             status=status,
             cpu_seconds=read_proc_cpu(pid) if alive else None,
-            progress=int(counter) if isinstance(counter, int) else None,  # type: ignore[arg-type]
+            progress=int(counter) if isinstance(counter, int) else None,
             dirty_pages=dirty_pages,
             errors=tuple(errors) if alive else (),
         )
@@ -237,5 +237,8 @@ class QemuCollector:
             progress=progress,
             dirty_bps=dirty_bps,
             errors=tuple(errors),
-            **net,  # type: ignore[arg-type]
+            rx_bytes=net["rx_bytes"],
+            tx_bytes=net["tx_bytes"],
+            rx_packets=net["rx_packets"],
+            tx_packets=net["tx_packets"],
         )

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from sealift.errors import SealiftError
 from sealift.security.errors import CertificateError, SecurityError, SignatureError
@@ -104,15 +105,8 @@ class ResourceAdvert:
         return self.expires_at - self.issued_at
 
     def to_payload(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "capacity_memory": self.capacity_memory,
-            "free_memory": self.free_memory,
-            "cpu_load": self.cpu_load,
-            "vms": self.vms,
-            "issued_at": self.issued_at,
-            "expires_at": self.expires_at,
-        }
+        # Every field, in declaration order (the signed payload's key order); all are plain values.
+        return asdict(self)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ResourceAdvert:
@@ -156,7 +150,7 @@ def sign_advert(advert: ResourceAdvert, private_key: ec.EllipticCurvePrivateKey)
 
 def verify_advert(
     envelope: str | bytes,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: CertificatePublicKeyTypes,  # verify_document checks it is P-256
     expected_host: str,
     now: float,
     *,

@@ -94,7 +94,7 @@ class Placer:
             channel.send(AdvertQuery(secrets.token_hex(16)))
             reply = channel.recv(self._config.handshake_timeout_s)
             assert isinstance(reply, Advert)
-            key = channel.stream.peer_certificate.public_key()  # type: ignore[attr-defined]
+            key = channel.tls.peer_certificate.public_key()
             verified = verify_advert(reply.envelope, key, host, time.time())
             with self._lock:
                 self.placement.consider(verified)

@@ -52,6 +52,7 @@ import sqlite3
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -129,16 +130,11 @@ class AuditEntry:
     signature: str  # base64 DER ECDSA
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "host": self.host,
-            "kind": self.kind,
-            "fields": dict(self.fields),
-            "prev_hash": self.prev_hash,
-            "hash": self.hash,
-            "signature": self.signature,
-        }
+        # Every field in declaration order; `fields` (a read-only mapping) as a plain dict.
+        # Not dataclasses.asdict: it deep-copies, and a mappingproxy cannot be copied.
+        entry = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        entry["fields"] = dict(self.fields)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -193,11 +189,13 @@ class AuditLog(SqliteStore):
         code uses concurrently; a connection is not closed by `close`.
         Without `private_key` the log is read-only (show, verify, export).
         """
-        if private_key is None and public_key is None:
-            raise ValueError("give the host's private key (to append) or public key (to verify)")
+        if public_key is None:
+            if private_key is None:
+                raise ValueError("give the host's private key (to append) or public key (to verify)")
+            public_key = private_key.public_key()
         self.host = host
         self._private_key = private_key
-        self.public_key = public_key if public_key is not None else private_key.public_key()  # type: ignore[union-attr]
+        self.public_key = public_key
         if private_key is not None and not _same_key(private_key.public_key(), self.public_key):
             raise ValueError("private_key and public_key are not a pair")
         if isinstance(db, sqlite3.Connection):

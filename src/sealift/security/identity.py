@@ -45,6 +45,7 @@ from sealift.security.certificates import (
     IdentityFiles,
     LeafProfile,
     cert_pem,
+    certificate_builder,
     extended_key_usages,
     is_ca,
     is_issued_by,
@@ -163,13 +164,9 @@ class ClusterCA:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + datetime.timedelta(days=days))
+            certificate_builder(
+                subject, subject, key.public_key(), now - CLOCK_SKEW, now + datetime.timedelta(days=days)
+            )
             # path_length=0: the CA signs hosts directly, never another CA.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
@@ -306,14 +303,9 @@ class ClusterCA:
         # A leaf never outlives its CA: such a certificate would just fail later.
         not_after = min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc)
         ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject])
         return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject]))
-            .issuer_name(self.certificate.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
+            certificate_builder(subject, self.certificate.subject, public_key, now - CLOCK_SKEW, not_after)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)

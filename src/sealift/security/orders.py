@@ -42,7 +42,7 @@ import secrets
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -99,7 +99,7 @@ _PAYLOAD_FIELDS = frozenset(
 class OrderError(SecurityError):
     """An order was refused. `code` is a short machine-readable reason for the audit log."""
 
-    code: ClassVar[str] = "refused"
+    code = "refused"
 
     def __init__(self, message: str, order_id: str | None = None) -> None:
         super().__init__(message)
@@ -321,7 +321,7 @@ def verify_order(
             oid,
         )
     try:
-        verify_document(raw, cert.public_key(), ORDER_KIND, expected_signer=operator.name)  # type: ignore[arg-type]
+        verify_document(raw, cert.public_key(), ORDER_KIND, expected_signer=operator.name)
     except (SignatureError, TypeError) as exc:
         raise OrderSignatureError(f"order {oid} refused: {exc}", oid) from None
 

@@ -323,7 +323,7 @@ def _check_issuer(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate
             f"not by this cluster's CA {ca_cert.subject.rfc4514_string()!r}"
         )
     public_key = ca_cert.public_key()
-    if not crl.is_signature_valid(public_key):  # type: ignore[arg-type]
+    if not crl.is_signature_valid(public_key):  # type: ignore[arg-type]  # any certificate's key type; a CA's signs
         raise CrlError(
             f"revocation list {path} is not signed by this cluster's CA "
             "(altered, or from another CA with the same name)"

@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from sealift.security.errors import SignatureError
 
@@ -67,7 +68,7 @@ def sign_document(payload: dict[str, Any], private_key: ec.EllipticCurvePrivateK
 
 def verify_document(
     envelope: str | bytes,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: CertificatePublicKeyTypes,  # a certificate's key; only P-256 passes the check below
     expected_kind: str,
     expected_signer: str | None = None,
 ) -> dict[str, Any]:

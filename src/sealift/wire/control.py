@@ -130,6 +130,11 @@ class ControlConnection:
 
     # -- receiving --------------------------------------------------------
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of a frame received but not yet complete (what a peer that stalls mid-frame left)."""
+        return len(self._buffer)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Feed bytes from the peer; returns the complete messages they finish, in order."""
         if self._state is ControlState.FAILED:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NoReturn, TypeAlias
 
-import lz4.block  # type: ignore[import-untyped]
+import lz4.block
 import numpy as np
 import zstandard
 
@@ -176,7 +176,7 @@ DataEvent: TypeAlias = (
 def _local_int(name: str, value: object, low: int, high: int) -> int:
     """An integer argument from local code (numpy integers welcome, bool not)."""
     try:
-        number = operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)  # type: ignore[arg-type]  # any object: TypeError below if no integer
     except TypeError:
         raise ProtocolError(f"{name} must be an integer, got {type(value).__name__}") from None
     if isinstance(value, (bool, np.bool_)) or not low <= number <= high:

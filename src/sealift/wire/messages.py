@@ -252,12 +252,12 @@ class _Message:
     KEYS: ClassVar[frozenset[str]]  # the wire keys, set below for every message class
 
     def __post_init__(self) -> None:
-        for key, spec in _wire_fields(type(self)):
+        for key, spec in _wire_fields(type(self)):  # type: ignore[arg-type]  # classes are hashable (mypy#11470)
             spec.check(key, getattr(self, key))
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {}
-        for key, spec in _wire_fields(type(self)):
+        for key, spec in _wire_fields(type(self)):  # type: ignore[arg-type]  # classes are hashable (mypy#11470)
             value = getattr(self, key)
             obj[key] = value.hex() if spec.hex_size is not None else value
         return obj
@@ -267,7 +267,7 @@ class _Message:
         d = _expect_keys(obj, cls.KEYS, cls.__name__)
         values = {
             key: d[key] if spec.hex_size is None else _hex_field(d, key, spec.hex_size)
-            for key, spec in _wire_fields(cls)
+            for key, spec in _wire_fields(cls)  # type: ignore[arg-type]  # classes are hashable (mypy#11470)
         }
         return cls(**values)
 
@@ -357,6 +357,7 @@ class Abort(_Message):
 
     migration_id: str
     reason: str
+    code: str = "aborted"  # why, for machines: the failing error's code (e.g. record_auth_failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +409,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
 
 # Each class's KEYS are its dataclass fields; one missing from _FIELDS fails here, at import.
 for _cls in MESSAGE_CLASSES.values():
-    _cls.KEYS = frozenset(key for key, _ in _wire_fields(_cls))
+    _cls.KEYS = frozenset(key for key, _ in _wire_fields(_cls))  # type: ignore[arg-type]  # classes are hashable (mypy#11470)
 del _cls
 
 

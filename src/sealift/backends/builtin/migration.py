@@ -52,23 +52,16 @@ class BuiltinSourceDriver:
         vm = self._vms.claim(self._session.vm_name)
         return vm, vm.memory_bytes
 
-    def describe(self, vm: BuiltinVM, psk_proof: bytes | None) -> Hello:
-        s = self._session
-        return Hello(
-            migration_id=s.migration_id,
+    def describe(self, vm: BuiltinVM, psk_proof: str | None) -> Hello:
+        options = self._session.options
+        return self._session.hello(
             vm_name=vm.name,
-            source_host=s.config.name,
-            destination_host=s.destination,
-            nonce=s.nonce,
+            backend=BACKEND,
             memory_bytes=vm.memory_bytes,
             page_size=4096,
-            secure=s.options.secure,
-            compression=s.options.compression,
-            streams=1,
-            backend=BACKEND,
-            order=s.order,
+            compression=options.compression,
             psk_proof=psk_proof,
-            image_digest=s.options.image_digest if s.options.secure else None,
+            image_digest=options.image_digest if options.secure else None,
         )
 
     def transfer(
@@ -245,7 +238,7 @@ class BuiltinDestinationDriver:
         s, hello = self._session, self._session.hello
         assert self._image is not None
         protection, _ = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce, hello.migration_id)
-        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s)
+        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s, interrupt=s.stop_if_aborted)
         try:
             data.settimeout(s.config.step_timeout_s)  # a silent peer is a dead peer
             reader = DataStreamReader(protection, self._image.npages)

@@ -89,7 +89,8 @@ class QemuDestinationDriver:
     def take_stream(self) -> dict[str, object]:
         self._receive()
         self._wait_incoming_complete()
-        run_after_hooks(self._qemu, self._after_hooks)  # type: ignore[arg-type]
+        assert self._qemu is not None  # _receive started it (_wait_incoming_complete checked it too)
+        run_after_hooks(self._qemu, self._after_hooks)
         return self._verify_manifest()
 
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:
@@ -127,7 +128,7 @@ class QemuDestinationDriver:
     def _receive(self) -> None:
         s, hello = self._session, self._session.hello
         incoming, outgoing = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce, hello.migration_id)
-        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s)
+        data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s, interrupt=s.stop_if_aborted)
         try:
             data.settimeout(s.config.step_timeout_s)  # a silent peer is a dead peer
             reader = DataStreamReader(incoming, hello.memory_bytes // relay.PAGE)

@@ -299,7 +299,7 @@ class StreamFeeder:
         index: int,
         wait_stream,
         reader: DataStreamReader,
-        qemu: socket.socket,  # type: ignore[no-untyped-def]
+        qemu: socket.socket,
         digest: StreamDigest,
         main_data: socket.socket,
         timeout: float,

@@ -52,7 +52,7 @@ class QemuTransfer:
     paused_at: float
     stream_bytes: int
     digest: str
-    qemu: dict[str, object]
+    qemu: dict[str, int | None]  # QEMU's figures (_qemu_figures); None where QEMU gave none
     wire_bytes: int
     rounds: int
 
@@ -83,21 +83,13 @@ class QemuSourceDriver:
         vm = self._vms.claim(self._session.vm_name)
         return vm, vm.memory_mib * MiB
 
-    def describe(self, vm: QemuVM, psk_proof: bytes | None) -> Hello:
-        s = self._session
-        return Hello(
-            migration_id=s.migration_id,
+    def describe(self, vm: QemuVM, psk_proof: str | None) -> Hello:
+        return self._session.hello(
             vm_name=vm.name,
-            source_host=s.config.name,
-            destination_host=s.destination,
-            nonce=s.nonce,
+            backend=BACKEND,
             memory_bytes=vm.memory_mib * MiB,
             page_size=relay.PAGE,
-            secure=s.options.secure,
             compression=None,
-            streams=1,
-            backend=BACKEND,
-            order=s.order,
             psk_proof=psk_proof,
             image_digest=None,
         )
@@ -138,7 +130,7 @@ class QemuSourceDriver:
             data.close()
 
     def manifest_fields(self, transfer: QemuTransfer) -> tuple[dict[str, object], dict[str, object]]:
-        fields = {
+        fields: dict[str, object] = {
             "backend": BACKEND,
             "image_digest": transfer.digest,
             "state_digest": None,
@@ -151,7 +143,7 @@ class QemuSourceDriver:
     def fill_report(self, transfer: QemuTransfer) -> None:
         report = self._session.report
         report.rounds = transfer.rounds
-        report.pages_sent = int(transfer.qemu.get("ram_normal_pages", 0))  # type: ignore[arg-type]
+        report.pages_sent = transfer.qemu.get("ram_normal_pages") or 0
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
         report.stop_reason = (
@@ -371,7 +363,7 @@ class QemuSourceDriver:
         round_started = followed_since = time.monotonic()
         while True:
             if pump is not None and pump.error is not None:
-                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}")
+                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}", code="stream_failed")
             info = vm.query_migrate()
             status = info.get("status", "none")
             ram = info.get("ram", {})
@@ -517,7 +509,7 @@ def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> di
     return info
 
 
-def _qemu_figures(info: dict[str, Any]) -> dict[str, object]:
+def _qemu_figures(info: dict[str, Any]) -> dict[str, int | None]:
     ram = info.get("ram", {})
     return {
         "total_time_ms": info.get("total-time"),

@@ -516,7 +516,7 @@ def _naive_choice(run: LabSession, cluster: LocalCluster) -> tuple[str | None, d
             channel.send(AdvertQuery(secrets.token_hex(16)))
             reply = channel.recv(5)
             if isinstance(reply, Advert):
-                key = channel.stream.peer_certificate.public_key()  # type: ignore[attr-defined]
+                key = channel.tls.peer_certificate.public_key()
                 claims[host] = verify_advert(reply.envelope, key, host, time.time()).advert.free_memory
         except (AdvertError, OSError, TimeoutError, ConnectionError):  # no signed, fresh advert: no candidate
             pass

@@ -27,11 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from sealift.cluster import LocalCluster
-from sealift.lab.attacks.base import AttackResult, attack
+from sealift.lab.attacks.base import AttackResult, Baseline, attack
 from sealift.lab.capture import Finding, dropped_note, find_in_capture, ip_protocols
 from sealift.lab.netns import enter_netns
 from sealift.lab.relay import Relay, Tamper
 from sealift.lab.session import Backend, LabSession, MigrationFailed
+from sealift.security.certificates import certificate_builder
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.security.psk import PskStore, new_psk, psk_to_hex, wrap_key_from_private_key
 
@@ -44,13 +45,13 @@ MiB = 1 << 20
 
 
 def _plain(lab: LabSession, cluster: LocalCluster, backend: Backend, **kwargs: object) -> dict:
-    return lab.migrate(cluster, VM, {"secure": False}, transport=PLAIN_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
+    return lab.migrate(cluster, VM, {"secure": False}, transport=PLAIN_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]  # migrate's keywords
 
 
 def _secure(
     lab: LabSession, cluster: LocalCluster, backend: Backend, options: dict | None = None, **kwargs: object
 ) -> dict:
-    return lab.migrate(cluster, VM, {"secure": True, **(options or {})}, transport=SEALIFT_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]
+    return lab.migrate(cluster, VM, {"secure": True, **(options or {})}, transport=SEALIFT_TRANSPORT[backend], **kwargs)  # type: ignore[arg-type]  # migrate's keywords
 
 
 def _where(lab: LabSession, cluster: LocalCluster) -> str:
@@ -171,7 +172,7 @@ def _probe_until_answered(lab: LabSession, vm: dict, timeout: float) -> int | No
     return None
 
 
-def _tamper_baseline(lab: LabSession, backend: Backend) -> tuple[str, str, dict]:
+def _tamper_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str, dict]:
     relay = lab.relay()
     cluster = lab.cluster(backend, insecure=True, via=relay)
     vm = lab.start_vm(cluster, "host-a", VM, backend)
@@ -239,7 +240,7 @@ def active_manipulation(lab: LabSession, backend: Backend) -> list[AttackResult]
             "T2",
             "active manipulation: rewrite guest memory in flight",
             backend,
-            baseline,  # type: ignore[arg-type]
+            baseline,
             "blocked" if blocked else "succeeded",
             evidence,
             running,
@@ -305,13 +306,9 @@ def _self_signed(
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(
+            subject, subject, key.public_key(), now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+        )
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -336,7 +333,7 @@ def _forged_identities(cluster: LocalCluster) -> dict[str, tuple[Path, Path]]:
     }
 
 
-def _mitm_baseline(lab: LabSession, backend: Backend) -> tuple[str, str]:
+def _mitm_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str]:
     """Plaintext: nothing tells the source that the attacker's address is not host-b."""
     relay = lab.relay()
     cluster = lab.cluster(backend, insecure=True, via=relay)
@@ -384,7 +381,7 @@ def man_in_the_middle(lab: LabSession, backend: Backend) -> list[AttackResult]:
                     "T3",
                     f"man in the middle with {what}",
                     backend,
-                    baseline,  # type: ignore[arg-type]
+                    baseline,
                     "blocked" if blocked else "succeeded",
                     evidence,
                     lab.running_copies(cluster, VM),
@@ -668,7 +665,9 @@ class _RsaTunnel:
             session = _BioSession(self._client if entry else self._server, raw, server=not entry)
             session.handshake()
             if entry:
-                self.sessions.append(f"{session.tls.version()} {session.tls.cipher()[0]}")  # type: ignore[index]
+                cipher = session.tls.cipher()
+                assert cipher is not None  # the handshake is done
+                self.sessions.append(f"{session.tls.version()} {cipher[0]}")
             threading.Thread(target=session.decrypt_into, args=(plain,), daemon=True).start()
             session.encrypt_from(plain)
         except (OSError, ssl.SSLError, AssertionError, ConnectionError):
@@ -757,11 +756,11 @@ def _key_complaints(errors: list[str]) -> str:
     return "; ".join(f"tshark refused {', '.join(keys)}: {reason!r}" for reason, keys in by_reason.items())
 
 
-def _rsa_baseline(lab: LabSession, backend: Backend) -> tuple[str, str, dict]:
+def _rsa_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str, dict]:
     """The plaintext migration inside a TLS 1.2 RSA-key-transport tunnel; then the tunnel's key is stolen."""
     loot = lab.results_dir / f"T13-{backend}-baseline-loot"
     tunnel = _RsaTunnel(lab, loot)
-    lab._relays.append(tunnel)  # type: ignore[arg-type]  # closed with the run's relays
+    lab._relays.append(tunnel)  # closed with the run's relays
     cluster = lab.cluster(backend, insecure=True, start=False)
     tunnel.target = cluster.addresses["host-b"]
     _route_to(cluster, "host-a", "host-b", tunnel.address)
@@ -886,7 +885,7 @@ def _old_captures(lab: LabSession, backend: Backend) -> AttackResult:
         "T13",
         "read old captures with keys stolen later",
         backend,
-        baseline,  # type: ignore[arg-type]
+        baseline,
         "blocked" if blocked else "succeeded",
         evidence,
         copies,

@@ -25,22 +25,29 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from sealift.cluster import LocalCluster
 from sealift.ipsec.charon import Charon, detect_backend
 from sealift.ipsec.sa_key import ipsec_psk_fingerprint
 from sealift.ipsec.tunnel import TunnelHost, migration_identity, static_psk_tunnel
 from sealift.ipsec.vici_client import ViciClient
-from sealift.lab.attacks.base import AttackResult, attack
+from sealift.lab.attacks.base import AttackResult, Baseline, attack
 from sealift.lab.attacks.channel import SECRET, VM, _describe, _plain, _short, _where
 from sealift.lab.capture import Capture, dropped_note, find_in_capture, read_packets, tcp_streams
 from sealift.lab.ipsec.intruder import ClaimedAddress, LoadedConn, LoadedPsk, ViciTap, try_sa, vici_state
-from sealift.lab.ipsec.replay_attack import IKE_NATT_PORT, IKE_PORT, ike_initiator_messages, is_ike, send_datagrams
+from sealift.lab.ipsec.replay_attack import (
+    IKE_NATT_PORT,
+    IKE_PORT,
+    UdpDatagram,
+    ike_initiator_messages,
+    is_ike,
+    send_datagrams,
+)
 from sealift.lab.ipsec.routed_pair import UdpPacket, udp_packets
 from sealift.lab.netns import enter_netns
 from sealift.lab.session import Backend, LabSession
@@ -461,30 +468,20 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
     # generously, knows this migration's identities (the lab reads them from host-b's charon).
     def strike(name: str) -> list[Try]:
         ids = (migration_identity("host-a", name), migration_identity("host-b", name))
-        common = {
-            "claimed": address["host-a"],
-            "victim_ip": address["host-b"],
-            "name": name,
-            "ids": ids,
-            "port": _port_of(conn),
-        }
         return [
             _try(
                 lab,
-                "the old PSK with the running migration's identities",
+                f"{text} with the running migration's identities",
                 lambda: _charon_log(cluster, "host-b"),
                 host_b_vici,
-                psk=stolen.psk,
-                **common,
-            ),  # type: ignore[arg-type]
-            _try(
-                lab,
-                "a guessed PSK with the running migration's identities",
-                lambda: _charon_log(cluster, "host-b"),
-                host_b_vici,
-                psk=guessed,
-                **common,
-            ),  # type: ignore[arg-type]
+                claimed=address["host-a"],
+                victim_ip=address["host-b"],
+                name=name,
+                ids=ids,
+                port=_port_of(conn),
+                psk=key,
+            )
+            for key, text in ((stolen.psk, "the old PSK"), (guessed, "a guessed PSK"))
         ]
 
     next_report, during, still_loaded = _while_migrating(lab, cluster, "host-a", "host-b", strike)
@@ -511,7 +508,9 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
         ),
         ("guessed", "IPsec: bring up an SA with a guessed PSK", baselines["guessed"], [after["guessed"], during[1]]),
     ):
-        baseline = "succeeded" if baseline_try.established and len(baseline_try.victim_sas) >= 2 else "blocked"
+        baseline: Baseline = (
+            "succeeded" if baseline_try.established and len(baseline_try.victim_sas) >= 2 else "blocked"
+        )
         blocked = (
             not any(t.established for t in tries)
             and all(t.refusals for t in tries)
@@ -538,7 +537,7 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
                 baseline,
                 "blocked" if blocked else "succeeded",
                 evidence,
-                copies,  # type: ignore[arg-type]
+                copies,
                 details={
                     "transport": TRANSPORT,
                     "stolen_migration_id": report.get("migration_id"),
@@ -564,13 +563,13 @@ def _tail(text: str, lines: int) -> list[str]:
 # -- T4: replaying a recorded IKE exchange --------------------------------------------------------------------
 
 
-def _replay(lab: LabSession, packets: list[UdpPacket], gap_s: float = 0.2) -> int:
+def _replay(lab: LabSession, packets: Sequence[UdpDatagram], gap_s: float = 0.2) -> int:
     """Send the recorded datagrams again from the attacker's namespace, source addresses spoofed."""
     with enter_netns(lab.testbed.ns("attacker")):  # this thread only; the raw socket is made in there
         return send_datagrams(packets, gap_s)
 
 
-def _static_baseline_t4(lab: LabSession) -> tuple[str, str, dict]:
+def _static_baseline_t4(lab: LabSession) -> tuple[Baseline, str, dict]:
     """The static VPN: record one exchange, replay it while the same connection and PSK are loaded again."""
     psk = os.urandom(32)
     with _static_charons(lab) as (source_charon, destination_charon, source, destination):
@@ -612,7 +611,9 @@ def _established(state: dict[str, list[str]]) -> int:
     return len([sa for sa in state["sas"] if "ESTABLISHED" in sa])
 
 
-def _replay_watched(lab: LabSession, recorded: list[UdpPacket], name: str) -> tuple[int, int, list[UdpPacket], Path]:
+def _replay_watched(
+    lab: LabSession, recorded: Sequence[UdpDatagram], name: str
+) -> tuple[int, int, list[UdpPacket], Path]:
     """Replay towards host-b, capturing the attacker's link to it: (sent, seen there, host-b's answers, pcap)."""
     towards_b = Capture(lab.testbed.ns("attacker"), "to-dst", lab.results_dir / f"{name}.pcap")
     towards_b.start()
@@ -627,6 +628,17 @@ def _replay_watched(lab: LabSession, recorded: list[UdpPacket], name: str) -> tu
     seen = sum(1 for p in ike_initiator_messages(on_link, source, destination) if p.payload in replayed)
     answers = [p for p in on_link if p.src == destination and p.dst == source and is_ike(p)]
     return sent, seen, answers, pcap
+
+
+class _ReplayDuring(TypedDict):
+    """T4's replay during a migration, on the destination (host-b)."""
+
+    sent: int
+    established_before: int
+    established_after: int
+    init_requests: int
+    init_responses: int
+    log: list[str]
 
 
 @attack("T4", "replay of a recorded IKE exchange against the IPsec transport", backends=("qemu",))
@@ -659,7 +671,7 @@ def ipsec_ike_replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
     # host-b has a connection for host-a's address loaded, so the replayed IKE_SA_INIT gets a real answer.
     _migrate_ipsec(lab, cluster, "host-b", "host-a")
 
-    def strike(name: str) -> dict[str, object]:
+    def strike(name: str) -> _ReplayDuring:
         # Quick: the migration's SA lives only as long as the migration (a few seconds here).
         before_log, before = len(_charon_log(cluster, "host-b")), _established_ike(host_b_vici, name)
         sent2 = _replay(lab, recorded, gap_s=0.05)
@@ -737,7 +749,7 @@ def ipsec_ike_replay(lab: LabSession, backend: Backend) -> list[AttackResult]:
             "T4",
             "IPsec: replay a recorded IKE exchange to the destination",
             "qemu",
-            baseline,  # type: ignore[arg-type]
+            baseline,
             "blocked" if blocked else "succeeded",
             evidence,
             copies,

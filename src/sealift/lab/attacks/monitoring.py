@@ -25,7 +25,7 @@ import time
 
 from sealift.cluster import LocalCluster
 from sealift.lab.attacks.admission import ask_source, audit_head, audit_since, clip, entry_ref
-from sealift.lab.attacks.base import AttackResult, attack
+from sealift.lab.attacks.base import AttackResult, Baseline, attack
 from sealift.lab.session import Backend, LabSession
 
 VM = "vm1"
@@ -44,7 +44,7 @@ def _row(cluster: LocalCluster, host: str, vm: str) -> dict | None:
     return next((row for row in rows if row["vm"] == vm), None)
 
 
-def _wait(predicate, timeout: float) -> object:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout: float) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -54,7 +54,7 @@ def _wait(predicate, timeout: float) -> object:  # type: ignore[no-untyped-def]
     return None
 
 
-def _storm_baseline(run: LabSession, backend: Backend) -> tuple[str, dict]:
+def _storm_baseline(run: LabSession, backend: Backend) -> tuple[Baseline, dict]:
     """The storm on agents without monitors: does the VM move? ("succeeded" if it did)."""
     cluster = run.cluster(backend, host_config={"host-a": MONITOR_OFF, "host-b": MONITOR_OFF})
     run.start_vm(cluster, "host-a", VM, backend, workload="web")
@@ -63,7 +63,7 @@ def _storm_baseline(run: LabSession, backend: Backend) -> tuple[str, dict]:
     migrated, error = ask_source(cluster, VM, "host-b", cluster.order(VM, "host-a", "host-b"))
     copies = run.copies(cluster, VM)
     cluster.stop()
-    outcome = "succeeded" if migrated and copies.get("host-b") == "running" else "blocked"
+    outcome: Baseline = "succeeded" if migrated and copies.get("host-b") == "running" else "blocked"
     return outcome, {
         "migrated": migrated,
         "error": error,
@@ -114,7 +114,7 @@ def write_storm(run: LabSession, backend: Backend) -> list[AttackResult]:
             threat="T12",
             attack=f"{VM} switched from 'web' to a write storm ('stress'), then ordered to host-b",
             backend=backend,
-            baseline=baseline,  # type: ignore[arg-type]
+            baseline=baseline,
             sealift="blocked" if quiet_verdict is None and attacker and held else "succeeded",
             evidence=(
                 f"baseline (no monitor): {baseline_said}; "

@@ -107,7 +107,8 @@ def malformed_frames(lab: LabSession, backend: Backend) -> list[AttackResult]:
         futures = {probe.name: pool.submit(_send_probe, lab, cluster, probe, insider) for probe in _probes()}
         reactions = {name: future.result() for name, future in futures.items()}
     status = cluster.client("host-b").request("status")["status"]
-    same_agent = status["pid"] == pid_before and cluster.agents["host-b"].process.poll() is None  # type: ignore[union-attr]
+    process = cluster.agents["host-b"].process
+    same_agent = status["pid"] == pid_before and process is not None and process.poll() is None
     held = [name for name, reaction in reactions.items() if reaction == "still open (held)"]
     # The agent still does its job: the guest migrates to it afterwards.
     error = ""

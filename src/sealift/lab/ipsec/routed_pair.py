@@ -38,8 +38,10 @@ def run(args: list[str], *, check: bool = True, timeout: float = 20.0) -> subpro
     return result
 
 
-def in_netns(netns: str, args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return run(["ip", "netns", "exec", netns, *args], **kwargs)  # type: ignore[arg-type]
+def in_netns(
+    netns: str, args: list[str], *, check: bool = True, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    return run(["ip", "netns", "exec", netns, *args], check=check, timeout=timeout)
 
 
 def delete_netns(netns: str) -> None:
@@ -153,7 +155,7 @@ class Capture:
                 )
             ready, _, _ = select.select([self._process.stderr], [], [], 0.2)
             if ready:
-                seen += self._process.stderr.read1(4096)  # type: ignore[attr-defined]
+                seen += self._process.stderr.read1(4096)  # type: ignore[attr-defined]  # typeshed: IO[bytes]; a BufferedReader
         return self
 
     def __exit__(
