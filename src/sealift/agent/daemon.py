@@ -124,6 +124,7 @@ class Agent:
         self.control.start()
         self.resolver.start()
         self.monitor.start()
+        self.authority.start_watching()  # live revocation: a changed CRL or policy applies within a second
         log.info(
             "agent %s listening on %s:%d, control socket %s",
             self.config.name,
@@ -135,6 +136,7 @@ class Agent:
         self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())  # reload the CRL and policy now
         self._stopping.wait()
         self.shutdown()
 
