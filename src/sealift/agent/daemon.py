@@ -133,10 +133,11 @@ class Agent:
         )
 
     def serve_forever(self) -> None:
+        # Before start: SIGHUP's default action would end the agent. Reload the CRL and policy now.
+        signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())
         self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())  # reload the CRL and policy now
         self._stopping.wait()
         self.shutdown()
 
