@@ -121,7 +121,7 @@ def test_revoking_the_destination_stops_the_running_migration_at_the_source(clus
     assert run.error is not None, f"the migration completed: {run.report}"
     assert run.error.code == "certificate_revoked", run.error
     assert "host-b" in str(run.error) and "revoked" in str(run.error)
-    assert stopped_after_s < 4.0  # a second to notice the file, then at once
+    assert stopped_after_s < 6.0  # about a second to notice the file, then at once (it would run ~8 s more)
     assert_guest_runs_on_source_only(cluster)
 
     # The audit: the reload, what it stopped, and the abort with its code.
@@ -165,7 +165,7 @@ def test_revoking_the_operator_stops_the_migration_at_the_destination_too(
     assert run.error is not None, f"the migration completed: {run.report}"
     assert run.error.code == "certificate_revoked", run.error
     assert "mallory" in str(run.error)
-    assert stopped_after_s < 4.0
+    assert stopped_after_s < 6.0
     assert_guest_runs_on_source_only(cluster)
 
     assert "sighup" in [entry["trigger"] for entry in audit(cluster, "host-b", "crl.reloaded")]
