@@ -46,7 +46,6 @@ class DestinationCoordinator:
         try:
             self.driver.admit()
         except (IncomingRefused, AdmissionError, SecurityError) as exc:  # a refusal (Refuse), not a failure
-            s.context.authority.forget(s.flight)
             self._refuse(exc)
             return
         except Exception as exc:  # a bug in a check: still refuse (nothing was taken), and say so, with its traceback
@@ -91,6 +90,7 @@ class DestinationCoordinator:
 
     def _refuse(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
+        s.context.authority.forget(s.flight)  # it may rely on its peer already: nothing to stop any more
         code = failure_code(exc)
         where = f"{self.driver.backend} migration {hello.migration_id} of {hello.vm_name} from {hello.source_host}"
         log.warning("refused %s (%s): %s", where, code, exc)
