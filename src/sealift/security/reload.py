@@ -75,7 +75,7 @@ class InFlightTrust:
                     revocations.check(certificate, what)
                 except CertificateRevokedError as exc:
                     self._revoked = CertificateRevokedError(
-                        f"{exc} while migration {self.migration_id} was under way; stopped before the commit decision"
+                        f"migration {self.migration_id} stopped before its commit decision: {exc}"
                     )
                     return self._revoked
         return None
