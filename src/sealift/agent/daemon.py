@@ -134,6 +134,7 @@ class Agent:
         self.control.start()
         self.resolver.start()
         self.monitor.start()
+        self.authority.start_watching()  # live revocation: a changed CRL or policy applies within a second
         log.info(
             "agent %s listening on %s:%d, control socket %s",
             self.config.name,
@@ -142,6 +143,8 @@ class Agent:
         )
 
     def serve_forever(self) -> None:
+        # Before start: SIGHUP's default action would end the agent. Reload the CRL and policy now.
+        signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())
         self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())

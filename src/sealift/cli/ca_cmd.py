@@ -104,5 +104,5 @@ def cmd_ca_revoke(args: argparse.Namespace) -> int:
         args,
         info,
         f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); "
-        f"copy {info['crl']} to every agent's identity_dir",
+        f"copy {info['crl']} to every agent's identity_dir (running agents apply it within a second)",
     )

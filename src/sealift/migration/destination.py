@@ -67,6 +67,7 @@ class DestinationCoordinator:
             self.driver.prepare()
             self._accept()
             manifest = self.driver.take_stream()
+            s.context.authority.final_check(s.flight)  # a newly revoked source or operator: discard, never promise
             s.enter(Event.STREAM_VERIFIED)  # durable before we promise
             prepared = True
             receipt = self._receipt(manifest, "prepared")
@@ -81,6 +82,7 @@ class DestinationCoordinator:
             else:
                 self._discard(exc)
         finally:
+            s.context.authority.forget(s.flight)
             if s.psk is not None:
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             s.context.sessions.finish(s.session_id)
@@ -88,6 +90,7 @@ class DestinationCoordinator:
 
     def _refuse(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
+        s.context.authority.forget(s.flight)  # it may rely on its peer already: nothing to stop any more
         code = failure_code(exc)
         where = f"{self.driver.backend} migration {hello.migration_id} of {hello.vm_name} from {hello.source_host}"
         log.warning("refused %s (%s): %s", where, code, exc)
@@ -237,9 +240,20 @@ def verify_manifest(session: DestinationSession, expected: Mapping[str, object],
 
 def admit_hello(session: DestinationSession) -> None:
     """Incoming migration control and the PSK second factor, for every backend (before its own checks)."""
-    session.order_id = verify_hello(session.config, session.channel, session.hello, session.context.authority).order.id
+    verified = verify_hello(session.config, session.channel, session.hello, session.context.authority)
+    session.order_id = verified.order.id
+    rely_on_source(session, verified)
     if session.channel.secure:
         session.psk, session.psk_binding = check_source_psk(session.context.authority, session.channel, session.hello)
+
+
+def rely_on_source(session: DestinationSession, verified: VerifiedOrder) -> None:
+    """From here until this host promises, a newly revoked source host or operator stops the migration."""
+    authority, flight = session.context.authority, session.flight
+    authority.rely_on(flight, f"the certificate of operator {verified.operator.name!r}", verified.issuer_certificate)
+    if session.channel.secure:
+        certificate = session.channel.tls.peer_certificate
+        authority.rely_on(flight, f"host certificate of {session.hello.source_host}", certificate)
 
 
 def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello) -> tuple[PskSession | None, bytes]:

@@ -108,7 +108,13 @@ class Kinds:
     MIGRATION_HANDOVER = "migration.handover"
     RECEIPT = "migration.receipt"
     POLICY_LOADED = "policy.loaded"
+    POLICY_RELOADED = "policy.reloaded"  # fields: path, sha256, rules, trigger
+    POLICY_REFUSED = "policy.refused"  # a new policy file was refused; the previous one stays
     CRL_LOADED = "crl.loaded"
+    CRL_RELOADED = "crl.reloaded"  # fields: path, number, sha256, entries, trigger
+    CRL_REFUSED = "crl.refused"  # a new CRL was refused; the previous one stays
+    PEER_REFUSED = "peer.refused"
+    MIGRATION_REVOKED = "migration.revoked"  # a certificate an in-flight migration relies on was revoked
     KEY_CHANGED = "key.changed"
 
 

@@ -133,6 +133,7 @@ class BuiltinSourceDriver:
 
     def _on_round(self, report: RoundReport) -> None:
         s = self._session
+        s.flight.check()  # a newly revoked destination or operator stops the rounds (the guest resumes here)
         s.report.round_reports.append(report)
         s.audit(
             Kinds.MIGRATION_ROUND,
@@ -145,6 +146,7 @@ class BuiltinSourceDriver:
         s.progress("round", report.to_dict())
 
     def _on_transfer(self, progress: TransferProgress) -> None:
+        self._session.flight.check()  # ~10 times a second: a revocation stops the transfer at once
         self._session.progress(
             "transfer",
             {
@@ -244,7 +246,12 @@ class BuiltinDestinationDriver:
             reader = DataStreamReader(protection, self._image.npages)
             digest = hello.image_digest if hello.secure else None
             receiver = ImageReceiver(self._image, reader, digest=digest)
-            return receiver.run(lambda view: recv_exactly_into(data, view))
+
+            def read_into(view: memoryview) -> None:
+                s.flight.check()  # a newly revoked source or operator: stop receiving at once
+                recv_exactly_into(data, view)
+
+            return receiver.run(read_into)
         finally:
             data.close()
 

@@ -373,6 +373,7 @@ class QemuSourceDriver:
                 )
             if paused_at is None and status in ("setup", "active"):
                 self._check_completion_timeout(time.monotonic() - followed_since, ram)
+                s.flight.check()  # a newly revoked destination or operator: give up, the guest runs on here
             if status == "pre-switchover" and paused_at is None:  # once: QEMU leaves the state asynchronously
                 paused_at = stop_time(vm, time.monotonic())
                 s.report.counter_at_pause = vm.counter()
