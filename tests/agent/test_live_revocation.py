@@ -132,6 +132,8 @@ def test_revoking_the_destination_stops_the_running_migration_at_the_source(clus
     assert aborted["migration_id"] == stopped["migration_id"] and aborted["code"] == "certificate_revoked"
     assert aborted["resumed"] is True
     assert not audit(cluster, "host-a", "migration.handover")
+    # The destination's record names the same cause (the source's Abort), not the broken stream it saw.
+    assert audit(cluster, "host-b", "migration.aborted")[-1]["code"] == "certificate_revoked"
 
     # A new migration to the revoked host is refused at once, after the handshake.
     started = time.monotonic()

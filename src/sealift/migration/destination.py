@@ -29,9 +29,12 @@ from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
 from sealift.security.orders import VerifiedOrder
 from sealift.security.psk import PskSession, psk_channel_binding
+from sealift.wire.errors import ProtocolError
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
 
 log = logging.getLogger(__name__)
+
+SOURCE_REASON_WAIT_S = 2.0  # how long a destination whose stream broke waits for the source's Abort and reason
 
 
 class DestinationCoordinator:
@@ -178,10 +181,23 @@ class DestinationCoordinator:
         s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
+    def _cause(self, exc: BaseException) -> tuple[str, str]:
+        """Why this migration failed, and its code: the source's word when the failure is only its symptom."""
+        reason, code = str(exc) or type(exc).__name__, failure_code(exc)
+        if not _source_may_know(exc):
+            return reason, code
+        try:
+            message = self.session.channel.peek(SOURCE_REASON_WAIT_S)
+        except (OSError, ProtocolError):
+            return reason, code
+        if isinstance(message, Abort):
+            return f"the source aborted: {message.reason} (here: {reason})", message.code
+        return reason, code
+
     def _discard(self, exc: BaseException) -> None:
         """The failure on record (store, audit) and told to the source with its code, whatever state either is in."""
         s, hello = self.session, self.session.hello
-        reason, code = str(exc) or type(exc).__name__, failure_code(exc)
+        reason, code = self._cause(exc)
         if code == "internal_error":  # a bug, not a peer's doing: keep its traceback for whoever fixes it
             log.error("%s migration %s failed unexpectedly", self.driver.backend, hello.migration_id, exc_info=exc)
         log.warning(
@@ -208,6 +224,15 @@ class DestinationCoordinator:
             except Exception:  # noqa: BLE001 - recording must not stop the abort
                 log.exception("could not record the abort of %s", hello.migration_id)
             s.audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason, code=code)
+
+
+def _source_may_know(exc: BaseException) -> bool:
+    """A stream that the source closed or let go silent: the cause is the source's (its Abort says which).
+
+    Not a record that failed authentication or a malformed one: that is what
+    this host found, and it tells the source, not the other way round.
+    """
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def verify_manifest(session: DestinationSession, expected: Mapping[str, object], wording: str) -> tuple[dict, str]:
