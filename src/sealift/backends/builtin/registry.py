@@ -160,6 +160,16 @@ class BuiltinVmRegistry:
         info = vm.info()
         with self._lock:
             info["migrating"] = name in self._busy
+        # Every backend's entry has the same keys (docs/schemas/common.schema.json, vm): QEMU's are None here.
+        info.update(
+            backend="builtin",
+            memory_mib=vm.memory_bytes >> 20,
+            status=None,
+            accel=None,
+            console=None,
+            net=None,
+            probe=None,
+        )
         return info
 
     def list(self) -> list[dict[str, object]]:
