@@ -105,7 +105,7 @@ def test_agent_transports_are_known_to_the_agents() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path) -> None:
+def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path, check_json: Callable[[str, object], None]) -> None:
     """sealift-ipsec cannot share a run with the ipsec baseline (both run charon on the hosts): its own run."""
     if available_transports(["sealift-ipsec"])[0] != ["sealift-ipsec"]:
         pytest.skip("the agents have no ipsec transport here")
@@ -130,6 +130,7 @@ def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    check_json("bench", json.loads(done.stdout))  # docs/schemas/bench.schema.json
     runs = {r["transport"]: r for r in json.loads(done.stdout)["runs"]}
     assert sorted(runs) == ["sealift-ipsec"]  # alone: no plain run, so no ratio
     ipsec = runs["sealift-ipsec"]
