@@ -4,7 +4,8 @@ The schemas themselves: valid draft 2020-12, every object closed with every
 key required (a missing fact is null, never absent), and naming exactly the
 keys the code prints. Then real output: the built-in backend through the CLI
 against two real agents (one small VM, one migration shared by the checks),
-`sealift demo`, `sealift bench --json` with the lab replaced, and failures.
+`sealift demo`, `sealift bench --json` with the lab replaced and the recorded
+benchmarks' runs, and failures.
 QEMU guests: tests/qemu/test_qemu_json_schemas.py.
 """
 
@@ -214,3 +215,12 @@ def test_bench_json_for_both_backends(
     refusal = json.loads(capsys.readouterr().out)
     check_json("bench", refusal)
     assert refusal["code"] == "cli_error"
+
+
+def test_recorded_benchmark_runs_as_bench_json_prints_them(check_json: Check) -> None:
+    """The runs of the real benchmarks in bench/results (every transport, both backends, failed runs too)."""
+    recorded = sorted((SCHEMAS.parents[1] / "bench" / "results").glob("*/results.json"))
+    assert recorded, "no recorded benchmark in bench/results"
+    for path in recorded:
+        runs = json.loads(path.read_text())["runs"]
+        check_json("bench", {"runs": [{key: run[key] for key in JSON_KEYS} for run in runs]})
