@@ -27,6 +27,7 @@ from sealift.bench.results import ALL_TRANSPORTS, JSON_KEYS, WORKLOADS, RunResul
 from sealift.cluster import OPERATOR, LocalCluster
 from sealift.migration.phases import Phase
 from sealift.migration.report import MigrationReport, RoundReport
+from sealift.monitor.portwatch import FloodWatch
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 COMMANDS = ("demo", "migrate", "migrations", "vm-list", "status", "bench")
@@ -92,6 +93,7 @@ def test_the_schemas_name_exactly_what_the_code_prints() -> None:
     assert defs["migration_record"]["properties"]["phase"]["enum"] == [phase.value for phase in Phase]
     status = schema("status")["oneOf"][0]["properties"]
     assert list(status["guard"]["properties"]) == [f.name for f in dataclasses.fields(GuardStats)]
+    assert list(status["monitor"]["properties"]["port_flood"]["properties"]) == list(FloodWatch().snapshot())
     run = schema("bench")["oneOf"][0]["properties"]["runs"]["items"]["properties"]
     assert tuple(run) == JSON_KEYS
     assert tuple(run["transport"]["enum"]) == ALL_TRANSPORTS
