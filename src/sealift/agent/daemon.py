@@ -403,7 +403,7 @@ class Agent:
             "host": self.config.name,
             "pid": os.getpid(),
             "listen": f"{self.config.listen[0]}:{self.config.listen[1]}",
-            "vms": len(self.vms.list()),
+            "vms": sum(len(registry.list()) for registry in self.registries),  # every backend's guests
             "memory_capacity": self.config.memory_capacity,
             "allow_insecure": self.config.allow_insecure,
             "guard": dataclasses.asdict(self.guard.stats()),
