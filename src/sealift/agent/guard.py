@@ -43,13 +43,23 @@ Clock = Callable[[], float]
 DEFAULT_MAX_TRACKED_PEERS = 4096
 IPV6_PREFIX = 64
 
+# Why the guard refused: an Admission's `code`, a short fixed word (the metrics' reason label;
+# the reason text names addresses and numbers, so it cannot be a label).
+ADMITTED = "admitted"
+BLOCKED = "blocked"  # the port watch blocked the address
+PORT_FULL = "port_full"  # max_connections already open on the port
+PEER_LIMIT = "peer_limit"  # this address (or source host) already holds its share
+RATE_LIMITED = "rate_limited"  # this address opens connections (or handshakes) too fast
+HOST_LIMIT = "host_limit"  # this host already receives its total of migrations
+
 
 @dataclass(frozen=True)
 class Admission:
-    """The guard's answer: allowed or not, and why (for the log and the operator)."""
+    """The guard's answer: allowed or not, and why (for the log and the operator; `code` for machines)."""
 
     allowed: bool
     reason: str
+    code: str = ADMITTED
 
 
 _OK = Admission(True, "admitted")
@@ -221,19 +231,21 @@ class PeerGuard:
             if blocked is not None:
                 if blocked[0] > self._clock():
                     return self._refuse_connection(
-                        f"{key} is blocked for {blocked[0] - self._clock():.0f} s more: {blocked[1]}"
+                        f"{key} is blocked for {blocked[0] - self._clock():.0f} s more: {blocked[1]}", BLOCKED
                     )
                 del self._blocked[key]
             # The total cap first: it needs no per-peer state, so a flood that
             # fills the port does not also fill the table.
             if self._open_total >= self._max_total:
                 return self._refuse_connection(
-                    f"{self._open_total} connections already open on the migration port (limit {self._max_total})"
+                    f"{self._open_total} connections already open on the migration port (limit {self._max_total})",
+                    PORT_FULL,
                 )
             state = self._peers.get(key)
             if state is not None and state.open >= self._max_per_peer:
                 return self._refuse_connection(
-                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)"
+                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)",
+                    PEER_LIMIT,
                 )
             if state is None:
                 state = self._track(key)
@@ -243,7 +255,8 @@ class PeerGuard:
                 wait = state.connections.seconds_until()
                 return self._refuse_connection(
                     f"{key} opens connections faster than {self._conn_rate:g}/s "
-                    f"(burst {self._conn_burst:g}); retry in {wait:.1f} s"
+                    f"(burst {self._conn_burst:g}); retry in {wait:.1f} s",
+                    RATE_LIMITED,
                 )
             state.open += 1
             self._open_total += 1
@@ -263,6 +276,7 @@ class PeerGuard:
                     False,
                     f"{key} starts TLS handshakes faster than {self._hs_rate:g}/s "
                     f"(burst {self._hs_burst:g}); retry in {wait:.1f} s",
+                    RATE_LIMITED,
                 )
             return _OK
 
@@ -285,7 +299,9 @@ class PeerGuard:
             if self._max_migrations_total is not None and total >= self._max_migrations_total:
                 self._refused_migrations += 1
                 return Admission(
-                    False, f"this host already receives {total} migrations (limit {self._max_migrations_total})"
+                    False,
+                    f"this host already receives {total} migrations (limit {self._max_migrations_total})",
+                    HOST_LIMIT,
                 )
             current = self._migrations.get(peer_host, 0)
             if current >= self._max_migrations_per_peer:
@@ -294,6 +310,7 @@ class PeerGuard:
                     False,
                     f"{peer_host} already has {current} migrations in progress to this host "
                     f"(limit {self._max_migrations_per_peer} per source host)",
+                    PEER_LIMIT,
                 )
             self._migrations[peer_host] = current + 1
             return _OK
@@ -367,9 +384,9 @@ class PeerGuard:
                 return
         raise AssertionError("no idle peer to evict: open connections exceed max_concurrent_total")
 
-    def _refuse_connection(self, reason: str) -> Admission:
+    def _refuse_connection(self, reason: str, code: str) -> Admission:
         self._refused_connections += 1
-        return Admission(False, reason)
+        return Admission(False, reason, code)
 
 
 def _check_count(name: str, value: int) -> None:

@@ -94,6 +94,7 @@ class DestinationCoordinator:
             exc,
         )
         code = exc.code if isinstance(exc, SealiftError) else "refused"
+        s.error_code = code
         s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc), code=code)
         if s.psk is not None:
             s.psk.close()
@@ -175,6 +176,7 @@ class DestinationCoordinator:
             hello.vm_name,
             hello.source_host,
         )
+        s.error_code = failure_code(exc)
         s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
@@ -182,6 +184,7 @@ class DestinationCoordinator:
         """The failure on record (store, audit) and told to the source with its code, whatever state either is in."""
         s, hello = self.session, self.session.hello
         reason, code = str(exc) or type(exc).__name__, failure_code(exc)
+        s.error_code = code
         if code == "internal_error":  # a bug, not a peer's doing: keep its traceback for whoever fixes it
             log.error("%s migration %s failed unexpectedly", self.driver.backend, hello.migration_id, exc_info=exc)
         log.warning(

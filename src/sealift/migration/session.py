@@ -119,6 +119,7 @@ class DestinationSession:
         self.order_id: str | None = None
         self.psk: PskSession | None = None
         self.psk_binding = b""
+        self.error_code: str | None = None  # why it was refused or failed, once it was (the agent's metrics)
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         return records.transition(self.context.store, self.migration_id, event, error)

@@ -19,8 +19,8 @@ The migration-port watch (`PortWatch`) gets the agent's port events; a peer
 over the threshold is blocked in the guard and audited
 (`monitor.peer_blocked`).
 
-Metrics: with `metrics_listen`, a Prometheus endpoint (its own registry,
-so two agents in one process do not collide).
+Metrics: registered into the agent's registry (agent/metrics.py), which
+the agent serves on its endpoint; the monitor serves nothing itself.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sealift.migration import gate
 from sealift.migration.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
@@ -40,6 +40,9 @@ from sealift.monitor.portwatch import PortWatch, PortWatchConfig
 from sealift.monitor.reliability import ReliabilityConfig
 from sealift.monitor.signals import SIGNALS, VmSample
 from sealift.monitor.verdicts import ATTACKER, VICTIM, MonitorEvent
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ class MonitorConfig:
 
     enabled: bool = True
     period_s: float = 1.0
-    metrics_listen: tuple[str, int] | None = None  # e.g. 127.0.0.1:9464; none = no endpoint
+    # The agent's metrics endpoint, e.g. 127.0.0.1:9464 (still read here; the top-level metrics_listen wins).
+    metrics_listen: tuple[str, int] | None = None
     warmup_samples: int = 20
     half_life_samples: float = 60.0
     z_threshold: float = 4.0
@@ -107,6 +111,7 @@ class MonitorService:
         audit: AuditFn,
         blocker: Blocker | None = None,
         clock: Callable[[], float] = time.monotonic,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.host = host
         self.config = config
@@ -121,8 +126,7 @@ class MonitorService:
         self._absent_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._metrics_server: Any = None
-        self._metrics: _Metrics | None = None
+        self._metrics = _Metrics(registry) if registry is not None else None
         self.rounds = 0
         self.last_error: str | None = None
 
@@ -130,9 +134,6 @@ class MonitorService:
 
     def start(self) -> None:
         gate.install(self.host, self)
-        if self.config.metrics_listen is not None:
-            self._metrics = _Metrics()
-            self._metrics_server = self._metrics.serve(self.config.metrics_listen)
         if self.config.enabled:
             self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
             self._thread.start()
@@ -142,9 +143,6 @@ class MonitorService:
         gate.uninstall(self.host, self)
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
 
     def _run(self) -> None:
         next_round = self._clock()
@@ -316,12 +314,12 @@ def _ago(since: float, now: float) -> str:
 
 
 class _Metrics:
-    """Prometheus gauges and counters, in a registry of their own."""
+    """The monitor's Prometheus gauges and counters, in the agent's registry."""
 
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge
 
-        self.registry = CollectorRegistry()
+        self.registry = registry
         self.value = Gauge(
             "sealift_vm_signal",
             "Current value of a VM signal (rates per second; cpu in cores)",
@@ -354,12 +352,6 @@ class _Metrics:
             "sealift_port_events", "Events on the migration port", ["kind"], registry=self.registry
         )
         self.blocks = Counter("sealift_port_blocks", "Peers blocked on the migration port", registry=self.registry)
-
-    def serve(self, address: tuple[str, int]) -> Any:
-        from prometheus_client import start_http_server
-
-        server, _thread = start_http_server(address[1], addr=address[0], registry=self.registry)
-        return server
 
     def update(self, snapshot: dict[str, object]) -> None:
         for gauge in (self.value, self.normal, self.zscore, self.verdict, self.problem):
