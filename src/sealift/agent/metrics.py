@@ -141,6 +141,7 @@ class MigrationProgress:
     def begin(self, migration_id: str, destination: str, backend: str, transport: str) -> None:
         with self._lock:
             self._info = (migration_id, destination, backend, transport)
+            self._rate_mark = (self._clock(), 0)  # the first window starts with the migration
             self._g.info.labels(self._vm, *self._info).set(1)
             self._set_phase(Phase.STARTED.value)
 
