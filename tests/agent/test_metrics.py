@@ -8,12 +8,13 @@ must also pass `promtool check metrics` (Debian's `prometheus` package).
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -181,3 +182,61 @@ def test_a_refused_migration_counts_under_its_reason_at_both_ends_and_guard_refu
     finally:
         for sock in held:
             sock.close()
+
+
+@pytest.mark.timeout(150)
+def test_an_in_doubt_handover_is_counted_through_recovery_and_the_resolver() -> None:
+    """The destination dies right after reading Commit: in doubt at the source, recovered and resolved after."""
+    ports = {"host-a": free_port(), "host-b": free_port()}
+    cluster = LocalCluster(
+        extra_config="step_timeout_s = 8\nresolve_interval_s = 0.5\nhandshake_timeout_s = 5",
+        host_config={
+            "host-a": f'metrics_listen = "127.0.0.1:{ports["host-a"]}"\n',
+            "host-b": f'metrics_listen = "127.0.0.1:{ports["host-b"]}"\nlab_pause_at = "commit-received"\n',
+        },
+    )
+    cluster.metrics_ports = ports  # type: ignore[attr-defined] # the test's own note on the cluster
+    try:
+        cluster.start()
+        cluster.client("host-a").request("vm.start", name=VM, memory="32M", workload="web")
+        with pytest.raises(AgentRequestFailed, match="stays paused on host-a"):
+            thread = threading.Thread(target=lambda: wait_and_kill(cluster))
+            thread.start()
+            try:
+                cluster.migrate(VM, "host-a", "host-b")
+            finally:
+                thread.join()
+        a = parse(scrape_text(cluster, "host-a"))
+        assert value(a, "sealift_handover_commits_total", role="source") == 1
+        assert value(a, "sealift_handover_in_doubt_total", role="source") == 1
+        cluster.start("host-b")  # recovery holds the prepared record; both resolvers settle it as committed
+
+        def settled() -> bool:
+            a, b = parse(scrape_text(cluster, "host-a")), parse(scrape_text(cluster, "host-b"))
+            return bool(
+                value(a, "sealift_handover_resolved_total", role="source", outcome="committed")
+                and value(b, "sealift_handover_resolved_total", role="destination", outcome="committed")
+            )
+
+        wait_until(settled, 40)
+        b_text = scrape_text(cluster, "host-b")
+        promtool_check(b_text)
+        assert value(parse(b_text), "sealift_recovery_migrations_total", role="destination", phase="prepared") == 1
+    finally:
+        cluster.cleanup()
+
+
+def log_of(cluster: LocalCluster, host: str) -> str:
+    return cluster.agents[host].log_path.read_text(errors="replace")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+def wait_and_kill(cluster: LocalCluster) -> None:
+    wait_until(lambda: "paused at commit-received" in log_of(cluster, "host-b"), 60)
+    cluster.kill("host-b", signal.SIGKILL)

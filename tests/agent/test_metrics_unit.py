@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sealift.agent.metrics import AgentMetrics, MigrationProgress
+from sealift.host.config import config_from_dict
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import ProgressEvent
 
@@ -104,3 +107,14 @@ def test_totals_count_completed_and_failed_outgoing_migrations_by_reason() -> No
     assert get("sealift_migration_downtime_seconds_sum", by) == 0.12
     assert get("sealift_migration_sent_bytes_count", by) == 1
     assert get("sealift_handover_commits_total", {"role": "source"}) == 1
+
+
+def test_the_top_level_metrics_listen_wins_and_the_monitor_s_still_works(tmp_path: Path) -> None:
+    base = {"name": "h", "listen": "127.0.0.1:7000", "control_socket": "c", "state_dir": "s", "identity_dir": "i"}
+    assert config_from_dict(base, tmp_path).metrics_address is None
+    legacy = config_from_dict({**base, "monitor": {"metrics_listen": "127.0.0.1:9464"}}, tmp_path)
+    assert legacy.metrics_address == ("127.0.0.1", 9464)
+    both = config_from_dict(
+        {**base, "metrics_listen": "127.0.0.1:9500", "monitor": {"metrics_listen": "127.0.0.1:9464"}}, tmp_path
+    )
+    assert both.metrics_address == ("127.0.0.1", 9500)

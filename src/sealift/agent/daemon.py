@@ -293,6 +293,7 @@ class Agent:
         backend, transport = ("qemu" if hello.backend == "qemu" else "builtin"), ("tls" if hello.secure else "plain")
         self.metrics.incoming_started(backend, transport)
         session: DestinationSession | None = None
+        escaped: str | None = None  # the code of a failure the coordinator did not handle itself
         try:
             session = DestinationSession(self.context, channel, hello)
             driver: DestinationDriver
@@ -301,8 +302,11 @@ class Agent:
             else:
                 driver = BuiltinDestinationDriver(session, self.vms)
             DestinationCoordinator(session, driver).run()
+        except BaseException as exc:
+            escaped = failure_code(exc)
+            raise
         finally:
-            code = session.error_code if session is not None else "internal_error"
+            code = (session.error_code if session is not None else None) or escaped
             self.metrics.incoming_finished(backend, transport, self._phase(hello.migration_id), code)
             with self._active_lock:
                 self._active.discard(hello.migration_id)
