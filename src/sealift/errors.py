@@ -11,6 +11,7 @@ The hierarchy (class: default code; the module in brackets):
     SealiftError: sealift_error
     ├── SecurityError: security_error                 [security.errors]
     │   ├── CertificateError: certificate_error       [security.errors]
+    │   │   ├── MalformedCertificateError: malformed_certificate  [security.errors]
     │   │   ├── CertificateRevokedError: certificate_revoked  [security.revocation]
     │   │   └── CrlError: crl_error                   [security.revocation]
     │   ├── PeerIdentityError: peer_identity_error    [security.errors]

@@ -266,9 +266,7 @@ class PeerGuard:
         """May this admitted connection start a TLS handshake (the expensive step)?"""
         key = peer_key(peer_ip)
         with self._lock:
-            state = self._peers.get(key)
-            if state is None or state.open == 0:
-                raise RuntimeError(f"admit_handshake for {key} without an admitted connection")
+            state = self._admitted_locked(key, f"admit_handshake for {key}")
             if not state.handshakes.try_take():
                 self._refused_handshakes += 1
                 wait = state.handshakes.seconds_until()
@@ -284,11 +282,16 @@ class PeerGuard:
         """The connection admitted for `peer_ip` is closed (call exactly once per admission)."""
         key = peer_key(peer_ip)
         with self._lock:
-            state = self._peers.get(key)
-            if state is None or state.open == 0:
-                raise RuntimeError(f"release({key}) without an admitted connection")
+            state = self._admitted_locked(key, f"release({key})")
             state.open -= 1
             self._open_total -= 1
+
+    def _admitted_locked(self, key: str, call: str) -> _PeerState:
+        """The state of a peer with an open admitted connection; calling `call` without one is a bug."""
+        state = self._peers.get(key)
+        if state is None or state.open == 0:
+            raise RuntimeError(f"{call} without an admitted connection")
+        return state
 
     # -- migrations (authenticated: by host name) -----------------------------
 

@@ -6,8 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sealift.cli.common import add_agent_flags, client, print_json
-from sealift.cli.render import out
+from sealift.cli.common import add_agent_flags, client, show_fields
 from sealift.host.config import load_config
 
 
@@ -33,10 +32,4 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = client(args).request("status")["status"]
-    if args.json:
-        print_json(status)
-    else:
-        for key, value in status.items():
-            out.print(f"[bold]{key}[/bold]: {value}")
-    return 0
+    return show_fields(args, client(args).request("status")["status"])

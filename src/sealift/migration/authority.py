@@ -20,7 +20,7 @@ from cryptography import x509
 
 from sealift.host.config import AgentConfig
 from sealift.security.audit import AuditLog, Kinds
-from sealift.security.errors import CertificateError
+from sealift.security.errors import CertificateError, SecurityError
 from sealift.security.identity import HostIdentity
 from sealift.security.orders import MalformedOrderError, OrderError, VerifiedOrder, verify_order
 from sealift.security.policy import Policy
@@ -111,6 +111,17 @@ class Authority:
         except OrderError as refusal:
             self.audit.append(Kinds.ORDER_REFUSED, side=role, vm=vm, **refusal.audit_fields())
             raise
+        except SecurityError as refusal:  # refused by another security check: on record with its own code
+            self.audit.append(
+                Kinds.ORDER_REFUSED, side=role, vm=vm, order_id=None, code=refusal.code, reason=str(refusal)
+            )
+            raise
+        except Exception as exc:
+            # A check that broke refuses the order (fail closed), and that refusal is on record like any.
+            log.exception("checking the migration order of %s failed", vm)
+            unchecked = OrderError(f"the migration order could not be checked: {str(exc) or type(exc).__name__}")
+            self.audit.append(Kinds.ORDER_REFUSED, side=role, vm=vm, **unchecked.audit_fields())
+            raise unchecked from exc
         self.audit.append(Kinds.ORDER_ACCEPTED, side=role, **verified.audit_fields())
         return verified
 

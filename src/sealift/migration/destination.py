@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Mapping
 
-from sealift.errors import SealiftError
 from sealift.host.config import AgentConfig
 from sealift.host.transport import ControlChannel
 from sealift.migration import gate, records
@@ -47,6 +46,10 @@ class DestinationCoordinator:
         try:
             self.driver.admit()
         except (IncomingRefused, AdmissionError, SecurityError) as exc:  # a refusal (Refuse), not a failure
+            self._refuse(exc)
+            return
+        except Exception as exc:  # a bug in a check: still refuse (nothing was taken), and say so, with its traceback
+            log.exception("admission of migration %s failed unexpectedly", hello.migration_id)
             self._refuse(exc)
             return
         cpu_started = time.process_time()
@@ -85,16 +88,10 @@ class DestinationCoordinator:
 
     def _refuse(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
-        log.warning(
-            "refused %s migration %s of %s from %s: %s",
-            self.driver.backend,
-            hello.migration_id,
-            hello.vm_name,
-            hello.source_host,
-            exc,
-        )
-        code = exc.code if isinstance(exc, SealiftError) else "refused"
+        code = failure_code(exc)
         s.error_code = code
+        where = f"{self.driver.backend} migration {hello.migration_id} of {hello.vm_name} from {hello.source_host}"
+        log.warning("refused %s (%s): %s", where, code, exc)
         s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc), code=code)
         if s.psk is not None:
             s.psk.close()

@@ -95,6 +95,35 @@ class SourceSession:
     def progress(self, kind: str, data: dict[str, object]) -> None:
         self._progress(ProgressEvent(kind, data))
 
+    def hello(
+        self,
+        *,
+        vm_name: str,
+        backend: str,
+        memory_bytes: int,
+        page_size: int,
+        compression: str | None,
+        psk_proof: str | None,
+        image_digest: str | None,
+    ) -> Hello:
+        """The Hello that opens this migration: the session's ids, hosts and order, and the backend's guest."""
+        return Hello(
+            migration_id=self.migration_id,
+            vm_name=vm_name,
+            source_host=self.config.name,
+            destination_host=self.destination,
+            nonce=self.nonce,
+            memory_bytes=memory_bytes,
+            page_size=page_size,
+            secure=self.options.secure,
+            compression=compression,
+            streams=1,
+            backend=backend,
+            order=self.order,
+            psk_proof=psk_proof,
+            image_digest=image_digest,
+        )
+
     def audit(self, kind: str, **fields: object) -> None:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)
 

@@ -320,23 +320,14 @@ class _Metrics:
         from prometheus_client import Counter, Gauge
 
         self.registry = registry
-        self.value = Gauge(
-            "sealift_vm_signal",
-            "Current value of a VM signal (rates per second; cpu in cores)",
-            ["vm", "signal"],
-            registry=self.registry,
-        )
-        self.normal = Gauge(
-            "sealift_vm_signal_normal",
-            "The VM's learnt normal level of the signal",
-            ["vm", "signal"],
-            registry=self.registry,
-        )
-        self.zscore = Gauge(
-            "sealift_vm_signal_zscore",
-            "Deviation of the signal from normal, in standard deviations",
-            ["vm", "signal"],
-            registry=self.registry,
+
+        def signal_gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, ["vm", "signal"], registry=self.registry)  # a series per VM and signal
+
+        self.value = signal_gauge("sealift_vm_signal", "Current value of a VM signal (rates per second; cpu in cores)")
+        self.normal = signal_gauge("sealift_vm_signal_normal", "The VM's learnt normal level of the signal")
+        self.zscore = signal_gauge(
+            "sealift_vm_signal_zscore", "Deviation of the signal from normal, in standard deviations"
         )
         self.verdict = Gauge(
             "sealift_vm_verdict", "1 while the VM carries this security verdict", ["vm", "kind"], registry=self.registry

@@ -52,6 +52,7 @@ import sqlite3
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -129,16 +130,11 @@ class AuditEntry:
     signature: str  # base64 DER ECDSA
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "host": self.host,
-            "kind": self.kind,
-            "fields": dict(self.fields),
-            "prev_hash": self.prev_hash,
-            "hash": self.hash,
-            "signature": self.signature,
-        }
+        # Every field in declaration order; `fields` (a read-only mapping) as a plain dict.
+        # Not dataclasses.asdict: it deep-copies, and a mappingproxy cannot be copied.
+        entry = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        entry["fields"] = dict(self.fields)
+        return entry
 
 
 @dataclass(frozen=True)

@@ -53,22 +53,15 @@ class BuiltinSourceDriver:
         return vm, vm.memory_bytes
 
     def describe(self, vm: BuiltinVM, psk_proof: str | None) -> Hello:
-        s = self._session
-        return Hello(
-            migration_id=s.migration_id,
+        options = self._session.options
+        return self._session.hello(
             vm_name=vm.name,
-            source_host=s.config.name,
-            destination_host=s.destination,
-            nonce=s.nonce,
+            backend=BACKEND,
             memory_bytes=vm.memory_bytes,
             page_size=4096,
-            secure=s.options.secure,
-            compression=s.options.compression,
-            streams=1,
-            backend=BACKEND,
-            order=s.order,
+            compression=options.compression,
             psk_proof=psk_proof,
-            image_digest=s.options.image_digest if s.options.secure else None,
+            image_digest=options.image_digest if options.secure else None,
         )
 
     def transfer(
