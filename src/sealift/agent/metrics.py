@@ -132,6 +132,7 @@ class MigrationProgress:
         self._lock = threading.Lock()  # events come from the driver's and the coordinator's threads
         self._info: tuple[str, str, str, str] | None = None
         self.processed = 0
+        self.round = 0
         self.progress = 0.0
         self.remaining = 0.0
         self._throughput = 0.0
@@ -165,7 +166,7 @@ class MigrationProgress:
             self._g.phase.labels(self._vm, name).set(1 if name == phase else 0)
 
     def _on_transfer(self, data: dict[str, object]) -> None:
-        self._g.round.labels(self._vm).set(_int(data, "round"))
+        self._set_round(_int(data, "round"))
         self._advance(_int(data, "wire_bytes"))
         if "remaining_bytes" in data:
             left = _int(data, "remaining_bytes")
@@ -177,11 +178,15 @@ class MigrationProgress:
         duration = float(data.get("duration_s", 0.0) or 0.0)  # type: ignore[arg-type] # RoundReport.to_dict
         dirty = _int(data, "dirty_pages_left") * PAGE_SIZE
         final = bool(data.get("final", False))
-        self._g.round.labels(self._vm).set(_int(data, "round") + (0 if final else 1))
+        self._set_round(_int(data, "round") + (0 if final else 1))  # a round's end: the next one begins
         if not final and duration > 0:
             self._g.dirty_rate.labels(self._vm).set(dirty / duration)
         self._dirty_bytes = 0.0 if final else float(dirty)
         self._estimate(0 if final else dirty)  # what the next round (or the stop-and-copy) must send
+
+    def _set_round(self, round_no: int) -> None:
+        self.round = max(self.round, round_no)  # a late event of the last round must not take it back
+        self._g.round.labels(self._vm).set(self.round)
 
     def _advance(self, wire_bytes: int) -> None:
         if wire_bytes <= self.processed:
