@@ -4,7 +4,7 @@ The built-in VM (backends/builtin) and QEMU guests (backends/qemu) keep
 their own state their own way (SQLite rows, sidecar files); the daemon,
 placement and the monitors use them only through these two protocols.
 GuestTable is the bookkeeping both registries hold: their guests by name and
-which names are busy.
+which names are busy; TableRegistry, what they answer straight from it.
 """
 
 from __future__ import annotations
@@ -143,3 +143,21 @@ class GuestTable(Generic[V]):
         with self.lock:
             self.busy.discard(name)
             return self.vms.pop(name, None)
+
+
+class TableRegistry(Generic[V]):
+    """What a registry answers straight from its GuestTable: the same for both backends' registries."""
+
+    _guests: GuestTable[V]  # set by the registry's __init__
+
+    def has(self, name: str) -> bool:
+        return self._guests.has(name)
+
+    def get(self, name: str) -> V:
+        return self._guests.get(name)
+
+    def claim(self, name: str) -> V:
+        return self._guests.claim(name)
+
+    def unclaim(self, name: str) -> None:
+        self._guests.unclaim(name)

@@ -240,6 +240,12 @@ class Charon:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
+    def _strongswan_conf(self) -> str:
+        """The text start() writes to conf_file (a subclass may add to it)."""
+        return render_strongswan_conf(
+            self.run_dir, self.backend, log_level=self._log_level, subsystem_levels=self._subsystem_levels
+        )
+
     def start(self) -> None:
         if self._process is not None:
             raise CharonError(f"charon in {self.netns} is already started")
@@ -247,11 +253,7 @@ class Charon:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         private_run = self.run_dir / "run"
         private_run.mkdir(mode=0o700, exist_ok=True)
-        self.conf_file.write_text(
-            render_strongswan_conf(
-                self.run_dir, self.backend, log_level=self._log_level, subsystem_levels=self._subsystem_levels
-            )
-        )
+        self.conf_file.write_text(self._strongswan_conf())
         self.vici_socket.unlink(missing_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "STRONGSWAN_CONF": str(self.conf_file)}
         # `ip netns exec` runs the child in a new mount namespace; the bind

@@ -82,6 +82,10 @@ class SaRecord:
         return dict(self.__dict__)
 
 
+# The child SA's figures an SaRecord keeps: the same name and meaning in ChildSa and SaRecord.
+_CHILD_SA_FIGURES = ("encryption", "dh_group", "spi_in", "spi_out", "udp_encapsulated")
+
+
 def _tear_down(close: Callable[[], None], error: BaseException | None) -> None:
     """Run close() after a with block or a failed set-up that ended with `error` (None: it succeeded).
 
@@ -206,14 +210,10 @@ class IpsecEndpoint:
             name=self.end.name,
             backend=self.backend.value,
             mode=child.mode.lower(),
-            encryption=child.encryption,
-            dh_group=child.dh_group,
-            spi_in=child.spi_in,
-            spi_out=child.spi_out,
-            udp_encapsulated=child.udp_encapsulated,
             key_id=self.key_id,
             psk_generation=self.psk_generation,
             psk_fingerprint=self.psk_fingerprint,
+            **{key: getattr(child, key) for key in _CHILD_SA_FIGURES},
         )
 
     # -- tear-down ------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sealift.lab.netns import enter_netns
@@ -80,11 +80,7 @@ class Relay:
     # -- forwarding ---------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
+        for client in accepted(self._server):
             with self._lock:
                 target = None if self._cut else self.target
             if target is None:
@@ -152,6 +148,16 @@ class Relay:
                 self.forward_bytes += len(chunk)
             if len(self._captured) + len(chunk) <= self._record_limit:
                 self._captured += chunk
+
+
+def accepted(server: socket.socket) -> Iterator[socket.socket]:
+    """The connections `server` accepts, until it is closed (accept then fails)."""
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        yield conn
 
 
 def shut_down(*sockets: socket.socket) -> None:

@@ -28,6 +28,7 @@ and SHA-256, so ``check()`` can tell whether it survived.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import math
@@ -150,15 +151,8 @@ class GuestState:
 
     @property
     def workload(self) -> WorkloadParams:
-        return WorkloadParams(
-            seed=self.seed,
-            npages=self.npages,
-            secret_page=self.secret_page,
-            hot_set_start=self.hot_set_start,
-            hot_set_pages=self.hot_set_pages,
-            pages_per_tick=self.pages_per_tick,
-            tick_hz=self.tick_hz,
-        )
+        # Every WorkloadParams field is stored in the state area under the same name, with the same meaning.
+        return WorkloadParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(WorkloadParams)})
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> GuestState:

@@ -12,7 +12,7 @@ import numpy as np
 from sealift.backends.builtin.guest import image_in_use
 from sealift.backends.builtin.image import ImageCheck
 from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError
-from sealift.guests import GuestTable
+from sealift.guests import GuestTable, TableRegistry
 from sealift.host.config import AgentConfig
 from sealift.host.store import AgentStore
 from sealift.migration.errors import AdmissionError
@@ -46,7 +46,7 @@ class BuiltinGuestMemory:
         self._vm.image.set_throttle(pct)
 
 
-class BuiltinVmRegistry:
+class BuiltinVmRegistry(TableRegistry[BuiltinVM]):
     backend = "builtin"
 
     def __init__(
@@ -139,12 +139,6 @@ class BuiltinVmRegistry:
         self._guests.add(vm.name, vm)
         self._store.put_vm(vm.name, "builtin", vm.pid, vm.memory_bytes, profile, "running")
 
-    def get(self, name: str) -> BuiltinVM:
-        return self._guests.get(name)
-
-    def has(self, name: str) -> bool:
-        return self._guests.has(name)
-
     def info(self, name: str) -> dict[str, object]:
         vm = self.get(name)
         info = vm.info()
@@ -192,12 +186,6 @@ class BuiltinVmRegistry:
             vm.stop()
 
     # -- migration bookkeeping -----------------------------------------------
-
-    def claim(self, name: str) -> BuiltinVM:
-        return self._guests.claim(name)
-
-    def unclaim(self, name: str) -> None:
-        self._guests.unclaim(name)
 
     def reserve_incoming(self, migration_id: str, name: str, memory_bytes: int) -> None:
         """Admission control: hold the memory an incoming VM needs, or refuse."""

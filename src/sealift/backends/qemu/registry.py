@@ -21,7 +21,7 @@ from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_ima
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 from sealift.errors import SealiftError
-from sealift.guests import GuestTable
+from sealift.guests import GuestTable, TableRegistry
 from sealift.host.config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def network_like(net: NetConfig) -> NetConfig:
     return net
 
 
-class QemuVmRegistry:
+class QemuVmRegistry(TableRegistry[QemuVM]):
     backend = "qemu"
 
     def __init__(self, config: AgentConfig) -> None:
@@ -86,9 +86,6 @@ class QemuVmRegistry:
                 log.warning("QEMU VM %s could not be adopted: %s", record.name, exc)
                 continue
             self._guests.add(vm.name, vm)
-
-    def has(self, name: str) -> bool:
-        return self._guests.has(name)
 
     def start(
         self,
@@ -146,9 +143,6 @@ class QemuVmRegistry:
             self._guests.vms[vm.name] = vm
             self._guests.busy.add(vm.name)
 
-    def get(self, name: str) -> QemuVM:
-        return self._guests.get(name)
-
     def info(self, name: str) -> dict[str, Any]:
         vm = self.get(name)
         info = vm.info()
@@ -187,12 +181,6 @@ class QemuVmRegistry:
             vm.stop_vm()
 
     # -- migration bookkeeping ----------------------------------------------------
-
-    def claim(self, name: str) -> QemuVM:
-        return self._guests.claim(name)
-
-    def unclaim(self, name: str) -> None:
-        self._guests.unclaim(name)
 
     def release_migrated(self, name: str) -> None:
         """The destination runs it now: quit our stopped copy for good."""

@@ -121,22 +121,32 @@ def combined_digest(digests: list[StreamDigest]) -> str:
 # -- source ----------------------------------------------------------------------------
 
 
-class SourcePump:
+class _StreamThread:
+    """One data stream's copying thread, at either end: what it reports (index, digest, QEMU bytes, error)."""
+
+    def __init__(self, index: int, digest: StreamDigest, timeout: float, thread_name: str) -> None:
+        self.index = index
+        self.digest = digest
+        self._timeout = timeout
+        self.stream_bytes = 0  # QEMU bytes (payload)
+        self.error: BaseException | None = None  # what ended the thread, handed to the coordinator
+        self._thread = threading.Thread(target=self._run, name=f"{thread_name}-{index}", daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class SourcePump(_StreamThread):
     """Copies one QEMU connection into OPAQUE records on one data stream (its own thread)."""
 
     def __init__(
         self, index: int, writer: DataStreamWriter, data: socket.socket, timeout: float, digest: StreamDigest
     ) -> None:
-        self.index = index
+        super().__init__(index, digest, timeout, "qemu-pump-out")
         self._writer = writer
         self._data = data
-        self._timeout = timeout
-        self.digest = digest
-        self.stream_bytes = 0  # QEMU bytes (payload)
-        self.error: BaseException | None = None
         self.done = threading.Event()
         self._conn: socket.socket | None = None
-        self._thread = threading.Thread(target=self._run, name=f"qemu-pump-out-{index}", daemon=True)
 
     @property
     def wire_bytes(self) -> int:
@@ -287,7 +297,7 @@ def feed_qemu(data: socket.socket, reader: DataStreamReader, qemu: socket.socket
     return fed
 
 
-class StreamFeeder:
+class StreamFeeder(_StreamThread):
     """A multifd channel's data stream into its QEMU connection, in a thread of its own.
 
     On failure it breaks the main data stream, so that the coordinator's
@@ -304,16 +314,11 @@ class StreamFeeder:
         main_data: socket.socket,
         timeout: float,
     ) -> None:
-        self.index = index
+        super().__init__(index, digest, timeout, "qemu-feed")
         self._wait_stream = wait_stream
         self._reader = reader
         self._qemu = qemu
-        self.digest = digest
         self._main_data = main_data
-        self._timeout = timeout
-        self.stream_bytes = 0
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"qemu-feed-{index}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

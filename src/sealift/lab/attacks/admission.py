@@ -147,6 +147,65 @@ def _as_host_c(
         return ControlChannel.connect(cluster.addresses[target], identity, target, secure, timeout)
 
 
+@dataclass(frozen=True)
+class _OrderTry:
+    """One order sent to host-a's control API for VM, and what came of it (T5 and T10 send bad orders)."""
+
+    destination: str
+    migrated: bool
+    error: str
+    refusals: list[dict]  # host-a's order.refused audit entries written meanwhile
+    copies: dict[str, str]  # where VM is afterwards
+
+    @classmethod
+    def send(cls, run: LabSession, cluster: LocalCluster, destination: str, order: str | None) -> _OrderTry:
+        head = audit_head(cluster, "host-a")
+        migrated, error = ask_source(cluster, VM, destination, order)
+        refusals = audit_since(cluster, "host-a", head, "order.refused")
+        return cls(destination, migrated, error, refusals, run.copies(cluster, VM))
+
+    def result(
+        self,
+        run: LabSession,
+        cluster: LocalCluster,
+        backend: Backend,
+        *,
+        threat: str,
+        attack: str,
+        expected_code: str,
+        ran: str,
+        more_evidence: str = "",
+        more_details: dict[str, object] | None = None,
+    ) -> AttackResult:
+        """The attack's result: blocked when host-a refused and VM still runs there only.
+
+        `ran` opens the evidence when the migration went ahead.
+        """
+        blocked = not self.migrated and self.copies.get("host-a") == "running" and self.destination not in self.copies
+        return AttackResult(
+            threat=threat,
+            attack=attack,
+            backend=backend,
+            baseline="n/a",
+            sealift="blocked" if blocked else "succeeded",
+            evidence=(
+                (ran if self.migrated else f"refused by host-a: {clip(self.error, 200)!r}; ")
+                + (entry_ref(self.refusals[-1]) if self.refusals else "no order.refused audit entry")
+                + more_evidence
+            ),
+            vm_running_copies=run.running_copies(cluster, VM),
+            details={
+                "error": self.error,
+                "refusal_code": self.refusals[-1]["fields"].get("code") if self.refusals else None,
+                "expected_code": expected_code,
+                "copies": self.copies,
+                "audit_entries": [entry_ref(e) for e in self.refusals],
+                "baseline_note": NO_UNGUARDED_MODE,
+                **(more_details or {}),
+            },
+        )
+
+
 def _describe(reply: object) -> str:
     if isinstance(reply, Refuse):
         return f"Refuse: {reply.reason}"
@@ -192,36 +251,20 @@ def pull(run: LabSession, backend: Backend) -> list[AttackResult]:
     ]
     results = []
     for what, order, expected_code in attempts:
-        head_a, head_c = audit_head(cluster, "host-a"), audit_head(cluster, "host-c")
-        migrated, error = ask_source(cluster, VM, "host-c", order)
-        refusals = audit_since(cluster, "host-a", head_a, "order.refused")
+        head_c = audit_head(cluster, "host-c")
+        tried = _OrderTry.send(run, cluster, "host-c", order)
         reached_c = audit_since(cluster, "host-c", head_c, "order.received")
-        copies = run.copies(cluster, VM)
-        running = run.running_copies(cluster, VM)
-        code = refusals[-1]["fields"].get("code") if refusals else None
-        blocked = not migrated and "host-c" not in copies and copies.get("host-a") == "running"
         results.append(
-            AttackResult(
+            tried.result(
+                run,
+                cluster,
+                backend,
                 threat="T5",
                 attack=f"pull {VM} to host-c with {what}",
-                backend=backend,
-                baseline="n/a",
-                sealift="blocked" if blocked else "succeeded",
-                evidence=(
-                    ("the migration to host-c RAN; " if migrated else f"refused by host-a: {clip(error, 200)!r}; ")
-                    + (entry_ref(refusals[-1]) if refusals else "no order.refused audit entry")
-                    + f"; host-c received {len(reached_c)} order(s); VM on {sorted(copies)}"
-                ),
-                vm_running_copies=running,
-                details={
-                    "error": error,
-                    "refusal_code": code,
-                    "expected_code": expected_code,
-                    "audit_entries": [entry_ref(e) for e in refusals],
-                    "orders_reaching_host_c": len(reached_c),
-                    "copies": copies,
-                    "baseline_note": NO_UNGUARDED_MODE,
-                },
+                expected_code=expected_code,
+                ran="the migration to host-c RAN; ",
+                more_evidence=f"; host-c received {len(reached_c)} order(s); VM on {sorted(tried.copies)}",
+                more_details={"orders_reaching_host_c": len(reached_c)},
             )
         )
     return results
@@ -260,16 +303,20 @@ def _reason_class(reason: str) -> str:
     return reason[:80]
 
 
+FLOOD_COUNT = 20
+FLOOD_VM_BYTES = 16 << 20
+
+
 def _push_flood(
     run: LabSession,
     cluster: LocalCluster,
-    count: int,
     *,
     with_orders: bool,
     backend: Backend,
-    memory_bytes: int,
     secure: bool,
     held: list[ControlChannel],
+    count: int = FLOOD_COUNT,
+    memory_bytes: int = FLOOD_VM_BYTES,
 ) -> PushOutcome:
     """host-c pushes `count` migrations at host-b, one Hello per connection, keeping accepted ones open.
 
@@ -312,8 +359,6 @@ def _close_all(channels: list[ControlChannel]) -> None:
     channels.clear()
 
 
-FLOOD_COUNT = 20
-FLOOD_VM_BYTES = 16 << 20
 RESIDENT = "resident"  # host-b's own VM: the victim host must keep serving it
 
 
@@ -351,16 +396,7 @@ def _orderless_flood(run: LabSession, backend: Backend) -> AttackResult:
     run.start_vm(cluster, "host-b", RESIDENT, "builtin", workload="idle")
     head_b = audit_head(cluster, "host-b")
     held: list[ControlChannel] = []
-    outcome = _push_flood(
-        run,
-        cluster,
-        FLOOD_COUNT,
-        with_orders=False,
-        backend=backend,
-        memory_bytes=FLOOD_VM_BYTES,
-        secure=True,
-        held=held,
-    )
+    outcome = _push_flood(run, cluster, with_orders=False, backend=backend, secure=True, held=held)
     _close_all(held)
     refusals = audit_since(cluster, "host-b", head_b, "order.refused")
     blocks = _blocks(cluster, "host-b", head_b)
@@ -402,19 +438,10 @@ def _ordered_flood(run: LabSession, backend: Backend, baseline_accepted: int, ba
     held: list[ControlChannel] = []
     # A VM larger than the host, then twenty held open at once; a legitimate migration runs meanwhile.
     too_big = _push_flood(
-        run, cluster, 1, with_orders=True, backend=backend, memory_bytes=64 << 30, secure=True, held=held
+        run, cluster, with_orders=True, backend=backend, secure=True, held=held, count=1, memory_bytes=64 << 30
     )
     _close_all(held)
-    flood = _push_flood(
-        run,
-        cluster,
-        FLOOD_COUNT,
-        with_orders=True,
-        backend=backend,
-        memory_bytes=FLOOD_VM_BYTES,
-        secure=True,
-        held=held,
-    )
+    flood = _push_flood(run, cluster, with_orders=True, backend=backend, secure=True, held=held)
     try:
         guard = cluster.client("host-b").request("status")["status"].get("guard")
         try:
@@ -479,16 +506,7 @@ def _push_flood_baseline(run: LabSession, backend: Backend) -> tuple[int, str]:
     )
     held: list[ControlChannel] = []
     try:
-        outcome = _push_flood(
-            run,
-            cluster,
-            FLOOD_COUNT,
-            with_orders=True,
-            backend=backend,
-            memory_bytes=FLOOD_VM_BYTES,
-            secure=False,
-            held=held,
-        )
+        outcome = _push_flood(run, cluster, with_orders=True, backend=backend, secure=False, held=held)
     finally:
         _close_all(held)
         cluster.stop()  # its reservations and the 20 half-open migrations go with it
@@ -845,32 +863,16 @@ def operators_and_audit(run: LabSession, backend: Backend) -> list[AttackResult]
             ),
         ]
         for what, order, expected_code in attempts:
-            head = audit_head(cluster, "host-a")
-            migrated, error = ask_source(cluster, VM, "host-b", order)
-            refusals = audit_since(cluster, "host-a", head, "order.refused")
-            copies = run.copies(cluster, VM)
-            code = refusals[-1]["fields"].get("code") if refusals else None
-            blocked = not migrated and copies.get("host-a") == "running" and "host-b" not in copies
+            tried = _OrderTry.send(run, cluster, "host-b", order)
             results.append(
-                AttackResult(
+                tried.result(
+                    run,
+                    cluster,
+                    backend,
                     threat="T10",
                     attack=f"order {VM} to host-b signed by {what}",
-                    backend=backend,
-                    baseline="n/a",
-                    sealift="blocked" if blocked else "succeeded",
-                    evidence=(
-                        ("the migration RAN; " if migrated else f"refused by host-a: {clip(error, 200)!r}; ")
-                        + (entry_ref(refusals[-1]) if refusals else "no order.refused audit entry")
-                    ),
-                    vm_running_copies=run.running_copies(cluster, VM),
-                    details={
-                        "error": error,
-                        "refusal_code": code,
-                        "expected_code": expected_code,
-                        "copies": copies,
-                        "audit_entries": [entry_ref(e) for e in refusals],
-                        "baseline_note": NO_UNGUARDED_MODE,
-                    },
+                    expected_code=expected_code,
+                    ran="the migration RAN; ",
                 )
             )
 

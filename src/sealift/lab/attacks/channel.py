@@ -30,7 +30,7 @@ from sealift.cluster import LocalCluster
 from sealift.lab.attacks.base import AttackResult, Baseline, attack
 from sealift.lab.capture import Finding, dropped_note, find_in_capture, ip_protocols
 from sealift.lab.netns import enter_netns
-from sealift.lab.relay import Relay, Tamper
+from sealift.lab.relay import Relay, Tamper, accepted
 from sealift.lab.session import Backend, LabSession, MigrationFailed
 from sealift.security.certificates import certificate_builder
 from sealift.security.identity import ClusterCA, HostIdentity
@@ -271,11 +271,7 @@ class Impostor:
         self.context = context
 
     def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+        for conn in accepted(self._server):
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
     def _talk(self, conn: socket.socket) -> None:
@@ -646,11 +642,7 @@ class _RsaTunnel:
             threading.Thread(target=self._accept, args=(listener, entry), daemon=True).start()
 
     def _accept(self, listener: socket.socket, entry: bool) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
+        for conn in accepted(listener):
             threading.Thread(target=self._serve, args=(conn, entry), daemon=True).start()
 
     def _serve(self, conn: socket.socket, entry: bool) -> None:

@@ -442,23 +442,32 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
     fingerprint = ipsec_psk_fingerprint(stolen.psk)
     guessed = os.urandom(32)
     address = {host: cluster.addresses[host][0] for host in ("host-a", "host-b")}
-    host_a_vici = _charon_dir(cluster, "host-a") / "charon.vici"
-    host_b_vici = _charon_dir(cluster, "host-b") / "charon.vici"
     host_a_state = _host_state(cluster, "host-a")
+
+    def impersonate(victim: str, impostor: str, what: str, name: str, ids: tuple[str, str], psk: bytes) -> Try:
+        """A try at `victim`'s charon from `impostor`'s address, on the stolen migration's port."""
+        return _try(
+            lab,
+            what,
+            lambda: _charon_log(cluster, victim),
+            _charon_dir(cluster, victim) / "charon.vici",
+            claimed=address[impostor],
+            victim_ip=address[victim],
+            name=name,
+            ids=ids,
+            port=_port_of(conn),
+            psk=psk,
+        )
 
     # After migration 2: the attacker claims host-b's address and identity towards host-a, its destination.
     after = {
-        what: _try(
-            lab,
+        what: impersonate(
+            "host-a",
+            "host-b",
             f"{text} after it ended, with its identities",
-            lambda: _charon_log(cluster, "host-a"),
-            host_a_vici,
-            claimed=address["host-b"],
-            victim_ip=address["host-a"],
-            name=conn.name,
-            ids=(conn.local_id, conn.remote_id),
-            port=_port_of(conn),
-            psk=key,
+            conn.name,
+            (conn.local_id, conn.remote_id),
+            key,
         )
         for what, key, text in (("old", stolen.psk, "the PSK of that migration"), ("guessed", guessed, "a guessed PSK"))
     }
@@ -469,18 +478,7 @@ def ipsec_old_psk(lab: LabSession, backend: Backend) -> list[AttackResult]:
     def strike(name: str) -> list[Try]:
         ids = (migration_identity("host-a", name), migration_identity("host-b", name))
         return [
-            _try(
-                lab,
-                f"{text} with the running migration's identities",
-                lambda: _charon_log(cluster, "host-b"),
-                host_b_vici,
-                claimed=address["host-a"],
-                victim_ip=address["host-b"],
-                name=name,
-                ids=ids,
-                port=_port_of(conn),
-                psk=key,
-            )
+            impersonate("host-b", "host-a", f"{text} with the running migration's identities", name, ids, key)
             for key, text in ((stolen.psk, "the old PSK"), (guessed, "a guessed PSK"))
         ]
 

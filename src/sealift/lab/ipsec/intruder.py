@@ -29,7 +29,7 @@ from types import TracebackType
 import vici
 from vici.protocol import FiniteStream, Message, Packet
 
-from sealift.ipsec.charon import Charon, IpsecBackend, find_charon, render_strongswan_conf
+from sealift.ipsec.charon import Charon, IpsecBackend
 from sealift.ipsec.tunnel import default_mode
 from sealift.ipsec.vici_client import TunnelEnd, ViciClient, ViciError, connection_message
 from sealift.lab.relay import shut_down
@@ -276,51 +276,20 @@ def _ip_in(netns: str, args: list[str], check: bool = True) -> None:
 class RogueCharon(Charon):
     """The attacker's charon, on IKE ports of its choosing (to share a claimed address with the real host's).
 
-    Charon.start renders strongswan.conf itself, with the standard ports; this
-    one adds `port` and `port_nat_t` to that text and starts charon the same way.
+    Charon renders strongswan.conf with the standard ports; this one adds
+    `port` and `port_nat_t` to that text, and Charon.start runs charon with it.
     """
 
     def __init__(self, netns: str, backend: IpsecBackend, *, ike_port: int = 500, natt_port: int = 4500) -> None:
         super().__init__(netns, backend, subsystem_levels={"ike": 1, "cfg": 1})
         self.ike_port, self.natt_port = ike_port, natt_port
 
-    def start(self) -> None:
+    def _strongswan_conf(self) -> str:
+        conf = super()._strongswan_conf()
         if (self.ike_port, self.natt_port) == (500, 4500):
-            super().start()
-            return
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        private_run = self.run_dir / "run"
-        private_run.mkdir(mode=0o700, exist_ok=True)
-        conf = render_strongswan_conf(self.run_dir, self.backend, subsystem_levels={"ike": 1, "cfg": 1})
+            return conf
         ports = f"    port = {self.ike_port}\n    port_nat_t = {self.natt_port}\n"
-        self.conf_file.write_text(conf.replace("charon {\n", "charon {\n" + ports, 1))
-        self.vici_socket.unlink(missing_ok=True)
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "STRONGSWAN_CONF": str(self.conf_file)}
-        with open(self.run_dir / "charon.stderr", "wb") as stderr:
-            self._process = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.netns or "",
-                    "sh",
-                    "-c",
-                    'mount --bind "$1" /run && exec "$2"',
-                    "sh",
-                    str(private_run),
-                    str(find_charon()),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        try:
-            self._wait_for_vici()
-        except BaseException:
-            self.stop()
-            raise
+        return conf.replace("charon {\n", "charon {\n" + ports, 1)
 
 
 @dataclass(frozen=True)
