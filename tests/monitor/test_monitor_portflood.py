@@ -101,8 +101,8 @@ def test_the_service_audits_each_episode_once_and_exports_it() -> None:
         lambda kind, **fields: audit.append((kind, fields)),
         clock=clock,
     )
-    metrics = _Metrics()
-    service._metrics = metrics  # what start() does with metrics_listen, without a listening endpoint
+    metrics = _Metrics(CollectorRegistry())
+    service._metrics = metrics  # what the agent's registry gives it, without a listening endpoint
     for _ in range(15):
         for n in range(128):
             clock.now += 2 / 128
