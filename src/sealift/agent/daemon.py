@@ -15,6 +15,7 @@ from OpenSSL import SSL
 
 from sealift.agent.control_api import ControlServer
 from sealift.agent.guard import PeerGuard
+from sealift.agent.notify import sd_notify
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.destination import QemuDestinationDriver
@@ -130,6 +131,9 @@ class Agent:
             *self.config.listen,
             self.config.control_socket,
         )
+        # Under systemd (Type=notify): ready only now that the port and the control socket accept.
+        listen = f"{self.config.listen[0]}:{self.config.listen[1]}"
+        sd_notify("READY=1", f"STATUS=serving on {listen}, control socket {self.config.control_socket}")
 
     def serve_forever(self) -> None:
         self.start()
@@ -140,6 +144,7 @@ class Agent:
 
     def shutdown(self) -> None:
         """Stop serving. Guests keep running: they do not belong to this process."""
+        sd_notify("STOPPING=1", "STATUS=stopping")
         self._stopping.set()
         if self._listener is not None:
             self._listener.close()
