@@ -52,7 +52,8 @@ def check_config(path: Path, as_json: bool) -> int:
     else:
         for c in checks:
             mark = "[green]✓[/green]" if c.ok else "[red]✗[/red]"
-            out.print(f"{mark} [bold]{c.name}[/bold]: {escape(c.detail)}", highlight=False)
+            # soft_wrap: one line per check even in a narrow terminal or a file (the journal, grep)
+            out.print(f"{mark} [bold]{c.name}[/bold]: {escape(c.detail)}", highlight=False, soft_wrap=True)
         failed = sum(not c.ok for c in checks)
         out.print("[green]config OK[/green]" if ok else f"[red]{failed} check(s) failed[/red]")
     return 0 if ok else 1

@@ -108,11 +108,10 @@ def write_migration_plot(report: dict, path: Path) -> Path:
     dirty.set_title("Dirty rate (left dirty at a round's end / its duration)", fontsize=10)
 
     # What is left to send: the whole memory at the start, then what each round left dirty.
-    left.step(
+    left.plot(
         [0.0, *[p.end_s for p in line.rounds]],
         [line.memory_mib, *[p.remaining_mib for p in line.rounds]],
         "o-",
-        where="post",
         color="tab:purple",
     )
     left.set_ylabel("MiB")
@@ -121,6 +120,7 @@ def write_migration_plot(report: dict, path: Path) -> Path:
     for axes_ in (sent, rate, dirty, left):
         _mark_switchover(axes_, line)
         axes_.grid(alpha=0.3)
+        axes_.set_ylim(bottom=0)  # rates and sizes: a zero baseline, so small changes do not look large
     for axes_ in (dirty, left):
         axes_.set_xlabel("time since round 0 began (s)")
     sent.legend(fontsize=8, loc="upper right")
