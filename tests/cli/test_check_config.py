@@ -168,7 +168,9 @@ def test_a_state_dir_that_is_a_file(cluster: LocalCluster, capsys: pytest.Captur
     config = config_of(cluster)
     blocker = cluster.root / "a-file"
     blocker.write_text("")
-    config.write_text(config.read_text().replace(f'state_dir = "{cluster.root / "host-a"}"', f'state_dir = "{blocker}"'))
+    config.write_text(
+        config.read_text().replace(f'state_dir = "{cluster.root / "host-a"}"', f'state_dir = "{blocker}"')
+    )
     status, result = check(config, capsys)
     assert status == 1
     assert failed(result) == {"state_dir": f"{blocker} is not a directory"}

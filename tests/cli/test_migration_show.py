@@ -48,7 +48,21 @@ def migrated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCl
         config = str(cluster.agents["host-a"].config_path)
         with stderr_path.open("w") as stderr:
             done = subprocess.run(
-                [sys.executable, "-m", "sealift", "migrate", VM, "--to", "host-b", "--bandwidth", "120M", "--downtime-ms", "60", "--max-rounds", "8"]
+                [
+                    sys.executable,
+                    "-m",
+                    "sealift",
+                    "migrate",
+                    VM,
+                    "--to",
+                    "host-b",
+                    "--bandwidth",
+                    "120M",
+                    "--downtime-ms",
+                    "60",
+                    "--max-rounds",
+                    "8",
+                ]
                 + ["--config", config, "--operator", OPERATOR, "--operator-dir", str(cluster.operators), "--json"],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
