@@ -127,8 +127,9 @@ def test_a_real_agent_notifies_ready_once_it_serves_and_stopping(notify_socket: 
         assert agent.client.request("status")["status"]["host"] == "host-a"
         socket.create_connection(agent.listen, timeout=5).close()
 
-        cluster.kill("host-a", signal.SIGTERM)
+        agent.process.send_signal(signal.SIGTERM)
         assert notify_socket.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
-        assert agent.process.returncode == 0, agent.log_path.read_text()
+        # The agent's threads get up to 5 s each to finish: a loaded machine needs longer than cluster.kill waits.
+        assert agent.process.wait(timeout=60) == 0, agent.log_path.read_text()
     finally:
         cluster.cleanup()
