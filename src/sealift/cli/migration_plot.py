@@ -124,7 +124,7 @@ def write_migration_plot(report: dict, path: Path) -> Path:
     for axes_ in (dirty, left):
         axes_.set_xlabel("time since round 0 began (s)")
     sent.legend(fontsize=8, loc="upper right")
-    figure.suptitle(_title(report), fontsize=11)
+    figure.suptitle(_title(report, line), fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=PLOT_DPI)
     plt.close(figure)
@@ -141,10 +141,14 @@ def _mark_switchover(axes: Any, line: Timeline) -> None:  # a matplotlib Axes (o
         axes.axvline(line.switchover_s + seconds, color="tab:red", linestyle=":", linewidth=0.8)
 
 
-def _title(report: dict) -> str:
-    return (
+def _title(report: dict, line: Timeline) -> str:
+    title = (
         f"migration {str(report.get('migration_id', ''))[:12]}: {report.get('vm')} "
         f"{report.get('source')} → {report.get('destination')}, {report.get('status')}, "
         f"{report.get('rounds')} rounds, {int(report.get('memory_bytes') or 0) >> 20} MiB, "
         f"downtime {float(report.get('downtime_ms') or 0):.1f} ms"
     )
+    if line.downtime_steps:  # the dotted lines, named: they are too close together for labels of their own
+        steps = ", ".join(f"{step} {seconds * 1000:.1f}" for step, seconds in line.downtime_steps)
+        title += f"\nms after the pause (dotted): {steps}"
+    return title
