@@ -11,6 +11,7 @@ The hierarchy (class: default code; the module in brackets):
     SealiftError: sealift_error
     ├── SecurityError: security_error                 [security.errors]
     │   ├── CertificateError: certificate_error       [security.errors]
+    │   │   ├── MalformedCertificateError: malformed_certificate  [security.errors]
     │   │   ├── CertificateRevokedError: certificate_revoked  [security.revocation]
     │   │   └── CrlError: crl_error                   [security.revocation]
     │   ├── PeerIdentityError: peer_identity_error    [security.errors]
@@ -34,6 +35,8 @@ The hierarchy (class: default code; the module in brackets):
     │   └── MonitorRefusal: monitor_refused           [migration.gate]
     ├── ProtocolError: protocol_error                 [wire.errors]
     │   └── RecordAuthError: record_auth_failed       [wire.errors]
+    ├── PortRefusal: port_refused                     [agent.guard]
+    │       (instances: slow_handshake, table_full, evicted, peer_limit, rate_limited, blocked)
     ├── VmError: vm_error                             [backends.builtin.vm]
     ├── QemuError: qemu_error                         [backends.qemu.vm]
     ├── IpsecError: ipsec_error (also RuntimeError)   [ipsec.tunnel]

@@ -132,3 +132,84 @@ def test_a_refused_migration_prints_the_code(
 def test_no_agent_is_an_error_with_a_code(agent_socket: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["vm", "list", "--socket", str(agent_socket), "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["code"] == "agent_unavailable"
+
+
+@pytest.fixture
+def order_with_a_malformed_certificate(tmp_path: Path) -> Path:
+    """An order signed by alice whose certificate loads but whose subjectAltName does not parse (issue 23)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    from sealift.security.identity import ClusterCA
+    from sealift.security.orders import create_order
+    from sealift.security.signing import sign_document
+
+    ca = ClusterCA.init(tmp_path / "ca")
+    template = json.loads(
+        create_order(ca.issue_operator("alice", "admin", tmp_path / "ops"), "vm1", "host-a", "host-b")
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alice")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        # A SAN whose inner SEQUENCE claims 5 bytes and has 2: the certificate loads, reading its SAN fails.
+        .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x05\x86\x01"), False)
+        .sign(ca._key, hashes.SHA256())
+    )
+    payload = {**template["payload"], "issuer_certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
+    path = tmp_path / "order.json"
+    path.write_text(sign_document(payload, key, signer="alice", kind="migration-order"))
+    return path
+
+
+def test_order_show_on_a_certificate_malformed_inside_prints_one_line(order_with_a_malformed_certificate: Path) -> None:
+    for json_flag in ([], ["--json"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "sealift", "order", "show", str(order_with_a_malformed_certificate), *json_flag],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith("error: malformed order") and done.stderr.count("\n") == 1  # one line
+        assert "issuer certificate" in done.stderr
+        if json_flag:
+            failure = json.loads(done.stdout)
+            assert failure["code"] == "malformed" and failure["status"] == "failed"
+            assert "is malformed: its extensions cannot be parsed" in failure["error"]
+        else:
+            assert done.stdout == ""
+
+
+def test_migrate_with_an_order_whose_certificate_is_malformed_inside_fails_cleanly(
+    order_with_a_malformed_certificate: Path, agent_socket: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read before anything is sent: no agent needed, one line, the code with --json."""
+    order = str(order_with_a_malformed_certificate)
+    assert main(["migrate", "--order", order, "--socket", str(agent_socket), "--json"]) == 2
+    failure = json.loads(capsys.readouterr().out)
+    assert failure["code"] == "malformed" and "issuer certificate" in failure["error"]
+    assert main(["migrate", "--order", order, "--socket", str(agent_socket)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: malformed order")
+
+
+def test_an_order_file_that_is_not_utf8_is_a_malformed_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "order.bin"
+    path.write_bytes(b'{"alg": "\xff\xfe"}')
+    assert main(["order", "show", str(path), "--json"]) == 2
+    failure = json.loads(capsys.readouterr().out)
+    assert failure["code"] == "malformed" and "not UTF-8" in failure["error"]

@@ -59,6 +59,7 @@ def test_the_unit_is_a_hardened_notify_service() -> None:
     assert settings["ExecStart"] == [f"{INSTALLED} agent --config /etc/sealift/agent.toml"]
     assert settings["ExecStartPre"] == [f"{INSTALLED} agent --check-config --config /etc/sealift/agent.toml"]
     assert settings["KillMode"] == ["process"], "guests must outlive a restart of the agent"
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # the agent re-reads its CRL and policy
     for key, value in {
         "ProtectSystem": "strict",
         "PrivateTmp": "yes",

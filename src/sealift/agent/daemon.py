@@ -14,8 +14,10 @@ from collections.abc import Callable
 from OpenSSL import SSL
 
 from sealift.agent.control_api import ControlServer
-from sealift.agent.guard import PeerGuard
+from sealift.agent.expected import ExpectedPeers, resolve_peer_keys
+from sealift.agent.guard import EVICTED, SLOW_HANDSHAKE, PeerGuard, PortRefusal, peer_key
 from sealift.agent.notify import sd_notify
+from sealift.agent.port import PortConnection, PortTable, StalledOpening, peek_opening
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.qemu.destination import QemuDestinationDriver
@@ -32,7 +34,6 @@ from sealift.host.transport import (
     ControlChannel,
     DataSessions,
     PlainStream,
-    peek_exactly,
     read_stream_open,
     tune_bulk_socket,
 )
@@ -85,7 +86,16 @@ class Agent:
             max_incoming_migrations_per_peer=g.max_incoming_per_peer,
             handshake_rate=g.handshake_rate,
             handshake_burst=g.handshake_burst,
+            # Issue 23: part of the port is kept for the hosts this agent expects (agent/expected.py).
+            expected=ExpectedPeers(
+                resolve_peer_keys(config.peers.values(), peer_key),
+                remember_s=g.remember_authenticated_s,
+                max_remembered=g.max_remembered_addresses,
+            ),
+            reserved_for_expected=g.reserved_connections,
+            min_tenure_s=g.min_tenure_s,
         )
+        self._port = PortTable()  # connections still in pre-authentication: the ones the guard may evict
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -125,6 +135,7 @@ class Agent:
         self.control.start()
         self.resolver.start()
         self.monitor.start()
+        self.authority.start_watching()  # live revocation: a changed CRL or policy applies within a second
         log.info(
             "agent %s listening on %s:%d, control socket %s",
             self.config.name,
@@ -136,6 +147,8 @@ class Agent:
         sd_notify("READY=1", f"STATUS=serving on {listen}, control socket {self.config.control_socket}")
 
     def serve_forever(self) -> None:
+        # Before start: SIGHUP's default action would end the agent. Reload the CRL and policy now.
+        signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())
         self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
@@ -193,23 +206,28 @@ class Agent:
                 sock, peer = self._listener.accept()
             except OSError:
                 return
-            admission = self.guard.admit_connection(peer[0])  # cheap: before reading a byte
-            if not admission.allowed:
-                log.info("connection from %s refused: %s", peer[0], admission.reason)
+            admission = self.guard.open_slot(peer[0])  # cheap: before reading a byte
+            if not admission.allowed or admission.slot is None:
+                log.info("connection from %s refused (%s): %s", peer[0], admission.code, admission.reason)
                 sock.close()
                 self.monitor.port_event(peer[0], "refused_connection")
                 continue
+            for victim in self._port.evict(admission.evicted):
+                log.info("connection from %s evicted (%s) for one from %s", victim.peer_ip, EVICTED, peer[0])
             self.monitor.port_event(peer[0], "connection")
-            threading.Thread(target=self._serve_connection, args=(sock, peer), name=f"conn-{peer}", daemon=True).start()
+            connection = self._port.add(sock, peer, admission.slot)
+            threading.Thread(
+                target=self._serve_connection, args=(connection,), name=f"conn-{peer}", daemon=True
+            ).start()
 
-    def _serve_connection(self, sock: socket.socket, peer: tuple) -> None:
+    def _serve_connection(self, connection: PortConnection) -> None:
+        sock, peer, slot = connection.sock, connection.address, connection.slot
         try:
-            deadline = time.monotonic() + self.config.handshake_timeout_s
-            try:
-                first = peek_exactly(sock, 4, deadline)
-            except (ConnectionError, TimeoutError):
-                self.monitor.port_event(peer[0], "silent")  # connected and said nothing: a scan
-                raise
+            accepted = time.monotonic()
+            deadline = accepted + self.config.handshake_timeout_s
+            # Issue 23: the opening (a whole ClientHello) has a much shorter deadline than the handshake.
+            opening_deadline = accepted + min(self.config.hello_timeout_s, self.config.handshake_timeout_s)
+            first = self._read_opening(connection, opening_deadline)
             if first[0] == TLS_HANDSHAKE_BYTE:
                 admission = self.guard.admit_handshake(peer[0])  # before the expensive ECDHE + ECDSA
                 if not admission.allowed:
@@ -220,17 +238,27 @@ class Agent:
                 try:
                     stream = TlsStream.accept(sock, self._tls_context, timeout=max(0.1, deadline - time.monotonic()))
                 except Exception:
-                    self.monitor.port_event(peer[0], "handshake_failed")
+                    self.monitor.port_event(peer[0], EVICTED if slot.evicted else "handshake_failed")
                     raise
+                if not self._established(connection, authenticated=True):
+                    stream.close()
+                    return
                 self._serve_control(ControlChannel(stream, Role.SERVER, stream.peer_name), peer[0])
-            elif first == STREAM_MAGIC:
+            elif first[:4] == STREAM_MAGIC:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))  # the rest of the header: the long deadline
                 session_id, _index = read_stream_open(sock)
                 tune_bulk_socket(sock)
+                # Settled before the hand-over: once delivered, the session's thread owns the socket.
+                if not self._established(connection, authenticated=False, report=False):
+                    sock.close()
+                    return
                 if not self.sessions.deliver(session_id, sock):
                     log.warning("data stream from %s names no pending session; closed", peer)
                     sock.close()
+                    return
+                self.monitor.port_event(peer[0], "established")  # only a real session's stream counts
                 return  # the session's thread owns the socket now
-            elif first == INSECURE_CONTROL_MAGIC and self.config.allow_insecure:
+            elif first[:4] == INSECURE_CONTROL_MAGIC and self.config.allow_insecure:
                 sock.recv(len(INSECURE_CONTROL_MAGIC))
                 self._serve_control(ControlChannel(PlainStream(sock), Role.SERVER, None), peer[0])
             else:
@@ -243,7 +271,30 @@ class Agent:
                 self.monitor.port_event(peer[0], "malformed")
             sock.close()
         finally:
-            self.guard.release(peer[0])
+            self._port.remove(connection)
+            self.guard.release_slot(slot)  # a no-op if the guard evicted it (it freed the slot then)
+
+    def _read_opening(self, connection: PortConnection, deadline: float) -> bytes:
+        """The first record or magic, by `deadline`; reports to the port watch what went wrong."""
+        peer_ip = connection.peer_ip
+        try:
+            return peek_opening(connection.sock, deadline)
+        except StalledOpening as exc:
+            # Nothing at all: a scan ("silent"); part of an opening: a stalled handshake.
+            self.monitor.port_event(peer_ip, "slow_handshake" if exc.received else "silent")
+            raise PortRefusal(f"{exc} ({self.config.hello_timeout_s:g} s)", code=SLOW_HANDSHAKE) from None
+        except ConnectionError:
+            self.monitor.port_event(peer_ip, EVICTED if connection.slot.evicted else "silent")
+            raise
+
+    def _established(self, connection: PortConnection, *, authenticated: bool, report: bool = True) -> bool:
+        """Past pre-authentication: no longer evictable. False if it was evicted just before."""
+        self._port.remove(connection)
+        if not self.guard.mark_established(connection.slot, authenticated=authenticated):
+            return False
+        if report:
+            self.monitor.port_event(connection.peer_ip, "established")
+        return True
 
     def _serve_control(self, channel: ControlChannel, peer_ip: str | None = None) -> None:
         try:
@@ -361,5 +412,9 @@ class Agent:
             "memory_capacity": self.config.memory_capacity,
             "allow_insecure": self.config.allow_insecure,
             "guard": dataclasses.asdict(self.guard.stats()),
-            "monitor": {"rounds": self.monitor.rounds, "blocks": self.monitor.port_watch.blocks},
+            "monitor": {
+                "rounds": self.monitor.rounds,
+                "blocks": self.monitor.port_watch.blocks,
+                "port_flood": self.monitor.flood_watch.snapshot(),
+            },
         }

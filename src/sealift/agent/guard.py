@@ -1,3 +1,4 @@
+# Long file: one lock guards every counter (connections, slots, migrations, blocks) and their invariants.
 """The migration port's guard: cheap admission checks before any TLS work (threats T6, T9).
 
 Everything here is sans-IO and takes an injectable clock, except the small
@@ -14,10 +15,21 @@ Everything here is sans-IO and takes an injectable clock, except the small
 Why each check is where it is: the connection checks run on an unauthenticated
 address, so they must cost a dictionary lookup and never grow memory without
 bound; the migration check runs on an authenticated host name, so it can be
-per host. Slow clients are the pre-authentication deadline's job
-(`handshake_timeout_s`): a slot held by a client that never finishes its
-handshake is freed when the deadline passes, and the per-peer cap means one
-address cannot hold more than a few slots meanwhile.
+per host. Slow clients are the pre-authentication deadlines' job (the daemon's
+`hello_timeout_s` for the ClientHello, `handshake_timeout_s` for the whole
+handshake), and the per-peer cap means one address cannot hold more than a
+few slots meanwhile.
+
+Many addresses (issue 23): `open_slot` gives each connection a `Slot`. Slots
+of unexpected addresses that have not authenticated yet share at most
+`max_concurrent_total - reserved_for_expected` places; the rest is kept for
+expected addresses (agent/expected.py: `[peers]` and hosts that recently
+authenticated). When there is no room, the oldest unauthenticated slot of an
+unexpected address is evicted: always for an expected newcomer, and for an
+unexpected one only if that slot has had `min_tenure_s` (so each handshake
+gets a fair chance and a flood cannot make the port churn without bound).
+The daemon shuts the evicted socket down; the guard has already freed its
+slot, and releasing a slot twice does nothing (agent/port.py).
 
 Peers are keyed by address, IPv6 by /64 prefix: one IPv6 host usually owns a
 whole /64, so counting single addresses would give it 2^64 fresh budgets.
@@ -36,20 +48,69 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sealift.agent.expected import ExpectedPeers
+from sealift.errors import SealiftError
+
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
 DEFAULT_MAX_TRACKED_PEERS = 4096
+DEFAULT_MIN_TENURE_S = 0.5  # an unexpected connection is not evicted for another unexpected one sooner
 IPV6_PREFIX = 64
+
+
+# Why a connection was refused or closed before authenticating: the `code` of
+# an Admission, and of the PortRefusal the daemon logs and the port watch counts.
+ADMITTED = "admitted"
+BLOCKED = "blocked"  # the port watch blocked the address
+PEER_LIMIT = "peer_limit"  # this address already holds max_concurrent_per_peer connections
+RATE_LIMITED = "rate_limited"  # this address opens connections (or handshakes) too fast
+TABLE_FULL = "table_full"  # no place left for this class of address, and none to evict
+EVICTED = "evicted"  # closed to make room for another connection
+SLOW_HANDSHAKE = "slow_handshake"  # no complete ClientHello within hello_timeout_s
+
+# A slot's life: PENDING (accepted, not authenticated) -> ESTABLISHED (mutual TLS done, or a data
+# stream matched to a session) -> CLOSED; or PENDING -> EVICTED. Changed only under the guard's lock.
+PENDING = "pending"
+ESTABLISHED = "established"
+CLOSED = "closed"
+
+
+class PortRefusal(SealiftError):
+    """A connection on the migration port refused or closed before it authenticated (code: see above)."""
+
+    code = "port_refused"
+
+
+@dataclass(eq=False)
+class Slot:
+    """One admitted connection's place in the guard's table (`PeerGuard.open_slot`)."""
+
+    id: int
+    key: str  # peer_key of its address
+    expected: bool  # the address was expected when it connected: never evicted
+    opened: float  # guard clock
+    state: str = PENDING
+
+    @property
+    def evicted(self) -> bool:
+        return self.state == EVICTED
 
 
 @dataclass(frozen=True)
 class Admission:
-    """The guard's answer: allowed or not, and why (for the log and the operator)."""
+    """The guard's answer: allowed or not, and why (for the log and the operator).
+
+    From `open_slot`: the admitted connection's `slot`, and the slots evicted to
+    make room for it (already freed here; the caller closes their sockets).
+    """
 
     allowed: bool
     reason: str
+    code: str = ADMITTED
+    slot: Slot | None = None
+    evicted: tuple[Slot, ...] = ()
 
 
 _OK = Admission(True, "admitted")
@@ -124,6 +185,10 @@ class GuardStats:
     refused_connections: int
     refused_handshakes: int
     refused_migrations: int
+    pending_unexpected: int = 0  # unauthenticated connections from unexpected addresses
+    unexpected_limit: int = 0  # ... at most this many (max_concurrent_total - reserved_for_expected)
+    evicted_connections: int = 0
+    expected_addresses: int = 0  # configured [peers] keys + remembered authenticated addresses
 
 
 def peer_key(address: str) -> str:
@@ -176,6 +241,9 @@ class PeerGuard:
         handshake_burst: float | None = None,
         max_incoming_migrations_total: int | None = None,
         max_tracked_peers: int = DEFAULT_MAX_TRACKED_PEERS,
+        expected: ExpectedPeers | None = None,
+        reserved_for_expected: int = 0,
+        min_tenure_s: float = DEFAULT_MIN_TENURE_S,
     ) -> None:
         _check_count("max_concurrent_per_peer", max_concurrent_per_peer)
         _check_count("max_concurrent_total", max_concurrent_total)
@@ -188,6 +256,12 @@ class PeerGuard:
                 f"max_tracked_peers ({max_tracked_peers}) must exceed max_concurrent_total "
                 f"({max_concurrent_total}) so that an idle peer can always be evicted"
             )
+        if type(reserved_for_expected) is not int or not 0 <= reserved_for_expected < max_concurrent_total:
+            raise ValueError(
+                f"reserved_for_expected must be an integer in [0, max_concurrent_total), got {reserved_for_expected!r}"
+            )
+        if not (math.isfinite(min_tenure_s) and min_tenure_s >= 0):
+            raise ValueError(f"min_tenure_s must be a non-negative number of seconds, got {min_tenure_s!r}")
         # Validate the bucket parameters once, here, rather than on first use.
         TokenBucket(per_peer_rate, per_peer_burst, clock)
         self._conn_rate, self._conn_burst = per_peer_rate, per_peer_burst
@@ -210,6 +284,13 @@ class PeerGuard:
         self._refused_migrations = 0
         # Peers the port watch (sealift.monitor.portwatch) blocked: key -> (until, reason).
         self._blocked: dict[str, tuple[float, str]] = {}
+        self._expected = expected
+        self._unexpected_limit = max_concurrent_total - reserved_for_expected
+        self._min_tenure = float(min_tenure_s)
+        # Slots of unexpected addresses not yet authenticated, oldest first: the eviction candidates.
+        self._pending_unexpected: OrderedDict[int, Slot] = OrderedDict()
+        self._next_slot = 0
+        self._evicted = 0
 
     # -- connections (unauthenticated: by address) ----------------------------
 
@@ -217,13 +298,9 @@ class PeerGuard:
         """May this new TCP connection be served? Call right after accept(), before reading."""
         key = peer_key(peer_ip)
         with self._lock:
-            blocked = self._blocked.get(key)
-            if blocked is not None:
-                if blocked[0] > self._clock():
-                    return self._refuse_connection(
-                        f"{key} is blocked for {blocked[0] - self._clock():.0f} s more: {blocked[1]}"
-                    )
-                del self._blocked[key]
+            refusal = self._check_blocked(key, self._clock())
+            if refusal is not None:
+                return refusal
             # The total cap first: it needs no per-peer state, so a flood that
             # fills the port does not also fill the table.
             if self._open_total >= self._max_total:
@@ -233,18 +310,15 @@ class PeerGuard:
             state = self._peers.get(key)
             if state is not None and state.open >= self._max_per_peer:
                 return self._refuse_connection(
-                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)"
+                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)",
+                    PEER_LIMIT,
                 )
             if state is None:
                 state = self._track(key)
             else:
                 self._peers.move_to_end(key)
             if not state.connections.try_take():
-                wait = state.connections.seconds_until()
-                return self._refuse_connection(
-                    f"{key} opens connections faster than {self._conn_rate:g}/s "
-                    f"(burst {self._conn_burst:g}); retry in {wait:.1f} s"
-                )
+                return self._refuse_connection(self._rate_reason(key, state), RATE_LIMITED)
             state.open += 1
             self._open_total += 1
             return _OK
@@ -253,9 +327,7 @@ class PeerGuard:
         """May this admitted connection start a TLS handshake (the expensive step)?"""
         key = peer_key(peer_ip)
         with self._lock:
-            state = self._peers.get(key)
-            if state is None or state.open == 0:
-                raise RuntimeError(f"admit_handshake for {key} without an admitted connection")
+            state = self._admitted_locked(key, f"admit_handshake for {key}")
             if not state.handshakes.try_take():
                 self._refused_handshakes += 1
                 wait = state.handshakes.seconds_until()
@@ -270,11 +342,113 @@ class PeerGuard:
         """The connection admitted for `peer_ip` is closed (call exactly once per admission)."""
         key = peer_key(peer_ip)
         with self._lock:
-            state = self._peers.get(key)
-            if state is None or state.open == 0:
-                raise RuntimeError(f"release({key}) without an admitted connection")
+            state = self._admitted_locked(key, f"release({key})")
             state.open -= 1
             self._open_total -= 1
+
+    def _admitted_locked(self, key: str, call: str) -> _PeerState:
+        """The state of a peer with an open admitted connection; calling `call` without one is a bug."""
+        state = self._peers.get(key)
+        if state is None or state.open == 0:
+            raise RuntimeError(f"{call} without an admitted connection")
+        return state
+
+    # -- slots (connections the daemon can evict) -----------------------------
+
+    def open_slot(self, peer_ip: str) -> Admission:
+        """`admit_connection` with reserved capacity and eviction (see the module text).
+
+        Allowed: `slot` is the new connection's, to pass to `mark_established`
+        and `release_slot`; `evicted` lists slots freed to make room, whose
+        sockets the caller must shut down.
+        """
+        key = peer_key(peer_ip)
+        with self._lock:
+            now = self._clock()
+            refusal = self._check_blocked(key, now)
+            if refusal is not None:
+                return refusal
+            expected = self._expected is not None and self._expected.is_expected(key, now)
+            state = self._peers.get(key)
+            if state is not None and state.open >= self._max_per_peer:
+                return self._refuse_connection(
+                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)",
+                    PEER_LIMIT,
+                )
+            victims = self._make_room(expected, now)
+            if victims is None:
+                return self._refuse_connection(self._table_full_reason(expected), TABLE_FULL)
+            if state is None:
+                state = self._track(key)
+            else:
+                self._peers.move_to_end(key)
+            if not state.connections.try_take():
+                return self._refuse_connection(self._rate_reason(key, state), RATE_LIMITED)
+            for victim in victims:
+                self._free(victim, EVICTED)
+                self._evicted += 1
+            state.open += 1
+            self._open_total += 1
+            self._next_slot += 1
+            slot = Slot(self._next_slot, key, expected, now)
+            if not expected:
+                self._pending_unexpected[slot.id] = slot
+            return Admission(True, "admitted", ADMITTED, slot, tuple(victims))
+
+    def mark_established(self, slot: Slot, *, authenticated: bool) -> bool:
+        """The connection got past pre-authentication: it can no longer be evicted.
+
+        `authenticated`: it proved a cluster certificate, so its address is
+        expected from now on (for a while). False if the slot was evicted or
+        released first (its socket is being closed).
+        """
+        with self._lock:
+            if slot.state != PENDING:
+                return False
+            slot.state = ESTABLISHED
+            self._pending_unexpected.pop(slot.id, None)
+            if authenticated and self._expected is not None:
+                self._expected.remember(slot.key, self._clock())
+            return True
+
+    def release_slot(self, slot: Slot) -> bool:
+        """The connection is closed. Frees the slot once: False if it was already freed (evicted)."""
+        with self._lock:
+            if slot.state in (CLOSED, EVICTED):
+                return False
+            self._free(slot, CLOSED)
+            return True
+
+    def is_expected(self, peer_ip: str) -> bool:
+        with self._lock:
+            return self._expected is not None and self._expected.is_expected(peer_key(peer_ip), self._clock())
+
+    def _make_room(self, expected: bool, now: float) -> list[Slot] | None:
+        """[] if there is room, [victim] if evicting it makes room, None if there is no room."""
+        share_full = not expected and len(self._pending_unexpected) >= self._unexpected_limit
+        if not share_full and self._open_total < self._max_total:
+            return []
+        oldest = next(iter(self._pending_unexpected.values()), None)
+        if oldest is None:
+            return None  # every place is held by expected or authenticated connections
+        if not expected and now - oldest.opened < self._min_tenure:
+            return None  # let the oldest have its chance; the newcomer may retry
+        return [oldest]
+
+    def _free(self, slot: Slot, final_state: str) -> None:
+        self._pending_unexpected.pop(slot.id, None)
+        slot.state = final_state
+        state = self._peers[slot.key]  # tracked: a peer with open connections is never forgotten
+        state.open -= 1
+        self._open_total -= 1
+
+    def _table_full_reason(self, expected: bool) -> str:
+        if expected:
+            return f"all {self._max_total} connections are held by expected or authenticated hosts"
+        return (
+            f"the migration port's {self._unexpected_limit} places for unauthenticated connections from "
+            f"unexpected addresses are full, none held longer than {self._min_tenure:g} s"
+        )
 
     # -- migrations (authenticated: by host name) -----------------------------
 
@@ -344,6 +518,14 @@ class PeerGuard:
                 refused_connections=self._refused_connections,
                 refused_handshakes=self._refused_handshakes,
                 refused_migrations=self._refused_migrations,
+                pending_unexpected=len(self._pending_unexpected),
+                unexpected_limit=self._unexpected_limit,
+                evicted_connections=self._evicted,
+                expected_addresses=(
+                    len(self._expected.configured) + self._expected.remembered(self._clock())
+                    if self._expected is not None
+                    else 0
+                ),
             )
 
     # -- internals ------------------------------------------------------------
@@ -367,9 +549,25 @@ class PeerGuard:
                 return
         raise AssertionError("no idle peer to evict: open connections exceed max_concurrent_total")
 
-    def _refuse_connection(self, reason: str) -> Admission:
+    def _refuse_connection(self, reason: str, code: str = TABLE_FULL) -> Admission:
         self._refused_connections += 1
-        return Admission(False, reason)
+        return Admission(False, reason, code)
+
+    def _check_blocked(self, key: str, now: float) -> Admission | None:
+        blocked = self._blocked.get(key)
+        if blocked is None:
+            return None
+        if blocked[0] > now:
+            return self._refuse_connection(f"{key} is blocked for {blocked[0] - now:.0f} s more: {blocked[1]}", BLOCKED)
+        del self._blocked[key]
+        return None
+
+    def _rate_reason(self, key: str, state: _PeerState) -> str:
+        wait = state.connections.seconds_until()
+        return (
+            f"{key} opens connections faster than {self._conn_rate:g}/s "
+            f"(burst {self._conn_burst:g}); retry in {wait:.1f} s"
+        )
 
 
 def _check_count(name: str, value: int) -> None:

@@ -268,6 +268,22 @@ def _wait_running(vm: QemuVM, timeout: float) -> None:
         time.sleep(0.005)
 
 
+def _start_qemu(lab: BenchLab, host: str, cell: Cell, vm_dir: Path, incoming: str | None = None) -> QemuVM:
+    """The cell's guest (or, with `incoming`, the QEMU that receives it) started in `host`'s namespace."""
+    assert lab.image is not None
+    with enter_netns(lab.ns(host)):
+        return QemuVM.start(
+            vm_dir,
+            VM_NAME,
+            cell.memory_mib,
+            lab.image,
+            net=lab.guest_net(),
+            extra_cmdline=cell.guest_cmdline(),
+            accel=ACCEL,
+            incoming=incoming,
+        )
+
+
 def run_qemu_direct(
     lab: BenchLab,
     transport: DirectTransport,
@@ -283,16 +299,7 @@ def run_qemu_direct(
     prober: GapProber | None = None
     sampler: CpuSampler | None = None
     try:
-        with enter_netns(lab.ns("source")):
-            source = QemuVM.start(
-                run_dir / "s",
-                VM_NAME,
-                cell.memory_mib,
-                lab.image,
-                net=lab.guest_net(),
-                extra_cmdline=cell.guest_cmdline(),
-                accel=ACCEL,
-            )
+        source = _start_qemu(lab, "source", cell, run_dir / "s")
         vms.append(source)
         prober = lab.prober()
         _wait_booted(source, prober)
@@ -302,17 +309,7 @@ def run_qemu_direct(
         counter = lab.link_counter().start()
         sampler = CpuSampler([Role("qemu-src", source.pid)]).start()
         started = time.monotonic()
-        with enter_netns(lab.ns("destination")):
-            destination = QemuVM.start(
-                run_dir / "d",
-                VM_NAME,
-                cell.memory_mib,
-                lab.image,
-                net=lab.guest_net(),
-                extra_cmdline=cell.guest_cmdline(),
-                accel=ACCEL,
-                incoming="defer",
-            )
+        destination = _start_qemu(lab, "destination", cell, run_dir / "d", incoming="defer")
         vms.append(destination)
         sampler.add(Role("qemu-dst", destination.pid))
         destination.migrate_incoming(f"tcp:{transport.listen_host()}:{MIGRATION_PORT}")
@@ -336,12 +333,8 @@ def run_qemu_direct(
         result.qemu_downtime_ms = info.get("downtime")
         result.downtime_ms = result.qemu_downtime_ms
         result.downtime_to_running_ms = stop_to_resume_ms(source, destination)
-        result.bytes = rx + tx
-        _apply_cpu(result, figures)
+        _apply_measurements(result, figures, rx, tx, counter.packets)
         result.detail |= {
-            "bytes_to_destination": rx,
-            "bytes_to_source": tx,
-            "packets": counter.packets,
             "ram_transferred": info.get("ram", {}).get("transferred"),
             "ram_total": info.get("ram", {}).get("total"),
             **transport.detail(),
@@ -415,12 +408,15 @@ def _await_guest(
     )
 
 
-def _apply_cpu(result: RunResult, figures: Any) -> None:
+def _apply_measurements(result: RunResult, figures: Any, rx: int, tx: int, packets: int) -> None:
+    """What every run measures: the bytes on the link each way, and the CPU it took."""
+    result.bytes = rx + tx
     result.cpu_s = figures.cpu_s
     result.peak_cpu_pct = figures.peak_pct
     result.machine_cpu_s = figures.machine_cpu_s
     result.cpu_by_role = figures.by_role
     result.peak_by_role = figures.peak_by_role
+    result.detail |= {"bytes_to_destination": rx, "bytes_to_source": tx, "packets": packets}
 
 
 # -- runs through the sealift agents ----------------------------------------------------------
@@ -533,12 +529,8 @@ def run_through_agents(
         result.downtime_ms = round(float(report["downtime_ms"]), 1)
         result.downtime_to_running_ms = result.downtime_ms  # the agent counts from QEMU's STOP to the running receipt
         result.qemu_total_ms, result.qemu_downtime_ms = _qemu_figures(report)
-        result.bytes = rx + tx
-        _apply_cpu(result, figures)
+        _apply_measurements(result, figures, rx, tx, counter.packets)
         result.detail |= {
-            "bytes_to_destination": rx,
-            "bytes_to_source": tx,
-            "packets": counter.packets,
             "wall_s": round(ended - started, 3),
             "report_transport": report.get("transport"),
             "rounds": report.get("rounds"),

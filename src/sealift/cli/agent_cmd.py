@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from sealift.cli.common import DEFAULT_CONFIG, add_agent_flags, client, print_json
+from sealift.cli.common import DEFAULT_CONFIG, add_agent_flags, client, print_json, show_fields
 from sealift.cli.render import out, setup_logging
 from sealift.host.checkup import check_agent_config
 from sealift.host.config import load_config
@@ -60,10 +60,4 @@ def check_config(path: Path, as_json: bool) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = client(args).request("status")["status"]
-    if args.json:
-        print_json(status)
-    else:
-        for key, value in status.items():
-            out.print(f"[bold]{key}[/bold]: {value}")
-    return 0
+    return show_fields(args, client(args).request("status")["status"])

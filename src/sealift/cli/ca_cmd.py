@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sealift.cli.common import print_json
-from sealift.cli.render import out
+from sealift.cli.common import report
 
 
 def add_ca_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,18 +17,12 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ca_init)
     p = ca.add_parser("issue", help="issue a host certificate")
     p.add_argument("host")
-    p.add_argument("--dir", required=True, help="the CA directory")
-    p.add_argument("--out", help="where to write the host key and certificate (default: the CA directory)")
-    p.add_argument("--days", type=int, default=365)
-    p.add_argument("--json", action="store_true")
+    _add_issue_flags(p, "host")
     p.set_defaults(func=cmd_ca_issue)
     p = ca.add_parser("operator", help="issue an operator certificate with a role")
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=["admin", "operator", "auditor"])
-    p.add_argument("--dir", required=True, help="the CA directory")
-    p.add_argument("--out", help="where to write the operator's key and certificate (default: the CA directory)")
-    p.add_argument("--days", type=int, default=365)
-    p.add_argument("--json", action="store_true")
+    _add_issue_flags(p, "operator's")
     p.set_defaults(func=cmd_ca_operator)
     p = ca.add_parser("revoke", help="revoke a host or operator certificate (updates ca.crl.pem)")
     p.add_argument("certificate", help="the certificate file to revoke")
@@ -37,6 +30,14 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", default="key_compromise")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ca_revoke)
+
+
+def _add_issue_flags(p: argparse.ArgumentParser, whose: str) -> None:
+    """The flags `ca issue` and `ca operator` share: the CA, where the new key goes, how long it is valid."""
+    p.add_argument("--dir", required=True, help="the CA directory")
+    p.add_argument("--out", help=f"where to write the {whose} key and certificate (default: the CA directory)")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--json", action="store_true")
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -48,11 +49,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
         "certificate": str(Path(args.dir, "ca.pem").resolve()),
         "name": args.name,
     }
-    if args.json:
-        print_json(info)
-    else:
-        out.print(f"[green]cluster CA created[/green] in {info['ca_dir']} ({ca.__class__.__name__})")
-    return 0
+    return report(args, info, f"[green]cluster CA created[/green] in {info['ca_dir']} ({ca.__class__.__name__})")
 
 
 def cmd_ca_issue(args: argparse.Namespace) -> int:
@@ -67,11 +64,7 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
         "key": str(identity.key_path),
         "ca": str(identity.ca_path),
     }
-    if args.json:
-        print_json(info)
-    else:
-        out.print(f"[green]issued[/green] host certificate for {args.host}: {identity.cert_path}")
-    return 0
+    return report(args, info, f"[green]issued[/green] host certificate for {args.host}: {identity.cert_path}")
 
 
 def cmd_ca_operator(args: argparse.Namespace) -> int:
@@ -85,13 +78,11 @@ def cmd_ca_operator(args: argparse.Namespace) -> int:
         "certificate": str(identity.cert_path),
         "key": str(identity.key_path),
     }
-    if args.json:
-        print_json(info)
-    else:
-        out.print(
-            f"[green]issued[/green] operator certificate for {args.name} (role {args.role}): {identity.cert_path}"
-        )
-    return 0
+    return report(
+        args,
+        info,
+        f"[green]issued[/green] operator certificate for {args.name} (role {args.role}): {identity.cert_path}",
+    )
 
 
 def cmd_ca_revoke(args: argparse.Namespace) -> int:
@@ -109,11 +100,9 @@ def cmd_ca_revoke(args: argparse.Namespace) -> int:
         "crl": str(Path(args.dir) / "ca.crl.pem"),
         "entries": len(list(crl)),
     }
-    if args.json:
-        print_json(info)
-    else:
-        out.print(
-            f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); "
-            f"copy {info['crl']} to every agent's identity_dir"
-        )
-    return 0
+    return report(
+        args,
+        info,
+        f"[yellow]revoked[/yellow] {cert_path} (serial {info['serial']}); "
+        f"copy {info['crl']} to every agent's identity_dir (running agents apply it within a second)",
+    )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
-from sealift.cli.render import console
+from sealift.cli.render import console, out
 from sealift.errors import SealiftError
 from sealift.host.config import ConfigError, load_config, parse_size
 
@@ -56,6 +56,25 @@ def print_failure_json(args: argparse.Namespace, exc: BaseException) -> None:
 
 def print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def report(args: argparse.Namespace, result: object, message: str) -> int:
+    """Print `result` as JSON with --json, else the one-line `message`; returns the exit status."""
+    if args.json:
+        print_json(result)
+    else:
+        out.print(message)
+    return 0
+
+
+def show_fields(args: argparse.Namespace, fields: dict[str, object]) -> int:
+    """Print `fields` as JSON with --json, else one `key: value` line each; returns the exit status."""
+    if args.json:
+        print_json(fields)
+    else:
+        for key, value in fields.items():
+            out.print(f"[bold]{key}[/bold]: {value}")
+    return 0
 
 
 def socket_path(args: argparse.Namespace) -> Path:

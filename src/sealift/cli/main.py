@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rich.markup import escape
+
 from sealift import __version__
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
 from sealift.cli import (
@@ -55,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
     """Say why the command failed: on stderr, and with --json also as one JSON object on stdout."""
-    console.print(f"[bold red]error:[/bold red] {exc}")
+    # One line whatever its length (soft_wrap), and the message printed as it is: it may quote
+    # what a peer or a file said, brackets included (escape, not rich markup).
+    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
     print_failure_json(args, exc)
     return 2
 

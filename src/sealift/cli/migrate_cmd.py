@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.cli import migration_show
@@ -20,6 +19,7 @@ from sealift.cli.common import (
     print_json,
     warn_insecure,
 )
+from sealift.cli.order_cmd import read_order_file
 from sealift.cli.render import MigrationProgress, console, out, report_table
 
 
@@ -55,7 +55,7 @@ def _order_for(args: argparse.Namespace, agent: AgentClient) -> tuple[str, str, 
     from sealift.security.orders import create_order, describe_order
 
     if args.order:
-        envelope = Path(args.order).read_text()
+        envelope = read_order_file(args.order)
         order = describe_order(envelope)
         if args.vm and args.vm != order.get("vm"):
             raise CliError(f"the order is for VM {order.get('vm')!r}, not {args.vm!r}")

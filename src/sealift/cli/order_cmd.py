@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sealift.cli.common import add_operator_flags, operator, parse_duration, print_json
+from sealift.cli.common import add_operator_flags, operator, parse_duration, print_json, show_fields
 from sealift.cli.render import out
 
 
@@ -44,13 +44,17 @@ def cmd_order_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_order_file(path: str) -> str:
+    """The text of an order file; MalformedOrderError (one line, code "malformed") if it is not UTF-8."""
+    from sealift.security.orders import MalformedOrderError
+
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedOrderError(f"order file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+
+
 def cmd_order_show(args: argparse.Namespace) -> int:
     from sealift.security.orders import describe_order
 
-    order = describe_order(Path(args.file).read_text())
-    if args.json:
-        print_json(order)
-    else:
-        for key, value in order.items():
-            out.print(f"[bold]{key}[/bold]: {value}")
-    return 0
+    return show_fields(args, describe_order(read_order_file(args.file)))

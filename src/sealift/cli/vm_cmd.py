@@ -52,29 +52,26 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         fill_fraction=args.fill,
         **fields,
     )
-    if args.json:
-        print_json(reply["vm"])
-    else:
-        out.print(vm_table([reply["vm"]]))
-    return 0
+    return _show_vms(args, reply["vm"], [reply["vm"]])
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
     reply = client(args).request("vm.list")
+    return _show_vms(args, reply["vms"], reply["vms"])
+
+
+def _show_vms(args: argparse.Namespace, result: object, vms: list[dict]) -> int:
+    """With --json the agent's answer as it came (one VM or the list), else the VMs as a table."""
     if args.json:
-        print_json(reply["vms"])
+        print_json(result)
     else:
-        out.print(vm_table(reply["vms"]))
+        out.print(vm_table(vms))
     return 0
 
 
 def cmd_vm_info(args: argparse.Namespace) -> int:
     reply = client(args).request("vm.info", name=args.name)
-    if args.json:
-        print_json(reply["vm"])
-    else:
-        out.print(vm_table([reply["vm"]]))
-    return 0
+    return _show_vms(args, reply["vm"], [reply["vm"]])
 
 
 def cmd_vm_check(args: argparse.Namespace) -> int:

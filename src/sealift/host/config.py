@@ -51,6 +51,20 @@ class GuardConfig:
     max_connections_per_peer: int = 16
     max_connections: int = 64
     max_incoming_per_peer: int = 2  # concurrent incoming migrations per source host
+    # Issue 23 (a flood from many addresses): places only expected hosts ([peers], and addresses that
+    # authenticated as a cluster host in the last remember_authenticated_s) may use; an unexpected
+    # connection that has not authenticated is evicted for another only after min_tenure_s.
+    reserved_connections: int = 16
+    min_tenure_s: float = 0.5
+    remember_authenticated_s: float = 3600.0
+    max_remembered_addresses: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reserved_connections < self.max_connections:
+            raise ValueError(
+                f"reserved_connections ({self.reserved_connections}) must be at least 0 and below "
+                f"max_connections ({self.max_connections}): unexpected hosts need at least one place"
+            )
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class AgentConfig:
     vcpu_capacity: int = 0  # vCPUs this host may run (0 = 4 per core, a common overcommit)
     max_incoming: int = 4
     handshake_timeout_s: float = 10.0
+    hello_timeout_s: float = 2.0  # the whole first TLS record (ClientHello) or magic; at most handshake_timeout_s
     step_timeout_s: float = 30.0
     resolve_interval_s: float = 2.0
     migration: MigrationOptions = field(default_factory=MigrationOptions)
@@ -138,6 +153,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         vcpu_capacity=int(raw.get("vcpu_capacity", 0)) or 4 * (os.cpu_count() or 1),
         max_incoming=int(raw.get("max_incoming", 4)),
         handshake_timeout_s=float(raw.get("handshake_timeout_s", 10.0)),
+        hello_timeout_s=_positive("hello_timeout_s", raw.get("hello_timeout_s", 2.0)),
         step_timeout_s=float(raw.get("step_timeout_s", 30.0)),
         resolve_interval_s=float(raw.get("resolve_interval_s", 2.0)),
         migration=migration,
@@ -169,13 +185,23 @@ def _lab_pause_at(value: object) -> str | None:
     return str(value)
 
 
+def _positive(key: str, value: object) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number of seconds, got {value!r}") from None
+    if not number > 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    return number
+
+
 def _guard_config(raw: dict) -> GuardConfig:
     unknown = set(raw) - set(GuardConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"[guard] has unknown keys: {', '.join(sorted(unknown))}")
     try:
         return GuardConfig(**raw)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"[guard]: {exc}") from None
 
 

@@ -88,21 +88,6 @@ def recv_exactly_into(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def peek_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
-    """Look at the first bytes without consuming them (pre-authentication, bounded)."""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("client sent nothing before the pre-authentication deadline")
-        sock.settimeout(remaining)
-        data = sock.recv(count, socket.MSG_PEEK)
-        if len(data) == 0:
-            raise ConnectionError("client closed before sending anything")
-        if len(data) >= count or data[0] == TLS_HANDSHAKE_BYTE:
-            return data
-        time.sleep(0.005)
-
-
 class ControlChannel:
     """A control conversation: a byte stream plus the sans-IO ControlConnection."""
 

@@ -66,10 +66,7 @@ class Relay:
             self._cut = True
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(sock)
             sock.close()
 
     def restore(self) -> None:
@@ -131,11 +128,7 @@ class Relay:
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(src, dst)
 
     def _apply_tamper(self, chunk: bytes, offset: int) -> bytes:
         tamper = self.tamper
@@ -159,3 +152,12 @@ class Relay:
                 self.forward_bytes += len(chunk)
             if len(self._captured) + len(chunk) <= self._record_limit:
                 self._captured += chunk
+
+
+def shut_down(*sockets: socket.socket) -> None:
+    """Shut both directions of each socket, so the threads copying on them stop; one already gone is fine."""
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -35,6 +35,7 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from sealift.errors import SealiftError
 from sealift.lab.netns import NETNS_DIR, NetnsError, netns_argv, run_in
@@ -81,6 +82,11 @@ class Testbed:
     link: LinkShape = field(default_factory=LinkShape)
     _up: bool = False
     _signals_installed: bool = False
+    # Every testbed's fixed addresses; the attacker's is on the source's link, where a spoofed peer route points.
+    source_ip: ClassVar[str] = SOURCE_IP
+    destination_ip: ClassVar[str] = DESTINATION_IP
+    attacker_ip: ClassVar[str] = ATTACKER_SOURCE_SIDE_IP
+    client_ip: ClassVar[str] = CLIENT_IP
 
     def __post_init__(self) -> None:
         if not _TAG_RE.match(self.tag):
@@ -95,23 +101,6 @@ class Testbed:
         # The owner's pid is in the name so that remove_stale() can tell a
         # killed run's namespaces from a live one's.
         return f"{_PREFIX}-{os.getpid():x}-{self.tag}-{host}"
-
-    @property
-    def source_ip(self) -> str:
-        return SOURCE_IP
-
-    @property
-    def destination_ip(self) -> str:
-        return DESTINATION_IP
-
-    @property
-    def attacker_ip(self) -> str:
-        """The attacker's address on the source's link: where a spoofed peer route points."""
-        return ATTACKER_SOURCE_SIDE_IP
-
-    @property
-    def client_ip(self) -> str:
-        return CLIENT_IP
 
     # -- commands ---------------------------------------------------------------
 

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Mapping
 
-from sealift.errors import SealiftError
 from sealift.host.config import AgentConfig
 from sealift.host.transport import ControlChannel
 from sealift.migration import gate, records
@@ -30,9 +29,12 @@ from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
 from sealift.security.orders import VerifiedOrder
 from sealift.security.psk import PskSession, psk_channel_binding
+from sealift.wire.errors import ProtocolError
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Manifest, Receipt, Refuse
 
 log = logging.getLogger(__name__)
+
+SOURCE_REASON_WAIT_S = 2.0  # how long a destination whose stream broke waits for the source's Abort and reason
 
 
 class DestinationCoordinator:
@@ -47,6 +49,10 @@ class DestinationCoordinator:
         try:
             self.driver.admit()
         except (IncomingRefused, AdmissionError, SecurityError) as exc:  # a refusal (Refuse), not a failure
+            self._refuse(exc)
+            return
+        except Exception as exc:  # a bug in a check: still refuse (nothing was taken), and say so, with its traceback
+            log.exception("admission of migration %s failed unexpectedly", hello.migration_id)
             self._refuse(exc)
             return
         cpu_started = time.process_time()
@@ -64,6 +70,7 @@ class DestinationCoordinator:
             self.driver.prepare()
             self._accept()
             manifest = self.driver.take_stream()
+            s.context.authority.final_check(s.flight)  # a newly revoked source or operator: discard, never promise
             s.enter(Event.STREAM_VERIFIED)  # durable before we promise
             prepared = True
             receipt = self._receipt(manifest, "prepared")
@@ -78,6 +85,7 @@ class DestinationCoordinator:
             else:
                 self._discard(exc)
         finally:
+            s.context.authority.forget(s.flight)
             if s.psk is not None:
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             s.context.sessions.finish(s.session_id)
@@ -85,15 +93,10 @@ class DestinationCoordinator:
 
     def _refuse(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
-        log.warning(
-            "refused %s migration %s of %s from %s: %s",
-            self.driver.backend,
-            hello.migration_id,
-            hello.vm_name,
-            hello.source_host,
-            exc,
-        )
-        code = exc.code if isinstance(exc, SealiftError) else "refused"
+        s.context.authority.forget(s.flight)  # it may rely on its peer already: nothing to stop any more
+        code = failure_code(exc)
+        where = f"{self.driver.backend} migration {hello.migration_id} of {hello.vm_name} from {hello.source_host}"
+        log.warning("refused %s (%s): %s", where, code, exc)
         s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc), code=code)
         if s.psk is not None:
             s.psk.close()
@@ -178,10 +181,23 @@ class DestinationCoordinator:
         s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
+    def _cause(self, exc: BaseException) -> tuple[str, str]:
+        """Why this migration failed, and its code: the source's word when the failure is only its symptom."""
+        reason, code = str(exc) or type(exc).__name__, failure_code(exc)
+        if not _source_may_know(exc):
+            return reason, code
+        try:
+            message = self.session.channel.peek(SOURCE_REASON_WAIT_S)
+        except (OSError, ProtocolError):
+            return reason, code
+        if isinstance(message, Abort):
+            return f"the source aborted: {message.reason} (here: {reason})", message.code
+        return reason, code
+
     def _discard(self, exc: BaseException) -> None:
         """The failure on record (store, audit) and told to the source with its code, whatever state either is in."""
         s, hello = self.session, self.session.hello
-        reason, code = str(exc) or type(exc).__name__, failure_code(exc)
+        reason, code = self._cause(exc)
         if code == "internal_error":  # a bug, not a peer's doing: keep its traceback for whoever fixes it
             log.error("%s migration %s failed unexpectedly", self.driver.backend, hello.migration_id, exc_info=exc)
         log.warning(
@@ -208,6 +224,15 @@ class DestinationCoordinator:
             except Exception:  # noqa: BLE001 - recording must not stop the abort
                 log.exception("could not record the abort of %s", hello.migration_id)
             s.audit("migration.aborted", vm=hello.vm_name, source=hello.source_host, reason=reason, code=code)
+
+
+def _source_may_know(exc: BaseException) -> bool:
+    """A stream that the source closed or let go silent: the cause is the source's (its Abort says which).
+
+    Not a record that failed authentication or a malformed one: that is what
+    this host found, and it tells the source, not the other way round.
+    """
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def verify_manifest(session: DestinationSession, expected: Mapping[str, object], wording: str) -> tuple[dict, str]:
@@ -240,9 +265,20 @@ def verify_manifest(session: DestinationSession, expected: Mapping[str, object],
 
 def admit_hello(session: DestinationSession) -> None:
     """Incoming migration control and the PSK second factor, for every backend (before its own checks)."""
-    session.order_id = verify_hello(session.config, session.channel, session.hello, session.context.authority).order.id
+    verified = verify_hello(session.config, session.channel, session.hello, session.context.authority)
+    session.order_id = verified.order.id
+    rely_on_source(session, verified)
     if session.channel.secure:
         session.psk, session.psk_binding = check_source_psk(session.context.authority, session.channel, session.hello)
+
+
+def rely_on_source(session: DestinationSession, verified: VerifiedOrder) -> None:
+    """From here until this host promises, a newly revoked source host or operator stops the migration."""
+    authority, flight = session.context.authority, session.flight
+    authority.rely_on(flight, f"the certificate of operator {verified.operator.name!r}", verified.issuer_certificate)
+    if session.channel.secure:
+        certificate = session.channel.tls.peer_certificate
+        authority.rely_on(flight, f"host certificate of {session.hello.source_host}", certificate)
 
 
 def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello) -> tuple[PskSession | None, bytes]:

@@ -19,6 +19,7 @@ from sealift.wire.messages import Abort, Receipt
 
 MAX_UNSIGNED_DOCUMENT = 32 * 1024
 BINDING_LABEL = b"EXPORTER-sealift-document-binding-v1"
+_MAX_CPU_S = 1e9  # far above any migration's CPU time
 
 
 def channel_binding(channel: ControlChannel, nonce_source: bytes, nonce_dest: bytes, migration_id: str) -> str | None:
@@ -69,7 +70,7 @@ def _parse_unsigned(envelope: str, kind: str) -> dict:
         raise DocumentError("unsigned document is too large")
     try:
         document = json.loads(envelope)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise DocumentError(f"unsigned {kind} is not JSON: {exc}") from None
     if not isinstance(document, dict) or document.get("kind") != kind or not isinstance(document.get("payload"), dict):
         raise DocumentError(f"document is not a {kind}")
@@ -115,4 +116,12 @@ def await_receipt(
         raise DocumentError(f"the destination's {stage} receipt does not name this migration")
     if receipt.get("channel_binding") != binding:
         raise DocumentError(f"the {stage} receipt was not made for this session")
+    _check_receipt_numbers(receipt, stage)
     return receipt, reply.envelope
+
+
+def _check_receipt_numbers(receipt: dict, stage: str) -> None:
+    """The numbers the source computes with (its report), checked here: a peer's odd value is no crash later."""
+    cpu_s = receipt.get("cpu_s", 0.0)
+    if type(cpu_s) not in (int, float) or not 0 <= cpu_s <= _MAX_CPU_S:  # also refuses NaN
+        raise DocumentError(f"the {stage} receipt's cpu_s is not a number of seconds from 0 to {_MAX_CPU_S:g}")

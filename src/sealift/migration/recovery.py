@@ -180,14 +180,7 @@ class Resolver:
             log.info("migration %s: %s aborted; discarding the received %s", record.id, record.peer, record.vm)
             keeper.discard_destination(record)
             records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} aborted")
-            self._audit(
-                "migration.resolved",
-                migration_id=record.id,
-                vm=record.vm,
-                role="destination",
-                outcome="aborted",
-                action="discarded the received guest",
-            )
+            self._audit_resolved(record, "destination", "aborted", "discarded the received guest")
 
     def _settle_source(self, record: MigrationRecord, keeper: GuestKeeper, answer: str) -> None:
         if answer == "committed":
@@ -196,14 +189,7 @@ class Resolver:
             )
             keeper.release_source(record)
             records.transition(self._store, record.id, Event.CONFIRM_RUNNING)
-            self._audit(
-                "migration.resolved",
-                migration_id=record.id,
-                vm=record.vm,
-                role="source",
-                outcome="committed",
-                action="released the paused source copy",
-            )
+            self._audit_resolved(record, "source", "committed", "released the paused source copy")
             return
         # We committed, but the destination never ran the guest: it cannot run there, so it must run here.
         log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
@@ -211,27 +197,26 @@ class Resolver:
         records.transition(
             self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} reported abort after commit"
         )
-        self._audit(
-            "migration.resolved",
-            migration_id=record.id,
-            vm=record.vm,
-            role="source",
-            outcome="aborted",
-            action="resumed the source copy" if resumed else "could not resume the source copy",
+        self._audit_resolved(
+            record, "source", "aborted", "resumed the source copy" if resumed else "could not resume the source copy"
         )
 
     def _start_destination(self, record: MigrationRecord, keeper: GuestKeeper) -> None:
         log.info("migration %s: %s decided commit; starting %s here", record.id, record.peer, record.vm)
         pid = keeper.start_destination(record)
         records.transition(self._store, record.id, Event.START_GUEST)
+        self._audit_resolved(record, "destination", "committed", "started the received guest", pid=pid)
+
+    def _audit_resolved(self, record: MigrationRecord, role: str, outcome: str, action: str, **extra: object) -> None:
+        """The audit entry for a migration the resolver settled: what it decided and what it did."""
         self._audit(
             "migration.resolved",
             migration_id=record.id,
             vm=record.vm,
-            role="destination",
-            outcome="committed",
-            action="started the received guest",
-            pid=pid,
+            role=role,
+            outcome=outcome,
+            action=action,
+            **extra,
         )
 
     def _ask(self, record: MigrationRecord) -> str:

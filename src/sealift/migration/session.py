@@ -27,6 +27,7 @@ from sealift.migration.phases import Event, Phase
 from sealift.migration.report import MigrationReport
 from sealift.security.identity import HostIdentity
 from sealift.security.psk import PskSession
+from sealift.security.reload import InFlightTrust
 from sealift.wire.messages import Abort, Hello
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class SourceSession:
         self.psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
         self.psk_binding = b""
         self.binding: str | None = None  # the channel binding the signed documents carry
+        self.flight = InFlightTrust(self.migration_id)  # the operator and peer it relies on (live revocation)
         self.report = MigrationReport(
             migration_id=self.migration_id,
             vm=vm_name,
@@ -94,6 +96,35 @@ class SourceSession:
 
     def progress(self, kind: str, data: dict[str, object]) -> None:
         self._progress(ProgressEvent(kind, data))
+
+    def hello(
+        self,
+        *,
+        vm_name: str,
+        backend: str,
+        memory_bytes: int,
+        page_size: int,
+        compression: str | None,
+        psk_proof: str | None,
+        image_digest: str | None,
+    ) -> Hello:
+        """The Hello that opens this migration: the session's ids, hosts and order, and the backend's guest."""
+        return Hello(
+            migration_id=self.migration_id,
+            vm_name=vm_name,
+            source_host=self.config.name,
+            destination_host=self.destination,
+            nonce=self.nonce,
+            memory_bytes=memory_bytes,
+            page_size=page_size,
+            secure=self.options.secure,
+            compression=compression,
+            streams=1,
+            backend=backend,
+            order=self.order,
+            psk_proof=psk_proof,
+            image_digest=image_digest,
+        )
 
     def audit(self, kind: str, **fields: object) -> None:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)
@@ -119,6 +150,7 @@ class DestinationSession:
         self.order_id: str | None = None
         self.psk: PskSession | None = None
         self.psk_binding = b""
+        self.flight = InFlightTrust(self.migration_id)  # the operator and peer it relies on (live revocation)
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         return records.transition(self.context.store, self.migration_id, event, error)
@@ -127,12 +159,13 @@ class DestinationSession:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)
 
     def stop_if_aborted(self) -> None:
-        """Raise if the source has given up (its Abort is waiting on the control channel).
+        """Raise if the source has given up (its Abort is waiting on the control channel), or was revoked.
 
         For the waits that do not read the control channel themselves (the
         data stream's arrival): an abandoned migration frees its reservation
         at once instead of after the step timeout.
         """
+        self.flight.check()
         message = self.channel.peek(0)
         if isinstance(message, Abort):
             raise IncomingRefused(f"the source aborted: {message.reason}", code=message.code)

@@ -99,12 +99,15 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         committed = False
         channel: ControlChannel | None = None
         try:
+            operator = f"the certificate of operator {verified.operator.name!r}"
+            self._authority.rely_on(s.flight, operator, verified.issuer_certificate)  # revoked later: aborted
             s.report.counter_before = vm.counter()
             channel = ControlChannel.connect(
                 address, s.context.identity, s.destination, s.options.secure, self._config.handshake_timeout_s
             )
             if channel.secure:
                 self._authority.check_peer(channel.tls.peer_certificate, s.destination)
+                self._authority.rely_on(s.flight, f"host certificate of {s.destination}", channel.tls.peer_certificate)
             s.audit(
                 "migration.started",
                 vm=vm.name,
@@ -118,9 +121,11 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             accept = self._hello(channel, vm)
             s.binding = channel_binding(channel, s.nonce, accept.nonce, s.migration_id)
             transfer = self.driver.transfer(channel, accept, address, vm)
+            s.flight.check()  # revoked while the transfer ran: stop before signing anything
             s.mark("stream_sent", transfer.paused_at)
             self._manifest_and_prepare(channel, vm, memory_bytes, transfer)
             s.mark("prepared_receipt", transfer.paused_at)
+            self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort, never commit
             records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
             committed = True
             s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=s.destination)
@@ -161,6 +166,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             self._store.save_report(s.migration_id, s.report.to_dict())
             raise MigrationError(s.report.error or str(exc), code=s.report.error_code) from exc
         finally:
+            self._authority.forget(s.flight)
             self.driver.cleanup(vm)
             if s.psk is not None:
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out

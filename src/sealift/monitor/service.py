@@ -17,7 +17,10 @@ on what changed, by policy:
 
 The migration-port watch (`PortWatch`) gets the agent's port events; a peer
 over the threshold is blocked in the guard and audited
-(`monitor.peer_blocked`).
+(`monitor.peer_blocked`). The same events feed `FloodWatch`, which notices a
+flood spread over many addresses (each under its own threshold): the start
+and the end of each episode are audited once (`monitor.port_flood`, code
+`port_flood`; `monitor.port_flood_ended`) and exported as metrics.
 
 Metrics: with `metrics_listen`, a Prometheus endpoint (its own registry,
 so two agents in one process do not collide).
@@ -36,7 +39,7 @@ from sealift.migration import gate
 from sealift.migration.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
 from sealift.monitor.baseline import BaselineConfig
 from sealift.monitor.classify import ClassifierConfig, HostMonitor
-from sealift.monitor.portwatch import PortWatch, PortWatchConfig
+from sealift.monitor.portwatch import FloodConfig, FloodReport, FloodWatch, PortWatch, PortWatchConfig
 from sealift.monitor.reliability import ReliabilityConfig
 from sealift.monitor.signals import SIGNALS, VmSample
 from sealift.monitor.verdicts import ATTACKER, VICTIM, MonitorEvent
@@ -66,12 +69,17 @@ class MonitorConfig:
     ids_threshold: float = 60.0
     ids_window_s: float = 10.0
     ids_block_s: float = 60.0
+    flood_window_s: float = 10.0
+    flood_min_unfinished: int = 32
+    flood_min_addresses: int = 16
+    flood_min_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.period_s <= 3600:
             raise ValueError("period_s must be within [0.05, 3600] seconds")
         self.classifier()  # validates the rest
         self.port_watch()
+        self.flood_watch()
 
     def classifier(self) -> ClassifierConfig:
         return ClassifierConfig(
@@ -88,6 +96,14 @@ class MonitorConfig:
 
     def port_watch(self) -> PortWatchConfig:
         return PortWatchConfig(threshold=self.ids_threshold, window_s=self.ids_window_s, block_s=self.ids_block_s)
+
+    def flood_watch(self) -> FloodConfig:
+        return FloodConfig(
+            window_s=self.flood_window_s,
+            min_unfinished=self.flood_min_unfinished,
+            min_addresses=self.flood_min_addresses,
+            min_share=self.flood_min_share,
+        )
 
 
 class Collector(Protocol):
@@ -117,6 +133,7 @@ class MonitorService:
         self._lock = threading.Lock()
         self.monitor = HostMonitor(config.classifier())
         self.port_watch = PortWatch(config.port_watch(), clock)
+        self.flood_watch = FloodWatch(config.flood_watch(), clock)
         self._recommendations: dict[str, str] = {}
         self._absent_since: dict[str, float] = {}
         self._stop = threading.Event()
@@ -171,6 +188,7 @@ class MonitorService:
             self.rounds += 1
         for event in events:
             self._act(event)
+        self.port_tick()
         if self._metrics is not None:
             self._metrics.update(self.snapshot())
         return events
@@ -273,6 +291,9 @@ class MonitorService:
         block = self.port_watch.record(peer_ip, kind)
         if self._metrics is not None:
             self._metrics.port_events.labels(kind=kind).inc()
+        flood = self.flood_watch.record(peer_ip, kind)
+        if flood is not None:
+            self._report_flood(flood)
         if block is None:
             return
         log.warning("monitor ALERT: blocking %s for %.0f s: %s", block.peer, block.seconds, block.reason)
@@ -288,6 +309,35 @@ class MonitorService:
         )
         if self._metrics is not None:
             self._metrics.blocks.inc()
+
+    def port_tick(self) -> None:
+        """Time passes on the port: a flood episode ends when no event comes (called each round)."""
+        flood = self.flood_watch.tick()
+        if flood is not None:
+            self._report_flood(flood)
+        if self._metrics is not None:
+            self._metrics.update_flood(self.flood_watch.snapshot())
+
+    def _report_flood(self, flood: FloodReport) -> None:
+        fields: dict[str, object] = {
+            "unfinished": flood.unfinished,
+            "finished": flood.finished,
+            "addresses": flood.addresses,
+            "share": round(flood.share, 3),
+            "counts": flood.counts,
+            "window_s": self.flood_watch.config.window_s,
+            "reason": flood.reason,
+        }
+        if flood.started:
+            log.warning("monitor ALERT: flood on the migration port: %s", flood.reason)
+            self._audit("monitor.port_flood", code="port_flood", **fields)
+            if self._metrics is not None:
+                self._metrics.floods.inc()
+        else:
+            log.warning("monitor: %s", flood.reason)
+            self._audit("monitor.port_flood_ended", code="port_flood", duration_s=round(flood.duration_s, 1), **fields)
+        if self._metrics is not None:
+            self._metrics.update_flood(self.flood_watch.snapshot())
 
     # -- exposure ---------------------------------------------------------------
 
@@ -308,6 +358,7 @@ class MonitorService:
             },
             "vms": vms,
             "peers": self.port_watch.snapshot(),
+            "port_flood": self.flood_watch.snapshot(),
         }
 
 
@@ -322,23 +373,14 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.registry = CollectorRegistry()
-        self.value = Gauge(
-            "sealift_vm_signal",
-            "Current value of a VM signal (rates per second; cpu in cores)",
-            ["vm", "signal"],
-            registry=self.registry,
-        )
-        self.normal = Gauge(
-            "sealift_vm_signal_normal",
-            "The VM's learnt normal level of the signal",
-            ["vm", "signal"],
-            registry=self.registry,
-        )
-        self.zscore = Gauge(
-            "sealift_vm_signal_zscore",
-            "Deviation of the signal from normal, in standard deviations",
-            ["vm", "signal"],
-            registry=self.registry,
+
+        def signal_gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, ["vm", "signal"], registry=self.registry)  # a series per VM and signal
+
+        self.value = signal_gauge("sealift_vm_signal", "Current value of a VM signal (rates per second; cpu in cores)")
+        self.normal = signal_gauge("sealift_vm_signal_normal", "The VM's learnt normal level of the signal")
+        self.zscore = signal_gauge(
+            "sealift_vm_signal_zscore", "Deviation of the signal from normal, in standard deviations"
         )
         self.verdict = Gauge(
             "sealift_vm_verdict", "1 while the VM carries this security verdict", ["vm", "kind"], registry=self.registry
@@ -354,12 +396,33 @@ class _Metrics:
             "sealift_port_events", "Events on the migration port", ["kind"], registry=self.registry
         )
         self.blocks = Counter("sealift_port_blocks", "Peers blocked on the migration port", registry=self.registry)
+        self.floods = Counter(
+            "sealift_port_floods", "Floods from many addresses noticed on the migration port", registry=self.registry
+        )
+        self.flood_active = Gauge(
+            "sealift_port_flood", "1 while a flood from many addresses is going on", registry=self.registry
+        )
+        self.unfinished_share = Gauge(
+            "sealift_port_unfinished_share",
+            "Share of the connections that ended within the flood window without finishing a handshake",
+            registry=self.registry,
+        )
+        self.unfinished_addresses = Gauge(
+            "sealift_port_unfinished_addresses",
+            "Addresses with a connection that ended unfinished within the flood window",
+            registry=self.registry,
+        )
 
     def serve(self, address: tuple[str, int]) -> Any:
         from prometheus_client import start_http_server
 
         server, _thread = start_http_server(address[1], addr=address[0], registry=self.registry)
         return server
+
+    def update_flood(self, flood: dict[str, object]) -> None:
+        self.flood_active.set(1 if flood["active"] else 0)
+        self.unfinished_share.set(float(flood["share"]))  # type: ignore[arg-type]
+        self.unfinished_addresses.set(float(flood["addresses"]))  # type: ignore[arg-type]
 
     def update(self, snapshot: dict[str, object]) -> None:
         for gauge in (self.value, self.normal, self.zscore, self.verdict, self.problem):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -94,7 +94,8 @@ class ResourceAdvert:
                 raise AdvertError(f"advert field {name} must be an integer, got {value!r}")
         for name, limit in (("cpu_load", _MAX_CPU_LOAD), ("issued_at", 1e12), ("expires_at", 1e12)):
             value = getattr(self, name)
-            if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > limit:
+            # The bound before isfinite: an integer too large for a float makes isfinite raise.
+            if type(value) not in (int, float) or abs(value) > limit or not math.isfinite(value):
                 raise AdvertError(f"advert field {name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))  # one type, one canonical encoding
         if self.expires_at <= self.issued_at:
@@ -105,15 +106,8 @@ class ResourceAdvert:
         return self.expires_at - self.issued_at
 
     def to_payload(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "capacity_memory": self.capacity_memory,
-            "free_memory": self.free_memory,
-            "cpu_load": self.cpu_load,
-            "vms": self.vms,
-            "issued_at": self.issued_at,
-            "expires_at": self.expires_at,
-        }
+        # Every field, in declaration order (the signed payload's key order); all are plain values.
+        return asdict(self)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> ResourceAdvert:

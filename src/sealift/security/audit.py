@@ -52,6 +52,7 @@ import sqlite3
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,7 +108,13 @@ class Kinds:
     MIGRATION_HANDOVER = "migration.handover"
     RECEIPT = "migration.receipt"
     POLICY_LOADED = "policy.loaded"
+    POLICY_RELOADED = "policy.reloaded"  # fields: path, sha256, rules, trigger
+    POLICY_REFUSED = "policy.refused"  # a new policy file was refused; the previous one stays
     CRL_LOADED = "crl.loaded"
+    CRL_RELOADED = "crl.reloaded"  # fields: path, number, sha256, entries, trigger
+    CRL_REFUSED = "crl.refused"  # a new CRL was refused; the previous one stays
+    PEER_REFUSED = "peer.refused"
+    MIGRATION_REVOKED = "migration.revoked"  # a certificate an in-flight migration relies on was revoked
     KEY_CHANGED = "key.changed"
 
 
@@ -129,16 +136,11 @@ class AuditEntry:
     signature: str  # base64 DER ECDSA
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "host": self.host,
-            "kind": self.kind,
-            "fields": dict(self.fields),
-            "prev_hash": self.prev_hash,
-            "hash": self.hash,
-            "signature": self.signature,
-        }
+        # Every field in declaration order; `fields` (a read-only mapping) as a plain dict.
+        # Not dataclasses.asdict: it deep-copies, and a mappingproxy cannot be copied.
+        entry = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        entry["fields"] = dict(self.fields)
+        return entry
 
 
 @dataclass(frozen=True)

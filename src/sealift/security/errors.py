@@ -21,6 +21,12 @@ class CertificateError(SecurityError):
     code = "certificate_error"
 
 
+class MalformedCertificateError(CertificateError):
+    """A certificate whose outer encoding loads but whose inside (a name, an extension, the key) does not parse."""
+
+    code = "malformed_certificate"
+
+
 class PeerIdentityError(SecurityError):
     """The peer authenticated, but as a different host than the one expected."""
 

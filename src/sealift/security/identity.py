@@ -45,11 +45,13 @@ from sealift.security.certificates import (
     IdentityFiles,
     LeafProfile,
     cert_pem,
+    certificate_builder,
     extended_key_usages,
     is_ca,
     is_issued_by,
     load_certificate,
     load_private_key,
+    read_certificate,
     same_public_key,
     subject_alt_names,
     subject_of,
@@ -115,6 +117,24 @@ def host_name_of(cert: x509.Certificate) -> str:
     return names[0]
 
 
+def read_host_certificate(cert: x509.Certificate) -> str:
+    """The boundary for a peer's host certificate (from a TLS handshake): the host it names.
+
+    Parses now every part read later (the names and key usages `host_name_of`
+    checks, the issuer and serial the revocation check reads, the public key
+    that verifies the peer's adverts, manifests and receipts), so a
+    certificate malformed inside is refused here as MalformedCertificateError.
+    Then `host_name_of`, and the ECC P-256 key every sealift host has (those
+    documents are verified with no other kind). Raises CertificateError.
+    """
+    read_certificate(cert)
+    name = host_name_of(cert)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise CertificateError(f"certificate {subject_of(cert)} has no ECC P-256 key, as every host certificate has")
+    return name
+
+
 # --------------------------------------------------------------------------
 # Cluster CA
 
@@ -163,13 +183,9 @@ class ClusterCA:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + datetime.timedelta(days=days))
+            certificate_builder(
+                subject, subject, key.public_key(), now - CLOCK_SKEW, now + datetime.timedelta(days=days)
+            )
             # path_length=0: the CA signs hosts directly, never another CA.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
@@ -306,14 +322,9 @@ class ClusterCA:
         # A leaf never outlives its CA: such a certificate would just fail later.
         not_after = min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc)
         ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject])
         return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), *extra_subject]))
-            .issuer_name(self.certificate.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(not_after)
+            certificate_builder(subject, self.certificate.subject, public_key, now - CLOCK_SKEW, not_after)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)

@@ -48,6 +48,7 @@ from sealift.security.certificates import (
     is_ca,
     is_issued_by,
     iso,
+    read_certificate,
     same_public_key,
     subject_alt_names,
     subject_attributes,
@@ -113,6 +114,19 @@ def parse_role(role: str) -> Role:
 
 # --------------------------------------------------------------------------
 # Reading a certificate
+
+
+def read_operator_certificate(cert: x509.Certificate) -> x509.Certificate:
+    """The boundary for an operator certificate that travels inside a document (an order).
+
+    Parses now every part that `operator_of`, `verify_operator_certificate`
+    and the document's signature check read later (subject CN and OU,
+    subjectAltName, key usages, basic constraints, issuer, public key), so a
+    certificate malformed inside is refused here, as MalformedCertificateError,
+    and not halfway through a check. Says nothing about whose it is: that is
+    `operator_of`'s job.
+    """
+    return read_certificate(cert)
 
 
 def operator_of(cert: x509.Certificate) -> Operator:

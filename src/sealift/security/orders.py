@@ -53,6 +53,7 @@ from sealift.security.operators import (
     Operator,
     OperatorIdentity,
     operator_of,
+    read_operator_certificate,
     validate_operator_name,
     verify_operator_certificate,
 )
@@ -75,6 +76,8 @@ _LABEL_KEY = re.compile(r"[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?")
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_EARLIEST_YEAR = 1970
+_LATEST_YEAR = 9998
 _PAYLOAD_FIELDS = frozenset(
     {
         "v",
@@ -378,10 +381,14 @@ def format_time(moment: datetime.datetime) -> str:
 
 
 def parse_time(text: str) -> datetime.datetime:
-    """Inverse of format_time; ValueError for anything else."""
+    """Inverse of format_time; ValueError for anything else, and for years outside 1970-9998."""
     if not isinstance(text, str) or not _TIMESTAMP.fullmatch(text):
         raise ValueError(f"{text!r} is not a time of the form 2026-11-22T10:00:00Z")
-    return datetime.datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=datetime.UTC)
+    moment = datetime.datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=datetime.UTC)
+    # Checks add clock skew and retention to these times: near year 1 or 9999 that overflows.
+    if not _EARLIEST_YEAR <= moment.year <= _LATEST_YEAR:
+        raise ValueError(f"{text!r} is not a time between the years {_EARLIEST_YEAR} and {_LATEST_YEAR}")
+    return moment
 
 
 # --------------------------------------------------------------------------
@@ -424,6 +431,10 @@ def _parse(raw: bytes) -> tuple[dict[str, Any], MigrationOrder, x509.Certificate
         raise MalformedOrderError(
             f"malformed order {order.id}: unreadable issuer certificate: {exc}", order.id
         ) from None
+    try:
+        read_operator_certificate(cert)  # its inside too, before anything reads it
+    except CertificateError as exc:
+        raise MalformedOrderError(f"malformed order {order.id}: issuer certificate: {exc}", order.id) from None
     return doc, order, cert
 
 

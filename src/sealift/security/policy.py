@@ -121,12 +121,17 @@ class Policy:
             ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyFileError(f"cannot read policy file {path}: {exc}") from None
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<policy>") -> Policy:
+        """A policy from the text of a policy file (read once by the caller, who may also digest it)."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise PolicyFileError(f"policy file {path} is not valid TOML: {exc}") from None
+            raise PolicyFileError(f"policy file {source} is not valid TOML: {exc}") from None
         headers = [text.count("\n", 0, m.start()) + 1 for m in _RULE_HEADER.finditer(text)]
-        return cls.from_dict(data, source=str(path), _rule_lines=headers)
+        return cls.from_dict(data, source=source, _rule_lines=headers)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<policy>", *, _rule_lines: Sequence[int] = ()) -> Policy:

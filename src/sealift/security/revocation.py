@@ -9,8 +9,9 @@ Fail closed: an agent refuses a CRL that is not signed by its CA, that names
 another issuer, that is not yet valid or whose next-update time has passed.
 So a stolen host key cannot be "un-revoked" by feeding an agent an older or
 forged CRL, but the CA must re-publish before `next_update` (default 30 days,
-`crl_days`); agents should reload the file periodically (`load` again, and
-rebuild TLS contexts if `enable_crl_check` was used).
+`crl_days`). Running agents load a changed file by themselves, and refuse
+one older than the CRL in force (migration/authority.py, security/reload.py;
+a TLS context made with `enable_crl_check` would have to be rebuilt).
 
 Two ways for the TLS layer to use it:
 - `revocations.check(stream.peer_certificate)` right after a handshake (raises

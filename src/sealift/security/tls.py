@@ -34,7 +34,7 @@ from sealift.security.errors import (
     PeerIdentityError,
     SecurityError,
 )
-from sealift.security.identity import HostIdentity, host_name_of, validate_hostname
+from sealift.security.identity import HostIdentity, read_host_certificate, validate_hostname
 
 _T = TypeVar("_T")
 
@@ -233,7 +233,7 @@ class TlsStream:
         try:
             if cert is None:
                 raise CertificateError("no certificate")
-            name = host_name_of(cert)
+            name = read_host_certificate(cert)  # every part later read, parsed now
         except CertificateError as exc:
             sock.close()
             raise PeerIdentityError(f"peer {peer} is not a sealift host: {exc}") from None

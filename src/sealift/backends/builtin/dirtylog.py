@@ -33,11 +33,10 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
-from sealift.backends.builtin.files import closed_on_failure, open_fd
+from sealift.backends.builtin.files import MappedFile, closed_on_failure, open_fd, unmap_and_close
 
 __all__ = ["DirtyLog", "DirtyLogError", "GEN_DTYPE"]
 
@@ -48,13 +47,13 @@ class DirtyLogError(Exception):
     """A dirty log is missing or does not match its image."""
 
 
-class DirtyLog:
+class DirtyLog(MappedFile):
     """A mapped dirty log. Build with :meth:`create` or :meth:`open`."""
 
     def __init__(self, path: Path, fd: int, npages: int) -> None:
-        self._path = path
+        self.path = path
         self._fd = fd
-        self._npages = npages
+        self.npages = npages
         self._mm: mmap.mmap | None = mmap.mmap(
             fd, npages * GEN_DTYPE.itemsize, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
@@ -91,18 +90,10 @@ class DirtyLog:
             return cls(path, fd, npages)
 
     @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def npages(self) -> int:
-        return self._npages
-
-    @property
     def gens(self) -> np.ndarray:
         """The live generations (uint32, one per page). Only the guest writes them."""
         if self._gens is None:
-            raise DirtyLogError(f"dirty log {self._path} is closed")
+            raise DirtyLogError(f"dirty log {self.path} is closed")
         return self._gens
 
     def snapshot(self) -> np.ndarray:
@@ -115,17 +106,4 @@ class DirtyLog:
             return
         self._gens = None
         mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a caller-held view of ``gens``: unmapped when it is dropped
-        os.close(self._fd)
-
-    def __enter__(self) -> DirtyLog:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        unmap_and_close(mm, self._fd)

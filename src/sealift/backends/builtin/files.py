@@ -7,10 +7,13 @@ descriptor or leave a half-made file behind.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 def open_fd(path: Path, flags: int, error: type[Exception], what: str) -> int:
@@ -32,3 +35,28 @@ def closed_on_failure(fd: int, remove: Path | None = None) -> Iterator[None]:
         if remove is not None:
             remove.unlink(missing_ok=True)
         raise
+
+
+def unmap_and_close(mm: mmap.mmap | None, fd: int) -> None:
+    """Unmap ``mm`` and close ``fd``: what closing an image or a dirty log ends with."""
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError:
+            pass  # caller-held numpy views: unmapped when the last one is dropped
+    os.close(fd)
+
+
+class MappedFile:
+    """What owns a mapped file (the image, the dirty log): ``with`` closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

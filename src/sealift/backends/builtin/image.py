@@ -37,11 +37,10 @@ import secrets as _secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
-from sealift.backends.builtin.files import closed_on_failure, open_fd
+from sealift.backends.builtin.files import MappedFile, closed_on_failure, open_fd, unmap_and_close
 from sealift.backends.builtin.workload import (
     COUNTER_MULTIPLIER,
     INDEX_MULTIPLIER,
@@ -268,7 +267,7 @@ class _Views:
     state_u32: np.ndarray  # the state area as 1024 uint32
 
 
-class GuestImage:
+class GuestImage(MappedFile):
     """A mapped guest image. Build with :meth:`create`, :meth:`create_empty` or :meth:`open`.
 
     ``ram`` and ``pages`` are windows on the shared mapping. ``close()``
@@ -277,15 +276,15 @@ class GuestImage:
     """
 
     def __init__(self, path: Path, fd: int, memory_bytes: int) -> None:
-        self._path = path
+        self.path = path
         self._fd = fd
-        self._memory_bytes = memory_bytes
-        self._npages = memory_bytes // PAGE_SIZE
+        self.memory_bytes = memory_bytes
+        self.npages = memory_bytes // PAGE_SIZE
         self._mm: mmap.mmap | None = mmap.mmap(
             fd, STATE_AREA_SIZE + memory_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
         pages = np.frombuffer(self._mm, dtype=np.uint8, count=memory_bytes, offset=STATE_AREA_SIZE)
-        pages = pages.reshape(self._npages, PAGE_SIZE)
+        pages = pages.reshape(self.npages, PAGE_SIZE)
         state_u64 = np.frombuffer(self._mm, dtype="<u8", count=STATE_AREA_SIZE // 8)
         self._views: _Views | None = _Views(
             ram=memoryview(self._mm)[STATE_AREA_SIZE:],
@@ -385,18 +384,6 @@ class GuestImage:
     # -- accessors ----------------------------------------------------------
 
     @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def memory_bytes(self) -> int:
-        return self._memory_bytes
-
-    @property
-    def npages(self) -> int:
-        return self._npages
-
-    @property
     def closed(self) -> bool:
         return self._views is None
 
@@ -441,10 +428,10 @@ class GuestImage:
     def write_state(self, blob: bytes) -> None:
         """Replace the state area (a migration destination installing the source's state)."""
         state = GuestState.from_bytes(bytes(blob))
-        if state.memory_bytes != self._memory_bytes:
+        if state.memory_bytes != self.memory_bytes:
             raise ImageError(
-                f"state describes {state.memory_bytes} bytes of RAM but image {self._path} "
-                f"has {self._memory_bytes}; refusing to install it"
+                f"state describes {state.memory_bytes} bytes of RAM but image {self.path} "
+                f"has {self.memory_bytes}; refusing to install it"
             )
         self._v().state_u64[:] = np.frombuffer(bytes(blob), dtype="<u8")
 
@@ -474,11 +461,9 @@ class GuestImage:
         """
         self._v()
         try:
-            os.posix_fallocate(self._fd, STATE_AREA_SIZE, self._memory_bytes)
+            os.posix_fallocate(self._fd, STATE_AREA_SIZE, self.memory_bytes)
         except OSError as exc:
-            raise ImageError(
-                f"cannot reserve {self._memory_bytes >> 20} MiB for {self._path}: {exc.strerror}"
-            ) from None
+            raise ImageError(f"cannot reserve {self.memory_bytes >> 20} MiB for {self.path}: {exc.strerror}") from None
 
     def write_pages(self, first_page: int, data: memoryview | bytes) -> None:
         """Write whole pages at ``first_page`` through the file, not the mapping.
@@ -489,7 +474,7 @@ class GuestImage:
         self._v()
         offset = STATE_AREA_SIZE + first_page * PAGE_SIZE
         view = memoryview(data).cast("B")
-        if offset + len(view) > STATE_AREA_SIZE + self._memory_bytes or len(view) % PAGE_SIZE:
+        if offset + len(view) > STATE_AREA_SIZE + self.memory_bytes or len(view) % PAGE_SIZE:
             raise ImageError(f"write of {len(view)} bytes at page {first_page} does not fit the image")
         while view:
             written = os.pwrite(self._fd, view, offset)
@@ -503,7 +488,7 @@ class GuestImage:
         system without hole reporting.
         """
         self._v()
-        end = STATE_AREA_SIZE + self._memory_bytes
+        end = STATE_AREA_SIZE + self.memory_bytes
         ranges: list[tuple[int, int]] = []
         offset = STATE_AREA_SIZE
         while offset < end:
@@ -513,7 +498,7 @@ class GuestImage:
                 if exc.errno == errno.ENXIO:
                     break
                 if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                    return [(0, self._npages)]
+                    return [(0, self.npages)]
                 raise
             if data >= end:
                 break
@@ -553,7 +538,7 @@ class GuestImage:
         in_flight_count = int(in_flight.sum())
         bad_pages = bad_pages[~in_flight]
         return ImageCheck(
-            pages_checked=self._npages,
+            pages_checked=self.npages,
             bad_pages=tuple(int(p) for p in bad_pages[:MAX_BAD_PAGES_LISTED]),
             bad_page_count=int(bad_pages.size),
             secret_intact=secret_intact,
@@ -612,28 +597,15 @@ class GuestImage:
             pass  # someone built a view on ``ram``; it keeps the mapping alive
         del views
         mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # caller-held numpy views: unmapped when the last one is dropped
-        os.close(self._fd)
-
-    def __enter__(self) -> GuestImage:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        unmap_and_close(mm, self._fd)
 
     def __repr__(self) -> str:
-        status = "closed" if self.closed else f"{self._npages} pages"
-        return f"GuestImage({str(self._path)!r}, {status})"
+        status = "closed" if self.closed else f"{self.npages} pages"
+        return f"GuestImage({str(self.path)!r}, {status})"
 
     def _v(self) -> _Views:
         if self._views is None:
-            raise ImageError(f"guest image {self._path} is closed")
+            raise ImageError(f"guest image {self.path} is closed")
         return self._views
 
 

@@ -53,22 +53,15 @@ class BuiltinSourceDriver:
         return vm, vm.memory_bytes
 
     def describe(self, vm: BuiltinVM, psk_proof: str | None) -> Hello:
-        s = self._session
-        return Hello(
-            migration_id=s.migration_id,
+        options = self._session.options
+        return self._session.hello(
             vm_name=vm.name,
-            source_host=s.config.name,
-            destination_host=s.destination,
-            nonce=s.nonce,
+            backend=BACKEND,
             memory_bytes=vm.memory_bytes,
             page_size=4096,
-            secure=s.options.secure,
-            compression=s.options.compression,
-            streams=1,
-            backend=BACKEND,
-            order=s.order,
+            compression=options.compression,
             psk_proof=psk_proof,
-            image_digest=s.options.image_digest if s.options.secure else None,
+            image_digest=options.image_digest if options.secure else None,
         )
 
     def transfer(
@@ -140,6 +133,7 @@ class BuiltinSourceDriver:
 
     def _on_round(self, report: RoundReport) -> None:
         s = self._session
+        s.flight.check()  # a newly revoked destination or operator stops the rounds (the guest resumes here)
         s.report.round_reports.append(report)
         s.audit(
             Kinds.MIGRATION_ROUND,
@@ -152,6 +146,7 @@ class BuiltinSourceDriver:
         s.progress("round", report.to_dict())
 
     def _on_transfer(self, progress: TransferProgress) -> None:
+        self._session.flight.check()  # ~10 times a second: a revocation stops the transfer at once
         self._session.progress(
             "transfer",
             {
@@ -251,7 +246,12 @@ class BuiltinDestinationDriver:
             reader = DataStreamReader(protection, self._image.npages)
             digest = hello.image_digest if hello.secure else None
             receiver = ImageReceiver(self._image, reader, digest=digest)
-            return receiver.run(lambda view: recv_exactly_into(data, view))
+
+            def read_into(view: memoryview) -> None:
+                s.flight.check()  # a newly revoked source or operator: stop receiving at once
+                recv_exactly_into(data, view)
+
+            return receiver.run(read_into)
         finally:
             data.close()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from sealift.backends.builtin.guest import image_in_use
 from sealift.backends.builtin.image import ImageCheck
 from sealift.backends.builtin.vm import GUEST_MODULE, BuiltinVM, VmError
+from sealift.guests import GuestTable
 from sealift.host.config import AgentConfig
 from sealift.host.store import AgentStore
 from sealift.migration.errors import AdmissionError
@@ -56,9 +56,8 @@ class BuiltinVmRegistry:
         self._store = store
         # (memory bytes, vCPUs) of the guests other registries hold on this host (QEMU): admission counts them too.
         self._other_guests = other_guests
-        self._lock = threading.Lock()
-        self._vms: dict[str, BuiltinVM] = {}
-        self._busy: set[str] = set()  # VMs with a migration in flight
+        # The guests, and the names busy (migrating, booting, being checked); _reserved is kept under its lock.
+        self._guests: GuestTable[BuiltinVM] = GuestTable(config.name, "VM", VmError)
         self._reserved: dict[str, int] = {}  # incoming migration id -> bytes
         config.vm_dir.mkdir(parents=True, exist_ok=True)
 
@@ -79,8 +78,7 @@ class BuiltinVmRegistry:
                 log.warning("VM %s (pid %s) is gone: %s", record.name, record.pid, exc)
                 self._store.set_vm_status(record.name, "lost")
                 continue
-            with self._lock:
-                self._vms[record.name] = vm
+            self._guests.add(record.name, vm)
 
     def image_path(self, name: str) -> Path:
         return self.vm_dir / f"{name}.img"
@@ -93,8 +91,7 @@ class BuiltinVmRegistry:
         not know: find its process and take charge of it, so it is never
         started a second time nor its image discarded.
         """
-        with self._lock:
-            vm = self._vms.get(name)
+        vm = self._guests.find(name)
         if vm is not None and vm.is_alive:
             return vm
         image = self.image_path(name)
@@ -114,18 +111,17 @@ class BuiltinVmRegistry:
     def start(
         self, name: str, memory_bytes: int, workload: str, fill_fraction: float, seed: int | None = None
     ) -> BuiltinVM:
-        with self._lock:
-            if name in self._vms:
+        with self._guests.lock:
+            if name in self._guests.vms:
                 raise AdmissionError(f"a VM named {name!r} already runs on {self._config.name}")
             self._check_capacity_locked(memory_bytes)
-            self._busy.add(name)  # reserve the name while it boots
+            self._guests.busy.add(name)  # reserve the name while it boots
         try:
             vm = BuiltinVM.create(
                 self.vm_dir, name, memory_bytes, profile=workload, fill_fraction=fill_fraction, seed=seed
             )
         finally:
-            with self._lock:
-                self._busy.discard(name)
+            self._guests.unclaim(name)
         self._add(vm, workload)
         return vm
 
@@ -140,94 +136,63 @@ class BuiltinVmRegistry:
         return vm
 
     def _add(self, vm: BuiltinVM, profile: str | None) -> None:
-        with self._lock:
-            self._vms[vm.name] = vm
+        self._guests.add(vm.name, vm)
         self._store.put_vm(vm.name, "builtin", vm.pid, vm.memory_bytes, profile, "running")
 
     def get(self, name: str) -> BuiltinVM:
-        with self._lock:
-            vm = self._vms.get(name)
-        if vm is None:
-            raise VmError(f"no VM named {name!r} on {self._config.name}")
-        return vm
+        return self._guests.get(name)
 
     def has(self, name: str) -> bool:
-        with self._lock:
-            return name in self._vms or name in self._busy
+        return self._guests.has(name)
 
     def info(self, name: str) -> dict[str, object]:
         vm = self.get(name)
         info = vm.info()
-        with self._lock:
-            info["migrating"] = name in self._busy
+        info["migrating"] = self._guests.is_busy(name)
         return info
 
     def list(self) -> list[dict[str, object]]:
-        with self._lock:
-            names = list(self._vms)
-        infos = []
-        for name in names:
-            try:
-                infos.append(self.info(name))
-            except VmError:
-                continue  # released or stopped meanwhile
-        return infos
+        return self._guests.infos(self.info)
 
     def check(self, name: str) -> ImageCheck:
         """Verify a VM's memory from inside (paused for the scan, then resumed)."""
         vm = self.get(name)
-        with self._lock:
-            if name in self._busy:
+        with self._guests.lock:
+            if name in self._guests.busy:
                 raise VmError(f"VM {name!r} is being migrated; check it when the migration has ended")
-            self._busy.add(name)  # no migration may pause it under us
+            self._guests.busy.add(name)  # no migration may pause it under us
         try:
             return vm.check()
         finally:
-            with self._lock:
-                self._busy.discard(name)
+            self._guests.unclaim(name)
 
     def stop(self, name: str) -> None:
-        vm = self.get(name)
-        with self._lock:
-            if name in self._busy:
-                raise VmError(f"VM {name!r} is being migrated; wait for the migration to end")
-            self._vms.pop(name, None)
-        vm.destroy()
+        self._guests.remove(name).destroy()
         self._store.delete_vm(name)
 
     def release_migrated(self, name: str) -> None:
         """The destination runs it now: drop our paused copy for good."""
-        with self._lock:
-            vm = self._vms.pop(name, None)
-            self._busy.discard(name)
+        vm = self._guests.release(name)
         if vm is not None:
             vm.destroy()
         self._store.delete_vm(name)
 
     def stop_all(self) -> None:
-        with self._lock:
-            vms = list(self._vms.values())
-        for vm in vms:
+        for vm in self._guests.values():
             vm.stop()
 
     # -- migration bookkeeping -----------------------------------------------
 
     def claim(self, name: str) -> BuiltinVM:
-        vm = self.get(name)
-        with self._lock:
-            if name in self._busy:
-                raise VmError(f"VM {name!r} is already being migrated")
-            self._busy.add(name)
-        return vm
+        return self._guests.claim(name)
 
     def unclaim(self, name: str) -> None:
-        with self._lock:
-            self._busy.discard(name)
+        self._guests.unclaim(name)
 
     def reserve_incoming(self, migration_id: str, name: str, memory_bytes: int) -> None:
         """Admission control: hold the memory an incoming VM needs, or refuse."""
-        with self._lock:
-            if name in self._vms or name in self._busy:
+        with self._guests.lock:
+            if name in self._guests.vms or name in self._guests.busy:
                 raise AdmissionError(f"a VM named {name!r} already exists on {self._config.name}")
             incoming = len(self._reserved)
             if incoming >= self._config.max_incoming:
@@ -236,33 +201,34 @@ class BuiltinVmRegistry:
                 )
             self._check_capacity_locked(memory_bytes)
             self._reserved[migration_id] = memory_bytes
-            self._busy.add(name)
+            self._guests.busy.add(name)
 
     def unreserve_incoming(self, migration_id: str, name: str) -> None:
-        with self._lock:
+        with self._guests.lock:
             self._reserved.pop(migration_id, None)
-            self._busy.discard(name)
+            self._guests.busy.discard(name)
 
     def memory_in_use(self) -> int:
-        with self._lock:
-            return sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values())
+        with self._guests.lock:
+            return sum(vm.memory_bytes for vm in self._guests.vms.values()) + sum(self._reserved.values())
 
     def usage(self) -> tuple[int, int]:
         """(memory bytes, guests): running guests and incoming reservations; guests counts the running ones."""
-        with self._lock:
-            return sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values()), len(self._vms)
+        with self._guests.lock:
+            vms = self._guests.vms.values()
+            return sum(vm.memory_bytes for vm in vms) + sum(self._reserved.values()), len(vms)
 
     def _check_capacity_locked(self, memory_bytes: int) -> None:
         # A built-in guest is one process: one vCPU.
         other_memory, other_vcpus = self._other_guests()
-        vcpus = len(self._vms) + len(self._reserved) + other_vcpus + 1
+        vcpus = len(self._guests.vms) + len(self._reserved) + other_vcpus + 1
         if vcpus > self._config.vcpu_capacity:
             raise AdmissionError(
                 f"{self._config.name} runs {vcpus - 1} vCPUs of {self._config.vcpu_capacity} (vcpu_capacity); "
                 "the VM needs 1 more",
                 code="no_vcpu_capacity",
             )
-        used = sum(vm.memory_bytes for vm in self._vms.values()) + sum(self._reserved.values()) + other_memory
+        used = sum(vm.memory_bytes for vm in self._guests.vms.values()) + sum(self._reserved.values()) + other_memory
         if used + memory_bytes > self._config.memory_capacity:
             free = self._config.memory_capacity - used
             raise AdmissionError(

@@ -83,9 +83,9 @@ class BuiltinVM:
         image: GuestImage,
         dirty: DirtyLog,
     ) -> None:
-        self._vm_dir = vm_dir
+        self.vm_dir = vm_dir
         self._name = name
-        self._pid = pid
+        self.pid = pid
         self._pidfd: int | None = pidfd
         self._popen = popen  # set only when the guest is our child (we must reap it)
         self._image: GuestImage | None = image
@@ -246,27 +246,20 @@ class BuiltinVM:
 
     @property
     def name(self) -> str:
+        # A property, not a plain attribute: the GuestVM protocol (guests.py) declares it on the class.
         return self._name
 
     @property
-    def pid(self) -> int:
-        return self._pid
-
-    @property
-    def vm_dir(self) -> Path:
-        return self._vm_dir
-
-    @property
     def image_path(self) -> Path:
-        return _paths(self._vm_dir, self._name)[0]
+        return _paths(self.vm_dir, self._name)[0]
 
     @property
     def dirty_path(self) -> Path:
-        return _paths(self._vm_dir, self._name)[1]
+        return _paths(self.vm_dir, self._name)[1]
 
     @property
     def log_path(self) -> Path:
-        return _paths(self._vm_dir, self._name)[2]
+        return _paths(self.vm_dir, self._name)[2]
 
     @property
     def image(self) -> GuestImage:
@@ -295,7 +288,7 @@ class BuiltinVM:
         pages. Do not call it while a migration of this VM is in flight: the
         resume would undo the engine's pause.
         """
-        was_running = self.is_alive and _proc_state(self._pid) != "T"
+        was_running = self.is_alive and _proc_state(self.pid) != "T"
         if was_running:
             self.pause(timeout)
         try:
@@ -326,21 +319,21 @@ class BuiltinVM:
 
     @property
     def is_paused(self) -> bool:
-        return self.is_alive and _proc_state(self._pid) == "T"
+        return self.is_alive and _proc_state(self.pid) == "T"
 
     def pause(self, timeout: float = 5.0) -> None:
         """SIGSTOP the guest and wait until the kernel reports it stopped."""
         self._signal(signal.SIGSTOP, "pause")
-        if not _wait_until(lambda: _proc_state(self._pid) == "T" or not self.is_alive, timeout):
-            raise VmError(f"VM {self._name!r} (pid {self._pid}) did not stop within {timeout} s after SIGSTOP")
+        if not _wait_until(lambda: _proc_state(self.pid) == "T" or not self.is_alive, timeout):
+            raise VmError(f"VM {self._name!r} (pid {self.pid}) did not stop within {timeout} s after SIGSTOP")
         if not self.is_alive:
-            raise VmError(f"VM {self._name!r} (pid {self._pid}) exited while being paused; log {self.log_path}")
+            raise VmError(f"VM {self._name!r} (pid {self.pid}) exited while being paused; log {self.log_path}")
 
     def resume(self, timeout: float = 5.0) -> None:
         """SIGCONT the guest and wait until the kernel reports it running again."""
         self._signal(signal.SIGCONT, "resume")
-        if not _wait_until(lambda: _proc_state(self._pid) != "T", timeout):
-            raise VmError(f"VM {self._name!r} (pid {self._pid}) still stopped {timeout} s after SIGCONT")
+        if not _wait_until(lambda: _proc_state(self.pid) != "T", timeout):
+            raise VmError(f"VM {self._name!r} (pid {self.pid}) still stopped {timeout} s after SIGCONT")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the guest for good; never leaves a zombie we own.
@@ -353,14 +346,14 @@ class BuiltinVM:
         if not self.is_alive:
             self._reap()
             return
-        if _proc_state(self._pid) == "T":
+        if _proc_state(self.pid) == "T":
             self._send(signal.SIGKILL)
         else:
             self._send(signal.SIGTERM)
             if not _wait_until(lambda: not self.is_alive, timeout):
                 self._send(signal.SIGKILL)
         if not _wait_until(lambda: not self.is_alive, max(timeout, 1.0)):
-            raise VmError(f"VM {self._name!r} (pid {self._pid}) survived SIGKILL for {timeout} s")
+            raise VmError(f"VM {self._name!r} (pid {self.pid}) survived SIGKILL for {timeout} s")
         self._reap()
 
     def close(self) -> None:
@@ -374,7 +367,7 @@ class BuiltinVM:
         """Stop the guest and remove its image, dirty log and log file."""
         self.stop()
         self.close()
-        for path in _paths(self._vm_dir, self._name):
+        for path in _paths(self.vm_dir, self._name):
             path.unlink(missing_ok=True)
 
     def info(self) -> dict[str, Any]:
@@ -382,12 +375,12 @@ class BuiltinVM:
         alive = self.is_alive
         info: dict[str, Any] = {
             "name": self._name,
-            "pid": self._pid,
+            "pid": self.pid,
             "memory_bytes": self.memory_bytes,
             "profile": None,
             "counter": None,
             "throttle_pct": None,
-            "paused": alive and _proc_state(self._pid) == "T",
+            "paused": alive and _proc_state(self.pid) == "T",
             "alive": alive,
             "image_path": str(self.image_path),
         }
@@ -399,13 +392,13 @@ class BuiltinVM:
         return info
 
     def __repr__(self) -> str:
-        return f"BuiltinVM(name={self._name!r}, pid={self._pid})"
+        return f"BuiltinVM(name={self._name!r}, pid={self.pid})"
 
     # -- internals ----------------------------------------------------------------
 
     def _signal(self, sig: signal.Signals, action: str) -> None:
         if not self.is_alive:
-            raise VmError(f"cannot {action} VM {self._name!r}: its guest (pid {self._pid}) is not running")
+            raise VmError(f"cannot {action} VM {self._name!r}: its guest (pid {self.pid}) is not running")
         self._send(sig)
 
     def _send(self, sig: signal.Signals) -> None:

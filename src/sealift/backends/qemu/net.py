@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 __all__ = ["NetConfig", "NetError", "create_tap", "delete_tap", "mac_for", "run_ip"]
@@ -103,13 +103,8 @@ class NetConfig:
         return None
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "mode": self.mode,
-            "host_port": self.host_port,
-            "tap": self.tap,
-            "guest_ip": self.guest_ip,
-            "gateway": self.gateway,
-        }
+        # Every field, in declaration order; all are plain values.
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> NetConfig:

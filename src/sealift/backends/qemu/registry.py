@@ -13,7 +13,6 @@ import builtins
 import json
 import logging
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_ima
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 from sealift.errors import SealiftError
+from sealift.guests import GuestTable
 from sealift.host.config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,15 @@ class QemuVmRegistry:
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
         self.vm_dir = config.vm_dir / "qemu"
-        self._lock = threading.Lock()
-        self._vms: dict[str, QemuVM] = {}
-        self._busy: set[str] = set()  # being started, migrated out, or received
+        # The guests, and the names busy (being started, migrated out, or received).
+        self._guests: GuestTable[QemuVM] = GuestTable(config.name, "QEMU VM", QemuVmError)
         self._image: GuestImagePaths | None = None
 
     # -- image ------------------------------------------------------------------
 
     def image(self) -> GuestImagePaths:
         """The guest image (built on first use, cached on disk by content)."""
-        with self._lock:
+        with self._guests.lock:  # the registry keeps one lock, for its image too
             if self._image is None:
                 self._image = build_image(default_cache_dir())
             return self._image
@@ -86,12 +85,10 @@ class QemuVmRegistry:
             except QemuError as exc:
                 log.warning("QEMU VM %s could not be adopted: %s", record.name, exc)
                 continue
-            with self._lock:
-                self._vms[vm.name] = vm
+            self._guests.add(vm.name, vm)
 
     def has(self, name: str) -> bool:
-        with self._lock:
-            return name in self._vms or name in self._busy
+        return self._guests.has(name)
 
     def start(
         self,
@@ -117,10 +114,8 @@ class QemuVmRegistry:
             )
             self._write_sidecar(name, extra_cmdline, image.key)
         finally:
-            with self._lock:
-                self._busy.discard(name)
-        with self._lock:
-            self._vms[name] = vm
+            self._guests.unclaim(name)
+        self._guests.add(name, vm)
         return vm
 
     def start_incoming(self, name: str, memory_mib: int, extra_cmdline: str, net: NetConfig) -> QemuVM:
@@ -143,27 +138,21 @@ class QemuVmRegistry:
         return vm
 
     def adopt_incoming(self, vm: QemuVM) -> None:
-        with self._lock:
-            self._vms[vm.name] = vm
+        self._guests.add(vm.name, vm)
 
     def hold_in_doubt(self, vm: QemuVM) -> None:
         """A received guest whose handover is undecided: listed (paused), and busy until the resolver settles it."""
-        with self._lock:
-            self._vms[vm.name] = vm
-            self._busy.add(vm.name)
+        with self._guests.lock:
+            self._guests.vms[vm.name] = vm
+            self._guests.busy.add(vm.name)
 
     def get(self, name: str) -> QemuVM:
-        with self._lock:
-            vm = self._vms.get(name)
-        if vm is None:
-            raise QemuVmError(f"no QEMU VM named {name!r} on {self._config.name}")
-        return vm
+        return self._guests.get(name)
 
     def info(self, name: str) -> dict[str, Any]:
         vm = self.get(name)
         info = vm.info()
-        with self._lock:
-            migrating = name in self._busy
+        migrating = self._guests.is_busy(name)
         status = info["status"]
         info.update(
             backend="qemu",
@@ -176,58 +165,35 @@ class QemuVmRegistry:
         return info
 
     def list(self) -> list[dict[str, Any]]:
-        with self._lock:
-            names = list(self._vms)
-        infos = []
-        for name in names:
-            try:
-                infos.append(self.info(name))
-            except QemuVmError:
-                continue  # released or stopped meanwhile
-        return infos
+        return self._guests.infos(self.info)
 
     def usage(self) -> tuple[int, int]:
         """(memory bytes, vCPUs) of every QEMU guest this host holds: running, paused or in doubt."""
-        with self._lock:
-            return sum(vm.memory_mib for vm in self._vms.values()) * MiB, len(self._vms)  # -smp 1
+        vms = self._guests.values()
+        return sum(vm.memory_mib for vm in vms) * MiB, len(vms)  # -smp 1
 
     def console(self, name: str, lines: int) -> builtins.list[str]:  # `list` is the method above here
         return self.get(name).console_tail(max(1, min(lines, 1000)))
 
     def stop(self, name: str) -> None:
-        vm = self.get(name)
-        with self._lock:
-            if name in self._busy:
-                raise QemuVmError(f"QEMU VM {name!r} is being migrated; wait for the migration to end")
-            self._vms.pop(name, None)
-        vm.stop_vm()
+        self._guests.remove(name).stop_vm()
         self._sidecar(name).unlink(missing_ok=True)
 
     def stop_all(self) -> None:
-        with self._lock:
-            vms = list(self._vms.values())
-        for vm in vms:
+        for vm in self._guests.values():
             vm.stop_vm()
 
     # -- migration bookkeeping ----------------------------------------------------
 
     def claim(self, name: str) -> QemuVM:
-        vm = self.get(name)
-        with self._lock:
-            if name in self._busy:
-                raise QemuVmError(f"QEMU VM {name!r} is already being migrated")
-            self._busy.add(name)
-        return vm
+        return self._guests.claim(name)
 
     def unclaim(self, name: str) -> None:
-        with self._lock:
-            self._busy.discard(name)
+        self._guests.unclaim(name)
 
     def release_migrated(self, name: str) -> None:
         """The destination runs it now: quit our stopped copy for good."""
-        with self._lock:
-            vm = self._vms.pop(name, None)
-            self._busy.discard(name)
+        vm = self._guests.release(name)
         if vm is not None:
             vm.stop_vm()
         self._sidecar(name).unlink(missing_ok=True)
@@ -236,8 +202,7 @@ class QemuVmRegistry:
         self._reserve_name(name)
 
     def unreserve_incoming_name(self, name: str) -> None:
-        with self._lock:
-            self._busy.discard(name)
+        self._guests.unclaim(name)
 
     def extra_cmdline(self, name: str) -> str:
         try:
@@ -262,10 +227,10 @@ class QemuVmRegistry:
     # -- helpers ------------------------------------------------------------------
 
     def _reserve_name(self, name: str) -> None:
-        with self._lock:
-            if name in self._vms or name in self._busy:
+        with self._guests.lock:
+            if name in self._guests.vms or name in self._guests.busy:
                 raise QemuVmError(f"a QEMU VM named {name!r} already exists on {self._config.name}")
-            self._busy.add(name)
+            self._guests.busy.add(name)
 
     def _sidecar(self, name: str) -> Path:
         return self.vm_dir / f"{name}.sealift"

@@ -84,20 +84,12 @@ class QemuSourceDriver:
         return vm, vm.memory_mib * MiB
 
     def describe(self, vm: QemuVM, psk_proof: str | None) -> Hello:
-        s = self._session
-        return Hello(
-            migration_id=s.migration_id,
+        return self._session.hello(
             vm_name=vm.name,
-            source_host=s.config.name,
-            destination_host=s.destination,
-            nonce=s.nonce,
+            backend=BACKEND,
             memory_bytes=vm.memory_mib * MiB,
             page_size=relay.PAGE,
-            secure=s.options.secure,
             compression=None,
-            streams=1,
-            backend=BACKEND,
-            order=s.order,
             psk_proof=psk_proof,
             image_digest=None,
         )
@@ -381,6 +373,7 @@ class QemuSourceDriver:
                 )
             if paused_at is None and status in ("setup", "active"):
                 self._check_completion_timeout(time.monotonic() - followed_since, ram)
+                s.flight.check()  # a newly revoked destination or operator: give up, the guest runs on here
             if status == "pre-switchover" and paused_at is None:  # once: QEMU leaves the state asynchronously
                 paused_at = stop_time(vm, time.monotonic())
                 s.report.counter_at_pause = vm.counter()

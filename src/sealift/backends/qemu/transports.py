@@ -160,18 +160,12 @@ class Ipsec(QemuTransport):
         running_charon(ipsec)
 
     def source_plan(self, end: DirectSource) -> DirectPlan:
-        sa = AuditedSa.derive(
-            end.ipsec,
-            role="source",
-            migration_id=end.migration_id,
-            channel=end.channel,
-            nonce_source=end.nonce_source,
-            nonce_dest=end.nonce_dest,
+        sa = _derive_sa(
+            end,
+            "source",
             local=TunnelHost(None, end.local_address, end.host),
             remote=TunnelHost(None, end.destination[0], end.peer),
             port=end.destination[1],
-            psk_session=end.psk,
-            audit=end.audit,
         )
         timeout = end.step_timeout_s
 
@@ -191,18 +185,12 @@ class Ipsec(QemuTransport):
         """
         host = end.listen_address
         port = _free_port(host)
-        sa = AuditedSa.derive(
-            end.ipsec,
-            role="destination",
-            migration_id=end.migration_id,
-            channel=end.channel,
-            nonce_source=end.nonce_source,
-            nonce_dest=end.nonce_dest,
+        sa = _derive_sa(
+            end,
+            "destination",
             local=TunnelHost(None, host, end.host),
             remote=TunnelHost(None, end.source_address, end.peer),
             port=port,
-            psk_session=end.psk,
-            audit=end.audit,
         )
         sa.endpoint.prepare()
         plan = DirectPlan([], [lambda vm: sa.close_logged(end.migration_id)], sa)
@@ -370,3 +358,22 @@ class AuditedSa:
             self.close()
         except IpsecError as exc:
             log.error("IPsec tear-down of migration %s: %s", migration_id, exc)
+
+
+def _derive_sa(
+    end: DirectSource | DirectDestination, role: str, *, local: TunnelHost, remote: TunnelHost, port: int
+) -> AuditedSa:
+    """This end's IPsec SA for the migration, keyed from its channel, nonces and PSK session."""
+    return AuditedSa.derive(
+        end.ipsec,
+        role=role,
+        migration_id=end.migration_id,
+        channel=end.channel,
+        nonce_source=end.nonce_source,
+        nonce_dest=end.nonce_dest,
+        local=local,
+        remote=remote,
+        port=port,
+        psk_session=end.psk,
+        audit=end.audit,
+    )

@@ -32,6 +32,7 @@ from sealift.lab.capture import Finding, dropped_note, find_in_capture, ip_proto
 from sealift.lab.netns import enter_netns
 from sealift.lab.relay import Relay, Tamper
 from sealift.lab.session import Backend, LabSession, MigrationFailed
+from sealift.security.certificates import certificate_builder
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.security.psk import PskStore, new_psk, psk_to_hex, wrap_key_from_private_key
 
@@ -305,13 +306,9 @@ def _self_signed(
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        certificate_builder(
+            subject, subject, key.public_key(), now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+        )
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -32,6 +32,7 @@ from vici.protocol import FiniteStream, Message, Packet
 from sealift.ipsec.charon import Charon, IpsecBackend, find_charon, render_strongswan_conf
 from sealift.ipsec.tunnel import default_mode
 from sealift.ipsec.vici_client import TunnelEnd, ViciClient, ViciError, connection_message
+from sealift.lab.relay import shut_down
 
 __all__ = [
     "AttemptResult",
@@ -153,11 +154,7 @@ class ViciTap:
         except (OSError, ConnectionError):
             pass
         finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(source, sink)
 
     def _record(self, packet: bytes) -> None:
         if not packet or packet[0] != Packet.CMD_REQUEST:

@@ -8,6 +8,7 @@ checks it.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ PROOF_BYTES = _PROOF_STRUCT.size + MAC_SIZE
 _FLAG_RATCHET = 0x01
 
 _PROOF_LABEL = b"sealift psk proof v1"
+_HEX = re.compile(r"[0-9a-fA-F]*")
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,10 @@ class PskProof:
             raise PskError("the peer sent no PSK proof, but a PSK is provisioned for this pair")
         if not isinstance(text, str) or len(text) != 2 * PROOF_BYTES:
             raise PskError(f"malformed PSK proof: expected {2 * PROOF_BYTES} hex digits")
-        try:
-            raw = bytes.fromhex(text)
-        except ValueError:
-            raise PskError("malformed PSK proof: not hex") from None
+        # bytes.fromhex would skip whitespace and return fewer bytes: only hex digits, then.
+        if not _HEX.fullmatch(text):
+            raise PskError("malformed PSK proof: not hex")
+        raw = bytes.fromhex(text)
         version, flags, epoch, ticket = _PROOF_STRUCT.unpack_from(raw)
         if version != PROOF_VERSION:
             raise PskError(f"PSK proof version {version} is not supported (expected {PROOF_VERSION})")
