@@ -108,6 +108,13 @@ def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
             yield receiver
 
 
+def receive(receiver: socket.socket, log_path: Path) -> str:
+    try:
+        return receiver.recv(4096).decode()
+    except TimeoutError:
+        pytest.fail(f"no notification from the agent; its log:\n{log_path.read_text()}")
+
+
 def test_a_real_agent_notifies_ready_once_it_serves_and_stopping(notify_socket: socket.socket) -> None:
     cluster = LocalCluster(hosts=("host-a",))
     agent = cluster.agents["host-a"]
@@ -120,7 +127,7 @@ def test_a_real_agent_notifies_ready_once_it_serves_and_stopping(notify_socket: 
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        fields = notify_socket.recv(4096).decode().split("\n")
+        fields = receive(notify_socket, agent.log_path).split("\n")
         assert fields[0] == "READY=1", agent.log_path.read_text()
         listen = "{}:{}".format(*agent.listen)
         assert fields[1] == f"STATUS=serving on {listen}, control socket {agent.socket_path}"
@@ -129,7 +136,7 @@ def test_a_real_agent_notifies_ready_once_it_serves_and_stopping(notify_socket: 
         socket.create_connection(agent.listen, timeout=5).close()
 
         agent.process.send_signal(signal.SIGTERM)
-        assert notify_socket.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
+        assert receive(notify_socket, agent.log_path) == "STOPPING=1\nSTATUS=stopping"
         # The agent's threads get up to 5 s each to finish: a loaded machine needs longer than cluster.kill waits.
         assert agent.process.wait(timeout=60) == 0, agent.log_path.read_text()
     finally:

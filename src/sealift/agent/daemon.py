@@ -97,6 +97,7 @@ class Agent:
         )
         self._port = PortTable()  # connections still in pre-authentication: the ones the guard may evict
         self._stopping = threading.Event()
+        self._stop_signalled = False  # SIGTERM or SIGINT (serve_forever)
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.authority = Authority(config, self.identity)
@@ -149,11 +150,19 @@ class Agent:
     def serve_forever(self) -> None:
         # Before start: SIGHUP's default action would end the agent. Reload the CRL and policy now.
         signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())
-        self.start()
+        # Before start too: start() says READY=1 to systemd, which may stop us at once. The handler
+        # only sets a flag: Event.set takes a lock the main thread it interrupts may be holding.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopping.set())
-        self._stopping.wait()
+            signal.signal(sig, self._on_stop_signal)
+        self.start()
+        # Short waits: a signal that another thread received runs its handler only once this thread
+        # runs Python again, which a wait without a timeout never does (seen: SIGTERM ignored).
+        while not (self._stop_signalled or self._stopping.wait(0.5)):
+            pass
         self.shutdown()
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self._stop_signalled = True
 
     def shutdown(self) -> None:
         """Stop serving. Guests keep running: they do not belong to this process."""
