@@ -16,6 +16,7 @@ from typing import Any
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.backends.qemu.vm import probe_udp
+from sealift.cli.common import failure_json
 from sealift.cli.render import MigrationProgress, console, out, report_table
 from sealift.cluster import LocalCluster
 from sealift.security.orders import describe_order
@@ -56,36 +57,22 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
         try:
             report = _migrate(cluster, src, options, say)
         except AgentRequestFailed as exc:
-            return _failed(str(exc), options)
+            return _failed(exc)
         time.sleep(0.3)  # let the guest tick on its new host
         after = dst.request("vm.info", name=VM)["vm"]
         check = dst.request("vm.check", name=VM)["check"]
         source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
-        result = {
-            "status": report["status"],
-            "transport": report["transport"],
-            "total_time_s": report["total_time_s"],
-            "downtime_ms": report["downtime_ms"],
-            "rounds": report["rounds"],
-            "bytes_sent": report["bytes_sent"],
-            "pages_sent": report["pages_sent"],
-            "memory_bytes": report["memory_bytes"],
-            "counter_before": report["counter_before"],
-            "counter_at_pause": report["counter_at_pause"],
-            "counter_at_resume": report["counter_after"],
-            "counter_after": after["counter"],
-            "destination_pid": after["pid"],
-            "memory_check": {"bad_pages": check["bad_page_count"], "secret_intact": check["secret_intact"]},
-            "copies_running": {"source": VM in source_vms, "destination": bool(after.get("alive"))},
-            "source_cpu_s": report["source_cpu_s"],
-            "destination_cpu_s": report["destination_cpu_s"],
-            "image_digest": report["image_digest"],
-            "order_id": report.get("order_id"),
-            "audit_ok": _audit_ok(cluster),
-            "downtime_breakdown_ms": report["downtime_breakdown_ms"],
-            "round_reports": report["round_reports"],
-            "demo_time_s": round(time.monotonic() - started, 2),
-        }
+        result = _result(
+            cluster,
+            report,
+            started,
+            backend="builtin",
+            counter_after=after["counter"],
+            destination_pid=after["pid"],
+            memory_check={"bad_pages": check["bad_page_count"], "secret_intact": check["secret_intact"]},
+            probe_answer=None,  # the built-in VM has no network service
+            copies_running={"source": VM in source_vms, "destination": bool(after["alive"])},
+        )
         _show_outcome(
             options,
             report,
@@ -145,8 +132,56 @@ def _show_outcome(options: DemoOptions, report: dict[str, Any], conclusion: str)
         out.print(conclusion)
 
 
-def _failed(error: str, options: DemoOptions) -> dict[str, object]:
-    return {"status": "failed", "error": error, "transport": "plain" if options.insecure else "tls"}
+def _failed(exc: AgentRequestFailed) -> dict[str, object]:
+    """The migration was refused or failed: what every failing command prints with --json."""
+    failure: dict[str, object] = {**failure_json(exc)}
+    return failure
+
+
+def _result(
+    cluster: LocalCluster,
+    report: dict[str, Any],
+    started: float,
+    *,
+    backend: str,
+    counter_after: int | None,
+    destination_pid: int | None,
+    memory_check: dict[str, object] | None,
+    probe_answer: int | None,
+    copies_running: dict[str, bool],
+) -> dict[str, object]:
+    """What `sealift demo --json` prints: the same keys for every backend, None where one does not know.
+
+    docs/schemas/demo.schema.json describes it; the keys named as in the migration report mean the same.
+    """
+    return {
+        "status": report["status"],
+        "backend": backend,
+        "transport": report["transport"],
+        "total_time_s": report["total_time_s"],
+        "downtime_ms": report["downtime_ms"],
+        "rounds": report["rounds"],
+        "bytes_sent": report["bytes_sent"],
+        "pages_sent": report["pages_sent"],
+        "memory_bytes": report["memory_bytes"],
+        "counter_before": report["counter_before"],
+        "counter_at_pause": report["counter_at_pause"],
+        "counter_at_resume": report["counter_after"],  # the report's counter_after: right after the resume
+        "counter_after": counter_after,  # a moment later, on the destination
+        "destination_pid": destination_pid,
+        "memory_check": memory_check,
+        "probe_answer": probe_answer,
+        "copies_running": copies_running,
+        "source_cpu_s": report["source_cpu_s"],
+        "destination_cpu_s": report["destination_cpu_s"],
+        "image_digest": report["image_digest"],
+        "stop_reason": report["stop_reason"],
+        "order_id": report["order_id"],
+        "audit_ok": _audit_ok(cluster),
+        "downtime_breakdown_ms": report["downtime_breakdown_ms"],
+        "round_reports": report["round_reports"],
+        "demo_time_s": round(time.monotonic() - started, 2),
+    }
 
 
 QEMU_BOOT_TIMEOUT_S = 90.0
@@ -166,31 +201,23 @@ def _run_qemu(
         try:
             report = _migrate(cluster, src, options, say)
         except AgentRequestFailed as exc:
-            return _failed(str(exc), options)
+            return _failed(exc)
         paused = int(report["counter_at_pause"] or 0)
         now = _wait_counter(dst, paused, 30)
         after = dst.request("vm.info", name=VM)["vm"]
         probe = probe_udp((after["probe"][0], int(after["probe"][1])), 2.0) if after.get("probe") else None
         source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
-        result = {
-            "status": report["status"],
-            "backend": "qemu",
-            "transport": report["transport"],
-            "total_time_s": report["total_time_s"],
-            "downtime_ms": report["downtime_ms"],
-            "bytes_sent": report["bytes_sent"],
-            "memory_bytes": report["memory_bytes"],
-            "stream_digest": report["image_digest"],
-            "qemu": report["stop_reason"],
-            "counter_at_pause": paused,
-            "counter_after": now,
-            "probe_answer": probe,
-            "copies_running": {"source": VM in source_vms, "destination": after["status"] == "running"},
-            "order_id": report.get("order_id"),
-            "audit_ok": _audit_ok(cluster),
-            "downtime_breakdown_ms": report["downtime_breakdown_ms"],
-            "demo_time_s": round(time.monotonic() - started, 2),
-        }
+        result = _result(
+            cluster,
+            report,
+            started,
+            backend="qemu",
+            counter_after=now,
+            destination_pid=after["pid"],
+            memory_check=None,  # no check from inside a QEMU guest: its counter and probe answer are the proof
+            probe_answer=probe,
+            copies_running={"source": VM in source_vms, "destination": after["status"] == "running"},
+        )
         _show_outcome(
             options,
             report,

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ pytestmark = [
 
 
 @pytest.mark.timeout(900)
-def test_quick_bench_prints_one_run_per_transport(tmp_path: Path) -> None:
+def test_quick_bench_prints_one_run_per_transport(tmp_path: Path, check_json: Callable[[str, object], None]) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sealift", "bench", "--quick", "--json", "--out", str(tmp_path / "results")],
         capture_output=True,
@@ -38,6 +39,7 @@ def test_quick_bench_prints_one_run_per_transport(tmp_path: Path) -> None:
     )
     assert done.stdout, f"no JSON on stdout; stderr:\n{done.stderr[-3000:]}"
     document = json.loads(done.stdout)
+    check_json("bench", document)  # docs/schemas/bench.schema.json
     assert list(document) == ["runs"]
     runs = document["runs"]
     for run in runs:
@@ -103,7 +105,7 @@ def test_agent_transports_are_known_to_the_agents() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path) -> None:
+def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path, check_json: Callable[[str, object], None]) -> None:
     """sealift-ipsec cannot share a run with the ipsec baseline (both run charon on the hosts): its own run."""
     if available_transports(["sealift-ipsec"])[0] != ["sealift-ipsec"]:
         pytest.skip("the agents have no ipsec transport here")
@@ -128,6 +130,7 @@ def test_quick_bench_of_sealifts_ipsec_transport(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    check_json("bench", json.loads(done.stdout))  # docs/schemas/bench.schema.json
     runs = {r["transport"]: r for r in json.loads(done.stdout)["runs"]}
     assert sorted(runs) == ["sealift-ipsec"]  # alone: no plain run, so no ratio
     ipsec = runs["sealift-ipsec"]

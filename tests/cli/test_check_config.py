@@ -9,14 +9,17 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from sealift.cli.main import main
 from sealift.cluster import LocalCluster
+from sealift.host.checkup import Check as ConfigCheck
 from sealift.security.identity import ClusterCA
+
+Check = Callable[[str, object], None]  # the check_json fixture (tests/conftest.py)
 
 CHECKS = [
     "config",
@@ -53,9 +56,10 @@ def failed(result: dict) -> dict[str, str]:
     return {c["name"]: c["detail"] for c in result["checks"] if not c["ok"]}
 
 
-def test_a_good_config_passes(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_good_config_passes(cluster: LocalCluster, capsys: pytest.CaptureFixture[str], check_json: Check) -> None:
     status, result = check(config_of(cluster), capsys)
     assert status == 0 and result["status"] == "ok", result
+    check_json("agent-check-config", result)
     assert [c["name"] for c in result["checks"]] == CHECKS
     assert all(c["ok"] and c["detail"] for c in result["checks"])
     details = {c["name"]: c["detail"] for c in result["checks"]}
@@ -77,10 +81,11 @@ def test_text_output_is_one_line_per_check(cluster: LocalCluster) -> None:
     assert lines[-1] == "config OK"
 
 
-def test_a_missing_key(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_key(cluster: LocalCluster, capsys: pytest.CaptureFixture[str], check_json: Check) -> None:
     (cluster.pki / "host-a.key").unlink()
     status, result = check(config_of(cluster), capsys)
     assert status == 1 and result["status"] == "failed"
+    check_json("agent-check-config", result)
     problems = failed(result)
     assert set(problems) == {"host key", "identity"}
     assert "host-a.key does not exist" in problems["host key"]
@@ -113,11 +118,12 @@ def test_a_certificate_of_another_ca_and_key(
     assert "does not belong to" in failed(result)["identity"]
 
 
-def test_bad_toml(cluster: LocalCluster, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_toml(cluster: LocalCluster, capsys: pytest.CaptureFixture[str], check_json: Check) -> None:
     config = config_of(cluster)
     config.write_text(config.read_text() + "\nthis is not toml\n")
     status, result = check(config, capsys)
     assert status == 1 and result["status"] == "failed"
+    check_json("agent-check-config", result)
     assert [c["name"] for c in result["checks"]] == ["config"]
     assert "is not valid TOML" in failed(result)["config"]
 
@@ -174,3 +180,11 @@ def test_a_state_dir_that_is_a_file(cluster: LocalCluster, capsys: pytest.Captur
     status, result = check(config, capsys)
     assert status == 1
     assert failed(result) == {"state_dir": f"{blocker} is not a directory"}
+
+
+def test_the_schema_names_what_a_check_prints() -> None:
+    document = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs/schemas/agent-check-config.schema.json").read_text()
+    )
+    item = document["oneOf"][0]["properties"]["checks"]["items"]["properties"]
+    assert list(item) == list(ConfigCheck("x", True, "").to_dict())

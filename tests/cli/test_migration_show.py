@@ -6,18 +6,22 @@ round lines it logs there are plain `time level logger: message` lines.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from sealift.cli.migration_plot import timeline
 from sealift.cluster import OPERATOR, LocalCluster
+from sealift.host.store import MigrationRecord
+
+Check = Callable[[str, object], None]  # the check_json fixture (tests/conftest.py)
 
 VM = "plotted"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -99,12 +103,13 @@ def test_agent_log_lines_in_a_file_are_plain(migrated: tuple[LocalCluster, dict,
     assert records and not any(re.search(r"\w+\.py:\d+\s*$", line) for line in records)
 
 
-def test_show_prints_the_record_and_its_rounds(migrated: tuple[LocalCluster, dict, Path]) -> None:
+def test_show_prints_the_record_and_its_rounds(migrated: tuple[LocalCluster, dict, Path], check_json: Check) -> None:
     cluster, report, _ = migrated
     socket = str(cluster.agents["host-a"].socket_path)
     done = sealift("migrations", "show", report["migration_id"][:12], "--socket", socket, "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
+    check_json("migrations-show", record)
     assert record["id"] == report["migration_id"] and record["role"] == "source" and record["vm"] == VM
     saved = record["report"]
     assert saved["rounds"] == report["rounds"] >= 3, "a write-heavy guest under a limit takes several rounds"
@@ -141,17 +146,30 @@ def test_the_timeline_puts_the_switchover_where_the_guest_paused(migrated: tuple
     assert line.downtime_s == pytest.approx(report["downtime_ms"] / 1000)
 
 
-def test_show_on_the_destination_has_no_plot(migrated: tuple[LocalCluster, dict, Path], tmp_path: Path) -> None:
+def test_show_on_the_destination_has_no_plot(
+    migrated: tuple[LocalCluster, dict, Path], tmp_path: Path, check_json: Check
+) -> None:
     cluster, report, _ = migrated
     socket = str(cluster.agents["host-b"].socket_path)
+    record = json.loads(sealift("migrations", "show", report["migration_id"], "--socket", socket, "--json").stdout)
+    assert record["role"] == "destination" and record["report"] is None
+    check_json("migrations-show", record)
     done = sealift("migrations", "show", report["migration_id"], "--socket", socket, "--plot", str(tmp_path / "x.png"))
     assert done.returncode == 2
     assert "no saved report here" in done.stderr and "source host" in done.stderr
     assert not (tmp_path / "x.png").exists()
 
 
-def test_show_an_unknown_id(migrated: tuple[LocalCluster, dict, Path]) -> None:
+def test_show_an_unknown_id(migrated: tuple[LocalCluster, dict, Path], check_json: Check) -> None:
     cluster, _, _ = migrated
     done = sealift("migrations", "show", "ffffffff", "--socket", str(cluster.agents["host-a"].socket_path), "--json")
     assert done.returncode == 2
     assert json.loads(done.stdout)["code"] == "not_found"
+    check_json("migrations-show", json.loads(done.stdout))
+
+
+def test_the_schema_names_the_records_fields() -> None:
+    document = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs/schemas/migrations-show.schema.json").read_text()
+    )
+    assert list(document["oneOf"][0]["properties"]) == [f.name for f in dataclasses.fields(MigrationRecord)]

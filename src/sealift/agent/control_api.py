@@ -177,7 +177,7 @@ class ControlServer:
             workload=str(request.get("workload", "db")),
             fill_fraction=float(request.get("fill_fraction", 0.5)),
         )
-        return {"vm": vm.info()}
+        return {"vm": self._agent.vms.info(vm.name)}
 
     def _op_vm_list(self, request: dict, emit: Emit) -> dict:
         return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list()}

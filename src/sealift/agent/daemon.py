@@ -16,6 +16,7 @@ from OpenSSL import SSL
 from sealift.agent.control_api import ControlServer
 from sealift.agent.expected import ExpectedPeers, resolve_peer_keys
 from sealift.agent.guard import EVICTED, SLOW_HANDSHAKE, PeerGuard, PortRefusal, peer_key
+from sealift.agent.metrics import AgentMetrics
 from sealift.agent.notify import sd_notify
 from sealift.agent.port import PortConnection, PortTable, StalledOpening, peek_opening
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
@@ -41,10 +42,10 @@ from sealift.ipsec.charon import HostCharon
 from sealift.migration.authority import Authority
 from sealift.migration.destination import DestinationCoordinator
 from sealift.migration.drivers import DestinationDriver
-from sealift.migration.errors import MigrationError
+from sealift.migration.errors import MigrationError, failure_code
 from sealift.migration.options import MigrationOptions
 from sealift.migration.phases import UNSETTLED, outcome_for
-from sealift.migration.recovery import Keepers, Resolver, recover
+from sealift.migration.recovery import OPEN_AT_RESTART, Keepers, Resolver, recover
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
 from sealift.migration.source import SourceCoordinator
@@ -101,6 +102,7 @@ class Agent:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.authority = Authority(config, self.identity)
+        self.metrics = AgentMetrics()  # this agent's registry: migrations, handovers, port refusals, monitors
         self.placer = Placer(config, self.identity)
         self.context = MigrationContext(config, self.identity, self.store, self.authority, self.sessions)
         self.keepers = Keepers(
@@ -115,7 +117,7 @@ class Agent:
             self.keepers,
             self._active,
             self._active_lock,
-            audit=self.authority.record,
+            audit=self._resolver_audit,
         )
         self.control = ControlServer(config.control_socket, self)
         # Security and reliability monitors (seed 004, T12): per-VM collectors, host verdicts, port watch.
@@ -125,12 +127,15 @@ class Agent:
             [BuiltinCollector(self.vms), QemuCollector(self.qemu_vms)],
             self.authority.record,
             blocker=self.guard,
+            registry=self.metrics.registry,
         )
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         self.recover()
+        if self.config.metrics_address is not None:
+            self.metrics.serve(self.config.metrics_address)  # also with the monitors off
         self._listener = socket.create_server(self.config.listen, reuse_port=False, backlog=128)
         self._spawn(self._accept_loop, "migration-port")
         self.control.start()
@@ -173,6 +178,7 @@ class Agent:
         self.control.stop()
         self.resolver.stop()
         self.monitor.stop()
+        self.metrics.stop()
         self.ipsec.stop()
         self.authority.close()
         self.store.close()
@@ -185,7 +191,11 @@ class Agent:
     def recover(self) -> None:
         """After a crash: adopt guests and settle what the crash interrupted (migration/recovery.py)."""
         self.vms.adopt_existing()  # QEMU guests were adopted in __init__
+        interrupted = self.store.migrations(limit=1000, phases=OPEN_AT_RESTART)
         recover(self.store, self.keepers, self.authority.record)
+        for record in interrupted:  # counted by the phase recovery left each in
+            after = self.store.migration(record.id)
+            self.metrics.recovered_at_start(record.role, after.phase if after is not None else record.phase)
         try:
             self._remove_leftover_images()
         except Exception:
@@ -219,6 +229,7 @@ class Agent:
             if not admission.allowed or admission.slot is None:
                 log.info("connection from %s refused (%s): %s", peer[0], admission.code, admission.reason)
                 sock.close()
+                self.metrics.port_refused("connection", admission.code)
                 self.monitor.port_event(peer[0], "refused_connection")
                 continue
             for victim in self._port.evict(admission.evicted):
@@ -242,6 +253,7 @@ class Agent:
                 if not admission.allowed:
                     log.info("handshake from %s refused: %s", peer[0], admission.reason)
                     sock.close()
+                    self.metrics.port_refused("handshake", admission.code)
                     self.monitor.port_event(peer[0], "handshake_refused")
                     return
                 try:
@@ -312,6 +324,7 @@ class Agent:
                 host = channel.peer_name or first.source_host
                 admission = self.guard.admit_migration(host)  # per source host, before verifying orders
                 if not admission.allowed:
+                    self.metrics.port_refused("migration", admission.code)
                     self.authority.record(
                         "migration.refused",
                         migration_id=first.migration_id,
@@ -342,6 +355,10 @@ class Agent:
             if hello.migration_id in self._active:
                 return
             self._active.add(hello.migration_id)
+        backend, transport = ("qemu" if hello.backend == "qemu" else "builtin"), ("tls" if hello.secure else "plain")
+        self.metrics.incoming_started(backend, transport)
+        session: DestinationSession | None = None
+        escaped: str | None = None  # the code of a failure the coordinator did not handle itself
         try:
             session = DestinationSession(self.context, channel, hello)
             driver: DestinationDriver
@@ -350,7 +367,12 @@ class Agent:
             else:
                 driver = BuiltinDestinationDriver(session, self.vms)
             DestinationCoordinator(session, driver).run()
+        except BaseException as exc:
+            escaped = failure_code(exc)
+            raise
         finally:
+            code = (session.error_code if session is not None else None) or escaped
+            self.metrics.incoming_finished(backend, transport, self._phase(hello.migration_id), code)
             with self._active_lock:
                 self._active.discard(hello.migration_id)
 
@@ -379,7 +401,10 @@ class Agent:
                 "plaintext migration is disabled on this host (set allow_insecure = true to measure it)"
             )
         run_migration: Callable[[], MigrationReport]  # the source coordinator of the guest's backend
-        if self.qemu_vms.has(vm_name):
+        backend = "qemu" if self.qemu_vms.has(vm_name) else "builtin"
+        flight = self.metrics.outgoing(vm_name)  # its in-flight series, moved by its progress events
+        progress = self.metrics.progress_observer(flight, progress)
+        if backend == "qemu":
             strategy = transport_named(transport) if transport else default_transport(options.secure)
             session = SourceSession(self.context, vm_name, destination, options, order, strategy.name, progress)
             driver = QemuSourceDriver(session, self.qemu_vms, strategy, self.ipsec)
@@ -393,15 +418,34 @@ class Agent:
             run_migration = SourceCoordinator(session, BuiltinSourceDriver(session, self.vms)).run
         with self._active_lock:
             self._active.add(session.migration_id)
+        self.metrics.outgoing_started(flight, session.report, backend)
+        code: str | None = None
         try:
             return run_migration()
         except MigrationError as exc:
+            code = exc.code
             if exc.code == "no_memory_capacity":
                 self.placer.admission_refused(destination, str(exc))  # its advert promised room
+            raise
+        except BaseException as exc:
+            code = failure_code(exc)
             raise
         finally:
             with self._active_lock:
                 self._active.discard(session.migration_id)
+            phase = self._phase(session.migration_id)
+            self.metrics.outgoing_finished(flight, session.report, backend, phase, code)
+
+    def _phase(self, migration_id: str) -> str | None:
+        """A migration's phase as its record says (None: it never got one, e.g. refused up front)."""
+        record = self.store.migration(migration_id)
+        return record.phase if record is not None else None
+
+    def _resolver_audit(self, kind: str, **fields: object) -> None:
+        """The resolver's audit entries, and its settlements counted for the metrics."""
+        self.authority.record(kind, **fields)
+        if kind == "migration.resolved":
+            self.metrics.handover_resolved(str(fields["role"]), str(fields["outcome"]))
 
     def place(self, vm_name: str) -> dict[str, object]:
         """Where should this VM go? Only authenticated, fresh, believable adverts count."""
@@ -417,7 +461,7 @@ class Agent:
             "host": self.config.name,
             "pid": os.getpid(),
             "listen": f"{self.config.listen[0]}:{self.config.listen[1]}",
-            "vms": len(self.vms.list()),
+            "vms": sum(len(registry.list()) for registry in self.registries),  # every backend's guests
             "memory_capacity": self.config.memory_capacity,
             "allow_insecure": self.config.allow_insecure,
             "guard": dataclasses.asdict(self.guard.stats()),

@@ -59,13 +59,15 @@ DEFAULT_MAX_TRACKED_PEERS = 4096
 DEFAULT_MIN_TENURE_S = 0.5  # an unexpected connection is not evicted for another unexpected one sooner
 IPV6_PREFIX = 64
 
-
-# Why a connection was refused or closed before authenticating: the `code` of
-# an Admission, and of the PortRefusal the daemon logs and the port watch counts.
+# Why a connection was refused or closed before authenticating: the `code` of an Admission (the
+# metrics' reason label: a short fixed word; the reason text names addresses and numbers), and of
+# the PortRefusal the daemon logs and the port watch counts.
 ADMITTED = "admitted"
 BLOCKED = "blocked"  # the port watch blocked the address
-PEER_LIMIT = "peer_limit"  # this address already holds max_concurrent_per_peer connections
+PORT_FULL = "port_full"  # max_connections already open on the port (admit_connection)
+PEER_LIMIT = "peer_limit"  # this address (or source host) already holds its share
 RATE_LIMITED = "rate_limited"  # this address opens connections (or handshakes) too fast
+HOST_LIMIT = "host_limit"  # this host already receives its total of migrations
 TABLE_FULL = "table_full"  # no place left for this class of address, and none to evict
 EVICTED = "evicted"  # closed to make room for another connection
 SLOW_HANDSHAKE = "slow_handshake"  # no complete ClientHello within hello_timeout_s
@@ -305,7 +307,8 @@ class PeerGuard:
             # fills the port does not also fill the table.
             if self._open_total >= self._max_total:
                 return self._refuse_connection(
-                    f"{self._open_total} connections already open on the migration port (limit {self._max_total})"
+                    f"{self._open_total} connections already open on the migration port (limit {self._max_total})",
+                    PORT_FULL,
                 )
             state = self._peers.get(key)
             if state is not None and state.open >= self._max_per_peer:
@@ -335,6 +338,7 @@ class PeerGuard:
                     False,
                     f"{key} starts TLS handshakes faster than {self._hs_rate:g}/s "
                     f"(burst {self._hs_burst:g}); retry in {wait:.1f} s",
+                    RATE_LIMITED,
                 )
             return _OK
 
@@ -459,7 +463,9 @@ class PeerGuard:
             if self._max_migrations_total is not None and total >= self._max_migrations_total:
                 self._refused_migrations += 1
                 return Admission(
-                    False, f"this host already receives {total} migrations (limit {self._max_migrations_total})"
+                    False,
+                    f"this host already receives {total} migrations (limit {self._max_migrations_total})",
+                    HOST_LIMIT,
                 )
             current = self._migrations.get(peer_host, 0)
             if current >= self._max_migrations_per_peer:
@@ -468,6 +474,7 @@ class PeerGuard:
                     False,
                     f"{peer_host} already has {current} migrations in progress to this host "
                     f"(limit {self._max_migrations_per_peer} per source host)",
+                    PEER_LIMIT,
                 )
             self._migrations[peer_host] = current + 1
             return _OK

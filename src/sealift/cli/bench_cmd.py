@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sealift.cli.common import print_failure_json
+from sealift.cli.common import CliError, print_failure_json
 from sealift.host.config import parse_size
 
 QUICK_QEMU_MIB = 160
@@ -134,7 +134,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sealift.bench.results import fill_ratios
 
     if os.geteuid() != 0:
-        print("error: sealift bench needs root (it builds network namespaces)", file=sys.stderr)
+        refusal = CliError("sealift bench needs root (it builds network namespaces)")
+        print(f"error: {refusal}", file=sys.stderr)
+        print_failure_json(args, refusal)
         return 2
     try:
         plan = build_plan(args)

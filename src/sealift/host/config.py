@@ -96,6 +96,12 @@ class AgentConfig:
     policy_path: Path | None = None  # RBAC rules (TOML); none = deny every order
     crl_path: Path | None = None  # the cluster CA's revocation list
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig())  # [monitor]: sealift.monitor
+    metrics_listen: tuple[str, int] | None = None  # the agent's Prometheus endpoint (agent/metrics.py)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the agent serves its metrics: `metrics_listen`, else the older `[monitor] metrics_listen`."""
+        return self.metrics_listen or self.monitor.metrics_listen
 
     @property
     def database_path(self) -> Path:
@@ -167,6 +173,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         policy_path=path("policy") if "policy" in raw else None,
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
         monitor=_monitor_config(raw.get("monitor", {})),
+        metrics_listen=parse_address(str(raw["metrics_listen"])) if "metrics_listen" in raw else None,
     )
 
 

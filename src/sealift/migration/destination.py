@@ -95,6 +95,7 @@ class DestinationCoordinator:
         s, hello = self.session, self.session.hello
         s.context.authority.forget(s.flight)  # it may rely on its peer already: nothing to stop any more
         code = failure_code(exc)
+        s.error_code = code
         where = f"{self.driver.backend} migration {hello.migration_id} of {hello.vm_name} from {hello.source_host}"
         log.warning("refused %s (%s): %s", where, code, exc)
         s.audit("migration.refused", vm=hello.vm_name, source=hello.source_host, reason=str(exc), code=code)
@@ -178,6 +179,7 @@ class DestinationCoordinator:
             hello.vm_name,
             hello.source_host,
         )
+        s.error_code = failure_code(exc)
         s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
@@ -198,6 +200,7 @@ class DestinationCoordinator:
         """The failure on record (store, audit) and told to the source with its code, whatever state either is in."""
         s, hello = self.session, self.session.hello
         reason, code = self._cause(exc)
+        s.error_code = code
         if code == "internal_error":  # a bug, not a peer's doing: keep its traceback for whoever fixes it
             log.error("%s migration %s failed unexpectedly", self.driver.backend, hello.migration_id, exc_info=exc)
         log.warning(

@@ -151,6 +151,7 @@ class DestinationSession:
         self.psk: PskSession | None = None
         self.psk_binding = b""
         self.flight = InFlightTrust(self.migration_id)  # the operator and peer it relies on (live revocation)
+        self.error_code: str | None = None  # why it was refused or failed, once it was (the agent's metrics)
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         return records.transition(self.context.store, self.migration_id, event, error)

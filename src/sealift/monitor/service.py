@@ -22,8 +22,8 @@ flood spread over many addresses (each under its own threshold): the start
 and the end of each episode are audited once (`monitor.port_flood`, code
 `port_flood`; `monitor.port_flood_ended`) and exported as metrics.
 
-Metrics: with `metrics_listen`, a Prometheus endpoint (its own registry,
-so two agents in one process do not collide).
+Metrics: registered into the agent's registry (agent/metrics.py), which
+the agent serves on its endpoint; the monitor serves nothing itself.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sealift.migration import gate
 from sealift.migration.gate import VM_FLAGGED_ATTACKER, MonitorRefusal
@@ -43,6 +43,9 @@ from sealift.monitor.portwatch import FloodConfig, FloodReport, FloodWatch, Port
 from sealift.monitor.reliability import ReliabilityConfig
 from sealift.monitor.signals import SIGNALS, VmSample
 from sealift.monitor.verdicts import ATTACKER, VICTIM, MonitorEvent
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class MonitorConfig:
 
     enabled: bool = True
     period_s: float = 1.0
-    metrics_listen: tuple[str, int] | None = None  # e.g. 127.0.0.1:9464; none = no endpoint
+    # The agent's metrics endpoint, e.g. 127.0.0.1:9464 (still read here; the top-level metrics_listen wins).
+    metrics_listen: tuple[str, int] | None = None
     warmup_samples: int = 20
     half_life_samples: float = 60.0
     z_threshold: float = 4.0
@@ -123,6 +127,7 @@ class MonitorService:
         audit: AuditFn,
         blocker: Blocker | None = None,
         clock: Callable[[], float] = time.monotonic,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.host = host
         self.config = config
@@ -138,8 +143,7 @@ class MonitorService:
         self._absent_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._metrics_server: Any = None
-        self._metrics: _Metrics | None = None
+        self._metrics = _Metrics(registry) if registry is not None else None
         self.rounds = 0
         self.last_error: str | None = None
 
@@ -147,9 +151,6 @@ class MonitorService:
 
     def start(self) -> None:
         gate.install(self.host, self)
-        if self.config.metrics_listen is not None:
-            self._metrics = _Metrics()
-            self._metrics_server = self._metrics.serve(self.config.metrics_listen)
         if self.config.enabled:
             self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
             self._thread.start()
@@ -159,9 +160,6 @@ class MonitorService:
         gate.uninstall(self.host, self)
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
 
     def _run(self) -> None:
         next_round = self._clock()
@@ -367,12 +365,12 @@ def _ago(since: float, now: float) -> str:
 
 
 class _Metrics:
-    """Prometheus gauges and counters, in a registry of their own."""
+    """The monitor's Prometheus gauges and counters, in the agent's registry."""
 
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge
 
-        self.registry = CollectorRegistry()
+        self.registry = registry
 
         def signal_gauge(name: str, documentation: str) -> Gauge:
             return Gauge(name, documentation, ["vm", "signal"], registry=self.registry)  # a series per VM and signal
@@ -412,12 +410,6 @@ class _Metrics:
             "Addresses with a connection that ended unfinished within the flood window",
             registry=self.registry,
         )
-
-    def serve(self, address: tuple[str, int]) -> Any:
-        from prometheus_client import start_http_server
-
-        server, _thread = start_http_server(address[1], addr=address[0], registry=self.registry)
-        return server
 
     def update_flood(self, flood: dict[str, object]) -> None:
         self.flood_active.set(1 if flood["active"] else 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from sealift.backends.builtin.image import GuestImage
 from sealift.backends.builtin.receiver import ImageReceiver, ReceiveResult
 from sealift.backends.builtin.registry import BuiltinGuestMemory, BuiltinVmRegistry
-from sealift.backends.builtin.sender import PrecopyResult, PrecopySender, TransferProgress, state_digest
+from sealift.backends.builtin.sender import PAGE_SIZE, PrecopyResult, PrecopySender, TransferProgress, state_digest
 from sealift.backends.builtin.vm import BuiltinVM, StandbyGuest, VmError
 from sealift.host.store import MigrationRecord
 from sealift.host.transport import ControlChannel, PipelinedSink, open_data_stream, recv_exactly_into
@@ -154,6 +154,8 @@ class BuiltinSourceDriver:
                 "pages_done": progress.pages_done,
                 "pages_total": progress.pages_total,
                 "wire_bytes": progress.wire_bytes,
+                # What is left as far as we know: this round's unsent pages and the pages dirtied meanwhile.
+                "remaining_bytes": (progress.pages_total - progress.pages_done + progress.dirty_pages) * PAGE_SIZE,
             },
         )
 

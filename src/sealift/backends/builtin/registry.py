@@ -149,6 +149,16 @@ class BuiltinVmRegistry:
         vm = self.get(name)
         info = vm.info()
         info["migrating"] = self._guests.is_busy(name)
+        # Every backend's entry has the same keys (docs/schemas/common.schema.json, vm): QEMU's are None here.
+        info.update(
+            backend="builtin",
+            memory_mib=vm.memory_bytes >> 20,
+            status=None,
+            accel=None,
+            console=None,
+            net=None,
+            probe=None,
+        )
         return info
 
     def list(self) -> list[dict[str, object]]:

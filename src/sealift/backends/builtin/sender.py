@@ -51,6 +51,7 @@ class TransferProgress:
     pages_done: int
     pages_total: int
     wire_bytes: int
+    dirty_pages: int = 0  # pages dirtied since this round began: the next round's work so far
 
 
 @dataclass
@@ -289,12 +290,15 @@ class PrecopySender:
             now = time.monotonic()
             if now >= self._next_tick:
                 self._next_tick = now + 0.1
+                # At the tick only (10 a second): one compare of the generations, not per record.
+                dirty = int(np.count_nonzero(self._guest.dirty_snapshot() != self._sent_gens))
                 self._on_transfer(
                     TransferProgress(
                         self._round,
                         self._writer.pages_sent - self._round_start_pages,
                         self._round_total,
                         self._writer.wire_bytes,
+                        dirty,
                     )
                 )
 

@@ -161,6 +161,9 @@ class QemuVmRegistry:
             memory_bytes=vm.memory_mib * MiB,
             profile="qemu",
             probe=list(vm.net.probe_address(7777) or ()) or None,
+            # Every backend's entry has the same keys (docs/schemas/common.schema.json, vm): the built-in's.
+            throttle_pct=None,
+            image_path=None,
         )
         return info
 

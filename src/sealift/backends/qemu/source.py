@@ -399,6 +399,7 @@ class QemuSourceDriver:
                         "pages_done": min(transferred // relay.PAGE, vm.memory_mib * MiB // relay.PAGE),
                         "pages_total": vm.memory_mib * MiB // relay.PAGE,
                         "wire_bytes": pump.stream_bytes if pump is not None else transferred,
+                        "remaining_bytes": int(ram.get("remaining", 0)),  # QEMU's own: unsent and dirty RAM
                     },
                 )
             elif time.monotonic() - last_progress > s.config.step_timeout_s:
