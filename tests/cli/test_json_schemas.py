@@ -30,7 +30,7 @@ from sealift.migration.report import MigrationReport, RoundReport
 from sealift.monitor.portwatch import FloodWatch
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
-COMMANDS = ("demo", "migrate", "migrations", "vm-list", "status", "bench")
+COMMANDS = ("demo", "migrate", "migrations", "vm-list", "status", "bench", "migrations-show", "agent-check-config")
 VM = "schema-vm"
 
 Check = Callable[[str, object], None]

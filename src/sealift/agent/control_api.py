@@ -229,6 +229,18 @@ class ControlServer:
             ]
         }
 
+    def _op_migration(self, request: dict, emit: Emit) -> dict:
+        """One migration's record with the report it saved (the source saves one); the id may be shortened."""
+        prefix = _field(request, "id", str)
+        if len(prefix) < 4:
+            raise RequestError("give at least 4 characters of the migration id")
+        records = self._agent.store.migrations_by_prefix(prefix, limit=2)
+        if not records:
+            raise LookupError(f"no migration {prefix!r} on {self._agent.config.name}")
+        if len(records) > 1:
+            raise RequestError(f"migration id {prefix!r} matches several migrations: give more of it")
+        return {"migration": dataclasses.asdict(records[0])}
+
     def _op_migrate(self, request: dict, emit: Emit) -> dict:
         overrides = request.get("options", {})
         if not isinstance(overrides, dict):

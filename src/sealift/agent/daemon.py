@@ -17,6 +17,7 @@ from sealift.agent.control_api import ControlServer
 from sealift.agent.expected import ExpectedPeers, resolve_peer_keys
 from sealift.agent.guard import EVICTED, SLOW_HANDSHAKE, PeerGuard, PortRefusal, peer_key
 from sealift.agent.metrics import AgentMetrics
+from sealift.agent.notify import sd_notify
 from sealift.agent.port import PortConnection, PortTable, StalledOpening, peek_opening
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
 from sealift.backends.builtin.registry import BuiltinVmRegistry
@@ -97,6 +98,7 @@ class Agent:
         )
         self._port = PortTable()  # connections still in pre-authentication: the ones the guard may evict
         self._stopping = threading.Event()
+        self._stop_signalled = False  # SIGTERM or SIGINT (serve_forever)
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.authority = Authority(config, self.identity)
@@ -146,18 +148,30 @@ class Agent:
             *self.config.listen,
             self.config.control_socket,
         )
+        # Under systemd (Type=notify): ready only now that the port and the control socket accept.
+        listen = f"{self.config.listen[0]}:{self.config.listen[1]}"
+        sd_notify("READY=1", f"STATUS=serving on {listen}, control socket {self.config.control_socket}")
 
     def serve_forever(self) -> None:
         # Before start: SIGHUP's default action would end the agent. Reload the CRL and policy now.
         signal.signal(signal.SIGHUP, lambda *_: self.authority.request_reload())
-        self.start()
+        # Before start too: start() says READY=1 to systemd, which may stop us at once. The handler
+        # only sets a flag: Event.set takes a lock the main thread it interrupts may be holding.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopping.set())
-        self._stopping.wait()
+            signal.signal(sig, self._on_stop_signal)
+        self.start()
+        # Short waits: a signal that another thread received runs its handler only once this thread
+        # runs Python again, which a wait without a timeout never does (seen: SIGTERM ignored).
+        while not (self._stop_signalled or self._stopping.wait(0.5)):
+            pass
         self.shutdown()
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self._stop_signalled = True
 
     def shutdown(self) -> None:
         """Stop serving. Guests keep running: they do not belong to this process."""
+        sd_notify("STOPPING=1", "STATUS=stopping")
         self._stopping.set()
         if self._listener is not None:
             self._listener.close()

@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sealift.bench.results import RunResult, Summary, summarise, table4_markdown
@@ -86,14 +87,26 @@ PLOTS = (
 )
 
 
-def write_plots(directory: Path, summaries: Sequence[Summary]) -> list[Path]:
-    """Grouped bars per transport for each size (and workload/MTU): median, with min–max as error bars."""
+# Every PNG sealift writes (these and `sealift migrations show --plot`) looks alike.
+PLOT_DPI = 110
+
+
+def agg_pyplot() -> ModuleType | None:
+    """matplotlib's pyplot on the Agg backend (files only, no display), or None without the `bench` extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plots(directory: Path, summaries: Sequence[Summary]) -> list[Path]:
+    """Grouped bars per transport for each size (and workload/MTU): median, with min–max as error bars."""
+    plt = agg_pyplot()
+    if plt is None:
         return []  # the `bench` extra is not installed: JSON and Markdown still tell everything
     written = []
     cells = list(dict.fromkeys(s.cell for s in summaries))
@@ -123,7 +136,7 @@ def write_plots(directory: Path, summaries: Sequence[Summary]) -> list[Path]:
         axes.legend(fontsize=8)
         figure.tight_layout()
         path = directory / filename
-        figure.savefig(path, dpi=110)
+        figure.savefig(path, dpi=PLOT_DPI)
         plt.close(figure)
         written.append(path)
     return written

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from sealift.cli.common import add_agent_flags, client, show_fields
+from rich.markup import escape
+
+from sealift.cli.common import DEFAULT_CONFIG, add_agent_flags, client, print_json, show_fields
+from sealift.cli.render import out, setup_logging
+from sealift.host.checkup import check_agent_config
 from sealift.host.config import load_config
 
 
 def add_agent_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run the per-host agent")
-    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the config, the identity files, the policy, the CRL and the directories, "
+        "then exit (0: all good) without starting the agent",
+    )
+    p.add_argument("--json", action="store_true", help="with --check-config: print the checks as JSON")
     p.set_defaults(func=cmd_agent)
 
 
@@ -24,11 +34,29 @@ def add_status_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.check_config:
+        return check_config(Path(args.config), args.json)
     from sealift.agent.daemon import Agent
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level.upper())
     Agent(load_config(Path(args.config))).serve_forever()
     return 0
+
+
+def check_config(path: Path, as_json: bool) -> int:
+    """One line per check (✓/✗); exit status 0 only if every check passed."""
+    checks = check_agent_config(path)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        print_json({"status": "ok" if ok else "failed", "config": str(path), "checks": [c.to_dict() for c in checks]})
+    else:
+        for c in checks:
+            mark = "[green]✓[/green]" if c.ok else "[red]✗[/red]"
+            # soft_wrap: one line per check even in a narrow terminal or a file (the journal, grep)
+            out.print(f"{mark} [bold]{c.name}[/bold]: {escape(c.detail)}", highlight=False, soft_wrap=True)
+        failed = sum(not c.ok for c in checks)
+        out.print("[green]config OK[/green]" if ok else f"[red]{failed} check(s) failed[/red]")
+    return 0 if ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:

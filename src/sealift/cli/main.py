@@ -24,7 +24,7 @@ from sealift.cli import (
     vm_cmd,
 )
 from sealift.cli.common import CliError, print_failure_json
-from sealift.cli.render import console
+from sealift.cli.render import console, setup_logging
 from sealift.host.config import ConfigError
 from sealift.security.errors import SecurityError
 
@@ -66,6 +66,7 @@ def report_failure(args: argparse.Namespace, exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args.func(args))
     except REPORTED_ERRORS as exc:

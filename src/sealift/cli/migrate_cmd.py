@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
+from sealift.cli import migration_show
 from sealift.cli.common import (
     CliError,
     add_agent_flags,
@@ -42,10 +43,11 @@ def add_place_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_migrations_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("migrations", help="recent migrations on an agent")
+    p = sub.add_parser("migrations", help="recent migrations on an agent (`migrations show ID` for one)")
     p.add_argument("--limit", type=int, default=20)
     add_agent_flags(p)
     p.set_defaults(func=cmd_migrations)
+    migration_show.add_show_parser(p.add_subparsers(dest="migrations_command", metavar="{show}"))
 
 
 def _order_for(args: argparse.Namespace, agent: AgentClient) -> tuple[str, str, str]:

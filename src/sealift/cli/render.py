@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True)  # stdout stays clean for --json
 out = Console()
+
+# Log lines where no one watches a terminal (a file, a pipe, journald): one plain line each.
+PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# The CLI's own lines (a migration's rounds) are for the operator: shown at INFO.
+progress_log = logging.getLogger("sealift.cli.progress")
+
+_handler: logging.Handler | None = None  # the one this module installed on the root logger
+
+
+def log_handler(terminal: bool) -> logging.Handler:
+    """Rich on a terminal; elsewhere plain `time level logger: message`, without rich's source locations."""
+    if terminal:
+        return RichHandler(console=console, show_path=False, markup=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(PLAIN_LOG_FORMAT))
+    return handler
+
+
+def setup_logging(level: str | int | None = None) -> None:
+    """Send log records to stderr, rich or plain by whether stderr is a terminal.
+
+    Replaces only the handler it installed before (others, e.g. pytest's, stay);
+    `level` sets the root logger's level, None leaves it as it is.
+    """
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = log_handler(sys.stderr.isatty())
+    root.addHandler(_handler)
+    if level is not None:
+        root.setLevel(level)
+    progress_log.setLevel(logging.INFO)
 
 
 class MigrationProgress:
@@ -58,7 +95,7 @@ class MigrationProgress:
             label = "stop-and-copy" if event.get("final") else f"round {event['round']}"
             sent = max(1, int(event["pages_sent"]))
             self._progress.update(task, description=f"{self._title} {label}", completed=sent, total=sent, eta="0s")
-            self._progress.console.log(
+            progress_log.info(
                 f"{label}: {event['pages_sent']} pages, {event['bytes_sent'] / 2**20:.1f} MiB in "
                 f"{event['duration_s'] * 1000:.0f} ms ({event['throughput_mib_s']} MiB/s), "
                 f"{event['dirty_pages_left']} dirty left → {event['decision']} ({event['reason']})"

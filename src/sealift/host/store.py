@@ -150,6 +150,11 @@ class AgentStore:
         rows = self._exec(f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE id=?", (migration_id,))
         return _migration(rows[0]) if rows else None
 
+    def migrations_by_prefix(self, prefix: str, limit: int = 2) -> list[MigrationRecord]:
+        """The migrations whose id starts with `prefix` (ids are shown shortened), newest first."""
+        sql = f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE substr(id, 1, ?) = ? ORDER BY created_at DESC LIMIT ?"
+        return [_migration(row) for row in self._exec(sql, (len(prefix), prefix, limit))]
+
     def migrations(
         self, limit: int = 100, phases: tuple[str, ...] | None = None, role: str | None = None
     ) -> list[MigrationRecord]:
