@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from sealift.monitor.portwatch import EVENT_WEIGHTS, FloodConfig, FloodWatch, PortWatch, PortWatchConfig
 from sealift.monitor.service import MonitorConfig, MonitorService, _Metrics
