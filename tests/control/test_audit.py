@@ -17,14 +17,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sealift.security.audit import (
-    AuditError,
-    AuditLog,
-    AuditVerification,
-    Kinds,
-    _sign,
-    verify_export,
-)
+from sealift.security.audit import AuditLog, AuditVerification, Kinds, _sign, verify_export
+from sealift.security.errors import AuditError
 from sealift.security.signing import canonical_json
 
 from .conftest import Cluster

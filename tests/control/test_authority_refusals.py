@@ -15,8 +15,8 @@ import pytest
 from sealift.host.config import AgentConfig
 from sealift.migration import authority as authority_module
 from sealift.migration.authority import Authority
-from sealift.security.errors import CertificateError
-from sealift.security.orders import MalformedOrderError, OrderError, create_order
+from sealift.security.errors import CertificateError, MalformedOrderError, OrderError
+from sealift.security.orders import create_order
 
 from . import certforge
 from .conftest import Cluster

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sealift.security.audit import AuditLog, Kinds
-from sealift.security.orders import OrderError, VerifiedOrder, create_order, verify_order
+from sealift.security.errors import OrderError
+from sealift.security.orders import VerifiedOrder, create_order, verify_order
 from sealift.security.policy import Policy
 from sealift.security.replay import ReplayCache
 from sealift.security.revocation import RevocationList

@@ -17,10 +17,10 @@ import pytest
 from sealift.host.config import AgentConfig
 from sealift.migration.authority import Authority
 from sealift.security.audit import Kinds
+from sealift.security.errors import CertificateRevokedError
 from sealift.security.identity import ClusterCA, HostIdentity
 from sealift.security.operators import Operator, Role
 from sealift.security.reload import FileStamp, InFlightTrust
-from sealift.security.revocation import CertificateRevokedError
 
 POLICY = '[[rule]]\nroles = ["admin"]\nvms = ["*"]\nfrom = ["host-a"]\nto = ["host-b"]\n'
 ADMIN = Operator("alice", Role.ADMIN)

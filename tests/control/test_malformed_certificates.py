@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealift.errors import SealiftError
 from sealift.security.certificates import is_issued_by, read_certificate
-from sealift.security.errors import CertificateError, MalformedCertificateError
+from sealift.security.errors import CertificateError, MalformedCertificateError, MalformedOrderError
 from sealift.security.identity import ClusterCA, host_name_of, read_host_certificate
 from sealift.security.operators import operator_of, read_operator_certificate, verify_operator_certificate
-from sealift.security.orders import MalformedOrderError, create_order, describe_order, verify_order
+from sealift.security.orders import create_order, describe_order, verify_order
 from sealift.security.revocation import RevocationList
 
 from . import certforge

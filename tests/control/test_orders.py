@@ -10,11 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sealift.security.identity import ClusterCA
-from sealift.security.operators import Operator, Role
-from sealift.security.orders import (
-    MAX_ORDER_BYTES,
-    ORDER_CLOCK_SKEW,
+from sealift.security.errors import (
     IssuerRevokedError,
     MalformedOrderError,
     OrderExpiredError,
@@ -24,6 +20,12 @@ from sealift.security.orders import (
     UntrustedIssuerError,
     WrongDestinationError,
     WrongSourceError,
+)
+from sealift.security.identity import ClusterCA
+from sealift.security.operators import Operator, Role
+from sealift.security.orders import (
+    MAX_ORDER_BYTES,
+    ORDER_CLOCK_SKEW,
     create_order,
     describe_order,
     format_time,

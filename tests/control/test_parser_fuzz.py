@@ -32,10 +32,10 @@ from sealift.errors import SealiftError
 from sealift.migration.documents import DocumentSigner, await_receipt
 from sealift.placement.adverts import AdvertError, Placement, make_advert, sign_advert, verify_advert
 from sealift.security.certificates import is_issued_by, read_certificate
-from sealift.security.errors import MalformedCertificateError
+from sealift.security.errors import MalformedCertificateError, OrderError
 from sealift.security.identity import host_name_of, read_host_certificate
 from sealift.security.operators import operator_of, read_operator_certificate, verify_operator_certificate
-from sealift.security.orders import OrderError, create_order, describe_order, verify_order
+from sealift.security.orders import create_order, describe_order, verify_order
 from sealift.security.psk.proof import PROOF_BYTES, PskProof
 from sealift.security.revocation import RevocationList
 from sealift.security.signing import sign_document

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from sealift.security.errors import OrderError, PolicyDeniedError, PolicyFileError
 from sealift.security.operators import Operator, Role
-from sealift.security.orders import OrderError
-from sealift.security.policy import Policy, PolicyDeniedError, PolicyFileError
+from sealift.security.policy import Policy
 
 ALICE = Operator("alice", Role.ADMIN)
 OLGA = Operator("olga", Role.OPERATOR)

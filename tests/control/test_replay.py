@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sealift.security.orders import OrderError, OrderExpiredError, OrderReplayedError, create_order, verify_order
+from sealift.security.errors import OrderError, OrderExpiredError, OrderReplayedError
+from sealift.security.orders import create_order, verify_order
 from sealift.security.replay import RETENTION, ReplayCache
 from sealift.security.revocation import RevocationList
 

@@ -10,14 +10,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from sealift.security.errors import HandshakeError
+from sealift.security.errors import CertificateRevokedError, CrlError, HandshakeError
 from sealift.security.identity import ClusterCA, HostIdentity
-from sealift.security.revocation import (
-    CertificateRevokedError,
-    CrlError,
-    RevocationList,
-    enable_crl_check,
-)
+from sealift.security.revocation import RevocationList, enable_crl_check
 from sealift.security.tls import TlsStream, client_context, server_context
 
 from .conftest import UTC, HandshakeServer

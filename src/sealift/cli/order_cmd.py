@@ -46,7 +46,7 @@ def cmd_order_create(args: argparse.Namespace) -> int:
 
 def read_order_file(path: str) -> str:
     """The text of an order file; MalformedOrderError (one line, code "malformed") if it is not UTF-8."""
-    from sealift.security.orders import MalformedOrderError
+    from sealift.security.errors import MalformedOrderError
 
     try:
         return Path(path).read_bytes().decode("utf-8")

@@ -29,14 +29,21 @@ from cryptography.hazmat.primitives import serialization
 
 from sealift.host.config import AgentConfig
 from sealift.security.audit import AuditLog, Kinds
-from sealift.security.errors import CertificateError, SecurityError
+from sealift.security.errors import (
+    CertificateError,
+    CrlError,
+    MalformedOrderError,
+    OrderError,
+    PolicyFileError,
+    SecurityError,
+)
 from sealift.security.identity import HostIdentity
-from sealift.security.orders import MalformedOrderError, OrderError, VerifiedOrder, verify_order
-from sealift.security.policy import Policy, PolicyFileError
+from sealift.security.orders import VerifiedOrder, verify_order
+from sealift.security.policy import Policy
 from sealift.security.psk import PskRole, PskSession, PskStore, psk_fingerprint, wrap_key_from_private_key
 from sealift.security.reload import FileStamp, InFlightTrust
 from sealift.security.replay import ReplayCache
-from sealift.security.revocation import CrlError, RevocationList
+from sealift.security.revocation import RevocationList
 
 log = logging.getLogger(__name__)
 

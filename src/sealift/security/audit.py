@@ -60,7 +60,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sealift.security.errors import SecurityError
+from sealift.security.errors import AuditError
 from sealift.security.signing import canonical_json
 from sealift.security.store import SqliteStore, immediate_transaction, open_durable
 
@@ -116,12 +116,6 @@ class Kinds:
     PEER_REFUSED = "peer.refused"
     MIGRATION_REVOKED = "migration.revoked"  # a certificate an in-flight migration relies on was revoked
     KEY_CHANGED = "key.changed"
-
-
-class AuditError(SecurityError):
-    """The audit log cannot be written or read (not: it was tampered with; see verify)."""
-
-    code = "audit_error"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,20 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from sealift.security.errors import CertificateError, SecurityError, SignatureError
+from sealift.security.errors import (
+    CertificateError,
+    CertificateRevokedError,
+    IssuerRevokedError,
+    MalformedOrderError,
+    OrderExpiredError,
+    OrderNotYetValidError,
+    OrderSignatureError,
+    OrderTooLargeError,
+    SignatureError,
+    UntrustedIssuerError,
+    WrongDestinationError,
+    WrongSourceError,
+)
 from sealift.security.identity import validate_hostname
 from sealift.security.operators import (
     Operator,
@@ -57,7 +70,7 @@ from sealift.security.operators import (
     validate_operator_name,
     verify_operator_certificate,
 )
-from sealift.security.revocation import CertificateRevokedError, RevocationList
+from sealift.security.revocation import RevocationList
 from sealift.security.signing import _parse_envelope, sign_document, verify_document
 
 ORDER_KIND = "migration-order"
@@ -93,68 +106,6 @@ _PAYLOAD_FIELDS = frozenset(
         "issuer_certificate",
     }
 )
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class OrderError(SecurityError):
-    """An order was refused. `code` is a short machine-readable reason for the audit log."""
-
-    code = "refused"
-
-    def __init__(self, message: str, order_id: str | None = None) -> None:
-        super().__init__(message)
-        self.order_id = order_id
-
-    def audit_fields(self) -> dict[str, Any]:
-        """Fields for an `order.refused` audit entry."""
-        return {"order_id": self.order_id, "code": self.code, "reason": str(self)}
-
-
-class MalformedOrderError(OrderError):
-    code = "malformed"
-
-
-class OrderTooLargeError(MalformedOrderError):
-    code = "too_large"
-
-
-class OrderSignatureError(OrderError):
-    code = "bad_signature"
-
-
-class UntrustedIssuerError(OrderError):
-    """The issuer's certificate is not a valid operator certificate of this cluster's CA."""
-
-    code = "untrusted_issuer"
-
-
-class IssuerRevokedError(UntrustedIssuerError):
-    code = "issuer_revoked"
-
-
-class OrderExpiredError(OrderError):
-    code = "expired"
-
-
-class OrderNotYetValidError(OrderError):
-    code = "not_yet_valid"
-
-
-class WrongSourceError(OrderError):
-    code = "wrong_source"
-
-
-class WrongDestinationError(OrderError):
-    code = "wrong_destination"
-
-
-class OrderReplayedError(OrderError):
-    """The order's id was already used on this agent (raised by replay.ReplayCache)."""
-
-    code = "replayed"
 
 
 # --------------------------------------------------------------------------

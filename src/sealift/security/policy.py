@@ -35,26 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.security.errors import SecurityError
+from sealift.security.errors import PolicyDeniedError, PolicyFileError
 from sealift.security.operators import ROLES, Operator, Role
-from sealift.security.orders import OrderError
 
 _RULE_KEYS = ("name", "roles", "vms", "labels", "from", "to")
 _RULE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*rule[ \t]*\]\]", re.MULTILINE)
 _LABEL = re.compile(r"([a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?)=([A-Za-z0-9._-]{0,63})")
 _MAX_PATTERN = 256
-
-
-class PolicyFileError(SecurityError):
-    """The policy file is missing, not TOML, or breaks the rules above."""
-
-    code = "policy_file_error"
-
-
-class PolicyDeniedError(OrderError):
-    """The policy does not allow this operator to order this migration."""
-
-    code = "denied_by_policy"
 
 
 @dataclass(frozen=True)

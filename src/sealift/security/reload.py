@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from sealift.security.revocation import CertificateRevokedError, RevocationList
+from sealift.security.errors import CertificateRevokedError
+from sealift.security.revocation import RevocationList
 
 
 @dataclass(frozen=True)

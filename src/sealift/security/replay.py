@@ -27,12 +27,8 @@ import re
 import sqlite3
 from pathlib import Path
 
-from sealift.security.orders import (
-    ORDER_CLOCK_SKEW,
-    OrderExpiredError,
-    OrderReplayedError,
-    format_time,
-)
+from sealift.security.errors import OrderExpiredError, OrderReplayedError
+from sealift.security.orders import ORDER_CLOCK_SKEW, format_time
 from sealift.security.store import SqliteStore, immediate_transaction, open_durable
 
 __all__ = ["ReplayCache", "OrderReplayedError", "RETENTION"]

@@ -37,7 +37,7 @@ from OpenSSL import SSL
 from OpenSSL import crypto as _crypto
 
 from sealift.security.certificates import CLOCK_SKEW, iso, utc_now
-from sealift.security.errors import CertificateError
+from sealift.security.errors import CertificateError, CertificateRevokedError, CrlError
 
 CRL_FILE = "ca.crl.pem"
 DEFAULT_CRL_DAYS = 30
@@ -54,18 +54,6 @@ _REASONS = {
     for flag in x509.ReasonFlags
     if flag not in (x509.ReasonFlags.certificate_hold, x509.ReasonFlags.remove_from_crl)
 }
-
-
-class CertificateRevokedError(CertificateError):
-    """The certificate is on the cluster CA's revocation list."""
-
-    code = "certificate_revoked"
-
-
-class CrlError(CertificateError):
-    """The CRL is missing, unreadable, not from this CA, not yet valid or expired."""
-
-    code = "crl_error"
 
 
 @dataclass(frozen=True)
