@@ -311,15 +311,10 @@ class PeerGuard:
                     PORT_FULL,
                 )
             state = self._peers.get(key)
-            if state is not None and state.open >= self._max_per_peer:
-                return self._refuse_connection(
-                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)",
-                    PEER_LIMIT,
-                )
-            if state is None:
-                state = self._track(key)
-            else:
-                self._peers.move_to_end(key)
+            refusal = self._check_peer_limit(key, state)
+            if refusal is not None:
+                return refusal
+            state = self._touch(key, state)
             if not state.connections.try_take():
                 return self._refuse_connection(self._rate_reason(key, state), RATE_LIMITED)
             state.open += 1
@@ -374,18 +369,13 @@ class PeerGuard:
                 return refusal
             expected = self._expected is not None and self._expected.is_expected(key, now)
             state = self._peers.get(key)
-            if state is not None and state.open >= self._max_per_peer:
-                return self._refuse_connection(
-                    f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)",
-                    PEER_LIMIT,
-                )
+            refusal = self._check_peer_limit(key, state)
+            if refusal is not None:
+                return refusal
             victims = self._make_room(expected, now)
             if victims is None:
                 return self._refuse_connection(self._table_full_reason(expected), TABLE_FULL)
-            if state is None:
-                state = self._track(key)
-            else:
-                self._peers.move_to_end(key)
+            state = self._touch(key, state)
             if not state.connections.try_take():
                 return self._refuse_connection(self._rate_reason(key, state), RATE_LIMITED)
             for victim in victims:
@@ -559,6 +549,21 @@ class PeerGuard:
     def _refuse_connection(self, reason: str, code: str = TABLE_FULL) -> Admission:
         self._refused_connections += 1
         return Admission(False, reason, code)
+
+    def _check_peer_limit(self, key: str, state: _PeerState | None) -> Admission | None:
+        if state is not None and state.open >= self._max_per_peer:
+            return self._refuse_connection(
+                f"{key} already has {state.open} connections open (limit {self._max_per_peer} per peer)",
+                PEER_LIMIT,
+            )
+        return None
+
+    def _touch(self, key: str, state: _PeerState | None) -> _PeerState:
+        """The peer's state, tracked from now on if new; else marked most recently used (the table evicts the least)."""
+        if state is None:
+            return self._track(key)
+        self._peers.move_to_end(key)
+        return state
 
     def _check_blocked(self, key: str, now: float) -> Admission | None:
         blocked = self._blocked.get(key)
