@@ -53,6 +53,18 @@ def _kind(exc: BaseException) -> type[Exception]:
     return next(kind for kind in _FALLBACK_CODES if isinstance(exc, kind))
 
 
+@dataclasses.dataclass(frozen=True)
+class MigrateRequest:
+    """A `migrate` call, as the control API hands it to the agent (one type for both ends of that call)."""
+
+    vm_name: str
+    destination: str
+    options: MigrationOptions
+    order: str | None  # the signed order document (JSON)
+    progress: ProgressCallback | None
+    transport: str | None = None  # QEMU guests: a transport by name (None: the default for options.secure)
+
+
 class ControlledAgent(Protocol):
     """What the control API asks of the agent it serves (agent/daemon.py Agent)."""
 
@@ -63,15 +75,7 @@ class ControlledAgent(Protocol):
     qemu_vms: QemuVmRegistry
     monitor: MonitorService
 
-    def migrate(
-        self,
-        vm_name: str,
-        destination: str,
-        options: MigrationOptions,
-        order: str | None,
-        progress: ProgressCallback | None,
-        transport: str | None = None,
-    ) -> MigrationReport: ...
+    def migrate(self, request: MigrateRequest) -> MigrationReport: ...
 
     def place(self, vm_name: str) -> dict[str, object]: ...
 
@@ -254,12 +258,14 @@ class ControlServer:
         if order is not None and not isinstance(order, str):
             raise RequestError("order must be the signed order document (a JSON string)")
         report = self._agent.migrate(
-            _field(request, "vm", str),
-            _field(request, "to", str),
-            options,
-            order=order,
-            progress=lambda event: _safe(emit, {"event": event.kind, **event.data}),
-            transport=transport,
+            MigrateRequest(
+                _field(request, "vm", str),
+                _field(request, "to", str),
+                options,
+                order=order,
+                progress=lambda event: _safe(emit, {"event": event.kind, **event.data}),
+                transport=transport,
+            )
         )
         return {"report": report.to_dict()}
 

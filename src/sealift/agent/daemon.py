@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from sealift.agent.control_api import ControlServer
+from sealift.agent.control_api import ControlServer, MigrateRequest
 from sealift.agent.expected import ExpectedPeers, resolve_peer_keys
 from sealift.agent.guard import EVICTED, SLOW_HANDSHAKE, PeerGuard, PortRefusal, peer_key
 from sealift.agent.metrics import AgentMetrics
@@ -43,11 +43,10 @@ from sealift.migration.authority import Authority
 from sealift.migration.destination import DestinationCoordinator
 from sealift.migration.drivers import DestinationDriver
 from sealift.migration.errors import MigrationError, failure_code
-from sealift.migration.options import MigrationOptions
 from sealift.migration.phases import UNSETTLED, outcome_for
 from sealift.migration.recovery import OPEN_AT_RESTART, Keepers, Resolver, recover
 from sealift.migration.report import MigrationReport
-from sealift.migration.session import DestinationSession, MigrationContext, ProgressCallback, SourceSession
+from sealift.migration.session import DestinationSession, MigrationContext, SourceSession
 from sealift.migration.source import SourceCoordinator
 from sealift.monitor.collectors import BuiltinCollector, QemuCollector
 from sealift.monitor.service import MonitorService
@@ -387,33 +386,41 @@ class Agent:
 
     # -- operations (control API) -------------------------------------------
 
-    def migrate(
-        self,
-        vm_name: str,
-        destination: str,
-        options: MigrationOptions,
-        order: str | None,
-        progress: ProgressCallback | None,
-        transport: str | None = None,
-    ) -> MigrationReport:
-        if not options.secure and not self.config.allow_insecure:
+    def migrate(self, request: MigrateRequest) -> MigrationReport:
+        if not request.options.secure and not self.config.allow_insecure:
             raise PermissionError(
                 "plaintext migration is disabled on this host (set allow_insecure = true to measure it)"
             )
         run_migration: Callable[[], MigrationReport]  # the source coordinator of the guest's backend
-        backend = "qemu" if self.qemu_vms.has(vm_name) else "builtin"
-        flight = self.metrics.outgoing(vm_name)  # its in-flight series, moved by its progress events
-        progress = self.metrics.progress_observer(flight, progress)
+        backend = "qemu" if self.qemu_vms.has(request.vm_name) else "builtin"
+        flight = self.metrics.outgoing(request.vm_name)  # its in-flight series, moved by its progress events
+        progress = self.metrics.progress_observer(flight, request.progress)
         if backend == "qemu":
-            strategy = transport_named(transport) if transport else default_transport(options.secure)
-            session = SourceSession(self.context, vm_name, destination, options, order, strategy.name, progress)
+            strategy = (
+                transport_named(request.transport) if request.transport else default_transport(request.options.secure)
+            )
+            session = SourceSession(
+                self.context,
+                request.vm_name,
+                request.destination,
+                request.options,
+                request.order,
+                strategy.name,
+                progress,
+            )
             driver = QemuSourceDriver(session, self.qemu_vms, strategy, self.ipsec)
             run_migration = SourceCoordinator(session, driver).run
         else:
-            if transport not in (None, "sealift", "plain"):
-                raise ValueError(f"transport {transport!r} is for QEMU guests only")
+            if request.transport not in (None, "sealift", "plain"):
+                raise ValueError(f"transport {request.transport!r} is for QEMU guests only")
             session = SourceSession(
-                self.context, vm_name, destination, options, order, "tls" if options.secure else "plain", progress
+                self.context,
+                request.vm_name,
+                request.destination,
+                request.options,
+                request.order,
+                "tls" if request.options.secure else "plain",
+                progress,
             )
             run_migration = SourceCoordinator(session, BuiltinSourceDriver(session, self.vms)).run
         with self._active_lock:
@@ -425,7 +432,7 @@ class Agent:
         except MigrationError as exc:
             code = exc.code
             if exc.code == "no_memory_capacity":
-                self.placer.admission_refused(destination, str(exc))  # its advert promised room
+                self.placer.admission_refused(request.destination, str(exc))  # its advert promised room
             raise
         except BaseException as exc:
             code = failure_code(exc)
