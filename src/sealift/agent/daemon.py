@@ -25,7 +25,7 @@ from sealift.backends.qemu.destination import QemuDestinationDriver
 from sealift.backends.qemu.keeper import QemuKeeper
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import QemuSourceDriver
-from sealift.backends.qemu.transports import default_transport, transport_named
+from sealift.backends.qemu.transports import QemuTransport, default_transport, transport_named
 from sealift.guests import VmRegistry
 from sealift.host.config import AgentConfig
 from sealift.host.store import AgentStore
@@ -391,38 +391,28 @@ class Agent:
             raise PermissionError(
                 "plaintext migration is disabled on this host (set allow_insecure = true to measure it)"
             )
-        run_migration: Callable[[], MigrationReport]  # the source coordinator of the guest's backend
         backend = "qemu" if self.qemu_vms.has(request.vm_name) else "builtin"
         flight = self.metrics.outgoing(request.vm_name)  # its in-flight series, moved by its progress events
         progress = self.metrics.progress_observer(flight, request.progress)
+        strategy: QemuTransport | None = None  # QEMU guests: how QEMU's stream travels
         if backend == "qemu":
             strategy = (
                 transport_named(request.transport) if request.transport else default_transport(request.options.secure)
             )
-            session = SourceSession(
-                self.context,
-                request.vm_name,
-                request.destination,
-                request.options,
-                request.order,
-                strategy.name,
-                progress,
-            )
+            transport = strategy.name
+        elif request.transport not in (None, "sealift", "plain"):
+            raise ValueError(f"transport {request.transport!r} is for QEMU guests only")
+        else:
+            transport = "tls" if request.options.secure else "plain"
+        session = SourceSession(
+            self.context, request.vm_name, request.destination, request.options, request.order, transport, progress
+        )
+        run_migration: Callable[[], MigrationReport]  # the source coordinator of the guest's backend
+        if strategy is None:
+            run_migration = SourceCoordinator(session, BuiltinSourceDriver(session, self.vms)).run
+        else:
             driver = QemuSourceDriver(session, self.qemu_vms, strategy, self.ipsec)
             run_migration = SourceCoordinator(session, driver).run
-        else:
-            if request.transport not in (None, "sealift", "plain"):
-                raise ValueError(f"transport {request.transport!r} is for QEMU guests only")
-            session = SourceSession(
-                self.context,
-                request.vm_name,
-                request.destination,
-                request.options,
-                request.order,
-                "tls" if request.options.secure else "plain",
-                progress,
-            )
-            run_migration = SourceCoordinator(session, BuiltinSourceDriver(session, self.vms)).run
         with self._active_lock:
             self._active.add(session.migration_id)
         self.metrics.outgoing_started(flight, session.report, backend)
