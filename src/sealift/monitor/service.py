@@ -61,22 +61,23 @@ class MonitorConfig:
     period_s: float = 1.0
     # The agent's metrics endpoint, e.g. 127.0.0.1:9464 (still read here; the top-level metrics_listen wins).
     metrics_listen: tuple[str, int] | None = None
-    warmup_samples: int = 20
-    half_life_samples: float = 60.0
-    z_threshold: float = 4.0
-    min_ratio: float = 2.0
-    confirm_samples: int = 3
-    clear_after_samples: int = 10
-    stall_after_s: float = 5.0
+    # Defaults: the classifier's and the watches' own, so that each is set in one place.
+    warmup_samples: int = BaselineConfig.warmup
+    half_life_samples: float = BaselineConfig.half_life
+    z_threshold: float = BaselineConfig.z_threshold
+    min_ratio: float = BaselineConfig.min_ratio
+    confirm_samples: int = ClassifierConfig.confirm
+    clear_after_samples: int = ClassifierConfig.clear_after
+    stall_after_s: float = ReliabilityConfig.stall_after_s
     refuse_attacker_migrations: bool = True
     evacuate_victims_to: str | None = None
-    ids_threshold: float = 60.0
-    ids_window_s: float = 10.0
-    ids_block_s: float = 60.0
-    flood_window_s: float = 10.0
-    flood_min_unfinished: int = 32
-    flood_min_addresses: int = 16
-    flood_min_share: float = 0.5
+    ids_threshold: float = PortWatchConfig.threshold
+    ids_window_s: float = PortWatchConfig.window_s
+    ids_block_s: float = PortWatchConfig.block_s
+    flood_window_s: float = FloodConfig.window_s
+    flood_min_unfinished: int = FloodConfig.min_unfinished
+    flood_min_addresses: int = FloodConfig.min_addresses
+    flood_min_share: float = FloodConfig.min_share
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.period_s <= 3600:
