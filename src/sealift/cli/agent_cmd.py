@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from sealift.cli.common import DEFAULT_CONFIG, add_agent_flags, client, print_json, show_fields
+from sealift.cli.common import DEFAULT_CONFIG, agent_command, client, print_json, show_fields
 from sealift.cli.render import out, setup_logging
 from sealift.host.checkup import check_agent_config
 from sealift.host.config import load_config
@@ -29,8 +29,7 @@ def add_agent_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_status_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="agent status")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_status)
+    agent_command(p, cmd_status)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

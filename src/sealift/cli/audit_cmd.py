@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sealift.cli.common import CliError, add_agent_flags, client, print_json
+from sealift.cli.common import CliError, agent_command, client, print_json
 from sealift.cli.render import out
 
 
@@ -17,13 +17,11 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     p = audit.add_parser("show", help="recent audit entries")
     p.add_argument("--limit", type=int, default=30)
     p.add_argument("--kind", help="only entries of this kind, e.g. order.refused")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_audit_show)
+    agent_command(p, cmd_audit_show)
     p = audit.add_parser("verify", help="check the chain and every signature; names any tampered entry")
     p.add_argument("--file", help="verify an exported log (JSONL) offline instead of asking the agent")
     p.add_argument("--certificate", help="with --file: the host certificate whose key signed the log")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_audit_verify)
+    agent_command(p, cmd_audit_verify)
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:

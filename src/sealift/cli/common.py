@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
@@ -96,6 +97,12 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"agent config file (default {DEFAULT_CONFIG})")
     parser.add_argument("--socket", help="agent control socket (overrides --config)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def agent_command(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    """Finish a subcommand that asks the agent: the agent flags (after its own arguments, in --help too), and the function that runs it."""
+    add_agent_flags(parser)
+    parser.set_defaults(func=func)
 
 
 def add_operator_flags(parser: argparse.ArgumentParser) -> None:

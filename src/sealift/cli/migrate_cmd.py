@@ -11,6 +11,7 @@ from sealift.cli.common import (
     add_agent_flags,
     add_migration_flags,
     add_operator_flags,
+    agent_command,
     client,
     failure_json,
     migration_options,
@@ -38,15 +39,13 @@ def add_migrate_parser(sub: argparse._SubParsersAction) -> None:
 def add_place_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("place", help="choose a destination for a VM from signed resource adverts")
     p.add_argument("vm")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_place)
+    agent_command(p, cmd_place)
 
 
 def add_migrations_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrations", help="recent migrations on an agent (`migrations show ID` for one)")
     p.add_argument("--limit", type=int, default=20)
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_migrations)
+    agent_command(p, cmd_migrations)
     migration_show.add_show_parser(p.add_subparsers(dest="migrations_command", metavar="{show}"))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from sealift.cli.common import CliError, add_agent_flags, client, print_json
+from sealift.cli.common import CliError, agent_command, client, print_json
 from sealift.cli.render import console, out, report_table
 
 
@@ -26,8 +26,7 @@ def add_show_parser(sub: argparse._SubParsersAction) -> None:
         help="also draw its rounds over time (bytes, throughput, dirty rate, what is left; switchover and "
         "downtime marked) into a PNG; needs matplotlib (pip install 'sealift[bench]')",
     )
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_show)
+    agent_command(p, cmd_show)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sealift.agent.client import AgentClient
-from sealift.cli.common import add_agent_flags, client
+from sealift.cli.common import agent_command, client
 
 _SIGNALS = (("cpu", "CPU"), ("dirty_bps", "dirty"), ("rx_bps", "in"), ("tx_bps", "out"))
 _VERDICT_STYLE = {"attacker": "bold red", "victim": "bold yellow", "anomalous": "magenta"}
@@ -23,8 +23,7 @@ def add_monitor_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("monitor", help="live per-VM signals and attacker/victim/reliability verdicts")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
-    add_agent_flags(p)
-    p.set_defaults(func=lambda args: cmd_monitor(args, client(args)))
+    agent_command(p, lambda args: cmd_monitor(args, client(args)))
 
 
 def cmd_monitor(args: argparse.Namespace, agent: AgentClient) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sealift.cli.common import add_agent_flags, client, print_json
+from sealift.cli.common import agent_command, client, print_json
 from sealift.cli.render import out
 
 
@@ -15,11 +15,9 @@ def add_psk_parser(sub: argparse._SubParsersAction) -> None:
     p = psk.add_parser("provision", help="set the PSK shared with a peer (generates one if --key is omitted)")
     p.add_argument("peer")
     p.add_argument("--key", help="64 hex digits; omit to generate")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_psk_provision)
+    agent_command(p, cmd_psk_provision)
     p = psk.add_parser("status", help="epoch and fingerprint per peer (never the key)")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_psk_status)
+    agent_command(p, cmd_psk_status)
 
 
 def cmd_psk_provision(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sealift.cli.common import add_agent_flags, client, print_json
+from sealift.cli.common import agent_command, client, print_json
 from sealift.cli.render import out, vm_table
 
 
@@ -23,8 +23,7 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--fill", type=float, default=0.5, help="share of RAM filled with data at boot (default 0.5)")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_vm_start)
+    agent_command(p, cmd_vm_start)
     for name, func, helptext in (
         ("info", cmd_vm_info, "show one VM"),
         ("check", cmd_vm_check, "verify a VM's memory from inside (pages and secret)"),
@@ -32,11 +31,9 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     ):
         p = vm.add_parser(name, help=helptext)
         p.add_argument("name")
-        add_agent_flags(p)
-        p.set_defaults(func=func)
+        agent_command(p, func)
     p = vm.add_parser("list", help="list VMs")
-    add_agent_flags(p)
-    p.set_defaults(func=cmd_vm_list)
+    agent_command(p, cmd_vm_list)
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
