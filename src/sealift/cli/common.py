@@ -100,7 +100,7 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def agent_command(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
-    """Finish a subcommand that asks the agent: the agent flags (after its own arguments, in --help too), and the function that runs it."""
+    """Finish a subcommand that asks the agent: the agent flags (after its own arguments), and its function."""
     add_agent_flags(parser)
     parser.set_defaults(func=func)
 
