@@ -219,9 +219,7 @@ class BuiltinDestinationDriver:
         return vm.pid, counter_at_resume
 
     def discard(self, reason: str) -> None:
-        if self._standby is not None:
-            self._standby.cancel()
-            self._standby = None
+        self._cancel_standby()
         if self._image is not None:
             self._image.close()
             self._image = None
@@ -232,11 +230,15 @@ class BuiltinDestinationDriver:
         """The received image stays, reserved; the resolver starts a guest from it or deletes it."""
 
     def release(self, prepared: bool) -> None:
-        if self._standby is not None:  # never handed over (in doubt or failed)
-            self._standby.cancel()
-            self._standby = None
+        self._cancel_standby()  # never handed over (in doubt or failed)
         if not prepared:
             self._vms.unreserve_incoming(self._session.hello.migration_id, self._session.hello.vm_name)
+
+    def _cancel_standby(self) -> None:
+        """The standby guest process that was never handed the image goes (idempotent)."""
+        if self._standby is not None:
+            self._standby.cancel()
+            self._standby = None
 
     def _receive(self) -> ReceiveResult:
         s, hello = self._session, self._session.hello

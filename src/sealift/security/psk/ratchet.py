@@ -14,17 +14,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from sealift.security.psk.material import (
-    MAX_EPOCH,
-    MAX_TICKET,
-    PSK_SIZE,
-    PskError,
-    PskRole,
-    _check_binding,
-    _check_epoch,
-    _check_key,
-    _check_nonce,
-)
+from sealift.security.psk import material
+from sealift.security.psk.material import PskError, PskRole
 from sealift.security.psk.proof import PskProof, verify_psk_proof
 
 _RATCHET_LABEL = b"sealift psk ratchet"
@@ -39,16 +30,16 @@ def ratchet_key(key: bytes, epoch: int, nonce_source: bytes, nonce_dest: bytes, 
     someone who knows the old key and recorded the session cannot compute the
     new one without breaking the TLS key exchange.
     """
-    _check_key(key)
-    _check_epoch(epoch)
-    if epoch + 1 > MAX_EPOCH:
+    material._check_key(key)
+    material._check_epoch(epoch)
+    if epoch + 1 > material.MAX_EPOCH:
         raise PskError("the PSK epoch counter is exhausted; provision a new PSK")
-    _check_nonce("nonce_source", nonce_source)
-    _check_nonce("nonce_dest", nonce_dest)
-    _check_binding(channel_binding)
+    material._check_nonce("nonce_source", nonce_source)
+    material._check_nonce("nonce_dest", nonce_dest)
+    material._check_binding(channel_binding)
     salt = nonce_source + nonce_dest + channel_binding
     info = _RATCHET_LABEL + epoch.to_bytes(8, "big")
-    return HKDF(algorithm=hashes.SHA256(), length=PSK_SIZE, salt=salt, info=info).derive(key)
+    return HKDF(algorithm=hashes.SHA256(), length=material.PSK_SIZE, salt=salt, info=info).derive(key)
 
 
 # ---------------------------------------------------------------------------
@@ -92,7 +83,7 @@ class _Accepted:
 
 def _take_ticket(keys: _PeerKeys) -> tuple[_PeerKeys, tuple[_PeerKeys, int]]:
     """The source numbers its ratchet offer."""
-    if keys.tickets >= MAX_TICKET:
+    if keys.tickets >= material.MAX_TICKET:
         raise PskError("the PSK ticket counter is exhausted; provision a new PSK")
     new = dataclasses.replace(keys, tickets=keys.tickets + 1)
     return new, (new, new.tickets)
@@ -168,7 +159,7 @@ def _agree(keys: _PeerKeys, epoch: int, key: bytes, next_key: bytes, peer_ticket
         # this offer: the peer's side of it took the peer's slot after this
         # offer did, so it may still be alive and commit. Keep its key.
         return None, 0
-    if keys.tickets >= MAX_TICKET:
+    if keys.tickets >= material.MAX_TICKET:
         raise PskError("the PSK ticket counter is exhausted; provision a new PSK")
     ticket = keys.tickets + 1
     return dataclasses.replace(keys, pending=next_key, pending_ticket=peer_ticket, tickets=ticket), ticket
