@@ -61,17 +61,17 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
         time.sleep(0.3)  # let the guest tick on its new host
         after = dst.request("vm.info", name=VM)["vm"]
         check = dst.request("vm.check", name=VM)["check"]
-        source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
         result = _result(
             cluster,
             report,
             started,
+            src,
+            after,
             backend="builtin",
             counter_after=after["counter"],
-            destination_pid=after["pid"],
             memory_check={"bad_pages": check["bad_page_count"], "secret_intact": check["secret_intact"]},
             probe_answer=None,  # the built-in VM has no network service
-            copies_running={"source": VM in source_vms, "destination": bool(after["alive"])},
+            running_there=bool(after["alive"]),
         )
         _show_outcome(
             options,
@@ -80,7 +80,7 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
             f"{report['counter_at_pause']} when paused on {SOURCE}, resumed at {report['counter_after']}, "
             f"now {after['counter']}; memory check: {check['bad_page_count']} bad pages, secret "
             f"{'intact' if check['secret_intact'] else 'ALTERED'}; copies on {SOURCE}: "
-            f"{'1 (!)' if VM in source_vms else '0'}",
+            f"{'1 (!)' if result['copies_running']['source'] else '0'}",
         )
         return result
     finally:
@@ -142,18 +142,21 @@ def _result(
     cluster: LocalCluster,
     report: dict[str, Any],
     started: float,
+    src: AgentClient,
+    after: dict[str, Any],
     *,
     backend: str,
     counter_after: int | None,
-    destination_pid: int | None,
     memory_check: dict[str, object] | None,
     probe_answer: int | None,
-    copies_running: dict[str, bool],
-) -> dict[str, object]:
+    running_there: bool,
+) -> dict[str, Any]:
     """What `sealift demo --json` prints: the same keys for every backend, None where one does not know.
 
     docs/schemas/demo.schema.json describes it; the keys named as in the migration report mean the same.
+    `after` is the destination's vm.info of the migrated guest; the source is asked whether a copy is left.
     """
+    source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
     return {
         "status": report["status"],
         "backend": backend,
@@ -168,10 +171,10 @@ def _result(
         "counter_at_pause": report["counter_at_pause"],
         "counter_at_resume": report["counter_after"],  # the report's counter_after: right after the resume
         "counter_after": counter_after,  # a moment later, on the destination
-        "destination_pid": destination_pid,
+        "destination_pid": after["pid"],
         "memory_check": memory_check,
         "probe_answer": probe_answer,
-        "copies_running": copies_running,
+        "copies_running": {"source": VM in source_vms, "destination": running_there},
         "source_cpu_s": report["source_cpu_s"],
         "destination_cpu_s": report["destination_cpu_s"],
         "image_digest": report["image_digest"],
@@ -206,24 +209,24 @@ def _run_qemu(
         now = _wait_counter(dst, paused, 30)
         after = dst.request("vm.info", name=VM)["vm"]
         probe = probe_udp((after["probe"][0], int(after["probe"][1])), 2.0) if after.get("probe") else None
-        source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
         result = _result(
             cluster,
             report,
             started,
+            src,
+            after,
             backend="qemu",
             counter_after=now,
-            destination_pid=after["pid"],
             memory_check=None,  # no check from inside a QEMU guest: its counter and probe answer are the proof
             probe_answer=probe,
-            copies_running={"source": VM in source_vms, "destination": after["status"] == "running"},
+            running_there=after["status"] == "running",
         )
         _show_outcome(
             options,
             report,
             f"[bold green]{VM} now runs on {DESTINATION}[/bold green] (QEMU pid {after['pid']}): counter was "
             f"{paused} when paused on {SOURCE}, now {now}; UDP probe answered {probe}; copies on {SOURCE}: "
-            f"{'1 (!)' if VM in source_vms else '0'}",
+            f"{'1 (!)' if result['copies_running']['source'] else '0'}",
         )
         return result
     finally:

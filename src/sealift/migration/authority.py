@@ -294,6 +294,10 @@ class Authority:
         """A PSK session if this host shares a key with `peer`; the key is then required."""
         return PskSession(self.psk, peer, role) if self.psk.has_peer(peer) else None
 
+    def record_psk_verified(self, migration_id: str, peer: str, psk: PskSession) -> None:
+        """The peer proved the pair's PSK: at which epoch, and whether a ratchet is under way (both roles)."""
+        self.record("psk.verified", migration_id=migration_id, peer=peer, epoch=psk.epoch, ratcheting=psk.ratcheting)
+
     def provision_psk(self, peer: str, key: bytes) -> str:
         self.psk.provision(peer, key, replace=True)
         fingerprint = psk_fingerprint(key)

@@ -299,13 +299,7 @@ def check_source_psk(authority: Authority, channel: ControlChannel, hello: Hello
     except BaseException:
         psk.close()
         raise
-    authority.record(
-        "psk.verified",
-        migration_id=hello.migration_id,
-        peer=hello.source_host,
-        epoch=psk.epoch,
-        ratcheting=psk.ratcheting,
-    )
+    authority.record_psk_verified(hello.migration_id, hello.source_host, psk)
     return psk, binding
 
 

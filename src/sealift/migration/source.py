@@ -108,10 +108,9 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             if channel.secure:
                 self._authority.check_peer(channel.tls.peer_certificate, s.destination)
                 self._authority.rely_on(s.flight, f"host certificate of {s.destination}", channel.tls.peer_certificate)
-            s.audit(
+            self._audit_move(
                 "migration.started",
-                vm=vm.name,
-                destination=s.destination,
+                vm,
                 transport=s.report.transport,
                 **self.driver.start_audit,
                 order_id=verified.order.id,
@@ -128,7 +127,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort, never commit
             records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
             committed = True
-            s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=vm.name, destination=s.destination)
+            self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed")
             channel.send(Commit(s.migration_id))
             s.mark("commit_sent", transfer.paused_at)
             s.progress("phase", {"phase": "committed"})
@@ -142,12 +141,8 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             self._finish_report(transfer, running, started, cpu_started)
             self.driver.release(vm)
             records.transition(self._store, s.migration_id, Event.CONFIRM_RUNNING)
-            s.audit(
-                "migration.completed",
-                vm=vm.name,
-                destination=s.destination,
-                downtime_ms=s.report.downtime_ms,
-                total_time_s=s.report.total_time_s,
+            self._audit_move(
+                "migration.completed", vm, downtime_ms=s.report.downtime_ms, total_time_s=s.report.total_time_s
             )
             return s.report
         except BaseException as exc:
@@ -173,6 +168,10 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             if channel is not None:
                 channel.close()
 
+    def _audit_move(self, kind: str, vm: VmT, **fields: object) -> None:
+        """An audit entry about moving `vm`: every such entry names the VM and where it goes."""
+        self.session.audit(kind, vm=vm.name, destination=self.session.destination, **fields)
+
     def _hello(self, channel: ControlChannel, vm: VmT) -> Accept:
         s = self.session
         psk_proof = None
@@ -190,7 +189,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         if s.psk is not None:
             # The destination must prove the pair's current PSK too (mutual second factor).
             s.psk.check_peer_proof(reply.psk_proof, s.psk_binding, s.nonce, reply.nonce)
-            s.audit("psk.verified", peer=s.destination, epoch=s.psk.epoch, ratcheting=s.psk.ratcheting)
+            self._authority.record_psk_verified(s.migration_id, s.destination, s.psk)
         return reply
 
     def _manifest_and_prepare(self, channel: ControlChannel, vm: VmT, memory_bytes: int, transfer: TransferT) -> dict:
@@ -234,7 +233,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             records.transition(self._store, s.migration_id, Event.FAIL, error=reason)
         where = f"{vm.name} keeps running on {self._config.name}" if resumed else f"{vm.name} could not be resumed"
         s.report.error = f"migration to {s.destination} failed: {reason}; {where}"
-        s.audit("migration.aborted", vm=vm.name, destination=s.destination, reason=reason, code=code, resumed=resumed)
+        self._audit_move("migration.aborted", vm, reason=reason, code=code, resumed=resumed)
         log.warning("%s (%s)", s.report.error, code)
 
     def _failure(self, channel: ControlChannel | None, exc: BaseException) -> tuple[str, str]:

@@ -73,6 +73,8 @@ class QemuSourceDriver:
         self._pump: relay.SourcePumps | None = None
         self._digest = relay.StreamDigest(0)  # replaced once the data stream's protection is known (transfer)
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
+        self._channel: ControlChannel | None = None  # this migration's, once transfer() has it
+        self._accept: Accept | None = None
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -96,6 +98,9 @@ class QemuSourceDriver:
 
     def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> QemuTransfer:
         s = self._session
+        # This migration's control channel and the destination's Accept: the extra streams' keys
+        # and a direct transport's SA derive from them (a driver serves one migration).
+        self._channel, self._accept = channel, accept
         outgoing, incoming = stream_protections(channel, s.options.secure, s.nonce, accept.nonce, s.migration_id)
         npages = vm.memory_mib * MiB // relay.PAGE
         writer = DataStreamWriter(outgoing, npages, None)
@@ -119,13 +124,13 @@ class QemuSourceDriver:
                     raise MigrationError(
                         f"{s.destination} reported no QEMU port for the {self._transport.name} transport"
                     )
-                return self._transfer_direct(vm, channel, accept, data, writer, (address[0], ready.port))
+                return self._transfer_direct(vm, data, writer, (address[0], ready.port))
             if len(ready.extra_sessions) != s.options.multifd_channels:
                 raise MigrationError(
                     f"{s.destination} opened {len(ready.extra_sessions)} streams for "
                     f"{s.options.multifd_channels} multifd channels"
                 )
-            return self._transfer_through_channel(vm, channel, accept, data, writer, ready.extra_sessions, address)
+            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address)
         finally:
             data.close()
 
@@ -197,11 +202,14 @@ class QemuSourceDriver:
             parameters["xbzrle-cache-size"] = options.xbzrle_cache_bytes
         vm.set_migration_parameters(parameters)
 
+    def _handshake(self) -> tuple[ControlChannel, Accept]:
+        """This migration's control channel and the destination's Accept (transfer() keeps them)."""
+        assert self._channel is not None and self._accept is not None
+        return self._channel, self._accept
+
     def _transfer_through_channel(
         self,
         vm: QemuVM,
-        channel: ControlChannel,
-        accept: Accept,
         data: socket.socket,
         writer: DataStreamWriter,
         extra_sessions: tuple[bytes, ...],
@@ -213,6 +221,7 @@ class QemuSourceDriver:
         already open, each multifd channel on one more, keyed on its own.
         """
         s = self._session
+        channel, accept = self._handshake()
         # Only multifd needs a listener: QEMU opens those channels itself. The main channel alone goes by fd:.
         sock_dir = relay.private_dir("sl-qout-") if extra_sessions else None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if extra_sessions else None
@@ -284,16 +293,11 @@ class QemuSourceDriver:
         return group
 
     def _transfer_direct(
-        self,
-        vm: QemuVM,
-        channel: ControlChannel,
-        accept: Accept,
-        data: socket.socket,
-        writer: DataStreamWriter,
-        destination: tuple[str, int],
+        self, vm: QemuVM, data: socket.socket, writer: DataStreamWriter, destination: tuple[str, int]
     ) -> QemuTransfer:
         """QEMU's own TCP connection(s) straight to the destination QEMU (qemu-tls, ipsec, plain)."""
         s = self._session
+        channel, accept = self._handshake()
         plan = self._transport.source_plan(
             DirectSource(
                 identity=s.context.identity,
