@@ -21,7 +21,7 @@ from sealift.security.identity import HostIdentity
 from sealift.security.tls import TlsStream, client_context
 from sealift.wire.control import ControlConnection, Role
 from sealift.wire.datastream import STREAM_OPEN_SIZE, decode_stream_open, encode_stream_open
-from sealift.wire.messages import Message
+from sealift.wire.messages import Abort, Message
 
 INSECURE_CONTROL_MAGIC = b"SLC1"
 TLS_HANDSHAKE_BYTE = 0x16
@@ -156,6 +156,12 @@ class ControlChannel:
                 raise ConnectionError("peer closed the control connection")
             self._pending.extend(self._conn.receive_data(data))
         return self._pending[0]
+
+    def abort_within(self, timeout: float) -> Abort | None:
+        """The peer's Abort, if it sends one within `timeout` (it says why it gave up); None for silence or
+        another message (left for recv). ConnectionError / ProtocolError if the peer closed or broke the channel."""
+        message = self.peek(timeout)
+        return message if isinstance(message, Abort) else None
 
     def _silence(self, timeout: float) -> str:
         partial = self._conn.buffered

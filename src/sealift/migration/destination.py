@@ -189,12 +189,12 @@ class DestinationCoordinator:
         if not _source_may_know(exc):
             return reason, code
         try:
-            message = self.session.channel.peek(SOURCE_REASON_WAIT_S)
+            abort = self.session.channel.abort_within(SOURCE_REASON_WAIT_S)
         except (OSError, ProtocolError):
             return reason, code
-        if isinstance(message, Abort):
-            return f"the source aborted: {message.reason} (here: {reason})", message.code
-        return reason, code
+        if abort is None:
+            return reason, code
+        return f"the source aborted: {abort.reason} (here: {reason})", abort.code
 
     def _discard(self, exc: BaseException) -> None:
         """The failure on record (store, audit) and told to the source with its code, whatever state either is in."""

@@ -28,7 +28,7 @@ from sealift.migration.report import MigrationReport
 from sealift.security.identity import HostIdentity
 from sealift.security.psk import PskSession
 from sealift.security.reload import InFlightTrust
-from sealift.wire.messages import Abort, Hello
+from sealift.wire.messages import Hello
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,9 @@ class DestinationSession:
         at once instead of after the step timeout.
         """
         self.flight.check()
-        message = self.channel.peek(0)
-        if isinstance(message, Abort):
-            raise IncomingRefused(f"the source aborted: {message.reason}", code=message.code)
+        abort = self.channel.abort_within(0)
+        if abort is not None:
+            raise IncomingRefused(f"the source aborted: {abort.reason}", code=abort.code)
 
     def lab_pause(self, point: str) -> None:
         """Tests and the attack lab only: hold at a named point (config.LAB_PAUSE_POINTS)."""

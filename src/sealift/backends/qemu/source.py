@@ -37,7 +37,7 @@ from sealift.migration.session import SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
 from sealift.wire.errors import ProtocolError
-from sealift.wire.messages import Abort, Accept, Hello
+from sealift.wire.messages import Accept, Hello
 from sealift.wire.qemu_stream import GuestSpec, Ready
 
 log = logging.getLogger(__name__)
@@ -496,10 +496,10 @@ def stop_time(vm: QemuVM, fallback: float) -> float:
 def _peer_abort_reason(channel: ControlChannel) -> str | None:
     """The destination's Abort, if it sent one (it says why it gave up), within a second."""
     try:
-        reply = channel.recv(1.0)
-    except (OSError, TimeoutError, ConnectionError, ProtocolError):
+        abort = channel.abort_within(1.0)
+    except (OSError, ProtocolError):
         return None
-    return reply.reason if isinstance(reply, Abort) else None
+    return None if abort is None else abort.reason
 
 
 def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
