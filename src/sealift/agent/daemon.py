@@ -42,7 +42,7 @@ from sealift.ipsec.charon import HostCharon
 from sealift.migration.authority import Authority
 from sealift.migration.destination import DestinationCoordinator
 from sealift.migration.drivers import DestinationDriver
-from sealift.migration.errors import MigrationError, failure_code
+from sealift.migration.errors import failure_code
 from sealift.migration.phases import UNSETTLED, outcome_for
 from sealift.migration.recovery import OPEN_AT_RESTART, Keepers, Resolver, recover
 from sealift.migration.report import MigrationReport
@@ -338,9 +338,8 @@ class Agent:
                 finally:
                     self.guard.release_migration(host)
                 if peer_ip is not None and self.store.migration(first.migration_id) is None:
-                    self.monitor.port_event(
-                        peer_ip, "order_refused"
-                    )  # refused before it began (order, policy, monitor)
+                    # Refused before it began (order, policy, monitor): the port watch counts it.
+                    self.monitor.port_event(peer_ip, "order_refused")
             elif isinstance(first, OutcomeQuery):
                 self._serve_outcome(channel, first)
             elif isinstance(first, AdvertQuery):
@@ -419,13 +418,10 @@ class Agent:
         code: str | None = None
         try:
             return run_migration()
-        except MigrationError as exc:
-            code = exc.code
-            if exc.code == "no_memory_capacity":
-                self.placer.admission_refused(request.destination, str(exc))  # its advert promised room
-            raise
         except BaseException as exc:
             code = failure_code(exc)
+            if code == "no_memory_capacity":
+                self.placer.admission_refused(request.destination, str(exc))  # its advert promised room
             raise
         finally:
             with self._active_lock:
