@@ -13,11 +13,12 @@ changed under it is never overwritten.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sealift.security.store import open_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -76,11 +77,8 @@ class MigrationRecord:
 
 class AgentStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # decisions must survive a crash
+        self._db = open_durable(path)  # the commit decision must survive a crash
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
         if "backend" not in columns:  # a store from before the column

@@ -1,4 +1,4 @@
-"""Durable SQLite stores for security records (the audit log, the replay cache).
+"""Durable SQLite stores: the audit log, the replay cache, and (open_durable) the agent's own store.
 
 One way to open a database whose writes survive a crash, one way to make a
 write transaction that other processes on the same file wait for, and a
