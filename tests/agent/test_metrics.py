@@ -35,7 +35,10 @@ def cluster() -> Iterator[LocalCluster]:
         host_config={
             "host-a": f'metrics_listen = "127.0.0.1:{ports["host-a"]}"\n'
             "step_timeout_s = 8\n[guard]\nmax_connections_per_peer = 2\n[monitor]\nenabled = false\n",
-            "host-b": f'step_timeout_s = 8\n[monitor]\nmetrics_listen = "127.0.0.1:{ports["host-b"]}"\n',
+            # host-b holds 1 s after Commit, so the source's phase series is seen leaving pre-copy however
+            # loaded the machine is (its stop-and-copy alone can fall between two scrapes).
+            "host-b": 'step_timeout_s = 8\nlab_pause_at = "commit-received"\nlab_pause_s = 1\n'
+            f'[monitor]\nmetrics_listen = "127.0.0.1:{ports["host-b"]}"\n',
         },
     )
     # host-a takes no migration from host-b: the refused one below, counted at both ends under its code.
