@@ -10,12 +10,14 @@ outage*. When stopped, it reads the list back and counts the acknowledged
 writes that are missing (``writes_lost``): a write redis acknowledged
 must survive a migration.
 
-One thread does the work, inside the namespace for its whole life (a
-socket belongs to the namespace it was made in, and reconnections after a
-failure must be made there too). It is bounded: at most ``max_duration_s``
-and ``max_rounds`` rounds, whichever comes first. Requests are sequential,
-so a guest that stops answering delays the next round; missed rounds are
-skipped, not sent in a burst.
+Each service has its own thread, so a slow redis write (fsynced in the
+guest) does not delay the HTTP requests; each thread stays inside the
+namespace for its whole life (a socket belongs to the namespace it was
+made in, and reconnections after a failure must be made there too). It
+is bounded: at most ``max_duration_s`` and ``max_rounds`` requests per
+service, whichever comes first. A thread's requests are sequential, so a
+guest that stops answering delays its next one; rounds missed meanwhile
+are skipped (counted), not sent in a burst.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import http.client
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +61,8 @@ class _Service:
     """One service's answers and silences."""
 
     name: str
+    rounds: int = 0
+    skipped: int = 0  # rounds not sent because the previous ones ran late (a silent guest)
     ok: int = 0
     failed: int = 0
     last_answer: float = 0.0  # monotonic; the start until the first answer
@@ -66,10 +71,10 @@ class _Service:
 
     def answered(self, now: float, started: float) -> None:
         self.ok += 1
-        self._close_gap(now, started)
+        self.close_gap(now, started)
         self.last_answer = now
 
-    def _close_gap(self, now: float, started: float) -> None:
+    def close_gap(self, now: float, started: float) -> None:
         gap = now - self.last_answer
         if gap > self.longest_gap_s:
             self.longest_gap_s = gap
@@ -82,14 +87,15 @@ class OutageResult:
 
     guest: str
     duration_s: float
-    rounds: int
-    rounds_skipped: int  # rounds not sent because the previous ones ran late (a silent guest)
+    http_requests: int
     http_ok: int
     http_failed: int
     http_longest_gap_ms: float
+    redis_requests: int
     redis_ok: int
     redis_failed: int
     redis_longest_gap_ms: float
+    rounds_skipped: int  # rounds not sent because the previous ones ran late (a silent guest)
     longest_gap_ms: float  # the longer of the two: the client-seen outage
     longest_gap_started_ms: float  # when that silence began, since the client started
     writes_acked: int
@@ -127,10 +133,13 @@ class OutageClient:
         self.max_rounds = max_rounds
         self.list_key = f"sealift:client:{secrets.token_hex(4)}"  # a list of this run's own
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._result: OutageResult | None = None
-        self._running = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._failures: list[RequestFailure] = []
+        self._acked: list[int] = []  # only the redis thread appends
+        self._http, self._redis_svc = _Service("http"), _Service("redis")
+        self._started = 0.0
 
     # -- the one-shot checks --------------------------------------------------------------
 
@@ -188,153 +197,122 @@ class OutageClient:
     # -- the run --------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
+        """Start both services' request loops (each in its own thread, inside the namespace)."""
+        if self._threads:
             raise ClientError("this client has already run: make a new one")
-        self._thread = threading.Thread(target=self._thread_main, name="outage-client", daemon=True)
-        self._thread.start()
-        if not self._running.wait(10.0) and self._error is None:
-            raise ClientError("the client thread did not start")
-        if self._error is not None:
-            raise ClientError(f"the client could not start: {self._error}") from self._error
+        self._started = time.monotonic()
+        self._http.last_answer = self._redis_svc.last_answer = self._started
+        for svc, loop in ((self._http, self._http_loop), (self._redis_svc, self._redis_loop)):
+            thread = threading.Thread(target=self._thread_main, args=(svc, loop), name=f"client-{svc.name}")
+            thread.daemon = True
+            self._threads.append(thread)
+            thread.start()
 
     def stop(self) -> OutageResult:
         """Stop sending, check every acknowledged write, and return what was seen."""
-        if self._thread is None:
+        if not self._threads:
             raise ClientError("the client was never started")
         self._stop.set()
-        self._thread.join(self.max_duration_s + 60.0)
-        if self._thread.is_alive():
-            raise ClientError("the client thread did not stop")
-        if self._error is not None:
-            raise ClientError(f"the client failed: {self._error}") from self._error
-        assert self._result is not None
-        return self._result
+        for thread in self._threads:
+            thread.join(self.timeout_s * 3 + 10.0)
+            if thread.is_alive():
+                raise ClientError(f"the client thread {thread.name} did not stop")
+        if self._errors:
+            raise ClientError(f"the client failed: {self._errors[0]}") from self._errors[0]
+        ended = time.monotonic()
+        for svc in (self._http, self._redis_svc):
+            svc.close_gap(ended, self._started)  # a silence still going on at the stop counts too
+        with enter_netns(self.netns):
+            found = self._read_back()
+        return self._result(ended, found)
 
     def __enter__(self) -> OutageClient:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._thread is not None and self._result is None and self._error is None:
-            self._stop.set()
-            self._thread.join(self.max_duration_s + 60.0)
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout_s * 3 + 10.0)
 
-    def _thread_main(self) -> None:
+    def _thread_main(self, svc: _Service, loop: Callable[[_Service], None]) -> None:
         try:
             with enter_netns(self.netns):
-                self._running.set()
-                self._result = self._run()
+                loop(svc)
         except BaseException as exc:  # handed to stop(), which raises it in the caller's thread
-            self._error = exc
-            self._running.set()
+            self._errors.append(exc)
 
-    def _run(self) -> OutageResult:
-        http_svc, redis_svc = _Service("http"), _Service("redis")
-        failures: list[RequestFailure] = []
-        acked: list[int] = []
-        started = time.monotonic()
-        http_svc.last_answer = redis_svc.last_answer = started
+    def _paced(self, svc: _Service) -> Iterator[int]:
+        """Round numbers every ``interval_s`` until stopped or bounded; rounds missed while late are skipped."""
+        next_round = self._started
+        while not self._stop.is_set() and svc.rounds < self.max_rounds:
+            now = time.monotonic()
+            if now - self._started > self.max_duration_s:
+                return
+            if now < next_round:
+                self._stop.wait(next_round - now)
+                continue
+            behind = int((now - next_round) / self.interval_s)
+            svc.skipped += behind
+            next_round += (behind + 1) * self.interval_s
+            svc.rounds += 1
+            yield svc.rounds
+
+    def _http_loop(self, svc: _Service) -> None:
+        """GETs on a kept-alive connection, reconnecting after a failure."""
         conn: http.client.HTTPConnection | None = None
-        writer = self._redis()
-        rounds = skipped = 0
-        next_round = started
         try:
-            while not self._stop.is_set() and rounds < self.max_rounds:
-                now = time.monotonic()
-                if now - started > self.max_duration_s:
-                    break
-                if now < next_round:
-                    self._stop.wait(next_round - now)
+            for _ in self._paced(svc):
+                try:
+                    if conn is None:
+                        conn = http.client.HTTPConnection(self.guest_ip, self.http_port, timeout=self.timeout_s)
+                    conn.request("GET", "/")
+                    response = conn.getresponse()
+                    body = response.read()
+                    if response.status != 200 or _PAGE_MARKER not in body:
+                        raise http.client.HTTPException(f"HTTP {response.status}, {len(body)} bytes")
+                except (OSError, http.client.HTTPException) as exc:
+                    self._failed(svc, exc)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
                     continue
-                behind = int((now - next_round) / self.interval_s)
-                skipped += behind
-                next_round += (behind + 1) * self.interval_s
-                rounds += 1
-                conn = self._http_round(conn, http_svc, failures, started)
-                self._redis_round(writer, rounds, acked, redis_svc, failures, started)
+                svc.answered(time.monotonic(), self._started)
         finally:
             if conn is not None:
                 conn.close()
+
+    def _redis_loop(self, svc: _Service) -> None:
+        """RPUSH of each round's number; a number is acknowledged when redis answered the push."""
+        writer = self._redis()
+        try:
+            for seq in self._paced(svc):
+                try:
+                    writer.rpush(self.list_key, seq)
+                except redis.RedisError as exc:
+                    self._failed(svc, exc)
+                    continue
+                self._acked.append(seq)
+                svc.answered(time.monotonic(), self._started)
+        finally:
             writer.close()
-        ended = time.monotonic()
-        for svc in (http_svc, redis_svc):
-            svc._close_gap(ended, started)  # a silence still going on at the stop counts too
-        found = self._read_back(acked)
-        lost = [n for n in acked if n not in found]
-        longest = max((http_svc, redis_svc), key=lambda s: s.longest_gap_s)
-        return OutageResult(
-            guest=self.guest_ip,
-            duration_s=round(ended - started, 3),
-            rounds=rounds,
-            rounds_skipped=skipped,
-            http_ok=http_svc.ok,
-            http_failed=http_svc.failed,
-            http_longest_gap_ms=round(http_svc.longest_gap_s * 1000, 1),
-            redis_ok=redis_svc.ok,
-            redis_failed=redis_svc.failed,
-            redis_longest_gap_ms=round(redis_svc.longest_gap_s * 1000, 1),
-            longest_gap_ms=round(longest.longest_gap_s * 1000, 1),
-            longest_gap_started_ms=round(longest.longest_gap_at_s * 1000, 1),
-            writes_acked=len(acked),
-            writes_found=len(found & set(acked)),
-            writes_lost=len(lost),
-            lost_sample=lost[:20],
-            failures=failures,
-        )
 
-    def _http_round(
-        self,
-        conn: http.client.HTTPConnection | None,
-        svc: _Service,
-        failures: list[RequestFailure],
-        started: float,
-    ) -> http.client.HTTPConnection | None:
-        """One GET on a kept-alive connection; returns the connection to reuse (None after a failure)."""
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection(self.guest_ip, self.http_port, timeout=self.timeout_s)
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            body = response.read()
-            if response.status != 200 or _PAGE_MARKER not in body:
-                raise http.client.HTTPException(f"HTTP {response.status}, {len(body)} bytes")
-        except (OSError, http.client.HTTPException) as exc:
-            svc.failed += 1
-            _note(failures, started, "http", exc)
-            if conn is not None:
-                conn.close()
-            return None
-        svc.answered(time.monotonic(), started)
-        return conn
+    def _failed(self, svc: _Service, exc: BaseException) -> None:
+        svc.failed += 1
+        with self._lock:
+            if len(self._failures) < _MAX_FAILURES_KEPT:
+                at_ms = round((time.monotonic() - self._started) * 1000, 1)
+                self._failures.append(RequestFailure(at_ms, svc.name, f"{type(exc).__name__}: {exc}"))
 
-    def _redis_round(
-        self,
-        writer: redis.Redis,
-        seq: int,
-        acked: list[int],
-        svc: _Service,
-        failures: list[RequestFailure],
-        started: float,
-    ) -> None:
-        try:
-            writer.rpush(self.list_key, seq)
-        except redis.RedisError as exc:
-            svc.failed += 1
-            _note(failures, started, "redis", exc)
-            return
-        acked.append(seq)
-        svc.answered(time.monotonic(), started)
-
-    def _read_back(self, acked: list[int]) -> set[int]:
+    def _read_back(self) -> set[int]:
         """The sequence numbers redis holds (bounded retries: the guest may still be settling)."""
-        if not acked:
+        if not self._acked:
             return set()
         last_error: Exception | None = None
         for _ in range(10):
             reader = self._redis()
             try:
-                values = reader.lrange(self.list_key, 0, -1)
-                return {int(v) for v in values}
+                return {int(v) for v in reader.lrange(self.list_key, 0, -1)}
             except redis.RedisError as exc:
                 last_error = exc
                 time.sleep(0.5)
@@ -342,8 +320,27 @@ class OutageClient:
                 reader.close()
         raise ClientError(f"cannot read the written list back from {self.guest_ip}: {last_error}")
 
-
-def _note(failures: list[RequestFailure], started: float, service: str, exc: BaseException) -> None:
-    if len(failures) < _MAX_FAILURES_KEPT:
-        at_ms = round((time.monotonic() - started) * 1000, 1)
-        failures.append(RequestFailure(at_ms, service, f"{type(exc).__name__}: {exc}"))
+    def _result(self, ended: float, found: set[int]) -> OutageResult:
+        http_svc, redis_svc = self._http, self._redis_svc
+        lost = [n for n in self._acked if n not in found]
+        longest = max((http_svc, redis_svc), key=lambda s: s.longest_gap_s)
+        return OutageResult(
+            guest=self.guest_ip,
+            duration_s=round(ended - self._started, 3),
+            http_requests=http_svc.rounds,
+            http_ok=http_svc.ok,
+            http_failed=http_svc.failed,
+            http_longest_gap_ms=round(http_svc.longest_gap_s * 1000, 1),
+            redis_requests=redis_svc.rounds,
+            redis_ok=redis_svc.ok,
+            redis_failed=redis_svc.failed,
+            redis_longest_gap_ms=round(redis_svc.longest_gap_s * 1000, 1),
+            rounds_skipped=http_svc.skipped + redis_svc.skipped,
+            longest_gap_ms=round(longest.longest_gap_s * 1000, 1),
+            longest_gap_started_ms=round(longest.longest_gap_at_s * 1000, 1),
+            writes_acked=len(self._acked),
+            writes_found=len(found & set(self._acked)),
+            writes_lost=len(lost),
+            lost_sample=lost[:20],
+            failures=list(self._failures),
+        )

@@ -273,16 +273,26 @@ class GuestProcess:
             time.sleep(0.2)
         raise DebianGuestError(f"no {line.decode()!r} on the console in {timeout:.0f} s: {self.console_tail()}")
 
-    def wait_running(self, timeout: float) -> float:
-        """Wait until a restoring guest runs (its stream loaded); returns the seconds waited."""
+    def wait_restored(self, timeout: float, start: bool = True) -> float:
+        """Wait until a restoring guest's stream is loaded, then (``start``) run it; returns the seconds waited.
+
+        The guest was stopped when it was saved, and the stream carries that
+        run state, so QEMU keeps it paused after loading, whatever -S says:
+        the caller decides when it runs (``cont``), as a migration destination does.
+        """
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
                 raise DebianGuestError(f"QEMU exited while restoring: {self.log_tail()}")
-            if self.status() == "running":
+            status = self.status()
+            if status in ("paused", "running"):
+                if start and status == "paused":
+                    self.qmp("cont")
                 return time.monotonic() - started
+            if status != "inmigrate":
+                raise DebianGuestError(f"the restoring guest is {status!r}: {self.log_tail()}")
             time.sleep(0.05)
-        raise DebianGuestError(f"the guest was not running {timeout:.0f} s after the restore started")
+        raise DebianGuestError(f"the saved guest was not loaded {timeout:.0f} s after QEMU started")
 
     def kill(self) -> None:
         """End QEMU now (a guest from a saved state has nothing to keep) and reap it."""
