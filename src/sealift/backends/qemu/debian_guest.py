@@ -27,12 +27,14 @@ agents' VMs (``vm.py``) take the same argv pieces.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -40,7 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from sealift.backends.process import file_tail
-from sealift.backends.qemu.debian_image import NOT_READY_LINE, READY_LINE, DebianGuestError, DebianImage
+from sealift.backends.qemu.debian_image import (
+    NOT_READY_LINE,
+    READY_LINE,
+    DebianGuestError,
+    DebianImage,
+    build_debian_image,
+)
 from sealift.backends.qemu.host import HostError, qemu_binary, qemu_version
 from sealift.backends.qemu.image_cache import MANIFEST, cached_build
 from sealift.backends.qemu.net import mac_for
@@ -51,6 +59,7 @@ __all__ = [
     "GuestShape",
     "SavedState",
     "boot_args",
+    "cli_build_debian",
     "disk_args",
     "ensure_saved_state",
     "guest_argv",
@@ -439,3 +448,24 @@ def ensure_saved_state(image: DebianImage, shape: GuestShape | None = None, forc
     if built:
         log.info("saved the booted Debian guest in %s (boot %.1f s)", state.dir, state.boot_seconds)
     return state
+
+
+def cli_build_debian(args: argparse.Namespace) -> int:
+    """``sealift image build --guest debian [--saved-state]``: build (or find) the image and print where it is."""
+    started = time.monotonic()
+    try:
+        image = build_debian_image(args.cache_dir, force=args.force)
+        state = ensure_saved_state(image, force=args.force) if args.saved_state else None
+    except DebianGuestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    elapsed = round(time.monotonic() - started, 2)
+    if args.json:
+        print(json.dumps({**image.to_json(), "saved_state": state.to_json() if state else None, "seconds": elapsed}))
+        return 0
+    print(f"Debian guest image {image.key}\n  disk    {image.disk}\n  kernel  {image.kernel} ({image.kernel_release})")
+    print(f"  initrd  {image.initrd}")
+    if state is not None:
+        print(f"  saved   {state.stream} (booted in {state.boot_seconds} s; disk {state.overlay})")
+    print(f"  ({elapsed:.1f} s)")
+    return 0
