@@ -83,6 +83,7 @@ _SAVE_TIMEOUT_S = 180.0
 _START_TIMEOUT_S = 15.0
 _STATE_FILE = "memory.state"
 _OVERLAY_FILE = "overlay.qcow2"
+_SAVE_NETNS_PREFIX = "sld-save-"
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,20 @@ def _ip(*args: str) -> None:
         raise DebianGuestError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
 
 
+def _remove_stale_save_namespaces() -> None:
+    """Remove the save namespaces of processes that were killed while saving (their pid is in the name)."""
+    netns_dir = Path("/var/run/netns")
+    if not netns_dir.is_dir():
+        return
+    for entry in netns_dir.glob(f"{_SAVE_NETNS_PREFIX}*"):
+        try:
+            owner = int(entry.name.removeprefix(_SAVE_NETNS_PREFIX), 16)
+        except ValueError:
+            continue
+        if not Path(f"/proc/{owner}").exists():
+            subprocess.run(["ip", "netns", "del", entry.name], capture_output=True, timeout=10, check=False)
+
+
 def _boot_and_save(image: DebianImage, shape: GuestShape, key: str, scratch: Path) -> Path:
     """Boot the image once in ``scratch``, wait for nginx and redis, save; returns the state's directory."""
     out = scratch / "out"
@@ -361,7 +376,8 @@ def _boot_and_save(image: DebianImage, shape: GuestShape, key: str, scratch: Pat
     _qemu_img(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(overlay)])
     # A tap, in a namespace of its own, that nothing else sees: the NIC then negotiates a tap's offloads,
     # as it will after every restore onto a lab tap.
-    netns, tap = f"sld-save-{os.getpid():x}", "sld-save0"
+    _remove_stale_save_namespaces()
+    netns, tap = f"{_SAVE_NETNS_PREFIX}{os.getpid():x}", "sld-save0"
     _ip("netns", "add", netns)
     guest: GuestProcess | None = None
     try:
