@@ -59,32 +59,49 @@ def saved_state() -> SavedState:
 
 
 @pytest.fixture(scope="module")
-def running(saved_state: SavedState) -> Iterator[RunningGuest]:
+def lab() -> Iterator[Testbed]:
+    with Testbed(tag="deb") as bed:
+        bed.add_tap("source", TAP)
+        yield bed
+
+
+def start_guest(bed: Testbed, state: SavedState, workdir: Path) -> tuple[GuestProcess, float]:
+    """A guest restored from the saved state on a fresh overlay, running; returns it and the restore time."""
+    workdir.mkdir()
+    disk = new_overlay(state, workdir / "disk.qcow2")
+    argv = guest_argv(
+        state.image,
+        state.shape,
+        disk=disk,
+        tap=TAP,
+        console=workdir / "console.log",
+        qmp=workdir / "qmp.sock",
+        incoming=incoming_uri(state),
+    )
+    guest = GuestProcess.start(argv, workdir, netns=bed.ns("source"))
+    try:
+        return guest, guest.wait_restored(60.0)
+    except BaseException:
+        guest.kill()
+        raise
+
+
+@pytest.fixture
+def running(lab: Testbed, saved_state: SavedState) -> Iterator[RunningGuest]:
     workdir = short_tmpdir("sld-deb-")
     try:
-        with Testbed(tag="deb") as bed:
-            bed.add_tap("source", TAP)
-            disk = new_overlay(saved_state, workdir / "disk.qcow2")
-            argv = guest_argv(
-                saved_state.image,
-                saved_state.shape,
-                disk=disk,
-                tap=TAP,
-                console=workdir / "console.log",
-                qmp=workdir / "qmp.sock",
-                incoming=incoming_uri(saved_state),
+        started = time.monotonic()
+        guest, restore_s = start_guest(lab, saved_state, workdir / "guest")
+        try:
+            ip = saved_state.shape.guest_ip.split("/")[0]
+            OutageClient(ip, netns=lab.ns("client")).wait_ready(30.0)
+            first_answer_s = time.monotonic() - started
+            print(
+                f"\nrestored in {restore_s:.2f} s; nginx and redis answered {first_answer_s:.2f} s after QEMU started"
             )
-            started = time.monotonic()
-            guest = GuestProcess.start(argv, workdir, netns=bed.ns("source"))
-            try:
-                restore_s = guest.wait_restored(60.0)
-                ip = saved_state.shape.guest_ip.split("/")[0]
-                OutageClient(ip, netns=bed.ns("client")).wait_ready(30.0)
-                first_answer_s = time.monotonic() - started
-                print(f"\nrestored in {restore_s:.2f} s; nginx and redis answered {first_answer_s:.2f} s after QEMU started")
-                yield RunningGuest(saved_state, guest, bed.ns("client"), ip, restore_s, first_answer_s)
-            finally:
-                guest.kill()
+            yield RunningGuest(saved_state, guest, lab.ns("client"), ip, restore_s, first_answer_s)
+        finally:
+            guest.kill()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -131,3 +148,22 @@ def test_client_sees_a_pause_as_an_outage_and_loses_no_write(running: RunningGue
     assert result.writes_acked > 0 and result.writes_lost == 0, result.to_dict()
     assert result.http_ok > 0
     print(f"\npaused {pause_s * 1000:.0f} ms: the client saw {result.longest_gap_ms} ms without an answer")
+
+
+def test_client_counts_the_writes_a_rollback_loses(running: RunningGuest, lab: Testbed) -> None:
+    """The negative control: a guest replaced by a fresh copy of the saved state has lost what it acknowledged."""
+    client = running.client()
+    client.start()
+    time.sleep(1.0)
+    running.guest.kill()  # the same address and MAC come back from the saved state, without this run's writes
+    workdir = short_tmpdir("sld-deb-")
+    try:
+        replacement, _ = start_guest(lab, running.state, workdir / "guest")
+        try:
+            time.sleep(2.0)
+            result = client.stop()
+        finally:
+            replacement.kill()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result.writes_lost > 0 and result.writes_found < result.writes_acked, result.to_dict()

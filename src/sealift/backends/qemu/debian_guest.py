@@ -407,6 +407,7 @@ def _boot_and_save(image: DebianImage, shape: GuestShape, key: str, scratch: Pat
         if guest is not None:
             guest.kill()
         subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=10, check=False)
+    shutil.copyfile(scratch / "console.log", out / "boot-console.log")
     for name in (_OVERLAY_FILE, _STATE_FILE):
         os.chmod(out / name, 0o444)  # read-only from now on: every guest gets its own overlay on top
     manifest = {

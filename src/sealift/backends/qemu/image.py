@@ -62,6 +62,7 @@ __all__ = [
     "cli_build",
     "default_cache_dir",
     "main",
+    "pvh_vmlinux",
 ]
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def _kernel_modules(kernel_root: Path, release: str) -> list[kmod.KernelModule]:
     return kmod.modules_to_load(wanted, index)
 
 
-def _pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
+def pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
     """The uncompressed kernel ELF inside a bzImage, if the kernel can be booted that way (PVH).
 
     The x86 boot header says where the compressed payload is (boot protocol
@@ -319,7 +320,7 @@ def _build(inputs: _Inputs, key: str, scratch: Path) -> Path:
 
     out = scratch / "out"
     out.mkdir()
-    vmlinux = _pvh_vmlinux(vmlinuz, kernel_root / "boot" / f"config-{release}")
+    vmlinux = pvh_vmlinux(vmlinuz, kernel_root / "boot" / f"config-{release}")
     if vmlinux is not None:
         kernel_file = _VMLINUX
         (out / kernel_file).write_bytes(vmlinux)
