@@ -68,7 +68,7 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 # What debootstrap adds to minbase. iproute2 sets the static address; no DHCP client is needed.
 PACKAGES = ("systemd-sysv", "udev", KERNEL_METAPACKAGE, "nginx-light", "redis-server", "iproute2")
 DISK_SIZE = "1G"
-FORMAT_VERSION = 3  # bump when the builder changes what it puts into an image for the same inputs
+FORMAT_VERSION = 4  # bump when the builder changes what it puts into an image for the same inputs
 
 HTTP_PORT = 80
 REDIS_PORT = 6379

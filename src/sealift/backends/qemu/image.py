@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lz4.block
+
 from sealift.backends.qemu import debian, kmod
 from sealift.backends.qemu.cpio import CpioEntry, write_cpio
 from sealift.backends.qemu.image_cache import MANIFEST, cached_build, last_built
@@ -241,6 +243,36 @@ def _kernel_modules(kernel_root: Path, release: str) -> list[kmod.KernelModule]:
     return kmod.modules_to_load(wanted, index)
 
 
+_LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+_LZ4_LEGACY_BLOCK = 8 << 20  # the legacy format's fixed uncompressed block size
+
+
+def _lz4_legacy(payload: bytes) -> bytes:
+    """Unpack LZ4's legacy frame format (``lz4 -l``, what the kernel's build uses).
+
+    Magic, then blocks of (little-endian u32 compressed size, LZ4 block) that
+    each unpack to at most 8 MiB; the kernel's build appends the unpacked
+    size as a u32, which must match. Raises ValueError on anything else.
+    """
+    pos, blocks = len(_LZ4_LEGACY_MAGIC), []
+    while pos + 4 < len(payload):
+        size = int.from_bytes(payload[pos : pos + 4], "little")
+        if payload[pos : pos + 4] == _LZ4_LEGACY_MAGIC:  # frames may be concatenated
+            pos += 4
+            continue
+        if pos + 4 + size > len(payload):
+            break  # the trailing size field
+        try:
+            blocks.append(lz4.block.decompress(payload[pos + 4 : pos + 4 + size], uncompressed_size=_LZ4_LEGACY_BLOCK))
+        except lz4.block.LZ4BlockError as exc:
+            raise ValueError(f"bad LZ4 block at {pos}: {exc}") from exc
+        pos += 4 + size
+    out = b"".join(blocks)
+    if len(payload) - pos != 4 or int.from_bytes(payload[pos:], "little") != len(out):
+        raise ValueError("the LZ4 payload's trailing size does not match what it unpacked to")
+    return out
+
+
 def pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
     """The uncompressed kernel ELF inside a bzImage, if the kernel can be booted that way (PVH).
 
@@ -262,9 +294,11 @@ def pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
             elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
         elif payload.startswith(b"\x1f\x8b"):
             elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)  # gzip framing
+        elif payload.startswith(_LZ4_LEGACY_MAGIC):
+            elf = _lz4_legacy(payload)  # Debian's cloud kernel (CONFIG_KERNEL_LZ4)
         else:
             return None  # another compression: boot the bzImage, slower but correct
-    except (lzma.LZMAError, zlib.error):
+    except (lzma.LZMAError, zlib.error, ValueError):
         return None
     return elf if elf.startswith(b"\x7fELF") else None
 
