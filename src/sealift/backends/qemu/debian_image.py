@@ -68,7 +68,7 @@ KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 # What debootstrap adds to minbase. iproute2 sets the static address; no DHCP client is needed.
 PACKAGES = ("systemd-sysv", "udev", KERNEL_METAPACKAGE, "nginx-light", "redis-server", "iproute2")
 DISK_SIZE = "1G"
-FORMAT_VERSION = 4  # bump when the builder changes what it puts into an image for the same inputs
+FORMAT_VERSION = 5  # bump when the builder changes what it puts into an image for the same inputs
 
 HTTP_PORT = 80
 REDIS_PORT = 6379
@@ -180,6 +180,10 @@ def _key() -> str:
         "debootstrap": _tool_version(["debootstrap", "--version"]),
         "files": _files_digest(),
         "disk_size": DISK_SIZE,
+        # The builder's own settings, so changing one rebuilds without a FORMAT_VERSION bump.
+        "units": [_OUR_UNITS, _MASKED_UNITS],
+        "initramfs_modules": _INITRAMFS_MODULES,
+        "stripped": _STRIPPED,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
