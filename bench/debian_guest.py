@@ -25,14 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu.debian_guest import (
-    GuestProcess,
-    SavedState,
-    ensure_saved_state,
-    guest_argv,
-    incoming_uri,
-    new_overlay,
-)
+from sealift.backends.qemu.debian_guest import SavedState, ensure_saved_state, restore_guest
 from sealift.backends.qemu.debian_image import build_debian_image
 from sealift.lab.client import OutageClient
 from sealift.lab.testbed import Testbed
@@ -43,20 +36,9 @@ TAP = "sld-tap0"
 def one_run(bed: Testbed, state: SavedState, pauses: list[float]) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="sld-bench-", dir="/tmp"))
     try:
-        disk = new_overlay(state, workdir / "disk.qcow2")
-        argv = guest_argv(
-            state.image,
-            state.shape,
-            disk=disk,
-            tap=TAP,
-            console=workdir / "console.log",
-            qmp=workdir / "qmp.sock",
-            incoming=incoming_uri(state),
-        )
         started = time.monotonic()
-        guest = GuestProcess.start(argv, workdir, netns=bed.ns("source"))
+        guest, restore_s = restore_guest(state, workdir, TAP, netns=bed.ns("source"))
         try:
-            restore_s = guest.wait_restored(60.0)
             ip = state.shape.guest_ip.split("/")[0]
             OutageClient(ip, netns=bed.ns("client")).wait_ready(30.0)
             first_answer_s = time.monotonic() - started

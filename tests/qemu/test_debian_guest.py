@@ -19,14 +19,7 @@ from pathlib import Path
 import pytest
 
 from qemu_testlib import short_tmpdir
-from sealift.backends.qemu.debian_guest import (
-    GuestProcess,
-    SavedState,
-    ensure_saved_state,
-    guest_argv,
-    incoming_uri,
-    new_overlay,
-)
+from sealift.backends.qemu.debian_guest import GuestProcess, SavedState, ensure_saved_state, restore_guest
 from sealift.backends.qemu.debian_image import REDIS_SECRET_KEY, build_debian_image
 from sealift.backends.qemu.image import DEFAULT_SECRET
 from sealift.lab.client import OutageClient
@@ -65,33 +58,12 @@ def lab() -> Iterator[Testbed]:
         yield bed
 
 
-def start_guest(bed: Testbed, state: SavedState, workdir: Path) -> tuple[GuestProcess, float]:
-    """A guest restored from the saved state on a fresh overlay, running; returns it and the restore time."""
-    workdir.mkdir()
-    disk = new_overlay(state, workdir / "disk.qcow2")
-    argv = guest_argv(
-        state.image,
-        state.shape,
-        disk=disk,
-        tap=TAP,
-        console=workdir / "console.log",
-        qmp=workdir / "qmp.sock",
-        incoming=incoming_uri(state),
-    )
-    guest = GuestProcess.start(argv, workdir, netns=bed.ns("source"))
-    try:
-        return guest, guest.wait_restored(60.0)
-    except BaseException:
-        guest.kill()
-        raise
-
-
 @pytest.fixture
 def running(lab: Testbed, saved_state: SavedState) -> Iterator[RunningGuest]:
     workdir = short_tmpdir("sld-deb-")
     try:
         started = time.monotonic()
-        guest, restore_s = start_guest(lab, saved_state, workdir / "guest")
+        guest, restore_s = restore_guest(saved_state, workdir, TAP, netns=lab.ns("source"))
         try:
             ip = saved_state.shape.guest_ip.split("/")[0]
             OutageClient(ip, netns=lab.ns("client")).wait_ready(30.0)
@@ -160,7 +132,7 @@ def test_client_counts_the_writes_a_rollback_loses(running: RunningGuest, lab: T
     running.guest.kill()  # the same address and MAC come back from the saved state, without this run's writes
     workdir = short_tmpdir("sld-deb-")
     try:
-        replacement, _ = start_guest(lab, running.state, workdir / "guest")
+        replacement, _ = restore_guest(running.state, workdir, TAP, netns=lab.ns("source"))
         try:
             time.sleep(2.0)
             result = client.stop()

@@ -68,6 +68,7 @@ __all__ = [
     "memory_arg",
     "new_overlay",
     "nic_args",
+    "restore_guest",
 ]
 
 log = logging.getLogger(__name__)
@@ -465,6 +466,33 @@ def ensure_saved_state(image: DebianImage, shape: GuestShape | None = None, forc
     if built:
         log.info("saved the booted Debian guest in %s (boot %.1f s)", state.dir, state.boot_seconds)
     return state
+
+
+def restore_guest(
+    state: SavedState, workdir: Path, tap: str, *, netns: str | None = None, start: bool = True
+) -> tuple[GuestProcess, float]:
+    """A new guest from the saved state: its own overlay in ``workdir``, QEMU on ``tap`` (in ``netns``).
+
+    Returns the guest, running (``start``) or paused, and the seconds QEMU
+    took to load the saved machine. ``workdir`` must exist and be short
+    (it holds the QMP socket).
+    """
+    disk = new_overlay(state, workdir / "disk.qcow2")
+    argv = guest_argv(
+        state.image,
+        state.shape,
+        disk=disk,
+        tap=tap,
+        console=workdir / "console.log",
+        qmp=workdir / "qmp.sock",
+        incoming=incoming_uri(state),
+    )
+    guest = GuestProcess.start(argv, workdir, netns=netns)
+    try:
+        return guest, guest.wait_restored(60.0, start=start)
+    except BaseException:
+        guest.kill()
+        raise
 
 
 def cli_build_debian(args: argparse.Namespace) -> int:
