@@ -150,10 +150,9 @@ class OutageClient:
         with enter_netns(self.netns):
             while time.monotonic() - started < timeout_s:
                 try:
-                    if _PAGE_MARKER not in self.get_page() or not self._redis().ping():
-                        last_error = "unexpected answer"
-                    else:
+                    if _PAGE_MARKER in self.get_page() and self._ping():
                         return time.monotonic() - started
+                    last_error = "unexpected answer"
                 except (OSError, http.client.HTTPException, redis.RedisError) as exc:
                     last_error = f"{type(exc).__name__}: {exc}"
                 time.sleep(0.2)
@@ -172,6 +171,13 @@ class OutageClient:
         finally:
             conn.close()
 
+    def _ping(self) -> bool:
+        client = self._redis()
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
     def redis_get(self, key: str) -> bytes | None:
         """One redis GET (made inside the namespace)."""
         with enter_netns(self.netns):
@@ -184,7 +190,8 @@ class OutageClient:
 
     def _redis(self) -> redis.Redis:
         # No retries: a write retried after a lost reply could be applied twice, and a retry would hide
-        # the very failure this client counts. Connections are made on first use, in this thread.
+        # the very failure this client counts. One connection, made here, in the calling thread (and so
+        # in its namespace).
         return redis.Redis(
             host=self.guest_ip,
             port=self.redis_port,
@@ -284,18 +291,24 @@ class OutageClient:
 
     def _redis_loop(self, svc: _Service) -> None:
         """RPUSH of each round's number; a number is acknowledged when redis answered the push."""
-        writer = self._redis()
+        writer: redis.Redis | None = None
         try:
             for seq in self._paced(svc):
                 try:
+                    if writer is None:
+                        writer = self._redis()  # connects: a guest that does not answer fails this round
                     writer.rpush(self.list_key, seq)
                 except redis.RedisError as exc:
                     self._failed(svc, exc)
+                    if writer is not None:
+                        writer.close()
+                    writer = None
                     continue
                 self._acked.append(seq)
                 svc.answered(time.monotonic(), self._started)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
     def _failed(self, svc: _Service, exc: BaseException) -> None:
         svc.failed += 1
@@ -310,7 +323,12 @@ class OutageClient:
             return set()
         last_error: Exception | None = None
         for _ in range(10):
-            reader = self._redis()
+            try:
+                reader = self._redis()
+            except redis.RedisError as exc:
+                last_error = exc
+                time.sleep(0.5)
+                continue
             try:
                 return {int(v) for v in reader.lrange(self.list_key, 0, -1)}
             except redis.RedisError as exc:
