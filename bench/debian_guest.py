@@ -1,6 +1,6 @@
 """The Debian guest: restore time, time to first answer, request rates, and the outage a client sees for a pause.
 
-    .venv/bin/python bench/debian_guest.py [--runs 3] [--pauses 0.1,0.3,1.0] [--json]
+    .venv/bin/python bench/debian_guest.py [--runs 3] [--pauses 0.1,0.3,1.0] [--migrations 3] [--json]
 
 Each run restores a fresh guest from the saved booted state (built first
 if needed: `sealift image build --guest debian --saved-state`) onto the
@@ -8,7 +8,10 @@ lab's VM network (a tap on the source host's bridge), waits until nginx
 and redis answer the lab's client, runs the outage client for 2 s
 undisturbed (request rates), then for each pause: client running, QMP
 `stop`, sleep, `cont`, 1 s more; it reports the longest gap the client saw
-and the acknowledged writes lost. Needs root. Results: docs/benchmarks.md
+and the acknowledged writes lost. Then (``--migrations N``) live
+migrations of a restored guest from the source host's bridge to the
+destination's, QEMU to QEMU on a unix socket and one shared disk file (no
+agents, no storage migration), with the client running. Needs root. Results: docs/benchmarks.md
 ("The Debian guest").
 """
 
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu.debian_guest import SavedState, ensure_saved_state, restore_guest
+from sealift.backends.qemu.debian_guest import GuestProcess, SavedState, ensure_saved_state, guest_argv, restore_guest
 from sealift.backends.qemu.debian_image import build_debian_image
 from sealift.lab.client import OutageClient
 from sealift.lab.testbed import Testbed
@@ -79,10 +82,72 @@ def one_run(bed: Testbed, state: SavedState, pauses: list[float]) -> dict[str, A
     }
 
 
+def wait_migrated(guest: GuestProcess, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = dict(guest.qmp("query-migrate"))
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        time.sleep(0.05)
+    raise RuntimeError(f"the migration did not end in {timeout:.0f} s")
+
+
+def one_migration(bed: Testbed, state: SavedState) -> dict[str, Any]:
+    """A live migration of a guest between the lab's two hosts (shared disk file, QEMU to QEMU over a
+    unix socket), with the outage client running: what a user sees of a migration without the agents."""
+    workdir = Path(tempfile.mkdtemp(prefix="sld-benchm-", dir="/tmp"))
+    try:
+        (workdir / "dst").mkdir()
+        src, _ = restore_guest(state, workdir, TAP, netns=bed.ns("source"))
+        dst: GuestProcess | None = None
+        try:
+            argv = guest_argv(
+                state.image,
+                state.shape,
+                disk=workdir / "disk.qcow2",  # the source's overlay: shared storage, as on one machine
+                tap=TAP,
+                console=workdir / "dst" / "console.log",
+                qmp=workdir / "dst" / "qmp.sock",
+                incoming="defer",
+            )
+            dst = GuestProcess.start(argv, workdir / "dst", netns=bed.ns("destination"))
+            sock = workdir / "migration.sock"
+            dst.qmp("migrate-incoming", {"uri": f"unix:{sock}"})
+            ip = state.shape.guest_ip.split("/")[0]
+            OutageClient(ip, netns=bed.ns("client")).wait_ready(30.0)
+            client = OutageClient(ip, netns=bed.ns("client"))
+            client.start()
+            time.sleep(1.0)
+            src.qmp("migrate-set-parameters", {"max-bandwidth": 8 << 30, "downtime-limit": 300})
+            src.qmp("migrate", {"uri": f"unix:{sock}"})
+            info = wait_migrated(src)
+            dst.wait_restored(30.0)
+            time.sleep(1.5)
+            result = client.stop()
+            dst_status = dst.status()
+        finally:
+            src.kill()
+            if dst is not None:
+                dst.kill()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "status": info.get("status"),
+        "qemu_total_ms": info.get("total-time"),
+        "qemu_downtime_ms": info.get("downtime"),
+        "destination": dst_status,
+        "longest_gap_ms": result.longest_gap_ms,
+        "failed": result.http_failed + result.redis_failed,
+        "writes_acked": result.writes_acked,
+        "writes_lost": result.writes_lost,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pauses", default="0.1,0.3,1.0", help="pauses in seconds, comma-separated")
+    parser.add_argument("--migrations", type=int, default=3, help="live migrations between the lab's hosts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -93,8 +158,9 @@ def main() -> int:
     state = ensure_saved_state(build_debian_image())
     prepared_s = time.monotonic() - started
     with Testbed(tag="debb") as bed:
-        bed.add_tap("source", TAP)
+        bed.add_tap_everywhere(TAP)
         runs = [one_run(bed, state, pauses) for _ in range(max(1, min(args.runs, 20)))]
+        migrations = [one_migration(bed, state) for _ in range(max(0, min(args.migrations, 20)))]
     report = {
         "image": state.image.key,
         "state": state.key,
@@ -102,6 +168,7 @@ def main() -> int:
         "boot_to_ready_s": state.boot_seconds,
         "save_s": state.save_seconds,
         "runs": runs,
+        "migrations": migrations,
         "restore_s_median": statistics.median(r["restore_s"] for r in runs),
         "first_answer_s_median": statistics.median(r["first_answer_s"] for r in runs),
     }
@@ -118,6 +185,12 @@ def main() -> int:
         )
     lost = sum(p["writes_lost"] for r in runs for p in r["pauses"])
     print(f"acknowledged writes lost over all pauses: {lost}")
+    for n, m in enumerate(migrations, 1):
+        print(
+            f"migration {n}: {m['status']}, QEMU total {m['qemu_total_ms']} ms, downtime {m['qemu_downtime_ms']} ms; "
+            f"client gap {m['longest_gap_ms']} ms, {m['failed']} failed, {m['writes_lost']} of "
+            f"{m['writes_acked']} acknowledged writes lost"
+        )
     return 0
 
 
