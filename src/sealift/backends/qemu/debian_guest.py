@@ -1,6 +1,6 @@
 """The Debian guest booted once and saved, so every test guest starts from a running system in seconds.
 
-Under TCG the Debian guest needs about 40 s to boot to nginx and redis.
+Under TCG the Debian guest needs 25-60 s to boot to nginx and redis.
 ``ensure_saved_state(image, shape)`` pays that once: it boots the image on
 a qcow2 overlay with a NIC on a tap (in a private network namespace, so
 the NIC negotiates what a tap offers, as it will after a restore), waits
@@ -13,16 +13,20 @@ read-only. It lives beside the image
 the shape of the QEMU command line (memory, accelerator, devices and their
 PCI slots, kernel command line with the guest's address, MAC, QEMU version).
 
-A guest from the saved state: ``new_overlay(state, path)`` (a fresh
-copy-on-write qcow2 backed by the saved overlay, so each guest is
-independent), then QEMU with :func:`guest_argv` (or the pieces:
-:func:`machine_args`, :func:`boot_args`, :func:`disk_args`,
-:func:`nic_args`) and ``-incoming`` :func:`incoming_uri`. The guest's
-address and MAC are those of the saved state (they live in its memory), so
-one saved state serves one guest per VM network at a time.
+A guest from the saved state (:func:`restore_guest` does all of it):
+``new_overlay(state, path)`` (a fresh copy-on-write qcow2 backed by the
+saved overlay, so each guest is independent), then QEMU with
+:func:`guest_argv` (or the pieces: :func:`machine_args`,
+:func:`boot_args`, :func:`disk_args`, :func:`nic_args`) and ``-incoming``
+:func:`incoming_uri`. The stream carries the stopped run state, so the
+loaded guest stays paused until ``cont``. The guest's address and MAC are
+those of the saved state (they live in its memory), so one saved state
+serves one guest per VM network at a time; its wall clock resumes from the
+moment of the save.
 
-:class:`GuestProcess` is the small launcher the save and the tests use; the
-agents' VMs (``vm.py``) take the same argv pieces.
+:class:`GuestProcess` is the small launcher the save, the tests and the
+bench use; the agents' VMs (``vm.py``) are meant to take the same argv
+pieces (a migration's destination: the same pieces with ``-incoming defer``).
 """
 
 from __future__ import annotations
