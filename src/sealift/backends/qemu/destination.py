@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
-from sealift.backends.qemu import relay
+from sealift.backends.qemu import postcopy, relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.registry import QemuVmRegistry, network_like
@@ -69,6 +69,7 @@ class QemuDestinationDriver:
         self._stream_bytes = 0
         self._transport: QemuTransport = transport_named("sealift")
         self._after_hooks: list[Hook] = []
+        self._flow: postcopy.DestinationFlow | None = None  # post-copy-capable: the stream in the background
 
     # -- the driver's steps --------------------------------------------------------------------
 
@@ -88,6 +89,10 @@ class QemuDestinationDriver:
 
     def take_stream(self) -> dict[str, object]:
         self._receive()
+        if self._flow is not None:  # post-copy hook: the manifest may come before the stream ends
+            return postcopy.receive_manifest(
+                self._session, self._flow, self._transport.name, self._wait_incoming_complete
+            )
         self._wait_incoming_complete()
         assert self._qemu is not None  # _receive started it (_wait_incoming_complete checked it too)
         run_after_hooks(self._qemu, self._after_hooks)
@@ -95,6 +100,9 @@ class QemuDestinationDriver:
 
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:
         assert self._qemu is not None
+        if self._flow is not None and manifest.get("postcopy") is True:  # post-copy hook: runs while pages come
+            pid = postcopy.run_destination(self._session, self._qemu, self._flow, self._qemu_vms)
+            return pid, manifest.get("counter_at_pause")
         self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
         self._qemu_vms.adopt_incoming(self._qemu)
         self._qemu_vms.unreserve_incoming_name(self._session.hello.vm_name)
@@ -102,6 +110,7 @@ class QemuDestinationDriver:
 
     def discard(self, reason: str) -> None:
         hello = self._session.hello
+        self._close_flow()
         if self._qemu is not None:
             try:
                 self._qemu.kill()  # never a second copy: the source keeps the guest
@@ -116,12 +125,19 @@ class QemuDestinationDriver:
             self._qemu_vms.hold_in_doubt(self._qemu)
 
     def release(self, prepared: bool) -> None:
+        self._close_flow()
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)
         hello = self._session.hello
         self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
         if not prepared or self._qemu is None:
             self._qemu_vms.unreserve_incoming_name(hello.vm_name)
+
+    def _close_flow(self) -> None:
+        """Post-copy: stop relaying. A QEMU still in post-copy then pauses, its guest kept for a recovery."""
+        if self._flow is not None:
+            self._flow.close()
+            self._flow = None
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -159,6 +175,7 @@ class QemuDestinationDriver:
             raise IncomingRefused(f"the {name!r} transport is disabled on this host (allow_insecure = false)")
         try:
             transport.check(MigrationOptions(secure=hello.secure, multifd_channels=spec.multifd_channels))
+            postcopy.check_transport("on" if spec.postcopy else "off", name)
         except ValueError as exc:
             raise IncomingRefused(str(exc)) from None
         if transport.secure and not s.channel.secure:
@@ -213,6 +230,9 @@ class QemuDestinationDriver:
                     )
                 )
             relay.send_opaque(data, ready, Ready(None, extra_sessions).encode())
+            if spec.postcopy:  # post-copy hook: the stream and QEMU's return path run in the background
+                self._flow = postcopy.DestinationFlow.start(data, reader, ready, qemu_socks[0], self._digest)
+                return
             for feeder in feeders:
                 feeder.start()
             try:
@@ -292,6 +312,8 @@ class QemuDestinationDriver:
                 "events": True,
             }
         )
+        if spec.postcopy:  # post-copy hook: QEMU checks userfaultfd here
+            postcopy.enable_on_destination(qemu)
         if spec.multifd_channels:
             qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
         return qemu

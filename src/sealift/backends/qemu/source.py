@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu import relay
+from sealift.backends.qemu import postcopy, relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -30,7 +30,7 @@ from sealift.backends.qemu.transports import AuditedSa, DirectSource, QemuTransp
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.ipsec.charon import HostCharon
-from sealift.migration.errors import MigrationError
+from sealift.migration.errors import MigrationError, PostcopyPaused
 from sealift.migration.phases import Event
 from sealift.migration.report import RoundReport
 from sealift.migration.session import SourceSession
@@ -55,6 +55,7 @@ class QemuTransfer:
     qemu: dict[str, int | None]  # QEMU's figures (_qemu_figures); None where QEMU gave none
     wire_bytes: int
     rounds: int
+    postcopy: dict[str, object] | None = None  # post-copy's figures when the migration switched (postcopy.py)
 
 
 class QemuSourceDriver:
@@ -65,6 +66,7 @@ class QemuSourceDriver:
         self, session: SourceSession, vms: QemuVmRegistry, transport: QemuTransport, ipsec: HostCharon | None
     ) -> None:
         transport.check(session.options)
+        postcopy.check_transport(session.options.postcopy, transport.name)
         self._session = session
         self._vms = vms
         self._transport = transport
@@ -75,6 +77,13 @@ class QemuSourceDriver:
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
         self._channel: ControlChannel | None = None  # this migration's, once transfer() has it
         self._accept: Accept | None = None
+        # post-copy: when to switch, and what happened (backends/qemu/postcopy.py); None when off
+        self._switch = (
+            postcopy.SourceSwitch(postcopy.SwitchTrigger(session.options.postcopy, session.options.postcopy_after_s))
+            if session.options.postcopy != "off"
+            else None
+        )
+        self._return_path: postcopy.ReturnPath | None = None
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -115,9 +124,11 @@ class QemuSourceDriver:
                 self._transport.name,
                 s.options.multifd_channels,
                 s.options.xbzrle,
+                postcopy=self._switch is not None,
             )
             relay.send_opaque(data, writer, spec.encode(), self._digest)
-            ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
+            back = DataStreamReader(incoming, npages)  # post-copy: QEMU's return path continues it
+            ready = self._await_destination_ready(channel, data, back)
             self._configure(vm)
             if self._transport.direct:
                 if ready.port is None:
@@ -130,8 +141,10 @@ class QemuSourceDriver:
                     f"{s.destination} opened {len(ready.extra_sessions)} streams for "
                     f"{s.options.multifd_channels} multifd channels"
                 )
-            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address)
+            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address, back)
         finally:
+            if self._return_path is not None:
+                self._return_path.stop()
             data.close()
 
     def manifest_fields(self, transfer: QemuTransfer) -> tuple[dict[str, object], dict[str, object]]:
@@ -155,6 +168,10 @@ class QemuSourceDriver:
             f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
             f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note()
         )
+        if transfer.postcopy is not None:  # post-copy's phases and figures (postcopy.py)
+            report.postcopy = transfer.postcopy
+            report.downtime_ms = float(transfer.qemu.get("downtime_ms") or 0)  # QEMU's: stop to device state sent
+            report.stop_reason += f"; post-copy {transfer.postcopy['reason']}"
 
     def resume(self, vm: QemuVM) -> bool:
         if self._pump is not None:
@@ -190,6 +207,7 @@ class QemuSourceDriver:
             "multifd": options.multifd_channels > 0,
             "xbzrle": options.xbzrle,
             "events": True,  # MIGRATION events wake _follow at pre-switchover instead of its next poll
+            "postcopy-ram": self._switch is not None,  # both ends: the destination sets it from the GuestSpec
         }
         vm.set_migration_capabilities(capabilities)  # all of them: a VM migrated before may have others set
         parameters: dict[str, object] = {
@@ -214,6 +232,7 @@ class QemuSourceDriver:
         writer: DataStreamWriter,
         extra_sessions: tuple[bytes, ...],
         address: tuple[str, int],
+        back: DataStreamReader,
     ) -> QemuTransfer:
         """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
 
@@ -243,10 +262,11 @@ class QemuSourceDriver:
                         relay.StreamDigest(outgoing.overhead),
                     )
                 )
-            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
+            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir, data, back)
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
             return QemuTransfer(
+                postcopy=self._postcopy_figures(info),
                 paused_at=paused_at,
                 stream_bytes=group.stream_bytes,
                 digest=group.digest(),
@@ -263,7 +283,13 @@ class QemuSourceDriver:
                 shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _start_pumps(
-        self, vm: QemuVM, pumps: list[relay.SourcePump], listener: socket.socket | None, sock_dir: Path | None
+        self,
+        vm: QemuVM,
+        pumps: list[relay.SourcePump],
+        listener: socket.socket | None,
+        sock_dir: Path | None,
+        data: socket.socket,
+        back: DataStreamReader,
     ) -> relay.SourcePumps:
         """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
 
@@ -275,6 +301,8 @@ class QemuSourceDriver:
             ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             relay.widen_send_buffer(qemus)
             group = relay.SourcePumps(pumps, first=ours)
+            if self._switch is not None:  # QEMU's return path: the destination's records into QEMU's socket
+                self._return_path = postcopy.ReturnPath.to_qemu(data, back, ours.dup()).start()
             group.start()
             try:
                 vm.migrate_to_socket(qemus)
@@ -367,12 +395,17 @@ class QemuSourceDriver:
         round_started = followed_since = time.monotonic()
         while True:
             if pump is not None and pump.error is not None:
-                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}", code="stream_failed")
+                raise self._stream_failure(f"the data stream to {s.destination} failed: {pump.error}")
             info = vm.query_migrate()
             status = info.get("status", "none")
             ram = info.get("ram", {})
-            if status in ("failed", "cancelled"):
-                raise MigrationError(
+            if self._switch is not None:  # post-copy hook: the switch, and QEMU's own states after it
+                switched = self._postcopy_step(vm, status, ram, time.monotonic() - followed_since)
+                paused_at = switched if switched is not None else paused_at
+                if self._switch.switched and status == "pre-switchover":
+                    self._switch.continue_switchover(vm)
+            if status in ("failed", "cancelled", "postcopy-paused"):
+                raise self._stream_failure(
                     f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}"
                 )
             if paused_at is None and status in ("setup", "active"):
@@ -428,6 +461,13 @@ class QemuSourceDriver:
     def _check_destination(self, data: socket.socket) -> None:
         """At pre-switchover: is the destination still there? It never writes on the data stream,
         so anything readable there means it closed or reset the connection."""
+        if self._return_path is not None:  # the return path reads the data stream: ask it instead
+            if self._return_path.alive:
+                return
+            raise MigrationError(
+                f"{self._session.destination} closed the data stream before the switchover "
+                f"({self._return_path.error or 'its return path ended'})"
+            )
         readable, _, _ = select.select([data], [], [], 0)
         if not readable:
             return  # nothing to read: the connection is open
@@ -453,11 +493,62 @@ class QemuSourceDriver:
         self._session.report.round_reports.append(report)
         self._session.progress("round", report.to_dict())
 
+    # -- post-copy hooks (backends/qemu/postcopy.py holds the logic) ------------------------------
+
+    def _postcopy_step(self, vm: QemuVM, status: str, ram: dict[str, Any], elapsed_s: float) -> float | None:
+        """The switch, once its trigger fires: the coordinator decides (receipt, durable decision, Commit) first."""
+        assert self._switch is not None
+        s = self._session
+        if self._switch.decide is None and s.decide_postcopy is not None:
+            decide = s.decide_postcopy
+
+            def decide_now() -> None:
+                s.report.counter_at_pause = vm.counter()  # the guest's counter as the switch is decided
+                decide(self._postcopy_manifest_fields())
+
+            self._switch.decide = decide_now
+        if self._return_path is not None and self._return_path.error is not None:
+            raise self._stream_failure(f"QEMU's return path from {s.destination} failed: {self._return_path.error}")
+        switched = self._switch.poll(vm, status, ram, elapsed_s)
+        if switched is not None:
+            s.progress("phase", {"phase": "postcopy-active", "reason": self._switch.reason})
+        return switched
+
+    def _postcopy_manifest_fields(self) -> dict[str, object]:
+        """The signed manifest of a post-copy switch: no digest yet (it comes with the running receipt)."""
+        return {
+            "backend": BACKEND,
+            "image_digest": None,
+            "state_digest": None,
+            "stream_bytes": None,
+            "transport": self._transport.name,
+            "postcopy": True,
+        }
+
+    def _postcopy_figures(self, info: dict[str, Any]) -> dict[str, object] | None:
+        if self._switch is None or not self._switch.switched or self._switch.switched_at is None:
+            return None
+        ended = time.monotonic()
+        return {
+            "reason": self._switch.reason,
+            "precopy_s": self._switch.precopy_s,
+            "postcopy_s": round(ended - self._switch.switched_at, 3),
+            **postcopy.postcopy_figures(info),
+            "return_path_bytes": self._return_path.bytes if self._return_path is not None else 0,
+        }
+
+    def _stream_failure(self, message: str) -> MigrationError:
+        """Before the switch an ordinary failure (the guest resumes here); after it, a paused post-copy."""
+        if self._switch is not None and self._switch.switched:
+            return PostcopyPaused(message)
+        return MigrationError(message, code="stream_failed")
+
     def _feature_note(self) -> str:
         options = self._session.options
         notes = [f"multifd {options.multifd_channels} channels"] if options.multifd_channels else []
         notes += ["xbzrle"] if options.xbzrle else []
         notes += ["auto-converge"] if options.auto_converge else []
+        notes += [f"post-copy {options.postcopy}"] if self._switch is not None else []
         if self._sa is not None and self._sa.record is not None:
             record = self._sa.record
             notes.append(f"ipsec backend {record.backend}, {record.encryption}, {record.dh_group}")
