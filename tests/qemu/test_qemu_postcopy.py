@@ -111,3 +111,7 @@ def test_a_guest_that_outruns_the_link_finishes_in_post_copy(cluster: LocalClust
     assert "postcopy-active" in shown and "committed" not in shown
     assert phases(cluster, "host-a")[report["migration_id"]] == "completed"
     assert phases(cluster, "host-b")[report["migration_id"]] == "running"
+    print(
+        f"\npost-copy {MEMORY}: total {report['total_time_s']} s, {report['rounds']} passes, {postcopy}, "
+        f"{report['stop_reason']}"
+    )

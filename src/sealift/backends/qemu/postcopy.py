@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 BACKEND = "qemu"
 TRANSPORTS = ("sealift", "sealift-plain")  # the ones whose stream the agents carry (and so its return path)
 STALL_PASSES = 3  # "on-stall": this many passes in a row with the dirty rate at or above the link's
+# QEMU counts a page dirtied twice in a pass once, so a guest that rewrites its whole working set every pass
+# measures a dirty rate *equal* to the link's (its set / the pass's time): "at or above" allows 5 % of noise.
+STALL_RATIO = 0.95
 FIRST_PASS_DONE = 2  # dirty-sync-count after the first full pass (QEMU counts the sync before it too)
 
 
@@ -78,6 +81,7 @@ class SwitchTrigger:
     after_s: float = 10.0
     stall_passes: int = STALL_PASSES
     _last_sync: int = 0
+    _last_remaining: int | None = None
     _stalled: int = 0
     history: list[str] = field(default_factory=list)  # one line per pass judged ("on-stall"), for the report
 
@@ -98,13 +102,17 @@ class SwitchTrigger:
         self._last_sync = sync
         dirty_bps = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", relay.PAGE))
         link_bps = float(ram.get("mbps", 0.0)) * 1e6 / 8
-        stalled = link_bps > 0 and dirty_bps >= link_bps
+        remaining = int(ram.get("remaining", 0))
+        # Stalled: the guest dirties (about) what the link carries, or what is left to send did not shrink.
+        not_shrinking = self._last_remaining is not None and remaining >= self._last_remaining
+        stalled = (link_bps > 0 and dirty_bps >= STALL_RATIO * link_bps) or not_shrinking
+        self._last_remaining = remaining
         self._stalled = self._stalled + 1 if stalled else 0
         self.history.append(f"pass {sync - 1}: dirty {dirty_bps / 2**20:.1f} MiB/s, link {link_bps / 2**20:.1f} MiB/s")
         if self._stalled >= self.stall_passes:
             return (
-                f"stalled: the guest dirtied at least what the link carries for {self._stalled} passes "
-                f"({dirty_bps / 2**20:.1f} >= {link_bps / 2**20:.1f} MiB/s)"
+                f"stalled for {self._stalled} passes: the guest dirties {dirty_bps / 2**20:.1f} MiB/s, the link "
+                f"carries {link_bps / 2**20:.1f} MiB/s, {remaining / 2**20:.1f} MiB left to send"
             )
         return None
 
