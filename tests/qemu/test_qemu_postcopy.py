@@ -99,7 +99,7 @@ def test_a_guest_that_outruns_the_link_finishes_in_post_copy(cluster: LocalClust
     assert postcopy["postcopy_requests"] > 0  # the guest ran on host-b before its pages were all there
     assert postcopy["return_path_bytes"] > 0  # ... and asked for them through the agents' back direction
     assert report["rounds"] >= 4  # three stalled passes after the first
-    assert "post-copy on-stall" in report["stop_reason"]
+    assert "switched to post-copy stalled" in report["stop_reason"]
     # The guest continues on host-b from where it stopped, and only there.
     assert VM not in names(src)
     assert info(dst)["status"] == "running"

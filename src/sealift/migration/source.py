@@ -68,6 +68,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._store = session.context.store
         self._authority = session.context.authority
         self._committed = False  # the durable decision is on disk (decide-commit, or decide-postcopy mid-transfer)
+        self._postcopy = False  # the decision was post-copy's: the guest may already run at the destination
 
     @property
     def migration_id(self) -> str:
@@ -134,7 +135,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 s.mark("commit_sent", transfer.paused_at)
                 s.progress("phase", {"phase": "committed"})
             running = self._receipt(channel, "running", None)
-            if s.report.postcopy is None:
+            if not self._postcopy:
                 s.mark("running_receipt", transfer.paused_at)
             else:
                 self._check_postcopy_digest(running, transfer)
@@ -155,7 +156,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             s.report.status = "failed"
             s.report.total_time_s = round(time.monotonic() - started, 3)
             s.report.source_cpu_s = round(time.process_time() - cpu_started, 3)
-            if self._committed and s.report.postcopy is not None:
+            if self._postcopy:
                 s.report.error = (
                     f"{exc}; post-copy had begun, so {vm.name} can never run on {self._config.name} again: it "
                     f"waits on {s.destination} for its remaining pages (phase postcopy-paused; "
@@ -248,7 +249,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._authority.final_check(s.flight)
         records.transition(self._store, s.migration_id, Event.DECIDE_POSTCOPY)  # point of no return
         self._committed = True
-        s.report.postcopy = {}  # switched: the driver's figures fill it when the stream is over
+        self._postcopy = True
         self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed", postcopy=True)
         channel.send(Commit(s.migration_id))
         s.progress("phase", {"phase": "postcopy-active"})

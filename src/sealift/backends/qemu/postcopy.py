@@ -168,13 +168,32 @@ class SourceSwitch:
             self.continued_switchover = True
             vm.migrate_continue("pre-switchover")
 
+    def figures(self, info: dict[str, Any], return_path: ReturnPath | None) -> dict[str, object] | None:
+        """The report's post-copy figures (MigrationReport.postcopy) from QEMU's final query-migrate; None if
+        it never switched. Page requests are QEMU 7.2's ram.postcopy-requests."""
+        if self.switched_at is None:
+            return None
+        ram = info.get("ram", {})
+        return {
+            "reason": self.reason,
+            "precopy_s": self.precopy_s,
+            "postcopy_s": round(time.monotonic() - self.switched_at, 3),
+            "postcopy_requests": ram.get("postcopy-requests"),
+            "postcopy_bytes": ram.get("postcopy-bytes"),
+            "return_path_bytes": return_path.bytes if return_path is not None else 0,
+        }
 
-def postcopy_figures(info: dict[str, Any]) -> dict[str, int | None]:
-    """query-migrate's post-copy counters (QEMU 7.2: ram.postcopy-requests, postcopy-blocktime when enabled)."""
-    ram = info.get("ram", {})
+
+def manifest_fields(transport: str) -> dict[str, object]:
+    """The backend's fields of the signed manifest at a post-copy switch: no digest yet (the running receipt
+    brings the destination's, checked by the source at the end)."""
     return {
-        "postcopy_requests": ram.get("postcopy-requests"),
-        "postcopy_bytes": ram.get("postcopy-bytes"),
+        "backend": BACKEND,
+        "image_digest": None,
+        "state_digest": None,
+        "stream_bytes": None,
+        "transport": transport,
+        "postcopy": True,
     }
 
 

@@ -171,7 +171,7 @@ class QemuSourceDriver:
         if transfer.postcopy is not None:  # post-copy's phases and figures (postcopy.py)
             report.postcopy = transfer.postcopy
             report.downtime_ms = float(transfer.qemu.get("downtime_ms") or 0)  # QEMU's: stop to device state sent
-            report.stop_reason += f"; post-copy {transfer.postcopy['reason']}"
+            report.stop_reason += f"; switched to post-copy {transfer.postcopy['reason']}"
 
     def resume(self, vm: QemuVM) -> bool:
         if self._pump is not None:
@@ -266,7 +266,7 @@ class QemuSourceDriver:
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
             return QemuTransfer(
-                postcopy=self._postcopy_figures(info),
+                postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
                 paused_at=paused_at,
                 stream_bytes=group.stream_bytes,
                 digest=group.digest(),
@@ -504,7 +504,7 @@ class QemuSourceDriver:
 
             def decide_now() -> None:
                 s.report.counter_at_pause = vm.counter()  # the guest's counter as the switch is decided
-                decide(self._postcopy_manifest_fields())
+                decide(postcopy.manifest_fields(self._transport.name))
 
             self._switch.decide = decide_now
         if self._return_path is not None and self._return_path.error is not None:
@@ -513,29 +513,6 @@ class QemuSourceDriver:
         if switched is not None:
             s.progress("phase", {"phase": "postcopy-active", "reason": self._switch.reason})
         return switched
-
-    def _postcopy_manifest_fields(self) -> dict[str, object]:
-        """The signed manifest of a post-copy switch: no digest yet (it comes with the running receipt)."""
-        return {
-            "backend": BACKEND,
-            "image_digest": None,
-            "state_digest": None,
-            "stream_bytes": None,
-            "transport": self._transport.name,
-            "postcopy": True,
-        }
-
-    def _postcopy_figures(self, info: dict[str, Any]) -> dict[str, object] | None:
-        if self._switch is None or not self._switch.switched or self._switch.switched_at is None:
-            return None
-        ended = time.monotonic()
-        return {
-            "reason": self._switch.reason,
-            "precopy_s": self._switch.precopy_s,
-            "postcopy_s": round(ended - self._switch.switched_at, 3),
-            **postcopy.postcopy_figures(info),
-            "return_path_bytes": self._return_path.bytes if self._return_path is not None else 0,
-        }
 
     def _stream_failure(self, message: str) -> MigrationError:
         """Before the switch an ordinary failure (the guest resumes here); after it, a paused post-copy."""

@@ -1,0 +1,70 @@
+"""When a QEMU pre-copy switches to post-copy (backends/qemu/postcopy.py SwitchTrigger), from query-migrate figures.
+
+Sans-IO: no QEMU here, only the numbers QEMU 7.2 reports in query-migrate's "ram".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sealift.backends.qemu.postcopy import PostcopyUnavailable, SwitchTrigger, check_transport
+from sealift.migration.options import MigrationOptions, OptionsError
+
+MIB = 1 << 20
+
+
+def ram(sync: int, dirty_mib_s: float, link_mib_s: float, remaining_mib: float = 32) -> dict[str, object]:
+    return {
+        "dirty-sync-count": sync,
+        "dirty-pages-rate": int(dirty_mib_s * MIB / 4096),
+        "page-size": 4096,
+        "mbps": link_mib_s * MIB * 8 / 1e6,
+        "remaining": int(remaining_mib * MIB),
+    }
+
+
+def test_off_never_switches() -> None:
+    trigger = SwitchTrigger("off")
+    assert all(trigger.reason(1e6, ram(sync, 100, 1)) is None for sync in range(1, 50))
+
+
+def test_after_timeout_switches_once_the_time_is_up() -> None:
+    trigger = SwitchTrigger("after-timeout", after_s=5)
+    assert trigger.reason(4.9, ram(3, 1, 100)) is None
+    assert trigger.reason(5.0, ram(3, 1, 100)) == "after 5 s of pre-copy"
+
+
+def test_after_precopy_switches_after_the_first_full_pass() -> None:
+    trigger = SwitchTrigger("after-precopy")
+    assert trigger.reason(60, ram(1, 100, 1)) is None  # still in the first pass, however long it takes
+    assert trigger.reason(0.1, ram(2, 0, 100)) == "after the first pre-copy pass"
+
+
+def test_on_stall_needs_several_stalled_passes_in_a_row() -> None:
+    trigger = SwitchTrigger("on-stall", stall_passes=3)
+    assert trigger.reason(1, ram(1, 64, 16)) is None  # the first pass sends everything: never judged
+    assert trigger.reason(2, ram(2, 16, 16, 32)) is None  # stalled 1 (QEMU counts a rewritten page once)
+    assert trigger.reason(2.1, ram(2, 16, 16, 32)) is None  # the same pass polled again: not counted twice
+    assert trigger.reason(3, ram(3, 4, 16, 20)) is None  # converging: the count starts again
+    assert trigger.reason(4, ram(4, 20, 16, 20)) is None  # stalled 1
+    assert trigger.reason(5, ram(5, 2, 16, 25)) is None  # stalled 2: little dirtied, but nothing shrank
+    reason = trigger.reason(6, ram(6, 30, 16, 25))  # stalled 3
+    assert reason is not None and reason.startswith("stalled for 3 passes")
+    assert len(trigger.history) == 5
+
+
+def test_a_guest_that_converges_never_stalls() -> None:
+    trigger = SwitchTrigger("on-stall")
+    for sync, left in enumerate([64, 32, 16, 8, 4, 2, 1], start=2):
+        assert trigger.reason(sync, ram(sync, 4, 16, left)) is None
+
+
+def test_post_copy_is_refused_where_it_cannot_run() -> None:
+    check_transport("on-stall", "sealift")
+    check_transport("off", "qemu-tls")
+    with pytest.raises(PostcopyUnavailable, match="runs only on the sealift or sealift-plain transport"):
+        check_transport("after-precopy", "qemu-tls")
+    with pytest.raises(OptionsError, match="post-copy and multifd do not combine"):
+        MigrationOptions(postcopy="on-stall", multifd_channels=2)
+    with pytest.raises(OptionsError, match="unknown post-copy mode"):
+        MigrationOptions(postcopy="sometimes")
