@@ -90,6 +90,10 @@ class SourceSession:
         # Post-copy (QEMU): the coordinator's decision step, called by the driver just before the switch
         # with the manifest's backend fields; it returns only once the switch is decided and Commit sent.
         self.decide_postcopy: Callable[[dict[str, object]], None] | None = None
+        # ... and after a cut link, its re-confirmation on a fresh channel (manifest, prepared receipt, Commit);
+        # the driver leaves that channel here, and the coordinator takes the running receipt on it.
+        self.reconfirm_postcopy: Callable[[ControlChannel, dict[str, object]], None] | None = None
+        self.recovered_channel: ControlChannel | None = None
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         """Move this migration's record by the handover's table, and tell whoever follows the progress."""

@@ -120,8 +120,13 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             s.psk = self._authority.psk_session(s.destination, "source") if channel.secure else None
             accept = self._hello(channel, vm)
             s.binding = channel_binding(channel, s.nonce, accept.nonce, s.migration_id)
-            s.decide_postcopy = lambda fields: self._decide_postcopy(channel, vm, memory_bytes, fields)
+            first = channel  # post-copy's switch is decided on this one, during the transfer
+            s.decide_postcopy = lambda fields: self._decide_postcopy(first, vm, memory_bytes, fields)
+            s.reconfirm_postcopy = lambda again, fields: self._reconfirm_postcopy(again, vm, memory_bytes, fields)
             transfer = self.driver.transfer(channel, accept, address, vm)
+            if s.recovered_channel is not None:  # post-copy recovered over a fresh channel: it carries the rest
+                channel.close()
+                channel, s.recovered_channel = s.recovered_channel, None
             if not self._committed:  # else post-copy: decided and committed during the transfer
                 s.flight.check()  # revoked while the transfer ran: stop before signing anything
                 s.mark("stream_sent", transfer.paused_at)
@@ -181,6 +186,8 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             if channel is not None:
                 channel.close()
+            if s.recovered_channel is not None:
+                s.recovered_channel.close()
 
     def _audit_move(self, kind: str, vm: VmT, **fields: object) -> None:
         """An audit entry about moving `vm`: every such entry names the VM and where it goes."""
@@ -253,6 +260,16 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed", postcopy=True)
         channel.send(Commit(s.migration_id))
         s.progress("phase", {"phase": "postcopy-active"})
+
+    def _reconfirm_postcopy(
+        self, channel: ControlChannel, vm: VmT, memory_bytes: int, fields: dict[str, object]
+    ) -> None:
+        """A post-copy resumed over a fresh channel: the same signed steps as the switch, with no new decision
+        (it is on disk): manifest, the destination's "prepared" receipt bound to the new channel, Commit."""
+        s = self.session
+        s.flight.check()
+        self._manifest_and_prepare(channel, vm, memory_bytes, (fields, {"postcopy": True, "resume": True}))
+        channel.send(Commit(s.migration_id))
 
     def _check_postcopy_digest(self, running: dict, transfer: TransferT) -> None:
         """Post-copy: the stream digest is checked only at the end, against the destination's signed running receipt."""

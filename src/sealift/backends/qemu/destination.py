@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
-from sealift.backends.qemu import postcopy, relay
+from sealift.backends.qemu import postcopy, postcopy_recovery, relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.registry import QemuVmRegistry, network_like
@@ -70,6 +70,7 @@ class QemuDestinationDriver:
         self._transport: QemuTransport = transport_named("sealift")
         self._after_hooks: list[Hook] = []
         self._flow: postcopy.DestinationFlow | None = None  # post-copy-capable: the stream in the background
+        self._recovery: postcopy_recovery.DestinationRecovery | None = None
 
     # -- the driver's steps --------------------------------------------------------------------
 
@@ -101,7 +102,7 @@ class QemuDestinationDriver:
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:
         assert self._qemu is not None
         if self._flow is not None and manifest.get("postcopy") is True:  # post-copy hook: runs while pages come
-            pid = postcopy.run_destination(self._session, self._qemu, self._flow, self._qemu_vms)
+            pid = postcopy.run_destination(self._session, self._qemu, self._flow, self._qemu_vms, self._recover)
             return pid, manifest.get("counter_at_pause")
         self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
         self._qemu_vms.adopt_incoming(self._qemu)
@@ -138,6 +139,18 @@ class QemuDestinationDriver:
         if self._flow is not None:
             self._flow.close()
             self._flow = None
+        if self._recovery is not None:
+            self._recovery.release()  # the reconnections' channels may close now
+
+    def _recover(self, cause: BaseException) -> postcopy.DestinationFlow:
+        """Post-copy paused: wait for the source to reconnect, and relay the resumed stream (postcopy_recovery.py)."""
+        assert self._qemu is not None
+        if self._flow is not None:
+            self._flow.close()  # QEMU pauses on its broken connection (if it has not yet)
+        if self._recovery is None:
+            self._recovery = postcopy_recovery.DestinationRecovery(self._session, self._qemu)
+        self._flow = self._recovery.recover(cause)
+        return self._flow
 
     # -- receiving ---------------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ class SourceSwitch:
     reason: str | None = None  # why it switched; None while it has not
     switched_at: float | None = None  # monotonic time of migrate-start-postcopy (the guest stops there)
     precopy_s: float = 0.0
+    recoveries: int = 0  # post-copies resumed over a fresh channel after a cut (postcopy_recovery.py)
     continued_switchover = False
 
     @property
@@ -181,6 +182,7 @@ class SourceSwitch:
             "postcopy_requests": ram.get("postcopy-requests"),
             "postcopy_bytes": ram.get("postcopy-bytes"),
             "return_path_bytes": return_path.bytes if return_path is not None else 0,
+            "recoveries": self.recoveries,
         }
 
 
@@ -467,8 +469,11 @@ def _await_manifest(session: DestinationSession, flow: DestinationFlow) -> None:
         session.flight.check()  # a newly revoked source or operator: stop before any promise
 
 
+Recover = Callable[[BaseException], DestinationFlow]  # a paused post-copy resumed over a fresh channel
+
+
 def run_destination(
-    session: DestinationSession, qemu: QemuVM, flow: DestinationFlow, vms: QemuVmRegistry
+    session: DestinationSession, qemu: QemuVM, flow: DestinationFlow, vms: QemuVmRegistry, recover: Recover
 ) -> int | None:
     """After Commit: run the guest here while its pages still come; return once every page is here.
 
@@ -483,7 +488,13 @@ def run_destination(
     qemu.resume()  # runs now; QEMU fetches each page it touches before it arrives
     session.enter(Event.RUN_POSTCOPY)
     session.audit("migration.postcopy_running", vm=qemu.name, pid=qemu.pid)
-    wait_destination_complete(qemu, flow)
+    while True:
+        try:
+            wait_destination_complete(qemu, flow)
+            break
+        except PostcopyPaused as exc:  # the guest waits on its missing pages: the source reconnects
+            session.enter(Event.FAIL, error=str(exc))
+            flow = recover(exc)
     digest = flow.feed.digest.hexdigest()
     session.receipt_extra = {"stream_digest": digest, "stream_bytes": flow.feed.stream_bytes}
     session.audit(Kinds.MIGRATION_DIGEST, image_digest=digest, postcopy=True, stream_bytes=flow.feed.stream_bytes)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu import postcopy, relay
+from sealift.backends.qemu import postcopy, postcopy_recovery, relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -84,6 +84,9 @@ class QemuSourceDriver:
             else None
         )
         self._return_path: postcopy.ReturnPath | None = None
+        self._hello: Hello | None = None  # post-copy recovery repeats it, with a fresh nonce
+        self._recovery: postcopy_recovery.SourceRecovery | None = None
+        self._resumed_data: socket.socket | None = None
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -95,7 +98,7 @@ class QemuSourceDriver:
         return vm, vm.memory_mib * MiB
 
     def describe(self, vm: QemuVM, psk_proof: str | None) -> Hello:
-        return self._session.hello(
+        self._hello = self._session.hello(
             vm_name=vm.name,
             backend=BACKEND,
             memory_bytes=vm.memory_mib * MiB,
@@ -104,6 +107,7 @@ class QemuSourceDriver:
             psk_proof=psk_proof,
             image_digest=None,
         )
+        return self._hello
 
     def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> QemuTransfer:
         s = self._session
@@ -193,6 +197,8 @@ class QemuSourceDriver:
     def cleanup(self, vm: QemuVM) -> None:
         if self._pump is not None:
             self._pump.stop()
+        if self._resumed_data is not None:
+            self._resumed_data.close()
         run_after_hooks(vm, self._after_hooks)  # after an abort: QEMU's migration has ended either way
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)  # normally done by the after hook
@@ -216,6 +222,8 @@ class QemuSourceDriver:
         }
         if options.multifd_channels:
             parameters["multifd-channels"] = options.multifd_channels
+        if self._switch is not None:  # the bandwidth limit holds in post-copy too (0: QEMU's "unlimited")
+            parameters["max-postcopy-bandwidth"] = options.bandwidth_limit_bps or 0
         if options.xbzrle and options.xbzrle_cache_bytes:
             parameters["xbzrle-cache-size"] = options.xbzrle_cache_bytes
         vm.set_migration_parameters(parameters)
@@ -263,7 +271,7 @@ class QemuSourceDriver:
                     )
                 )
             group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir, data, back)
-            info, paused_at = self._follow(vm, data, group)
+            info, paused_at, group = self._follow_recovering(vm, data, group, address)
             group.wait(timeout)
             return QemuTransfer(
                 postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
@@ -440,7 +448,7 @@ class QemuSourceDriver:
                     },
                 )
             elif time.monotonic() - last_progress > s.config.step_timeout_s:
-                raise MigrationError(
+                raise self._stream_failure(
                     f"QEMU's migration made no progress for {s.config.step_timeout_s:.0f} s ({status})"
                 )
             vm.wait_event(relay.POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
@@ -494,6 +502,33 @@ class QemuSourceDriver:
         self._session.progress("round", report.to_dict())
 
     # -- post-copy hooks (backends/qemu/postcopy.py holds the logic) ------------------------------
+
+    def _follow_recovering(
+        self, vm: QemuVM, data: socket.socket, group: relay.SourcePumps, address: tuple[str, int]
+    ) -> tuple[dict[str, Any], float, relay.SourcePumps]:
+        """_follow, and after the switch, a recovery each time the post-copy pauses (postcopy_recovery.py)."""
+        while True:
+            try:
+                info, paused_at = self._follow(vm, data, group)
+                if self._switch is not None and self._switch.switched_at is not None:
+                    paused_at = self._switch.switched_at  # the guest stopped at the switch, however many resumes
+                return info, paused_at, group
+            except PostcopyPaused as exc:
+                if self._switch is None or self._switch.switched_at is None or self._hello is None:
+                    raise
+                group.stop()
+                if self._return_path is not None:
+                    self._return_path.stop()
+                if self._recovery is None:
+                    self._recovery = postcopy_recovery.SourceRecovery(self._session, vm, address, self._hello)
+                self._session.enter(Event.FAIL, error=str(exc))  # postcopy-active -> postcopy-paused
+                resumed = self._recovery.recover(exc, postcopy.manifest_fields(self._transport.name))
+                group = self._pump = resumed.pumps
+                self._return_path, data = resumed.return_path, resumed.data
+                if self._resumed_data is not None:
+                    self._resumed_data.close()
+                self._resumed_data = data
+                self._switch.recoveries = self._recovery.count
 
     def _postcopy_step(self, vm: QemuVM, status: str, ram: dict[str, Any], elapsed_s: float) -> float | None:
         """The switch, once its trigger fires: the coordinator decides (receipt, durable decision, Commit) first."""
