@@ -45,6 +45,12 @@ def cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop_guests()
+        import os
+        import shutil
+
+        if os.environ.get("SLP_KEEP_LOGS"):
+            for host, agent in cluster.agents.items():
+                shutil.copy(agent.log_path, f"/tmp/slp-{host}.log")
         cluster.cleanup()
 
 

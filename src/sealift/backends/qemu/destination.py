@@ -102,6 +102,8 @@ class QemuDestinationDriver:
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:
         assert self._qemu is not None
         if self._flow is not None and manifest.get("postcopy") is True:  # post-copy hook: runs while pages come
+            # From here a reconnecting source is expected: its Hellos wait for this migration, not for admission.
+            self._recovery = postcopy_recovery.DestinationRecovery(self._session, self._qemu)
             pid = postcopy.run_destination(self._session, self._qemu, self._flow, self._qemu_vms, self._recover)
             return pid, manifest.get("counter_at_pause")
         self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
@@ -147,8 +149,7 @@ class QemuDestinationDriver:
         assert self._qemu is not None
         if self._flow is not None:
             self._flow.close()  # QEMU pauses on its broken connection (if it has not yet)
-        if self._recovery is None:
-            self._recovery = postcopy_recovery.DestinationRecovery(self._session, self._qemu)
+        assert self._recovery is not None  # made with the post-copy (start_guest)
         self._flow = self._recovery.recover(cause)
         return self._flow
 

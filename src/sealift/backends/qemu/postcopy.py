@@ -397,6 +397,21 @@ def wait_destination_postcopy(qemu: QemuVM, flow: DestinationFlow, timeout: floa
     raise PostcopyPaused(f"the source's switch to post-copy did not reach this host in {timeout:.0f} s")
 
 
+def migration_status(qemu: QemuVM, timeout: float = 2.0) -> str | None:
+    """query-migrate's status, or None when QEMU does not answer in time.
+
+    In post-copy a destination QEMU's main loop can wait for a missing page
+    (under TCG a vCPU may hold the big lock while it faults), and then it
+    answers no in-band command until the page comes, or until a recovery.
+    """
+    try:
+        return str(qemu.qmp("query-migrate", timeout=timeout).get("status", "none"))
+    except QemuError:
+        if not qemu.alive():
+            raise
+        return None
+
+
 def wait_destination_complete(qemu: QemuVM, flow: DestinationFlow) -> None:
     """The guest runs here: wait until QEMU has every page (its incoming migration completed).
 
@@ -410,7 +425,9 @@ def wait_destination_complete(qemu: QemuVM, flow: DestinationFlow) -> None:
             raise PostcopyPaused(f"the post-copy stream from the source broke: {flow.error}")
         if not qemu.alive():
             raise QemuError(f"destination QEMU exited during post-copy: {qemu.log_tail()}")
-        status = qemu.query_migrate().get("status", "none")
+        status = migration_status(qemu)
+        if status is None:
+            continue  # QEMU's main loop waits on a page (a vCPU holds its lock): ask again
         if status == "completed" and flow.feed.join(0.5):
             return
         if status == "postcopy-paused":

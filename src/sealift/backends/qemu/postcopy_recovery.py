@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sealift.backends.qemu import relay
-from sealift.backends.qemu.postcopy import DestinationFlow, ReturnPath
+from sealift.backends.qemu.postcopy import DestinationFlow, ReturnPath, migration_status
 from sealift.backends.qemu.vm import QemuError, QemuVM
+from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.migration.destination import verify_manifest
 from sealift.migration.documents import channel_binding
@@ -47,7 +48,6 @@ from sealift.migration.session import DestinationSession, SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.security.audit import Kinds
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
-from sealift.wire.errors import ProtocolError
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Receipt, Refuse
 from sealift.wire.qemu_stream import Ready
 
@@ -133,6 +133,7 @@ class DestinationRecovery:
         self._qemu = qemu
         self._offers: list[_Offer] = []  # their channels stay open until release (the running receipt uses one)
         self.count = 0
+        RECOVERIES.open(session.migration_id)
 
     def recover(self, cause: BaseException) -> DestinationFlow:
         s = self._s
@@ -142,7 +143,6 @@ class DestinationRecovery:
             "post-copy of %s paused (%s); waiting %.0f s for the source to reconnect", s.migration_id, cause, window
         )
         s.audit("migration.postcopy_paused", vm=self._qemu.name, reason=str(cause))
-        RECOVERIES.open(s.migration_id)
         last: BaseException = cause
         while (remaining := deadline - time.monotonic()) > 0:
             offer = RECOVERIES.take(s.migration_id, remaining)
@@ -200,11 +200,10 @@ class DestinationRecovery:
         s = self._s
         incoming, outgoing = stream_protections(s.channel, hello.secure, hello.nonce, nonce, hello.migration_id)
         npages = hello.memory_bytes // relay.PAGE
-        _wait_status(self._qemu, {"postcopy-paused"}, PAUSE_WAIT_S)
         sock_dir = relay.private_dir("sl-qrec-")
         try:
             path = sock_dir / "rec.sock"
-            self._qemu.qmp("migrate-recover", {"uri": f"unix:{path}"})
+            _migrate_recover(self._qemu, f"unix:{path}")
             qemu_sock = _connect_unix(path, s.config.step_timeout_s)
         finally:
             shutil.rmtree(sock_dir, ignore_errors=True)
@@ -216,8 +215,38 @@ class DestinationRecovery:
             flow = DestinationFlow.start(data, reader, writer, qemu_sock, relay.StreamDigest(incoming.overhead))
         finally:
             qemu_sock.close()  # the flow holds its own duplicate
-        _wait_status(self._qemu, {"postcopy-active", "completed"}, s.config.step_timeout_s, flow)
+        _wait_resumed(self._qemu, flow, s.config.step_timeout_s)
         return flow
+
+
+def _migrate_recover(qemu: QemuVM, uri: str) -> None:
+    """migrate-recover out of band (QEMU's main loop may wait on a page); QEMU takes it only once its
+    post-copy has paused, which it notices a moment after the connection broke: ask again until then."""
+    deadline = time.monotonic() + PAUSE_WAIT_S
+    while True:
+        try:
+            qemu.qmp("migrate-recover", {"uri": uri}, timeout=5.0, oob=True)
+            return
+        except QemuError as exc:
+            if time.monotonic() > deadline or not qemu.alive():
+                raise QemuError(f"{qemu.name}: migrate-recover failed: {exc}") from exc
+            time.sleep(0.1)
+
+
+def _wait_resumed(qemu: QemuVM, flow: DestinationFlow, timeout: float) -> None:
+    """Until QEMU's post-copy runs again (the source's resume reached it) or has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if flow.error is not None:
+            raise PostcopyPaused(f"the resumed stream broke at once: {flow.error}")
+        status = migration_status(qemu)
+        if status in ("postcopy-active", "completed"):
+            return
+        if status in ("failed", "cancelled"):
+            raise QemuError(f"{qemu.name}: QEMU's migration is {status} during the recovery: {qemu.log_tail()}")
+        if time.monotonic() > deadline:
+            raise PostcopyPaused(f"{qemu.name}: QEMU's post-copy did not resume in {timeout:.0f} s ({status})")
+        time.sleep(relay.POLL_S)
 
 
 def _check_same_migration(first: Hello, again: Hello, channel: ControlChannel) -> None:
@@ -338,7 +367,7 @@ class SourceRecovery:
                 self.count += 1
                 s.audit("migration.postcopy_recovered", vm=s.vm_name, attempt=self.count)
                 return resumed
-            except (OSError, ProtocolError, MigrationError, QemuError, IncomingRefused) as exc:
+            except (OSError, SealiftError) as exc:  # the link still down, a refusal, QEMU not ready
                 last = exc
                 log.info("post-copy recovery of %s: %s; retrying", s.vm_name, exc)
                 record = s.context.store.migration(s.migration_id)

@@ -462,10 +462,20 @@ class QemuVM:
 
     # -- QMP -----------------------------------------------------------------------
 
-    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
-        """Run any QMP command (time-bounded); QEMU's refusal becomes a QemuError."""
+    def qmp(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        oob: bool = False,
+    ) -> Any:
+        """Run any QMP command (time-bounded); QEMU's refusal becomes a QemuError.
+
+        `oob`: out of band (exec-oob), for the few commands QEMU runs while its main loop is blocked,
+        e.g. migrate-recover on a destination whose post-copy paused with a vCPU waiting on a page.
+        """
         try:
-            return self._qmp.execute(command, arguments, timeout=timeout)
+            return self._qmp.execute(command, arguments, timeout=timeout, oob=oob)
         except QmpError as exc:
             raise QemuError(f"VM {self.name}: {exc}") from exc
 
