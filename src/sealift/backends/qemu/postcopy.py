@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sealift.backends.qemu import relay
+from sealift.backends.qemu.qmp import QmpTimeout
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.errors import SealiftError
@@ -380,23 +381,6 @@ class DestinationFlow:
         self.qemu.close()
 
 
-def wait_destination_postcopy(qemu: QemuVM, flow: DestinationFlow, timeout: float) -> str:
-    """After Commit: wait until the destination QEMU has the device state (post-copy) or all of it; its status."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if flow.error is not None:
-            raise PostcopyPaused(f"the stream broke before the switch reached this host: {flow.error}")
-        if not qemu.alive():
-            raise QemuError(f"destination QEMU exited before post-copy began: {qemu.log_tail()}")
-        status = qemu.query_migrate().get("status", "none")
-        if status in ("postcopy-active", "completed") and qemu.status() == "paused":
-            return status
-        if status in ("failed", "cancelled"):
-            raise QemuError(f"destination QEMU's incoming migration {status}: {qemu.log_tail()}")
-        qemu.wait_event(relay.POLL_S)
-    raise PostcopyPaused(f"the source's switch to post-copy did not reach this host in {timeout:.0f} s")
-
-
 def migration_status(qemu: QemuVM, timeout: float = 2.0) -> str | None:
     """query-migrate's status, or None when QEMU does not answer in time.
 
@@ -494,16 +478,19 @@ def run_destination(
 ) -> int | None:
     """After Commit: run the guest here while its pages still come; return once every page is here.
 
-    The record goes committed -> postcopy-active when the guest runs, and
+    The record goes committed -> postcopy-active at once: the source has
+    decided, so the guest is to run here as soon as QEMU has its device
+    state (`cont` now: an incoming QEMU takes it as "start when loaded"), and
     -> running once QEMU has every page; the digest of what came goes into
     the running receipt for the source to compare with what it sent (both
-    audit it). A failure from here on holds the guest (paused by QEMU on its
-    missing pages), never discards it: the source no longer has it whole.
+    audit it). A failure from here on, even before QEMU has the device state
+    (loading it touches guest pages, which may be missing), pauses the
+    post-copy for a recovery; it never discards the guest, which the source
+    no longer has whole.
     """
-    wait_destination_postcopy(qemu, flow, session.config.step_timeout_s)
     vms.hold_in_doubt(qemu)  # listed, and busy until every page is here
-    qemu.resume()  # runs now; QEMU fetches each page it touches before it arrives
     session.enter(Event.RUN_POSTCOPY)
+    _start_when_loaded(qemu, flow)
     session.audit("migration.postcopy_running", vm=qemu.name, pid=qemu.pid)
     while True:
         try:
@@ -518,6 +505,23 @@ def run_destination(
     session.enter(Event.POSTCOPY_DONE)
     vms.unreserve_incoming_name(qemu.name)
     return qemu.pid
+
+
+def _start_when_loaded(qemu: QemuVM, flow: DestinationFlow) -> None:
+    """`cont` for a guest whose pages may still be missing.
+
+    QEMU's main loop may be waiting on a page (loading the device state
+    touches guest memory): QEMU then runs the command once the page comes,
+    after a recovery if the link broke meanwhile, so a command that is not
+    answered in time still stands. Only a QEMU that refuses it (or exited)
+    is an error.
+    """
+    try:
+        qemu.qmp("cont", timeout=2.0)
+    except QemuError as exc:
+        if not qemu.alive() or not isinstance(exc.__cause__, QmpTimeout):
+            raise
+        log.info("%s: cont queued while QEMU waits on a page (%s)", qemu.name, "link broken" if flow.error else "busy")
 
 
 def enable_on_destination(qemu: QemuVM) -> None:
