@@ -5,10 +5,15 @@ Sans-IO: no QEMU here, only the numbers QEMU 7.2 reports in query-migrate's "ram
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from sealift.backends.qemu import postcopy_recovery
 from sealift.backends.qemu.postcopy import PostcopyUnavailable, SwitchTrigger, check_transport
+from sealift.migration.errors import IncomingRefused
 from sealift.migration.options import MigrationOptions, OptionsError
+from sealift.wire.messages import Hello
 
 MIB = 1 << 20
 
@@ -68,3 +73,45 @@ def test_post_copy_is_refused_where_it_cannot_run() -> None:
         MigrationOptions(postcopy="on-stall", multifd_channels=2)
     with pytest.raises(OptionsError, match="unknown post-copy mode"):
         MigrationOptions(postcopy="sometimes")
+
+
+class _Channel:
+    """What the check reads of a control channel: whether it is TLS and whom it authenticated."""
+
+    def __init__(self, peer_name: str | None, secure: bool = True) -> None:
+        self.peer_name, self.secure = peer_name, secure
+
+
+def _hello(**changes: object) -> Hello:
+    base = Hello(
+        migration_id="0123456789abcdef" * 2,
+        vm_name="pcvm",
+        source_host="host-a",
+        destination_host="host-b",
+        nonce=b"\x11" * 32,
+        memory_bytes=1 << 27,
+        page_size=4096,
+        secure=True,
+        compression=None,
+        streams=1,
+        backend="qemu",
+        order='{"signed":"order","v":1}',
+        psk_proof=None,
+        image_digest=None,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_a_post_copy_is_resumed_only_by_its_source_with_its_own_order() -> None:
+    first = _hello()
+    check = postcopy_recovery._check_same_migration
+    check(first, _hello(nonce=b"\x22" * 32), _Channel("host-a"))  # the same migration, reconnecting
+    refusals = {
+        "may not resume a migration from host-a": (_hello(nonce=b"\x22" * 32), _Channel("host-c")),
+        "order differs": (_hello(nonce=b"\x22" * 32, order='{"signed":"another","v":1}'), _Channel("host-a")),
+        "vm_name differs": (_hello(nonce=b"\x22" * 32, vm_name="other"), _Channel("host-a")),
+        "fresh nonce": (_hello(), _Channel("host-a")),
+    }
+    for message, (again, channel) in refusals.items():
+        with pytest.raises(IncomingRefused, match=message):
+            check(first, again, channel)  # type: ignore[arg-type]
