@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from sealift.backends.qemu import postcopy_recovery
-from sealift.backends.qemu.postcopy import PostcopyUnavailable, SwitchTrigger, check_transport
+from sealift.backends.qemu.postcopy import PostcopyUnavailable, SwitchTrigger, check_transport, effective_mode
 from sealift.migration.errors import IncomingRefused
 from sealift.migration.options import MigrationOptions, OptionsError
 from sealift.wire.messages import Hello
@@ -115,3 +115,15 @@ def test_a_post_copy_is_resumed_only_by_its_source_with_its_own_order() -> None:
     for message, (again, channel) in refusals.items():
         with pytest.raises(IncomingRefused, match=message):
             check(first, again, channel)  # type: ignore[arg-type]
+
+
+def test_the_completion_timeout_can_switch_to_post_copy_instead_of_aborting() -> None:
+    assert effective_mode(MigrationOptions()) == ("off", 10.0)
+    assert effective_mode(MigrationOptions(postcopy="on-stall")) == ("on-stall", 10.0)
+    kubevirt = MigrationOptions(completion_timeout_s=30, completion_action="postcopy")
+    assert effective_mode(kubevirt) == ("after-timeout", 30)
+    assert effective_mode(MigrationOptions(completion_timeout_s=30)) == ("off", 10.0)  # abort: as before
+    with pytest.raises(OptionsError, match="needs a completion timeout"):
+        MigrationOptions(completion_action="postcopy")
+    with pytest.raises(OptionsError, match="do not combine"):
+        MigrationOptions(completion_timeout_s=30, completion_action="postcopy", postcopy="on-stall")

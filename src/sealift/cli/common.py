@@ -164,6 +164,8 @@ def migration_options(args: argparse.Namespace) -> dict[str, object]:
         options["postcopy"] = args.postcopy
     if args.postcopy_after is not None:
         options["postcopy_after_s"] = args.postcopy_after
+    if args.completion_action is not None:
+        options["completion_action"] = args.completion_action
     return options
 
 
@@ -217,6 +219,12 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
     )
     qemu.add_argument(
         "--postcopy-after", type=float, metavar="SECONDS", help="with --postcopy after-timeout (default 10)"
+    )
+    qemu.add_argument(
+        "--completion-action",
+        choices=["abort", "postcopy"],
+        help="what --completion-timeout does: abort the pre-copy (default; the guest stays) or switch to "
+        "post-copy (as KubeVirt's allowPostCopy)",
     )
 
 

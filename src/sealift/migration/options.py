@@ -38,6 +38,9 @@ class MigrationOptions:
     completion_timeout_s: float | None = None
     postcopy: str = "off"  # one of POSTCOPY_MODES; QEMU guests on the sealift transport only
     postcopy_after_s: float = 10.0  # "after-timeout": seconds of pre-copy before the switch
+    # What the completion timeout does (KubeVirt's allowPostCopy): "abort" the pre-copy (the guest stays),
+    # or "postcopy": switch to post-copy then (QEMU guests on the sealift transport).
+    completion_action: str = "abort"
 
     def __post_init__(self) -> None:
         if not 1 <= self.downtime_limit_ms <= 60_000:
@@ -59,6 +62,14 @@ class MigrationOptions:
         if self.postcopy not in POSTCOPY_MODES:
             raise OptionsError(f"unknown post-copy mode {self.postcopy!r}; use one of {POSTCOPY_MODES}")
         if self.postcopy != "off" and self.multifd_channels:
+            raise OptionsError("post-copy and multifd do not combine in QEMU 7.2")
+        if self.completion_action not in ("abort", "postcopy"):
+            raise OptionsError(f"completion action {self.completion_action!r} is not 'abort' or 'postcopy'")
+        if self.completion_action == "postcopy" and self.completion_timeout_s is None:
+            raise OptionsError("completion action 'postcopy' needs a completion timeout")
+        if self.completion_action == "postcopy" and self.postcopy not in ("off", "after-timeout"):
+            raise OptionsError(f"completion action 'postcopy' and post-copy mode {self.postcopy!r} do not combine")
+        if self.completion_action == "postcopy" and self.multifd_channels:
             raise OptionsError("post-copy and multifd do not combine in QEMU 7.2")
         if not 0 <= self.postcopy_after_s <= 86_400:
             raise OptionsError(f"post-copy switch time {self.postcopy_after_s} s is outside 0..86400 s")

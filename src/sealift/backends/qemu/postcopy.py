@@ -40,6 +40,7 @@ from sealift.errors import SealiftError
 from sealift.migration.destination import verify_manifest
 from sealift.migration.documents import DocumentError
 from sealift.migration.errors import MigrationError, PostcopyPaused
+from sealift.migration.options import MigrationOptions
 from sealift.migration.phases import Event
 from sealift.migration.session import DestinationSession
 from sealift.security.audit import Kinds
@@ -61,6 +62,14 @@ class PostcopyUnavailable(SealiftError):
     """Post-copy was asked for where it cannot run (a transport, a host without userfaultfd)."""
 
     code = "postcopy_unavailable"
+
+
+def effective_mode(options: MigrationOptions) -> tuple[str, float]:
+    """(post-copy mode, its switch time): `completion_action = "postcopy"` is "after-timeout" at the
+    completion timeout (KubeVirt's allowPostCopy), otherwise the options' own."""
+    if options.completion_action == "postcopy" and options.completion_timeout_s is not None:
+        return "after-timeout", options.completion_timeout_s
+    return options.postcopy, options.postcopy_after_s
 
 
 def check_transport(mode: str, transport: str) -> None:

@@ -66,7 +66,8 @@ class QemuSourceDriver:
         self, session: SourceSession, vms: QemuVmRegistry, transport: QemuTransport, ipsec: HostCharon | None
     ) -> None:
         transport.check(session.options)
-        postcopy.check_transport(session.options.postcopy, transport.name)
+        mode, after_s = postcopy.effective_mode(session.options)
+        postcopy.check_transport(mode, transport.name)
         self._session = session
         self._vms = vms
         self._transport = transport
@@ -78,11 +79,7 @@ class QemuSourceDriver:
         self._channel: ControlChannel | None = None  # this migration's, once transfer() has it
         self._accept: Accept | None = None
         # post-copy: when to switch, and what happened (backends/qemu/postcopy.py); None when off
-        self._switch = (
-            postcopy.SourceSwitch(postcopy.SwitchTrigger(session.options.postcopy, session.options.postcopy_after_s))
-            if session.options.postcopy != "off"
-            else None
-        )
+        self._switch = postcopy.SourceSwitch(postcopy.SwitchTrigger(mode, after_s)) if mode != "off" else None
         self._return_path: postcopy.ReturnPath | None = None
         self._hello: Hello | None = None  # post-copy recovery repeats it, with a fresh nonce
         self._recovery: postcopy_recovery.SourceRecovery | None = None
@@ -456,7 +453,7 @@ class QemuSourceDriver:
     def _check_completion_timeout(self, elapsed_s: float, ram: dict[str, Any]) -> None:
         """Before the switchover only: past it the guest is already stopped and giving up gains nothing."""
         limit = self._session.options.completion_timeout_s
-        if limit is None or elapsed_s <= limit:
+        if limit is None or elapsed_s <= limit or self._session.options.completion_action == "postcopy":
             return
         dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", relay.PAGE)) / MiB
         link_mib_s = float(ram.get("mbps", 0.0)) * 1e6 / 8 / MiB
