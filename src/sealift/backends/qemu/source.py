@@ -1,3 +1,4 @@
+# Long file: the QEMU source driver: every transport's transfer, QEMU's follow loop and post-copy's hooks in one place.
 """The source side of a QEMU guest's migration: the QEMU source driver of the one handover.
 
 QEMU migrates either into the agents' data stream (the sealift transports:
