@@ -178,3 +178,33 @@ def test_a_link_cut_in_post_copy_is_recovered_over_a_fresh_channel(cluster: Loca
     assert phases(cluster, "host-a")[report["migration_id"]] == "completed"
     assert phases(cluster, "host-b")[report["migration_id"]] == "running"
     print(f"\npost-copy with a cut link: total {report['total_time_s']} s, {report['postcopy']}")
+
+
+@pytest.mark.timeout(240)
+def test_a_tampered_record_in_post_copy_never_reaches_the_guest_and_a_fresh_channel_finishes(
+    cluster: LocalCluster, relay: Relay
+) -> None:
+    """A bit flipped on the post-copy stream fails its record's authentication at the destination agent:
+    that connection ends before QEMU sees the byte, both QEMUs pause, and the post-copy completes over a
+    fresh channel with fresh keys; the guest runs on at the destination, its counter continuing."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_guest(src)
+
+    def on_event(event: dict) -> None:
+        if event.get("phase") == "postcopy-active" and relay.tamper is None:
+            relay.tamper = Tamper(flip_offset=relay.forward_bytes + (2 << 20))  # ~2 MiB into post-copy
+
+    report = migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
+    assert relay.tamper is not None and relay.tamper.done.is_set()
+    assert report["status"] == "completed", report
+    assert report["postcopy"]["recoveries"] >= 1, report
+    record = next(
+        m for m in cluster.client("host-b").request("migrations")["migrations"] if m["id"] == report["migration_id"]
+    )
+    assert record["phase"] == "running"
+    assert info(dst)["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert wait_counter(dst, paused, 30) > paused
+    assert VM not in names(src)
+    log = next(a for h, a in cluster.agents.items() if h == "host-b").log_path.read_text()
+    assert "record failed authentication" in log  # the destination agent found it, before QEMU
