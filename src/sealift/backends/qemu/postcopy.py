@@ -250,8 +250,12 @@ class ReturnPath:
         return self
 
     def stop(self) -> None:
+        """End the relay and break QEMU's connection: a QEMU in post-copy must learn at once that this
+        stream is gone (it pauses), however the relay ended. The socket is our own duplicate: close it."""
         self._stop.set()
+        _shutdown(self._qemu)
         self._thread.join(timeout=5)
+        self._qemu.close()
 
     @property
     def alive(self) -> bool:

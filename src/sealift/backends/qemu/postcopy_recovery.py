@@ -215,7 +215,11 @@ class DestinationRecovery:
             flow = DestinationFlow.start(data, reader, writer, qemu_sock, relay.StreamDigest(incoming.overhead))
         finally:
             qemu_sock.close()  # the flow holds its own duplicate
-        _wait_resumed(self._qemu, flow, s.config.step_timeout_s)
+        try:
+            _wait_resumed(self._qemu, flow, s.config.step_timeout_s)
+        except BaseException:
+            flow.close()  # QEMU's recovering connection breaks: it pauses again, ready for the next attempt
+            raise
         return flow
 
 
