@@ -410,6 +410,14 @@ class QemuSourceDriver:
                 paused_at = switched if switched is not None else paused_at
                 if self._switch.switched and status == "pre-switchover":
                     self._switch.continue_switchover(vm)
+            if status == "failed" and self._switch is not None and self._switch.switched:
+                # Not paused: QEMU failed the switch itself (the stream broke before its post-copy began), so
+                # nothing can be resumed; the destination QEMU never had the device state to run the guest.
+                raise MigrationError(
+                    f"QEMU failed the migration at the post-copy switch ({info.get('error-desc', 'no reason')}); "
+                    f"the destination QEMU never ran the guest; it is held here for an operator",
+                    code="postcopy_paused",
+                )
             if status in ("failed", "cancelled", "postcopy-paused"):
                 raise self._stream_failure(
                     f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}"
