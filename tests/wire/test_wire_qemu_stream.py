@@ -31,6 +31,11 @@ def test_guest_spec_round_trip() -> None:
     assert GuestSpec.decode(SPEC.encode()) == SPEC
 
 
+def test_guest_spec_carries_post_copy() -> None:
+    spec = GuestSpec(128, "", {}, "0123456789abcdef", "sealift", postcopy=True)
+    assert GuestSpec.decode(spec.encode()).postcopy is True
+
+
 def test_guest_spec_from_a_source_before_the_transport_choice() -> None:
     old = {"memory_mib": 128, "extra_cmdline": "", "net": {}, "image_key": "0123456789abcdef"}
     assert GuestSpec.decode(json.dumps(old).encode()) == GuestSpec(128, "", {}, "0123456789abcdef")
@@ -50,6 +55,7 @@ def test_guest_spec_from_a_source_before_the_transport_choice() -> None:
         {"transport": "carrier-pigeon"},
         {"multifd_channels": -1},
         {"xbzrle": "yes"},
+        {"postcopy": 1},
         {"surprise": 1},
     ],
 )

@@ -48,6 +48,9 @@ class MigrationReport:
     order_id: str | None = None
     operator: str | None = None
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    # QEMU post-copy, when the migration switched: reason, precopy_s, postcopy_s, postcopy_requests (page
+    # requests served), postcopy_bytes, return_path_bytes; None for a migration that stayed in pre-copy
+    postcopy: dict[str, object] | None = None
     round_reports: list[RoundReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:

@@ -81,6 +81,7 @@ class GuestSpec:
     transport: str | None = None  # None: a source from before the transport choice ("sealift"[-plain])
     multifd_channels: int = 0  # QEMU's multifd must be set the same on both ends
     xbzrle: bool = False
+    postcopy: bool = False  # QEMU's postcopy-ram on both ends (its return path comes back on the stream)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -89,7 +90,10 @@ class GuestSpec:
     def decode(cls, data: bytes) -> GuestSpec:
         doc = "guest description at the head of the QEMU stream"
         raw = _object(
-            data, doc, {"memory_mib", "extra_cmdline", "net", "image_key"}, {"transport", "multifd_channels", "xbzrle"}
+            data,
+            doc,
+            {"memory_mib", "extra_cmdline", "net", "image_key"},
+            {"transport", "multifd_channels", "xbzrle", "postcopy"},
         )
         net = raw["net"]
         if not isinstance(net, dict):
@@ -100,9 +104,11 @@ class GuestSpec:
         transport = raw.get("transport")
         if transport is not None and transport not in QEMU_TRANSPORTS:
             _fail(doc, f"transport must be one of {QEMU_TRANSPORTS}, not {transport!r}")
-        xbzrle = raw.get("xbzrle", False)
+        xbzrle, postcopy = raw.get("xbzrle", False), raw.get("postcopy", False)
         if type(xbzrle) is not bool:
             _fail(doc, "xbzrle must be true or false")
+        if type(postcopy) is not bool:
+            _fail(doc, "postcopy must be true or false")
         return cls(
             memory_mib=_int(doc, "memory_mib", raw["memory_mib"], 1, MAX_MEMORY_MIB),
             extra_cmdline=_str(doc, "extra_cmdline", raw["extra_cmdline"], MAX_CMDLINE),
@@ -111,6 +117,7 @@ class GuestSpec:
             transport=transport,
             multifd_channels=_int(doc, "multifd_channels", raw.get("multifd_channels", 0), 0, 255),
             xbzrle=xbzrle,
+            postcopy=postcopy,
         )
 
 

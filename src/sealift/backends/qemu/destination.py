@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
-from sealift.backends.qemu import relay
+from sealift.backends.qemu import postcopy, postcopy_recovery, relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.registry import QemuVmRegistry, network_like
@@ -69,6 +69,8 @@ class QemuDestinationDriver:
         self._stream_bytes = 0
         self._transport: QemuTransport = transport_named("sealift")
         self._after_hooks: list[Hook] = []
+        self._flow: postcopy.DestinationFlow | None = None  # post-copy-capable: the stream in the background
+        self._recovery: postcopy_recovery.DestinationRecovery | None = None
 
     # -- the driver's steps --------------------------------------------------------------------
 
@@ -88,6 +90,10 @@ class QemuDestinationDriver:
 
     def take_stream(self) -> dict[str, object]:
         self._receive()
+        if self._flow is not None:  # post-copy hook: the manifest may come before the stream ends
+            return postcopy.receive_manifest(
+                self._session, self._flow, self._transport.name, self._wait_incoming_complete
+            )
         self._wait_incoming_complete()
         assert self._qemu is not None  # _receive started it (_wait_incoming_complete checked it too)
         run_after_hooks(self._qemu, self._after_hooks)
@@ -95,6 +101,11 @@ class QemuDestinationDriver:
 
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:
         assert self._qemu is not None
+        if self._flow is not None and manifest.get("postcopy") is True:  # post-copy hook: runs while pages come
+            # From here a reconnecting source is expected: its Hellos wait for this migration, not for admission.
+            self._recovery = postcopy_recovery.DestinationRecovery(self._session, self._qemu)
+            pid = postcopy.run_destination(self._session, self._qemu, self._flow, self._qemu_vms, self._recover)
+            return pid, manifest.get("counter_at_pause")
         self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
         self._qemu_vms.adopt_incoming(self._qemu)
         self._qemu_vms.unreserve_incoming_name(self._session.hello.vm_name)
@@ -102,6 +113,7 @@ class QemuDestinationDriver:
 
     def discard(self, reason: str) -> None:
         hello = self._session.hello
+        self._close_flow()
         if self._qemu is not None:
             try:
                 self._qemu.kill()  # never a second copy: the source keeps the guest
@@ -116,12 +128,30 @@ class QemuDestinationDriver:
             self._qemu_vms.hold_in_doubt(self._qemu)
 
     def release(self, prepared: bool) -> None:
+        self._close_flow()
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)
         hello = self._session.hello
         self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
         if not prepared or self._qemu is None:
             self._qemu_vms.unreserve_incoming_name(hello.vm_name)
+
+    def _close_flow(self) -> None:
+        """Post-copy: stop relaying. A QEMU still in post-copy then pauses, its guest kept for a recovery."""
+        if self._flow is not None:
+            self._flow.close()
+            self._flow = None
+        if self._recovery is not None:
+            self._recovery.release()  # the reconnections' channels may close now
+
+    def _recover(self, cause: BaseException) -> postcopy.DestinationFlow:
+        """Post-copy paused: wait for the source to reconnect, and relay the resumed stream (postcopy_recovery.py)."""
+        assert self._qemu is not None
+        if self._flow is not None:
+            self._flow.close()  # QEMU pauses on its broken connection (if it has not yet)
+        assert self._recovery is not None  # made with the post-copy (start_guest)
+        self._flow = self._recovery.recover(cause)
+        return self._flow
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -159,6 +189,7 @@ class QemuDestinationDriver:
             raise IncomingRefused(f"the {name!r} transport is disabled on this host (allow_insecure = false)")
         try:
             transport.check(MigrationOptions(secure=hello.secure, multifd_channels=spec.multifd_channels))
+            postcopy.check_transport("on" if spec.postcopy else "off", name)
         except ValueError as exc:
             raise IncomingRefused(str(exc)) from None
         if transport.secure and not s.channel.secure:
@@ -213,6 +244,9 @@ class QemuDestinationDriver:
                     )
                 )
             relay.send_opaque(data, ready, Ready(None, extra_sessions).encode())
+            if spec.postcopy:  # post-copy hook: the stream and QEMU's return path run in the background
+                self._flow = postcopy.DestinationFlow.start(data, reader, ready, qemu_socks[0], self._digest)
+                return
             for feeder in feeders:
                 feeder.start()
             try:
@@ -292,6 +326,8 @@ class QemuDestinationDriver:
                 "events": True,
             }
         )
+        if spec.postcopy:  # post-copy hook: QEMU checks userfaultfd here
+            postcopy.enable_on_destination(qemu)
         if spec.multifd_channels:
             qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
         return qemu

@@ -462,10 +462,20 @@ class QemuVM:
 
     # -- QMP -----------------------------------------------------------------------
 
-    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
-        """Run any QMP command (time-bounded); QEMU's refusal becomes a QemuError."""
+    def qmp(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        oob: bool = False,
+    ) -> Any:
+        """Run any QMP command (time-bounded); QEMU's refusal becomes a QemuError.
+
+        `oob`: out of band (exec-oob), for the few commands QEMU runs while its main loop is blocked,
+        e.g. migrate-recover on a destination whose post-copy paused with a vCPU waiting on a page.
+        """
         try:
-            return self._qmp.execute(command, arguments, timeout=timeout)
+            return self._qmp.execute(command, arguments, timeout=timeout, oob=oob)
         except QmpError as exc:
             raise QemuError(f"VM {self.name}: {exc}") from exc
 
@@ -503,11 +513,14 @@ class QemuVM:
     def query_migrate_parameters(self) -> dict[str, Any]:
         return dict(self.qmp("query-migrate-parameters"))
 
-    def migrate(self, uri: str) -> None:
-        """Start an outgoing migration (returns at once; follow it with :meth:`query_migrate`)."""
-        self.qmp("migrate", {"uri": uri})
+    def migrate(self, uri: str, resume: bool = False) -> None:
+        """Start an outgoing migration (returns at once; follow it with :meth:`query_migrate`).
 
-    def migrate_to_socket(self, sock: socket.socket, name: str = "sealift-migration") -> None:
+        `resume`: go on with a post-copy paused by a broken connection (the destination ran migrate-recover).
+        """
+        self.qmp("migrate", {"uri": uri, "resume": True} if resume else {"uri": uri})
+
+    def migrate_to_socket(self, sock: socket.socket, name: str = "sealift-migration", resume: bool = False) -> None:
         """Start an outgoing migration into `sock`, a connected socket of ours that QEMU gets a copy of.
 
         Unlike ``unix:`` (QEMU opens the socket), the caller sets the socket's
@@ -518,7 +531,7 @@ class QemuVM:
         except QmpError as exc:
             raise QemuError(f"VM {self.name}: {exc}") from exc
         try:
-            self.migrate(f"fd:{name}")
+            self.migrate(f"fd:{name}", resume)
         except QemuError:
             self._close_named_fd(name)
             raise
