@@ -30,6 +30,7 @@ from sealift.monitor.service import MonitorService
 
 if TYPE_CHECKING:
     from sealift.backends.qemu.net import NetConfig
+    from sealift.wire.vm_definition import VmDefinition
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class ControlServer:
                 extra_cmdline=str(request.get("cmdline", "")),
                 net=_net_config(request.get("net")),
                 image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
+                definition=_vm_definition(request),
             )
             return {"vm": self._agent.qemu_vms.info(qemu_vm.name)}
         if self._agent.qemu_vms.has(name):
@@ -372,6 +374,21 @@ def _net_config(value: object) -> NetConfig | None:
     try:
         return NetConfig.from_json(value).validated()
     except NetError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def _vm_definition(request: dict) -> VmDefinition | None:
+    """A QEMU guest's vCPUs and disks: {"cpus": 2, "disks": ["/path/a.qcow2", "/path/b.raw,shared"]}."""
+    from sealift.backends.qemu.definition import DiskError, definition_for, parse_disk_option
+
+    cpus, disks = request.get("cpus", 1), request.get("disks", [])
+    if type(cpus) is not int:
+        raise RequestError("cpus must be an integer")
+    if not isinstance(disks, list) or not all(isinstance(disk, str) for disk in disks):
+        raise RequestError('disks must be a list of "PATH" or "PATH,shared"')
+    try:
+        return definition_for(cpus, [parse_disk_option(disk) for disk in disks])
+    except DiskError as exc:
         raise RequestError(str(exc)) from None
 
 

@@ -160,7 +160,7 @@ def report_table(report: dict) -> Table:
 
 def vm_table(vms: list[dict]) -> Table:
     table = Table(title="VMs")
-    for col in ("name", "pid", "memory", "profile", "counter", "state"):
+    for col in ("name", "pid", "memory", "profile", "counter", "state", "nic", "disks"):
         table.add_column(col)
     for vm in vms:
         state = (
@@ -175,5 +175,13 @@ def vm_table(vms: list[dict]) -> Table:
             str(vm.get("profile")),
             str(vm.get("counter")),
             state,
+            _nic(vm.get("net")),
+            "\n".join(f"{d['path']} ({d['format']}{', shared' if d['shared'] else ''})" for d in vm.get("disks") or []),
         )
     return table
+
+
+def _nic(net: object) -> str:
+    if not isinstance(net, dict):
+        return ""
+    return f"tap {net.get('tap')} {net.get('guest_ip')}" if net.get("mode") == "tap" else str(net.get("mode"))

@@ -23,6 +23,22 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--fill", type=float, default=0.5, help="share of RAM filled with data at boot (default 0.5)")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[,shared]",
+        help="qemu: attach a qcow2 or raw image as a virtio disk (repeatable; ',shared': both hosts see PATH, "
+        "a migration does not copy it)",
+    )
+    p.add_argument(
+        "--nic",
+        default=None,
+        metavar="none|user|tap=TAP,ip=ADDR/LEN[,gw=GW]",
+        help="qemu: the network (default user: a host UDP port forwarded to the guest's probe service)",
+    )
+    p.add_argument("--cpus", type=int, default=1, help="qemu: vCPUs (default 1)")
+    p.add_argument("--cmdline", default="", help="qemu: extra guest kernel arguments (e.g. sealift.disk=write)")
     agent_command(p, cmd_vm_start)
     for name, func, helptext in (
         ("info", cmd_vm_info, "show one VM"),
@@ -40,6 +56,13 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     fields: dict[str, object] = {"backend": args.backend}
     if args.image is not None:
         fields["image_cache"] = str(Path(args.image).resolve())
+    if args.backend == "qemu":
+        fields.update(disks=[_absolute_disk(d) for d in args.disk], cpus=args.cpus, cmdline=args.cmdline)
+        net = parse_nic(args.nic) if args.nic is not None else None
+        if net is not None:
+            fields["net"] = net
+    elif args.disk or args.nic is not None or args.cpus != 1:
+        raise SystemExit("--disk, --nic and --cpus are for --backend qemu")
     reply = client(args).request(
         "vm.start",
         on_event=None,
@@ -50,6 +73,24 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         **fields,
     )
     return _show_vms(args, reply["vm"], [reply["vm"]])
+
+
+def _absolute_disk(text: str) -> str:
+    """The agent resolves nothing relative to its own directory: send an absolute path."""
+    path, sep, option = text.partition(",")
+    return str(Path(path).resolve()) + sep + option
+
+
+def parse_nic(text: str) -> dict[str, object] | None:
+    """--nic as the agent's net object: none, user (None: the agent's default), or tap=TAP,ip=ADDR/LEN[,gw=GW]."""
+    if text == "user":
+        return None
+    if text == "none":
+        return {"mode": "none"}
+    fields = dict(part.partition("=")[::2] for part in text.split(","))
+    if set(fields) - {"tap", "ip", "gw"} or "tap" not in fields or "ip" not in fields:
+        raise SystemExit(f"--nic {text!r}: use none, user, or tap=TAP,ip=ADDR/LEN[,gw=GW]")
+    return {"mode": "tap", "tap": fields["tap"], "guest_ip": fields["ip"], "gateway": fields.get("gw") or None}
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:

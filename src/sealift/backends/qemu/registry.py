@@ -23,6 +23,7 @@ from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 from sealift.errors import SealiftError
 from sealift.guests import GuestTable, TableRegistry
 from sealift.host.config import AgentConfig
+from sealift.wire.vm_definition import VmDefinition
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         extra_cmdline: str = "",
         net: NetConfig | None = None,
         image_cache: Path | None = None,
+        definition: VmDefinition | None = None,
     ) -> QemuVM:
         self._reserve_name(name)
         # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
@@ -108,6 +110,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
                 image,
                 net=net or NetConfig.user(free_udp_port()),
                 extra_cmdline=extra_cmdline,
+                definition=definition,
             )
             self._write_sidecar(name, extra_cmdline, image.key)
         finally:
@@ -115,7 +118,9 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         self._guests.add(name, vm)
         return vm
 
-    def start_incoming(self, name: str, memory_mib: int, extra_cmdline: str, net: NetConfig) -> QemuVM:
+    def start_incoming(
+        self, name: str, memory_mib: int, extra_cmdline: str, net: NetConfig, definition: VmDefinition | None = None
+    ) -> QemuVM:
         """A destination QEMU waiting for a deferred incoming migration, never running by itself.
 
         `stop` while QEMU is in "inmigrate" clears its autostart flag (the QMP
@@ -123,7 +128,16 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         until we `cont` it on the source's Commit.
         """
         image = self.image()
-        vm = QemuVM.start(self.vm_dir, name, memory_mib, image, incoming="defer", net=net, extra_cmdline=extra_cmdline)
+        vm = QemuVM.start(
+            self.vm_dir,
+            name,
+            memory_mib,
+            image,
+            incoming="defer",
+            net=net,
+            extra_cmdline=extra_cmdline,
+            definition=definition,
+        )
         try:
             vm.pause()
             if vm.status() != "inmigrate":
@@ -167,7 +181,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
     def usage(self) -> tuple[int, int]:
         """(memory bytes, vCPUs) of every QEMU guest this host holds: running, paused or in doubt."""
         vms = self._guests.values()
-        return sum(vm.memory_mib for vm in vms) * MiB, len(vms)  # -smp 1
+        return sum(vm.memory_mib for vm in vms) * MiB, sum(vm.definition.cpus for vm in vms)
 
     def console(self, name: str, lines: int) -> builtins.list[str]:  # `list` is the method above here
         return self.get(name).console_tail(max(1, min(lines, 1000)))
@@ -222,6 +236,10 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
             if name in self._guests.vms or name in self._guests.busy:
                 raise QemuVmError(f"a QEMU VM named {name!r} already exists on {self._config.name}")
             self._guests.busy.add(name)
+
+    def disk_dir(self) -> Path:
+        """Where this host creates the images of disks that migrations copy in."""
+        return self.vm_dir / "disks"
 
     def _sidecar(self, name: str) -> Path:
         return self.vm_dir / f"{name}.sealift"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu import relay
+from sealift.backends.qemu import relay, storage_hooks
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -75,6 +75,7 @@ class QemuSourceDriver:
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
         self._channel: ControlChannel | None = None  # this migration's, once transfer() has it
         self._accept: Accept | None = None
+        self._disks = storage_hooks.SourceDisks(session)  # storage migration (storage.py): copied and shared disks
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -105,6 +106,8 @@ class QemuSourceDriver:
         npages = vm.memory_mib * MiB // relay.PAGE
         writer = DataStreamWriter(outgoing, npages, None)
         self._digest = relay.StreamDigest(outgoing.overhead)
+        # -- storage hook: the definition to send; shared disks get a check file beside their image
+        definition = self._disks.prepare(vm, self._transport.name, self._transport.direct)
         data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
         try:
             spec = GuestSpec(
@@ -115,6 +118,7 @@ class QemuSourceDriver:
                 self._transport.name,
                 s.options.multifd_channels,
                 s.options.xbzrle,
+                definition,
             )
             relay.send_opaque(data, writer, spec.encode(), self._digest)
             ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
@@ -125,12 +129,12 @@ class QemuSourceDriver:
                         f"{s.destination} reported no QEMU port for the {self._transport.name} transport"
                     )
                 return self._transfer_direct(vm, data, writer, (address[0], ready.port))
-            if len(ready.extra_sessions) != s.options.multifd_channels:
+            multifd, disks = self._disks.split_sessions(ready.extra_sessions)  # -- storage hook
+            if len(multifd) != s.options.multifd_channels:
                 raise MigrationError(
-                    f"{s.destination} opened {len(ready.extra_sessions)} streams for "
-                    f"{s.options.multifd_channels} multifd channels"
+                    f"{s.destination} opened {len(multifd)} streams for {s.options.multifd_channels} multifd channels"
                 )
-            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address)
+            return self._transfer_through_channel(vm, data, writer, multifd, address, disks)
         finally:
             data.close()
 
@@ -151,6 +155,7 @@ class QemuSourceDriver:
         report.pages_sent = transfer.qemu.get("ram_normal_pages") or 0
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
+        self._disks.fill_report(report)  # -- storage hook
         report.stop_reason = (
             f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
             f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note()
@@ -161,6 +166,7 @@ class QemuSourceDriver:
             # A QEMU stuck writing its final state to a stream nobody reads holds its big lock (QMP
             # does not answer) until that connection breaks: break it first, then QEMU fails and answers.
             self._pump.stop()
+        self._disks.abort()  # -- storage hook: mirror jobs ended, NBD nodes gone; the source's disk is untouched
         try:
             return resume_source(vm)
         except QemuError as error:
@@ -176,6 +182,7 @@ class QemuSourceDriver:
     def cleanup(self, vm: QemuVM) -> None:
         if self._pump is not None:
             self._pump.stop()
+        self._disks.cleanup()  # -- storage hook: share check files removed, anything left stopped
         run_after_hooks(vm, self._after_hooks)  # after an abort: QEMU's migration has ended either way
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)  # normally done by the after hook
@@ -214,6 +221,7 @@ class QemuSourceDriver:
         writer: DataStreamWriter,
         extra_sessions: tuple[bytes, ...],
         address: tuple[str, int],
+        disk_sessions: tuple[bytes, ...] = (),
     ) -> QemuTransfer:
         """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
 
@@ -243,13 +251,16 @@ class QemuSourceDriver:
                         relay.StreamDigest(outgoing.overhead),
                     )
                 )
+            # -- storage hook: every copied disk mirrored and ready before the memory migration starts
+            self._disks.mirror(vm, disk_sessions, channel, accept, address)
             group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
             info, paused_at = self._follow(vm, data, group)
             group.wait(timeout)
+            disk_digests = self._disks.finish()  # -- storage hook: NBD nodes deleted, disk streams ended
             return QemuTransfer(
                 paused_at=paused_at,
                 stream_bytes=group.stream_bytes,
-                digest=group.digest(),
+                digest=relay.combined_digest([p.digest for p in group.pumps] + disk_digests),
                 qemu=_qemu_figures(info),
                 wire_bytes=group.wire_bytes or group.stream_bytes,
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
@@ -368,6 +379,7 @@ class QemuSourceDriver:
         while True:
             if pump is not None and pump.error is not None:
                 raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}", code="stream_failed")
+            self._disks.check()  # -- storage hook: a failed disk stream or mirror job ends the migration
             info = vm.query_migrate()
             status = info.get("status", "none")
             ram = info.get("ram", {})
@@ -383,6 +395,7 @@ class QemuSourceDriver:
                 s.report.counter_at_pause = vm.counter()
                 s.enter(Event.PAUSE_GUEST)
                 self._check_destination(data)
+                self._disks.at_switchover()  # -- storage hook: the mirror jobs end cleanly, no pivot
                 vm.migrate_continue("pre-switchover")
                 s.mark("switchover_check", paused_at)  # how much of QEMU's downtime our check holds it
             elif status == "completed":
