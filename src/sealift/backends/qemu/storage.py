@@ -119,7 +119,12 @@ class DiskStream:
         qemu.settimeout(None)
         data.settimeout(None)
         data.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self._sockets = [qemu, data]
+        with self._lock:
+            self._sockets = [qemu, data]
+            stopped = self.error is not None  # stopped before it started: nothing to carry
+        if stopped:
+            self.stop()
+            return
         for target, name in ((self._seal_out, "out"), (self._open_in, "in")):
             thread = threading.Thread(target=target, args=(qemu, data), name=f"disk{self.disk}-{name}", daemon=True)
             self._threads.append(thread)
@@ -166,7 +171,9 @@ class DiskStream:
             self._on_error()
 
     def stop(self) -> None:
-        for sock in self._sockets:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -194,19 +201,26 @@ class DiskStream:
 # -- source ---------------------------------------------------------------------------------
 
 
-def _accept_one(listener: socket.socket) -> tuple[list[socket.socket], threading.Thread]:
-    """Accept QEMU's one connection in a thread (QEMU connects from inside a QMP command we wait on)."""
-    accepted: list[socket.socket] = []
+def _carry_when_connected(listener: socket.socket, stream: DiskStream, data: socket.socket) -> threading.Thread:
+    """Accept QEMU's NBD connection and start carrying it at once, in a thread.
+
+    QEMU connects and does the NBD handshake inside blockdev-add, holding its
+    big lock: the handshake must cross to the destination while we still wait
+    for that command's answer.
+    """
 
     def accept() -> None:
         try:
-            accepted.append(listener.accept()[0])
-        except OSError:
-            pass  # no connection: the caller reports it
+            conn = listener.accept()[0]
+        except OSError as exc:
+            data.close()
+            stream.fail(exc)
+            return
+        stream.run(conn, data)
 
-    thread = threading.Thread(target=accept, name="nbd-accept", daemon=True)
+    thread = threading.Thread(target=accept, name=f"nbd-accept-{stream.disk}", daemon=True)
     thread.start()
-    return accepted, thread
+    return thread
 
 
 @dataclass
@@ -253,8 +267,7 @@ class SourceStorage:
                 listener.bind(str(path))
                 listener.listen(1)
                 listener.settimeout(_NBD_CONNECT_TIMEOUT_S)
-                data = open_stream(session)
-                accepted, acceptor = _accept_one(listener)
+                acceptor = _carry_when_connected(listener, stream, open_stream(session))
                 try:
                     # QEMU connects and does the NBD handshake inside blockdev-add: our acceptor must run.
                     self._vm.qmp(
@@ -270,10 +283,8 @@ class SourceStorage:
                     self._nodes.append(disk)
                 finally:
                     acceptor.join(_NBD_CONNECT_TIMEOUT_S)
-                if not accepted:
-                    data.close()
-                    raise MigrationError(f"QEMU did not connect disk {disk}'s NBD client")
-                stream.run(accepted[0], data)
+                if stream.error is not None:
+                    raise DiskMirrorError(f"disk {disk}'s NBD connection failed: {stream.error}")
             except QemuError as exc:
                 raise DiskMirrorError(f"disk {disk}: QEMU could not reach the destination's export: {exc}") from exc
             finally:
