@@ -37,7 +37,7 @@ from sealift.migration.session import SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
 from sealift.wire.errors import ProtocolError
-from sealift.wire.messages import Accept, Hello
+from sealift.wire.messages import Abort, Accept, Hello
 from sealift.wire.qemu_stream import GuestSpec, Ready
 
 log = logging.getLogger(__name__)
@@ -357,9 +357,9 @@ class QemuSourceDriver:
         try:
             event = relay.read_record(data, reader)
         except (OSError, ConnectionError, ProtocolError) as exc:
-            reason = _peer_abort_reason(channel)
-            if reason is not None:
-                raise MigrationError(f"{s.destination} aborted: {reason}") from None
+            abort = _peer_abort(channel)
+            if abort is not None:  # its code too: e.g. shared_disk_not_shared, for the report and the operator
+                raise MigrationError(f"{s.destination} aborted: {abort.reason}", code=abort.code) from None
             if isinstance(exc, socket.timeout):
                 raise MigrationError(
                     f"{s.destination} did not start its QEMU within {s.config.step_timeout_s:.0f} s"
@@ -506,13 +506,12 @@ def stop_time(vm: QemuVM, fallback: float) -> float:
     return time.monotonic() - age if 0 <= age < 60 else fallback
 
 
-def _peer_abort_reason(channel: ControlChannel) -> str | None:
+def _peer_abort(channel: ControlChannel) -> Abort | None:
     """The destination's Abort, if it sent one (it says why it gave up), within a second."""
     try:
-        abort = channel.abort_within(1.0)
+        return channel.abort_within(1.0)
     except (OSError, ProtocolError):
         return None
-    return None if abort is None else abort.reason
 
 
 def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
