@@ -47,9 +47,14 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+DISK_SECRET = b"sealift disk-resident secret: account 9911-2288 PIN 4471"
+
+
 def make_disk(path: Path, fmt: str = "qcow2") -> bytes:
-    """A 64 MiB image whose first 32 MiB are random; returns those bytes."""
-    data = os.urandom(RANDOM_BYTES)
+    """A 64 MiB image whose first 32 MiB are random, with a secret line in them; returns those bytes."""
+    data = bytearray(os.urandom(RANDOM_BYTES))
+    data[5 << 20 : (5 << 20) + len(DISK_SECRET)] = DISK_SECRET
+    data = bytes(data)
     raw = path.with_suffix(".src.raw")
     with open(raw, "wb") as f:
         f.write(data)
@@ -176,13 +181,18 @@ def test_disks_are_probed_and_bad_ones_refused(workdir: Path) -> None:
 
 
 def test_a_copied_disk_moves_with_everything_written_before_the_switchover(
-    cluster: LocalCluster, workdir: Path
+    cluster: LocalCluster, relay: Relay, workdir: Path
 ) -> None:
     image = workdir / "disk.qcow2"
     random_part = make_disk(image)
     src, dst = cluster.client("host-a"), cluster.client("host-b")
     vm = start_vm(src, str(image))
     assert vm["disks"] == [{"path": str(image), "format": "qcow2", "virtual_size": DISK_BYTES, "shared": False}]
+    # Disks travel only through the agents' channel: a direct transport is refused up front.
+    with pytest.raises(AgentRequestFailed, match="only on the sealift transports") as refused:
+        migrate(cluster, transport="qemu-tls")
+    assert refused.value.code == "disk_needs_sealift_transport"
+    assert src.request("vm.info", name=VM)["vm"]["status"] == "running"
     before = disk_counter(src)
     events: list[dict] = []
     report = cluster.migrate(VM, "host-a", "host-b", on_event=events.append)
@@ -210,6 +220,10 @@ def test_a_copied_disk_moves_with_everything_written_before_the_switchover(
     assert destination[:RANDOM_BYTES] == random_part
     assert destination[:end] == source[:end], "a write made before the switchover is missing on host-b"
     assert records(destination)[last + 1] == last + 1  # ... and continued with the very next record
+    # The disk crossed the relay sealed: its secret line is nowhere in the capture (T1 for disks).
+    captured = relay.captured()
+    assert len(captured) > RANDOM_BYTES
+    assert DISK_SECRET not in captured
     print(
         f"\ndisk migration: {report['disk_bytes_sent'] / 2**20:.1f} MiB disk stream, mirror "
         f"{report['mirror_time_s']} s, total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
@@ -225,9 +239,10 @@ def test_a_flipped_byte_in_the_disk_stream_aborts_and_the_disk_stays_whole(
     src = cluster.client("host-a")
     start_vm(src, str(image))
     relay.tamper = Tamper(flip_offset=4 << 20, stream_index=DISK_STREAM_INDEX)  # mid-mirror
-    with pytest.raises(AgentRequestFailed, match="keeps running on host-a"):
+    with pytest.raises(AgentRequestFailed, match="keeps running on host-a") as failed:
         migrate(cluster)
     assert relay.tamper.done.is_set()
+    assert "disk" in str(failed.value), failed.value  # the disk stream's failure, not the memory stream's
     runs_on_source_only(cluster)
     assert not list((cluster.vm_root / "host-b" / "qemu" / "disks").glob("*")), "the target image was left"
     # The guest writes on at the source, on a disk the failed mirror never touched.
