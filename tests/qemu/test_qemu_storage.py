@@ -11,6 +11,7 @@ last), and the guest on the destination must go on with the next record.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,10 +24,12 @@ from pathlib import Path
 import pytest
 
 from sealift.agent.client import AgentClient, AgentRequestFailed
-from sealift.backends.qemu.definition import DiskError, create_target, probe_disk
+from sealift.backends.qemu.definition import DiskError, boot_image, check_boot, create_target, probe_disk
+from sealift.backends.qemu.image import GuestImagePaths
 from sealift.backends.qemu.storage import DISK_STREAM_INDEX
 from sealift.cluster import LocalCluster
 from sealift.lab.relay import Relay, Tamper
+from sealift.wire.vm_definition import BootSpec
 
 VM = "dvm"
 BLOCK = 4096
@@ -104,8 +107,10 @@ def wait_disk_counter(client: AgentClient, above: int, timeout: float = 60) -> i
     raise AssertionError(f"the guest wrote no disk record above {above} in {timeout} s")
 
 
-def start_vm(client: AgentClient, *disks: str) -> dict:
-    vm = client.request("vm.start", name=VM, backend="qemu", memory="128M", cmdline=CMDLINE, disks=list(disks))["vm"]
+def start_vm(client: AgentClient, *disks: str, **fields: str) -> dict:
+    vm = client.request(
+        "vm.start", name=VM, backend="qemu", memory="128M", cmdline=CMDLINE, disks=list(disks), **fields
+    )["vm"]
     wait_disk_counter(client, 10)
     return vm
 
@@ -175,6 +180,27 @@ def test_disks_are_probed_and_bad_ones_refused(workdir: Path) -> None:
     assert top.backing == str(qcow2)
     target = create_target(top, workdir / "target.qcow2")
     assert probe_disk(target.path, False).backing == str(qcow2)  # sync=top needs the same backing chain
+
+
+def own_kernel(image: GuestImagePaths, where: Path) -> BootSpec:
+    """The test image's kernel and initramfs, copied: a kernel of the operator's own, at its own paths."""
+    kernel, initrd = where / "vmlinux", where / "initrd.cpio"
+    shutil.copy(image.kernel, kernel)
+    shutil.copy(image.initramfs, initrd)
+    return BootSpec(str(kernel), str(initrd))
+
+
+def test_an_own_kernel_boots_only_where_the_very_same_files_are(guest_image: GuestImagePaths, workdir: Path) -> None:
+    boot = own_kernel(guest_image, workdir)
+    key = boot_image(boot).key
+    assert check_boot(boot, key).kernel == Path(boot.kernel)
+    with open(boot.initrd, "ab") as f:
+        f.write(b"\0")  # one byte more: another initramfs at the same path
+    with pytest.raises(DiskError, match="differ here from the source's"):
+        check_boot(boot, key)
+    os.unlink(boot.kernel)
+    with pytest.raises(DiskError, match="cannot be read"):
+        check_boot(boot, key)
 
 
 # -- end to end ---------------------------------------------------------------------------
@@ -253,11 +279,15 @@ def test_a_flipped_byte_in_the_disk_stream_aborts_and_the_disk_stays_whole(
     assert written[: after + 1] == list(range(after + 1))
 
 
-def test_a_shared_disk_is_checked_and_not_copied(cluster: LocalCluster, workdir: Path) -> None:
+def test_a_shared_disk_is_checked_and_not_copied(
+    cluster: LocalCluster, workdir: Path, guest_image: GuestImagePaths
+) -> None:
+    """... on a guest booted from a kernel of the operator's own (the test image's, copied elsewhere)."""
     image = workdir / "shared.qcow2"
     make_disk(image)
+    boot = own_kernel(guest_image, workdir)
     src, dst = cluster.client("host-a"), cluster.client("host-b")
-    start_vm(src, f"{image},shared")
+    start_vm(src, f"{image},shared", kernel=boot.kernel, initrd=boot.initrd)
     report = migrate(cluster)
     assert report["status"] == "completed", report
     assert (report["disks"], report["disks_copied"], report["disk_bytes_sent"]) == (1, 0, 0)
@@ -265,6 +295,8 @@ def test_a_shared_disk_is_checked_and_not_copied(cluster: LocalCluster, workdir:
     moved = dst.request("vm.info", name=VM)["vm"]["disks"]
     assert moved == [{"path": str(image), "format": "qcow2", "virtual_size": DISK_BYTES, "shared": True}]
     assert not list(workdir.glob(".*sealift-share-*")), "the check file was left beside the image"
+    spec = json.loads((cluster.vm_root / "host-b" / "qemu" / f"{VM}.json").read_text())
+    assert (spec["kernel"], spec["initramfs"]) == (boot.kernel, boot.initrd)  # host-b booted the same files
     last = records(raw_content(image))[-1]
     wait_disk_counter(dst, last + 10)  # host-b's QEMU writes the same image
     assert records(raw_content(image))[-1] > last

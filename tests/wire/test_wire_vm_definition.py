@@ -8,11 +8,11 @@ import pytest
 
 from sealift.wire.errors import ProtocolError
 from sealift.wire.qemu_stream import GuestSpec
-from sealift.wire.vm_definition import MAX_DISKS, DiskSpec, VmDefinition
+from sealift.wire.vm_definition import MAX_DISKS, BootSpec, DiskSpec, VmDefinition
 
 COPIED = DiskSpec("/srv/vm/a.qcow2", "qcow2", 64 << 20, False, "/srv/base/debian.qcow2")
 SHARED = DiskSpec("/nfs/vm/b.raw", "raw", 1 << 30, True, None, "0123456789abcdef0123456789abcdef")
-DEFINITION = VmDefinition(2, (COPIED, SHARED))
+DEFINITION = VmDefinition(2, (COPIED, SHARED), BootSpec("/srv/boot/vmlinuz", "/srv/boot/initrd.img"))
 SPEC = GuestSpec(256, "", {"mode": "none"}, "0123456789abcdef", "sealift", 0, False, DEFINITION)
 
 
@@ -63,12 +63,16 @@ def test_each_malformed_disk_is_refused_naming_its_field(change: dict[str, objec
 @pytest.mark.parametrize(
     ("definition", "problem"),
     [
-        ({"cpus": 0, "disks": []}, "cpus must be an integer"),
-        ({"cpus": "2", "disks": []}, "cpus must be an integer"),
-        ({"cpus": 1}, "missing keys ['disks']"),
-        ({"cpus": 1, "disks": {}}, "disks must be a list"),
-        ({"cpus": 1, "disks": [COPIED.to_json()] * (MAX_DISKS + 1)}, f"at most {MAX_DISKS}"),
-        ({"cpus": 1, "disks": [COPIED.to_json(), COPIED.to_json()]}, "two disks have the same path"),
+        ({"cpus": 0, "disks": [], "boot": None}, "cpus must be an integer"),
+        ({"cpus": "2", "disks": [], "boot": None}, "cpus must be an integer"),
+        ({"cpus": 1, "boot": None}, "missing keys ['disks']"),
+        ({"cpus": 1, "disks": []}, "missing keys ['boot']"),
+        ({"cpus": 1, "disks": [], "boot": {"kernel": "vmlinuz", "initrd": "/i"}}, "boot: kernel must be an absolute"),
+        ({"cpus": 1, "disks": [], "boot": {"kernel": "/k,x", "initrd": "/i"}}, "without commas"),
+        ({"cpus": 1, "disks": [], "boot": {"kernel": "/k"}}, "missing keys ['initrd']"),
+        ({"cpus": 1, "disks": {}, "boot": None}, "disks must be a list"),
+        ({"cpus": 1, "boot": None, "disks": [COPIED.to_json()] * (MAX_DISKS + 1)}, f"at most {MAX_DISKS}"),
+        ({"cpus": 1, "boot": None, "disks": [COPIED.to_json(), COPIED.to_json()]}, "two disks have the same path"),
         ([], "definition must be an object"),
     ],
 )

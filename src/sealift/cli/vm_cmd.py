@@ -38,7 +38,11 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
         help="qemu: the network (default user: a host UDP port forwarded to the guest's probe service)",
     )
     p.add_argument("--cpus", type=int, default=1, help="qemu: vCPUs (default 1)")
-    p.add_argument("--cmdline", default="", help="qemu: extra guest kernel arguments (e.g. sealift.disk=write)")
+    p.add_argument(
+        "--cmdline", "--append", default="", help="qemu: extra guest kernel arguments (e.g. sealift.disk=write)"
+    )
+    p.add_argument("--kernel", default=None, help="qemu: boot this kernel instead of sealift's guest image")
+    p.add_argument("--initrd", default=None, help="qemu: the initramfs that goes with --kernel")
     agent_command(p, cmd_vm_start)
     for name, func, helptext in (
         ("info", cmd_vm_info, "show one VM"),
@@ -58,11 +62,15 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         fields["image_cache"] = str(Path(args.image).resolve())
     if args.backend == "qemu":
         fields.update(disks=[_absolute_disk(d) for d in args.disk], cpus=args.cpus, cmdline=args.cmdline)
+        if args.kernel is not None or args.initrd is not None:
+            if args.kernel is None or args.initrd is None:
+                raise SystemExit("--kernel and --initrd go together")
+            fields.update(kernel=str(Path(args.kernel).resolve()), initrd=str(Path(args.initrd).resolve()))
         net = parse_nic(args.nic) if args.nic is not None else None
         if net is not None:
             fields["net"] = net
-    elif args.disk or args.nic is not None or args.cpus != 1:
-        raise SystemExit("--disk, --nic and --cpus are for --backend qemu")
+    elif args.disk or args.nic is not None or args.cpus != 1 or args.kernel or args.initrd:
+        raise SystemExit("--disk, --nic, --cpus, --kernel and --initrd are for --backend qemu")
     reply = client(args).request(
         "vm.start",
         on_event=None,

@@ -107,18 +107,43 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class BootSpec:
+    """The operator's own kernel and initramfs (instead of sealift's test image).
+
+    Both hosts must hold the very same files at the same paths: the guest
+    description's image key is then their digest (definition.boot_image).
+    """
+
+    kernel: str
+    initrd: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"kernel": self.kernel, "initrd": self.initrd}
+
+    @classmethod
+    def from_json(cls, raw: object) -> BootSpec:
+        raw = _exact_keys(raw, "boot", {"kernel", "initrd"})
+        return cls(_path("boot: kernel", raw["kernel"]), _path("boot: initrd", raw["initrd"]))
+
+
+@dataclass(frozen=True)
 class VmDefinition:
-    """What the operator defined beyond memory and network: vCPUs and disks (in their guest order)."""
+    """What the operator defined beyond memory and network: vCPUs, disks (in guest order), own kernel."""
 
     cpus: int = 1
     disks: tuple[DiskSpec, ...] = ()
+    boot: BootSpec | None = None  # None: sealift's guest image
 
     def to_json(self) -> dict[str, object]:
-        return {"cpus": self.cpus, "disks": [disk.to_json() for disk in self.disks]}
+        return {
+            "cpus": self.cpus,
+            "disks": [disk.to_json() for disk in self.disks],
+            "boot": None if self.boot is None else self.boot.to_json(),
+        }
 
     @classmethod
     def from_json(cls, raw: object) -> VmDefinition:
-        raw = _exact_keys(raw, "definition", {"cpus", "disks"})
+        raw = _exact_keys(raw, "definition", {"cpus", "disks", "boot"})
         cpus = raw["cpus"]
         if type(cpus) is not int or not 1 <= cpus <= MAX_CPUS:
             _fail(f"cpus must be an integer from 1 to {MAX_CPUS}, not {cpus!r}")
@@ -129,7 +154,8 @@ class VmDefinition:
         paths = [disk.path for disk in parsed]
         if len(set(paths)) != len(paths):
             _fail("two disks have the same path")
-        return cls(cpus, parsed)
+        boot = None if raw["boot"] is None else BootSpec.from_json(raw["boot"])
+        return cls(cpus, parsed, boot)
 
     @property
     def copied(self) -> tuple[int, ...]:

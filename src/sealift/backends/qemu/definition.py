@@ -16,6 +16,7 @@ otherwise leave two diverging disks behind one guest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -23,8 +24,9 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+from sealift.backends.qemu.image import GuestImagePaths
 from sealift.errors import SealiftError
-from sealift.wire.vm_definition import DISK_FORMATS, MAX_DISKS, DiskSpec, VmDefinition
+from sealift.wire.vm_definition import DISK_FORMATS, MAX_DISKS, BootSpec, DiskSpec, VmDefinition
 
 QEMU_IMG = "qemu-img"
 _QEMU_IMG_TIMEOUT_S = 30.0
@@ -90,10 +92,13 @@ def parse_disk_option(text: str) -> DiskSpec:
     return probe_disk(path, option == "shared")
 
 
-def definition_for(cpus: int, disks: list[DiskSpec]) -> VmDefinition:
+def definition_for(cpus: int, disks: list[DiskSpec], boot: BootSpec | None = None) -> VmDefinition:
     if len(disks) > MAX_DISKS:
         raise DiskError(f"{len(disks)} disks: a VM has at most {MAX_DISKS}")
-    definition = VmDefinition(cpus, tuple(disks))
+    if boot is not None:
+        boot = BootSpec(os.path.abspath(boot.kernel), os.path.abspath(boot.initrd))
+        boot_image(boot)  # both files there and readable, now rather than at QEMU's start
+    definition = VmDefinition(cpus, tuple(disks), boot)
     try:
         return VmDefinition.from_json(definition.to_json())
     except SealiftError as exc:
@@ -113,6 +118,48 @@ def blockdev_args(definition: VmDefinition) -> list[str]:
         args += ["-blockdev", json.dumps(blockdev, sort_keys=True)]
         args += ["-device", f"virtio-blk-pci,drive={node},id=vd{index}"]
     return args
+
+
+# -- the operator's own kernel -------------------------------------------------------------
+
+
+def boot_image(boot: BootSpec) -> GuestImagePaths:
+    """The operator's kernel and initramfs as an image QEMU boots; its key is their SHA-256.
+
+    A migration carries the key, and the destination boots only the very
+    same files (same paths, same digest): its QEMU must run the kernel whose
+    memory arrives.
+    """
+    digest = hashlib.sha256()
+    for label, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
+        try:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        except OSError as exc:
+            raise DiskError(f"the guest's {label} {path} cannot be read: {exc.strerror}") from None
+    kernel = Path(boot.kernel)
+    return GuestImagePaths(
+        kernel=kernel,
+        initramfs=Path(boot.initrd),
+        manifest=kernel,  # no manifest: the operator's files
+        key=digest.hexdigest(),
+        kernel_package="(the operator's kernel)",
+        kernel_version="",
+        kernel_release="",
+        busybox_version="",
+        modules=(),
+    )
+
+
+def check_boot(boot: BootSpec, key: str) -> GuestImagePaths:
+    """The destination: the operator's kernel and initrd here, the very files the source booted."""
+    image = boot_image(boot)
+    if image.key != key:
+        raise DiskError(
+            f"the kernel {boot.kernel} and initrd {boot.initrd} differ here from the source's "
+            f"(SHA-256 {image.key[:16]}, the source's {key[:16]}): install the same files on both hosts"
+        )
+    return image
 
 
 # -- shared disks ---------------------------------------------------------------------------

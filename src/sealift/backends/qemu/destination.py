@@ -287,7 +287,8 @@ class QemuDestinationDriver:
             raise ProtocolError(
                 f"the guest description says {spec.memory_mib} MiB, the Hello {hello.memory_bytes} bytes"
             )
-        image = self._qemu_vms.image()
+        # -- storage hook: an operator's own kernel must be here too, the very same files
+        image = self._disks.boot_image(spec.definition, spec.image_key) or self._qemu_vms.image()
         if spec.image_key != image.key:
             raise IncomingRefused(
                 f"the source booted guest image {spec.image_key[:16]}, this host has {image.key[:16]}: "

@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from sealift.backends.qemu.definition import boot_image
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig
@@ -102,7 +103,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         # with the rest of the command line: a migration carries it to the destination's sidecar.
         extra_cmdline = with_token(extra_cmdline, new_token())
         try:
-            image = build_image(image_cache) if image_cache is not None else self.image()
+            image = self._image_for(definition, image_cache)
             vm = QemuVM.start(
                 self.vm_dir,
                 name,
@@ -127,7 +128,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         equivalent of -S): when the stream completes the guest stays paused
         until we `cont` it on the source's Commit.
         """
-        image = self.image()
+        image = self._image_for(definition, None)
         vm = QemuVM.start(
             self.vm_dir,
             name,
@@ -236,6 +237,20 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
             if name in self._guests.vms or name in self._guests.busy:
                 raise QemuVmError(f"a QEMU VM named {name!r} already exists on {self._config.name}")
             self._guests.busy.add(name)
+
+    def _image_for(self, definition: VmDefinition | None, image_cache: Path | None) -> GuestImagePaths:
+        """The operator's kernel when the definition names one, else sealift's guest image."""
+        if definition is not None and definition.boot is not None:
+            return boot_image(definition.boot)
+        return build_image(image_cache) if image_cache is not None else self.image()
+
+    def image_key(self, name: str) -> str:
+        """The key of the image VM `name` booted (its sidecar's; a migration carries it)."""
+        try:
+            key = json.loads(self._sidecar(name).read_text()).get("image_key")
+        except (OSError, ValueError):
+            key = None
+        return str(key) if isinstance(key, str) else self.image().key
 
     def disk_dir(self) -> Path:
         """Where this host creates the images of disks that migrations copy in."""

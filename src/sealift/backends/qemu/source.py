@@ -114,7 +114,7 @@ class QemuSourceDriver:
                 vm.memory_mib,
                 self._vms.extra_cmdline(vm.name),
                 vm.net.to_json(),
-                self._vms.image().key,
+                self._vms.image_key(vm.name),  # sealift's guest image, or the operator's kernel
                 self._transport.name,
                 s.options.multifd_channels,
                 s.options.xbzrle,

@@ -18,11 +18,13 @@ from pathlib import Path
 from sealift.backends.qemu import relay
 from sealift.backends.qemu.definition import (
     DiskError,
+    check_boot,
     check_shared,
     create_target,
     remove_share_token,
     write_share_token,
 )
+from sealift.backends.qemu.image import GuestImagePaths
 from sealift.backends.qemu.storage import (
     DISK_STREAM_INDEX,
     DestinationStorage,
@@ -72,7 +74,7 @@ class SourceDisks:
                     raise MigrationError(str(exc), code=exc.code) from exc
                 self._shared.append(disk)
             disks.append(disk)
-        self._definition = VmDefinition(definition.cpus, tuple(disks))
+        self._definition = VmDefinition(definition.cpus, tuple(disks), definition.boot)
         return self._definition
 
     @property
@@ -159,6 +161,15 @@ class DestinationDisks:
         self._created: list[Path] = []
         self._sessions: tuple[bytes, ...] = ()
 
+    def boot_image(self, definition: VmDefinition | None, key: str) -> GuestImagePaths | None:
+        """The operator's kernel and initramfs here, the very files the source booted (same digest)."""
+        if definition is None or definition.boot is None:
+            return None
+        try:
+            return check_boot(definition.boot, key)
+        except DiskError as exc:
+            raise IncomingRefused(f"this host cannot boot the guest's own kernel: {exc}") from None
+
     def definition_here(self, definition: VmDefinition | None, direct: bool) -> VmDefinition | None:
         """The machine to start here: shared disks checked, copied ones replaced by new empty targets."""
         if definition is None:
@@ -177,7 +188,7 @@ class DestinationDisks:
             created = create_target(disk, target)
             self._created.append(target)
             disks.append(created)
-        here = VmDefinition(definition.cpus, tuple(disks))
+        here = VmDefinition(definition.cpus, tuple(disks), definition.boot)
         if definition.copied:
             self._storage = DestinationStorage(here, s.config.step_timeout_s)
         return here
