@@ -34,8 +34,9 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--nic",
         default=None,
-        metavar="none|user|tap=TAP,ip=ADDR/LEN[,gw=GW]",
-        help="qemu: the network (default user: a host UDP port forwarded to the guest's probe service)",
+        metavar="none|user|tap=TAP,ip=ADDR/LEN[,gw=GW]|bridge=BR,ip=ADDR/LEN[,gw=GW]",
+        help="qemu: the network (default user: a host UDP port forwarded to the guest's probe service; "
+        "tap=: an existing tap; bridge=: the agent makes a tap on that bridge on every host the guest runs on)",
     )
     p.add_argument("--cpus", type=int, default=1, help="qemu: vCPUs (default 1)")
     p.add_argument(
@@ -90,15 +91,21 @@ def _absolute_disk(text: str) -> str:
 
 
 def parse_nic(text: str) -> dict[str, object] | None:
-    """--nic as the agent's net object: none, user (None: the agent's default), or tap=TAP,ip=ADDR/LEN[,gw=GW]."""
+    """--nic as the agent's net object (None for user: the agent's default)."""
     if text == "user":
         return None
     if text == "none":
         return {"mode": "none"}
     fields = dict(part.partition("=")[::2] for part in text.split(","))
-    if set(fields) - {"tap", "ip", "gw"} or "tap" not in fields or "ip" not in fields:
-        raise SystemExit(f"--nic {text!r}: use none, user, or tap=TAP,ip=ADDR/LEN[,gw=GW]")
-    return {"mode": "tap", "tap": fields["tap"], "guest_ip": fields["ip"], "gateway": fields.get("gw") or None}
+    if set(fields) - {"tap", "bridge", "ip", "gw"} or len({"tap", "bridge"} & set(fields)) != 1 or "ip" not in fields:
+        raise SystemExit(f"--nic {text!r}: use none, user, tap=TAP,ip=ADDR/LEN[,gw=GW] or bridge=BR,ip=...")
+    return {
+        "mode": "tap",
+        "tap": fields.get("tap"),
+        "bridge": fields.get("bridge"),
+        "guest_ip": fields["ip"],
+        "gateway": fields.get("gw") or None,
+    }
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:

@@ -110,6 +110,7 @@ class QemuDestinationDriver:
                 self._qemu.kill()  # never a second copy: the source keeps the guest
             except QemuError as exc:
                 log.error("could not kill the destination QEMU of %s: %s", hello.vm_name, exc)
+            self._qemu_vms.delete_own_tap(self._qemu.net)  # a tap this agent made for it on its bridge
             (self._qemu_vms.vm_dir / f"{hello.vm_name}.sealift").unlink(missing_ok=True)
             self._qemu = None
         self._disks.discard()  # -- storage hook: the target images this migration created go

@@ -19,7 +19,7 @@ from typing import Any
 from sealift.backends.qemu.definition import boot_image
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
-from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.net import NetConfig, NetError, create_tap, delete_tap, own_tap_name
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 from sealift.errors import SealiftError
 from sealift.guests import GuestTable, TableRegistry
@@ -99,6 +99,11 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         definition: VmDefinition | None = None,
     ) -> QemuVM:
         self._reserve_name(name)
+        try:
+            net = self._own_tap(name, net) if net is not None else None
+        except BaseException:
+            self._guests.unclaim(name)
+            raise
         # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
         # with the rest of the command line: a migration carries it to the destination's sidecar.
         extra_cmdline = with_token(extra_cmdline, new_token())
@@ -114,6 +119,9 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
                 definition=definition,
             )
             self._write_sidecar(name, extra_cmdline, image.key)
+        except BaseException:
+            self._delete_own_tap(net)
+            raise
         finally:
             self._guests.unclaim(name)
         self._guests.add(name, vm)
@@ -129,16 +137,21 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         until we `cont` it on the source's Commit.
         """
         image = self._image_for(definition, None)
-        vm = QemuVM.start(
-            self.vm_dir,
-            name,
-            memory_mib,
-            image,
-            incoming="defer",
-            net=net,
-            extra_cmdline=extra_cmdline,
-            definition=definition,
-        )
+        net = self._own_tap(name, net)
+        try:
+            vm = QemuVM.start(
+                self.vm_dir,
+                name,
+                memory_mib,
+                image,
+                incoming="defer",
+                net=net,
+                extra_cmdline=extra_cmdline,
+                definition=definition,
+            )
+        except BaseException:
+            self._delete_own_tap(net)
+            raise
         try:
             vm.pause()
             if vm.status() != "inmigrate":
@@ -146,6 +159,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
             self._write_sidecar(name, extra_cmdline, image.key)
         except BaseException:
             vm.kill()
+            self._delete_own_tap(net)
             raise
         return vm
 
@@ -188,7 +202,9 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         return self.get(name).console_tail(max(1, min(lines, 1000)))
 
     def stop(self, name: str) -> None:
-        self._guests.remove(name).stop_vm()
+        vm = self._guests.remove(name)
+        vm.stop_vm()
+        self._delete_own_tap(vm.net)
         self._sidecar(name).unlink(missing_ok=True)
 
     def stop_all(self) -> None:
@@ -202,7 +218,17 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         vm = self._guests.release(name)
         if vm is not None:
             vm.stop_vm()
+            self._delete_own_tap(vm.net)
         self._sidecar(name).unlink(missing_ok=True)
+
+    def discard_incoming(self, name: str) -> None:
+        """A received guest whose migration was aborted: quit it, and remove the disk images the migration
+        created for it (only those in this host's disk directory: never a shared disk or another file)."""
+        vm = self._guests.find(name)
+        created = [Path(d.path) for d in vm.definition.disks if Path(d.path).parent == self.disk_dir()] if vm else []
+        self.release_migrated(name)
+        for path in created:
+            path.unlink(missing_ok=True)
 
     def reserve_incoming_name(self, name: str) -> None:
         self._reserve_name(name)
@@ -237,6 +263,30 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
             if name in self._guests.vms or name in self._guests.busy:
                 raise QemuVmError(f"a QEMU VM named {name!r} already exists on {self._config.name}")
             self._guests.busy.add(name)
+
+    def _own_tap(self, name: str, net: NetConfig) -> NetConfig:
+        """A guest on a named bridge: this host's own tap for it, made now (`bridge=` of --nic)."""
+        if net.bridge is None:
+            return net
+        tap = own_tap_name(self._config.name, name)
+        try:
+            create_tap(tap, net.bridge)
+        except NetError as exc:
+            raise QemuVmError(f"cannot put guest {name!r} on bridge {net.bridge}: {exc}") from None
+        return NetConfig("tap", tap=tap, guest_ip=net.guest_ip, gateway=net.gateway, bridge=net.bridge).validated()
+
+    def delete_own_tap(self, net: NetConfig) -> None:
+        """Remove the tap this agent made for a guest that left (a tap of the operator's stays)."""
+        self._delete_own_tap(net)
+
+    @staticmethod
+    def _delete_own_tap(net: NetConfig | None) -> None:
+        if net is None or net.bridge is None or net.tap is None:
+            return
+        try:
+            delete_tap(net.tap)
+        except NetError as exc:
+            log.warning("could not delete tap %s: %s", net.tap, exc)
 
     def _image_for(self, definition: VmDefinition | None, image_cache: Path | None) -> GuestImagePaths:
         """The operator's kernel when the definition names one, else sealift's guest image."""
