@@ -67,6 +67,29 @@ def make_disk(path: Path, fmt: str = "qcow2") -> bytes:
     return data
 
 
+def small_disks(workdir: Path) -> tuple[Path, Path]:
+    """Two more disks the migration copies: a raw image, and a qcow2 overlay over a base image.
+
+    The base is there "on both hosts" (one machine), so only the overlay's
+    own clusters travel (sync=top) and the destination's target sits over
+    the same base.
+    """
+    raw = workdir / "data.raw"
+    raw.write_bytes(os.urandom(8 << 20))
+    base, overlay = workdir / "base.qcow2", workdir / "overlay.qcow2"
+    base_raw = workdir / "base.raw"
+    base_raw.write_bytes(os.urandom(8 << 20))
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(base_raw), str(base)], check=True)
+    base_raw.unlink()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay)], check=True
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", str(overlay)], check=True, capture_output=True
+    )
+    return raw, overlay
+
+
 def raw_content(image: Path) -> bytes:
     """The guest-visible bytes of an image (-U: its QEMU may still run)."""
     out = image.with_name(image.name + ".read.raw")
@@ -211,9 +234,12 @@ def test_a_copied_disk_moves_with_everything_written_before_the_switchover(
 ) -> None:
     image = workdir / "disk.qcow2"
     random_part = make_disk(image)
+    raw, overlay = small_disks(workdir)
+    others = {path: raw_content(path) for path in (raw, overlay)}
     src, dst = cluster.client("host-a"), cluster.client("host-b")
-    vm = start_vm(src, str(image))
-    assert vm["disks"] == [{"path": str(image), "format": "qcow2", "virtual_size": DISK_BYTES, "shared": False}]
+    vm = start_vm(src, str(image), str(raw), str(overlay))
+    assert vm["disks"][0] == {"path": str(image), "format": "qcow2", "virtual_size": DISK_BYTES, "shared": False}
+    assert [d["format"] for d in vm["disks"]] == ["qcow2", "raw", "qcow2"]
     # Disks travel only through the agents' channel: a direct transport is refused up front.
     with pytest.raises(AgentRequestFailed, match="only on the sealift transports") as refused:
         migrate(cluster, transport="qemu-tls")
@@ -224,12 +250,12 @@ def test_a_copied_disk_moves_with_everything_written_before_the_switchover(
     report = cluster.migrate(VM, "host-a", "host-b", on_event=events.append)
 
     assert report["status"] == "completed", report
-    assert (report["disks"], report["disks_copied"]) == (1, 1)
+    assert (report["disks"], report["disks_copied"]) == (3, 3)
     assert report["disk_bytes_sent"] > RANDOM_BYTES  # the random half crossed, sealed
     assert report["mirror_time_s"] is not None
-    assert report["image_digest"].startswith("blake3-tags-x3:")  # memory + both directions of the disk stream
+    assert report["image_digest"].startswith("blake3-tags-x7:")  # memory + both directions of each disk stream
     disk_events = [e for e in events if e.get("event") == "disk"]
-    assert disk_events and disk_events[-1]["ready"] == 1
+    assert disk_events and disk_events[-1]["ready"] == 3
     moved = dst.request("vm.info", name=VM)["vm"]["disks"]
     target = Path(moved[0]["path"])
     assert target.parent == cluster.vm_root / "host-b" / "qemu" / "disks"
@@ -250,6 +276,11 @@ def test_a_copied_disk_moves_with_everything_written_before_the_switchover(
     captured = relay.captured()
     assert len(captured) > RANDOM_BYTES
     assert DISK_SECRET not in captured
+    # The raw disk and the overlay (its own clusters over the same base) arrived whole.
+    for moved_disk, path in zip(moved[1:], (raw, overlay), strict=True):
+        assert raw_content(Path(moved_disk["path"])) == others[path], path.name
+    target_overlay = probe_disk(moved[2]["path"], False)
+    assert target_overlay.backing == str(workdir / "base.qcow2")  # sync=top: the target sits on the same base
     print(
         f"\ndisk migration: {report['disk_bytes_sent'] / 2**20:.1f} MiB disk stream, mirror "
         f"{report['mirror_time_s']} s, total {report['total_time_s']} s, downtime {report['downtime_ms']} ms, "
