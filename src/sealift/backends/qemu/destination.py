@@ -198,8 +198,7 @@ class QemuDestinationDriver:
         timeout = s.config.step_timeout_s
         sock_dir = relay.private_dir("sl-qin-")
         qemu_socks: list[socket.socket] = []
-        multifd_sessions = tuple(secrets.token_bytes(16) for _ in range(spec.multifd_channels))
-        extra_sessions = multifd_sessions
+        extra_sessions = tuple(secrets.token_bytes(16) for _ in range(spec.multifd_channels))
         feeders: list[relay.StreamFeeder] = []
         try:
             qemu_socks = self._start_qemu_unix(spec, sock_dir, 1 + len(extra_sessions))
@@ -220,10 +219,10 @@ class QemuDestinationDriver:
                     )
                 )
             disk_sessions = self._disks.new_sessions()  # -- storage hook: one stream per copied disk, after multifd's
-            relay.send_opaque(data, ready, Ready(None, multifd_sessions + disk_sessions).encode())
+            relay.send_opaque(data, ready, Ready(None, extra_sessions + disk_sessions).encode())
             for feeder in feeders:
                 feeder.start()
-            self._disks.accept_streams(data)
+            self._disks.accept_streams(data)  # -- storage hook: a failed disk stream breaks `data`
             try:
                 self._disks.wait_for_memory(data)  # -- storage hook: the main stream is silent while disks mirror
                 self._stream_bytes += relay.feed_qemu(data, reader, qemu_socks[0], self._digest)
