@@ -130,7 +130,7 @@ def wait_disk_counter(client: AgentClient, above: int, timeout: float = 60) -> i
     raise AssertionError(f"the guest wrote no disk record above {above} in {timeout} s")
 
 
-def start_vm(client: AgentClient, *disks: str, **fields: str) -> dict:
+def start_vm(client: AgentClient, *disks: str, **fields: object) -> dict:
     vm = client.request(
         "vm.start", name=VM, backend="qemu", memory="128M", cmdline=CMDLINE, disks=list(disks), **fields
     )["vm"]
@@ -313,18 +313,19 @@ def test_a_flipped_byte_in_the_disk_stream_aborts_and_the_disk_stays_whole(
 def test_a_shared_disk_is_checked_and_not_copied(
     cluster: LocalCluster, workdir: Path, guest_image: GuestImagePaths
 ) -> None:
-    """... on a guest booted from a kernel of the operator's own (the test image's, copied elsewhere)."""
+    """... on a two-vCPU guest booted from a kernel of the operator's own (the test image's, copied elsewhere)."""
     image = workdir / "shared.qcow2"
     make_disk(image)
     boot = own_kernel(guest_image, workdir)
     src, dst = cluster.client("host-a"), cluster.client("host-b")
-    start_vm(src, f"{image},shared", kernel=boot.kernel, initrd=boot.initrd)
+    start_vm(src, f"{image},shared", kernel=boot.kernel, initrd=boot.initrd, cpus=2)
     report = migrate(cluster)
     assert report["status"] == "completed", report
     assert (report["disks"], report["disks_copied"], report["disk_bytes_sent"]) == (1, 0, 0)
     assert report["mirror_time_s"] is None
-    moved = dst.request("vm.info", name=VM)["vm"]["disks"]
-    assert moved == [{"path": str(image), "format": "qcow2", "virtual_size": DISK_BYTES, "shared": True}]
+    after = dst.request("vm.info", name=VM)["vm"]
+    assert after["disks"] == [{"path": str(image), "format": "qcow2", "virtual_size": DISK_BYTES, "shared": True}]
+    assert after["cpus"] == 2  # host-b recreated the same machine
     assert not list(workdir.glob(".*sealift-share-*")), "the check file was left beside the image"
     spec = json.loads((cluster.vm_root / "host-b" / "qemu" / f"{VM}.json").read_text())
     assert (spec["kernel"], spec["initramfs"]) == (boot.kernel, boot.initrd)  # host-b booted the same files
