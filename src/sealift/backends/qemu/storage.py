@@ -308,14 +308,14 @@ class SourceStorage:
                 },
             )
             self._jobs.append(disk)
-        last_done, last_progress = -1, time.monotonic()
+        last_seen, last_progress = (-1, -1), time.monotonic()
         while True:
             jobs = self._job_states()
             done = sum(int(job.get("current-progress", 0)) for job in jobs.values())
             total = sum(int(job.get("total-progress", 0)) for job in jobs.values())
             ready = [disk for disk, job in jobs.items() if job.get("status") == "ready"]
-            if done != last_done:
-                last_done, last_progress = done, time.monotonic()
+            if (done, len(ready)) != last_seen:  # bytes copied, or one more disk ready: progress
+                last_seen, last_progress = (done, len(ready)), time.monotonic()
                 progress({"disks": len(self._disks), "ready": len(ready), "bytes_done": done, "bytes_total": total})
             if len(ready) == len(self._disks):
                 self.figures.mirror_time_s = round(time.monotonic() - started, 3)
