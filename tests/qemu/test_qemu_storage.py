@@ -26,10 +26,15 @@ import pytest
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.backends.qemu.definition import DiskError, boot_image, check_boot, create_target, probe_disk
 from sealift.backends.qemu.image import GuestImagePaths
+from sealift.backends.qemu.keeper import QemuKeeper
+from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.storage import DISK_STREAM_INDEX
 from sealift.cluster import LocalCluster
+from sealift.host.config import AgentConfig
+from sealift.host.store import MigrationRecord
 from sealift.lab.relay import Relay, Tamper
-from sealift.wire.vm_definition import BootSpec
+from sealift.wire.vm_definition import BootSpec, VmDefinition
 
 VM = "dvm"
 BLOCK = 4096
@@ -357,3 +362,28 @@ def test_a_destination_that_does_not_see_the_shared_image_refuses(guest_image: o
     finally:
         cluster.stop_guests()
         cluster.cleanup()
+
+
+def test_a_discarded_in_doubt_guest_takes_its_copied_disk_images_along(guest_image: object, workdir: Path) -> None:
+    """The resolver's discard of a received guest (keeper): QEMU gone, the targets the migration created
+    removed, a shared image (not in this host's disk directory) left alone."""
+    vm_dir = Path(tempfile.mkdtemp(prefix="sls-vms-", dir="/tmp"))
+    try:
+        config = AgentConfig("host-b", ("127.0.0.1", 0), vm_dir / "c.sock", vm_dir, vm_dir, vm_dir)
+        registry = QemuVmRegistry(config)
+        registry.disk_dir().mkdir(parents=True)
+        shared = workdir / "shared.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(shared), "16M"], check=True)
+        copied = create_target(probe_disk(str(shared), False), registry.disk_dir() / f"{VM}-disk0.qcow2")
+        definition = VmDefinition(1, (copied, probe_disk(str(shared), True)))
+        vm = registry.start_incoming(VM, 128, "", NetConfig.none(), definition)  # paused, waiting for a stream
+        registry.hold_in_doubt(vm)
+        record = MigrationRecord(
+            "m1", VM, "destination", "host-a", "in-doubt", "qemu", None, 128 << 20, 0.0, 0.0, None, None
+        )
+        QemuKeeper(registry).discard_destination(record)
+        assert not vm.alive()
+        assert not Path(copied.path).exists()
+        assert shared.exists()
+    finally:
+        shutil.rmtree(vm_dir, ignore_errors=True)
