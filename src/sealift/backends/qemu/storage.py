@@ -310,7 +310,10 @@ class SourceStorage:
             self._jobs.append(disk)
         last_seen, last_progress = (-1, -1), time.monotonic()
         while True:
-            jobs = self._job_states()
+            try:
+                jobs = self._job_states()
+            except QemuError as exc:  # seen here: a target that stops answering can hold QEMU's main loop
+                raise DiskMirrorError(f"QEMU stopped answering during the disk mirror: {exc}") from exc
             done = sum(int(job.get("current-progress", 0)) for job in jobs.values())
             total = sum(int(job.get("total-progress", 0)) for job in jobs.values())
             ready = [disk for disk, job in jobs.items() if job.get("status") == "ready"]
@@ -381,18 +384,19 @@ class SourceStorage:
             self._nodes.remove(disk)
 
     def abort(self) -> None:
-        """Any failure: end our jobs (force), drop the NBD nodes, stop the streams; the source's disk is untouched."""
-        for disk in self._jobs:
-            for command, arguments in (
-                ("block-job-cancel", {"device": mirror_job(disk), "force": True}),
-                ("job-dismiss", {"id": mirror_job(disk)}),
-            ):
-                self._try(command, arguments)
-                if command == "block-job-cancel":
-                    self._wait_concluded(mirror_job(disk))
-        self._jobs = []
+        """Any failure: stop the streams, end our jobs (force), drop the NBD nodes; the source's disk is untouched.
+
+        The streams go first: a job whose target stalls cannot finish its
+        in-flight requests, so it would not conclude (nor its node go) while
+        the NBD connection lives; broken, the requests fail at once.
+        """
         for stream in self._streams:
             stream.stop()
+        for disk in self._jobs:
+            self._try("block-job-cancel", {"device": mirror_job(disk), "force": True})
+            self._wait_concluded(mirror_job(disk))
+            self._try("job-dismiss", {"id": mirror_job(disk)})
+        self._jobs = []
         for disk in list(self._nodes):
             self._try("blockdev-del", {"node-name": nbd_node(disk)})
             self._nodes.remove(disk)
