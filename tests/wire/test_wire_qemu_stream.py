@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sealift.wire.errors import ProtocolError
-from sealift.wire.qemu_stream import GuestSpec, Ready
+from sealift.wire.qemu_stream import MAX_EXTRA_STREAMS, GuestSpec, Ready
 
 SPEC = GuestSpec(256, "console=ttyS0", {"model": "user"}, "0123456789abcdef", "sealift", 2, True)
 
@@ -20,7 +20,9 @@ def test_ready_record_round_trip_and_rejections() -> None:
         b"{}",
         b'{"ready": true, "port": 0, "streams": []}',
         b'{"ready": true, "port": null, "streams": ["00"]}',
-        b'{"ready": true, "port": null, "streams": ' + str(["00" * 16] * 17).replace("'", '"').encode() + b"}",
+        b'{"ready": true, "port": null, "streams": '
+        + str(["00" * 16] * (MAX_EXTRA_STREAMS + 1)).replace("'", '"').encode()
+        + b"}",
         b"not json",
     ):
         with pytest.raises(ProtocolError, match="ready record is malformed"):

@@ -13,7 +13,7 @@
 - ``initramfs.cpio``: busybox (from ``busybox-static``), ``/init``
   (``guest/init.sh``), the workload (``guest/workload.c``, compiled here
   with the machine's gcc, static), and the kernel modules the Debian kernel
-  builds as modules but the guest needs (virtio PCI and network), with
+  builds as modules but the guest needs (virtio PCI, network and block), with
   their dependencies, in load order.
 
 Images are cached in ``cache_dir/<key>/``, where the key is a hash of every
@@ -79,6 +79,7 @@ BUSYBOX_PACKAGE = "busybox-static"
 GUEST_MODULES: tuple[tuple[str, str], ...] = (
     ("virtio_pci", "CONFIG_VIRTIO_PCI"),
     ("virtio_net", "CONFIG_VIRTIO_NET"),
+    ("virtio_blk", "CONFIG_VIRTIO_BLK"),  # the operator's disks (definition.py)
 )
 # Bump when the builder changes what it puts into an image for the same inputs.
 FORMAT_VERSION = 2

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu import postcopy, postcopy_recovery, relay
+from sealift.backends.qemu import postcopy, postcopy_recovery, relay, storage_hooks
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -38,7 +38,7 @@ from sealift.migration.session import SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
 from sealift.wire.errors import ProtocolError
-from sealift.wire.messages import Accept, Hello
+from sealift.wire.messages import Abort, Accept, Hello
 from sealift.wire.qemu_stream import GuestSpec, Ready
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class QemuSourceDriver:
         self._hello: Hello | None = None  # post-copy recovery repeats it, with a fresh nonce
         self._recovery: postcopy_recovery.SourceRecovery | None = None
         self._resumed_data: socket.socket | None = None
+        self._disks = storage_hooks.SourceDisks(session)  # storage migration (storage.py): copied and shared disks
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -116,17 +117,27 @@ class QemuSourceDriver:
         npages = vm.memory_mib * MiB // relay.PAGE
         writer = DataStreamWriter(outgoing, npages, None)
         self._digest = relay.StreamDigest(outgoing.overhead)
+        # -- storage hook: the definition to send; shared disks get a check file beside their image
+        definition = self._disks.prepare(vm, self._transport.name, self._transport.direct)
+        if self._switch is not None and self._disks.copied:
+            # The mirror's NBD streams end at the switchover, but post-copy's pages are fetched after it:
+            # not combined yet (the guest runs on here).
+            raise postcopy.PostcopyUnavailable(
+                f"{vm.name} has disks to copy: post-copy with storage migration is not supported; "
+                "migrate without --postcopy, or with shared disks"
+            )
         data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
         try:
             spec = GuestSpec(
                 vm.memory_mib,
                 self._vms.extra_cmdline(vm.name),
                 vm.net.to_json(),
-                self._vms.image().key,
+                self._vms.image_key(vm.name),  # sealift's guest image, or the operator's kernel
                 self._transport.name,
                 s.options.multifd_channels,
                 s.options.xbzrle,
                 postcopy=self._switch is not None,
+                definition=definition,
             )
             relay.send_opaque(data, writer, spec.encode(), self._digest)
             back = DataStreamReader(incoming, npages)  # post-copy: QEMU's return path continues it
@@ -138,12 +149,12 @@ class QemuSourceDriver:
                         f"{s.destination} reported no QEMU port for the {self._transport.name} transport"
                     )
                 return self._transfer_direct(vm, data, writer, (address[0], ready.port))
-            if len(ready.extra_sessions) != s.options.multifd_channels:
+            multifd, disks = self._disks.split_sessions(ready.extra_sessions)  # -- storage hook
+            if len(multifd) != s.options.multifd_channels:
                 raise MigrationError(
-                    f"{s.destination} opened {len(ready.extra_sessions)} streams for "
-                    f"{s.options.multifd_channels} multifd channels"
+                    f"{s.destination} opened {len(multifd)} streams for {s.options.multifd_channels} multifd channels"
                 )
-            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address, back)
+            return self._transfer_through_channel(vm, data, writer, multifd, address, back, disks)
         finally:
             if self._return_path is not None:
                 self._return_path.stop()
@@ -166,6 +177,7 @@ class QemuSourceDriver:
         report.pages_sent = transfer.qemu.get("ram_normal_pages") or 0
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
+        self._disks.fill_report(report)  # -- storage hook
         report.stop_reason = (
             f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
             f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note()
@@ -180,6 +192,7 @@ class QemuSourceDriver:
             # A QEMU stuck writing its final state to a stream nobody reads holds its big lock (QMP
             # does not answer) until that connection breaks: break it first, then QEMU fails and answers.
             self._pump.stop()
+        self._disks.abort()  # -- storage hook: mirror jobs ended, NBD nodes gone; the source's disk is untouched
         try:
             return resume_source(vm)
         except QemuError as error:
@@ -197,6 +210,7 @@ class QemuSourceDriver:
             self._pump.stop()
         if self._resumed_data is not None:
             self._resumed_data.close()
+        self._disks.cleanup()  # -- storage hook: share check files removed, anything left stopped
         run_after_hooks(vm, self._after_hooks)  # after an abort: QEMU's migration has ended either way
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)  # normally done by the after hook
@@ -239,6 +253,7 @@ class QemuSourceDriver:
         extra_sessions: tuple[bytes, ...],
         address: tuple[str, int],
         back: DataStreamReader,
+        disk_sessions: tuple[bytes, ...],
     ) -> QemuTransfer:
         """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
 
@@ -268,14 +283,17 @@ class QemuSourceDriver:
                         relay.StreamDigest(outgoing.overhead),
                     )
                 )
+            # -- storage hook: every copied disk mirrored and ready before the memory migration starts
+            self._disks.mirror(vm, disk_sessions, channel, accept, address)
             group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir, data, back)
             info, paused_at, group = self._follow_recovering(vm, data, group, address)
             group.wait(timeout)
+            disk_digests = self._disks.finish()  # -- storage hook: NBD nodes deleted, disk streams ended
             return QemuTransfer(
                 postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
                 paused_at=paused_at,
                 stream_bytes=group.stream_bytes,
-                digest=group.digest(),
+                digest=relay.combined_digest([p.digest for p in group.pumps] + disk_digests),
                 qemu=_qemu_figures(info),
                 wire_bytes=group.wire_bytes or group.stream_bytes,
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
@@ -380,9 +398,9 @@ class QemuSourceDriver:
         try:
             event = relay.read_record(data, reader)
         except (OSError, ConnectionError, ProtocolError) as exc:
-            reason = _peer_abort_reason(channel)
-            if reason is not None:
-                raise MigrationError(f"{s.destination} aborted: {reason}") from None
+            abort = _peer_abort(channel)
+            if abort is not None:  # its code too: e.g. shared_disk_not_shared, for the report and the operator
+                raise MigrationError(f"{s.destination} aborted: {abort.reason}", code=abort.code) from None
             if isinstance(exc, socket.timeout):
                 raise MigrationError(
                     f"{s.destination} did not start its QEMU within {s.config.step_timeout_s:.0f} s"
@@ -402,6 +420,7 @@ class QemuSourceDriver:
         while True:
             if pump is not None and pump.error is not None:
                 raise self._stream_failure(f"the data stream to {s.destination} failed: {pump.error}")
+            self._disks.check()  # -- storage hook: a failed disk stream or mirror job ends the migration
             info = vm.query_migrate()
             status = info.get("status", "none")
             ram = info.get("ram", {})
@@ -430,6 +449,7 @@ class QemuSourceDriver:
                 s.report.counter_at_pause = vm.counter()
                 s.enter(Event.PAUSE_GUEST)
                 self._check_destination(data)
+                self._disks.at_switchover()  # -- storage hook: the mirror jobs end cleanly, no pivot
                 vm.migrate_continue("pre-switchover")
                 s.mark("switchover_check", paused_at)  # how much of QEMU's downtime our check holds it
             elif status == "completed":
@@ -602,13 +622,12 @@ def stop_time(vm: QemuVM, fallback: float) -> float:
     return time.monotonic() - age if 0 <= age < 60 else fallback
 
 
-def _peer_abort_reason(channel: ControlChannel) -> str | None:
+def _peer_abort(channel: ControlChannel) -> Abort | None:
     """The destination's Abort, if it sent one (it says why it gave up), within a second."""
     try:
-        abort = channel.abort_within(1.0)
+        return channel.abort_within(1.0)
     except (OSError, ProtocolError):
         return None
-    return None if abort is None else abort.reason
 
 
 def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
