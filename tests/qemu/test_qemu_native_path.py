@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_qemu_agent import assert_runs_on_source_only, make_cluster, migrate, start_guest, stop_guests
 
 from sealift.agent.client import AgentRequestFailed
 from sealift.backends.qemu import relay as qemu_relay
 from sealift.cluster import LocalCluster
 from sealift.host import relaycore
 from sealift.lab.relay import Relay, Tamper
+from test_qemu_agent import assert_runs_on_source_only, make_cluster, migrate, start_guest, stop_guests
 
 
 @pytest.fixture
