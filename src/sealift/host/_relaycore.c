@@ -20,10 +20,12 @@
  * tags of the OPAQUE records in order (with a key) or their headers
  * (without), which Python hashes once at the end.
  */
+#define _GNU_SOURCE /* splice, pipe2, F_SETPIPE_SZ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <poll.h>
@@ -31,6 +33,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -175,10 +178,10 @@ static int recv_exactly(int fd, unsigned char *buf, size_t n, int timeout_ms, ou
     return 0;
 }
 
-static int send_all(int fd, const unsigned char *buf, size_t n, int timeout_ms, outcome *out) {
+static int send_all_flags(int fd, const unsigned char *buf, size_t n, int flags, int timeout_ms, outcome *out) {
     size_t sent = 0;
     while (sent < n) {
-        ssize_t r = send(fd, buf + sent, n - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        ssize_t r = send(fd, buf + sent, n - sent, MSG_DONTWAIT | MSG_NOSIGNAL | flags);
         if (r > 0) {
             sent += (size_t)r;
             continue;
@@ -187,6 +190,84 @@ static int send_all(int fd, const unsigned char *buf, size_t n, int timeout_ms, 
             continue;
         if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
             fail(out, ST_OS, errno, "send failed");
+            return -1;
+        }
+        if (wait_fd(fd, POLLOUT, timeout_ms, out) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int send_all(int fd, const unsigned char *buf, size_t n, int timeout_ms, outcome *out) {
+    return send_all_flags(fd, buf, n, 0, timeout_ms, out);
+}
+
+/* -- splice: the unprotected path moves pages socket -> pipe -> socket, no byte through user space ---- */
+
+typedef struct {
+    int r, w; /* -1: no pipe (records are copied through the buffer) */
+} pipe_pair;
+
+/* A pipe that holds a whole record, or none (then the caller copies). */
+static pipe_pair open_pipe(void) {
+    int fds[2];
+    pipe_pair none = {-1, -1};
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0)
+        return none;
+    if (fcntl(fds[1], F_SETPIPE_SZ, (int)MAX_OPAQUE) < (int)MAX_OPAQUE) {
+        close(fds[0]);
+        close(fds[1]);
+        return none;
+    }
+    pipe_pair pp = {fds[0], fds[1]};
+    return pp;
+}
+
+static void close_pipe(pipe_pair *pp) {
+    if (pp->r >= 0)
+        close(pp->r);
+    if (pp->w >= 0)
+        close(pp->w);
+}
+
+/* Socket -> pipe: up to `n` bytes, at least one unless the peer closed (0); waits once, then takes what is there. */
+static ssize_t splice_in(int fd, int pipe_w, size_t n, int timeout_ms, outcome *out) {
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = splice(fd, NULL, pipe_w, NULL, n - got, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        if (r == 0)
+            return (ssize_t)got;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN) {
+            fail(out, ST_OS, errno, "splice from the socket failed");
+            return -1;
+        }
+        if (got > 0)
+            return (ssize_t)got; /* the socket is empty, or the pipe full: move this much on */
+        if (wait_fd(fd, POLLIN, timeout_ms, out) < 0)
+            return -1;
+    }
+    return (ssize_t)got;
+}
+
+/* Pipe -> socket: all `n` bytes the pipe holds. */
+static int splice_out(int pipe_r, int fd, size_t n, int timeout_ms, outcome *out) {
+    size_t sent = 0;
+    while (sent < n) {
+        ssize_t r = splice(pipe_r, NULL, fd, NULL, n - sent, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (r > 0) {
+            sent += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r == 0 || errno != EAGAIN) {
+            fail(out, ST_OS, r == 0 ? EPIPE : errno, "splice to the socket failed");
             return -1;
         }
         if (wait_fd(fd, POLLOUT, timeout_ms, out) < 0)
@@ -328,10 +409,54 @@ typedef struct {
     uint64_t pages; /* END's pages_total: what the Python writer had counted (0 on QEMU streams) */
 } stream_args;
 
+static int note_record(growbuf *digest, const unsigned char *mark, size_t n, outcome *out) {
+    if (grow_append(digest, mark, n) < 0) {
+        fail(out, ST_MEMORY, 0, "out of memory for the stream digest");
+        return -1;
+    }
+    return 0;
+}
+
+/* Without protection: QEMU's bytes go socket -> pipe -> TCP; only each record's header passes through here. */
+static void seal_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf, counters *c, growbuf *digest,
+                         outcome *out) {
+    for (;;) {
+        ssize_t n = splice_in(a->in_fd, pp->w, a->max_record, a->in_timeout_ms, out);
+        if (n < 0)
+            return;
+        if (n == 0) {
+            put_header(buf, RECORD_END, END_SIZE);
+            put_le64(buf + HEADER_SIZE, c->records);
+            put_le64(buf + HEADER_SIZE + 8, a->pages);
+            put_le64(buf + HEADER_SIZE + 16, c->payload_bytes);
+            if (send_all(a->out_fd, buf, HEADER_SIZE + END_SIZE, a->out_timeout_ms, out) == 0)
+                c->wire_bytes += HEADER_SIZE + END_SIZE;
+            return;
+        }
+        put_header(buf, RECORD_OPAQUE, (uint32_t)n);
+        if (note_record(digest, buf, HEADER_SIZE, out) < 0 ||
+            send_all_flags(a->out_fd, buf, HEADER_SIZE, MSG_MORE, a->out_timeout_ms, out) < 0 ||
+            splice_out(pp->r, a->out_fd, (size_t)n, a->out_timeout_ms, out) < 0)
+            return;
+        c->wire_bytes += HEADER_SIZE + (size_t)n;
+        c->plain_moved += (size_t)n;
+        c->records++;
+        c->payload_bytes += (size_t)n;
+    }
+}
+
 /* QEMU's bytes -> OPAQUE records until QEMU closes, then END. */
 static void seal_loop(const stream_args *a, protection *p, unsigned char *buf, counters *c, growbuf *digest,
                       outcome *out) {
     size_t overhead = p->ctx ? TAG_SIZE : 0;
+    if (!p->ctx) {
+        pipe_pair pp = open_pipe();
+        if (pp.r >= 0) {
+            seal_spliced(a, &pp, buf, c, digest, out);
+            close_pipe(&pp);
+            return;
+        }
+    }
     for (;;) {
         /* Read straight into the record, after its header; seal in place; one send. */
         ssize_t n = recv_some(a->in_fd, buf + HEADER_SIZE, a->max_record, a->in_timeout_ms, out);
@@ -399,10 +524,64 @@ static int check_header(const unsigned char *h, size_t overhead, uint32_t *lengt
     return 0;
 }
 
+/* END states what came before it: a dropped or added record shows here. */
+static void check_end(const stream_args *a, const unsigned char *end, const counters *c, outcome *out) {
+    uint64_t records = get_le64(end), pages = get_le64(end + 8), bytes = get_le64(end + 16);
+    if (records != c->records || pages != a->pages || bytes != c->payload_bytes)
+        fail(out, ST_PROTOCOL, 0,
+             "stream END totals mismatch: sender says %llu records / %llu pages / %llu bytes, received "
+             "%llu / %llu / %llu",
+             (unsigned long long)records, (unsigned long long)pages, (unsigned long long)bytes,
+             (unsigned long long)c->records, (unsigned long long)a->pages, (unsigned long long)c->payload_bytes);
+}
+
+/* Without protection: each OPAQUE payload goes TCP -> pipe -> QEMU's socket; headers and END are read here. */
+static void open_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf, counters *c, growbuf *digest,
+                         outcome *out) {
+    for (;;) {
+        uint32_t length = 0;
+        if (recv_exactly(a->in_fd, buf, HEADER_SIZE, a->in_timeout_ms, out) < 0 ||
+            check_header(buf, 0, &length, out) < 0)
+            return;
+        c->wire_bytes += HEADER_SIZE + length;
+        if (buf[0] == RECORD_END) {
+            if (recv_exactly(a->in_fd, buf + HEADER_SIZE, length, a->in_timeout_ms, out) == 0)
+                check_end(a, buf + HEADER_SIZE, c, out);
+            return;
+        }
+        if (note_record(digest, buf, HEADER_SIZE, out) < 0)
+            return;
+        /* In pieces: a pipe counts pages, not bytes, and small socket buffers can fill it before a record. */
+        for (size_t left = length; left > 0;) {
+            ssize_t n = splice_in(a->in_fd, pp->w, left, a->in_timeout_ms, out);
+            if (n < 0)
+                return;
+            if (n == 0) {
+                fail(out, ST_CLOSED, 0, "peer closed the data stream after %zu of %u bytes", length - left, length);
+                return;
+            }
+            if (splice_out(pp->r, a->out_fd, (size_t)n, a->out_timeout_ms, out) < 0)
+                return;
+            left -= (size_t)n;
+        }
+        c->plain_moved += length;
+        c->records++;
+        c->payload_bytes += length;
+    }
+}
+
 /* OPAQUE records -> their plaintext into QEMU's socket, until a valid END. */
 static void open_loop(const stream_args *a, protection *p, unsigned char *buf, counters *c, growbuf *digest,
                       outcome *out) {
     size_t overhead = p->ctx ? TAG_SIZE : 0;
+    if (!p->ctx) {
+        pipe_pair pp = open_pipe();
+        if (pp.r >= 0) {
+            open_spliced(a, &pp, buf, c, digest, out);
+            close_pipe(&pp);
+            return;
+        }
+    }
     for (;;) {
         uint32_t length = 0;
         if (recv_exactly(a->in_fd, buf, HEADER_SIZE, a->in_timeout_ms, out) < 0)
@@ -417,15 +596,7 @@ static void open_loop(const stream_args *a, protection *p, unsigned char *buf, c
         if (p->ctx && open_record(p, buf, buf + HEADER_SIZE, (int)plain, out) < 0)
             return;
         if (buf[0] == RECORD_END) {
-            uint64_t records = get_le64(buf + HEADER_SIZE), pages = get_le64(buf + HEADER_SIZE + 8);
-            uint64_t bytes = get_le64(buf + HEADER_SIZE + 16);
-            if (records != c->records || pages != a->pages || bytes != c->payload_bytes)
-                fail(out, ST_PROTOCOL, 0,
-                     "stream END totals mismatch: sender says %llu records / %llu pages / %llu bytes, received "
-                     "%llu / %llu / %llu",
-                     (unsigned long long)records, (unsigned long long)pages, (unsigned long long)bytes,
-                     (unsigned long long)c->records, (unsigned long long)a->pages,
-                     (unsigned long long)c->payload_bytes);
+            check_end(a, buf + HEADER_SIZE, c, out);
             return;
         }
         const unsigned char *mark = p->ctx ? buf + HEADER_SIZE + plain : buf;
