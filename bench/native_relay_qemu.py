@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -31,7 +32,7 @@ def run_tree(tree: Path, memory: str) -> dict[str, dict]:
 
 
 def figures(runs: list[dict]) -> dict[str, float]:
-    def median(pick) -> float:  # type: ignore[no-untyped-def]
+    def median(pick: Callable[[dict], float]) -> float:
         return float(statistics.median(pick(r) for r in runs))
 
     return {
