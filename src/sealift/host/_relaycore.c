@@ -1,3 +1,4 @@
+/* Long file: the record format, the cipher, the socket and splice I/O and the two loops are one data path, read as one. */
 /* sealift's native relay core: moves one data stream between two sockets with the GIL released.
  *
  * It seals (seal_stream) or opens (open_stream) exactly the records of
