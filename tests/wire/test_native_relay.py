@@ -258,3 +258,29 @@ def test_native_to_native_moves_a_large_stream_intact() -> None:
         thread.join(TIMEOUT)
     assert outcome.error is None and bytes(received) == payload
     assert writer.wire_bytes == outcome.wire_bytes and writer.records == reader.records
+
+
+def test_progress_is_readable_while_the_stream_runs() -> None:
+    """The agent reports bytes in flight (progress events, metrics) from another thread while the core runs."""
+    writer = DataStreamWriter(AeadProtection(KEY, IV), NPAGES)
+    source_in, source_out = pairs()
+    data_in, data_out = pairs()
+    progress = relaycore.Progress()
+    sealer, result = in_thread(lambda: relaycore.seal_stream(source_out, data_in, writer, progress=progress))
+    source_in.sendall(b"q" * 300_000)  # and stays open: the stream is still running
+    received = bytearray()
+    drain, _ = in_thread(lambda: _drain(data_out, received))
+    deadline = threading.Event()
+    for _ in range(100):
+        if progress.plaintext_bytes == 300_000:
+            break
+        deadline.wait(0.05)
+    assert progress.plaintext_bytes == 300_000 and progress.wire_bytes >= 300_000 + HEADER_SIZE + 16
+    assert sealer.is_alive()
+    source_in.close()
+    sealer.join(TIMEOUT)
+    outcome = result[0]
+    assert isinstance(outcome, relaycore.RelayOutcome) and outcome.error is None
+    assert progress.wire_bytes == outcome.wire_bytes  # END included at the end
+    data_in.close()
+    drain.join(TIMEOUT)

@@ -408,7 +408,16 @@ typedef struct {
     int in_fd, out_fd, in_timeout_ms, out_timeout_ms; /* -1: wait forever */
     size_t max_record;
     uint64_t pages; /* END's pages_total: what the Python writer had counted (0 on QEMU streams) */
+    uint64_t *progress; /* NULL, or [plaintext moved, wire bytes], stored after each record for Python to read live */
 } stream_args;
+
+/* Python reads these from another thread while the stream runs (the agent's progress events and metrics). */
+static void publish(const stream_args *a, const counters *c) {
+    if (a->progress != NULL) {
+        __atomic_store_n(&a->progress[0], c->plain_moved, __ATOMIC_RELAXED);
+        __atomic_store_n(&a->progress[1], c->wire_bytes, __ATOMIC_RELAXED);
+    }
+}
 
 static int note_record(growbuf *digest, const unsigned char *mark, size_t n, outcome *out) {
     if (grow_append(digest, mark, n) < 0) {
@@ -443,6 +452,7 @@ static void seal_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf
         c->plain_moved += (size_t)n;
         c->records++;
         c->payload_bytes += (size_t)n;
+        publish(a, c);
     }
 }
 
@@ -489,6 +499,7 @@ static void seal_loop(const stream_args *a, protection *p, unsigned char *buf, c
         c->plain_moved += plain;
         c->records++;
         c->payload_bytes += plain;
+        publish(a, c);
     }
 }
 
@@ -568,6 +579,7 @@ static void open_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf
         c->plain_moved += length;
         c->records++;
         c->payload_bytes += length;
+        publish(a, c);
     }
 }
 
@@ -610,6 +622,7 @@ static void open_loop(const stream_args *a, protection *p, unsigned char *buf, c
         c->plain_moved += plain;
         c->records++;
         c->payload_bytes += plain;
+        publish(a, c);
     }
 }
 
@@ -619,12 +632,12 @@ typedef void (*loop_fn)(const stream_args *, protection *, unsigned char *, coun
 
 static PyObject *run_stream(PyObject *args, loop_fn loop, int encrypt) {
     stream_args a = {0};
-    Py_buffer key = {0}, iv = {0};
+    Py_buffer key = {0}, iv = {0}, progress = {0};
     unsigned long long sequence, epoch_records, epoch_bytes, rekey_interval, rekey_bytes, records, pages, payload;
     Py_ssize_t max_record;
-    if (!PyArg_ParseTuple(args, "iiz*z*KKKKKKKKnii", &a.in_fd, &a.out_fd, &key, &iv, &sequence, &epoch_records,
+    if (!PyArg_ParseTuple(args, "iiz*z*KKKKKKKKnii|w*", &a.in_fd, &a.out_fd, &key, &iv, &sequence, &epoch_records,
                           &epoch_bytes, &rekey_interval, &rekey_bytes, &records, &pages, &payload, &max_record,
-                          &a.in_timeout_ms, &a.out_timeout_ms))
+                          &a.in_timeout_ms, &a.out_timeout_ms, &progress))
         return NULL;
     protection p = {0};
     PyObject *result = NULL;
@@ -640,6 +653,13 @@ static PyObject *run_stream(PyObject *args, loop_fn loop, int encrypt) {
     if (max_record < 1 || (size_t)max_record > MAX_OPAQUE || rekey_interval < 1 || rekey_bytes < 1) {
         PyErr_SetString(PyExc_ValueError, "max_record must be in 1..2**20, rekey bounds positive");
         goto done;
+    }
+    if (progress.buf != NULL) {
+        if (progress.len < (Py_ssize_t)(2 * sizeof(uint64_t)) || ((uintptr_t)progress.buf % sizeof(uint64_t)) != 0) {
+            PyErr_SetString(PyExc_ValueError, "progress must be a writable, aligned buffer of two uint64");
+            goto done;
+        }
+        a.progress = progress.buf;
     }
     a.max_record = (size_t)max_record;
     a.pages = pages;
@@ -665,6 +685,7 @@ static PyObject *run_stream(PyObject *args, loop_fn loop, int encrypt) {
     }
     Py_BEGIN_ALLOW_THREADS;
     loop(&a, &p, buf, &c, &digest, &out);
+    publish(&a, &c); /* the END record too */
     Py_END_ALLOW_THREADS;
     result = Py_BuildValue("iisKKKKy#", out.status, out.err, out.message, (unsigned long long)c.plain_moved,
                            (unsigned long long)(c.records - records), (unsigned long long)(c.payload_bytes - payload),
@@ -680,6 +701,8 @@ done:
         PyBuffer_Release(&key);
     if (iv.buf != NULL)
         PyBuffer_Release(&iv);
+    if (progress.buf != NULL)
+        PyBuffer_Release(&progress);
     return result;
 }
 
@@ -696,7 +719,7 @@ static PyObject *open_stream(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"seal_stream", seal_stream, METH_VARARGS,
      "seal_stream(in_fd, out_fd, key, iv, sequence, epoch_records, epoch_bytes, rekey_interval, rekey_bytes, "
-     "records, pages, payload_bytes, max_record, in_timeout_ms, out_timeout_ms) -> (status, errno, message, plaintext moved, "
+     "records, pages, payload_bytes, max_record, in_timeout_ms, out_timeout_ms[, progress]) -> (status, errno, message, plaintext moved, "
      "records, payload bytes, wire bytes, digest input)"},
     {"open_stream", open_stream, METH_VARARGS, "open_stream(...) -> the same, reading records and writing plaintext"},
     {NULL, NULL, 0, NULL},

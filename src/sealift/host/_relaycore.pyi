@@ -1,3 +1,5 @@
+from array import array
+
 # Types of the native relay core (_relaycore.c); host/relaycore.py is its only caller.
 
 def seal_stream(
@@ -16,6 +18,7 @@ def seal_stream(
     max_record: int,
     in_timeout_ms: int,
     out_timeout_ms: int,
+    progress: array[int] = ...,
 ) -> tuple[int, int, str, int, int, int, int, bytes]: ...
 def open_stream(
     in_fd: int,
@@ -33,4 +36,5 @@ def open_stream(
     max_record: int,
     in_timeout_ms: int,
     out_timeout_ms: int,
+    progress: array[int] = ...,
 ) -> tuple[int, int, str, int, int, int, int, bytes]: ...

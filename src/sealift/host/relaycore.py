@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from array import array
 from dataclasses import dataclass
 
 from sealift.errors import SealiftError
@@ -40,6 +41,21 @@ class NativeRelayError(SealiftError):
     code = "native_relay_failed"
 
 
+class Progress:
+    """A native stream's counts while it runs: the core stores them after each record; any thread may read them."""
+
+    def __init__(self) -> None:
+        self.counts = array("Q", [0, 0])  # plaintext bytes moved, wire bytes (END included once sent)
+
+    @property
+    def plaintext_bytes(self) -> int:
+        return self.counts[0]
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.counts[1]
+
+
 @dataclass(frozen=True)
 class RelayOutcome:
     """What one native stream moved, and what ended it (None: the stream ended as the protocol says)."""
@@ -53,11 +69,16 @@ class RelayOutcome:
 
 
 def seal_stream(
-    source: socket.socket, data: socket.socket, writer: DataStreamWriter, max_record: int = MAX_OPAQUE
+    source: socket.socket,
+    data: socket.socket,
+    writer: DataStreamWriter,
+    max_record: int = MAX_OPAQUE,
+    progress: Progress | None = None,
 ) -> RelayOutcome:
     """Seal everything `source` sends into OPAQUE records on `data`, then END; the writer's keys go native.
 
     Each socket's timeout (None: wait forever) bounds each wait on it, as in Python.
+    `progress`, if given, shows the counts while the stream runs (for progress events and metrics).
     """
     state = writer.hand_over()
     result = _relaycore.seal_stream(
@@ -70,13 +91,16 @@ def seal_stream(
         max_record,
         _timeout_ms(source),
         _timeout_ms(data),
+        (progress or Progress()).counts,
     )
     outcome = _outcome(result)
     writer.account(outcome.records, outcome.payload_bytes, outcome.wire_bytes)
     return outcome
 
 
-def open_stream(data: socket.socket, sink: socket.socket, reader: DataStreamReader) -> RelayOutcome:
+def open_stream(
+    data: socket.socket, sink: socket.socket, reader: DataStreamReader, progress: Progress | None = None
+) -> RelayOutcome:
     """Open OPAQUE records from `data` into `sink` up to an authenticated END; the reader's keys go native.
 
     Every record is authenticated before its bytes reach `sink`; any other
@@ -94,6 +118,7 @@ def open_stream(data: socket.socket, sink: socket.socket, reader: DataStreamRead
         MAX_OPAQUE,
         _timeout_ms(data),
         _timeout_ms(sink),
+        (progress or Progress()).counts,
     )
     outcome = _outcome(result)
     reader.account(outcome.records, outcome.payload_bytes, ended=outcome.error is None)

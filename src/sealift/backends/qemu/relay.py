@@ -140,7 +140,6 @@ class _StreamThread:
         self.index = index
         self.digest = digest
         self._timeout = timeout
-        self.stream_bytes = 0  # QEMU bytes (payload)
         self.error: BaseException | None = None  # what ended the thread, handed to the coordinator
         self._thread = threading.Thread(target=self._run, name=f"{thread_name}-{index}", daemon=True)
 
@@ -159,10 +158,17 @@ class SourcePump(_StreamThread):
         self._data = data
         self.done = threading.Event()
         self._conn: socket.socket | None = None
+        self._wire_before = writer.wire_bytes  # the guest description, sealed in Python
+        self._progress = relaycore.Progress()  # what the native core has moved so far, read live
+
+    @property
+    def stream_bytes(self) -> int:
+        """QEMU bytes carried so far (payload), live while the stream runs."""
+        return self._progress.plaintext_bytes
 
     @property
     def wire_bytes(self) -> int:
-        return self._writer.wire_bytes
+        return self._wire_before + self._progress.wire_bytes
 
     def start(self, conn: socket.socket) -> None:
         self._conn = conn
@@ -174,8 +180,7 @@ class SourcePump(_StreamThread):
         try:
             conn.settimeout(self._timeout)  # QEMU silent that long: something is wrong
             # The native core seals until QEMU closes its end, then sends END (host/relaycore.py).
-            outcome = relaycore.seal_stream(conn, self._data, self._writer)
-            self.stream_bytes = outcome.plaintext_bytes
+            outcome = relaycore.seal_stream(conn, self._data, self._writer, progress=self._progress)
             self.digest.absorb_native(outcome.digest_input)
             if outcome.error is not None:
                 raise outcome.error
@@ -299,6 +304,7 @@ class StreamFeeder(_StreamThread):
         timeout: float,
     ) -> None:
         super().__init__(index, digest, timeout, "qemu-feed")
+        self.stream_bytes = 0  # QEMU bytes fed (payload), once the stream has ended
         self._wait_stream = wait_stream
         self._reader = reader
         self._qemu = qemu
