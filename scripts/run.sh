@@ -5,16 +5,17 @@
 #   bash scripts/run.sh setup            set up only
 #   bash scripts/run.sh sealift ARGS...  set up, then any sealift command
 # Set-up is idempotent: Debian packages are installed only when missing, the
-# virtual environment is reused, and Python packages are reinstalled only when
-# pyproject.toml changes.
+# virtual environment is reused, and Python packages are reinstalled (and the
+# native relay core, src/sealift/host/_relaycore.c, compiled in place) only when
+# pyproject.toml, setup.py or a C source changes.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.sealift-setup-stamp"
 
-# Debian packages the code and the tests use.
-DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go prometheus systemd debootstrap qemu-utils)
+# Debian packages the code and the tests use (gcc, libssl-dev and python3-dev build the native relay core).
+DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev libssl-dev python3-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go prometheus systemd debootstrap qemu-utils)
 
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -47,16 +48,17 @@ python_bin() {
 
 install_python_packages() {
     local want
-    want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    # What the install builds from: a changed C file is compiled again on the next run.
+    want="$(cd "$ROOT" && cat pyproject.toml setup.py $(find src -name '*.c' -o -name '*.h' | sort) | sha256sum | cut -d' ' -f1)"
     if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-        && "$VENV/bin/python" -c 'import sealift' 2>/dev/null; then
+        && "$VENV/bin/python" -c 'import sealift.host._relaycore' 2>/dev/null; then
         return 0
     fi
     [ -x "$VENV/bin/python" ] || { log "creating virtual environment $VENV"; "$(python_bin)" -m venv "$VENV"; }
     log "installing Python packages"
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
     "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]" 2>&1 | grep -v -i warning || true
-    "$VENV/bin/python" -c 'import sealift' || { log "sealift did not install"; return 1; }
+    "$VENV/bin/python" -c 'import sealift.host._relaycore' || { log "sealift (or its native relay core) did not install"; return 1; }
     echo "$want" > "$STAMP"
 }
 

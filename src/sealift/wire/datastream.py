@@ -38,7 +38,7 @@ import zstandard
 
 from .errors import ProtocolError
 from .messages import MAX_STREAMS, PAGE_SIZE, SESSION_ID_SIZE
-from .records import RecordProtection
+from .records import ProtectionState, RecordProtection
 
 STREAM_MAGIC = b"SLD1"
 STREAM_OPEN = struct.Struct("!4s16sB3x")
@@ -349,6 +349,24 @@ class DataStreamWriter:
         self._ended = True
         return record
 
+    # -- the native relay (host/relaycore.py) carries on from here ---------
+
+    def hand_over(self) -> ProtectionState | None:
+        """The key state for the native relay, which writes the rest of the stream and its END.
+
+        This writer writes nothing more (it counts as ended, and its
+        protection refuses to seal: see AeadProtection.hand_over).
+        """
+        self._check_open()
+        self._ended = True
+        return self._protection.hand_over()
+
+    def account(self, records: int, payload_bytes: int, wire_bytes: int) -> None:
+        """Add what the native relay sent after hand_over (END not counted in `records`, as here)."""
+        self.records += records
+        self.payload_bytes += payload_bytes
+        self.wire_bytes += wire_bytes
+
     def _check_open(self) -> None:
         if self._ended:
             raise ProtocolError("data stream already ended")
@@ -479,6 +497,24 @@ class DataStreamReader:
                     f"stream truncated: no END record after {self.records} records and {self.pages_received} pages"
                 )
             )
+
+    # -- the native relay (host/relaycore.py) carries on from here --------
+
+    def hand_over(self) -> ProtectionState | None:
+        """The key state for the native relay, which reads the rest of the stream up to END.
+
+        Its protection refuses to open anything more here (AeadProtection.hand_over).
+        """
+        self._check_usable()
+        if self._header is not None or self._ended:
+            self._fail(ProtocolError("hand_over() inside a record or after END"))
+        return self._protection.hand_over()
+
+    def account(self, records: int, payload_bytes: int, ended: bool) -> None:
+        """Add what the native relay read after hand_over; `ended`: it verified the END record."""
+        self.records += records
+        self.payload_bytes += payload_bytes
+        self._ended = ended
 
     # -- convenience API (tests, fuzzers): arbitrary chunks, copies -------
 

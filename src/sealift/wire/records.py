@@ -13,6 +13,7 @@ and length cannot be changed either.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -34,10 +35,27 @@ REKEY_KEY_INFO = b"sealift rekey key"
 REKEY_IV_INFO = b"sealift rekey iv"
 
 
+@dataclass(frozen=True, repr=False)
+class ProtectionState:
+    """Where an AeadProtection stands, for the native relay core to carry on from (host/relaycore.py)."""
+
+    key: bytes
+    iv: bytes
+    sequence: int
+    epoch_records: int
+    epoch_bytes: int
+    rekey_interval: int
+    rekey_bytes: int
+
+
 class RecordProtection(Protocol):
     """Seals and opens record payloads in place into caller-provided buffers."""
 
     overhead: int
+
+    def hand_over(self) -> ProtectionState | None:
+        """Give the key state to the native relay (None: no key) and seal or open nothing more here."""
+        ...
 
     def seal_into(self, header: bytes, plaintext: memoryview, out: memoryview) -> int:
         """Write protected(plaintext) into `out`, len(plaintext) + overhead bytes; return that."""
@@ -76,6 +94,7 @@ class AeadProtection:
         self._epoch_records = 0
         self._epoch_bytes = 0
         self._failed = False
+        self._handed_over = False
 
     @property
     def sequence(self) -> int:
@@ -87,7 +106,31 @@ class AeadProtection:
         """How many times the key has been replaced."""
         return self._epoch
 
+    def hand_over(self) -> ProtectionState:
+        """The key, iv and counters as they stand; this instance refuses every record from now on.
+
+        The native relay carries on from this state: were this object still
+        to seal, it would seal under sequence numbers the native core uses
+        too, reusing AES-GCM nonces under one key.
+        """
+        self._check_not_handed_over()
+        self._handed_over = True
+        return ProtectionState(
+            key=self._key,
+            iv=self._iv.to_bytes(IV_SIZE, "big"),
+            sequence=self._sequence,
+            epoch_records=self._epoch_records,
+            epoch_bytes=self._epoch_bytes,
+            rekey_interval=self._rekey_interval,
+            rekey_bytes=self._rekey_bytes,
+        )
+
+    def _check_not_handed_over(self) -> None:
+        if self._handed_over:
+            raise ProtocolError("this stream's keys were handed to the native relay: it seals and opens no more here")
+
     def seal_into(self, header: bytes, plaintext: memoryview, out: memoryview) -> int:
+        self._check_not_handed_over()
         size = len(plaintext) + TAG_SIZE
         if len(out) < size:
             raise ValueError(f"output buffer of {len(out)} bytes is smaller than {size}")
@@ -97,6 +140,7 @@ class AeadProtection:
         return size
 
     def open_into(self, header: bytes, ciphertext: memoryview, out: memoryview) -> int:
+        self._check_not_handed_over()
         if self._failed:
             raise RecordAuthError("record stream already failed authentication")
         size = len(ciphertext) - TAG_SIZE
@@ -144,6 +188,9 @@ class NoProtection:
     """No encryption, no authentication: the explicit `--insecure` baseline."""
 
     overhead = 0
+
+    def hand_over(self) -> None:
+        return None  # no key, no sequence: nothing to hand over or to reuse
 
     def seal_into(self, header: bytes, plaintext: memoryview, out: memoryview) -> int:
         return _copy(plaintext, out)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from blake3 import blake3
 
+from sealift.host import relaycore
 from sealift.host.transport import recv_exactly_into
 from sealift.migration.errors import MigrationError
-from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
-from sealift.wire.errors import ProtocolError
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter
 
 QEMU_CONNECT_TIMEOUT_S = 10.0
 PAGE = 4096
@@ -106,6 +106,18 @@ class StreamDigest:
     def update(self, plaintext: bytes | memoryview, tag: bytes | memoryview) -> None:
         self._hasher.update(tag if self.tag_size > 0 else plaintext)
 
+    def absorb_native(self, digest_input: bytes) -> None:
+        """What the native relay handed back for its records, hashed once: their tags, in order.
+
+        Without protection the native relay never looks at QEMU's bytes
+        (hashing them cost as much CPU as the copy), so it hands back the
+        records' headers instead; the label says so. Nothing protects such a
+        stream anyway, and TCP's checksum and the END totals still apply.
+        """
+        if self.tag_size == 0:
+            self.label = "blake3-framing"
+        self._hasher.update(digest_input)
+
     def hexdigest(self) -> str:
         return f"{self.label}:{self._hasher.hexdigest()}"
 
@@ -128,7 +140,6 @@ class _StreamThread:
         self.index = index
         self.digest = digest
         self._timeout = timeout
-        self.stream_bytes = 0  # QEMU bytes (payload)
         self.error: BaseException | None = None  # what ended the thread, handed to the coordinator
         self._thread = threading.Thread(target=self._run, name=f"{thread_name}-{index}", daemon=True)
 
@@ -147,10 +158,17 @@ class SourcePump(_StreamThread):
         self._data = data
         self.done = threading.Event()
         self._conn: socket.socket | None = None
+        self._wire_before = writer.wire_bytes  # the guest description, sealed in Python
+        self._progress = relaycore.Progress()  # what the native core has moved so far, read live
+
+    @property
+    def stream_bytes(self) -> int:
+        """QEMU bytes carried so far (payload), live while the stream runs."""
+        return self._progress.plaintext_bytes
 
     @property
     def wire_bytes(self) -> int:
-        return self._writer.wire_bytes
+        return self._wire_before + self._progress.wire_bytes
 
     def start(self, conn: socket.socket) -> None:
         self._conn = conn
@@ -161,17 +179,11 @@ class SourcePump(_StreamThread):
         conn = self._conn
         try:
             conn.settimeout(self._timeout)  # QEMU silent that long: something is wrong
-            while True:
-                buf = self._writer.opaque_buffer()
-                n = conn.recv_into(buf)
-                if n == 0:
-                    break  # QEMU closed its end: this channel's stream is complete
-                n = _top_up(conn, buf, n)
-                self.stream_bytes += n
-                sealed = self._writer.finish_opaque(n)
-                self.digest.update(buf[:n], sealed[len(sealed) - self.digest.tag_size :])
-                self._data.sendall(sealed)
-            self._data.sendall(self._writer.end())
+            # The native core seals until QEMU closes its end, then sends END (host/relaycore.py).
+            outcome = relaycore.seal_stream(conn, self._data, self._writer, progress=self._progress)
+            self.digest.absorb_native(outcome.digest_input)
+            if outcome.error is not None:
+                raise outcome.error
         except BaseException as exc:  # handed to the coordinator thread, which decides
             self.error = exc
         finally:
@@ -187,27 +199,6 @@ class SourcePump(_StreamThread):
                 pass
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-
-
-def _top_up(conn: socket.socket, buf: memoryview, filled: int) -> int:
-    """Add what QEMU has already written to `buf` without waiting; the bytes now in it.
-
-    QEMU writes its stream in pieces of a few hundred KiB; sealing what is
-    already there with them makes fewer, larger records (each record costs
-    a header, a seal, a digest update and a send). The socket has a
-    timeout, so it is non-blocking underneath: readv returns at once.
-    """
-    if conn.gettimeout() is None:
-        return filled  # a blocking socket would wait in readv
-    while filled < len(buf):
-        try:
-            more = os.readv(conn.fileno(), [buf[filled:]])
-        except BlockingIOError:
-            break
-        if more == 0:
-            break  # closed: the next recv sees the end too
-        filled += more
-    return filled
 
 
 class SourcePumps:
@@ -282,19 +273,17 @@ class SourcePumps:
 
 
 def feed_qemu(data: socket.socket, reader: DataStreamReader, qemu: socket.socket, digest: StreamDigest) -> int:
-    """Write one data stream's OPAQUE records into QEMU until END; the bytes fed."""
-    fed = 0
-    while True:
-        event = read_record(data, reader)
-        if isinstance(event, StreamEnded):
-            break
-        if not isinstance(event, OpaqueReceived):
-            raise ProtocolError(f"unexpected {type(event).__name__} in a QEMU migration stream")
-        digest.update(event.data, reader.last_tag)
-        fed += len(event.data)
-        qemu.sendall(event.data)
-    reader.close()
-    return fed
+    """Write one data stream's OPAQUE records into QEMU until END; the bytes fed.
+
+    The native core opens them (host/relaycore.py): each record is
+    authenticated before its bytes reach QEMU, and the stream counts as
+    complete only with a valid END.
+    """
+    outcome = relaycore.open_stream(data, qemu, reader)
+    digest.absorb_native(outcome.digest_input)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.plaintext_bytes
 
 
 class StreamFeeder(_StreamThread):
@@ -315,6 +304,7 @@ class StreamFeeder(_StreamThread):
         timeout: float,
     ) -> None:
         super().__init__(index, digest, timeout, "qemu-feed")
+        self.stream_bytes = 0  # QEMU bytes fed (payload), once the stream has ended
         self._wait_stream = wait_stream
         self._reader = reader
         self._qemu = qemu
