@@ -161,6 +161,7 @@ class DestinationCoordinator:
             counter_at_resume=counter_at_resume,
             pid=pid,
             cpu_s=round(time.process_time() - cpu_started, 3),
+            **self.driver.receipt_extra,
         )
         s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
         try:

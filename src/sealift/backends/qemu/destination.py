@@ -50,6 +50,7 @@ class QemuDestinationDriver:
 
     backend = BACKEND
     accept_audit: Mapping[str, object] = {"backend": BACKEND}
+    receipt_extra: Mapping[str, object] = {}  # nothing of its own in the running receipt
 
     def __init__(
         self,
