@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
 import pytest
 
+import libvirt
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.backends.libvirt.lab import IMAGES_DIR, LibvirtLabHost, define_test_domain
 from sealift.cluster import LocalCluster
@@ -139,7 +139,7 @@ def test_domain_migrates_live_through_the_agents(
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr
     # The destination's signed running receipt names the domain's UUID; both sides audit libvirt's job.
-    handover = [e for e in audit(b, "migration.handover") if e["migration_id"] == report["migration_id"]]
+    handover = [e for e in audit(b, "migration.handover") if e["fields"]["migration_id"] == report["migration_id"]]
     receipt = json.loads(handover[0]["fields"]["receipt"])
     assert receipt["payload"]["stage"] == "running" and receipt["payload"]["domain_uuid"] == uuid
     assert receipt["signer"] == "host-b" and receipt["signature"]

@@ -213,7 +213,6 @@ def define_test_domain(
     (backends/qemu/image.py, shared by every lab host like a package), a qcow2 disk of its own in
     the host's images directory holding `disk_seed` at offset 0, a console file; its UUID."""
     import libvirt
-
     from sealift.backends.qemu.image import build_image, default_cache_dir
 
     image = build_image(default_cache_dir())

@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-
 from sealift.backends.libvirt.errors import LibvirtError
 from sealift.backends.libvirt.paths import local_path
 from sealift.backends.process import file_tail
 from sealift.host.config import LibvirtConfig
 
 BACKEND = "libvirt"
+
+
+def _quiet(_ctx: object, _error: object) -> None:
+    """libvirt's default handler prints every error on stderr; sealift raises and logs them itself."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
 _COUNTER_RE = re.compile(rb"sealift-counter (\d+)")
 # virDomainState -> the names virsh prints (what `sealift vm list` shows as status)
 STATES = {

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
-
 from sealift.backends.libvirt.carrier import Carrier
 from sealift.backends.libvirt.paths import local_path
 from sealift.backends.libvirt.registry import BACKEND, LibvirtDomain, LibvirtRegistry
@@ -55,7 +54,7 @@ from sealift.wire.qemu_stream import Ready
 log = logging.getLogger(__name__)
 
 SOCKETS = {"ctl": "control", "mem": "memory", "nbd": "disk"}  # socket file -> the stream kind it carries
-POLL_S = 0.2
+POLL_S = 0.05  # libvirt's job is polled this often: also how precisely the switchover's start is seen
 END_GRACE_S = 10.0  # after libvirt's migration returned: how long its connections may take to close
 # libvirt's job statistics the report keeps (what `virsh domjobinfo --completed` prints)
 JOB_FIELDS = (
@@ -379,8 +378,11 @@ class LibvirtSourceDriver:
         worker.start()
         started = time.monotonic()
         last: dict[str, int] = {}
+        paused_at: float | None = None
         while worker.is_alive():
             worker.join(POLL_S)
+            if paused_at is None and _paused_for_migration(vm):
+                paused_at = time.monotonic()  # libvirt's switchover began: the downtime starts here
             error = self._carrier_error()
             if error is not None:
                 self._cancel_job(vm)
@@ -394,12 +396,15 @@ class LibvirtSourceDriver:
                 worker.join(s.config.step_timeout_s)
                 raise
             last = self._progress(vm) or last
-        paused_at = time.monotonic()
+        returned = time.monotonic()
         error = outcome.get("error")
         if error is not None:
             raise MigrationError(f"libvirt's migration failed: {error}", code="libvirt_migration_failed") from error
         s.report.counter_at_pause = vm.counter()
-        return self._completed_job(vm) or last, paused_at
+        job = self._completed_job(vm) or last
+        if paused_at is None:  # the switchover fell between two polls: libvirt's own downtime places it
+            paused_at = returned - job.get("downtime", 0) / 1000.0
+        return job, paused_at
 
     def _progress(self, vm: LibvirtDomain) -> dict[str, int]:
         try:
@@ -443,3 +448,12 @@ class LibvirtSourceDriver:
                 vm.dom.abortJob()
         except libvirt.libvirtError as exc:
             log.info("abortJob on %s: %s", vm.name, exc)
+
+
+def _paused_for_migration(vm: LibvirtDomain) -> bool:
+    """The source domain stopped for libvirt's switchover (its last pass), not by anyone else."""
+    try:
+        state, reason = vm.dom.state()
+    except libvirt.libvirtError:
+        return False
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION)
