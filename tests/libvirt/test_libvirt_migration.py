@@ -184,9 +184,10 @@ def test_destination_agent_killed_mid_migration_leaves_the_domain_on_the_source(
             killed.append(time.monotonic())
             cluster.kill("host-b")
 
-    with pytest.raises(AgentRequestFailed):
+    with pytest.raises(AgentRequestFailed) as failed:
         cluster.migrate(VM, "host-a", "host-b", options={"bandwidth_limit_bps": 1 << 20}, on_event=on_event)
-    assert killed, "the migration never reported progress"
+    logs = {host: agent.log_path.read_text()[-3000:] for host, agent in cluster.agents.items()}
+    assert killed, f"the migration never reported progress: {failed.value}; {logs}"
     assert domain_state(hosts["host-a"]) == "running"
     assert wait_counter(a, before, 30) > before
     # libvirt drops its half-received domain when the source's connection goes: no second copy.
