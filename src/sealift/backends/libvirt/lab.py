@@ -37,13 +37,12 @@ SOCKET_DIR = "/run/libvirt/sealift"  # the migration sockets, as libvirt and its
 IMAGES_DIR = "/var/lib/libvirt/images"
 START_TIMEOUT_S = 20.0
 
-# The daemon's configuration: unix socket only (no TCP, no TLS listener: the
-# destination libvirtd is reached only through the agents), no polkit (no
+# The daemon's configuration: unix socket only (started without --listen, so no
+# TCP or TLS listener: the destination libvirtd is reached only through the agents), no polkit (no
 # polkitd here), QEMU as root without a security driver or cgroups (this
 # machine runs no systemd), so the lab needs no relabelling of its files.
 LIBVIRTD_CONF = """\
 listen_tls = 0
-listen_tcp = 0
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 unix_sock_group = "root"
@@ -69,6 +68,7 @@ class LibvirtLabHost:
     name: str
     root: Path  # the backing directories live here; removed by stop()
     netns: str | None = None  # run the daemons inside this network namespace (the lab's testbed host)
+    extra_conf: str = ""  # more libvirtd.conf lines (the benchmark's plain-TCP baseline)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -101,12 +101,13 @@ class LibvirtLabHost:
             "local_root": str(self.root),
         }
 
-    def start(self) -> None:
+    def start(self, listen_tcp: bool = False) -> None:
+        """Start virtlogd and libvirtd; `listen_tcp` only for a baseline measured without sealift."""
         if self._proc is not None:
             raise LibvirtError(f"lab host {self.name}'s libvirtd already runs")
         for backing in MOUNTS.values():
             (self.root / backing).mkdir(parents=True, exist_ok=True)
-        (self.root / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+        (self.root / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF + self.extra_conf)
         (self.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
         (self.root / "etc" / "virtlogd.conf").write_text(VIRTLOGD_CONF)
         self.images.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ class LibvirtLabHost:
         # exec keeps one pid from here to libvirtd, so stop() signals the daemon itself.
         script = (
             f"{binds} && virtlogd -d -p {shlex.quote(str(self.root / 'virtlogd.pid'))} "
-            f"&& exec libvirtd -p {shlex.quote(str(self.root / 'libvirtd.pid'))}"
+            f"&& exec libvirtd -p {shlex.quote(str(self.root / 'libvirtd.pid'))}" + (" --listen" if listen_tcp else "")
         )
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         if self.netns is not None:
