@@ -39,8 +39,9 @@ from sealift.security.psk import PskStore, new_psk, psk_to_hex, wrap_key_from_pr
 VM = "vm1"
 SECRET = b"The bank amount transferred"  # the start of both guests' secret line
 STOLEN = b"The bank amount STOLEN!!!!!"  # same length: the attacker's version
-PLAIN_TRANSPORT = {"builtin": None, "qemu": "plain"}  # QEMU: its own TCP stream in clear
-SEALIFT_TRANSPORT = {"builtin": None, "qemu": "sealift"}
+# QEMU: its own TCP stream in clear; libvirt: its connections carried by the agents without protection
+PLAIN_TRANSPORT = {"builtin": None, "qemu": "plain", "libvirt": None}
+SEALIFT_TRANSPORT = {"builtin": None, "qemu": "sealift", "libvirt": None}
 MiB = 1 << 20
 
 
@@ -80,7 +81,7 @@ def _describe(finding: Finding, path: Path) -> str:
     return f"{path.name} at file offsets {offsets} (flow {flow})"
 
 
-@attack("T1", "passive snooping (tshark on the attacker's link)")
+@attack("T1", "passive snooping (tshark on the attacker's link)", backends=("builtin", "qemu", "libvirt"))
 def passive_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
     # Baseline: the same migration in clear, captured on the same link.
     plain = lab.cluster(backend, insecure=True)
