@@ -21,7 +21,7 @@ import libvirt
 from sealift.agent.client import AgentClient, AgentRequestFailed
 from sealift.backends.libvirt.lab import IMAGES_DIR, LibvirtLabHost, define_test_domain
 from sealift.cluster import LocalCluster
-from sealift.lab.relay import Relay
+from sealift.lab.relay import Relay, Tamper
 
 SECRET_PREFIX = b"The bank amount transferred"  # in the guest's memory (backends/qemu/image.py)
 DISK_SECRET = b"slv-disk-secret: the payroll file of 2026 lives in this block" * 8
@@ -51,21 +51,27 @@ def relay() -> Iterator[Relay]:
 
 @pytest.fixture
 def cluster(hosts: dict[str, LibvirtLabHost], relay: Relay) -> Iterator[LocalCluster]:
-    config = {
-        name: "[libvirt]\n" + "".join(f'{key} = "{value}"\n' for key, value in host.agent_settings().items())
+    yield from agents(hosts, relay)
+
+
+@pytest.fixture
+def direct_cluster(hosts: dict[str, LibvirtLabHost]) -> Iterator[LocalCluster]:
+    """host-a reaches host-b without a relay in between."""
+    yield from agents(hosts, None)
+
+
+def agents(hosts: dict[str, LibvirtLabHost], relay: Relay | None) -> Iterator[LocalCluster]:
+    config = {  # dotted keys: the [libvirt] table without a header, so the top-level keys after it stay top-level
+        name: "".join(f'libvirt.{key} = "{value}"\n' for key, value in host.agent_settings().items())
         for name, host in hosts.items()
     }
     cluster = LocalCluster(
-        extra_config="",
+        extra_config="step_timeout_s = 15\nresolve_interval_s = 0.5",
         host_config=config,
-        peer_routes={("host-a", "host-b"): relay.address},
+        peer_routes={("host-a", "host-b"): relay.address} if relay is not None else {},
     )
-    # The [libvirt] table must come last in each file's top level: LocalCluster puts host_config
-    # right before [peers], so step_timeout_s and the like go first, by hand.
-    for agent in cluster.agents.values():
-        text = agent.config_path.read_text()
-        agent.config_path.write_text("step_timeout_s = 15\nresolve_interval_s = 0.5\n" + text)
-    relay.target = cluster.addresses["host-b"]
+    if relay is not None:
+        relay.target = cluster.addresses["host-b"]
     cluster.start()
     try:
         yield cluster
@@ -73,8 +79,8 @@ def cluster(hosts: dict[str, LibvirtLabHost], relay: Relay) -> Iterator[LocalClu
         cluster.stop()
         for host in hosts.values():
             host.kill_domains()
-            for leftover in host.images.iterdir():
-                leftover.unlink()
+            for leftover in [*host.images.iterdir(), *host.local_path("/var/log/libvirt").glob("*.console")]:
+                leftover.unlink()  # disks and consoles: the next test's domain starts afresh
         cluster.cleanup()
 
 
@@ -115,14 +121,25 @@ def audit(client: AgentClient, kind: str) -> list[dict]:
     return client.request("audit.show", kind=kind, limit=20)["entries"]
 
 
-def test_domain_migrates_live_through_the_agents(
+def test_no_valid_order_moves_nothing_then_a_signed_one_migrates_the_domain_live(
     hosts: dict[str, LibvirtLabHost], cluster: LocalCluster, relay: Relay
 ) -> None:
+    """One booted domain for both (a boot under TCG costs ~15 s of the test budget)."""
     a, b = cluster.client("host-a"), cluster.client("host-b")
     uuid = start_domain(hosts, a)
     listed = {vm["name"]: vm for vm in a.request("vm.list")["vms"]}
     assert listed[VM]["backend"] == "libvirt" and listed[VM]["status"] == "running"
-    before = wait_counter(a, 0, 30)
+    first = wait_counter(a, 0, 30)
+
+    # Without a valid order: refused before the source even calls the destination; nothing moves.
+    wrong = cluster.order("another-vm", "host-a", "host-b")  # signed, but for another VM
+    with pytest.raises(AgentRequestFailed) as refused:
+        a.request("migrate", vm=VM, to="host-b", options={}, order=wrong)
+    assert "order" in str(refused.value)
+    assert domain_state(hosts["host-a"]) == "running" and domain_state(hosts["host-b"]) is None
+    assert not (hosts["host-b"].images / f"{VM}.qcow2").exists()
+    assert relay.connections == 0
+    before = wait_counter(a, first, 30)  # and it kept running
 
     report = cluster.migrate(VM, "host-a", "host-b")
 
@@ -155,24 +172,10 @@ def test_domain_migrates_live_through_the_agents(
     )
 
 
-def test_no_valid_order_moves_nothing(hosts: dict[str, LibvirtLabHost], cluster: LocalCluster, relay: Relay) -> None:
-    a = cluster.client("host-a")
-    start_domain(hosts, a)
-    before = wait_counter(a, 0, 30)
-    wrong = cluster.order("another-vm", "host-a", "host-b")  # signed, but for another VM
-    with pytest.raises(AgentRequestFailed) as refused:
-        a.request("migrate", vm=VM, to="host-b", options={}, order=wrong)
-    assert "order" in str(refused.value)
-    assert domain_state(hosts["host-a"]) == "running"
-    assert domain_state(hosts["host-b"]) is None
-    assert not (hosts["host-b"].images / f"{VM}.qcow2").exists()
-    assert relay.connections == 0  # refused before the source even called the destination
-    assert wait_counter(a, before, 30) > before
-
-
 def test_destination_agent_killed_mid_migration_leaves_the_domain_on_the_source(
-    hosts: dict[str, LibvirtLabHost], cluster: LocalCluster
+    hosts: dict[str, LibvirtLabHost], direct_cluster: LocalCluster
 ) -> None:
+    cluster = direct_cluster
     a = cluster.client("host-a")
     start_domain(hosts, a)
     before = wait_counter(a, 0, 30)
@@ -197,3 +200,25 @@ def test_destination_agent_killed_mid_migration_leaves_the_domain_on_the_source(
     assert domain_state(hosts["host-b"]) is None
     records = a.request("migrations")["migrations"]
     assert records[0]["phase"] == "aborted"
+
+
+def test_a_flipped_bit_in_a_carried_stream_aborts_and_keeps_the_domain_on_the_source(
+    hosts: dict[str, LibvirtLabHost], cluster: LocalCluster, relay: Relay
+) -> None:
+    a = cluster.client("host-a")
+    start_domain(hosts, a)
+    before = wait_counter(a, 0, 30)
+    relay.tamper = Tamper(flip_offset=2 << 20)  # inside the disk copy and the memory stream, whichever comes first
+
+    with pytest.raises(AgentRequestFailed) as failed:
+        cluster.migrate(VM, "host-a", "host-b")
+
+    assert relay.tamper.done.is_set()  # the bit was flipped on its way
+    # The destination's carrier refused the record (AEAD); which error reaches the source first varies.
+    assert "(record_auth_failed)" in cluster.agents["host-b"].log_path.read_text(), failed.value
+    assert domain_state(hosts["host-a"]) == "running"
+    assert wait_counter(a, before, 30) > before
+    deadline = time.monotonic() + 30
+    while domain_state(hosts["host-b"]) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert domain_state(hosts["host-b"]) is None  # libvirt dropped the half-received domain: one copy

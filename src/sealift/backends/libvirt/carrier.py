@@ -14,12 +14,15 @@ end.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
 from sealift.backends.qemu.relay import StreamDigest, read_record
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
 from sealift.wire.errors import ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 class Carrier:
@@ -98,6 +101,8 @@ class Carrier:
         """Break both sides at once: libvirt then fails its migration (before the switchover it keeps the source)."""
         if self.error is None:
             self.error = exc
+            code = getattr(exc, "code", type(exc).__name__)
+            log.warning("libvirt's %s connection (data stream %d) broke (%s): %s", self.kind, self.index, code, exc)
         self.stop()
 
     def stop(self) -> None:

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import libvirt
-
 from sealift.backends.builtin.registry import BuiltinVmRegistry
 from sealift.backends.libvirt.carrier import Carrier
 from sealift.backends.libvirt.errors import LibvirtError

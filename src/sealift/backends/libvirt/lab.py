@@ -217,6 +217,8 @@ def define_test_domain(
     from sealift.backends.qemu.image import build_image, default_cache_dir
 
     image = build_image(default_cache_dir())
+    console = f"/var/log/libvirt/{name}.console"
+    host.local_path(console).unlink(missing_ok=True)  # a domain of that name before: its counter is not ours
     disk_inside = f"{IMAGES_DIR}/{name}.qcow2"
     disk = host.local_path(disk_inside)
     seed = host.root / f"{name}.seed.raw"
@@ -232,7 +234,7 @@ def define_test_domain(
         initrd=image.initramfs,
         cmdline="console=ttyS0 quiet panic=-1 sealift.ip=none",
         disk=Path(disk_inside),
-        console_log=Path(f"/var/log/libvirt/{name}.console"),
+        console_log=Path(console),
     )
     conn = libvirt.open(host.uri)
     try:
