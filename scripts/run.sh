@@ -14,7 +14,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.sealift-setup-stamp"
 
 # Debian packages the code and the tests use.
-DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 qemu-utils libvirt-dev pkg-config libvirt-daemon-system libvirt-clients gcc libc6-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go prometheus systemd)
+DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go prometheus systemd debootstrap qemu-utils libvirt-dev pkg-config libvirt-daemon-system libvirt-clients)
 
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 

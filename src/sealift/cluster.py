@@ -65,6 +65,8 @@ class LocalCluster:
     # host's address there (host -> namespace, host -> (ip, port)).
     netns: dict[str, str] = field(default_factory=dict)
     listen: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # A command a host's agent runs under (e.g. `unshare -m ...`: a file system view of its own).
+    command_prefix: dict[str, list[str]] = field(default_factory=dict)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sealift-")))
     agents: dict[str, AgentProcess] = field(default_factory=dict)
 
@@ -122,7 +124,11 @@ class LocalCluster:
             log = open(agent.log_path, "ab")
             agent.process = subprocess.Popen(
                 netns_argv(
-                    self.netns.get(name), [sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)]
+                    self.netns.get(name),
+                    [
+                        *self.command_prefix.get(name, []),
+                        *[sys.executable, "-m", "sealift", "agent", "--config", str(agent.config_path)],
+                    ],
                 ),
                 stdout=log,
                 stderr=subprocess.STDOUT,

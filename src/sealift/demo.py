@@ -190,6 +190,19 @@ def _result(
         "downtime_breakdown_ms": report["downtime_breakdown_ms"],
         "round_reports": report["round_reports"],
         "demo_time_s": round(time.monotonic() - started, 2),
+        **_postcopy_result(report),
+    }
+
+
+def _postcopy_result(report: dict[str, Any]) -> dict[str, object]:
+    """QEMU post-copy's figures for --json: whether it switched, how long the pages took, how many were asked for."""
+    postcopy = report.get("postcopy")
+    if not postcopy:
+        return {"postcopy": False, "postcopy_time_s": None, "page_requests": None}
+    return {
+        "postcopy": True,
+        "postcopy_time_s": postcopy.get("postcopy_s"),
+        "page_requests": postcopy.get("postcopy_requests"),
     }
 
 
@@ -206,6 +219,9 @@ def _run_qemu(
         say(f"  started QEMU guest {VM} on {SOURCE}: {options.memory} RAM, {vm['accel']}, pid {vm['pid']}; booting...")
         before = _wait_counter(src, 0, QEMU_BOOT_TIMEOUT_S)
         say(f"  {VM} runs: console counter {before}")
+        if options.workload == "stress":  # the guest's write storm: it dirties memory as fast as it can
+            src.request("vm.workload", name=VM, profile="stress")
+            say(f"  {VM}: write storm on (workload stress)")
         time.sleep(options.warmup_s)
         try:
             report = _migrate(cluster, src, options, say)

@@ -39,6 +39,7 @@ EXPECTED = {
     (S, Phase.PRECOPY): {
         Event.PAUSE_GUEST: Phase.STOP_AND_COPY,
         Event.DECIDE_COMMIT: Phase.COMMITTED,
+        Event.DECIDE_POSTCOPY: Phase.POSTCOPY_ACTIVE,
         Event.FAIL: Phase.ABORTED,
         Event.AGENT_RESTARTED: Phase.ABORTED,
     },
@@ -78,11 +79,39 @@ EXPECTED = {
     },
     (D, Phase.COMMITTED): {
         Event.START_GUEST: Phase.RUNNING,
+        Event.RUN_POSTCOPY: Phase.POSTCOPY_ACTIVE,
         Event.FAIL: Phase.COMMITTED,
         Event.AGENT_RESTARTED: Phase.COMMITTED,
     },
     (D, Phase.RUNNING): {},
     (D, Phase.ABORTED): {},
+    # post-copy: after the switch a failure pauses the page flow; nothing aborts, nothing resumes the source
+    (S, Phase.POSTCOPY_ACTIVE): {
+        Event.CONFIRM_RUNNING: Phase.COMPLETED,
+        Event.FAIL: Phase.POSTCOPY_PAUSED,
+        Event.AGENT_RESTARTED: Phase.POSTCOPY_PAUSED,
+    },
+    (D, Phase.POSTCOPY_ACTIVE): {
+        Event.POSTCOPY_DONE: Phase.RUNNING,
+        Event.FAIL: Phase.POSTCOPY_PAUSED,
+        Event.AGENT_RESTARTED: Phase.POSTCOPY_PAUSED,
+    },
+    **{
+        (role, Phase.POSTCOPY_PAUSED): {
+            Event.BEGIN_RECOVERY: Phase.POSTCOPY_RECOVERING,
+            Event.FAIL: Phase.POSTCOPY_PAUSED,
+            Event.AGENT_RESTARTED: Phase.POSTCOPY_PAUSED,
+        }
+        for role in (S, D)
+    },
+    **{
+        (role, Phase.POSTCOPY_RECOVERING): {
+            Event.RESUME_POSTCOPY: Phase.POSTCOPY_ACTIVE,
+            Event.FAIL: Phase.POSTCOPY_PAUSED,
+            Event.AGENT_RESTARTED: Phase.POSTCOPY_PAUSED,
+        }
+        for role in (S, D)
+    },
 }
 
 
@@ -130,7 +159,12 @@ def test_no_failure_before_the_decision_leaves_the_source_undecided() -> None:
 
 def test_the_destination_starts_a_guest_only_from_a_commit() -> None:
     sources = {p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.RUNNING}
-    assert sources == {Phase.COMMITTED}
+    assert sources == {Phase.COMMITTED, Phase.POSTCOPY_ACTIVE}
+    # a post-copy guest runs here only after the commit was heard (or on a resumed post-copy)
+    postcopy_from = {
+        p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.POSTCOPY_ACTIVE and p is not after
+    }
+    assert postcopy_from == {Phase.COMMITTED, Phase.POSTCOPY_RECOVERING}
     commit_from = {
         p for (r, p, e), after in TRANSITIONS.items() if r is D and after is Phase.COMMITTED and p is not after
     }
@@ -140,6 +174,20 @@ def test_the_destination_starts_a_guest_only_from_a_commit() -> None:
         for (r, p, e), after in TRANSITIONS.items()
         if r is D and after is Phase.COMMITTED and p is not after
     )
+
+
+def test_after_the_post_copy_switch_the_source_never_aborts_or_resumes() -> None:
+    """The switch is the point of no return: from the post-copy phases no event leads back to the source's guest."""
+    for role in (S, D):
+        for phase in (Phase.POSTCOPY_ACTIVE, Phase.POSTCOPY_PAUSED, Phase.POSTCOPY_RECOVERING):
+            reachable = {after for (r, p, e), after in TRANSITIONS.items() if r is role and p is phase}
+            assert Phase.ABORTED not in reachable
+            assert Phase.IN_DOUBT not in reachable  # the resolver would settle (and so could resume) an in-doubt one
+    # only a pre-copy that never paused the guest may switch, and the switch records the decision
+    assert {p for (r, p, e) in TRANSITIONS if e is Event.DECIDE_POSTCOPY} == {Phase.PRECOPY}
+    assert decision_after(S, Phase.PRECOPY, Phase.POSTCOPY_ACTIVE) == "committed"
+    assert decision_after(S, Phase.POSTCOPY_PAUSED, Phase.POSTCOPY_RECOVERING) is None
+    assert outcome_for(S, Phase.POSTCOPY_PAUSED, "committed") == "committed"
 
 
 def test_the_source_decision_is_recorded_only_when_it_is_taken() -> None:

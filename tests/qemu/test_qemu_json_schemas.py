@@ -53,8 +53,26 @@ def qemu_outputs(guest_image: object) -> Iterator[dict[str, Any]]:
         a = ["--socket", str(cluster.agents["host-a"].socket_path), "--json"]
         b = ["--socket", str(cluster.agents["host-b"].socket_path), "--json"]
         source = cluster.client("host-a")
-        source.request("vm.start", name=QVM, backend="qemu", memory="128M", cmdline=CMDLINE)
-        outputs: dict[str, Any] = {"vm start": sealift("vm", "start", BVM, "--memory", "64M", "--workload", "idle", *a)}
+        disk = cluster.root / "qvm.qcow2"  # a disk the migration copies: the disk fields of vm list and the report
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+        outputs: dict[str, Any] = {
+            "qemu vm start": sealift(
+                "vm",
+                "start",
+                QVM,
+                "--backend",
+                "qemu",
+                "--memory",
+                "128M",
+                "--cmdline",
+                CMDLINE,
+                "--disk",
+                str(disk),
+                *a,
+            ),
+            "bad disk": sealift("vm", "start", "nodisk", "--backend", "qemu", "--disk", str(disk) + ".missing", *a),
+        }
+        outputs["vm start"] = sealift("vm", "start", BVM, "--memory", "64M", "--workload", "idle", *a)
         wait_counter(source, 0, 90)
         outputs["vm list before"] = sealift("vm", "list", *a)
         outputs["status"] = sealift("status", *a)
@@ -78,6 +96,10 @@ def test_qemu_and_builtin_entries_have_the_same_keys(qemu_outputs: dict[str, Any
     assert set(entries["qemu"]) == set(entries["builtin"])
     check_json("vm-list", qemu_outputs["vm list before"])
     check_json("vm-list", [qemu_outputs["vm start"]])
+    check_json("vm-list", [qemu_outputs["qemu vm start"]])
+    assert [d["format"] for d in qemu_outputs["qemu vm start"]["disks"]] == ["qcow2"]
+    check_json("failure", qemu_outputs["bad disk"])
+    assert "does not exist" in qemu_outputs["bad disk"]["error"], qemu_outputs["bad disk"]
     qemu = entries["qemu"]
     assert qemu["throttle_pct"] is None and qemu["image_path"] is None and qemu["accel"] in ("kvm", "tcg")
     check_json("status", qemu_outputs["status"])
@@ -88,6 +110,7 @@ def test_qemu_migrate_vm_list_and_migrations(qemu_outputs: dict[str, Any], check
     report = qemu_outputs["migrate"]
     assert report["status"] == "completed", report
     check_json("migrate", report)
+    assert (report["disks"], report["disks_copied"]) == (1, 1) and report["disk_bytes_sent"] > 0
     after = qemu_outputs["vm list after"]
     assert [(vm["name"], vm["backend"], vm["status"]) for vm in after] == [(QVM, "qemu", "running")]
     check_json("vm-list", after)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sealift.wire.errors import ProtocolError
-from sealift.wire.qemu_stream import GuestSpec, Ready
+from sealift.wire.qemu_stream import MAX_EXTRA_STREAMS, GuestSpec, Ready
 
 SPEC = GuestSpec(256, "console=ttyS0", {"model": "user"}, "0123456789abcdef", "sealift", 2, True)
 
@@ -20,7 +20,9 @@ def test_ready_record_round_trip_and_rejections() -> None:
         b"{}",
         b'{"ready": true, "port": 0, "streams": []}',
         b'{"ready": true, "port": null, "streams": ["00"]}',
-        b'{"ready": true, "port": null, "streams": ' + str(["00" * 16] * 17).replace("'", '"').encode() + b"}",
+        b'{"ready": true, "port": null, "streams": '
+        + str(["00" * 16] * (MAX_EXTRA_STREAMS + 1)).replace("'", '"').encode()
+        + b"}",
         b"not json",
     ):
         with pytest.raises(ProtocolError, match="ready record is malformed"):
@@ -29,6 +31,11 @@ def test_ready_record_round_trip_and_rejections() -> None:
 
 def test_guest_spec_round_trip() -> None:
     assert GuestSpec.decode(SPEC.encode()) == SPEC
+
+
+def test_guest_spec_carries_post_copy() -> None:
+    spec = GuestSpec(128, "", {}, "0123456789abcdef", "sealift", postcopy=True)
+    assert GuestSpec.decode(spec.encode()).postcopy is True
 
 
 def test_guest_spec_from_a_source_before_the_transport_choice() -> None:
@@ -50,6 +57,7 @@ def test_guest_spec_from_a_source_before_the_transport_choice() -> None:
         {"transport": "carrier-pigeon"},
         {"multifd_channels": -1},
         {"xbzrle": "yes"},
+        {"postcopy": 1},
         {"surprise": 1},
     ],
 )

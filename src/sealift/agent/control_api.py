@@ -31,6 +31,7 @@ from sealift.monitor.service import MonitorService
 
 if TYPE_CHECKING:
     from sealift.backends.qemu.net import NetConfig
+    from sealift.wire.vm_definition import VmDefinition
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class ControlServer:
                 extra_cmdline=str(request.get("cmdline", "")),
                 net=_net_config(request.get("net")),
                 image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
+                definition=_vm_definition(request),
             )
             return {"vm": self._agent.qemu_vms.info(qemu_vm.name)}
         if self._agent.qemu_vms.has(name):
@@ -381,6 +383,29 @@ def _net_config(value: object) -> NetConfig | None:
     try:
         return NetConfig.from_json(value).validated()
     except NetError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def _vm_definition(request: dict) -> VmDefinition | None:
+    """A QEMU guest's vCPUs, disks and own kernel: {"cpus": 2, "disks": ["/a.qcow2", "/b.raw,shared"],
+    "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img"} (kernel and initrd go together)."""
+    from sealift.backends.qemu.definition import DiskError, definition_for, parse_disk_option
+    from sealift.wire.vm_definition import BootSpec
+
+    cpus, disks = request.get("cpus", 1), request.get("disks", [])
+    kernel, initrd = request.get("kernel"), request.get("initrd")
+    boot = None
+    if kernel is not None or initrd is not None:
+        if not isinstance(kernel, str) or not isinstance(initrd, str):
+            raise RequestError("an own kernel needs both kernel and initrd (paths)")
+        boot = BootSpec(kernel, initrd)
+    if type(cpus) is not int:
+        raise RequestError("cpus must be an integer")
+    if not isinstance(disks, list) or not all(isinstance(disk, str) for disk in disks):
+        raise RequestError('disks must be a list of "PATH" or "PATH,shared"')
+    try:
+        return definition_for(cpus, [parse_disk_option(disk) for disk in disks], boot)
+    except DiskError as exc:
         raise RequestError(str(exc)) from None
 
 

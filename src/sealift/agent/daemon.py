@@ -27,6 +27,7 @@ from sealift.backends.libvirt.registry import LibvirtRegistry
 from sealift.backends.libvirt.source import LibvirtSourceDriver
 from sealift.backends.qemu.destination import QemuDestinationDriver
 from sealift.backends.qemu.keeper import QemuKeeper
+from sealift.backends.qemu.postcopy_recovery import RECOVERIES
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import QemuSourceDriver
 from sealift.backends.qemu.transports import QemuTransport, default_transport, transport_named
@@ -334,6 +335,8 @@ class Agent:
         try:
             first = channel.recv(self.config.handshake_timeout_s)
             if isinstance(first, Hello):
+                if RECOVERIES.offer(channel, first, 4 * self.config.step_timeout_s):
+                    return  # a paused QEMU post-copy's source reconnecting: its migration took the channel
                 host = channel.peer_name or first.source_host
                 admission = self.guard.admit_migration(host)  # per source host, before verifying orders
                 if not admission.allowed:

@@ -160,6 +160,12 @@ def migration_options(args: argparse.Namespace) -> dict[str, object]:
         options["xbzrle_cache_bytes"] = parse_size(args.xbzrle_cache)
     if args.completion_timeout is not None:
         options["completion_timeout_s"] = args.completion_timeout
+    if args.postcopy is not None:
+        options["postcopy"] = args.postcopy
+    if args.postcopy_after is not None:
+        options["postcopy_after_s"] = args.postcopy_after
+    if args.completion_action is not None:
+        options["completion_action"] = args.completion_action
     return options
 
 
@@ -202,6 +208,24 @@ def add_migration_flags(parser: argparse.ArgumentParser) -> None:
     )
     qemu.add_argument("--xbzrle", action="store_true", help="QEMU's XBZRLE delta compression of re-sent pages")
     qemu.add_argument("--xbzrle-cache", metavar="SIZE", help="XBZRLE cache size, e.g. 256M (default QEMU's 64M)")
+    qemu.add_argument(
+        "--postcopy",
+        nargs="?",
+        const="after-precopy",
+        choices=["off", "after-timeout", "after-precopy", "on-stall"],
+        help="switch to post-copy (the guest runs on the destination while its pages follow; sealift "
+        "transport): after-precopy (the default with --postcopy: after the first pass), after-timeout "
+        "(--postcopy-after SECONDS), on-stall (dirty rate at or above the link's for 3 passes)",
+    )
+    qemu.add_argument(
+        "--postcopy-after", type=float, metavar="SECONDS", help="with --postcopy after-timeout (default 10)"
+    )
+    qemu.add_argument(
+        "--completion-action",
+        choices=["abort", "postcopy"],
+        help="what --completion-timeout does: abort the pre-copy (default; the guest stays) or switch to "
+        "post-copy (as KubeVirt's allowPostCopy)",
+    )
 
 
 def warn_insecure() -> None:

@@ -102,6 +102,10 @@ class MigrationProgress:
             )
         elif kind == "phase":
             self._progress.update(task, description=f"{self._title} [{event['phase']}]")
+        elif kind == "disk":  # the disk mirror, before the memory: shown on the same bar, labelled
+            done, total = int(event["bytes_done"]), max(1, int(event["bytes_total"]))
+            label = f"disks {event['ready']}/{event['disks']} ready"
+            self._progress.update(task, description=f"{self._title} {label}", completed=done, total=total)
 
     def _transfer(self, task: TaskID, event: dict) -> None:
         now = time.monotonic()
@@ -151,6 +155,16 @@ def report_table(report: dict) -> Table:
         ),
         ("image digest", str(report.get("image_digest") or "-")),
     ]
+    if report.get("disks"):  # QEMU VMs with disks: the storage side beside the memory figures above
+        mirror = report.get("mirror_time_s")
+        rows.append(
+            (
+                "disks",
+                f"{report['disks']} ({report.get('disks_copied', 0)} copied, the others shared); "
+                f"{int(report.get('disk_bytes_sent', 0)) / 2**20:.1f} MiB sent, mirror "
+                + (f"ready in {mirror:.3f} s" if mirror is not None else "-"),
+            )
+        )
     if report.get("error"):
         rows.append(("error", f"[red]{report['error']}[/red]"))
     for key, value in rows:
@@ -160,7 +174,7 @@ def report_table(report: dict) -> Table:
 
 def vm_table(vms: list[dict]) -> Table:
     table = Table(title="VMs")
-    for col in ("name", "pid", "memory", "profile", "counter", "state"):
+    for col in ("name", "pid", "memory", "profile", "counter", "state", "nic", "disks"):
         table.add_column(col)
     for vm in vms:
         state = (
@@ -175,5 +189,13 @@ def vm_table(vms: list[dict]) -> Table:
             str(vm.get("profile")),
             str(vm.get("counter")),
             state,
+            _nic(vm.get("net")),
+            "\n".join(f"{d['path']} ({d['format']}{', shared' if d['shared'] else ''})" for d in vm.get("disks") or []),
         )
     return table
+
+
+def _nic(net: object) -> str:
+    if not isinstance(net, dict):
+        return ""
+    return f"tap {net.get('tap')} {net.get('guest_ip')}" if net.get("mode") == "tap" else str(net.get("mode"))

@@ -23,6 +23,27 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default="256M", help="RAM size, e.g. 256M, 1G, 4G (default 256M)")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--fill", type=float, default=0.5, help="share of RAM filled with data at boot (default 0.5)")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[,shared]",
+        help="qemu: attach a qcow2 or raw image as a virtio disk (repeatable; ',shared': both hosts see PATH, "
+        "a migration does not copy it)",
+    )
+    p.add_argument(
+        "--nic",
+        default=None,
+        metavar="none|user|tap=TAP,ip=ADDR/LEN[,gw=GW]|bridge=BR,ip=ADDR/LEN[,gw=GW]",
+        help="qemu: the network (default user: a host UDP port forwarded to the guest's probe service; "
+        "tap=: an existing tap; bridge=: the agent makes a tap on that bridge on every host the guest runs on)",
+    )
+    p.add_argument("--cpus", type=int, default=1, help="qemu: vCPUs (default 1)")
+    p.add_argument(
+        "--cmdline", "--append", default="", help="qemu: extra guest kernel arguments (e.g. sealift.disk=write)"
+    )
+    p.add_argument("--kernel", default=None, help="qemu: boot this kernel instead of sealift's guest image")
+    p.add_argument("--initrd", default=None, help="qemu: the initramfs that goes with --kernel")
     agent_command(p, cmd_vm_start)
     for name, func, helptext in (
         ("info", cmd_vm_info, "show one VM"),
@@ -40,6 +61,17 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     fields: dict[str, object] = {"backend": args.backend}
     if args.image is not None:
         fields["image_cache"] = str(Path(args.image).resolve())
+    if args.backend == "qemu":
+        fields.update(disks=[_absolute_disk(d) for d in args.disk], cpus=args.cpus, cmdline=args.cmdline)
+        if args.kernel is not None or args.initrd is not None:
+            if args.kernel is None or args.initrd is None:
+                raise SystemExit("--kernel and --initrd go together")
+            fields.update(kernel=str(Path(args.kernel).resolve()), initrd=str(Path(args.initrd).resolve()))
+        net = parse_nic(args.nic) if args.nic is not None else None
+        if net is not None:
+            fields["net"] = net
+    elif args.disk or args.nic is not None or args.cpus != 1 or args.kernel or args.initrd:
+        raise SystemExit("--disk, --nic, --cpus, --kernel and --initrd are for --backend qemu")
     reply = client(args).request(
         "vm.start",
         on_event=None,
@@ -50,6 +82,30 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         **fields,
     )
     return _show_vms(args, reply["vm"], [reply["vm"]])
+
+
+def _absolute_disk(text: str) -> str:
+    """The agent resolves nothing relative to its own directory: send an absolute path."""
+    path, sep, option = text.partition(",")
+    return str(Path(path).resolve()) + sep + option
+
+
+def parse_nic(text: str) -> dict[str, object] | None:
+    """--nic as the agent's net object (None for user: the agent's default)."""
+    if text == "user":
+        return None
+    if text == "none":
+        return {"mode": "none"}
+    fields = dict(part.partition("=")[::2] for part in text.split(","))
+    if set(fields) - {"tap", "bridge", "ip", "gw"} or len({"tap", "bridge"} & set(fields)) != 1 or "ip" not in fields:
+        raise SystemExit(f"--nic {text!r}: use none, user, tap=TAP,ip=ADDR/LEN[,gw=GW] or bridge=BR,ip=...")
+    return {
+        "mode": "tap",
+        "tap": fields.get("tap"),
+        "bridge": fields.get("bridge"),
+        "guest_ip": fields["ip"],
+        "gateway": fields.get("gw") or None,
+    }
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sealift.lab.netns import enter_netns
 
 DATA_STREAM_MAGIC = b"SLD1"
+_STREAM_INDEX_AT = 4 + 16  # after the magic and the session id
 CHUNK = 1 << 20
 
 
@@ -27,6 +28,7 @@ class Tamper:
     flip_offset: int | None = None  # flip one bit of the byte at this stream offset
     replace: tuple[bytes, bytes] | None = None  # rewrite a pattern (same length) wherever seen
     data_stream_only: bool = True  # False: also QEMU's own stream on the plain transport
+    stream_index: int | None = None  # only data streams opened with this index (e.g. the disk streams')
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -104,6 +106,7 @@ class Relay:
     def _pump(self, src: socket.socket, dst: socket.socket, forward: bool, session: bytearray | None = None) -> None:
         offset = 0
         is_data_stream: bool | None = None
+        stream_index: int | None = None
         try:
             while True:
                 chunk = src.recv(CHUNK)
@@ -111,8 +114,15 @@ class Relay:
                     break
                 if forward and is_data_stream is None:
                     is_data_stream = chunk.startswith(DATA_STREAM_MAGIC)
+                    if is_data_stream and len(chunk) > _STREAM_INDEX_AT:
+                        stream_index = chunk[_STREAM_INDEX_AT]  # STREAM_OPEN: magic, session id, index
                 tamper = self.tamper
-                if forward and tamper is not None and (is_data_stream or not tamper.data_stream_only):
+                if (
+                    forward
+                    and tamper is not None
+                    and (is_data_stream or not tamper.data_stream_only)
+                    and tamper.stream_index in (None, stream_index)
+                ):
                     chunk = self._apply_tamper(chunk, offset)
                 if not forward and self.on_reply is not None:
                     self.on_reply(chunk)

@@ -316,8 +316,9 @@ class LabSession:
         backend: Backend,
         workload: str = "db",
         memory: str | None = None,
+        disks: list[str] | None = None,
     ) -> dict:
-        """Start a guest on `host`; returns its vm.info."""
+        """Start a guest on `host` (QEMU: with these disks, `PATH[,shared]`); returns its vm.info."""
         client = cluster.client(host)
         if backend == "builtin":
             vm = client.request("vm.start", name=name, memory=memory or BUILTIN_MEMORY, workload=workload)["vm"]
@@ -342,6 +343,7 @@ class LabSession:
             memory=memory or QEMU_MEMORY,
             net=net,
             cmdline=QEMU_WORKLOADS.get(workload, QEMU_WORKLOADS["db"]),
+            disks=disks or [],
         )["vm"]
         # Booted when its workload answers the client across the VM network.
         self.wait_for(

@@ -154,14 +154,15 @@ class DestinationCoordinator:
         s.enter(Event.RECEIVE_COMMIT)
         s.lab_pause("committed")
         pid, counter_at_resume = self.driver.start_guest(manifest)
-        s.enter(Event.START_GUEST)
+        if manifest.get("postcopy") is not True:  # post-copy: the driver went through postcopy-active to running
+            s.enter(Event.START_GUEST)
         receipt = self._receipt(
             manifest,
             "running",
             counter_at_resume=counter_at_resume,
             pid=pid,
             cpu_s=round(time.process_time() - cpu_started, 3),
-            **self.driver.receipt_extra,
+            **s.receipt_extra,
         )
         s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
         try:

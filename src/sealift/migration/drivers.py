@@ -66,7 +66,6 @@ class SourceDriver(Protocol[VmT, TransferT]):
 class DestinationDriver(Protocol):
     backend: str
     accept_audit: Mapping[str, object]
-    receipt_extra: Mapping[str, object]  # the backend's fields of the running receipt (set by start_guest)
 
     def admit(self) -> None:
         """This backend's checks and reservations before Accept; IncomingRefused or AdmissionError to refuse."""

@@ -37,3 +37,18 @@ class AdmissionError(SealiftError):
     """This host cannot hold the VM now (capacity, concurrency, a name in use); the reason goes back to the source."""
 
     code = "admission_refused"
+
+
+class PostcopyPaused(MigrationError):
+    """Post-copy stopped part-way (a link or an agent failed): the guest waits at the destination for its pages.
+
+    Never an abort: past the switch neither host has the whole guest, so the source never resumes it.
+    """
+
+    code = "postcopy_paused"
+
+
+class PostcopyDigestMismatch(MigrationError):
+    """The destination received another stream than the source sent (found only once the guest already runs)."""
+
+    code = "postcopy_digest_mismatch"

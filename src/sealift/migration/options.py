@@ -8,6 +8,9 @@ from sealift.errors import SealiftError
 
 COMPRESSION_CODECS = ("zstd", "lz4")
 IMAGE_DIGESTS = ("tags", "blake3")
+# When a QEMU migration switches to post-copy (backends/qemu/postcopy.py): never, after `postcopy_after_s` of
+# pre-copy, after the first full pass, or once the guest dirties at least what the link carries for several passes.
+POSTCOPY_MODES = ("off", "after-timeout", "after-precopy", "on-stall")
 
 
 class OptionsError(SealiftError, ValueError):
@@ -33,6 +36,11 @@ class MigrationOptions:
     # Give up a QEMU pre-copy that has not reached its switchover after this long (KubeVirt's completion
     # timeout): the guest never stopped and keeps running on the source. None: no limit, as in QEMU.
     completion_timeout_s: float | None = None
+    postcopy: str = "off"  # one of POSTCOPY_MODES; QEMU guests on the sealift transport only
+    postcopy_after_s: float = 10.0  # "after-timeout": seconds of pre-copy before the switch
+    # What the completion timeout does (KubeVirt's allowPostCopy): "abort" the pre-copy (the guest stays),
+    # or "postcopy": switch to post-copy then (QEMU guests on the sealift transport).
+    completion_action: str = "abort"
 
     def __post_init__(self) -> None:
         if not 1 <= self.downtime_limit_ms <= 60_000:
@@ -51,6 +59,20 @@ class MigrationOptions:
             raise OptionsError("xbzrle and multifd do not combine: QEMU's multifd channels send whole pages")
         if self.completion_timeout_s is not None and not 1 <= self.completion_timeout_s <= 86_400:
             raise OptionsError(f"completion timeout {self.completion_timeout_s} s is outside 1..86400 s")
+        if self.postcopy not in POSTCOPY_MODES:
+            raise OptionsError(f"unknown post-copy mode {self.postcopy!r}; use one of {POSTCOPY_MODES}")
+        if self.postcopy != "off" and self.multifd_channels:
+            raise OptionsError("post-copy and multifd do not combine in QEMU 7.2")
+        if self.completion_action not in ("abort", "postcopy"):
+            raise OptionsError(f"completion action {self.completion_action!r} is not 'abort' or 'postcopy'")
+        if self.completion_action == "postcopy" and self.completion_timeout_s is None:
+            raise OptionsError("completion action 'postcopy' needs a completion timeout")
+        if self.completion_action == "postcopy" and self.postcopy not in ("off", "after-timeout"):
+            raise OptionsError(f"completion action 'postcopy' and post-copy mode {self.postcopy!r} do not combine")
+        if self.completion_action == "postcopy" and self.multifd_channels:
+            raise OptionsError("post-copy and multifd do not combine in QEMU 7.2")
+        if not 0 <= self.postcopy_after_s <= 86_400:
+            raise OptionsError(f"post-copy switch time {self.postcopy_after_s} s is outside 0..86400 s")
         if self.xbzrle_cache_bytes is not None and self.xbzrle_cache_bytes < 1 << 20:
             raise OptionsError("the xbzrle cache must be at least 1 MiB")
 

@@ -46,6 +46,10 @@ class Phase(enum.StrEnum):
     COMMITTED = "committed"  # source: the durable decision; destination: the commit heard
     IN_DOUBT = "in-doubt"  # a failure after the promise or the decision: ask the peer
     ABORTED = "aborted"  # the migration is off; the guest runs (or stays) at the source
+    # post-copy (QEMU guests): the guest runs at the destination while its pages still come from the source
+    POSTCOPY_ACTIVE = "postcopy-active"  # source: switched (decided); destination: the guest runs here
+    POSTCOPY_PAUSED = "postcopy-paused"  # the link or an agent failed: both QEMUs wait, neither copy complete
+    POSTCOPY_RECOVERING = "postcopy-recovering"  # a fresh channel is being set up to resume the page flow
 
 
 class Event(enum.StrEnum):
@@ -59,6 +63,11 @@ class Event(enum.StrEnum):
     FAIL = "fail"  # anything went wrong during the handover
     PEER_ABORTED = "peer-aborted"  # the peer, asked later, says the migration was aborted
     AGENT_RESTARTED = "agent-restarted"  # this agent starts again with the record open
+    DECIDE_POSTCOPY = "decide-postcopy"  # source: the point of no return of post-copy, on disk before the switch
+    RUN_POSTCOPY = "run-postcopy"  # destination: the guest runs here, its missing pages fetched on demand
+    POSTCOPY_DONE = "postcopy-done"  # destination: every page arrived and the stream digest matches
+    BEGIN_RECOVERY = "begin-recovery"  # either: a fresh authenticated channel to resume a paused post-copy
+    RESUME_POSTCOPY = "resume-postcopy"  # either: the page flow runs again over the fresh channel
 
 
 class IllegalTransition(SealiftError):
@@ -113,10 +122,25 @@ TRANSITIONS: dict[tuple[Role, Phase, Event], Phase] = {
     (D, P.COMMITTED, E.START_GUEST): P.RUNNING,
     (D, P.COMMITTED, E.FAIL): P.COMMITTED,  # the resolver starts it
     (D, P.COMMITTED, E.AGENT_RESTARTED): P.COMMITTED,
+    # -- post-copy (QEMU): the switch is the decision; from then on the source never runs the guest again,
+    # and a failure only pauses the page flow until a fresh channel resumes it -------------------
+    (S, P.PRECOPY, E.DECIDE_POSTCOPY): P.POSTCOPY_ACTIVE,
+    (S, P.POSTCOPY_ACTIVE, E.CONFIRM_RUNNING): P.COMPLETED,
+    (D, P.COMMITTED, E.RUN_POSTCOPY): P.POSTCOPY_ACTIVE,
+    (D, P.POSTCOPY_ACTIVE, E.POSTCOPY_DONE): P.RUNNING,
+    **{
+        (role, phase, event): P.POSTCOPY_PAUSED
+        for role in (S, D)
+        for phase in (P.POSTCOPY_ACTIVE, P.POSTCOPY_PAUSED, P.POSTCOPY_RECOVERING)
+        for event in (E.FAIL, E.AGENT_RESTARTED)
+    },
+    **{(role, P.POSTCOPY_PAUSED, E.BEGIN_RECOVERY): P.POSTCOPY_RECOVERING for role in (S, D)},
+    **{(role, P.POSTCOPY_RECOVERING, E.RESUME_POSTCOPY): P.POSTCOPY_ACTIVE for role in (S, D)},
 }
 
 INITIAL: dict[Role, Phase] = {Role.SOURCE: Phase.STARTED, Role.DESTINATION: Phase.RECEIVING}
 SOURCE_OPEN = frozenset({Phase.STARTED, Phase.PRECOPY, Phase.STOP_AND_COPY})  # no decision yet
+POSTCOPY = (Phase.POSTCOPY_ACTIVE, Phase.POSTCOPY_PAUSED, Phase.POSTCOPY_RECOVERING)  # split between two hosts
 FINAL = frozenset({Phase.COMPLETED, Phase.RUNNING, Phase.ABORTED})
 UNSETTLED = (Phase.PREPARED, Phase.COMMITTED, Phase.IN_DOUBT)  # what the resolver settles with the peer
 
@@ -147,7 +171,7 @@ def decision_after(role: Role, before: Phase, after: Phase) -> str | None:
     """The source's durable decision a transition records ("committed" | "aborted"), if any."""
     if role != Role.SOURCE:
         return None
-    if after == Phase.COMMITTED and before in SOURCE_OPEN:
+    if after in (Phase.COMMITTED, Phase.POSTCOPY_ACTIVE) and before in SOURCE_OPEN:
         return "committed"
     if after == Phase.ABORTED and before in SOURCE_OPEN:
         return "aborted"

@@ -23,14 +23,14 @@ from sealift.host.store import AgentStore, MigrationRecord
 from sealift.host.transport import ControlChannel
 from sealift.migration import records
 from sealift.migration.drivers import GuestKeeper
-from sealift.migration.phases import SOURCE_OPEN, UNSETTLED, Event, Phase, Role
+from sealift.migration.phases import POSTCOPY, SOURCE_OPEN, UNSETTLED, Event, Phase, Role
 from sealift.security.identity import HostIdentity
 from sealift.wire.messages import Outcome, OutcomeQuery
 
 log = logging.getLogger(__name__)
 
 Audit = Callable[..., object]
-OPEN_AT_RESTART = (*SOURCE_OPEN, Phase.RECEIVING, *UNSETTLED)
+OPEN_AT_RESTART = (*SOURCE_OPEN, Phase.RECEIVING, *UNSETTLED, *POSTCOPY)
 
 
 class Keepers:
@@ -69,7 +69,15 @@ def recover(store: AgentStore, keepers: Keepers, audit: Audit) -> None:
 
 def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
     present = keeper.can_settle(record)
-    if record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
+    if record.phase in POSTCOPY:
+        # Split between the hosts: hold whatever is here (busy, never resumed at the source, never discarded
+        # at the destination); resuming such a post-copy after a restart is not built (docs/architecture.md).
+        if present:
+            (keeper.hold_source if record.role == Role.SOURCE else keeper.hold_destination)(record)
+        records.transition(store, record.id, Event.AGENT_RESTARTED, error="agent restarted during post-copy")
+        log.error("recovery: post-copy migration %s of %s was cut by the restart; held, paused", record.id, record.vm)
+        audit("migration.postcopy_paused", migration_id=record.id, vm=record.vm, reason="agent restarted")
+    elif record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
         # No commit decision was written, so the VM must run here.
         resumed = present and keeper.resume_source(record)
         records.transition(store, record.id, Event.AGENT_RESTARTED, error="source agent restarted before commit")

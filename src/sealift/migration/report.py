@@ -47,7 +47,14 @@ class MigrationReport:
     stop_reason: str = ""
     order_id: str | None = None
     operator: str | None = None
+    disks: int = 0  # QEMU: the VM's disks, and how many of them the migration copied (not shared)
+    disks_copied: int = 0
+    disk_bytes_sent: int = 0  # sealed bytes of the disk streams, source -> destination
+    mirror_time_s: float | None = None  # from the first mirror job to every disk ready
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    # QEMU post-copy, when the migration switched: reason, precopy_s, postcopy_s, postcopy_requests (page
+    # requests served), postcopy_bytes, return_path_bytes; None for a migration that stayed in pre-copy
+    postcopy: dict[str, object] | None = None
     round_reports: list[RoundReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:

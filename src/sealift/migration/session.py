@@ -87,6 +87,13 @@ class SourceSession:
             transport=transport,
         )
         self._progress = progress or (lambda event: None)
+        # Post-copy (QEMU): the coordinator's decision step, called by the driver just before the switch
+        # with the manifest's backend fields; it returns only once the switch is decided and Commit sent.
+        self.decide_postcopy: Callable[[dict[str, object]], None] | None = None
+        # ... and after a cut link, its re-confirmation on a fresh channel (manifest, prepared receipt, Commit);
+        # the driver leaves that channel here, and the coordinator takes the running receipt on it.
+        self.reconfirm_postcopy: Callable[[ControlChannel, dict[str, object]], None] | None = None
+        self.recovered_channel: ControlChannel | None = None
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         """Move this migration's record by the handover's table, and tell whoever follows the progress."""
@@ -152,6 +159,7 @@ class DestinationSession:
         self.psk_binding = b""
         self.flight = InFlightTrust(self.migration_id)  # the operator and peer it relies on (live revocation)
         self.error_code: str | None = None  # why it was refused or failed, once it was (the agent's metrics)
+        self.receipt_extra: dict[str, object] = {}  # what the driver adds to the running receipt (post-copy's digest)
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         return records.transition(self.context.store, self.migration_id, event, error)

@@ -19,7 +19,7 @@ from sealift.host.transport import ControlChannel
 from sealift.migration import gate, records
 from sealift.migration.documents import await_receipt, channel_binding
 from sealift.migration.drivers import SourceDriver, TransferT, VmT
-from sealift.migration.errors import MigrationError, failure_code
+from sealift.migration.errors import MigrationError, PostcopyDigestMismatch, failure_code
 from sealift.migration.phases import Event, Role
 from sealift.migration.report import MigrationReport
 from sealift.migration.session import SourceSession
@@ -67,6 +67,8 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._config = session.config
         self._store = session.context.store
         self._authority = session.context.authority
+        self._committed = False  # the durable decision is on disk (decide-commit, or decide-postcopy mid-transfer)
+        self._postcopy = False  # the decision was post-copy's: the guest may already run at the destination
 
     @property
     def migration_id(self) -> str:
@@ -96,7 +98,6 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         )
         started = time.monotonic()
         cpu_started = time.process_time()
-        committed = False
         channel: ControlChannel | None = None
         try:
             operator = f"the certificate of operator {verified.operator.name!r}"
@@ -119,23 +120,34 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             s.psk = self._authority.psk_session(s.destination, "source") if channel.secure else None
             accept = self._hello(channel, vm)
             s.binding = channel_binding(channel, s.nonce, accept.nonce, s.migration_id)
+            first = channel  # post-copy's switch is decided on this one, during the transfer
+            s.decide_postcopy = lambda fields: self._decide_postcopy(first, vm, memory_bytes, fields)
+            s.reconfirm_postcopy = lambda again, fields: self._reconfirm_postcopy(again, vm, memory_bytes, fields)
             transfer = self.driver.transfer(channel, accept, address, vm)
-            s.flight.check()  # revoked while the transfer ran: stop before signing anything
-            s.mark("stream_sent", transfer.paused_at)
-            self._manifest_and_prepare(channel, vm, memory_bytes, transfer)
-            s.mark("prepared_receipt", transfer.paused_at)
-            self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort, never commit
-            records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
-            committed = True
-            self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed")
-            channel.send(Commit(s.migration_id))
-            s.mark("commit_sent", transfer.paused_at)
-            s.progress("phase", {"phase": "committed"})
+            if s.recovered_channel is not None:  # post-copy recovered over a fresh channel: it carries the rest
+                channel.close()
+                channel, s.recovered_channel = s.recovered_channel, None
+            if not self._committed:  # else post-copy: decided and committed during the transfer
+                s.flight.check()  # revoked while the transfer ran: stop before signing anything
+                s.mark("stream_sent", transfer.paused_at)
+                self._manifest_and_prepare(channel, vm, memory_bytes, self.driver.manifest_fields(transfer))
+                s.mark("prepared_receipt", transfer.paused_at)
+                self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort, never commit
+                records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
+                self._committed = True
+                self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed")
+                channel.send(Commit(s.migration_id))
+                s.mark("commit_sent", transfer.paused_at)
+                s.progress("phase", {"phase": "committed"})
             running = self._receipt(channel, "running", None)
-            s.mark("running_receipt", transfer.paused_at)
+            if not self._postcopy:
+                s.mark("running_receipt", transfer.paused_at)
+            else:
+                self._check_postcopy_digest(running, transfer)
             self._commit_psk()
             # Downtime ends when the destination's guest runs: its receipt says so.
-            s.report.downtime_ms = s.report.downtime_breakdown_ms["running_receipt"]
+            # (post-copy: the driver's report gives QEMU's own figure: the receipt comes once every page is there)
+            s.report.downtime_ms = s.report.downtime_breakdown_ms.get("running_receipt", 0.0)
             # The migration is over when the VM runs there (as QEMU counts it);
             # quitting our paused copy comes after and is not part of it.
             self._finish_report(transfer, running, started, cpu_started)
@@ -149,7 +161,14 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             s.report.status = "failed"
             s.report.total_time_s = round(time.monotonic() - started, 3)
             s.report.source_cpu_s = round(time.process_time() - cpu_started, 3)
-            if committed:
+            if self._postcopy:
+                s.report.error = (
+                    f"{exc}; post-copy had begun, so {vm.name} can never run on {self._config.name} again: it "
+                    f"waits on {s.destination} for its remaining pages (phase postcopy-paused; "
+                    f"its source QEMU is kept until the post-copy is recovered or given up)"
+                )
+                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
+            elif self._committed:
                 s.report.error = (
                     f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
                     f"{s.destination} confirms it runs there (the agents settle it between them: `sealift migrations`)"
@@ -167,6 +186,8 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             if channel is not None:
                 channel.close()
+            if s.recovered_channel is not None:
+                s.recovered_channel.close()
 
     def _audit_move(self, kind: str, vm: VmT, **fields: object) -> None:
         """An audit entry about moving `vm`: every such entry names the VM and where it goes."""
@@ -192,10 +213,17 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             self._authority.record_psk_verified(s.migration_id, s.destination, s.psk)
         return reply
 
-    def _manifest_and_prepare(self, channel: ControlChannel, vm: VmT, memory_bytes: int, transfer: TransferT) -> dict:
-        """Sign and send the manifest; the destination's signed "prepared" receipt for it."""
+    def _manifest_and_prepare(
+        self,
+        channel: ControlChannel,
+        vm: VmT,
+        memory_bytes: int,
+        backend_fields: tuple[dict[str, object], dict[str, object]],
+    ) -> dict:
+        """Sign and send the manifest with the backend's (fields, digest audit); the destination's signed
+        "prepared" receipt for it."""
         s = self.session
-        fields, digest_audit = self.driver.manifest_fields(transfer)
+        fields, digest_audit = backend_fields
         manifest = {
             "migration_id": s.migration_id,
             "vm": vm.name,
@@ -213,6 +241,46 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         channel.send(Manifest(s.migration_id, envelope))
         s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
         return self._receipt(channel, "prepared", manifest)
+
+    def _decide_postcopy(self, channel: ControlChannel, vm: VmT, memory_bytes: int, fields: dict[str, object]) -> None:
+        """Post-copy's point of no return, called by the driver just before it switches (the guest still runs here).
+
+        The same steps as a commit: the signed manifest (without a digest: the
+        stream is not over), the destination's signed "prepared" receipt, the
+        last revocation check, the durable decision, Commit. Any failure before
+        the decision is an ordinary abort: the guest never stopped here.
+        """
+        s = self.session
+        s.flight.check()
+        self._manifest_and_prepare(channel, vm, memory_bytes, (fields, {"postcopy": True}))
+        self._authority.final_check(s.flight)
+        records.transition(self._store, s.migration_id, Event.DECIDE_POSTCOPY)  # point of no return
+        self._committed = True
+        self._postcopy = True
+        self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed", postcopy=True)
+        channel.send(Commit(s.migration_id))
+        s.progress("phase", {"phase": "postcopy-active"})
+
+    def _reconfirm_postcopy(
+        self, channel: ControlChannel, vm: VmT, memory_bytes: int, fields: dict[str, object]
+    ) -> None:
+        """A post-copy resumed over a fresh channel: the same signed steps as the switch, with no new decision
+        (it is on disk): manifest, the destination's "prepared" receipt bound to the new channel, Commit."""
+        s = self.session
+        s.flight.check()
+        self._manifest_and_prepare(channel, vm, memory_bytes, (fields, {"postcopy": True, "resume": True}))
+        channel.send(Commit(s.migration_id))
+
+    def _check_postcopy_digest(self, running: dict, transfer: TransferT) -> None:
+        """Post-copy: the stream digest is checked only at the end, against the destination's signed running receipt."""
+        s = self.session
+        ours = self.driver.manifest_fields(transfer)[0].get("image_digest")
+        theirs = running.get("stream_digest")
+        s.audit(Kinds.MIGRATION_DIGEST, image_digest=ours, received=theirs, verified=ours == theirs, postcopy=True)
+        if ours != theirs:
+            raise PostcopyDigestMismatch(
+                f"{s.destination} received stream {theirs!r}, this host sent {ours!r}: the guest already runs there"
+            )
 
     def _abort(self, channel: ControlChannel | None, vm: VmT, exc: BaseException) -> None:
         """Before the commit decision: the guest resumes here, nothing is lost."""

@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 from .errors import ProtocolError
+from .vm_definition import MAX_DISKS, VmDefinition
 
 QEMU_TRANSPORTS = ("sealift", "qemu-tls", "ipsec", "plain", "sealift-plain")
-MAX_EXTRA_STREAMS = 16  # multifd channels QEMU allows are more; more than this gains nothing on few cores
+MAX_MULTIFD = 16  # multifd channels QEMU allows are more; more than this gains nothing on few cores
+MAX_EXTRA_STREAMS = MAX_MULTIFD + MAX_DISKS  # multifd channels, then one per copied disk
 SESSION_ID_BYTES = 16
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB
 MAX_CMDLINE = 4096
@@ -81,16 +83,19 @@ class GuestSpec:
     transport: str | None = None  # None: a source from before the transport choice ("sealift"[-plain])
     multifd_channels: int = 0  # QEMU's multifd must be set the same on both ends
     xbzrle: bool = False
+    postcopy: bool = False  # QEMU's postcopy-ram on both ends (its return path comes back on the stream)
+    definition: VmDefinition | None = None  # None: one vCPU and no disk (and a source from before disks)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        data = asdict(self)
+        data["definition"] = None if self.definition is None else self.definition.to_json()
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> GuestSpec:
         doc = "guest description at the head of the QEMU stream"
-        raw = _object(
-            data, doc, {"memory_mib", "extra_cmdline", "net", "image_key"}, {"transport", "multifd_channels", "xbzrle"}
-        )
+        optional = {"transport", "multifd_channels", "xbzrle", "postcopy", "definition"}
+        raw = _object(data, doc, {"memory_mib", "extra_cmdline", "net", "image_key"}, optional)
         net = raw["net"]
         if not isinstance(net, dict):
             _fail(doc, "net must be an object")
@@ -100,9 +105,11 @@ class GuestSpec:
         transport = raw.get("transport")
         if transport is not None and transport not in QEMU_TRANSPORTS:
             _fail(doc, f"transport must be one of {QEMU_TRANSPORTS}, not {transport!r}")
-        xbzrle = raw.get("xbzrle", False)
+        xbzrle, postcopy = raw.get("xbzrle", False), raw.get("postcopy", False)
         if type(xbzrle) is not bool:
             _fail(doc, "xbzrle must be true or false")
+        if type(postcopy) is not bool:
+            _fail(doc, "postcopy must be true or false")
         return cls(
             memory_mib=_int(doc, "memory_mib", raw["memory_mib"], 1, MAX_MEMORY_MIB),
             extra_cmdline=_str(doc, "extra_cmdline", raw["extra_cmdline"], MAX_CMDLINE),
@@ -111,6 +118,8 @@ class GuestSpec:
             transport=transport,
             multifd_channels=_int(doc, "multifd_channels", raw.get("multifd_channels", 0), 0, 255),
             xbzrle=xbzrle,
+            postcopy=postcopy,
+            definition=None if raw.get("definition") is None else VmDefinition.from_json(raw["definition"]),
         )
 
 

@@ -165,7 +165,6 @@ class BuiltinDestinationDriver:
 
     backend = BACKEND
     accept_audit: Mapping[str, object] = {}
-    receipt_extra: Mapping[str, object] = {}  # nothing of its own in the running receipt
 
     def __init__(self, session: DestinationSession, vms: BuiltinVmRegistry) -> None:
         self._session = session

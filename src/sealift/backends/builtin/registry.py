@@ -151,6 +151,8 @@ class BuiltinVmRegistry(TableRegistry[BuiltinVM]):
             accel=None,
             console=None,
             net=None,
+            cpus=None,
+            disks=None,
             probe=None,
         )
         return info

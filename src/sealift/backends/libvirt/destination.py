@@ -67,7 +67,6 @@ class LibvirtDestinationDriver:
         self._error: BaseException | None = None
         self._sessions: list[bytes] = []
         self._digest = relay.StreamDigest(0)
-        self.receipt_extra: Mapping[str, object] = {}
 
     def _registry(self) -> LibvirtRegistry:
         if self._domains is None:
@@ -124,7 +123,7 @@ class LibvirtDestinationDriver:
         domain = self._received_domain()
         domain.dom.resume()
         self._registry().unclaim(domain.name)
-        self.receipt_extra = {"domain_uuid": domain.uuid}
+        self._session.receipt_extra = {"domain_uuid": domain.uuid}  # the running receipt names the domain
         return domain.pid(), manifest.get("counter_at_pause")
 
     def discard(self, reason: str) -> None:

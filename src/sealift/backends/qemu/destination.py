@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
-from sealift.backends.qemu import relay
+from sealift.backends.qemu import postcopy, postcopy_recovery, relay
 from sealift.backends.qemu.direct import Hook, run_after_hooks
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.registry import QemuVmRegistry, network_like
+from sealift.backends.qemu.storage_hooks import DestinationDisks
 from sealift.backends.qemu.transports import AuditedSa, DirectDestination, QemuTransport, transport_named
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.ipsec.charon import HostCharon
@@ -50,7 +51,6 @@ class QemuDestinationDriver:
 
     backend = BACKEND
     accept_audit: Mapping[str, object] = {"backend": BACKEND}
-    receipt_extra: Mapping[str, object] = {}  # nothing of its own in the running receipt
 
     def __init__(
         self,
@@ -70,6 +70,9 @@ class QemuDestinationDriver:
         self._stream_bytes = 0
         self._transport: QemuTransport = transport_named("sealift")
         self._after_hooks: list[Hook] = []
+        self._flow: postcopy.DestinationFlow | None = None  # post-copy-capable: the stream in the background
+        self._recovery: postcopy_recovery.DestinationRecovery | None = None
+        self._disks = DestinationDisks(session, qemu_vms.disk_dir())  # storage migration (storage.py)
 
     # -- the driver's steps --------------------------------------------------------------------
 
@@ -89,13 +92,23 @@ class QemuDestinationDriver:
 
     def take_stream(self) -> dict[str, object]:
         self._receive()
+        if self._flow is not None:  # post-copy hook: the manifest may come before the stream ends
+            return postcopy.receive_manifest(
+                self._session, self._flow, self._transport.name, self._wait_incoming_complete
+            )
         self._wait_incoming_complete()
         assert self._qemu is not None  # _receive started it (_wait_incoming_complete checked it too)
+        self._disks.stop_server(self._qemu)  # -- storage hook: the source dropped its NBD clients
         run_after_hooks(self._qemu, self._after_hooks)
         return self._verify_manifest()
 
     def start_guest(self, manifest: Mapping[str, object]) -> tuple[int | None, object]:
         assert self._qemu is not None
+        if self._flow is not None and manifest.get("postcopy") is True:  # post-copy hook: runs while pages come
+            # From here a reconnecting source is expected: its Hellos wait for this migration, not for admission.
+            self._recovery = postcopy_recovery.DestinationRecovery(self._session, self._qemu)
+            pid = postcopy.run_destination(self._session, self._qemu, self._flow, self._qemu_vms, self._recover)
+            return pid, manifest.get("counter_at_pause")
         self._qemu.resume()  # QEMU announces the guest's MAC by itself after an incoming migration
         self._qemu_vms.adopt_incoming(self._qemu)
         self._qemu_vms.unreserve_incoming_name(self._session.hello.vm_name)
@@ -103,13 +116,16 @@ class QemuDestinationDriver:
 
     def discard(self, reason: str) -> None:
         hello = self._session.hello
+        self._close_flow()
         if self._qemu is not None:
             try:
                 self._qemu.kill()  # never a second copy: the source keeps the guest
             except QemuError as exc:
                 log.error("could not kill the destination QEMU of %s: %s", hello.vm_name, exc)
+            self._qemu_vms.delete_own_tap(self._qemu.net)  # a tap this agent made for it on its bridge
             (self._qemu_vms.vm_dir / f"{hello.vm_name}.sealift").unlink(missing_ok=True)
             self._qemu = None
+        self._disks.discard()  # -- storage hook: the target images this migration created go
 
     def hold(self) -> None:
         """Keep the paused guest, registered and held (busy), for the resolver."""
@@ -117,12 +133,31 @@ class QemuDestinationDriver:
             self._qemu_vms.hold_in_doubt(self._qemu)
 
     def release(self, prepared: bool) -> None:
+        self._close_flow()
+        self._disks.close()  # -- storage hook
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)
         hello = self._session.hello
         self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
         if not prepared or self._qemu is None:
             self._qemu_vms.unreserve_incoming_name(hello.vm_name)
+
+    def _close_flow(self) -> None:
+        """Post-copy: stop relaying. A QEMU still in post-copy then pauses, its guest kept for a recovery."""
+        if self._flow is not None:
+            self._flow.close()
+            self._flow = None
+        if self._recovery is not None:
+            self._recovery.release()  # the reconnections' channels may close now
+
+    def _recover(self, cause: BaseException) -> postcopy.DestinationFlow:
+        """Post-copy paused: wait for the source to reconnect, and relay the resumed stream (postcopy_recovery.py)."""
+        assert self._qemu is not None
+        if self._flow is not None:
+            self._flow.close()  # QEMU pauses on its broken connection (if it has not yet)
+        assert self._recovery is not None  # made with the post-copy (start_guest)
+        self._flow = self._recovery.recover(cause)
+        return self._flow
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -160,6 +195,7 @@ class QemuDestinationDriver:
             raise IncomingRefused(f"the {name!r} transport is disabled on this host (allow_insecure = false)")
         try:
             transport.check(MigrationOptions(secure=hello.secure, multifd_channels=spec.multifd_channels))
+            postcopy.check_transport("on" if spec.postcopy else "off", name)
         except ValueError as exc:
             raise IncomingRefused(str(exc)) from None
         if transport.secure and not s.channel.secure:
@@ -213,20 +249,29 @@ class QemuDestinationDriver:
                         timeout,
                     )
                 )
-            relay.send_opaque(data, ready, Ready(None, extra_sessions).encode())
+            disk_sessions = self._disks.new_sessions()  # -- storage hook: one stream per copied disk, after multifd's
+            relay.send_opaque(data, ready, Ready(None, extra_sessions + disk_sessions).encode())
+            if spec.postcopy:  # post-copy hook: the stream and QEMU's return path run in the background
+                self._flow = postcopy.DestinationFlow.start(data, reader, ready, qemu_socks[0], self._digest)
+                return
             for feeder in feeders:
                 feeder.start()
+            self._disks.accept_streams(data)  # -- storage hook: a failed disk stream breaks `data`
             try:
+                self._disks.wait_for_memory(data)  # -- storage hook: the main stream is silent while disks mirror
                 self._stream_bytes += relay.feed_qemu(data, reader, qemu_socks[0], self._digest)
             except (OSError, ProtocolError) as exc:
                 failed = next((f for f in feeders if f.error is not None), None)
                 if failed is not None:  # it broke the main stream: its error is the cause
                     raise MigrationError(f"multifd stream {failed.index} failed: {failed.error}") from exc
+                if self._disks.error is not None:  # a disk stream broke it: the same
+                    raise MigrationError(f"a disk stream failed: {self._disks.error}", code="stream_failed") from exc
                 raise
             for feeder in feeders:
                 feeder.join(timeout)
                 self._stream_bytes += feeder.stream_bytes
             self._stream_digests += [feeder.digest for feeder in feeders]
+            self._stream_digests += self._disks.join()  # -- storage hook: both ends of every disk stream ended
         finally:
             for sock in qemu_socks:
                 sock.close()
@@ -276,14 +321,19 @@ class QemuDestinationDriver:
             raise ProtocolError(
                 f"the guest description says {spec.memory_mib} MiB, the Hello {hello.memory_bytes} bytes"
             )
-        image = self._qemu_vms.image()
+        # -- storage hook: an operator's own kernel must be here too, the very same files
+        image = self._disks.boot_image(spec.definition, spec.image_key) or self._qemu_vms.image()
         if spec.image_key != image.key:
             raise IncomingRefused(
                 f"the source booted guest image {spec.image_key[:16]}, this host has {image.key[:16]}: "
                 f"run `sealift image build` on both hosts from the same inputs"
             )
         net = network_like(NetConfig.from_json(spec.net))
-        qemu = self._qemu = self._qemu_vms.start_incoming(hello.vm_name, spec.memory_mib, spec.extra_cmdline, net)
+        # -- storage hook: shared disks checked, copied disks' targets created
+        definition = self._disks.definition_here(spec.definition, self._transport.direct)
+        qemu = self._qemu = self._qemu_vms.start_incoming(
+            hello.vm_name, spec.memory_mib, spec.extra_cmdline, net, definition
+        )
         # The same capabilities as the source: QEMU expects both ends to agree.
         qemu.set_migration_capabilities(
             {
@@ -293,8 +343,11 @@ class QemuDestinationDriver:
                 "events": True,
             }
         )
+        if spec.postcopy:  # post-copy hook: QEMU checks userfaultfd here
+            postcopy.enable_on_destination(qemu)
         if spec.multifd_channels:
             qemu.set_migration_parameters({"multifd-channels": spec.multifd_channels})
+        self._disks.serve(qemu)  # -- storage hook: NBD server and an export per copied disk
         return qemu
 
     def _start_qemu_direct(self, spec: GuestSpec, host: str, data: socket.socket) -> int:

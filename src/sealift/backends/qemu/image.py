@@ -13,7 +13,7 @@
 - ``initramfs.cpio``: busybox (from ``busybox-static``), ``/init``
   (``guest/init.sh``), the workload (``guest/workload.c``, compiled here
   with the machine's gcc, static), and the kernel modules the Debian kernel
-  builds as modules but the guest needs (virtio PCI and network), with
+  builds as modules but the guest needs (virtio PCI, network and block), with
   their dependencies, in load order.
 
 Images are cached in ``cache_dir/<key>/``, where the key is a hash of every
@@ -32,7 +32,6 @@ Command line (the lead wires it as ``sealift image build``)::
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,17 +42,17 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lz4.block
+
 from sealift.backends.qemu import debian, kmod
 from sealift.backends.qemu.cpio import CpioEntry, write_cpio
+from sealift.backends.qemu.image_cache import MANIFEST, cached_build, last_built
 
 __all__ = [
     "DEFAULT_SECRET",
@@ -65,6 +64,7 @@ __all__ = [
     "cli_build",
     "default_cache_dir",
     "main",
+    "pvh_vmlinux",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ BUSYBOX_PACKAGE = "busybox-static"
 GUEST_MODULES: tuple[tuple[str, str], ...] = (
     ("virtio_pci", "CONFIG_VIRTIO_PCI"),
     ("virtio_net", "CONFIG_VIRTIO_NET"),
+    ("virtio_blk", "CONFIG_VIRTIO_BLK"),  # the operator's disks (definition.py)
 )
 # Bump when the builder changes what it puts into an image for the same inputs.
 FORMAT_VERSION = 2
@@ -86,11 +87,10 @@ FORMAT_VERSION = 2
 SERVICE_PORT = 7777
 DEFAULT_SECRET = "The bank amount transferred to account 4471-0093-2210 is USD 1,250,000.00 (sealift test secret)"
 
-_MANIFEST = "manifest.json"  # written last: a directory with a manifest is a complete image
+_MANIFEST = MANIFEST
 _BZIMAGE = "vmlinuz"
 _VMLINUX = "vmlinux"
 _INITRAMFS = "initramfs.cpio"
-_CURRENT = "current"  # holds the key of the last image built (the fallback when apt cannot answer)
 _GCC_TIMEOUT_S = 120.0
 
 
@@ -209,17 +209,6 @@ def _load(image_dir: Path) -> GuestImagePaths | None:
         return None  # a manifest from another builder version: rebuild
 
 
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_path``: one builder per cache directory at a time."""
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _compile_workload(out: Path) -> None:
     argv = ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(out), str(WORKLOAD_SOURCE)]
     try:
@@ -255,7 +244,37 @@ def _kernel_modules(kernel_root: Path, release: str) -> list[kmod.KernelModule]:
     return kmod.modules_to_load(wanted, index)
 
 
-def _pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
+_LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+_LZ4_LEGACY_BLOCK = 8 << 20  # the legacy format's fixed uncompressed block size
+
+
+def _lz4_legacy(payload: bytes) -> bytes:
+    """Unpack LZ4's legacy frame format (``lz4 -l``, what the kernel's build uses).
+
+    Magic, then blocks of (little-endian u32 compressed size, LZ4 block) that
+    each unpack to at most 8 MiB; the kernel's build appends the unpacked
+    size as a u32, which must match. Raises ValueError on anything else.
+    """
+    pos, blocks = len(_LZ4_LEGACY_MAGIC), []
+    while pos + 4 < len(payload):
+        size = int.from_bytes(payload[pos : pos + 4], "little")
+        if payload[pos : pos + 4] == _LZ4_LEGACY_MAGIC:  # frames may be concatenated
+            pos += 4
+            continue
+        if pos + 4 + size > len(payload):
+            break  # the trailing size field
+        try:
+            blocks.append(lz4.block.decompress(payload[pos + 4 : pos + 4 + size], uncompressed_size=_LZ4_LEGACY_BLOCK))
+        except lz4.block.LZ4BlockError as exc:
+            raise ValueError(f"bad LZ4 block at {pos}: {exc}") from exc
+        pos += 4 + size
+    out = b"".join(blocks)
+    if len(payload) - pos != 4 or int.from_bytes(payload[pos:], "little") != len(out):
+        raise ValueError("the LZ4 payload's trailing size does not match what it unpacked to")
+    return out
+
+
+def pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
     """The uncompressed kernel ELF inside a bzImage, if the kernel can be booted that way (PVH).
 
     The x86 boot header says where the compressed payload is (boot protocol
@@ -276,9 +295,11 @@ def _pvh_vmlinux(bzimage: Path, config: Path) -> bytes | None:
             elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
         elif payload.startswith(b"\x1f\x8b"):
             elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)  # gzip framing
+        elif payload.startswith(_LZ4_LEGACY_MAGIC):
+            elf = _lz4_legacy(payload)  # Debian's cloud kernel (CONFIG_KERNEL_LZ4)
         else:
             return None  # another compression: boot the bzImage, slower but correct
-    except (lzma.LZMAError, zlib.error):
+    except (lzma.LZMAError, zlib.error, ValueError):
         return None
     return elf if elf.startswith(b"\x7fELF") else None
 
@@ -334,7 +355,7 @@ def _build(inputs: _Inputs, key: str, scratch: Path) -> Path:
 
     out = scratch / "out"
     out.mkdir()
-    vmlinux = _pvh_vmlinux(vmlinuz, kernel_root / "boot" / f"config-{release}")
+    vmlinux = pvh_vmlinux(vmlinuz, kernel_root / "boot" / f"config-{release}")
     if vmlinux is not None:
         kernel_file = _VMLINUX
         (out / kernel_file).write_bytes(vmlinux)
@@ -367,28 +388,6 @@ def _build(inputs: _Inputs, key: str, scratch: Path) -> Path:
     return out
 
 
-def _write_current(cache_dir: Path, key: str) -> None:
-    tmp = cache_dir / f".{_CURRENT}.{os.getpid()}"
-    tmp.write_text(key + "\n")
-    os.replace(tmp, cache_dir / _CURRENT)
-
-
-def _last_built(cache_dir: Path) -> GuestImagePaths | None:
-    try:
-        key = (cache_dir / _CURRENT).read_text().strip()
-    except OSError:
-        return None
-    return _load(cache_dir / key) if key else None
-
-
-def _prune(cache_dir: Path, keep: set[str]) -> None:
-    """Remove image directories other than ``keep`` (each holds a ~70 MB kernel)."""
-    for entry in cache_dir.iterdir():
-        if entry.is_dir() and entry.name not in keep and (entry / _MANIFEST).exists():
-            shutil.rmtree(entry, ignore_errors=True)
-            log.info("removed old guest image %s", entry.name)
-
-
 def build_image(cache_dir: Path, force: bool = False) -> GuestImagePaths:
     """The guest image for the current inputs: from the cache, or built now (``force``: always built).
 
@@ -402,37 +401,25 @@ def build_image(cache_dir: Path, force: bool = False) -> GuestImagePaths:
     try:
         inputs = _resolve_inputs()
     except debian.DebianError as exc:
-        previous = None if force else _last_built(cache_dir)
+        previous = None if force else last_built(cache_dir, _load)
         if previous is None:
             raise ImageBuildError(f"cannot resolve the guest image's packages: {exc}") from exc
         log.warning("using the last built guest image %s: %s", previous.key, exc)
         return previous
     key = inputs.key()
-    image_dir = cache_dir / key
-    if not force and (cached := _load(image_dir)) is not None:
-        return cached
 
-    with _exclusive(cache_dir / ".build.lock"):
-        # Another builder may have finished while we waited for the lock.
-        if not force and (cached := _load(image_dir)) is not None:
-            return cached
-        with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_dir) as scratch_name:
-            scratch = Path(scratch_name)
-            try:
-                out = _build(inputs, key, scratch)
-            except (debian.DebianError, kmod.ModuleError, OSError) as exc:
-                raise ImageBuildError(f"building guest image {key} failed: {exc}") from exc
-            if image_dir.exists():
-                # A forced rebuild: move the old image out of the way inside scratch, which is removed.
-                os.rename(image_dir, scratch / "old")
-            os.rename(out, image_dir)
-        previous = _last_built(cache_dir)
-        _write_current(cache_dir, key)
-        _prune(cache_dir, {key} | ({previous.key} if previous else set()))
-    image = _load(image_dir)
-    if image is None:
-        raise ImageBuildError(f"guest image {key} was built but cannot be read back from {image_dir}")
-    log.info("built guest image %s in %s", key, image_dir)
+    def build(scratch: Path) -> Path:
+        try:
+            return _build(inputs, key, scratch)
+        except (debian.DebianError, kmod.ModuleError, OSError) as exc:
+            raise ImageBuildError(f"building guest image {key} failed: {exc}") from exc
+
+    try:
+        image, built = cached_build(cache_dir, key, _load, build, force=force)
+    except OSError as exc:
+        raise ImageBuildError(str(exc)) from exc
+    if built:
+        log.info("built guest image %s in %s", key, cache_dir / key)
     return image
 
 

@@ -50,4 +50,4 @@ class QemuKeeper:
         return vm.pid
 
     def discard_destination(self, record: MigrationRecord) -> None:
-        self._qemu_vms.release_migrated(record.vm)  # never a second copy: the source keeps the guest
+        self._qemu_vms.discard_incoming(record.vm)  # never a second copy: the source keeps the guest (and disks)

@@ -9,6 +9,9 @@ Three shapes:
 - ``tap``: a tap device on an existing bridge, the lab's VM network. The
   guest keeps its address and MAC across a migration, and QEMU's
   announce-self after the switchover tells the switches where it went.
+  Either the operator made the tap (``tap=``), or the agent makes its own
+  on a named ``bridge`` (``own_tap_name``) on each host the guest runs on,
+  and deletes it when the guest leaves.
 
 The MAC is derived from the VM's name, so the source and the destination
 of a migration present the same NIC without having to agree on anything.
@@ -23,7 +26,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-__all__ = ["NetConfig", "NetError", "create_tap", "delete_tap", "mac_for", "run_ip"]
+__all__ = ["NetConfig", "NetError", "create_tap", "delete_tap", "mac_for", "own_tap_name", "run_ip"]
 
 # QEMU's default user network: the guest is 10.0.2.15, the virtual gateway 10.0.2.2.
 USER_GUEST_IP = "10.0.2.15/24"
@@ -48,6 +51,7 @@ class NetConfig:
     tap: str | None = None  # tap: the tap device (already on its bridge)
     guest_ip: str = USER_GUEST_IP  # the guest's eth0 address, with prefix length
     gateway: str | None = USER_GATEWAY
+    bridge: str | None = None  # tap: the agent made the tap itself, on this bridge (and deletes it)
 
     @classmethod
     def none(cls) -> NetConfig:
@@ -64,8 +68,12 @@ class NetConfig:
     def validated(self) -> NetConfig:
         if self.mode == "user" and not (self.host_port and 0 < self.host_port < 65536):
             raise NetError(f"user networking needs a host UDP port in 1..65535, not {self.host_port}")
-        if self.mode == "tap" and not (self.tap and _IFNAME_RE.match(self.tap)):
+        if self.mode == "tap" and self.bridge is not None and self.tap is None:
+            pass  # the agent names and makes the tap on the bridge when the guest starts
+        elif self.mode == "tap" and not (self.tap and _IFNAME_RE.match(self.tap)):
             raise NetError(f"tap networking needs a valid interface name, not {self.tap!r}")
+        if self.bridge is not None and not (self.mode == "tap" and _IFNAME_RE.match(self.bridge)):
+            raise NetError(f"a bridge goes with tap networking and needs a valid name, not {self.bridge!r}")
         if self.mode != "none":
             try:
                 ipaddress.ip_interface(self.guest_ip)
@@ -114,13 +122,20 @@ class NetConfig:
         host_port = data.get("host_port")
         tap = data.get("tap")
         gateway = data.get("gateway")
+        bridge = data.get("bridge")
         return cls(
             mode=mode,
             host_port=int(host_port) if isinstance(host_port, int) else None,
             tap=str(tap) if tap is not None else None,
             guest_ip=str(data.get("guest_ip", USER_GUEST_IP)),
             gateway=str(gateway) if gateway is not None else None,
+            bridge=str(bridge) if bridge is not None else None,
         )
+
+
+def own_tap_name(host: str, vm: str) -> str:
+    """The tap an agent makes for guest `vm` on its bridge: per host and guest (15 characters at most)."""
+    return "sls" + hashlib.sha256(f"sealift-tap:{host}/{vm}".encode()).hexdigest()[:9]
 
 
 def run_ip(*args: str, error: type[Exception] = NetError, timeout: float = 10) -> None:

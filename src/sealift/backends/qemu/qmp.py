@@ -160,13 +160,18 @@ class QmpConnection:
     # -- commands ----------------------------------------------------------------
 
     def execute(
-        self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        oob: bool = False,
     ) -> Any:
-        """Run one QMP command and return its ``return`` value."""
+        """Run one QMP command and return its ``return`` value (`oob`: as exec-oob, which QEMU offers on its
+        QMP socket and qemu.qmp enables at negotiation)."""
         client = self._client
         if client is None:
             raise QmpDisconnected(f"{command}: not connected to QEMU's QMP socket {self.socket_path}")
-        return _run(self._execute(client, command, arguments), timeout, command)
+        return _run(self._execute(client, command, arguments, oob), timeout, command)
 
     def pass_fd(self, fd: int, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Give QEMU a copy of `fd` (SCM_RIGHTS) under `name`, for URIs such as ``fd:name``."""
@@ -184,9 +189,9 @@ class QmpConnection:
         await cls._execute(client, "getfd", {"fdname": name})
 
     @staticmethod
-    async def _execute(client: QMPClient, command: str, arguments: Mapping[str, Any] | None) -> Any:
+    async def _execute(client: QMPClient, command: str, arguments: Mapping[str, Any] | None, oob: bool = False) -> Any:
         try:
-            return await client.execute(command, dict(arguments) if arguments is not None else None)
+            return await client.execute(command, dict(arguments) if arguments is not None else None, oob=oob)
         except ExecuteError as exc:
             raise QmpCommandError(command, exc.error_class, exc.error.error.desc) from exc
         except (ExecInterruptedError, StateError, EOFError, OSError) as exc:

@@ -16,13 +16,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from sealift.backends.qemu.definition import boot_image
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
-from sealift.backends.qemu.net import NetConfig
+from sealift.backends.qemu.net import NetConfig, NetError, create_tap, delete_tap, own_tap_name
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 from sealift.errors import SealiftError
 from sealift.guests import GuestTable, TableRegistry
 from sealift.host.config import AgentConfig
+from sealift.wire.vm_definition import VmDefinition
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,19 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         extra_cmdline: str = "",
         net: NetConfig | None = None,
         image_cache: Path | None = None,
+        definition: VmDefinition | None = None,
     ) -> QemuVM:
         self._reserve_name(name)
+        try:
+            net = self._own_tap(name, net) if net is not None else None
+        except BaseException:
+            self._guests.unclaim(name)
+            raise
         # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
         # with the rest of the command line: a migration carries it to the destination's sidecar.
         extra_cmdline = with_token(extra_cmdline, new_token())
         try:
-            image = build_image(image_cache) if image_cache is not None else self.image()
+            image = self._image_for(definition, image_cache)
             vm = QemuVM.start(
                 self.vm_dir,
                 name,
@@ -108,22 +116,42 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
                 image,
                 net=net or NetConfig.user(free_udp_port()),
                 extra_cmdline=extra_cmdline,
+                definition=definition,
             )
             self._write_sidecar(name, extra_cmdline, image.key)
+        except BaseException:
+            self._delete_own_tap(net)
+            raise
         finally:
             self._guests.unclaim(name)
         self._guests.add(name, vm)
         return vm
 
-    def start_incoming(self, name: str, memory_mib: int, extra_cmdline: str, net: NetConfig) -> QemuVM:
+    def start_incoming(
+        self, name: str, memory_mib: int, extra_cmdline: str, net: NetConfig, definition: VmDefinition | None = None
+    ) -> QemuVM:
         """A destination QEMU waiting for a deferred incoming migration, never running by itself.
 
         `stop` while QEMU is in "inmigrate" clears its autostart flag (the QMP
         equivalent of -S): when the stream completes the guest stays paused
         until we `cont` it on the source's Commit.
         """
-        image = self.image()
-        vm = QemuVM.start(self.vm_dir, name, memory_mib, image, incoming="defer", net=net, extra_cmdline=extra_cmdline)
+        image = self._image_for(definition, None)
+        net = self._own_tap(name, net)
+        try:
+            vm = QemuVM.start(
+                self.vm_dir,
+                name,
+                memory_mib,
+                image,
+                incoming="defer",
+                net=net,
+                extra_cmdline=extra_cmdline,
+                definition=definition,
+            )
+        except BaseException:
+            self._delete_own_tap(net)
+            raise
         try:
             vm.pause()
             if vm.status() != "inmigrate":
@@ -131,6 +159,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
             self._write_sidecar(name, extra_cmdline, image.key)
         except BaseException:
             vm.kill()
+            self._delete_own_tap(net)
             raise
         return vm
 
@@ -167,13 +196,15 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
     def usage(self) -> tuple[int, int]:
         """(memory bytes, vCPUs) of every QEMU guest this host holds: running, paused or in doubt."""
         vms = self._guests.values()
-        return sum(vm.memory_mib for vm in vms) * MiB, len(vms)  # -smp 1
+        return sum(vm.memory_mib for vm in vms) * MiB, sum(vm.definition.cpus for vm in vms)
 
     def console(self, name: str, lines: int) -> builtins.list[str]:  # `list` is the method above here
         return self.get(name).console_tail(max(1, min(lines, 1000)))
 
     def stop(self, name: str) -> None:
-        self._guests.remove(name).stop_vm()
+        vm = self._guests.remove(name)
+        vm.stop_vm()
+        self._delete_own_tap(vm.net)
         self._sidecar(name).unlink(missing_ok=True)
 
     def stop_all(self) -> None:
@@ -187,7 +218,17 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         vm = self._guests.release(name)
         if vm is not None:
             vm.stop_vm()
+            self._delete_own_tap(vm.net)
         self._sidecar(name).unlink(missing_ok=True)
+
+    def discard_incoming(self, name: str) -> None:
+        """A received guest whose migration was aborted: quit it, and remove the disk images the migration
+        created for it (only those in this host's disk directory: never a shared disk or another file)."""
+        vm = self._guests.find(name)
+        created = [Path(d.path) for d in vm.definition.disks if Path(d.path).parent == self.disk_dir()] if vm else []
+        self.release_migrated(name)
+        for path in created:
+            path.unlink(missing_ok=True)
 
     def reserve_incoming_name(self, name: str) -> None:
         self._reserve_name(name)
@@ -222,6 +263,48 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
             if name in self._guests.vms or name in self._guests.busy:
                 raise QemuVmError(f"a QEMU VM named {name!r} already exists on {self._config.name}")
             self._guests.busy.add(name)
+
+    def _own_tap(self, name: str, net: NetConfig) -> NetConfig:
+        """A guest on a named bridge: this host's own tap for it, made now (`bridge=` of --nic)."""
+        if net.bridge is None:
+            return net
+        tap = own_tap_name(self._config.name, name)
+        try:
+            create_tap(tap, net.bridge)
+        except NetError as exc:
+            raise QemuVmError(f"cannot put guest {name!r} on bridge {net.bridge}: {exc}") from None
+        return NetConfig("tap", tap=tap, guest_ip=net.guest_ip, gateway=net.gateway, bridge=net.bridge).validated()
+
+    def delete_own_tap(self, net: NetConfig) -> None:
+        """Remove the tap this agent made for a guest that left (a tap of the operator's stays)."""
+        self._delete_own_tap(net)
+
+    @staticmethod
+    def _delete_own_tap(net: NetConfig | None) -> None:
+        if net is None or net.bridge is None or net.tap is None:
+            return
+        try:
+            delete_tap(net.tap)
+        except NetError as exc:
+            log.warning("could not delete tap %s: %s", net.tap, exc)
+
+    def _image_for(self, definition: VmDefinition | None, image_cache: Path | None) -> GuestImagePaths:
+        """The operator's kernel when the definition names one, else sealift's guest image."""
+        if definition is not None and definition.boot is not None:
+            return boot_image(definition.boot)
+        return build_image(image_cache) if image_cache is not None else self.image()
+
+    def image_key(self, name: str) -> str:
+        """The key of the image VM `name` booted (its sidecar's; a migration carries it)."""
+        try:
+            key = json.loads(self._sidecar(name).read_text()).get("image_key")
+        except (OSError, ValueError):
+            key = None
+        return str(key) if isinstance(key, str) else self.image().key
+
+    def disk_dir(self) -> Path:
+        """Where this host creates the images of disks that migrations copy in."""
+        return self.vm_dir / "disks"
 
     def _sidecar(self, name: str) -> Path:
         return self.vm_dir / f"{name}.sealift"

@@ -1,3 +1,4 @@
+# Long file: the QEMU source driver: every transport's transfer, QEMU's follow loop and post-copy's hooks in one place.
 """The source side of a QEMU guest's migration: the QEMU source driver of the one handover.
 
 QEMU migrates either into the agents' data stream (the sealift transports:
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealift.backends.qemu import relay
+from sealift.backends.qemu import postcopy, postcopy_recovery, relay, storage_hooks
 from sealift.backends.qemu.direct import Hook, run_after_hooks, start_direct
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.registry import QemuVmRegistry
@@ -30,14 +31,14 @@ from sealift.backends.qemu.transports import AuditedSa, DirectSource, QemuTransp
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.ipsec.charon import HostCharon
-from sealift.migration.errors import MigrationError
+from sealift.migration.errors import MigrationError, PostcopyPaused
 from sealift.migration.phases import Event
 from sealift.migration.report import RoundReport
 from sealift.migration.session import SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
 from sealift.wire.errors import ProtocolError
-from sealift.wire.messages import Accept, Hello
+from sealift.wire.messages import Abort, Accept, Hello
 from sealift.wire.qemu_stream import GuestSpec, Ready
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class QemuTransfer:
     qemu: dict[str, int | None]  # QEMU's figures (_qemu_figures); None where QEMU gave none
     wire_bytes: int
     rounds: int
+    postcopy: dict[str, object] | None = None  # post-copy's figures when the migration switched (postcopy.py)
 
 
 class QemuSourceDriver:
@@ -65,6 +67,8 @@ class QemuSourceDriver:
         self, session: SourceSession, vms: QemuVmRegistry, transport: QemuTransport, ipsec: HostCharon | None
     ) -> None:
         transport.check(session.options)
+        mode, after_s = postcopy.effective_mode(session.options)
+        postcopy.check_transport(mode, transport.name)
         self._session = session
         self._vms = vms
         self._transport = transport
@@ -75,6 +79,13 @@ class QemuSourceDriver:
         self._after_hooks: list[Hook] = []  # direct transports: clean-up once QEMU's migration is over
         self._channel: ControlChannel | None = None  # this migration's, once transfer() has it
         self._accept: Accept | None = None
+        # post-copy: when to switch, and what happened (backends/qemu/postcopy.py); None when off
+        self._switch = postcopy.SourceSwitch(postcopy.SwitchTrigger(mode, after_s)) if mode != "off" else None
+        self._return_path: postcopy.ReturnPath | None = None
+        self._hello: Hello | None = None  # post-copy recovery repeats it, with a fresh nonce
+        self._recovery: postcopy_recovery.SourceRecovery | None = None
+        self._resumed_data: socket.socket | None = None
+        self._disks = storage_hooks.SourceDisks(session)  # storage migration (storage.py): copied and shared disks
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -86,7 +97,7 @@ class QemuSourceDriver:
         return vm, vm.memory_mib * MiB
 
     def describe(self, vm: QemuVM, psk_proof: str | None) -> Hello:
-        return self._session.hello(
+        self._hello = self._session.hello(
             vm_name=vm.name,
             backend=BACKEND,
             memory_bytes=vm.memory_mib * MiB,
@@ -95,6 +106,7 @@ class QemuSourceDriver:
             psk_proof=psk_proof,
             image_digest=None,
         )
+        return self._hello
 
     def transfer(self, channel: ControlChannel, accept: Accept, address: tuple[str, int], vm: QemuVM) -> QemuTransfer:
         s = self._session
@@ -105,19 +117,31 @@ class QemuSourceDriver:
         npages = vm.memory_mib * MiB // relay.PAGE
         writer = DataStreamWriter(outgoing, npages, None)
         self._digest = relay.StreamDigest(outgoing.overhead)
+        # -- storage hook: the definition to send; shared disks get a check file beside their image
+        definition = self._disks.prepare(vm, self._transport.name, self._transport.direct)
+        if self._switch is not None and self._disks.copied:
+            # The mirror's NBD streams end at the switchover, but post-copy's pages are fetched after it:
+            # not combined yet (the guest runs on here).
+            raise postcopy.PostcopyUnavailable(
+                f"{vm.name} has disks to copy: post-copy with storage migration is not supported; "
+                "migrate without --postcopy, or with shared disks"
+            )
         data = open_data_stream(address, accept.session_id, 0, s.config.step_timeout_s)
         try:
             spec = GuestSpec(
                 vm.memory_mib,
                 self._vms.extra_cmdline(vm.name),
                 vm.net.to_json(),
-                self._vms.image().key,
+                self._vms.image_key(vm.name),  # sealift's guest image, or the operator's kernel
                 self._transport.name,
                 s.options.multifd_channels,
                 s.options.xbzrle,
+                postcopy=self._switch is not None,
+                definition=definition,
             )
             relay.send_opaque(data, writer, spec.encode(), self._digest)
-            ready = self._await_destination_ready(channel, data, DataStreamReader(incoming, npages))
+            back = DataStreamReader(incoming, npages)  # post-copy: QEMU's return path continues it
+            ready = self._await_destination_ready(channel, data, back)
             self._configure(vm)
             if self._transport.direct:
                 if ready.port is None:
@@ -125,13 +149,15 @@ class QemuSourceDriver:
                         f"{s.destination} reported no QEMU port for the {self._transport.name} transport"
                     )
                 return self._transfer_direct(vm, data, writer, (address[0], ready.port))
-            if len(ready.extra_sessions) != s.options.multifd_channels:
+            multifd, disks = self._disks.split_sessions(ready.extra_sessions)  # -- storage hook
+            if len(multifd) != s.options.multifd_channels:
                 raise MigrationError(
-                    f"{s.destination} opened {len(ready.extra_sessions)} streams for "
-                    f"{s.options.multifd_channels} multifd channels"
+                    f"{s.destination} opened {len(multifd)} streams for {s.options.multifd_channels} multifd channels"
                 )
-            return self._transfer_through_channel(vm, data, writer, ready.extra_sessions, address)
+            return self._transfer_through_channel(vm, data, writer, multifd, address, back, disks)
         finally:
+            if self._return_path is not None:
+                self._return_path.stop()
             data.close()
 
     def manifest_fields(self, transfer: QemuTransfer) -> tuple[dict[str, object], dict[str, object]]:
@@ -151,16 +177,22 @@ class QemuSourceDriver:
         report.pages_sent = transfer.qemu.get("ram_normal_pages") or 0
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
+        self._disks.fill_report(report)  # -- storage hook
         report.stop_reason = (
             f"qemu: total {transfer.qemu.get('total_time_ms')} ms, downtime "
             f"{transfer.qemu.get('downtime_ms')} ms" + self._feature_note()
         )
+        if transfer.postcopy is not None:  # post-copy's phases and figures (postcopy.py)
+            report.postcopy = transfer.postcopy
+            report.downtime_ms = float(transfer.qemu.get("downtime_ms") or 0)  # QEMU's: stop to device state sent
+            report.stop_reason += f"; switched to post-copy {transfer.postcopy['reason']}"
 
     def resume(self, vm: QemuVM) -> bool:
         if self._pump is not None:
             # A QEMU stuck writing its final state to a stream nobody reads holds its big lock (QMP
             # does not answer) until that connection breaks: break it first, then QEMU fails and answers.
             self._pump.stop()
+        self._disks.abort()  # -- storage hook: mirror jobs ended, NBD nodes gone; the source's disk is untouched
         try:
             return resume_source(vm)
         except QemuError as error:
@@ -176,6 +208,9 @@ class QemuSourceDriver:
     def cleanup(self, vm: QemuVM) -> None:
         if self._pump is not None:
             self._pump.stop()
+        if self._resumed_data is not None:
+            self._resumed_data.close()
+        self._disks.cleanup()  # -- storage hook: share check files removed, anything left stopped
         run_after_hooks(vm, self._after_hooks)  # after an abort: QEMU's migration has ended either way
         if self._sa is not None:
             self._sa.close_logged(self._session.migration_id)  # normally done by the after hook
@@ -190,6 +225,7 @@ class QemuSourceDriver:
             "multifd": options.multifd_channels > 0,
             "xbzrle": options.xbzrle,
             "events": True,  # MIGRATION events wake _follow at pre-switchover instead of its next poll
+            "postcopy-ram": self._switch is not None,  # both ends: the destination sets it from the GuestSpec
         }
         vm.set_migration_capabilities(capabilities)  # all of them: a VM migrated before may have others set
         parameters: dict[str, object] = {
@@ -198,6 +234,8 @@ class QemuSourceDriver:
         }
         if options.multifd_channels:
             parameters["multifd-channels"] = options.multifd_channels
+        if self._switch is not None:  # the bandwidth limit holds in post-copy too (0: QEMU's "unlimited")
+            parameters["max-postcopy-bandwidth"] = options.bandwidth_limit_bps or 0
         if options.xbzrle and options.xbzrle_cache_bytes:
             parameters["xbzrle-cache-size"] = options.xbzrle_cache_bytes
         vm.set_migration_parameters(parameters)
@@ -214,6 +252,8 @@ class QemuSourceDriver:
         writer: DataStreamWriter,
         extra_sessions: tuple[bytes, ...],
         address: tuple[str, int],
+        back: DataStreamReader,
+        disk_sessions: tuple[bytes, ...],
     ) -> QemuTransfer:
         """QEMU -> unix socket -> OPAQUE records on data streams (the sealift and sealift-plain transports).
 
@@ -243,13 +283,17 @@ class QemuSourceDriver:
                         relay.StreamDigest(outgoing.overhead),
                     )
                 )
-            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir)
-            info, paused_at = self._follow(vm, data, group)
+            # -- storage hook: every copied disk mirrored and ready before the memory migration starts
+            self._disks.mirror(vm, disk_sessions, channel, accept, address)
+            group = self._pump = self._start_pumps(vm, pumps, listener, sock_dir, data, back)
+            info, paused_at, group = self._follow_recovering(vm, data, group, address)
             group.wait(timeout)
+            disk_digests = self._disks.finish()  # -- storage hook: NBD nodes deleted, disk streams ended
             return QemuTransfer(
+                postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
                 paused_at=paused_at,
                 stream_bytes=group.stream_bytes,
-                digest=group.digest(),
+                digest=relay.combined_digest([p.digest for p in group.pumps] + disk_digests),
                 qemu=_qemu_figures(info),
                 wire_bytes=group.wire_bytes or group.stream_bytes,
                 rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
@@ -263,7 +307,13 @@ class QemuSourceDriver:
                 shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _start_pumps(
-        self, vm: QemuVM, pumps: list[relay.SourcePump], listener: socket.socket | None, sock_dir: Path | None
+        self,
+        vm: QemuVM,
+        pumps: list[relay.SourcePump],
+        listener: socket.socket | None,
+        sock_dir: Path | None,
+        data: socket.socket,
+        back: DataStreamReader,
     ) -> relay.SourcePumps:
         """Start QEMU migrating into the pumps: one socket of ours (``fd:``), or ``unix:`` for multifd.
 
@@ -275,6 +325,8 @@ class QemuSourceDriver:
             ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             relay.widen_send_buffer(qemus)
             group = relay.SourcePumps(pumps, first=ours)
+            if self._switch is not None:  # QEMU's return path: the destination's records into QEMU's socket
+                self._return_path = postcopy.ReturnPath.to_qemu(data, back, ours.dup()).start()
             group.start()
             try:
                 vm.migrate_to_socket(qemus)
@@ -346,9 +398,9 @@ class QemuSourceDriver:
         try:
             event = relay.read_record(data, reader)
         except (OSError, ConnectionError, ProtocolError) as exc:
-            reason = _peer_abort_reason(channel)
-            if reason is not None:
-                raise MigrationError(f"{s.destination} aborted: {reason}") from None
+            abort = _peer_abort(channel)
+            if abort is not None:  # its code too: e.g. shared_disk_not_shared, for the report and the operator
+                raise MigrationError(f"{s.destination} aborted: {abort.reason}", code=abort.code) from None
             if isinstance(exc, socket.timeout):
                 raise MigrationError(
                     f"{s.destination} did not start its QEMU within {s.config.step_timeout_s:.0f} s"
@@ -367,12 +419,26 @@ class QemuSourceDriver:
         round_started = followed_since = time.monotonic()
         while True:
             if pump is not None and pump.error is not None:
-                raise MigrationError(f"the data stream to {s.destination} failed: {pump.error}", code="stream_failed")
+                raise self._stream_failure(f"the data stream to {s.destination} failed: {pump.error}")
+            self._disks.check()  # -- storage hook: a failed disk stream or mirror job ends the migration
             info = vm.query_migrate()
             status = info.get("status", "none")
             ram = info.get("ram", {})
-            if status in ("failed", "cancelled"):
+            if self._switch is not None:  # post-copy hook: the switch, and QEMU's own states after it
+                switched = self._postcopy_step(vm, status, ram, time.monotonic() - followed_since)
+                paused_at = switched if switched is not None else paused_at
+                if self._switch.switched and status == "pre-switchover":
+                    self._switch.continue_switchover(vm)
+            if status == "failed" and self._switch is not None and self._switch.switched:
+                # Not paused: QEMU failed the switch itself (the stream broke before its post-copy began), so
+                # nothing can be resumed; the destination QEMU never had the device state to run the guest.
                 raise MigrationError(
+                    f"QEMU failed the migration at the post-copy switch ({info.get('error-desc', 'no reason')}); "
+                    f"the destination QEMU never ran the guest; it is held here for an operator",
+                    code="postcopy_paused",
+                )
+            if status in ("failed", "cancelled", "postcopy-paused"):
+                raise self._stream_failure(
                     f"QEMU reported the migration {status}: {info.get('error-desc', 'no reason given')}"
                 )
             if paused_at is None and status in ("setup", "active"):
@@ -383,6 +449,7 @@ class QemuSourceDriver:
                 s.report.counter_at_pause = vm.counter()
                 s.enter(Event.PAUSE_GUEST)
                 self._check_destination(data)
+                self._disks.at_switchover()  # -- storage hook: the mirror jobs end cleanly, no pivot
                 vm.migrate_continue("pre-switchover")
                 s.mark("switchover_check", paused_at)  # how much of QEMU's downtime our check holds it
             elif status == "completed":
@@ -407,7 +474,7 @@ class QemuSourceDriver:
                     },
                 )
             elif time.monotonic() - last_progress > s.config.step_timeout_s:
-                raise MigrationError(
+                raise self._stream_failure(
                     f"QEMU's migration made no progress for {s.config.step_timeout_s:.0f} s ({status})"
                 )
             vm.wait_event(relay.POLL_S)  # QEMU's MIGRATION events (pre-switchover, completed) end the wait at once
@@ -415,7 +482,7 @@ class QemuSourceDriver:
     def _check_completion_timeout(self, elapsed_s: float, ram: dict[str, Any]) -> None:
         """Before the switchover only: past it the guest is already stopped and giving up gains nothing."""
         limit = self._session.options.completion_timeout_s
-        if limit is None or elapsed_s <= limit:
+        if limit is None or elapsed_s <= limit or self._session.options.completion_action == "postcopy":
             return
         dirty_mib_s = float(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", relay.PAGE)) / MiB
         link_mib_s = float(ram.get("mbps", 0.0)) * 1e6 / 8 / MiB
@@ -428,6 +495,13 @@ class QemuSourceDriver:
     def _check_destination(self, data: socket.socket) -> None:
         """At pre-switchover: is the destination still there? It never writes on the data stream,
         so anything readable there means it closed or reset the connection."""
+        if self._return_path is not None:  # the return path reads the data stream: ask it instead
+            if self._return_path.alive:
+                return
+            raise MigrationError(
+                f"{self._session.destination} closed the data stream before the switchover "
+                f"({self._return_path.error or 'its return path ended'})"
+            )
         readable, _, _ = select.select([data], [], [], 0)
         if not readable:
             return  # nothing to read: the connection is open
@@ -453,11 +527,66 @@ class QemuSourceDriver:
         self._session.report.round_reports.append(report)
         self._session.progress("round", report.to_dict())
 
+    # -- post-copy hooks (backends/qemu/postcopy.py holds the logic) ------------------------------
+
+    def _follow_recovering(
+        self, vm: QemuVM, data: socket.socket, group: relay.SourcePumps, address: tuple[str, int]
+    ) -> tuple[dict[str, Any], float, relay.SourcePumps]:
+        """_follow, and after the switch, a recovery each time the post-copy pauses (postcopy_recovery.py)."""
+        while True:
+            try:
+                info, paused_at = self._follow(vm, data, group)
+                if self._switch is not None and self._switch.switched_at is not None:
+                    paused_at = self._switch.switched_at  # the guest stopped at the switch, however many resumes
+                return info, paused_at, group
+            except PostcopyPaused as exc:
+                if self._switch is None or self._switch.switched_at is None or self._hello is None:
+                    raise
+                group.stop()
+                if self._return_path is not None:
+                    self._return_path.stop()
+                if self._recovery is None:
+                    self._recovery = postcopy_recovery.SourceRecovery(self._session, vm, address, self._hello)
+                self._session.enter(Event.FAIL, error=str(exc))  # postcopy-active -> postcopy-paused
+                resumed = self._recovery.recover(exc, postcopy.manifest_fields(self._transport.name))
+                group = self._pump = resumed.pumps
+                self._return_path, data = resumed.return_path, resumed.data
+                if self._resumed_data is not None:
+                    self._resumed_data.close()
+                self._resumed_data = data
+                self._switch.recoveries = self._recovery.count
+
+    def _postcopy_step(self, vm: QemuVM, status: str, ram: dict[str, Any], elapsed_s: float) -> float | None:
+        """The switch, once its trigger fires: the coordinator decides (receipt, durable decision, Commit) first."""
+        assert self._switch is not None
+        s = self._session
+        if self._switch.decide is None and s.decide_postcopy is not None:
+            decide = s.decide_postcopy
+
+            def decide_now() -> None:
+                s.report.counter_at_pause = vm.counter()  # the guest's counter as the switch is decided
+                decide(postcopy.manifest_fields(self._transport.name))
+
+            self._switch.decide = decide_now
+        if self._return_path is not None and self._return_path.error is not None:
+            raise self._stream_failure(f"QEMU's return path from {s.destination} failed: {self._return_path.error}")
+        switched = self._switch.poll(vm, status, ram, elapsed_s)
+        if switched is not None:
+            s.progress("phase", {"phase": "postcopy-active", "reason": self._switch.reason})
+        return switched
+
+    def _stream_failure(self, message: str) -> MigrationError:
+        """Before the switch an ordinary failure (the guest resumes here); after it, a paused post-copy."""
+        if self._switch is not None and self._switch.switched:
+            return PostcopyPaused(message)
+        return MigrationError(message, code="stream_failed")
+
     def _feature_note(self) -> str:
         options = self._session.options
         notes = [f"multifd {options.multifd_channels} channels"] if options.multifd_channels else []
         notes += ["xbzrle"] if options.xbzrle else []
         notes += ["auto-converge"] if options.auto_converge else []
+        notes += [f"post-copy {options.postcopy}"] if self._switch is not None else []
         if self._sa is not None and self._sa.record is not None:
             record = self._sa.record
             notes.append(f"ipsec backend {record.backend}, {record.encryption}, {record.dh_group}")
@@ -493,13 +622,12 @@ def stop_time(vm: QemuVM, fallback: float) -> float:
     return time.monotonic() - age if 0 <= age < 60 else fallback
 
 
-def _peer_abort_reason(channel: ControlChannel) -> str | None:
+def _peer_abort(channel: ControlChannel) -> Abort | None:
     """The destination's Abort, if it sent one (it says why it gave up), within a second."""
     try:
-        abort = channel.abort_within(1.0)
+        return channel.abort_within(1.0)
     except (OSError, ProtocolError):
         return None
-    return None if abort is None else abort.reason
 
 
 def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:

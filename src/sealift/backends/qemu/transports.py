@@ -35,7 +35,7 @@ from sealift.migration.errors import MigrationError
 from sealift.migration.options import MigrationOptions
 from sealift.security.identity import HostIdentity
 from sealift.security.psk import PskSession
-from sealift.wire.qemu_stream import MAX_EXTRA_STREAMS
+from sealift.wire.qemu_stream import MAX_MULTIFD
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ class QemuTransport:
             raise ValueError(f"the {self.name!r} transport is the secure one: drop --insecure, or use 'plain'")
         if not self.secure and options.secure:
             raise ValueError(f"the {self.name!r} transport carries guest memory in clear: it needs --insecure")
-        if options.multifd_channels > MAX_EXTRA_STREAMS and not self.direct:
+        if options.multifd_channels > MAX_MULTIFD and not self.direct:
             raise ValueError(
-                f"the {self.name!r} transport carries at most {MAX_EXTRA_STREAMS} multifd channels, "
+                f"the {self.name!r} transport carries at most {MAX_MULTIFD} multifd channels, "
                 f"not {options.multifd_channels}"
             )
 

@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from sealift.backends.process import file_tail, proc_cmdline, wait_until
+from sealift.backends.qemu.definition import blockdev_args
 from sealift.backends.qemu.host import HostError, choose_accel, qemu_binary
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths
 from sealift.backends.qemu.net import NetConfig, NetError
 from sealift.backends.qemu.qmp import DEFAULT_TIMEOUT_S, QmpConnection, QmpDisconnected, QmpError
 from sealift.errors import SealiftError
+from sealift.wire.vm_definition import VmDefinition
 
 __all__ = ["QemuError", "QemuVM", "VmRecord", "list_vms"]
 
@@ -120,9 +122,10 @@ class _Spec:
     cmdline: str
     incoming: str | None
     net: NetConfig
+    definition: VmDefinition = VmDefinition()  # vCPUs and disks (definition.py)
 
     def to_json(self) -> str:
-        data = {**self.__dict__, "net": self.net.to_json()}
+        data = {**self.__dict__, "net": self.net.to_json(), "definition": self.definition.to_json()}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -138,8 +141,9 @@ class _Spec:
                 cmdline=str(data["cmdline"]),
                 incoming=data.get("incoming"),
                 net=NetConfig.from_json(data["net"]),
+                definition=VmDefinition.from_json(data["definition"]) if "definition" in data else VmDefinition(),
             )
-        except (OSError, ValueError, KeyError, TypeError, NetError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, NetError, SealiftError) as exc:
             raise QemuError(f"cannot read VM description {path}: {exc}") from exc
 
 
@@ -171,7 +175,7 @@ def _qemu_argv(spec: _Spec, paths: _Paths) -> list[str]:
         "-accel",
         spec.accel,
         "-smp",
-        "1",
+        str(spec.definition.cpus),
         "-m",
         _ram_size_arg(spec),
         "-nodefaults",
@@ -195,6 +199,7 @@ def _qemu_argv(spec: _Spec, paths: _Paths) -> list[str]:
         str(paths.pid),
     ]
     argv += spec.net.qemu_args(spec.name, SERVICE_PORT)
+    argv += blockdev_args(spec.definition)
     if spec.incoming is not None:
         argv += ["-incoming", spec.incoming]
     return argv
@@ -235,6 +240,7 @@ class QemuVM:
         net: NetConfig | None = None,
         extra_cmdline: str = "",
         accel: str | None = None,
+        definition: VmDefinition | None = None,
     ) -> QemuVM:
         """Launch QEMU for VM ``name`` and connect to its QMP socket.
 
@@ -265,6 +271,7 @@ class QemuVM:
             cmdline=" ".join(filter(None, ("console=ttyS0 quiet panic=-1", net.kernel_args(), extra_cmdline))),
             incoming=incoming,
             net=net,
+            definition=definition or VmDefinition(),
         )
         try:
             argv = _qemu_argv(spec, paths)
@@ -371,6 +378,10 @@ class QemuVM:
         return self._spec.net
 
     @property
+    def definition(self) -> VmDefinition:
+        return self._spec.definition
+
+    @property
     def console_path(self) -> Path:
         return self._paths.console
 
@@ -462,10 +473,20 @@ class QemuVM:
 
     # -- QMP -----------------------------------------------------------------------
 
-    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
-        """Run any QMP command (time-bounded); QEMU's refusal becomes a QemuError."""
+    def qmp(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        oob: bool = False,
+    ) -> Any:
+        """Run any QMP command (time-bounded); QEMU's refusal becomes a QemuError.
+
+        `oob`: out of band (exec-oob), for the few commands QEMU runs while its main loop is blocked,
+        e.g. migrate-recover on a destination whose post-copy paused with a vCPU waiting on a page.
+        """
         try:
-            return self._qmp.execute(command, arguments, timeout=timeout)
+            return self._qmp.execute(command, arguments, timeout=timeout, oob=oob)
         except QmpError as exc:
             raise QemuError(f"VM {self.name}: {exc}") from exc
 
@@ -503,11 +524,14 @@ class QemuVM:
     def query_migrate_parameters(self) -> dict[str, Any]:
         return dict(self.qmp("query-migrate-parameters"))
 
-    def migrate(self, uri: str) -> None:
-        """Start an outgoing migration (returns at once; follow it with :meth:`query_migrate`)."""
-        self.qmp("migrate", {"uri": uri})
+    def migrate(self, uri: str, resume: bool = False) -> None:
+        """Start an outgoing migration (returns at once; follow it with :meth:`query_migrate`).
 
-    def migrate_to_socket(self, sock: socket.socket, name: str = "sealift-migration") -> None:
+        `resume`: go on with a post-copy paused by a broken connection (the destination ran migrate-recover).
+        """
+        self.qmp("migrate", {"uri": uri, "resume": True} if resume else {"uri": uri})
+
+    def migrate_to_socket(self, sock: socket.socket, name: str = "sealift-migration", resume: bool = False) -> None:
         """Start an outgoing migration into `sock`, a connected socket of ours that QEMU gets a copy of.
 
         Unlike ``unix:`` (QEMU opens the socket), the caller sets the socket's
@@ -518,7 +542,7 @@ class QemuVM:
         except QmpError as exc:
             raise QemuError(f"VM {self.name}: {exc}") from exc
         try:
-            self.migrate(f"fd:{name}")
+            self.migrate(f"fd:{name}", resume)
         except QemuError:
             self._close_named_fd(name)
             raise
@@ -620,6 +644,11 @@ class QemuVM:
             "status": status,
             "counter": self.counter(),
             "net": self._spec.net.to_json(),
+            "cpus": self._spec.definition.cpus,
+            "disks": [
+                {"path": d.path, "format": d.format, "virtual_size": d.virtual_size, "shared": d.shared}
+                for d in self._spec.definition.disks
+            ],
             "console": str(self._paths.console),
         }
 

@@ -6,4 +6,5 @@ from sealift.lab.attacks import (  # noqa: F401  (T1-T4, T13; T8, T11)  # noqa: 
     ipsec,  # noqa: F401  (T1, T4, T13 on QEMU's ipsec transport)
     monitoring,
     resilience,
+    storage,  # noqa: F401  (T1, T2 on a QEMU guest's disk stream)
 )

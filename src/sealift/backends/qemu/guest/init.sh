@@ -10,6 +10,8 @@
 # Command line:
 #   sealift.ip=10.0.2.15/24   eth0's address ("none": leave eth0 down)
 #   sealift.gw=10.0.2.2       default gateway ("none": no default route)
+#   sealift.disk=write        write numbered records to /dev/vda for ever (the
+#                             storage migration tests: see disk_writer below)
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -30,8 +32,30 @@ for word in $(cat /proc/cmdline); do
     case "$word" in
         sealift.ip=*) ip_addr="${word#sealift.ip=}" ;;
         sealift.gw=*) gateway="${word#sealift.gw=}" ;;
+        sealift.disk=write) disk_write=yes ;;
     esac
 done
+
+# Record n is the 4 KiB block 8192 + n % 8192 of /dev/vda (from 32 MiB on), holding
+# "sealift-disk-record n", written with fsync, so each one has reached QEMU
+# before the next begins. A test reads both images after a migration: every
+# record the source wrote before the switchover must be on the destination.
+disk_writer() {
+    tries=0
+    while [ ! -b /dev/vda ] && [ "$tries" -lt 50 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+    [ -b /dev/vda ] || { say "sealift.disk=write but no /dev/vda"; return; }
+    n=0
+    while :; do
+        printf 'sealift-disk-record %010d\n' "$n" |
+            dd of=/dev/vda bs=4096 seek=$((8192 + n % 8192)) conv=notrunc,sync,fsync 2>/dev/null ||
+            say "disk record $n failed"
+        [ $((n % 10)) -eq 0 ] && echo "sealift-disk $n"
+        n=$((n + 1))
+    done
+}
 
 ip link set lo up
 # The NIC's driver probes asynchronously after insmod: give it a moment.
@@ -49,6 +73,8 @@ else
     [ "$gateway" = none ] || ip route add default via "$gateway"
     say "eth0 $ip_addr gateway $gateway mac $(cat /sys/class/net/eth0/address)"
 fi
+
+[ "$disk_write" = yes ] && disk_writer &
 
 say "starting workload ($(grep MemAvailable /proc/meminfo | tr -s ' '))"
 /bin/workload
