@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.backends.libvirt.registry import LibvirtRegistry
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.errors import SealiftError
 from sealift.host.config import AgentConfig, parse_size
@@ -74,6 +75,7 @@ class ControlledAgent(Protocol):
     authority: Authority
     vms: BuiltinVmRegistry
     qemu_vms: QemuVmRegistry
+    libvirt_domains: LibvirtRegistry | None  # [libvirt]: this host's libvirt domains
     monitor: MonitorService
 
     def migrate(self, request: MigrateRequest) -> MigrationReport: ...
@@ -186,12 +188,16 @@ class ControlServer:
         return {"vm": self._agent.vms.info(vm.name)}
 
     def _op_vm_list(self, request: dict, emit: Emit) -> dict:
-        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list()}
+        domains = self._agent.libvirt_domains
+        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list() + (domains.list() if domains else [])}
 
     def _op_vm_info(self, request: dict, emit: Emit) -> dict:
         name = _field(request, "name", str)
         if self._agent.qemu_vms.has(name):
             return {"vm": self._agent.qemu_vms.info(name)}
+        domains = self._agent.libvirt_domains
+        if domains is not None and not self._agent.vms.has(name) and domains.has(name):
+            return {"vm": domains.info(name)}
         return {"vm": self._agent.vms.info(name)}
 
     def _op_vm_console(self, request: dict, emit: Emit) -> dict:
@@ -211,8 +217,11 @@ class ControlServer:
 
     def _op_vm_stop(self, request: dict, emit: Emit) -> dict:
         name = _field(request, "name", str)
+        domains = self._agent.libvirt_domains
         if self._agent.qemu_vms.has(name):
             self._agent.qemu_vms.stop(name)
+        elif domains is not None and not self._agent.vms.has(name) and domains.has(name):
+            domains.stop(name)
         else:
             self._agent.vms.stop(name)
         return {"stopped": name}

@@ -21,6 +21,10 @@ from sealift.agent.notify import sd_notify
 from sealift.agent.port import PortConnection, PortTable, StalledOpening, peek_opening
 from sealift.backends.builtin.migration import BuiltinDestinationDriver, BuiltinKeeper, BuiltinSourceDriver
 from sealift.backends.builtin.registry import BuiltinVmRegistry
+from sealift.backends.libvirt.destination import LibvirtDestinationDriver
+from sealift.backends.libvirt.keeper import LibvirtKeeper
+from sealift.backends.libvirt.registry import LibvirtRegistry
+from sealift.backends.libvirt.source import LibvirtSourceDriver
 from sealift.backends.qemu.destination import QemuDestinationDriver
 from sealift.backends.qemu.keeper import QemuKeeper
 from sealift.backends.qemu.postcopy_recovery import RECOVERIES
@@ -71,7 +75,11 @@ class Agent:
         self.qemu_vms = QemuVmRegistry(config)  # QEMU guests: their own registry (backends/qemu/registry.py)
         self.vms = BuiltinVmRegistry(config, self.store, other_guests=self.qemu_vms.usage)  # admission counts both
         self.qemu_vms.adopt_existing()
-        self.registries: tuple[VmRegistry, ...] = (self.vms, self.qemu_vms)  # every backend's guests
+        # libvirt domains (issue 19): libvirtd keeps them; the registry asks it. Only with a [libvirt] section.
+        self.libvirt_domains = LibvirtRegistry(config.libvirt, config.name) if config.libvirt is not None else None
+        self.registries: tuple[VmRegistry, ...] = (self.vms, self.qemu_vms) + (
+            (self.libvirt_domains,) if self.libvirt_domains is not None else ()
+        )  # every backend's guests
         self.sessions = DataSessions()
         # strongSwan's charon for the ipsec transport: started on the first such migration, stopped with the agent.
         self.ipsec = HostCharon(config.state_dir / "ipsec")
@@ -106,7 +114,11 @@ class Agent:
         self.placer = Placer(config, self.identity)
         self.context = MigrationContext(config, self.identity, self.store, self.authority, self.sessions)
         self.keepers = Keepers(
-            {"builtin": BuiltinKeeper(self.vms), "qemu": QemuKeeper(self.qemu_vms)},
+            {
+                "builtin": BuiltinKeeper(self.vms),
+                "qemu": QemuKeeper(self.qemu_vms),
+                "libvirt": LibvirtKeeper(self.libvirt_domains),
+            },
             fallback="builtin",
             legacy_owner=lambda vm: "qemu" if self.qemu_vms.has(vm) else "builtin",
         )
@@ -181,6 +193,8 @@ class Agent:
         self.metrics.stop()
         self.ipsec.stop()
         self.authority.close()
+        if self.libvirt_domains is not None:
+            self.libvirt_domains.close()
         self.store.close()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -356,7 +370,8 @@ class Agent:
             if hello.migration_id in self._active:
                 return
             self._active.add(hello.migration_id)
-        backend, transport = ("qemu" if hello.backend == "qemu" else "builtin"), ("tls" if hello.secure else "plain")
+        backend = hello.backend if hello.backend in ("qemu", "libvirt") else "builtin"
+        transport = "tls" if hello.secure else "plain"
         self.metrics.incoming_started(backend, transport)
         session: DestinationSession | None = None
         escaped: str | None = None  # the code of a failure the coordinator did not handle itself
@@ -365,6 +380,8 @@ class Agent:
             driver: DestinationDriver
             if hello.backend == "qemu":
                 driver = QemuDestinationDriver(session, self.vms, self.qemu_vms, self.ipsec)
+            elif hello.backend == "libvirt":
+                driver = LibvirtDestinationDriver(session, self.vms, self.libvirt_domains)
             else:
                 driver = BuiltinDestinationDriver(session, self.vms)
             DestinationCoordinator(session, driver).run()
@@ -393,11 +410,15 @@ class Agent:
             raise PermissionError(
                 "plaintext migration is disabled on this host (set allow_insecure = true to measure it)"
             )
-        backend = "qemu" if self.qemu_vms.has(request.vm_name) else "builtin"
+        backend = self._backend_of(request.vm_name)
         flight = self.metrics.outgoing(request.vm_name)  # its in-flight series, moved by its progress events
         progress = self.metrics.progress_observer(flight, request.progress)
         strategy: QemuTransport | None = None  # QEMU guests: how QEMU's stream travels
-        if backend == "qemu":
+        if backend == "libvirt":
+            if request.transport not in (None, "sealift"):
+                raise ValueError("libvirt domains migrate only through the agents (transport sealift)")
+            transport = "tls" if request.options.secure else "plain"
+        elif backend == "qemu":
             strategy = (
                 transport_named(request.transport) if request.transport else default_transport(request.options.secure)
             )
@@ -410,7 +431,10 @@ class Agent:
             self.context, request.vm_name, request.destination, request.options, request.order, transport, progress
         )
         run_migration: Callable[[], MigrationReport]  # the source coordinator of the guest's backend
-        if strategy is None:
+        if backend == "libvirt":
+            assert self.libvirt_domains is not None  # _backend_of found the domain there
+            run_migration = SourceCoordinator(session, LibvirtSourceDriver(session, self.libvirt_domains)).run
+        elif strategy is None:
             run_migration = SourceCoordinator(session, BuiltinSourceDriver(session, self.vms)).run
         else:
             driver = QemuSourceDriver(session, self.qemu_vms, strategy, self.ipsec)
@@ -431,6 +455,14 @@ class Agent:
                 self._active.discard(session.migration_id)
             phase = self._phase(session.migration_id)
             self.metrics.outgoing_finished(flight, session.report, backend, phase, code)
+
+    def _backend_of(self, vm_name: str) -> str:
+        """Which backend holds the guest: QEMU's registry, then the built-in one, then libvirt's domains."""
+        if self.qemu_vms.has(vm_name):
+            return "qemu"
+        if not self.vms.has(vm_name) and self.libvirt_domains is not None and self.libvirt_domains.has(vm_name):
+            return "libvirt"
+        return "builtin"
 
     def _phase(self, migration_id: str) -> str | None:
         """A migration's phase as its record says (None: it never got one, e.g. refused up front)."""

@@ -8,8 +8,10 @@ from sealift.cli.common import add_migration_flags, migration_options, print_jso
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="migrate a running VM (built-in or QEMU) between two local agents, securely")
-    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"])
+    p = sub.add_parser(
+        "demo", help="migrate a running VM (built-in, QEMU or libvirt) between two local agents, securely"
+    )
+    p.add_argument("--backend", default="builtin", choices=["builtin", "qemu", "libvirt"])
     p.add_argument("--memory", default="256M")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

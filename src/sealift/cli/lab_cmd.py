@@ -17,7 +17,8 @@ from sealift.cli.common import print_failure_json
 if TYPE_CHECKING:
     from sealift.lab.session import Backend
 
-BACKENDS: tuple[Backend, ...] = ("builtin", "qemu")
+BACKENDS: tuple[Backend, ...] = ("builtin", "qemu")  # the default run
+CHOICES: tuple[Backend, ...] = (*BACKENDS, "libvirt")  # libvirt's rows (T1) run when asked: --backend libvirt
 
 
 def add_lab_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
         "--skip",
         help="comma-separated threats or attack groups to leave out, e.g. T11 (with --only: --only ipsec --skip T4)",
     )
-    p.add_argument("--backend", choices=BACKENDS, help="only this backend (default: both)")
+    p.add_argument("--backend", choices=CHOICES, help="only this backend (default: builtin and qemu)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout')
     p.add_argument("--out", default="lab-results", help="results folder (default ./lab-results); one subfolder per run")
     p.add_argument("--keep", action="store_true", help="keep the agents' state and logs under the results folder")

@@ -68,6 +68,20 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    """[libvirt]: this host's libvirtd, whose domains the agent lists and migrates (backends/libvirt)."""
+
+    uri: str  # e.g. "qemu:///system", or "qemu+unix:///system?socket=PATH" (a lab host's libvirtd)
+    # Where the migration sockets live, as libvirt and its QEMUs see them: the same path on every host
+    # (libvirt gives QEMU the same unix:// URI at both ends).
+    socket_dir: str = "/run/libvirt/sealift"
+    # Where this agent sees the host's /run/libvirt, /var/lib/libvirt, ... if not at those paths (a lab
+    # host in a mount namespace of its own: backends/libvirt/paths.py); "" = the same paths.
+    local_root: str = ""
+    images_dir: str = "/var/lib/libvirt/images"  # the only place an incoming domain's disks may be created
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     name: str
     listen: tuple[str, int]
@@ -97,6 +111,7 @@ class AgentConfig:
     crl_path: Path | None = None  # the cluster CA's revocation list
     monitor: MonitorConfig = field(default_factory=lambda: MonitorConfig())  # [monitor]: sealift.monitor
     metrics_listen: tuple[str, int] | None = None  # the agent's Prometheus endpoint (agent/metrics.py)
+    libvirt: LibvirtConfig | None = None  # [libvirt]: this host's libvirt domains (none: no libvirt backend)
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -174,6 +189,7 @@ def config_from_dict(raw: dict, base: Path = Path(".")) -> AgentConfig:
         crl_path=path("crl") if "crl" in raw else path("identity_dir") / "ca.crl.pem",
         monitor=_monitor_config(raw.get("monitor", {})),
         metrics_listen=parse_address(str(raw["metrics_listen"])) if "metrics_listen" in raw else None,
+        libvirt=_libvirt_config(raw["libvirt"]) if "libvirt" in raw else None,
     )
 
 
@@ -223,3 +239,16 @@ def _monitor_config(raw: dict) -> MonitorConfig:
         return MonitorConfig(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[monitor]: {exc}") from None
+
+
+def _libvirt_config(raw: dict) -> LibvirtConfig:
+    unknown = set(raw) - set(LibvirtConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"[libvirt] has unknown keys: {', '.join(sorted(unknown))}")
+    if "uri" not in raw:
+        raise ConfigError("[libvirt] needs 'uri' (e.g. \"qemu:///system\")")
+    values = {key: str(value) for key, value in raw.items()}
+    for key in ("socket_dir", "images_dir"):
+        if key in values and not values[key].startswith("/"):
+            raise ConfigError(f"[libvirt] {key} must be an absolute path, not {values[key]!r}")
+    return LibvirtConfig(**values)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ from pathlib import Path
 from typing import Literal, Protocol, Self
 
 from sealift.agent.client import AgentRequestFailed, AgentUnavailable
+from sealift.backends.libvirt.lab import LibvirtLabHost, define_test_domain
 from sealift.cluster import LocalCluster
 from sealift.errors import SealiftError
 from sealift.lab.capture import Capture
@@ -86,7 +88,7 @@ from sealift.lab.testbed import (
 
 __all__ = ["Backend", "BackgroundMigration", "LabSession", "MigrationFailed", "BUILTIN_MEMORY", "QEMU_MEMORY"]
 
-Backend = Literal["builtin", "qemu"]
+Backend = Literal["builtin", "qemu", "libvirt"]
 
 
 class _Closable(Protocol):
@@ -99,6 +101,7 @@ BUILTIN_MEMORY = "64M"
 QEMU_MEMORY = "160M"
 GUEST_SERVICE_PORT = 7777
 QEMU_BOOT_TIMEOUT_S = 90.0
+LIBVIRT_MEMORY_MIB = 96  # the test guest as a libvirt domain, with a 32 MiB qcow2 disk
 # The QEMU guest's workload (kernel arguments of guest/workload.c) for the built-in profile names.
 QEMU_WORKLOADS = {
     "idle": "sealift.mem_mib=16 sealift.rate_mib=0",
@@ -175,6 +178,8 @@ class LabSession:
         self._clusters: list[LocalCluster] = []
         self._relays: list[_Closable] = []
         self._captures: list[Capture] = []
+        # libvirt: one libvirtd per host of each cluster, in the host's namespace (backends/libvirt/lab.py)
+        self._libvirt_hosts: dict[str, list[LibvirtLabHost]] = {}
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -198,6 +203,9 @@ class LabSession:
 
     def _finish_cluster(self, cluster: LocalCluster) -> None:
         _quietly(cluster.stop)
+        for lab_host in self._libvirt_hosts.pop(str(cluster.root), []):
+            _quietly(lab_host.stop)
+            shutil.rmtree(lab_host.root.parent, ignore_errors=True)  # the run's /tmp/slv-lab-* folder
         # The agents' logs are small and explain any failed result: always kept.
         logs = self.results_dir / "agent-logs"
         for host, agent in cluster.agents.items():
@@ -247,19 +255,43 @@ class LabSession:
             routes[(from_host, to_host)] = relay.address
             if relay.target is None:
                 relay.target = addresses[to_host]
+        host_config = dict(host_config or {})
+        libvirt_hosts = self._start_libvirt_hosts(hosts, host_config) if backend == "libvirt" else []
         cluster = LocalCluster(
             hosts=hosts,
             allow_insecure=insecure,
             extra_config=_with_lab_defaults(extra_config, backend),
-            host_config=dict(host_config or {}),
+            host_config=host_config,
             peer_routes=routes,
             netns={host: self.testbed.ns(HOST_NAMESPACES[host]) for host in hosts},
             listen=addresses,
         )
         self._clusters.append(cluster)
+        self._libvirt_hosts[str(cluster.root)] = libvirt_hosts
         if start:
             cluster.start()
         return cluster
+
+    def _start_libvirt_hosts(self, hosts: tuple[str, ...], host_config: dict[str, str]) -> list[LibvirtLabHost]:
+        """A libvirtd per host in the host's network namespace; its [libvirt] table goes into host_config."""
+        root = Path(tempfile.mkdtemp(prefix="slv-lab-", dir="/tmp"))  # short: unix socket paths are limited
+        started: list[LibvirtLabHost] = []
+        try:
+            for host in hosts:
+                lab_host = LibvirtLabHost(host, root / host, netns=self.testbed.ns(HOST_NAMESPACES[host]))
+                lab_host.start()
+                started.append(lab_host)
+                # Dotted keys, not a [libvirt] header: the top-level keys LocalCluster writes after stay top-level.
+                table = "".join(f'libvirt.{key} = "{value}"\n' for key, value in lab_host.agent_settings().items())
+                host_config[host] = host_config.get(host, "") + "\n" + table
+        except BaseException:
+            for lab_host in started:
+                _quietly(lab_host.stop)
+            raise
+        return started
+
+    def libvirt_host(self, cluster: LocalCluster, host: str) -> LibvirtLabHost:
+        return next(h for h in self._libvirt_hosts[str(cluster.root)] if h.name == host)
 
     def finish(self, cluster: LocalCluster) -> None:
         """Stop a cluster's agents and guests now rather than at the end of the attack."""
@@ -292,6 +324,14 @@ class LabSession:
             vm = client.request("vm.start", name=name, memory=memory or BUILTIN_MEMORY, workload=workload)["vm"]
             time.sleep(0.3)  # the workload writes its secret and starts counting
             return vm
+        if backend == "libvirt":
+            define_test_domain(self.libvirt_host(cluster, host), name, memory_mib=LIBVIRT_MEMORY_MIB)
+            self.wait_for(
+                lambda: (client.request("vm.info", name=name)["vm"].get("counter") or 0) > 0,
+                QEMU_BOOT_TIMEOUT_S,
+                f"libvirt domain {name} counting on its console",
+            )
+            return client.request("vm.info", name=name)["vm"]
         tap = f"lt{next(self._taps)}"
         self.testbed.add_tap_everywhere(tap)  # the destination's QEMU finds the same tap on its br0
         guest_ip = next(self._guest_ips)

@@ -41,7 +41,7 @@ SESSION_ID_SIZE = 16
 
 COMPRESSIONS = ("zstd", "lz4")
 IMAGE_DIGESTS = ("tags", "blake3")
-BACKENDS = ("builtin", "qemu")
+BACKENDS = ("builtin", "qemu", "libvirt")
 RECEIPT_STAGES = ("prepared", "running")
 OUTCOMES = ("committed", "aborted", "unknown")
 

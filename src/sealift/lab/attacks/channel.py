@@ -39,8 +39,9 @@ from sealift.security.psk import PskStore, new_psk, psk_to_hex, wrap_key_from_pr
 VM = "vm1"
 SECRET = b"The bank amount transferred"  # the start of both guests' secret line
 STOLEN = b"The bank amount STOLEN!!!!!"  # same length: the attacker's version
-PLAIN_TRANSPORT = {"builtin": None, "qemu": "plain"}  # QEMU: its own TCP stream in clear
-SEALIFT_TRANSPORT = {"builtin": None, "qemu": "sealift"}
+# QEMU: its own TCP stream in clear; libvirt: its connections carried by the agents without protection
+PLAIN_TRANSPORT = {"builtin": None, "qemu": "plain", "libvirt": None}
+SEALIFT_TRANSPORT = {"builtin": None, "qemu": "sealift", "libvirt": None}
 MiB = 1 << 20
 
 
@@ -80,7 +81,7 @@ def _describe(finding: Finding, path: Path) -> str:
     return f"{path.name} at file offsets {offsets} (flow {flow})"
 
 
-@attack("T1", "passive snooping (tshark on the attacker's link)")
+@attack("T1", "passive snooping (tshark on the attacker's link)", backends=("builtin", "qemu", "libvirt"))
 def passive_snooping(lab: LabSession, backend: Backend) -> list[AttackResult]:
     # Baseline: the same migration in clear, captured on the same link.
     plain = lab.cluster(backend, insecure=True)
@@ -176,12 +177,14 @@ def _tamper_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str, 
     relay = lab.relay()
     cluster = lab.cluster(backend, insecure=True, via=relay)
     vm = lab.start_vm(cluster, "host-a", VM, backend)
-    if backend == "builtin":
+    if backend in ("builtin", "libvirt"):  # libvirt: its memory stream on the agents' unprotected data streams
         relay.tamper = tamper = Tamper(replace=(SECRET, STOLEN))
     else:
         hijack = _QemuStreamHijack(lab, lab.testbed.destination_ip)
         relay.on_reply = hijack
         tamper = hijack.tamper
+    if backend == "libvirt":
+        return _libvirt_tamper_baseline(lab, cluster, tamper)
     report = _plain(lab, cluster, backend)
     details: dict[str, object] = {"baseline_transport": report.get("transport")}
     if backend == "builtin":
@@ -206,7 +209,31 @@ def _tamper_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str, 
     return ("succeeded" if altered else "blocked"), evidence, details
 
 
-@attack("T2", "active manipulation (relay rewrites bytes in flight)")
+def _libvirt_tamper_baseline(lab: LabSession, cluster: LocalCluster, tamper: Tamper) -> tuple[Baseline, str, dict]:
+    """libvirt's streams carried without protection (--insecure): QEMU loads the rewritten memory unchecked.
+
+    The agents' plaintext digest in the signed manifest still catches it, but
+    only after libvirt's own switchover: the domain is then left paused on
+    host-b, unstarted, and host-a has no copy to resume (docs/security.md).
+    """
+    error = ""
+    try:
+        _plain(lab, cluster, "libvirt")
+    except MigrationFailed as exc:
+        error = str(exc)
+    copies = lab.copies(cluster, VM)
+    altered = tamper.done.is_set() and copies.get("host-b") == "running"
+    evidence = (
+        f"baseline (libvirt's streams carried in clear): the relay rewrote the secret in the memory stream "
+        f"({'done' if tamper.done.is_set() else 'not seen'}); QEMU loaded it unchecked; "
+        + (f'the manifest digest caught it after libvirt\'s switchover: "{_short(error, 100)}"; ' if error else "")
+        + f"guest: {_where(lab, cluster)}"
+    )
+    lab.finish(cluster)
+    return ("succeeded" if altered else "blocked"), evidence, {"baseline_error": error, "baseline_copies": copies}
+
+
+@attack("T2", "active manipulation (relay rewrites bytes in flight)", backends=("builtin", "qemu", "libvirt"))
 def active_manipulation(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baseline, baseline_evidence, details = _tamper_baseline(lab, backend)
 

@@ -1,0 +1,1 @@
+"""libvirt domains: sealift carries every socket of libvirt's own migration (issue 19)."""

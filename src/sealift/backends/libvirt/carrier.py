@@ -1,0 +1,124 @@
+"""One of libvirt's unix connections carried on one of the agents' data streams, both ways.
+
+libvirt's connections talk both ways (the RPC of the two libvirtds, QEMU's
+NBD client and server; the memory stream mostly one way), so a carrier runs
+two threads at each end: `up` seals what its unix connection says into
+OPAQUE records (this end's key of the stream), `down` opens the peer's
+records into the unix connection (the peer's key). Each data stream has
+keys of its own (qemu relay's `stream_label`), so no two streams, and no
+two directions, share an AES-GCM key and nonce. A unix connection's end
+(EOF) travels as the authenticated END record, which half-closes the
+other end's unix connection: a stream cut short never looks like a clean
+end.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from sealift.backends.qemu.relay import StreamDigest, read_record
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
+from sealift.wire.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class Carrier:
+    """Copies `conn` <-> `data` until both directions have ended; `error` is what broke it, if anything."""
+
+    def __init__(
+        self,
+        index: int,
+        kind: str,
+        conn: socket.socket,
+        data: socket.socket,
+        writer: DataStreamWriter,
+        reader: DataStreamReader,
+        digest_out: StreamDigest,
+        digest_in: StreamDigest,
+    ) -> None:
+        self.index = index
+        self.kind = kind
+        self._conn = conn
+        self._data = data
+        self._writer = writer
+        self._reader = reader
+        self.digest_out = digest_out  # what this end sealed
+        self.digest_in = digest_in  # what this end opened
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.error: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._up, name=f"libvirt-up-{kind}-{index}", daemon=True),
+            threading.Thread(target=self._down, name=f"libvirt-down-{kind}-{index}", daemon=True),
+        ]
+
+    @property
+    def wire_bytes(self) -> int:
+        return self._writer.wire_bytes
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def _up(self) -> None:
+        try:
+            while True:
+                buf = self._writer.opaque_buffer()
+                n = self._conn.recv_into(buf)
+                if n == 0:
+                    break
+                sealed = self._writer.finish_opaque(n)
+                self.digest_out.update(buf[:n], sealed[len(sealed) - self.digest_out.tag_size :])
+                self.bytes_out += n
+                self._data.sendall(sealed)
+            self._data.sendall(self._writer.end())
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _down(self) -> None:
+        try:
+            while True:
+                event = read_record(self._data, self._reader)
+                if isinstance(event, StreamEnded):
+                    break
+                if not isinstance(event, OpaqueReceived):
+                    raise ProtocolError(f"unexpected {type(event).__name__} in a libvirt connection's stream")
+                self.digest_in.update(event.data, self._reader.last_tag)
+                self.bytes_in += len(event.data)
+                self._conn.sendall(event.data)
+            self._reader.close()
+            try:
+                self._conn.shutdown(socket.SHUT_WR)  # the peer's connection ended: so does ours, that way
+            except OSError:
+                pass
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Break both sides at once: libvirt then fails its migration (before the switchover it keeps the source)."""
+        if self.error is None:
+            self.error = exc
+            code = getattr(exc, "code", type(exc).__name__)
+            log.warning("libvirt's %s connection (data stream %d) broke (%s): %s", self.kind, self.index, code, exc)
+        self.stop()
+
+    def stop(self) -> None:
+        for sock in (self._conn, self._data):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def join(self, timeout: float) -> bool:
+        """True once both directions ended (cleanly or not) within `timeout`."""
+        for thread in self._threads:
+            thread.join(timeout)
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def close(self) -> None:
+        self.stop()
+        self._conn.close()
+        self._data.close()

@@ -1,0 +1,70 @@
+"""libvirt domains' side of settling migrations after a crash or a cut link (migration/recovery.py).
+
+The same rules as every backend, with libvirt's states: before libvirt's
+switchover the source domain runs (libvirt resumes it when its migration
+fails); after it, the source's definition is stopped and the destination's
+domain waits, defined and paused (VIR_MIGRATE_PAUSED), for the decision.
+"""
+
+from __future__ import annotations
+
+import libvirt
+
+from sealift.backends.libvirt.registry import BACKEND, LibvirtRegistry
+from sealift.host.store import MigrationRecord
+
+
+class LibvirtKeeper:
+    backend = BACKEND
+
+    def __init__(self, domains: LibvirtRegistry | None) -> None:
+        self._domains = domains
+
+    def can_settle(self, record: MigrationRecord) -> bool:
+        return self._domains is not None and self._domains.lookup(record.vm) is not None
+
+    def resume_source(self, record: MigrationRecord) -> bool:
+        assert self._domains is not None  # can_settle said so
+        domain = self._domains.get(record.vm)
+        self._domains.unclaim(record.vm)
+        if not domain.dom.isActive():
+            return False  # libvirt handed it over: the destination holds the only copy, paused
+        domain.resume()
+        return domain.state() == "running"
+
+    def hold_source(self, record: MigrationRecord) -> None:
+        assert self._domains is not None
+        self._domains.claim(record.vm)
+
+    def release_source(self, record: MigrationRecord) -> None:
+        assert self._domains is not None
+        self._domains.release_migrated(record.vm)
+
+    def running_destination(self, record: MigrationRecord) -> int | None:
+        if self._domains is None:
+            return None
+        domain = self._domains.lookup(record.vm)
+        return domain.pid() if domain is not None and domain.state() == "running" else None
+
+    def hold_destination(self, record: MigrationRecord) -> None:
+        assert self._domains is not None
+        self._domains.claim(record.vm)
+
+    def start_destination(self, record: MigrationRecord) -> int | None:
+        assert self._domains is not None
+        domain = self._domains.get(record.vm)
+        domain.resume()
+        self._domains.unclaim(record.vm)
+        return domain.pid()
+
+    def discard_destination(self, record: MigrationRecord) -> None:
+        """The source aborted: it runs the domain, so our paused copy goes (definition too; the disks stay)."""
+        assert self._domains is not None
+        domain = self._domains.lookup(record.vm)
+        self._domains.unclaim(record.vm)
+        if domain is None:
+            return
+        if domain.dom.isActive():
+            domain.dom.destroy()
+        if domain.dom.isPersistent():
+            domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
