@@ -19,6 +19,7 @@ from sealift.backends.qemu.vm import probe_udp
 from sealift.cli.common import failure_json
 from sealift.cli.render import MigrationProgress, console, out, report_table
 from sealift.cluster import LocalCluster
+from sealift.host.config import parse_size
 from sealift.security.orders import describe_order
 
 SOURCE, DESTINATION, VM = "host-a", "host-b", "demo-vm"
@@ -34,11 +35,14 @@ class DemoOptions:
     warmup_s: float = 1.0
     migration: dict[str, object] = field(default_factory=dict)
     backend: str = "builtin"  # or "qemu": a real QEMU guest (TCG or KVM), the test image
+    guest: str = "sealift"  # qemu: or "debian", the Debian guest on the lab's network (lab/debian_migration.py)
 
 
 def run_demo(options: DemoOptions) -> dict[str, object]:
     say = console.print if options.show_progress else (lambda *a, **k: None)
     started = time.monotonic()
+    if options.guest == "debian":
+        return _run_debian(options, say, started)
     cluster = LocalCluster(allow_insecure=options.insecure)
     try:
         say(f"[bold]sealift demo[/bold] in {cluster.root}")
@@ -150,6 +154,7 @@ def _result(
     memory_check: dict[str, object] | None,
     probe_answer: int | None,
     running_there: bool,
+    vm: str = VM,
 ) -> dict[str, Any]:
     """What `sealift demo --json` prints: the same keys for every backend, None where one does not know.
 
@@ -157,6 +162,7 @@ def _result(
     `after` is the destination's vm.info of the migrated guest; the source is asked whether a copy is left.
     """
     source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
+    disk_bytes = report.get("disk_bytes_sent")
     return {
         "status": report["status"],
         "backend": backend,
@@ -174,7 +180,7 @@ def _result(
         "destination_pid": after["pid"],
         "memory_check": memory_check,
         "probe_answer": probe_answer,
-        "copies_running": {"source": VM in source_vms, "destination": running_there},
+        "copies_running": {"source": vm in source_vms, "destination": running_there},
         "source_cpu_s": report["source_cpu_s"],
         "destination_cpu_s": report["destination_cpu_s"],
         "image_digest": report["image_digest"],
@@ -185,6 +191,12 @@ def _result(
         "round_reports": report["round_reports"],
         "demo_time_s": round(time.monotonic() - started, 2),
         **_postcopy_result(report),
+        # The Debian guest's figures (null for the others): the report's sealed disk bytes, and the client's.
+        "disk_bytes_sent": disk_bytes if report.get("disks_copied") else None,
+        "client_outage_ms": None,
+        "requests_failed": None,
+        "writes_lost": None,
+        "disk_check": None,
     }
 
 
@@ -262,3 +274,63 @@ def _wait_counter(client: AgentClient, above: int, timeout: float) -> int:
             return int(counter)
         time.sleep(0.2)
     raise TimeoutError(f"{VM}: the console counter did not pass {above} within {timeout:.0f} s")
+
+
+def _run_debian(options: DemoOptions, say: Callable[..., object], started: float) -> dict[str, object]:
+    """The Debian guest with its own disk serving a client on the lab's network, migrated under it."""
+    from sealift.lab.debian_migration import DESTINATION as DEBIAN_DESTINATION
+    from sealift.lab.debian_migration import VM as DEBIAN_VM
+    from sealift.lab.debian_migration import run_debian_migration
+
+    def summarize(cluster: LocalCluster, report: dict[str, Any]) -> dict[str, Any]:
+        after = cluster.client(DEBIAN_DESTINATION).request("vm.info", name=DEBIAN_VM)["vm"]
+        return _result(
+            cluster,
+            report,
+            started,
+            cluster.client(SOURCE),
+            after,
+            backend="qemu",
+            counter_after=None,  # the Debian guest has no counter: the client's answers are the proof
+            memory_check=None,
+            probe_answer=None,
+            running_there=after["status"] == "running",
+            vm=DEBIAN_VM,
+        )
+
+    say("[bold]sealift demo[/bold]: the Debian guest (nginx, redis) with its own disk, on the lab's network")
+    try:
+        run = run_debian_migration(
+            say, migration=dict(options.migration), memory_mib=parse_size(options.memory) >> 20, on_migrated=summarize
+        )
+    except AgentRequestFailed as exc:
+        return _failed(exc)
+    outage, disk = run.outage, run.disk
+    result: dict[str, Any] = {
+        **run.extra,
+        "client_outage_ms": outage.longest_gap_ms,
+        "requests_failed": outage.http_failed + outage.redis_failed,
+        "writes_lost": outage.writes_lost,
+        "disk_check": {
+            "ok": disk.ok,
+            "writes_on_source_disk": disk.writes_on_source_disk,
+            "writes_on_destination_disk": disk.writes_on_destination_disk,
+            "source_writes_missing_at_destination": disk.source_writes_missing_at_destination,
+            "acked_writes_missing_on_disk": disk.acked_writes_missing_on_disk,
+            "secret_on_disk": disk.secret_on_disk,
+        },
+        "demo_time_s": round(time.monotonic() - started, 2),
+    }
+    good = outage.writes_lost == 0 and disk.ok and run.serving_at_destination and run.secret_intact
+    color = "green" if good else "red"
+    _show_outcome(
+        options,
+        run.report,
+        f"[bold {color}]{DEBIAN_VM} now serves from {DEBIAN_DESTINATION}[/bold {color}]: the client saw "
+        f"{outage.longest_gap_ms} ms without an answer, {result['requests_failed']} failed requests, "
+        f"{outage.writes_lost} of {outage.writes_acked} acknowledged writes lost; disk copied "
+        f"({run.report.get('disk_bytes_sent')} sealed bytes): {disk.writes_on_source_disk} writes on the source's "
+        f"image at the pause, all on the destination's, {disk.acked_writes_missing_on_disk} acknowledged writes "
+        f"missing from it; secret {'intact' if run.secret_intact and disk.secret_on_disk else 'MISSING'}",
+    )
+    return result

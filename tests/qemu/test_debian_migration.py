@@ -14,8 +14,12 @@ hold once the destination runs).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -61,3 +65,21 @@ def test_debian_guest_migrates_with_its_disk_while_the_client_writes(debian_read
         f"{outage.http_failed + outage.redis_failed} failed requests, {outage.writes_acked} writes acknowledged, "
         f"none lost; whole test {time.monotonic() - started:.1f} s"
     )
+
+
+def test_debian_demo_prints_what_its_schema_says(debian_ready: None, check_json: Callable[[str, object], None]) -> None:
+    """`sealift demo --backend qemu --guest debian --json`: the same story through the command, as documented."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sealift", "demo", "--backend", "qemu", "--guest", "debian", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    check_json("demo", result)
+    assert result["status"] == "completed" and result["transport"] == "sealift"
+    assert result["disk_bytes_sent"] > 0 and result["writes_lost"] == 0
+    assert result["disk_check"]["ok"] is True
+    assert result["copies_running"] == {"source": False, "destination": True}

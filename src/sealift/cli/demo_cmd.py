@@ -10,6 +10,13 @@ from sealift.cli.common import add_migration_flags, migration_options, print_jso
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="migrate a running VM (built-in or QEMU) between two local agents, securely")
     p.add_argument("--backend", default="builtin", choices=["builtin", "qemu"])
+    p.add_argument(
+        "--guest",
+        default="sealift",
+        choices=["sealift", "debian"],
+        help="qemu: the test guest (default), or debian: Debian 12 with nginx and redis on its own disk, on the "
+        "lab's network with a client writing through the migration (root; the image is built once)",
+    )
     p.add_argument("--memory", default="256M")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -21,6 +28,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sealift.demo import DemoOptions, run_demo
 
+    if args.guest == "debian" and (args.backend != "qemu" or args.insecure):
+        raise SystemExit("--guest debian goes with --backend qemu, and migrates securely (its disk travels sealed)")
     if args.insecure:
         warn_insecure()
     result = run_demo(
@@ -32,6 +41,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             keep=args.keep,
             migration=migration_options(args),
             backend=args.backend,
+            guest=args.guest,
         )
     )
     if args.json:

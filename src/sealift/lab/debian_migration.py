@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = ["DebianMigration", "DiskCheck", "run_debian_migration"]
 
 SOURCE, DESTINATION, VM = "host-a", "host-b", "debian-vm"
 _PORT = 7443  # each agent listens on its own namespace's migration address
+OnMigrated = Callable[[LocalCluster, dict[str, Any]], dict[str, Any]]
 _AOF_DIR = "/var/lib/redis/appendonlydir"
 _SECRET_FILE = "/var/lib/sealift/secret.txt"
 
@@ -87,6 +88,7 @@ class DebianMigration:
     start_s: float  # vm start until nginx and redis answered
     serving_at_destination: bool  # nginx and redis answered after the source's QEMU had quit
     secret_intact: bool  # redis at the destination holds the secret
+    extra: dict[str, Any] = field(default_factory=dict)  # what on_migrated returned
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +98,7 @@ class DebianMigration:
             "start_s": self.start_s,
             "serving_at_destination": self.serving_at_destination,
             "secret_intact": self.secret_intact,
+            **self.extra,
         }
 
 
@@ -104,8 +107,14 @@ def run_debian_migration(
     warmup_s: float = 2.0,
     settle_s: float = 2.0,
     migration: dict[str, object] | None = None,
+    memory_mib: int = GuestShape.memory_mib,
+    on_migrated: OnMigrated | None = None,
 ) -> DebianMigration:
-    """Build the lab, start the Debian guest on host-a, migrate it to host-b under the client, check it."""
+    """Build the lab, start the Debian guest on host-a, migrate it to host-b under the client, check it.
+
+    ``on_migrated(cluster, report)`` runs after the checks, while the agents still run (the demo asks
+    them for its own figures); what it returns lands in the result's ``extra``.
+    """
     with Testbed(tag="sle") as lab:
         cluster = LocalCluster(
             netns={SOURCE: lab.ns("source"), DESTINATION: lab.ns("destination")},
@@ -115,7 +124,10 @@ def run_debian_migration(
         try:
             cluster.start()
             say(f"  agents up in the lab: {SOURCE} on {lab.source_ip}, {DESTINATION} on {lab.destination_ip}")
-            return _story(cluster, lab, say, warmup_s, settle_s, migration or {})
+            run = _story(cluster, lab, say, warmup_s, settle_s, migration or {}, memory_mib)
+            if on_migrated is not None:
+                run.extra = on_migrated(cluster, run.report)
+            return run
         finally:
             cluster.stop_guests()
             cluster.cleanup()
@@ -128,9 +140,10 @@ def _story(
     warmup_s: float,
     settle_s: float,
     migration: dict[str, object],
+    memory_mib: int,
 ) -> DebianMigration:
     src, dst = cluster.client(SOURCE), cluster.client(DESTINATION)
-    shape = GuestShape()  # the lab's guest address, as the saved booted state has it
+    shape = GuestShape(memory_mib=memory_mib)  # the lab's guest address, as the saved booted state has it
     ip = shape.guest_ip.split("/")[0]
     net = {"mode": "tap", "bridge": "br0", "guest_ip": shape.guest_ip, "gateway": shape.gateway}
     started = time.monotonic()
