@@ -23,9 +23,13 @@ from collections.abc import Callable
 
 import pytest
 
+from sealift.agent.client import AgentRequestFailed
 from sealift.backends.qemu.debian_guest import ensure_saved_state
 from sealift.backends.qemu.debian_image import build_debian_image
-from sealift.lab.debian_migration import run_debian_migration
+from sealift.backends.qemu.storage import DISK_STREAM_INDEX
+from sealift.lab.client import OutageClient
+from sealift.lab.debian_migration import DESTINATION, SOURCE, VM, debian_lab, run_debian_migration, start_debian_guest
+from sealift.lab.relay import Tamper
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +87,29 @@ def test_debian_demo_prints_what_its_schema_says(debian_ready: None, check_json:
     assert result["disk_bytes_sent"] > 0 and result["writes_lost"] == 0
     assert result["disk_check"]["ok"] is True
     assert result["copies_running"] == {"source": False, "destination": True}
+
+
+def test_a_tampered_disk_record_aborts_and_the_guest_serves_on_at_the_source(debian_ready: None) -> None:
+    """One bit flipped in the disk stream (mid-mirror, in the attacker's namespace): the record does not
+    open, the migration aborts, and the client goes on being served by the source without losing a write."""
+    with debian_lab(with_relay=True) as (lab, cluster, relay):
+        assert relay is not None
+        guest = start_debian_guest(cluster, lab)
+        relay.tamper = Tamper(flip_offset=256 << 10, stream_index=DISK_STREAM_INDEX)
+        client = OutageClient(guest.ip, netns=lab.ns("client"))
+        client.start()
+        try:
+            time.sleep(1.0)
+            with pytest.raises(AgentRequestFailed, match=f"keeps running on {SOURCE}") as failed:
+                cluster.migrate(VM, SOURCE, DESTINATION, options={"secure": True})
+            time.sleep(2.0)  # the client goes on, served by the source
+        finally:
+            outage = client.stop()
+        assert relay.tamper.done.is_set()
+        assert "disk" in str(failed.value), failed.value
+        assert outage.writes_acked > 0 and outage.writes_lost == 0, outage.to_dict()
+        src, dst = cluster.client(SOURCE), cluster.client(DESTINATION)
+        assert src.request("vm.info", name=VM)["vm"]["status"] == "running"
+        assert VM not in [v["name"] for v in dst.request("vm.list")["vms"]]
+        assert not list((cluster.vm_root / DESTINATION / "qemu" / "disks").glob("*")), "the target image was left"
+        OutageClient(guest.ip, netns=lab.ns("client")).wait_ready(10.0)  # still serving, at the source

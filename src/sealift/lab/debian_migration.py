@@ -29,7 +29,8 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,10 @@ from sealift.backends.qemu.image import DEFAULT_SECRET
 from sealift.cluster import LocalCluster
 from sealift.errors import SealiftError
 from sealift.lab.client import OutageClient, OutageResult
+from sealift.lab.relay import Relay
 from sealift.lab.testbed import Testbed
 
-__all__ = ["DebianMigration", "DiskCheck", "run_debian_migration"]
+__all__ = ["DebianMigration", "DiskCheck", "StartedGuest", "debian_lab", "run_debian_migration", "start_debian_guest"]
 
 SOURCE, DESTINATION, VM = "host-a", "host-b", "debian-vm"
 _PORT = 7443  # each agent listens on its own namespace's migration address
@@ -102,6 +104,55 @@ class DebianMigration:
         }
 
 
+@contextmanager
+def debian_lab(with_relay: bool = False) -> Iterator[tuple[Testbed, LocalCluster, Relay | None]]:
+    """The lab's testbed with two agents in the source's and the destination's namespaces, removed after.
+
+    ``with_relay``: host-a reaches host-b through a relay in the attacker's namespace (to tamper with).
+    """
+    with Testbed(tag="sle") as lab:
+        addresses = {SOURCE: (lab.source_ip, _PORT), DESTINATION: (lab.destination_ip, _PORT)}
+        relay = Relay((lab.attacker_ip, 0), netns=lab.ns("attacker")) if with_relay else None
+        try:
+            if relay is not None:
+                relay.target = addresses[DESTINATION]
+            cluster = LocalCluster(
+                netns={SOURCE: lab.ns("source"), DESTINATION: lab.ns("destination")},
+                listen=addresses,
+                extra_config="step_timeout_s = 30",
+                peer_routes={(SOURCE, DESTINATION): relay.address} if relay is not None else {},
+            )
+            try:
+                cluster.start()
+                yield lab, cluster, relay
+            finally:
+                cluster.stop_guests()
+                cluster.cleanup()
+        finally:
+            if relay is not None:
+                relay.close()
+
+
+@dataclass(frozen=True)
+class StartedGuest:
+    ip: str
+    disk: Path  # its own overlay on the source
+    start_s: float  # vm start until nginx and redis answered
+
+
+def start_debian_guest(cluster: LocalCluster, lab: Testbed, memory_mib: int = GuestShape.memory_mib) -> StartedGuest:
+    """`vm start --guest debian` on host-a, on the lab's VM network; returns once nginx and redis answer."""
+    shape = GuestShape(memory_mib=memory_mib)  # the lab's guest address, as the saved booted state has it
+    ip = shape.guest_ip.split("/")[0]
+    net = {"mode": "tap", "bridge": "br0", "guest_ip": shape.guest_ip, "gateway": shape.gateway}
+    started = time.monotonic()
+    vm = cluster.client(SOURCE).request(
+        "vm.start", name=VM, backend="qemu", guest="debian", memory=f"{memory_mib}M", net=net
+    )
+    OutageClient(ip, netns=lab.ns("client")).wait_ready(120.0)  # a cold boot (no saved state) takes up to ~60 s
+    return StartedGuest(ip, Path(vm["vm"]["disks"][0]["path"]), round(time.monotonic() - started, 2))
+
+
 def run_debian_migration(
     say: Callable[..., object] = lambda *a, **k: None,
     warmup_s: float = 2.0,
@@ -115,44 +166,26 @@ def run_debian_migration(
     ``on_migrated(cluster, report)`` runs after the checks, while the agents still run (the demo asks
     them for its own figures); what it returns lands in the result's ``extra``.
     """
-    with Testbed(tag="sle") as lab:
-        cluster = LocalCluster(
-            netns={SOURCE: lab.ns("source"), DESTINATION: lab.ns("destination")},
-            listen={SOURCE: (lab.source_ip, _PORT), DESTINATION: (lab.destination_ip, _PORT)},
-            extra_config="step_timeout_s = 30",
-        )
-        try:
-            cluster.start()
-            say(f"  agents up in the lab: {SOURCE} on {lab.source_ip}, {DESTINATION} on {lab.destination_ip}")
-            run = _story(cluster, lab, say, warmup_s, settle_s, migration or {}, memory_mib)
-            if on_migrated is not None:
-                run.extra = on_migrated(cluster, run.report)
-            return run
-        finally:
-            cluster.stop_guests()
-            cluster.cleanup()
+    with debian_lab() as (lab, cluster, _):
+        say(f"  agents up in the lab: {SOURCE} on {lab.source_ip}, {DESTINATION} on {lab.destination_ip}")
+        guest = start_debian_guest(cluster, lab, memory_mib)
+        say(f"  {VM} on {SOURCE} serves nginx and redis at {guest.ip} after {guest.start_s} s (disk {guest.disk})")
+        run = _migrate_under_client(cluster, lab, guest, say, warmup_s, settle_s, migration or {})
+        if on_migrated is not None:
+            run.extra = on_migrated(cluster, run.report)
+        return run
 
 
-def _story(
+def _migrate_under_client(
     cluster: LocalCluster,
     lab: Testbed,
+    guest: StartedGuest,
     say: Callable[..., object],
     warmup_s: float,
     settle_s: float,
     migration: dict[str, object],
-    memory_mib: int,
 ) -> DebianMigration:
-    src, dst = cluster.client(SOURCE), cluster.client(DESTINATION)
-    shape = GuestShape(memory_mib=memory_mib)  # the lab's guest address, as the saved booted state has it
-    ip = shape.guest_ip.split("/")[0]
-    net = {"mode": "tap", "bridge": "br0", "guest_ip": shape.guest_ip, "gateway": shape.gateway}
-    started = time.monotonic()
-    vm = src.request("vm.start", name=VM, backend="qemu", guest="debian", memory=f"{shape.memory_mib}M", net=net)
-    OutageClient(ip, netns=lab.ns("client")).wait_ready(120.0)  # a cold boot (no saved state) takes up to ~60 s
-    start_s = round(time.monotonic() - started, 2)
-    disk = Path(vm["vm"]["disks"][0]["path"])
-    say(f"  {VM} on {SOURCE} serves nginx and redis at {ip} after {start_s} s (disk {disk})")
-    client = OutageClient(ip, netns=lab.ns("client"))
+    client = OutageClient(guest.ip, netns=lab.ns("client"))
     client.start()
     try:
         time.sleep(warmup_s)
@@ -163,12 +196,12 @@ def _story(
         outage = client.stop()
     if report.get("status") != "completed":
         raise DebianMigrationError(f"the migration did not complete: {report}")
-    after = OutageClient(ip, netns=lab.ns("client"))
+    after = OutageClient(guest.ip, netns=lab.ns("client"))
     serving = _serves(after)
     secret = after.redis_get(REDIS_SECRET_KEY) == DEFAULT_SECRET.encode()
-    target = Path(dst.request("vm.info", name=VM)["vm"]["disks"][0]["path"])
-    check = check_disks(disk, target, client.list_key, client.acked_writes)
-    return DebianMigration(report, outage, check, start_s, serving, secret)
+    target = Path(cluster.client(DESTINATION).request("vm.info", name=VM)["vm"]["disks"][0]["path"])
+    check = check_disks(guest.disk, target, client.list_key, client.acked_writes)
+    return DebianMigration(report, outage, check, guest.start_s, serving, secret)
 
 
 def _serves(client: OutageClient) -> bool:
