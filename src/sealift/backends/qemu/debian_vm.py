@@ -22,6 +22,7 @@ one: no operator disk, one vCPU, a tap on a bridge. Otherwise it boots cold
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,8 @@ def plan(
     disk_dir.mkdir(parents=True, exist_ok=True)
     created: Path | None = None
     if not disks:
-        created = disk_dir / f"{name}.qcow2"
-        if created.exists():
-            raise QemuError(f"{created} already exists: a disk of an earlier VM {name!r}; remove it first")
+        # A name of its own: the disk of an earlier VM of that name stays (`vm stop` deletes no disk).
+        created = disk_dir / f"{name}-{secrets.token_hex(4)}.qcow2"
         # A copy-on-write disk of its own: over the saved disk (restore) or the image (cold boot).
         backing = state.overlay if state is not None else image.disk
         try:

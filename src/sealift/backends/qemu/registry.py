@@ -228,8 +228,6 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         vm.stop_vm()
         self._delete_own_tap(vm.net)
         self._sidecar(name).unlink(missing_ok=True)
-        for path in self._own_disks(vm):  # a Debian guest's own overlay, or a disk a migration copied in
-            path.unlink(missing_ok=True)
 
     def stop_all(self) -> None:
         for vm in self._guests.values():
