@@ -330,7 +330,8 @@ def _run_debian(options: DemoOptions, say: Callable[..., object], started: float
         f"{outage.longest_gap_ms} ms without an answer, {result['requests_failed']} failed requests, "
         f"{outage.writes_lost} of {outage.writes_acked} acknowledged writes lost; disk copied "
         f"({run.report.get('disk_bytes_sent')} sealed bytes): {disk.writes_on_source_disk} writes on the source's "
-        f"image at the pause, all on the destination's, {disk.acked_writes_missing_on_disk} acknowledged writes "
-        f"missing from it; secret {'intact' if run.secret_intact and disk.secret_on_disk else 'MISSING'}",
+        f"image at the pause, {disk.source_writes_missing_at_destination} of them and "
+        f"{disk.acked_writes_missing_on_disk} acknowledged writes missing from the destination's; "
+        f"secret {'intact' if run.secret_intact and disk.secret_on_disk else 'MISSING'}",
     )
     return result
