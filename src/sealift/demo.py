@@ -38,6 +38,7 @@ class DemoOptions:
     warmup_s: float = 1.0
     migration: dict[str, object] = field(default_factory=dict)
     backend: str = "builtin"  # or "qemu": a real QEMU guest (TCG or KVM), the test image; or "libvirt"
+    guest: str = "sealift"  # qemu: or "debian", the Debian guest on the lab's network (lab/debian_migration.py)
 
 
 def run_demo(options: DemoOptions) -> dict[str, object]:
@@ -45,6 +46,8 @@ def run_demo(options: DemoOptions) -> dict[str, object]:
     started = time.monotonic()
     if options.backend == "libvirt":
         return _run_libvirt(options, say, started)
+    if options.guest == "debian":
+        return _run_debian(options, say, started)
     cluster = LocalCluster(allow_insecure=options.insecure)
     try:
         say(f"[bold]sealift demo[/bold] in {cluster.root}")
@@ -156,6 +159,7 @@ def _result(
     memory_check: dict[str, object] | None,
     probe_answer: int | None,
     running_there: bool,
+    vm: str = VM,
 ) -> dict[str, Any]:
     """What `sealift demo --json` prints: the same keys for every backend, None where one does not know.
 
@@ -163,6 +167,7 @@ def _result(
     `after` is the destination's vm.info of the migrated guest; the source is asked whether a copy is left.
     """
     source_vms = [v["name"] for v in src.request("vm.list")["vms"]]
+    disk_bytes = report.get("disk_bytes_sent")
     return {
         "status": report["status"],
         "backend": backend,
@@ -180,7 +185,7 @@ def _result(
         "destination_pid": after["pid"],
         "memory_check": memory_check,
         "probe_answer": probe_answer,
-        "copies_running": {"source": VM in source_vms, "destination": running_there},
+        "copies_running": {"source": vm in source_vms, "destination": running_there},
         "source_cpu_s": report["source_cpu_s"],
         "destination_cpu_s": report["destination_cpu_s"],
         "image_digest": report["image_digest"],
@@ -191,6 +196,12 @@ def _result(
         "round_reports": report["round_reports"],
         "demo_time_s": round(time.monotonic() - started, 2),
         **_postcopy_result(report),
+        # The Debian guest's figures (null for the others): the report's sealed disk bytes, and the client's.
+        "disk_bytes_sent": disk_bytes if report.get("disks_copied") else None,
+        "client_outage_ms": None,
+        "requests_failed": None,
+        "writes_lost": None,
+        "disk_check": None,
     }
 
 
@@ -331,3 +342,64 @@ def _run_libvirt(options: DemoOptions, say: Callable[..., object], started: floa
         for host in hosts.values():
             host.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_debian(options: DemoOptions, say: Callable[..., object], started: float) -> dict[str, object]:
+    """The Debian guest with its own disk serving a client on the lab's network, migrated under it."""
+    from sealift.lab.debian_migration import DESTINATION as DEBIAN_DESTINATION
+    from sealift.lab.debian_migration import VM as DEBIAN_VM
+    from sealift.lab.debian_migration import run_debian_migration
+
+    def summarize(cluster: LocalCluster, report: dict[str, Any]) -> dict[str, Any]:
+        after = cluster.client(DEBIAN_DESTINATION).request("vm.info", name=DEBIAN_VM)["vm"]
+        return _result(
+            cluster,
+            report,
+            started,
+            cluster.client(SOURCE),
+            after,
+            backend="qemu",
+            counter_after=None,  # the Debian guest has no counter: the client's answers are the proof
+            memory_check=None,
+            probe_answer=None,
+            running_there=after["status"] == "running",
+            vm=DEBIAN_VM,
+        )
+
+    say("[bold]sealift demo[/bold]: the Debian guest (nginx, redis) with its own disk, on the lab's network")
+    try:
+        run = run_debian_migration(
+            say, migration=dict(options.migration), memory_mib=parse_size(options.memory) >> 20, on_migrated=summarize
+        )
+    except AgentRequestFailed as exc:
+        return _failed(exc)
+    outage, disk = run.outage, run.disk
+    result: dict[str, Any] = {
+        **run.extra,
+        "client_outage_ms": outage.longest_gap_ms,
+        "requests_failed": outage.http_failed + outage.redis_failed,
+        "writes_lost": outage.writes_lost,
+        "disk_check": {
+            "ok": disk.ok,
+            "writes_on_source_disk": disk.writes_on_source_disk,
+            "writes_on_destination_disk": disk.writes_on_destination_disk,
+            "source_writes_missing_at_destination": disk.source_writes_missing_at_destination,
+            "acked_writes_missing_on_disk": disk.acked_writes_missing_on_disk,
+            "secret_on_disk": disk.secret_on_disk,
+        },
+        "demo_time_s": round(time.monotonic() - started, 2),
+    }
+    good = outage.writes_lost == 0 and disk.ok and run.serving_at_destination and run.secret_intact
+    color = "green" if good else "red"
+    _show_outcome(
+        options,
+        run.report,
+        f"[bold {color}]{DEBIAN_VM} now serves from {DEBIAN_DESTINATION}[/bold {color}]: the client saw "
+        f"{outage.longest_gap_ms} ms without an answer, {result['requests_failed']} failed requests, "
+        f"{outage.writes_lost} of {outage.writes_acked} acknowledged writes lost; disk copied "
+        f"({run.report.get('disk_bytes_sent')} sealed bytes): {disk.writes_on_source_disk} writes on the source's "
+        f"image at the pause, {disk.source_writes_missing_at_destination} of them and "
+        f"{disk.acked_writes_missing_on_disk} acknowledged writes missing from the destination's; "
+        f"secret {'intact' if run.secret_intact and disk.secret_on_disk else 'MISSING'}",
+    )
+    return result

@@ -175,6 +175,7 @@ class ControlServer:
                 net=_net_config(request.get("net")),
                 image_cache=Path(image_cache) if isinstance(image_cache, str) else None,
                 definition=_vm_definition(request),
+                guest=str(request.get("guest", "sealift")),
             )
             return {"vm": self._agent.qemu_vms.info(qemu_vm.name)}
         if self._agent.qemu_vms.has(name):

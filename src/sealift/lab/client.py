@@ -141,6 +141,11 @@ class OutageClient:
         self._http, self._redis_svc = _Service("http"), _Service("redis")
         self._started = 0.0
 
+    @property
+    def acked_writes(self) -> list[int]:
+        """The sequence numbers redis acknowledged so far (read after stop())."""
+        return list(self._acked)
+
     # -- the one-shot checks --------------------------------------------------------------
 
     def wait_ready(self, timeout_s: float = 30.0) -> float:

@@ -105,8 +105,11 @@ def definition_for(cpus: int, disks: list[DiskSpec], boot: BootSpec | None = Non
         raise DiskError(str(exc)) from None
 
 
-def blockdev_args(definition: VmDefinition) -> list[str]:
-    """QEMU arguments attaching every disk (JSON syntax: a path needs no escaping)."""
+def blockdev_args(definition: VmDefinition, first_pci_slot: int | None = None) -> list[str]:
+    """QEMU arguments attaching every disk (JSON syntax: a path needs no escaping).
+
+    ``first_pci_slot``: disk i at that slot + i (a machine that must match a saved one), else QEMU picks.
+    """
     args: list[str] = []
     for index, disk in enumerate(definition.disks):
         node = node_name(index)
@@ -116,7 +119,10 @@ def blockdev_args(definition: VmDefinition) -> list[str]:
             "file": {"driver": "file", "filename": disk.path, "node-name": f"{node}-file"},
         }
         args += ["-blockdev", json.dumps(blockdev, sort_keys=True)]
-        args += ["-device", f"virtio-blk-pci,drive={node},id=vd{index}"]
+        device = f"virtio-blk-pci,drive={node},id=vd{index}"
+        if first_pci_slot is not None:
+            device += f",bus=pcie.0,addr={first_pci_slot + index:#x}"
+        args += ["-device", device]
     return args
 
 

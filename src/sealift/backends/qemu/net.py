@@ -83,8 +83,14 @@ class NetConfig:
                 raise NetError(f"bad guest address: {exc}") from exc
         return self
 
-    def qemu_args(self, vm_name: str, service_port: int) -> list[str]:
-        """QEMU's -netdev/-device arguments for this network (none for ``none``)."""
+    def qemu_args(
+        self, vm_name: str, service_port: int, mac: str | None = None, pci_addr: str | None = None
+    ) -> list[str]:
+        """QEMU's -netdev/-device arguments for this network (none for ``none``).
+
+        ``mac`` and ``pci_addr``: a fixed MAC and PCI slot (the Debian guest's saved machine), else
+        the MAC derived from the VM's name and the slot QEMU picks.
+        """
         if self.mode == "none":
             return []
         if self.mode == "user":
@@ -93,7 +99,9 @@ class NetConfig:
             # script=no: the caller made the tap and put it on its bridge.
             netdev = f"tap,id=net0,ifname={self.tap},script=no,downscript=no"
         # romfile= (none): the guest boots its kernel directly, PXE would only cost boot time.
-        device = f"virtio-net-pci,netdev=net0,mac={mac_for(vm_name)},romfile="
+        device = f"virtio-net-pci,netdev=net0,mac={mac or mac_for(vm_name)},romfile="
+        if pci_addr is not None:
+            device += f",bus=pcie.0,addr={pci_addr}"
         return ["-netdev", netdev, "-device", device]
 
     def kernel_args(self) -> str:

@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from sealift.backends.qemu import debian_vm
 from sealift.backends.qemu.definition import boot_image
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
@@ -97,7 +98,11 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         net: NetConfig | None = None,
         image_cache: Path | None = None,
         definition: VmDefinition | None = None,
+        guest: str = "sealift",
     ) -> QemuVM:
+        """Start VM ``name``: sealift's test guest, or (``guest="debian"``) the Debian guest (debian_vm.py)."""
+        if guest not in ("sealift", "debian"):
+            raise QemuVmError(f"unknown guest {guest!r}: use sealift or debian")
         self._reserve_name(name)
         try:
             net = self._own_tap(name, net) if net is not None else None
@@ -107,20 +112,36 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         # A per-VM token for the guest's control channel (guest_control.py), kept in the sidecar
         # with the rest of the command line: a migration carries it to the destination's sidecar.
         extra_cmdline = with_token(extra_cmdline, new_token())
+        debian: debian_vm.DebianStart | None = None
         try:
+            net = net or NetConfig.user(free_udp_port())
+            if guest == "debian":
+                debian = debian_vm.plan(name, memory_mib, net, definition, extra_cmdline, self.disk_dir(), image_cache)
+                definition, extra_cmdline = debian.definition, debian.extra_cmdline
             image = self._image_for(definition, image_cache)
             vm = QemuVM.start(
                 self.vm_dir,
                 name,
                 memory_mib,
                 image,
-                net=net or NetConfig.user(free_udp_port()),
+                net=net,
                 extra_cmdline=extra_cmdline,
                 definition=definition,
+                incoming=debian.incoming if debian is not None else None,
+                guest=guest,
             )
-            self._write_sidecar(name, extra_cmdline, image.key)
+            try:
+                if debian is not None and debian.state is not None:
+                    seconds = debian_vm.run_restored(vm)
+                    log.info("Debian guest %s restored from its saved booted state in %.2f s", name, seconds)
+                self._write_sidecar(name, extra_cmdline, image.key)
+            except BaseException:
+                vm.kill()
+                raise
         except BaseException:
             self._delete_own_tap(net)
+            if debian is not None and debian.created_disk is not None:
+                debian.created_disk.unlink(missing_ok=True)
             raise
         finally:
             self._guests.unclaim(name)
@@ -148,6 +169,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
                 net=net,
                 extra_cmdline=extra_cmdline,
                 definition=definition,
+                guest="debian" if debian_vm.is_debian(extra_cmdline) else "sealift",
             )
         except BaseException:
             self._delete_own_tap(net)
@@ -225,7 +247,7 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         """A received guest whose migration was aborted: quit it, and remove the disk images the migration
         created for it (only those in this host's disk directory: never a shared disk or another file)."""
         vm = self._guests.find(name)
-        created = [Path(d.path) for d in vm.definition.disks if Path(d.path).parent == self.disk_dir()] if vm else []
+        created = self._own_disks(vm) if vm is not None else []
         self.release_migrated(name)
         for path in created:
             path.unlink(missing_ok=True)
@@ -301,6 +323,10 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         except (OSError, ValueError):
             key = None
         return str(key) if isinstance(key, str) else self.image().key
+
+    def _own_disks(self, vm: QemuVM) -> builtins.list[Path]:
+        """The VM's disk images this agent created (in its disk directory: never an operator's file)."""
+        return [Path(d.path) for d in vm.definition.disks if Path(d.path).parent == self.disk_dir()]
 
     def disk_dir(self) -> Path:
         """Where this host creates the images of disks that migrations copy in."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sealift.backends.process import file_tail, proc_cmdline, wait_until
+from sealift.backends.qemu.debian_guest import DISK_PCI_ADDR, NIC_PCI_ADDR, GuestShape
 from sealift.backends.qemu.definition import blockdev_args
 from sealift.backends.qemu.host import HostError, choose_accel, qemu_binary
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths
@@ -123,6 +124,9 @@ class _Spec:
     incoming: str | None
     net: NetConfig
     definition: VmDefinition = VmDefinition()  # vCPUs and disks (definition.py)
+    # "sealift" (the test image) or "debian": the Debian guest's machine shape (fixed PCI slots and MAC,
+    # as its saved booted state has them, debian_guest.py).
+    guest: str = "sealift"
 
     def to_json(self) -> str:
         data = {**self.__dict__, "net": self.net.to_json(), "definition": self.definition.to_json()}
@@ -142,6 +146,7 @@ class _Spec:
                 incoming=data.get("incoming"),
                 net=NetConfig.from_json(data["net"]),
                 definition=VmDefinition.from_json(data["definition"]) if "definition" in data else VmDefinition(),
+                guest=str(data.get("guest", "sealift")),
             )
         except (OSError, ValueError, KeyError, TypeError, NetError, SealiftError) as exc:
             raise QemuError(f"cannot read VM description {path}: {exc}") from exc
@@ -198,8 +203,14 @@ def _qemu_argv(spec: _Spec, paths: _Paths) -> list[str]:
         "-pidfile",
         str(paths.pid),
     ]
-    argv += spec.net.qemu_args(spec.name, SERVICE_PORT)
-    argv += blockdev_args(spec.definition)
+    if spec.guest == "debian":
+        # The shape the saved booted state was made with: a restore loads only into the same machine.
+        shape = GuestShape()
+        argv += spec.net.qemu_args(spec.name, SERVICE_PORT, mac=shape.mac, pci_addr=NIC_PCI_ADDR)
+        argv += blockdev_args(spec.definition, first_pci_slot=int(DISK_PCI_ADDR, 16))
+    else:
+        argv += spec.net.qemu_args(spec.name, SERVICE_PORT)
+        argv += blockdev_args(spec.definition)
     if spec.incoming is not None:
         argv += ["-incoming", spec.incoming]
     return argv
@@ -241,13 +252,15 @@ class QemuVM:
         extra_cmdline: str = "",
         accel: str | None = None,
         definition: VmDefinition | None = None,
+        guest: str = "sealift",
     ) -> QemuVM:
         """Launch QEMU for VM ``name`` and connect to its QMP socket.
 
         ``incoming``: "defer" for a migration destination (then
         :meth:`migrate_incoming`), or a migration URI. ``extra_cmdline``:
         guest settings such as ``sealift.mem_mib=64 sealift.rate_mib=32``.
-        ``accel``: "kvm", "tcg", or None for KVM where it works.
+        ``accel``: "kvm", "tcg", or None for KVM where it works. ``guest``:
+        "debian" gives the Debian guest's machine shape (debian_guest.py).
         """
         if not _NAME_RE.match(name):
             raise QemuError(f"bad VM name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
@@ -272,6 +285,7 @@ class QemuVM:
             incoming=incoming,
             net=net,
             definition=definition or VmDefinition(),
+            guest=guest,
         )
         try:
             argv = _qemu_argv(spec, paths)
