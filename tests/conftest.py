@@ -1,13 +1,16 @@
-"""Fixtures for every test directory: checking a command's --json output against its schema in docs/schemas/."""
+"""Fixtures for every test directory: a command's --json output against its schema in docs/schemas/,
+and the in-path relay between two agents that attack tests tamper with or cut."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from sealift.lab.relay import Relay
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
@@ -45,3 +48,11 @@ def check_json() -> Callable[[str, object], None]:
             pytest.fail(f"`{name}` output does not match docs/schemas/{name}.schema.json at {where}: {error.message}")
 
     return check
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    """A relay the tests put between two agents (LocalCluster peer_routes) to tamper with or cut the link."""
+    relay = Relay()
+    yield relay
+    relay.close()

@@ -26,13 +26,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
 def cluster(relay: Relay) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
         extra_config="step_timeout_s = 30\nresolve_interval_s = 0.5\nhandshake_timeout_s = 5",

@@ -25,13 +25,6 @@ VM = "vm1"
 CLUSTERS: list[LocalCluster] = []  # the active cluster, for signing orders
 
 
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
 def make_cluster(relay: Relay, allow_insecure: bool = False) -> LocalCluster:
     cluster = LocalCluster(
         allow_insecure=allow_insecure,

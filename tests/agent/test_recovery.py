@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,13 +21,6 @@ MiB = 1 << 20
 RESTART_BUDGET_S = 30.0  # after the destination agent restarts, one copy runs within this
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
 
 
 def make_cluster(relay: Relay, destination_config: str = "") -> LocalCluster:

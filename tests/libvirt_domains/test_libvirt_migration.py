@@ -43,13 +43,6 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Libvir
 
 
 @pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
 def cluster(hosts: dict[str, LibvirtLabHost], relay: Relay) -> Iterator[LocalCluster]:
     yield from agents(hosts, relay)
 

@@ -27,13 +27,6 @@ MEMORY = "128M"
 CMDLINE = "sealift.mem_mib=32 sealift.rate_mib=8"
 
 
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
 def make_cluster(relay: Relay, allow_insecure: bool = False) -> LocalCluster:
     cluster = LocalCluster(
         allow_insecure=allow_insecure,

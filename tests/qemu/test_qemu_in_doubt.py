@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,13 +24,6 @@ from test_qemu_agent import VM, info, migrate, names, start_guest, stop_guests, 
 pytestmark = pytest.mark.timeout(300)
 
 SETTLE_BUDGET_S = 45.0
-
-
-@pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
 
 
 def make_cluster(relay: Relay, destination_config: str) -> LocalCluster:

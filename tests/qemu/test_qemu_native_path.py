@@ -22,13 +22,6 @@ from test_qemu_agent import assert_runs_on_source_only, make_cluster, migrate, s
 
 
 @pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
 def cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster]:
     cluster = make_cluster(relay)
     try:

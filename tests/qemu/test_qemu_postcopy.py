@@ -27,13 +27,6 @@ LIMIT = 16 << 20
 
 
 @pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
 def cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
         extra_config="step_timeout_s = 20\nresolve_interval_s = 0.5\nhandshake_timeout_s = 5",

@@ -153,13 +153,6 @@ def make_cluster(**kwargs: object) -> LocalCluster:
 
 
 @pytest.fixture
-def relay() -> Iterator[Relay]:
-    relay = Relay()
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
 def cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster]:
     cluster = make_cluster(peer_routes={("host-a", "host-b"): relay.address})
     relay.target = cluster.addresses["host-b"]
