@@ -32,6 +32,7 @@ the destination removes the targets it created.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -521,6 +522,20 @@ class DestinationStorage:
             self._dir.rmdir()
         except OSError:
             pass
+
+
+def target_name(vm: str, disk: int, migration_id: str, fmt: str) -> str:
+    """The file name of a copied disk's target: it carries the migration's id, so the recovery after a
+    crash finds exactly the images that migration created (`incoming_targets`), even without its QEMU."""
+    return f"{vm}-disk{disk}-{migration_id}.{fmt}"
+
+
+def incoming_targets(disk_dir: Path, vm: str, migration_id: str) -> list[Path]:
+    """The target images migration `migration_id` of `vm` created in `disk_dir` (target_name's)."""
+    if not disk_dir.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(vm)}-disk\d+-{re.escape(migration_id)}\.(qcow2|raw)")
+    return sorted(p for p in disk_dir.iterdir() if pattern.fullmatch(p.name))
 
 
 def remove_targets(paths: list[Path]) -> None:
