@@ -1,4 +1,4 @@
-"""Attacks on a QEMU guest's disk stream (storage migration): snooping (T1) and tampering (T2).
+"""Attacks on a QEMU guest's disk stream (storage migration): snooping (T1), tampering (T2), agent kills (T11).
 
 The guest has a qcow2 disk the migration copies, holding a secret line in
 data written before boot. T1 captures the migration on the attacker's link
@@ -6,8 +6,11 @@ and searches it for the disk's secret: the baseline carries the disk through
 the agents in clear (`sealift-plain`), sealift seals it. T2 flips one bit of
 the disk stream in flight (only that stream: the relay picks it by its
 stream index): sealift must abort, keep the guest on host-a and remove the
-destination's target image. Run with `sealift lab run --only storage`
-(`--quick`, as in CI, leaves these rows to tests/qemu/test_qemu_storage.py).
+destination's target image. T11 SIGKILLs either agent during the mirror and
+at the switchover (before and after the decision) on a guest writing numbered
+records to its disk: one running copy, its records without a gap, no orphan
+target image, and the disk migrates again. Run with `sealift lab run --only
+storage` (`--quick`, as in CI, leaves these rows to tests/qemu/test_qemu_storage.py).
 """
 
 from __future__ import annotations
