@@ -93,7 +93,7 @@ def test_only_and_skip_select_by_threat_or_group() -> None:
         row for row in every if row[0] == "T1" and row[1] not in ("ipsec", "storage")
     }
     storage = {row for row in every if row[1] == "storage"}
-    assert storage == {("T1", "storage"), ("T2", "storage")}
+    assert storage == {("T1", "storage"), ("T2", "storage"), ("T11", "storage")}
     assert chosen({"STORAGE"}, set(), quick=True) == storage
     assert chosen({"T1", "IPSEC"}, {"IPSEC"}) == {row for row in every if row[0] == "T1" and row[1] != "ipsec"}
     assert parse_only("t11", "--skip") == {"T11"}

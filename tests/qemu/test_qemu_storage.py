@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -380,3 +381,47 @@ def test_a_discarded_in_doubt_guest_takes_its_copied_disk_images_along(guest_ima
         assert shared.exists()
     finally:
         shutil.rmtree(vm_dir, ignore_errors=True)
+
+
+def test_a_destination_agent_killed_during_the_mirror_leaves_one_guest_and_no_orphan_image(
+    cluster: LocalCluster, workdir: Path
+) -> None:
+    """T11 for disks: host-b's agent is SIGKILLed while the disk mirrors (its first progress event, no disk
+    ready). The guest runs on at host-a on its whole disk; once host-b's agent restarts, its recovery
+    removes the target image the half-received migration created (named by the migration's id), also
+    when the destination QEMU died with the agent."""
+    image = workdir / "disk.qcow2"
+    random_part = make_disk(image)
+    src = cluster.client("host-a")
+    start_vm(src, str(image))
+    disk_dir = cluster.vm_root / "host-b" / "qemu" / "disks"
+    at_kill: list[Path] = []
+
+    def strike(event: dict) -> None:
+        if event.get("event") == "disk" and event.get("ready") == 0 and not at_kill:
+            at_kill.extend(disk_dir.glob("*"))  # the target exists while its mirror runs
+            cluster.kill("host-b", signal.SIGKILL)
+
+    with pytest.raises(AgentRequestFailed, match="keeps running on host-a"):
+        cluster.migrate(VM, "host-a", "host-b", on_event=strike)
+    assert len(at_kill) == 1, "the migration was not struck during the mirror"
+    migration_id = at_kill[0].stem.rsplit("-", 1)[1]
+    assert at_kill[0].name == f"{VM}-disk0-{migration_id}.qcow2"
+    vm = src.request("vm.info", name=VM)["vm"]
+    assert vm["status"] == "running" and not vm["migrating"], vm
+
+    cluster.start("host-b")  # the recovery settles what the kill left
+    runs_on_source_only(cluster)
+    assert not at_kill[0].exists(), "the half-received migration's target image was left on host-b"
+    record = next(m for m in cluster.client("host-b").request("migrations")["migrations"] if m["id"] == migration_id)
+    assert record["phase"] == "aborted", record
+    # The guest writes on at host-a, its records without a gap, over the random data the mirror never touched.
+    after = wait_disk_counter(src, disk_counter(src) + 10)
+    content = raw_content(image)
+    assert content[:RANDOM_BYTES] == random_part
+    assert records(content)[: after + 1] == list(range(after + 1))
+    # ... and the disk still migrates afterwards (no leftover of the first attempt in the way).
+    report = migrate(cluster)
+    assert report["status"] == "completed", report
+    last = records(raw_content(image))[-1]
+    wait_disk_counter(cluster.client("host-b"), last + 5)

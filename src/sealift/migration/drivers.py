@@ -117,3 +117,6 @@ class GuestKeeper(Protocol):
 
     def discard_destination(self, record: MigrationRecord) -> None:
         """Never promised, or the source aborted: drop what was received."""
+
+    def remove_leftovers(self, record: MigrationRecord) -> None:
+        """Never promised, and its guest is gone (it died with the agent): remove what the migration made here."""

@@ -90,6 +90,8 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
     elif record.role == Role.DESTINATION and record.phase == Phase.RECEIVING:
         if present:
             keeper.discard_destination(record)  # never promised: the source still has the guest
+        else:
+            keeper.remove_leftovers(record)  # its guest died with the agent: what the migration made here goes
         records.transition(store, record.id, Event.AGENT_RESTARTED, error="destination agent restarted while receiving")
         log.warning("recovery: discarded the half-received %s (%s)", record.vm, record.id)
     elif not present:

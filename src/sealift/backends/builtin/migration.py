@@ -321,3 +321,6 @@ class BuiltinKeeper:
         if self._vms.running_guest(record.vm) is None:  # never pull the image from under a guest
             self._vms.image_path(record.vm).unlink(missing_ok=True)
         self._vms.unreserve_incoming(record.id, record.vm)
+
+    def remove_leftovers(self, record: MigrationRecord) -> None:
+        """Nothing: without its image (can_settle) a received built-in guest left nothing behind."""

@@ -57,6 +57,9 @@ class LibvirtKeeper:
         self._domains.unclaim(record.vm)
         return domain.pid()
 
+    def remove_leftovers(self, record: MigrationRecord) -> None:
+        """Nothing: libvirt owns the domain's files (the disks stay, as in discard_destination)."""
+
     def discard_destination(self, record: MigrationRecord) -> None:
         """The source aborted: it runs the domain, so our paused copy goes (definition too; the disks stay)."""
         assert self._domains is not None

@@ -51,3 +51,8 @@ class QemuKeeper:
 
     def discard_destination(self, record: MigrationRecord) -> None:
         self._qemu_vms.discard_incoming(record.vm)  # never a second copy: the source keeps the guest (and disks)
+
+    def remove_leftovers(self, record: MigrationRecord) -> None:
+        """The target images this migration created (named by its id: never another migration's or an
+        operator's file), when its destination QEMU died with the agent before the "prepared" record."""
+        self._qemu_vms.remove_incoming_leftovers(record.vm, record.id)

@@ -21,6 +21,7 @@ from sealift.backends.qemu.definition import boot_image
 from sealift.backends.qemu.guest_control import GuestControl, new_token, token_from_cmdline, with_token
 from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_image, default_cache_dir
 from sealift.backends.qemu.net import NetConfig, NetError, create_tap, delete_tap, own_tap_name
+from sealift.backends.qemu.storage import incoming_targets
 from sealift.backends.qemu.vm import QemuError, QemuVM, list_vms
 from sealift.errors import SealiftError
 from sealift.guests import GuestTable, TableRegistry
@@ -251,6 +252,25 @@ class QemuVmRegistry(TableRegistry[QemuVM]):
         self.release_migrated(name)
         for path in created:
             path.unlink(missing_ok=True)
+
+    def remove_incoming_leftovers(self, name: str, migration_id: str) -> builtins.list[Path]:
+        """An incoming migration that never promised, whose QEMU died with this agent: remove the target
+        images it created (named by its id, storage.target_name) and, if no guest `name` is here, its
+        sidecar. Returns the images removed."""
+        removed = []
+        for path in incoming_targets(self.disk_dir(), name, migration_id):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("could not remove the target image %s of migration %s: %s", path, migration_id, exc)
+        if not self.has(name):
+            self._sidecar(name).unlink(missing_ok=True)
+        if removed:
+            log.warning("removed the target images of the half-received %s (%s): %s", name, migration_id, removed)
+        return removed
 
     def reserve_incoming_name(self, name: str) -> None:
         self._reserve_name(name)

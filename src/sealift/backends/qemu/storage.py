@@ -32,6 +32,7 @@ the destination removes the targets it created.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -257,6 +258,7 @@ class SourceStorage:
         """One NBD node per copied disk, its connection carried to the destination's export."""
         if len(sessions) != len(self._disks):
             raise MigrationError(f"the destination opened {len(sessions)} disk streams for {len(self._disks)} disks")
+        self._clear_leftovers()
         for disk, session in zip(self._disks, sessions, strict=True):
             outgoing, incoming = protections(disk)
             stream = DiskStream(disk, outgoing, incoming, on_error=lambda: None)
@@ -402,6 +404,26 @@ class SourceStorage:
             self._nodes.remove(disk)
         self.close()
 
+    def _clear_leftovers(self) -> None:
+        """End what an earlier attempt left in this QEMU: its agent was killed before the clean-up (or QEMU
+        refused a clean-up step then). A mirror job or an NBD node of the same name would make this
+        migration's blockdev-add or blockdev-mirror fail ("Duplicate node name")."""
+        jobs = {str(job.get("id")): job for job in self._vm.qmp("query-jobs")}
+        for disk in self._disks:
+            job = jobs.get(mirror_job(disk))
+            if job is None:
+                continue
+            log.warning("%s: ending the mirror job an earlier migration left (%s)", self._vm.name, job.get("status"))
+            if job.get("status") != "concluded":
+                self._try("block-job-cancel", {"device": mirror_job(disk), "force": True})
+                self._wait_concluded(mirror_job(disk))
+            self._try("job-dismiss", {"id": mirror_job(disk)})
+        nodes = {str(node.get("node-name")) for node in self._vm.qmp("query-named-block-nodes")}
+        for disk in self._disks:
+            if nbd_node(disk) in nodes:
+                log.warning("%s: deleting the NBD node an earlier migration left (%s)", self._vm.name, nbd_node(disk))
+                self._try("blockdev-del", {"node-name": nbd_node(disk)})
+
     def _wait_concluded(self, job_id: str) -> None:
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
@@ -417,7 +439,7 @@ class SourceStorage:
         try:
             self._vm.qmp(command, arguments)
         except QemuError as exc:
-            log.info("clean-up of the disk mirror: %s: %s", command, exc)
+            log.warning("clean-up of the disk mirror: %s: %s", command, exc)
 
     def close(self) -> None:
         for stream in self._streams:
@@ -521,6 +543,20 @@ class DestinationStorage:
             self._dir.rmdir()
         except OSError:
             pass
+
+
+def target_name(vm: str, disk: int, migration_id: str, fmt: str) -> str:
+    """The file name of a copied disk's target: it carries the migration's id, so the recovery after a
+    crash finds exactly the images that migration created (`incoming_targets`), even without its QEMU."""
+    return f"{vm}-disk{disk}-{migration_id}.{fmt}"
+
+
+def incoming_targets(disk_dir: Path, vm: str, migration_id: str) -> list[Path]:
+    """The target images migration `migration_id` of `vm` created in `disk_dir` (target_name's)."""
+    if not disk_dir.is_dir():
+        return []
+    pattern = re.compile(rf"{re.escape(vm)}-disk\d+-{re.escape(migration_id)}\.(qcow2|raw)")
+    return sorted(p for p in disk_dir.iterdir() if pattern.fullmatch(p.name))
 
 
 def remove_targets(paths: list[Path]) -> None:

@@ -31,6 +31,7 @@ from sealift.backends.qemu.storage import (
     SourceStorage,
     disk_label,
     remove_targets,
+    target_name,
 )
 from sealift.backends.qemu.vm import QemuVM
 from sealift.host.transport import ControlChannel, open_data_stream
@@ -184,7 +185,7 @@ class DestinationDisks:
                 disks.append(disk.without_token())
                 continue
             self._disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            target = self._disk_dir / f"{hello.vm_name}-disk{index}.{disk.format}"
+            target = self._disk_dir / target_name(hello.vm_name, index, hello.migration_id, disk.format)
             created = create_target(disk, target)
             self._created.append(target)
             disks.append(created)
