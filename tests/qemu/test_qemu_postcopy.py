@@ -9,9 +9,12 @@ return path, carried back by the agents as sealed records.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +41,6 @@ def cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop_guests()
-        import os
         import shutil
 
         if os.environ.get("SLP_KEEP_LOGS"):
@@ -203,3 +205,56 @@ def test_a_tampered_record_in_post_copy_never_reaches_the_guest_and_a_fresh_chan
     assert VM not in names(src)
     log = next(a for h, a in cluster.agents.items() if h == "host-b").log_path.read_text()
     assert "record failed authentication" in log  # the destination agent found it, before QEMU
+
+
+def qemus_under(cluster: LocalCluster) -> list[int]:
+    """The QEMU processes of this cluster's hosts, from /proc (not from what the agents say)."""
+    root = str(cluster.vm_root)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = (Path("/proc") / entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(root.encode() in arg for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluster: LocalCluster) -> None:
+    """SIGKILL the destination agent inside post-copy: its QEMU keeps the guest (paused on its missing pages),
+    the source's QEMU pauses, and the restarted agent finds the migration in its store (the source's Hello and
+    order), takes the source's reconnection, and the post-copy completes at the destination."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_guest(src)
+    restarted = threading.Event()
+
+    def kill_and_restart() -> None:
+        time.sleep(0.3)  # inside post-copy: at 16 MiB/s its ~30 MiB take about 2 s
+        cluster.kill("host-b", signal.SIGKILL)
+        cluster.start("host-b")
+        restarted.set()
+
+    def on_event(event: dict) -> None:
+        if event.get("phase") == "postcopy-active" and not event.get("recovered") and not restarted.is_set():
+            threading.Thread(target=kill_and_restart, daemon=True).start()
+
+    report = migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
+    assert restarted.is_set()
+    assert report["status"] == "completed", report
+    assert report["postcopy"]["recoveries"] >= 1, report
+    assert VM not in names(src)
+    assert info(dst)["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert wait_counter(dst, paused, 30) > paused  # the counter continues: the guest's memory came whole
+    assert phases(cluster, "host-a")[report["migration_id"]] == "completed"
+    assert phases(cluster, "host-b")[report["migration_id"]] == "running"
+    deadline = time.monotonic() + 15  # the source's QEMU quits once the running receipt came
+    while len(qemus_under(cluster)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(qemus_under(cluster)) == 1  # one QEMU in all: the adopted destination's
+    log = cluster.agents["host-b"].log_path.read_text()
+    assert "finished after this agent's restart" in log

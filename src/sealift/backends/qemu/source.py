@@ -565,6 +565,8 @@ class QemuSourceDriver:
 
             def decide_now() -> None:
                 s.report.counter_at_pause = vm.counter()  # the guest's counter as the switch is decided
+                if self._hello is not None:  # the Hello (with its signed order) a recovery re-sends, on disk first
+                    s.context.store.save_resume(s.migration_id, {"hello": self._hello.to_json()})
                 decide(postcopy.manifest_fields(self._transport.name))
 
             self._switch.decide = decide_now
