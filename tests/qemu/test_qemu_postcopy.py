@@ -230,7 +230,7 @@ def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluste
     order), takes the source's reconnection, and the post-copy completes at the destination."""
     src, dst = cluster.client("host-a"), cluster.client("host-b")
     start_guest(src)
-    restarted = threading.Event()
+    armed, restarted = threading.Event(), threading.Event()
 
     def kill_and_restart() -> None:
         time.sleep(0.3)  # inside post-copy: at 16 MiB/s its ~30 MiB take about 2 s
@@ -239,7 +239,8 @@ def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluste
         restarted.set()
 
     def on_event(event: dict) -> None:
-        if event.get("phase") == "postcopy-active" and not event.get("recovered") and not restarted.is_set():
+        if event.get("phase") == "postcopy-active" and not armed.is_set():  # once: one agent per host, ever
+            armed.set()
             threading.Thread(target=kill_and_restart, daemon=True).start()
 
     report = migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
@@ -258,3 +259,30 @@ def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluste
     assert len(qemus_under(cluster)) == 1  # one QEMU in all: the adopted destination's
     log = cluster.agents["host-b"].log_path.read_text()
     assert "finished after this agent's restart" in log
+
+
+@pytest.mark.timeout(240)
+def test_a_tampered_return_path_record_fails_at_the_source_and_a_fresh_channel_finishes(
+    cluster: LocalCluster, relay: Relay
+) -> None:
+    """A bit flipped on the way back (the destination QEMU's page requests, sealed by the destination agent)
+    fails authentication at the source agent before the source QEMU reads it: both QEMUs pause, and the
+    post-copy completes over a fresh channel; the guest's counter continues at the destination."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_guest(src)
+
+    def on_event(event: dict) -> None:
+        if event.get("phase") == "postcopy-active" and relay.tamper is None:
+            relay.tamper = Tamper(reverse=True, flip_offset=0)  # the next record back: a post-copy page request
+
+    report = migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
+    assert relay.tamper is not None and relay.tamper.done.is_set()
+    assert report["status"] == "completed", report
+    assert report["postcopy"]["recoveries"] >= 1, report
+    assert VM not in names(src)
+    assert info(dst)["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert wait_counter(dst, paused, 30) > paused
+    assert phases(cluster, "host-b")[report["migration_id"]] == "running"
+    log = cluster.agents["host-a"].log_path.read_text()
+    assert "return path failed: record failed authentication" in log  # found by the source agent, before QEMU

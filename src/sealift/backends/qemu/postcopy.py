@@ -268,6 +268,10 @@ class ReturnPath:
             if not self._stop.is_set():
                 self.error = exc
                 log.warning("QEMU's return path failed: %s", exc)
+                # The data stream first: a failure only this end saw (a record back that failed authentication
+                # at the source) must reach the other end as a broken stream, never as the clean END the
+                # source's pump would write once QEMU's connection breaks; then both QEMUs pause.
+                _shutdown(self._data)
                 _shutdown(self._qemu)
 
     def _readable(self, sock: socket.socket) -> bool:
