@@ -272,8 +272,10 @@ def test_a_tampered_return_path_record_fails_at_the_source_and_a_fresh_channel_f
     start_guest(src)
 
     def on_event(event: dict) -> None:
+        # As in the test above: the next record back once 12 MiB more went forward, in post-copy proper (a
+        # stream that breaks while QEMU still sends the device state fails the switch instead of pausing it).
         if event.get("phase") == "postcopy-active" and relay.tamper is None:
-            relay.tamper = Tamper(reverse=True, flip_offset=0)  # the next record back: a post-copy page request
+            relay.tamper = Tamper(reverse=True, flip_offset=relay.forward_bytes + (12 << 20))
 
     report = migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
     assert relay.tamper is not None and relay.tamper.done.is_set()

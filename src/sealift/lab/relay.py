@@ -30,10 +30,10 @@ class Tamper:
     data_stream_only: bool = True  # False: also QEMU's own stream on the plain transport
     stream_index: int | None = None  # only data streams opened with this index (e.g. the disk streams')
     # The destination -> source direction of data streams instead (QEMU's return path in post-copy): flip one
-    # bit of the last byte of the first chunk once `flip_offset` bytes went back after the tamper was set. The
-    # return path's records are small and come a few at a time, so that byte is a record's tag. Once only.
+    # bit of the last byte of the first chunk back once the relay forwarded `flip_offset` bytes in all (its
+    # `forward_bytes`: the way back is measured by how far the way there went). The return path's records are
+    # small and come a few at a time, so that byte is a record's tag. Once only.
     reverse: bool = False
-    reverse_seen: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -171,13 +171,9 @@ class Relay:
                 position = data.find(old, position + len(new))
         return bytes(data)
 
-    @staticmethod
-    def _tamper_back(chunk: bytes, tamper: Tamper) -> bytes:
-        """The reverse tamper: the last byte of the first chunk once `flip_offset` bytes went back."""
-        if tamper.done.is_set():
-            return chunk
-        seen, tamper.reverse_seen = tamper.reverse_seen, tamper.reverse_seen + len(chunk)
-        if seen + len(chunk) <= (tamper.flip_offset or 0):
+    def _tamper_back(self, chunk: bytes, tamper: Tamper) -> bytes:
+        """The reverse tamper: the last byte of the first chunk back once `flip_offset` bytes went forward."""
+        if tamper.done.is_set() or self.forward_bytes < (tamper.flip_offset or 0):
             return chunk
         data = bytearray(chunk)
         data[-1] ^= 0x01
