@@ -15,6 +15,14 @@ QEMU's auto-converge throttling the guest until it fits), `postcopy-stall`
 `postcopy-first-pass` (switch after the first pass). `downtime_ms` is QEMU's
 own figure on the source (stop to the end of what it sends while stopped);
 `postcopy_s` the time from the switch to the last page.
+
+    .venv/bin/python bench/qemu_postcopy.py --versus-plain --runs 3 [--markdown]
+
+compares `postcopy-first-pass` through sealift with the same post-copy over
+plain TCP (`postcopy-first-pass-plain-tcp`): two bare QEMUs on loopback, no
+agents, no encryption, QEMU's own return path on its TCP connection, the
+same guest, limit (`max-bandwidth` and `max-postcopy-bandwidth`) and switch
+after the first pass.
 """
 
 from __future__ import annotations
@@ -23,11 +31,16 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from sealift.agent.client import AgentRequestFailed
+from sealift.backends.qemu.image import build_image, default_cache_dir
+from sealift.backends.qemu.postcopy import FIRST_PASS_DONE
+from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.bench.harness import warm_guest_image
-from sealift.cluster import LocalCluster
+from sealift.cluster import LocalCluster, free_port
 
 VM = "pcbench"
 CMDLINE = "sealift.mem_mib=32 sealift.rate_mib=64"
@@ -38,6 +51,7 @@ MODES: dict[str, dict[str, object]] = {
     "postcopy-stall": {"postcopy": "on-stall"},
     "postcopy-first-pass": {"postcopy": "after-precopy"},
 }
+PLAIN = "postcopy-first-pass-plain-tcp"  # bare QEMU to QEMU over TCP (--versus-plain)
 
 
 def one_run(cluster: LocalCluster, mode: str, memory: str) -> dict[str, object]:
@@ -73,6 +87,60 @@ def one_run(cluster: LocalCluster, mode: str, memory: str) -> dict[str, object]:
     }
 
 
+def plain_run(memory: str) -> dict[str, object]:
+    """The same post-copy between two bare QEMUs over plain TCP on loopback (no agents, no encryption)."""
+    mib = int(memory.rstrip("Mm"))
+    image = build_image(default_cache_dir())
+    with tempfile.TemporaryDirectory(prefix="slq-pcplain-") as tmp:
+        src = QemuVM.start(Path(tmp) / "a", VM, mib, image, extra_cmdline=CMDLINE)
+        dst: QemuVM | None = None
+        try:
+            src.wait_counter(20, 90)
+            dst = QemuVM.start(Path(tmp) / "b", VM, mib, image, incoming="defer", extra_cmdline=CMDLINE)
+            for vm in (src, dst):
+                vm.set_migration_capabilities({"postcopy-ram": True})
+            src.set_migration_parameters({"max-bandwidth": LIMIT, "max-postcopy-bandwidth": LIMIT})
+            port = free_port()
+            dst.migrate_incoming(f"tcp:127.0.0.1:{port}")
+            started = time.monotonic()
+            src.migrate(f"tcp:127.0.0.1:{port}")
+            switched_at: float | None = None
+            passes = 0
+            while True:
+                info = src.query_migrate()
+                status = str(info.get("status"))
+                passes = int(info.get("ram", {}).get("dirty-sync-count", passes))
+                if switched_at is None and status == "active" and passes >= FIRST_PASS_DONE:
+                    src.qmp("migrate-start-postcopy")
+                    switched_at = time.monotonic()
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() - started > 120:
+                    raise QemuError(f"plain post-copy {status}: {src.log_tail()}")
+                time.sleep(0.05)
+            total = time.monotonic() - started
+            done_at = time.monotonic()
+            assert switched_at is not None
+            counter = dst.wait_counter(0, 30)  # the guest runs on at the destination
+            return {
+                "mode": PLAIN,
+                "status": "completed" if counter else "failed",
+                "total_time_s": round(total, 3),
+                "passes": passes,
+                "downtime_ms": info.get("downtime"),
+                "postcopy_s": round(done_at - switched_at, 3),
+                "page_requests": info.get("ram", {}).get("postcopy-requests"),
+                "error": None,
+            }
+        finally:
+            for vm in (src, dst):
+                if vm is not None:
+                    try:
+                        vm.kill()
+                    except QemuError:
+                        pass
+
+
 def _qemu_downtime(stop_reason: str) -> float | None:
     marker = "downtime "
     if marker not in stop_reason:
@@ -83,7 +151,7 @@ def _qemu_downtime(stop_reason: str) -> float | None:
 
 def summary(results: list[dict[str, object]]) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
-    for mode in MODES:
+    for mode in dict.fromkeys(str(r["mode"]) for r in results):
         runs = [r for r in results if r["mode"] == mode]
         done = [r for r in runs if r["status"] == "completed"]
 
@@ -116,16 +184,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory", default="128M")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--versus-plain", action="store_true", help="post-copy through sealift beside plain TCP")
     args = parser.parse_args()
+    modes_of_run = ["postcopy-first-pass", PLAIN] if args.versus_plain else list(MODES)
     cluster = LocalCluster(extra_config="step_timeout_s = 20")
     results: list[dict[str, object]] = []
     try:
         cluster.start()
         warm_guest_image(cluster, "host-a")
         for run in range(args.runs):
-            modes = list(MODES) if run % 2 == 0 else list(reversed(MODES))
+            modes = modes_of_run if run % 2 == 0 else list(reversed(modes_of_run))
             for mode in modes:
-                result = one_run(cluster, mode, args.memory)
+                result = plain_run(args.memory) if mode == PLAIN else one_run(cluster, mode, args.memory)
                 print(json.dumps(result), file=sys.stderr, flush=True)
                 results.append(result)
     finally:

@@ -17,6 +17,7 @@ class RecordingKeeper:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.saved: dict[str, dict | None] = {}
 
     def can_settle(self, record: MigrationRecord) -> bool:
         return True
@@ -47,8 +48,13 @@ class RecordingKeeper:
     def discard_destination(self, record: MigrationRecord) -> None:
         self._note("discard_destination", record)
 
+    def resume_postcopy(self, record: MigrationRecord, saved: dict | None) -> bool:
+        self._note("resume_postcopy", record)
+        self.saved[record.id] = saved
+        return saved is not None
 
-def test_a_restart_during_post_copy_holds_both_sides(tmp_path: Path) -> None:
+
+def test_a_restart_during_post_copy_holds_both_sides_and_offers_the_stored_hello(tmp_path: Path) -> None:
     store = AgentStore(tmp_path / "agent.db")
     try:
         records.create(store, "src1", "vm", Role.SOURCE, "host-b", 1 << 20, "qemu")
@@ -57,10 +63,18 @@ def test_a_restart_during_post_copy_holds_both_sides(tmp_path: Path) -> None:
         records.create(store, "dst1", "vm2", Role.DESTINATION, "host-a", 1 << 20, "qemu")
         for event in (Event.STREAM_VERIFIED, Event.RECEIVE_COMMIT, Event.RUN_POSTCOPY):
             records.transition(store, "dst1", event)
+        store.save_resume("dst1", {"hello": {"migration_id": "dst1"}, "order_id": "o1"})
         keeper = RecordingKeeper()
         audited: list[str] = []
         recover(store, Keepers({"qemu": keeper}, "qemu", lambda vm: "qemu"), lambda kind, **f: audited.append(kind))
-        assert sorted(keeper.calls) == [("hold_destination", "dst1"), ("hold_source", "src1")]
+        assert sorted(keeper.calls) == [
+            ("hold_destination", "dst1"),
+            ("hold_source", "src1"),
+            ("resume_postcopy", "dst1"),
+            ("resume_postcopy", "src1"),
+        ]
+        # The backend is offered what the store holds, once the record is paused (it resumes from there).
+        assert keeper.saved == {"dst1": {"hello": {"migration_id": "dst1"}, "order_id": "o1"}, "src1": None}
         for migration_id in ("src1", "dst1"):
             record = store.migration(migration_id)
             assert record is not None and record.phase == Phase.POSTCOPY_PAUSED

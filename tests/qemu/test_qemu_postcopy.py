@@ -9,9 +9,12 @@ return path, carried back by the agents as sealed records.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +27,9 @@ MEMORY = "128M"
 # 32 MiB rewritten at 64 MiB/s: four times what the 16 MiB/s limit below lets pre-copy send.
 CMDLINE = "sealift.mem_mib=32 sealift.rate_mib=64"
 LIMIT = 16 << 20
+# The return-path test switches early and at twice the limit (~4 s instead of ~10 s of migration: the suite's
+# time): after 1 s of pre-copy about 100 MiB are still to come, some 3 s of post-copy to act in.
+EARLY = {"bandwidth_limit_bps": 2 * LIMIT, "postcopy": "after-timeout", "postcopy_after_s": 1}
 
 
 @pytest.fixture
@@ -38,7 +44,6 @@ def cluster(relay: Relay, guest_image: object) -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop_guests()
-        import os
         import shutil
 
         if os.environ.get("SLP_KEEP_LOGS"):
@@ -203,3 +208,93 @@ def test_a_tampered_record_in_post_copy_never_reaches_the_guest_and_a_fresh_chan
     assert VM not in names(src)
     log = next(a for h, a in cluster.agents.items() if h == "host-b").log_path.read_text()
     assert "record failed authentication" in log  # the destination agent found it, before QEMU
+
+
+def qemus_under(cluster: LocalCluster) -> list[int]:
+    """The QEMU processes of this cluster's hosts, from /proc (not from what the agents say)."""
+    root = str(cluster.vm_root)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = (Path("/proc") / entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(root.encode() in arg for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluster: LocalCluster, relay: Relay) -> None:
+    """SIGKILL the destination agent inside post-copy: its QEMU keeps the guest (paused on its missing pages),
+    the source's QEMU pauses, and the restarted agent finds the migration in its store (the source's Hello and
+    order), takes the source's reconnection, and the post-copy completes at the destination."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_guest(src)
+    armed, restarted = threading.Event(), threading.Event()
+
+    def kill_and_restart() -> None:
+        # In post-copy proper, as the tamper tests: 12 MiB past the switch (of some 30 MiB), once the destination
+        # QEMU has loaded the device state. (A restart while its main loop waits on a page cannot be resumed: a
+        # new agent's QMP session needs that loop; docs/architecture.md.)
+        beyond = relay.forward_bytes + (12 << 20)
+        while relay.forward_bytes < beyond:
+            time.sleep(0.01)
+        cluster.kill("host-b", signal.SIGKILL)
+        cluster.start("host-b")
+        restarted.set()
+
+    def on_event(event: dict) -> None:
+        if event.get("phase") == "postcopy-active" and not armed.is_set():  # once: one agent per host, ever
+            armed.set()
+            threading.Thread(target=kill_and_restart, daemon=True).start()
+
+    # After the first pass (some 30 MiB left): the fewer pages the guest waits on, the less often a TCG vCPU
+    # holds QEMU's big lock on one, which would keep the restarted agent's QMP session from starting.
+    report = migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
+    assert restarted.is_set()
+    assert report["status"] == "completed", report
+    assert report["postcopy"]["recoveries"] >= 1, report
+    assert VM not in names(src)
+    assert info(dst)["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert wait_counter(dst, paused, 30) > paused  # the counter continues: the guest's memory came whole
+    assert phases(cluster, "host-a")[report["migration_id"]] == "completed"
+    assert phases(cluster, "host-b")[report["migration_id"]] == "running"
+    deadline = time.monotonic() + 15  # the source's QEMU quits once the running receipt came
+    while len(qemus_under(cluster)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(qemus_under(cluster)) == 1  # one QEMU in all: the adopted destination's
+    log = cluster.agents["host-b"].log_path.read_text()
+    assert "finished after this agent's restart" in log
+
+
+@pytest.mark.timeout(240)
+def test_a_tampered_return_path_record_fails_at_the_source_and_a_fresh_channel_finishes(
+    cluster: LocalCluster, relay: Relay
+) -> None:
+    """A bit flipped on the way back (the destination QEMU's page requests, sealed by the destination agent)
+    fails authentication at the source agent before the source QEMU reads it: both QEMUs pause, and the
+    post-copy completes over a fresh channel; the guest's counter continues at the destination."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_guest(src)
+
+    def on_event(event: dict) -> None:
+        # As in the test above: the next record back once 12 MiB more went forward, in post-copy proper (a
+        # stream that breaks while QEMU still sends the device state fails the switch instead of pausing it).
+        if event.get("phase") == "postcopy-active" and relay.tamper is None:
+            relay.tamper = Tamper(reverse=True, flip_offset=relay.forward_bytes + (12 << 20))
+
+    report = migrate(cluster, on_event=on_event, **EARLY)
+    assert relay.tamper is not None and relay.tamper.done.is_set()
+    assert report["status"] == "completed", report
+    assert report["postcopy"]["recoveries"] >= 1, report
+    assert VM not in names(src)
+    assert info(dst)["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert wait_counter(dst, paused, 30) > paused
+    assert phases(cluster, "host-b")[report["migration_id"]] == "running"
+    log = cluster.agents["host-a"].log_path.read_text()
+    assert "return path failed: record failed authentication" in log  # found by the source agent, before QEMU

@@ -116,7 +116,7 @@ class Agent:
         self.keepers = Keepers(
             {
                 "builtin": BuiltinKeeper(self.vms),
-                "qemu": QemuKeeper(self.qemu_vms),
+                "qemu": QemuKeeper(self.qemu_vms, self.context),
                 "libvirt": LibvirtKeeper(self.libvirt_domains),
             },
             fallback="builtin",

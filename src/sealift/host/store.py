@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     error TEXT,
-    report TEXT
+    report TEXT,
+    resume TEXT
 );
 """
 
@@ -83,6 +84,8 @@ class AgentStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(migrations)")}
         if "backend" not in columns:  # a store from before the column
             self._db.execute("ALTER TABLE migrations ADD COLUMN backend TEXT")
+        if "resume" not in columns:  # a store from before post-copy could be resumed after a restart
+            self._db.execute("ALTER TABLE migrations ADD COLUMN resume TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -143,6 +146,16 @@ class AgentStore:
         self._exec(
             "UPDATE migrations SET report=?, updated_at=? WHERE id=?", (json.dumps(report), time.time(), migration_id)
         )
+
+    def save_resume(self, migration_id: str, resume: dict) -> None:
+        """What a restarted agent needs to resume this migration's post-copy (the Hello with its order)."""
+        self._exec(
+            "UPDATE migrations SET resume=?, updated_at=? WHERE id=?", (json.dumps(resume), time.time(), migration_id)
+        )
+
+    def resume_of(self, migration_id: str) -> dict | None:
+        rows = self._exec("SELECT resume FROM migrations WHERE id=?", (migration_id,))
+        return json.loads(rows[0][0]) if rows and rows[0][0] else None
 
     def migration(self, migration_id: str) -> MigrationRecord | None:
         rows = self._exec(f"SELECT {_MIGRATION_COLUMNS} FROM migrations WHERE id=?", (migration_id,))

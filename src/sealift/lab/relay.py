@@ -23,12 +23,17 @@ CHUNK = 1 << 20
 
 @dataclass
 class Tamper:
-    """What to change in the source-to-destination data stream."""
+    """What to change in the source-to-destination data stream (or, `reverse`, the way back)."""
 
     flip_offset: int | None = None  # flip one bit of the byte at this stream offset
     replace: tuple[bytes, bytes] | None = None  # rewrite a pattern (same length) wherever seen
     data_stream_only: bool = True  # False: also QEMU's own stream on the plain transport
     stream_index: int | None = None  # only data streams opened with this index (e.g. the disk streams')
+    # The destination -> source direction of data streams instead (QEMU's return path in post-copy): flip one
+    # bit of the last byte of the first chunk back once the relay forwarded `flip_offset` bytes in all (its
+    # `forward_bytes`: the way back is measured by how far the way there went). The return path's records are
+    # small and come a few at a time, so that byte is a record's tag. Once only.
+    reverse: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -100,10 +105,18 @@ class Relay:
                 self.connections += 1
                 session = bytearray()
                 self.sessions.append(session)
-            threading.Thread(target=self._pump, args=(client, upstream, True, session), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            kind: dict[str, bool] = {}  # the forward pump says whether it is a data stream (its opening tells)
+            threading.Thread(target=self._pump, args=(client, upstream, True, session, kind), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, None, kind), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool, session: bytearray | None = None) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        forward: bool,
+        session: bytearray | None = None,
+        kind: dict[str, bool] | None = None,
+    ) -> None:
         offset = 0
         is_data_stream: bool | None = None
         stream_index: int | None = None
@@ -114,12 +127,18 @@ class Relay:
                     break
                 if forward and is_data_stream is None:
                     is_data_stream = chunk.startswith(DATA_STREAM_MAGIC)
+                    if kind is not None:
+                        kind["data"] = is_data_stream
                     if is_data_stream and len(chunk) > _STREAM_INDEX_AT:
                         stream_index = chunk[_STREAM_INDEX_AT]  # STREAM_OPEN: magic, session id, index
                 tamper = self.tamper
+                if not forward and tamper is not None and tamper.reverse and kind is not None and kind.get("data"):
+                    chunk = self._tamper_back(chunk, tamper)
+                    tamper = None
                 if (
                     forward
                     and tamper is not None
+                    and not tamper.reverse
                     and (is_data_stream or not tamper.data_stream_only)
                     and tamper.stream_index in (None, stream_index)
                 ):
@@ -150,6 +169,15 @@ class Relay:
                 data[position : position + len(old)] = new
                 tamper.done.set()
                 position = data.find(old, position + len(new))
+        return bytes(data)
+
+    def _tamper_back(self, chunk: bytes, tamper: Tamper) -> bytes:
+        """The reverse tamper: the last byte of the first chunk back once `flip_offset` bytes went forward."""
+        if tamper.done.is_set() or self.forward_bytes < (tamper.flip_offset or 0):
+            return chunk
+        data = bytearray(chunk)
+        data[-1] ^= 0x01
+        tamper.done.set()
         return bytes(data)
 
     def _record(self, chunk: bytes, forward: bool) -> None:

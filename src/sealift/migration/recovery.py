@@ -71,12 +71,16 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
     present = keeper.can_settle(record)
     if record.phase in POSTCOPY:
         # Split between the hosts: hold whatever is here (busy, never resumed at the source, never discarded
-        # at the destination); resuming such a post-copy after a restart is not built (docs/architecture.md).
+        # at the destination), and let the backend resume the post-copy where it can (a QEMU destination:
+        # it waits for its source to reconnect; docs/architecture.md).
         if present:
             (keeper.hold_source if record.role == Role.SOURCE else keeper.hold_destination)(record)
         records.transition(store, record.id, Event.AGENT_RESTARTED, error="agent restarted during post-copy")
         log.error("recovery: post-copy migration %s of %s was cut by the restart; held, paused", record.id, record.vm)
         audit("migration.postcopy_paused", migration_id=record.id, vm=record.vm, reason="agent restarted")
+        resume = getattr(keeper, "resume_postcopy", None)  # only backends with a post-copy have it
+        if present and resume is not None and resume(record, store.resume_of(record.id)):
+            log.warning("recovery: post-copy %s of %s waits for its source to resume it", record.id, record.vm)
     elif record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
         # No commit decision was written, so the VM must run here.
         resumed = present and keeper.resume_source(record)

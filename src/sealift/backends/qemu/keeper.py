@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from sealift.backends.qemu import postcopy_recovery
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import resume_source
 from sealift.host.store import MigrationRecord
+from sealift.migration.phases import Role
+from sealift.migration.session import MigrationContext
 
 BACKEND = "qemu"
 
@@ -19,8 +22,21 @@ class QemuKeeper:
 
     backend = BACKEND
 
-    def __init__(self, qemu_vms: QemuVmRegistry) -> None:
+    def __init__(self, qemu_vms: QemuVmRegistry, context: MigrationContext | None = None) -> None:
         self._qemu_vms = qemu_vms
+        self._context = context  # to resume a post-copy after a restart; None: only hold it
+
+    def resume_postcopy(self, record: MigrationRecord, saved: dict[str, object] | None) -> bool:
+        """A post-copy paused by this agent's restart: resume it if this side can (in the background).
+
+        The destination can: its adopted QEMU kept the guest and its pages, and
+        the store has the source's Hello and order to accept the reconnection
+        by. A restarted source only holds its paused QEMU (not built).
+        """
+        if self._context is None or saved is None or record.role != Role.DESTINATION.value:
+            return False
+        postcopy_recovery.resume_after_restart(self._context, self._qemu_vms, record.id, saved)
+        return True
 
     def can_settle(self, record: MigrationRecord) -> bool:
         return self._qemu_vms.has(record.vm)  # its QEMU is gone: nothing here to resume, start or release

@@ -268,6 +268,10 @@ class ReturnPath:
             if not self._stop.is_set():
                 self.error = exc
                 log.warning("QEMU's return path failed: %s", exc)
+                # The data stream first: a failure only this end saw (a record back that failed authentication
+                # at the source) must reach the other end as a broken stream, never as the clean END the
+                # source's pump would write once QEMU's connection breaks; then both QEMUs pause.
+                _shutdown(self._data)
                 _shutdown(self._qemu)
 
     def _readable(self, sock: socket.socket) -> bool:
@@ -502,9 +506,21 @@ def run_destination(
     no longer has whole.
     """
     vms.hold_in_doubt(qemu)  # listed, and busy until every page is here
+    # What a restarted agent needs to accept the source's reconnection (postcopy_recovery.resume_after_restart):
+    # on disk before the record says post-copy, so that every post-copy record has it.
+    session.context.store.save_resume(
+        session.migration_id, {"hello": session.hello.to_json(), "order_id": session.order_id}
+    )
     session.enter(Event.RUN_POSTCOPY)
     _start_when_loaded(qemu, flow)
     session.audit("migration.postcopy_running", vm=qemu.name, pid=qemu.pid)
+    return finish_destination(session, qemu, flow, vms, recover)
+
+
+def finish_destination(
+    session: DestinationSession, qemu: QemuVM, flow: DestinationFlow, vms: QemuVmRegistry, recover: Recover
+) -> int | None:
+    """The guest runs here: until QEMU has every page, recovering each pause; the digest for the receipt."""
     while True:
         try:
             wait_destination_complete(qemu, flow)

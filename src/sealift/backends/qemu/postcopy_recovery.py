@@ -34,9 +34,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from sealift.backends.qemu import relay
-from sealift.backends.qemu.postcopy import DestinationFlow, ReturnPath, migration_status
+from sealift.backends.qemu.postcopy import DestinationFlow, ReturnPath, finish_destination, migration_status
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.errors import SealiftError
 from sealift.host.transport import ControlChannel, open_data_stream
@@ -44,12 +45,15 @@ from sealift.migration.destination import verify_manifest
 from sealift.migration.documents import channel_binding
 from sealift.migration.errors import IncomingRefused, MigrationError, PostcopyPaused
 from sealift.migration.phases import Event, Phase
-from sealift.migration.session import DestinationSession, SourceSession
+from sealift.migration.session import DestinationSession, MigrationContext, SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.security.audit import Kinds
 from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived
 from sealift.wire.messages import Abort, Accept, Commit, Hello, Receipt, Refuse
 from sealift.wire.qemu_stream import Ready
+
+if TYPE_CHECKING:
+    from sealift.backends.qemu.registry import QemuVmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +330,103 @@ def _wait_status(qemu: QemuVM, statuses: set[str], timeout: float, flow: Destina
         if time.monotonic() > deadline:
             raise PostcopyPaused(f"{qemu.name}: QEMU's migration stayed {status!r}, not {sorted(statuses)}")
         qemu.wait_event(relay.POLL_S)
+
+
+# -- a destination agent restarted during post-copy ------------------------------------------------
+
+
+class _NoChannelYet:
+    """A restarted destination's session until its source reconnects: nothing to send on, only whether the
+    migration runs on the authenticated channels (the signer's choice); the reconnection replaces it."""
+
+    def __init__(self, secure: bool) -> None:
+        self.secure = secure
+
+    def send(self, message: object) -> None:
+        raise OSError("the source has not reconnected since this agent restarted")
+
+    def close(self) -> None:
+        pass
+
+
+def resume_after_restart(
+    context: MigrationContext, vms: QemuVmRegistry, migration_id: str, saved: dict[str, object]
+) -> threading.Thread:
+    """Destination, at the restart of an agent killed during post-copy: wait for the source, resume, finish.
+
+    `saved` is what `run_destination` stored before the record went to
+    post-copy (the source's Hello with its signed order, the order's id).
+    The reconnection is taken here before the migration port listens
+    (`RECOVERIES`), checked as any reconnection is (the same source host,
+    VM and order byte for byte), and the post-copy runs to its end on the
+    adopted QEMU, which kept the guest and its pages through the restart;
+    the running receipt goes on the reconnection's channel.
+    """
+    hello = Hello.from_json(saved["hello"])
+    if hello.migration_id != migration_id:
+        raise MigrationError(f"the stored Hello is for {hello.migration_id}, not {migration_id}")
+    session = DestinationSession(context, cast(ControlChannel, _NoChannelYet(hello.secure)), hello)
+    order_id = saved.get("order_id")
+    session.order_id = order_id if isinstance(order_id, str) else None
+    qemu = vms.get(hello.vm_name)
+    recovery = DestinationRecovery(session, qemu)  # open before the port listens: the source's Hello is ours
+    thread = threading.Thread(
+        target=_finish_after_restart,
+        args=(session, qemu, vms, recovery),
+        name=f"postcopy-resume-{migration_id[:8]}",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def _finish_after_restart(
+    session: DestinationSession, qemu: QemuVM, vms: QemuVmRegistry, recovery: DestinationRecovery
+) -> None:
+    flow: DestinationFlow | None = None
+    cpu_started = time.process_time()
+
+    def again(cause: BaseException) -> DestinationFlow:
+        nonlocal flow
+        if flow is not None:
+            flow.close()  # QEMU pauses on its broken connection (if it has not yet)
+        flow = recovery.recover(cause)
+        return flow
+
+    try:
+        first = again(PostcopyPaused("the destination agent restarted during post-copy"))
+        pid = finish_destination(session, qemu, first, vms, again)
+        hello = session.hello
+        payload = {
+            "migration_id": hello.migration_id,
+            "vm": hello.vm_name,
+            "source": hello.source_host,
+            "destination": session.config.name,
+            "image_digest": None,
+            "state_digest": None,
+            "stage": "running",
+            "channel_binding": session.binding,
+            "signed_at": time.time(),
+            "counter_at_resume": None,
+            "pid": pid,
+            "cpu_s": round(time.process_time() - cpu_started, 3),
+            "resumed_after_restart": True,
+            **session.receipt_extra,
+        }
+        receipt = session.signer.sign(payload, "receipt")
+        session.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
+        log.info("post-copy of %s (%s) finished after this agent's restart", hello.vm_name, hello.migration_id)
+        try:
+            session.channel.send(Receipt(hello.migration_id, "running", receipt))
+        except OSError as exc:  # the guest runs here and the source has committed: it learns by asking
+            log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
+    except Exception as exc:  # noqa: BLE001 - the guest stays held here, paused, for another restart or an operator
+        log.error("post-copy of %s could not be resumed after the restart: %s", session.migration_id, exc)
+        session.audit("migration.postcopy_paused", vm=qemu.name, reason=f"not resumed after the restart: {exc}")
+    finally:
+        if flow is not None:
+            flow.close()
+        recovery.release()
 
 
 # -- source ----------------------------------------------------------------------------------------

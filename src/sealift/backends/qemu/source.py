@@ -542,6 +542,10 @@ class QemuSourceDriver:
             except PostcopyPaused as exc:
                 if self._switch is None or self._switch.switched_at is None or self._hello is None:
                     raise
+                # This stream is done with at both ends: a failure only this side saw (a return-path record that
+                # failed authentication here) must reach the destination as a broken stream, whose QEMU then
+                # pauses too. First, so that the pumps cannot end it cleanly (END) as they stop.
+                _shut_down_quietly(data)
                 group.stop()
                 if self._return_path is not None:
                     self._return_path.stop()
@@ -565,6 +569,8 @@ class QemuSourceDriver:
 
             def decide_now() -> None:
                 s.report.counter_at_pause = vm.counter()  # the guest's counter as the switch is decided
+                if self._hello is not None:  # the Hello (with its signed order) a recovery re-sends, on disk first
+                    s.context.store.save_resume(s.migration_id, {"hello": self._hello.to_json()})
                 decide(postcopy.manifest_fields(self._transport.name))
 
             self._switch.decide = decide_now
@@ -655,3 +661,10 @@ def _qemu_figures(info: dict[str, Any]) -> dict[str, int | None]:
         "ram_duplicate_pages": ram.get("duplicate"),
         "dirty_sync_count": ram.get("dirty-sync-count"),
     }
+
+
+def _shut_down_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
