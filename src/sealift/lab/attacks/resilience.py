@@ -202,7 +202,46 @@ def _settled(lab: LabSession, cluster: LocalCluster) -> bool:
     return list(copies.values()) == ["running"]
 
 
-@attack("T11", "kill an agent or cut the link at each migration phase")
+def _libvirt_truth(lab: LabSession, cluster: LocalCluster) -> dict[str, str]:
+    """What each host's libvirtd itself says of the domain (virsh domstate, and whether it is defined):
+    host -> e.g. "running, defined", "paused (migration), transient", "absent"."""
+    import libvirt
+
+    states = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    }
+    truth: dict[str, str] = {}
+    for host in cluster.agents:
+        try:
+            conn = libvirt.open(lab.libvirt_host(cluster, host).uri)
+        except libvirt.libvirtError as exc:
+            truth[host] = f"libvirtd unreachable: {exc}"
+            continue
+        try:
+            try:
+                dom = conn.lookupByName(VM)
+            except libvirt.libvirtError:
+                truth[host] = "absent"
+                continue
+            state, reason = dom.state()
+            name = states.get(state, f"state {state}")
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                name += f" (reason {reason})"
+            truth[host] = f"{name}, {'defined' if dom.isPersistent() else 'transient'}"
+        finally:
+            conn.close()
+    return truth
+
+
+def _libvirt_settled(truth: dict[str, str]) -> bool:
+    """Exactly one running domain, defined on exactly one host (that one), and nothing else left."""
+    return sorted(truth.values()) == ["absent", "running, defined"]
+
+
+@attack("T11", "kill an agent or cut the link at each migration phase", backends=("builtin", "qemu", "libvirt"))
 def failures_at_every_phase(lab: LabSession, backend: Backend) -> list[AttackResult]:
     """Every (action, phase) pair on fresh agents: a failure must not leave traces that the
     next scenario trips over. A built-in guest is cheap to start, so each scenario gets its
@@ -217,7 +256,9 @@ def failures_at_every_phase(lab: LabSession, backend: Backend) -> list[AttackRes
         phases = [PHASES[ACTIONS.index(action)]] if lab.quick else PHASES
         # A built-in migration of the lab's guest completes within milliseconds of its prepared
         # receipt: without the hold, "after prepared" was missed once migrations got faster.
-        cluster, relays = _fresh(lab, backend, hold_after_commit=backend == "qemu" or phases[0] == "after prepared")
+        cluster, relays = _fresh(
+            lab, backend, hold_after_commit=backend in ("qemu", "libvirt") or phases[0] == "after prepared"
+        )
         for phase in phases:
             lab.say(f"T11 [{backend}]: {action} during {phase}")
             if backend == "builtin" and phase != PHASES[0] and not lab.quick:
@@ -297,8 +338,11 @@ def _one_failure(
     try:
         lab.wait_for(lambda: lab.running_copies(cluster, VM) == 1, RECOVERY_TIMEOUT_S, "exactly one running copy")
         lab.wait_for(lambda: _settled(lab, cluster), LEFTOVER_GRACE_S, "no stopped copy left")
+        if backend == "libvirt":  # and the libvirtds agree: one domain running, defined on one host only
+            lab.wait_for(lambda: _libvirt_settled(_libvirt_truth(lab, cluster)), LEFTOVER_GRACE_S, "libvirt settled")
     except TimeoutError:
         pass
+    truth = _libvirt_truth(lab, cluster) if backend == "libvirt" else {}
     copies = lab.copies(cluster, VM)
     count = lab.running_copies(cluster, VM)
     where = next((h for h, s in copies.items() if s == "running"), None)
@@ -308,6 +352,8 @@ def _one_failure(
     leftovers = {h: s for h, s in copies.items() if s != "running"}
     # Recovery is part of the defence: in-doubt handovers are settled between the two agents.
     blocked = struck and count == 1 and progressing and not lost and not restart_failure
+    if backend == "libvirt":
+        blocked = blocked and _libvirt_settled(truth)
     missed = struck and outcome == "completed" and phase != "after prepared"
     evidence = (
         (f"struck in {phase}" if struck else f"not struck: {phase} was not seen while the migration ran")
@@ -318,6 +364,7 @@ def _one_failure(
             + ("; the guest's counter keeps going" if progressing else "; the guest is NOT making progress")
             + (f"; left stopped, not running: {', '.join(leftovers)} (awaits in-doubt resolution)" if leftovers else "")
             + (f"; {restart_failure.upper()[:1]}{restart_failure[1:]}" if restart_failure else "")
+            + ("; libvirtds: " + ", ".join(f"{h}: {t}" for h, t in sorted(truth.items())) if truth else "")
         )
     )
     return AttackResult(
@@ -335,6 +382,7 @@ def _one_failure(
             "phases_at_strike": events_at_strike,
             "missed_phase": missed,
             "restart_failure": restart_failure,
+            "libvirt": truth,
         },
     )
 
