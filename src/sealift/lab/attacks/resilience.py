@@ -168,10 +168,11 @@ def _phase_options(backend: Backend, phase: str) -> dict[str, object]:
     return {}  # QEMU: pre-switchover pauses the guest until the agent lets QEMU send the rest
 
 
-# libvirt: the source's transfer events stop once libvirt's copy starts (its jobStats poll does not
-# return during the disk copy: found by this lab, 2026-12-07), so pre-copy is struck this long after the
-# "precopy" phase began: the control, disk and memory connections are all open by then (~7 s in the lab
-# at 16 MiB/s, the whole migration ~27 s).
+# libvirt: the source agent's transfer events stop ~1.3 s into the migration, before libvirt's copy
+# starts (found by this lab, 2026-12-07; not diagnosed: jobStats on another connection answers at once
+# throughout the copy, so it lies in the agent's poll loop or its event path), so pre-copy is struck
+# this long after the "precopy" phase began: the control, disk and memory connections are all open by
+# then (~7 s in the lab at 16 MiB/s, the whole migration ~27-33 s).
 LIBVIRT_PRECOPY_STRIKE_S = 10.0
 
 
