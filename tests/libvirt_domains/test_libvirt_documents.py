@@ -102,3 +102,12 @@ def test_the_domain_xml_escapes_its_inputs_and_pads_tcg_memory() -> None:
     assert "size=98312k" in args and "memory-backend=sealift.ram" in args  # 96 MiB + 8 KiB, not a multiple of 64 pages
     kvm = ET.fromstring(domain_xml(DomainSpec(**{**spec.__dict__, "domain_type": "kvm"})))
     assert not list(kvm.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg"))  # KVM needs no pad
+
+
+def test_a_lab_hosts_extra_settings_replace_its_defaults() -> None:
+    from sealift.backends.libvirt.lab import LIBVIRTD_CONF, _merge_conf
+
+    merged = _merge_conf(LIBVIRTD_CONF, 'listen_tls = 1\ntls_port = "16514"\n')
+    settings = [line.partition("=")[0].strip() for line in merged.splitlines()]
+    assert settings.count("listen_tls") == 1 and "listen_tls = 1" in merged.splitlines()
+    assert "auth_unix_rw" in settings and "tls_port" in settings

@@ -68,7 +68,8 @@ class LibvirtLabHost:
     name: str
     root: Path  # the backing directories live here; removed by stop()
     netns: str | None = None  # run the daemons inside this network namespace (the lab's testbed host)
-    extra_conf: str = ""  # more libvirtd.conf lines (the benchmark's plain-TCP baseline)
+    extra_conf: str = ""  # more libvirtd.conf lines, overriding the defaults (the benchmark's baselines)
+    extra_qemu_conf: str = ""  # more qemu.conf lines, overriding the defaults (the benchmark's TLS baseline)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -107,8 +108,8 @@ class LibvirtLabHost:
             raise LibvirtError(f"lab host {self.name}'s libvirtd already runs")
         for backing in MOUNTS.values():
             (self.root / backing).mkdir(parents=True, exist_ok=True)
-        (self.root / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF + self.extra_conf)
-        (self.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
+        (self.root / "etc" / "libvirtd.conf").write_text(_merge_conf(LIBVIRTD_CONF, self.extra_conf))
+        (self.root / "etc" / "qemu.conf").write_text(_merge_conf(QEMU_CONF, self.extra_qemu_conf))
         (self.root / "etc" / "virtlogd.conf").write_text(VIRTLOGD_CONF)
         self.images.mkdir(parents=True, exist_ok=True)
         self.local_path(SOCKET_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -189,6 +190,13 @@ class LibvirtLabHost:
             self._proc = None
         _kill_pidfile(self.root / "virtlogd.pid")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _merge_conf(base: str, extra: str) -> str:
+    """`base` without the settings `extra` sets again, then `extra` (libvirt reads a setting's first line)."""
+    overridden = {line.partition("=")[0].strip() for line in extra.splitlines() if "=" in line}
+    kept = [line for line in base.splitlines(keepends=True) if line.partition("=")[0].strip() not in overridden]
+    return "".join(kept) + extra
 
 
 def _kill_pidfile(path: Path) -> None:

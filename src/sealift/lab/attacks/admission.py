@@ -215,7 +215,7 @@ def _describe(reply: object) -> str:
 # -- T5: pulling a VM to a host that has no order for it ---------------------------------------
 
 
-@attack("T5", "pull a VM to an insider host without an order for it")
+@attack("T5", "pull a VM to an insider host without an order for it", backends=("builtin", "qemu", "libvirt"))
 def pull(run: LabSession, backend: Backend) -> list[AttackResult]:
     """host-c (valid certificate) tries to get vm1 sent to it, four ways; each is refused by the source.
 
@@ -374,7 +374,7 @@ def _layers(outcome: PushOutcome) -> str:
     )
 
 
-@attack("T6", "push flood at a victim host by an insider")
+@attack("T6", "push flood at a victim host by an insider", backends=("builtin", "qemu", "libvirt"))
 def push_flood(run: LabSession, backend: Backend) -> list[AttackResult]:
     """host-c pushes 20 migrations at host-b, first without orders, then with valid orders.
 

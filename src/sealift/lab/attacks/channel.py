@@ -361,8 +361,11 @@ def _mitm_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str]:
     relay = lab.relay()
     cluster = lab.cluster(backend, insecure=True, via=relay)
     lab.start_vm(cluster, "host-a", VM, backend)
-    try:  # QEMU: its stream on the agents' data stream in clear (QEMU's direct plain TCP would bypass the relay)
-        lab.migrate(cluster, VM, {"secure": False}, transport=None if backend == "builtin" else "sealift-plain")
+    # QEMU: its stream on the agents' data stream in clear (QEMU's direct plain TCP would bypass the relay);
+    # libvirt: its connections always go on the agents' data streams
+    transport = None if backend in ("builtin", "libvirt") else "sealift-plain"
+    try:
+        lab.migrate(cluster, VM, {"secure": False}, transport=transport)
     except MigrationFailed as exc:
         return "blocked", f"baseline: the plaintext migration through the impostor failed: {_short(str(exc), 100)}"
     finally:
@@ -374,7 +377,7 @@ def _mitm_baseline(lab: LabSession, backend: Backend) -> tuple[Baseline, str]:
     )
 
 
-@attack("T3", "man in the middle with forged or borrowed certificates")
+@attack("T3", "man in the middle with forged or borrowed certificates", backends=("builtin", "qemu", "libvirt"))
 def man_in_the_middle(lab: LabSession, backend: Backend) -> list[AttackResult]:
     baseline, baseline_evidence = _mitm_baseline(lab, backend)
     impostor = Impostor(lab)

@@ -156,6 +156,10 @@ LEFTOVER_GRACE_S = 8.0  # a stopped source copy is released once the handover is
 
 def _phase_options(backend: Backend, phase: str) -> dict[str, object]:
     """Options that make the phase last long enough to strike in it."""
+    if phase == "precopy" and backend == "libvirt":
+        # auto-converge: at 16 MiB/s a loaded TCG guest may dirty memory faster than it is sent (one lab
+        # run's migration had not converged after 150 s).
+        return {"bandwidth_limit_bps": 16 * MiB, "auto_converge": True}
     if phase == "precopy":
         return {"bandwidth_limit_bps": 16 * MiB}
     if phase == "stop-and-copy" and backend == "builtin":
@@ -164,7 +168,26 @@ def _phase_options(backend: Backend, phase: str) -> dict[str, object]:
     return {}  # QEMU: pre-switchover pauses the guest until the agent lets QEMU send the rest
 
 
-def _reached(phase: str) -> Callable[[dict], bool]:
+# libvirt: the source agent's transfer events stop ~1.3 s into the migration, before libvirt's copy
+# starts (found by this lab, 2026-12-07; not diagnosed: jobStats on another connection answers at once
+# throughout the copy, so it lies in the agent's poll loop or its event path), so pre-copy is struck
+# this long after the "precopy" phase began: the control, disk and memory connections are all open by
+# then (~7 s in the lab at 16 MiB/s, the whole migration ~27-33 s).
+LIBVIRT_PRECOPY_STRIKE_S = 10.0
+
+
+def _reached(phase: str, backend: Backend = "builtin") -> Callable[[dict], bool]:
+    if phase == "precopy" and backend == "libvirt":
+        began: list[float] = []
+
+        def after_a_while(e: dict) -> bool:
+            if e.get("event") == "phase" and e.get("phase") == "precopy":
+                if not began:
+                    began.append(time.monotonic())
+                return time.monotonic() - began[0] >= LIBVIRT_PRECOPY_STRIKE_S
+            return False
+
+        return after_a_while
     if phase == "precopy":
         return lambda e: e.get("event") == "transfer" and int(e.get("wire_bytes", 0)) > 2 * MiB
     if phase == "stop-and-copy":
@@ -202,7 +225,54 @@ def _settled(lab: LabSession, cluster: LocalCluster) -> bool:
     return list(copies.values()) == ["running"]
 
 
-@attack("T11", "kill an agent or cut the link at each migration phase")
+def _libvirt_truth(lab: LabSession, cluster: LocalCluster) -> dict[str, str]:
+    """What each host's libvirtd itself says of the domain (virsh domstate, and whether it is defined):
+    host -> e.g. "running, defined", "paused (migration), transient", "absent"."""
+    import libvirt
+
+    states = {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    }
+    truth: dict[str, str] = {}
+    for host in cluster.agents:
+        try:
+            conn = libvirt.open(lab.libvirt_host(cluster, host).uri)
+        except libvirt.libvirtError as exc:
+            truth[host] = f"libvirtd unreachable: {exc}"
+            continue
+        try:
+            try:
+                dom = conn.lookupByName(VM)
+            except libvirt.libvirtError:
+                truth[host] = "absent"
+                continue
+            state, reason = dom.state()
+            name = states.get(state, f"state {state}")
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                name += f" (reason {reason})"
+            truth[host] = f"{name}, {'defined' if dom.isPersistent() else 'transient'}"
+        finally:
+            conn.close()
+    return truth
+
+
+def _clear_leftover_disk(lab: LabSession, cluster: LocalCluster, host: str) -> None:
+    """The disk an earlier migration left on `host` (its source then; libvirt's UNDEFINE_SOURCE keeps disk
+    files too): the destination refuses to create a disk over an existing file, so the guest going back
+    needs it gone. Only when no domain of that name is defined there."""
+    if _libvirt_truth(lab, cluster).get(host) == "absent":
+        lab.libvirt_host(cluster, host).local_path(f"/var/lib/libvirt/images/{VM}.qcow2").unlink(missing_ok=True)
+
+
+def _libvirt_settled(truth: dict[str, str]) -> bool:
+    """Exactly one running domain, defined on exactly one host (that one), and nothing else left."""
+    return sorted(truth.values()) == ["absent", "running, defined"]
+
+
+@attack("T11", "kill an agent or cut the link at each migration phase", backends=("builtin", "qemu", "libvirt"))
 def failures_at_every_phase(lab: LabSession, backend: Backend) -> list[AttackResult]:
     """Every (action, phase) pair on fresh agents: a failure must not leave traces that the
     next scenario trips over. A built-in guest is cheap to start, so each scenario gets its
@@ -217,7 +287,9 @@ def failures_at_every_phase(lab: LabSession, backend: Backend) -> list[AttackRes
         phases = [PHASES[ACTIONS.index(action)]] if lab.quick else PHASES
         # A built-in migration of the lab's guest completes within milliseconds of its prepared
         # receipt: without the hold, "after prepared" was missed once migrations got faster.
-        cluster, relays = _fresh(lab, backend, hold_after_commit=backend == "qemu" or phases[0] == "after prepared")
+        cluster, relays = _fresh(
+            lab, backend, hold_after_commit=backend in ("qemu", "libvirt") or phases[0] == "after prepared"
+        )
         for phase in phases:
             lab.say(f"T11 [{backend}]: {action} during {phase}")
             if backend == "builtin" and phase != PHASES[0] and not lab.quick:
@@ -263,6 +335,9 @@ def _one_failure(
     destination = "host-b" if source == "host-a" else "host-a"
     relay = relays[(source, destination)]
     counter_before = _counter(lab, cluster, source)
+    reached = _reached(phase, backend)
+    if backend == "libvirt":
+        _clear_leftover_disk(lab, cluster, destination)
     running: BackgroundMigration = lab.migrate_in_background(
         cluster, VM, _phase_options(backend, phase), source=source, destination=destination
     )
@@ -273,14 +348,14 @@ def _one_failure(
         try:
             # Polled every 5 ms: a built-in stop-and-copy can end within one 50 ms gap, and then nothing is struck.
             lab.wait_for(
-                lambda: running.saw(_reached(phase)) or running.done(),
+                lambda: running.saw(reached) or running.done(),
                 60,
                 f"the migration reaching {phase}",
                 interval=STRIKE_POLL_S,
             )
         except TimeoutError:
             pass  # reported below as "ended before {phase} was seen"
-        struck = running.saw(_reached(phase)) and not running.done()
+        struck = running.saw(reached) and not running.done()
         if struck:
             _strike(lab, cluster, relay, action, source, destination)
             events_at_strike = [e.get("phase") for e in list(running.events) if e.get("event") == "phase"]
@@ -297,8 +372,11 @@ def _one_failure(
     try:
         lab.wait_for(lambda: lab.running_copies(cluster, VM) == 1, RECOVERY_TIMEOUT_S, "exactly one running copy")
         lab.wait_for(lambda: _settled(lab, cluster), LEFTOVER_GRACE_S, "no stopped copy left")
+        if backend == "libvirt":  # and the libvirtds agree: one domain running, defined on one host only
+            lab.wait_for(lambda: _libvirt_settled(_libvirt_truth(lab, cluster)), LEFTOVER_GRACE_S, "libvirt settled")
     except TimeoutError:
         pass
+    truth = _libvirt_truth(lab, cluster) if backend == "libvirt" else {}
     copies = lab.copies(cluster, VM)
     count = lab.running_copies(cluster, VM)
     where = next((h for h, s in copies.items() if s == "running"), None)
@@ -308,6 +386,8 @@ def _one_failure(
     leftovers = {h: s for h, s in copies.items() if s != "running"}
     # Recovery is part of the defence: in-doubt handovers are settled between the two agents.
     blocked = struck and count == 1 and progressing and not lost and not restart_failure
+    if backend == "libvirt":
+        blocked = blocked and _libvirt_settled(truth)
     missed = struck and outcome == "completed" and phase != "after prepared"
     evidence = (
         (f"struck in {phase}" if struck else f"not struck: {phase} was not seen while the migration ran")
@@ -318,6 +398,7 @@ def _one_failure(
             + ("; the guest's counter keeps going" if progressing else "; the guest is NOT making progress")
             + (f"; left stopped, not running: {', '.join(leftovers)} (awaits in-doubt resolution)" if leftovers else "")
             + (f"; {restart_failure.upper()[:1]}{restart_failure[1:]}" if restart_failure else "")
+            + ("; libvirtds: " + ", ".join(f"{h}: {t}" for h, t in sorted(truth.items())) if truth else "")
         )
     )
     return AttackResult(
@@ -335,6 +416,7 @@ def _one_failure(
             "phases_at_strike": events_at_strike,
             "missed_phase": missed,
             "restart_failure": restart_failure,
+            "libvirt": truth,
         },
     )
 
