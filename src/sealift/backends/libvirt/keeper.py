@@ -8,10 +8,12 @@ domain waits, defined and paused (VIR_MIGRATE_PAUSED), for the decision.
 
 from __future__ import annotations
 
-import libvirt
+import logging
 
 from sealift.backends.libvirt.registry import BACKEND, LibvirtRegistry
 from sealift.host.store import MigrationRecord
+
+log = logging.getLogger(__name__)
 
 
 class LibvirtKeeper:
@@ -61,13 +63,21 @@ class LibvirtKeeper:
         """Nothing: libvirt owns the domain's files (the disks stay, as in discard_destination)."""
 
     def discard_destination(self, record: MigrationRecord) -> None:
-        """The source aborted: it runs the domain, so our paused copy goes (definition too; the disks stay)."""
+        """The source aborted before libvirt's switchover: it runs the domain, so our incoming copy goes."""
         assert self._domains is not None
         domain = self._domains.lookup(record.vm)
-        self._domains.unclaim(record.vm)
-        if domain is None:
+        if domain is not None and domain.dom.isPersistent():
+            # libvirt made it persistent here (PERSIST_DEST) when it finished handing it over: the source's
+            # QEMU has quit, so this paused copy may be the only one left. Never destroy it: it stays
+            # paused, defined and busy for the operator (the lab's T11 rows at the switchover saw the only
+            # copy destroyed here before this check).
+            log.error(
+                "%s: migration %s was called off, but libvirt had finished handing the domain over: it stays "
+                "here, paused, for the operator (never destroyed; check the source with `virsh domstate`)",
+                record.vm,
+                record.id,
+            )
             return
-        if domain.dom.isActive():
-            domain.dom.destroy()
-        if domain.dom.isPersistent():
-            domain.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        self._domains.unclaim(record.vm)
+        if domain is not None and domain.dom.isActive():
+            domain.dom.destroy()  # libvirt's own transient incoming domain: never handed over
