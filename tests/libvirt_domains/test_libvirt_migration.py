@@ -215,3 +215,59 @@ def test_a_flipped_bit_in_a_carried_stream_aborts_and_keeps_the_domain_on_the_so
     while domain_state(hosts["host-b"]) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert domain_state(hosts["host-b"]) is None  # libvirt dropped the half-received domain: one copy
+
+
+def test_a_called_off_migration_never_destroys_a_domain_libvirt_handed_over(
+    hosts: dict[str, LibvirtLabHost],
+) -> None:
+    """The keeper's discard (what the resolver and the restart recovery call when the source says the
+    migration was called off) on the destination: a domain libvirt finished handing over (persistent,
+    PERSIST_DEST) may be the only copy, so it stays, paused and busy; an incoming one libvirt never
+    finished (transient) is destroyed. Without the guard the lab's T11 switchover rows lost the guest."""
+    from sealift.backends.libvirt.keeper import LibvirtKeeper
+    from sealift.backends.libvirt.registry import LibvirtRegistry
+    from sealift.host.config import LibvirtConfig
+    from sealift.host.store import MigrationRecord
+
+    host = hosts["host-b"]
+    name = "lvkeep"
+    define_test_domain(host, name, memory_mib=64, disk_mib=8)
+    registry = LibvirtRegistry(LibvirtConfig(uri=host.uri), "host-b")
+    keeper = LibvirtKeeper(registry)
+    record = MigrationRecord(
+        id="m-keep",
+        vm=name,
+        role="destination",
+        peer="host-a",
+        phase="aborted",
+        backend="libvirt",
+        decision=None,
+        memory_bytes=64 << 20,
+        created_at=0.0,
+        updated_at=0.0,
+        error=None,
+        report=None,
+    )
+    c = conn(host)
+    try:
+        dom = c.lookupByName(name)
+        dom.suspend()  # as an incoming domain waits for Commit (VIR_MIGRATE_PAUSED)
+        registry.claim(name)
+        keeper.discard_destination(record)
+        assert domain_state(host, name) == "paused" and dom.isPersistent()
+        assert registry.is_busy(name)  # held for the operator, not offered for another migration
+        dom.undefine()  # now transient: like libvirt's own incoming domain before its Finish
+        keeper.discard_destination(record)
+        assert domain_state(host, name) is None  # destroyed: the source still runs the guest
+        assert not registry.is_busy(name)
+    finally:
+        try:
+            leftover = c.lookupByName(name)
+            if leftover.isActive():
+                leftover.destroy()
+            if leftover.isPersistent():
+                leftover.undefine()
+        except libvirt.libvirtError:
+            pass
+        c.close()
+        registry.close()
