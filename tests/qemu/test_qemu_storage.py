@@ -34,6 +34,7 @@ from sealift.backends.qemu.storage import DISK_STREAM_INDEX
 from sealift.cluster import LocalCluster
 from sealift.host.config import AgentConfig
 from sealift.host.store import MigrationRecord
+from sealift.lab.attacks.storage import disk_records, image_content
 from sealift.lab.relay import Relay, Tamper
 from sealift.wire.vm_definition import BootSpec, VmDefinition
 
@@ -43,7 +44,6 @@ RECORDS_AT = 8192  # blocks: the writer's first record (32 MiB)
 RANDOM_BYTES = 32 << 20
 DISK_BYTES = 64 << 20
 CMDLINE = "sealift.mem_mib=16 sealift.rate_mib=4 sealift.disk=write"
-_RECORD = re.compile(rb"sealift-disk-record (\d{10})\n")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -98,25 +98,13 @@ def small_disks(workdir: Path) -> tuple[Path, Path]:
 
 def raw_content(image: Path) -> bytes:
     """The guest-visible bytes of an image (-U: its QEMU may still run)."""
-    out = image.with_name(image.name + ".read.raw")
-    subprocess.run(["qemu-img", "convert", "-U", "-q", "-O", "raw", str(image), str(out)], check=True)
-    try:
-        return out.read_bytes()
-    finally:
-        out.unlink()
+    return image_content(image)
 
 
 def records(content: bytes) -> list[int]:
     """The record numbers found in their blocks, in block order (each checked at its own place)."""
-    found = []
-    for block in range(RECORDS_AT, len(content) // BLOCK):
-        chunk = content[block * BLOCK : (block + 1) * BLOCK]
-        match = _RECORD.match(chunk)
-        if match is None:
-            continue
-        number = int(match.group(1))
-        assert number == block - RECORDS_AT, f"record {number} in block {block}"
-        found.append(number)
+    found = disk_records(content)
+    assert not isinstance(found, str), found
     return found
 
 

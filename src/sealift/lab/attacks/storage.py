@@ -158,7 +158,7 @@ def _writer_disk(lab: LabSession, name: str) -> tuple[Path, bytes]:
     return image, data
 
 
-def _content(image: Path) -> bytes:
+def image_content(image: Path) -> bytes:
     """The guest-visible bytes of an image (-U: its QEMU may run)."""
     out = image.with_name(image.name + ".read.raw")
     subprocess.run(["qemu-img", "convert", "-U", "-q", "-O", "raw", str(image), str(out)], check=True)
@@ -168,7 +168,7 @@ def _content(image: Path) -> bytes:
         out.unlink()
 
 
-def _records(content: bytes) -> list[int] | str:
+def disk_records(content: bytes) -> list[int] | str:
     """The record numbers in block order, or why they are wrong (a record at another's place)."""
     found = []
     for block in range(RECORDS_AT, len(content) // BLOCK):
@@ -289,8 +289,8 @@ def _disk_whole(
     except TimeoutError:
         return False, f"the guest on {where} writes no more disk records"
     path = Path(cluster.client(where).request("vm.info", name=VM)["vm"]["disks"][0]["path"])
-    content = _content(path)
-    found = _records(content)
+    content = image_content(path)
+    found = disk_records(content)
     if isinstance(found, str):
         return False, f"{where}'s disk is wrong: {found}"
     if found != list(range(len(found))) or not found:
@@ -300,8 +300,8 @@ def _disk_whole(
         return False, f"{where}'s disk lost the data written before boot"
     note = f"{where}'s disk: records 0-{found[-1]} without a gap, pre-boot data intact"
     if where != "host-a":  # moved: the source's image (frozen at the pause) must be a prefix of it
-        source = _content(image)
-        written = _records(source)
+        source = image_content(image)
+        written = disk_records(source)
         if isinstance(written, str) or not written:
             return False, f"host-a's image is unreadable: {written}"
         end = (RECORDS_AT + written[-1] + 1) * BLOCK
