@@ -240,7 +240,8 @@ class LibvirtDestinationDriver:
                 problems.append(f"{name} has no authenticated END")
         if not self._sorted_carriers():
             problems.append("no carried stream to check")
-        checked.append("the signed manifest never arrived" if _is_cut(exc) else "the signed manifest")
+        if _is_cut(exc):  # else the manifest (or the source's word) failed: a problem, listed above
+            checked.append("the signed manifest never arrived: no digest cross-check of the streams")
         return problems, checked
 
     # -- the offer -----------------------------------------------------------------------------
