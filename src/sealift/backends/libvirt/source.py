@@ -116,6 +116,7 @@ class LibvirtSourceDriver:
         self._stop = threading.Event()
         self._listeners: list[socket.socket] = []
         self._dir: Path | None = None
+        self._handover_recorded = False
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -208,9 +209,12 @@ class LibvirtSourceDriver:
         try:
             self._cancel_job(vm)
             if not vm.dom.isActive():
-                # libvirt completed its switchover: the only copy is the destination's, paused. It is
-                # never started there without Commit; the resolver and the operator settle it.
+                # libvirt completed its switchover: the only copy is the destination's, paused. If it did so
+                # after we gave up waiting for it, record it now: the record then goes in doubt, not aborted,
+                # and the resolver starts the destination's copy.
                 log.error("%s: libvirt had already handed the domain over; it is not running here", vm.name)
+                if _handed_over(vm):
+                    self._record_handover()
                 return False
             vm.resume()
             return vm.state() == "running"
@@ -417,8 +421,11 @@ class LibvirtSourceDriver:
         return job, paused_at
 
     def _record_handover(self) -> None:
+        if self._handover_recorded:
+            return
         assert self._session.handed_over is not None  # the coordinator sets it before the transfer
         self._session.handed_over()
+        self._handover_recorded = True
 
     def _progress(self, vm: LibvirtDomain) -> dict[str, int]:
         try:
