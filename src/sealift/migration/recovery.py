@@ -1,11 +1,11 @@
 """Settling migrations a crash or a cut link left open: one routine for every backend.
 
 The source's durable decision is the truth. After a restart (`recover`), a
-source without a decision resumes its guest and aborts; a destination that
-never promised discards what it received; unless a hypervisor that migrates
-on its own (libvirt) had already handed the guest over, which is then the
-decision: the source holds, the destination keeps it in doubt for the resolver; everything undecided is held,
-paused and busy, for the resolver. The resolver (`Resolver`) asks the peer
+source without a decision resumes its guest and aborts and a destination
+that never promised discards what it received, unless a hypervisor that
+migrates on its own (libvirt) had already handed the guest over: that is
+then the decision (the source holds, the destination keeps the guest in
+doubt). Everything undecided is held, paused and busy, for the resolver. The resolver (`Resolver`) asks the peer
 about every undecided record: a destination that promised ("prepared") but
 never heard Commit, a source that committed but never got the "running"
 receipt. Until an answer comes, the VM stays paused on the source and
