@@ -15,12 +15,13 @@ class SwitchedOverKeeper:
 
     backend = "libvirt"
 
-    def __init__(self, handed_over: bool) -> None:
+    def __init__(self, handed_over: bool, present: bool = True) -> None:
         self._handed_over = handed_over
+        self._present = present
         self.calls: list[tuple[str, str]] = []
 
     def can_settle(self, record: MigrationRecord) -> bool:
-        return True
+        return self._present
 
     def handed_over(self, record: MigrationRecord) -> bool:
         return self._handed_over
@@ -55,12 +56,14 @@ class SwitchedOverKeeper:
         self._note("remove_leftovers", record)
 
 
-def _restart(tmp_path: Path, handed_over: bool) -> tuple[AgentStore, SwitchedOverKeeper, list[str]]:
+def _restart(
+    tmp_path: Path, handed_over: bool, present: bool = True
+) -> tuple[AgentStore, SwitchedOverKeeper, list[str]]:
     store = AgentStore(tmp_path / "agent.db")
     records.create(store, "src", "vm", Role.SOURCE, "host-b", 1 << 20, "libvirt")
     records.transition(store, "src", Event.BEGIN_PRECOPY)  # killed before it could record the switchover
     records.create(store, "dst", "vm2", Role.DESTINATION, "host-a", 1 << 20, "libvirt")  # still receiving
-    keeper = SwitchedOverKeeper(handed_over)
+    keeper = SwitchedOverKeeper(handed_over, present)
     audited: list[str] = []
     recover(store, Keepers({"libvirt": keeper}, "libvirt", lambda vm: "libvirt"), lambda k, **f: audited.append(k))
     return store, keeper, audited
@@ -89,5 +92,16 @@ def test_before_libvirts_switchover_a_restart_still_resumes_the_source_and_disca
         assert sorted(keeper.calls) == [("discard_destination", "dst"), ("resume_source", "src")]
         source = store.migration("src")
         assert source is not None and (source.phase, source.decision) == (Phase.ABORTED, "aborted")
+    finally:
+        store.close()
+
+
+def test_a_source_domain_gone_after_libvirts_switchover_is_handed_over_too(tmp_path: Path) -> None:
+    """A transient domain libvirt handed over leaves nothing at the source: committed, nothing held or resumed."""
+    store, keeper, _ = _restart(tmp_path, handed_over=True, present=False)
+    try:
+        assert ("resume_source", "src") not in keeper.calls and ("hold_source", "src") not in keeper.calls
+        source = store.migration("src")
+        assert source is not None and (source.phase, source.decision) == (Phase.IN_DOUBT, "committed")
     finally:
         store.close()

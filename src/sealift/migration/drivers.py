@@ -123,5 +123,5 @@ class GuestKeeper(Protocol):
 
     def handed_over(self, record: MigrationRecord) -> bool:
         """Did a hypervisor that migrates on its own (libvirt) finish handing the guest over? At a source: its
-        copy has quit for the destination; at a destination: the guest is here, paused. False for backends
-        whose handover is sealift's own (built-in, QEMU)."""
+        copy has quit for the destination (or is gone); at a destination: the guest is here, paused. False for
+        backends whose handover is sealift's own (built-in, QEMU)."""

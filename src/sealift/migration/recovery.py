@@ -83,8 +83,8 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
         resume = getattr(keeper, "resume_postcopy", None)  # only backends with a post-copy have it
         if present and resume is not None and resume(record, store.resume_of(record.id)):
             log.warning("recovery: post-copy %s of %s waits for its source to resume it", record.id, record.vm)
-    elif record.phase in (*SOURCE_OPEN, Phase.RECEIVING) and present and keeper.handed_over(record):
-        _recover_handed_over(store, keeper, record, audit)
+    elif record.phase in (*SOURCE_OPEN, Phase.RECEIVING) and keeper.handed_over(record):
+        _recover_handed_over(store, keeper, record, audit, present)
     elif record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
         # No commit decision was written, so the VM must run here.
         resumed = present and keeper.resume_source(record)
@@ -116,7 +116,9 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
         _recover_destination(store, keeper, record, audit)
 
 
-def _recover_handed_over(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
+def _recover_handed_over(
+    store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit, present: bool
+) -> None:
     """libvirt finished handing the guest over before this agent could record it: libvirt's word is the decision.
 
     The source's copy has quit, so the source holds (never resumes) and
@@ -126,7 +128,8 @@ def _recover_handed_over(store: AgentStore, keeper: GuestKeeper, record: Migrati
     manifest) died with the agent: docs/security.md says what remains.
     """
     if record.role == Role.SOURCE:
-        keeper.hold_source(record)
+        if present:  # shut off, reason "migrated"; a transient domain handed over is gone
+            keeper.hold_source(record)
         records.transition(store, record.id, Event.HYPERVISOR_HANDED_OVER)  # the decision: "committed"
         records.transition(
             store,

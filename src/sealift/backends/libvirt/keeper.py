@@ -63,12 +63,15 @@ class LibvirtKeeper:
 
     def handed_over(self, record: MigrationRecord) -> bool:
         """libvirt's word: at a source the domain is shut off with reason "migrated" (its QEMU quit after
-        libvirt's Finish); at a destination it is defined (PERSIST_DEST) and paused (VIR_MIGRATE_PAUSED)."""
+        libvirt's Finish) or gone; at a destination it is defined (PERSIST_DEST) and paused (VIR_MIGRATE_PAUSED)."""
         if self._domains is None:
             return False
         domain = self._domains.lookup(record.vm)
         if domain is None:
-            return False
+            # A source domain gone during its migration: a transient one that libvirt handed over (a persistent
+            # one stays defined, shut off). Nothing can run here either way, and the destination starts only a
+            # domain libvirt finished handing over, so "handed over" never makes a second copy.
+            return record.role == "source"
         try:
             state, reason = domain.dom.state()
             if record.role == "source":
