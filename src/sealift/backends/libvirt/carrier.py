@@ -50,6 +50,7 @@ class Carrier:
         self.bytes_out = 0
         self.bytes_in = 0
         self.error: BaseException | None = None
+        self.ended = False  # the peer's authenticated END arrived: its side of the connection ended cleanly
         self._threads = [
             threading.Thread(target=self._up, name=f"libvirt-up-{kind}-{index}", daemon=True),
             threading.Thread(target=self._down, name=f"libvirt-down-{kind}-{index}", daemon=True),
@@ -83,6 +84,7 @@ class Carrier:
             while True:
                 event = read_record(self._data, self._reader)
                 if isinstance(event, StreamEnded):
+                    self.ended = True
                     break
                 if not isinstance(event, OpaqueReceived):
                     raise ProtocolError(f"unexpected {type(event).__name__} in a libvirt connection's stream")
