@@ -102,6 +102,11 @@ class LibvirtLabHost:
             "local_root": str(self.root),
         }
 
+    def agent_table(self) -> str:
+        """agent_settings as dotted keys (`libvirt.uri = ...`): unlike a [libvirt] header, they may stand
+        anywhere among an agent.toml's top-level keys (LocalCluster writes more of those after them)."""
+        return "".join(f'libvirt.{key} = "{value}"\n' for key, value in self.agent_settings().items())
+
     def start(self, listen_tcp: bool = False) -> None:
         """Start virtlogd and libvirtd; `listen_tcp` only for a baseline measured without sealift."""
         if self._proc is not None:
@@ -221,8 +226,6 @@ def define_test_domain(
     """Define (and start) the QEMU test guest as a domain of `host`: its kernel and initramfs
     (backends/qemu/image.py, shared by every lab host like a package), a qcow2 disk of its own in
     the host's images directory holding `disk_seed` at offset 0, a console file; its UUID."""
-    import libvirt
-
     from sealift.backends.qemu.image import build_image, default_cache_dir
 
     image = build_image(default_cache_dir())
@@ -245,6 +248,40 @@ def define_test_domain(
         disk=Path(disk_inside),
         console_log=Path(console),
     )
+    return define_domain(host, spec, start)
+
+
+def define_debian_domain(
+    host: LibvirtLabHost,
+    name: str,
+    memory_mib: int = 256,
+    base_disk: Path | None = None,
+    start: bool = True,
+) -> str:
+    """Define (and start: a cold boot) the Debian guest as a domain of `host`, its NIC on the host's br0
+    (the lab's VM network), its disk a qcow2 overlay in the host's images directory over `base_disk`
+    (default: the Debian image's disk; the bench gives a fuller one); its UUID."""
+    from sealift.backends.libvirt.debian import debian_domain_spec
+    from sealift.backends.qemu.debian_guest import GuestShape
+    from sealift.backends.qemu.debian_image import build_debian_image
+
+    image = build_debian_image()
+    console = f"/var/log/libvirt/{name}.console"
+    host.local_path(console).unlink(missing_ok=True)
+    disk_inside = f"{IMAGES_DIR}/{name}.qcow2"
+    backing = str(base_disk if base_disk is not None else image.disk)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, str(host.local_path(disk_inside))],
+        check=True,
+    )
+    spec = debian_domain_spec(name, image, Path(disk_inside), Path(console), GuestShape(memory_mib=memory_mib))
+    return define_domain(host, spec, start)
+
+
+def define_domain(host: LibvirtLabHost, spec: DomainSpec, start: bool = True) -> str:
+    """Define `spec` on `host`'s libvirtd (persistent) and start it if asked; its UUID."""
+    import libvirt
+
     conn = libvirt.open(host.uri)
     try:
         dom = conn.defineXML(domain_xml(spec))
