@@ -54,6 +54,7 @@ __all__ = [
     "LibvirtDebianLab",
     "LibvirtDebianMigration",
     "domstate",
+    "guest_ip",
     "libvirt_debian_lab",
     "migrate_domain",
     "run_libvirt_debian_migration",
