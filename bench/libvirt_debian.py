@@ -1,7 +1,7 @@
 """Benchmark (issue 19): the Debian domain with its disk, by libvirt alone (TCP, TLS, SSH) and through sealift.
 
     PYTHONPATH=src:bench .venv/bin/python bench/libvirt_debian.py [--runs 3] [--memory-mib 1024] \
-        [--fill-mib 512] [--modes plain,tls,ssh,sealift,plain-mem] [--json]
+        [--fill-mib 512] [--modes plain,tls,ssh,sealift,plain-mem] [--no-subreaper] [--json]
 
 One lab (lab/libvirt_debian.py): the testbed's namespaces, a libvirtd per
 host in its host's network namespace and a mount namespace of its own,
@@ -41,6 +41,12 @@ libvirt's own job time and downtime, the client's longest gap, failed
 requests and acknowledged writes lost, and the CPU seconds used during the
 call by every process of the two libvirt hosts (libvirtds, QEMUs, sshd,
 ssh) plus the agents (bench/libvirt_migration.py's CpuSampler). Needs root.
+
+The libvirtds run under a subreaper (`LibvirtLabHost.reap_children`): this
+machine's init reaps orphaned processes ~1.7 s late, and libvirt's Confirm
+step waits until the QEMU it killed is gone, so without it every migration
+here took ~1.7 s longer than on a real host (``--no-subreaper`` measures
+that).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -192,8 +199,11 @@ def _virtual_size(image: Path) -> int:
     return int(json.loads(info.stdout)["virtual-size"])
 
 
-def host_factory(pki: Path, ports: dict[str, dict[str, int]]) -> Callable[[str, Path, str], LibvirtLabHost]:
-    """Lab hosts whose libvirtds also listen on TCP and TLS on their migration address (the baselines)."""
+def host_factory(
+    pki: Path, ports: dict[str, dict[str, int]], reap: bool = True
+) -> Callable[[str, Path, str], LibvirtLabHost]:
+    """Lab hosts whose libvirtds also listen on TCP and TLS on their migration address (the baselines);
+    `reap`: under a subreaper, so a killed QEMU is gone at once, as on a real host (lab.py)."""
 
     def make(name: str, root: Path, netns: str) -> LibvirtLabHost:
         host = LibvirtLabHost(
@@ -202,6 +212,7 @@ def host_factory(pki: Path, ports: dict[str, dict[str, int]]) -> Callable[[str, 
             netns=netns,
             extra_conf=libvirtd_settings(ports["tcp"][name], ports["tls"][name], ADDRESSES[name]),
             extra_qemu_conf=qemu_settings(),
+            reap_children=reap,
         )
         install_pki(pki, host)
         return host
@@ -217,24 +228,16 @@ def medians(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, flo
     return summary
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, run alternately in this order")
-    parser.add_argument("--memory-mib", type=int, default=1024)
-    parser.add_argument("--fill-mib", type=int, default=512)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    modes = [m for m in args.modes.split(",") if m]
-    if unknown := set(modes) - set(MODES):
-        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    build_debian_image()
-    scratch = Path(tempfile.mkdtemp(prefix="slw-bench-", dir="/tmp"))
-    ports = {kind: {name: free_port() for name in ADDRESSES} for kind in ("tcp", "tls")}
-    pki = make_pki(scratch / "pki", tuple(ADDRESSES.values()))
-    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-    setup: dict[str, Any] = {}
-    with libvirt_debian_lab(make_host=host_factory(pki, ports), listen_tcp=True) as env:
+def run_modes(
+    args: argparse.Namespace,
+    modes: list[str],
+    ports: dict[str, dict[str, int]],
+    pki: Path,
+    scratch: Path,
+    results: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Boot and fill the domain once, then every mode `args.runs` times, alternated; the set-up's figures."""
+    with libvirt_debian_lab(make_host=host_factory(pki, ports, not args.no_subreaper), listen_tcp=True) as env:
         ssh = SshServers(scratch / "ssh", env.hosts, ADDRESSES) if "ssh" in modes else None
         try:
             if ssh is not None:
@@ -253,6 +256,35 @@ def main() -> int:
         finally:
             if ssh is not None:
                 ssh.stop()
+    return setup
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, run alternately in this order")
+    parser.add_argument("--memory-mib", type=int, default=1024)
+    parser.add_argument("--fill-mib", type=int, default=512)
+    parser.add_argument(
+        "--no-subreaper",
+        action="store_true",
+        help="leave the QEMUs' zombies to this machine's init (reaps ~1.7 s late): libvirt's Confirm waits for them",
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    build_debian_image()
+    scratch = Path(tempfile.mkdtemp(prefix="slw-bench-", dir="/tmp"))
+    ports = {kind: {name: free_port() for name in ADDRESSES} for kind in ("tcp", "tls")}
+    pki = make_pki(scratch / "pki", tuple(ADDRESSES.values()))
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    setup: dict[str, Any] = {}
+    try:
+        setup = run_modes(args, modes, ports, pki, scratch, results)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     summary = medians(results)
     if args.json:
         print(json.dumps({"setup": setup, "runs": results, "medians": summary}, indent=2))

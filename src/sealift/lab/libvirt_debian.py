@@ -86,7 +86,8 @@ class LibvirtDebianMigration:
 
 
 def _lab_host(name: str, root: Path, netns: str) -> LibvirtLabHost:
-    return LibvirtLabHost(name, root, netns=netns)
+    # Reaping its QEMUs at once, as a real host's init does (backends/libvirt/lab.py says why).
+    return LibvirtLabHost(name, root, netns=netns, reap_children=True)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,24 @@ namespaces = []
 cgroup_controllers = []
 """
 VIRTLOGD_CONF = 'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
+# libvirt daemonizes each QEMU, so a QEMU's parent is init; libvirt's Confirm step then waits, polling
+# every 200 ms, until the QEMU it killed is gone, and a zombie is not gone until init reaps it. This
+# machine's init reaps orphans ~1.7 s late (a real host's init at once), which kept every libvirt
+# migration ~1.7 s longer and, through sealift, the domain paused that long at the destination. With
+# `reap_children`, libvirtd runs under this launcher: a child subreaper (PR_SET_CHILD_SUBREAPER, 36)
+# that reaps orphaned QEMUs at once, passes SIGTERM on to libvirtd and ends with it.
+_SUBREAPER = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+daemon = os.fork()
+if daemon == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(daemon, signum))
+while True:
+    pid, status = os.wait()
+    if pid == daemon:
+        sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 @dataclass
@@ -70,6 +89,7 @@ class LibvirtLabHost:
     netns: str | None = None  # run the daemons inside this network namespace (the lab's testbed host)
     extra_conf: str = ""  # more libvirtd.conf lines, overriding the defaults (the benchmark's baselines)
     extra_qemu_conf: str = ""  # more qemu.conf lines, overriding the defaults (the benchmark's TLS baseline)
+    reap_children: bool = False  # libvirtd under a subreaper that reaps its QEMUs at once (see _SUBREAPER)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -124,10 +144,13 @@ class LibvirtLabHost:
             for mount, b in MOUNTS.items()
         )
         # virtlogd first (libvirtd hands it QEMU's log), then libvirtd in the foreground:
-        # exec keeps one pid from here to libvirtd, so stop() signals the daemon itself.
+        # exec keeps one pid from here to libvirtd (or its subreaper, which passes SIGTERM on), so stop()
+        # signals the daemon itself.
+        launcher = f"{shlex.quote(sys.executable)} -c {shlex.quote(_SUBREAPER)} " if self.reap_children else ""
         script = (
             f"{binds} && virtlogd -d -p {shlex.quote(str(self.root / 'virtlogd.pid'))} "
-            f"&& exec libvirtd -p {shlex.quote(str(self.root / 'libvirtd.pid'))}" + (" --listen" if listen_tcp else "")
+            f"&& exec {launcher}libvirtd -p {shlex.quote(str(self.root / 'libvirtd.pid'))}"
+            + (" --listen" if listen_tcp else "")
         )
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         if self.netns is not None:
