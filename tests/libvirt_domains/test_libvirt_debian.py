@@ -84,7 +84,7 @@ def test_debian_domain_migrates_with_its_disk_while_the_client_writes(
     assert demo["backend"] == "libvirt" and demo["copies_running"] == {"source": False, "destination": True}
     assert demo["writes_lost"] == 0 and demo["disk_check"]["ok"] is True
     print(
-        f"\nDebian libvirt domain (256 MiB) migrated in {report['total_time_s']} s (libvirt downtime "
+        f"\nDebian libvirt domain (256 MiB) migrated in {report['total_time_s']} s (sealift's downtime "
         f"{report['downtime_ms']} ms, disk {report['disk_bytes_sent'] >> 20} MiB sealed, capture "
         f"{len(captured) >> 20} MiB); client outage {outage.longest_gap_ms} ms, "
         f"{outage.http_failed + outage.redis_failed} failed requests, {outage.writes_acked} writes acknowledged, "
