@@ -75,6 +75,7 @@ from libvirt_migration import (
     install_pki,
     libvirtd_settings,
     make_pki,
+    print_ratios,
     qemu_settings,
 )
 
@@ -291,11 +292,7 @@ def main() -> int:
     print(f"\n{args.memory_mib} MiB Debian domain, {setup.get('disk_mib')} MiB disk allocated, medians of {args.runs}:")
     for mode, figures in summary.items():
         print(f"  {mode:9s} " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
-    if "sealift" in summary:
-        for base in ("plain", "tls", "ssh", "plain-mem"):
-            if base in summary:
-                ratio = summary["sealift"]["wall_s"] / summary[base]["wall_s"]
-                print(f"  sealift / {base} wall time: {ratio:.2f}x")
+    print_ratios(summary)
     return 0
 
 

@@ -430,12 +430,17 @@ def main() -> int:
         print(f"\n{args.memory_mib} MiB guest, {args.disk_mib} MiB qcow2 disk, medians of {args.runs}:")
         for mode, figures in summary.items():
             print(f"  {mode:8s} " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if "sealift" in summary:
-            for base in ("plain", "tls", "ssh", "plain-mem"):
-                if base in summary:
-                    ratio = summary["sealift"]["wall_s"] / summary[base]["wall_s"]
-                    print(f"  sealift / {base} wall time: {ratio:.2f}x")
+        print_ratios(summary)
     return 0
+
+
+def print_ratios(summary: dict[str, dict[str, float]]) -> None:
+    """sealift's median wall time over each baseline's (bench/libvirt_debian.py prints them too)."""
+    if "sealift" not in summary:
+        return
+    for base in ("plain", "tls", "ssh", "plain-mem"):
+        if base in summary:
+            print(f"  sealift / {base} wall time: {summary['sealift']['wall_s'] / summary[base]['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":
