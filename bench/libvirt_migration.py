@@ -221,9 +221,11 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def make_pki(directory: Path) -> Path:
-    """A throwaway CA, one server and one client certificate for 127.0.0.1 (both hosts share loopback)."""
+def make_pki(directory: Path, addresses: tuple[str, ...] = ("127.0.0.1",)) -> Path:
+    """A throwaway CA, one server and one client certificate for `addresses` (here both hosts share loopback;
+    bench/libvirt_debian.py gives the lab hosts' migration addresses)."""
     directory.mkdir(parents=True)
+    names = ",".join([*(f"IP:{a}" for a in addresses), "DNS:localhost"])
     ca_key, ca = directory / "ca-key.pem", directory / "ca-cert.pem"
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
              "-days", "2", "-subj", "/CN=slw-bench-ca", "-addext", "basicConstraints=critical,CA:TRUE",
@@ -233,10 +235,10 @@ def make_pki(directory: Path) -> Path:
         ext = directory / f"{role}.ext"
         ext.write_text(
             "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage={usage}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            f"extendedKeyUsage={usage}\nsubjectAltName={names}\n"
         )
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-                 "-subj", "/O=slw-bench/CN=127.0.0.1")  # fmt: skip
+                 "-subj", f"/O=slw-bench/CN={addresses[0]}")  # fmt: skip
         _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
                  "-days", "2", "-out", str(cert), "-extfile", str(ext))  # fmt: skip
     return directory
@@ -256,9 +258,9 @@ def install_pki(pki: Path, host: LibvirtLabHost) -> None:
             os.chmod(qemu_dir / f"{ours}.pem", 0o600)
 
 
-def libvirtd_settings(tcp_port: int, tls_port: int) -> str:
+def libvirtd_settings(tcp_port: int, tls_port: int, address: str = "127.0.0.1") -> str:
     return (
-        f'listen_tcp = 1\ntcp_port = "{tcp_port}"\nlisten_addr = "127.0.0.1"\nauth_tcp = "none"\n'
+        f'listen_tcp = 1\ntcp_port = "{tcp_port}"\nlisten_addr = "{address}"\nauth_tcp = "none"\n'
         f'listen_tls = 1\ntls_port = "{tls_port}"\nauth_tls = "none"\n'
         f'ca_file = "{PKI_INSIDE}/cacert.pem"\ncert_file = "{PKI_INSIDE}/servercert.pem"\n'
         f'key_file = "{PKI_INSIDE}/serverkey.pem"\n'
@@ -270,12 +272,14 @@ def qemu_settings() -> str:
 
 
 class SshServers:
-    """An sshd in each lab host's mount namespace (throwaway host key), and a client key in a private
-    ~/.ssh of each libvirtd's namespace that knows both sshds' host keys."""
+    """An sshd in each lab host's mount and network namespace (throwaway host key), listening on the host's
+    address (`addresses`, default loopback), and a client key in a private ~/.ssh of each libvirtd's
+    namespace that knows both sshds' host keys."""
 
-    def __init__(self, root: Path, hosts: dict[str, LibvirtLabHost]) -> None:
+    def __init__(self, root: Path, hosts: dict[str, LibvirtLabHost], addresses: dict[str, str] | None = None) -> None:
         self.root = root
         self.hosts = hosts
+        self.addresses = addresses or {name: "127.0.0.1" for name in hosts}
         self.ports = {name: free_port() for name in hosts}
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -290,10 +294,10 @@ class SshServers:
         for name, host in self.hosts.items():
             key = self.root / f"{name}-host_ed25519"
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-            known.append(f"[127.0.0.1]:{self.ports[name]} {key.with_suffix('.pub').read_text().strip()}\n")
+            known.append(f"[{self.addresses[name]}]:{self.ports[name]} {key.with_suffix('.pub').read_text().strip()}\n")
             config = self.root / f"{name}-sshd_config"
             config.write_text(
-                f"Port {self.ports[name]}\nListenAddress 127.0.0.1\nHostKey {key}\n"
+                f"Port {self.ports[name]}\nListenAddress {self.addresses[name]}\nHostKey {key}\n"
                 f"AuthorizedKeysFile {self.root / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
                 f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                 f"PidFile {self.root / (name + '-sshd.pid')}\n"
@@ -301,7 +305,7 @@ class SshServers:
             log = (self.root / f"{name}-sshd.log").open("ab")
             self.procs.append(
                 subprocess.Popen(
-                    ["nsenter", "-t", str(host.pid), "-m", "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                    ["nsenter", "-t", str(host.pid), "-m", "-n", "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -317,7 +321,7 @@ class SshServers:
                 raise RuntimeError(f"sshd exited: {(self.root / 'host-a-sshd.log').read_text(errors='replace')}")
 
     def uri(self, dst: str) -> str:
-        return f"qemu+ssh://root@127.0.0.1:{self.ports[dst]}/system?proxy=native"
+        return f"qemu+ssh://root@{self.addresses[dst]}:{self.ports[dst]}/system?proxy=native"
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -426,12 +430,17 @@ def main() -> int:
         print(f"\n{args.memory_mib} MiB guest, {args.disk_mib} MiB qcow2 disk, medians of {args.runs}:")
         for mode, figures in summary.items():
             print(f"  {mode:8s} " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
-        if "sealift" in summary:
-            for base in ("plain", "tls", "ssh", "plain-mem"):
-                if base in summary:
-                    ratio = summary["sealift"]["wall_s"] / summary[base]["wall_s"]
-                    print(f"  sealift / {base} wall time: {ratio:.2f}x")
+        print_ratios(summary)
     return 0
+
+
+def print_ratios(summary: dict[str, dict[str, float]]) -> None:
+    """sealift's median wall time over each baseline's (bench/libvirt_debian.py prints them too)."""
+    if "sealift" not in summary:
+        return
+    for base in ("plain", "tls", "ssh", "plain-mem"):
+        if base in summary:
+            print(f"  sealift / {base} wall time: {summary['sealift']['wall_s'] / summary[base]['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":

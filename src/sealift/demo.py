@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.backends.qemu.vm import probe_udp
@@ -24,6 +24,10 @@ from sealift.cli.render import MigrationProgress, console, out, report_table
 from sealift.cluster import LocalCluster
 from sealift.host.config import parse_size
 from sealift.security.orders import describe_order
+
+if TYPE_CHECKING:
+    from sealift.lab.debian_migration import DebianMigration
+    from sealift.lab.libvirt_debian import LibvirtDebianLab, LibvirtDebianMigration
 
 SOURCE, DESTINATION, VM = "host-a", "host-b", "demo-vm"
 
@@ -38,12 +42,16 @@ class DemoOptions:
     warmup_s: float = 1.0
     migration: dict[str, object] = field(default_factory=dict)
     backend: str = "builtin"  # or "qemu": a real QEMU guest (TCG or KVM), the test image; or "libvirt"
-    guest: str = "sealift"  # qemu: or "debian", the Debian guest on the lab's network (lab/debian_migration.py)
+    # "sealift" (the test guest) or "debian", the Debian guest on the lab's network (qemu:
+    # lab/debian_migration.py; libvirt: lab/libvirt_debian.py)
+    guest: str = "sealift"
 
 
 def run_demo(options: DemoOptions) -> dict[str, object]:
     say = console.print if options.show_progress else (lambda *a, **k: None)
     started = time.monotonic()
+    if options.backend == "libvirt" and options.guest == "debian":
+        return _run_libvirt_debian(options, say, started)
     if options.backend == "libvirt":
         return _run_libvirt(options, say, started)
     if options.guest == "debian":
@@ -351,20 +359,7 @@ def _run_debian(options: DemoOptions, say: Callable[..., object], started: float
     from sealift.lab.debian_migration import run_debian_migration
 
     def summarize(cluster: LocalCluster, report: dict[str, Any]) -> dict[str, Any]:
-        after = cluster.client(DEBIAN_DESTINATION).request("vm.info", name=DEBIAN_VM)["vm"]
-        return _result(
-            cluster,
-            report,
-            started,
-            cluster.client(SOURCE),
-            after,
-            backend="qemu",
-            counter_after=None,  # the Debian guest has no counter: the client's answers are the proof
-            memory_check=None,
-            probe_answer=None,
-            running_there=after["status"] == "running",
-            vm=DEBIAN_VM,
-        )
+        return _debian_common(cluster, report, started, "qemu", None)
 
     say("[bold]sealift demo[/bold]: the Debian guest (nginx, redis) with its own disk, on the lab's network")
     try:
@@ -373,9 +368,38 @@ def _run_debian(options: DemoOptions, say: Callable[..., object], started: float
         )
     except AgentRequestFailed as exc:
         return _failed(exc)
+    result = {**run.extra, **_debian_figures(run), "demo_time_s": round(time.monotonic() - started, 2)}
+    _show_debian_outcome(options, run, DEBIAN_VM, DEBIAN_DESTINATION)
+    return result
+
+
+def _debian_common(
+    cluster: LocalCluster, report: dict[str, Any], started: float, backend: str, running_there: bool | None
+) -> dict[str, Any]:
+    """The keys of every demo for the Debian guest (`running_there`: None to ask the destination agent)."""
+    from sealift.lab.debian_migration import DESTINATION as DEBIAN_DESTINATION
+    from sealift.lab.debian_migration import VM as DEBIAN_VM
+
+    after = cluster.client(DEBIAN_DESTINATION).request("vm.info", name=DEBIAN_VM)["vm"]
+    return _result(
+        cluster,
+        report,
+        started,
+        cluster.client(SOURCE),
+        after,
+        backend=backend,
+        counter_after=None,  # the Debian guest has no counter: the client's answers are the proof
+        memory_check=None,
+        probe_answer=None,
+        running_there=after["status"] == "running" if running_there is None else running_there,
+        vm=DEBIAN_VM,
+    )
+
+
+def _debian_figures(run: DebianMigration) -> dict[str, Any]:
+    """The Debian guest's keys of --json: what its client saw, and the disk check."""
     outage, disk = run.outage, run.disk
-    result: dict[str, Any] = {
-        **run.extra,
+    return {
         "client_outage_ms": outage.longest_gap_ms,
         "requests_failed": outage.http_failed + outage.redis_failed,
         "writes_lost": outage.writes_lost,
@@ -387,19 +411,52 @@ def _run_debian(options: DemoOptions, say: Callable[..., object], started: float
             "acked_writes_missing_on_disk": disk.acked_writes_missing_on_disk,
             "secret_on_disk": disk.secret_on_disk,
         },
-        "demo_time_s": round(time.monotonic() - started, 2),
     }
+
+
+def _show_debian_outcome(options: DemoOptions, run: DebianMigration, vm: str, destination: str) -> None:
+    outage, disk = run.outage, run.disk
     good = outage.writes_lost == 0 and disk.ok and run.serving_at_destination and run.secret_intact
     color = "green" if good else "red"
     _show_outcome(
         options,
         run.report,
-        f"[bold {color}]{DEBIAN_VM} now serves from {DEBIAN_DESTINATION}[/bold {color}]: the client saw "
-        f"{outage.longest_gap_ms} ms without an answer, {result['requests_failed']} failed requests, "
+        f"[bold {color}]{vm} now serves from {destination}[/bold {color}]: the client saw "
+        f"{outage.longest_gap_ms} ms without an answer, {outage.http_failed + outage.redis_failed} failed requests, "
         f"{outage.writes_lost} of {outage.writes_acked} acknowledged writes lost; disk copied "
         f"({run.report.get('disk_bytes_sent')} sealed bytes): {disk.writes_on_source_disk} writes on the source's "
         f"image at the pause, {disk.source_writes_missing_at_destination} of them and "
         f"{disk.acked_writes_missing_on_disk} acknowledged writes missing from the destination's; "
         f"secret {'intact' if run.secret_intact and disk.secret_on_disk else 'MISSING'}",
     )
-    return result
+
+
+def libvirt_debian_result(env: LibvirtDebianLab, result: LibvirtDebianMigration, started: float) -> dict[str, Any]:
+    """--json of `demo --backend libvirt --guest debian` (the agents still running): the keys of every demo,
+    the Debian guest's figures, and libvirt's own view of where the domain is (`virsh domstate`)."""
+    from sealift.lab.debian_migration import DESTINATION as DEBIAN_DESTINATION
+
+    running = result.domstate.get(DEBIAN_DESTINATION) == "running"
+    common = _debian_common(env.cluster, result.run.report, started, "libvirt", running)
+    return {**common, **_debian_figures(result.run), "demo_time_s": round(time.monotonic() - started, 2)}
+
+
+def _run_libvirt_debian(options: DemoOptions, say: Callable[..., object], started: float) -> dict[str, object]:
+    """The Debian guest as a libvirt domain of one of two libvirtds, serving a client, migrated through sealift."""
+    from sealift.lab.debian_migration import DESTINATION as DEBIAN_DESTINATION
+    from sealift.lab.debian_migration import VM as DEBIAN_VM
+    from sealift.lab.libvirt_debian import run_libvirt_debian_migration
+
+    say("[bold]sealift demo[/bold] (libvirt): the Debian guest (nginx, redis) as a domain, on the lab's network")
+    try:
+        result = run_libvirt_debian_migration(
+            say,
+            memory_mib=parse_size(options.memory) >> 20,
+            migration=dict(options.migration),
+            on_migrated=lambda env, res: libvirt_debian_result(env, res, started),
+        )
+    except AgentRequestFailed as exc:
+        return _failed(exc)
+    _show_debian_outcome(options, result.run, DEBIAN_VM, DEBIAN_DESTINATION)
+    say(f"  virsh domstate {DEBIAN_VM}: " + ", ".join(f"{h} {s or 'not defined'}" for h, s in result.domstate.items()))
+    return {**result.run.extra, "demo_time_s": round(time.monotonic() - started, 2)}

@@ -104,6 +104,25 @@ def test_the_domain_xml_escapes_its_inputs_and_pads_tcg_memory() -> None:
     assert not list(kvm.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg"))  # KVM needs no pad
 
 
+def test_the_debian_domain_boots_the_images_kernel_with_its_nic_on_the_bridge() -> None:
+    """The Debian guest's domain: the QEMU Debian guest's command line, its MAC, a virtio NIC on br0 (escaped)."""
+    from sealift.backends.libvirt.debian import debian_domain_spec
+    from sealift.backends.qemu.debian_guest import GuestShape
+    from sealift.backends.qemu.debian_image import DebianImage
+
+    image = DebianImage(Path("/c"), Path("/c/disk.qcow2"), Path("/c/kernel"), Path("/c/initrd.img"), "k", "6.1", {})
+    shape = GuestShape(memory_mib=256)
+    spec = debian_domain_spec("web", image, Path("/d.qcow2"), Path("/l.console"), shape, bridge="br'0")
+    root = ET.fromstring(domain_xml(spec))
+    assert root.findtext("os/kernel") == "/c/kernel" and root.findtext("os/cmdline") == shape.kernel_cmdline()
+    nic = root.find("devices/interface")
+    assert nic is not None and nic.get("type") == "bridge"
+    assert nic.find("source").get("bridge") == "br'0" and nic.find("mac").get("address") == shape.mac  # type: ignore[union-attr]
+    assert nic.find("model").get("type") == "virtio"  # type: ignore[union-attr]
+    plain = DomainSpec(**{**spec.__dict__, "bridge": None})
+    assert ET.fromstring(domain_xml(plain)).find("devices/interface") is None  # no bridge, no NIC
+
+
 def test_a_lab_hosts_extra_settings_replace_its_defaults() -> None:
     from sealift.backends.libvirt.lab import LIBVIRTD_CONF, _merge_conf
 

@@ -74,7 +74,13 @@ from sealift.bench.harness import BenchError
 from sealift.bench.results import RunResult
 from sealift.bench.sshtunnel import AES_GCM
 from sealift.lab.client import OutageClient
-from sealift.lab.debian_migration import _migrate_under_client, check_disks, debian_lab, start_debian_guest
+from sealift.lab.debian_migration import (
+    check_disks,
+    debian_lab,
+    migrate_under_client,
+    qemu_target_disk,
+    start_debian_guest,
+)
 from sealift.lab.netns import enter_netns
 from sealift.lab.testbed import Testbed
 
@@ -156,7 +162,7 @@ def sealift_run(memory: int, fill: int) -> dict[str, Any]:
             return report
 
         cluster.migrate = migrate  # type: ignore[method-assign]
-        run = _migrate_under_client(cluster, lab, guest, lambda *a, **k: None, 2.0, 2.0, {})
+        run = migrate_under_client(cluster, lab, guest, lambda *a, **k: None, 2.0, 2.0, {}, qemu_target_disk)
     report, outage = run.report, run.outage
     cpu, qemu_cpu = cpu_box.get("cpu", (float("nan"), float("nan")))
     return {

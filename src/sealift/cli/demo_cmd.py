@@ -14,10 +14,11 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="builtin", choices=["builtin", "qemu", "libvirt"])
     p.add_argument(
         "--guest",
-        default="sealift",
+        default=None,
         choices=["sealift", "debian"],
-        help="qemu: the test guest (default), or debian: Debian 12 with nginx and redis on its own disk, on the "
-        "lab's network with a client writing through the migration (root; the image is built once)",
+        help="sealift: the test guest (default with --backend qemu), or debian: Debian 12 with nginx and redis on "
+        "its own disk, on the lab's network with a client writing through the migration (default with --backend "
+        "libvirt; root; the image is built once)",
     )
     p.add_argument("--memory", default="256M")
     p.add_argument("--workload", default="db", choices=["idle", "web", "db", "stress"])
@@ -30,8 +31,11 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sealift.demo import DemoOptions, run_demo
 
-    if args.guest == "debian" and (args.backend != "qemu" or args.insecure):
-        raise SystemExit("--guest debian goes with --backend qemu, and migrates securely (its disk travels sealed)")
+    guest = args.guest or ("debian" if args.backend == "libvirt" else "sealift")
+    if guest == "debian" and (args.backend not in ("qemu", "libvirt") or args.insecure):
+        raise SystemExit(
+            "--guest debian goes with --backend qemu or libvirt, and migrates securely (its disk travels sealed)"
+        )
     if args.insecure:
         warn_insecure()
     result = run_demo(
@@ -43,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             keep=args.keep,
             migration=migration_options(args),
             backend=args.backend,
-            guest=args.guest,
+            guest=guest,
         )
     )
     if args.json:

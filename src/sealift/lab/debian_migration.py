@@ -44,7 +44,17 @@ from sealift.lab.client import OutageClient, OutageResult
 from sealift.lab.relay import Relay
 from sealift.lab.testbed import Testbed
 
-__all__ = ["DebianMigration", "DiskCheck", "StartedGuest", "debian_lab", "run_debian_migration", "start_debian_guest"]
+__all__ = [
+    "DebianMigration",
+    "DiskCheck",
+    "StartedGuest",
+    "debian_lab",
+    "lab_agents",
+    "migrate_under_client",
+    "qemu_target_disk",
+    "run_debian_migration",
+    "start_debian_guest",
+]
 
 SOURCE, DESTINATION, VM = "host-a", "host-b", "debian-vm"
 _PORT = 7443  # each agent listens on its own namespace's migration address
@@ -110,27 +120,37 @@ def debian_lab(with_relay: bool = False) -> Iterator[tuple[Testbed, LocalCluster
 
     ``with_relay``: host-a reaches host-b through a relay in the attacker's namespace (to tamper with).
     """
-    with Testbed(tag="sle") as lab:
-        addresses = {SOURCE: (lab.source_ip, _PORT), DESTINATION: (lab.destination_ip, _PORT)}
-        relay = Relay((lab.attacker_ip, 0), netns=lab.ns("attacker")) if with_relay else None
+    with Testbed(tag="sle") as lab, lab_agents(lab, with_relay) as (cluster, relay):
+        yield lab, cluster, relay
+
+
+@contextmanager
+def lab_agents(
+    lab: Testbed, with_relay: bool = False, host_config: dict[str, str] | None = None
+) -> Iterator[tuple[LocalCluster, Relay | None]]:
+    """Two agents in `lab`'s source and destination namespaces on its migration network (``host_config``:
+    more of each one's agent.toml, e.g. its [libvirt] table); their guests stopped and files removed after."""
+    addresses = {SOURCE: (lab.source_ip, _PORT), DESTINATION: (lab.destination_ip, _PORT)}
+    relay = Relay((lab.attacker_ip, 0), netns=lab.ns("attacker")) if with_relay else None
+    try:
+        if relay is not None:
+            relay.target = addresses[DESTINATION]
+        cluster = LocalCluster(
+            netns={SOURCE: lab.ns("source"), DESTINATION: lab.ns("destination")},
+            listen=addresses,
+            extra_config="step_timeout_s = 30",
+            host_config=host_config or {},
+            peer_routes={(SOURCE, DESTINATION): relay.address} if relay is not None else {},
+        )
         try:
-            if relay is not None:
-                relay.target = addresses[DESTINATION]
-            cluster = LocalCluster(
-                netns={SOURCE: lab.ns("source"), DESTINATION: lab.ns("destination")},
-                listen=addresses,
-                extra_config="step_timeout_s = 30",
-                peer_routes={(SOURCE, DESTINATION): relay.address} if relay is not None else {},
-            )
-            try:
-                cluster.start()
-                yield lab, cluster, relay
-            finally:
-                cluster.stop_guests()
-                cluster.cleanup()
+            cluster.start()
+            yield cluster, relay
         finally:
-            if relay is not None:
-                relay.close()
+            cluster.stop_guests()
+            cluster.cleanup()
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 @dataclass(frozen=True)
@@ -170,13 +190,18 @@ def run_debian_migration(
         say(f"  agents up in the lab: {SOURCE} on {lab.source_ip}, {DESTINATION} on {lab.destination_ip}")
         guest = start_debian_guest(cluster, lab, memory_mib)
         say(f"  {VM} on {SOURCE} serves nginx and redis at {guest.ip} after {guest.start_s} s (disk {guest.disk})")
-        run = _migrate_under_client(cluster, lab, guest, say, warmup_s, settle_s, migration or {})
+        run = migrate_under_client(cluster, lab, guest, say, warmup_s, settle_s, migration or {}, qemu_target_disk)
         if on_migrated is not None:
             run.extra = on_migrated(cluster, run.report)
         return run
 
 
-def _migrate_under_client(
+def qemu_target_disk(cluster: LocalCluster) -> Path:
+    """The overlay the destination agent made for the guest (its vm.info names it)."""
+    return Path(cluster.client(DESTINATION).request("vm.info", name=VM)["vm"]["disks"][0]["path"])
+
+
+def migrate_under_client(
     cluster: LocalCluster,
     lab: Testbed,
     guest: StartedGuest,
@@ -184,7 +209,10 @@ def _migrate_under_client(
     warmup_s: float,
     settle_s: float,
     migration: dict[str, object],
+    target_disk: Callable[[LocalCluster], Path],
 ) -> DebianMigration:
+    """Migrate `guest` (VM) host-a -> host-b while the outage client runs, then check the client's view and
+    both images (`target_disk(cluster)`: the guest's disk on the destination, as this process sees it)."""
     client = OutageClient(guest.ip, netns=lab.ns("client"))
     client.start()
     try:
@@ -199,8 +227,7 @@ def _migrate_under_client(
     after = OutageClient(guest.ip, netns=lab.ns("client"))
     serving = _serves(after)
     secret = after.redis_get(REDIS_SECRET_KEY) == DEFAULT_SECRET.encode()
-    target = Path(cluster.client(DESTINATION).request("vm.info", name=VM)["vm"]["disks"][0]["path"])
-    check = check_disks(guest.disk, target, client.list_key, client.acked_writes)
+    check = check_disks(guest.disk, target_disk(cluster), client.list_key, client.acked_writes)
     return DebianMigration(report, outage, check, guest.start_s, serving, secret)
 
 

@@ -1,9 +1,12 @@
-"""The domain XML sealift defines: direct kernel boot, one qcow2 virtio disk, a file console.
+"""The domain XML sealift defines: direct kernel boot, one qcow2 virtio disk, a file console, a NIC if asked.
 
 Any kernel, initrd, command line and disk can be given, so the busybox test
-guest of backends/qemu/image.py today and a full Debian guest later define
-their domains the same way. Domains are `type='qemu'` (TCG) unless asked
-otherwise: KVM is not available everywhere sealift is tested.
+guest of backends/qemu/image.py and the Debian guest (debian.py) define
+their domains the same way. A NIC is a virtio one on an existing bridge
+(`<interface type='bridge'>`: libvirtd makes the tap and plugs it in, on
+each host it runs on, so the guest keeps its MAC and address when it
+moves). Domains are `type='qemu'` (TCG) unless asked otherwise: KVM is not
+available everywhere sealift is tested.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class DomainSpec:
     domain_type: str = "qemu"
     vcpus: int = 1
     uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    bridge: str | None = None  # a virtio NIC on this bridge of the host (the same name on every host), or none
+    mac: str | None = None  # the NIC's MAC (libvirt picks one if None)
 
 
 # QEMU 7.2 under TCG loses dirty pages of a RAM block whose length is a multiple of 64 pages
@@ -44,6 +49,20 @@ def _tcg_ram_pad(spec: DomainSpec) -> str:
     args += ["-m", f"size={kib}k"]
     lines = "".join(f"    <qemu:arg value={quoteattr(arg)}/>\n" for arg in args)
     return f"  <qemu:commandline>\n{lines}  </qemu:commandline>\n"
+
+
+def _interface(spec: DomainSpec) -> str:
+    """The NIC: virtio on the host's bridge, without an option ROM (direct kernel boot needs none)."""
+    if spec.bridge is None:
+        return ""
+    mac = f"      <mac address={quoteattr(spec.mac)}/>\n" if spec.mac is not None else ""
+    return (
+        "    <interface type='bridge'>\n"
+        f"{mac}      <source bridge={quoteattr(spec.bridge)}/>\n"
+        "      <model type='virtio'/>\n"
+        "      <rom enabled='no'/>\n"
+        "    </interface>\n"
+    )
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -72,7 +91,7 @@ def domain_xml(spec: DomainSpec) -> str:
       <source path={quoteattr(str(spec.console_log))} append='on'/>
       <target port='0'/>
     </serial>
-    <memballoon model='none'/>
+{_interface(spec)}    <memballoon model='none'/>
   </devices>
 {_tcg_ram_pad(spec)}</domain>
 """

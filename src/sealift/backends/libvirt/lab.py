@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,24 @@ namespaces = []
 cgroup_controllers = []
 """
 VIRTLOGD_CONF = 'log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n'
+# libvirt daemonizes each QEMU, so a QEMU's parent is init; libvirt's Confirm step then waits, polling
+# every 200 ms, until the QEMU it killed is gone, and a zombie is not gone until init reaps it. This
+# machine's init reaps orphans ~1.7 s late (a real host's init at once), which kept every libvirt
+# migration ~1.7 s longer and, through sealift, the domain paused that long at the destination. With
+# `reap_children`, libvirtd runs under this launcher: a child subreaper (PR_SET_CHILD_SUBREAPER, 36)
+# that reaps orphaned QEMUs at once, passes SIGTERM on to libvirtd and ends with it.
+_SUBREAPER = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+daemon = os.fork()
+if daemon == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(daemon, signum))
+while True:
+    pid, status = os.wait()
+    if pid == daemon:
+        sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 @dataclass
@@ -70,6 +89,7 @@ class LibvirtLabHost:
     netns: str | None = None  # run the daemons inside this network namespace (the lab's testbed host)
     extra_conf: str = ""  # more libvirtd.conf lines, overriding the defaults (the benchmark's baselines)
     extra_qemu_conf: str = ""  # more qemu.conf lines, overriding the defaults (the benchmark's TLS baseline)
+    reap_children: bool = False  # libvirtd under a subreaper that reaps its QEMUs at once (see _SUBREAPER)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -102,6 +122,11 @@ class LibvirtLabHost:
             "local_root": str(self.root),
         }
 
+    def agent_table(self) -> str:
+        """agent_settings as dotted keys (`libvirt.uri = ...`): unlike a [libvirt] header, they may stand
+        anywhere among an agent.toml's top-level keys (LocalCluster writes more of those after them)."""
+        return "".join(f'libvirt.{key} = "{value}"\n' for key, value in self.agent_settings().items())
+
     def start(self, listen_tcp: bool = False) -> None:
         """Start virtlogd and libvirtd; `listen_tcp` only for a baseline measured without sealift."""
         if self._proc is not None:
@@ -119,10 +144,13 @@ class LibvirtLabHost:
             for mount, b in MOUNTS.items()
         )
         # virtlogd first (libvirtd hands it QEMU's log), then libvirtd in the foreground:
-        # exec keeps one pid from here to libvirtd, so stop() signals the daemon itself.
+        # exec keeps one pid from here to libvirtd (or its subreaper, which passes SIGTERM on), so stop()
+        # signals the daemon itself.
+        launcher = f"{shlex.quote(sys.executable)} -c {shlex.quote(_SUBREAPER)} " if self.reap_children else ""
         script = (
             f"{binds} && virtlogd -d -p {shlex.quote(str(self.root / 'virtlogd.pid'))} "
-            f"&& exec libvirtd -p {shlex.quote(str(self.root / 'libvirtd.pid'))}" + (" --listen" if listen_tcp else "")
+            f"&& exec {launcher}libvirtd -p {shlex.quote(str(self.root / 'libvirtd.pid'))}"
+            + (" --listen" if listen_tcp else "")
         )
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         if self.netns is not None:
@@ -221,8 +249,6 @@ def define_test_domain(
     """Define (and start) the QEMU test guest as a domain of `host`: its kernel and initramfs
     (backends/qemu/image.py, shared by every lab host like a package), a qcow2 disk of its own in
     the host's images directory holding `disk_seed` at offset 0, a console file; its UUID."""
-    import libvirt
-
     from sealift.backends.qemu.image import build_image, default_cache_dir
 
     image = build_image(default_cache_dir())
@@ -245,6 +271,40 @@ def define_test_domain(
         disk=Path(disk_inside),
         console_log=Path(console),
     )
+    return define_domain(host, spec, start)
+
+
+def define_debian_domain(
+    host: LibvirtLabHost,
+    name: str,
+    memory_mib: int = 256,
+    base_disk: Path | None = None,
+    start: bool = True,
+) -> str:
+    """Define (and start: a cold boot) the Debian guest as a domain of `host`, its NIC on the host's br0
+    (the lab's VM network), its disk a qcow2 overlay in the host's images directory over `base_disk`
+    (default: the Debian image's disk; the bench gives a fuller one); its UUID."""
+    from sealift.backends.libvirt.debian import debian_domain_spec
+    from sealift.backends.qemu.debian_guest import GuestShape
+    from sealift.backends.qemu.debian_image import build_debian_image
+
+    image = build_debian_image()
+    console = f"/var/log/libvirt/{name}.console"
+    host.local_path(console).unlink(missing_ok=True)
+    disk_inside = f"{IMAGES_DIR}/{name}.qcow2"
+    backing = str(base_disk if base_disk is not None else image.disk)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, str(host.local_path(disk_inside))],
+        check=True,
+    )
+    spec = debian_domain_spec(name, image, Path(disk_inside), Path(console), GuestShape(memory_mib=memory_mib))
+    return define_domain(host, spec, start)
+
+
+def define_domain(host: LibvirtLabHost, spec: DomainSpec, start: bool = True) -> str:
+    """Define `spec` on `host`'s libvirtd (persistent) and start it if asked; its UUID."""
+    import libvirt
+
     conn = libvirt.open(host.uri)
     try:
         dom = conn.defineXML(domain_xml(spec))

@@ -87,6 +87,8 @@ class LibvirtTransfer:
     wire_bytes: int
     job: dict[str, int]  # libvirt's completed job statistics (JOB_FIELDS it gave)
     connections: dict[str, int]  # carried connections by kind
+    disks: int = 0  # the domain's disks, all copied by libvirt's NBD (none is shared here)
+    disk_wire_bytes: int = 0  # sealed bytes of the disk connections, source to destination
 
 
 def migration_flags(shared_disks: bool, auto_converge: bool) -> int:
@@ -173,6 +175,8 @@ class LibvirtSourceDriver:
                 wire_bytes=sum(c.wire_bytes for c in self._carriers),
                 job=job,
                 connections=kinds,
+                disks=len(offer.disks),
+                disk_wire_bytes=sum(c.wire_bytes for c in self._sorted_carriers() if c.kind == "disk"),
             )
         finally:
             data.close()
@@ -195,6 +199,8 @@ class LibvirtSourceDriver:
         report.pages_sent = job.get("memory_processed", 0) // relay.PAGE
         report.bytes_sent = transfer.wire_bytes
         report.image_digest = transfer.digest
+        report.disks = report.disks_copied = transfer.disks
+        report.disk_bytes_sent = transfer.disk_wire_bytes
         report.stop_reason = (
             f"libvirt: total {job.get('time_elapsed')} ms, downtime {job.get('downtime')} ms, "
             f"memory {job.get('memory_processed')} B in {job.get('memory_iteration')} passes, "
