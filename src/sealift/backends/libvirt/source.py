@@ -60,7 +60,8 @@ from sealift.wire.qemu_stream import Ready
 log = logging.getLogger(__name__)
 
 SOCKETS = {"ctl": "control", "mem": "memory", "nbd": "disk"}  # socket file -> the stream kind it carries
-POLL_S = 0.05  # libvirt's job is polled this often: also how precisely the switchover's start is seen
+POLL_S = 0.05  # libvirt's job is polled this often
+PAUSE_POLL_S = 0.01  # the source domain's state is read this often: how precisely the switchover's start is seen
 END_GRACE_S = 10.0  # after libvirt's migration returned: how long its connections may take to close
 # libvirt's job statistics the report keeps (what `virsh domjobinfo --completed` prints)
 JOB_FIELDS = (
@@ -393,12 +394,11 @@ class LibvirtSourceDriver:
         worker.start()
         started = time.monotonic()
         last: dict[str, int] = {}
-        paused_at: float | None = None
+        pause = PauseWatch(vm, worker)
+        pause.start()
         try:
             while worker.is_alive():
                 worker.join(POLL_S)
-                if paused_at is None and _paused_for_migration(vm):
-                    paused_at = time.monotonic()  # libvirt's switchover began: the downtime starts here
                 error = self._carrier_error()
                 if error is not None:
                     raise MigrationError(f"carrying libvirt's connections failed: {error}", code="stream_failed")
@@ -406,6 +406,7 @@ class LibvirtSourceDriver:
                 self._check_completion_timeout(time.monotonic() - started)
                 last = self._progress(vm) or last
         except BaseException:
+            pause.stop()
             self._cancel_job(vm)
             worker.join(s.config.step_timeout_s)
             # libvirt may have finished its switchover before the cancel reached it: then it is done, not off
@@ -413,6 +414,7 @@ class LibvirtSourceDriver:
                 self._record_handover()
             raise
         returned = time.monotonic()
+        paused_at = pause.stop()
         error = outcome.get("error")
         if error is None or _handed_over(vm):
             # The source's copy has quit; the only one waits paused at the destination. Recorded before
@@ -484,6 +486,38 @@ def _handed_over(vm: LibvirtDomain) -> bool:
     except libvirt.libvirtError:
         return False  # gone: we cannot tell from here (sealift's domains are persistent, so not expected)
     return bool(state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED)
+
+
+class PauseWatch:
+    """Stamps the moment libvirt pauses the source for its switchover: the downtime's start.
+
+    A thread of its own, because the migration's loop also asks libvirt for the job's statistics,
+    and that call can wait on QEMU's monitor for a second or more right around the switchover;
+    a pause seen only after it would start the downtime late (the report understated it).
+    """
+
+    def __init__(self, vm: LibvirtDomain, migration: threading.Thread) -> None:
+        self._vm = vm
+        self._migration = migration
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="libvirt-pause-watch", daemon=True)
+        self.paused_at: float | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> float | None:
+        """Stop watching; when the pause was seen (None: never, e.g. it fell between two looks)."""
+        self._done.set()
+        self._thread.join(PAUSE_POLL_S * 10 + 5.0)
+        return self.paused_at
+
+    def _watch(self) -> None:
+        while not self._done.is_set() and self._migration.is_alive():
+            if _paused_for_migration(self._vm):
+                self.paused_at = time.monotonic()
+                return
+            self._done.wait(PAUSE_POLL_S)
 
 
 def _paused_for_migration(vm: LibvirtDomain) -> bool:
