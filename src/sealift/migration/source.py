@@ -69,6 +69,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._authority = session.context.authority
         self._committed = False  # the durable decision is on disk (decide-commit, or decide-postcopy mid-transfer)
         self._postcopy = False  # the decision was post-copy's: the guest may already run at the destination
+        self._paused_at: float | None = None  # the guest's pause, once the stop-and-copy's handover runs
 
     @property
     def migration_id(self) -> str:
@@ -129,11 +130,13 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 channel, s.recovered_channel = s.recovered_channel, None
             if not self._committed:  # else post-copy: decided and committed during the transfer
                 s.flight.check()  # revoked while the transfer ran: stop before signing anything
+                self._paused_at = transfer.paused_at  # the handover's steps are marked from here (downtime)
                 s.mark("stream_sent", transfer.paused_at)
                 self._manifest_and_prepare(channel, vm, memory_bytes, self.driver.manifest_fields(transfer))
                 s.mark("prepared_receipt", transfer.paused_at)
                 self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort, never commit
                 records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
+                s.mark("commit_decided", transfer.paused_at)
                 self._committed = True
                 self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed")
                 channel.send(Commit(s.migration_id))
@@ -239,6 +242,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         }
         envelope = s.signer.sign(manifest, "manifest")
         channel.send(Manifest(s.migration_id, envelope))
+        self._mark("manifest_sent")
         s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
         return self._receipt(channel, "prepared", manifest)
 
@@ -350,8 +354,14 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             manifest=manifest,
             timeout=self._config.step_timeout_s,
         )
+        self._mark(f"{stage}_receipt_in")
         s.audit(Kinds.RECEIPT, stage=stage, receipt=envelope)
         return receipt
+
+    def _mark(self, step: str) -> None:
+        """A handover step's time since the pause, once the stop-and-copy has begun (not in post-copy's switch)."""
+        if self._paused_at is not None:
+            self.session.mark(step, self._paused_at)
 
     def _commit_psk(self) -> None:
         s = self.session
