@@ -48,7 +48,7 @@ def run_tree(tree: Path, memory: str) -> dict:
 
 
 def breakdown(result: dict) -> dict[str, float]:
-    marks = result.get("detail", {}).get("downtime_breakdown_ms") or {}
+    marks = result.get("downtime_breakdown_ms") or {}
     return {step: float(marks[step]) for step in STEPS if step in marks}
 
 
