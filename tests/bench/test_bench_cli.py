@@ -89,3 +89,26 @@ def test_a_stopped_benchmark_keeps_the_runs_it_finished(tmp_path, monkeypatch) -
     saved = json.loads((out / "results.json").read_text())
     assert [(r["transport"], r["ratio_to_plain"]) for r in saved["runs"]] == [("plain", 1.0), ("sealift", 1.25)]
     assert "Migration time (s)" in (out / "results.md").read_text()
+
+
+def test_the_debian_backend_adds_one_serving_cell_per_size_at_mtu_1500() -> None:
+    plan = build_plan(
+        parse("--backends", "qemu,debian", "--sizes", "1G", "--workloads", "moderate", "--disk-fill", "256")
+    )
+    assert plan.cells == [Cell("qemu", 1024, "moderate", 1500), Cell("debian", 1024, "serving", 1500, fill_mib=256)]
+    command = canonical_command(parse("--backends", "debian", "--sizes", "1G", "--disk-fill", "256"))
+    assert "--disk-fill 256" in command
+    assert build_plan(build_parser().parse_args(command.split()[1:])).cells == [
+        Cell("debian", 1024, "serving", 1500, fill_mib=256)
+    ]
+
+
+def test_the_debian_backend_refuses_what_its_lab_cannot_do() -> None:
+    from sealift.bench.harness import BenchError
+
+    with pytest.raises(BenchError, match="MTU 1500 only"):
+        build_plan(parse("--backends", "debian", "--mtu", "9000"))
+    with pytest.raises(BenchError, match="must not be negative"):
+        build_plan(parse("--backends", "debian", "--disk-fill", "-1"))
+    with pytest.raises(BenchError, match="unknown backend"):
+        build_plan(parse("--backends", "xen"))

@@ -147,3 +147,39 @@ def test_table_names_what_each_column_really_was() -> None:
     assert "(cipher: chacha20-poly1305@openssh.com)" in qemu_part
     assert "QEMU `tcp:`" in qemu_part and "without protection" in builtin_part
     assert table.index("QEMU guest") < table.index("built-in VM")  # cells in the order they ran
+
+
+def test_a_debian_run_records_the_disk_and_the_client_and_fails_on_a_lost_write() -> None:
+    from sealift.bench.debian import to_run_result
+    from sealift.bench.harness import Cell
+
+    cell = Cell("debian", 1024, "serving", 1500, fill_mib=512)
+    figures = {"status": "completed", "total_ms": 7800.0, "mirror_ms": 2400.0, "downtime_ms": 180, "disk_mb": 545.2,
+               "longest_gap_ms": 566.0, "failed": 0, "writes_acked": 812, "writes_lost": 0, "disk_ok": True,
+               "cpu_s": 9.5, "qemu_cpu_s": 6.1, "fill_s": 12.0}  # fmt: skip
+    good = to_run_result(figures, "sealift", cell, 0)
+    assert good.ok and good.total_time_s == 7.8 and good.downtime_probe_ms == 566.0
+    assert (good.disk_bytes, good.mirror_ms, good.requests_failed, good.writes_lost) == (545_200_000, 2400.0, 0, 0)
+    assert good.detail["writes_acked"] == 812
+    lost = to_run_result({**figures, "writes_lost": 3}, "sealift", cell, 1)
+    assert not lost.ok and "3 acknowledged writes lost" in (lost.error or "")
+    unchecked = to_run_result({**figures, "disk_ok": False}, "plain", cell, 1)
+    assert not unchecked.ok and "disk check FAILED" in (unchecked.error or "")
+    broken = to_run_result({"status": "error: the mirror job is gone"}, "ssh", cell, 2)
+    assert not broken.ok and broken.total_time_s is None and broken.error == "error: the mirror job is gone"
+
+
+def test_the_table_shows_disk_and_client_rows_only_for_a_guest_with_a_disk() -> None:
+    plain, sealift = run("plain", 0, 2.0), run("sealift", 0, 2.4)
+    assert "Disk mirrored (MB)" not in table4_markdown(summarise([plain, sealift]))
+    for one, disk, lost in ((plain, 500_000_000, 0), (sealift, 510_000_000, 0)):
+        one.backend, one.workload = "debian", "serving"
+        one.disk_bytes, one.mirror_ms, one.requests_failed, one.writes_lost = disk, 2400.0, 1, lost
+    lines = table4_markdown(summarise([plain, sealift], ["plain", "sealift"])).splitlines()
+    assert lines[0] == "#### Debian guest with its disk, 256 MiB, serving workload, MTU 1500"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[4:] if line}
+    assert rows["Disk mirrored (MB)"] == ["500", "510"]
+    assert rows["Disk mirror time (s)"] == ["2.40", "2.40"]
+    assert rows["Client's failed requests"] == ["1", "1"]
+    assert rows["Acknowledged writes lost"] == ["0", "0"]
+    assert "NBD mirror" in rows["Implementation"][0] and "agents" in rows["Implementation"][1]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from sealift.agent.client import AgentClient, AgentRequestFailed
+from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.backends.libvirt.lab import IMAGES_DIR, LibvirtLabHost, define_test_domain
 from sealift.cluster import LocalCluster
 from sealift.lab.relay import Relay, Tamper
@@ -271,3 +271,86 @@ def test_a_called_off_migration_never_destroys_a_domain_libvirt_handed_over(
             pass
         c.close()
         registry.close()
+
+
+# -- failures right after libvirt's switchover (T11): the source's copy has quit; the guest must run at host-b --
+
+SWITCHED_OVER = ("handed-over", "stop-and-copy")  # the phase the source enters once migrateToURI3 returned
+
+
+def migrate_and_strike(cluster: LocalCluster, strike: Callable[[], None]) -> Exception:
+    """Migrate lvm to host-b and run `strike` the moment the source says libvirt's switchover is done."""
+    struck: list[str] = []
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "phase" and event.get("phase") in SWITCHED_OVER and not struck:
+            struck.append(str(event["phase"]))
+            strike()
+
+    with pytest.raises((AgentRequestFailed, AgentUnavailable)) as failed:  # unavailable: the source was killed
+        cluster.migrate(VM, "host-a", "host-b", on_event=on_event)
+    assert struck, f"the switchover was never reported: {failed.value}"
+    return failed.value
+
+
+def assert_runs_once_at_host_b(hosts: dict[str, LibvirtLabHost], cluster: LocalCluster, before: int) -> None:
+    """Exactly one running copy, at host-b, its counter going on; host-a's stopped definition released."""
+    b = cluster.client("host-b")
+    logs = lambda: {h: agent.log_path.read_text()[-2500:] for h, agent in cluster.agents.items()}  # noqa: E731
+    deadline = time.monotonic() + 60
+    while domain_state(hosts["host-b"]) != "running" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert domain_state(hosts["host-b"]) == "running", logs()
+    assert wait_counter(b, before, 30) > before  # the guest's memory came through: its counter goes on
+    deadline = time.monotonic() + 30
+    while domain_state(hosts["host-a"]) is not None and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert domain_state(hosts["host-a"]) is None, logs()  # the source's resolver released (undefined) its copy
+    source = cluster.client("host-a").request("migrations")["migrations"][0]
+    assert (source["phase"], source["decision"]) == ("completed", "committed"), source
+
+
+def test_a_link_cut_right_after_libvirts_switchover_completes_the_migration_at_the_destination(
+    hosts: dict[str, LibvirtLabHost], cluster: LocalCluster, relay: Relay
+) -> None:
+    """Before the fix the source recorded "aborted" and the destination discarded the only copy."""
+    a = cluster.client("host-a")
+    start_domain(hosts, a)
+    before = wait_counter(a, 0, 30)
+
+    failed = migrate_and_strike(cluster, relay.cut)
+
+    assert "libvirt had already handed" in str(failed), failed
+    time.sleep(1.0)
+    relay.restore()  # host-a's resolver reaches host-b again (host-b reaches host-a without the relay)
+    assert_runs_once_at_host_b(hosts, cluster, before)
+    held = audit(cluster.client("host-b"), "libvirt.handed_over")[0]["fields"]
+    assert any("memory" in c and "authenticated END" in c for c in held["checked"]), held
+
+
+def test_the_source_agent_killed_right_after_libvirts_switchover_and_restarted_leaves_the_domain_at_the_destination(
+    hosts: dict[str, LibvirtLabHost], direct_cluster: LocalCluster
+) -> None:
+    """The restarted source reads libvirt's word (shut off, reason migrated) or its own handed-over record."""
+    cluster = direct_cluster
+    start_domain(hosts, cluster.client("host-a"))
+    before = wait_counter(cluster.client("host-a"), 0, 30)
+
+    migrate_and_strike(cluster, lambda: cluster.kill("host-a"))
+    cluster.start("host-a")
+
+    assert_runs_once_at_host_b(hosts, cluster, before)
+
+
+def test_the_destination_agent_killed_right_after_libvirts_switchover_and_restarted_runs_the_domain(
+    hosts: dict[str, LibvirtLabHost], direct_cluster: LocalCluster
+) -> None:
+    """The restarted destination finds the paused domain libvirt handed over and asks the source."""
+    cluster = direct_cluster
+    start_domain(hosts, cluster.client("host-a"))
+    before = wait_counter(cluster.client("host-a"), 0, 30)
+
+    migrate_and_strike(cluster, lambda: cluster.kill("host-b"))
+    cluster.start("host-b")
+
+    assert_runs_once_at_host_b(hosts, cluster, before)

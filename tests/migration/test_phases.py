@@ -40,8 +40,15 @@ EXPECTED = {
         Event.PAUSE_GUEST: Phase.STOP_AND_COPY,
         Event.DECIDE_COMMIT: Phase.COMMITTED,
         Event.DECIDE_POSTCOPY: Phase.POSTCOPY_ACTIVE,
+        Event.HYPERVISOR_HANDED_OVER: Phase.HANDED_OVER,
         Event.FAIL: Phase.ABORTED,
         Event.AGENT_RESTARTED: Phase.ABORTED,
+    },
+    # libvirt: its switchover done, the source's copy has quit: decided, never aborted by a failure
+    (S, Phase.HANDED_OVER): {
+        Event.DECIDE_COMMIT: Phase.COMMITTED,
+        Event.FAIL: Phase.IN_DOUBT,
+        Event.AGENT_RESTARTED: Phase.IN_DOUBT,
     },
     (S, Phase.STOP_AND_COPY): {
         Event.DECIDE_COMMIT: Phase.COMMITTED,
@@ -63,6 +70,7 @@ EXPECTED = {
     (S, Phase.ABORTED): {},
     (D, Phase.RECEIVING): {
         Event.STREAM_VERIFIED: Phase.PREPARED,
+        Event.HYPERVISOR_HANDED_OVER: Phase.IN_DOUBT,
         Event.FAIL: Phase.ABORTED,
         Event.AGENT_RESTARTED: Phase.ABORTED,
     },
@@ -188,6 +196,19 @@ def test_after_the_post_copy_switch_the_source_never_aborts_or_resumes() -> None
     assert decision_after(S, Phase.PRECOPY, Phase.POSTCOPY_ACTIVE) == "committed"
     assert decision_after(S, Phase.POSTCOPY_PAUSED, Phase.POSTCOPY_RECOVERING) is None
     assert outcome_for(S, Phase.POSTCOPY_PAUSED, "committed") == "committed"
+
+
+def test_after_libvirt_handed_the_guest_over_the_source_never_aborts_by_itself() -> None:
+    """libvirt's switchover is the source's point of no return: recorded as "committed", and from the
+    handed-over phase no failure or restart leads to an abort (only the destination's word could)."""
+    assert {p for (r, p, e) in TRANSITIONS if r is S and e is Event.HYPERVISOR_HANDED_OVER} == {Phase.PRECOPY}
+    assert decision_after(S, Phase.PRECOPY, Phase.HANDED_OVER) == "committed"
+    assert decision_after(S, Phase.HANDED_OVER, Phase.COMMITTED) is None  # decided once, at the switchover
+    assert outcome_for(S, Phase.HANDED_OVER, "committed") == "committed"
+    reachable = {after for (r, p, e), after in TRANSITIONS.items() if r is S and p is Phase.HANDED_OVER}
+    assert reachable == {Phase.COMMITTED, Phase.IN_DOUBT}
+    # a destination holding what libvirt handed over, cut before its promise, asks instead of discarding
+    assert next_phase(D, Phase.RECEIVING, Event.HYPERVISOR_HANDED_OVER) is Phase.IN_DOUBT
 
 
 def test_the_source_decision_is_recorded_only_when_it_is_taken() -> None:

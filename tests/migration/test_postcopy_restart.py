@@ -48,6 +48,9 @@ class RecordingKeeper:
     def discard_destination(self, record: MigrationRecord) -> None:
         self._note("discard_destination", record)
 
+    def handed_over(self, record: MigrationRecord) -> bool:
+        return False
+
     def resume_postcopy(self, record: MigrationRecord, saved: dict | None) -> bool:
         self._note("resume_postcopy", record)
         self.saved[record.id] = saved

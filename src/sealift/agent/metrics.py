@@ -33,6 +33,7 @@ SOURCE_PHASES = tuple(
         Phase.STARTED,
         Phase.PRECOPY,
         Phase.STOP_AND_COPY,
+        Phase.HANDED_OVER,
         Phase.COMMITTED,
         Phase.IN_DOUBT,
         Phase.COMPLETED,

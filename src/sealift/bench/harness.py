@@ -614,8 +614,14 @@ def run_plan(
             "ipsec and sealift-ipsec cannot share a run: each runs its own strongSwan charon on the "
             "same hosts (IKE ports, libipsec's TUN and routing table); benchmark them separately"
         )
-    cells = sorted(plan.cells, key=lambda c: c.mtu)  # one MTU change per value
-    with BenchLab(mtu=cells[0].mtu if cells else 1500) as lab:
+    debian = [c for c in plan.cells if c.backend == "debian"]
+    if debian:
+        _run_debian_cells(debian, transports, plan.repetitions, say, outcome, on_run)
+    cells = sorted((c for c in plan.cells if c.backend != "debian"), key=lambda c: c.mtu)  # one MTU change each
+    if not cells:
+        fill_ratios(outcome.runs)
+        return outcome
+    with BenchLab(mtu=cells[0].mtu) as lab:
         for cell in cells:
             lab.set_mtu(cell.mtu)
             cell_transports = [t for t in transports if cell.backend == "qemu" or t in BUILTIN_TRANSPORTS]
@@ -631,6 +637,35 @@ def run_plan(
     return outcome
 
 
+def _run_debian_cells(
+    cells: Sequence[Cell],
+    transports: Sequence[str],
+    repetitions: int,
+    say: Callable[[str], None],
+    outcome: BenchOutcome,
+    on_run: Callable[[list[RunResult]], None] | None,
+) -> None:
+    """The Debian guest with its disk under a client: each run builds its own lab (bench/debian.py)."""
+    from sealift.bench import debian
+
+    chosen = [t for t in transports if t in debian.TRANSPORTS]
+    for name in transports:
+        if name not in debian.TRANSPORTS:
+            say(f"skipping {name} for the Debian guest: its disk row has {', '.join(debian.TRANSPORTS)}")
+    for cell in cells:
+        state = debian.saved_state(cell.memory_mib)
+        for _, rep, name in interleaved_schedule([cell], chosen, repetitions):
+            try:
+                figures = debian.run_debian(name, state, cell.memory_mib, cell.fill_mib or 0)
+            except Exception as exc:  # noqa: BLE001 - a failed run is a result: it is recorded, the rest go on
+                figures = {"status": f"error: {exc}"[:300]}
+            result = debian.to_run_result(figures, name, cell, rep)
+            say(_progress_line(result))
+            outcome.runs.append(result)
+            if on_run is not None:
+                on_run(outcome.runs)
+
+
 def _run_one(lab: BenchLab, name: str, cell: Cell, rep: int, plan: Plan) -> RunResult:
     if cell.backend == "qemu" and name not in AGENT_OPTIONS:
         return run_qemu_direct(lab, make_direct(name), cell, rep, plan.warmup_s, plan.timeout_s)
@@ -644,6 +679,13 @@ def _progress_line(r: RunResult) -> str:
     probe = f", probed {r.downtime_probe_ms:.0f} ms" if r.downtime_probe_ms is not None else ""
     if r.detail.get("guest_crashed"):
         probe = f", guest crashed after the switchover ({r.detail['guest_crashed']})"
+    if r.disk_bytes is not None:  # a guest with a disk and clients: no link counter, no CPU sampler
+        return (
+            f"{head} total {r.total_time_s:.2f} s, downtime {r.downtime_ms or 0:.0f} ms, client's longest gap "
+            f"{r.downtime_probe_ms or 0:.0f} ms, disk {r.disk_bytes / 1e6:.0f} MB "
+            f"in {(r.mirror_ms or 0) / 1000:.1f} s, "
+            f"{r.requests_failed} failed requests, {r.writes_lost} writes lost, CPU {r.cpu_s or 0:.2f} s"
+        )
     return (
         f"{head} total {r.total_time_s:.2f} s, downtime {r.downtime_ms or 0:.0f} ms{probe}, "
         f"{(r.bytes or 0) / 2**20:.0f} MiB, CPU {r.cpu_s:.2f} s (peak {r.peak_cpu_pct:.0f}%)"

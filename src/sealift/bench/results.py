@@ -92,7 +92,7 @@ class RunResult:
     transport: str
     backend: str  # "qemu" or "builtin"
     memory_mib: int
-    workload: str  # "idle", "moderate", "heavy"
+    workload: str  # "idle", "moderate", "heavy"; "serving" for the Debian guest (its client is the load)
     mtu: int
     repetition: int
     total_time_s: float | None = None  # request to the guest running on the destination
@@ -111,6 +111,11 @@ class RunResult:
     cpu_by_role: dict[str, float] = field(default_factory=dict)
     peak_by_role: dict[str, float] = field(default_factory=dict)
     ratio_to_plain: float | None = None
+    # A guest with a disk and clients (the Debian guest): what the disk and the clients saw.
+    disk_bytes: int | None = None  # the disk mirror's length (what the copy had to move)
+    mirror_ms: float | None = None  # the mirror's start to every disk job ready
+    requests_failed: int | None = None  # the client's failed HTTP reads and redis writes
+    writes_lost: int | None = None  # acknowledged writes missing afterwards (must be 0)
     detail: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -185,6 +190,10 @@ SUMMARY_METRICS = (
     "peak_cpu_pct",
     "machine_cpu_s",
     "ratio_to_plain",
+    "disk_bytes",
+    "mirror_ms",
+    "requests_failed",
+    "writes_lost",
 )
 
 
@@ -240,7 +249,9 @@ def summarise(runs: Sequence[RunResult], transport_order: Sequence[str] = ()) ->
 
 def _cell_title(cell: tuple[str, int, str, int]) -> str:
     backend, memory_mib, workload, mtu = cell
-    guest = "QEMU guest" if backend == "qemu" else "built-in VM"
+    guest = {"qemu": "QEMU guest", "builtin": "built-in VM", "debian": "Debian guest with its disk"}.get(
+        backend, backend
+    )
     return f"{guest}, {memory_mib} MiB, {workload} workload, MTU {mtu}"
 
 
@@ -272,6 +283,7 @@ def table4_markdown(summaries: Sequence[Summary]) -> str:
             ("CPU (s), processes involved", [_cell(s.metrics["cpu_s"]) for s in group]),
             ("CPU (s), whole machine", [_cell(s.metrics["machine_cpu_s"]) for s in group]),
             ("On the wire (MiB)", [_cell(s.metrics["bytes"], 0, 1 / (1 << 20)) for s in group]),
+            *_disk_rows(group),
             ("Throughput (MiB/s)", [_cell(s.metrics["throughput_mib_s"], 0) for s in group]),
             ("Confidentiality and integrity", [_info(s).confidentiality_integrity for s in group]),
             ("Authentication", [_info(s).authentication for s in group]),
@@ -286,9 +298,38 @@ def table4_markdown(summaries: Sequence[Summary]) -> str:
     return "\n".join(out)
 
 
+def _disk_rows(group: Sequence[Summary]) -> list[tuple[str, list[str]]]:
+    """The rows of a guest with a disk and clients; none for the others."""
+    if all(s.metrics["disk_bytes"] is None for s in group):
+        return []
+    return [
+        ("Disk mirrored (MB)", [_cell(s.metrics["disk_bytes"], 0, 1e-6) for s in group]),
+        ("Disk mirror time (s)", [_cell(s.metrics["mirror_ms"], 2, 1e-3) for s in group]),
+        ("Client's failed requests", [_cell(s.metrics["requests_failed"], 0) for s in group]),
+        ("Acknowledged writes lost", [_cell(s.metrics["writes_lost"], 0) for s in group]),
+    ]
+
+
+# The Debian guest's direct variants are driven over QMP by the benchmark (sealift.bench.debian), disk included.
+DEBIAN_INFO: dict[str, TransportInfo] = {
+    "plain": TransportInfo("no", "none", "QEMU's NBD mirror and migration over TCP, straight to the destination"),
+    "qemu-tls": TransportInfo(
+        "yes (TLS 1.3, GnuTLS)", "x509 both ways (throwaway CA)", "QEMU's NBD and migration with tls-creds-x509"
+    ),
+    "ssh": TransportInfo(
+        "yes (OpenSSH default cipher)", "SSH host + user keys", "NBD and migration sockets through `ssh -N -L`"
+    ),
+    "ssh-aesgcm": TransportInfo(
+        "yes (aes128-gcm@openssh.com)", "SSH host + user keys", "NBD and migration sockets through `ssh -N -L`"
+    ),
+}
+
+
 def _info(summary: Summary) -> TransportInfo:
     if summary.cell[0] == "builtin" and summary.transport == BASELINE:
         return BUILTIN_PLAIN
+    if summary.cell[0] == "debian" and summary.transport in DEBIAN_INFO:
+        return DEBIAN_INFO[summary.transport]
     return TRANSPORT_INFO.get(summary.transport, TransportInfo("?", "?", "?"))
 
 

@@ -16,6 +16,8 @@ QUICK_QEMU_MIB = 160
 QUICK_BUILTIN_MIB = 128
 QUICK_FILL_MIB = 24  # what the quick QEMU guest's workload writes...
 QUICK_RATE_MIB = 4  # ...and rewrites per second (user-space IPsec moves ~15 MB/s here)
+# The Debian guest's root file system is 1 GiB with ~250 MB used: half a GiB of writes leaves room.
+DEBIAN_DISK_FILL_MIB = 512
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,13 +36,24 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         f"{QUICK_BUILTIN_MIB} MiB built-in VM, moderate workload",
     )
     p.add_argument("--runs", type=int, default=3, help="repetitions per transport (default 3)")
-    p.add_argument("--backends", default="qemu,builtin", help="qemu, builtin or both (default both)")
+    p.add_argument(
+        "--backends",
+        default="qemu,builtin",
+        help="of qemu, builtin, debian (the Debian guest with its disk, serving a client; "
+        "transports plain, qemu-tls, ssh, ssh-aesgcm, sealift; MTU 1500) (default qemu,builtin)",
+    )
     p.add_argument("--sizes", default="256M,1G,4G", help="guest sizes (default 256M,1G,4G)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {', '.join(WORKLOADS)} (default all)")
     p.add_argument(
         "--transports",
         default=",".join(DEFAULT_TRANSPORTS),
         help=f"of {', '.join(ALL_TRANSPORTS)} (default: {', '.join(DEFAULT_TRANSPORTS)})",
+    )
+    p.add_argument(
+        "--disk-fill",
+        type=int,
+        default=DEBIAN_DISK_FILL_MIB,
+        help=f"debian: MiB the guest writes to its disk before it moves (default {DEBIAN_DISK_FILL_MIB})",
     )
     p.add_argument("--mtu", default="1500", help="migration link MTU(s), e.g. 1500,9000 (default 1500)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds the guest runs before each migration")
@@ -64,9 +77,9 @@ def build_plan(args: argparse.Namespace):  # -> Plan
     from sealift.bench.results import WORKLOADS
 
     transports = _csv(args.transports)
-    unknown = set(_csv(args.backends)) - {"qemu", "builtin"}
+    unknown = set(_csv(args.backends)) - {"qemu", "builtin", "debian"}
     if unknown:
-        raise BenchError(f"unknown backend(s) {', '.join(sorted(unknown))}: use qemu, builtin or both")
+        raise BenchError(f"unknown backend(s) {', '.join(sorted(unknown))}: use qemu, builtin, debian")
     if args.quick:
         # A light workload: quick mode checks that every transport works, it does not compare them.
         cells = [
@@ -89,13 +102,22 @@ def build_plan(args: argparse.Namespace):  # -> Plan
     mtus = [int(mtu) for mtu in _csv(args.mtu)]
     if args.runs < 1:
         raise BenchError("--runs must be at least 1")
+    chosen = _csv(args.backends)
     cells = [
         Cell(backend, size, workload, mtu)
         for mtu in mtus
-        for backend in _csv(args.backends)
+        for backend in chosen
+        if backend != "debian"
         for size in sizes
         for workload in workloads
     ]
+    if "debian" in chosen:
+        if 1500 not in mtus:
+            raise BenchError("the Debian guest runs at MTU 1500 only (its lab's link): add 1500 to --mtu")
+        if args.disk_fill < 0:
+            raise BenchError("--disk-fill must not be negative")
+        # Its workload is the client (reads and writes every 10 ms), not the test guest's memory writer.
+        cells += [Cell("debian", size, "serving", 1500, fill_mib=args.disk_fill) for size in sizes]
     return Plan(cells, transports, repetitions=args.runs, warmup_s=args.warmup, timeout_s=args.timeout)
 
 
@@ -118,6 +140,7 @@ def canonical_command(args: argparse.Namespace) -> str:
             args.transports,
             "--mtu",
             args.mtu,
+            *(["--disk-fill", str(args.disk_fill)] if "debian" in _csv(args.backends) else []),
             "--warmup",
             f"{args.warmup:g}",
             "--timeout",

@@ -23,7 +23,7 @@ from sealift.migration.authority import Authority
 from sealift.migration.documents import DocumentError, channel_binding
 from sealift.migration.drivers import DestinationDriver
 from sealift.migration.errors import AdmissionError, IncomingRefused, failure_code
-from sealift.migration.phases import Event, Role
+from sealift.migration.phases import Event, Phase, Role
 from sealift.migration.session import DestinationSession
 from sealift.security.audit import Kinds
 from sealift.security.errors import SecurityError
@@ -57,6 +57,7 @@ class DestinationCoordinator:
             return
         cpu_started = time.process_time()
         prepared = False
+        handed_over = False  # libvirt handed the guest over, then the handover was cut before our promise
         try:
             records.create(
                 self._store,
@@ -83,8 +84,11 @@ class DestinationCoordinator:
             s.lab_pause("commit-received")
             self._start_guest(manifest, cpu_started)
         except Exception as exc:
+            handed_over = not prepared and self._in_doubt()
             if prepared:
                 self._hold_in_doubt(exc)  # the source may have committed: keep what we have and ask it
+            elif handed_over:
+                self._hold_handed_over(exc)
             else:
                 self._discard(exc)
         finally:
@@ -96,7 +100,7 @@ class DestinationCoordinator:
             if s.psk is not None:
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
             s.context.sessions.finish(s.session_id)
-            self.driver.release(prepared)
+            self.driver.release(prepared or handed_over)
 
     def _refuse(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello
@@ -194,6 +198,26 @@ class DestinationCoordinator:
         )
         s.error_code = failure_code(exc)
         s.enter(Event.FAIL, error=str(exc))
+        self.driver.hold()
+
+    def _in_doubt(self) -> bool:
+        """Did the driver put the record in doubt (libvirt: its switchover was done when the handover broke)?"""
+        record = self._store.migration(self.session.hello.migration_id)
+        return record is not None and record.phase == Phase.IN_DOUBT
+
+    def _hold_handed_over(self, exc: BaseException) -> None:
+        """The hypervisor handed the guest over before our promise, then the handover broke: it may be the only
+        copy. Keep it unstarted and busy; the resolver starts it once the source says it committed."""
+        s, hello = self.session, self.session.hello
+        log.warning(
+            "%s migration %s in doubt after the hypervisor's switchover (%s): %s kept unstarted; asking %s",
+            self.driver.backend,
+            hello.migration_id,
+            exc,
+            hello.vm_name,
+            hello.source_host,
+        )
+        s.error_code = failure_code(exc)
         self.driver.hold()
 
     def _cause(self, exc: BaseException) -> tuple[str, str]:

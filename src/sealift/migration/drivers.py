@@ -120,3 +120,8 @@ class GuestKeeper(Protocol):
 
     def remove_leftovers(self, record: MigrationRecord) -> None:
         """Never promised, and its guest is gone (it died with the agent): remove what the migration made here."""
+
+    def handed_over(self, record: MigrationRecord) -> bool:
+        """Did a hypervisor that migrates on its own (libvirt) finish handing the guest over? At a source: its
+        copy has quit for the destination (or is gone); at a destination: the guest is here, paused. False for
+        backends whose handover is sealift's own (built-in, QEMU)."""

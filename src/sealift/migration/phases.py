@@ -11,8 +11,13 @@ The safety rule the table encodes: the source's durable commit decision
 (`DECIDE_COMMIT`) is the point of no return. Before it, any failure aborts
 and the guest runs on at the source. After it, a failure leaves the record
 IN_DOUBT and the guest paused on both hosts until the peers agree where it
-runs (the resolver asks). A destination starts its guest only once it holds
-a commit (its own COMMITTED record), so there is never more than one copy.
+runs (the resolver asks). A hypervisor that migrates on its own (libvirt)
+passes its own point of no return first: once it has handed the guest
+over (the source's copy has quit), the source records that as its decision
+(HYPERVISOR_HANDED_OVER, phase HANDED_OVER) before anything else can fail,
+and never aborts or resumes that migration afterwards. A destination starts
+its guest only once it holds a commit (its own COMMITTED record), so there
+is never more than one copy.
 
 Sans-IO: no store, socket or process here; tests drive every phase x event.
 """
@@ -37,6 +42,7 @@ class Phase(enum.StrEnum):
     STARTED = "started"  # order checked, VM claimed, nothing sent yet
     PRECOPY = "precopy"  # memory flows while the guest runs
     STOP_AND_COPY = "stop-and-copy"  # the guest is paused; the last state flows
+    HANDED_OVER = "handed-over"  # libvirt switched over: our copy quit, the guest waits paused there (decided)
     COMPLETED = "completed"  # the destination's guest runs; our copy is released
     # destination
     RECEIVING = "receiving"  # accepted; the stream comes in
@@ -56,6 +62,10 @@ class Event(enum.StrEnum):
     BEGIN_PRECOPY = "begin-precopy"  # source: the first page leaves
     PAUSE_GUEST = "pause-guest"  # source: the guest stops for its last state
     DECIDE_COMMIT = "decide-commit"  # source: the point of no return, on disk before Commit is sent
+    # libvirt's own switchover completed (migrateToURI3 succeeded; the source domain is shut off, reason
+    # "migrated"): source: the decision, on disk before anything else; destination: the guest is here,
+    # paused, and the handover was cut before the promise: only the source's decision settles it
+    HYPERVISOR_HANDED_OVER = "hypervisor-handed-over"
     CONFIRM_RUNNING = "confirm-running"  # source: the running receipt, or the peer says it runs there
     STREAM_VERIFIED = "stream-verified"  # destination: image and manifest agree; promise ("prepared")
     RECEIVE_COMMIT = "receive-commit"  # destination: Commit came, or the source says it committed
@@ -98,6 +108,11 @@ TRANSITIONS: dict[tuple[Role, Phase, Event], Phase] = {
     (S, P.STOP_AND_COPY, E.DECIDE_COMMIT): P.COMMITTED,
     (S, P.STOP_AND_COPY, E.FAIL): P.ABORTED,
     (S, P.STOP_AND_COPY, E.AGENT_RESTARTED): P.ABORTED,
+    # -- source (libvirt): the hypervisor's switchover is the point of no return: its copy has quit --
+    (S, P.PRECOPY, E.HYPERVISOR_HANDED_OVER): P.HANDED_OVER,
+    (S, P.HANDED_OVER, E.DECIDE_COMMIT): P.COMMITTED,  # the signed steps went through: Commit goes
+    (S, P.HANDED_OVER, E.FAIL): P.IN_DOUBT,  # never aborted: the guest can only run at the destination
+    (S, P.HANDED_OVER, E.AGENT_RESTARTED): P.IN_DOUBT,
     # -- source: after the decision only the destination's word settles it ----------------------
     (S, P.COMMITTED, E.CONFIRM_RUNNING): P.COMPLETED,
     (S, P.COMMITTED, E.FAIL): P.IN_DOUBT,
@@ -110,6 +125,7 @@ TRANSITIONS: dict[tuple[Role, Phase, Event], Phase] = {
     (D, P.RECEIVING, E.STREAM_VERIFIED): P.PREPARED,
     (D, P.RECEIVING, E.FAIL): P.ABORTED,
     (D, P.RECEIVING, E.AGENT_RESTARTED): P.ABORTED,
+    (D, P.RECEIVING, E.HYPERVISOR_HANDED_OVER): P.IN_DOUBT,  # libvirt's guest is here, cut before the promise
     # -- destination: after the promise, only the source's decision settles it -------------------
     (D, P.PREPARED, E.RECEIVE_COMMIT): P.COMMITTED,
     (D, P.PREPARED, E.FAIL): P.IN_DOUBT,
@@ -171,7 +187,7 @@ def decision_after(role: Role, before: Phase, after: Phase) -> str | None:
     """The source's durable decision a transition records ("committed" | "aborted"), if any."""
     if role != Role.SOURCE:
         return None
-    if after in (Phase.COMMITTED, Phase.POSTCOPY_ACTIVE) and before in SOURCE_OPEN:
+    if after in (Phase.COMMITTED, Phase.POSTCOPY_ACTIVE, Phase.HANDED_OVER) and before in SOURCE_OPEN:
         return "committed"
     if after == Phase.ABORTED and before in SOURCE_OPEN:
         return "aborted"

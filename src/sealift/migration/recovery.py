@@ -1,9 +1,11 @@
 """Settling migrations a crash or a cut link left open: one routine for every backend.
 
 The source's durable decision is the truth. After a restart (`recover`), a
-source without a decision resumes its guest and aborts; a destination that
-never promised discards what it received; everything undecided is held,
-paused and busy, for the resolver. The resolver (`Resolver`) asks the peer
+source without a decision resumes its guest and aborts and a destination
+that never promised discards what it received, unless a hypervisor that
+migrates on its own (libvirt) had already handed the guest over: that is
+then the decision (the source holds, the destination keeps the guest in
+doubt). Everything undecided is held, paused and busy, for the resolver. The resolver (`Resolver`) asks the peer
 about every undecided record: a destination that promised ("prepared") but
 never heard Commit, a source that committed but never got the "running"
 receipt. Until an answer comes, the VM stays paused on the source and
@@ -30,7 +32,7 @@ from sealift.wire.messages import Outcome, OutcomeQuery
 log = logging.getLogger(__name__)
 
 Audit = Callable[..., object]
-OPEN_AT_RESTART = (*SOURCE_OPEN, Phase.RECEIVING, *UNSETTLED, *POSTCOPY)
+OPEN_AT_RESTART = (*SOURCE_OPEN, Phase.HANDED_OVER, Phase.RECEIVING, *UNSETTLED, *POSTCOPY)
 
 
 class Keepers:
@@ -81,6 +83,8 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
         resume = getattr(keeper, "resume_postcopy", None)  # only backends with a post-copy have it
         if present and resume is not None and resume(record, store.resume_of(record.id)):
             log.warning("recovery: post-copy %s of %s waits for its source to resume it", record.id, record.vm)
+    elif record.phase in (*SOURCE_OPEN, Phase.RECEIVING) and keeper.handed_over(record):
+        _recover_handed_over(store, keeper, record, audit, present)
     elif record.role == Role.SOURCE and record.phase in SOURCE_OPEN:
         # No commit decision was written, so the VM must run here.
         resumed = present and keeper.resume_source(record)
@@ -110,6 +114,47 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
         records.transition(store, record.id, Event.AGENT_RESTARTED)
     else:
         _recover_destination(store, keeper, record, audit)
+
+
+def _recover_handed_over(
+    store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit, present: bool
+) -> None:
+    """libvirt finished handing the guest over before this agent could record it: libvirt's word is the decision.
+
+    The source's copy has quit, so the source holds (never resumes) and
+    answers "committed"; the destination keeps the paused guest in doubt and
+    the resolver starts it once the source says so. What the restarted
+    destination cannot check any more (the carried streams' END records, the
+    manifest) died with the agent: docs/security.md says what remains.
+    """
+    if record.role == Role.SOURCE:
+        if present:  # shut off, reason "migrated"; a transient domain handed over is gone
+            keeper.hold_source(record)
+        records.transition(store, record.id, Event.HYPERVISOR_HANDED_OVER)  # the decision: "committed"
+        records.transition(
+            store,
+            record.id,
+            Event.AGENT_RESTARTED,
+            error="source agent restarted after libvirt's switchover: the guest can only run at the destination",
+        )
+    else:
+        keeper.hold_destination(record)
+        records.transition(
+            store,
+            record.id,
+            Event.HYPERVISOR_HANDED_OVER,
+            error="destination agent restarted after libvirt's switchover; its streams' END and the manifest "
+            "could not be checked any more",
+        )
+    log.warning("recovery: libvirt had handed %s over (migration %s, %s); in doubt", record.vm, record.id, record.role)
+    audit(
+        "migration.recovered",
+        migration_id=record.id,
+        vm=record.vm,
+        role=record.role,
+        phase="in-doubt",
+        handed_over_by="libvirt",
+    )
 
 
 def _recover_destination(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord, audit: Audit) -> None:
@@ -206,6 +251,17 @@ class Resolver:
             self._audit_resolved(record, "source", "committed", "released the paused source copy")
             return
         # We committed, but the destination never ran the guest: it cannot run there, so it must run here.
+        if keeper.handed_over(record):  # ... unless libvirt already handed it over: our copy has quit for good
+            log.error(
+                "migration %s: %s refuses to run %s, which libvirt handed over (our copy has quit): nothing to "
+                "resume here; it stays paused there for the operator",
+                record.id,
+                record.peer,
+                record.vm,
+            )
+            records.transition(self._store, record.id, Event.PEER_ABORTED, error=f"{record.peer} refused the guest")
+            self._audit_resolved(record, "source", "aborted", "nothing resumed: libvirt had handed the guest over")
+            return
         log.error("migration %s: committed but %s reports abort; resuming %s here", record.id, record.peer, record.vm)
         resumed = keeper.resume_source(record)
         records.transition(

@@ -94,6 +94,9 @@ class SourceSession:
         # the driver leaves that channel here, and the coordinator takes the running receipt on it.
         self.reconfirm_postcopy: Callable[[ControlChannel, dict[str, object]], None] | None = None
         self.recovered_channel: ControlChannel | None = None
+        # libvirt: the coordinator's record of the hypervisor's own switchover (its point of no return),
+        # called by the driver the moment libvirt has handed the guest over, before anything else.
+        self.handed_over: Callable[[], None] | None = None
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         """Move this migration's record by the handover's table, and tell whoever follows the progress."""

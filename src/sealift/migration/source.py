@@ -72,6 +72,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._paused_at: float | None = None  # the guest's pause, once the stop-and-copy's handover runs
         self._defer_audit = False  # audit entries wait until Commit is sent (the stopped window's path)
         self._deferred_audits: list[tuple[str, dict[str, object]]] = []
+        self._handed_over = False  # the hypervisor (libvirt) switched over: our copy has quit
 
     @property
     def migration_id(self) -> str:
@@ -126,12 +127,14 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             first = channel  # post-copy's switch is decided on this one, during the transfer
             s.decide_postcopy = lambda fields: self._decide_postcopy(first, vm, memory_bytes, fields)
             s.reconfirm_postcopy = lambda again, fields: self._reconfirm_postcopy(again, vm, memory_bytes, fields)
+            s.handed_over = lambda: self._record_handover(vm)
             transfer = self.driver.transfer(channel, accept, address, vm)
             if s.recovered_channel is not None:  # post-copy recovered over a fresh channel: it carries the rest
                 channel.close()
                 channel, s.recovered_channel = s.recovered_channel, None
-            if not self._committed:  # else post-copy: decided and committed during the transfer
-                s.flight.check()  # revoked while the transfer ran: stop before signing anything
+            if not self._postcopy:  # else decided and committed during the transfer
+                if not self._handed_over:  # after libvirt's switchover a revocation cannot undo it (security.md)
+                    s.flight.check()  # revoked while the transfer ran: stop before signing anything
                 self._paused_at = transfer.paused_at  # the handover's steps are marked from here (downtime)
                 s.mark("stream_sent", transfer.paused_at)
                 # The guest is stopped from here to the running receipt: the one durable write on this host's
@@ -140,7 +143,8 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 self._defer_audit = True
                 self._manifest_and_prepare(channel, vm, memory_bytes, self.driver.manifest_fields(transfer))
                 s.mark("prepared_receipt", transfer.paused_at)
-                self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort, never commit
+                if not self._handed_over:
+                    self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort
                 records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
                 s.mark("commit_decided", transfer.paused_at)
                 self._committed = True
@@ -174,6 +178,12 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                     f"{exc}; post-copy had begun, so {vm.name} can never run on {self._config.name} again: it "
                     f"waits on {s.destination} for its remaining pages (phase postcopy-paused; "
                     f"its source QEMU is kept until the post-copy is recovered or given up)"
+                )
+                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
+            elif self._handed_over and not self._committed:
+                s.report.error = (
+                    f"{exc}; libvirt had already handed {vm.name} over (its copy here has quit), so it can only run "
+                    f"on {s.destination}, where it waits paused until the agents settle it (`sealift migrations`)"
                 )
                 records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
             elif self._committed:
@@ -273,6 +283,21 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed", postcopy=True)
         channel.send(Commit(s.migration_id))
         s.progress("phase", {"phase": "postcopy-active"})
+
+    def _record_handover(self, vm: VmT) -> None:
+        """libvirt's switchover is done: the source's copy has quit, the guest waits paused at the destination.
+
+        That is the point of no return, so it is recorded (decision
+        "committed") before anything else can fail: from here a failure leaves
+        the migration in doubt for the resolver, never aborted, and the source
+        copy is never started again. The signed steps still follow (manifest,
+        prepared receipt, Commit), and the destination starts the guest only on
+        a commit: this one, or the resolver's word.
+        """
+        s = self.session
+        s.enter(Event.HYPERVISOR_HANDED_OVER)
+        self._handed_over = True
+        self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed", handed_over_by="libvirt")
 
     def _reconfirm_postcopy(
         self, channel: ControlChannel, vm: VmT, memory_bytes: int, fields: dict[str, object]

@@ -324,5 +324,8 @@ class BuiltinKeeper:
             self._vms.image_path(record.vm).unlink(missing_ok=True)
         self._vms.unreserve_incoming(record.id, record.vm)
 
+    def handed_over(self, record: MigrationRecord) -> bool:
+        return False  # sealift moves this guest itself: nothing switches over before the decision
+
     def remove_leftovers(self, record: MigrationRecord) -> None:
         """Nothing: without its image (can_settle) a received built-in guest left nothing behind."""

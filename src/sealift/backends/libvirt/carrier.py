@@ -52,6 +52,7 @@ class Carrier:
         self._out = relaycore.Progress()  # what the native core moved so far, read live
         self._in = relaycore.Progress()
         self.error: BaseException | None = None
+        self.ended = False  # the peer's authenticated END arrived: its side of the connection ended cleanly
         self._threads = [
             threading.Thread(target=self._up, name=f"libvirt-up-{kind}-{index}", daemon=True),
             threading.Thread(target=self._down, name=f"libvirt-down-{kind}-{index}", daemon=True),
@@ -94,6 +95,7 @@ class Carrier:
             self.digest_in.absorb_native(outcome.digest_input)
             if outcome.error is not None:
                 raise outcome.error
+            self.ended = True
             self._reader.close()
             try:
                 self._conn.shutdown(socket.SHUT_WR)  # the peer's connection ended: so does ours, that way

@@ -10,6 +10,15 @@ says which socket it is for: `control` goes to this host's libvirtd,
 `memory` and `disk` to the sockets of the same name that this libvirtd's
 QEMU opened there. libvirt leaves the domain paused; it is resumed only on
 Commit, and the running receipt names its UUID.
+
+libvirt's switchover (its Finish: the source QEMU quits) comes before the
+promise. If the handover is cut after it (the link, or the source agent),
+the domain here is the only copy: it is not discarded but handed to the
+resolver (in doubt, hypervisor-handed-over), which starts it once the source
+says it committed, provided what this host could check held (no carried
+record failed authentication, every memory and disk stream ended with its
+authenticated END, the signed manifest matched if it came). If a check
+failed, it is never started: it stays paused and busy for the operator.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from sealift.backends.libvirt.spec import DomainOffer, decode_kind
 from sealift.backends.qemu import relay
 from sealift.migration.destination import admit_hello, verify_manifest
 from sealift.migration.errors import AdmissionError, IncomingRefused, MigrationError
+from sealift.migration.phases import Event
 from sealift.migration.session import DestinationSession
 from sealift.migration.streams import stream_protections
 from sealift.security.audit import Kinds
@@ -48,6 +58,10 @@ log = logging.getLogger(__name__)
 # connection per disk (at most spec.MAX_DISKS), with room for a reconnecting client.
 STREAM_POOL = 12
 CONNECT_TIMEOUT_S = 10.0
+# audit kinds: libvirt's switchover done and the handover cut before the promise: to the resolver, or held
+HANDED_OVER = "libvirt.handed_over"
+HANDOVER_HELD = "libvirt.handover_held"
+END_WAIT_S = 2.0  # after a cut: how long each carried connection may take to show how it ended
 SOCKET_FILES = {"memory": "mem", "disk": "nbd"}
 
 
@@ -68,6 +82,7 @@ class LibvirtDestinationDriver:
         self._error: BaseException | None = None
         self._sessions: list[bytes] = []
         self._digest = relay.StreamDigest(0)
+        self._kept = False  # libvirt had handed the domain over: never destroyed, its name stays busy
 
     def _registry(self) -> LibvirtRegistry:
         if self._domains is None:
@@ -91,6 +106,13 @@ class LibvirtDestinationDriver:
         """Nothing before Accept: the disks are created once the offer has named them."""
 
     def take_stream(self) -> dict[str, object]:
+        try:
+            return self._take_stream()
+        except BaseException as exc:
+            self._settle_cut_handover(exc)
+            raise
+
+    def _take_stream(self) -> dict[str, object]:
         s, hello = self._session, self._session.hello
         incoming, outgoing = stream_protections(s.channel, hello.secure, hello.nonce, s.nonce, hello.migration_id)
         data = s.context.sessions.wait(s.session_id, s.config.step_timeout_s, interrupt=s.stop_if_aborted)
@@ -132,9 +154,10 @@ class LibvirtDestinationDriver:
         self._stop_streams()
         domain = self._lookup()
         if domain is not None and domain.dom.isPersistent():
+            self._kept = True
             log.error(
                 "%s: libvirt finished handing the domain over before the migration failed (%s); "
-                "it stays here, paused and unstarted, for the resolver or the operator",
+                "it stays here, paused, unstarted and busy, for the operator",
                 domain.name,
                 reason,
             )
@@ -155,10 +178,71 @@ class LibvirtDestinationDriver:
         self._stop_streams()
         hello = self._session.hello
         self._vms.unreserve_incoming(hello.migration_id, hello.vm_name)
-        if not prepared and self._domains is not None:
+        if not prepared and not self._kept and self._domains is not None:
             self._domains.unclaim(hello.vm_name)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- a handover cut after libvirt's switchover ---------------------------------------------------
+
+    def _settle_cut_handover(self, exc: BaseException) -> None:
+        """The stream failed before the promise. If libvirt had already handed the domain over, it is the only
+        copy (the source QEMU has quit): in doubt for the resolver if every check here held, else kept for the
+        operator. If libvirt never finished, nothing here: the coordinator discards and the source runs it."""
+        s = self._session
+        domain = self._lookup()
+        if domain is None or not _handed_over_here(domain):
+            return
+        self._kept = True
+        problems, checked = self._handover_checks(exc)
+        if problems:
+            log.error(
+                "%s: libvirt handed the domain over but %s: it is NEVER started here; it stays paused and busy "
+                "for the operator (the source's copy has quit)",
+                domain.name,
+                "; ".join(problems),
+            )
+            s.audit(HANDOVER_HELD, vm=domain.name, problems=problems, checked=checked, error=str(exc))
+            return
+        s.enter(Event.HYPERVISOR_HANDED_OVER, error=f"cut after libvirt's switchover, before the promise: {exc}")
+        log.warning(
+            "%s: libvirt handed the domain over, then the handover was cut (%s); in doubt: it starts here once "
+            "the source says it committed (checked: %s)",
+            domain.name,
+            exc,
+            "; ".join(checked),
+        )
+        s.audit(HANDED_OVER, vm=domain.name, checked=checked, error=str(exc))
+
+    def _handover_checks(self, exc: BaseException) -> tuple[list[str], list[str]]:
+        """(what failed, what held) of what this host can still check of the streams libvirt used."""
+        self._done.set()
+        for carrier in self._sorted_carriers():
+            if not carrier.join(END_WAIT_S):
+                carrier.stop()  # libvirt's control connection may linger: its END can no longer come
+                carrier.join(END_WAIT_S)
+        problems: list[str] = []
+        checked: list[str] = []
+        if not _is_cut(exc):
+            problems.append(f"the handover failed a check: {exc}")  # a bad or mismatched manifest, an abort, ...
+        if self._error is not None and not _is_cut(self._error):
+            problems.append(f"a carried stream failed: {self._error}")
+        for carrier in self._sorted_carriers():
+            name = f"{carrier.kind} stream {carrier.index}"
+            if carrier.error is not None and not _is_cut(carrier.error):
+                problems.append(f"{name} failed: {carrier.error}")  # a record that failed authentication
+            elif carrier.ended:
+                checked.append(f"{name} ended with its authenticated END")
+            elif carrier.kind == "control":
+                # libvirt's RPC, not the guest's state: its last call (Finish) demonstrably completed here
+                checked.append(f"{name} cut after libvirt's Finish (no END)")
+            else:
+                problems.append(f"{name} has no authenticated END")
+        if not self._sorted_carriers():
+            problems.append("no carried stream to check")
+        if _is_cut(exc):  # else the manifest (or the source's word) failed: a problem, listed above
+            checked.append("the signed manifest never arrived: no digest cross-check of the streams")
+        return problems, checked
 
     # -- the offer -----------------------------------------------------------------------------
 
@@ -270,7 +354,9 @@ class LibvirtDestinationDriver:
         deadline = time.monotonic() + self._session.config.step_timeout_s
         for carrier in self._sorted_carriers():
             if not carrier.join(max(0.0, deadline - time.monotonic())):
-                raise MigrationError(f"libvirt's {carrier.kind} connection did not end with the migration")
+                raise MigrationError(
+                    f"libvirt's {carrier.kind} connection did not end with the migration", code="stream_failed"
+                )
         errors = [self._error] + [c.error for c in self._sorted_carriers()]
         error = next((e for e in errors if e is not None), None)
         if error is not None:
@@ -321,6 +407,21 @@ class LibvirtDestinationDriver:
         manifest, envelope = verify_manifest(s, expected, "received")
         s.audit(Kinds.MIGRATION_DIGEST, image_digest=digest, verified=True, manifest=envelope)
         return manifest
+
+
+def _handed_over_here(domain: LibvirtDomain) -> bool:
+    """libvirt finished the incoming migration: defined here (PERSIST_DEST) and paused (VIR_MIGRATE_PAUSED)."""
+    try:
+        return bool(domain.dom.isPersistent()) and domain.state() == "paused"
+    except libvirt.libvirtError:
+        return False
+
+
+def _is_cut(exc: BaseException) -> bool:
+    """A failure of the link or a peer (a reset, a close, silence), not a check that failed here."""
+    if isinstance(exc, MigrationError) and exc.code == "stream_failed":
+        return True  # a carried connection broke or lingered: each carrier's own error says how (checked apart)
+    return isinstance(exc, OSError)
 
 
 class _Done(Exception):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import libvirt
+
 from sealift.backends.libvirt.registry import BACKEND, LibvirtRegistry
 from sealift.host.store import MigrationRecord
 
@@ -58,6 +60,26 @@ class LibvirtKeeper:
         domain.resume()
         self._domains.unclaim(record.vm)
         return domain.pid()
+
+    def handed_over(self, record: MigrationRecord) -> bool:
+        """libvirt's word: at a source the domain is shut off with reason "migrated" (its QEMU quit after
+        libvirt's Finish) or gone; at a destination it is defined (PERSIST_DEST) and paused (VIR_MIGRATE_PAUSED)."""
+        if self._domains is None:
+            return False
+        domain = self._domains.lookup(record.vm)
+        if domain is None:
+            # A source domain gone during its migration: a transient one that libvirt handed over (a persistent
+            # one stays defined, shut off). Nothing can run here either way, and the destination starts only a
+            # domain libvirt finished handing over, so "handed over" never makes a second copy.
+            return record.role == "source"
+        try:
+            state, reason = domain.dom.state()
+            if record.role == "source":
+                return bool(state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED)
+            return bool(domain.dom.isPersistent()) and state == libvirt.VIR_DOMAIN_PAUSED
+        except libvirt.libvirtError as exc:
+            log.warning("%s: libvirt could not say whether it handed the domain over: %s", record.vm, exc)
+            return False
 
     def remove_leftovers(self, record: MigrationRecord) -> None:
         """Nothing: libvirt owns the domain's files (the disks stay, as in discard_destination)."""

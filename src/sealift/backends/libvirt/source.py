@@ -17,7 +17,12 @@ libvirtd's socket or to the socket of the same name its libvirt opened. The
 destination libvirtd never listens on a network.
 
 libvirt leaves the destination domain paused (VIR_MIGRATE_PAUSED): it runs
-only when the destination agent has the Commit. The source keeps its
+only when the destination agent has the Commit. libvirt's own switchover
+(its Finish: the source QEMU quits) comes before sealift's signed steps, so
+it is the source's point of no return: the moment libvirt says it handed the
+domain over (migrateToURI3 succeeded, or the domain is shut off with reason
+"migrated"), the coordinator records that decision (phase handed-over),
+before anything else can fail. The source keeps its
 (stopped) definition until the destination's running receipt, then
 undefines it (release), so a migration that fails after libvirt's own
 switchover still has the source's definition and disks on record.
@@ -111,6 +116,7 @@ class LibvirtSourceDriver:
         self._stop = threading.Event()
         self._listeners: list[socket.socket] = []
         self._dir: Path | None = None
+        self._handover_recorded = False
 
     # -- the driver's steps ---------------------------------------------------------------
 
@@ -151,8 +157,7 @@ class LibvirtSourceDriver:
             ready = self._await_ready(channel, data, DataStreamReader(incoming, 1))
             self._serve_sockets(channel, accept, address, ready.extra_sessions)
             s.enter(Event.BEGIN_PRECOPY)
-            job, paused_at = self._migrate(vm, shared_disks=not offer.disks)
-            s.enter(Event.PAUSE_GUEST)  # libvirt's switchover is done: the guest waits, paused, at the destination
+            job, paused_at = self._migrate(vm, shared_disks=not offer.disks)  # handed over once it returns
             self._end_carriers()
             data.sendall(writer.end())  # every connection ended: the destination may check the streams
             digests = [digest]
@@ -204,9 +209,12 @@ class LibvirtSourceDriver:
         try:
             self._cancel_job(vm)
             if not vm.dom.isActive():
-                # libvirt completed its switchover: the only copy is the destination's, paused. It is
-                # never started there without Commit; the resolver and the operator settle it.
+                # libvirt completed its switchover: the only copy is the destination's, paused. If it did so
+                # after we gave up waiting for it, record it now: the record then goes in doubt, not aborted,
+                # and the resolver starts the destination's copy.
                 log.error("%s: libvirt had already handed the domain over; it is not running here", vm.name)
+                if _handed_over(vm):
+                    self._record_handover()
                 return False
             vm.resume()
             return vm.state() == "running"
@@ -380,25 +388,30 @@ class LibvirtSourceDriver:
         started = time.monotonic()
         last: dict[str, int] = {}
         paused_at: float | None = None
-        while worker.is_alive():
-            worker.join(POLL_S)
-            if paused_at is None and _paused_for_migration(vm):
-                paused_at = time.monotonic()  # libvirt's switchover began: the downtime starts here
-            error = self._carrier_error()
-            if error is not None:
-                self._cancel_job(vm)
-                worker.join(s.config.step_timeout_s)
-                raise MigrationError(f"carrying libvirt's connections failed: {error}", code="stream_failed")
-            try:
+        try:
+            while worker.is_alive():
+                worker.join(POLL_S)
+                if paused_at is None and _paused_for_migration(vm):
+                    paused_at = time.monotonic()  # libvirt's switchover began: the downtime starts here
+                error = self._carrier_error()
+                if error is not None:
+                    raise MigrationError(f"carrying libvirt's connections failed: {error}", code="stream_failed")
                 s.flight.check()  # a newly revoked destination or operator: libvirt cancels, the guest runs on here
                 self._check_completion_timeout(time.monotonic() - started)
-            except BaseException:
-                self._cancel_job(vm)
-                worker.join(s.config.step_timeout_s)
-                raise
-            last = self._progress(vm) or last
+                last = self._progress(vm) or last
+        except BaseException:
+            self._cancel_job(vm)
+            worker.join(s.config.step_timeout_s)
+            # libvirt may have finished its switchover before the cancel reached it: then it is done, not off
+            if not worker.is_alive() and _handed_over(vm):
+                self._record_handover()
+            raise
         returned = time.monotonic()
         error = outcome.get("error")
+        if error is None or _handed_over(vm):
+            # The source's copy has quit; the only one waits paused at the destination. Recorded before
+            # anything else can fail (even an error that libvirt reported after its Finish).
+            self._record_handover()
         if error is not None:
             raise MigrationError(f"libvirt's migration failed: {error}", code="libvirt_migration_failed") from error
         s.report.counter_at_pause = vm.counter()
@@ -406,6 +419,13 @@ class LibvirtSourceDriver:
         if paused_at is None:  # the switchover fell between two polls: libvirt's own downtime places it
             paused_at = returned - job.get("downtime", 0) / 1000.0
         return job, paused_at
+
+    def _record_handover(self) -> None:
+        if self._handover_recorded:
+            return
+        assert self._session.handed_over is not None  # the coordinator sets it before the transfer
+        self._session.handed_over()
+        self._handover_recorded = True
 
     def _progress(self, vm: LibvirtDomain) -> dict[str, int]:
         try:
@@ -449,6 +469,15 @@ class LibvirtSourceDriver:
                 vm.dom.abortJob()
         except libvirt.libvirtError as exc:
             log.info("abortJob on %s: %s", vm.name, exc)
+
+
+def _handed_over(vm: LibvirtDomain) -> bool:
+    """libvirt finished handing the domain over: the source domain is shut off, reason "migrated"."""
+    try:
+        state, reason = vm.dom.state()
+    except libvirt.libvirtError:
+        return False  # gone: we cannot tell from here (sealift's domains are persistent, so not expected)
+    return bool(state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED)
 
 
 def _paused_for_migration(vm: LibvirtDomain) -> bool:

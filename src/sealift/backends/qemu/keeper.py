@@ -68,6 +68,9 @@ class QemuKeeper:
     def discard_destination(self, record: MigrationRecord) -> None:
         self._qemu_vms.discard_incoming(record.vm)  # never a second copy: the source keeps the guest (and disks)
 
+    def handed_over(self, record: MigrationRecord) -> bool:
+        return False  # sealift moves this guest itself: nothing switches over before the decision
+
     def remove_leftovers(self, record: MigrationRecord) -> None:
         """The target images this migration created (named by its id: never another migration's or an
         operator's file), when its destination QEMU died with the agent before the "prepared" record."""

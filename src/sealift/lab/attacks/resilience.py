@@ -190,6 +190,9 @@ def _reached(phase: str, backend: Backend = "builtin") -> Callable[[dict], bool]
         return after_a_while
     if phase == "precopy":
         return lambda e: e.get("event") == "transfer" and int(e.get("wire_bytes", 0)) > 2 * MiB
+    if phase == "stop-and-copy" and backend == "libvirt":
+        # libvirt's stop-and-copy is its own switchover; the source records "handed-over" once it is done
+        return lambda e: e.get("event") == "phase" and e.get("phase") == "handed-over"
     if phase == "stop-and-copy":
         return lambda e: e.get("event") == "phase" and e.get("phase") == "stop-and-copy"
     return lambda e: e.get("event") == "phase" and e.get("phase") == "committed"
