@@ -177,6 +177,7 @@ def migrate_once(
         "cpu_s": cpu,
         "guest_ok_after": guest_ok,
         "stop_reason": report["stop_reason"],
+        "downtime_breakdown_ms": report.get("downtime_breakdown_ms") or {},  # the handover's steps since the pause
     }
 
 

@@ -298,3 +298,28 @@ def test_a_tampered_return_path_record_fails_at_the_source_and_a_fresh_channel_f
     assert phases(cluster, "host-b")[report["migration_id"]] == "running"
     log = cluster.agents["host-a"].log_path.read_text()
     assert "return path failed: record failed authentication" in log  # found by the source agent, before QEMU
+
+
+@pytest.mark.timeout(240)
+def test_post_copy_over_the_unprotected_transport_ends_with_the_same_digest_at_both_ends(guest_image: object) -> None:
+    """sealift-plain: the source's native pump and the destination's forward feed hash the same thing.
+
+    The pump hands back the records' framing (no tags without protection);
+    the destination's post-copy feed once hashed QEMU's bytes instead, so the
+    running receipt's digest could never match the source's.
+    """
+    cluster = LocalCluster(extra_config="step_timeout_s = 20\nhandshake_timeout_s = 5", allow_insecure=True)
+    cluster.start()
+    try:
+        src, dst = cluster.client("host-a"), cluster.client("host-b")
+        start_guest(src)
+        report = migrate(cluster, secure=False, transport="sealift-plain", **EARLY)
+        assert report["status"] == "completed", report
+        assert report["transport"] == "sealift-plain" and report["postcopy"] is not None, report
+        assert report["image_digest"].startswith("blake3-framing"), report
+        assert VM not in names(src)
+        paused = report["counter_at_pause"]
+        assert paused is not None and wait_counter(dst, paused, 30) > paused
+    finally:
+        cluster.stop_guests()
+        cluster.cleanup()

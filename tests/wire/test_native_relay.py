@@ -284,3 +284,119 @@ def test_progress_is_readable_while_the_stream_runs() -> None:
     assert progress.wire_bytes == outcome.wire_bytes  # END included at the end
     data_in.close()
     drain.join(TIMEOUT)
+
+
+# -- duplex streams (a disk's NBD connection, a libvirt connection) and stopping ------------------
+
+KEY_BACK, IV_BACK = bytes(range(50, 82)), bytes(range(200, 212))
+
+
+def protection_back(secure: bool) -> RecordProtection:
+    return AeadProtection(KEY_BACK, IV_BACK, rekey_interval=3) if secure else NoProtection()
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_a_duplex_stream_runs_both_native_directions_on_one_socket_against_the_python_reference(secure: bool) -> None:
+    """storage.DiskStream and libvirt's Carrier: seal_stream and open_stream at once on one data socket.
+
+    The far end is the Python reference (writer and reader on the same
+    socket, as the code before the native core carried them); both
+    directions flow at the same time, each under its own key, and the digest
+    inputs are the reference's tags (or headers without protection).
+    """
+    out_chunks = [os.urandom(n) for n in (1, 70_000, 5, 300_000, 4096)]
+    back_chunks = [os.urandom(n) for n in (33, 1 << 20, 2, 9000)]
+    conn_near, conn_app = pairs()  # the application's (QEMU's) connection at the native end
+    data_native, data_python = pairs()  # the data stream between the two agents
+    writer = DataStreamWriter(protection(secure, 2), 1)
+    reader = DataStreamReader(protection_back(secure), 1)
+    ref_reader = DataStreamReader(protection(secure, 2), 1)
+    ref_writer = DataStreamWriter(protection_back(secure), 1)
+    back_wire, back_tags = python_records(ref_writer, back_chunks)
+
+    sealer, sealed = in_thread(lambda: relaycore.seal_stream(conn_near, data_native, writer))
+    opener, opened = in_thread(lambda: relaycore.open_stream(data_native, conn_near, reader))
+    python_sender, _ = in_thread(lambda: data_python.sendall(back_wire))
+    app_received = bytearray()
+    app_drain, _ = in_thread(lambda: _drain(conn_app, app_received))
+    ref_received, ref_tags = bytearray(), bytearray()
+
+    def python_reader() -> None:
+        while not isinstance(event := read_record(data_python, ref_reader), StreamEnded):
+            assert isinstance(event, OpaqueReceived)
+            ref_received.extend(event.data)
+            ref_tags.extend(ref_reader.last_tag if secure else b"")
+        ref_reader.close()
+
+    python_receiver, _ = in_thread(python_reader)
+    for chunk in out_chunks:
+        conn_app.sendall(chunk)
+    conn_app.shutdown(socket.SHUT_WR)  # the application is done talking: END follows
+    python_receiver.join(TIMEOUT)
+    for thread in (sealer, opener, python_sender):
+        thread.join(TIMEOUT)
+    conn_near.shutdown(socket.SHUT_WR)  # what the carriers do once the peer's END is in
+    app_drain.join(TIMEOUT)
+
+    out, back = sealed[0], opened[0]
+    assert isinstance(out, relaycore.RelayOutcome) and isinstance(back, relaycore.RelayOutcome)
+    assert out.error is None and back.error is None
+    assert bytes(ref_received) == b"".join(out_chunks) and bytes(app_received) == b"".join(back_chunks)
+    assert back.records == reader.records == len(back_chunks) and out.records == ref_reader.records
+    if secure:
+        assert out.digest_input == bytes(ref_tags) and back.digest_input == back_tags
+    else:
+        assert len(back.digest_input) == HEADER_SIZE * len(back_chunks)
+
+
+def test_a_tampered_record_back_fails_only_its_direction_and_never_reaches_the_application() -> None:
+    conn_near, conn_app = pairs()
+    data_native, data_python = pairs()
+    back_wire, _ = python_records(DataStreamWriter(protection_back(True), 1), [b"request " * 100, b"more"])
+    tampered = bytearray(back_wire)
+    tampered[HEADER_SIZE + 3] ^= 0x01  # inside the first record's ciphertext
+    data_python.sendall(tampered)
+    outcome = relaycore.open_stream(data_native, conn_near, DataStreamReader(protection_back(True), 1))
+    assert isinstance(outcome.error, RecordAuthError) and outcome.plaintext_bytes == 0
+    conn_near.close()
+    assert conn_app.recv(100) == b""  # nothing of the tampered record, nor of the one after it
+
+
+@pytest.mark.parametrize("direction", ["open", "seal"])
+def test_a_stop_signal_ends_a_stream_that_waits_forever(direction: str) -> None:
+    """Post-copy's return path idles for a whole pre-copy: no timeout ends it, its StopSignal does."""
+    near, _far = pairs()
+    data, _peer = pairs()
+    near.settimeout(0.05)  # ignored under wait_forever: the stream outlives it
+    data.settimeout(0.05)
+    stop = relaycore.StopSignal()
+    if direction == "open":
+        run = lambda: relaycore.open_stream(  # noqa: E731
+            data, near, DataStreamReader(protection_back(True), 1), stop=stop, wait_forever=True
+        )
+    else:
+        run = lambda: relaycore.seal_stream(  # noqa: E731
+            near, data, DataStreamWriter(protection(True, 4), 1), stop=stop, wait_forever=True
+        )
+    thread, result = in_thread(run)
+    thread.join(0.5)
+    assert thread.is_alive()  # ten times the sockets' timeout, still waiting
+    stop.set()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    outcome = result[0]
+    assert isinstance(outcome, relaycore.RelayOutcome) and isinstance(outcome.error, relaycore.StreamStopped)
+    stop.close()
+
+
+def test_a_stream_with_an_unused_stop_signal_ends_as_the_protocol_says() -> None:
+    wire, _ = python_records(DataStreamWriter(protection_back(True), 1), [b"x" * 1000])
+    data_native, data_python = pairs()
+    sink, sink_peer = pairs()
+    data_python.sendall(wire)
+    stop = relaycore.StopSignal()
+    outcome = relaycore.open_stream(
+        data_native, sink, DataStreamReader(protection_back(True), 1), stop=stop, wait_forever=True
+    )
+    assert outcome.error is None and sink_peer.recv(2000) == b"x" * 1000
+    stop.close()

@@ -61,7 +61,14 @@ enum status {
     ST_AUTH = 5,     /* a record failed authentication */
     ST_MEMORY = 6,
     ST_CRYPTO = 7,   /* OpenSSL refused an operation it should not */
+    ST_STOPPED = 8,  /* the caller's wake fd became readable: it asked the stream to stop */
 };
+
+/* How long each wait on one socket may last, and what else ends it. */
+typedef struct {
+    int timeout_ms; /* -1: wait forever */
+    int wake_fd;    /* -1: none; else readable = stop (a pipe the caller writes to) */
+} waiting;
 
 typedef struct {
     int status;
@@ -112,10 +119,15 @@ static int grow_append(growbuf *buf, const unsigned char *bytes, size_t n) {
 
 /* -- I/O: sockets, with one timeout per wait as Python's socket timeouts ---------------------- */
 
-static int wait_fd(int fd, short events, int timeout_ms, outcome *out) {
-    struct pollfd p = {.fd = fd, .events = events};
+static int wait_fd(int fd, short events, const waiting *w, outcome *out) {
+    /* The wake fd (if any) is polled too: readable means "stop now", for a stream that may idle forever. */
+    struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = w->wake_fd, .events = POLLIN}};
     for (;;) {
-        int n = poll(&p, 1, timeout_ms);
+        int n = poll(p, w->wake_fd >= 0 ? 2 : 1, w->timeout_ms);
+        if (n > 0 && w->wake_fd >= 0 && p[1].revents != 0) {
+            fail(out, ST_STOPPED, 0, "stopped");
+            return -1;
+        }
         if (n > 0)
             return 0; /* ready, or an error/hang-up the next call reports */
         if (n == 0) {
@@ -130,7 +142,7 @@ static int wait_fd(int fd, short events, int timeout_ms, outcome *out) {
 }
 
 /* Up to `n` bytes, at least one unless the peer closed (0): waits once, then takes what is there. */
-static ssize_t recv_some(int fd, unsigned char *buf, size_t n, int timeout_ms, outcome *out) {
+static ssize_t recv_some(int fd, unsigned char *buf, size_t n, const waiting *w, outcome *out) {
     size_t got = 0;
     while (got < n) {
         ssize_t r = recv(fd, buf + got, n - got, MSG_DONTWAIT);
@@ -148,14 +160,14 @@ static ssize_t recv_some(int fd, unsigned char *buf, size_t n, int timeout_ms, o
         }
         if (got > 0)
             return (ssize_t)got; /* what is there now: sealed as one record */
-        if (wait_fd(fd, POLLIN, timeout_ms, out) < 0)
+        if (wait_fd(fd, POLLIN, w, out) < 0)
             return -1;
     }
     return (ssize_t)got;
 }
 
 /* Exactly `n` bytes; ST_CLOSED if the peer stops early (a truncated stream). */
-static int recv_exactly(int fd, unsigned char *buf, size_t n, int timeout_ms, outcome *out) {
+static int recv_exactly(int fd, unsigned char *buf, size_t n, const waiting *w, outcome *out) {
     size_t got = 0;
     while (got < n) {
         ssize_t r = recv(fd, buf + got, n - got, MSG_DONTWAIT);
@@ -173,13 +185,13 @@ static int recv_exactly(int fd, unsigned char *buf, size_t n, int timeout_ms, ou
             fail(out, ST_OS, errno, "recv failed");
             return -1;
         }
-        if (wait_fd(fd, POLLIN, timeout_ms, out) < 0)
+        if (wait_fd(fd, POLLIN, w, out) < 0)
             return -1;
     }
     return 0;
 }
 
-static int send_all_flags(int fd, const unsigned char *buf, size_t n, int flags, int timeout_ms, outcome *out) {
+static int send_all_flags(int fd, const unsigned char *buf, size_t n, int flags, const waiting *w, outcome *out) {
     size_t sent = 0;
     while (sent < n) {
         ssize_t r = send(fd, buf + sent, n - sent, MSG_DONTWAIT | MSG_NOSIGNAL | flags);
@@ -193,14 +205,14 @@ static int send_all_flags(int fd, const unsigned char *buf, size_t n, int flags,
             fail(out, ST_OS, errno, "send failed");
             return -1;
         }
-        if (wait_fd(fd, POLLOUT, timeout_ms, out) < 0)
+        if (wait_fd(fd, POLLOUT, w, out) < 0)
             return -1;
     }
     return 0;
 }
 
-static int send_all(int fd, const unsigned char *buf, size_t n, int timeout_ms, outcome *out) {
-    return send_all_flags(fd, buf, n, 0, timeout_ms, out);
+static int send_all(int fd, const unsigned char *buf, size_t n, const waiting *w, outcome *out) {
+    return send_all_flags(fd, buf, n, 0, w, out);
 }
 
 /* -- splice: the unprotected path moves pages socket -> pipe -> socket, no byte through user space ---- */
@@ -232,7 +244,7 @@ static void close_pipe(pipe_pair *pp) {
 }
 
 /* Socket -> pipe: up to `n` bytes, at least one unless the peer closed (0); waits once, then takes what is there. */
-static ssize_t splice_in(int fd, int pipe_w, size_t n, int timeout_ms, outcome *out) {
+static ssize_t splice_in(int fd, int pipe_w, size_t n, const waiting *w, outcome *out) {
     size_t got = 0;
     while (got < n) {
         ssize_t r = splice(fd, NULL, pipe_w, NULL, n - got, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -250,14 +262,14 @@ static ssize_t splice_in(int fd, int pipe_w, size_t n, int timeout_ms, outcome *
         }
         if (got > 0)
             return (ssize_t)got; /* the socket is empty, or the pipe full: move this much on */
-        if (wait_fd(fd, POLLIN, timeout_ms, out) < 0)
+        if (wait_fd(fd, POLLIN, w, out) < 0)
             return -1;
     }
     return (ssize_t)got;
 }
 
 /* Pipe -> socket: all `n` bytes the pipe holds. */
-static int splice_out(int pipe_r, int fd, size_t n, int timeout_ms, outcome *out) {
+static int splice_out(int pipe_r, int fd, size_t n, const waiting *w, outcome *out) {
     size_t sent = 0;
     while (sent < n) {
         ssize_t r = splice(pipe_r, NULL, fd, NULL, n - sent, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -271,7 +283,7 @@ static int splice_out(int pipe_r, int fd, size_t n, int timeout_ms, outcome *out
             fail(out, ST_OS, r == 0 ? EPIPE : errno, "splice to the socket failed");
             return -1;
         }
-        if (wait_fd(fd, POLLOUT, timeout_ms, out) < 0)
+        if (wait_fd(fd, POLLOUT, w, out) < 0)
             return -1;
     }
     return 0;
@@ -405,7 +417,8 @@ static int open_record(protection *p, const unsigned char *header, unsigned char
 /* -- the two loops ---------------------------------------------------------------------- */
 
 typedef struct {
-    int in_fd, out_fd, in_timeout_ms, out_timeout_ms; /* -1: wait forever */
+    int in_fd, out_fd;
+    waiting in_wait, out_wait;
     size_t max_record;
     uint64_t pages; /* END's pages_total: what the Python writer had counted (0 on QEMU streams) */
     uint64_t *progress; /* NULL, or [plaintext moved, wire bytes], stored after each record for Python to read live */
@@ -431,7 +444,7 @@ static int note_record(growbuf *digest, const unsigned char *mark, size_t n, out
 static void seal_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf, counters *c, growbuf *digest,
                          outcome *out) {
     for (;;) {
-        ssize_t n = splice_in(a->in_fd, pp->w, a->max_record, a->in_timeout_ms, out);
+        ssize_t n = splice_in(a->in_fd, pp->w, a->max_record, &a->in_wait, out);
         if (n < 0)
             return;
         if (n == 0) {
@@ -439,14 +452,14 @@ static void seal_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf
             put_le64(buf + HEADER_SIZE, c->records);
             put_le64(buf + HEADER_SIZE + 8, a->pages);
             put_le64(buf + HEADER_SIZE + 16, c->payload_bytes);
-            if (send_all(a->out_fd, buf, HEADER_SIZE + END_SIZE, a->out_timeout_ms, out) == 0)
+            if (send_all(a->out_fd, buf, HEADER_SIZE + END_SIZE, &a->out_wait, out) == 0)
                 c->wire_bytes += HEADER_SIZE + END_SIZE;
             return;
         }
         put_header(buf, RECORD_OPAQUE, (uint32_t)n);
         if (note_record(digest, buf, HEADER_SIZE, out) < 0 ||
-            send_all_flags(a->out_fd, buf, HEADER_SIZE, MSG_MORE, a->out_timeout_ms, out) < 0 ||
-            splice_out(pp->r, a->out_fd, (size_t)n, a->out_timeout_ms, out) < 0)
+            send_all_flags(a->out_fd, buf, HEADER_SIZE, MSG_MORE, &a->out_wait, out) < 0 ||
+            splice_out(pp->r, a->out_fd, (size_t)n, &a->out_wait, out) < 0)
             return;
         c->wire_bytes += HEADER_SIZE + (size_t)n;
         c->plain_moved += (size_t)n;
@@ -470,7 +483,7 @@ static void seal_loop(const stream_args *a, protection *p, unsigned char *buf, c
     }
     for (;;) {
         /* Read straight into the record, after its header; seal in place; one send. */
-        ssize_t n = recv_some(a->in_fd, buf + HEADER_SIZE, a->max_record, a->in_timeout_ms, out);
+        ssize_t n = recv_some(a->in_fd, buf + HEADER_SIZE, a->max_record, &a->in_wait, out);
         if (n < 0)
             return;
         unsigned type = n > 0 ? RECORD_OPAQUE : RECORD_END;
@@ -491,7 +504,7 @@ static void seal_loop(const stream_args *a, protection *p, unsigned char *buf, c
                 return;
             }
         }
-        if (send_all(a->out_fd, buf, HEADER_SIZE + plain + overhead, a->out_timeout_ms, out) < 0)
+        if (send_all(a->out_fd, buf, HEADER_SIZE + plain + overhead, &a->out_wait, out) < 0)
             return;
         c->wire_bytes += HEADER_SIZE + plain + overhead;
         if (type == RECORD_END)
@@ -552,12 +565,12 @@ static void open_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf
                          outcome *out) {
     for (;;) {
         uint32_t length = 0;
-        if (recv_exactly(a->in_fd, buf, HEADER_SIZE, a->in_timeout_ms, out) < 0 ||
+        if (recv_exactly(a->in_fd, buf, HEADER_SIZE, &a->in_wait, out) < 0 ||
             check_header(buf, 0, &length, out) < 0)
             return;
         c->wire_bytes += HEADER_SIZE + length;
         if (buf[0] == RECORD_END) {
-            if (recv_exactly(a->in_fd, buf + HEADER_SIZE, length, a->in_timeout_ms, out) == 0)
+            if (recv_exactly(a->in_fd, buf + HEADER_SIZE, length, &a->in_wait, out) == 0)
                 check_end(a, buf + HEADER_SIZE, c, out);
             return;
         }
@@ -565,14 +578,14 @@ static void open_spliced(const stream_args *a, pipe_pair *pp, unsigned char *buf
             return;
         /* In pieces: a pipe counts pages, not bytes, and small socket buffers can fill it before a record. */
         for (size_t left = length; left > 0;) {
-            ssize_t n = splice_in(a->in_fd, pp->w, left, a->in_timeout_ms, out);
+            ssize_t n = splice_in(a->in_fd, pp->w, left, &a->in_wait, out);
             if (n < 0)
                 return;
             if (n == 0) {
                 fail(out, ST_CLOSED, 0, "peer closed the data stream after %zu of %u bytes", length - left, length);
                 return;
             }
-            if (splice_out(pp->r, a->out_fd, (size_t)n, a->out_timeout_ms, out) < 0)
+            if (splice_out(pp->r, a->out_fd, (size_t)n, &a->out_wait, out) < 0)
                 return;
             left -= (size_t)n;
         }
@@ -597,11 +610,11 @@ static void open_loop(const stream_args *a, protection *p, unsigned char *buf, c
     }
     for (;;) {
         uint32_t length = 0;
-        if (recv_exactly(a->in_fd, buf, HEADER_SIZE, a->in_timeout_ms, out) < 0)
+        if (recv_exactly(a->in_fd, buf, HEADER_SIZE, &a->in_wait, out) < 0)
             return;
         if (check_header(buf, overhead, &length, out) < 0)
             return;
-        if (recv_exactly(a->in_fd, buf + HEADER_SIZE, length, a->in_timeout_ms, out) < 0)
+        if (recv_exactly(a->in_fd, buf + HEADER_SIZE, length, &a->in_wait, out) < 0)
             return;
         c->wire_bytes += HEADER_SIZE + length;
         size_t plain = length - overhead;
@@ -617,7 +630,7 @@ static void open_loop(const stream_args *a, protection *p, unsigned char *buf, c
             fail(out, ST_MEMORY, 0, "out of memory for the stream digest");
             return;
         }
-        if (send_all(a->out_fd, buf + HEADER_SIZE, plain, a->out_timeout_ms, out) < 0)
+        if (send_all(a->out_fd, buf + HEADER_SIZE, plain, &a->out_wait, out) < 0)
             return;
         c->plain_moved += plain;
         c->records++;
@@ -635,10 +648,12 @@ static PyObject *run_stream(PyObject *args, loop_fn loop, int encrypt) {
     Py_buffer key = {0}, iv = {0}, progress = {0};
     unsigned long long sequence, epoch_records, epoch_bytes, rekey_interval, rekey_bytes, records, pages, payload;
     Py_ssize_t max_record;
-    if (!PyArg_ParseTuple(args, "iiz*z*KKKKKKKKnii|w*", &a.in_fd, &a.out_fd, &key, &iv, &sequence, &epoch_records,
+    int wake_fd = -1;
+    if (!PyArg_ParseTuple(args, "iiz*z*KKKKKKKKnii|w*i", &a.in_fd, &a.out_fd, &key, &iv, &sequence, &epoch_records,
                           &epoch_bytes, &rekey_interval, &rekey_bytes, &records, &pages, &payload, &max_record,
-                          &a.in_timeout_ms, &a.out_timeout_ms, &progress))
+                          &a.in_wait.timeout_ms, &a.out_wait.timeout_ms, &progress, &wake_fd))
         return NULL;
+    a.in_wait.wake_fd = a.out_wait.wake_fd = wake_fd;
     protection p = {0};
     PyObject *result = NULL;
     unsigned char *buf = NULL;
@@ -719,7 +734,7 @@ static PyObject *open_stream(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"seal_stream", seal_stream, METH_VARARGS,
      "seal_stream(in_fd, out_fd, key, iv, sequence, epoch_records, epoch_bytes, rekey_interval, rekey_bytes, "
-     "records, pages, payload_bytes, max_record, in_timeout_ms, out_timeout_ms[, progress]) -> (status, errno, message, plaintext moved, "
+     "records, pages, payload_bytes, max_record, in_timeout_ms, out_timeout_ms[, progress[, wake_fd]]) -> (status, errno, message, plaintext moved, "
      "records, payload bytes, wire bytes, digest input)"},
     {"open_stream", open_stream, METH_VARARGS, "open_stream(...) -> the same, reading records and writing plaintext"},
     {NULL, NULL, 0, NULL},

@@ -19,6 +19,7 @@ def seal_stream(
     in_timeout_ms: int,
     out_timeout_ms: int,
     progress: array[int] = ...,
+    wake_fd: int = ...,
 ) -> tuple[int, int, str, int, int, int, int, bytes]: ...
 def open_stream(
     in_fd: int,
@@ -37,4 +38,5 @@ def open_stream(
     in_timeout_ms: int,
     out_timeout_ms: int,
     progress: array[int] = ...,
+    wake_fd: int = ...,
 ) -> tuple[int, int, str, int, int, int, int, bytes]: ...

@@ -13,13 +13,17 @@ framing, rekeying and END totals; tests/host/test_relaycore.py checks both
 ways), and hand back the counts and the digest input: the OPAQUE records'
 GCM tags in order, or, without protection, their headers.
 
-Generic on purpose: any stream of OPAQUE records (QEMU's main channel, a
-multifd channel, a disk or a return path) can use it.
+Generic on purpose: any stream of OPAQUE records uses it: QEMU's main
+channel and multifd channels, post-copy's forward feed and return path,
+and the duplex streams (a disk's NBD connection, a libvirt connection),
+which run one seal_stream and one open_stream on the same data socket in
+two threads: TCP keeps the two directions apart, and each has its own key.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from array import array
 from dataclasses import dataclass
@@ -33,12 +37,46 @@ from . import _relaycore
 
 # Status codes of _relaycore.c (enum status).
 _OK, _OS, _TIMEOUT, _CLOSED, _PROTOCOL, _AUTH = 0, 1, 2, 3, 4, 5
+_STOPPED = 8
 
 
 class NativeRelayError(SealiftError):
     """The native relay core failed inside (memory, OpenSSL): nothing a peer sent, the stream ends."""
 
     code = "native_relay_failed"
+
+
+class StreamStopped(SealiftError):
+    """The caller stopped a native stream with its StopSignal (not a peer's doing)."""
+
+    code = "stream_stopped"
+
+
+class StopSignal:
+    """Stops a native stream that may wait without a deadline (post-copy's return path idles for minutes).
+
+    Closing a socket another thread polls does not wake that thread, and a
+    shutdown of the data stream would end it for the peer too; the core
+    polls this pipe beside each socket instead, and ends with StreamStopped
+    once it is readable.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"!")
+        except BlockingIOError:
+            pass  # already set (the pipe is full of stops)
+
+    def close(self) -> None:
+        """Only once no stream uses it any more."""
+        os.close(self._read)
+        os.close(self._write)
 
 
 class Progress:
@@ -74,11 +112,15 @@ def seal_stream(
     writer: DataStreamWriter,
     max_record: int = MAX_OPAQUE,
     progress: Progress | None = None,
+    stop: StopSignal | None = None,
+    wait_forever: bool = False,
 ) -> RelayOutcome:
     """Seal everything `source` sends into OPAQUE records on `data`, then END; the writer's keys go native.
 
     Each socket's timeout (None: wait forever) bounds each wait on it, as in Python.
-    `progress`, if given, shows the counts while the stream runs (for progress events and metrics).
+    `progress`, if given, shows the counts while the stream runs (for progress events and metrics);
+    `stop`, if given, ends the stream early (StreamStopped) once set;
+    `wait_forever` ignores both sockets' timeouts (a stream idle by design, ended by `stop`).
     """
     state = writer.hand_over()
     result = _relaycore.seal_stream(
@@ -89,9 +131,10 @@ def seal_stream(
         writer.pages_sent,
         writer.payload_bytes,
         max_record,
-        _timeout_ms(source),
-        _timeout_ms(data),
+        _timeout_ms(source, wait_forever),
+        _timeout_ms(data, wait_forever),
         (progress or Progress()).counts,
+        -1 if stop is None else stop.fileno(),
     )
     outcome = _outcome(result)
     writer.account(outcome.records, outcome.payload_bytes, outcome.wire_bytes)
@@ -99,13 +142,18 @@ def seal_stream(
 
 
 def open_stream(
-    data: socket.socket, sink: socket.socket, reader: DataStreamReader, progress: Progress | None = None
+    data: socket.socket,
+    sink: socket.socket,
+    reader: DataStreamReader,
+    progress: Progress | None = None,
+    stop: StopSignal | None = None,
+    wait_forever: bool = False,
 ) -> RelayOutcome:
     """Open OPAQUE records from `data` into `sink` up to an authenticated END; the reader's keys go native.
 
     Every record is authenticated before its bytes reach `sink`; any other
     record type, a bad length, a tampered record or a missing END ends the
-    stream with the error the Python reader gives.
+    stream with the error the Python reader gives. `stop` and `wait_forever` as for seal_stream.
     """
     state = reader.hand_over()
     result = _relaycore.open_stream(
@@ -116,9 +164,10 @@ def open_stream(
         reader.pages_received,
         reader.payload_bytes,
         MAX_OPAQUE,
-        _timeout_ms(data),
-        _timeout_ms(sink),
+        _timeout_ms(data, wait_forever),
+        _timeout_ms(sink, wait_forever),
         (progress or Progress()).counts,
+        -1 if stop is None else stop.fileno(),
     )
     outcome = _outcome(result)
     reader.account(outcome.records, outcome.payload_bytes, ended=outcome.error is None)
@@ -139,9 +188,9 @@ def _key_args(state: ProtectionState | None) -> tuple[bytes | None, bytes | None
     )
 
 
-def _timeout_ms(sock: socket.socket) -> int:
+def _timeout_ms(sock: socket.socket, wait_forever: bool) -> int:
     """The socket's timeout in ms for each wait on it (-1: none), as Python's socket methods would wait."""
-    timeout = sock.gettimeout()
+    timeout = None if wait_forever else sock.gettimeout()
     return -1 if timeout is None else max(1, round(1000 * timeout))
 
 
@@ -164,4 +213,6 @@ def _error(status: int, err: int, message: str) -> BaseException | None:
         return RecordAuthError()
     if status == _PROTOCOL:
         return ProtocolError(message)
+    if status == _STOPPED:
+        return StreamStopped(message)
     return NativeRelayError(message)

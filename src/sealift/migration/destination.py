@@ -75,8 +75,11 @@ class DestinationCoordinator:
             s.enter(Event.STREAM_VERIFIED)  # durable before we promise
             prepared = True
             receipt = self._receipt(manifest, "prepared")
-            s.audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
             s.channel.send(Receipt(hello.migration_id, "prepared", receipt))
+            # The source's guest is stopped until our running receipt: the promise (STREAM_VERIFIED, above)
+            # is the durable write it waits for; the audit entries are written while the source decides.
+            s.flush_audits()  # the manifest's digest check (the driver's)
+            s.audit(Kinds.RECEIPT, stage="prepared", receipt=receipt)
             self._await_commit()
             s.lab_pause("commit-received")
             self._start_guest(manifest, cpu_started)
@@ -89,6 +92,10 @@ class DestinationCoordinator:
             else:
                 self._discard(exc)
         finally:
+            try:
+                s.flush_audits()  # a failure before the prepared receipt went out: its entries are still written
+            except Exception:  # noqa: BLE001 - the migration's outcome stands; the log says what is missing
+                log.exception("could not write the audit entries of %s", hello.migration_id)
             s.context.authority.forget(s.flight)
             if s.psk is not None:
                 s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
@@ -159,7 +166,7 @@ class DestinationCoordinator:
         s.lab_pause("committed")
         pid, counter_at_resume = self.driver.start_guest(manifest)
         if manifest.get("postcopy") is not True:  # post-copy: the driver went through postcopy-active to running
-            s.enter(Event.START_GUEST)
+            s.enter(Event.START_GUEST)  # before the receipt: whoever asks after the source's report sees "running"
         receipt = self._receipt(
             manifest,
             "running",
@@ -168,12 +175,16 @@ class DestinationCoordinator:
             cpu_s=round(time.process_time() - cpu_started, 3),
             **s.receipt_extra,
         )
-        s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
+        # The receipt before the audit entry: the source's stopped window ends with the receipt.
         try:
             s.channel.send(Receipt(hello.migration_id, "running", receipt))
         except OSError as exc:
             # The guest runs here and the source has committed: it will learn by asking.
             log.warning("could not send the running receipt for %s: %s", hello.migration_id, exc)
+        try:
+            s.audit(Kinds.MIGRATION_HANDOVER, decision="committed", vm=hello.vm_name, pid=pid, receipt=receipt)
+        except Exception:  # noqa: BLE001 - never hold a guest that runs and whose source may have let go
+            log.exception("%s runs here, but its audit entry could not be written", hello.vm_name)
 
     def _hold_in_doubt(self, exc: BaseException) -> None:
         s, hello = self.session, self.session.hello

@@ -163,12 +163,23 @@ class DestinationSession:
         self.flight = InFlightTrust(self.migration_id)  # the operator and peer it relies on (live revocation)
         self.error_code: str | None = None  # why it was refused or failed, once it was (the agent's metrics)
         self.receipt_extra: dict[str, object] = {}  # what the driver adds to the running receipt (post-copy's digest)
+        self._deferred_audits: list[tuple[str, dict[str, object]]] = []  # audit_after_promise's entries
 
     def enter(self, event: Event, error: str | None = None) -> Phase:
         return records.transition(self.context.store, self.migration_id, event, error)
 
     def audit(self, kind: str, **fields: object) -> None:
         self.context.authority.record(kind, migration_id=self.migration_id, **fields)
+
+    def audit_after_promise(self, kind: str, **fields: object) -> None:
+        """An audit entry written once the prepared receipt is sent (or the migration failed): the source's guest
+        is stopped until then, and the promise's durable write (the store's phase) is all it must wait for."""
+        self._deferred_audits.append((kind, fields))
+
+    def flush_audits(self) -> None:
+        entries, self._deferred_audits = self._deferred_audits, []
+        for kind, fields in entries:
+            self.audit(kind, **fields)
 
     def stop_if_aborted(self) -> None:
         """Raise if the source has given up (its Abort is waiting on the control channel), or was revoked.

@@ -69,6 +69,9 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         self._authority = session.context.authority
         self._committed = False  # the durable decision is on disk (decide-commit, or decide-postcopy mid-transfer)
         self._postcopy = False  # the decision was post-copy's: the guest may already run at the destination
+        self._paused_at: float | None = None  # the guest's pause, once the stop-and-copy's handover runs
+        self._defer_audit = False  # audit entries wait until Commit is sent (the stopped window's path)
+        self._deferred_audits: list[tuple[str, dict[str, object]]] = []
         self._handed_over = False  # the hypervisor (libvirt) switched over: our copy has quit
 
     @property
@@ -132,21 +135,26 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             if not self._postcopy:  # else decided and committed during the transfer
                 if not self._handed_over:  # after libvirt's switchover a revocation cannot undo it (security.md)
                     s.flight.check()  # revoked while the transfer ran: stop before signing anything
+                self._paused_at = transfer.paused_at  # the handover's steps are marked from here (downtime)
                 s.mark("stream_sent", transfer.paused_at)
+                # The guest is stopped from here to the running receipt: the one durable write on this host's
+                # path is the decision. The audit entries (digest, prepared receipt, handover) are written once
+                # Commit is on its way, while the destination starts the guest (or, on a failure, in `finally`).
+                self._defer_audit = True
                 self._manifest_and_prepare(channel, vm, memory_bytes, self.driver.manifest_fields(transfer))
                 s.mark("prepared_receipt", transfer.paused_at)
                 if not self._handed_over:
                     self._authority.final_check(s.flight)  # a newly revoked destination or operator: abort
                 records.transition(self._store, s.migration_id, Event.DECIDE_COMMIT)  # point of no return
+                s.mark("commit_decided", transfer.paused_at)
                 self._committed = True
                 self._audit_move(Kinds.MIGRATION_HANDOVER, vm, decision="committed")
                 channel.send(Commit(s.migration_id))
                 s.mark("commit_sent", transfer.paused_at)
+                self._flush_audits()
                 s.progress("phase", {"phase": "committed"})
-            running = self._receipt(channel, "running", None)
-            if not self._postcopy:
-                s.mark("running_receipt", transfer.paused_at)
-            else:
+            running = self._receipt(channel, "running", None)  # audited after the mark: not part of the downtime
+            if self._postcopy:
                 self._check_postcopy_digest(running, transfer)
             self._commit_psk()
             # Downtime ends when the destination's guest runs: its receipt says so.
@@ -190,6 +198,10 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             self._store.save_report(s.migration_id, s.report.to_dict())
             raise MigrationError(s.report.error or str(exc), code=s.report.error_code) from exc
         finally:
+            try:
+                self._flush_audits()  # a failure between the decision and Commit: its entries are still written
+            except Exception:  # noqa: BLE001 - the migration's own outcome stands; the log says what is missing
+                log.exception("could not write the audit entries of %s", s.migration_id)
             self._authority.forget(s.flight)
             self.driver.cleanup(vm)
             if s.psk is not None:
@@ -201,7 +213,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
 
     def _audit_move(self, kind: str, vm: VmT, **fields: object) -> None:
         """An audit entry about moving `vm`: every such entry names the VM and where it goes."""
-        self.session.audit(kind, vm=vm.name, destination=self.session.destination, **fields)
+        self._audit(kind, vm=vm.name, destination=self.session.destination, **fields)
 
     def _hello(self, channel: ControlChannel, vm: VmT) -> Accept:
         s = self.session
@@ -249,7 +261,8 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         }
         envelope = s.signer.sign(manifest, "manifest")
         channel.send(Manifest(s.migration_id, envelope))
-        s.audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
+        self._mark("manifest_sent")
+        self._audit(Kinds.MIGRATION_DIGEST, **digest_audit, manifest_sha256=_sha256(envelope))
         return self._receipt(channel, "prepared", manifest)
 
     def _decide_postcopy(self, channel: ControlChannel, vm: VmT, memory_bytes: int, fields: dict[str, object]) -> None:
@@ -375,8 +388,35 @@ class SourceCoordinator(Generic[VmT, TransferT]):
             manifest=manifest,
             timeout=self._config.step_timeout_s,
         )
-        s.audit(Kinds.RECEIPT, stage=stage, receipt=envelope)
+        self._mark(f"{stage}_receipt_in")
+        if stage == "running":
+            self._mark("running_receipt")  # the downtime's end: the guest runs there
+        self._audit(Kinds.RECEIPT, stage=stage, receipt=envelope)
         return receipt
+
+    def _mark(self, step: str) -> None:
+        """A handover step's time since the pause, once the stop-and-copy has begun (not in post-copy's switch)."""
+        if self._paused_at is not None:
+            self.session.mark(step, self._paused_at)
+
+    def _audit(self, kind: str, **fields: object) -> None:
+        """An audit entry now, or (while the guest is stopped before Commit is sent) once it is sent."""
+        if self._defer_audit:
+            self._deferred_audits.append((kind, fields))
+        else:
+            self.session.audit(kind, **fields)
+
+    def _flush_audits(self) -> None:
+        """Write the deferred audit entries, in their order; from now on entries are written at once.
+
+        They are a record for people, not the handover's state (the store's
+        decision is, written before Commit): deferring them changes when they
+        are written, never whether a copy runs.
+        """
+        self._defer_audit = False
+        entries, self._deferred_audits = self._deferred_audits, []
+        for kind, fields in entries:
+            self.session.audit(kind, **fields)
 
     def _commit_psk(self) -> None:
         s = self.session

@@ -268,7 +268,9 @@ class BuiltinDestinationDriver:
                 raise DocumentError(f"image digest mismatch: received {result.image_digest}, source signed {signed}")
             if manifest.get("state_digest") != state_digest(result.device_state or b""):
                 raise DocumentError("device state digest does not match the signed manifest")
-        s.audit(Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, verified=hello.secure, manifest=envelope)
+        s.audit_after_promise(
+            Kinds.MIGRATION_DIGEST, image_digest=result.image_digest, verified=hello.secure, manifest=envelope
+        )
         return manifest
 
 

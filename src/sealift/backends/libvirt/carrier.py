@@ -2,7 +2,8 @@
 
 libvirt's connections talk both ways (the RPC of the two libvirtds, QEMU's
 NBD client and server; the memory stream mostly one way), so a carrier runs
-two threads at each end: `up` seals what its unix connection says into
+two threads at each end, each running the native relay core
+(host/relaycore.py) with the GIL released: `up` seals what its unix connection says into
 OPAQUE records (this end's key of the stream), `down` opens the peer's
 records into the unix connection (the peer's key). Each data stream has
 keys of its own (qemu relay's `stream_label`), so no two streams, and no
@@ -18,9 +19,9 @@ import logging
 import socket
 import threading
 
-from sealift.backends.qemu.relay import StreamDigest, read_record
-from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
-from sealift.wire.errors import ProtocolError
+from sealift.backends.qemu.relay import StreamDigest
+from sealift.host import relaycore
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class Carrier:
         self._reader = reader
         self.digest_out = digest_out  # what this end sealed
         self.digest_in = digest_in  # what this end opened
-        self.bytes_out = 0
-        self.bytes_in = 0
+        self._wire_before = writer.wire_bytes  # the kind record, sealed in Python
+        self._out = relaycore.Progress()  # what the native core moved so far, read live
+        self._in = relaycore.Progress()
         self.error: BaseException | None = None
         self.ended = False  # the peer's authenticated END arrived: its side of the connection ended cleanly
         self._threads = [
@@ -57,40 +59,43 @@ class Carrier:
         ]
 
     @property
+    def bytes_out(self) -> int:
+        return self._out.plaintext_bytes
+
+    @property
+    def bytes_in(self) -> int:
+        return self._in.plaintext_bytes
+
+    @property
     def wire_bytes(self) -> int:
-        return self._writer.wire_bytes
+        return self._wire_before + self._out.wire_bytes
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
     def _up(self) -> None:
+        """The unix connection's bytes sealed by the native core (host/relaycore.py), END once it closes."""
         try:
-            while True:
-                buf = self._writer.opaque_buffer()
-                n = self._conn.recv_into(buf)
-                if n == 0:
-                    break
-                sealed = self._writer.finish_opaque(n)
-                self.digest_out.update(buf[:n], sealed[len(sealed) - self.digest_out.tag_size :])
-                self.bytes_out += n
-                self._data.sendall(sealed)
-            self._data.sendall(self._writer.end())
+            outcome = relaycore.seal_stream(self._conn, self._data, self._writer, progress=self._out)
+            self.digest_out.absorb_native(outcome.digest_input)
+            if outcome.error is not None:
+                raise outcome.error
         except BaseException as exc:
             self._fail(exc)
 
     def _down(self) -> None:
+        """The peer's records opened by the native core (each authenticated before it is written), up to END.
+
+        `_up` uses the same data socket at the same time: TCP keeps the two
+        directions' records apart, and each has its own key.
+        """
         try:
-            while True:
-                event = read_record(self._data, self._reader)
-                if isinstance(event, StreamEnded):
-                    self.ended = True
-                    break
-                if not isinstance(event, OpaqueReceived):
-                    raise ProtocolError(f"unexpected {type(event).__name__} in a libvirt connection's stream")
-                self.digest_in.update(event.data, self._reader.last_tag)
-                self.bytes_in += len(event.data)
-                self._conn.sendall(event.data)
+            outcome = relaycore.open_stream(self._data, self._conn, self._reader, progress=self._in)
+            self.digest_in.absorb_native(outcome.digest_input)
+            if outcome.error is not None:
+                raise outcome.error
+            self.ended = True
             self._reader.close()
             try:
                 self._conn.shutdown(socket.SHUT_WR)  # the peer's connection ended: so does ours, that way

@@ -436,5 +436,5 @@ class QemuDestinationDriver:
             "transport": self._transport.name,
         }
         manifest, envelope = verify_manifest(s, expected, "received")
-        s.audit(Kinds.MIGRATION_DIGEST, image_digest=digest, verified=True, manifest=envelope)
+        s.audit_after_promise(Kinds.MIGRATION_DIGEST, image_digest=digest, verified=True, manifest=envelope)
         return manifest

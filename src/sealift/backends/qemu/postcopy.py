@@ -24,7 +24,6 @@ byte either QEMU reads has been opened and authenticated by an agent first.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
@@ -37,6 +36,7 @@ from sealift.backends.qemu.qmp import QmpTimeout
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.errors import SealiftError
+from sealift.host import relaycore
 from sealift.migration.destination import verify_manifest
 from sealift.migration.documents import DocumentError
 from sealift.migration.errors import MigrationError, PostcopyPaused
@@ -44,7 +44,7 @@ from sealift.migration.options import MigrationOptions
 from sealift.migration.phases import Event
 from sealift.migration.session import DestinationSession
 from sealift.security.audit import Kinds
-from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter
 from sealift.wire.errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -225,25 +225,35 @@ class ReturnPath:
     def __init__(self, name: str, qemu: socket.socket, data: socket.socket) -> None:
         self._qemu = qemu
         self._data = data
-        self.bytes = 0
-        self.records = 0
+        self._progress = relaycore.Progress()  # what the native core moved so far, read live
+        self.records = 0  # once the relay ended
         self.ended = threading.Event()  # END seen (source) or sent (destination): the return path closed cleanly
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        # The return path is silent for most of a pre-copy: the core waits without a deadline, and this ends it.
+        self._wake = relaycore.StopSignal()
         self._thread = threading.Thread(target=self._guarded, name=name, daemon=True)
-        self._body: Callable[[], None] = lambda: None
+        self._body: Callable[[], relaycore.RelayOutcome] = self._nothing
 
     @classmethod
     def to_qemu(cls, data: socket.socket, reader: DataStreamReader, qemu: socket.socket) -> ReturnPath:
         path = cls("qemu-return-in", qemu, data)
-        path._body = lambda: path._into_qemu(reader)
+        path._body = lambda: relaycore.open_stream(
+            data, qemu, reader, progress=path._progress, stop=path._wake, wait_forever=True
+        )
         return path
 
     @classmethod
     def from_qemu(cls, qemu: socket.socket, writer: DataStreamWriter, data: socket.socket) -> ReturnPath:
         path = cls("qemu-return-out", qemu, data)
-        path._body = lambda: path._out_of_qemu(writer)
+        path._body = lambda: relaycore.seal_stream(
+            qemu, data, writer, progress=path._progress, stop=path._wake, wait_forever=True
+        )
         return path
+
+    @property
+    def bytes(self) -> int:
+        return self._progress.plaintext_bytes
 
     def start(self) -> ReturnPath:
         self._thread.start()
@@ -253,17 +263,28 @@ class ReturnPath:
         """End the relay and break QEMU's connection: a QEMU in post-copy must learn at once that this
         stream is gone (it pauses), however the relay ended. The socket is our own duplicate: close it."""
         self._stop.set()
+        self._wake.set()
         _shutdown(self._qemu)
         self._thread.join(timeout=5)
         self._qemu.close()
+        if not self._thread.is_alive():  # else the core may still poll the pipe: leave it open
+            self._wake.close()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def _nothing(self) -> relaycore.RelayOutcome:
+        raise ProtocolError("a return path with no direction")
+
     def _guarded(self) -> None:
         try:
-            self._body()
+            # The native core (host/relaycore.py): every record is authenticated before its bytes reach QEMU.
+            outcome = self._body()
+            self.records = outcome.records
+            if outcome.error is not None:
+                raise outcome.error
+            self.ended.set()
         except BaseException as exc:  # handed to the coordinator's thread, which decides
             if not self._stop.is_set():
                 self.error = exc
@@ -273,38 +294,6 @@ class ReturnPath:
                 # source's pump would write once QEMU's connection breaks; then both QEMUs pause.
                 _shutdown(self._data)
                 _shutdown(self._qemu)
-
-    def _readable(self, sock: socket.socket) -> bool:
-        """Wait (without a deadline: the return path is silent for most of a pre-copy) until `sock` has data."""
-        while not self._stop.is_set():
-            readable, _, _ = select.select([sock], [], [], 0.2)
-            if readable:
-                return True
-        return False
-
-    def _into_qemu(self, reader: DataStreamReader) -> None:
-        while self._readable(self._data):
-            event = relay.read_record(self._data, reader)  # raises on a record that fails authentication
-            if isinstance(event, StreamEnded):
-                self.ended.set()
-                return
-            if not isinstance(event, OpaqueReceived):
-                raise ProtocolError(f"unexpected {type(event).__name__} on QEMU's return path")
-            self._qemu.sendall(event.data)
-            self.bytes += len(event.data)
-            self.records += 1
-
-    def _out_of_qemu(self, writer: DataStreamWriter) -> None:
-        while self._readable(self._qemu):
-            buf = writer.opaque_buffer()
-            n = self._qemu.recv_into(buf)
-            if n == 0:  # QEMU closed the connection: the incoming migration is over
-                self._data.sendall(writer.end())
-                self.ended.set()
-                return
-            self._data.sendall(writer.finish_opaque(n))
-            self.bytes += n
-            self.records += 1
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -324,10 +313,15 @@ class ForwardFeed:
         self, data: socket.socket, reader: DataStreamReader, qemu: socket.socket, digest: relay.StreamDigest
     ) -> None:
         self._data, self._reader, self._qemu, self.digest = data, reader, qemu, digest
-        self.stream_bytes = 0
+        self._progress = relaycore.Progress()  # the destination watches it advance
         self.ended = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="qemu-feed-postcopy", daemon=True)
+
+    @property
+    def stream_bytes(self) -> int:
+        """QEMU bytes fed so far, live."""
+        return self._progress.plaintext_bytes
 
     def start(self) -> ForwardFeed:
         self._thread.start()
@@ -335,15 +329,11 @@ class ForwardFeed:
 
     def _run(self) -> None:
         try:
-            while True:  # relay.feed_qemu's loop, counting as it goes (the destination watches it advance)
-                event = relay.read_record(self._data, self._reader)
-                if isinstance(event, StreamEnded):
-                    break
-                if not isinstance(event, OpaqueReceived):
-                    raise ProtocolError(f"unexpected {type(event).__name__} in a QEMU migration stream")
-                self.digest.update(event.data, self._reader.last_tag)
-                self._qemu.sendall(event.data)
-                self.stream_bytes += len(event.data)
+            # relay.feed_qemu's native core, with live counts: each record is authenticated before QEMU gets it.
+            outcome = relaycore.open_stream(self._data, self._qemu, self._reader, progress=self._progress)
+            self.digest.absorb_native(outcome.digest_input)
+            if outcome.error is not None:
+                raise outcome.error
             self._reader.close()
             self.ended = True
         except BaseException as exc:

@@ -20,7 +20,8 @@ after the memory stream: ``blockdev-del`` of the NBD nodes (else the
 Each disk's NBD connection crosses the agents in a data stream of its own,
 keyed from its own label (`disk_label`): NBD is a dialogue (requests with
 write payloads one way, replies with read data the other), so `DiskStream`
-carries and seals both directions of the one connection. The tags of both
+carries and seals both directions of the one connection, each direction a
+thread in the native relay core (host/relaycore.py) with its own key. The tags of both
 directions enter the stream digest in the signed manifest. A record that
 does not open (a flipped byte) fails its stream, which breaks the NBD
 connection: the source's mirror job fails (the guest's writes to its own
@@ -45,9 +46,9 @@ from sealift.backends.qemu import relay
 from sealift.backends.qemu.definition import node_name
 from sealift.backends.qemu.vm import QemuError, QemuVM
 from sealift.errors import SealiftError
+from sealift.host import relaycore
 from sealift.migration.errors import MigrationError
-from sealift.wire.datastream import DataStreamReader, DataStreamWriter, OpaqueReceived, StreamEnded
-from sealift.wire.errors import ProtocolError
+from sealift.wire.datastream import DataStreamReader, DataStreamWriter
 from sealift.wire.messages import MAX_STREAMS
 from sealift.wire.records import RecordProtection
 from sealift.wire.vm_definition import VmDefinition
@@ -101,8 +102,8 @@ class DiskStream:
         self._reader = DataStreamReader(incoming, 1)
         self.sent_digest = relay.StreamDigest(outgoing.overhead)
         self.received_digest = relay.StreamDigest(incoming.overhead)
-        self.bytes_out = 0  # QEMU's NBD bytes we sent
-        self.bytes_in = 0  # NBD bytes we received for our QEMU
+        self._out = relaycore.Progress()  # what the native core sealed so far, read live
+        self._in = relaycore.Progress()
         self.error: BaseException | None = None
         self._on_error = on_error
         self._sockets: list[socket.socket] = []
@@ -110,8 +111,18 @@ class DiskStream:
         self._lock = threading.Lock()
 
     @property
+    def bytes_out(self) -> int:
+        """QEMU's NBD bytes we sent."""
+        return self._out.plaintext_bytes
+
+    @property
+    def bytes_in(self) -> int:
+        """NBD bytes we received for our QEMU."""
+        return self._in.plaintext_bytes
+
+    @property
     def wire_bytes_out(self) -> int:
-        return self._writer.wire_bytes
+        return self._out.wire_bytes
 
     def run(self, qemu: socket.socket, data: socket.socket) -> None:
         """Start both directions (each its own thread); the sockets are ours from now on."""
@@ -132,31 +143,26 @@ class DiskStream:
             thread.start()
 
     def _seal_out(self, qemu: socket.socket, data: socket.socket) -> None:
+        """QEMU's NBD bytes sealed onto the data stream by the native core, END once QEMU closes."""
         try:
-            while True:
-                buf = self._writer.opaque_buffer()
-                n = qemu.recv_into(buf)
-                if n == 0:
-                    break  # our QEMU closed the NBD connection: this direction is complete
-                sealed = self._writer.finish_opaque(n)
-                self.sent_digest.update(buf[:n], sealed[len(sealed) - self.sent_digest.tag_size :])
-                data.sendall(sealed)
-                self.bytes_out += n
-            data.sendall(self._writer.end())
+            outcome = relaycore.seal_stream(qemu, data, self._writer, progress=self._out)
+            self.sent_digest.absorb_native(outcome.digest_input)
+            if outcome.error is not None:
+                raise outcome.error
         except BaseException as exc:
             self.fail(exc)
 
     def _open_in(self, qemu: socket.socket, data: socket.socket) -> None:
+        """The peer's records opened into QEMU by the native core (each authenticated first), up to END.
+
+        The other direction's thread uses the same data socket at the same
+        time: TCP carries each direction's records apart, each with its own key.
+        """
         try:
-            while True:
-                event = relay.read_record(data, self._reader)
-                if isinstance(event, StreamEnded):
-                    break
-                if not isinstance(event, OpaqueReceived):
-                    raise ProtocolError(f"unexpected {type(event).__name__} in disk {self.disk}'s NBD stream")
-                self.received_digest.update(event.data, self._reader.last_tag)
-                qemu.sendall(event.data)
-                self.bytes_in += len(event.data)
+            outcome = relaycore.open_stream(data, qemu, self._reader, progress=self._in)
+            self.received_digest.absorb_native(outcome.digest_input)
+            if outcome.error is not None:
+                raise outcome.error
             self._reader.close()
             qemu.shutdown(socket.SHUT_WR)  # the peer is done: our QEMU sees the end of the connection
         except BaseException as exc:
