@@ -6,7 +6,7 @@
 One lab (lab/libvirt_debian.py): the testbed's namespaces, a libvirtd per
 host in its host's network namespace and a mount namespace of its own,
 two agents, the Debian guest as a domain of host-a (``--memory-mib``, its
-NIC on br0, a qcow2 disk of its own over the image's 1 GiB disk), booted
+NIC on br0, a qcow2 disk of its own over the image's disk, 4 GiB virtual), booted
 once (cold, under TCG). The guest then writes ``--fill-mib`` of random data
 to its own disk through its redis (bench/debian_disk_alternatives.py's
 ``fill_disk``), so the disk holds the image's ~0.25 GiB plus that. The

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from sealift.agent.guard import GuardStats
-from sealift.bench.results import ALL_TRANSPORTS, JSON_KEYS, WORKLOADS, RunResult
+from sealift.bench.results import ALL_TRANSPORTS, BACKENDS, DEBIAN_WORKLOAD, JSON_KEYS, WORKLOADS, RunResult
 from sealift.cluster import OPERATOR, LocalCluster
 from sealift.migration.phases import Phase
 from sealift.migration.report import MigrationReport, RoundReport
@@ -97,7 +97,8 @@ def test_the_schemas_name_exactly_what_the_code_prints() -> None:
     run = schema("bench")["oneOf"][0]["properties"]["runs"]["items"]["properties"]
     assert tuple(run) == JSON_KEYS
     assert tuple(run["transport"]["enum"]) == ALL_TRANSPORTS
-    assert tuple(run["workload"]["enum"]) == WORKLOADS
+    assert tuple(run["workload"]["enum"]) == (*WORKLOADS, DEBIAN_WORKLOAD)
+    assert tuple(run["backend"]["enum"]) == BACKENDS
 
 
 # -- failures -------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ ALL_TRANSPORTS = (
 )
 # sealift-ipsec is not in the default set: it cannot share a run with ipsec (both run charon on the hosts).
 DEFAULT_TRANSPORTS = ("plain", "qemu-tls", "ssh", "ssh-aesgcm", "ipsec", "wireguard", "sealift")
-WORKLOADS = ("idle", "moderate", "heavy")
+WORKLOADS = ("idle", "moderate", "heavy")  # the test guest's and the built-in VM's memory writers
+DEBIAN_WORKLOAD = "serving"  # the Debian guest's load is its client (reads and writes every 10 ms)
+BACKENDS = ("qemu", "builtin", "debian")
 
 
 @dataclass(frozen=True)

@@ -74,10 +74,10 @@ def _csv(text: str) -> list[str]:
 
 def build_plan(args: argparse.Namespace):  # -> Plan
     from sealift.bench.harness import BenchError, Cell, Plan
-    from sealift.bench.results import WORKLOADS
+    from sealift.bench.results import BACKENDS, DEBIAN_WORKLOAD, WORKLOADS
 
     transports = _csv(args.transports)
-    unknown = set(_csv(args.backends)) - {"qemu", "builtin", "debian"}
+    unknown = set(_csv(args.backends)) - set(BACKENDS)
     if unknown:
         raise BenchError(f"unknown backend(s) {', '.join(sorted(unknown))}: use qemu, builtin, debian")
     if args.quick:
@@ -117,7 +117,7 @@ def build_plan(args: argparse.Namespace):  # -> Plan
         if args.disk_fill < 0:
             raise BenchError("--disk-fill must not be negative")
         # Its workload is the client (reads and writes every 10 ms), not the test guest's memory writer.
-        cells += [Cell("debian", size, "serving", 1500, fill_mib=args.disk_fill) for size in sizes]
+        cells += [Cell("debian", size, DEBIAN_WORKLOAD, 1500, fill_mib=args.disk_fill) for size in sizes]
     return Plan(cells, transports, repetitions=args.runs, warmup_s=args.warmup, timeout_s=args.timeout)
 
 
