@@ -388,15 +388,27 @@ def _net_config(value: object) -> NetConfig | None:
 
 
 def _vm_definition(request: dict) -> VmDefinition | None:
-    """A QEMU guest's vCPUs, disks and own kernel: {"cpus": 2, "disks": ["/a.qcow2", "/b.raw,shared"],
-    "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img"} (kernel and initrd go together)."""
-    from sealift.backends.qemu.definition import DiskError, definition_for, parse_disk_option
-    from sealift.wire.vm_definition import BootSpec
+    """A QEMU guest's vCPUs, disks and boot: {"cpus": 2, "disks": ["/a.qcow2", "/b.raw,shared"],
+    "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img"} (kernel and initrd go together), or
+    "boot": "disk" (the firmware boots disk 0) with an optional "firmware": "/path/bios.bin"."""
+    from sealift.backends.qemu.definition import DEFAULT_FIRMWARE, DiskError, definition_for, parse_disk_option
+    from sealift.wire.vm_definition import BootSpec, FirmwareBoot
 
     cpus, disks = request.get("cpus", 1), request.get("disks", [])
     kernel, initrd = request.get("kernel"), request.get("initrd")
-    boot = None
-    if kernel is not None or initrd is not None:
+    boot_from, firmware = request.get("boot"), request.get("firmware")
+    boot: BootSpec | FirmwareBoot | None = None
+    if boot_from not in (None, "kernel", "disk"):
+        raise RequestError(f"boot must be 'kernel' or 'disk', not {boot_from!r}")
+    if boot_from == "disk":
+        if kernel is not None or initrd is not None:
+            raise RequestError("boot 'disk' boots the first disk through the firmware: leave out kernel and initrd")
+        if firmware is not None and not isinstance(firmware, str):
+            raise RequestError("firmware must be a path")
+        boot = FirmwareBoot(firmware or DEFAULT_FIRMWARE)
+    elif firmware is not None:
+        raise RequestError("firmware goes with boot 'disk'")
+    elif kernel is not None or initrd is not None:
         if not isinstance(kernel, str) or not isinstance(initrd, str):
             raise RequestError("an own kernel needs both kernel and initrd (paths)")
         boot = BootSpec(kernel, initrd)
