@@ -54,9 +54,9 @@ def counter(client: AgentClient) -> int | None:
 
 
 def start_firmware_vm(client: AgentClient, disk: Path, **fields: object) -> dict:
-    vm = client.request(
-        "vm.start", name=VM, backend="qemu", memory="128M", disks=[str(disk)], boot="disk", **fields
-    )["vm"]
+    vm = client.request("vm.start", name=VM, backend="qemu", memory="128M", disks=[str(disk)], boot="disk", **fields)[
+        "vm"
+    ]
     return vm
 
 

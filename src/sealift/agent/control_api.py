@@ -190,7 +190,8 @@ class ControlServer:
 
     def _op_vm_list(self, request: dict, emit: Emit) -> dict:
         domains = self._agent.libvirt_domains
-        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list() + (domains.list() if domains else [])}
+        libvirt = [_with_boot(vm) for vm in domains.list()] if domains else []
+        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list() + libvirt}
 
     def _op_vm_info(self, request: dict, emit: Emit) -> dict:
         name = _field(request, "name", str)
@@ -198,7 +199,7 @@ class ControlServer:
             return {"vm": self._agent.qemu_vms.info(name)}
         domains = self._agent.libvirt_domains
         if domains is not None and not self._agent.vms.has(name) and domains.has(name):
-            return {"vm": domains.info(name)}
+            return {"vm": _with_boot(domains.info(name))}
         return {"vm": self._agent.vms.info(name)}
 
     def _op_vm_console(self, request: dict, emit: Emit) -> dict:
@@ -385,6 +386,15 @@ def _net_config(value: object) -> NetConfig | None:
         return NetConfig.from_json(value).validated()
     except NetError as exc:
         raise RequestError(str(exc)) from None
+
+
+def _with_boot(info: dict) -> dict:
+    """A libvirt domain's entry with the QEMU entry's ``boot`` key (null: libvirt does not report it yet).
+
+    Every backend's entry has the same keys (docs/schemas/common.schema.json, vm).
+    """
+    info.setdefault("boot", None)
+    return info
 
 
 def _vm_definition(request: dict) -> VmDefinition | None:
