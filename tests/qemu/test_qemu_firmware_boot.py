@@ -8,8 +8,13 @@ firmware found and ran the disk's boot loader.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,9 +65,15 @@ def start_firmware_vm(client: AgentClient, disk: Path, **fields: object) -> dict
     return vm
 
 
-def wait_counter(client: AgentClient, above: int, timeout: float = 60.0) -> int:
-    import time
+def sealift(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The `sealift` command as an operator runs it (the source tree on PYTHONPATH, as the test run's)."""
+    wide = {**os.environ, "COLUMNS": "300"}  # the table is not cut to a terminal's width
+    return subprocess.run(
+        [sys.executable, "-m", "sealift", *argv], capture_output=True, text=True, timeout=120, env=wide
+    )
 
+
+def wait_counter(client: AgentClient, above: int, timeout: float = 60.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = counter(client)
@@ -124,8 +135,16 @@ def test_a_destination_with_another_firmware_refuses_before_creating_anything(
     firmware = workdir / "bios.bin"
     shutil.copy(DEFAULT_FIRMWARE, firmware)
     src, dst = cluster.client("host-a"), cluster.client("host-b")
-    vm = start_firmware_vm(src, disk, firmware=str(firmware))
-    assert vm["boot"] == {"from": "disk", "firmware": str(firmware)}
+    socket = str(cluster.agents["host-a"].socket_path)
+    # Defined as an operator does, with the CLI.
+    start = ["vm", "start", VM, "--backend", "qemu", "--memory", "128M", "--disk", str(disk), "--boot", "disk"]
+    done = sealift(*start, "--firmware", str(firmware), "--json", "--socket", socket)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["boot"] == {"from": "disk", "firmware": str(firmware)}
+    shown = sealift("vm", "info", VM, "--socket", socket)
+    assert f"disk (firmware {firmware})" in shown.stdout, shown.stdout
+    refused = sealift(*start, "--kernel", "/boot/vmlinuz", "--socket", socket)
+    assert refused.returncode != 0 and "leave out --kernel" in refused.stderr
     before = wait_counter(src, 10)
     # Both agents share this machine's files: change the firmware at that path after the source
     # loaded it, as a destination with another SeaBIOS build would have it.

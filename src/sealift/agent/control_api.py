@@ -411,8 +411,11 @@ def _vm_definition(request: dict) -> VmDefinition | None:
     if boot_from not in (None, "kernel", "disk"):
         raise RequestError(f"boot must be 'kernel' or 'disk', not {boot_from!r}")
     if boot_from == "disk":
-        if kernel is not None or initrd is not None:
-            raise RequestError("boot 'disk' boots the first disk through the firmware: leave out kernel and initrd")
+        if kernel is not None or initrd is not None or request.get("cmdline"):
+            # The guest's command line is its boot loader's, on the disk: one given here would be lost.
+            raise RequestError(
+                "boot 'disk' boots the first disk through the firmware: leave out kernel, initrd and cmdline"
+            )
         if firmware is not None and not isinstance(firmware, str):
             raise RequestError("firmware must be a path")
         boot = FirmwareBoot(firmware or DEFAULT_FIRMWARE)

@@ -86,10 +86,6 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         fields.update(disks=[_absolute_disk(d) for d in args.disk], cpus=args.cpus, cmdline=args.cmdline)
         if args.guest != "sealift":
             fields["guest"] = args.guest
-        if args.kernel is not None or args.initrd is not None:
-            if args.kernel is None or args.initrd is None:
-                raise SystemExit("--kernel and --initrd go together")
-            fields.update(kernel=str(Path(args.kernel).resolve()), initrd=str(Path(args.initrd).resolve()))
         if args.boot == "disk":
             if args.kernel is not None or args.initrd is not None or args.cmdline:
                 raise SystemExit(
@@ -100,6 +96,10 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
                 fields["firmware"] = str(Path(args.firmware).resolve())
         elif args.firmware is not None:
             raise SystemExit("--firmware goes with --boot disk")
+        elif args.kernel is not None or args.initrd is not None:
+            if args.kernel is None or args.initrd is None:
+                raise SystemExit("--kernel and --initrd go together")
+            fields.update(kernel=str(Path(args.kernel).resolve()), initrd=str(Path(args.initrd).resolve()))
         net = parse_nic(args.nic) if args.nic is not None else None
         if net is not None:
             fields["net"] = net
