@@ -5,7 +5,9 @@ first disk. To test it with a real disk, this builds a raw FAT
 "superfloppy" (no partition table: SeaBIOS runs SYSLINUX's boot sector at
 sector 0 directly) holding SYSLINUX, the test guest's kernel and initramfs
 and a ``syslinux.cfg`` with the guest's command line, so the guest runs
-sealift's counter workload like a kernel-booted one.
+sealift's counter workload like a kernel-booted one. The same disk also
+boots under UEFI (OVMF): SYSLINUX's EFI build sits at the removable-media
+path ``EFI/BOOT/BOOTX64.EFI`` with its own copy of the configuration.
 
 SYSLINUX loads a bzImage, not the ELF vmlinux the test image keeps for PVH
 boot, so the very kernel package the image was built from is downloaded
@@ -32,13 +34,16 @@ __all__ = ["BOOT_CMDLINE", "BootDisk", "build_boot_disk"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: also bootable by UEFI (EFI/BOOT/BOOTX64.EFI)
 DISK_FILE = "disk.raw"
 DISK_MIB = 32  # the bzImage (~8 MiB) and initramfs (~3 MiB), with room to spare
 # The guest's command line, as vm.py gives a kernel-booted test guest (the network is init.sh's
 # default, QEMU's user network): only what the firmware boot cannot get from QEMU is fixed here.
 BOOT_CMDLINE = "console=ttyS0 quiet panic=-1"
 _TOOL_TIMEOUT_S = 60.0
+# SYSLINUX for UEFI (Debian's syslinux-efi): the removable-media path UEFI firmware (OVMF) looks for.
+_EFI_LOADER = Path("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi")
+_EFI_LDLINUX = Path("/usr/lib/syslinux/modules/efi64/ldlinux.e64")
 
 
 def _syslinux_cfg(cmdline: str) -> str:
@@ -116,6 +121,12 @@ def _build(image: GuestImagePaths, cmdline: str, key: str, scratch: Path) -> Pat
     for source, name in ((vmlinuz, "vmlinuz"), (image.initramfs, "initrd"), (cfg, "syslinux.cfg")):
         _run(["mcopy", "-i", target, str(source), f"::/{name}"], f"copying {name} onto the boot disk")
     _run(["syslinux", "--install", target], "installing SYSLINUX on the boot disk")
+    for needed in (_EFI_LOADER, _EFI_LDLINUX):
+        if not needed.is_file():
+            raise ImageBuildError(f"{needed} is missing: install the Debian package syslinux-efi")
+    _run(["mmd", "-i", target, "::/EFI", "::/EFI/BOOT"], "making EFI/BOOT on the boot disk")
+    for source, name in ((_EFI_LOADER, "BOOTX64.EFI"), (_EFI_LDLINUX, "ldlinux.e64"), (cfg, "syslinux.cfg")):
+        _run(["mcopy", "-i", target, str(source), f"::/EFI/BOOT/{name}"], f"copying EFI/BOOT/{name}")
     manifest = {
         "format": FORMAT_VERSION,
         "key": key,
