@@ -8,7 +8,7 @@ import pytest
 
 from sealift.wire.errors import ProtocolError
 from sealift.wire.qemu_stream import GuestSpec
-from sealift.wire.vm_definition import MAX_DISKS, BootSpec, DiskSpec, VmDefinition
+from sealift.wire.vm_definition import MAX_DISKS, BootSpec, DiskSpec, FirmwareBoot, VmDefinition
 
 COPIED = DiskSpec("/srv/vm/a.qcow2", "qcow2", 64 << 20, False, "/srv/base/debian.qcow2")
 SHARED = DiskSpec("/nfs/vm/b.raw", "raw", 1 << 30, True, None, "0123456789abcdef0123456789abcdef")
@@ -74,6 +74,16 @@ def test_each_malformed_disk_is_refused_naming_its_field(change: dict[str, objec
         ({"cpus": 1, "boot": None, "disks": [COPIED.to_json()] * (MAX_DISKS + 1)}, f"at most {MAX_DISKS}"),
         ({"cpus": 1, "boot": None, "disks": [COPIED.to_json(), COPIED.to_json()]}, "two disks have the same path"),
         ([], "definition must be an object"),
+        ({"cpus": 1, "disks": [COPIED.to_json()], "boot": {"firmware": "bios.bin"}}, "boot: firmware must be an abs"),
+        ({"cpus": 1, "disks": [COPIED.to_json()], "boot": {"firmware": "/b,x"}}, "without commas"),
+        ({"cpus": 1, "disks": [COPIED.to_json()], "boot": {"firmware": 1}}, "boot: firmware must be an abs"),
+        ({"cpus": 1, "disks": [COPIED.to_json()], "boot": {"firmware": None}}, "boot: firmware must be an abs"),
+        (
+            {"cpus": 1, "disks": [COPIED.to_json()], "boot": {"firmware": "/b", "kernel": "/k"}},
+            "boot: missing keys [], unknown keys ['kernel']",
+        ),
+        ({"cpus": 1, "disks": [], "boot": {"firmware": "/usr/share/seabios/bios-256k.bin"}}, "needs a disk to boot"),
+        ({"cpus": 1, "disks": [COPIED.to_json()], "boot": "disk"}, "boot must be an object"),
     ],
 )
 def test_malformed_definitions_are_refused(definition: object, problem: str) -> None:
@@ -87,3 +97,18 @@ def test_malformed_definitions_are_refused(definition: object, problem: str) -> 
 def test_a_token_never_reaches_the_destination_s_own_record() -> None:
     assert SHARED.without_token().token is None
     assert SHARED.without_token().path == SHARED.path
+
+
+def test_a_firmware_boot_round_trips_and_is_told_from_a_kernel_boot() -> None:
+    firmware = VmDefinition(1, (COPIED,), FirmwareBoot("/usr/share/seabios/bios-256k.bin"))
+    spec = GuestSpec(256, "", {"mode": "none"}, "0123456789abcdef", "sealift", 0, False, definition=firmware)
+    raw = json.loads(spec.encode())
+    assert raw["definition"]["boot"] == {"firmware": "/usr/share/seabios/bios-256k.bin"}
+    decoded = GuestSpec.decode(spec.encode())
+    assert decoded == spec
+    assert decoded.definition is not None and isinstance(decoded.definition.boot, FirmwareBoot)
+    # The kernel boot's form is unchanged on the wire.
+    assert json.loads(SPEC.encode())["definition"]["boot"] == {
+        "kernel": "/srv/boot/vmlinuz",
+        "initrd": "/srv/boot/initrd.img",
+    }

@@ -190,7 +190,8 @@ class ControlServer:
 
     def _op_vm_list(self, request: dict, emit: Emit) -> dict:
         domains = self._agent.libvirt_domains
-        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list() + (domains.list() if domains else [])}
+        libvirt = [_with_boot(vm) for vm in domains.list()] if domains else []
+        return {"vms": self._agent.vms.list() + self._agent.qemu_vms.list() + libvirt}
 
     def _op_vm_info(self, request: dict, emit: Emit) -> dict:
         name = _field(request, "name", str)
@@ -198,7 +199,7 @@ class ControlServer:
             return {"vm": self._agent.qemu_vms.info(name)}
         domains = self._agent.libvirt_domains
         if domains is not None and not self._agent.vms.has(name) and domains.has(name):
-            return {"vm": domains.info(name)}
+            return {"vm": _with_boot(domains.info(name))}
         return {"vm": self._agent.vms.info(name)}
 
     def _op_vm_console(self, request: dict, emit: Emit) -> dict:
@@ -387,16 +388,40 @@ def _net_config(value: object) -> NetConfig | None:
         raise RequestError(str(exc)) from None
 
 
+def _with_boot(info: dict) -> dict:
+    """A libvirt domain's entry with the QEMU entry's ``boot`` key (null: libvirt does not report it yet).
+
+    Every backend's entry has the same keys (docs/schemas/common.schema.json, vm).
+    """
+    info.setdefault("boot", None)
+    return info
+
+
 def _vm_definition(request: dict) -> VmDefinition | None:
-    """A QEMU guest's vCPUs, disks and own kernel: {"cpus": 2, "disks": ["/a.qcow2", "/b.raw,shared"],
-    "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img"} (kernel and initrd go together)."""
-    from sealift.backends.qemu.definition import DiskError, definition_for, parse_disk_option
-    from sealift.wire.vm_definition import BootSpec
+    """A QEMU guest's vCPUs, disks and boot: {"cpus": 2, "disks": ["/a.qcow2", "/b.raw,shared"],
+    "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img"} (kernel and initrd go together), or
+    "boot": "disk" (the firmware boots disk 0) with an optional "firmware": "/path/bios.bin"."""
+    from sealift.backends.qemu.definition import DEFAULT_FIRMWARE, DiskError, definition_for, parse_disk_option
+    from sealift.wire.vm_definition import BootSpec, FirmwareBoot
 
     cpus, disks = request.get("cpus", 1), request.get("disks", [])
     kernel, initrd = request.get("kernel"), request.get("initrd")
-    boot = None
-    if kernel is not None or initrd is not None:
+    boot_from, firmware = request.get("boot"), request.get("firmware")
+    boot: BootSpec | FirmwareBoot | None = None
+    if boot_from not in (None, "kernel", "disk"):
+        raise RequestError(f"boot must be 'kernel' or 'disk', not {boot_from!r}")
+    if boot_from == "disk":
+        if kernel is not None or initrd is not None or request.get("cmdline"):
+            # The guest's command line is its boot loader's, on the disk: one given here would be lost.
+            raise RequestError(
+                "boot 'disk' boots the first disk through the firmware: leave out kernel, initrd and cmdline"
+            )
+        if firmware is not None and not isinstance(firmware, str):
+            raise RequestError("firmware must be a path")
+        boot = FirmwareBoot(firmware or DEFAULT_FIRMWARE)
+    elif firmware is not None:
+        raise RequestError("firmware goes with boot 'disk'")
+    elif kernel is not None or initrd is not None:
         if not isinstance(kernel, str) or not isinstance(initrd, str):
             raise RequestError("an own kernel needs both kernel and initrd (paths)")
         boot = BootSpec(kernel, initrd)

@@ -174,7 +174,7 @@ def report_table(report: dict) -> Table:
 
 def vm_table(vms: list[dict]) -> Table:
     table = Table(title="VMs")
-    for col in ("name", "pid", "memory", "profile", "counter", "state", "nic", "disks"):
+    for col in ("name", "pid", "memory", "profile", "counter", "state", "nic", "disks", "boot"):
         table.add_column(col)
     for vm in vms:
         state = (
@@ -191,8 +191,20 @@ def vm_table(vms: list[dict]) -> Table:
             state,
             _nic(vm.get("net")),
             "\n".join(f"{d['path']} ({d['format']}{', shared' if d['shared'] else ''})" for d in vm.get("disks") or []),
+            _boot(vm.get("boot")),
         )
     return table
+
+
+def _boot(boot: object) -> str:
+    """How a QEMU VM boots: "disk (firmware PATH)", "kernel PATH", or nothing for sealift's image."""
+    if not isinstance(boot, dict):
+        return ""
+    if boot.get("from") == "disk":
+        return f"disk (firmware {boot.get('firmware')})"
+    if boot.get("from") == "kernel":
+        return f"kernel {boot.get('kernel')}"
+    return ""
 
 
 def _nic(net: object) -> str:

@@ -51,6 +51,20 @@ def add_vm_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--kernel", default=None, help="qemu: boot this kernel instead of sealift's guest image")
     p.add_argument("--initrd", default=None, help="qemu: the initramfs that goes with --kernel")
+    p.add_argument(
+        "--boot",
+        default=None,
+        choices=["disk"],
+        help="qemu: disk = no -kernel: the firmware (BIOS) boots the first --disk with its own boot loader "
+        "(its kernel command line is on that disk, so --cmdline does not apply)",
+    )
+    p.add_argument(
+        "--firmware",
+        default=None,
+        metavar="PATH",
+        help="qemu, with --boot disk: the BIOS image (default SeaBIOS, /usr/share/seabios/bios-256k.bin); "
+        "the destination of a migration must hold the very same file",
+    )
     agent_command(p, cmd_vm_start)
     for name, func, helptext in (
         ("info", cmd_vm_info, "show one VM"),
@@ -72,15 +86,36 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         fields.update(disks=[_absolute_disk(d) for d in args.disk], cpus=args.cpus, cmdline=args.cmdline)
         if args.guest != "sealift":
             fields["guest"] = args.guest
-        if args.kernel is not None or args.initrd is not None:
+        if args.boot == "disk":
+            if args.kernel is not None or args.initrd is not None or args.cmdline:
+                raise SystemExit(
+                    "--boot disk boots the disk's own boot loader: leave out --kernel, --initrd, --cmdline"
+                )
+            fields["boot"] = "disk"
+            if args.firmware is not None:
+                fields["firmware"] = str(Path(args.firmware).resolve())
+        elif args.firmware is not None:
+            raise SystemExit("--firmware goes with --boot disk")
+        elif args.kernel is not None or args.initrd is not None:
             if args.kernel is None or args.initrd is None:
                 raise SystemExit("--kernel and --initrd go together")
             fields.update(kernel=str(Path(args.kernel).resolve()), initrd=str(Path(args.initrd).resolve()))
         net = parse_nic(args.nic) if args.nic is not None else None
         if net is not None:
             fields["net"] = net
-    elif args.disk or args.nic is not None or args.cpus != 1 or args.kernel or args.initrd or args.guest != "sealift":
-        raise SystemExit("--disk, --nic, --cpus, --guest, --kernel and --initrd are for --backend qemu")
+    elif (
+        args.disk
+        or args.nic is not None
+        or args.cpus != 1
+        or args.kernel
+        or args.initrd
+        or args.boot
+        or args.firmware
+        or args.guest != "sealift"
+    ):
+        raise SystemExit(
+            "--disk, --nic, --cpus, --guest, --kernel, --initrd, --boot and --firmware are for --backend qemu"
+        )
     reply = client(args).request(
         "vm.start",
         on_event=None,

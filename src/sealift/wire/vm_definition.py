@@ -1,4 +1,4 @@
-"""The operator's VM definition as it travels with a QEMU migration: vCPUs and disks.
+"""The operator's VM definition as it travels with a QEMU migration: vCPUs, disks and boot.
 
 It rides inside the guest description (wire/qemu_stream.py GuestSpec,
 key ``definition``), sealed and covered by the stream digest like the rest;
@@ -127,12 +127,41 @@ class BootSpec:
 
 
 @dataclass(frozen=True)
+class FirmwareBoot:
+    """Firmware boot from the first disk (QEMU's ``-bios``; libvirt's ``<boot dev='hd'/>``): no -kernel.
+
+    `firmware` is the BIOS image QEMU runs (SeaBIOS by default). Both hosts
+    must hold the very same file at that path: the guest description's image
+    key is then its digest (definition.boot_image), since the firmware's code
+    is part of the guest memory that migrates. The kernel the guest runs lives
+    on its first disk, which travels (copied) or is shared like any disk.
+    """
+
+    firmware: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"firmware": self.firmware}
+
+    @classmethod
+    def from_json(cls, raw: object) -> FirmwareBoot:
+        raw = _exact_keys(raw, "boot", {"firmware"})
+        return cls(_path("boot: firmware", raw["firmware"]))
+
+
+def _boot_from_json(raw: object) -> BootSpec | FirmwareBoot:
+    """A kernel boot ({kernel, initrd}) or a firmware boot ({firmware}), told apart by their keys."""
+    if isinstance(raw, dict) and "firmware" in raw:
+        return FirmwareBoot.from_json(raw)
+    return BootSpec.from_json(raw)
+
+
+@dataclass(frozen=True)
 class VmDefinition:
-    """What the operator defined beyond memory and network: vCPUs, disks (in guest order), own kernel."""
+    """What the operator defined beyond memory and network: vCPUs, disks (in guest order), how it boots."""
 
     cpus: int = 1
     disks: tuple[DiskSpec, ...] = ()
-    boot: BootSpec | None = None  # None: sealift's guest image
+    boot: BootSpec | FirmwareBoot | None = None  # None: sealift's guest image
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -154,7 +183,9 @@ class VmDefinition:
         paths = [disk.path for disk in parsed]
         if len(set(paths)) != len(paths):
             _fail("two disks have the same path")
-        boot = None if raw["boot"] is None else BootSpec.from_json(raw["boot"])
+        boot = None if raw["boot"] is None else _boot_from_json(raw["boot"])
+        if isinstance(boot, FirmwareBoot) and not parsed:
+            _fail("a firmware boot needs a disk to boot from (disk 0)")
         return cls(cpus, parsed, boot)
 
     @property

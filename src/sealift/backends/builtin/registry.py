@@ -153,6 +153,7 @@ class BuiltinVmRegistry(TableRegistry[BuiltinVM]):
             net=None,
             cpus=None,
             disks=None,
+            boot=None,
             probe=None,
         )
         return info

@@ -80,7 +80,7 @@ def plan(
     cpus = definition.cpus if definition is not None else 1
     disks = definition.disks if definition is not None else ()
     if definition is not None and definition.boot is not None:
-        raise QemuError("--guest debian boots the Debian image's kernel: leave out --kernel and --initrd")
+        raise QemuError("--guest debian boots the Debian image's kernel: leave out --kernel, --initrd and --boot")
     state = _saved_state(image, memory_mib, accel, net) if not disks and cpus == 1 else None
     disk_dir.mkdir(parents=True, exist_ok=True)
     created: Path | None = None

@@ -26,9 +26,11 @@ from pathlib import Path
 
 from sealift.backends.qemu.image import GuestImagePaths
 from sealift.errors import SealiftError
-from sealift.wire.vm_definition import DISK_FORMATS, MAX_DISKS, BootSpec, DiskSpec, VmDefinition
+from sealift.wire.vm_definition import DISK_FORMATS, MAX_DISKS, BootSpec, DiskSpec, FirmwareBoot, VmDefinition
 
 QEMU_IMG = "qemu-img"
+# Debian's seabios package (a dependency of qemu-system-x86): the BIOS QEMU itself loads by default.
+DEFAULT_FIRMWARE = "/usr/share/seabios/bios-256k.bin"
 _QEMU_IMG_TIMEOUT_S = 30.0
 
 
@@ -92,12 +94,17 @@ def parse_disk_option(text: str) -> DiskSpec:
     return probe_disk(path, option == "shared")
 
 
-def definition_for(cpus: int, disks: list[DiskSpec], boot: BootSpec | None = None) -> VmDefinition:
+def definition_for(cpus: int, disks: list[DiskSpec], boot: BootSpec | FirmwareBoot | None = None) -> VmDefinition:
     if len(disks) > MAX_DISKS:
         raise DiskError(f"{len(disks)} disks: a VM has at most {MAX_DISKS}")
-    if boot is not None:
+    if isinstance(boot, FirmwareBoot):
+        if not disks:
+            raise DiskError("a firmware boot (--boot disk) boots the first disk: give at least one --disk")
+        boot = FirmwareBoot(os.path.abspath(boot.firmware))
+    elif boot is not None:
         boot = BootSpec(os.path.abspath(boot.kernel), os.path.abspath(boot.initrd))
-        boot_image(boot)  # both files there and readable, now rather than at QEMU's start
+    if boot is not None:
+        boot_image(boot)  # the files there and readable, now rather than at QEMU's start
     definition = VmDefinition(cpus, tuple(disks), boot)
     try:
         return VmDefinition.from_json(definition.to_json())
@@ -129,13 +136,17 @@ def blockdev_args(definition: VmDefinition, first_pci_slot: int | None = None) -
 # -- the operator's own kernel -------------------------------------------------------------
 
 
-def boot_image(boot: BootSpec) -> GuestImagePaths:
-    """The operator's kernel and initramfs as an image QEMU boots; its key is their SHA-256.
+def boot_image(boot: BootSpec | FirmwareBoot) -> GuestImagePaths:
+    """The operator's kernel and initramfs (or firmware) as an image QEMU boots; its key is their SHA-256.
 
     A migration carries the key, and the destination boots only the very
     same files (same paths, same digest): its QEMU must run the kernel whose
-    memory arrives.
+    memory arrives (or, firmware boot, the very BIOS whose code and tables
+    are in that memory: another SeaBIOS build would be called by a guest
+    that resumes into addresses of the old one).
     """
+    if isinstance(boot, FirmwareBoot):
+        return _firmware_image(boot)
     digest = hashlib.sha256()
     for label, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
         try:
@@ -157,10 +168,37 @@ def boot_image(boot: BootSpec) -> GuestImagePaths:
     )
 
 
-def check_boot(boot: BootSpec, key: str) -> GuestImagePaths:
-    """The destination: the operator's kernel and initrd here, the very files the source booted."""
+def _firmware_image(boot: FirmwareBoot) -> GuestImagePaths:
+    """The firmware file as the "image": kernel and initramfs name it only so that nothing else is booted."""
+    try:
+        with open(boot.firmware, "rb") as f:
+            key = hashlib.sha256(f.read()).hexdigest()
+    except OSError as exc:
+        raise DiskError(f"the firmware {boot.firmware} cannot be read: {exc.strerror}") from None
+    firmware = Path(boot.firmware)
+    return GuestImagePaths(
+        kernel=firmware,
+        initramfs=firmware,
+        manifest=firmware,
+        key=key,
+        kernel_package="(firmware boot from the first disk)",
+        kernel_version="",
+        kernel_release="",
+        busybox_version="",
+        modules=(),
+    )
+
+
+def check_boot(boot: BootSpec | FirmwareBoot, key: str) -> GuestImagePaths:
+    """The destination: the operator's kernel and initrd (or firmware) here, the very files the source booted."""
     image = boot_image(boot)
-    if image.key != key:
+    if isinstance(boot, FirmwareBoot) and image.key != key:
+        raise DiskError(
+            f"the firmware {boot.firmware} differs here from the source's (SHA-256 {image.key[:16]}, the "
+            f"source's {key[:16]}): the guest would resume into another BIOS; install the same firmware "
+            "(Debian package seabios, same version) on both hosts"
+        )
+    if isinstance(boot, BootSpec) and image.key != key:
         raise DiskError(
             f"the kernel {boot.kernel} and initrd {boot.initrd} differ here from the source's "
             f"(SHA-256 {image.key[:16]}, the source's {key[:16]}): install the same files on both hosts"

@@ -146,8 +146,12 @@ def _record_probe(key: dict[str, str], usable: bool) -> None:
         log.debug("cannot record the KVM probe in %s: %s", _PROBE_RECORD, exc)  # only a cache
 
 
-def kvm_usable(kernel: Path) -> bool:
-    """Whether KVM can run a guest on this host (probed with ``kernel`` once per boot)."""
+def kvm_usable(kernel: Path | None) -> bool:
+    """Whether KVM can run a guest on this host (probed with ``kernel`` once per boot).
+
+    Without a kernel to probe with (a firmware boot) only an earlier probe's
+    answer counts; none yet means TCG, slower but always correct.
+    """
     global _probe_result
     with _probe_lock:
         if _probe_result is None:
@@ -157,6 +161,8 @@ def kvm_usable(kernel: Path) -> bool:
                 key = _probe_key()
                 recorded = _recorded_probe(key)
                 if recorded is None:
+                    if kernel is None:
+                        return False  # not remembered: a later probe with a kernel decides
                     recorded = _kvm_boots(kernel)
                     _record_probe(key, recorded)
                     log.info("KVM is %s on this host", "usable" if recorded else "not usable (using TCG)")
@@ -164,7 +170,7 @@ def kvm_usable(kernel: Path) -> bool:
         return _probe_result
 
 
-def choose_accel(requested: str | None, kernel: Path) -> str:
+def choose_accel(requested: str | None, kernel: Path | None) -> str:
     """Either "kvm" or "tcg": the request, else $SEALIFT_QEMU_ACCEL, else KVM where it works."""
     choice = requested or os.environ.get("SEALIFT_QEMU_ACCEL") or "auto"
     if choice == "tcg":

@@ -40,7 +40,7 @@ from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths
 from sealift.backends.qemu.net import NetConfig, NetError
 from sealift.backends.qemu.qmp import DEFAULT_TIMEOUT_S, QmpConnection, QmpDisconnected, QmpError
 from sealift.errors import SealiftError
-from sealift.wire.vm_definition import VmDefinition
+from sealift.wire.vm_definition import BootSpec, FirmwareBoot, VmDefinition
 
 __all__ = ["QemuError", "QemuVM", "VmRecord", "list_vms"]
 
@@ -188,12 +188,7 @@ def _qemu_argv(spec: _Spec, paths: _Paths) -> list[str]:
         "-display",
         "none",
         "-no-reboot",  # a guest that panics (panic=-1) ends QEMU instead of rebooting in a loop
-        "-kernel",
-        spec.kernel,
-        "-initrd",
-        spec.initramfs,
-        "-append",
-        spec.cmdline,
+        *_boot_args(spec),
         "-chardev",
         f"file,id=console,path={paths.console}",
         "-serial",
@@ -214,6 +209,28 @@ def _qemu_argv(spec: _Spec, paths: _Paths) -> list[str]:
     if spec.incoming is not None:
         argv += ["-incoming", spec.incoming]
     return argv
+
+
+def _boot_args(spec: _Spec) -> list[str]:
+    """The kernel QEMU loads itself, or (firmware boot) the BIOS that boots disk 0.
+
+    A firmware-booted guest's kernel command line is the one its boot loader
+    holds on its disk: sealift's (``spec.cmdline``) does not reach it.
+    """
+    boot = spec.definition.boot
+    if isinstance(boot, FirmwareBoot):
+        # bootindex is not needed: -nodefaults leaves no floppy, CD or other disk ahead of virtio disk 0.
+        return ["-bios", boot.firmware]
+    return ["-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", spec.cmdline]
+
+
+def _boot_info(boot: BootSpec | FirmwareBoot | None) -> dict[str, str]:
+    """How the VM boots, for `vm info`/`vm list`."""
+    if isinstance(boot, FirmwareBoot):
+        return {"from": "disk", "firmware": boot.firmware}
+    if isinstance(boot, BootSpec):
+        return {"from": "kernel", "kernel": boot.kernel, "initrd": boot.initrd}
+    return {"from": "image"}
 
 
 def _check_paths(vm_dir: Path, paths: _Paths) -> None:
@@ -272,7 +289,9 @@ class QemuVM:
         _prepare_vm_dir(vm_dir)
         cls._refuse_if_running(paths, name)
         try:
-            chosen = choose_accel(accel, image.kernel)
+            # A firmware boot has no kernel file to probe KVM with (the kernel is on its disk).
+            probe = None if isinstance((definition or VmDefinition()).boot, FirmwareBoot) else image.kernel
+            chosen = choose_accel(accel, probe)
         except HostError as exc:
             raise QemuError(str(exc)) from exc
         spec = _Spec(
@@ -659,6 +678,7 @@ class QemuVM:
             "counter": self.counter(),
             "net": self._spec.net.to_json(),
             "cpus": self._spec.definition.cpus,
+            "boot": _boot_info(self._spec.definition.boot),
             "disks": [
                 {"path": d.path, "format": d.format, "virtual_size": d.virtual_size, "shared": d.shared}
                 for d in self._spec.definition.disks
