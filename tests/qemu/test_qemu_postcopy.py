@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sealift.agent.client import AgentClient, AgentRequestFailed
+from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.cluster import LocalCluster
 from sealift.lab.relay import Relay, Tamper
 
@@ -268,6 +268,64 @@ def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluste
         time.sleep(0.2)
     assert len(qemus_under(cluster)) == 1  # one QEMU in all: the adopted destination's
     log = cluster.agents["host-b"].log_path.read_text()
+    assert "finished after this agent's restart" in log
+
+
+@pytest.mark.timeout(240)
+def test_a_source_agent_killed_in_post_copy_is_restarted_and_resumes(cluster: LocalCluster, relay: Relay) -> None:
+    """SIGKILL the source agent inside post-copy: its QEMU pauses the post-copy (its connection died with the
+    agent) and keeps the pages not yet sent; the restarted agent adopts it, finds the migration in its store (the
+    Hello with its signed order, the options), reconnects with a fresh channel and keys, resumes QEMU's migration,
+    and the guest completes at the destination, its counter continuing; one QEMU is left in all."""
+    src, dst = cluster.client("host-a"), cluster.client("host-b")
+    start_guest(src)
+    armed, restarted = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def kill_and_restart() -> None:
+        beyond = relay.forward_bytes + (12 << 20)  # in post-copy proper, as the destination-restart test
+        while relay.forward_bytes < beyond:
+            time.sleep(0.01)
+        cluster.kill("host-a", signal.SIGKILL)
+        cluster.start("host-a")
+        restarted.set()
+
+    def on_event(event: dict) -> None:
+        if event.get("phase") == "postcopy-active" and not armed.is_set():
+            armed.set()
+            threading.Thread(target=kill_and_restart, daemon=True).start()
+
+    def run() -> None:
+        try:
+            migrate(cluster, on_event=on_event, bandwidth_limit_bps=LIMIT, postcopy="after-precopy")
+        except Exception as exc:  # noqa: BLE001 - the agent serving the request is killed: its reply never comes
+            failure.append(exc)
+
+    client = threading.Thread(target=run, daemon=True)
+    client.start()
+    assert restarted.wait(120), "the migration never reached post-copy"
+    client.join(10)
+    assert failure and isinstance(failure[0], (AgentUnavailable, ConnectionError)), failure  # the killed agent never answered
+    migration_id = next(iter(phases(cluster, "host-a")))
+    deadline = time.monotonic() + 120
+    while phases(cluster, "host-a")[migration_id] != "completed" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert phases(cluster, "host-a")[migration_id] == "completed"
+    assert phases(cluster, "host-b")[migration_id] == "running"
+    report = src.request("migration", id=migration_id)["migration"]["report"]
+    assert report["status"] == "completed", report
+    assert report["postcopy"]["reason"] == "resumed after the source agent restarted", report
+    assert report["postcopy"]["recoveries"] >= 1, report
+    assert VM not in names(src)
+    assert info(dst)["status"] == "running"
+    paused = report["counter_at_pause"]
+    assert paused is not None
+    assert wait_counter(dst, paused, 30) > paused  # the counter continues: the guest's memory came whole
+    deadline = time.monotonic() + 15
+    while len(qemus_under(cluster)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(qemus_under(cluster)) == 1  # one QEMU in all: the destination's
+    log = cluster.agents["host-a"].log_path.read_text()
     assert "finished after this agent's restart" in log
 
 

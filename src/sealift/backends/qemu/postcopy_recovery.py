@@ -163,9 +163,12 @@ class DestinationRecovery:
                 _refuse_quietly(offer, s.migration_id, exc)
                 if _phase(s) == Phase.POSTCOPY_RECOVERING:
                     s.enter(Event.FAIL, error=str(exc))
+        source = s.hello.source_host
         raise PostcopyPaused(
-            f"the post-copy could not be recovered within {window:.0f} s ({last}); the guest stays paused here, "
-            f"waiting for its remaining pages, and never runs on {s.hello.source_host} again"
+            f"the post-copy could not be recovered within {window:.0f} s ({last}): {source} did not reconnect. "
+            f"The guest stays paused here, held, waiting for its remaining pages, which only {source}'s QEMU "
+            f"has; it never runs on {source} again and no second copy of it ever runs. If {source} is gone "
+            f"for good, the guest is lost"
         )
 
     def release(self) -> None:
@@ -481,7 +484,9 @@ class SourceRecovery:
                 time.sleep(RETRY_S)
         raise PostcopyPaused(
             f"the post-copy could not be recovered within {window:.0f} s ({last}); {s.vm_name} waits on "
-            f"{s.destination} for its remaining pages, kept by the paused QEMU here"
+            f"{s.destination} for its remaining pages, kept by the paused QEMU here, which never runs the guest "
+            f"again (no second copy). If {s.destination} is gone for good, the guest is lost: its running "
+            f"state was there"
         )
 
     def _attempt(self, manifest_fields: dict[str, object]) -> Resumed:
