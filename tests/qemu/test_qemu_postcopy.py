@@ -305,7 +305,9 @@ def test_a_source_agent_killed_in_post_copy_is_restarted_and_resumes(cluster: Lo
     client.start()
     assert restarted.wait(120), "the migration never reached post-copy"
     client.join(10)
-    assert failure and isinstance(failure[0], (AgentUnavailable, ConnectionError)), failure  # the killed agent never answered
+    assert failure and isinstance(failure[0], (AgentUnavailable, ConnectionError)), (
+        failure
+    )  # the killed agent never answered
     migration_id = next(iter(phases(cluster, "host-a")))
     deadline = time.monotonic() + 120
     while phases(cluster, "host-a")[migration_id] != "completed" and time.monotonic() < deadline:

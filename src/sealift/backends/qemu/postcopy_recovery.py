@@ -44,7 +44,7 @@ from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.migration.destination import verify_manifest
 from sealift.migration.documents import channel_binding
 from sealift.migration.errors import IncomingRefused, MigrationError, PostcopyPaused
-from sealift.migration.phases import Event, Phase
+from sealift.migration.phases import POSTCOPY, Event, Phase
 from sealift.migration.session import DestinationSession, MigrationContext, SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.security.audit import Kinds
@@ -426,6 +426,8 @@ def _finish_after_restart(
     except Exception as exc:  # noqa: BLE001 - the guest stays held here, paused, for another restart or an operator
         log.error("post-copy of %s could not be resumed after the restart: %s", session.migration_id, exc)
         session.audit("migration.postcopy_paused", vm=qemu.name, reason=f"not resumed after the restart: {exc}")
+        if _phase(session) in POSTCOPY:
+            session.enter(Event.FAIL, error=f"not resumed after the restart: {exc}")  # `sealift migrations` says why
     finally:
         if flow is not None:
             flow.close()
