@@ -14,12 +14,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sealift.agent.client import AgentClient, AgentRequestFailed, AgentUnavailable
 from sealift.cluster import LocalCluster
+from sealift.lab.guest_memory import check_memory, qemu_processes, workload_pages
 from sealift.lab.relay import Relay, Tamper
 
 VM = "pcvm"
@@ -108,6 +108,7 @@ def test_a_guest_that_outruns_the_link_finishes_in_post_copy(cluster: LocalClust
     paused = report["counter_at_pause"]
     assert paused is not None
     assert wait_counter(dst, paused, 30) > paused
+    assert_memory_whole(dst)  # its working set, the pages post-copy fetched, read from the QEMU: all whole
     # Progress showed the phases; both records went through post-copy to their final phases.
     shown = [e.get("phase") for e in events if e.get("event") == "phase"]
     assert "postcopy-active" in shown and "committed" not in shown
@@ -174,6 +175,7 @@ def test_a_link_cut_in_post_copy_is_recovered_over_a_fresh_channel(cluster: Loca
     assert info(dst)["status"] == "running"
     paused = report["counter_at_pause"]
     assert wait_counter(dst, paused, 30) > paused
+    assert_memory_whole(dst)
     assert phases(cluster, "host-a")[report["migration_id"]] == "completed"
     assert phases(cluster, "host-b")[report["migration_id"]] == "running"
     print(f"\npost-copy with a cut link: total {report['total_time_s']} s, {report['postcopy']}")
@@ -206,6 +208,7 @@ def test_a_tampered_record_in_post_copy_never_reaches_the_guest_and_a_fresh_chan
     assert info(dst)["status"] == "running"
     paused = report["counter_at_pause"]
     assert wait_counter(dst, paused, 30) > paused
+    assert_memory_whole(dst)  # the flipped bit never reached the guest
     assert VM not in names(src)
     log = next(a for h, a in cluster.agents.items() if h == "host-b").log_path.read_text()
     assert "record failed authentication" in log  # the destination agent found it, before QEMU
@@ -213,18 +216,14 @@ def test_a_tampered_record_in_post_copy_never_reaches_the_guest_and_a_fresh_chan
 
 def qemus_under(cluster: LocalCluster) -> list[int]:
     """The QEMU processes of this cluster's hosts, from /proc (not from what the agents say)."""
-    root = str(cluster.vm_root)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = (Path("/proc") / entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(root.encode() in arg for arg in argv):
-            found.append(int(entry))
-    return found
+    return qemu_processes(cluster.vm_root)
+
+
+def assert_memory_whole(client: AgentClient) -> None:
+    """The guest's working set, read from its QEMU's memory: every page there, none with a changed bit."""
+    vm = info(client)
+    check = check_memory(vm["pid"], vm["memory_bytes"], workload_pages(CMDLINE))
+    assert check.intact, check.describe()
 
 
 @pytest.mark.timeout(240)
@@ -261,7 +260,8 @@ def test_a_destination_agent_killed_in_post_copy_is_restarted_and_resumes(cluste
     assert VM not in names(src)
     assert info(dst)["status"] == "running"
     paused = report["counter_at_pause"]
-    assert wait_counter(dst, paused, 30) > paused  # the counter continues: the guest's memory came whole
+    assert wait_counter(dst, paused, 30) > paused  # the counter continues
+    assert_memory_whole(dst)  # ... and its working set came whole
     assert phases(cluster, "host-a")[report["migration_id"]] == "completed"
     assert phases(cluster, "host-b")[report["migration_id"]] == "running"
     deadline = time.monotonic() + 15  # the source's QEMU quits once the running receipt came
@@ -323,7 +323,8 @@ def test_a_source_agent_killed_in_post_copy_is_restarted_and_resumes(cluster: Lo
     assert info(dst)["status"] == "running"
     paused = report["counter_at_pause"]
     assert paused is not None
-    assert wait_counter(dst, paused, 30) > paused  # the counter continues: the guest's memory came whole
+    assert wait_counter(dst, paused, 30) > paused  # the counter continues
+    assert_memory_whole(dst)  # ... and its working set came whole
     deadline = time.monotonic() + 15
     while len(qemus_under(cluster)) > 1 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -356,6 +357,7 @@ def test_a_tampered_return_path_record_fails_at_the_source_and_a_fresh_channel_f
     assert info(dst)["status"] == "running"
     paused = report["counter_at_pause"]
     assert wait_counter(dst, paused, 30) > paused
+    assert_memory_whole(dst)
     assert phases(cluster, "host-b")[report["migration_id"]] == "running"
     log = cluster.agents["host-a"].log_path.read_text()
     assert "return path failed: record failed authentication" in log  # found by the source agent, before QEMU
