@@ -334,14 +334,18 @@ class ForwardFeed:
         return self
 
     def _run(self) -> None:
+        header = bytearray(DataStreamReader.HEADER_SIZE)
         try:
             while True:  # relay.feed_qemu's loop, counting as it goes (the destination watches it advance)
-                event = relay.read_record(self._data, self._reader)
+                event = relay.read_record(self._data, self._reader, header)
                 if isinstance(event, StreamEnded):
                     break
                 if not isinstance(event, OpaqueReceived):
                     raise ProtocolError(f"unexpected {type(event).__name__} in a QEMU migration stream")
-                self.digest.update(event.data, self._reader.last_tag)
+                if self.digest.tag_size:
+                    self.digest.update(event.data, self._reader.last_tag)
+                else:  # in clear the source's native relay hashes the records' headers: so must we
+                    self.digest.absorb_native(bytes(header))
                 self._qemu.sendall(event.data)
                 self.stream_bytes += len(event.data)
             self._reader.close()
