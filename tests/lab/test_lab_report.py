@@ -90,11 +90,14 @@ def test_only_and_skip_select_by_threat_or_group() -> None:
     assert chosen(None, {"T11"}) == {row for row in every if row[0] != "T11"}
     # --quick leaves the IPsec and disk-stream rows out unless asked for by name (CI plays them elsewhere).
     assert chosen({"T1"}, set(), quick=True) == {
-        row for row in every if row[0] == "T1" and row[1] not in ("ipsec", "storage")
+        row for row in every if row[0] == "T1" and row[1] not in ("ipsec", "storage", "postcopy")
     }
     storage = {row for row in every if row[1] == "storage"}
     assert storage == {("T1", "storage"), ("T2", "storage"), ("T11", "storage")}
     assert chosen({"STORAGE"}, set(), quick=True) == storage
+    postcopy = {row for row in every if row[1] == "postcopy"}
+    assert postcopy == {("T1", "postcopy"), ("T2", "postcopy"), ("T11", "postcopy")}
+    assert chosen({"POSTCOPY"}, set(), quick=True) == postcopy
     assert chosen({"T1", "IPSEC"}, {"IPSEC"}) == {row for row in every if row[0] == "T1" and row[1] != "ipsec"}
     assert parse_only("t11", "--skip") == {"T11"}
     with pytest.raises(ValueError, match="--skip takes"):

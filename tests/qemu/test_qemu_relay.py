@@ -215,3 +215,36 @@ def test_extra_channels_need_a_listener() -> None:
         SourcePumps(pumps, first=socket.socketpair()[0])
     with pytest.raises(ValueError, match="need a listener"):
         SourcePumps(pumps[:1])
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_the_post_copy_feed_digests_the_stream_as_the_source_pump_does(secure: bool) -> None:
+    """Post-copy's destination feeds QEMU from Python (ForwardFeed); the source's pump is native. Both must
+    commit to the same stream: the records' tags, or in clear (`sealift-plain`) their headers, as the native
+    relay hashes them (a plain post-copy through the agents failed its digest check at the end before)."""
+    from sealift.backends.qemu.postcopy import ForwardFeed
+    from sealift.wire.records import NoProtection
+
+    def protection() -> AeadProtection | NoProtection:
+        return AeadProtection(*keys_for(0)) if secure else NoProtection()
+
+    payload = os.urandom(3_000_000)
+    ours, qemus = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    wire_send, wire_recv = socket.socketpair()
+    qemu_in, qemu_out = socket.socketpair()
+    tag = 16 if secure else 0
+    group = SourcePumps(
+        [SourcePump(0, DataStreamWriter(protection(), NPAGES), wire_send, TIMEOUT, StreamDigest(tag))], first=ours
+    )
+    group.start()
+    threading.Thread(target=lambda: (qemus.sendall(payload), qemus.close())).start()
+    received = bytearray()
+    drain = threading.Thread(target=_drain, args=(qemu_out, received))
+    drain.start()
+    feed = ForwardFeed(wire_recv, DataStreamReader(protection(), NPAGES), qemu_in, StreamDigest(tag)).start()
+    assert feed.join(TIMEOUT) and feed.error is None
+    qemu_in.close()
+    drain.join(TIMEOUT)
+    group.wait(TIMEOUT)
+    assert bytes(received) == payload and feed.stream_bytes == len(payload)
+    assert feed.digest.hexdigest() == group.digest()

@@ -89,10 +89,11 @@ def is_selected(registered: RegisteredAttack, only: Iterable[str] | None, skip: 
         return False
     if names & {t.upper() for t in skip}:
         return False
-    # --quick (CI): the IPsec transport's and the disk stream's rows only when asked for by name
-    # (`--only ipsec`, `--only storage`; tests/qemu/test_qemu_storage.py plays the disk attacks in CI)
+    # --quick (CI): the IPsec transport's, the disk stream's and post-copy's rows only when asked for by name
+    # (`--only ipsec`, `--only storage`, `--only postcopy`; tests/qemu/test_qemu_storage.py and
+    # test_qemu_postcopy.py play the disk and post-copy attacks in CI)
     group = _group(registered)
-    return not (quick and group in ("IPSEC", "STORAGE") and (wanted is None or group not in wanted))
+    return not (quick and group in ("IPSEC", "STORAGE", "POSTCOPY") and (wanted is None or group not in wanted))
 
 
 def _group(registered: RegisteredAttack) -> str:

@@ -82,7 +82,12 @@ def _recover_one(store: AgentStore, keeper: GuestKeeper, record: MigrationRecord
         audit("migration.postcopy_paused", migration_id=record.id, vm=record.vm, reason="agent restarted")
         resume = getattr(keeper, "resume_postcopy", None)  # only backends with a post-copy have it
         if present and resume is not None and resume(record, store.resume_of(record.id)):
-            log.warning("recovery: post-copy %s of %s waits for its source to resume it", record.id, record.vm)
+            log.warning(
+                "recovery: post-copy %s of %s resumes: %s",
+                record.id,
+                record.vm,
+                "reconnecting to its destination" if record.role == Role.SOURCE else "waiting for its source",
+            )
     elif record.phase in (*SOURCE_OPEN, Phase.RECEIVING) and keeper.handed_over(record):
         _recover_handed_over(store, keeper, record, audit, present)
     elif record.role == Role.SOURCE and record.phase in SOURCE_OPEN:

@@ -65,6 +65,7 @@ class SourceSession:
         order: str | None,
         transport: str,
         progress: ProgressCallback | None = None,
+        resumed: tuple[str, bytes] | None = None,
     ) -> None:
         self.context = context
         self.config = context.config
@@ -72,8 +73,9 @@ class SourceSession:
         self.destination = destination
         self.options = options
         self.order = order
-        self.migration_id = secrets.token_hex(16)
-        self.nonce = secrets.token_bytes(32)
+        # A new migration gets a fresh id and nonce; `resumed` (id, nonce) rebuilds the session of one that a
+        # restart interrupted in post-copy, from its stored Hello (backends/qemu/postcopy_restart.py).
+        self.migration_id, self.nonce = resumed or (secrets.token_hex(16), secrets.token_bytes(32))
         self.signer = DocumentSigner(context.config.name, context.identity if options.secure else None)
         self.psk: PskSession | None = None  # the pair's second factor, when a PSK is provisioned
         self.psk_binding = b""

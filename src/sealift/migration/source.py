@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Generic
 
 from sealift.host.transport import ControlChannel
@@ -153,50 +154,10 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 s.mark("commit_sent", transfer.paused_at)
                 self._flush_audits()
                 s.progress("phase", {"phase": "committed"})
-            running = self._receipt(channel, "running", None)  # audited after the mark: not part of the downtime
-            if self._postcopy:
-                self._check_postcopy_digest(running, transfer)
-            self._commit_psk()
-            # Downtime ends when the destination's guest runs: its receipt says so.
-            # (post-copy: the driver's report gives QEMU's own figure: the receipt comes once every page is there)
-            s.report.downtime_ms = s.report.downtime_breakdown_ms.get("running_receipt", 0.0)
-            # The migration is over when the VM runs there (as QEMU counts it);
-            # quitting our paused copy comes after and is not part of it.
-            self._finish_report(transfer, running, started, cpu_started)
-            self.driver.release(vm)
-            records.transition(self._store, s.migration_id, Event.CONFIRM_RUNNING)
-            self._audit_move(
-                "migration.completed", vm, downtime_ms=s.report.downtime_ms, total_time_s=s.report.total_time_s
-            )
+            self._complete(channel, vm, transfer, started, cpu_started)
             return s.report
         except BaseException as exc:
-            s.report.status = "failed"
-            s.report.total_time_s = round(time.monotonic() - started, 3)
-            s.report.source_cpu_s = round(time.process_time() - cpu_started, 3)
-            if self._postcopy:
-                s.report.error = (
-                    f"{exc}; post-copy had begun, so {vm.name} can never run on {self._config.name} again: it "
-                    f"waits on {s.destination} for its remaining pages (phase postcopy-paused; "
-                    f"its source QEMU is kept until the post-copy is recovered or given up)"
-                )
-                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
-            elif self._handed_over and not self._committed:
-                s.report.error = (
-                    f"{exc}; libvirt had already handed {vm.name} over (its copy here has quit), so it can only run "
-                    f"on {s.destination}, where it waits paused until the agents settle it (`sealift migrations`)"
-                )
-                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
-            elif self._committed:
-                s.report.error = (
-                    f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
-                    f"{s.destination} confirms it runs there (the agents settle it between them: `sealift migrations`)"
-                )
-                records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
-            else:
-                self._abort(channel, vm, exc)
-            s.report.error_code = s.report.error_code or failure_code(exc)
-            self._store.save_report(s.migration_id, s.report.to_dict())
-            raise MigrationError(s.report.error or str(exc), code=s.report.error_code) from exc
+            raise self._failed(exc, channel, vm, started, cpu_started) from exc
         finally:
             try:
                 self._flush_audits()  # a failure between the decision and Commit: its entries are still written
@@ -210,6 +171,101 @@ class SourceCoordinator(Generic[VmT, TransferT]):
                 channel.close()
             if s.recovered_channel is not None:
                 s.recovered_channel.close()
+
+    def resume_postcopy(
+        self, vm: VmT, memory_bytes: int, resume: Callable[[], TransferT], started: float
+    ) -> MigrationReport:
+        """Finish a post-copy that this agent's predecessor decided and then died in (docs/architecture.md).
+
+        The decision is on disk (decide-postcopy) and the guest may already
+        run at the destination, so nothing here ever resumes it at the
+        source. `resume` is the backend's: it reconnects (a fresh channel and
+        keys, the same migration id and signed order), re-confirms the
+        handover through `session.reconfirm_postcopy`, resumes its transfer
+        and follows it to the end, leaving the new channel in
+        `session.recovered_channel`. Then as any post-copy: the running
+        receipt on that channel, the stream digest compared, our copy quit.
+        `started`: when the migration began (monotonic), before the restart.
+        """
+        s = self.session
+        self._committed = self._postcopy = True
+        s.reconfirm_postcopy = lambda again, fields: self._reconfirm_postcopy(again, vm, memory_bytes, fields)
+        cpu_started = time.process_time()
+        channel: ControlChannel | None = None
+        try:
+            transfer = resume()
+            channel, s.recovered_channel = s.recovered_channel, None
+            if channel is None:
+                raise MigrationError("the post-copy resumed without a channel for the running receipt (a bug)")
+            self._complete(channel, vm, transfer, started, cpu_started)
+            return s.report
+        except BaseException as exc:
+            raise self._failed(exc, channel, vm, started, cpu_started) from exc
+        finally:
+            try:
+                self._flush_audits()
+            except Exception:  # noqa: BLE001 - the migration's own outcome stands; the log says what is missing
+                log.exception("could not write the audit entries of %s", s.migration_id)
+            self._authority.forget(s.flight)
+            self.driver.cleanup(vm)
+            if channel is not None:
+                channel.close()
+            if s.recovered_channel is not None:
+                s.recovered_channel.close()
+
+    def _complete(
+        self, channel: ControlChannel, vm: VmT, transfer: TransferT, started: float, cpu_started: float
+    ) -> None:
+        """Committed (or switched to post-copy): the destination's running receipt, then our copy quits."""
+        s = self.session
+        running = self._receipt(channel, "running", None)  # audited after the mark: not part of the downtime
+        if self._postcopy:
+            self._check_postcopy_digest(running, transfer)
+        self._commit_psk()
+        # Downtime ends when the destination's guest runs: its receipt says so.
+        # (post-copy: the driver's report gives QEMU's own figure: the receipt comes once every page is there)
+        s.report.downtime_ms = s.report.downtime_breakdown_ms.get("running_receipt", 0.0)
+        # The migration is over when the VM runs there (as QEMU counts it);
+        # quitting our paused copy comes after and is not part of it.
+        self._finish_report(transfer, running, started, cpu_started)
+        self.driver.release(vm)
+        records.transition(self._store, s.migration_id, Event.CONFIRM_RUNNING)
+        self._audit_move(
+            "migration.completed", vm, downtime_ms=s.report.downtime_ms, total_time_s=s.report.total_time_s
+        )
+
+    def _failed(
+        self, exc: BaseException, channel: ControlChannel | None, vm: VmT, started: float, cpu_started: float
+    ) -> MigrationError:
+        """The report and the record after a failure, by how far the handover got; the error to raise."""
+        s = self.session
+        s.report.status = "failed"
+        s.report.total_time_s = round(time.monotonic() - started, 3)
+        s.report.source_cpu_s = round(time.process_time() - cpu_started, 3)
+        if self._postcopy:
+            s.report.error = (
+                f"{exc}; post-copy had begun, so {vm.name} can never run on {self._config.name} again: it "
+                f"waits on {s.destination} for its remaining pages (phase postcopy-paused; "
+                f"its source QEMU is kept until the post-copy is recovered or given up)"
+            )
+            records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
+        elif self._handed_over and not self._committed:
+            s.report.error = (
+                f"{exc}; libvirt had already handed {vm.name} over (its copy here has quit), so it can only run "
+                f"on {s.destination}, where it waits paused until the agents settle it (`sealift migrations`)"
+            )
+            records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
+        elif self._committed:
+            s.report.error = (
+                f"{exc}; the commit was sent, so {vm.name} stays paused on {self._config.name} until "
+                f"{s.destination} confirms it runs there (the agents settle it between them: `sealift migrations`)"
+            )
+            records.transition(self._store, s.migration_id, Event.FAIL, error=str(exc))
+        else:
+            self._abort(channel, vm, exc)
+        s.report.error_code = s.report.error_code or failure_code(exc)
+        self._store.save_report(s.migration_id, s.report.to_dict())
+        return MigrationError(s.report.error or str(exc), code=s.report.error_code)
 
     def _audit_move(self, kind: str, vm: VmT, **fields: object) -> None:
         """An audit entry about moving `vm`: every such entry names the VM and where it goes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sealift.backends.qemu import postcopy_recovery
+from sealift.backends.qemu.postcopy_restart import resume_source_after_restart
 from sealift.backends.qemu.registry import QemuVmRegistry
 from sealift.backends.qemu.source import resume_source
 from sealift.host.store import MigrationRecord
@@ -27,15 +28,20 @@ class QemuKeeper:
         self._context = context  # to resume a post-copy after a restart; None: only hold it
 
     def resume_postcopy(self, record: MigrationRecord, saved: dict[str, object] | None) -> bool:
-        """A post-copy paused by this agent's restart: resume it if this side can (in the background).
+        """A post-copy paused by this agent's restart: resume it (in the background); False if it cannot.
 
-        The destination can: its adopted QEMU kept the guest and its pages, and
-        the store has the source's Hello and order to accept the reconnection
-        by. A restarted source only holds its paused QEMU (not built).
+        Either side can, from what the store kept before the record entered
+        post-copy: the destination waits for its source's reconnection (its
+        adopted QEMU kept the guest and the pages it received), the source
+        reconnects with the stored Hello and order and resumes its adopted,
+        paused QEMU's migration (postcopy_restart.py).
         """
-        if self._context is None or saved is None or record.role != Role.DESTINATION.value:
+        if self._context is None or saved is None:
             return False
-        postcopy_recovery.resume_after_restart(self._context, self._qemu_vms, record.id, saved)
+        if record.role == Role.DESTINATION.value:
+            postcopy_recovery.resume_after_restart(self._context, self._qemu_vms, record.id, saved)
+        else:
+            resume_source_after_restart(self._context, self._qemu_vms, record, saved)
         return True
 
     def can_settle(self, record: MigrationRecord) -> bool:

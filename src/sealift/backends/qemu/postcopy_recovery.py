@@ -44,7 +44,7 @@ from sealift.host.transport import ControlChannel, open_data_stream
 from sealift.migration.destination import verify_manifest
 from sealift.migration.documents import channel_binding
 from sealift.migration.errors import IncomingRefused, MigrationError, PostcopyPaused
-from sealift.migration.phases import Event, Phase
+from sealift.migration.phases import POSTCOPY, Event, Phase
 from sealift.migration.session import DestinationSession, MigrationContext, SourceSession
 from sealift.migration.streams import stream_protections
 from sealift.security.audit import Kinds
@@ -163,9 +163,12 @@ class DestinationRecovery:
                 _refuse_quietly(offer, s.migration_id, exc)
                 if _phase(s) == Phase.POSTCOPY_RECOVERING:
                     s.enter(Event.FAIL, error=str(exc))
+        source = s.hello.source_host
         raise PostcopyPaused(
-            f"the post-copy could not be recovered within {window:.0f} s ({last}); the guest stays paused here, "
-            f"waiting for its remaining pages, and never runs on {s.hello.source_host} again"
+            f"the post-copy could not be recovered within {window:.0f} s ({last}): {source} did not reconnect. "
+            f"The guest stays paused here, held, waiting for its remaining pages, which only {source}'s QEMU "
+            f"has; it never runs on {source} again and no second copy of it ever runs. If {source} is gone "
+            f"for good, the guest is lost"
         )
 
     def release(self) -> None:
@@ -423,6 +426,8 @@ def _finish_after_restart(
     except Exception as exc:  # noqa: BLE001 - the guest stays held here, paused, for another restart or an operator
         log.error("post-copy of %s could not be resumed after the restart: %s", session.migration_id, exc)
         session.audit("migration.postcopy_paused", vm=qemu.name, reason=f"not resumed after the restart: {exc}")
+        if _phase(session) in POSTCOPY:
+            session.enter(Event.FAIL, error=f"not resumed after the restart: {exc}")  # `sealift migrations` says why
     finally:
         if flow is not None:
             flow.close()
@@ -481,7 +486,9 @@ class SourceRecovery:
                 time.sleep(RETRY_S)
         raise PostcopyPaused(
             f"the post-copy could not be recovered within {window:.0f} s ({last}); {s.vm_name} waits on "
-            f"{s.destination} for its remaining pages, kept by the paused QEMU here"
+            f"{s.destination} for its remaining pages, kept by the paused QEMU here, which never runs the guest "
+            f"again (no second copy). If {s.destination} is gone for good, the guest is lost: its running "
+            f"state was there"
         )
 
     def _attempt(self, manifest_fields: dict[str, object]) -> Resumed:

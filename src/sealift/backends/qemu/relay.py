@@ -65,8 +65,9 @@ def stream_label(migration_id: str, index: int) -> str:
 # -- records -----------------------------------------------------------------------
 
 
-def read_record(data: socket.socket, reader: DataStreamReader) -> object:
-    header = bytearray(DataStreamReader.HEADER_SIZE)
+def read_record(data: socket.socket, reader: DataStreamReader, header: bytearray | None = None) -> object:
+    """One record off the data stream, opened; `header`, if given, receives its header bytes."""
+    header = header if header is not None else bytearray(DataStreamReader.HEADER_SIZE)
     recv_exactly_into(data, memoryview(header))
     reader.read_header(header)
     recv_exactly_into(data, reader.payload_buffer())

@@ -289,15 +289,7 @@ class QemuSourceDriver:
             info, paused_at, group = self._follow_recovering(vm, data, group, address)
             group.wait(timeout)
             disk_digests = self._disks.finish()  # -- storage hook: NBD nodes deleted, disk streams ended
-            return QemuTransfer(
-                postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
-                paused_at=paused_at,
-                stream_bytes=group.stream_bytes,
-                digest=relay.combined_digest([p.digest for p in group.pumps] + disk_digests),
-                qemu=_qemu_figures(info),
-                wire_bytes=group.wire_bytes or group.stream_bytes,
-                rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
-            )
+            return self._transfer_figures(info, paused_at, group, disk_digests)
         finally:
             if listener is not None:
                 listener.close()
@@ -305,6 +297,20 @@ class QemuSourceDriver:
                 sock.close()
             if sock_dir is not None:
                 shutil.rmtree(sock_dir, ignore_errors=True)
+
+    def _transfer_figures(
+        self, info: dict[str, Any], paused_at: float, group: relay.SourcePumps, disk_digests: list[relay.StreamDigest]
+    ) -> QemuTransfer:
+        """What a transfer through the agents returns, from QEMU's final figures and the (last) pumps."""
+        return QemuTransfer(
+            postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
+            paused_at=paused_at,
+            stream_bytes=group.stream_bytes,
+            digest=relay.combined_digest([p.digest for p in group.pumps] + disk_digests),
+            qemu=_qemu_figures(info),
+            wire_bytes=group.wire_bytes or group.stream_bytes,
+            rounds=int(info.get("ram", {}).get("dirty-sync-count", 0)),
+        )
 
     def _start_pumps(
         self,
@@ -560,6 +566,48 @@ class QemuSourceDriver:
                 self._resumed_data = data
                 self._switch.recoveries = self._recovery.count
 
+    def _resume_record(self, hello: Hello) -> dict[str, object]:
+        """What a restarted agent needs to resume this post-copy (postcopy_restart.py): the Hello with its
+        signed order (re-sent with a fresh nonce), the options and transport, and the report's facts so far."""
+        report = self._session.report
+        return {
+            "hello": hello.to_json(),
+            "options": self._session.options.to_dict(),
+            "transport": self._transport.name,
+            "order_id": report.order_id,
+            "operator": report.operator,
+            "counter_before": report.counter_before,
+            "counter_at_pause": report.counter_at_pause,
+        }
+
+    def resume_after_restart(self, vm: QemuVM, address: tuple[str, int], hello: Hello) -> QemuTransfer:
+        """A post-copy this agent's predecessor switched to and then died in: resume it, follow it to the end.
+
+        The decision is on disk and the adopted QEMU is postcopy-paused (its
+        migration connection died with the old agent), holding every page the
+        destination has not received. The recovery is the one after a cut
+        link: a fresh channel and keys, the stored Hello (same id, same signed
+        order) with a fresh nonce, then `migrate` with resume: true; after it,
+        the same follow loop (and recoveries) as any post-copy.
+        """
+        if self._switch is None:
+            raise MigrationError(f"the stored options of {vm.name}'s migration have no post-copy (a bug)")
+        self._hello = hello
+        self._switch.reason = "resumed after the source agent restarted"
+        self._switch.switched_at = time.monotonic()
+        self._recovery = postcopy_recovery.SourceRecovery(self._session, vm, address, hello)
+        first = PostcopyPaused("the source agent restarted during post-copy")
+        resumed = self._recovery.recover(first, postcopy.manifest_fields(self._transport.name))
+        self._switch.recoveries = self._recovery.count
+        self._pump, self._return_path, self._resumed_data = resumed.pumps, resumed.return_path, resumed.data
+        try:
+            info, paused_at, group = self._follow_recovering(vm, resumed.data, resumed.pumps, address)
+            group.wait(self._session.config.step_timeout_s)
+            return self._transfer_figures(info, paused_at, group, [])
+        finally:
+            if self._return_path is not None:
+                self._return_path.stop()
+
     def _postcopy_step(self, vm: QemuVM, status: str, ram: dict[str, Any], elapsed_s: float) -> float | None:
         """The switch, once its trigger fires: the coordinator decides (receipt, durable decision, Commit) first."""
         assert self._switch is not None
@@ -569,8 +617,8 @@ class QemuSourceDriver:
 
             def decide_now() -> None:
                 s.report.counter_at_pause = vm.counter()  # the guest's counter as the switch is decided
-                if self._hello is not None:  # the Hello (with its signed order) a recovery re-sends, on disk first
-                    s.context.store.save_resume(s.migration_id, {"hello": self._hello.to_json()})
+                if self._hello is not None:  # what a recovery (even by a restarted agent) needs, on disk first
+                    s.context.store.save_resume(s.migration_id, self._resume_record(self._hello))
                 decide(postcopy.manifest_fields(self._transport.name))
 
             self._switch.decide = decide_now

@@ -5,6 +5,7 @@ from sealift.lab.attacks import (  # noqa: F401  (T1-T4, T13; T8, T11)  # noqa: 
     channel,
     ipsec,  # noqa: F401  (T1, T4, T13 on QEMU's ipsec transport)
     monitoring,
+    postcopy,  # noqa: F401  (T1, T2, T11 on a QEMU post-copy and its return path)
     resilience,
     storage,  # noqa: F401  (T1, T2 on a QEMU guest's disk stream)
 )
