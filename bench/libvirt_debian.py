@@ -8,8 +8,8 @@ host in its host's network namespace and a mount namespace of its own,
 two agents, the Debian guest as a domain of host-a (``--memory-mib``, its
 NIC on br0, a qcow2 disk of its own over the image's disk, 4 GiB virtual), booted
 once (cold, under TCG). The guest then writes ``--fill-mib`` of random data
-to its own disk through its redis (bench/debian_disk_alternatives.py's
-``fill_disk``), so the disk holds the image's ~0.25 GiB plus that. The
+to its own disk through its redis (sealift.bench.debian's ``fill_disk``),
+so the disk holds the image's ~0.25 GiB plus that. The
 domain then migrates back and forth, the modes alternated within each
 round; every migration runs under the outage client (GET to nginx and
 RPUSH to redis every 10 ms from the lab's client namespace, 2 s before and
@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from debian_disk_alternatives import fill_disk  # bench/ is on sys.path when run as a script
 from libvirt_migration import (
     MEMORY_ONLY_FLAGS,
     PKI_INSIDE,
@@ -81,6 +80,7 @@ from libvirt_migration import (
 
 from sealift.backends.libvirt.lab import IMAGES_DIR, LibvirtLabHost
 from sealift.backends.qemu.debian_image import build_debian_image
+from sealift.bench.debian import fill_disk
 from sealift.cluster import free_port
 from sealift.lab.client import OutageClient
 from sealift.lab.debian_migration import DESTINATION, SOURCE, VM
