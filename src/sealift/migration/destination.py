@@ -187,18 +187,7 @@ class DestinationCoordinator:
             log.exception("%s runs here, but its audit entry could not be written", hello.vm_name)
 
     def _hold_in_doubt(self, exc: BaseException) -> None:
-        s, hello = self.session, self.session.hello
-        log.warning(
-            "%s migration %s in doubt after prepare (%s): %s kept unstarted; asking %s",
-            self.driver.backend,
-            hello.migration_id,
-            exc,
-            hello.vm_name,
-            hello.source_host,
-        )
-        s.error_code = failure_code(exc)
-        s.enter(Event.FAIL, error=str(exc))
-        self.driver.hold()
+        self._keep_unstarted(exc, "after prepare", fail=True)
 
     def _in_doubt(self) -> bool:
         """Did the driver put the record in doubt (libvirt: its switchover was done when the handover broke)?"""
@@ -208,16 +197,24 @@ class DestinationCoordinator:
     def _hold_handed_over(self, exc: BaseException) -> None:
         """The hypervisor handed the guest over before our promise, then the handover broke: it may be the only
         copy. Keep it unstarted and busy; the resolver starts it once the source says it committed."""
+        self._keep_unstarted(exc, "after the hypervisor's switchover", fail=False)
+
+    def _keep_unstarted(self, exc: BaseException, when: str, fail: bool) -> None:
+        """In doubt: the guest stays here unstarted and busy while the resolver asks the source for its decision.
+        `fail`: record the failure (the driver has not put the record in doubt itself)."""
         s, hello = self.session, self.session.hello
         log.warning(
-            "%s migration %s in doubt after the hypervisor's switchover (%s): %s kept unstarted; asking %s",
+            "%s migration %s in doubt %s (%s): %s kept unstarted; asking %s",
             self.driver.backend,
             hello.migration_id,
+            when,
             exc,
             hello.vm_name,
             hello.source_host,
         )
         s.error_code = failure_code(exc)
+        if fail:
+            s.enter(Event.FAIL, error=str(exc))
         self.driver.hold()
 
     def _cause(self, exc: BaseException) -> tuple[str, str]:

@@ -159,18 +159,7 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         except BaseException as exc:
             raise self._failed(exc, channel, vm, started, cpu_started) from exc
         finally:
-            try:
-                self._flush_audits()  # a failure between the decision and Commit: its entries are still written
-            except Exception:  # noqa: BLE001 - the migration's own outcome stands; the log says what is missing
-                log.exception("could not write the audit entries of %s", s.migration_id)
-            self._authority.forget(s.flight)
-            self.driver.cleanup(vm)
-            if s.psk is not None:
-                s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
-            if channel is not None:
-                channel.close()
-            if s.recovered_channel is not None:
-                s.recovered_channel.close()
+            self._tidy_up(vm, channel)
 
     def resume_postcopy(
         self, vm: VmT, memory_bytes: int, resume: Callable[[], TransferT], started: float
@@ -202,16 +191,23 @@ class SourceCoordinator(Generic[VmT, TransferT]):
         except BaseException as exc:
             raise self._failed(exc, channel, vm, started, cpu_started) from exc
         finally:
-            try:
-                self._flush_audits()
-            except Exception:  # noqa: BLE001 - the migration's own outcome stands; the log says what is missing
-                log.exception("could not write the audit entries of %s", s.migration_id)
-            self._authority.forget(s.flight)
-            self.driver.cleanup(vm)
-            if channel is not None:
-                channel.close()
-            if s.recovered_channel is not None:
-                s.recovered_channel.close()
+            self._tidy_up(vm, channel)
+
+    def _tidy_up(self, vm: VmT, channel: ControlChannel | None) -> None:
+        """After the migration, whatever its outcome: audit entries still owed, the flight, connections."""
+        s = self.session
+        try:
+            self._flush_audits()  # a failure between the decision and Commit: its entries are still written
+        except Exception:  # noqa: BLE001 - the migration's own outcome stands; the log says what is missing
+            log.exception("could not write the audit entries of %s", s.migration_id)
+        self._authority.forget(s.flight)
+        self.driver.cleanup(vm)
+        if s.psk is not None:
+            s.psk.close()  # an uncommitted ratchet stays pending: never a lock-out
+        if channel is not None:
+            channel.close()
+        if s.recovered_channel is not None:
+            s.recovered_channel.close()
 
     def _complete(
         self, channel: ControlChannel, vm: VmT, transfer: TransferT, started: float, cpu_started: float
