@@ -155,7 +155,17 @@ def test_qemu_guest_moves_through_the_sealift_channel(cluster: LocalCluster, rel
     assert {e["event"] for e in events} >= {"phase", "transfer"}
     # Where the downtime went, in the order it happened, ending with the reported figure.
     steps = report["downtime_breakdown_ms"]
-    assert list(steps) == ["switchover_check", "stream_sent", "prepared_receipt", "commit_sent", "running_receipt"]
+    assert list(steps) == [
+        "switchover_check",
+        "stream_sent",
+        "manifest_sent",
+        "prepared_receipt_in",
+        "prepared_receipt",
+        "commit_decided",
+        "commit_sent",
+        "running_receipt_in",
+        "running_receipt",
+    ]
     assert list(steps.values()) == sorted(steps.values())
     assert steps["running_receipt"] == report["downtime_ms"]
 

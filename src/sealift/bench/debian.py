@@ -70,7 +70,7 @@ from sealift.backends.qemu.debian_guest import (
     restore_guest,
 )
 from sealift.backends.qemu.debian_image import build_debian_image
-from sealift.bench.harness import BenchError
+from sealift.bench.errors import BenchError
 from sealift.bench.results import RunResult
 from sealift.bench.sshtunnel import AES_GCM
 from sealift.lab.client import OutageClient

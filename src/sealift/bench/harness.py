@@ -36,12 +36,12 @@ from sealift.backends.qemu.image import SERVICE_PORT, GuestImagePaths, build_ima
 from sealift.backends.qemu.net import NetConfig
 from sealift.backends.qemu.qmp import last_event_time
 from sealift.backends.qemu.vm import QemuVM
+from sealift.bench.errors import BenchError
 from sealift.bench.prober import GapProber
 from sealift.bench.results import ALL_TRANSPORTS, RunResult, fill_ratios, interleaved_schedule
 from sealift.bench.sampling import CpuSampler, LinkCounter, Role, find_descendant, find_process
 from sealift.bench.sshtunnel import SshServer
 from sealift.bench.transports import MIGRATION_PORT, DirectTransport, Hosts, ipsec_available, make_direct
-from sealift.errors import SealiftError
 from sealift.lab.netns import enter_netns
 from sealift.lab.testbed import DESTINATION_IP, GUEST_IPS, SOURCE_IP, SOURCE_VM_IP, LinkShape, Testbed
 
@@ -78,12 +78,6 @@ BUILTIN_OPTIONS: dict[str, dict[str, Any]] = {"sealift": {"secure": True}, "plai
 WORKLOAD_FILL = 0.6
 RATE_MIB = {"idle": 0, "moderate": 32, "heavy": 128}
 BUILTIN_PROFILE = {"idle": "idle", "moderate": "db", "heavy": "stress"}
-
-
-class BenchError(SealiftError):
-    """The benchmark cannot run here (not root, a tool missing), or one run went wrong."""
-
-    code = "bench_error"
 
 
 @dataclass(frozen=True)
