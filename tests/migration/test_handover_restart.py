@@ -9,51 +9,24 @@ from sealift.migration import records
 from sealift.migration.phases import Event, Phase, Role
 from sealift.migration.recovery import Keepers, recover
 
+from .recording_keeper import RecordingKeeper
 
-class SwitchedOverKeeper:
+
+class SwitchedOverKeeper(RecordingKeeper):
     """A libvirt keeper whose libvirtd says it handed the guest over (or not); it records what it was asked."""
 
     backend = "libvirt"
 
     def __init__(self, handed_over: bool, present: bool = True) -> None:
+        super().__init__()
         self._handed_over = handed_over
         self._present = present
-        self.calls: list[tuple[str, str]] = []
 
     def can_settle(self, record: MigrationRecord) -> bool:
         return self._present
 
     def handed_over(self, record: MigrationRecord) -> bool:
         return self._handed_over
-
-    def _note(self, what: str, record: MigrationRecord) -> None:
-        self.calls.append((what, record.id))
-
-    def resume_source(self, record: MigrationRecord) -> bool:
-        self._note("resume_source", record)
-        return True
-
-    def hold_source(self, record: MigrationRecord) -> None:
-        self._note("hold_source", record)
-
-    def release_source(self, record: MigrationRecord) -> None:
-        self._note("release_source", record)
-
-    def running_destination(self, record: MigrationRecord) -> int | None:
-        return None
-
-    def hold_destination(self, record: MigrationRecord) -> None:
-        self._note("hold_destination", record)
-
-    def start_destination(self, record: MigrationRecord) -> int | None:
-        self._note("start_destination", record)
-        return None
-
-    def discard_destination(self, record: MigrationRecord) -> None:
-        self._note("discard_destination", record)
-
-    def remove_leftovers(self, record: MigrationRecord) -> None:
-        self._note("remove_leftovers", record)
 
 
 def _restart(

@@ -21,47 +21,15 @@ from sealift.migration.recovery import Keepers, recover
 from sealift.migration.session import DestinationSession, MigrationContext, SourceSession
 from sealift.wire.messages import Hello
 
+from .recording_keeper import RecordingKeeper
 
-class RecordingKeeper:
-    """What the recovery asked the backend to do (the backend's own tests drive real guests)."""
 
-    backend = "qemu"
+class PostcopyKeeper(RecordingKeeper):
+    """A QEMU keeper that can resume a post-copy: it records the stored Hello it was offered."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
+        super().__init__()
         self.saved: dict[str, dict | None] = {}
-
-    def can_settle(self, record: MigrationRecord) -> bool:
-        return True
-
-    def _note(self, what: str, record: MigrationRecord) -> None:
-        self.calls.append((what, record.id))
-
-    def resume_source(self, record: MigrationRecord) -> bool:
-        self._note("resume_source", record)
-        return True
-
-    def hold_source(self, record: MigrationRecord) -> None:
-        self._note("hold_source", record)
-
-    def release_source(self, record: MigrationRecord) -> None:
-        self._note("release_source", record)
-
-    def running_destination(self, record: MigrationRecord) -> int | None:
-        return None
-
-    def hold_destination(self, record: MigrationRecord) -> None:
-        self._note("hold_destination", record)
-
-    def start_destination(self, record: MigrationRecord) -> int | None:
-        self._note("start_destination", record)
-        return None
-
-    def discard_destination(self, record: MigrationRecord) -> None:
-        self._note("discard_destination", record)
-
-    def handed_over(self, record: MigrationRecord) -> bool:
-        return False
 
     def resume_postcopy(self, record: MigrationRecord, saved: dict | None) -> bool:
         self._note("resume_postcopy", record)
@@ -79,7 +47,7 @@ def test_a_restart_during_post_copy_holds_both_sides_and_offers_the_stored_hello
         for event in (Event.STREAM_VERIFIED, Event.RECEIVE_COMMIT, Event.RUN_POSTCOPY):
             records.transition(store, "dst1", event)
         store.save_resume("dst1", {"hello": {"migration_id": "dst1"}, "order_id": "o1"})
-        keeper = RecordingKeeper()
+        keeper = PostcopyKeeper()
         audited: list[str] = []
         recover(store, Keepers({"qemu": keeper}, "qemu", lambda vm: "qemu"), lambda kind, **f: audited.append(kind))
         assert sorted(keeper.calls) == [
