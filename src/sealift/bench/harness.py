@@ -608,9 +608,16 @@ def run_plan(
             "ipsec and sealift-ipsec cannot share a run: each runs its own strongSwan charon on the "
             "same hosts (IKE ports, libipsec's TUN and routing table); benchmark them separately"
         )
+
+    def record(result: RunResult) -> None:
+        say(_progress_line(result))
+        outcome.runs.append(result)
+        if on_run is not None:
+            on_run(outcome.runs)
+
     debian = [c for c in plan.cells if c.backend == "debian"]
     if debian:
-        _run_debian_cells(debian, transports, plan.repetitions, say, outcome, on_run)
+        _run_debian_cells(debian, transports, plan.repetitions, say, record)
     cells = sorted((c for c in plan.cells if c.backend != "debian"), key=lambda c: c.mtu)  # one MTU change each
     if not cells:
         fill_ratios(outcome.runs)
@@ -622,11 +629,7 @@ def run_plan(
             if "ssh" in cell_transports or "ssh-aesgcm" in cell_transports:
                 lab.ssh_server()
             for _, rep, name in interleaved_schedule([cell], cell_transports, plan.repetitions):
-                result = _run_one(lab, name, cell, rep, plan)
-                say(_progress_line(result))
-                outcome.runs.append(result)
-                if on_run is not None:
-                    on_run(outcome.runs)
+                record(_run_one(lab, name, cell, rep, plan))
     fill_ratios(outcome.runs)
     return outcome
 
@@ -636,8 +639,7 @@ def _run_debian_cells(
     transports: Sequence[str],
     repetitions: int,
     say: Callable[[str], None],
-    outcome: BenchOutcome,
-    on_run: Callable[[list[RunResult]], None] | None,
+    record: Callable[[RunResult], None],
 ) -> None:
     """The Debian guest with its disk under a client: each run builds its own lab (bench/debian.py)."""
     from sealift.bench import debian
@@ -653,11 +655,7 @@ def _run_debian_cells(
                 figures = debian.run_debian(name, state, cell.memory_mib, cell.fill_mib or 0)
             except Exception as exc:  # noqa: BLE001 - a failed run is a result: it is recorded, the rest go on
                 figures = {"status": f"error: {exc}"[:300]}
-            result = debian.to_run_result(figures, name, cell, rep)
-            say(_progress_line(result))
-            outcome.runs.append(result)
-            if on_run is not None:
-                on_run(outcome.runs)
+            record(debian.to_run_result(figures, name, cell, rep))
 
 
 def _run_one(lab: BenchLab, name: str, cell: Cell, rep: int, plan: Plan) -> RunResult:
