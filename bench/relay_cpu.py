@@ -15,6 +15,9 @@ the native path, per record by the Python one).
   sendall; read header and payload, open, hash, sendall), kept here as the
   baseline.
 - `native`: host/relaycore.py (what the QEMU relay runs now).
+- `native-other` (with `--compare-core PATH`): the same wrapper driving
+  another build of `_relaycore` (e.g. one with OpenSSL's AES-GCM, built
+  from an earlier commit), to compare two cores side by side.
 
 Modes: `sealift` (AES-256-GCM) and `sealift-plain` (no protection). The
 implementations alternate run by run; medians and min-max of --runs each.
@@ -29,10 +32,11 @@ SEALIFT_BENCH_MAX_RECORD=N caps the native source's records at N bytes (an exper
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import json
 import multiprocessing as mp
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -105,6 +109,8 @@ def python_open(data: socket.socket, reader: DataStreamReader, qemu: socket.sock
     return fed
 
 
+IMPLS = ("python", "native", "native-other")
+
 # -- the native core ---------------------------------------------------------------------------
 
 
@@ -152,10 +158,27 @@ def qemu_reader(sock: socket.socket, report: Connection) -> None:
     report.send(got)
 
 
+OTHER_CORE: str | None = None  # --compare-core: the path of another _relaycore build
+
+
+def use_core(impl: str) -> None:
+    """In a relay's child process: load the other core's build in place of the installed one."""
+    if impl != "native-other":
+        return
+    assert OTHER_CORE is not None
+    loader = importlib.machinery.ExtensionFileLoader("sealift.host._relaycore", OTHER_CORE)
+    spec = importlib.util.spec_from_file_location("sealift.host._relaycore", OTHER_CORE, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    relaycore._relaycore = module  # type: ignore[attr-defined]
+
+
 def source_relay(impl: str, mode: str, conn: socket.socket, data: socket.socket, report: Connection) -> None:
     conn.settimeout(TIMEOUT)
     data.settimeout(TIMEOUT)
-    seal: Callable[..., int] = native_seal if impl == "native" else python_seal
+    use_core(impl)
+    seal: Callable[..., int] = python_seal if impl == "python" else native_seal
     writer = DataStreamWriter(protection(mode), NPAGES)
     digest = StreamDigest(writer_overhead(mode))
     start, wall = thread_cpu(), time.monotonic()
@@ -167,7 +190,8 @@ def source_relay(impl: str, mode: str, conn: socket.socket, data: socket.socket,
 def destination_relay(impl: str, mode: str, data: socket.socket, qemu: socket.socket, report: Connection) -> None:
     data.settimeout(TIMEOUT)
     qemu.settimeout(TIMEOUT)
-    feed: Callable[..., int] = native_open if impl == "native" else python_open
+    use_core(impl)
+    feed: Callable[..., int] = python_open if impl == "python" else native_open
     reader = DataStreamReader(protection(mode), NPAGES)
     digest = StreamDigest(writer_overhead(mode))
     start, wall = thread_cpu(), time.monotonic()
@@ -250,27 +274,26 @@ def aes_gcm_cpu_s_per_gib(runs: int) -> float:
     return statistics.median(samples)
 
 
-def system_aes_gcm_cpu_s_per_gib() -> float | None:
-    """The same for Debian's libcrypto (what the native core links): `openssl speed`, 1 MiB blocks, one core."""
+def system_aes_gcm_cpu_s_per_gib() -> dict[str, float] | None:
+    """The same for the native core's libraries: bench/aes_gcm_speed.c (Debian's OpenSSL EVP, Intel's ipsec-mb)."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aes_gcm_speed.c")
+    binary = "/tmp/sealift-aes-gcm-speed"
     try:
-        done = subprocess.run(
-            ["openssl", "speed", "-seconds", "2", "-bytes", str(MiB), "-evp", "aes-256-gcm"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        subprocess.run(["gcc", "-O2", "-o", binary, source, "-lcrypto", "-lIPSec_MB"], check=True, timeout=60)
+        done = subprocess.run([binary], capture_output=True, text=True, timeout=120, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    found = re.search(r"^AES-256-GCM\s+([0-9.]+)k", done.stdout, re.MULTILINE)
-    return GiB / (float(found.group(1)) * 1000) if found else None  # openssl prints thousands of bytes per second
+    figures: dict[str, float] = json.loads(done.stdout)
+    return figures
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for mode in sorted({r["mode"] for r in rows}):
-        for impl in ("python", "native"):
+        for impl in IMPLS:
             picked = [r for r in rows if r["mode"] == mode and r["impl"] == impl]
+            if not picked:
+                continue
             figures = {}
             for key in ("source_cpu_s_per_gib", "destination_cpu_s_per_gib", "wall_s_per_gib"):
                 values = [r[key] for r in picked]
@@ -281,21 +304,23 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def markdown(summary: dict, aes: float, system_aes: float | None, runs: int) -> str:
+def markdown(summary: dict, aes: float, system_aes: dict[str, float] | None, runs: int) -> str:
+    system = system_aes or {}
     lines = [
         f"AES-256-GCM alone: {aes:.3f} CPU-s/GiB in `cryptography` (the Python relay's), "
-        f"{system_aes or float('nan'):.3f} in Debian's libcrypto (the native core's)",
+        f"{system.get('ipsec_mb_cpu_s_per_gib', float('nan')):.3f} in ipsec-mb (the native core's), "
+        f"{system.get('openssl_cpu_s_per_gib', float('nan')):.3f} in Debian's OpenSSL EVP",
         "",
         f"| mode | relay | source CPU-s/GiB (min-max) | destination CPU-s/GiB (min-max) | wall s/GiB | "
-        f"native/python (src / dst), medians of {runs} |",
+        f"against python (src / dst), medians of {runs} |",
         "|---|---|---|---|---|---|",
     ]
     for mode, impls in summary.items():
-        for impl in ("python", "native"):
+        for impl in [i for i in IMPLS if i in impls]:
             f = impls[impl]
             ratio = ""
-            if impl == "native":
-                p = impls["python"]
+            p = impls.get("python")
+            if impl != "python" and p is not None:
                 ratio = (
                     f"{f['source_cpu_s_per_gib'] / p['source_cpu_s_per_gib']:.2f}x / "
                     f"{f['destination_cpu_s_per_gib'] / p['destination_cpu_s_per_gib']:.2f}x"
@@ -314,13 +339,22 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="GiB per run")
     parser.add_argument("--runs", type=int, default=5, help="runs per implementation and mode (at least 3)")
     parser.add_argument("--modes", default="sealift,sealift-plain")
+    parser.add_argument("--compare-core", help="another _relaycore build, run as `native-other` beside the others")
+    parser.add_argument(
+        "--impls", default="python,native", help="of python, native (native-other is added by --compare-core)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    global OTHER_CORE
+    impls = args.impls.split(",")
+    if args.compare_core:
+        OTHER_CORE = os.path.abspath(args.compare_core)
+        impls.append("native-other")
     total = int(args.gib * GiB)
     rows = []
     for run in range(args.runs):
         for mode in args.modes.split(","):
-            order = ("python", "native") if run % 2 == 0 else ("native", "python")  # alternate: same noise for both
+            order = impls if run % 2 == 0 else impls[::-1]  # alternate: same noise for every implementation
             for impl in order:
                 row = {"run": run, "mode": mode, "impl": impl, **run_once(impl, mode, total)}
                 print(json.dumps(row), file=sys.stderr)

@@ -14,9 +14,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.sealift-setup-stamp"
 
-# Debian packages the code and the tests use (gcc, libssl-dev and python3-dev build the native relay core;
+# Debian packages the code and the tests use (gcc, libipsec-mb-dev, libssl-dev and python3-dev build the native relay core;
 # libvirt-dev and pkg-config build libvirt-python).
-DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev libssl-dev python3-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go prometheus systemd debootstrap qemu-utils libvirt-dev pkg-config libvirt-daemon-system libvirt-clients syslinux syslinux-common syslinux-efi mtools ovmf)
+DEBIAN_PACKAGES=(python3-venv iproute2 iputils-ping procps qemu-system-x86 gcc libc6-dev libssl-dev libipsec-mb-dev python3-dev tshark openssh-server openssh-client strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins nftables wireguard-go prometheus systemd debootstrap qemu-utils libvirt-dev pkg-config libvirt-daemon-system libvirt-clients syslinux syslinux-common syslinux-efi mtools ovmf)
 
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 
