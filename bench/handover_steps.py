@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 STEPS = (
+    "switchover_check",  # the source's check at QEMU's pre-switchover stop, done: QEMU sends the rest from here
     "stream_sent",
     "manifest_sent",
     "prepared_receipt_in",
@@ -49,7 +50,10 @@ def run_tree(tree: Path, memory: str) -> dict:
 
 def breakdown(result: dict) -> dict[str, float]:
     marks = result.get("downtime_breakdown_ms") or {}
-    return {step: float(marks[step]) for step in STEPS if step in marks}
+    found = {step: float(marks[step]) for step in STEPS if step in marks}
+    if result.get("qemu_downtime_ms") is not None:  # QEMU's own: its stop to its end of the stream
+        found["qemu_downtime"] = float(result["qemu_downtime_ms"])
+    return found
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -66,6 +70,9 @@ def medians(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         out[step] = {"at": statistics.median(r[step] for r in present), "share": statistics.median(shares)}
     handover = [r["running_receipt"] - r["stream_sent"] for r in runs if "running_receipt" in r and "stream_sent" in r]
     out["handover"] = {"at": statistics.median(handover), "share": statistics.median(handover)}
+    qemu = [r["qemu_downtime"] for r in runs if "qemu_downtime" in r]
+    if qemu:
+        out["qemu_downtime"] = {"at": statistics.median(qemu), "share": statistics.median(qemu)}
     return out
 
 
@@ -91,7 +98,7 @@ def main() -> int:
     )
     print("| step | old at | old share | new at | new share |")
     print("|---|---|---|---|---|")
-    for step in (*STEPS, "handover"):
+    for step in (*STEPS, "handover", "qemu_downtime"):
         cells = []
         for tree in trees:
             f = summary[tree].get(step)

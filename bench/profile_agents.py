@@ -8,6 +8,9 @@ called it; `--native` shows the C frames too, but py-spy must then pause the
 agent for every sample) from just before the migration order to its report. Writes, under --out:
 
     agent-host-a.folded, agent-host-b.folded   py-spy's collapsed stacks (flame graph input)
+    perf.data, perf-host-a.txt, perf-host-b.txt   with --perf: `perf record` of both agents (every
+                                               thread, kernel and C frames, not paused) and its
+                                               report per agent (DSO and symbol, self time)
     summary.md                                 per agent and thread: samples, and the functions
                                                that hold the CPU (self and inclusive)
     summary.json                               the same figures, and the migration's report figures
@@ -79,6 +82,28 @@ def stop_profiler(process: subprocess.Popen[bytes]) -> None:
     _, stderr = process.communicate(timeout=60)
     if process.returncode not in (0, -signal.SIGINT):
         raise RuntimeError(f"py-spy failed ({process.returncode}): {stderr.decode(errors='replace')[-500:]}")
+
+
+def start_perf(pids: dict[str, int], out: Path, rate: int) -> subprocess.Popen[bytes]:
+    """`perf record` of both agents' every thread: it samples without pausing them, kernel frames included."""
+    command = ["perf", "record", "-F", str(rate), "-g", "-o", str(out), "-p", ",".join(str(p) for p in pids.values())]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_perf(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode not in (0, -signal.SIGINT):
+        raise RuntimeError(f"perf record failed ({process.returncode}): {stderr.decode(errors='replace')[-500:]}")
+
+
+def perf_report(data: Path, pid: int, out: Path) -> str:
+    """Self time by DSO and symbol for one agent (all its threads), the lines above 0.5 %."""
+    command = ["perf", "report", "-i", str(data), "--pid", str(pid), "--stdio", "--no-children"]
+    command += ["--sort", "dso,symbol", "--percent-limit", "0.5", "-g", "none"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    out.write_text(done.stdout)
+    return "\n".join(line for line in done.stdout.splitlines() if line.strip() and not line.startswith("#"))
 
 
 _FRAME_FILE = re.compile(r" \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -185,6 +210,7 @@ def main() -> int:
     parser.add_argument("--cmdline", help="guest workload settings (default: half the memory, 32 MiB/s)")
     parser.add_argument("--rate", type=int, default=250, help="samples per second and thread")
     parser.add_argument("--native", action="store_true", help="C frames too (pauses the agents for every sample)")
+    parser.add_argument("--perf", action="store_true", help="`perf record` both agents too (kernel and C frames)")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -207,6 +233,7 @@ def main() -> int:
             host: start_profiler(pid, args.out / f"agent-{host}.folded", args.rate, args.native)
             for host, pid in pids.items()
         }
+        perf = start_perf(pids, args.out / "perf.data", args.rate) if args.perf else None
         time.sleep(ATTACH_S)
         sampler = CpuSampler(pids, cluster.vm_root)
         try:
@@ -216,8 +243,15 @@ def main() -> int:
             cpu = sampler.stop()
             for profiler in profilers.values():
                 stop_profiler(profiler)
+            if perf is not None:
+                stop_perf(perf)
     finally:
         cluster.cleanup()
+    perf_tops = (
+        {host: perf_report(args.out / "perf.data", pid, args.out / f"perf-{host}.txt") for host, pid in pids.items()}
+        if args.perf
+        else {}
+    )
     agents = {host: summarize(read_folded(args.out / f"agent-{host}.folded"), args.rate) for host in pids}
     figures = {
         key: report.get(key)
@@ -240,6 +274,8 @@ def main() -> int:
         + "\n"
     )
     text = markdown(args, report, cpu, agents)
+    for host, top in perf_tops.items():
+        text += f"\n\n## perf, agent {host}: self time by DSO and symbol (>= 0.5 %)\n\n```\n{top}\n```"
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
     return 0

@@ -289,7 +289,7 @@ class QemuSourceDriver:
             info, paused_at, group = self._follow_recovering(vm, data, group, address)
             group.wait(timeout)
             disk_digests = self._disks.finish()  # -- storage hook: NBD nodes deleted, disk streams ended
-            return self._transfer_figures(info, paused_at, group, disk_digests)
+            return self._transfer_figures(vm, info, paused_at, group, disk_digests)
         finally:
             if listener is not None:
                 listener.close()
@@ -299,9 +299,17 @@ class QemuSourceDriver:
                 shutil.rmtree(sock_dir, ignore_errors=True)
 
     def _transfer_figures(
-        self, info: dict[str, Any], paused_at: float, group: relay.SourcePumps, disk_digests: list[relay.StreamDigest]
+        self,
+        vm: QemuVM,
+        info: dict[str, Any],
+        paused_at: float,
+        group: relay.SourcePumps,
+        disk_digests: list[relay.StreamDigest],
     ) -> QemuTransfer:
-        """What a transfer through the agents returns, from QEMU's final figures and the (last) pumps."""
+        """What a transfer through the agents returns, from QEMU's final figures and the (last) pumps.
+
+        Called once the pumps have ended (QEMU closed its stream): by then QEMU has its totals."""
+        info = _final_figures(vm, info)
         return QemuTransfer(
             postcopy=None if self._switch is None else self._switch.figures(info, self._return_path),
             paused_at=paused_at,
@@ -379,6 +387,7 @@ class QemuSourceDriver:
         start_direct(vm, destination, plan.before)
         info, paused_at = self._follow(vm, data, None)
         data.sendall(writer.end())  # the destination's cue that QEMU's stream is complete
+        info = _final_figures(vm, info)
         ram = info.get("ram", {})
         return QemuTransfer(
             paused_at=paused_at,
@@ -461,7 +470,9 @@ class QemuSourceDriver:
             elif status == "completed":
                 if paused_at is None:  # too quick to see pre-switchover: take QEMU's stop event
                     paused_at = stop_time(vm, time.monotonic())
-                return _final_figures(vm, info), paused_at
+                # QEMU's final totals (_final_figures) are read later: the guest is stopped until the handover
+                # ends, and the stream's end and the destination's cue come first.
+                return info, paused_at
             sync = int(ram.get("dirty-sync-count", 0))
             if sync > last_sync:
                 self._on_round(last_sync, ram, round_started)
@@ -603,7 +614,7 @@ class QemuSourceDriver:
         try:
             info, paused_at, group = self._follow_recovering(vm, resumed.data, resumed.pumps, address)
             group.wait(self._session.config.step_timeout_s)
-            return self._transfer_figures(info, paused_at, group, [])
+            return self._transfer_figures(vm, info, paused_at, group, [])
         finally:
             if self._return_path is not None:
                 self._return_path.stop()
@@ -692,7 +703,7 @@ def _final_figures(vm: QemuVM, info: dict[str, Any], timeout: float = 1.0) -> di
     """
     deadline = time.monotonic() + timeout
     while not info.get("total-time") and time.monotonic() < deadline:
-        time.sleep(relay.POLL_S)
+        time.sleep(0.002)  # a moment, not a poll period: the caller may be inside the guest's downtime
         info = vm.query_migrate()
     return info
 
