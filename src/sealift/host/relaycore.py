@@ -41,7 +41,7 @@ _STOPPED = 8
 
 
 class NativeRelayError(SealiftError):
-    """The native relay core failed inside (memory, OpenSSL): nothing a peer sent, the stream ends."""
+    """The native relay core failed inside (memory, the cipher library): nothing a peer sent, the stream ends."""
 
     code = "native_relay_failed"
 
