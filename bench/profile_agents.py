@@ -76,25 +76,18 @@ def start_profiler(pid: int, out: Path, rate: int, native: bool) -> subprocess.P
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def stop_profiler(process: subprocess.Popen[bytes]) -> None:
-    """py-spy writes its output when interrupted, like Ctrl-C."""
+def stop_profiler(process: subprocess.Popen[bytes], name: str = "py-spy") -> None:
+    """py-spy and perf write their output when interrupted, like Ctrl-C."""
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
     if process.returncode not in (0, -signal.SIGINT):
-        raise RuntimeError(f"py-spy failed ({process.returncode}): {stderr.decode(errors='replace')[-500:]}")
+        raise RuntimeError(f"{name} failed ({process.returncode}): {stderr.decode(errors='replace')[-500:]}")
 
 
 def start_perf(pids: dict[str, int], out: Path, rate: int) -> subprocess.Popen[bytes]:
     """`perf record` of both agents' every thread: it samples without pausing them, kernel frames included."""
     command = ["perf", "record", "-F", str(rate), "-g", "-o", str(out), "-p", ",".join(str(p) for p in pids.values())]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def stop_perf(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    if process.returncode not in (0, -signal.SIGINT):
-        raise RuntimeError(f"perf record failed ({process.returncode}): {stderr.decode(errors='replace')[-500:]}")
 
 
 def perf_report(data: Path, pid: int, out: Path) -> str:
@@ -244,7 +237,7 @@ def main() -> int:
             for profiler in profilers.values():
                 stop_profiler(profiler)
             if perf is not None:
-                stop_perf(perf)
+                stop_profiler(perf, "perf record")
     finally:
         cluster.cleanup()
     perf_tops = (
