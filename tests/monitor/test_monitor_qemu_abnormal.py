@@ -86,8 +86,9 @@ def test_a_write_storm_in_a_qemu_guest_is_flagged_attacker_and_held() -> None:
         stormy = a.request("vm.workload", name="qs", profile="stress")["vm"]
         assert stormy["guest"]["storm"] and stormy["pid"] == modest["pid"], "the same QEMU, no restart"
         # QEMU measures the dirty rate over a second and reports it a round later: the CPU may be
-        # judged alone ("anomalous") just before the verdict escalates to attacker.
-        verdict, seconds, deviations = wait_attacker(a, "qs", 30)
+        # judged alone ("anomalous") just before the verdict escalates to attacker. Within the whole suite a
+        # busy machine has made that take over 30 s once (alone: ~10 s), hence the 60 s bound.
+        verdict, seconds, deviations = wait_attacker(a, "qs", 60)
         print(f"\nwrite storm -> {verdict['kind']} after {seconds:.1f} s: {verdict['reason']}")
         assert verdict["kind"] == "attacker", verdict
         assert {"cpu", "dirty_bps"} <= set(deviations), verdict
