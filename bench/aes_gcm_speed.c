@@ -35,7 +35,8 @@ int main(void) {
     int len;
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     IMB_MGR *mgr = alloc_mb_mgr(0);
-    struct gcm_key_data *expanded = aligned_alloc(64, sizeof *expanded);
+    void *aligned = NULL; /* the expanded key wants 64-byte alignment; its size is no multiple of 64 */
+    struct gcm_key_data *expanded = posix_memalign(&aligned, 64, sizeof *expanded) == 0 ? aligned : NULL;
     struct gcm_context_data state;
     if (ctx == NULL || mgr == NULL || expanded == NULL || EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL) != 1)
         return 1;
